@@ -1,0 +1,108 @@
+"""Prepaid credit: the pure state class that decides holds, captures, releases and top-ups.
+
+The authoritative balances live in PostgreSQL. For each group commit the store locks the rows of
+the accounts in the group, loads them into a `CreditBook`, applies the group's operations here
+in arrival order, and writes each account's row back once. Keeping the arithmetic in one pure
+class makes the invariants testable in isolation (tests/unit/test_credit.py):
+
+- a balance never goes below zero;
+- topped_up - captured - held == balance, for every account, after any sequence;
+- an account can spend exactly its whole balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CreditError(Exception):
+    """A capture or release that does not match a hold: a bug, never a customer error."""
+
+
+@dataclass(slots=True)
+class AccountCredit:
+    balance: int = 0  # available to hold
+    held: int = 0  # reserved for messages not yet final
+    captured: int = 0  # spent on messages the operator took
+    topped_up: int = 0  # everything ever added
+
+    def check(self) -> None:
+        if self.balance < 0 or self.held < 0:
+            raise CreditError(f"negative credit: {self}")
+        if self.topped_up - self.captured - self.held != self.balance:
+            raise CreditError(f"ledger identity broken: {self}")
+
+
+@dataclass(slots=True)
+class CreditDelta:
+    """What one group changed on one account: written back as one row update and ledger rows."""
+
+    held: int = 0  # amount newly held
+    captured: int = 0
+    released: int = 0
+    topped_up: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.held or self.captured or self.released or self.topped_up)
+
+
+class CreditBook:
+    """Credit for a set of accounts, changed only through the four operations."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[int, AccountCredit] = {}
+        self.deltas: dict[int, CreditDelta] = {}
+
+    def load(self, account_id: int, credit: AccountCredit) -> None:
+        self.accounts[account_id] = credit
+
+    def __contains__(self, account_id: int) -> bool:
+        return account_id in self.accounts
+
+    def _delta(self, account_id: int) -> CreditDelta:
+        delta = self.deltas.get(account_id)
+        if delta is None:
+            delta = self.deltas[account_id] = CreditDelta()
+        return delta
+
+    def can_hold(self, account_id: int, amount: int) -> bool:
+        return self.accounts[account_id].balance >= amount
+
+    def hold(self, account_id: int, amount: int) -> bool:
+        """Reserve `amount` if the balance covers it; False (and no change) when it does not."""
+        if amount <= 0:
+            raise CreditError(f"hold of {amount}")
+        credit = self.accounts[account_id]
+        if credit.balance < amount:
+            return False
+        credit.balance -= amount
+        credit.held += amount
+        self._delta(account_id).held += amount
+        return True
+
+    def capture(self, account_id: int, amount: int) -> None:
+        """Turn a hold into a charge: the operator took the message."""
+        credit = self.accounts[account_id]
+        if amount < 0 or credit.held < amount:
+            raise CreditError(f"capture of {amount} with {credit.held} held")
+        credit.held -= amount
+        credit.captured += amount
+        self._delta(account_id).captured += amount
+
+    def release(self, account_id: int, amount: int) -> None:
+        """Refund a hold: the message failed and the operator never took it."""
+        credit = self.accounts[account_id]
+        if amount < 0 or credit.held < amount:
+            raise CreditError(f"release of {amount} with {credit.held} held")
+        credit.held -= amount
+        credit.balance += amount
+        self._delta(account_id).released += amount
+
+    def topup(self, account_id: int, amount: int) -> int:
+        if amount <= 0:
+            raise CreditError(f"top-up of {amount}")
+        credit = self.accounts[account_id]
+        credit.balance += amount
+        credit.topped_up += amount
+        self._delta(account_id).topped_up += amount
+        return credit.balance

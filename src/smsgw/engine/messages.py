@@ -1,0 +1,139 @@
+"""Every message that crosses between actors: frozen msgspec Structs, declared once."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+import msgspec
+
+from smsgw.engine.actor import Reply
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED})
+
+
+class OutboundSms(msgspec.Struct, frozen=True):
+    """One accepted message on its way to an operator: everything dispatch needs."""
+
+    id: str
+    account_id: int
+    to: str
+    sender: str
+    text: str
+    segments: int
+    price: int
+    express: bool
+    created_at: float  # wall clock, seconds since the epoch
+    deadline: float | None = None  # wall clock; express only
+    client_ref: str | None = None
+    attempts: int = 0
+    last_reason: str | None = None
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    """What an operator said about one attempt."""
+
+    kind: Literal["sent", "temporary", "permanent"]
+    operator_message_id: str | None = None
+    reason: str | None = None
+
+
+class AcceptResult(msgspec.Struct, frozen=True):
+    """The store's answer for one item of an accept group."""
+
+    accepted: bool
+    reason: Literal["insufficient_credit", "unknown_account", "batch_rejected"] | None = None
+    balance: int | None = None  # the account's balance after this group
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """A final state for one message: `sent` captures its hold, `failed` releases it."""
+
+    sms: OutboundSms
+    status: Literal["sent", "failed"]
+    operator: str | None
+    operator_message_id: str | None
+    reason: str | None
+    attempts: int
+    at: float
+
+
+class Account(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    balance: int
+    held: int
+
+
+# --- StoreWriter inbox -------------------------------------------------------------------
+
+
+class Accept(msgspec.Struct, frozen=True):
+    """Hold credit for and store these messages in one group commit; all-or-none if atomic."""
+
+    items: tuple[OutboundSms, ...]
+    atomic: bool
+    reply: Reply[list[AcceptResult]]
+
+
+class RecordOutcome(msgspec.Struct, frozen=True):
+    outcome: Outcome
+
+
+class TopUp(msgspec.Struct, frozen=True):
+    account_id: int
+    amount: int
+    reply: Reply[int | None]  # the new balance, None for an unknown account
+
+
+class CreateAccount(msgspec.Struct, frozen=True):
+    name: str
+    credit: int
+    key_hash: bytes
+    reply: Reply[Account]
+
+
+WriterMessage = Accept | RecordOutcome | TopUp | CreateAccount
+
+
+# --- Scheduler inbox ---------------------------------------------------------------------
+
+
+class Enqueue(msgspec.Struct, frozen=True):
+    """Committed messages (new, recovered, or due for a retry) to dispatch."""
+
+    items: tuple[OutboundSms, ...]
+
+
+SchedulerMessage = Enqueue
+
+
+# --- Status snapshots (the supervisor status endpoint) -----------------------------------
+
+
+class ChildStatus(msgspec.Struct, frozen=True):
+    name: str
+    state: Literal["starting", "running", "restarting", "stopped", "failed"]
+    restart: str
+    restarts: int
+    last_failure: str | None
+    last_failure_at: float | None
+    inbox_depth: int | None
+    inbox_capacity: int | None
+    stats: dict[str, Any] = {}
+
+
+class SupervisorStatus(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    max_restarts: int
+    within_seconds: float
+    children: list[ChildStatus]

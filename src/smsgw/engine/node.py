@@ -1,0 +1,152 @@
+"""Engine: builds one node's actors, wires them together and puts them under a supervisor."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from smsgw.engine.actor import Inbox
+from smsgw.engine.messages import (
+    Accept,
+    AcceptResult,
+    Account,
+    CreateAccount,
+    Enqueue,
+    OutboundSms,
+    SchedulerMessage,
+    TopUp,
+)
+from smsgw.engine.pool import ProviderPool, RetryPolicy
+from smsgw.engine.ports import MessageStore, Provider
+from smsgw.engine.retry import RetryTimer
+from smsgw.engine.scheduler import Scheduler
+from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
+from smsgw.engine.writer import StoreWriter
+
+
+class EngineConfig(msgspec.Struct, frozen=True):
+    normal_price: int = 5  # per segment, smallest currency unit
+    express_price: int = 7
+    express_deadline_ms: int = 2_000
+    max_segments: int = 10
+    window: int = 256
+    retry: RetryPolicy = RetryPolicy()
+    writer_capacity: int = 20_000
+    writer_max_group: int = 2_000
+    writer_committers: int = 2
+    scheduler_capacity: int = 100_000
+    accept_timeout: float = 10.0
+    max_restarts: int = 5
+    restart_window: float = 10.0
+
+
+class Engine:
+    """One node's engine. `run` starts the supervision tree (with any extra children, such as
+    the HTTP front door, started last) and recovers pending work before it reports started."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        providers: Sequence[tuple[Provider, int]],
+        config: EngineConfig = EngineConfig(),
+        *,
+        clock: Any = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.ready = trio.Event()
+        self.recovered = 0
+        scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", config.scheduler_capacity)
+        scheduler_ref = scheduler_inbox.handle()
+
+        async def dispatch(items: Sequence[OutboundSms]) -> None:
+            await scheduler_ref.tell(Enqueue(tuple(items)))
+
+        self.writer = StoreWriter(
+            store,
+            dispatch,
+            capacity=config.writer_capacity,
+            max_group=config.writer_max_group,
+            committers=config.writer_committers,
+        )
+        self.retry = RetryTimer(scheduler_ref)
+        self.pool = ProviderPool(
+            providers,
+            self.writer.ref,
+            self.retry.ref,
+            scheduler_ref,
+            window=config.window,
+            policy=config.retry,
+            clock=clock,
+            seed=seed,
+        )
+        self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
+        self.supervisor: Supervisor | None = None
+
+    def children(self) -> list[ChildSpec]:
+        return [
+            ChildSpec(
+                "store_writer", self.writer.run, inbox=self.writer.inbox, stats=self.writer.stats
+            ),
+            ChildSpec("retry_timer", self.retry.run, inbox=self.retry.inbox, stats=self.retry.stats),
+            ChildSpec("provider_pool", self.pool.run, inbox=self.pool.inbox, stats=self.pool.stats),
+            ChildSpec(
+                "scheduler", self.scheduler.run, inbox=self.scheduler.inbox, stats=self.scheduler.stats
+            ),
+            ChildSpec("recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats),
+        ]
+
+    def _recovery_stats(self) -> dict[str, Any]:
+        return {"recovered": self.recovered, "done": self.ready.is_set()}
+
+    async def _recover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Put every message that is not final back into the Scheduler, once, at start."""
+        task_status.started()
+        if self.ready.is_set():
+            return
+        pending = await self.store.pending()
+        for start in range(0, len(pending), 1_000):
+            await self.scheduler.ref.tell(Enqueue(tuple(pending[start : start + 1_000])))
+        self.recovered = len(pending)
+        self.ready.set()
+
+    async def run(
+        self,
+        extra: Sequence[ChildSpec] = (),
+        *,
+        task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.supervisor = Supervisor(
+            "node",
+            [*self.children(), *extra],
+            max_restarts=self.config.max_restarts,
+            within=self.config.restart_window,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            task_status.started(self.supervisor)
+
+    # --- the handle the HTTP front door uses ---------------------------------------------
+
+    async def accept(self, items: Sequence[OutboundSms], *, atomic: bool) -> list[AcceptResult]:
+        """Hold credit and store `items`; returns only after the commit. Raises InboxFull
+        (shed load) or AskTimeout, and StoreUnavailable when the group failed to commit."""
+        return await self.writer.ref.ask(
+            lambda reply: Accept(tuple(items), atomic, reply), self.config.accept_timeout
+        )
+
+    async def topup(self, account_id: int, amount: int) -> int | None:
+        return await self.writer.ref.ask(
+            lambda reply: TopUp(account_id, amount, reply), self.config.accept_timeout
+        )
+
+    async def create_account(self, name: str, credit: int, key_hash: bytes) -> Account:
+        return await self.writer.ref.ask(
+            lambda reply: CreateAccount(name, credit, key_hash, reply), self.config.accept_timeout
+        )

@@ -1,0 +1,63 @@
+"""RetryTimer: holds messages that failed for now until their backoff is over."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from typing import Any
+
+import msgspec
+import trio
+
+from smsgw.engine.actor import ActorRef, Inbox
+from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+
+
+class RetryLater(msgspec.Struct, frozen=True):
+    sms: OutboundSms
+    delay: float  # seconds from now
+
+
+def backoff(attempts: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempts-1))]."""
+    return rng.uniform(0.0, min(cap, base * 2 ** max(0, attempts - 1)))
+
+
+class RetryTimer:
+    """One timer for all waiting retries: a heap of due times, one sleeping loop.
+
+    The heap survives a restart of the run loop, so no waiting retry is dropped.
+    """
+
+    def __init__(self, scheduler: ActorRef[SchedulerMessage], *, capacity: int = 100_000) -> None:
+        self.inbox: Inbox[RetryLater] = Inbox("retry_timer", capacity)
+        self.ref = self.inbox.handle()
+        self._scheduler = scheduler
+        self._heap: list[tuple[float, int, OutboundSms]] = []
+        self._seq = 0
+        self.scheduled = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"waiting": len(self._heap), "scheduled": self.scheduled}
+
+    def _push(self, message: RetryLater) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (trio.current_time() + message.delay, self._seq, message.sms))
+        self.scheduled += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            wait = self._heap[0][0] - trio.current_time() if self._heap else float("inf")
+            if wait > 0:
+                with trio.move_on_after(wait):
+                    self._push(await self.inbox.get())
+                    while (more := self.inbox.get_nowait()) is not None:
+                        self._push(more)
+                    continue
+            due: list[OutboundSms] = []
+            now = trio.current_time()
+            while self._heap and self._heap[0][0] <= now:
+                due.append(heapq.heappop(self._heap)[2])
+            if due:
+                await self._scheduler.tell(Enqueue(tuple(due)))

@@ -1,0 +1,140 @@
+"""StoreWriter: group commit of accepts, outcomes and top-ups, one transaction per group."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, assert_never
+
+import trio
+
+from smsgw.engine.actor import Inbox, Reply
+from smsgw.engine.messages import (
+    Accept,
+    AcceptResult,
+    Account,
+    CreateAccount,
+    OutboundSms,
+    RecordOutcome,
+    TopUp,
+    WriterMessage,
+)
+from smsgw.engine.ports import MessageStore, WriteGroup
+
+log = logging.getLogger("smsgw.writer")
+
+
+class StoreUnavailable(Exception):
+    """The group this request was in could not be committed; nothing of it was stored."""
+
+
+class StoreWriter:
+    """Collects whatever requests are waiting, commits them in one transaction, then replies.
+
+    While one group commits, the next one fills up: under load, groups grow by themselves and
+    the per-request cost of PostgreSQL falls. `committers` groups may be in flight at once; the
+    store locks account rows in id order, so they cannot deadlock each other.
+
+    Credit (DESIGN.md's CreditActor) is decided here too, inside the same transaction, by the
+    store's `CreditBook`: a hold must commit with its message row or not at all.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        on_committed: Callable[[Sequence[OutboundSms]], Awaitable[None]],
+        *,
+        capacity: int = 20_000,
+        max_group: int = 2_000,
+        committers: int = 2,
+    ) -> None:
+        self.inbox: Inbox[WriterMessage] = Inbox("store_writer", capacity)
+        self.ref = self.inbox.handle()
+        self._store = store
+        self._on_committed = on_committed
+        self._max_group = max_group
+        self._committers = committers
+        # Outcomes of a group that failed to commit: carried into the next group, never dropped.
+        self._carry: list[RecordOutcome] = []
+        self.groups = 0
+        self.items = 0
+        self.last_group_size = 0
+        self.commit_ms_ewma = 0.0
+        self.commit_ms_max = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "groups": self.groups,
+            "items": self.items,
+            "last_group_size": self.last_group_size,
+            "commit_ms_ewma": round(self.commit_ms_ewma, 3),
+            "commit_ms_max": round(self.commit_ms_max, 3),
+            "carried_outcomes": len(self._carry),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._committers):
+                nursery.start_soon(self._commit_loop)
+            task_status.started()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            batch: list[WriterMessage] = await self.inbox.get_batch(self._max_group)
+            if self._carry:
+                batch = [*self._carry, *batch]
+                self._carry = []
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[WriterMessage]) -> None:
+        group = WriteGroup()
+        accept_replies: list[Reply[list[AcceptResult]]] = []
+        topup_replies: list[Reply[int | None]] = []
+        create_replies: list[Reply[Account]] = []
+        outcomes: list[RecordOutcome] = []
+        for message in batch:
+            match message:
+                case Accept(items=items, atomic=atomic, reply=reply):
+                    group.accepts.append((items, atomic))
+                    accept_replies.append(reply)
+                case RecordOutcome(outcome=outcome):
+                    group.outcomes.append(outcome)
+                    outcomes.append(message)
+                case TopUp(account_id=account_id, amount=amount, reply=reply):
+                    group.topups.append((account_id, amount))
+                    topup_replies.append(reply)
+                case CreateAccount(name=name, credit=credit, key_hash=key_hash, reply=reply):
+                    group.creates.append((name, credit, key_hash))
+                    create_replies.append(reply)
+                case _:
+                    assert_never(message)
+        started = time.perf_counter()
+        try:
+            result = await self._store.commit_group(group)
+        except Exception as exc:
+            error = StoreUnavailable(f"could not commit: {type(exc).__name__}: {exc}")
+            for reply in (*accept_replies, *topup_replies, *create_replies):
+                reply.fail(error)
+            self._carry.extend(outcomes)
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.groups += 1
+        self.items += len(batch)
+        self.last_group_size = len(batch)
+        self.commit_ms_ewma += 0.1 * (elapsed_ms - self.commit_ms_ewma)
+        self.commit_ms_max = max(self.commit_ms_max, elapsed_ms)
+
+        committed: list[OutboundSms] = []
+        for (items, _), results, accept_reply in zip(
+            group.accepts, result.accepts, accept_replies, strict=True
+        ):
+            committed.extend(s for s, r in zip(items, results, strict=True) if r.accepted)
+            accept_reply.set(results)
+        for topup_reply, balance in zip(topup_replies, result.topups, strict=True):
+            topup_reply.set(balance)
+        for create_reply, account in zip(create_replies, result.creates, strict=True):
+            create_reply.set(account)
+        if committed:
+            # After the replies: the callers' 202s do not wait for dispatch to take the work.
+            await self._on_committed(committed)

@@ -1,0 +1,61 @@
+"""problem+json (RFC 9457) error responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from quart import Response
+
+_encoder = msgspec.json.Encoder()
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class ProblemError(Exception):
+    """Raised anywhere in a handler: becomes a problem+json response."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    body = {
+        "type": f"https://smsgw.dev/problems/{code}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return Response(
+        _encoder.encode(body),
+        status=status,
+        content_type="application/problem+json",
+        headers=headers,
+    )

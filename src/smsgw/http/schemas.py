@@ -1,0 +1,54 @@
+"""Wire schemas: what clients send and get back, validated at the edge by msgspec."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Credit = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
+Amount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
+ClientRef = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class CreateAccountIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    credit: Credit = 0
+
+
+class AccountCreatedOut(msgspec.Struct):
+    id: int
+    name: str
+    api_key: str
+    balance: int
+
+
+class TopUpIn(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Amount
+
+
+class BalanceOut(msgspec.Struct):
+    balance: int
+
+
+class AccountOut(msgspec.Struct):
+    id: int
+    name: str
+    balance: int
+    held: int
+
+
+class SendIn(msgspec.Struct, forbid_unknown_fields=True):
+    to: str
+    text: str
+    sender: str | None = None
+    express: bool = False
+    client_ref: ClientRef | None = None
+
+
+class AcceptedOut(msgspec.Struct):
+    id: str
+    status: str
+    segments: int
+    price: int

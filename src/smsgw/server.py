@@ -1,0 +1,115 @@
+"""Runs one node: PostgreSQL pool, migrations, the engine's supervision tree, the HTTP door."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+
+import msgspec
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from smsgw.engine.node import Engine, EngineConfig
+from smsgw.engine.ports import Provider
+from smsgw.engine.supervisor import ChildSpec, Restart
+from smsgw.http.app import create_app
+from smsgw.sim.operator import OperatorProfile, SimulatedOperator
+from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+
+log = logging.getLogger("smsgw.server")
+
+
+class NodeOptions(msgspec.Struct, frozen=True):
+    database_url: str
+    admin_key: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    schema: str = "public"
+    engine: EngineConfig = EngineConfig()
+    operators: tuple[OperatorProfile, ...] = (OperatorProfile(name="sim"),)
+    shutdown_grace: float = 10.0
+
+
+class Node:
+    """One gateway process's running parts; `url` is set once HTTP is listening."""
+
+    def __init__(self, engine: Engine, store: PgStore) -> None:
+        self.engine = engine
+        self.store = store
+        self.url = ""
+        self.stop = trio.Event()
+        self.http_done = trio.Event()
+
+
+def default_providers(profiles: Sequence[OperatorProfile]) -> list[tuple[Provider, int]]:
+    return [(SimulatedOperator(p), 1) for p in profiles]
+
+
+async def run_node(
+    options: NodeOptions,
+    providers: Sequence[tuple[Provider, int]] | None = None,
+    *,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until `node.stop` is set (or SIGTERM/SIGINT), then shut down gracefully:
+    HTTP stops taking requests and finishes the ones in flight, then the engine is cancelled.
+    Everything accepted is already committed, so nothing is lost by stopping."""
+    async with asyncio_loop():
+        db = await Database.open(options.database_url, schema=options.schema)
+        try:
+            applied = await migrate(db)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            store = PgStore(db)
+            engine = Engine(
+                store, providers or default_providers(options.operators), options.engine
+            )
+            node = Node(engine, store)
+            app = create_app(engine, store, admin_key=options.admin_key)
+
+            async def http(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                config = HyperConfig()
+                config.bind = [f"{options.host}:{options.port}"]
+                config.accesslog = None
+                config.graceful_timeout = options.shutdown_grace
+                config.keep_alive_timeout = 75
+                try:
+                    async with trio.open_nursery() as nursery:
+                        binds = await nursery.start(
+                            lambda task_status: hypercorn_serve(
+                                app, config, shutdown_trigger=node.stop.wait, task_status=task_status
+                            )
+                        )
+                        node.url = binds[0]
+                        task_status.started()
+                finally:
+                    if node.stop.is_set():
+                        node.http_done.set()
+
+            async with trio.open_nursery() as nursery:
+                supervisor = await nursery.start(
+                    engine.run, [ChildSpec("http", http, restart=Restart.TRANSIENT)]
+                )
+                nursery.start_soon(_stop_on_signal, node)
+                with trio.move_on_after(30):
+                    await engine.ready.wait()
+                task_status.started(node)
+                await node.stop.wait()
+                # HTTP drains within its grace period; then the engine is stopped.
+                with trio.move_on_after(options.shutdown_grace + 1):
+                    await node.http_done.wait()
+                await supervisor.shutdown(options.shutdown_grace)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await db.close()
+
+
+async def _stop_on_signal(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            log.info("stopping on signal")
+            node.stop.set()
+            return

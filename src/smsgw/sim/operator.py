@@ -1,0 +1,140 @@
+"""A simulated operator: seeded outcomes, lognormal latency, and sends deduplicated by key."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from statistics import NormalDist
+
+import msgspec
+import trio
+
+from smsgw.engine.messages import OutboundSms, SendResult
+
+TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
+PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_destination")
+
+# The standard normal quantile at 0.99: ln(p99) = ln(median) + sigma * _Z_99 for a lognormal.
+_Z_99 = NormalDist().inv_cdf(0.99)
+
+
+class OperatorProfile(msgspec.Struct, frozen=True):
+    """How a simulated operator behaves. Latency is lognormal, fitted to its median and p99."""
+
+    name: str = "sim"
+    latency_ms_median: float = 20.0
+    latency_ms_p99: float = 80.0
+    p_temporary: float = 0.03
+    p_permanent: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.latency_ms_median <= self.latency_ms_p99:
+            raise ValueError("latency needs 0 <= latency_ms_median <= latency_ms_p99")
+        if self.latency_ms_median == 0.0 and self.latency_ms_p99 != 0.0:
+            raise ValueError("a lognormal with median 0 has no spread: set latency_ms_p99 to 0")
+        if not (
+            0.0 <= self.p_temporary <= 1.0
+            and 0.0 <= self.p_permanent <= 1.0
+            and self.p_temporary + self.p_permanent <= 1.0
+        ):
+            raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
+
+
+class SimulatedOperator:
+    """A `Provider` that answers like an operator, reproducibly for a given seed.
+
+    The k-th call to `send` draws the k-th outcome from a seeded generator, and latencies come
+    from a second seeded generator, so the same seed and the same sequence of calls give the
+    same results (in virtual time, the same timings too).
+
+    The attempt takes effect when its latency has elapsed. A send cancelled before then (the
+    dispatch pool's timeout) never reached the operator: it has no outcome, and a retry with the
+    same key is a fresh attempt. Once a key has been answered "sent", a later send with that key
+    (or a concurrent one that completes after it) answers the same `SendResult` after the usual
+    latency, without sending again. The operator remembers the last `remember` delivered keys.
+    """
+
+    def __init__(
+        self, profile: OperatorProfile | None = None, *, remember: int = 1_000_000
+    ) -> None:
+        if remember < 1:
+            raise ValueError("remember must be at least 1")
+        self.profile = profile if profile is not None else OperatorProfile()
+        self._remember = remember
+        self._outcomes = random.Random(self.profile.seed)
+        # A separate generator: changing the latency profile leaves the outcome sequence alone.
+        self._latencies = random.Random(f"{self.profile.seed}/latency")
+        median_s = self.profile.latency_ms_median / 1000.0
+        self._mu = math.log(median_s) if median_s > 0.0 else -math.inf
+        self._sigma = (
+            (math.log(self.profile.latency_ms_p99) - math.log(self.profile.latency_ms_median))
+            / _Z_99
+            if median_s > 0.0
+            else 0.0
+        )
+        self._delivered: OrderedDict[str, SendResult] = OrderedDict()
+        self._calls = 0
+        self._cancelled = 0
+        self._sends = 0
+        self._sent = 0
+        self._temporary = 0
+        self._permanent = 0
+        self._duplicates_suppressed = 0
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    async def send(self, sms: OutboundSms, idempotency_key: str) -> SendResult:
+        """Answer one attempt after a simulated round trip; see the class for the guarantees."""
+        self._calls += 1
+        drawn = self._draw_outcome(self._calls)
+        try:
+            await trio.sleep(self._draw_latency())
+        except trio.Cancelled:
+            self._cancelled += 1
+            raise
+        remembered = self._delivered.get(idempotency_key)
+        if remembered is not None:
+            self._duplicates_suppressed += 1
+            return remembered
+        self._sends += 1
+        match drawn.kind:
+            case "sent":
+                self._sent += 1
+                self._delivered[idempotency_key] = drawn
+                if len(self._delivered) > self._remember:
+                    self._delivered.popitem(last=False)
+            case "temporary":
+                self._temporary += 1
+            case "permanent":
+                self._permanent += 1
+        return drawn
+
+    def stats(self) -> dict[str, int]:
+        """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
+        every call is one of those, a suppressed duplicate, cancelled, or still in flight."""
+        return {
+            "calls": self._calls,
+            "sends": self._sends,
+            "sent": self._sent,
+            "temporary": self._temporary,
+            "permanent": self._permanent,
+            "duplicates_suppressed": self._duplicates_suppressed,
+            "cancelled": self._cancelled,
+        }
+
+    def _draw_outcome(self, call: int) -> SendResult:
+        u = self._outcomes.random()
+        if u < self.profile.p_permanent:
+            return SendResult("permanent", reason=self._outcomes.choice(PERMANENT_REASONS))
+        if u < self.profile.p_permanent + self.profile.p_temporary:
+            return SendResult("temporary", reason=self._outcomes.choice(TEMPORARY_REASONS))
+        return SendResult("sent", operator_message_id=f"{self.profile.name}-{call}")
+
+    def _draw_latency(self) -> float:
+        if self._mu == -math.inf:
+            return 0.0
+        return self._latencies.lognormvariate(self._mu, self._sigma)

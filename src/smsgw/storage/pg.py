@@ -1,0 +1,402 @@
+"""PostgreSQL through asyncpg on trio-asyncio: the pool, migrations, group commits and reads.
+
+Every public coroutine here is a trio coroutine that crosses into asyncio once (about 0.3 ms
+of bridging), so each one does a whole unit of work on the asyncio side: a group commit is one
+crossing and one transaction, however many requests it carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from smsgw.engine.credit import AccountCredit, CreditBook
+from smsgw.engine.messages import AcceptResult, Account, OutboundSms
+from smsgw.engine.ports import GroupResult, WriteGroup
+
+log = logging.getLogger("smsgw.storage")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Transient conflicts a group simply runs again.
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """Open a trio-asyncio loop unless this task already runs inside one."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+def _bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+
+
+class Database:
+    """A connection pool in one schema. Create with `await Database.open(url)` inside a
+    trio-asyncio loop; close with `await db.close()`."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.schema = schema
+
+    @classmethod
+    async def open(
+        cls, url: str, *, schema: str = "public", min_size: int = 2, max_size: int = 6
+    ) -> Database:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"bad schema name {schema!r}")
+
+        async def _open() -> asyncpg.Pool:
+            if schema != "public":
+                conn = await asyncpg.connect(url)
+                try:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                finally:
+                    await conn.close()
+            return await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings={"search_path": schema, "application_name": "smsgw"},
+            )
+
+        return cls(await _bridge(_open)(), schema)
+
+    async def close(self) -> None:
+        await _bridge(self.pool.close)()
+
+    async def run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn(connection)` on the asyncio side: one bridge crossing for all it does."""
+
+        async def _run() -> T:
+            async with self.pool.acquire() as conn:
+                return await fn(conn)
+
+        return await _bridge(_run)()
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered file in storage/migrations, in order."""
+    found = []
+    for entry in resources.files("smsgw.storage.migrations").iterdir():
+        m = re.match(r"^(\d+)_.*\.sql$", entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(db: Database) -> list[str]:
+    """Apply the migrations not yet applied; returns their names. Safe when nodes race: an
+    advisory lock lets one node migrate while the others wait."""
+
+    async def _migrate(conn: asyncpg.Connection) -> list[str]:
+        applied: list[str] = []
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(727274)")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in migration_files():
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+                applied.append(name)
+        return applied
+
+    return await db.run(_migrate)
+
+
+# --- the store ----------------------------------------------------------------------------
+
+_LOCK_ACCOUNTS = """
+SELECT id, balance, held, captured, topped_up FROM accounts
+WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+"""
+
+_INSERT_MESSAGES = """
+INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
+                      client_ref, status, deadline, created_at, updated_at)
+SELECT x.id, x.account_id, x.recipient, x.sender, x.body, x.segments, x.price, x.express,
+       x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
+       to_timestamp(x.created_at)
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[],
+            $8::bool[], $9::text[], $10::float8[], $11::float8[])
+     AS x(id, account_id, recipient, sender, body, segments, price, express, client_ref,
+          deadline, created_at)
+"""
+
+# Only a message that is not final yet takes an outcome: exactly one outcome per message,
+# whatever retries or recoveries deliver twice.
+_FINISH_MESSAGES = """
+UPDATE messages m
+SET status = x.status, reason = x.reason, operator = x.operator,
+    operator_message_id = x.operator_message_id, attempts = x.attempts,
+    updated_at = to_timestamp(x.at)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::float8[])
+     AS x(id, status, reason, operator, operator_message_id, attempts, at)
+WHERE m.id = x.id AND m.status IN ('queued', 'sending')
+RETURNING m.account_id, m.price, x.status
+"""
+
+_UPDATE_ACCOUNTS = """
+UPDATE accounts a
+SET balance = x.balance, held = x.held, captured = x.captured, topped_up = x.topped_up
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+     AS x(id, balance, held, captured, topped_up)
+WHERE a.id = x.id
+"""
+
+_INSERT_LEDGER = """
+INSERT INTO credit_ledger (account_id, kind, amount, messages)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[])
+"""
+
+_PENDING = """
+SELECT id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
+       extract(epoch FROM created_at)::float8 AS created_at,
+       extract(epoch FROM deadline)::float8 AS deadline, attempts
+FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
+"""
+
+
+class PgStore:
+    """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        for attempt in range(5):
+            try:
+                return await self.db.run(lambda conn: self._commit(conn, group))
+            except _RETRYABLE as exc:
+                log.warning("group commit conflict, retrying (%d): %s", attempt + 1, exc)
+                await trio.sleep(0.005 * (attempt + 1))
+        return await self.db.run(lambda conn: self._commit(conn, group))
+
+    async def _commit(self, conn: asyncpg.Connection, group: WriteGroup) -> GroupResult:
+        async with conn.transaction():
+            creates = [await self._create(conn, *c) for c in group.creates]
+
+            ids: set[int] = {a for a, _ in group.topups}
+            ids.update(o.sms.account_id for o in group.outcomes)
+            for items, _ in group.accepts:
+                ids.update(sms.account_id for sms in items)
+            book = CreditBook()
+            messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
+            if ids:
+                for r in await conn.fetch(_LOCK_ACCOUNTS, sorted(ids)):
+                    book.load(
+                        r["id"],
+                        AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
+                    )
+
+            if group.outcomes:
+                outs = group.outcomes
+                rows = await conn.fetch(
+                    _FINISH_MESSAGES,
+                    [o.sms.id for o in outs],
+                    [o.status for o in outs],
+                    [o.reason for o in outs],
+                    [o.operator for o in outs],
+                    [o.operator_message_id for o in outs],
+                    [o.attempts for o in outs],
+                    [o.at for o in outs],
+                )
+                for r in rows:
+                    counts = messages.setdefault(r["account_id"], [0, 0, 0])
+                    if r["status"] == "sent":
+                        book.capture(r["account_id"], r["price"])
+                        counts[1] += 1
+                    else:
+                        book.release(r["account_id"], r["price"])
+                        counts[2] += 1
+
+            topups: list[int | None] = []
+            for account_id, amount in group.topups:
+                topups.append(book.topup(account_id, amount) if account_id in book else None)
+
+            accepts: list[list[AcceptResult]] = []
+            stored: list[OutboundSms] = []
+            for items, atomic in group.accepts:
+                results = _hold(book, items, atomic)
+                accepts.append(results)
+                for sms, res in zip(items, results, strict=True):
+                    if res.accepted:
+                        stored.append(sms)
+                        messages.setdefault(sms.account_id, [0, 0, 0])[0] += 1
+            if stored:
+                await conn.execute(
+                    _INSERT_MESSAGES,
+                    [s.id for s in stored],
+                    [s.account_id for s in stored],
+                    [s.to for s in stored],
+                    [s.sender for s in stored],
+                    [s.text for s in stored],
+                    [s.segments for s in stored],
+                    [s.price for s in stored],
+                    [s.express for s in stored],
+                    [s.client_ref for s in stored],
+                    [s.deadline for s in stored],
+                    [s.created_at for s in stored],
+                )
+            await _write_credit(conn, book, messages)
+        return GroupResult(accepts, topups, creates)
+
+    async def _create(
+        self, conn: asyncpg.Connection, name: str, credit: int, key_hash: bytes
+    ) -> Account:
+        row = await conn.fetchrow(
+            "INSERT INTO accounts (name, key_hash, balance, topped_up) VALUES ($1, $2, $3, $3)"
+            " RETURNING id",
+            name,
+            key_hash,
+            credit,
+        )
+        if credit > 0:
+            await conn.execute(
+                "INSERT INTO credit_ledger (account_id, kind, amount) VALUES ($1, 'topup', $2)",
+                row["id"],
+                credit,
+            )
+        return Account(id=row["id"], name=name, balance=credit, held=0)
+
+    async def pending(self) -> list[OutboundSms]:
+        rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
+        return [
+            OutboundSms(
+                id=r["id"],
+                account_id=r["account_id"],
+                to=r["recipient"],
+                sender=r["sender"],
+                text=r["body"],
+                segments=r["segments"],
+                price=r["price"],
+                express=r["express"],
+                client_ref=r["client_ref"],
+                created_at=r["created_at"],
+                deadline=r["deadline"],
+                attempts=r["attempts"],
+            )
+            for r in rows
+        ]
+
+    # --- reads (one query each; not on the accept path) ------------------------------------
+
+    async def account_by_key_hash(self, key_hash: bytes) -> Account | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "SELECT id, name, balance, held FROM accounts WHERE key_hash = $1", key_hash
+            )
+        )
+        return None if row is None else Account(**dict(row))
+
+    async def account(self, account_id: int) -> Account | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "SELECT id, name, balance, held FROM accounts WHERE id = $1", account_id
+            )
+        )
+        return None if row is None else Account(**dict(row))
+
+    async def message(self, account_id: int, message_id: str) -> dict[str, Any] | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "SELECT id::text, recipient AS to, sender, body AS text, status, reason,"
+                " segments, price, express, attempts, operator, operator_message_id,"
+                " client_ref, created_at, updated_at"
+                " FROM messages WHERE id = $1::uuid AND account_id = $2",
+                message_id,
+                account_id,
+            )
+        )
+        return None if row is None else dict(row)
+
+    async def ping(self) -> bool:
+        return bool(await self.db.run(lambda c: c.fetchval("SELECT 1")))
+
+
+def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:
+    """Hold credit for each item in order; atomic: all items or none."""
+    if any(sms.account_id not in book for sms in items):
+        unknown = AcceptResult(accepted=False, reason="unknown_account")
+        return [unknown] * len(items)
+    if atomic:
+        need: dict[int, int] = {}
+        for sms in items:
+            need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
+        if not all(book.can_hold(a, amount) for a, amount in need.items()):
+            return [AcceptResult(accepted=False, reason="insufficient_credit")] * len(items)
+    results = []
+    for sms in items:
+        if book.hold(sms.account_id, sms.price):
+            results.append(AcceptResult(accepted=True))
+        else:
+            results.append(AcceptResult(accepted=False, reason="insufficient_credit"))
+    balances = {sms.account_id: book.accounts[sms.account_id].balance for sms in items}
+    return [
+        AcceptResult(accepted=r.accepted, reason=r.reason, balance=balances[s.account_id])
+        for r, s in zip(results, items, strict=True)
+    ]
+
+
+async def _write_credit(
+    conn: asyncpg.Connection, book: CreditBook, messages: dict[int, list[int]]
+) -> None:
+    """One row update per changed account and one ledger row per account and kind."""
+    changed = [(a, book.accounts[a]) for a, d in book.deltas.items() if d]
+    if not changed:
+        return
+    for _, credit in changed:
+        credit.check()
+    await conn.execute(
+        _UPDATE_ACCOUNTS,
+        [a for a, _ in changed],
+        [c.balance for _, c in changed],
+        [c.held for _, c in changed],
+        [c.captured for _, c in changed],
+        [c.topped_up for _, c in changed],
+    )
+    ledger: list[tuple[int, str, int, int]] = []
+    for account_id, d in book.deltas.items():
+        held_n, captured_n, released_n = messages.get(account_id, [0, 0, 0])
+        for kind, amount, n in (
+            ("topup", d.topped_up, 0),
+            ("hold", d.held, held_n),
+            ("capture", d.captured, captured_n),
+            ("release", d.released, released_n),
+        ):
+            if amount:
+                ledger.append((account_id, kind, amount, n))
+    await conn.execute(
+        _INSERT_LEDGER,
+        [r[0] for r in ledger],
+        [r[1] for r in ledger],
+        [r[2] for r in ledger],
+        [r[3] for r in ledger],
+    )
+

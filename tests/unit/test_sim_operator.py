@@ -1,0 +1,180 @@
+"""SimulatedOperator: outcome mix, reproducibility, deduplication and latency, in virtual time."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import trio
+
+from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.ports import Provider
+from smsgw.sim.operator import (
+    PERMANENT_REASONS,
+    TEMPORARY_REASONS,
+    OperatorProfile,
+    SimulatedOperator,
+)
+
+INSTANT = {"latency_ms_median": 0.0, "latency_ms_p99": 0.0}
+
+
+def sms(n: int = 1) -> OutboundSms:
+    return OutboundSms(
+        id=f"m{n}",
+        account_id=1,
+        to="+447900000001",
+        sender="smsgw",
+        text="hello",
+        segments=1,
+        price=5,
+        express=False,
+        created_at=0.0,
+    )
+
+
+async def send_many(operator: SimulatedOperator, n: int) -> list[SendResult]:
+    return [await operator.send(sms(i), f"k{i}") for i in range(n)]
+
+
+def test_is_a_provider() -> None:
+    provider: Provider = SimulatedOperator(OperatorProfile(name="op-a"))
+    assert provider.name == "op-a"
+
+
+async def test_outcome_mix_over_10k_sends() -> None:
+    operator = SimulatedOperator(OperatorProfile(seed=7, **INSTANT))
+    results = await send_many(operator, 10_000)
+
+    kinds = [r.kind for r in results]
+    # Binomial standard deviations are ~22 (sent), 17 (temporary), 14 (permanent): 100 is ~5 sd.
+    assert abs(kinds.count("sent") - 9_500) < 100
+    assert abs(kinds.count("temporary") - 300) < 100
+    assert abs(kinds.count("permanent") - 200) < 100
+    stats = operator.stats()
+    assert stats["sends"] == 10_000
+    assert stats["sent"] == kinds.count("sent")
+    assert stats["temporary"] == kinds.count("temporary")
+    assert stats["permanent"] == kinds.count("permanent")
+    assert stats["duplicates_suppressed"] == 0
+
+    sent_ids = [r.operator_message_id for r in results if r.kind == "sent"]
+    assert all(i is not None and i.startswith("sim-") for i in sent_ids)
+    assert len(set(sent_ids)) == len(sent_ids)
+    assert {r.reason for r in results if r.kind == "temporary"} <= set(TEMPORARY_REASONS)
+    assert {r.reason for r in results if r.kind == "permanent"} <= set(PERMANENT_REASONS)
+    assert all(r.reason is None for r in results if r.kind == "sent")
+
+
+async def test_same_seed_same_outcomes_other_seed_differs() -> None:
+    first = await send_many(SimulatedOperator(OperatorProfile(seed=42, **INSTANT)), 2_000)
+    again = await send_many(SimulatedOperator(OperatorProfile(seed=42, **INSTANT)), 2_000)
+    other = await send_many(SimulatedOperator(OperatorProfile(seed=43, **INSTANT)), 2_000)
+
+    assert first == again
+    assert [r.kind for r in first] != [r.kind for r in other]
+
+
+async def test_outcomes_do_not_depend_on_the_latency_profile(autojump_clock: trio.abc.Clock) -> None:
+    instant = await send_many(SimulatedOperator(OperatorProfile(seed=3, **INSTANT)), 500)
+    slow = await send_many(SimulatedOperator(OperatorProfile(seed=3, latency_ms_median=50)), 500)
+
+    assert instant == slow
+
+
+async def test_a_sent_key_is_answered_again_without_a_new_send() -> None:
+    operator = SimulatedOperator(OperatorProfile(p_temporary=0.0, p_permanent=0.0, **INSTANT))
+
+    first = await operator.send(sms(), "key-1")
+    second = await operator.send(sms(), "key-1")
+
+    assert first.kind == "sent"
+    assert second == first
+    assert operator.stats()["sends"] == 1
+    assert operator.stats()["sent"] == 1
+    assert operator.stats()["duplicates_suppressed"] == 1
+
+
+async def test_failed_keys_are_not_remembered() -> None:
+    operator = SimulatedOperator(OperatorProfile(p_temporary=1.0, p_permanent=0.0, **INSTANT))
+
+    first = await operator.send(sms(), "key-1")
+    second = await operator.send(sms(), "key-1")
+
+    assert first.kind == second.kind == "temporary"
+    assert operator.stats()["sends"] == 2
+    assert operator.stats()["duplicates_suppressed"] == 0
+
+
+async def test_concurrent_sends_of_one_key_deliver_once(autojump_clock: trio.abc.Clock) -> None:
+    operator = SimulatedOperator(OperatorProfile(p_temporary=0.0, p_permanent=0.0))
+    results: list[SendResult] = []
+
+    async def attempt() -> None:
+        results.append(await operator.send(sms(), "key-1"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(attempt)
+
+    assert len(set(results)) == 1
+    assert operator.stats()["sent"] == 1
+    assert operator.stats()["duplicates_suppressed"] == 4
+
+
+async def test_dedupe_memory_is_bounded_and_forgets_the_oldest() -> None:
+    profile = OperatorProfile(p_temporary=0.0, p_permanent=0.0, **INSTANT)
+    operator = SimulatedOperator(profile, remember=2)
+
+    for key in ("a", "b", "c"):
+        await operator.send(sms(), key)
+    await operator.send(sms(), "c")  # still remembered
+    await operator.send(sms(), "a")  # evicted by "c": a fresh send
+
+    assert operator.stats()["sent"] == 4
+    assert operator.stats()["duplicates_suppressed"] == 1
+
+
+async def test_a_cancelled_send_never_reached_the_operator(autojump_clock: trio.abc.Clock) -> None:
+    operator = SimulatedOperator(OperatorProfile(p_temporary=0.0, p_permanent=0.0))
+
+    with trio.move_on_after(0.001):  # far below the 20 ms median: the send is cut short
+        await operator.send(sms(), "key-1")
+    retried = await operator.send(sms(), "key-1")
+
+    assert retried.kind == "sent"
+    stats = operator.stats()
+    assert (stats["cancelled"], stats["sends"], stats["duplicates_suppressed"]) == (1, 1, 0)
+
+
+async def test_latency_percentiles_in_virtual_time(autojump_clock: trio.abc.Clock) -> None:
+    operator = SimulatedOperator(OperatorProfile(latency_ms_median=20.0, latency_ms_p99=80.0))
+    latencies_ms: list[float] = []
+
+    async def timed(i: int) -> None:
+        started = trio.current_time()
+        await operator.send(sms(i), f"k{i}")
+        latencies_ms.append((trio.current_time() - started) * 1000.0)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5_000):
+            nursery.start_soon(timed, i)
+
+    cuts = statistics.quantiles(latencies_ms, n=100)
+    assert cuts[49] == pytest.approx(20.0, rel=0.1)  # median
+    assert cuts[98] == pytest.approx(80.0, rel=0.25)  # p99: fewer samples out there
+    assert min(latencies_ms) > 0.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"p_temporary": 0.6, "p_permanent": 0.5},
+        {"p_temporary": -0.1},
+        {"latency_ms_median": 50.0, "latency_ms_p99": 10.0},
+        {"latency_ms_median": 0.0, "latency_ms_p99": 10.0},
+    ],
+)
+def test_impossible_profiles_are_refused(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        OperatorProfile(**fields)  # type: ignore[arg-type]
