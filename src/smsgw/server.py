@@ -69,7 +69,9 @@ async def run_node(
             node = Node(engine, store)
             app = create_app(engine, store, admin_key=options.admin_key)
 
-            async def http(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def http(
+                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
                 config = HyperConfig()
                 config.bind = [f"{options.host}:{options.port}"]
                 config.accesslog = None
@@ -79,7 +81,10 @@ async def run_node(
                     async with trio.open_nursery() as nursery:
                         binds = await nursery.start(
                             lambda task_status: hypercorn_serve(
-                                app, config, shutdown_trigger=node.stop.wait, task_status=task_status
+                                app,
+                                config,
+                                shutdown_trigger=node.stop.wait,
+                                task_status=task_status,
                             )
                         )
                         node.url = binds[0]

@@ -94,18 +94,27 @@ class Engine:
             ChildSpec(
                 "store_writer", self.writer.run, inbox=self.writer.inbox, stats=self.writer.stats
             ),
-            ChildSpec("retry_timer", self.retry.run, inbox=self.retry.inbox, stats=self.retry.stats),
+            ChildSpec(
+                "retry_timer", self.retry.run, inbox=self.retry.inbox, stats=self.retry.stats
+            ),
             ChildSpec("provider_pool", self.pool.run, inbox=self.pool.inbox, stats=self.pool.stats),
             ChildSpec(
-                "scheduler", self.scheduler.run, inbox=self.scheduler.inbox, stats=self.scheduler.stats
+                "scheduler",
+                self.scheduler.run,
+                inbox=self.scheduler.inbox,
+                stats=self.scheduler.stats,
             ),
-            ChildSpec("recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats),
+            ChildSpec(
+                "recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats
+            ),
         ]
 
     def _recovery_stats(self) -> dict[str, Any]:
         return {"recovered": self.recovered, "done": self.ready.is_set()}
 
-    async def _recover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _recover(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Put every message that is not final back into the Scheduler, once, at start."""
         task_status.started()
         if self.ready.is_set():

@@ -119,7 +119,9 @@ class ProviderPool:
             else:
                 done = msgspec.structs.replace(sms, attempts=attempts)
                 status = "sent" if result.kind == "sent" else "failed"
-                await self._finish(done, provider, status, result.operator_message_id, result.reason)
+                await self._finish(
+                    done, provider, status, result.operator_message_id, result.reason
+                )
             # Handed on: only now is it no longer ours. Cancelled before this point, it stays in
             # `inflight` and the next run of the pool hands it back to the Scheduler.
             self.inflight.pop(sms.id, None)

@@ -188,7 +188,7 @@ class Supervisor:
 
     async def _keep_alive(self, child: _Child, task_status: trio.TaskStatus[None]) -> None:
         backoff = self._backoff_initial
-        while not child.scope.cancel_called:  # shut down before (re)starting: don't
+        while not child.scope.cancel_called:  # shut down before a (re)start: never start it
             child.state = "starting"
             began = trio.current_time()
             failure: Exception | None = None

@@ -114,7 +114,8 @@ class StoreWriter:
             result = await self._store.commit_group(group)
         except Exception as exc:
             error = StoreUnavailable(f"could not commit: {type(exc).__name__}: {exc}")
-            for reply in (*accept_replies, *topup_replies, *create_replies):
+            replies: list[Reply[Any]] = [*accept_replies, *topup_replies, *create_replies]
+            for reply in replies:
                 reply.fail(error)
             self._carry.extend(outcomes)
             raise
@@ -126,10 +127,10 @@ class StoreWriter:
         self.commit_ms_max = max(self.commit_ms_max, elapsed_ms)
 
         committed: list[OutboundSms] = []
-        for (items, _), results, accept_reply in zip(
+        for (group_items, _), results, accept_reply in zip(
             group.accepts, result.accepts, accept_replies, strict=True
         ):
-            committed.extend(s for s, r in zip(items, results, strict=True) if r.accepted)
+            committed.extend(s for s, r in zip(group_items, results, strict=True) if r.accepted)
             accept_reply.set(results)
         for topup_reply, balance in zip(topup_replies, result.topups, strict=True):
             topup_reply.set(balance)

