@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,7 +197,7 @@ def test_an_account_can_spend_exactly_its_whole_balance(data: st.DataObject, bal
         else st.just([])
     )
     bounds = [0, *sorted(cuts), balance]
-    parts = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [b - a for a, b in itertools.pairwise(bounds)]
     assert sum(parts) == balance
 
     book = book_with(balance)

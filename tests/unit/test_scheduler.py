@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
 
@@ -87,7 +88,7 @@ def test_express_goes_before_bulk_in_earliest_deadline_order(
     assert keys == sorted(keys)
     # Equal deadlines keep their arrival order.
     arrival = {s.id: n for n, s in enumerate(pushed)}
-    for a, b in zip(express, express[1:], strict=False):
+    for a, b in itertools.pairwise(express):
         if a.deadline == b.deadline:
             assert arrival[a.id] < arrival[b.id]
 
@@ -101,11 +102,8 @@ def test_an_express_message_arriving_later_still_jumps_the_bulk_queue(
     first = state.pop()
     late = make_sms(10_000, 99, True, None)
     state.push(late)
-    if first is None:
-        assert state.pop() == late
-    else:
-        assert not first.express
-        assert state.pop() == late
+    assert first is None or not first.express
+    assert state.pop() == late
 
 
 @SETTINGS

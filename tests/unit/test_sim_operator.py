@@ -16,7 +16,16 @@ from smsgw.sim.operator import (
     SimulatedOperator,
 )
 
-INSTANT = {"latency_ms_median": 0.0, "latency_ms_p99": 0.0}
+
+def instant(seed: int = 0, p_temporary: float = 0.03, p_permanent: float = 0.02) -> OperatorProfile:
+    """A profile with no latency, for tests about outcomes rather than timing."""
+    return OperatorProfile(
+        latency_ms_median=0.0,
+        latency_ms_p99=0.0,
+        seed=seed,
+        p_temporary=p_temporary,
+        p_permanent=p_permanent,
+    )
 
 
 def sms(n: int = 1) -> OutboundSms:
@@ -43,7 +52,7 @@ def test_is_a_provider() -> None:
 
 
 async def test_outcome_mix_over_10k_sends() -> None:
-    operator = SimulatedOperator(OperatorProfile(seed=7, **INSTANT))
+    operator = SimulatedOperator(instant(seed=7))
     results = await send_many(operator, 10_000)
 
     kinds = [r.kind for r in results]
@@ -67,23 +76,25 @@ async def test_outcome_mix_over_10k_sends() -> None:
 
 
 async def test_same_seed_same_outcomes_other_seed_differs() -> None:
-    first = await send_many(SimulatedOperator(OperatorProfile(seed=42, **INSTANT)), 2_000)
-    again = await send_many(SimulatedOperator(OperatorProfile(seed=42, **INSTANT)), 2_000)
-    other = await send_many(SimulatedOperator(OperatorProfile(seed=43, **INSTANT)), 2_000)
+    first = await send_many(SimulatedOperator(instant(seed=42)), 2_000)
+    again = await send_many(SimulatedOperator(instant(seed=42)), 2_000)
+    other = await send_many(SimulatedOperator(instant(seed=43)), 2_000)
 
     assert first == again
     assert [r.kind for r in first] != [r.kind for r in other]
 
 
-async def test_outcomes_do_not_depend_on_the_latency_profile(autojump_clock: trio.abc.Clock) -> None:
-    instant = await send_many(SimulatedOperator(OperatorProfile(seed=3, **INSTANT)), 500)
+async def test_outcomes_do_not_depend_on_the_latency_profile(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    no_delay = await send_many(SimulatedOperator(instant(seed=3)), 500)
     slow = await send_many(SimulatedOperator(OperatorProfile(seed=3, latency_ms_median=50)), 500)
 
-    assert instant == slow
+    assert no_delay == slow
 
 
 async def test_a_sent_key_is_answered_again_without_a_new_send() -> None:
-    operator = SimulatedOperator(OperatorProfile(p_temporary=0.0, p_permanent=0.0, **INSTANT))
+    operator = SimulatedOperator(instant(p_temporary=0.0, p_permanent=0.0))
 
     first = await operator.send(sms(), "key-1")
     second = await operator.send(sms(), "key-1")
@@ -96,7 +107,7 @@ async def test_a_sent_key_is_answered_again_without_a_new_send() -> None:
 
 
 async def test_failed_keys_are_not_remembered() -> None:
-    operator = SimulatedOperator(OperatorProfile(p_temporary=1.0, p_permanent=0.0, **INSTANT))
+    operator = SimulatedOperator(instant(p_temporary=1.0, p_permanent=0.0))
 
     first = await operator.send(sms(), "key-1")
     second = await operator.send(sms(), "key-1")
@@ -123,7 +134,7 @@ async def test_concurrent_sends_of_one_key_deliver_once(autojump_clock: trio.abc
 
 
 async def test_dedupe_memory_is_bounded_and_forgets_the_oldest() -> None:
-    profile = OperatorProfile(p_temporary=0.0, p_permanent=0.0, **INSTANT)
+    profile = instant(p_temporary=0.0, p_permanent=0.0)
     operator = SimulatedOperator(profile, remember=2)
 
     for key in ("a", "b", "c"):

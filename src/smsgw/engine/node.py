@@ -115,15 +115,17 @@ class Engine:
     async def _recover(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Put every message that is not final back into the Scheduler, once, at start."""
+        """Put every message that is not final back into the Scheduler, once, at start.
+
+        It reports started only when done, so the HTTP door (started after it) accepts nothing
+        that the recovery query could also return: no message is enqueued twice."""
+        if not self.ready.is_set():
+            pending = await self.store.pending()
+            for start in range(0, len(pending), 1_000):
+                await self.scheduler.ref.tell(Enqueue(tuple(pending[start : start + 1_000])))
+            self.recovered = len(pending)
+            self.ready.set()
         task_status.started()
-        if self.ready.is_set():
-            return
-        pending = await self.store.pending()
-        for start in range(0, len(pending), 1_000):
-            await self.scheduler.ref.tell(Enqueue(tuple(pending[start : start + 1_000])))
-        self.recovered = len(pending)
-        self.ready.set()
 
     async def run(
         self,

@@ -20,7 +20,8 @@ class RetryLater(msgspec.Struct, frozen=True):
 
 def backoff(attempts: int, *, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempts-1))]."""
-    return rng.uniform(0.0, min(cap, base * 2 ** max(0, attempts - 1)))
+    exponent = min(max(0, attempts - 1), 1023)  # past 2**1023 a float overflows
+    return rng.uniform(0.0, min(cap, base * 2.0**exponent))
 
 
 class RetryTimer:

@@ -51,7 +51,7 @@ def segments(text: str) -> int:
 
 def recipient_problem(to: str) -> str | None:
     """None when `to` is an E.164 number, else what is wrong, in words a person can act on."""
-    if E164.match(to):
+    if E164.fullmatch(to):
         return None
     return (
         "must be an E.164 phone number: a '+', the country code, then the number,"
@@ -60,7 +60,7 @@ def recipient_problem(to: str) -> str | None:
 
 
 def sender_problem(sender: str) -> str | None:
-    if _NUMERIC_SENDER.match(sender) or _ALNUM_SENDER.match(sender):
+    if _NUMERIC_SENDER.fullmatch(sender) or _ALNUM_SENDER.fullmatch(sender):
         return None
     return (
         "must be alphanumeric (letters, digits, space, '.', '_' or '-'), at most 11 characters,"

@@ -48,6 +48,7 @@ class StoreWriter:
         capacity: int = 20_000,
         max_group: int = 2_000,
         committers: int = 2,
+        commit_timeout: float = 30.0,
     ) -> None:
         self.inbox: Inbox[WriterMessage] = Inbox("store_writer", capacity)
         self.ref = self.inbox.handle()
@@ -55,6 +56,9 @@ class StoreWriter:
         self._on_committed = on_committed
         self._max_group = max_group
         self._committers = committers
+        self._commit_timeout = commit_timeout
+        self.failures = 0  # consecutive failed commits
+        self.last_failure: str | None = None
         # Outcomes of a group that failed to commit: carried into the next group, never dropped.
         self._carry: list[RecordOutcome] = []
         self.groups = 0
@@ -71,6 +75,8 @@ class StoreWriter:
             "commit_ms_ewma": round(self.commit_ms_ewma, 3),
             "commit_ms_max": round(self.commit_ms_max, 3),
             "carried_outcomes": len(self._carry),
+            "consecutive_failures": self.failures,
+            "last_failure": self.last_failure,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,14 +117,26 @@ class StoreWriter:
                     assert_never(message)
         started = time.perf_counter()
         try:
-            result = await self._store.commit_group(group)
+            # Shielded: a commit cancelled half way would leave its callers unanswered while
+            # its rows may be committed. It finishes (or times out) first; shutdown waits.
+            with trio.CancelScope(shield=True), trio.fail_after(self._commit_timeout):
+                result = await self._store.commit_group(group)
         except Exception as exc:
-            error = StoreUnavailable(f"could not commit: {type(exc).__name__}: {exc}")
+            # The store is down or refused the group: nothing of it was stored. Answer the
+            # callers now (HTTP 503), keep the outcomes for the next group, and back off. This
+            # is an expected failure, not a bug, so the actor keeps running and says so in
+            # its stats; the other committer's group is not disturbed.
+            self.failures += 1
+            self.last_failure = f"{type(exc).__name__}: {exc}"
+            log.warning("group commit failed: %s", self.last_failure)
+            error = StoreUnavailable(f"could not commit: {self.last_failure}")
             replies: list[Reply[Any]] = [*accept_replies, *topup_replies, *create_replies]
             for reply in replies:
                 reply.fail(error)
             self._carry.extend(outcomes)
-            raise
+            await trio.sleep(min(2.0, 0.05 * 2 ** min(self.failures, 6)))
+            return
+        self.failures = 0
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.groups += 1
         self.items += len(batch)

@@ -350,7 +350,14 @@ def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[
         for sms in items:
             need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
         if not all(book.can_hold(a, amount) for a, amount in need.items()):
-            return [AcceptResult(accepted=False, reason="insufficient_credit")] * len(items)
+            return [
+                AcceptResult(
+                    accepted=False,
+                    reason="insufficient_credit",
+                    balance=book.accounts[s.account_id].balance,
+                )
+                for s in items
+            ]
     results = []
     for sms in items:
         if book.hold(sms.account_id, sms.price):

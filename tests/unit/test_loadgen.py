@@ -1,0 +1,338 @@
+"""The load generator against small servers on 127.0.0.1: counts, ids, tallies, stopping."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from smsgw.sim.loadgen import LatencyHistogram, LoadConfig, loopback_target, main, run_load
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Recorder:
+    """What the test server saw, and the ids it handed out."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.auth: Counter[str] = Counter()
+        self.ids: list[str] = []
+        self._next_id = itertools.count(1)
+
+    async def app(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        key = headers.get(b"authorization", b"").decode()
+        self.auth[key] += 1
+        if body:
+            self.bodies.append(json.loads(body))
+        if key == "Bearer broke":
+            status, payload = 402, b'{"type": "insufficient_credit"}'
+        else:
+            message_id = f"m{next(self._next_id)}"
+            self.ids.append(message_id)
+            status, payload = 202, json.dumps({"id": message_id, "status": "queued"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+@pytest.fixture
+async def gateway(nursery: trio.Nursery) -> AsyncIterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    binds = await nursery.start(partial(serve, cast(Any, recorder.app), config))
+    yield binds[0], recorder
+
+
+async def start_raw_server(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> str:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_a_one_second_run_counts_every_response(gateway: tuple[str, Recorder]) -> None:
+    url, server = gateway
+    ids: list[str] = []
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("k1", "k2"), duration=1.0, connections=4),
+        on_accepted=ids.append,
+    )
+
+    assert report.requests > 50
+    assert report.requests == len(server.ids) == len(server.bodies)
+    assert report.by_status == {"202": report.requests}
+    assert (report.errors, report.timeouts, report.unanswered, report.bad_ids) == (0, 0, 0, 0)
+    assert sorted(ids) == sorted(server.ids)
+    assert report.accepted_ids == len(ids)
+    assert report.rate_per_s == pytest.approx(report.requests / report.duration_s, rel=0.01)
+    assert 1.0 <= report.duration_s < 2.0
+    assert report.latency_ms is not None
+    assert 0 < report.latency_ms.p50 <= report.latency_ms.p99 <= report.latency_ms.max
+    assert report.connections == 4
+    # Round robin over two keys, and well-formed bodies with unique client refs.
+    assert set(server.auth) == {"Bearer k1", "Bearer k2"}
+    assert abs(server.auth["Bearer k1"] - server.auth["Bearer k2"]) <= 4
+    assert all(re.fullmatch(r"\+4479\d{8}", body["to"]) for body in server.bodies)
+    assert not any(body["express"] for body in server.bodies)
+    refs = [body["client_ref"] for body in server.bodies]
+    assert len(set(refs)) == len(refs)
+
+
+async def test_count_stops_the_run_and_statuses_are_tallied(
+    gateway: tuple[str, Recorder],
+) -> None:
+    url, server = gateway
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("rich", "broke"), duration=30.0, count=100, connections=8)
+    )
+
+    assert report.requests == 100
+    assert report.by_status == {"202": 50, "402": 50}
+    assert report.duration_s < 10.0
+    assert report.rate_per_s == pytest.approx(50 / report.duration_s, rel=0.01)
+    assert server.auth == {"Bearer rich": 50, "Bearer broke": 50}
+
+
+async def test_warmup_requests_are_not_measured(gateway: tuple[str, Recorder]) -> None:
+    url, server = gateway
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("k",), duration=1.0, warmup=0.5, connections=2)
+    )
+
+    assert report.warmup_requests > 0
+    assert report.requests > 0
+    assert report.requests + report.warmup_requests == len(server.ids)
+    assert report.duration_s == pytest.approx(0.5, abs=0.3)
+
+
+async def test_zipf_favours_the_first_keys_and_express_share_is_honoured(
+    gateway: tuple[str, Recorder],
+) -> None:
+    url, server = gateway
+    keys = tuple(f"k{i}" for i in range(10))
+
+    await run_load(
+        LoadConfig(
+            url=url, keys=keys, zipf=1.5, express_share=0.5, duration=30.0, count=1000, seed=1
+        )
+    )
+
+    counts = [server.auth[f"Bearer {key}"] for key in keys]
+    assert counts[0] > counts[1] > counts[4] > counts[9]
+    assert counts[0] > 300  # 1/H(10, 1.5) ~ 0.51 of the traffic
+    assert 400 < sum(body["express"] for body in server.bodies) < 600
+
+
+async def test_same_seed_same_requests(gateway: tuple[str, Recorder]) -> None:
+    url, server = gateway
+    config = LoadConfig(
+        url=url, keys=("k",), duration=30.0, count=20, connections=1, seed=9, client_ref_prefix="t"
+    )
+
+    await run_load(config)
+    await run_load(config)
+
+    assert server.bodies[:20] == server.bodies[20:]
+    assert server.bodies[0] != server.bodies[1]
+
+
+async def test_no_auth_get_sends_no_body_and_no_key(gateway: tuple[str, Recorder]) -> None:
+    url, server = gateway
+
+    report = await run_load(
+        LoadConfig(url=url, path="/noop", method="GET", duration=30.0, count=10)
+    )
+
+    assert report.by_status == {"202": 10}
+    assert server.auth == {"": 10}
+    assert server.bodies == []
+
+
+async def test_a_silent_server_times_out_and_the_run_still_ends(nursery: trio.Nursery) -> None:
+    async def never_answer(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    url = await start_raw_server(nursery, never_answer)
+
+    with trio.fail_after(5):
+        report = await run_load(
+            LoadConfig(url=url, duration=0.5, timeout=0.2, drain=0.5, connections=2)
+        )
+
+    assert report.timeouts >= 2
+    assert (report.requests, report.unanswered) == (0, 0)
+    assert report.latency_ms is None
+    assert report.rate_per_s == 0.0
+
+
+async def test_requests_in_flight_at_the_hard_stop_are_unanswered(nursery: trio.Nursery) -> None:
+    async def never_answer(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    url = await start_raw_server(nursery, never_answer)
+
+    with trio.fail_after(5):
+        report = await run_load(
+            LoadConfig(url=url, duration=0.3, timeout=10.0, drain=0.2, connections=3)
+        )
+
+    assert (report.unanswered, report.timeouts, report.errors) == (3, 0, 0)
+    assert 0.5 <= report.duration_s < 1.5
+
+
+async def test_dropped_connections_are_errors_and_reconnected(nursery: trio.Nursery) -> None:
+    accepted = 0
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await stream.receive_some()
+        await stream.aclose()
+
+    url = await start_raw_server(nursery, hang_up)
+
+    with trio.fail_after(5):
+        report = await run_load(LoadConfig(url=url, duration=0.5, connections=2))
+
+    assert report.errors >= 4
+    assert accepted >= 4  # it kept reconnecting
+    assert report.requests == 0
+
+
+async def test_a_refused_connection_is_counted_and_the_run_ends() -> None:
+    with trio.socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    with trio.fail_after(5):
+        report = await run_load(
+            LoadConfig(url=f"http://127.0.0.1:{port}", duration=0.3, connections=2)
+        )
+
+    assert report.errors >= 2
+    assert report.requests == 0
+
+
+async def test_the_command_line_prints_a_report_and_writes_ids(
+    gateway: tuple[str, Recorder], tmp_path: Path
+) -> None:
+    url, server = gateway
+    keys = tmp_path / "keys.json"
+    keys.write_text('["k1", "k2"]')
+    ids_out = tmp_path / "ids.txt"
+    command = [sys.executable, "-m", "smsgw.sim.loadgen", "--url", url, "--keys", str(keys)]
+    command += ["--duration", "5", "--count", "40", "--connections", "4"]
+    command += ["--ids-out", str(ids_out)]
+
+    done = await trio.run_process(command, capture_stdout=True)
+
+    report = json.loads(done.stdout)
+    assert report["requests"] == 40
+    assert report["by_status"] == {"202": 40}
+    assert report["cpu_count"] >= 1
+    assert sorted(ids_out.read_text().split()) == sorted(server.ids)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1:8000",
+        "http://example.com:8000",
+        "http://0.0.0.0:8000",
+        "https://127.0.0.1:8000",
+        "http://user:pw@127.0.0.1:8000",
+        "http://127.0.0.1:8000/v1/messages",
+    ],
+)
+def test_anything_but_a_loopback_http_url_is_refused(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError):
+        LoadConfig(url=url, duration=1.0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--url", url, "--no-auth", "--duration", "1"])
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1", 8000),
+        ("http://127.1.2.3:80/", "127.1.2.3", 80),
+        ("http://localhost", "localhost", 80),
+        ("http://[::1]:9000", "::1", 9000),
+    ],
+)
+def test_loopback_urls_are_accepted(url: str, host: str, port: int) -> None:
+    assert loopback_target(url)[:2] == (host, port)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"duration": 0.0},
+        {"duration": 3601.0},
+        {"duration": 1.0, "warmup": 1.0},
+        {"duration": 1.0, "count": 0},
+        {"duration": 1.0, "connections": 0},
+        {"duration": 1.0, "keys": ("has space",)},
+        {"duration": 1.0, "express_share": 1.5},
+        {"duration": 1.0, "path": "no-slash"},
+    ],
+)
+def test_unrunnable_configs_are_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        LoadConfig(url="http://127.0.0.1:8000", **fields)
+
+
+def test_latency_histogram_percentiles_are_within_one_percent() -> None:
+    histogram = LatencyHistogram()
+    for ms in range(1, 1001):
+        histogram.record(ms / 1000.0)
+
+    summary = histogram.summary_ms()
+
+    assert summary is not None
+    assert summary.p50 == pytest.approx(500.0, rel=0.01)
+    assert summary.p95 == pytest.approx(950.0, rel=0.01)
+    assert summary.p99 == pytest.approx(990.0, rel=0.01)
+    assert summary.max == 1000.0
+    assert LatencyHistogram().summary_ms() is None
