@@ -67,7 +67,7 @@ def _accounts_create(args: argparse.Namespace) -> int:
     import trio_asyncio
 
     from smsgw.engine.ports import WriteGroup
-    from smsgw.http.app import hash_key, new_api_key
+    from smsgw.http.context import hash_key, new_api_key
     from smsgw.storage.pg import Database, PgStore, migrate
 
     async def main() -> None:

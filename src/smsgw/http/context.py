@@ -1,0 +1,151 @@
+"""What every route needs: the engine handle, reads, authentication, body decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import msgspec
+from quart import Response, current_app, request
+
+from smsgw.engine.actor import AskTimeout, InboxFull
+from smsgw.engine.node import Engine
+from smsgw.engine.ports import Reads
+from smsgw.engine.writer import StoreUnavailable
+from smsgw.http.problems import ProblemError
+
+log = logging.getLogger("smsgw.http")
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def hash_key(key: str) -> bytes:
+    """API keys are 256-bit random tokens, so one SHA-256 is a safe, constant-cost digest."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_api_key() -> str:
+    return "sk_" + secrets.token_urlsafe(32)
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7): new rows land at the end of the index."""
+    ms = time.time_ns() // 1_000_000
+    value = (ms & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant
+    return str(uuid.UUID(int=value))
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status=status, content_type="application/json")
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return cast(T, decoder.decode(data))
+    except msgspec.ValidationError as exc:
+        raise ProblemError(422, "invalid_field", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProblemError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+class KeyCache:
+    """API key digest -> account id, so the accept path does not read PostgreSQL per request.
+
+    Unknown keys are remembered briefly too, so a client with a bad key cannot turn every
+    request into a query.
+    """
+
+    def __init__(self, reads: Reads, *, ttl: float = 60.0, negative_ttl: float = 5.0) -> None:
+        self._reads = reads
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._entries: dict[bytes, tuple[int | None, float]] = {}
+
+    async def account_id(self, key_hash: bytes) -> int | None:
+        now = time.monotonic()
+        hit = self._entries.get(key_hash)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        account = await self._reads.account_by_key_hash(key_hash)
+        account_id = None if account is None else account.id
+        ttl = self._ttl if account_id is not None else self._negative_ttl
+        if len(self._entries) > 200_000:
+            self._entries.clear()
+        self._entries[key_hash] = (account_id, now + ttl)
+        return account_id
+
+    def forget(self, key_hash: bytes) -> None:
+        self._entries.pop(key_hash, None)
+
+
+class Gateway:
+    """The app's handle on the running node; routes reach it with `gateway()`."""
+
+    def __init__(self, engine: Engine, reads: Reads, *, admin_key: str) -> None:
+        self.engine = engine
+        self.reads = reads
+        self.keys = KeyCache(reads)
+        self._admin_hash = hash_key(admin_key)
+
+    def bearer(self) -> bytes:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ProblemError(
+                401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'"
+            )
+        return hash_key(token.strip())
+
+    def require_admin(self) -> None:
+        if not hmac.compare_digest(self.bearer(), self._admin_hash):
+            raise ProblemError(403, "forbidden", "this route needs the admin key")
+
+    async def require_account(self) -> int:
+        digest = self.bearer()
+        if hmac.compare_digest(digest, self._admin_hash):
+            raise ProblemError(
+                403, "forbidden", "the admin key has no account; use an account's API key"
+            )
+        account_id = await self.keys.account_id(digest)
+        if account_id is None:
+            raise ProblemError(401, "unauthenticated", "unknown API key")
+        return account_id
+
+    async def body(self, kind: type[T]) -> T:
+        if request.mimetype != "application/json":
+            raise ProblemError(
+                415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            )
+        data = cast(bytes, await request.get_data(as_text=False))
+        return decode(data, kind)
+
+    async def call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an engine call; overload and storage failures become 503 with Retry-After."""
+        try:
+            return await call()
+        except InboxFull:
+            raise ProblemError(
+                503, "overloaded", "the gateway is at capacity; retry shortly"
+            ) from None
+        except (AskTimeout, StoreUnavailable) as exc:
+            log.warning("engine unavailable: %s", exc)
+            raise ProblemError(
+                503, "unavailable", "storage is unavailable; retry shortly"
+            ) from None
+
+
+def gateway() -> Gateway:
+    return cast(Gateway, current_app.extensions["smsgw"])

@@ -1,0 +1,92 @@
+"""Messages: send one, read one."""
+
+from __future__ import annotations
+
+import uuid
+
+from quart import Blueprint, Response
+
+from smsgw.engine import sms as rules
+from smsgw.engine.messages import OutboundSms
+from smsgw.http.context import Gateway, gateway, json_response, uuid7
+from smsgw.http.problems import ProblemError
+from smsgw.http.schemas import AcceptedOut, SendIn
+
+bp = Blueprint("messages", __name__)
+DEFAULT_SENDER = "smsgw"
+
+
+def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
+    """Validate one message and price it; raises a 422 problem naming the field."""
+    config = gw.engine.config
+    problem = rules.recipient_problem(data.to)
+    if problem:
+        raise ProblemError(422, "invalid_field", f"`to` {problem}", field="to")
+    if not data.text:
+        raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
+    sender = DEFAULT_SENDER if data.sender is None else data.sender
+    problem = rules.sender_problem(sender)
+    if problem:
+        raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
+    segments = rules.segments(data.text)
+    if segments > config.max_segments:
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`text` needs {segments} segments; the limit is {config.max_segments}",
+            field="text",
+        )
+    price = rules.price(
+        segments,
+        express=data.express,
+        normal_price=config.normal_price,
+        express_price=config.express_price,
+    )
+    now = gw.engine.clock()
+    return OutboundSms(
+        id=uuid7(),
+        account_id=account_id,
+        to=data.to,
+        sender=sender,
+        text=data.text,
+        segments=segments,
+        price=price,
+        express=data.express,
+        created_at=now,
+        deadline=now + config.express_deadline_ms / 1000 if data.express else None,
+        client_ref=data.client_ref,
+    )
+
+
+@bp.post("/v1/messages")
+async def send_message() -> Response:
+    gw = gateway()
+    account_id = await gw.require_account()
+    data = await gw.body(SendIn)
+    sms = build_sms(gw, account_id, data)
+    results = await gw.call(lambda: gw.engine.accept([sms], atomic=True))
+    if not results[0].accepted:
+        raise ProblemError(
+            402,
+            "insufficient_credit",
+            f"the balance does not cover this message's price of {sms.price}",
+            price=sms.price,
+            balance=results[0].balance,
+        )
+    return json_response(AcceptedOut(sms.id, "queued", sms.segments, sms.price), 202)
+
+
+@bp.get("/v1/messages/<message_id>")
+async def get_message(message_id: str) -> Response:
+    gw = gateway()
+    account_id = await gw.require_account()
+    try:
+        uuid.UUID(message_id)
+    except ValueError:
+        raise ProblemError(404, "message_not_found", f"no message {message_id}") from None
+    row = await gw.reads.message(account_id, message_id)
+    if row is None:
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    if row["status"] == "queued" and message_id in gw.engine.pool.inflight:
+        row["status"] = "sending"
+    return json_response(row)

@@ -1,0 +1,36 @@
+"""Operations: liveness, readiness, the supervision tree."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from smsgw.http.context import gateway, json_response
+from smsgw.http.problems import ProblemError
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/health")
+async def health() -> Response:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/ready")
+async def ready() -> Response:
+    gw = gateway()
+    if not gw.engine.ready.is_set():
+        raise ProblemError(503, "recovering", "recovering pending messages")
+    try:
+        await gw.reads.ping()
+    except Exception as exc:
+        raise ProblemError(503, "database_unreachable", f"PostgreSQL: {exc}") from None
+    return json_response({"status": "ready", "recovered": gw.engine.recovered})
+
+
+@bp.get("/v1/ops/supervisor")
+async def supervisor_status() -> Response:
+    gw = gateway()
+    gw.require_admin()
+    if gw.engine.supervisor is None:
+        raise ProblemError(503, "starting", "the supervisor is starting")
+    return json_response(gw.engine.supervisor.status())
