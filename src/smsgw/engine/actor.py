@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
 M = TypeVar("M")
+M_contra = TypeVar("M_contra", contravariant=True)
 R = TypeVar("R")
 
 
@@ -82,8 +83,15 @@ class Inbox(Generic[M]):
             raise InboxFull(self.name, self.capacity) from None
 
     async def put(self, message: M) -> None:
-        """Wait for room: for actor-to-actor flow control, never for request handlers."""
-        await self._send.send(message)
+        """Wait for room: for actor-to-actor flow control, never for request handlers.
+
+        When there is room it returns without a checkpoint: on hot paths a task switch per
+        message costs more than the work (DESIGN.md: ~21 µs against ~1 µs).
+        """
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            await self._send.send(message)
 
     async def get(self) -> M:
         return await self._receive.receive()
@@ -109,12 +117,63 @@ class Inbox(Generic[M]):
         return batch
 
 
+class ShardedInbox(Generic[M]):
+    """Several inboxes behind one address: `key(message) % shards` picks the shard.
+
+    For an actor that runs one loop per shard and wants all messages about one key (an
+    account) handled by the same loop, in order.
+    """
+
+    def __init__(self, name: str, shards: int, capacity: int, key: Callable[[M], int]) -> None:
+        self.name = name
+        self.shards = [Inbox[M](f"{name}[{i}]", capacity) for i in range(shards)]
+        self.capacity = capacity * shards
+        self._key = key
+
+    @property
+    def depth(self) -> int:
+        return sum(shard.depth for shard in self.shards)
+
+    def handle(self) -> ActorRef[M]:
+        return ActorRef(self)
+
+    def _shard(self, message: M) -> Inbox[M]:
+        return self.shards[self._key(message) % len(self.shards)]
+
+    def put_nowait(self, message: M) -> None:
+        self._shard(message).put_nowait(message)
+
+    async def put(self, message: M) -> None:
+        await self._shard(message).put(message)
+
+
+class Mailbox(Protocol[M_contra]):
+    """What an ActorRef needs of the inbox behind it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def put_nowait(self, message: M_contra) -> None: ...
+
+    async def put(self, message: M_contra) -> None: ...
+
+
+class InboxGauge(Protocol):
+    """What the supervisor's status shows of an inbox."""
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+
 class ActorRef(Generic[M]):
     """How other parts reach an actor: they never touch its state, only its inbox."""
 
     __slots__ = ("_inbox",)
 
-    def __init__(self, inbox: Inbox[M]) -> None:
+    def __init__(self, inbox: Mailbox[M]) -> None:
         self._inbox = inbox
 
     @property

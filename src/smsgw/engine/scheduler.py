@@ -122,13 +122,22 @@ class Scheduler:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        turns = 0
         while True:
+            turns += 1
+            if turns % 256 == 0:
+                # Dispatch avoids a task switch per message; this bounds how long it runs
+                # before HTTP and the other actors get the loop back.
+                await trio.lowlevel.checkpoint()
             if not self.state:
                 self._absorb(await self.inbox.get())
             self._drain()
             # Take a window slot first, then choose: an express message that arrived while we
             # waited for the slot still goes first.
-            await self._pool.slots.acquire()
+            try:
+                self._pool.slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._pool.slots.acquire()
             self._drain()
             sms = self.state.pop()
             assert sms is not None

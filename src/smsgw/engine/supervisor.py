@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import trio
 
-from smsgw.engine.actor import Inbox
+from smsgw.engine.actor import InboxGauge
 from smsgw.engine.messages import ChildStatus, SupervisorStatus
 
 logger = logging.getLogger("smsgw.supervisor")
@@ -39,7 +39,7 @@ class ChildSpec:
     name: str
     run: Callable[..., Awaitable[None]]
     restart: Restart = Restart.PERMANENT
-    inbox: Inbox[Any] | None = None
+    inbox: InboxGauge | None = None
     stats: Callable[[], dict[str, Any]] | None = None
 
 

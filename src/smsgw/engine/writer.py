@@ -9,7 +9,7 @@ from typing import Any, assert_never
 
 import trio
 
-from smsgw.engine.actor import Inbox, Reply
+from smsgw.engine.actor import Inbox, Reply, ShardedInbox
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
@@ -23,6 +23,20 @@ from smsgw.engine.messages import (
 from smsgw.engine.ports import MessageStore, WriteGroup
 
 log = logging.getLogger("smsgw.writer")
+
+
+def _account_of(message: WriterMessage) -> int:
+    match message:
+        case Accept(items=items):
+            return items[0].account_id if items else 0
+        case RecordOutcome(outcome=outcome):
+            return outcome.sms.account_id
+        case TopUp(account_id=account_id):
+            return account_id
+        case CreateAccount():
+            return 0
+        case _:
+            assert_never(message)
 
 
 class StoreUnavailable(Exception):
@@ -50,17 +64,22 @@ class StoreWriter:
         committers: int = 2,
         commit_timeout: float = 30.0,
     ) -> None:
-        self.inbox: Inbox[WriterMessage] = Inbox("store_writer", capacity)
+        # One inbox and one commit loop per committer, partitioned by account: an account's
+        # writes always go through the same committer, so committers never queue on each
+        # other's row locks (one busy account would otherwise serialise them).
+        self.inbox: ShardedInbox[WriterMessage] = ShardedInbox(
+            "store_writer", committers, capacity, _account_of
+        )
         self.ref = self.inbox.handle()
         self._store = store
         self._on_committed = on_committed
         self._max_group = max_group
-        self._committers = committers
         self._commit_timeout = commit_timeout
         self.failures = 0  # consecutive failed commits
         self.last_failure: str | None = None
-        # Outcomes of a group that failed to commit: carried into the next group, never dropped.
-        self._carry: list[RecordOutcome] = []
+        # Outcomes of a group that failed to commit: carried into the shard's next group,
+        # never dropped.
+        self._carry: dict[str, list[RecordOutcome]] = {i.name: [] for i in self.inbox.shards}
         self.groups = 0
         self.items = 0
         self.last_group_size = 0
@@ -74,26 +93,27 @@ class StoreWriter:
             "last_group_size": self.last_group_size,
             "commit_ms_ewma": round(self.commit_ms_ewma, 3),
             "commit_ms_max": round(self.commit_ms_max, 3),
-            "carried_outcomes": len(self._carry),
+            "carried_outcomes": sum(len(c) for c in self._carry.values()),
             "consecutive_failures": self.failures,
             "last_failure": self.last_failure,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(self._committers):
-                nursery.start_soon(self._commit_loop)
+            for shard in self.inbox.shards:
+                nursery.start_soon(self._commit_loop, shard)
             task_status.started()
 
-    async def _commit_loop(self) -> None:
+    async def _commit_loop(self, inbox: Inbox[WriterMessage]) -> None:
+        carry = self._carry[inbox.name]
         while True:
-            batch: list[WriterMessage] = await self.inbox.get_batch(self._max_group)
-            if self._carry:
-                batch = [*self._carry, *batch]
-                self._carry = []
-            await self._commit(batch)
+            batch: list[WriterMessage] = await inbox.get_batch(self._max_group)
+            if carry:
+                batch = [*carry, *batch]
+                carry.clear()
+            await self._commit(batch, carry)
 
-    async def _commit(self, batch: list[WriterMessage]) -> None:
+    async def _commit(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
         group = WriteGroup()
         accept_replies: list[Reply[list[AcceptResult]]] = []
         topup_replies: list[Reply[int | None]] = []
@@ -133,7 +153,7 @@ class StoreWriter:
             replies: list[Reply[Any]] = [*accept_replies, *topup_replies, *create_replies]
             for reply in replies:
                 reply.fail(error)
-            self._carry.extend(outcomes)
+            carry.extend(outcomes)
             await trio.sleep(min(2.0, 0.05 * 2 ** min(self.failures, 6)))
             return
         self.failures = 0

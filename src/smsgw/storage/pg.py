@@ -42,6 +42,11 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (a round trip per group commit): this code leaves
+    no session state behind (no SET, LISTEN or cursors; advisory locks are per transaction)."""
+
+
 def _bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
 
@@ -72,6 +77,7 @@ class Database:
                 url,
                 min_size=min_size,
                 max_size=max_size,
+                reset=_keep_session,
                 server_settings={"search_path": schema, "application_name": "smsgw"},
             )
 
