@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -24,6 +24,15 @@ def create_app(engine: Engine, reads: Reads, *, admin_key: str) -> QuartTrio:
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
     for module in (accounts, messages, ops):
         app.register_blueprint(module.bp)
+
+    @app.after_request
+    async def close_after_refusal(response: Response) -> Response:
+        # A refusal sent before the request body was read leaves hypercorn's HTTP/1.1
+        # connection neither reusable nor closed (the next request on it hangs): tell the
+        # client to open a new one.
+        if response.status_code >= 400 and request.content_length:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(ProblemError)
     async def on_problem(exc: ProblemError) -> Response:

@@ -1,0 +1,309 @@
+"""Single-message HTTP accepts per second: the gateway against a no-op handler on the same stack.
+
+    python benchmarks/accept.py [--duration 10] [--connections 64] [--out benchmarks/reports/latest]
+
+Three kinds of phase, run one after another in each of `--rounds` rounds (default 3; the
+figures are the medians over the rounds), each with `--connections` keep-alive connections from the
+load generator (`python -m smsgw.sim.loadgen`, its own process, 127.0.0.1 only), a 2 s warmup
+and then `--duration` measured seconds:
+
+  gateway_100_accounts  `smsgw serve` (one node) on a fresh schema, 100 accounts, keys round robin
+  gateway_1_account     the same on another fresh schema, all load on one account
+  noop                  benchmarks/noop_server.py: quart-trio on hypercorn, reads the body, 202
+
+After each gateway phase every id that got a 202 (warmup included) is looked up in the
+messages table: "durable" is true when none is missing. PostgreSQL is DATABASE_URL when set,
+else an embedded server started once in a temporary folder. Prints one JSON object on stdout
+and writes accept.json and accept.md into the out folder. Exit code 1 when a phase was not
+durable or answered no 2xx at all; the throughput targets are reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from common import (
+    CpuMeter,
+    CpuUse,
+    Durability,
+    check_durable,
+    create_accounts,
+    database,
+    drop_schema,
+    exit_on_sigterm,
+    fresh_schema,
+    git_commit,
+    git_dirty,
+    log,
+    markdown_table,
+    new_admin_key,
+    run_gateway,
+    run_loadgen,
+    run_noop_server,
+    utc_timestamp,
+    write_report,
+)
+from smsgw.sim.loadgen import LoadReport
+
+WARMUP_S = 2.0
+CREDIT = 10**9  # per account: far more than any run can spend
+TARGETS = {"accepts_vs_noop": 0.8, "one_vs_many": 0.9}
+# The no-op phase sends the same requests; the key is only there to match their size.
+NOOP_KEY = "sk_" + "x" * 43
+
+
+class Phase(msgspec.Struct, kw_only=True):
+    name: str
+    server: str  # "gateway" or "noop"
+    accounts: int | None
+    duration_s: float  # the measured window
+    rate_per_s: float  # 2xx responses per second in the window
+    requests: int
+    by_status: dict[str, int]
+    errors: int
+    timeouts: int
+    unanswered: int
+    latency_ms: dict[str, float] | None  # p50, p95, p99, max of 2xx responses
+    durability: Durability | None  # gateway phases only
+    cpu: CpuUse  # during the load generator's run (warmup and drain included)
+
+
+def to_phase(
+    name: str,
+    server: str,
+    accounts: int | None,
+    load: LoadReport,
+    durability: Durability | None,
+    cpu: CpuUse,
+) -> Phase:
+    return Phase(
+        name=name,
+        server=server,
+        accounts=accounts,
+        duration_s=load.duration_s,
+        rate_per_s=load.rate_per_s,
+        requests=load.requests,
+        by_status=load.by_status,
+        errors=load.errors,
+        timeouts=load.timeouts,
+        unanswered=load.unanswered,
+        latency_ms=msgspec.to_builtins(load.latency_ms),
+        durability=durability,
+        cpu=cpu,
+    )
+
+
+def gateway_phase(
+    name: str,
+    accounts: int,
+    database_url: str,
+    args: argparse.Namespace,
+    work_dir: Path,
+) -> Phase:
+    schema = fresh_schema("bench_accept")
+    admin_key = new_admin_key()
+    ids_file = work_dir / f"{name}.ids"
+    log(f"{name}: smsgw serve on schema {schema}, {accounts} account(s)")
+    try:
+        with run_gateway(
+            database_url, schema, admin_key=admin_key, log_path=args.out / f"{name}.log"
+        ) as gateway:
+            keys = create_accounts(gateway.url, admin_key, accounts, credit=CREDIT)
+            meter = CpuMeter(gateway.process.pid)
+            meter.start()
+            load = run_loadgen(
+                gateway.url,
+                keys,
+                connections=args.connections,
+                duration=args.duration,
+                warmup=WARMUP_S,
+                ids_out=ids_file,
+            )
+            cpu = meter.stop()
+            # Checked while the gateway still runs: a 202 must mean committed already.
+            durability = check_durable(database_url, schema, ids_file)
+    finally:
+        if not args.keep_schemas:
+            try:
+                drop_schema(database_url, schema)
+            except Exception as exc:
+                log(f"could not drop schema {schema}: {exc}")
+    if durability.ids != load.accepted_ids:
+        log(f"{name}: {load.accepted_ids} ids read from 202s but {durability.ids} written")
+    phase = to_phase(name, "gateway", accounts, load, durability, cpu)
+    log(f"{name}: {phase.rate_per_s}/s {phase.by_status} missing={durability.missing}")
+    return phase
+
+
+def noop_phase(args: argparse.Namespace, work_dir: Path, name: str = "noop") -> Phase:
+    log(f"{name}: benchmarks/noop_server.py")
+    with run_noop_server(args.out / f"{name}.log") as server:
+        meter = CpuMeter(server.process.pid)
+        meter.start()
+        load = run_loadgen(
+            server.url,
+            [NOOP_KEY],
+            connections=args.connections,
+            duration=args.duration,
+            warmup=WARMUP_S,
+            # Parse and keep the ids as in the gateway phases: the same work for the generator.
+            ids_out=work_dir / f"{name}.ids",
+        )
+        cpu = meter.stop()
+    phase = to_phase(name, "noop", None, load, None, cpu)
+    log(f"{name}: {phase.rate_per_s}/s {phase.by_status}")
+    return phase
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator > 0 else None
+
+
+def summarize(
+    phases: list[Phase], args: argparse.Namespace, database_source: str
+) -> dict[str, Any]:
+    # Each kind ran once per round, interleaved with the others, so a burst of load from
+    # elsewhere on the machine hits all kinds alike; the median of the rounds is the figure.
+    rates: dict[str, list[float]] = {}
+    for phase in phases:
+        rates.setdefault(phase.name.split("#")[0], []).append(phase.rate_per_s)
+    many = statistics.median(rates["gateway_100_accounts"])
+    one = statistics.median(rates["gateway_1_account"])
+    noop = statistics.median(rates["noop"])
+    ratio_100_vs_noop = ratio(many, noop)
+    ratio_1_vs_100 = ratio(one, many)
+    gateway_phases = [p for p in phases if p.durability is not None]
+    return {
+        "benchmark": "accept",
+        "commit": git_commit(),
+        "dirty": git_dirty(),
+        "timestamp": utc_timestamp(),
+        "cpu_count": os.cpu_count(),
+        "database": database_source,
+        "connections": args.connections,
+        "warmup_s": WARMUP_S,
+        "measure_s": args.duration,
+        "rounds": args.rounds,
+        "rates_per_round": rates,
+        "phases": {p.name: msgspec.to_builtins(p) for p in phases},
+        "duration_s": {p.name: p.duration_s for p in phases},
+        "latency_ms": {
+            p.name: None if p.latency_ms is None else {q: p.latency_ms[q] for q in ("p50", "p99")}
+            for p in phases
+        },
+        "accepts_per_s_100_accounts": many,
+        "accepts_per_s_1_account": one,
+        "noop_per_s": noop,
+        "ratio_100_vs_noop": ratio_100_vs_noop,
+        "ratio_1_vs_100": ratio_1_vs_100,
+        "targets": TARGETS,
+        "pass": {
+            "accepts_vs_noop": (ratio_100_vs_noop or 0.0) >= TARGETS["accepts_vs_noop"],
+            "one_vs_many": (ratio_1_vs_100 or 0.0) >= TARGETS["one_vs_many"],
+        },
+        "durable": all(p.durability.durable for p in gateway_phases if p.durability),
+        "missing": sum(p.durability.missing for p in gateway_phases if p.durability),
+    }
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = []
+    for name, phase in result["phases"].items():
+        latency = phase["latency_ms"] or {}
+        durability = phase["durability"]
+        cpu = phase["cpu"]
+        durable = "-"
+        if durability is not None:
+            verdict = "yes" if durability["durable"] else "NO"
+            durable = f"{verdict} ({durability['missing']} missing)"
+        rows.append(
+            [
+                name,
+                _cell(phase["accounts"]),
+                phase["rate_per_s"],
+                _cell(latency.get("p50")),
+                _cell(latency.get("p99")),
+                ", ".join(f"{status}: {n}" for status, n in phase["by_status"].items()),
+                durable,
+                f"{_cell(cpu['server'])} / {_cell(cpu['loadgen'])} / {_cell(cpu['machine'])}",
+            ]
+        )
+    header = ["phase", "accounts", "2xx/s", "p50 ms", "p99 ms", "statuses", "durable"]
+    header.append("CPU % server / loadgen / machine")
+    checks: list[list[object]] = [
+        ["gateway (100 accounts) / noop, medians", result["ratio_100_vs_noop"]],
+        ["gateway (1 account) / gateway (100 accounts)", result["ratio_1_vs_100"]],
+    ]
+    for row, (target, passed) in zip(
+        checks, ((result["targets"][k], result["pass"][k]) for k in TARGETS), strict=True
+    ):
+        row += [f">= {target}", "pass" if passed else "FAIL"]
+    dirty = " (working tree modified)" if result["dirty"] else ""
+    return (
+        "# Single-message accepts/s\n\n"
+        f"Commit {result['commit']}{dirty}, {result['timestamp']}, {result['cpu_count']} CPUs, "
+        f"PostgreSQL: {result['database']}, {result['connections']} connections, "
+        f"{result['warmup_s']:g} s warmup then {result['measure_s']:g} s measured per phase. "
+        "CPU is in % of one core over the load generator's run; machine counts every process."
+        "\n\n"
+        + markdown_table(header, rows)
+        + "\n"
+        + markdown_table(["ratio", "value", "target", "result"], checks)
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; figures are their medians"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/reports/latest"))
+    parser.add_argument(
+        "--keep-schemas", action="store_true", help="keep the phases' schemas afterwards"
+    )
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
+        parser.error("--duration must be > 0, --connections and --rounds >= 1")
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    with (
+        tempfile.TemporaryDirectory(prefix="smsgw-bench-accept-") as tmp,
+        database(Path(tmp)) as (database_url, source),
+    ):
+        work_dir = Path(tmp)
+        phases: list[Phase] = []
+        for r in range(1, args.rounds + 1):
+            phases.append(noop_phase(args, work_dir, f"noop#{r}"))
+            phases.append(
+                gateway_phase(f"gateway_100_accounts#{r}", 100, database_url, args, work_dir)
+            )
+            phases.append(gateway_phase(f"gateway_1_account#{r}", 1, database_url, args, work_dir))
+    result = summarize(phases, args, source)
+    path = write_report(args.out, "accept", result, markdown(result))
+    log(f"report: {path} and {path.with_suffix('.md')}")
+    print(msgspec.json.encode(result).decode(), flush=True)
+    no_success = any(p.rate_per_s == 0 for p in phases)
+    return 0 if result["durable"] and not no_success else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Helpers the benchmark scripts share: servers as subprocesses, accounts, the load generator,
+a database, durability checks and reports.
+
+Every benchmark runs its servers and its load generator as separate processes, one phase
+after another, and only ever against 127.0.0.1. Scripts in this folder import this module as
+`common` (the folder is on sys.path when a script is run as `python benchmarks/NAME.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import queue
+import re
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import msgspec
+
+from smsgw.sim.loadgen import LoadReport
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `finally` blocks stop the child processes."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout is kept for the one JSON result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- Run metadata ---------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """Whether the working tree differs from the commit (the numbers may not be the commit's)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
+def utc_timestamp() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+@contextmanager
+def database(work_dir: Path) -> Iterator[tuple[str, str]]:
+    """(url, source): DATABASE_URL when set, else an embedded PostgreSQL in `work_dir` that is
+    stopped and deleted on exit. `source` is "DATABASE_URL" or "embedded"."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url, "DATABASE_URL"
+        return
+    from smsgw.storage.embedded import start_embedded
+
+    log(f"starting an embedded PostgreSQL in {work_dir}")
+    server = start_embedded(work_dir / "pgdata", cleanup="delete")
+    try:
+        yield str(server.get_uri("postgres")), "embedded"
+    finally:
+        server.cleanup()
+
+
+def fresh_schema(prefix: str) -> str:
+    """A new schema name, so each phase starts from empty tables."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    _check_schema(name)
+    return name
+
+
+def _check_schema(name: str) -> None:
+    if not _SCHEMA_NAME.match(name):
+        raise ValueError(f"bad schema name {name!r}")
+
+
+def drop_schema(url: str, schema: str) -> None:
+    _check_schema(schema)
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+class Durability(msgspec.Struct):
+    """Whether every id that got a 202 is in the messages table."""
+
+    ids: int  # lines in the ids file: one per 202 response, warmup included
+    unique: int
+    stored: int  # how many of the unique ids are in `messages`
+    missing: int
+    durable: bool
+
+
+def check_durable(url: str, schema: str, ids_file: Path) -> Durability:
+    ids = [line for line in ids_file.read_text().splitlines() if line]
+    unique = sorted(set(ids))
+    _check_schema(schema)
+
+    async def count() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            found = await conn.fetchval(
+                f"SELECT count(*) FROM {schema}.messages WHERE id = ANY($1::uuid[])", unique
+            )
+        finally:
+            await conn.close()
+        return int(found)
+
+    stored = asyncio.run(count()) if unique else 0
+    missing = len(unique) - stored
+    return Durability(
+        ids=len(ids),
+        unique=len(unique),
+        stored=stored,
+        missing=missing,
+        durable=missing == 0 and len(unique) == len(ids),
+    )
+
+
+# --- Servers as subprocesses ----------------------------------------------------------------
+
+
+class Server:
+    """A server subprocess that announced {"event": "listening", "url": ...} on stdout."""
+
+    def __init__(self, process: subprocess.Popen[str], url: str, log_path: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+
+@contextmanager
+def run_server(
+    command: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Iterator[Server]:
+    """Start `command`, wait for its listening line, and stop it (SIGTERM, then SIGKILL after
+    a grace period) when the block exits, whatever happens. Its stderr goes to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            list(command),
+            cwd=REPO_ROOT,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
+        try:
+            url = _wait_listening(process, ready_timeout, log_path)
+            yield Server(process, url, log_path)
+        finally:
+            stop_process(process)
+
+
+def _wait_listening(process: subprocess.Popen[str], timeout: float, log_path: Path) -> str:
+    """Read stdout until the listening line; a thread keeps draining it afterwards so the
+    server can never block on a full pipe."""
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"no listening line within {timeout:g} s; see {log_path}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise RuntimeError(
+                f"server exited ({process.wait()}) before listening; see {log_path}:\n"
+                + tail(log_path)
+            )
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "listening":
+            url = str(event["url"])
+            if urlsplit(url).hostname != LOOPBACK:
+                raise RuntimeError(f"server listens on {url}, not on {LOOPBACK}")
+            return url
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = STOP_GRACE_S) -> int:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(grace)
+        except subprocess.TimeoutExpired:
+            log(f"pid {process.pid} ignored SIGTERM for {grace:g} s; killing it")
+            process.kill()
+    return process.wait()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def gateway_command() -> list[str]:
+    return [sys.executable, "-m", "smsgw.cli", "serve", "--host", LOOPBACK, "--port", "0"]
+
+
+def gateway_env(database_url: str, schema: str, admin_key: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SMSGW_SCHEMA": schema,
+        "SMSGW_ADMIN_KEY": admin_key,
+    }
+
+
+@contextmanager
+def run_gateway(
+    database_url: str, schema: str, *, admin_key: str, log_path: Path
+) -> Iterator[Server]:
+    """`smsgw serve` on 127.0.0.1 and a free port, its tables in `schema`."""
+    env = gateway_env(database_url, schema, admin_key)
+    with run_server(gateway_command(), log_path=log_path, env=env) as server:
+        yield server
+
+
+@contextmanager
+def run_noop_server(log_path: Path) -> Iterator[Server]:
+    """benchmarks/noop_server.py: the same HTTP stack with a handler that does nothing."""
+    command = [sys.executable, str(BENCHMARKS_DIR / "noop_server.py"), "--host", LOOPBACK]
+    with run_server(command, log_path=log_path) as server:
+        yield server
+
+
+def new_admin_key() -> str:
+    return "adm_" + secrets.token_urlsafe(24)
+
+
+def create_accounts(
+    url: str, admin_key: str, count: int, *, credit: int, name_prefix: str = "bench"
+) -> list[str]:
+    """Create `count` accounts through the HTTP API; returns their API keys."""
+    keys: list[str] = []
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
+        for i in range(count):
+            response = client.post(
+                "/v1/accounts", json={"name": f"{name_prefix}-{i}", "credit": credit}
+            )
+            response.raise_for_status()
+            keys.append(str(response.json()["api_key"]))
+    return keys
+
+
+# --- CPU use --------------------------------------------------------------------------------
+
+
+class CpuUse(msgspec.Struct):
+    """CPU used during a measured block, in percent of one core (a 2-core machine tops at 200).
+
+    `machine` counts every process, including PostgreSQL and anything else running on the
+    machine: when it is far above server + loadgen + the database's share, other work
+    competed with the benchmark. None where /proc is not available."""
+
+    wall_s: float
+    server: float | None
+    loadgen: float | None
+    machine: float | None
+    loadavg_1m_before: float | None
+
+
+class CpuMeter:
+    """Measure CPU use of a server process, of the children reaped meanwhile (the load
+    generator) and of the whole machine, between `start()` and `stop()`."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self._pid = server_pid
+        self._wall = 0.0
+        self._server: float | None = None
+        self._children = 0.0
+        self._machine: float | None = None
+        self._loadavg: float | None = None
+
+    def start(self) -> None:
+        self._loadavg = _loadavg_1m()
+        self._wall = time.monotonic()
+        self._server = _process_cpu_s(self._pid)
+        self._children = _children_cpu_s()
+        self._machine = _machine_busy_s()
+
+    def stop(self) -> CpuUse:
+        wall = time.monotonic() - self._wall
+        server = _delta(_process_cpu_s(self._pid), self._server)
+        machine = _delta(_machine_busy_s(), self._machine)
+        loadgen = _children_cpu_s() - self._children
+
+        def percent(seconds: float | None) -> float | None:
+            return None if seconds is None or wall <= 0 else round(100.0 * seconds / wall, 1)
+
+        return CpuUse(
+            wall_s=round(wall, 3),
+            server=percent(server),
+            loadgen=percent(loadgen),
+            machine=percent(machine),
+            loadavg_1m_before=self._loadavg,
+        )
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """utime + stime of a live process from /proc (Linux)."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all cores spent on anything but idle and iowait, from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _loadavg_1m() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# --- Load generator -------------------------------------------------------------------------
+
+
+def run_loadgen(
+    url: str,
+    keys: Sequence[str],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    ids_out: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> LoadReport:
+    """Run `python -m smsgw.sim.loadgen` in its own process: `warmup` seconds unmeasured, then
+    `duration` measured seconds. Returns its report."""
+    if urlsplit(url).hostname != LOOPBACK:
+        raise ValueError(f"load only targets {LOOPBACK}, not {url}")
+    with tempfile.TemporaryDirectory(prefix="smsgw-bench-keys-") as tmp:
+        keys_file = Path(tmp) / "keys.json"
+        keys_file.write_text(json.dumps(list(keys)))
+        command = [
+            sys.executable,
+            "-m",
+            "smsgw.sim.loadgen",
+            "--url",
+            url,
+            "--keys",
+            str(keys_file),
+            "--connections",
+            str(connections),
+            # The generator's duration includes its warmup.
+            "--duration",
+            str(warmup + duration),
+            "--warmup",
+            str(warmup),
+            *(["--ids-out", str(ids_out)] if ids_out is not None else []),
+            *extra_args,
+        ]
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            stdout, _ = process.communicate(timeout=warmup + duration + 60)
+        finally:
+            stop_process(process, grace=5)
+    if process.returncode != 0:
+        raise RuntimeError(f"the load generator failed with exit code {process.returncode}")
+    return msgspec.json.decode(stdout.strip().splitlines()[-1], type=LoadReport)
+
+
+# --- Reports --------------------------------------------------------------------------------
+
+
+def write_report(out_dir: Path, name: str, result: Mapping[str, Any], markdown: str) -> Path:
+    """Write `<name>.json` and `<name>.md` into `out_dir`; returns the JSON file's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+    return json_path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

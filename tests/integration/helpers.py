@@ -1,0 +1,215 @@
+"""Shared integration helpers: nodes with chosen operators, HTTP shortcuts, ledger checks in SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import trio
+
+from smsgw.server import Node, run_node
+from smsgw.sim.operator import OperatorProfile
+from tests.conftest import admin, bearer, node_options
+
+FINAL = frozenset({"sent", "failed"})
+FINAL_WITHIN = 60.0  # seconds: retries back off for a few seconds at most
+TO = "+4915123456789"
+
+# An operator that takes every message: no refund can ever free credit during a test, so the
+# number of accepted messages is decided by the credit alone.
+RELIABLE = OperatorProfile(
+    name="sim", latency_ms_median=2.0, latency_ms_p99=10.0, p_temporary=0.0, p_permanent=0.0
+)
+# An operator that refuses about a third of the messages, some only after retries.
+FLAKY = OperatorProfile(
+    name="sim",
+    latency_ms_median=2.0,
+    latency_ms_p99=10.0,
+    p_temporary=0.15,
+    p_permanent=0.3,
+    seed=7,
+)
+
+
+@asynccontextmanager
+async def open_node(
+    database_url: str, schema: str, operator: OperatorProfile, **engine: object
+) -> AsyncIterator[Node]:
+    """A node like the `node` fixture's, talking to `operator`; stopped gracefully on exit."""
+    options = msgspec.structs.replace(
+        node_options(database_url, schema, **engine), operators=(operator,)
+    )
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(partial(run_node, options))
+        try:
+            yield node
+        finally:
+            node.stop.set()
+
+
+def http_client(url: str, *, connections: int = 100) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=connections)
+    )
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+async def create_account(client: httpx.AsyncClient, credit: int, name: str = "acme") -> dict:
+    r = await client.post("/v1/accounts", json={"name": name, "credit": credit}, headers=admin())
+    assert r.status_code == 201, r.text
+    account = r.json()
+    assert account["balance"] == credit
+    return account
+
+
+async def send(
+    client: httpx.AsyncClient, key: str, text: str = "hello", **fields: Any
+) -> httpx.Response:
+    body = {"to": TO, "text": text, **fields}
+    return await client.post("/v1/messages", json=body, headers=bearer(key))
+
+
+async def get_account(client: httpx.AsyncClient, key: str) -> dict:
+    r = await client.get("/v1/account", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def wait_final(client: httpx.AsyncClient, key: str, message_id: str) -> dict:
+    """Poll one message until it is sent or failed; fails the test after FINAL_WITHIN seconds."""
+    with trio.fail_after(FINAL_WITHIN):
+        while True:
+            r = await client.get(f"/v1/messages/{message_id}", headers=bearer(key))
+            assert r.status_code == 200, r.text
+            if r.json()["status"] in FINAL:
+                return r.json()
+            await trio.sleep(0.02)
+
+
+async def wait_all_final(
+    client: httpx.AsyncClient, key: str, message_ids: Iterable[str]
+) -> list[dict]:
+    """Every message's final row, in the order given; all within FINAL_WITHIN seconds."""
+    with trio.fail_after(FINAL_WITHIN):
+        return [await wait_final(client, key, message_id) for message_id in message_ids]
+
+
+async def until(condition: Callable[[], Awaitable[bool]], *, interval: float = 0.05) -> None:
+    """Poll `condition` (state outside this process, e.g. PostgreSQL) until it holds; bound it
+    with the caller's `trio.fail_after`."""
+    # Polling, not an Event: the state lives in another process that cannot wake us.
+    while not await condition():  # noqa: ASYNC110
+        await trio.sleep(interval)
+
+
+def assert_problem(r: httpx.Response, status: int) -> dict:
+    """`r` is an RFC 9457 problem with this status; returns its body."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].split(";")[0] == "application/problem+json", r.headers
+    problem = r.json()
+    assert problem["status"] == status
+    assert isinstance(problem["title"], str) and problem["title"]
+    assert isinstance(problem["detail"], str) and problem["detail"]
+    return problem
+
+
+# --- PostgreSQL, read directly -----------------------------------------------------------------
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+async def db_fetch(database_url: str, schema: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """Run one query in `schema` on a fresh connection, in a worker thread with its own asyncio
+    loop (the node's trio-asyncio loop belongs to the node's task)."""
+    assert _SCHEMA_NAME.match(schema), schema
+
+    async def fetch() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"SET search_path TO {schema}")
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return await trio.to_thread.run_sync(asyncio.run, fetch())
+
+
+async def message_count(database_url: str, schema: str) -> int:
+    rows = await db_fetch(database_url, schema, "SELECT count(*) AS n FROM messages")
+    return int(rows[0]["n"])
+
+
+# One statement, so one snapshot: the accounts, their messages and their ledger rows agree.
+_LEDGER = """
+SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
+       coalesce(m.n_all, 0) AS n_all, coalesce(m.n_sent, 0) AS n_sent,
+       coalesce(m.n_failed, 0) AS n_failed, coalesce(m.n_pending, 0) AS n_pending,
+       coalesce(m.price_all, 0) AS price_all, coalesce(m.price_sent, 0) AS price_sent,
+       coalesce(m.price_failed, 0) AS price_failed,
+       coalesce(m.price_pending, 0) AS price_pending,
+       coalesce(l.topup, 0) AS l_topup, coalesce(l.hold, 0) AS l_hold,
+       coalesce(l.capture, 0) AS l_capture, coalesce(l.release, 0) AS l_release,
+       coalesce(l.hold_n, 0) AS l_hold_n, coalesce(l.capture_n, 0) AS l_capture_n,
+       coalesce(l.release_n, 0) AS l_release_n
+FROM accounts a
+LEFT JOIN (
+    SELECT account_id,
+           count(*) AS n_all,
+           count(*) FILTER (WHERE status = 'sent') AS n_sent,
+           count(*) FILTER (WHERE status = 'failed') AS n_failed,
+           count(*) FILTER (WHERE status IN ('queued', 'sending')) AS n_pending,
+           sum(price) AS price_all,
+           sum(price) FILTER (WHERE status = 'sent') AS price_sent,
+           sum(price) FILTER (WHERE status = 'failed') AS price_failed,
+           sum(price) FILTER (WHERE status IN ('queued', 'sending')) AS price_pending
+    FROM messages GROUP BY account_id
+) m ON m.account_id = a.id
+LEFT JOIN (
+    SELECT account_id,
+           sum(amount) FILTER (WHERE kind = 'topup') AS topup,
+           sum(amount) FILTER (WHERE kind = 'hold') AS hold,
+           sum(amount) FILTER (WHERE kind = 'capture') AS capture,
+           sum(amount) FILTER (WHERE kind = 'release') AS release,
+           sum(messages) FILTER (WHERE kind = 'hold') AS hold_n,
+           sum(messages) FILTER (WHERE kind = 'capture') AS capture_n,
+           sum(messages) FILTER (WHERE kind = 'release') AS release_n
+    FROM credit_ledger GROUP BY account_id
+) l ON l.account_id = a.id
+ORDER BY a.id
+"""
+
+
+async def ledger(database_url: str, schema: str) -> dict[int, dict[str, int]]:
+    """Per account: its credit columns, its messages and its ledger, summed by kind."""
+    rows = await db_fetch(database_url, schema, _LEDGER)
+    return {r["id"]: {k: int(v) for k, v in r.items()} for r in rows}
+
+
+def assert_ledger_consistent(accounts: dict[int, dict[str, int]]) -> None:
+    """The credit identities that must hold in every committed state, for every account."""
+    assert accounts, "no accounts"
+    for account_id, a in accounts.items():
+        where = f"account {account_id}: {a}"
+        assert a["balance"] >= 0 and a["held"] >= 0, where
+        assert a["topped_up"] - a["captured"] - a["held"] == a["balance"], where
+        # Credit columns against the messages they cover.
+        assert a["captured"] == a["price_sent"], where
+        assert a["held"] == a["price_pending"], where
+        # The ledger against the credit columns and the messages.
+        assert a["l_topup"] == a["topped_up"], where
+        assert a["l_capture"] == a["captured"], where
+        assert a["l_hold"] - a["l_capture"] - a["l_release"] == a["held"], where
+        assert a["l_hold"] == a["price_all"], where
+        assert a["l_release"] == a["price_failed"], where
+        assert a["l_hold_n"] == a["n_all"], where
+        assert a["l_capture_n"] == a["n_sent"], where
+        assert a["l_release_n"] == a["n_failed"], where

@@ -1,0 +1,72 @@
+"""Operations endpoints: liveness, readiness and the inspectable supervision tree."""
+
+from __future__ import annotations
+
+import httpx
+
+from smsgw.engine.node import EngineConfig
+from smsgw.server import Node
+from tests.conftest import admin
+from tests.integration.helpers import create_account, send, wait_final
+
+ACTORS = ("store_writer", "retry_timer", "provider_pool", "scheduler")
+
+
+async def test_health(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+async def test_ready_once_the_node_is_up(node: Node, client: httpx.AsyncClient) -> None:
+    assert node.engine.ready.is_set()
+    r = await client.get("/ready")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ready", "recovered": 0}
+
+
+async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/ops/supervisor", headers=admin())
+    assert r.status_code == 200, r.text
+    tree = r.json()
+    assert tree["name"] == "node" and tree["state"] == "running"
+    config = EngineConfig()
+    assert (tree["max_restarts"], tree["within_seconds"]) == (
+        config.max_restarts,
+        config.restart_window,
+    )
+    children = {c["name"]: c for c in tree["children"]}
+    assert list(children) == [*ACTORS, "recovery", "http"]
+
+    for name in ACTORS:
+        child = children[name]
+        assert child["state"] == "running", child
+        assert child["restart"] == "permanent"
+        assert (child["restarts"], child["last_failure"]) == (0, None)
+        # Bounded inboxes (how big is the engine's business): a depth within a capacity.
+        assert isinstance(child["inbox_capacity"], int) and child["inbox_capacity"] > 0
+        assert isinstance(child["inbox_depth"], int)
+        assert 0 <= child["inbox_depth"] <= child["inbox_capacity"]
+        assert isinstance(child["stats"], dict) and child["stats"]
+    # Recovery runs once at start and ends cleanly: transient, so it stays stopped.
+    recovery = children["recovery"]
+    assert (recovery["state"], recovery["restart"]) == ("stopped", "transient")
+    assert recovery["stats"] == {"recovered": 0, "done": True}
+    assert recovery["inbox_depth"] is None and recovery["inbox_capacity"] is None
+
+    http = children["http"]
+    assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)
+
+
+async def test_supervisor_stats_follow_the_traffic(client: httpx.AsyncClient) -> None:
+    account = await create_account(client, 100)
+    r = await send(client, account["api_key"])
+    assert r.status_code == 202, r.text
+    await wait_final(client, account["api_key"], r.json()["id"])
+    tree = (await client.get("/v1/ops/supervisor", headers=admin())).json()
+    children = {c["name"]: c for c in tree["children"]}
+    # An account creation, an accept and an outcome have been committed.
+    assert children["store_writer"]["stats"]["items"] >= 3
+    assert children["scheduler"]["stats"]["dispatched"] >= 1
+    pool = children["provider_pool"]["stats"]
+    assert pool["sent"] + pool["temporary"] + pool["permanent"] >= 1
