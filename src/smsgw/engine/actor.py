@@ -102,18 +102,24 @@ class Inbox(Generic[M]):
         except trio.WouldBlock:
             return None
 
-    async def get_batch(self, limit: int) -> list[M]:
-        """Wait for one message, then take whatever else is already waiting, up to `limit`.
+    async def get_batch(self, limit: int, weight: Callable[[M], int] | None = None) -> list[M]:
+        """Wait for one message, then take whatever else is already waiting while the batch
+        weighs less than `limit` (by `weight`, default 1 a message; the last one taken may
+        carry it over).
 
         This is how batching actors amortise a task switch (and a database round trip) over
         many messages.
         """
-        batch = [await self._receive.receive()]
-        while len(batch) < limit:
+        first = await self._receive.receive()
+        batch = [first]
+        total = 1 if weight is None else weight(first)
+        while total < limit:
             try:
-                batch.append(self._receive.receive_nowait())
+                message = self._receive.receive_nowait()
             except trio.WouldBlock:
                 break
+            batch.append(message)
+            total += 1 if weight is None else weight(message)
         return batch
 
 

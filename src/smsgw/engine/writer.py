@@ -39,6 +39,11 @@ def _account_of(message: WriterMessage) -> int:
             assert_never(message)
 
 
+def _rows(message: WriterMessage) -> int:
+    """How many rows a message writes: groups are bounded by rows, not requests."""
+    return len(message.items) if isinstance(message, Accept) else 1
+
+
 class StoreUnavailable(Exception):
     """The group this request was in could not be committed; nothing of it was stored."""
 
@@ -107,7 +112,7 @@ class StoreWriter:
     async def _commit_loop(self, inbox: Inbox[WriterMessage]) -> None:
         carry = self._carry[inbox.name]
         while True:
-            batch: list[WriterMessage] = await inbox.get_batch(self._max_group)
+            batch: list[WriterMessage] = await inbox.get_batch(self._max_group, _rows)
             if carry:
                 batch = [*carry, *batch]
                 carry.clear()

@@ -10,19 +10,19 @@ from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import Reads
-from smsgw.http.context import Gateway
+from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway
 from smsgw.http.problems import ProblemError, problem_response
-from smsgw.http.routes import accounts, messages, ops
+from smsgw.http.routes import accounts, batch, messages, ops
 
 log = logging.getLogger("smsgw.http")
-MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(engine: Engine, reads: Reads, *, admin_key: str) -> QuartTrio:
     app = QuartTrio("smsgw")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # The largest body any route takes; each route enforces its own (Gateway.body).
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
-    for module in (accounts, messages, ops):
+    for module in (accounts, messages, batch, ops):
         app.register_blueprint(module.bp)
 
     @app.after_request

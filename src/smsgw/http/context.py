@@ -24,6 +24,8 @@ log = logging.getLogger("smsgw.http")
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+MAX_BODY_BYTES = 1 << 20  # every route but the batch
+MAX_BATCH_BODY_BYTES = 4 << 20  # 1,000 messages of 10 segments fit
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
@@ -124,12 +126,19 @@ class Gateway:
             raise ProblemError(401, "unauthenticated", "unknown API key")
         return account_id
 
-    async def body(self, kind: type[T]) -> T:
+    async def body(self, kind: type[T], *, limit: int = MAX_BODY_BYTES) -> T:
+        """Decode the JSON body as `kind`: 415 for another content type, 413 past `limit`
+        bytes, 400 for malformed JSON, 422 naming the field for a wrong shape."""
         if request.mimetype != "application/json":
             raise ProblemError(
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
+        too_large = ProblemError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        if (request.content_length or 0) > limit:
+            raise too_large
         data = cast(bytes, await request.get_data(as_text=False))
+        if len(data) > limit:
+            raise too_large
         return decode(data, kind)
 
     async def call(self, call: Callable[[], Awaitable[T]]) -> T:

@@ -52,3 +52,17 @@ class AcceptedOut(msgspec.Struct):
     status: str
     segments: int
     price: int
+
+
+MAX_BATCH = 1_000
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    # Items stay raw here: each is decoded on its own, so one bad item gets its own problem
+    # result instead of failing the batch.
+    messages: list[msgspec.Raw]
+    atomic: bool = False
+
+
+class BatchOut(msgspec.Struct):
+    results: list[AcceptedOut | dict[str, object]]

@@ -364,11 +364,15 @@ def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[
                 )
                 for s in items
             ]
+    # In order; once one hold fails the rest of the request fails too, even an item cheap
+    # enough to fit: "the balance ran out at item k" is what a batch client can act on.
     results = []
+    spent = False
     for sms in items:
-        if book.hold(sms.account_id, sms.price):
+        if not spent and book.hold(sms.account_id, sms.price):
             results.append(AcceptResult(accepted=True))
         else:
+            spent = True
             results.append(AcceptResult(accepted=False, reason="insufficient_credit"))
     balances = {sms.account_id: book.accounts[sms.account_id].balance for sms in items}
     return [

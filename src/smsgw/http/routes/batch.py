@@ -1,0 +1,88 @@
+"""The batch endpoint: up to 1,000 messages in one request, validated one by one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response
+
+from smsgw.engine.messages import OutboundSms
+from smsgw.http.context import MAX_BATCH_BODY_BYTES, decode, gateway, json_response
+from smsgw.http.problems import TITLES, ProblemError
+from smsgw.http.routes.messages import build_sms
+from smsgw.http.schemas import MAX_BATCH, AcceptedOut, BatchIn, BatchOut, SendIn
+
+bp = Blueprint("batch", __name__)
+
+
+def item_problem(index: int, exc: ProblemError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "status": exc.status,
+        "title": TITLES.get(exc.status, "Error"),
+        "code": exc.code,
+        "detail": exc.detail,
+        **exc.extra,
+    }
+
+
+@bp.post("/v1/messages/batch")
+async def send_batch() -> Response:
+    """202 with one result per item, in order: `{id, status, segments, price}` for an accepted
+    item, a problem object (no id) for a refused one. Credit is held item by item; once it runs
+    out, the rest get `insufficient_credit` and nothing of theirs is stored. With `atomic`,
+    all or none: 422 when any item is invalid, 402 when the balance cannot cover them all."""
+    gw = gateway()
+    account_id = await gw.require_account()
+    data = await gw.body(BatchIn, limit=MAX_BATCH_BODY_BYTES)
+    count = len(data.messages)
+    if count == 0:
+        raise ProblemError(422, "empty_batch", "`messages` must hold at least one message")
+    if count > MAX_BATCH:
+        raise ProblemError(
+            413,
+            "batch_too_large",
+            f"a batch holds at most {MAX_BATCH} messages; this one has {count}: split it",
+            max_items=MAX_BATCH,
+        )
+    results: list[AcceptedOut | dict[str, Any] | None] = [None] * count
+    valid: list[tuple[int, OutboundSms]] = []
+    for index, raw in enumerate(data.messages):
+        try:
+            valid.append((index, build_sms(gw, account_id, decode(raw, SendIn))))
+        except ProblemError as exc:
+            results[index] = item_problem(index, exc)
+    if data.atomic and len(valid) < count:
+        errors = [r for r in results if r is not None]
+        raise ProblemError(
+            422,
+            "invalid_batch",
+            f"{len(errors)} of {count} messages are invalid; nothing was stored (atomic batch)",
+            errors=errors,
+        )
+    if valid:
+        items = [sms for _, sms in valid]
+        accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
+        if data.atomic and not accepted[0].accepted:
+            total = sum(sms.price for sms in items)
+            raise ProblemError(
+                402,
+                "insufficient_credit",
+                f"the balance does not cover this batch's price of {total}; nothing was stored",
+                price=total,
+                balance=accepted[0].balance,
+            )
+        for (index, sms), result in zip(valid, accepted, strict=True):
+            if result.accepted:
+                results[index] = AcceptedOut(sms.id, "queued", sms.segments, sms.price)
+            else:
+                results[index] = item_problem(
+                    index,
+                    ProblemError(
+                        402,
+                        "insufficient_credit",
+                        f"the balance ran out before this message (price {sms.price})",
+                        price=sms.price,
+                    ),
+                )
+    return json_response(BatchOut([r for r in results if r is not None]), 202)
