@@ -17,8 +17,11 @@ _ALNUM_SENDER = re.compile(r"^[A-Za-z0-9 ._-]{1,11}$")
 _NUMERIC_SENDER = re.compile(r"^\+?[0-9]{1,15}$")
 
 
+_GSM7_ALL = _GSM7_BASIC | _GSM7_EXTENSION
+
+
 def is_gsm7(text: str) -> bool:
-    return all(c in _GSM7_BASIC or c in _GSM7_EXTENSION for c in text)
+    return _GSM7_ALL.issuperset(text)
 
 
 def segments(text: str) -> int:
@@ -31,6 +34,10 @@ def segments(text: str) -> int:
     """
     if not text:
         return 0
+    if _GSM7_BASIC.issuperset(text):
+        # The common case, counted without a loop in Python: one septet a character.
+        n = len(text)
+        return 1 if n <= 160 else -(-n // 153)
     if is_gsm7(text):
         units = [2 if c in _GSM7_EXTENSION else 1 for c in text]
         single, part = 160, 153

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import time
 import uuid
@@ -38,13 +39,23 @@ def new_api_key() -> str:
     return "sk_" + secrets.token_urlsafe(32)
 
 
+# Message ids need to be unique, not secret (every read is scoped to the account), so a PRNG
+# seeded from the OS is enough; SystemRandom and uuid.UUID cost a third of a batch's
+# validation time.
+_id_random = random.Random(secrets.randbits(128))
+_VERSION_7 = 0x7 << 76
+_VARIANT = 0x2 << 62
+_RAND_A = ((1 << 12) - 1) << 64
+_RAND_B = (1 << 62) - 1
+
+
 def uuid7() -> str:
     """A time-ordered UUID (RFC 9562 version 7): new rows land at the end of the index."""
     ms = time.time_ns() // 1_000_000
-    value = (ms & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant
-    return str(uuid.UUID(int=value))
+    bits = _id_random.getrandbits(74)
+    value = ms << 80 | _VERSION_7 | (bits << 2) & _RAND_A | _VARIANT | bits & _RAND_B
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def json_response(body: Any, status: int = 200) -> Response:
