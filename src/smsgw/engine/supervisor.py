@@ -56,6 +56,10 @@ class SupervisorEscalation(Exception):
         self.child = child
 
 
+class ChildKilled(Exception):
+    """What a child killed with `Supervisor.kill` failed with (Erlang's `exit(Pid, Reason)`)."""
+
+
 class _Child:
     """A child's bookkeeping for the life of one supervisor run."""
 
@@ -67,6 +71,9 @@ class _Child:
         self.last_failure_at: float | None = None
         # Cancelled by `shutdown`; covers every attempt and every backoff sleep of this child.
         self.scope = trio.CancelScope()
+        # Cancelled by `kill`; covers the current attempt only.
+        self.attempt: trio.CancelScope | None = None
+        self.killed: str | None = None
         self.supervised = False  # its supervising task is alive
         self.ready = False  # its supervising task has reported started
         self.ended = trio.Event()
@@ -155,6 +162,19 @@ class Supervisor:
             children=[_child_status(child) for child in self._children],
         )
 
+    def kill(self, name: str, reason: str = "killed") -> None:
+        """Make the running child `name` fail now with `ChildKilled(reason)`, as if its run
+        loop had raised: it is cancelled and then restarted (or not, or escalated) by its
+        restart policy like any failure. For operators and tests that check recovery; a child
+        that is not running (starting, backing off, stopped) is left alone. Raises KeyError
+        for an unknown name."""
+        child = next((c for c in self._children if c.spec.name == name), None)
+        if child is None:
+            raise KeyError(name)
+        if child.state == "running" and child.attempt is not None and child.killed is None:
+            child.killed = reason
+            child.attempt.cancel()
+
     def restarts(self) -> int:
         """Restarts so far, over all children."""
         return self._total_restarts
@@ -192,15 +212,23 @@ class Supervisor:
             child.state = "starting"
             began = trio.current_time()
             failure: Exception | None = None
+            child.attempt = trio.CancelScope()
+            child.killed = None
             try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(child.spec.run)
-                    child.state = "running"
-                    if not child.ready:
-                        child.ready = True
-                        task_status.started()
+                with child.attempt:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(child.spec.run)
+                        child.state = "running"
+                        if not child.ready:
+                            child.ready = True
+                            task_status.started()
             except Exception as exc:
                 failure = _unwrap(exc)
+                self._record_failure(child, failure)
+            finally:
+                child.attempt = None
+            if failure is None and child.killed is not None:
+                failure = ChildKilled(child.killed)
                 self._record_failure(child, failure)
             if child.scope.cancel_called:
                 return

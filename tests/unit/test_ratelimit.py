@@ -1,0 +1,97 @@
+"""TokenBucket and RateLimiter on a virtual clock: the time is an argument."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smsgw.engine.ratelimit import RateLimiter, TokenBucket
+
+
+def test_a_full_bucket_allows_a_burst_then_refuses() -> None:
+    bucket = TokenBucket(rate=10, burst=5, now=0.0)
+    assert [bucket.take(0.0) for _ in range(5)] == [0.0] * 5
+    # Empty: the next token is 1/rate seconds away.
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.05) == pytest.approx(0.05)  # refilled half a token meanwhile
+    assert bucket.take(0.1) == 0.0
+
+
+def test_refill_stops_at_the_burst() -> None:
+    bucket = TokenBucket(rate=100, burst=3, now=0.0)
+    for _ in range(3):
+        bucket.take(0.0)
+    assert bucket.full(1_000.0)
+    assert [bucket.take(1_000.0) for _ in range(4)][-1] > 0  # only 3 again, not 100,000
+
+
+def test_a_clock_going_backwards_does_not_mint_tokens() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=10.0)
+    assert bucket.take(10.0) == 0.0
+    assert bucket.take(5.0) > 0  # earlier than the last refill: nothing added
+    assert bucket.take(11.0) == 0.0
+
+
+def test_wrong_figures_are_refused() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0, burst=1, now=0.0)
+    with pytest.raises(ValueError):
+        RateLimiter(rate=1, burst=0)
+
+
+@given(
+    rate=st.floats(0.5, 1_000),
+    burst=st.integers(1, 50),
+    gaps=st.lists(st.floats(0, 2), min_size=1, max_size=200),
+)
+def test_never_more_than_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, gaps: list[float]
+) -> None:
+    bucket = TokenBucket(rate, burst, now=0.0)
+    now = 0.0
+    allowed = 0
+    for gap in gaps:
+        now += gap
+        wait = bucket.take(now)
+        assert wait >= 0
+        if wait == 0:
+            allowed += 1
+        else:
+            # The wait it announces is enough, and not more than one token's worth.
+            assert wait <= 1 / rate + 1e-9
+            assert bucket.take(now + wait + 1e-9) == 0.0
+            allowed += 1
+            now += wait + 1e-9
+    assert allowed <= burst + rate * now + 1e-6
+
+
+def test_limiter_keeps_one_bucket_per_key() -> None:
+    limiter: RateLimiter[int] = RateLimiter(rate=1, burst=2)
+    assert limiter.take(1, 0.0) == 0.0
+    assert limiter.take(1, 0.0) == 0.0
+    assert limiter.take(1, 0.0) == pytest.approx(1.0)
+    assert limiter.take(2, 0.0) == 0.0  # another account is not affected
+    assert limiter.limited == 1
+
+
+def test_limiter_forgets_idle_keys_past_its_size() -> None:
+    limiter: RateLimiter[int] = RateLimiter(rate=1, burst=1, max_keys=10)
+    for key in range(10):
+        limiter.take(key, 0.0)
+    assert len(limiter) == 10
+    # Ten seconds on, every bucket has refilled: a new key makes room by dropping them.
+    limiter.take(99, 10.0)
+    assert len(limiter) == 1
+    # A key dropped while full starts full again: forgetting it changed nothing.
+    assert limiter.take(3, 10.0) == 0.0
+
+
+def test_limiter_keeps_busy_keys_and_does_not_rescan_each_time() -> None:
+    limiter: RateLimiter[int] = RateLimiter(rate=1, burst=1, max_keys=4)
+    for key in range(4):
+        limiter.take(key, 0.0)  # all empty now: none may be dropped
+    limiter.take(4, 0.0)
+    assert len(limiter) == 5
+    # The empty buckets still refuse: their limit survived the growth.
+    assert limiter.take(0, 0.0) > 0
