@@ -1,4 +1,4 @@
-"""ProviderPool: sends to operators within a window, with timeouts, retries and outcomes."""
+"""ProviderPool: sends windows of messages to operators, with timeouts, retries and outcomes."""
 
 from __future__ import annotations
 
@@ -34,13 +34,42 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     backoff_cap: float = 60.0
 
 
+class Window:
+    """How many messages may be in flight at once (like an SMPP window), taken in batches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._freed = trio.Event()
+
+    def take(self, wanted: int) -> int:
+        """Take up to `wanted` slots without waiting; returns how many were taken."""
+        taken = min(wanted, self.free)
+        self.free -= taken
+        return taken
+
+    async def wait_free(self) -> None:
+        """Return once at least one slot is free."""
+        while self.free == 0:
+            self._freed = trio.Event()
+            await self._freed.wait()
+
+    def release(self, count: int) -> None:
+        self.free += count
+        if self.free > self.size:
+            raise RuntimeError(f"window over-released: {self.free} free of {self.size}")
+        self._freed.set()
+
+
 class ProviderPool:
     """Owns the in-flight window and the operators.
 
-    The Scheduler takes a slot from `slots` before it chooses a message, then `submit`s it;
-    the slot is released when the attempt ends. Each attempt runs in its own task with a
-    timeout. A message in flight when the run loop dies is handed back to the Scheduler on
-    restart: the operator dedupes on the message id, so a repeat cannot charge twice.
+    The Scheduler takes slots from `window`, chooses that many messages and `submit`s them as
+    one batch; the pool sends the batch to one operator in one call (one task, one timeout, one
+    round trip for the window, where a task per message cost more than the rest of dispatch).
+    The slots are released when the batch's outcomes are handed on. Messages in flight when
+    the run loop dies go back to the Scheduler on restart: the operator dedupes on the message
+    id, so a repeat cannot charge twice.
     """
 
     def __init__(
@@ -51,15 +80,16 @@ class ProviderPool:
         requeue: ActorRef[SchedulerMessage],
         *,
         window: int = 256,
+        max_batch: int = 64,
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
-        self.inbox: Inbox[OutboundSms] = Inbox("provider_pool", window)
-        self.slots = trio.Semaphore(window)
-        self.window = window
+        self.inbox: Inbox[tuple[OutboundSms, ...]] = Inbox("provider_pool", window)
+        self.window = Window(window)
+        self.max_batch = max_batch
         self._providers = [p for p, _ in providers]
         self._weights = [w for _, w in providers]
         self._writer = writer
@@ -70,14 +100,21 @@ class ProviderPool:
         self._rng = random.Random(seed)
         self.inflight: dict[str, OutboundSms] = {}
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
+        self.batches = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"inflight": len(self.inflight), "window": self.window, **self.counts}
+        return {
+            "inflight": len(self.inflight),
+            "window": self.window.size,
+            "batches": self.batches,
+            **self.counts,
+        }
 
-    def submit(self, sms: OutboundSms) -> None:
-        """Start an attempt; the caller holds a slot from `slots` for it."""
-        self.inflight[sms.id] = sms
-        self.inbox.put_nowait(sms)
+    def submit(self, batch: tuple[OutboundSms, ...]) -> None:
+        """Start sending `batch`; the caller took one window slot per message for it."""
+        for sms in batch:
+            self.inflight[sms.id] = sms
+        self.inbox.put_nowait(batch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         orphans = tuple(self.inflight.values())
@@ -88,55 +125,60 @@ class ProviderPool:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                sms = await self.inbox.get()
-                nursery.start_soon(self._attempt, sms)
+                batch = await self.inbox.get()
+                nursery.start_soon(self._attempt, batch)
 
     def _choose(self) -> Provider:
         if len(self._providers) == 1:
             return self._providers[0]
         return self._rng.choices(self._providers, self._weights)[0]
 
-    async def _attempt(self, sms: OutboundSms) -> None:
+    async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
         try:
             provider = self._choose()
-            attempts = sms.attempts + 1
-            result = await self._send(provider, sms)
-            self.counts[result.kind] += 1
-            if result.kind == "temporary":
-                delay = backoff(
-                    attempts,
-                    base=self._policy.backoff_base,
-                    cap=self._policy.backoff_cap,
-                    rng=self._rng,
-                )
-                retry = msgspec.structs.replace(sms, attempts=attempts, last_reason=result.reason)
-                if attempts >= self._policy.max_attempts:
-                    await self._finish(retry, provider, "failed", None, f"{result.reason}")
-                elif sms.deadline is not None and self._clock() + delay > sms.deadline:
-                    await self._finish(retry, provider, "failed", None, "deadline_exceeded")
-                else:
-                    await self._retry.tell(RetryLater(retry, delay))
-            else:
-                done = msgspec.structs.replace(sms, attempts=attempts)
-                status = "sent" if result.kind == "sent" else "failed"
-                await self._finish(
-                    done, provider, status, result.operator_message_id, result.reason
-                )
-            # Handed on: only now is it no longer ours. Cancelled before this point, it stays in
-            # `inflight` and the next run of the pool hands it back to the Scheduler.
-            self.inflight.pop(sms.id, None)
+            self.batches += 1
+            results = await self._send(provider, batch)
+            for sms, result in zip(batch, results, strict=True):
+                await self._settle(provider, sms, result)
+                # Handed on: only now is it no longer ours. Cancelled before this point, it
+                # stays in `inflight` and the next run of the pool hands it back.
+                del self.inflight[sms.id]
         finally:
-            self.slots.release()
+            self.window.release(len(batch))
 
-    async def _send(self, provider: Provider, sms: OutboundSms) -> SendResult:
-        """One attempt; a timeout or an exception is a temporary failure, never a crash."""
+    async def _send(self, provider: Provider, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        """One attempt per message; a timeout, an exception or a wrong number of results is a
+        temporary failure for the whole batch, never a crash."""
+        failure = "timeout"
         try:
             with trio.move_on_after(self._policy.attempt_timeout):
-                return await provider.send(sms, sms.id)
-            return SendResult("temporary", reason="timeout")
+                results = await provider.send_batch(batch)
+                if len(results) == len(batch):
+                    return results
+                failure = f"operator_error: {len(results)} results for {len(batch)} messages"
         except Exception as exc:
-            log.warning("operator %s raised on %s: %r", provider.name, sms.id, exc)
-            return SendResult("temporary", reason=f"operator_error: {type(exc).__name__}")
+            log.warning("operator %s raised on a batch of %d: %r", provider.name, len(batch), exc)
+            failure = f"operator_error: {type(exc).__name__}"
+        return [SendResult("temporary", reason=failure)] * len(batch)
+
+    async def _settle(self, provider: Provider, sms: OutboundSms, result: SendResult) -> None:
+        attempts = sms.attempts + 1
+        self.counts[result.kind] += 1
+        if result.kind != "temporary":
+            done = msgspec.structs.replace(sms, attempts=attempts)
+            status = "sent" if result.kind == "sent" else "failed"
+            await self._finish(done, provider, status, result.operator_message_id, result.reason)
+            return
+        retry = msgspec.structs.replace(sms, attempts=attempts, last_reason=result.reason)
+        delay = backoff(
+            attempts, base=self._policy.backoff_base, cap=self._policy.backoff_cap, rng=self._rng
+        )
+        if attempts >= self._policy.max_attempts:
+            await self._finish(retry, provider, "failed", None, result.reason)
+        elif sms.deadline is not None and self._clock() + delay > sms.deadline:
+            await self._finish(retry, provider, "failed", None, "deadline_exceeded")
+        else:
+            await self._retry.tell(RetryLater(retry, delay))
 
     async def _finish(
         self,

@@ -9,12 +9,18 @@ from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome, S
 
 
 class Provider(Protocol):
-    """An operator connection. `send` must honour trio cancellation (the pool times it out)."""
+    """An operator connection.
+
+    `send_batch` submits a window of messages and returns one result per message, in order;
+    each message's id is its idempotency key, so the operator can drop a repeat after a crash.
+    It must honour trio cancellation: the pool times a batch out, and a cancelled batch counts
+    as a temporary failure for every message in it.
+    """
 
     @property
     def name(self) -> str: ...
 
-    async def send(self, sms: OutboundSms, idempotency_key: str) -> SendResult: ...
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]: ...
 
 
 class WriteGroup:

@@ -122,32 +122,33 @@ class Scheduler:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        turns = 0
+        window = self._pool.window
         while True:
-            turns += 1
-            if turns % 256 == 0:
-                # Dispatch avoids a task switch per message; this bounds how long it runs
-                # before HTTP and the other actors get the loop back.
-                await trio.lowlevel.checkpoint()
+            # Dispatch avoids a task switch per message; this yields once per batch so that
+            # HTTP and the other actors get the loop back.
+            await trio.lowlevel.checkpoint()
             if not self.state:
                 self._absorb(await self.inbox.get())
             self._drain()
-            # Take a window slot first, then choose: an express message that arrived while we
-            # waited for the slot still goes first.
-            try:
-                self._pool.slots.acquire_nowait()
-            except trio.WouldBlock:
-                await self._pool.slots.acquire()
-            self._drain()
-            sms = self.state.pop()
-            assert sms is not None
-            if sms.deadline is not None and self._clock() > sms.deadline:
-                self._pool.slots.release()
-                self.deadline_misses += 1
-                await self._writer.tell(RecordOutcome(self._expired(sms)))
-                continue
-            self._pool.submit(sms)
-            self.dispatched += 1
+            if window.free == 0:
+                await window.wait_free()
+                # An express message that arrived while we waited still goes first.
+                self._drain()
+            batch: list[OutboundSms] = []
+            wanted = window.take(min(len(self.state), self._pool.max_batch))
+            now = self._clock()
+            while len(batch) < wanted:
+                sms = self.state.pop()
+                assert sms is not None
+                if sms.deadline is not None and now > sms.deadline:
+                    self.deadline_misses += 1
+                    await self._writer.tell(RecordOutcome(self._expired(sms)))
+                else:
+                    batch.append(sms)
+            window.release(wanted - len(batch))
+            if batch:
+                self._pool.submit(tuple(batch))
+                self.dispatched += len(batch)
 
     def _expired(self, sms: OutboundSms) -> Outcome:
         return Outcome(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
+from collections.abc import Sequence
 from statistics import NormalDist
 
 import msgspec
@@ -96,6 +97,24 @@ class SimulatedOperator:
         except trio.Cancelled:
             self._cancelled += 1
             raise
+        return self._answer(drawn, idempotency_key)
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        """Answer a window of messages after one simulated round trip, as a windowed protocol
+        (SMPP submit_sm pipelining, an HTTP batch endpoint) would; each message's outcome is
+        drawn on its own, and its id is its idempotency key."""
+        drawn = []
+        for _ in batch:
+            self._calls += 1
+            drawn.append(self._draw_outcome(self._calls))
+        try:
+            await trio.sleep(self._draw_latency())
+        except trio.Cancelled:
+            self._cancelled += len(batch)
+            raise
+        return [self._answer(d, sms.id) for d, sms in zip(drawn, batch, strict=True)]
+
+    def _answer(self, drawn: SendResult, idempotency_key: str) -> SendResult:
         remembered = self._delivered.get(idempotency_key)
         if remembered is not None:
             self._duplicates_suppressed += 1

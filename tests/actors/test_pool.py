@@ -1,0 +1,159 @@
+"""The Scheduler and ProviderPool in virtual time: windows, batches, retries, outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from smsgw.engine.actor import Inbox
+from smsgw.engine.messages import (
+    Enqueue,
+    OutboundSms,
+    RecordOutcome,
+    SchedulerMessage,
+    SendResult,
+    WriterMessage,
+)
+from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
+from smsgw.engine.retry import RetryTimer
+from smsgw.engine.scheduler import Scheduler
+
+
+class ScriptedOperator:
+    """Answers each message by a script keyed on its id; records every batch it got."""
+
+    def __init__(self, script: dict[str, list[str]], latency: float = 0.05) -> None:
+        self.script = script
+        self.latency = latency
+        self.batches: list[list[str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def name(self) -> str:
+        return "scripted"
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        self.batches.append([sms.id for sms in batch])
+        self.in_flight += len(batch)
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.latency)
+        finally:
+            self.in_flight -= len(batch)
+        results = []
+        for sms in batch:
+            plan = self.script.get(sms.id, ["sent"])
+            kind = plan.pop(0) if len(plan) > 1 else plan[0]
+            results.append(SendResult(kind, f"op-{sms.id}" if kind == "sent" else None, kind))  # type: ignore[arg-type]
+        return results
+
+
+def sms(i: int, *, account: int = 1, express: bool = False) -> OutboundSms:
+    return OutboundSms(
+        id=f"m{i}",
+        account_id=account,
+        to="+4915123456789",
+        sender="t",
+        text="x",
+        segments=1,
+        price=5,
+        express=express,
+        created_at=0.0,
+    )
+
+
+class Harness:
+    def __init__(self, operator: ScriptedOperator, *, window: int, max_batch: int) -> None:
+        self.writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
+        scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
+        self.retry = RetryTimer(scheduler_inbox.handle())
+        self.pool = ProviderPool(
+            [(operator, 1)],
+            self.writer.handle(),
+            self.retry.ref,
+            scheduler_inbox.handle(),
+            window=window,
+            max_batch=max_batch,
+            policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_cap=1.0),
+            seed=1,
+        )
+        self.scheduler = Scheduler(
+            scheduler_inbox, self.pool, self.writer.handle(), clock=trio.current_time
+        )
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        for run in (self.retry.run, self.pool.run, self.scheduler.run):
+            await nursery.start(run)
+
+    async def outcomes(self, n: int) -> dict[str, RecordOutcome]:
+        got: dict[str, RecordOutcome] = {}
+        with trio.fail_after(60):
+            while len(got) < n:
+                message = await self.writer.get()
+                assert isinstance(message, RecordOutcome)
+                assert message.outcome.sms.id not in got, "a message ended twice"
+                got[message.outcome.sms.id] = message
+        return got
+
+
+async def test_every_message_ends_once_within_the_window(autojump_clock: trio.abc.Clock) -> None:
+    operator = ScriptedOperator({"m3": ["temporary", "sent"], "m7": ["permanent"]})
+    harness = Harness(operator, window=8, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(40))))
+        outcomes = await harness.outcomes(40)
+        nursery.cancel_scope.cancel()
+    assert operator.max_in_flight <= 8
+    assert max(len(b) for b in operator.batches) <= 4
+    assert outcomes["m3"].outcome.status == "sent" and outcomes["m3"].outcome.attempts == 2
+    assert outcomes["m7"].outcome.status == "failed" and outcomes["m7"].outcome.attempts == 1
+    assert sum(o.outcome.status == "sent" for o in outcomes.values()) == 39
+    assert harness.pool.window.free == 8 and not harness.pool.inflight
+
+
+async def test_retries_stop_at_max_attempts(autojump_clock: trio.abc.Clock) -> None:
+    operator = ScriptedOperator({"m0": ["temporary"]})
+    harness = Harness(operator, window=4, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(0),)))
+        outcome = (await harness.outcomes(1))["m0"].outcome
+        nursery.cancel_scope.cancel()
+    assert outcome.status == "failed" and outcome.attempts == 3 and outcome.reason == "temporary"
+    assert len(operator.batches) == 3
+
+
+async def test_a_batch_is_what_is_waiting_not_a_full_one(autojump_clock: trio.abc.Clock) -> None:
+    operator = ScriptedOperator({})
+    harness = Harness(operator, window=100, max_batch=50)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(0, express=True),)))
+        await harness.outcomes(1)
+        nursery.cancel_scope.cancel()
+    assert operator.batches == [["m0"]]
+
+
+async def test_a_hung_operator_times_out_as_a_temporary_failure(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    operator = ScriptedOperator({}, latency=1_000.0)  # far beyond the attempt timeout
+    harness = Harness(operator, window=4, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(0), sms(1))))
+        outcomes = await harness.outcomes(2)
+        nursery.cancel_scope.cancel()
+    for o in outcomes.values():
+        assert (o.outcome.status, o.outcome.reason, o.outcome.attempts) == ("failed", "timeout", 3)
+    assert harness.pool.window.free == 4
+
+
+def test_window_takes_at_most_what_is_free() -> None:
+    window = Window(5)
+    assert window.take(3) == 3 and window.take(3) == 2 and window.take(1) == 0
+    window.release(5)
+    assert window.free == 5
