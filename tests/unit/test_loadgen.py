@@ -29,7 +29,10 @@ class Recorder:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.auth: Counter[str] = Counter()
+        self.paths: Counter[str] = Counter()
         self.ids: list[str] = []
+        self.refused_items = 0
+        self.delay = 0.0
         self._next_id = itertools.count(1)
 
     async def app(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -47,10 +50,15 @@ class Recorder:
         headers = dict(scope["headers"])
         key = headers.get(b"authorization", b"").decode()
         self.auth[key] += 1
+        self.paths[scope["path"]] += 1
         if body:
             self.bodies.append(json.loads(body))
+        if self.delay:
+            await trio.sleep(self.delay)
         if key == "Bearer broke":
             status, payload = 402, b'{"type": "insufficient_credit"}'
+        elif scope["path"] == "/v1/messages/batch":
+            status, payload = 202, json.dumps({"results": self.batch_results(body)}).encode()
         else:
             message_id = f"m{next(self._next_id)}"
             self.ids.append(message_id)
@@ -63,6 +71,20 @@ class Recorder:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    def batch_results(self, body: bytes) -> list[dict[str, Any]]:
+        """Like the gateway: an id per accepted item, a problem (no id) for a refused one;
+        here every item whose recipient ends in 7 is refused."""
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(json.loads(body)["messages"]):
+            if item["to"].endswith("7"):
+                self.refused_items += 1
+                results.append({"index": index, "status": 422, "code": "invalid_field"})
+            else:
+                message_id = f"m{next(self._next_id)}"
+                self.ids.append(message_id)
+                results.append({"id": message_id, "status": "queued", "segments": 1, "price": 5})
+        return results
 
 
 @pytest.fixture
@@ -270,6 +292,93 @@ async def test_the_command_line_prints_a_report_and_writes_ids(
     assert sorted(ids_out.read_text().split()) == sorted(server.ids)
 
 
+async def test_batch_mode_counts_accepted_items_and_reports_their_ids(
+    gateway: tuple[str, Recorder],
+) -> None:
+    url, server = gateway
+    ids: list[str] = []
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("k",), duration=30.0, count=20, batch=50, connections=4),
+        on_accepted=ids.append,
+    )
+
+    assert server.paths == {"/v1/messages/batch": 20}
+    assert [len(body["messages"]) for body in server.bodies] == [50] * 20
+    refs = [item["client_ref"] for body in server.bodies for item in body["messages"]]
+    assert len(set(refs)) == 1000
+    assert 50 < server.refused_items < 200  # about a tenth of the recipients end in 7
+    assert (report.requests, report.batch, report.by_status) == (20, 50, {"202": 20})
+    assert report.items == len(server.ids) == 1000 - server.refused_items
+    assert report.items_rejected == server.refused_items
+    assert sorted(ids) == sorted(server.ids)
+    assert report.accepted_ids == len(ids)
+    assert report.items_per_s == pytest.approx(report.items / report.duration_s, rel=0.01)
+    assert report.offered_items == 1000
+
+
+async def test_a_refused_batch_rejects_all_its_items(gateway: tuple[str, Recorder]) -> None:
+    url, _ = gateway
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("broke",), duration=30.0, count=3, batch=10, connections=1)
+    )
+
+    assert report.by_status == {"402": 3}
+    assert (report.items, report.items_rejected, report.accepted_ids) == (0, 30, 0)
+
+
+async def test_rate_paces_the_load_open_loop(gateway: tuple[str, Recorder]) -> None:
+    url, _ = gateway
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("k",), duration=1.0, rate=400.0, batch=10, connections=4)
+    )
+
+    # Closed loop this server answers thousands of requests a second; paced, 40 of 10 each.
+    assert report.requests == pytest.approx(40, abs=2)
+    assert report.offered_items == pytest.approx(400, abs=20)
+    assert report.offered_rate_per_s == pytest.approx(400.0, rel=0.1)
+    assert report.target_rate_per_s == 400.0
+    # Evenly spread, not a burst at the start: the last request left near the end.
+    assert report.duration_s >= 0.9
+
+
+async def test_a_slow_server_falls_behind_the_schedule_and_it_shows(
+    gateway: tuple[str, Recorder],
+) -> None:
+    url, server = gateway
+    server.delay = 0.1  # 10 requests/s on one connection
+
+    report = await run_load(
+        LoadConfig(url=url, keys=("k",), duration=1.0, rate=100.0, connections=1, drain=1.0)
+    )
+
+    assert 5 <= report.offered_items <= 13
+    assert report.offered_rate_per_s < 20.0
+    assert report.target_rate_per_s == 100.0
+
+
+async def test_the_command_line_runs_batches_and_writes_their_ids(
+    gateway: tuple[str, Recorder], tmp_path: Path
+) -> None:
+    url, server = gateway
+    keys = tmp_path / "keys.json"
+    keys.write_text('["k1"]')
+    ids_out = tmp_path / "ids.txt"
+    command = [sys.executable, "-m", "smsgw.sim.loadgen", "--url", url, "--keys", str(keys)]
+    command += ["--duration", "5", "--count", "4", "--connections", "2", "--batch", "25"]
+    command += ["--rate", "1000", "--ids-out", str(ids_out)]
+
+    done = await trio.run_process(command, capture_stdout=True)
+
+    report = json.loads(done.stdout)
+    assert report["requests"] == 4
+    assert report["items"] == len(server.ids) == 100 - server.refused_items
+    assert report["target_rate_per_s"] == 1000.0
+    assert sorted(ids_out.read_text().split()) == sorted(server.ids)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -316,6 +425,11 @@ def test_loopback_urls_are_accepted(url: str, host: str, port: int) -> None:
         {"duration": 1.0, "keys": ("has space",)},
         {"duration": 1.0, "express_share": 1.5},
         {"duration": 1.0, "path": "no-slash"},
+        {"duration": 1.0, "batch": 0},
+        {"duration": 1.0, "batch": 10_001},
+        {"duration": 1.0, "batch": 10, "method": "GET"},
+        {"duration": 1.0, "rate": 0.0},
+        {"duration": 1.0, "rate": float("nan")},
     ],
 )
 def test_unrunnable_configs_are_refused(fields: dict[str, Any]) -> None:

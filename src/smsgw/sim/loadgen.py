@@ -3,6 +3,12 @@
 Run it as a process (`python -m smsgw.sim.loadgen --help`) so it has a core of its own, or call
 `run_load` in-process. It prints one JSON `LoadReport` on stdout.
 
+Two ways to shape the load: one message per request (POST /v1/messages) or `batch` messages per
+request (POST /v1/messages/batch); and closed loop (each connection sends its next request as
+soon as the last is answered: the most the server takes) or open loop at `rate` messages per
+second (requests leave on a fixed schedule shared by all connections, so a sustained run
+offers the same load whatever the server does, as long as enough connections are free).
+
 Speed matters more than generality here: the gateway it measures does about 1,000 requests per
 second per core, so the generator must stay far below a core at that rate. Each connection is
 one trio task that sends requests one after another on a raw socket. h11 does the HTTP/1.1
@@ -29,6 +35,10 @@ import trio
 
 MAX_DURATION_S = 3600.0
 MAX_CONNECTIONS = 10_000
+MAX_BATCH = 10_000  # messages per request; the gateway itself takes at most 1,000
+MAX_RATE = 10_000_000.0  # messages per second
+SINGLE_PATH = "/v1/messages"
+BATCH_PATH = "/v1/messages/batch"
 
 _RECEIVE_SIZE = 65_536
 _END_OF_MESSAGE = h11.EndOfMessage()
@@ -46,6 +56,11 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     0, else with Zipf weights 1/rank**zipf in the order given (the first key is the hottest).
     The run stops issuing requests after `duration` seconds or `count` requests, whichever
     comes first, then gives requests in flight up to `drain` seconds to complete.
+
+    `batch` N sends N messages per request as {"messages": [...]} (one account per request);
+    `path` defaults to /v1/messages/batch then, else to /v1/messages. `rate` R paces the run
+    open loop: the request carrying messages k..k+N-1 leaves at start + k/R, on whichever
+    connection is free (a late request leaves at once, so the schedule catches up).
     """
 
     url: str
@@ -53,7 +68,9 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     keys: tuple[str, ...] = ()
     count: int | None = None
     connections: int = 64
-    path: str = "/v1/messages"
+    path: str | None = None
+    batch: int | None = None
+    rate: float | None = None
     method: Literal["POST", "GET"] = "POST"
     express_share: float = 0.0
     zipf: float = 0.0
@@ -75,8 +92,15 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("count must be at least 1")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ValueError(f"connections must be in [1, {MAX_CONNECTIONS}]")
-        if not self.path.startswith("/") or not _is_token(self.path):
+        if self.path is not None and (not self.path.startswith("/") or not _is_token(self.path)):
             raise ValueError("path must start with '/' and hold only visible ASCII")
+        if self.batch is not None:
+            if not 1 <= self.batch <= MAX_BATCH:
+                raise ValueError(f"batch must be in [1, {MAX_BATCH}]")
+            if self.method != "POST":
+                raise ValueError("batch needs method POST")
+        if self.rate is not None and not (0.0 < self.rate <= MAX_RATE):
+            raise ValueError(f"rate must be in (0, {MAX_RATE:g}] messages per second")
         if not all(key and _is_token(key) for key in self.keys):
             raise ValueError("API keys must be non-empty visible ASCII without spaces")
         if not 0.0 <= self.express_share <= 1.0:
@@ -87,6 +111,17 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("timeout must be > 0 and drain >= 0")
         if self.client_ref_prefix is not None and not _is_token(self.client_ref_prefix):
             raise ValueError("client_ref_prefix must be visible ASCII")
+
+    @property
+    def request_path(self) -> str:
+        if self.path is not None:
+            return self.path
+        return SINGLE_PATH if self.batch is None else BATCH_PATH
+
+    @property
+    def per_request(self) -> int:
+        """Messages each request carries."""
+        return 1 if self.batch is None else self.batch
 
 
 class LatencySummary(msgspec.Struct, frozen=True):
@@ -105,6 +140,12 @@ class LoadReport(msgspec.Struct, frozen=True):
     measured window: requests sent after the warmup. `errors` (connection failures, resets,
     protocol errors), `timeouts` and `unanswered` (in flight when the drain ran out) cover the
     whole run; a timed-out or unanswered request may still have been accepted by the server.
+
+    Messages ("items") over the measured window: `items` accepted (a batch result with an
+    "id", or a 2xx response to a single message), `items_rejected` (every other message sent
+    and answered), `items_per_s` = items / duration_s. `offered_items` are the messages sent in
+    the window and `offered_rate_per_s` their rate over the time the run was issuing, which is
+    below `target_rate_per_s` when every connection was busy and the schedule fell behind.
     """
 
     requests: int
@@ -119,7 +160,14 @@ class LoadReport(msgspec.Struct, frozen=True):
     cpu_count: int | None
     warmup_requests: int
     accepted_ids: int  # ids read from 202 bodies over the whole run, warmup included
-    bad_ids: int  # 202 responses whose body had no string "id"
+    bad_ids: int  # 202 responses whose body had no string "id" (batch: no "results" list)
+    batch: int | None = None
+    items: int = 0
+    items_rejected: int = 0
+    items_per_s: float = 0.0
+    offered_items: int = 0
+    offered_rate_per_s: float = 0.0
+    target_rate_per_s: float | None = None
 
 
 # --- Validation helpers --------------------------------------------------------------------
@@ -217,8 +265,22 @@ class _Submission(msgspec.Struct):
     client_ref: str
 
 
+class _BatchSubmission(msgspec.Struct):
+    """The body of POST /v1/messages/batch as the generator sends it."""
+
+    messages: list[_Submission]
+
+
 class _Accepted(msgspec.Struct):
     id: str
+
+
+class _BatchItem(msgspec.Struct):
+    id: str | None = None  # a refused item is a problem object: no id
+
+
+class _BatchResults(msgspec.Struct):
+    results: list[_BatchItem]
 
 
 class _ConnectionLost(Exception):
@@ -227,6 +289,7 @@ class _ConnectionLost(Exception):
 
 _encode = msgspec.json.Encoder().encode
 _decode_accepted = msgspec.json.Decoder(_Accepted).decode
+_decode_batch = msgspec.json.Decoder(_BatchResults).decode
 
 
 class _Run:
@@ -241,7 +304,10 @@ class _Run:
         self.client_ref_prefix = config.client_ref_prefix or f"lg-{os.urandom(6).hex()}"
         self.host = host_header.encode("ascii")
         self.method = config.method.encode("ascii")
-        self.target = config.path.encode("ascii")
+        self.target = config.request_path.encode("ascii")
+        self.per_request = config.per_request
+        # Batch bodies are always read: their items are counted even without on_accepted.
+        self.keep_202_body = on_accepted is not None or config.batch is not None
         self.auth = [b"Bearer " + key.encode("ascii") for key in config.keys]
         self.cumulative_weights: list[float] | None = None
         if config.zipf > 0.0 and len(self.auth) > 1:
@@ -252,8 +318,10 @@ class _Run:
                 self.cumulative_weights.append(total)
         self.requests_cache: dict[tuple[int, int], h11.Request] = {}
         # Set by run_load once the clock starts.
+        self.started = 0.0
         self.stop_issuing_at = math.inf
         self.measure_from = math.inf
+        self.last_issue_at = 0.0
         # Counters.
         self.issued = 0
         self.in_flight = 0
@@ -264,16 +332,26 @@ class _Run:
         self.timeouts = 0
         self.accepted_ids = 0
         self.bad_ids = 0
+        self.items = 0
+        self.items_rejected = 0
+        self.offered_items = 0
         self.latency = LatencyHistogram()
+
+    def due(self, n: int) -> float:
+        """When request `n` leaves: now in a closed loop, on the schedule in an open one."""
+        if self.config.rate is None:
+            return -math.inf
+        return self.started + n * self.per_request / self.config.rate
 
     def issuing(self) -> bool:
         """Whether the run may still issue requests (neither duration nor count reached)."""
-        if trio.current_time() >= self.stop_issuing_at:
+        if max(trio.current_time(), self.due(self.issued)) >= self.stop_issuing_at:
             return False
         return self.config.count is None or self.issued < self.config.count
 
-    def next_request(self) -> tuple[h11.Request, bytes] | None:
-        """The next request to send, or None once the run should stop issuing."""
+    def next_request(self) -> tuple[h11.Request, bytes, float] | None:
+        """The next request to send and when it is due, or None once the run should stop
+        issuing."""
         if not self.issuing():
             return None
         config = self.config
@@ -289,18 +367,28 @@ class _Run:
             account = min(bisect.bisect_right(self.cumulative_weights, u), len(self.auth) - 1)
         body = b""
         if config.method == "POST":
-            body = _encode(
-                _Submission(
-                    to=f"+4479{rng.randrange(100_000_000):08d}",
-                    text=config.text,
-                    express=rng.random() < config.express_share,
-                    client_ref=f"{self.client_ref_prefix}-{n}",
+            if config.batch is None:
+                body = _encode(self._submission(f"{self.client_ref_prefix}-{n}"))
+            else:
+                prefix = f"{self.client_ref_prefix}-{n}-"
+                body = _encode(
+                    _BatchSubmission(
+                        [self._submission(f"{prefix}{i}") for i in range(config.batch)]
+                    )
                 )
-            )
         request = self.requests_cache.get((account, len(body)))
         if request is None:
             request = self._build_request(account, len(body))
-        return request, body
+        return request, body, self.due(n)
+
+    def _submission(self, client_ref: str) -> _Submission:
+        rng = self.rng
+        return _Submission(
+            to=f"+4479{rng.randrange(100_000_000):08d}",
+            text=self.config.text,
+            express=rng.random() < self.config.express_share,
+            client_ref=client_ref,
+        )
 
     def _build_request(self, account: int, body_length: int) -> h11.Request:
         headers = [(b"host", self.host)]
@@ -313,20 +401,43 @@ class _Run:
         self.requests_cache[(account, body_length)] = request
         return request
 
+    def sending(self, sent_at: float) -> None:
+        self.last_issue_at = sent_at
+        if sent_at >= self.measure_from:
+            self.offered_items += self.per_request
+
     def record(self, status: int, body: bytes, sent_at: float, answered_at: float) -> None:
-        if status == 202 and self.on_accepted is not None:
+        accepted = 0
+        if self.config.batch is None:
+            if status == 202 and self.on_accepted is not None:
+                try:
+                    message_id = _decode_accepted(body).id
+                except msgspec.DecodeError:
+                    self.bad_ids += 1
+                else:
+                    self.accepted_ids += 1
+                    self.on_accepted(message_id)
+            accepted = 1 if 200 <= status < 300 else 0
+        elif status == 202:
             try:
-                accepted = _decode_accepted(body)
+                results = _decode_batch(body).results
             except msgspec.DecodeError:
                 self.bad_ids += 1
             else:
-                self.accepted_ids += 1
-                self.on_accepted(accepted.id)
+                on_accepted = self.on_accepted
+                for item in results:
+                    if item.id is not None:
+                        accepted += 1
+                        if on_accepted is not None:
+                            on_accepted(item.id)
+                self.accepted_ids += accepted
         if sent_at < self.measure_from:
             self.warmup_requests += 1
             return
         self.requests += 1
         self.by_status[status] = self.by_status.get(status, 0) + 1
+        self.items += accepted
+        self.items_rejected += self.per_request - accepted
         if 200 <= status < 300:
             self.latency.record(answered_at - sent_at)
 
@@ -379,14 +490,20 @@ async def _keep_alive_session(run: _Run, sock: trio.socket.SocketType) -> int:
     cancels a request, `in_flight` keeps it counted as unanswered.
     """
     conn = h11.Connection(h11.CLIENT)
-    keep_202_body = run.on_accepted is not None
+    keep_202_body = run.keep_202_body
     timeout = run.config.timeout
     answered = 0
     with trio.CancelScope() as deadline:
         while (next_request := run.next_request()) is not None:
-            request, body = next_request
+            request, body, due = next_request
             sent_at = trio.current_time()
+            if due > sent_at:
+                # Waiting for its turn is not waiting for the server: no timeout meanwhile.
+                deadline.deadline = math.inf
+                await trio.sleep_until(due)
+                sent_at = trio.current_time()
             deadline.deadline = sent_at + timeout
+            run.sending(sent_at)
             run.in_flight += 1
             try:
                 status, payload = await _exchange(conn, sock, request, body, keep_202_body)
@@ -440,7 +557,7 @@ async def run_load(
     """
     host, port, host_header = loopback_target(config.url)
     run = _Run(config, host_header, on_accepted)
-    started = trio.current_time()
+    started = run.started = trio.current_time()
     run.measure_from = started + config.warmup
     run.stop_issuing_at = started + config.duration
     with trio.move_on_at(run.stop_issuing_at + config.drain):
@@ -449,6 +566,10 @@ async def run_load(
                 nursery.start_soon(_drive_connection, run, host, port)
     finished = trio.current_time()
     window = max(finished - run.measure_from, 0.0)
+    # Offered load is over the time the run issued (to its last request), not the drain.
+    issue_window = max(min(run.stop_issuing_at, finished) - run.measure_from, 0.0)
+    if config.count is not None and run.issued >= config.count:
+        issue_window = max(run.last_issue_at - run.measure_from, 0.0)
     successes = sum(n for status, n in run.by_status.items() if 200 <= status < 300)
     return LoadReport(
         requests=run.requests,
@@ -464,6 +585,15 @@ async def run_load(
         warmup_requests=run.warmup_requests,
         accepted_ids=run.accepted_ids,
         bad_ids=run.bad_ids,
+        batch=config.batch,
+        items=run.items,
+        items_rejected=run.items_rejected,
+        items_per_s=round(run.items / window, 1) if window > 0.0 else 0.0,
+        offered_items=run.offered_items,
+        offered_rate_per_s=(
+            round(run.offered_items / issue_window, 1) if issue_window > 0.0 else 0.0
+        ),
+        target_rate_per_s=config.rate,
     )
 
 
@@ -481,7 +611,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, required=True, help="seconds, at most 3600")
     parser.add_argument("--count", type=int, help="stop after this many requests")
-    parser.add_argument("--path", default="/v1/messages")
+    parser.add_argument("--path", help=f"default {SINGLE_PATH}, or {BATCH_PATH} with --batch")
+    parser.add_argument(
+        "--batch", type=int, help='messages per request, POSTed as {"messages": [...]}'
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: offer this many messages/s in all, paced across the connections",
+    )
     parser.add_argument("--method", choices=("POST", "GET"), default="POST")
     parser.add_argument("--express-share", type=float, default=0.0)
     parser.add_argument("--zipf", type=float, default=0.0, help="0 = uniform (round robin)")
@@ -489,7 +627,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds not measured")
     parser.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
     parser.add_argument("--drain", type=float, default=2.0, help="grace for requests in flight")
-    parser.add_argument("--ids-out", help="write the id of every 202 response here, one a line")
+    parser.add_argument(
+        "--ids-out",
+        help="write the id of every accepted message here (batch items too), one a line",
+    )
     return parser
 
 
@@ -518,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             count=args.count,
             connections=args.connections,
             path=args.path,
+            batch=args.batch,
+            rate=args.rate,
             method=args.method,
             express_share=args.express_share,
             zipf=args.zipf,
