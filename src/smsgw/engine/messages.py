@@ -36,6 +36,9 @@ class OutboundSms(msgspec.Struct, frozen=True):
     client_ref: str | None = None
     attempts: int = 0
     last_reason: str | None = None
+    # The HTTP request that accepted it (X-Request-Id), for log lines; not stored: a message
+    # recovered after a restart has none.
+    request_id: str | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):

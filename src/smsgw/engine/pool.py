@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
+from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     Enqueue,
     OutboundSms,
@@ -101,13 +102,25 @@ class ProviderPool:
         self.inflight: dict[str, OutboundSms] = {}
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
         self.batches = 0
+        # Plain counters for /metrics and the status page, read when asked for.
+        # (operator, result of one attempt: sent / temporary / permanent) -> attempts
+        self.attempts: dict[tuple[str, str], int] = {}
+        # (operator, final status: sent / failed, reason or "") -> messages
+        self.outcomes: dict[tuple[str, str, str], int] = {}
+        # Seconds from accept (`created_at`) to the operator's `sent`, retries included.
+        self.accept_to_sent = Histogram(DELIVERY_BUCKETS)
 
     def stats(self) -> dict[str, Any]:
+        outcomes: dict[str, dict[str, dict[str, int]]] = {}
+        for (operator, status, reason), n in sorted(self.outcomes.items()):
+            outcomes.setdefault(operator, {}).setdefault(status, {})[reason or "-"] = n
         return {
             "inflight": len(self.inflight),
             "window": self.window.size,
             "batches": self.batches,
             **self.counts,
+            "outcomes": outcomes,
+            "accept_to_sent_seconds": self.accept_to_sent.summary(),
         }
 
     def submit(self, batch: tuple[OutboundSms, ...]) -> None:
@@ -164,6 +177,8 @@ class ProviderPool:
     async def _settle(self, provider: Provider, sms: OutboundSms, result: SendResult) -> None:
         attempts = sms.attempts + 1
         self.counts[result.kind] += 1
+        key = (provider.name, result.kind)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
         if result.kind != "temporary":
             done = msgspec.structs.replace(sms, attempts=attempts)
             status = "sent" if result.kind == "sent" else "failed"
@@ -178,6 +193,16 @@ class ProviderPool:
         elif sms.deadline is not None and self._clock() + delay > sms.deadline:
             await self._finish(retry, provider, "failed", None, "deadline_exceeded")
         else:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "message %s attempt %d via %s failed for now (%s); retry in %.2fs",
+                    sms.id,
+                    attempts,
+                    provider.name,
+                    result.reason,
+                    delay,
+                    extra={"request_id": sms.request_id, "message_id": sms.id},
+                )
             await self._retry.tell(RetryLater(retry, delay))
 
     async def _finish(
@@ -190,6 +215,21 @@ class ProviderPool:
     ) -> None:
         if status == "failed":
             self.counts["failed"] += 1
+        now = self._clock()
+        if status == "sent":
+            self.accept_to_sent.observe(max(0.0, now - sms.created_at))
+        key = (provider.name, status, reason or "")
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "message %s %s via %s after %d attempts%s",
+                sms.id,
+                status,
+                provider.name,
+                sms.attempts,
+                f" ({reason})" if reason else "",
+                extra={"request_id": sms.request_id, "message_id": sms.id},
+            )
         outcome = Outcome(
             sms=sms,
             status="sent" if status == "sent" else "failed",
@@ -197,6 +237,6 @@ class ProviderPool:
             operator_message_id=operator_message_id,
             reason=reason,
             attempts=sms.attempts,
-            at=self._clock(),
+            at=now,
         )
         await self._writer.tell(RecordOutcome(outcome))

@@ -10,6 +10,7 @@ from typing import Any, assert_never
 import trio
 
 from smsgw.engine.actor import Inbox, Reply, ShardedInbox
+from smsgw.engine.histogram import GROUP_SIZE_BUCKETS, LATENCY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
@@ -90,6 +91,24 @@ class StoreWriter:
         self.last_group_size = 0
         self.commit_ms_ewma = 0.0
         self.commit_ms_max = 0.0
+        self.failed_groups = 0
+        # For /metrics: rows per committed group, and each commit's time in seconds.
+        self.group_rows = Histogram(GROUP_SIZE_BUCKETS)
+        self.commit_seconds = Histogram(LATENCY_BUCKETS)
+        # Credit decided in committed groups (DESIGN.md's CreditActor figures): messages held
+        # (accepted), refused by reason, captured (sent) and released (failed), and top-ups.
+        # An outcome delivered twice after a crash counts twice here; PostgreSQL ignores it.
+        self.credit: dict[str, int] = {
+            "held_messages": 0,
+            "held_amount": 0,
+            "captured_messages": 0,
+            "captured_amount": 0,
+            "released_messages": 0,
+            "released_amount": 0,
+            "topups": 0,
+            "topup_amount": 0,
+        }
+        self.refused: dict[str, int] = {}  # reason -> messages refused a hold
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -98,9 +117,13 @@ class StoreWriter:
             "last_group_size": self.last_group_size,
             "commit_ms_ewma": round(self.commit_ms_ewma, 3),
             "commit_ms_max": round(self.commit_ms_max, 3),
+            "group_rows": self.group_rows.summary(),
+            "commit_seconds": self.commit_seconds.summary(),
             "carried_outcomes": sum(len(c) for c in self._carry.values()),
+            "failed_groups": self.failed_groups,
             "consecutive_failures": self.failures,
             "last_failure": self.last_failure,
+            "credit": {**self.credit, "refused": dict(self.refused)},
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,6 +175,7 @@ class StoreWriter:
             # is an expected failure, not a bug, so the actor keeps running and says so in
             # its stats; the other committer's group is not disturbed.
             self.failures += 1
+            self.failed_groups += 1
             self.last_failure = f"{type(exc).__name__}: {exc}"
             log.warning("group commit failed: %s", self.last_failure)
             error = StoreUnavailable(f"could not commit: {self.last_failure}")
@@ -168,13 +192,20 @@ class StoreWriter:
         self.last_group_size = len(batch)
         self.commit_ms_ewma += 0.1 * (elapsed_ms - self.commit_ms_ewma)
         self.commit_ms_max = max(self.commit_ms_max, elapsed_ms)
+        self.commit_seconds.observe(elapsed_ms / 1000)
 
         committed: list[OutboundSms] = []
+        offered = 0
         for (group_items, _), results, accept_reply in zip(
             group.accepts, result.accepts, accept_replies, strict=True
         ):
+            offered += len(group_items)
             committed.extend(s for s, r in zip(group_items, results, strict=True) if r.accepted)
             accept_reply.set(results)
+        self._count_credit(group, result.accepts, result.topups, offered, committed)
+        self.group_rows.observe(
+            offered + len(group.outcomes) + len(group.topups) + len(group.creates)
+        )
         for topup_reply, balance in zip(topup_replies, result.topups, strict=True):
             topup_reply.set(balance)
         for create_reply, account in zip(create_replies, result.creates, strict=True):
@@ -182,3 +213,29 @@ class StoreWriter:
         if committed:
             # After the replies: the callers' 202s do not wait for dispatch to take the work.
             await self._on_committed(committed)
+
+    def _count_credit(
+        self,
+        group: WriteGroup,
+        accepts: list[list[AcceptResult]],
+        topups: list[int | None],
+        offered: int,
+        committed: list[OutboundSms],
+    ) -> None:
+        credit = self.credit
+        credit["held_messages"] += len(committed)
+        credit["held_amount"] += sum(s.price for s in committed)
+        if offered != len(committed):
+            for results in accepts:
+                for r in results:
+                    if not r.accepted:
+                        reason = r.reason or "refused"
+                        self.refused[reason] = self.refused.get(reason, 0) + 1
+        for outcome in group.outcomes:
+            kind = "captured" if outcome.status == "sent" else "released"
+            credit[f"{kind}_messages"] += 1
+            credit[f"{kind}_amount"] += outcome.sms.price
+        for (_, amount), balance in zip(group.topups, topups, strict=True):
+            if balance is not None:
+                credit["topups"] += 1
+                credit["topup_amount"] += amount
