@@ -12,6 +12,7 @@ from functools import partial
 import msgspec
 import trio
 
+from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
 
 
@@ -33,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         schema=_schema(),
+        operators=(_operator_profile(args.operator_latency_ms),),
+        operator_urls=tuple(args.operator_url),
     )
 
     async def main() -> None:
@@ -43,6 +46,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def _operator_profile(latency: str | None) -> OperatorProfile:
+    """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms."""
+    if latency is None:
+        return OperatorProfile(name="sim")
+    median, p99 = (float(part) for part in latency.split(","))
+    return OperatorProfile(name="sim", latency_ms_median=median, latency_ms_p99=p99)
+
+
+def _latency_ms(value: str) -> str:
+    """argparse type for MEDIAN,P99: checked here, so a bad value is a usage error."""
+    try:
+        _operator_profile(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{value!r}: want MEDIAN,P99 in ms ({error})") from None
+    return value
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -112,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a gateway node (embedded PostgreSQL by default)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--operator-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an operator speaking the HTTP batch protocol (repeatable); default: in-process"
+        " simulated operators",
+    )
+    serve.add_argument(
+        "--operator-latency-ms",
+        type=_latency_ms,
+        metavar="MEDIAN,P99",
+        help="latency of the in-process simulated operator (default 20,80)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")

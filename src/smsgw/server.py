@@ -15,6 +15,7 @@ from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
+from smsgw.operators.http import HttpOperator
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
 
@@ -29,6 +30,8 @@ class NodeOptions(msgspec.Struct, frozen=True):
     schema: str = "public"
     engine: EngineConfig = EngineConfig()
     operators: tuple[OperatorProfile, ...] = (OperatorProfile(name="sim"),)
+    # Operators reached over HTTP (smsgw.operators.http); when given, `operators` is unused.
+    operator_urls: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
 
 
@@ -43,7 +46,12 @@ class Node:
         self.http_done = trio.Event()
 
 
-def default_providers(profiles: Sequence[OperatorProfile]) -> list[tuple[Provider, int]]:
+def default_providers(
+    profiles: Sequence[OperatorProfile], operator_urls: Sequence[str] = ()
+) -> list[tuple[Provider, int]]:
+    """HTTP operators at `operator_urls` when there are any, else in-process simulated ones."""
+    if operator_urls:
+        return [(HttpOperator(url), 1) for url in operator_urls]
     return [(SimulatedOperator(p), 1) for p in profiles]
 
 
@@ -56,6 +64,7 @@ async def run_node(
     """Run a node until `node.stop` is set (or SIGTERM/SIGINT), then shut down gracefully:
     HTTP stops taking requests and finishes the ones in flight, then the engine is cancelled.
     Everything accepted is already committed, so nothing is lost by stopping."""
+    owned: Sequence[tuple[Provider, int]] = ()
     async with asyncio_loop():
         db = await Database.open(options.database_url, schema=options.schema)
         try:
@@ -63,9 +72,10 @@ async def run_node(
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
             store = PgStore(db)
-            engine = Engine(
-                store, providers or default_providers(options.operators), options.engine
-            )
+            if not providers:
+                # Made here, so closed here (their connections) when the node stops.
+                providers = owned = default_providers(options.operators, options.operator_urls)
+            engine = Engine(store, providers, options.engine)
             node = Node(engine, store)
             app = create_app(engine, store, admin_key=options.admin_key)
 
@@ -109,6 +119,9 @@ async def run_node(
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for provider, _ in owned:
+                    if isinstance(provider, HttpOperator):
+                        await provider.aclose()
                 await db.close()
 
 

@@ -1,0 +1,220 @@
+"""A simulated operator in its own process: SimulatedOperator behind the HTTP batch protocol.
+
+    python -m smsgw.sim.operator_server --port 0 [--latency-ms-median 100 --latency-ms-p99 200
+        --p-temporary 0.03 --p-permanent 0.02 --seed 0 --max-batch 1000]
+
+POST /submit takes a JSON list of messages [{id, to, sender, text}] and answers
+{"results": [{kind, operator_message_id?, reason?}, ...]}, one per message in order, after one
+simulated round trip: the outcome model, the latency and the dedupe by id are
+`SimulatedOperator.send_batch`'s. GET /stats gives its counters. It listens on loopback only,
+prints one line {"event": "listening", "url": ...} on stdout when ready (like `smsgw serve`),
+and stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import msgspec
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+
+from smsgw.engine.messages import OutboundSms
+from smsgw.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse, SubmitResult
+from smsgw.sim.operator import OperatorProfile, SimulatedOperator
+
+MAX_BODY_BYTES = 32 << 20
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_encode = msgspec.json.Encoder().encode
+_decode_items = msgspec.json.Decoder(list[SubmitItem]).decode
+_JSON = [(b"content-type", b"application/json")]
+
+
+class OperatorApp:
+    """The ASGI app: a few lines of routing around one `SimulatedOperator`."""
+
+    def __init__(self, operator: SimulatedOperator, *, max_batch: int = 1_000) -> None:
+        self.operator = operator
+        self.max_batch = max_batch
+        self.requests = 0
+        self.refused = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "refused": self.refused, **self.operator.stats()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == SUBMIT_PATH and method == "POST":
+            status, body = await self._submit(receive)
+        elif path == "/stats" and method == "GET":
+            status, body = 200, _encode(self.stats())
+        elif path == "/health" and method == "GET":
+            status, body = 200, b'{"status":"ok"}'
+        else:
+            status, body = 404, b'{"error":"not found"}'
+        await send({"type": "http.response.start", "status": status, "headers": _JSON})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _submit(self, receive: Receive) -> tuple[int, bytes]:
+        self.requests += 1
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                self.refused += 1
+                return 413, b'{"error":"body too large"}'
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        try:
+            items = _decode_items(b"".join(chunks))
+        except msgspec.DecodeError as exc:
+            self.refused += 1
+            return 400, _encode({"error": str(exc)})
+        if len(items) > self.max_batch:
+            self.refused += 1
+            return 413, _encode({"error": f"at most {self.max_batch} messages per batch"})
+        batch = [
+            OutboundSms(
+                id=item.id,
+                account_id=0,
+                to=item.to,
+                sender=item.sender,
+                text=item.text,
+                segments=1,
+                price=0,
+                express=False,
+                created_at=0.0,
+            )
+            for item in items
+        ]
+        results = await self.operator.send_batch(batch)
+        return 200, _encode(
+            SubmitResponse([SubmitResult(r.kind, r.operator_message_id, r.reason) for r in results])
+        )
+
+
+def check_loopback(host: str) -> None:
+    """ValueError unless `host` is a loopback address: this is a benchmark fake, not a server
+    for other machines."""
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{host!r} is not a loopback address")
+
+
+async def serve_operator(
+    app: OperatorApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on hypercorn until `shutdown_trigger` returns (or the caller cancels);
+    reports the bound URL, e.g. "http://127.0.0.1:43127", as started."""
+    check_loopback(host)
+    config = HyperConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 2
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(
+                serve,
+                app,  # type: ignore[arg-type]  # hypercorn's ASGI types are narrower than needed
+                config,
+                shutdown_trigger=shutdown_trigger,
+            )
+        )
+        task_status.started(binds[0])
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m smsgw.sim.operator_server", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--name", default="sim-http")
+    parser.add_argument("--latency-ms-median", type=float, default=20.0)
+    parser.add_argument("--latency-ms-p99", type=float, default=80.0)
+    parser.add_argument("--p-temporary", type=float, default=0.03)
+    parser.add_argument("--p-permanent", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=1_000, help="messages per POST")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        check_loopback(args.host)
+        if args.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
+        profile = OperatorProfile(
+            name=args.name,
+            latency_ms_median=args.latency_ms_median,
+            latency_ms_p99=args.latency_ms_p99,
+            p_temporary=args.p_temporary,
+            p_permanent=args.p_permanent,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    app = OperatorApp(SimulatedOperator(profile), max_batch=args.max_batch)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                partial(
+                    serve_operator,
+                    app,
+                    host=args.host,
+                    port=args.port,
+                    shutdown_trigger=_wait_for_signal,
+                )
+            )
+            print(msgspec.json.encode({"event": "listening", "url": url}).decode(), flush=True)
+
+    trio.run(run)
+    print(msgspec.json.encode({"event": "stopped", **app.stats()}).decode(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
