@@ -53,7 +53,12 @@ class AcceptResult(msgspec.Struct, frozen=True):
     """The store's answer for one item of an accept group."""
 
     accepted: bool
-    reason: Literal["insufficient_credit", "unknown_account", "batch_rejected"] | None = None
+    # duplicate_client_ref: the account already has a message with this client_ref (the
+    # unique index said so at insert); nothing was stored or held for this item.
+    reason: (
+        Literal["insufficient_credit", "unknown_account", "batch_rejected", "duplicate_client_ref"]
+        | None
+    ) = None
     balance: int | None = None  # the account's balance after this group
 
 

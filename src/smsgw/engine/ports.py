@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+import msgspec
 
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome, SendResult
 
@@ -59,6 +62,45 @@ class MessageStore(Protocol):
         ...
 
 
+class MessageQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of an account's messages, in (created_at, id) order: newest first, or oldest
+    first when `ascending`. `after` is the (created_at, id) of the last row of the previous
+    page (keyset pagination: rows inserted meanwhile neither shift nor repeat a page)."""
+
+    limit: int
+    status: str | None = None
+    to: str | None = None
+    client_ref: str | None = None
+    express: bool | None = None
+    created_from: datetime | None = None  # inclusive
+    created_to: datetime | None = None  # exclusive
+    after: tuple[datetime, str] | None = None
+    ascending: bool = False
+
+
+class SummaryRow(msgspec.Struct, frozen=True):
+    """Counts and money for one group of a report: a day (YYYY-MM-DD, UTC) or a status."""
+
+    key: str
+    messages: int
+    sent: int
+    failed: int
+    pending: int  # not final yet: queued or sending
+    segments: int
+    cost: int  # captured: the prices of sent messages
+    held: int  # the prices of messages not final yet
+
+
+class IdempotencyClaim(msgspec.Struct, frozen=True):
+    """What claiming an Idempotency-Key found: `claimed` (the caller runs the request and
+    then finishes or releases the key), `in_progress` (another request holds it), `mismatch`
+    (the key was used for a different request) or `done` (replay `status` and `body`)."""
+
+    state: Literal["claimed", "in_progress", "mismatch", "done"]
+    status: int | None = None
+    body: bytes | None = None
+
+
 class Reads(Protocol):
     """What the HTTP front door reads directly (one query each; none is on the accept path)."""
 
@@ -68,4 +110,51 @@ class Reads(Protocol):
 
     async def message(self, account_id: int, message_id: str) -> dict[str, Any] | None: ...
 
+    async def message_by_client_ref(
+        self, account_id: int, client_ref: str
+    ) -> dict[str, Any] | None: ...
+
+    async def messages(self, account_id: int, query: MessageQuery) -> list[dict[str, Any]]:
+        """One page, each row in the shape of `message`."""
+        ...
+
+    async def summary(
+        self,
+        account_id: int,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        group_by: Literal["day", "status"],
+    ) -> list[SummaryRow]:
+        """One row per day or status with messages created in [created_from, created_to)."""
+        ...
+
     async def ping(self) -> bool: ...
+
+
+class FrontDoorStore(Reads, Protocol):
+    """Reads plus the few writes the front door makes directly, outside the group commit: none
+    touches credit or messages, and none is on the accept path of a request that does not ask
+    for it (an Idempotency-Key header, a key rotation)."""
+
+    async def claim_idempotency_key(
+        self, account_id: int, key: str, request_hash: bytes, ttl_s: float
+    ) -> IdempotencyClaim:
+        """Record `key` as in progress unless a live (younger than `ttl_s`) record exists;
+        an older record is replaced. Atomic: of concurrent claims, exactly one is `claimed`."""
+        ...
+
+    async def finish_idempotency_key(
+        self, account_id: int, key: str, status: int, body: bytes
+    ) -> None: ...
+
+    async def release_idempotency_key(self, account_id: int, key: str) -> None:
+        """Forget a claimed key whose request changed nothing, so it may be sent again."""
+        ...
+
+    async def purge_idempotency_keys(self, ttl_s: float, limit: int) -> int:
+        """Delete up to `limit` records older than `ttl_s`; returns how many."""
+        ...
+
+    async def rotate_key(self, account_id: int, old_hash: bytes, new_hash: bytes) -> bool:
+        """Replace the account's key digest if it is still `old_hash`; False otherwise."""
+        ...

@@ -9,20 +9,20 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.node import Engine
-from smsgw.engine.ports import Reads
+from smsgw.engine.ports import FrontDoorStore
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway
 from smsgw.http.problems import ProblemError, problem_response
-from smsgw.http.routes import accounts, batch, messages, ops
+from smsgw.http.routes import accounts, batch, messages, ops, reports
 
 log = logging.getLogger("smsgw.http")
 
 
-def create_app(engine: Engine, reads: Reads, *, admin_key: str) -> QuartTrio:
+def create_app(engine: Engine, reads: FrontDoorStore, *, admin_key: str) -> QuartTrio:
     app = QuartTrio("smsgw")
     # The largest body any route takes; each route enforces its own (Gateway.body).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
-    for module in (accounts, messages, batch, ops):
+    for module in (accounts, messages, batch, ops, reports):
         app.register_blueprint(module.bp)
 
     @app.after_request

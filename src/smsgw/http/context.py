@@ -8,7 +8,6 @@ import logging
 import random
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -17,7 +16,7 @@ from quart import Response, current_app, request
 
 from smsgw.engine.actor import AskTimeout, InboxFull
 from smsgw.engine.node import Engine
-from smsgw.engine.ports import Reads
+from smsgw.engine.ports import FrontDoorStore, Reads
 from smsgw.engine.writer import StoreUnavailable
 from smsgw.http.problems import ProblemError
 
@@ -107,7 +106,7 @@ class KeyCache:
 class Gateway:
     """The app's handle on the running node; routes reach it with `gateway()`."""
 
-    def __init__(self, engine: Engine, reads: Reads, *, admin_key: str) -> None:
+    def __init__(self, engine: Engine, reads: FrontDoorStore, *, admin_key: str) -> None:
         self.engine = engine
         self.reads = reads
         self.keys = KeyCache(reads)
@@ -160,10 +159,16 @@ class Gateway:
             raise ProblemError(
                 503, "overloaded", "the gateway is at capacity; retry shortly"
             ) from None
-        except (AskTimeout, StoreUnavailable) as exc:
+        except StoreUnavailable as exc:
             log.warning("engine unavailable: %s", exc)
             raise ProblemError(
                 503, "unavailable", "storage is unavailable; retry shortly"
+            ) from None
+        except AskTimeout as exc:
+            # Unlike the two above, the work may still be done after this answer.
+            log.warning("engine timed out: %s", exc)
+            raise ProblemError(
+                503, "timeout", "the gateway did not answer in time; retry shortly"
             ) from None
 
 

@@ -16,6 +16,7 @@ TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
@@ -35,6 +36,10 @@ class ProblemError(Exception):
         self.code = code
         self.detail = detail
         self.extra = extra
+
+    def response(self) -> Response:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return problem_response(self.status, self.code, self.detail, headers=headers, **self.extra)
 
 
 def problem_response(

@@ -11,8 +11,9 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import asyncpg
 import trio
@@ -20,7 +21,13 @@ import trio_asyncio
 
 from smsgw.engine.credit import AccountCredit, CreditBook
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms
-from smsgw.engine.ports import GroupResult, WriteGroup
+from smsgw.engine.ports import (
+    GroupResult,
+    IdempotencyClaim,
+    MessageQuery,
+    SummaryRow,
+    WriteGroup,
+)
 
 log = logging.getLogger("smsgw.storage")
 
@@ -332,18 +339,217 @@ class PgStore:
     async def message(self, account_id: int, message_id: str) -> dict[str, Any] | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id::text, recipient AS to, sender, body AS text, status, reason,"
-                " segments, price, express, attempts, operator, operator_message_id,"
-                " client_ref, created_at, updated_at"
-                " FROM messages WHERE id = $1::uuid AND account_id = $2",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1::uuid AND account_id = $2",
                 message_id,
                 account_id,
             )
         )
         return None if row is None else dict(row)
 
+    async def message_by_client_ref(
+        self, account_id: int, client_ref: str
+    ) -> dict[str, Any] | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND client_ref = $2",
+                account_id,
+                client_ref,
+            )
+        )
+        return None if row is None else dict(row)
+
+    async def messages(self, account_id: int, query: MessageQuery) -> list[dict[str, Any]]:
+        sql, args = messages_sql(account_id, query)
+        rows = await self.db.run(lambda c: c.fetch(sql, *args))
+        return [dict(r) for r in rows]
+
+    async def summary(
+        self,
+        account_id: int,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        group_by: Literal["day", "status"],
+    ) -> list[SummaryRow]:
+        sql, args = summary_sql(account_id, created_from, created_to, group_by)
+        rows = await self.db.run(lambda c: c.fetch(sql, *args))
+        return [
+            SummaryRow(
+                key=r["key"].isoformat() if group_by == "day" else r["key"],
+                messages=r["messages"],
+                sent=r["sent"],
+                failed=r["failed"],
+                pending=r["pending"],
+                segments=r["segments"],
+                cost=r["cost"],
+                held=r["held"],
+            )
+            for r in rows
+        ]
+
     async def ping(self) -> bool:
         return bool(await self.db.run(lambda c: c.fetchval("SELECT 1")))
+
+    # --- front-door writes (outside the group commit; see FrontDoorStore) -----------------
+
+    async def claim_idempotency_key(
+        self, account_id: int, key: str, request_hash: bytes, ttl_s: float
+    ) -> IdempotencyClaim:
+        async def claim(conn: asyncpg.Connection) -> IdempotencyClaim:
+            # The primary key is the arbiter: of concurrent claims one INSERT wins, the others
+            # find its row. A record past its ttl counts as absent and is taken over. Bounded:
+            # the row can vanish between the two statements only by a release or a purge.
+            for _ in range(3):
+                if await conn.fetchval(_CLAIM_KEY, account_id, key, request_hash, ttl_s):
+                    return IdempotencyClaim("claimed")
+                row = await conn.fetchrow(_READ_KEY, account_id, key)
+                if row is None:
+                    continue
+                if row["request_hash"] != request_hash:
+                    return IdempotencyClaim("mismatch")
+                if row["status"] is None:
+                    return IdempotencyClaim("in_progress")
+                return IdempotencyClaim("done", row["status"], row["body"])
+            return IdempotencyClaim("in_progress")
+
+        return await self.db.run(claim)
+
+    async def finish_idempotency_key(
+        self, account_id: int, key: str, status: int, body: bytes
+    ) -> None:
+        await self.db.run(
+            lambda c: c.execute(
+                "UPDATE idempotency_keys SET status = $3, body = $4"
+                " WHERE account_id = $1 AND key = $2",
+                account_id,
+                key,
+                status,
+                body,
+            )
+        )
+
+    async def release_idempotency_key(self, account_id: int, key: str) -> None:
+        await self.db.run(
+            lambda c: c.execute(
+                "DELETE FROM idempotency_keys"
+                " WHERE account_id = $1 AND key = $2 AND status IS NULL",
+                account_id,
+                key,
+            )
+        )
+
+    async def purge_idempotency_keys(self, ttl_s: float, limit: int) -> int:
+        deleted = await self.db.run(
+            lambda c: c.fetchval(
+                "WITH gone AS (DELETE FROM idempotency_keys WHERE (account_id, key) IN ("
+                " SELECT account_id, key FROM idempotency_keys"
+                " WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)"
+                " RETURNING 1) SELECT count(*) FROM gone",
+                ttl_s,
+                limit,
+            )
+        )
+        return int(deleted)
+
+    async def rotate_key(self, account_id: int, old_hash: bytes, new_hash: bytes) -> bool:
+        status = await self.db.run(
+            lambda c: c.execute(
+                "UPDATE accounts SET key_hash = $3 WHERE id = $1 AND key_hash = $2",
+                account_id,
+                old_hash,
+                new_hash,
+            )
+        )
+        return bool(status == "UPDATE 1")
+
+
+# --- reports ------------------------------------------------------------------------------
+
+# The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
+MESSAGE_COLUMNS = (
+    "id::text, recipient AS to, sender, body AS text, status, reason, segments, price,"
+    " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at"
+)
+
+
+def messages_sql(account_id: int, query: MessageQuery) -> tuple[str, list[Any]]:
+    """One keyset page: an index range scan on (account_id, created_at, id), or on the
+    status, recipient or express index when that filter is given, however deep the page."""
+    args: list[Any] = [account_id]
+
+    def arg(value: Any, cast: str = "") -> str:
+        args.append(value)
+        return f"${len(args)}{cast}"
+
+    where = ["account_id = $1"]
+    if query.status is not None:
+        where.append(f"status = {arg(query.status)}")
+    if query.to is not None:
+        where.append(f"recipient = {arg(query.to)}")
+    if query.client_ref is not None:
+        where.append(f"client_ref = {arg(query.client_ref)}")
+    if query.express is not None:
+        # A literal, not a parameter: the partial express index must be provable from it.
+        where.append("express" if query.express else "NOT express")
+    if query.created_from is not None:
+        where.append(f"created_at >= {arg(query.created_from)}")
+    if query.created_to is not None:
+        where.append(f"created_at < {arg(query.created_to)}")
+    if query.after is not None:
+        at, message_id = query.after
+        op = ">" if query.ascending else "<"
+        where.append(f"(created_at, id) {op} ({arg(at)}, {arg(message_id, '::uuid')})")
+    direction = "ASC" if query.ascending else "DESC"
+    sql = (
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {' AND '.join(where)}"
+        f" ORDER BY created_at {direction}, id {direction} LIMIT {arg(query.limit)}"
+    )
+    return sql, args
+
+
+def summary_sql(
+    account_id: int,
+    created_from: datetime | None,
+    created_to: datetime | None,
+    group_by: Literal["day", "status"],
+) -> tuple[str, list[Any]]:
+    """Counts and money per UTC day or per status: an index-only scan of the account's range
+    (messages_account_recent carries status, segments and price)."""
+    args: list[Any] = [account_id]
+    where = ["account_id = $1"]
+    if created_from is not None:
+        args.append(created_from)
+        where.append(f"created_at >= ${len(args)}")
+    if created_to is not None:
+        args.append(created_to)
+        where.append(f"created_at < ${len(args)}")
+    key = "(created_at AT TIME ZONE 'UTC')::date" if group_by == "day" else "status"
+    sql = f"""
+SELECT {key} AS key,
+       count(*) AS messages,
+       count(*) FILTER (WHERE status = 'sent') AS sent,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status IN ('queued', 'sending')) AS pending,
+       coalesce(sum(segments), 0)::bigint AS segments,
+       coalesce(sum(price) FILTER (WHERE status = 'sent'), 0)::bigint AS cost,
+       coalesce(sum(price) FILTER (WHERE status IN ('queued', 'sending')), 0)::bigint AS held
+FROM messages WHERE {" AND ".join(where)}
+GROUP BY 1 ORDER BY 1"""
+    return sql, args
+
+
+# A record older than the ttl is taken over as if it did not exist.
+_CLAIM_KEY = """
+INSERT INTO idempotency_keys AS k (account_id, key, request_hash)
+VALUES ($1, $2, $3)
+ON CONFLICT (account_id, key) DO UPDATE
+SET request_hash = EXCLUDED.request_hash, status = NULL, body = NULL, created_at = now()
+WHERE k.created_at < now() - make_interval(secs => $4)
+RETURNING true
+"""
+
+_READ_KEY = """
+SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AND key = $2
+"""
 
 
 def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from quart import Blueprint, Response
 
 from smsgw.engine import sms as rules
 from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
+from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import AcceptedOut, SendIn
 
@@ -58,13 +60,39 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
     )
 
 
+def message_view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
+    """A stored message as clients see it: `sending` while an attempt is in flight here."""
+    if row["status"] == "queued" and row["id"] in gw.engine.pool.inflight:
+        row["status"] = "sending"
+    return row
+
+
+async def existing_by_client_ref(gw: Gateway, account_id: int, client_ref: str) -> Response:
+    """200 with the message that already has this client_ref: nothing new is stored or held."""
+    row = await gw.reads.message_by_client_ref(account_id, client_ref)
+    if row is None:  # only if the account's messages were deleted meanwhile
+        raise ProblemError(
+            503, "unavailable", "could not read the message with this client_ref; retry"
+        )
+    return json_response(message_view(gw, row), 200)
+
+
 @bp.post("/v1/messages")
+@idempotent
 async def send_message() -> Response:
+    """202 and the new message; 200 and the existing one when `client_ref` is already used by
+    this account (one read first; the unique index decides races between requests)."""
     gw = gateway()
     account_id = await gw.require_account()
     data = await gw.body(SendIn)
     sms = build_sms(gw, account_id, data)
+    if sms.client_ref is not None:
+        row = await gw.reads.message_by_client_ref(account_id, sms.client_ref)
+        if row is not None:
+            return json_response(message_view(gw, row), 200)
     results = await gw.call(lambda: gw.engine.accept([sms], atomic=True))
+    if results[0].reason == "duplicate_client_ref" and sms.client_ref is not None:
+        return await existing_by_client_ref(gw, account_id, sms.client_ref)
     if not results[0].accepted:
         raise ProblemError(
             402,
@@ -87,6 +115,4 @@ async def get_message(message_id: str) -> Response:
     row = await gw.reads.message(account_id, message_id)
     if row is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
-    if row["status"] == "queued" and message_id in gw.engine.pool.inflight:
-        row["status"] = "sending"
-    return json_response(row)
+    return json_response(message_view(gw, row))

@@ -1,0 +1,38 @@
+-- Reports (listing, summaries, exports), client_ref uniqueness and idempotency keys.
+--
+-- Every report reads one account's messages in (created_at, id) order. This index serves the
+-- list pages (a keyset range scan, however deep the page), exports (the same scan, ascending)
+-- and, through INCLUDE, the summaries as index-only scans. It supersedes
+-- messages_account_created: one index less to write on every insert and status update.
+CREATE INDEX messages_account_recent ON messages (account_id, created_at DESC, id DESC)
+    INCLUDE (status, segments, price);
+DROP INDEX messages_account_created;
+
+-- Filtered pages. Without these, a filter that matches few rows (a rare status, one
+-- recipient) walks the whole account to fill a page. Each full index costs one entry per
+-- insert and per status update (status updates are not HOT: messages_pending's predicate
+-- reads status); the express index is partial, so it costs about 5% of that.
+CREATE INDEX messages_account_status ON messages (account_id, status, created_at DESC, id DESC);
+CREATE INDEX messages_account_recipient
+    ON messages (account_id, recipient, created_at DESC, id DESC);
+CREATE INDEX messages_account_express ON messages (account_id, created_at DESC, id DESC)
+    WHERE express;
+
+-- client_ref is unique per account: the index is the arbiter, exact across requests and
+-- nodes; it also serves `?client_ref=` lookups.
+CREATE UNIQUE INDEX messages_account_client_ref ON messages (account_id, client_ref)
+    WHERE client_ref IS NOT NULL;
+
+-- Idempotency-Key records (Stripe's semantics), kept 24 hours. `status` NULL: the first
+-- request with this key is still running. No foreign key to accounts: rows are written only
+-- for an authenticated account and die with their ttl.
+CREATE TABLE idempotency_keys (
+    account_id   bigint NOT NULL,
+    key          text NOT NULL,
+    request_hash bytea NOT NULL,
+    status       int,
+    body         bytea,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account_id, key)
+);
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
