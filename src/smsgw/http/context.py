@@ -85,14 +85,18 @@ class KeyCache:
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._entries: dict[bytes, tuple[int | None, float]] = {}
+        self._forgotten = 0  # bumped by forget(): a lookup that raced it is not cached
 
     async def account_id(self, key_hash: bytes) -> int | None:
         now = time.monotonic()
         hit = self._entries.get(key_hash)
         if hit is not None and hit[1] > now:
             return hit[0]
+        forgotten = self._forgotten
         account = await self._reads.account_by_key_hash(key_hash)
         account_id = None if account is None else account.id
+        if forgotten != self._forgotten:
+            return account_id  # may predate a key rotation: answer it, but do not keep it
         ttl = self._ttl if account_id is not None else self._negative_ttl
         if len(self._entries) > 200_000:
             self._entries.clear()
@@ -100,6 +104,8 @@ class KeyCache:
         return account_id
 
     def forget(self, key_hash: bytes) -> None:
+        """Stop answering for `key_hash` on this node now (other nodes: within the ttl)."""
+        self._forgotten += 1
         self._entries.pop(key_hash, None)
 
 

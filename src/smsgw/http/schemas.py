@@ -24,6 +24,11 @@ class AccountCreatedOut(msgspec.Struct):
     balance: int
 
 
+class KeyRotatedOut(msgspec.Struct):
+    account_id: int
+    api_key: str
+
+
 class TopUpIn(msgspec.Struct, forbid_unknown_fields=True):
     amount: Amount
 

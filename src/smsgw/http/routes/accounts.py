@@ -1,4 +1,4 @@
-"""Accounts: creation and top-ups (admin), the account's own view."""
+"""Accounts: creation and top-ups (admin), the account's own view, key rotation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from quart import Blueprint, Response
 
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
 from smsgw.http.problems import ProblemError
-from smsgw.http.schemas import AccountCreatedOut, AccountOut, BalanceOut, CreateAccountIn, TopUpIn
+from smsgw.http.schemas import (
+    AccountCreatedOut,
+    AccountOut,
+    BalanceOut,
+    CreateAccountIn,
+    KeyRotatedOut,
+    TopUpIn,
+)
 
 bp = Blueprint("accounts", __name__)
 
@@ -41,3 +48,20 @@ async def get_account() -> Response:
     if account is None:
         raise ProblemError(401, "unauthenticated", "unknown API key")
     return json_response(AccountOut(account.id, account.name, account.balance, account.held))
+
+
+@bp.post("/v1/account/keys/rotate")
+async def rotate_key() -> Response:
+    """A new API key for the calling account, shown only in this answer; the key that made the
+    call stops working at once on this node (it is dropped from the KeyCache) and on every
+    other node within the KeyCache ttl (60 s). No body. Of two concurrent rotations with the
+    same key, one wins; the other gets 401, as the key it used is gone."""
+    gw = gateway()
+    account_id = await gw.require_account()
+    old_hash = gw.bearer()
+    api_key = new_api_key()
+    rotated = await gw.reads.rotate_key(account_id, old_hash, hash_key(api_key))
+    gw.keys.forget(old_hash)
+    if not rotated:
+        raise ProblemError(401, "unauthenticated", "this API key has been rotated already")
+    return json_response(KeyRotatedOut(account_id, api_key))
