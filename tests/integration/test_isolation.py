@@ -8,7 +8,13 @@ import httpx
 import pytest
 
 from tests.conftest import admin, bearer
-from tests.integration.helpers import assert_problem, create_account, get_account, send
+from tests.integration.helpers import (
+    assert_problem,
+    create_account,
+    get_account,
+    send,
+    wait_all_final,
+)
 
 
 async def test_another_accounts_message_is_not_found(client: httpx.AsyncClient) -> None:
@@ -125,3 +131,112 @@ async def test_topup_needs_a_positive_whole_amount(
     )
     assert_problem(r, 422)
     assert (await get_account(client, account["api_key"]))["balance"] == 100
+
+
+# --- No account key reaches another account: read, list, export, summarise, spend, top up ---
+
+
+async def two_accounts_with_messages(client: httpx.AsyncClient) -> tuple[dict, dict, list[str]]:
+    """Alice with three messages (one with a client_ref, one express), Bob with none."""
+    alice = await create_account(client, 1_000, "alice")
+    bob = await create_account(client, 1_000, "bob")
+    ids = []
+    for fields in ({"client_ref": "alice-1"}, {"express": True}, {}):
+        r = await send(client, alice["api_key"], "alice's", **fields)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return alice, bob, ids
+
+
+async def test_no_key_lists_or_filters_another_accounts_messages(
+    client: httpx.AsyncClient,
+) -> None:
+    alice, bob, ids = await two_accounts_with_messages(client)
+    mine = await client.get("/v1/messages", headers=bearer(alice["api_key"]))
+    assert {m["id"] for m in mine.json()["items"]} == set(ids)
+    for params in (
+        {},
+        {"client_ref": "alice-1"},
+        {"to": "+4915123456789"},
+        {"express": "true"},
+        {"status": "queued"},
+        {"created_from": "2000-01-01T00:00:00Z"},
+    ):
+        r = await client.get("/v1/messages", params=params, headers=bearer(bob["api_key"]))
+        assert r.status_code == 200, r.text
+        assert r.json() == {"items": [], "next_cursor": None}, params
+
+
+async def test_a_cursor_is_a_position_not_a_permission(client: httpx.AsyncClient) -> None:
+    alice, bob, _ = await two_accounts_with_messages(client)
+    page = await client.get("/v1/messages", params={"limit": 1}, headers=bearer(alice["api_key"]))
+    cursor = page.json()["next_cursor"]
+    assert cursor
+    r = await client.get("/v1/messages", params={"cursor": cursor}, headers=bearer(bob["api_key"]))
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+async def test_no_key_exports_or_summarises_another_account(client: httpx.AsyncClient) -> None:
+    alice, bob, ids = await two_accounts_with_messages(client)
+    theirs = await client.get("/v1/messages/export", headers=bearer(bob["api_key"]))
+    assert theirs.status_code == 200
+    assert theirs.text.count("\r\n") == 1  # the header only
+    assert not any(message_id in theirs.text for message_id in ids)
+    mine = await client.get("/v1/messages/export", headers=bearer(alice["api_key"]))
+    assert all(message_id in mine.text for message_id in ids)
+
+    summary = await client.get("/v1/reports/summary", headers=bearer(bob["api_key"]))
+    assert summary.json()["groups"] == [] and summary.json()["totals"]["messages"] == 0
+    summary = await client.get("/v1/reports/summary", headers=bearer(alice["api_key"]))
+    assert summary.json()["totals"]["messages"] == 3
+
+
+async def test_no_key_spends_another_accounts_credit(client: httpx.AsyncClient) -> None:
+    alice, bob, ids = await two_accounts_with_messages(client)
+    await wait_all_final(client, alice["api_key"], ids)
+    alice_before = await get_account(client, alice["api_key"])
+    # Bob's client_ref equal to Alice's is Bob's own new message, charged to Bob; it neither
+    # returns nor reveals Alice's.
+    r = await send(client, bob["api_key"], "bob's", client_ref="alice-1")
+    assert r.status_code == 202, r.text
+    [bobs] = await wait_all_final(client, bob["api_key"], [r.json()["id"]])
+    assert bobs["text"] == "bob's" and bobs["id"] not in ids
+    bob_now = await get_account(client, bob["api_key"])
+    assert bob_now["balance"] == (995 if bobs["status"] == "sent" else 1_000)
+    assert await get_account(client, alice["api_key"]) == alice_before
+    # The same Idempotency-Key replays only within the account that used it.
+    headers = {**bearer(bob["api_key"]), "Idempotency-Key": "k"}
+    a = await client.post(
+        "/v1/messages",
+        json={"to": "+4915123456789", "text": "x"},
+        headers={**bearer(alice["api_key"]), "Idempotency-Key": "k"},
+    )
+    b = await client.post(
+        "/v1/messages", json={"to": "+4915123456789", "text": "x"}, headers=headers
+    )
+    assert a.status_code == b.status_code == 202
+    assert a.json()["id"] != b.json()["id"] and "Idempotent-Replayed" not in b.headers
+    got = await client.get(f"/v1/messages/{a.json()['id']}", headers=bearer(bob["api_key"]))
+    assert_problem(got, 404)
+
+
+async def test_no_account_key_tops_up_any_account(client: httpx.AsyncClient) -> None:
+    alice, bob, _ = await two_accounts_with_messages(client)
+    for target in (alice, bob):
+        r = await client.post(
+            f"/v1/accounts/{target['id']}/topups",
+            json={"amount": 10**6},
+            headers=bearer(alice["api_key"]),
+        )
+        assert_problem(r, 403)
+    assert (await get_account(client, bob["api_key"]))["balance"] == 1_000
+
+
+async def test_rotating_one_accounts_key_leaves_the_others_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    alice, bob, _ = await two_accounts_with_messages(client)
+    r = await client.post("/v1/account/keys/rotate", headers=bearer(alice["api_key"]))
+    assert r.status_code == 200
+    assert (await get_account(client, bob["api_key"]))["id"] == bob["id"]
+    assert (await get_account(client, r.json()["api_key"]))["id"] == alice["id"]
