@@ -274,3 +274,27 @@ def test_check_detects_a_broken_row() -> None:
 def test_an_untouched_delta_is_false() -> None:
     assert not CreditDelta()
     assert CreditDelta(released=1)
+
+
+def test_unhold_takes_back_a_hold_of_this_group_without_a_trace() -> None:
+    book = book_with(100)
+    assert book.hold(7, 30)
+    assert book.hold(7, 20)
+    book.unhold(7, 20)  # its message was not stored (client_ref taken meanwhile)
+    assert book.accounts[7] == AccountCredit(balance=70, held=30, topped_up=100)
+    assert _fields(book.deltas[7]) == {"held": 30, "captured": 0, "released": 0, "topped_up": 0}
+    book.unhold(7, 30)
+    assert book.accounts[7] == AccountCredit(balance=100, topped_up=100)
+    assert not book.deltas[7]  # nothing for the ledger
+
+
+def test_unhold_of_more_than_this_group_held_raises_and_changes_nothing() -> None:
+    book = CreditBook()
+    # 50 held by earlier groups: not this group's to take back.
+    book.load(7, AccountCredit(balance=50, held=50, topped_up=100))
+    assert book.hold(7, 10)
+    before = snapshot(book.accounts[7])
+    for amount in (11, 0, -1):
+        with pytest.raises(CreditError):
+            book.unhold(7, amount)
+    assert book.accounts[7] == before

@@ -80,6 +80,18 @@ class CreditBook:
         self._delta(account_id).held += amount
         return True
 
+    def unhold(self, account_id: int, amount: int) -> None:
+        """Take back a hold made earlier in this group whose message was not stored after all
+        (its client_ref was taken meanwhile): as if it had never been held, so the ledger
+        records neither."""
+        credit = self.accounts[account_id]
+        delta = self._delta(account_id)
+        if amount <= 0 or delta.held < amount:
+            raise CreditError(f"unhold of {amount} with {delta.held} held in this group")
+        credit.held -= amount
+        credit.balance += amount
+        delta.held -= amount
+
     def capture(self, account_id: int, amount: int) -> None:
         """Turn a hold into a charge: the operator took the message."""
         credit = self.accounts[account_id]
