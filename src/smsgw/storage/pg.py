@@ -499,9 +499,12 @@ def messages_sql(account_id: int, query: MessageQuery) -> tuple[str, list[Any]]:
         op = ">" if query.ascending else "<"
         where.append(f"(created_at, id) {op} ({arg(at)}, {arg(message_id, '::uuid')})")
     direction = "ASC" if query.ascending else "DESC"
+    # messages.id, not id: the bare name would be the output column (the id as text), and the
+    # index could no longer give the order by itself.
     sql = (
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {' AND '.join(where)}"
-        f" ORDER BY created_at {direction}, id {direction} LIMIT {arg(query.limit)}"
+        f" ORDER BY messages.created_at {direction}, messages.id {direction}"
+        f" LIMIT {arg(query.limit)}"
     )
     return sql, args
 
