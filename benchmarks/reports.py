@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -447,7 +448,9 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
         },
     }
     admin_key = new_admin_key()
-    result: dict[str, Any] = {"latency_ms": {}, "export": {}}
+    result: dict[str, Any] = {"latency_ms": {}, "export": {}, "loadavg_1m": {}}
+    # Other work on the machine competes with PostgreSQL and the gateway: say how much.
+    result["loadavg_1m"]["before"] = round(os.getloadavg()[0], 2)
     with run_gateway(
         url, schema, admin_key=admin_key, log_path=args.out / "gateway_reports.log"
     ) as server:
@@ -482,6 +485,7 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
             )
             result["export"]["30_days"] = big
             log(f"  export 30 days: {big}")
+    result["loadavg_1m"]["after"] = round(os.getloadavg()[0], 2)
 
     explain_cases = {
         "list_first_page": MessageQuery(limit=101),
@@ -526,7 +530,9 @@ def markdown(result: dict) -> str:
         f"{result['started_at']}, commit {result['commit']}"
         + (" (dirty tree)" if result["dirty"] else "")
         + f", PostgreSQL: {result['database']}. Heavy account: {result['rows_heavy']:,} rows;"
-        f" all accounts: {result['rows_total']:,} rows over {result['days']} days.",
+        f" all accounts: {result['rows_total']:,} rows over {result['days']} days."
+        f" Load average (1 min) before and after measuring: {result['loadavg_1m']['before']},"
+        f" {result['loadavg_1m']['after']} (on {os.cpu_count()} cores).",
         "",
         "Load: "
         + ", ".join(f"{k} {v}" for k, v in result["load"].items())

@@ -323,7 +323,9 @@ async def test_export_streams_every_message_as_csv(
         assert row["text"] == m["text"] and row["to"] == m["to"] and row["status"] == m["status"]
         assert int(row["price"]) == m["price"] and int(row["segments"]) == m["segments"]
         assert row["express"] == "false" and row["client_ref"] == (m["client_ref"] or "")
-        assert row["created_at"] == m["created_at"] and row["updated_at"] == m["updated_at"]
+        for name in ("created_at", "updated_at"):
+            assert row[name].endswith("Z")
+            assert datetime.fromisoformat(row[name]) == datetime.fromisoformat(m[name])
     assert rows[-1]["text"] == awkward
 
     # [from, to) selects by creation time, like the list.
@@ -340,7 +342,7 @@ async def test_export_of_nothing_is_a_header(client: httpx.AsyncClient) -> None:
     account = await create_account(client, 100)
     r = await client.get("/v1/messages/export", headers=bearer(account["api_key"]))
     assert r.status_code == 200
-    assert r.text == ",".join(reports.EXPORT_COLUMNS) + "\r\n"
+    assert r.text == ",".join(reports.EXPORT_COLUMNS) + "\n"
     r = await client.get(
         "/v1/messages/export", params={"from": "later"}, headers=bearer(account["api_key"])
     )

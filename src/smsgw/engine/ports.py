@@ -118,6 +118,13 @@ class Reads(Protocol):
         """One page, each row in the shape of `message`."""
         ...
 
+    async def messages_csv(
+        self, account_id: int, query: MessageQuery
+    ) -> tuple[bytes, tuple[datetime, str] | None]:
+        """One page as CSV rows (no header), formatted by the database, and the position of
+        its last row to continue after; None when this is the last page."""
+        ...
+
     async def summary(
         self,
         account_id: int,

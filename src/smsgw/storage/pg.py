@@ -363,6 +363,32 @@ class PgStore:
         rows = await self.db.run(lambda c: c.fetch(sql, *args))
         return [dict(r) for r in rows]
 
+    async def messages_csv(
+        self, account_id: int, query: MessageQuery
+    ) -> tuple[bytes, tuple[datetime, str] | None]:
+        async def page(conn: asyncpg.Connection) -> tuple[bytes, tuple[datetime, str] | None]:
+            chunks: list[bytes] = []
+
+            async def collect(chunk: bytes) -> None:
+                chunks.append(chunk)
+
+            # One snapshot for both statements: the page is exactly the rows up to its last.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                sql, args = messages_sql(
+                    account_id,
+                    query,
+                    columns="created_at, id::text",
+                    offset=query.limit - 1,
+                    limit=1,
+                )
+                last = await conn.fetchrow(sql, *args)
+                through = None if last is None else (last[0], last[1])
+                sql, args = messages_sql(account_id, query, columns=CSV_COLUMNS, through=through)
+                await conn.copy_from_query(sql, *args, output=collect, format="csv")
+            return b"".join(chunks), through
+
+        return await self.db.run(page)
+
     async def summary(
         self,
         account_id: int,
@@ -471,9 +497,18 @@ MESSAGE_COLUMNS = (
 )
 
 
-def messages_sql(account_id: int, query: MessageQuery) -> tuple[str, list[Any]]:
+def messages_sql(
+    account_id: int,
+    query: MessageQuery,
+    *,
+    columns: str = MESSAGE_COLUMNS,
+    through: tuple[datetime, str] | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> tuple[str, list[Any]]:
     """One keyset page: an index range scan on (account_id, created_at, id), or on the
-    status, recipient or express index when that filter is given, however deep the page."""
+    status, recipient or express index when that filter is given, however deep the page.
+    `through` also bounds the page by the position of its last row (inclusive)."""
     args: list[Any] = [account_id]
 
     def arg(value: Any, cast: str = "") -> str:
@@ -494,19 +529,32 @@ def messages_sql(account_id: int, query: MessageQuery) -> tuple[str, list[Any]]:
         where.append(f"created_at >= {arg(query.created_from)}")
     if query.created_to is not None:
         where.append(f"created_at < {arg(query.created_to)}")
-    if query.after is not None:
-        at, message_id = query.after
-        op = ">" if query.ascending else "<"
-        where.append(f"(created_at, id) {op} ({arg(at)}, {arg(message_id, '::uuid')})")
+    for position, op in ((query.after, ">"), (through, "<=")):
+        if position is not None:
+            if not query.ascending:
+                op = {">": "<", "<=": ">="}[op]
+            at, message_id = position
+            where.append(f"(created_at, id) {op} ({arg(at)}, {arg(message_id, '::uuid')})")
     direction = "ASC" if query.ascending else "DESC"
     # messages.id, not id: the bare name would be the output column (the id as text), and the
     # index could no longer give the order by itself.
     sql = (
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {' AND '.join(where)}"
+        f"SELECT {columns} FROM messages WHERE {' AND '.join(where)}"
         f" ORDER BY messages.created_at {direction}, messages.id {direction}"
-        f" LIMIT {arg(query.limit)}"
+        + (f" OFFSET {int(offset)}" if offset else "")
+        + f" LIMIT {arg(query.limit if limit is None else limit)}"
     )
     return sql, args
+
+
+# The CSV export's columns, formatted by PostgreSQL, in the order of the route's header.
+_RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
+CSV_COLUMNS = (
+    "id::text, recipient, sender, body, status, reason, segments, price, express::text,"
+    " attempts, operator, operator_message_id, client_ref,"
+    f" to_char(created_at AT TIME ZONE 'UTC', {_RFC3339}),"
+    f" to_char(updated_at AT TIME ZONE 'UTC', {_RFC3339})"
+)
 
 
 def summary_sql(
