@@ -30,7 +30,9 @@ async def create_account() -> Response:
     return json_response(AccountCreatedOut(account.id, account.name, api_key, account.balance), 201)
 
 
-@bp.post("/v1/accounts/<int:account_id>/topups")
+# Account ids are PostgreSQL bigints: a larger one is no account (404), not a query error
+# that would fail the whole group commit it rode in.
+@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/topups")
 async def topup(account_id: int) -> Response:
     gw = gateway()
     gw.require_admin()
