@@ -133,6 +133,11 @@ class ProviderPool:
         orphans = tuple(self.inflight.values())
         if orphans:
             # A previous run died with these in flight; their slots died with their tasks.
+            # Batches it was handed but never started are in `inflight` too, and still in the
+            # inbox: drop those (giving their slots back), or each would be sent twice, once
+            # from here and once from the Scheduler's new dispatch.
+            while (unstarted := self.inbox.get_nowait()) is not None:
+                self.window.release(len(unstarted))
             self.inflight.clear()
             await self._requeue.tell(Enqueue(orphans))
         async with trio.open_nursery() as nursery:
