@@ -12,6 +12,7 @@ from functools import partial
 import msgspec
 import trio
 
+from smsgw.logs import configure as configure_logging
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
 
@@ -36,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         schema=_schema(),
         operators=(_operator_profile(args.operator_latency_ms),),
         operator_urls=tuple(args.operator_url),
+        metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
     )
 
     async def main() -> None:
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MEDIAN,P99",
         help="latency of the in-process simulated operator (default 20,80)",
     )
+    serve.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log one JSON object a line, with request ids (also: SMSGW_LOG_FORMAT=json)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
@@ -176,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
+        json=True if getattr(args, "log_json", False) else None,
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return int(args.func(args))
 

@@ -33,6 +33,9 @@ class NodeOptions(msgspec.Struct, frozen=True):
     # Operators reached over HTTP (smsgw.operators.http); when given, `operators` is unused.
     operator_urls: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
+    # GET /metrics without the admin key (SMSGW_METRICS_PUBLIC=1): for a scraper on a private
+    # network only.
+    metrics_public: bool = False
 
 
 class Node:
@@ -77,7 +80,9 @@ async def run_node(
                 providers = owned = default_providers(options.operators, options.operator_urls)
             engine = Engine(store, providers, options.engine)
             node = Node(engine, store)
-            app = create_app(engine, store, admin_key=options.admin_key)
+            app = create_app(
+                engine, store, admin_key=options.admin_key, metrics_public=options.metrics_public
+            )
 
             async def http(
                 *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

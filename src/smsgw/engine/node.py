@@ -45,6 +45,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     accept_timeout: float = 10.0
     max_restarts: int = 5
     restart_window: float = 10.0
+    # Requests per account that the HTTP door lets through (a token bucket per account): a
+    # generous ceiling against runaway clients, not a price plan. Batches count once.
+    api_rate_per_second: float = 1_000.0
+    api_burst: int = 2_000
 
 
 class Engine:

@@ -10,20 +10,28 @@ from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore
+from smsgw.http import observe
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway
+from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.problems import ProblemError, problem_response
-from smsgw.http.routes import accounts, batch, messages, ops, reports
+from smsgw.http.routes import accounts, batch, docs, messages, metrics, ops, reports
 
 log = logging.getLogger("smsgw.http")
 
 
-def create_app(engine: Engine, reads: FrontDoorStore, *, admin_key: str) -> QuartTrio:
+def create_app(
+    engine: Engine, reads: FrontDoorStore, *, admin_key: str, metrics_public: bool = False
+) -> QuartTrio:
     app = QuartTrio("smsgw")
     # The largest body any route takes; each route enforces its own (Gateway.body).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
-    for module in (accounts, messages, batch, ops, reports):
+    for module in (accounts, messages, batch, ops, reports, docs, metrics):
         app.register_blueprint(module.bp)
+    # Request ids, access log, request counts and durations; GET /metrics reads them.
+    app.config["SMSGW_METRICS_PUBLIC"] = metrics_public
+    http_stats = observe.install(app)
+    app.extensions["smsgw.metrics"] = metrics_registry(app.extensions["smsgw"], http_stats)
 
     @app.after_request
     async def close_after_refusal(response: Response) -> Response:

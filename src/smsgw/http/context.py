@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import time
@@ -12,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import msgspec
-from quart import Response, current_app, request
+from quart import Response, current_app, g, request
 
 from smsgw.engine.actor import AskTimeout, InboxFull
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore, Reads
+from smsgw.engine.ratelimit import RateLimiter
 from smsgw.engine.writer import StoreUnavailable
 from smsgw.http.problems import ProblemError
 
@@ -155,6 +157,10 @@ class Gateway:
         self.reads = reads
         self.keys = KeyCache(reads)
         self._admin_hash = hash_key(admin_key)
+        # Requests per account (token bucket): a runaway client gets 429s, not the node.
+        self.limiter: RateLimiter[int] = RateLimiter(
+            engine.config.api_rate_per_second, engine.config.api_burst
+        )
 
     def bearer(self) -> bytes:
         header = request.headers.get("Authorization", "")
@@ -170,6 +176,11 @@ class Gateway:
             raise ProblemError(403, "forbidden", "this route needs the admin key")
 
     async def require_account(self) -> int:
+        """The calling account's id: 401 for no or an unknown key, 403 for the admin key, 429
+        past the account's request rate. Once per request: a second call answers the same."""
+        known: int | None = g.get("smsgw_account_id")
+        if known is not None:
+            return known
         digest = self.bearer()
         if hmac.compare_digest(digest, self._admin_hash):
             raise ProblemError(
@@ -178,6 +189,17 @@ class Gateway:
         account_id = await self.keys.account_id(digest)
         if account_id is None:
             raise ProblemError(401, "unauthenticated", "unknown API key")
+        wait = self.limiter.take(account_id, time.monotonic())
+        if wait:
+            retry_after = max(1, math.ceil(wait))
+            raise ProblemError(
+                429,
+                "rate_limited",
+                f"this account may make {self.limiter.rate:g} requests a second (bursts of"
+                f" {self.limiter.burst:g}); retry in {retry_after} s",
+                retry_after=retry_after,
+            )
+        g.smsgw_account_id = account_id
         return account_id
 
     async def body(self, kind: type[T], *, limit: int = MAX_BODY_BYTES) -> T:

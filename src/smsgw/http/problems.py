@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
 from quart import Response
 
 _encoder = msgspec.json.Encoder()
+# The code of the problem this request answered with, for the access log and /metrics.
+problem_code_var: ContextVar[str | None] = ContextVar("smsgw_problem_code", default=None)
 
 TITLES = {
     400: "Bad Request",
@@ -50,6 +53,12 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> Response:
+    """The problem+json answer. An integer `retry_after` member also becomes the Retry-After
+    header (429 and 503 say when to come back)."""
+    problem_code_var.set(code)
+    retry_after = extra.get("retry_after")
+    if isinstance(retry_after, int):
+        headers = {**(headers or {}), "Retry-After": str(retry_after)}
     body = {
         "type": f"https://smsgw.dev/problems/{code}",
         "title": TITLES.get(status, "Error"),

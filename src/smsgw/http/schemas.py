@@ -10,6 +10,13 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Credit = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
 ClientRef = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+# `to` and `sender` are checked by the handler against engine/sms.py's rules, with messages a
+# person can act on; these patterns only say the same in the OpenAPI document
+# (extra_json_schema is not validated by msgspec). tests/unit/test_openapi.py keeps them equal.
+Recipient = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": r"^\+[1-9][0-9]{6,14}$"})]
+Sender = Annotated[
+    str, msgspec.Meta(extra_json_schema={"pattern": r"^([A-Za-z0-9 ._-]{1,11}|\+?[0-9]{1,15})$"})
+]
 
 
 class CreateAccountIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -45,9 +52,9 @@ class AccountOut(msgspec.Struct):
 
 
 class SendIn(msgspec.Struct, forbid_unknown_fields=True):
-    to: str
-    text: str
-    sender: str | None = None
+    to: Recipient
+    text: Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
+    sender: Sender | None = None
     express: bool = False
     client_ref: ClientRef | None = None
 

@@ -13,6 +13,7 @@ from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import AcceptedOut, SendIn
+from smsgw.logs import request_id_var
 
 bp = Blueprint("messages", __name__)
 DEFAULT_SENDER = "smsgw"
@@ -57,6 +58,7 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
         created_at=now,
         deadline=now + config.express_deadline_ms / 1000 if data.express else None,
         client_ref=data.client_ref,
+        request_id=request_id_var.get(),
     )
 
 

@@ -1,0 +1,231 @@
+"""GET /metrics: the node's figures in the Prometheus text format, read at scrape time.
+
+The engine keeps plain counters and fixed-bucket histograms (no metrics library in engine/);
+`NodeCollector` turns them into metric families only when Prometheus asks, so the hot paths
+pay a dict increment, never a lock or a label lookup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from smsgw.engine.histogram import Histogram
+from smsgw.engine.node import Engine
+from smsgw.http.context import Gateway
+from smsgw.http.observe import HttpStats
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    return [
+        ("+Inf" if math.isinf(bound) else repr(bound), count)
+        for bound, count in histogram.cumulative()
+    ]
+
+
+def _reason_label(reason: str) -> str:
+    # Reasons such as "operator_error: 3 results for 4 messages" carry figures after the
+    # colon; the label keeps the kind only, so label values stay few.
+    return reason.split(":", 1)[0] if reason else ""
+
+
+class NodeCollector(Collector):
+    """Everything one node knows about itself: HTTP, credit, dispatch, operators, actors."""
+
+    def __init__(self, gateway: Gateway, http: HttpStats) -> None:
+        self._gateway = gateway
+        self._http = http
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._http_metrics()
+        engine = self._gateway.engine
+        yield from self._credit(engine)
+        yield from self._dispatch(engine)
+        yield from self._operators(engine)
+        yield from self._writer(engine)
+        yield from self._actors(engine)
+
+    def _http_metrics(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "smsgw_http_requests",
+            "HTTP requests answered, by route, method, status and problem code",
+            labels=["route", "method", "status", "code"],
+        )
+        for (route, method, status, code), n in list(self._http.requests.items()):
+            requests.add_metric([route, method, str(status), code], n)
+        yield requests
+        durations = HistogramMetricFamily(
+            "smsgw_http_request_duration_seconds",
+            "Time to answer a request in the app, by route and method (accept latency:"
+            ' route="/v1/messages" and "/v1/messages/batch", method="POST")',
+            labels=["route", "method"],
+        )
+        for (route, method), histogram in list(self._http.durations.items()):
+            durations.add_metric([route, method], _buckets(histogram), histogram.sum)
+        yield durations
+        limited = CounterMetricFamily(
+            "smsgw_rate_limited_requests",
+            "Requests refused by the per-account request rate limit (429)",
+        )
+        limited.add_metric([], self._gateway.limiter.limited)
+        yield limited
+
+    def _credit(self, engine: Engine) -> Iterator[Metric]:
+        writer = engine.writer
+        accepted = CounterMetricFamily(
+            "smsgw_messages_accepted",
+            "Messages whose credit hold and row were committed (202)",
+        )
+        accepted.add_metric([], writer.credit["held_messages"])
+        yield accepted
+        refused = CounterMetricFamily(
+            "smsgw_messages_refused",
+            "Messages refused by the store's credit check, by reason (402 and the like)",
+            labels=["reason"],
+        )
+        for reason, n in list(writer.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        amounts = CounterMetricFamily(
+            "smsgw_credit_amount",
+            "Credit moved, in the smallest currency unit, by kind (held, captured, released,"
+            " topped_up)",
+            labels=["kind"],
+        )
+        for kind, key in (
+            ("held", "held_amount"),
+            ("captured", "captured_amount"),
+            ("released", "released_amount"),
+            ("topped_up", "topup_amount"),
+        ):
+            amounts.add_metric([kind], writer.credit[key])
+        yield amounts
+
+    def _dispatch(self, engine: Engine) -> Iterator[Metric]:
+        scheduler = engine.scheduler
+        depth = GaugeMetricFamily(
+            "smsgw_queue_depth", "Messages waiting for dispatch, by lane", labels=["lane"]
+        )
+        depth.add_metric(["express"], len(scheduler.state.express))
+        depth.add_metric(["bulk"], scheduler.state.bulk_size)
+        yield depth
+        accounts = GaugeMetricFamily(
+            "smsgw_queue_accounts", "Accounts with bulk messages waiting for dispatch"
+        )
+        accounts.add_metric([], len(scheduler.state.mailboxes))
+        yield accounts
+        dispatched = CounterMetricFamily(
+            "smsgw_dispatched_messages", "Messages handed to the provider pool"
+        )
+        dispatched.add_metric([], scheduler.dispatched)
+        yield dispatched
+        misses = CounterMetricFamily(
+            "smsgw_express_deadline_misses",
+            "Express messages failed (and refunded) because their deadline passed in the queue",
+        )
+        misses.add_metric([], scheduler.deadline_misses)
+        yield misses
+        retry = engine.retry.stats()
+        waiting = GaugeMetricFamily(
+            "smsgw_retry_waiting", "Messages waiting for their retry backoff to pass"
+        )
+        waiting.add_metric([], retry.get("waiting", 0))
+        yield waiting
+
+    def _operators(self, engine: Engine) -> Iterator[Metric]:
+        pool = engine.pool
+        inflight = GaugeMetricFamily("smsgw_inflight_messages", "Messages at an operator now")
+        inflight.add_metric([], len(pool.inflight))
+        yield inflight
+        window = GaugeMetricFamily("smsgw_window_size", "How many messages may be in flight")
+        window.add_metric([], pool.window.size)
+        yield window
+        attempts = CounterMetricFamily(
+            "smsgw_operator_attempts",
+            "Send attempts by operator and result (sent, temporary, permanent)",
+            labels=["operator", "result"],
+        )
+        for (operator, result), n in list(pool.attempts.items()):
+            attempts.add_metric([operator, result], n)
+        yield attempts
+        outcomes: dict[tuple[str, str, str], int] = {}
+        for (operator, status, reason), n in list(pool.outcomes.items()):
+            key = (operator, status, _reason_label(reason))
+            outcomes[key] = outcomes.get(key, 0) + n
+        finished = CounterMetricFamily(
+            "smsgw_messages_finished",
+            "Messages that reached a final state at an operator, by operator, status (sent,"
+            " failed) and reason",
+            labels=["operator", "status", "reason"],
+        )
+        for (operator, status, reason), n in outcomes.items():
+            finished.add_metric([operator, status, reason], n)
+        yield finished
+        latency = HistogramMetricFamily(
+            "smsgw_accept_to_sent_seconds",
+            "Time from accept to the operator's `sent`, retries included",
+        )
+        latency.add_metric([], _buckets(pool.accept_to_sent), pool.accept_to_sent.sum)
+        yield latency
+
+    def _writer(self, engine: Engine) -> Iterator[Metric]:
+        writer = engine.writer
+        groups = CounterMetricFamily(
+            "smsgw_group_commits", "Group commits, by result", labels=["result"]
+        )
+        groups.add_metric(["ok"], writer.groups)
+        groups.add_metric(["failed"], writer.failed_groups)
+        yield groups
+        rows = HistogramMetricFamily(
+            "smsgw_group_commit_rows", "Rows (messages, outcomes, top-ups) per committed group"
+        )
+        rows.add_metric([], _buckets(writer.group_rows), writer.group_rows.sum)
+        yield rows
+        seconds = HistogramMetricFamily(
+            "smsgw_group_commit_seconds", "Time one group commit took in PostgreSQL"
+        )
+        seconds.add_metric([], _buckets(writer.commit_seconds), writer.commit_seconds.sum)
+        yield seconds
+
+    def _actors(self, engine: Engine) -> Iterator[Metric]:
+        supervisor = engine.supervisor
+        if supervisor is None:
+            return
+        status = supervisor.status()
+        restarts = CounterMetricFamily(
+            "smsgw_actor_restarts", "Restarts of each supervised actor", labels=["actor"]
+        )
+        up = GaugeMetricFamily(
+            "smsgw_actor_up", "1 while the actor runs, 0 otherwise", labels=["actor", "state"]
+        )
+        depth = GaugeMetricFamily(
+            "smsgw_actor_inbox_depth", "Messages waiting in an actor's inbox", labels=["actor"]
+        )
+        capacity = GaugeMetricFamily(
+            "smsgw_actor_inbox_capacity", "Size of an actor's bounded inbox", labels=["actor"]
+        )
+        for child in status.children:
+            restarts.add_metric([child.name], child.restarts)
+            up.add_metric([child.name, child.state], 1 if child.state == "running" else 0)
+            if child.inbox_depth is not None and child.inbox_capacity is not None:
+                depth.add_metric([child.name], child.inbox_depth)
+                capacity.add_metric([child.name], child.inbox_capacity)
+        yield from (restarts, up, depth, capacity)
+
+
+def registry(gateway: Gateway, http: HttpStats) -> CollectorRegistry:
+    """A registry of this app's own (not the process-global one: tests run several nodes in
+    one process), with the process figures (CPU, memory, open files) as well."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(NodeCollector(gateway, http))
+    ProcessCollector(registry=reg)
+    return reg

@@ -1,0 +1,620 @@
+"""The OpenAPI 3.1 document: built from a route table and the msgspec Structs the handlers use.
+
+Why msgspec's own `msgspec.json.schema_components` and not quart-schema: the handlers already
+decode and encode with msgspec Structs (`http/schemas.py`), and msgspec writes JSON Schema
+2020-12, which OpenAPI 3.1 uses as is. quart-schema would describe the same bodies a second
+time with pydantic models or dataclasses, and two schema systems drift apart. Here a Struct
+is declared once and is both what the handler validates and what the document says.
+
+Adding a route: append a `Route` to `ROUTES` (grouped by area, below) saying its method,
+path (OpenAPI style: `/v1/messages/{message_id}`), who may call it (`auth`), its request
+Struct, its success responses by status, and any problem statuses beyond the ones its shape
+implies (see `Route.problem_statuses`). `tests/integration/test_openapi.py` fails when a
+registered URL rule has no row here, or a row no rule; `test_schemathesis.py` then checks the
+running app against the document.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from smsgw.engine.messages import SupervisorStatus
+from smsgw.http.problems import TITLES
+from smsgw.http.schemas import (
+    MAX_BATCH,
+    AcceptedOut,
+    AccountCreatedOut,
+    AccountOut,
+    BalanceOut,
+    ClientRef,
+    CreateAccountIn,
+    KeyRotatedOut,
+    Recipient,
+    SendIn,
+    TopUpIn,
+)
+
+Auth = Literal["none", "account", "admin"]
+REF = "#/components/schemas/{name}"
+API_VERSION = "1.0.0"
+MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
+
+
+# --- response and parameter shapes ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Content:
+    """A body that is not a JSON Struct: `schema` is a JSON Schema dict (its `$ref`s may name
+    any Struct in `refs`, which are then added to the components) or None for any body."""
+
+    media_type: str
+    schema: dict[str, Any] | None = None
+    refs: tuple[type, ...] = ()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A path, query or header parameter; `schema` is a type msgspec can describe (with
+    `Annotated[..., msgspec.Meta(...)]` constraints) or a JSON Schema dict."""
+
+    name: str
+    location: Literal["path", "query", "header"]
+    schema: Any = str
+    required: bool = False
+    description: str = ""
+
+
+def query_params(kind: type[msgspec.Struct]) -> tuple[Param, ...]:
+    """A query Struct's fields as query parameters, so a handler that converts `request.args`
+    into `kind` (msgspec.convert(..., strict=False)) and the document cannot disagree."""
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    hints = typing.get_type_hints(kind, include_extras=True)
+    return tuple(Param(f.encode_name, "query", hints[f.name], f.required) for f in info.fields)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation. `responses` maps each success status to a Struct type, a `Content`, or
+    None (no body). Problem statuses (application/problem+json) are added by
+    `problem_statuses`; `problems` names any others the handler raises."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+    path: str
+    summary: str
+    tag: str
+    auth: Auth = "account"
+    request: Any = None  # a Struct type, or a Content
+    responses: Mapping[int, Any] = field(default_factory=lambda: {200: None})
+    problems: tuple[int, ...] = ()
+    params: tuple[Param, ...] = ()
+    # Takes an Idempotency-Key header (http/idempotency.py). None: POST routes of accounts.
+    idempotent: bool | None = None
+    description: str = ""
+    operation_id: str = ""
+
+    @property
+    def takes_idempotency_key(self) -> bool:
+        if self.idempotent is None:
+            return self.method == "POST" and self.auth == "account"
+        return self.idempotent
+
+    def problem_statuses(self) -> list[int]:
+        """Every problem status this route can answer, from its shape and `problems`."""
+        statuses = {500, *self.problems}
+        if self.auth != "none":
+            statuses |= {401, 403}
+        if self.auth == "account":
+            statuses.add(429)  # the per-account request rate
+        if self.request is not None:
+            statuses |= {400, 413, 415, 422}
+        if any(p.location == "path" for p in self.params) or "{" in self.path:
+            statuses.add(404)
+        if any(p.location == "query" for p in self.params):
+            statuses.add(422)
+        if self.takes_idempotency_key:
+            statuses |= {409, 422}
+        return sorted(statuses)
+
+
+# --- schemas the document needs beyond http/schemas.py ----------------------------------------
+
+
+class Problem(msgspec.Struct):
+    """An RFC 9457 problem: every 4xx and 5xx answer. `code` is stable and machine-readable;
+    `detail` says what to do. Some problems carry more members (listed, all optional)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None = None  # the request field or parameter at fault
+    price: int | None = None  # 402: the price that could not be held
+    balance: int | None = None  # 402: the balance at the time
+    retry_after: int | None = None  # 429: seconds until the next request is allowed
+    max_items: int | None = None  # 413 for a batch: the most items a batch may hold
+    errors: list[dict[str, Any]] | None = None  # 422 for an atomic batch: each item's problem
+
+
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+
+
+class MessageOut(msgspec.Struct):
+    """One message as its account sees it (GET /v1/messages/{message_id})."""
+
+    id: str
+    to: str
+    sender: str
+    text: str
+    status: Literal["queued", "sending", "sent", "failed"]
+    reason: str | None
+    segments: int
+    price: int
+    express: bool
+    attempts: int
+    operator: str | None
+    operator_message_id: str | None
+    client_ref: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class HealthOut(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class ReadyOut(msgspec.Struct):
+    status: Literal["ready"]
+    recovered: int  # messages recovered at start
+
+
+class BatchItemProblem(msgspec.Struct):
+    """A refused item of a batch: a problem without `type`, with the item's `index`."""
+
+    index: int
+    status: int
+    title: str
+    code: str
+    detail: str
+    field: str | None = None
+    price: int | None = None
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/messages/batch. The handler decodes each item on its own as a `SendIn`."""
+
+    messages: Annotated[list[SendIn], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    atomic: bool = False
+
+
+_BATCH_OUT = Content(
+    "application/json",
+    {
+        "type": "object",
+        "title": "BatchOut",
+        "description": "One result per item, in order: accepted, or a problem.",
+        "properties": {
+            "results": {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        {"$ref": REF.format(name="AcceptedOut")},
+                        {"$ref": REF.format(name="BatchItemProblem")},
+                    ]
+                },
+            }
+        },
+        "required": ["results"],
+    },
+    refs=(AcceptedOut, BatchItemProblem),
+)
+
+
+class MessagePage(msgspec.Struct):
+    """GET /v1/messages: one page, newest first; `next_cursor` is null on the last page."""
+
+    items: list[MessageOut]
+    next_cursor: str | None
+
+
+class SummaryGroup(msgspec.Struct):
+    """One day (YYYY-MM-DD, UTC) or one status of a summary; `cost` is captured credit."""
+
+    messages: int
+    sent: int
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+    day: str | None = None  # group_by=day
+    status: str | None = None  # group_by=status
+
+
+class SummaryTotals(msgspec.Struct):
+    messages: int
+    sent: int
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+
+
+class SummaryOut(msgspec.Struct):
+    """GET /v1/reports/summary."""
+
+    from_: Timestamp | None = msgspec.field(name="from")
+    to: Timestamp | None
+    group_by: Literal["day", "status"]
+    groups: list[SummaryGroup]
+    totals: SummaryTotals
+
+
+AccountId = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+DateTime = {"type": "string", "format": "date-time"}
+MessageId = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+
+# --- the route table ---------------------------------------------------------------------------
+
+ROUTES: list[Route] = [
+    # accounts (routes/accounts.py)
+    Route(
+        "POST",
+        "/v1/accounts",
+        "Create an account; its API key is shown only in this answer",
+        "accounts",
+        auth="admin",
+        request=CreateAccountIn,
+        responses={201: AccountCreatedOut},
+        problems=(503,),
+    ),
+    Route(
+        "POST",
+        "/v1/accounts/{account_id}/topups",
+        "Add credit to an account",
+        "accounts",
+        auth="admin",
+        request=TopUpIn,
+        responses={200: BalanceOut},
+        params=(Param("account_id", "path", AccountId, required=True),),
+        problems=(503,),
+    ),
+    Route("GET", "/v1/account", "The calling account", "accounts", responses={200: AccountOut}),
+    Route(
+        "POST",
+        "/v1/account/keys/rotate",
+        "Replace the calling account's API key; the old one stops working",
+        "accounts",
+        responses={200: KeyRotatedOut},
+        idempotent=False,
+        problems=(503,),
+    ),
+    # messages (routes/messages.py, routes/batch.py)
+    Route(
+        "POST",
+        "/v1/messages",
+        "Send one message",
+        "messages",
+        request=SendIn,
+        responses={202: AcceptedOut, 200: MessageOut},
+        problems=(402, 503),
+        description=(
+            "202 once the message and its credit hold are committed. 200 with the existing"
+            " message when `client_ref` was used before by this account (nothing new is"
+            " stored). 402 when the balance does not cover the price (nothing stored or held)."
+        ),
+    ),
+    # reports (routes/reports.py)
+    Route(
+        "GET",
+        "/v1/messages",
+        "The calling account's messages, newest first, a page at a time",
+        "reports",
+        responses={200: MessagePage},
+        params=(
+            Param("limit", "query", Annotated[int, msgspec.Meta(ge=1, le=1_000)]),
+            Param("cursor", "query", str, description="`next_cursor` of the previous page"),
+            Param("status", "query", Literal["queued", "sent", "failed"]),
+            Param("to", "query", Recipient),
+            Param("client_ref", "query", ClientRef),
+            Param("express", "query", bool),
+            Param("created_from", "query", DateTime, description="inclusive"),
+            Param("created_to", "query", DateTime, description="exclusive"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/reports/summary",
+        "Counts and credit per UTC day or per status",
+        "reports",
+        responses={200: SummaryOut},
+        params=(
+            Param("from", "query", DateTime, description="inclusive"),
+            Param("to", "query", DateTime, description="exclusive"),
+            Param("group_by", "query", Literal["day", "status"]),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/messages/export",
+        "The calling account's messages as CSV, oldest first, streamed",
+        "reports",
+        responses={200: Content("text/csv", {"type": "string"})},
+        params=(
+            Param("from", "query", DateTime, description="inclusive"),
+            Param("to", "query", DateTime, description="exclusive; default: now"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/messages/{message_id}",
+        "One message of the calling account",
+        "messages",
+        responses={200: MessageOut},
+        params=(Param("message_id", "path", MessageId, required=True),),
+    ),
+    Route(
+        "POST",
+        "/v1/messages/batch",
+        "Send up to 1,000 messages",
+        "messages",
+        request=BatchRequest,
+        responses={202: _BATCH_OUT},
+        problems=(402, 503),
+        idempotent=False,
+        description=(
+            "202 with one result per item, in order. Credit is held item by item; once it runs"
+            " out, the rest are refused. With `atomic`, all or none: 422 when any item is"
+            " invalid, 402 when the balance cannot cover them all."
+        ),
+    ),
+    # operations (routes/ops.py, routes/metrics.py, routes/docs.py)
+    Route("GET", "/health", "Liveness", "ops", auth="none", responses={200: HealthOut}),
+    Route(
+        "GET",
+        "/ready",
+        "Readiness: PostgreSQL answers and recovery is done",
+        "ops",
+        auth="none",
+        responses={200: ReadyOut},
+        problems=(503,),
+    ),
+    Route(
+        "GET",
+        "/v1/ops/supervisor",
+        "The supervision tree: each actor's state, restarts, inbox and own figures",
+        "ops",
+        auth="admin",
+        responses={200: SupervisorStatus},
+        problems=(503,),
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        "Prometheus metrics (text format)",
+        "ops",
+        auth="admin",
+        responses={200: Content("text/plain", {"type": "string"})},
+        description=(
+            "Needs the admin key unless the node runs with SMSGW_METRICS_PUBLIC=1; then it is"
+            " open (keep it off public networks)."
+        ),
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        "This document",
+        "ops",
+        auth="none",
+        responses={200: Content("application/json", {"type": "object"})},
+    ),
+    Route(
+        "GET",
+        "/docs",
+        "A page that shows this document",
+        "ops",
+        auth="none",
+        responses={200: Content("text/html", {"type": "string"})},
+    ),
+]
+
+
+# --- the builder ---------------------------------------------------------------------------
+
+
+_SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
+    "none": [],
+    "account": [{"accountKey": []}],
+    "admin": [{"adminKey": []}],
+}
+_STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content"}
+_REQUEST_ID = "X-Request-Id"
+
+
+def document(routes: Sequence[Route] = ROUTES, *, title: str = "smsgw") -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `routes`, as a JSON-ready dict."""
+    types = _types(routes)
+    refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    schema_of = dict(zip(types, refs, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        operation = _operation(route, schema_of)
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": title,
+            "version": API_VERSION,
+            "description": (
+                "An SMS gateway: prepaid credit, fair dispatch, an express lane. Errors are"
+                " application/problem+json (RFC 9457) with a stable `code`."
+            ),
+        },
+        "tags": [{"name": t} for t in dict.fromkeys(r.tag for r in routes)],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "securitySchemes": {
+                "accountKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An account's API key: `Authorization: Bearer sk_...`",
+                },
+                "adminKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The node's admin key (SMSGW_ADMIN_KEY)",
+                },
+            },
+            "parameters": {
+                "IdempotencyKey": {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": (
+                        "Retry safely: the same key with the same request within 24 hours"
+                        " replays the first answer; with another request it is a 422."
+                    ),
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 255,
+                        "pattern": "^[ -~]+$",
+                    },
+                },
+                "RequestId": {
+                    "name": _REQUEST_ID,
+                    "in": "header",
+                    "required": False,
+                    "description": (
+                        "Your id for this request (1 to 128 of A-Z a-z 0-9 . _ : -), echoed"
+                        " in the answer and the gateway's logs; another value is replaced by"
+                        " one the gateway makes."
+                    ),
+                    "schema": {"type": "string"},
+                },
+            },
+            "headers": {
+                "RequestId": {
+                    "description": "The request's id, as in the gateway's logs",
+                    "schema": {"type": "string"},
+                },
+                "RetryAfter": {
+                    "description": "Seconds to wait before trying again",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                },
+            },
+        },
+    }
+
+
+def _types(routes: Iterable[Route]) -> list[Any]:
+    """Every type the document describes, each once: Problem first, then in route order."""
+    seen: dict[Any, None] = {Problem: None}
+
+    def add(kind: Any) -> None:
+        if isinstance(kind, Content):
+            for ref in kind.refs:
+                seen.setdefault(ref, None)
+        elif kind is not None:
+            seen.setdefault(kind, None)
+
+    for route in routes:
+        add(route.request)
+        for body in route.responses.values():
+            add(body)
+        for param in _params(route):
+            if not isinstance(param.schema, dict):
+                add(param.schema)
+    return list(seen)
+
+
+def _operation(route: Route, schema_of: Mapping[Any, dict[str, Any]]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": route.operation_id or _operation_id(route),
+        "summary": route.summary,
+        "tags": [route.tag],
+        "security": _SECURITY[route.auth],
+    }
+    if route.description:
+        operation["description"] = route.description
+    parameters = [_parameter(p, schema_of) for p in _params(route)]
+    if route.takes_idempotency_key:
+        parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
+    parameters.append({"$ref": "#/components/parameters/RequestId"})
+    operation["parameters"] = parameters
+    if route.request is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": _content(route.request, schema_of),
+        }
+    responses: dict[str, Any] = {}
+    for status, body in sorted(route.responses.items()):
+        response: dict[str, Any] = {
+            "description": _STATUS_TEXT.get(status, str(status)),
+            "headers": {_REQUEST_ID: {"$ref": "#/components/headers/RequestId"}},
+        }
+        if body is not None:
+            response["content"] = _content(body, schema_of)
+        responses[str(status)] = response
+    for status in route.problem_statuses():
+        headers = {_REQUEST_ID: {"$ref": "#/components/headers/RequestId"}}
+        if status in (429, 503):
+            headers["Retry-After"] = {"$ref": "#/components/headers/RetryAfter"}
+        responses[str(status)] = {
+            "description": TITLES.get(status, "Error"),
+            "headers": headers,
+            "content": {"application/problem+json": {"schema": schema_of[Problem]}},
+        }
+    operation["responses"] = responses
+    return operation
+
+
+def _params(route: Route) -> list[Param]:
+    """The declared parameters, plus any path parameter the path names but they do not."""
+    declared = {p.name for p in route.params if p.location == "path"}
+    implied = [
+        Param(name, "path", str, required=True)
+        for name in re.findall(r"{([^}]+)}", route.path)
+        if name not in declared
+    ]
+    return [*route.params, *implied]
+
+
+def _parameter(param: Param, schema_of: Mapping[Any, dict[str, Any]]) -> dict[str, Any]:
+    schema = param.schema if isinstance(param.schema, dict) else schema_of[param.schema]
+    out: dict[str, Any] = {
+        "name": param.name,
+        "in": param.location,
+        "required": param.required or param.location == "path",
+        "schema": schema,
+    }
+    if param.description:
+        out["description"] = param.description
+    return out
+
+
+def _content(body: Any, schema_of: Mapping[Any, dict[str, Any]]) -> dict[str, Any]:
+    if isinstance(body, Content):
+        return {body.media_type: {} if body.schema is None else {"schema": body.schema}}
+    return {"application/json": {"schema": schema_of[body]}}
+
+
+def _operation_id(route: Route) -> str:
+    words = re.sub(r"[{}]", "", route.path).strip("/").replace(".", "_")
+    return route.method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", words).strip("_")
+
+
+def rule_to_path(rule: str) -> str:
+    """A werkzeug URL rule as an OpenAPI path: `/a/<int:id>` -> `/a/{id}`."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)

@@ -1,0 +1,156 @@
+"""The OpenAPI document as built from the route table (no server)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import schemathesis
+
+from smsgw.engine import sms as rules
+from smsgw.http.openapi import ROUTES, Param, Route, document, rule_to_path
+
+DOC = document()
+OPERATIONS = [
+    (path, method, op) for path, item in DOC["paths"].items() for method, op in item.items()
+]
+
+
+def test_it_is_openapi_3_1_and_schemathesis_loads_it() -> None:
+    assert DOC["openapi"] == "3.1.0"
+    schema = schemathesis.openapi.from_dict(DOC)
+    loaded = [result.ok() for result in schema.get_all_operations()]
+    assert len(loaded) == len(ROUTES) == len(OPERATIONS)
+
+
+@pytest.mark.parametrize(("path", "method", "op"), OPERATIONS, ids=lambda v: str(v)[:40])
+def test_every_error_is_a_problem(path: str, method: str, op: dict) -> None:
+    statuses = [int(s) for s in op["responses"]]
+    assert 500 in statuses
+    for status, response in op["responses"].items():
+        if int(status) >= 400:
+            assert response["content"] == {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            }, (path, method, status)
+        assert "X-Request-Id" in response["headers"]
+    for status in ("429", "503"):
+        if status in op["responses"]:
+            assert "Retry-After" in op["responses"][status]["headers"]
+
+
+def test_security_names_the_key_each_route_needs() -> None:
+    schemes = DOC["components"]["securitySchemes"]
+    assert schemes["accountKey"] == schemes["accountKey"] | {"type": "http", "scheme": "bearer"}
+    assert schemes["adminKey"]["scheme"] == "bearer"
+    ops = {(m.upper(), p): op for p, m, op in OPERATIONS}
+    assert ops[("POST", "/v1/messages")]["security"] == [{"accountKey": []}]
+    assert ops[("POST", "/v1/accounts")]["security"] == [{"adminKey": []}]
+    assert ops[("GET", "/health")]["security"] == []
+    # Authenticated routes can refuse the key; only account routes are rate limited.
+    assert {"401", "403", "429"} <= set(ops[("GET", "/v1/account")]["responses"])
+    assert "429" not in ops[("GET", "/v1/ops/supervisor")]["responses"]
+
+
+def test_account_posts_take_an_idempotency_key() -> None:
+    ref = {"$ref": "#/components/parameters/IdempotencyKey"}
+    ops = {(m.upper(), p): op for p, m, op in OPERATIONS}
+    assert ref in ops[("POST", "/v1/messages")]["parameters"]
+    assert "409" in ops[("POST", "/v1/messages")]["responses"]
+    assert ref not in ops[("POST", "/v1/accounts")]["parameters"]  # admin: not idempotent
+    assert ref not in ops[("GET", "/v1/account")]["parameters"]
+
+
+def test_bodies_are_the_handlers_structs() -> None:
+    ops = {(m.upper(), p): op for p, m, op in OPERATIONS}
+    send = ops[("POST", "/v1/messages")]
+    assert send["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SendIn"
+    }
+    assert send["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/AcceptedOut"
+    }
+    components = DOC["components"]["schemas"]
+    assert components["SendIn"]["additionalProperties"] is False
+    assert set(components["SendIn"]["required"]) == {"to", "text"}
+
+
+def test_path_parameters_are_declared() -> None:
+    ops = {(m.upper(), p): op for p, m, op in OPERATIONS}
+    (param, *_) = ops[("POST", "/v1/accounts/{account_id}/topups")]["parameters"]
+    assert param == {
+        "name": "account_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    }
+    # A path parameter nobody declared is still there, as a string.
+    route = Route("GET", "/x/{thing}", "x", "t", auth="none")
+    (implied, _request_id) = document([route])["paths"]["/x/{thing}"]["get"]["parameters"]
+    assert implied == {
+        "name": "thing",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+
+
+def test_query_params_and_content_bodies() -> None:
+    route = Route(
+        "GET",
+        "/x",
+        "x",
+        "t",
+        params=(Param("limit", "query", int, description="how many"),),
+    )
+    op = document([route])["paths"]["/x"]["get"]
+    assert op["parameters"][0] == {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer"},
+        "description": "how many",
+    }
+    assert "422" in op["responses"]
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "+4915123456789",
+        "+1234567",
+        "4915123456789",
+        "+0123456789",
+        "+49 151",
+        "+1234567890123456",
+        "+12345a7",
+    ],
+)
+def test_the_recipient_pattern_says_what_the_rule_checks(to: str) -> None:
+    pattern = DOC["components"]["schemas"]["SendIn"]["properties"]["to"]["pattern"]
+    assert bool(re.fullmatch(pattern, to)) == (rules.recipient_problem(to) is None)
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "smsgw",
+        "ACME Ltd",
+        "a.b_c-d",
+        "TwelveChars1",
+        "+4915123456789",
+        "1234567890123456",
+        "ab!",
+        "",
+    ],
+)
+def test_the_sender_pattern_says_what_the_rule_checks(sender: str) -> None:
+    prop = DOC["components"]["schemas"]["SendIn"]["properties"]["sender"]["anyOf"][0]
+    assert bool(re.fullmatch(prop["pattern"], sender)) == (rules.sender_problem(sender) is None)
+
+
+def test_rule_to_path() -> None:
+    assert rule_to_path("/v1/accounts/<int(max=9):account_id>/topups") == (
+        "/v1/accounts/{account_id}/topups"
+    )
+    assert rule_to_path("/v1/messages/<message_id>") == "/v1/messages/{message_id}"
+    assert rule_to_path("/health") == "/health"
