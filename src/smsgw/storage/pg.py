@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -525,16 +526,41 @@ def messages_sql(
     if query.express is not None:
         # A literal, not a parameter: the partial express index must be provable from it.
         where.append("express" if query.express else "NOT express")
+    # At most one bound on each side of (created_at, id): the most restrictive of the range,
+    # the cursor and the page's end. With a row comparison and a plain one on the same side,
+    # PostgreSQL may start the index scan at the wrong one (at the range's start, not at the
+    # cursor), and each page would cost more than the one before.
+    # A bound: its position, whether it excludes that position, and its SQL. `created_at >= t`
+    # is the position (t, the least uuid) included, `created_at < t` that position excluded.
+    low: list[tuple[tuple[datetime, uuid.UUID], bool, Callable[[], str]]] = []
+    high: list[tuple[tuple[datetime, uuid.UUID], bool, Callable[[], str]]] = []
+
+    def time_bound(op: str, at: datetime) -> Callable[[], str]:
+        return lambda: f"created_at {op} {arg(at)}"
+
+    def row_bound(op: str, position: tuple[datetime, str]) -> Callable[[], str]:
+        return lambda: f"(created_at, id) {op} ({arg(position[0])}, {arg(position[1], '::uuid')})"
+
     if query.created_from is not None:
-        where.append(f"created_at >= {arg(query.created_from)}")
+        low.append(((query.created_from, _MIN_UUID), False, time_bound(">=", query.created_from)))
     if query.created_to is not None:
-        where.append(f"created_at < {arg(query.created_to)}")
-    for position, op in ((query.after, ">"), (through, "<=")):
-        if position is not None:
-            if not query.ascending:
-                op = {">": "<", "<=": ">="}[op]
-            at, message_id = position
-            where.append(f"(created_at, id) {op} ({arg(at)}, {arg(message_id, '::uuid')})")
+        high.append(((query.created_to, _MIN_UUID), True, time_bound("<", query.created_to)))
+    if query.after is not None:
+        key = (query.after[0], uuid.UUID(query.after[1]))
+        if query.ascending:
+            low.append((key, True, row_bound(">", query.after)))
+        else:
+            high.append((key, True, row_bound("<", query.after)))
+    if through is not None:
+        key = (through[0], uuid.UUID(through[1]))
+        if query.ascending:
+            high.append((key, False, row_bound("<=", through)))
+        else:
+            low.append((key, False, row_bound(">=", through)))
+    if low:
+        where.append(max(low, key=lambda b: (b[0], b[1]))[2]())
+    if high:
+        where.append(min(high, key=lambda b: (b[0], not b[1]))[2]())
     direction = "ASC" if query.ascending else "DESC"
     # messages.id, not id: the bare name would be the output column (the id as text), and the
     # index could no longer give the order by itself.
@@ -546,6 +572,8 @@ def messages_sql(
     )
     return sql, args
 
+
+_MIN_UUID = uuid.UUID(int=0)
 
 # The CSV export's columns, formatted by PostgreSQL, in the order of the route's header.
 _RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""

@@ -1,0 +1,65 @@
+"""The SQL of report pages: one bound on each side of (created_at, id), the tightest one."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from smsgw.engine.ports import MessageQuery
+from smsgw.storage.pg import messages_sql
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+ID = "0194199d-0000-7000-8000-000000000001"
+
+
+def bounds(sql: str) -> list[str]:
+    where = sql.split(" WHERE ", 1)[1].split(" ORDER BY ", 1)[0]
+    return [c for c in where.split(" AND ") if "created_at" in c]
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_a_range_alone_gives_two_time_bounds(ascending: bool) -> None:
+    query = MessageQuery(
+        limit=10, created_from=T0, created_to=T0 + timedelta(days=1), ascending=ascending
+    )
+    sql, args = messages_sql(1, query)
+    assert bounds(sql) == ["created_at >= $2", "created_at < $3"]
+    assert args[1:3] == [T0, T0 + timedelta(days=1)]
+
+
+def test_a_cursor_inside_the_range_replaces_the_bound_on_its_side() -> None:
+    after = (T0 + timedelta(hours=5), ID)
+    range_ = {"created_from": T0, "created_to": T0 + timedelta(days=1)}
+    sql, args = messages_sql(1, MessageQuery(limit=10, after=after, ascending=True, **range_))
+    assert bounds(sql) == ["(created_at, id) > ($2, $3::uuid)", "created_at < $4"]
+    assert args[1:4] == [after[0], ID, T0 + timedelta(days=1)]
+    sql, _ = messages_sql(1, MessageQuery(limit=10, after=after, **range_))
+    assert bounds(sql) == ["created_at >= $2", "(created_at, id) < ($3, $4::uuid)"]
+
+
+def test_a_cursor_outside_the_range_leaves_the_range_bound() -> None:
+    # A newest-first cursor later than created_to (say, from a page with other filters).
+    late = (T0 + timedelta(days=3), ID)
+    sql, args = messages_sql(
+        1, MessageQuery(limit=10, after=late, created_to=T0 + timedelta(days=1))
+    )
+    assert bounds(sql) == ["created_at < $2"] and args[1] == T0 + timedelta(days=1)
+
+
+def test_a_page_end_bounds_the_other_side() -> None:
+    after, through = (T0, ID), (T0 + timedelta(minutes=1), ID)
+    sql, _ = messages_sql(
+        1,
+        MessageQuery(limit=10, after=after, ascending=True, created_to=T0 + timedelta(days=1)),
+        through=through,
+    )
+    assert bounds(sql) == [
+        "(created_at, id) > ($2, $3::uuid)",
+        "(created_at, id) <= ($4, $5::uuid)",
+    ]
+
+
+def test_order_names_the_table_columns() -> None:
+    sql, _ = messages_sql(1, MessageQuery(limit=10))
+    assert sql.endswith("ORDER BY messages.created_at DESC, messages.id DESC LIMIT $2")
