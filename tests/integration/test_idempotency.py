@@ -287,11 +287,6 @@ async def test_invalid_message_with_a_used_client_ref_is_still_422(
     assert_problem(r, 422)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the group commit does not yet insert client_ref rows with ON CONFLICT DO NOTHING;"
-    " until it does, a race between two new sends with one client_ref fails their group",
-)
 async def test_concurrent_sends_with_one_new_client_ref_store_one_message(
     database_url: str, schema: str
 ) -> None:
@@ -330,10 +325,6 @@ def sms(account_id: int, client_ref: str | None, price: int = 5) -> OutboundSms:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the group commit does not yet skip (and not hold for) client_ref conflicts",
-)
 async def test_group_commit_stores_and_holds_one_message_per_client_ref(
     database_url: str, schema: str
 ) -> None:

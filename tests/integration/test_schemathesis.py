@@ -47,17 +47,6 @@ CHECKS = [
     response_schema_conformance,
 ]
 ROTATE = ("POST", "/v1/account/keys/rotate")
-BATCH = "POST /v1/messages/batch"
-
-
-def without_client_refs(body: Any) -> None:
-    """Known gap, not tested here: a batch item whose client_ref is already taken (or taken
-    twice in one batch) fails its whole group commit until the group commit inserts with ON
-    CONFLICT DO NOTHING (see the xfail tests in test_idempotency.py). Remove this then."""
-    if isinstance(body, dict) and isinstance(body.get("messages"), list):
-        for item in body["messages"]:
-            if isinstance(item, dict):
-                item.pop("client_ref", None)
 
 
 class Keys:
@@ -116,8 +105,6 @@ def fuzz(
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         headers = keys.for_operation(security)
-        if label == BATCH:
-            without_client_refs(case.body)
         response = case.call(base_url=base_url, session=session, headers=headers)
         answers[f"{label} {response.status_code}"] += 1
         case.validate_response(response, checks=CHECKS, headers=headers)

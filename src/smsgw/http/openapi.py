@@ -370,12 +370,14 @@ ROUTES: list[Route] = [
         "messages",
         request=BatchRequest,
         responses={202: _BATCH_OUT},
-        problems=(402, 503),
+        problems=(402, 409, 503),
         idempotent=False,
         description=(
             "202 with one result per item, in order. Credit is held item by item; once it runs"
-            " out, the rest are refused. With `atomic`, all or none: 422 when any item is"
-            " invalid, 402 when the balance cannot cover them all."
+            " out, the rest are refused. An item whose `client_ref` the account already used"
+            " gets a 409 problem result. With `atomic`, all or none: 422 when any item is"
+            " invalid, 402 when the balance cannot cover them all, 409 when a `client_ref` is"
+            " taken."
         ),
     ),
     # operations (routes/ops.py, routes/metrics.py, routes/docs.py)

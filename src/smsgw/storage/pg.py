@@ -161,6 +161,8 @@ FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::in
             $8::bool[], $9::text[], $10::float8[], $11::float8[])
      AS x(id, account_id, recipient, sender, body, segments, price, express, client_ref,
           deadline, created_at)
+ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
+RETURNING id::text
 """
 
 # Only a message that is not final yet takes an outcome: exactly one outcome per message,
@@ -264,7 +266,7 @@ class PgStore:
                         stored.append(sms)
                         messages.setdefault(sms.account_id, [0, 0, 0])[0] += 1
             if stored:
-                await conn.execute(
+                rows = await conn.fetch(
                     _INSERT_MESSAGES,
                     [s.id for s in stored],
                     [s.account_id for s in stored],
@@ -278,6 +280,9 @@ class PgStore:
                     [s.deadline for s in stored],
                     [s.created_at for s in stored],
                 )
+                if len(rows) < len(stored):
+                    inserted = {r[0] for r in rows}
+                    await _undo_duplicates(conn, book, group, accepts, inserted, messages)
             await _write_credit(conn, book, messages)
         return GroupResult(accepts, topups, creates)
 
@@ -629,6 +634,44 @@ RETURNING true
 _READ_KEY = """
 SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AND key = $2
 """
+
+
+async def _undo_duplicates(
+    conn: asyncpg.Connection,
+    book: CreditBook,
+    group: WriteGroup,
+    accepts: list[list[AcceptResult]],
+    inserted: set[str],
+    messages: dict[int, list[int]],
+) -> None:
+    """Some messages were not stored: their client_ref is taken (by an earlier message, or by
+    another in this same group). The unique index is the arbiter, exact across requests and
+    nodes. Their holds are taken back and they are answered `duplicate_client_ref`; in an atomic
+    request the siblings that were stored are removed too (`batch_rejected`): all or none."""
+    remove: list[str] = []
+    for (items, atomic), results in zip(group.accepts, accepts, strict=True):
+        duplicates = {
+            i for i, s in enumerate(items) if results[i].accepted and s.id not in inserted
+        }
+        if not duplicates:
+            continue
+        undo = range(len(items)) if atomic else sorted(duplicates)
+        for i in undo:
+            sms = items[i]
+            if not results[i].accepted:
+                continue
+            if sms.id in inserted:
+                remove.append(sms.id)
+            book.unhold(sms.account_id, sms.price)
+            messages[sms.account_id][0] -= 1
+            reason: Literal["duplicate_client_ref", "batch_rejected"] = (
+                "duplicate_client_ref" if i in duplicates else "batch_rejected"
+            )
+            results[i] = AcceptResult(
+                accepted=False, reason=reason, balance=book.accounts[sms.account_id].balance
+            )
+    if remove:
+        await conn.execute("DELETE FROM messages WHERE id = ANY($1::uuid[])", remove)
 
 
 def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:

@@ -63,6 +63,14 @@ async def send_batch() -> Response:
     if valid:
         items = [sms for _, sms in valid]
         accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
+        if data.atomic and any(r.reason == "duplicate_client_ref" for r in accepted):
+            taken = [i for (i, _), r in zip(valid, accepted, strict=True) if r.reason]
+            raise ProblemError(
+                409,
+                "duplicate_client_ref",
+                "a message of this account already has the client_ref of item"
+                f" {taken[0]}; nothing was stored (atomic batch)",
+            )
         if data.atomic and not accepted[0].accepted:
             total = sum(sms.price for sms in items)
             raise ProblemError(
@@ -75,6 +83,15 @@ async def send_batch() -> Response:
         for (index, sms), result in zip(valid, accepted, strict=True):
             if result.accepted:
                 results[index] = AcceptedOut(sms.id, "queued", sms.segments, sms.price)
+            elif result.reason == "duplicate_client_ref":
+                results[index] = item_problem(
+                    index,
+                    ProblemError(
+                        409,
+                        "duplicate_client_ref",
+                        f"a message of this account already has client_ref {sms.client_ref!r}",
+                    ),
+                )
             else:
                 results[index] = item_problem(
                     index,
