@@ -13,10 +13,19 @@ DROP INDEX messages_account_created;
 CREATE STATISTICS messages_created_day ON ((created_at AT TIME ZONE 'UTC')::date) FROM messages;
 
 -- Filtered pages. Without these, a filter that matches few rows (a rare status, one
--- recipient) walks the whole account to fill a page. Each full index costs one entry per
--- insert and per status update (status updates are not HOT: messages_pending's predicate
--- reads status); the express index is partial, so it costs about 5% of that.
-CREATE INDEX messages_account_status ON messages (account_id, status, created_at DESC, id DESC);
+-- recipient) walks the whole account to fill a page. Every index costs the write path: status
+-- updates are not HOT (messages_pending's predicate reads status), so each index gets an entry
+-- per insert and per update. Measured with COPY and 2,000-row status updates on 2 cores, this
+-- migration's indexes take inserts from about 130k to 55k rows/s and updates from about 50k to
+-- 30k rows/s; the recipient index is the dearest (its insertion points are random).
+--
+-- The status index leaves out `sent`, the status nearly every message ends in: a page of sent
+-- messages is found on messages_account_recent at once, and the rare statuses (queued, failed)
+-- get an index a twentieth of the size that `sent` rows never enter. Queries name the status as
+-- a literal so the planner can prove the predicate. When delivery reports add statuses, the
+-- common final ones belong in the predicate too.
+CREATE INDEX messages_account_status ON messages (account_id, status, created_at DESC, id DESC)
+    WHERE status <> 'sent';
 CREATE INDEX messages_account_recipient
     ON messages (account_id, recipient, created_at DESC, id DESC);
 CREATE INDEX messages_account_express ON messages (account_id, created_at DESC, id DESC)
