@@ -15,9 +15,11 @@ CREATE STATISTICS messages_created_day ON ((created_at AT TIME ZONE 'UTC')::date
 -- Filtered pages. Without these, a filter that matches few rows (a rare status, one
 -- recipient) walks the whole account to fill a page. Every index costs the write path: status
 -- updates are not HOT (messages_pending's predicate reads status), so each index gets an entry
--- per insert and per update. Measured with COPY and 2,000-row status updates on 2 cores, this
--- migration's indexes take inserts from about 130k to 55k rows/s and updates from about 50k to
--- 30k rows/s; the recipient index is the dearest (its insertion points are random).
+-- per insert and per update. Measured with COPY and 2,000-row status updates on 2 cores
+-- (medians of 4 rounds): 001's indexes alone 116k inserts/s and 63k updates/s; with these,
+-- 66k and 33k. Nearly all of that is the recipient index, whose insertion points are random:
+-- without it, 117k and 47k. It is kept because a lookup by recipient must not walk an
+-- account's whole history; drop it if the write path needs the room more.
 --
 -- The status index leaves out `sent`, the status nearly every message ends in: a page of sent
 -- messages is found on messages_account_recent at once, and the rare statuses (queued, failed)
