@@ -289,9 +289,51 @@ class GatewayPhase(msgspec.Struct, kw_only=True):
     reconciliation: Reconciliation
     cpu: CpuUse
     operator_cpu: CpuUse | None
+    postgres_cpu: float | None  # % of one core, embedded PostgreSQL only
     profile: dict[str, Any] | None
     loadavg_before: list[float] | None
     loadavg_after: list[float] | None
+
+
+class PostgresCpu:
+    """CPU of the embedded PostgreSQL (its postmaster and the processes it forked), in percent
+    of one core between `start` and `stop`. Backends that exit meanwhile take their CPU with
+    them, so it is a floor; the gateway's pooled connections live through a phase. None with
+    DATABASE_URL (the server may be anywhere) or without /proc."""
+
+    def __init__(self, data_dir: Path | None) -> None:
+        self._data_dir = data_dir
+        self._start: float | None = None
+        self._wall = 0.0
+
+    def _cpu_s(self) -> float | None:
+        if self._data_dir is None:
+            return None
+        try:
+            postmaster = int((self._data_dir / "postmaster.pid").read_text().split()[0])
+            total = 0.0
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                pid = int(stat.parent.name)
+                if pid == postmaster or int(fields[1]) == postmaster:  # fields[1]: ppid
+                    total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self) -> None:
+        self._wall = time.monotonic()
+        self._start = self._cpu_s()
+
+    def stop(self) -> float | None:
+        end = self._cpu_s()
+        wall = time.monotonic() - self._wall
+        if end is None or self._start is None or wall <= 0:
+            return None
+        return round(100.0 * (end - self._start) / wall, 1)
 
 
 def loadavg() -> list[float] | None:
@@ -642,6 +684,8 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
             keys_file.write_text(json.dumps(keys))
             load_before = loadavg()
             meter = CpuMeter(gateway.process.pid)
+            pg_meter = PostgresCpu(args.pg_data_dir)
+            pg_meter.start()
             op_meter = CpuMeter(operator.process.pid) if operator is not None else None
             meter.start()
             if op_meter is not None:
@@ -667,6 +711,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
             finally:
                 stop_process(loadgen, grace=5)
             cpu = meter.stop()
+            postgres_cpu = pg_meter.stop()
             operator_cpu = op_meter.stop() if op_meter is not None else None
             load_after = loadavg()
             profile = None
@@ -706,6 +751,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
         reconciliation=reconciliation,
         cpu=cpu,
         operator_cpu=operator_cpu,
+        postgres_cpu=postgres_cpu,
         profile=profile,
         loadavg_before=load_before,
         loadavg_after=load_after,
@@ -840,7 +886,7 @@ def summarize(
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("out",)
+            if k not in ("out", "pg_data_dir")
         },
         "figures": figures,
         "checks": checks,
@@ -905,7 +951,8 @@ def markdown(result: dict[str, Any]) -> str:
                 if p["drain_s"] is not None
                 else f"NO ({p['drain_pending_left']})",
                 "ok" if rec["ok"] else "FAIL",
-                f"{_cell(cpu['server'])} / {_cell(cpu['loadgen'])} / {_cell(cpu['machine'])}"
+                f"{_cell(cpu['server'])} / {_cell(p['postgres_cpu'])} / {_cell(cpu['loadgen'])}"
+                f" / {_cell(cpu['machine'])}"
                 + (
                     f" / op {_cell(p['operator_cpu']['server'])}"
                     if p["operator_cpu"] is not None
@@ -926,7 +973,7 @@ def markdown(result: dict[str, Any]) -> str:
         "durable",
         "drain s",
         "reconciled",
-        "CPU % gateway / loadgen / machine",
+        "CPU % gateway / postgres / loadgen / machine",
     ]
     out.append(markdown_table(header, [[_cell(c) for c in row] for row in rows]))
     checks = [
@@ -1022,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="smsgw-bench-throughput-") as tmp,
         database(Path(tmp)) as (database_url, source),
     ):
+        args.pg_data_dir = Path(tmp) / "pgdata" if source == "embedded" else None
         if "copy" in args.phases:
             copy = copy_phase(database_url, args)
         for spec in specs(args):
