@@ -16,6 +16,7 @@ import trio
 
 from smsgw.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
+from smsgw.storage.ledger import LEDGER_SQL
 from tests.conftest import admin, bearer, node_options
 
 FINAL = frozenset({"sent", "failed"})
@@ -148,49 +149,9 @@ async def message_count(database_url: str, schema: str) -> int:
     return int(rows[0]["n"])
 
 
-# One statement, so one snapshot: the accounts, their messages and their ledger rows agree.
-_LEDGER = """
-SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
-       coalesce(m.n_all, 0) AS n_all, coalesce(m.n_sent, 0) AS n_sent,
-       coalesce(m.n_failed, 0) AS n_failed, coalesce(m.n_pending, 0) AS n_pending,
-       coalesce(m.price_all, 0) AS price_all, coalesce(m.price_sent, 0) AS price_sent,
-       coalesce(m.price_failed, 0) AS price_failed,
-       coalesce(m.price_pending, 0) AS price_pending,
-       coalesce(l.topup, 0) AS l_topup, coalesce(l.hold, 0) AS l_hold,
-       coalesce(l.capture, 0) AS l_capture, coalesce(l.release, 0) AS l_release,
-       coalesce(l.hold_n, 0) AS l_hold_n, coalesce(l.capture_n, 0) AS l_capture_n,
-       coalesce(l.release_n, 0) AS l_release_n
-FROM accounts a
-LEFT JOIN (
-    SELECT account_id,
-           count(*) AS n_all,
-           count(*) FILTER (WHERE status = 'sent') AS n_sent,
-           count(*) FILTER (WHERE status = 'failed') AS n_failed,
-           count(*) FILTER (WHERE status IN ('queued', 'sending')) AS n_pending,
-           sum(price) AS price_all,
-           sum(price) FILTER (WHERE status = 'sent') AS price_sent,
-           sum(price) FILTER (WHERE status = 'failed') AS price_failed,
-           sum(price) FILTER (WHERE status IN ('queued', 'sending')) AS price_pending
-    FROM messages GROUP BY account_id
-) m ON m.account_id = a.id
-LEFT JOIN (
-    SELECT account_id,
-           sum(amount) FILTER (WHERE kind = 'topup') AS topup,
-           sum(amount) FILTER (WHERE kind = 'hold') AS hold,
-           sum(amount) FILTER (WHERE kind = 'capture') AS capture,
-           sum(amount) FILTER (WHERE kind = 'release') AS release,
-           sum(messages) FILTER (WHERE kind = 'hold') AS hold_n,
-           sum(messages) FILTER (WHERE kind = 'capture') AS capture_n,
-           sum(messages) FILTER (WHERE kind = 'release') AS release_n
-    FROM credit_ledger GROUP BY account_id
-) l ON l.account_id = a.id
-ORDER BY a.id
-"""
-
-
 async def ledger(database_url: str, schema: str) -> dict[int, dict[str, int]]:
     """Per account: its credit columns, its messages and its ledger, summed by kind."""
-    rows = await db_fetch(database_url, schema, _LEDGER)
+    rows = await db_fetch(database_url, schema, LEDGER_SQL)
     return {r["id"]: {k: int(v) for k, v in r.items()} for r in rows}
 
 
