@@ -74,6 +74,9 @@ class Phase(msgspec.Struct, kw_only=True):
     latency_ms: dict[str, float] | None  # p50, p95, p99, max of 2xx responses
     durability: Durability | None  # gateway phases only
     cpu: CpuUse  # during the load generator's run (warmup and drain included)
+    # Server CPU per answered request (warmup included): unlike req/s, this barely moves when
+    # other work competes for the cores, so it is the figure to compare across runs.
+    server_cpu_ms_per_request: float | None
 
 
 def to_phase(
@@ -98,7 +101,14 @@ def to_phase(
         latency_ms=msgspec.to_builtins(load.latency_ms),
         durability=durability,
         cpu=cpu,
+        server_cpu_ms_per_request=cpu_ms_per_request(cpu, load.requests + load.warmup_requests),
     )
+
+
+def cpu_ms_per_request(cpu: CpuUse, requests: int) -> float | None:
+    if cpu.server is None or requests <= 0:
+        return None
+    return round(cpu.server / 100 * cpu.wall_s * 1000 / requests, 3)
 
 
 def gateway_phase(
@@ -178,6 +188,10 @@ def summarize(
     many = statistics.median(rates["gateway_100_accounts"])
     one = statistics.median(rates["gateway_1_account"])
     noop = statistics.median(rates["noop"])
+    cpu_ms: dict[str, list[float]] = {}
+    for phase in phases:
+        if phase.server_cpu_ms_per_request is not None:
+            cpu_ms.setdefault(phase.name.split("#")[0], []).append(phase.server_cpu_ms_per_request)
     ratio_100_vs_noop = ratio(many, noop)
     ratio_1_vs_100 = ratio(one, many)
     gateway_phases = [p for p in phases if p.durability is not None]
@@ -204,6 +218,7 @@ def summarize(
         "noop_per_s": noop,
         "ratio_100_vs_noop": ratio_100_vs_noop,
         "ratio_1_vs_100": ratio_1_vs_100,
+        "server_cpu_ms_per_request": {k: statistics.median(v) for k, v in cpu_ms.items()},
         "targets": TARGETS,
         "pass": {
             "accepts_vs_noop": (ratio_100_vs_noop or 0.0) >= TARGETS["accepts_vs_noop"],
@@ -238,10 +253,11 @@ def markdown(result: dict[str, Any]) -> str:
                 ", ".join(f"{status}: {n}" for status, n in phase["by_status"].items()),
                 durable,
                 f"{_cell(cpu['server'])} / {_cell(cpu['loadgen'])} / {_cell(cpu['machine'])}",
+                _cell(phase["server_cpu_ms_per_request"]),
             ]
         )
     header = ["phase", "accounts", "2xx/s", "p50 ms", "p99 ms", "statuses", "durable"]
-    header.append("CPU % server / loadgen / machine")
+    header += ["CPU % server / loadgen / machine", "server CPU ms/request"]
     checks: list[list[object]] = [
         ["gateway (100 accounts) / noop, medians", result["ratio_100_vs_noop"]],
         ["gateway (1 account) / gateway (100 accounts)", result["ratio_1_vs_100"]],

@@ -178,17 +178,17 @@ WHERE m.id = x.id AND m.status IN ('queued', 'sending')
 RETURNING m.account_id, m.price, x.status
 """
 
-_UPDATE_ACCOUNTS = """
-UPDATE accounts a
-SET balance = x.balance, held = x.held, captured = x.captured, topped_up = x.topped_up
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
-     AS x(id, balance, held, captured, topped_up)
-WHERE a.id = x.id
-"""
-
-_INSERT_LEDGER = """
+# The accounts' new figures and their ledger rows in one statement: one round trip.
+_WRITE_CREDIT = """
+WITH updated AS (
+    UPDATE accounts a
+    SET balance = x.balance, held = x.held, captured = x.captured, topped_up = x.topped_up
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+         AS x(id, balance, held, captured, topped_up)
+    WHERE a.id = x.id
+)
 INSERT INTO credit_ledger (account_id, kind, amount, messages)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[])
+SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
 """
 
 _PENDING = """
@@ -722,14 +722,6 @@ async def _write_credit(
         return
     for _, credit in changed:
         credit.check()
-    await conn.execute(
-        _UPDATE_ACCOUNTS,
-        [a for a, _ in changed],
-        [c.balance for _, c in changed],
-        [c.held for _, c in changed],
-        [c.captured for _, c in changed],
-        [c.topped_up for _, c in changed],
-    )
     ledger: list[tuple[int, str, int, int]] = []
     for account_id, d in book.deltas.items():
         held_n, captured_n, released_n = messages.get(account_id, [0, 0, 0])
@@ -742,7 +734,12 @@ async def _write_credit(
             if amount:
                 ledger.append((account_id, kind, amount, n))
     await conn.execute(
-        _INSERT_LEDGER,
+        _WRITE_CREDIT,
+        [a for a, _ in changed],
+        [c.balance for _, c in changed],
+        [c.held for _, c in changed],
+        [c.captured for _, c in changed],
+        [c.topped_up for _, c in changed],
         [r[0] for r in ledger],
         [r[1] for r in ledger],
         [r[2] for r in ledger],
