@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import asyncpg
+import msgspec
 import trio
 import trio_asyncio
 
@@ -151,19 +152,37 @@ SELECT id, balance, held, captured, topped_up FROM accounts
 WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
 
+# Rows go to PostgreSQL as one JSON document per statement, read back with json_to_recordset
+# (which takes the keys it names and ignores the rest): msgspec encodes the messages as they
+# are in about 0.5 µs each, where asyncpg's array encoding of `unnest` parameters spent about
+# 15 µs a message in isinstance checks, and PostgreSQL parses the JSON no slower than the arrays.
 _INSERT_MESSAGES = """
 INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                       client_ref, status, deadline, created_at, updated_at)
-SELECT x.id, x.account_id, x.recipient, x.sender, x.body, x.segments, x.price, x.express,
+SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
        x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
        to_timestamp(x.created_at)
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[],
-            $8::bool[], $9::text[], $10::float8[], $11::float8[])
-     AS x(id, account_id, recipient, sender, body, segments, price, express, client_ref,
-          deadline, created_at)
+FROM json_to_recordset($1::json)
+     AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
+          price int, express bool, client_ref text, deadline float8, created_at float8)
 ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
 RETURNING id::text
 """
+
+
+class _FinishRow(msgspec.Struct):
+    """One outcome as _FINISH_MESSAGES reads it."""
+
+    id: str
+    status: str
+    reason: str | None
+    operator: str | None
+    operator_message_id: str | None
+    attempts: int
+    at: float
+
+
+_json = msgspec.json.Encoder()
 
 # Only a message that is not final yet takes an outcome: exactly one outcome per message,
 # whatever retries or recoveries deliver twice.
@@ -172,8 +191,9 @@ UPDATE messages m
 SET status = x.status, reason = x.reason, operator = x.operator,
     operator_message_id = x.operator_message_id, attempts = x.attempts,
     updated_at = to_timestamp(x.at)
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::float8[])
-     AS x(id, status, reason, operator, operator_message_id, attempts, at)
+FROM json_to_recordset($1::json)
+     AS x(id uuid, status text, reason text, operator text, operator_message_id text,
+          attempts int, at float8)
 WHERE m.id = x.id AND m.status IN ('queued', 'sending')
 RETURNING m.account_id, m.price, x.status
 """
@@ -232,17 +252,19 @@ class PgStore:
                     )
 
             if group.outcomes:
-                outs = group.outcomes
-                rows = await conn.fetch(
-                    _FINISH_MESSAGES,
-                    [o.sms.id for o in outs],
-                    [o.status for o in outs],
-                    [o.reason for o in outs],
-                    [o.operator for o in outs],
-                    [o.operator_message_id for o in outs],
-                    [o.attempts for o in outs],
-                    [o.at for o in outs],
-                )
+                finished = [
+                    _FinishRow(
+                        o.sms.id,
+                        o.status,
+                        o.reason,
+                        o.operator,
+                        o.operator_message_id,
+                        o.attempts,
+                        o.at,
+                    )
+                    for o in group.outcomes
+                ]
+                rows = await conn.fetch(_FINISH_MESSAGES, _json.encode(finished).decode())
                 for r in rows:
                     counts = messages.setdefault(r["account_id"], [0, 0, 0])
                     if r["status"] == "sent":
@@ -266,20 +288,7 @@ class PgStore:
                         stored.append(sms)
                         messages.setdefault(sms.account_id, [0, 0, 0])[0] += 1
             if stored:
-                rows = await conn.fetch(
-                    _INSERT_MESSAGES,
-                    [s.id for s in stored],
-                    [s.account_id for s in stored],
-                    [s.to for s in stored],
-                    [s.sender for s in stored],
-                    [s.text for s in stored],
-                    [s.segments for s in stored],
-                    [s.price for s in stored],
-                    [s.express for s in stored],
-                    [s.client_ref for s in stored],
-                    [s.deadline for s in stored],
-                    [s.created_at for s in stored],
-                )
+                rows = await conn.fetch(_INSERT_MESSAGES, _json.encode(stored).decode())
                 if len(rows) < len(stored):
                     inserted = {r[0] for r in rows}
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
@@ -680,6 +689,15 @@ async def _undo_duplicates(
 
 def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:
     """Hold credit for each item in order; atomic: all items or none."""
+    if len(items) == 1:  # POST /v1/messages: most requests, so the short way
+        sms = items[0]
+        if sms.account_id not in book:
+            return [AcceptResult(accepted=False, reason="unknown_account")]
+        held = book.hold(sms.account_id, sms.price)
+        balance = book.accounts[sms.account_id].balance
+        if held:
+            return [AcceptResult(accepted=True, balance=balance)]
+        return [AcceptResult(accepted=False, reason="insufficient_credit", balance=balance)]
     if any(sms.account_id not in book for sms in items):
         unknown = AcceptResult(accepted=False, reason="unknown_account")
         return [unknown] * len(items)
