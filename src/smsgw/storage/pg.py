@@ -147,31 +147,47 @@ async def migrate(db: Database) -> list[str]:
 
 # --- the store ----------------------------------------------------------------------------
 
-_LOCK_ACCOUNTS = """
-SELECT id, balance, held, captured, topped_up FROM accounts
-WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
-"""
+# A group commit is four round trips however large the group: BEGIN; one statement that
+# applies the outcomes and locks the accounts; one that inserts the messages and writes the
+# accounts and their ledger rows; COMMIT. Rows travel as one JSON document per statement, read
+# back with json_to_recordset (which takes the keys it names and ignores the rest): msgspec
+# encodes the structs as they are in about 0.5 µs each, where asyncpg's array encoding of
+# `unnest` parameters spent about 15 µs a message in isinstance checks.
 
-# Rows go to PostgreSQL as one JSON document per statement, read back with json_to_recordset
-# (which takes the keys it names and ignores the rest): msgspec encodes the messages as they
-# are in about 0.5 µs each, where asyncpg's array encoding of `unnest` parameters spent about
-# 15 µs a message in isinstance checks, and PostgreSQL parses the JSON no slower than the arrays.
-_INSERT_MESSAGES = """
-INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
-                      client_ref, status, deadline, created_at, updated_at)
-SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
-       x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-       to_timestamp(x.created_at)
-FROM json_to_recordset($1::json)
-     AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
-          price int, express bool, client_ref text, deadline float8, created_at float8)
-ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
-RETURNING id::text
+# Only a message that is not final yet takes an outcome: exactly one outcome per message,
+# whatever retries or recoveries deliver twice. The accounts come back locked in id order (so
+# concurrent groups cannot deadlock on them), with what the outcomes captured and released,
+# summed per account.
+_LOCK_AND_FINISH = """
+WITH finished AS (
+    UPDATE messages m
+    SET status = x.status, reason = x.reason, operator = x.operator,
+        operator_message_id = x.operator_message_id, attempts = x.attempts,
+        updated_at = to_timestamp(x.at)
+    FROM json_to_recordset($2::json)
+         AS x(id uuid, status text, reason text, operator text, operator_message_id text,
+              attempts int, at float8)
+    WHERE m.id = x.id AND m.status IN ('queued', 'sending')
+    RETURNING m.account_id, m.price, x.status = 'sent' AS sent
+), per_account AS (
+    SELECT account_id,
+           coalesce(sum(price) FILTER (WHERE sent), 0) AS captured,
+           count(*) FILTER (WHERE sent) AS captured_n,
+           coalesce(sum(price) FILTER (WHERE NOT sent), 0) AS released,
+           count(*) FILTER (WHERE NOT sent) AS released_n
+    FROM finished GROUP BY account_id
+)
+SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
+       f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n
+FROM accounts a LEFT JOIN per_account f ON f.account_id = a.id
+WHERE a.id = ANY($1::bigint[])
+ORDER BY a.id
+FOR UPDATE OF a
 """
 
 
 class _FinishRow(msgspec.Struct):
-    """One outcome as _FINISH_MESSAGES reads it."""
+    """One outcome as _LOCK_AND_FINISH reads it."""
 
     id: str
     status: str
@@ -184,31 +200,41 @@ class _FinishRow(msgspec.Struct):
 
 _json = msgspec.json.Encoder()
 
-# Only a message that is not final yet takes an outcome: exactly one outcome per message,
-# whatever retries or recoveries deliver twice.
-_FINISH_MESSAGES = """
-UPDATE messages m
-SET status = x.status, reason = x.reason, operator = x.operator,
-    operator_message_id = x.operator_message_id, attempts = x.attempts,
-    updated_at = to_timestamp(x.at)
-FROM json_to_recordset($1::json)
-     AS x(id uuid, status text, reason text, operator text, operator_message_id text,
-          attempts int, at float8)
-WHERE m.id = x.id AND m.status IN ('queued', 'sending')
-RETURNING m.account_id, m.price, x.status
-"""
-
-# The accounts' new figures and their ledger rows in one statement: one round trip.
-_WRITE_CREDIT = """
-WITH updated AS (
+_UPDATE_ACCOUNTS = """
+updated AS (
     UPDATE accounts a
     SET balance = x.balance, held = x.held, captured = x.captured, topped_up = x.topped_up
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
          AS x(id, balance, held, captured, topped_up)
     WHERE a.id = x.id
-)
-INSERT INTO credit_ledger (account_id, kind, amount, messages)
-SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
+), ledger AS (
+    INSERT INTO credit_ledger (account_id, kind, amount, messages)
+    SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
+    RETURNING id
+)"""
+
+# The accounts' new figures and their ledger rows.
+_WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
+
+# The messages, the accounts and the ledger in one statement. A message whose client_ref is
+# taken is not inserted (the unique index decides, exact across nodes): the caller sees it
+# missing from `inserted` and corrects the credit (_undo_duplicates), which is rare.
+_WRITE_GROUP = f"""
+WITH inserted AS (
+    INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
+                          client_ref, status, deadline, created_at, updated_at)
+    SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
+           x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
+           to_timestamp(x.created_at)
+    FROM json_to_recordset($10::json)
+         AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
+              price int, express bool, client_ref text, deadline float8, created_at float8)
+    ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
+    RETURNING id
+), {_UPDATE_ACCOUNTS}
+SELECT (SELECT count(*) FROM inserted) AS stored,
+       (SELECT array_agg(id::text) FROM inserted) AS inserted,
+       (SELECT array_agg(id) FROM ledger) AS ledger
 """
 
 _PENDING = """
@@ -245,13 +271,6 @@ class PgStore:
             book = CreditBook()
             messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
             if ids:
-                for r in await conn.fetch(_LOCK_ACCOUNTS, sorted(ids)):
-                    book.load(
-                        r["id"],
-                        AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
-                    )
-
-            if group.outcomes:
                 finished = [
                     _FinishRow(
                         o.sms.id,
@@ -264,15 +283,22 @@ class PgStore:
                     )
                     for o in group.outcomes
                 ]
-                rows = await conn.fetch(_FINISH_MESSAGES, _json.encode(finished).decode())
+                rows = await conn.fetch(
+                    _LOCK_AND_FINISH, sorted(ids), _json.encode(finished).decode()
+                )
                 for r in rows:
-                    counts = messages.setdefault(r["account_id"], [0, 0, 0])
-                    if r["status"] == "sent":
-                        book.capture(r["account_id"], r["price"])
-                        counts[1] += 1
-                    else:
-                        book.release(r["account_id"], r["price"])
-                        counts[2] += 1
+                    account_id = r["id"]
+                    book.load(
+                        account_id,
+                        AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
+                    )
+                    if r["out_captured"] is None:
+                        continue
+                    if r["captured_n"]:
+                        book.capture(account_id, r["out_captured"])
+                    if r["released_n"]:
+                        book.release(account_id, r["out_released"])
+                    messages[account_id] = [0, r["captured_n"], r["released_n"]]
 
             topups: list[int | None] = []
             for account_id, amount in group.topups:
@@ -287,12 +313,23 @@ class PgStore:
                     if res.accepted:
                         stored.append(sms)
                         messages.setdefault(sms.account_id, [0, 0, 0])[0] += 1
-            if stored:
-                rows = await conn.fetch(_INSERT_MESSAGES, _json.encode(stored).decode())
-                if len(rows) < len(stored):
-                    inserted = {r[0] for r in rows}
+            if not stored:
+                await _write_credit(conn, book, messages)
+            else:
+                written = [a for a, d in book.deltas.items() if d]
+                row = await conn.fetchrow(
+                    _WRITE_GROUP, *_credit_args(book, messages), _json.encode(stored).decode()
+                )
+                if row["stored"] < len(stored):
+                    inserted = set(row["inserted"] or ())
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
-            await _write_credit(conn, book, messages)
+                    # The credit just written counted holds that were taken back: write it
+                    # again, every account written above (its figures are absolute), and
+                    # replace the ledger rows.
+                    await conn.execute(
+                        "DELETE FROM credit_ledger WHERE id = ANY($1::bigint[])", row["ledger"]
+                    )
+                    await conn.fetchval(_WRITE_CREDIT, *_credit_args(book, messages, written))
         return GroupResult(accepts, topups, creates)
 
     async def _create(
@@ -731,13 +768,14 @@ def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[
     ]
 
 
-async def _write_credit(
-    conn: asyncpg.Connection, book: CreditBook, messages: dict[int, list[int]]
-) -> None:
-    """One row update per changed account and one ledger row per account and kind."""
-    changed = [(a, book.accounts[a]) for a, d in book.deltas.items() if d]
-    if not changed:
-        return
+def _credit_args(
+    book: CreditBook, messages: dict[int, list[int]], accounts: Sequence[int] | None = None
+) -> list[list[Any]]:
+    """The nine arrays of _UPDATE_ACCOUNTS: each changed account once (or each of `accounts`),
+    and one ledger row per account and kind."""
+    if accounts is None:
+        accounts = [a for a, d in book.deltas.items() if d]
+    changed = [(a, book.accounts[a]) for a in accounts]
     for _, credit in changed:
         credit.check()
     ledger: list[tuple[int, str, int, int]] = []
@@ -751,8 +789,7 @@ async def _write_credit(
         ):
             if amount:
                 ledger.append((account_id, kind, amount, n))
-    await conn.execute(
-        _WRITE_CREDIT,
+    return [
         [a for a, _ in changed],
         [c.balance for _, c in changed],
         [c.held for _, c in changed],
@@ -762,4 +799,11 @@ async def _write_credit(
         [r[1] for r in ledger],
         [r[2] for r in ledger],
         [r[3] for r in ledger],
-    )
+    ]
+
+
+async def _write_credit(
+    conn: asyncpg.Connection, book: CreditBook, messages: dict[int, list[int]]
+) -> None:
+    if any(book.deltas.values()):
+        await conn.fetchval(_WRITE_CREDIT, *_credit_args(book, messages))
