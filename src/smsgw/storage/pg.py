@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 import asyncpg
 import trio
@@ -29,6 +29,7 @@ from smsgw.engine.ports import (
     SummaryRow,
     WriteGroup,
 )
+from smsgw.engine.shards import shard_of
 
 log = logging.getLogger("smsgw.storage")
 
@@ -86,7 +87,13 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 reset=_keep_session,
-                server_settings={"search_path": schema, "application_name": "smsgw"},
+                server_settings={
+                    "search_path": schema,
+                    "application_name": "smsgw",
+                    # A node paused mid-transaction (SIGSTOP, a stalled VM) must not hold its
+                    # row and lease locks, and so the other nodes, for longer than this.
+                    "idle_in_transaction_session_timeout": "5s",
+                },
             )
 
         return cls(await _bridge(_open)(), schema)
@@ -172,9 +179,12 @@ UPDATE messages m
 SET status = x.status, reason = x.reason, operator = x.operator,
     operator_message_id = x.operator_message_id, attempts = x.attempts,
     updated_at = to_timestamp(x.at)
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::float8[])
-     AS x(id, status, reason, operator, operator_message_id, attempts, at)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::float8[],
+            $8::int[], $9::bigint[])
+     AS x(id, status, reason, operator, operator_message_id, attempts, at, shard, fence)
 WHERE m.id = x.id AND m.status IN ('queued', 'sending')
+  -- Fencing: only under the lease the message was dispatched under (engine/shards.py).
+  AND (x.fence IS NULL OR x.fence = (SELECT l.token FROM shard_leases l WHERE l.shard = x.shard))
 RETURNING m.account_id, m.price, x.status
 """
 
@@ -191,19 +201,50 @@ INSERT INTO credit_ledger (account_id, kind, amount, messages)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[])
 """
 
-_PENDING = """
-SELECT id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
-       extract(epoch FROM created_at)::float8 AS created_at,
-       extract(epoch FROM deadline)::float8 AS deadline, attempts
+# What dispatch needs of a stored message (pending_sms makes it an OutboundSms).
+PENDING_COLUMNS = """
+messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
+extract(epoch FROM created_at)::float8 AS created_at,
+extract(epoch FROM deadline)::float8 AS deadline, attempts"""
+
+_PENDING = f"""
+SELECT {PENDING_COLUMNS}
 FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
 """
+
+
+def pending_sms(r: asyncpg.Record) -> OutboundSms:
+    return OutboundSms(
+        id=r["id"],
+        account_id=r["account_id"],
+        to=r["recipient"],
+        sender=r["sender"],
+        text=r["body"],
+        segments=r["segments"],
+        price=r["price"],
+        express=r["express"],
+        client_ref=r["client_ref"],
+        created_at=r["created_at"],
+        deadline=r["deadline"],
+        attempts=r["attempts"],
+    )
+
+
+class Handoff(NamedTuple):
+    """Set on a PgStore of a node among several: messages stored for shards this node does
+    not lease are handed to their owner in the same transaction (migration 004)."""
+
+    node_id: str
+    lock_class: int
+    channel: str
 
 
 class PgStore:
     """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, handoff: Handoff | None = None) -> None:
         self.db = db
+        self.handoff = handoff
 
     async def commit_group(self, group: WriteGroup) -> GroupResult:
         for attempt in range(5):
@@ -242,6 +283,8 @@ class PgStore:
                     [o.operator_message_id for o in outs],
                     [o.attempts for o in outs],
                     [o.at for o in outs],
+                    [shard_of(o.sms.account_id) for o in outs],
+                    [o.sms.fence for o in outs],
                 )
                 for r in rows:
                     counts = messages.setdefault(r["account_id"], [0, 0, 0])
@@ -280,6 +323,8 @@ class PgStore:
                     [s.deadline for s in stored],
                     [s.created_at for s in stored],
                 )
+                if self.handoff is not None:
+                    await _hand_off(conn, self.handoff, stored)
                 if len(rows) < len(stored):
                     inserted = {r[0] for r in rows}
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
@@ -306,23 +351,7 @@ class PgStore:
 
     async def pending(self) -> list[OutboundSms]:
         rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
-        return [
-            OutboundSms(
-                id=r["id"],
-                account_id=r["account_id"],
-                to=r["recipient"],
-                sender=r["sender"],
-                text=r["body"],
-                segments=r["segments"],
-                price=r["price"],
-                express=r["express"],
-                client_ref=r["client_ref"],
-                created_at=r["created_at"],
-                deadline=r["deadline"],
-                attempts=r["attempts"],
-            )
-            for r in rows
-        ]
+        return [pending_sms(r) for r in rows]
 
     # --- reads (one query each; not on the accept path) ------------------------------------
 
@@ -638,6 +667,19 @@ RETURNING true
 _READ_KEY = """
 SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AND key = $2
 """
+
+
+async def _hand_off(conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]) -> None:
+    """Hand the messages of shards another node leases to it (a duplicate client_ref's row
+    was not inserted: its hand-off finds no message and is dropped when claimed)."""
+    await conn.execute(
+        "SELECT smsgw_handoff($1, $2, $3, $4::int[], $5::uuid[])",
+        handoff.node_id,
+        handoff.lock_class,
+        handoff.channel,
+        [shard_of(s.account_id) for s in stored],
+        [s.id for s in stored],
+    )
 
 
 async def _undo_duplicates(
