@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     node_id = args.node_id or socket.gethostname()
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers > 1:
+        if args.no_leases:
+            print("--no-leases runs one node: use it with --workers 1", file=sys.stderr)
+            return 2
         return _serve_workers(args, workers, node_id, admin_key)
     options = NodeOptions(
         database_url=database_url(),
@@ -47,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         node_id=node_id,
         leases=LeaseConfig(ttl=args.lease_ttl, tick=min(0.5, args.lease_ttl / 6)),
         reuse_port=args.reuse_port,
+        cluster=not args.no_leases,
     )
 
     async def main() -> None:
@@ -216,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-port",
         action="store_true",
         help="bind with SO_REUSEPORT, so several `serve` processes can share the port",
+    )
+    serve.add_argument(
+        "--no-leases",
+        action="store_true",
+        help="run alone, without shard leases: dispatch every queued message found (never run"
+        " two such nodes on one database; for measuring what the leases cost a lone node)",
     )
     serve.add_argument(
         "--lease-ttl",
