@@ -160,7 +160,7 @@ class ShardLeases:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join, take a fair share of the shards and recover their queued messages, then
         report started (HTTP opens after this); then tick, listen and claim until cancelled.
-        On cancellation the leases are released, so a clean stop hands shards over at once."""
+        When it ends the leases are released, so a clean stop hands shards over at once."""
         try:
             if not self.ready.is_set():
                 await self.store.join(self.config.ttl)
@@ -181,10 +181,10 @@ class ShardLeases:
                         self.counts["failed_ticks"] += 1
                         self.last_error = f"{type(exc).__name__}: {exc}"
                         log.warning("lease tick failed: %s", self.last_error)
-        except trio.Cancelled:
+        finally:
+            # Stopped (or crashed: a restart takes shards afresh and recovers them).
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 await self._leave()
-            raise
 
     async def _leave(self) -> None:
         held = [*self.owned, *self.draining]
@@ -308,10 +308,15 @@ class ShardLeases:
                 continue
             batch = []
             for sms, token in claimed:
+                shard = shard_of(sms.account_id)
                 # Claimed under a lease this node no longer (or not yet) trusts: recovery of
                 # the shard covers it, wherever it goes.
-                if self.owned.get(shard_of(sms.account_id)) == token:
-                    batch.append(msgspec.structs.replace(sms, fence=token))
+                if self.owned.get(shard) != token:
+                    continue
+                reloading = self._reloading.get(shard)
+                if reloading is not None:
+                    reloading.add(sms.id)  # a recovery about to read the shard skips it
+                batch.append(msgspec.structs.replace(sms, fence=token))
             self.counts["claimed"] += len(batch)
             await self._enqueue(batch)
 
