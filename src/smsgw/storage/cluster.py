@@ -119,6 +119,10 @@ class PgCluster:
                         " WHERE shard = ANY($1::int[])",
                         mine,
                     )
+                # Nodes gone for a day leave the cluster view (their leases expired long ago).
+                await conn.execute(
+                    "DELETE FROM nodes WHERE heartbeat_at < now() - interval '1 day'"
+                )
                 await conn.execute(
                     "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
                     " ON CONFLICT (id) DO UPDATE SET host = $2, pid = $3, url = $4,"
