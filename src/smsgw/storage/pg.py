@@ -256,6 +256,7 @@ class PgStore:
         return await self.db.run(lambda conn: self._commit(conn, group))
 
     async def _commit(self, conn: asyncpg.Connection, group: WriteGroup) -> GroupResult:
+        wake: str | None = None  # the nodes to notify of hand-offs, once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
 
@@ -324,11 +325,21 @@ class PgStore:
                     [s.created_at for s in stored],
                 )
                 if self.handoff is not None:
-                    await _hand_off(conn, self.handoff, stored)
+                    wake = await _hand_off(conn, self.handoff, stored)
                 if len(rows) < len(stored):
                     inserted = {r[0] for r in rows}
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
             await _write_credit(conn, book, messages)
+        if wake and self.handoff is not None:
+            # After the commit, in a transaction of its own that writes nothing: a NOTIFY in
+            # the group's transaction would hold PostgreSQL's database-wide notify lock
+            # through the group's commit (and its WAL flush), serialising every node's
+            # group commits. Lost (a crash, a failure), the hand-off waits for the poll; the
+            # group is committed whatever happens here, so nothing may raise.
+            try:
+                await conn.execute("SELECT pg_notify($1, $2)", self.handoff.channel, wake)
+            except Exception as exc:
+                log.warning("could not notify %s of hand-offs (the poll takes them): %s", wake, exc)
         return GroupResult(accepts, topups, creates)
 
     async def _create(
@@ -669,17 +680,20 @@ SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AN
 """
 
 
-async def _hand_off(conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]) -> None:
-    """Hand the messages of shards another node leases to it (a duplicate client_ref's row
-    was not inserted: its hand-off finds no message and is dropped when claimed)."""
-    await conn.execute(
-        "SELECT smsgw_handoff($1, $2, $3, $4::int[], $5::uuid[])",
+async def _hand_off(
+    conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]
+) -> str | None:
+    """Hand the messages of shards another node leases to it; returns the owners to wake (a
+    duplicate client_ref's row was not inserted: its hand-off finds no message, and is
+    dropped when claimed)."""
+    owners: str | None = await conn.fetchval(
+        "SELECT smsgw_handoff($1, $2, $3::int[], $4::uuid[])",
         handoff.node_id,
         handoff.lock_class,
-        handoff.channel,
         [shard_of(s.account_id) for s in stored],
         [s.id for s in stored],
     )
+    return owners
 
 
 async def _undo_duplicates(

@@ -47,12 +47,13 @@ CREATE TABLE shard_inbox (
 -- Called in each group commit that stores messages, after their INSERT. A shared advisory
 -- lock per shard orders it against lease changes (which take the lock exclusively): a lease
 -- cannot change hands between this reading the owner and the commit, so a message is either
--- handed off here or committed before the new owner's recovery reads its shard. Returns how
--- many messages were handed off.
-CREATE FUNCTION smsgw_handoff(me text, lock_class int, channel text, shards int[], ids uuid[])
-RETURNS int LANGUAGE plpgsql AS $$
+-- handed off here or committed before the new owner's recovery reads its shard. Returns the
+-- owners to wake, comma-separated ('' for a shard nobody leases), or NULL for no hand-off;
+-- the caller NOTIFYs them after the commit (a NOTIFY in this transaction would serialise the
+-- commits of every node on PostgreSQL's notify lock).
+CREATE FUNCTION smsgw_handoff(me text, lock_class int, shards int[], ids uuid[])
+RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
-    handed int;
     owners text;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(lock_class, s)
@@ -66,13 +67,9 @@ BEGIN
         ON CONFLICT DO NOTHING
         RETURNING shard
     )
-    SELECT count(*), string_agg(DISTINCT coalesce(l.owner, ''), ',')
-    INTO handed, owners
+    SELECT string_agg(DISTINCT coalesce(l.owner, ''), ',')
+    INTO owners
     FROM h JOIN shard_leases l ON l.shard = h.shard;
-    IF handed > 0 THEN
-        -- Delivered at commit, to every listening node; the payload names the owners to wake.
-        PERFORM pg_notify(channel, owners);
-    END IF;
-    RETURN handed;
+    RETURN owners;
 END
 $$;
