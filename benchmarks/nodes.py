@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -97,6 +98,8 @@ def accept_phase(
             keys = create_accounts(gateway.url, admin_key, ACCOUNTS, credit=CREDIT)
             wait_leased(gateway.url, admin_key, serve_args)
             meter = CpuMeter(None)
+            pg = postmaster_pid(database_url)
+            nodes_before, pg_before = tree_cpu_s(gateway.process.pid), tree_cpu_s(pg)
             meter.start()
             load = run_loadgen(
                 gateway.url,
@@ -107,6 +110,8 @@ def accept_phase(
                 ids_out=ids_file,
             )
             cpu = meter.stop()
+            nodes_cpu = tree_cpu_s(gateway.process.pid) - nodes_before
+            pg_cpu = tree_cpu_s(pg) - pg_before if pg else None
             durability = check_durable(database_url, schema, ids_file)
     finally:
         drop_schema(database_url, schema)
@@ -123,7 +128,52 @@ def accept_phase(
         "missing": durability.missing,
         "cpu_machine_pct": cpu.machine,
         "cpu_loadgen_pct": cpu.loadgen,
+        # What each accept cost, whatever else ran on the machine: CPU of the node processes
+        # and of PostgreSQL over the load generator's run (warmup included), per 2xx of it.
+        "cpu_nodes_pct": round(100 * nodes_cpu / cpu.wall_s, 1),
+        "cpu_postgres_pct": round(100 * pg_cpu / cpu.wall_s, 1) if pg_cpu is not None else None,
+        "node_cpu_ms_per_accept": per_accept(nodes_cpu, load),
+        "postgres_cpu_ms_per_accept": per_accept(pg_cpu, load),
     }
+
+
+def per_accept(cpu_s: float | None, load: Any) -> float | None:
+    accepted = load.accepted_ids
+    return round(1000 * cpu_s / accepted, 3) if cpu_s is not None and accepted else None
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of a live process and all its live descendants."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    pending = [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(c) for c in children)
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def postmaster_pid(database_url: str) -> int | None:
+    """The PostgreSQL server's pid when it runs here with its socket in its data folder (the
+    embedded server): its postmaster.pid file says."""
+    query_part = urlsplit(database_url).query
+    for part in query_part.split("&"):
+        if part.startswith("host="):
+            try:
+                return int((Path(part[5:]) / "postmaster.pid").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+    return None
 
 
 def wait_leased(url: str, admin_key: str, serve_args: Sequence[str], timeout: float = 30) -> None:
@@ -511,6 +561,10 @@ def markdown(result: dict[str, Any]) -> str:
             (p["latency_ms"] or {}).get("p99", "-"),
             "yes" if p["durable"] else f"NO ({p['missing']} missing)",
             p["cpu_machine_pct"],
+            p["cpu_nodes_pct"],
+            p["cpu_postgres_pct"],
+            p["node_cpu_ms_per_accept"],
+            p["postgres_cpu_ms_per_accept"],
         ]
         for name, p in result["phases"].items()
     ]
@@ -519,7 +573,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"Commit {result['commit']}{' (modified)' if result['dirty'] else ''},"
         f" {result['timestamp']}, {result['cpu_count']} CPUs ({result['machine_note']}),"
         f" PostgreSQL: {result['database']}, {result['connections']} connections.\n\n"
-        + markdown_table(["phase", "2xx/s", "p50 ms", "p99 ms", "durable", "machine CPU %"], rows)
+        + markdown_table(
+            [
+                "phase",
+                "2xx/s",
+                "p50 ms",
+                "p99 ms",
+                "durable",
+                "machine CPU %",
+                "nodes CPU %",
+                "PostgreSQL CPU %",
+                "node CPU ms/accept",
+                "PostgreSQL CPU ms/accept",
+            ],
+            rows,
+        )
         + "\n"
         + markdown_table(
             ["figure", "value", "target"],
