@@ -103,11 +103,11 @@ class FakeStore:
         wanted = set(shards)
         return [s for s in self.cluster.pending.values() if shard_of(s.account_id) in wanted]
 
-    async def claim(self) -> list[tuple[OutboundSms, int]]:
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
         await self._alive()
         return []
 
-    async def listen(self, notified: Callable[[], None]) -> None:
+    async def listen(self, notified: Callable[[str], None]) -> None:
         await trio.sleep_forever()
 
     async def cluster(self, ttl: float) -> dict[str, Any]:
@@ -262,3 +262,48 @@ async def test_recovery_leaves_out_what_was_routed_meanwhile(
         assert drained(inbox) == []  # recovery did not add it a second time
         assert msgspec.structs.replace(routed[0], fence=None) == message
         nursery.cancel_scope.cancel()
+
+
+async def test_a_notified_hand_off_is_dispatched_once_whatever_else_brings_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A hand-off arrives in its notification and again in the owner's claim (the poll): the
+    Scheduler gets it once, stamped; a shard not leased here is left to its recovery."""
+    cluster = Cluster()
+    a, store, inbox = node(cluster, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        mine = sms(5)
+        body = msgspec.json.encode([mine]).decode()
+        a.deliver(body)
+        a.deliver(body)
+        [got] = drained(inbox)
+        assert got.id == mine.id and a.admit(got)
+        claimed: list[tuple[OutboundSms, int]] = [(mine, a.owned[shard_of(5)])]
+
+        async def claim(known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+            assert known(mine.id)
+            return claimed
+
+        store.claim = claim  # type: ignore[method-assign]
+        a.wake()
+        await trio.sleep(CONFIG.poll)
+        assert drained(inbox) == []
+        # An empty list asks for a claim; a shard leased elsewhere is not dispatched here.
+        del a.owned[shard_of(6)]
+        a.deliver(msgspec.json.encode([sms(6)]).decode())
+        assert drained(inbox) == []
+        nursery.cancel_scope.cancel()
+
+
+def test_hand_off_payloads_fit_a_notify() -> None:
+    from smsgw.storage.pg import handoff_payloads
+
+    small = [sms(i, n) for i in range(1, 4) for n in range(40)]
+    huge = msgspec.structs.replace(sms(9), text="\u0001" * 1_600)  # escaped: over 8,000 bytes
+    payloads = handoff_payloads({"b": [*small, huge], "": [sms(2)]})
+    assert all(len(p.encode()) < 8_000 for p in payloads)
+    assert all(p.startswith("b\n") for p in payloads)  # nobody's shard: no notification
+    carried = [m.id for p in payloads for m in msgspec.json.decode(p[2:], type=list[OutboundSms])]
+    assert carried == [m.id for m in small]
+    assert payloads[-1] == "b\n[]"  # the one too large for a payload: "claim now"

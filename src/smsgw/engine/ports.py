@@ -202,12 +202,14 @@ class ClusterStore(Protocol):
         """Every message not final in `shards` (their hand-offs are dropped: this covers them)."""
         ...
 
-    async def claim(self) -> list[tuple[OutboundSms, int]]:
-        """Take the hand-offs waiting for shards this node leases: (message, lease token)."""
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+        """Take the hand-offs waiting for shards this node leases: (message, lease token) for
+        each whose id is not `known` (dispatched from its notification already)."""
         ...
 
-    async def listen(self, notified: Callable[[], None]) -> None:
-        """Call `notified` whenever a hand-off for this node is committed; returns when the
+    async def listen(self, notified: Callable[[str], None]) -> None:
+        """Call `notified(messages)` for each notification of hand-offs to this node, once
+        committed: a JSON list of OutboundSms, empty for "claim now"; returns when the
         connection is lost."""
         ...
 

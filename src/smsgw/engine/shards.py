@@ -14,19 +14,23 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
 import trio
 
-from smsgw.engine.actor import ActorRef
+from smsgw.engine.actor import ActorRef, InboxFull
 from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
 from smsgw.engine.ports import ClusterStore
 
 log = logging.getLogger("smsgw.shards")
 
 SHARDS = 256
+# A hand-off's notification and its claim (the poll) come within this of each other.
+_RECENT_S = 10.0
+_handoff_decoder = msgspec.json.Decoder(list[OutboundSms])
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi
 _MASK = (1 << 64) - 1
 
@@ -87,6 +91,9 @@ class ShardLeases:
         # Shards being recovered: ids routed meanwhile, so the recovery does not add them twice.
         self._reloading: dict[int, set[str]] = {}
         self._db = trio.Lock()  # claims and recoveries one at a time
+        # Hand-offs dispatched lately, by id: a message arrives by notification and by claim.
+        self._recent: dict[str, float] = {}
+        self._recent_order: deque[tuple[float, str]] = deque()
         self._wake = trio.Event()
         self.ready = trio.Event()
         self.live_nodes = 0
@@ -98,6 +105,7 @@ class ShardLeases:
             "lapses": 0,
             "loaded": 0,
             "claimed": 0,
+            "delivered": 0,
             "routed": 0,
             "not_owned": 0,
             "fenced_at_send": 0,
@@ -137,9 +145,59 @@ class ShardLeases:
         return False
 
     def wake(self) -> None:
-        """A hand-off for this node was committed (a notification): claim it now."""
-        self.counts["notifications"] += 1
+        """Claim hand-offs now rather than at the next poll."""
         self._wake.set()
+
+    def deliver(self, body: str) -> None:
+        """A notification of hand-offs to this node: dispatch the messages it carries at once
+        (no query); an empty list means "claim now". Synchronous: called from the LISTEN
+        connection's callback. What cannot be dispatched here is left to the claim."""
+        self.counts["notifications"] += 1
+        try:
+            items = _handoff_decoder.decode(body)
+        except msgspec.DecodeError:
+            items = []
+        if not items:
+            self.wake()
+            return
+        now = self._clock()
+        batch = []
+        for sms in items:
+            shard = shard_of(sms.account_id)
+            token = self.owned.get(shard)
+            # Not leased here (any more, or yet): recovery of the shard covers it.
+            if token is None or self._seen(sms.id, now):
+                continue
+            reloading = self._reloading.get(shard)
+            if reloading is not None:
+                reloading.add(sms.id)
+            batch.append(msgspec.structs.replace(sms, fence=token))
+        if not batch:
+            return
+        try:
+            self._scheduler.tell_nowait(Enqueue(tuple(batch)))
+        except InboxFull:
+            for sms in batch:
+                self._recent.pop(sms.id, None)  # the claim will take them
+            self.wake()
+            return
+        self.counts["delivered"] += len(batch)
+
+    def _seen(self, message_id: str, now: float) -> bool:
+        """Whether a hand-off of `message_id` was dispatched here lately (from its
+        notification or its claim, whichever came first); marks it as dispatched if not."""
+        horizon = now - _RECENT_S
+        recent = self._recent
+        order = self._recent_order
+        while order and order[0][0] < horizon:
+            _, old = order.popleft()
+            if recent.get(old, now) < horizon:
+                del recent[old]
+        if message_id in recent:
+            return True
+        recent[message_id] = now
+        order.append((now, message_id))
+        return False
 
     # --- the actor -------------------------------------------------------------------------
 
@@ -302,16 +360,17 @@ class ShardLeases:
                 continue
             try:
                 async with self._db:
-                    claimed = await self.store.claim()
+                    claimed = await self.store.claim(self._recent.__contains__)
             except Exception as exc:
                 self.last_error = f"claim: {type(exc).__name__}: {exc}"
                 continue
             batch = []
+            now = self._clock()
             for sms, token in claimed:
                 shard = shard_of(sms.account_id)
                 # Claimed under a lease this node no longer (or not yet) trusts: recovery of
                 # the shard covers it, wherever it goes.
-                if self.owned.get(shard) != token:
+                if self.owned.get(shard) != token or self._seen(sms.id, now):
                     continue
                 reloading = self._reloading.get(shard)
                 if reloading is not None:
@@ -323,8 +382,8 @@ class ShardLeases:
     async def _listen(self) -> None:
         token = trio.lowlevel.current_trio_token()
 
-        def notified() -> None:
-            token.run_sync_soon(self.wake)
+        def notified(body: str) -> None:
+            token.run_sync_soon(self.deliver, body)
 
         while True:
             try:

@@ -43,14 +43,15 @@ WHERE status IN ('queued', 'sending') AND shard_of(account_id) = ANY($1::int[])
 ORDER BY created_at
 """
 
-_CLAIM = f"""
-WITH claimed AS (
-    DELETE FROM shard_inbox i USING shard_leases l
-    WHERE l.shard = i.shard AND l.owner = $1
-    RETURNING i.message_id, l.token
-)
-SELECT {PENDING_COLUMNS}, c.token FROM claimed c JOIN messages ON messages.id = c.message_id
-WHERE status IN ('queued', 'sending')
+_CLAIM = """
+DELETE FROM shard_inbox i USING shard_leases l
+WHERE l.shard = i.shard AND l.owner = $1
+RETURNING i.message_id::text AS id, l.token
+"""
+
+_READ_CLAIMED = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'sending')
 ORDER BY created_at
 """
 
@@ -238,16 +239,25 @@ class PgCluster:
         rows = await self.db.run(read)
         return [pending_sms(r) for r in rows]
 
-    async def claim(self) -> list[tuple[OutboundSms, int]]:
-        rows = await self.db.run(lambda c: c.fetch(_CLAIM, self._node_id))
-        return [(pending_sms(r), r["token"]) for r in rows]
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+        async def take(conn: asyncpg.Connection) -> list[tuple[OutboundSms, int]]:
+            claimed = await conn.fetch(_CLAIM, self._node_id)
+            # Most were dispatched from their notification already: read only the others.
+            tokens = {r["id"]: r["token"] for r in claimed if not known(r["id"])}
+            if not tokens:
+                return []
+            rows = await conn.fetch(_READ_CLAIMED, list(tokens))
+            return [(pending_sms(r), tokens[r["id"]]) for r in rows]
 
-    async def listen(self, notified: Callable[[], None]) -> None:
+        return await self.db.run(take)
+
+    async def listen(self, notified: Callable[[str], None]) -> None:
         me = self._node_id
 
         def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
-            if me in payload.split(","):
-                notified()
+            owner, _, body = payload.partition("\n")
+            if owner == me:
+                notified(body)
 
         async def hold() -> None:
             conn = await asyncpg.connect(

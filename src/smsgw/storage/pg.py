@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 import asyncpg
+import msgspec
 import trio
 import trio_asyncio
 
@@ -256,7 +257,7 @@ class PgStore:
         return await self.db.run(lambda conn: self._commit(conn, group))
 
     async def _commit(self, conn: asyncpg.Connection, group: WriteGroup) -> GroupResult:
-        wake: str | None = None  # the nodes to notify of hand-offs, once committed
+        wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
 
@@ -324,11 +325,12 @@ class PgStore:
                     [s.deadline for s in stored],
                     [s.created_at for s in stored],
                 )
-                if self.handoff is not None:
-                    wake = await _hand_off(conn, self.handoff, stored)
                 if len(rows) < len(stored):
                     inserted = {r[0] for r in rows}
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
+                    stored = _still_accepted(group, accepts)
+                if self.handoff is not None and stored:
+                    wake = await _hand_off(conn, self.handoff, stored)
             await _write_credit(conn, book, messages)
         if wake and self.handoff is not None:
             # After the commit, in a transaction of its own that writes nothing: a NOTIFY in
@@ -337,9 +339,13 @@ class PgStore:
             # group commits. Lost (a crash, a failure), the hand-off waits for the poll; the
             # group is committed whatever happens here, so nothing may raise.
             try:
-                await conn.execute("SELECT pg_notify($1, $2)", self.handoff.channel, wake)
+                await conn.execute(
+                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                    self.handoff.channel,
+                    wake,
+                )
             except Exception as exc:
-                log.warning("could not notify %s of hand-offs (the poll takes them): %s", wake, exc)
+                log.warning("could not notify hand-offs (the poll takes them): %s", exc)
         return GroupResult(accepts, topups, creates)
 
     async def _create(
@@ -680,20 +686,70 @@ SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AN
 """
 
 
+def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> list[OutboundSms]:
+    """The messages stored after duplicates were taken back."""
+    return [
+        sms
+        for (items, _), results in zip(group.accepts, accepts, strict=True)
+        for sms, result in zip(items, results, strict=True)
+        if result.accepted
+    ]
+
+
 async def _hand_off(
     conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]
-) -> str | None:
-    """Hand the messages of shards another node leases to it; returns the owners to wake (a
-    duplicate client_ref's row was not inserted: its hand-off finds no message, and is
-    dropped when claimed)."""
-    owners: str | None = await conn.fetchval(
-        "SELECT smsgw_handoff($1, $2, $3::int[], $4::uuid[])",
+) -> list[str]:
+    """Hand the stored messages of shards another node leases to it; returns the NOTIFY
+    payloads that carry them to their owners."""
+    rows = await conn.fetch(
+        "SELECT owner, message_id::text AS id FROM smsgw_handoff($1, $2, $3::int[], $4::uuid[])",
         handoff.node_id,
         handoff.lock_class,
         [shard_of(s.account_id) for s in stored],
         [s.id for s in stored],
     )
-    return owners
+    if not rows:
+        return []
+    by_id = {s.id: s for s in stored}
+    handed: dict[str, list[OutboundSms]] = {}
+    for r in rows:
+        handed.setdefault(r["owner"], []).append(by_id[r["id"]])
+    return handoff_payloads(handed)
+
+
+# NOTIFY payloads must stay under 8,000 bytes.
+_PAYLOAD_LIMIT = 7_900
+_sms_encoder = msgspec.json.Encoder()
+
+
+def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
+    """`owner` + newline + a JSON list of the messages handed to it, cut to fit a NOTIFY. The
+    owner dispatches them from the payload without a query; a message too large for a payload
+    goes as an empty list ("claim now"), and the owner reads it with its claim. No owner ('')
+    means a shard in transit: whoever takes it recovers the message."""
+    payloads: list[str] = []
+    for owner, items in handed.items():
+        if not owner:
+            continue
+        head = owner + "\n"
+        parts: list[str] = []
+        size = len(head) + 2
+        too_large = False
+        for sms in items:
+            part = _sms_encoder.encode(sms).decode()
+            if len(head) + len(part) + 2 > _PAYLOAD_LIMIT:
+                too_large = True
+                continue
+            if size + len(part) + 1 > _PAYLOAD_LIMIT:
+                payloads.append(head + "[" + ",".join(parts) + "]")
+                parts, size = [], len(head) + 2
+            parts.append(part)
+            size += len(part) + 1
+        if parts:
+            payloads.append(head + "[" + ",".join(parts) + "]")
+        if too_large:
+            payloads.append(head + "[]")
+    return payloads
 
 
 async def _undo_duplicates(

@@ -47,29 +47,26 @@ CREATE TABLE shard_inbox (
 -- Called in each group commit that stores messages, after their INSERT. A shared advisory
 -- lock per shard orders it against lease changes (which take the lock exclusively): a lease
 -- cannot change hands between this reading the owner and the commit, so a message is either
--- handed off here or committed before the new owner's recovery reads its shard. Returns the
--- owners to wake, comma-separated ('' for a shard nobody leases), or NULL for no hand-off;
--- the caller NOTIFYs them after the commit (a NOTIFY in this transaction would serialise the
--- commits of every node on PostgreSQL's notify lock).
+-- handed off here or committed before the new owner's recovery reads its shard. Returns each
+-- handed-off message with the owner to wake ('' for a shard nobody leases); the caller
+-- NOTIFYs them after the commit (a NOTIFY in this transaction would hold PostgreSQL's
+-- notify lock through the commit and serialise the group commits of every node).
 CREATE FUNCTION smsgw_handoff(me text, lock_class int, shards int[], ids uuid[])
-RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    owners text;
+RETURNS TABLE (owner text, message_id uuid) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(lock_class, s)
-    FROM (SELECT DISTINCT s FROM unnest(shards) AS s ORDER BY s) AS d;
+    PERFORM pg_advisory_xact_lock_shared(lock_class, d.s)
+    FROM (SELECT DISTINCT x AS s FROM unnest(shards) AS x ORDER BY 1) AS d;
+    RETURN QUERY
     WITH h AS (
-        INSERT INTO shard_inbox (shard, message_id)
+        INSERT INTO shard_inbox AS i (shard, message_id)
         SELECT x.shard, x.id
         FROM unnest(shards, ids) AS x(shard, id)
         JOIN shard_leases l ON l.shard = x.shard
         WHERE l.owner IS DISTINCT FROM me
         ON CONFLICT DO NOTHING
-        RETURNING shard
+        RETURNING i.shard AS shard, i.message_id AS id
     )
-    SELECT string_agg(DISTINCT coalesce(l.owner, ''), ',')
-    INTO owners
-    FROM h JOIN shard_leases l ON l.shard = h.shard;
-    RETURN owners;
+    SELECT coalesce(l.owner, ''), h.id FROM h JOIN shard_leases l ON l.shard = h.shard;
 END
 $$;
