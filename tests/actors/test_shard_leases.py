@@ -301,9 +301,10 @@ def test_hand_off_payloads_fit_a_notify() -> None:
 
     small = [sms(i, n) for i in range(1, 4) for n in range(40)]
     huge = msgspec.structs.replace(sms(9), text="\u0001" * 1_600)  # escaped: over 8,000 bytes
-    payloads = handoff_payloads({"b": [*small, huge], "": [sms(2)]})
+    wide = [msgspec.structs.replace(sms(7, n), text="ж" * 600) for n in range(20)]  # 2 bytes each
+    payloads = handoff_payloads({"b": [*small, huge, *wide], "": [sms(2)]})
     assert all(len(p.encode()) < 8_000 for p in payloads)
     assert all(p.startswith("b\n") for p in payloads)  # nobody's shard: no notification
     carried = [m.id for p in payloads for m in msgspec.json.decode(p[2:], type=list[OutboundSms])]
-    assert carried == [m.id for m in small]
+    assert carried == [m.id for m in small + wide]
     assert payloads[-1] == "b\n[]"  # the one too large for a payload: "claim now"

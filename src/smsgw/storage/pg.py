@@ -723,32 +723,32 @@ _sms_encoder = msgspec.json.Encoder()
 
 
 def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
-    """`owner` + newline + a JSON list of the messages handed to it, cut to fit a NOTIFY. The
-    owner dispatches them from the payload without a query; a message too large for a payload
-    goes as an empty list ("claim now"), and the owner reads it with its claim. No owner ('')
-    means a shard in transit: whoever takes it recovers the message."""
+    """`owner` + newline + a JSON list of the messages handed to it, cut to fit a NOTIFY (in
+    bytes). The owner dispatches them from the payload without a query; a message too large
+    for a payload goes as an empty list ("claim now"), and the owner reads it with its claim.
+    No owner ('') means a shard in transit: whoever takes it recovers the message."""
     payloads: list[str] = []
     for owner, items in handed.items():
         if not owner:
             continue
-        head = owner + "\n"
-        parts: list[str] = []
+        head = owner.encode() + b"\n"
+        parts: list[bytes] = []
         size = len(head) + 2
         too_large = False
         for sms in items:
-            part = _sms_encoder.encode(sms).decode()
+            part = _sms_encoder.encode(sms)
             if len(head) + len(part) + 2 > _PAYLOAD_LIMIT:
                 too_large = True
                 continue
             if size + len(part) + 1 > _PAYLOAD_LIMIT:
-                payloads.append(head + "[" + ",".join(parts) + "]")
+                payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
                 parts, size = [], len(head) + 2
             parts.append(part)
             size += len(part) + 1
         if parts:
-            payloads.append(head + "[" + ",".join(parts) + "]")
+            payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
         if too_large:
-            payloads.append(head + "[]")
+            payloads.append((head + b"[]").decode())
     return payloads
 
 
