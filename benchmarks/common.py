@@ -260,8 +260,10 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def gateway_command() -> list[str]:
-    return [sys.executable, "-m", "smsgw.cli", "serve", "--host", LOOPBACK, "--port", "0"]
+def gateway_command(*extra: str) -> list[str]:
+    """One node (`--workers 1`: `serve` runs one per core by default) on a free port."""
+    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", "1"]
+    return [*command, "--host", LOOPBACK, "--port", "0", *extra]
 
 
 def gateway_env(database_url: str, schema: str, admin_key: str) -> dict[str, str]:

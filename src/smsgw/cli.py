@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import secrets
+import socket
 import sys
 from functools import partial
 
@@ -23,21 +24,33 @@ def _schema() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from smsgw.engine.shards import LeaseConfig
     from smsgw.server import NodeOptions, run_node
 
     admin_key = os.environ.get("SMSGW_ADMIN_KEY")
     if not admin_key:
         admin_key = "adm_" + secrets.token_urlsafe(32)
         print(f"SMSGW_ADMIN_KEY is not set; this run's admin key: {admin_key}", file=sys.stderr)
+    node_id = args.node_id or socket.gethostname()
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers > 1:
+        if args.no_leases:
+            print("--no-leases runs one node: use it with --workers 1", file=sys.stderr)
+            return 2
+        return _serve_workers(args, workers, node_id, admin_key)
     options = NodeOptions(
         database_url=database_url(),
         admin_key=admin_key,
         host=args.host,
         port=args.port,
         schema=_schema(),
-        operators=(_operator_profile(args.operator_latency_ms),),
+        operators=(_operator_profile(args.operator_latency_ms, args.operator_name),),
         operator_urls=tuple(args.operator_url),
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
+        node_id=node_id,
+        leases=LeaseConfig(ttl=args.lease_ttl, tick=min(0.5, args.lease_ttl / 6)),
+        reuse_port=args.reuse_port,
+        cluster=not args.no_leases,
     )
 
     async def main() -> None:
@@ -50,12 +63,33 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_profile(latency: str | None) -> OperatorProfile:
+def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_key: str) -> int:
+    """`--workers N`: N nodes on one port, each its own process (smsgw/workers.py)."""
+    from smsgw.workers import serve_workers
+
+    # One database and one admin key for all: resolved here (an embedded PostgreSQL starts
+    # once, in this process) and handed down.
+    env = {**os.environ, "DATABASE_URL": database_url(), "SMSGW_ADMIN_KEY": admin_key}
+    worker_args = ["--lease-ttl", str(args.lease_ttl), "--operator-name", args.operator_name]
+    for url in args.operator_url:
+        worker_args += ["--operator-url", url]
+    if args.operator_latency_ms:
+        worker_args += ["--operator-latency-ms", args.operator_latency_ms]
+    if args.log_json:
+        worker_args.append("--log-json")
+    top_args = ["-v"] if args.verbose else []
+    trio.run(
+        partial(serve_workers, workers, args.host, args.port, node_id, worker_args, env, top_args)
+    )
+    return 0
+
+
+def _operator_profile(latency: str | None, name: str = "sim") -> OperatorProfile:
     """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms."""
     if latency is None:
-        return OperatorProfile(name="sim")
+        return OperatorProfile(name=name)
     median, p99 = (float(part) for part in latency.split(","))
-    return OperatorProfile(name="sim", latency_ms_median=median, latency_ms_p99=p99)
+    return OperatorProfile(name=name, latency_ms_median=median, latency_ms_p99=p99)
 
 
 def _latency_ms(value: str) -> str:
@@ -65,6 +99,20 @@ def _latency_ms(value: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{value!r}: want MEDIAN,P99 in ms ({error})") from None
     return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: want a whole number >= 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: want a number > 0")
+    return number
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -147,6 +195,45 @@ def build_parser() -> argparse.ArgumentParser:
         type=_latency_ms,
         metavar="MEDIAN,P99",
         help="latency of the in-process simulated operator (default 20,80)",
+    )
+    serve.add_argument(
+        "--operator-name",
+        default="sim",
+        help="name of the in-process simulated operator (stored with each message it sends)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="node processes serving this port (SO_REUSEPORT), each a whole node; default:"
+        " one per core",
+    )
+    serve.add_argument(
+        "--node-id",
+        default=os.environ.get("SMSGW_NODE_ID", ""),
+        metavar="ID",
+        help="this node's unique name among the nodes sharing DATABASE_URL (default: the host"
+        " name; with --workers N, ID-0 .. ID-N-1); also SMSGW_NODE_ID",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so several `serve` processes can share the port",
+    )
+    serve.add_argument(
+        "--no-leases",
+        action="store_true",
+        help="run alone, without shard leases: dispatch every queued message found (never run"
+        " two such nodes on one database; for measuring what the leases cost a lone node)",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        default=3.0,
+        metavar="SECONDS",
+        help="shard lease time to live: a dead node's shards are taken over this long after"
+        " its last renewal (default 3)",
     )
     serve.add_argument(
         "--log-json",

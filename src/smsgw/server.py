@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 
 import msgspec
@@ -13,11 +14,13 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
+from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
-from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+from smsgw.storage.cluster import PgCluster
+from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
 
 log = logging.getLogger("smsgw.server")
 
@@ -36,6 +39,15 @@ class NodeOptions(msgspec.Struct, frozen=True):
     # GET /metrics without the admin key (SMSGW_METRICS_PUBLIC=1): for a scraper on a private
     # network only.
     metrics_public: bool = False
+    # This node's name among the nodes sharing the database ("" for the host name). Unique:
+    # a restart under the same id takes that id's leases back at once.
+    node_id: str = ""
+    # Share leased shards with other nodes on the same database (engine/shards.py). False
+    # runs the node alone as before the leases: it dispatches every message it finds.
+    cluster: bool = True
+    leases: LeaseConfig = LeaseConfig()
+    # Bind with SO_REUSEPORT: several nodes of one machine serve one port (`serve --workers`).
+    reuse_port: bool = False
 
 
 class Node:
@@ -45,6 +57,7 @@ class Node:
         self.engine = engine
         self.store = store
         self.url = ""
+        self.node_id = ""
         self.stop = trio.Event()
         self.http_done = trio.Event()
 
@@ -74,12 +87,23 @@ async def run_node(
             applied = await migrate(db)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-            store = PgStore(db)
+            node_id = options.node_id or socket.gethostname()
+            cluster: PgCluster | None = None
+            handoff: Handoff | None = None
+            if options.cluster:
+                cluster = PgCluster(
+                    db, options.database_url, node_id, advertised_url=lambda: node.url
+                )
+                handoff = Handoff(node_id, cluster.lock_class, cluster.channel)
+            store = PgStore(db, handoff=handoff)
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.
                 providers = owned = default_providers(options.operators, options.operator_urls)
-            engine = Engine(store, providers, options.engine)
+            engine = Engine(
+                store, providers, options.engine, cluster=cluster, leases=options.leases
+            )
             node = Node(engine, store)
+            node.node_id = node_id
             app = create_app(
                 engine, store, admin_key=options.admin_key, metrics_public=options.metrics_public
             )
@@ -89,6 +113,8 @@ async def run_node(
             ) -> None:
                 config = HyperConfig()
                 config.bind = [f"{options.host}:{options.port}"]
+                if options.reuse_port:
+                    config.bind = [f"fd://{reuse_port_socket(options.host, options.port)}"]
                 config.accesslog = None
                 # Hypercorn's own messages through our logging (text or JSON), once: its
                 # default adds a second stderr handler of its own.
@@ -131,6 +157,21 @@ async def run_node(
                     if isinstance(provider, HttpOperator):
                         await provider.aclose()
                 await db.close()
+
+
+def reuse_port_socket(host: str, port: int) -> int:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, as a file descriptor for
+    hypercorn's `fd://` bind: the kernel spreads connections over every node bound so."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 async def _stop_on_signal(node: Node) -> None:

@@ -53,7 +53,8 @@ async def serve_cli(database_url: str, schema: str, stderr: Path) -> AsyncIterat
         "SMSGW_SCHEMA": schema,
         "SMSGW_ADMIN_KEY": ADMIN_KEY,
     }
-    command = [sys.executable, "-m", "smsgw.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", "1"]
+    command += ["--host", "127.0.0.1", "--port", "0"]
     with stderr.open("ab") as err:
         process = await trio.lowlevel.open_process(
             command, stdout=subprocess.PIPE, stderr=err, env=env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import trio
 
 from smsgw.engine.node import EngineConfig
 from smsgw.server import Node
@@ -36,7 +37,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         config.restart_window,
     )
     children = {c["name"]: c for c in tree["children"]}
-    assert list(children) == [*ACTORS, "recovery", "http"]
+    assert list(children) == [*ACTORS, "shard_leases", "http"]
 
     for name in ACTORS:
         child = children[name]
@@ -48,14 +49,35 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         assert isinstance(child["inbox_depth"], int)
         assert 0 <= child["inbox_depth"] <= child["inbox_capacity"]
         assert isinstance(child["stats"], dict) and child["stats"]
-    # Recovery runs once at start and ends cleanly: transient, so it stays stopped.
-    recovery = children["recovery"]
-    assert (recovery["state"], recovery["restart"]) == ("stopped", "transient")
-    assert recovery["stats"] == {"recovered": 0, "done": True}
-    assert recovery["inbox_depth"] is None and recovery["inbox_capacity"] is None
+    # The shard leases (recovery is theirs): a lone node leases every shard, and the page
+    # shows each lease with its fencing token.
+    leases = children["shard_leases"]
+    assert (leases["state"], leases["restart"]) == ("running", "permanent")
+    stats = leases["stats"]
+    assert stats["live_nodes"] == 1 and stats["owned"] == 256, stats
+    assert sorted(lease["shard"] for lease in stats["leases"]) == list(range(256))
+    assert all(lease["token"] > 0 for lease in stats["leases"])
+    assert leases["inbox_depth"] is None and leases["inbox_capacity"] is None
 
     http = children["http"]
     assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)
+
+
+async def test_cluster_view_of_a_lone_node(node: Node, client: httpx.AsyncClient) -> None:
+    # The node's url is recorded with the first heartbeat after HTTP opened.
+    with trio.fail_after(10):
+        while True:
+            r = await client.get("/v1/ops/cluster", headers=admin())
+            assert r.status_code == 200, r.text
+            view = r.json()
+            if view["nodes"][0]["url"]:
+                break
+            await trio.sleep(0.1)
+    assert view["node_id"] == node.node_id
+    assert (view["shards"], view["unowned_shards"], view["handoffs_waiting"]) == (256, 0, 0)
+    [me] = view["nodes"]
+    assert (me["id"], me["alive"], me["shards"], me["url"]) == (node.node_id, True, 256, node.url)
+    assert (await client.get("/v1/ops/cluster")).status_code == 401
 
 
 async def test_supervisor_stats_follow_the_traffic(client: httpx.AsyncClient) -> None:

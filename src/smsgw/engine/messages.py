@@ -39,6 +39,9 @@ class OutboundSms(msgspec.Struct, frozen=True):
     # The HTTP request that accepted it (X-Request-Id), for log lines; not stored: a message
     # recovered after a restart has none.
     request_id: str | None = None
+    # The fencing token of the shard lease this node dispatches it under (engine/shards.py):
+    # stamped when it enters the Scheduler; its status is written only while that lease holds.
+    fence: int | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):

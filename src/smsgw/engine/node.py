@@ -21,9 +21,10 @@ from smsgw.engine.messages import (
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
-from smsgw.engine.ports import MessageStore, Provider
+from smsgw.engine.ports import ClusterStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.scheduler import Scheduler
+from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
 
@@ -63,16 +64,31 @@ class Engine:
         *,
         clock: Any = time.time,
         seed: int | None = None,
+        cluster: ClusterStore | None = None,
+        leases: LeaseConfig = LeaseConfig(),
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.ready = trio.Event()
-        self.recovered = 0
+        self._recovered = 0
         scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", config.scheduler_capacity)
         scheduler_ref = scheduler_inbox.handle()
+        # Among several nodes on one database, this node dispatches only the shards it leases
+        # (engine/shards.py); without a cluster store it dispatches everything (one node).
+        self.leases: ShardLeases | None = None
+        if cluster is not None:
+            self.leases = ShardLeases(
+                cluster, scheduler_ref, lambda: self.pool.inflight.values(), leases
+            )
+            self.ready = self.leases.ready
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
+            if self.leases is not None:
+                route = self.leases.route
+                items = [routed for sms in items if (routed := route(sms)) is not None]
+                if not items:
+                    return
             await scheduler_ref.tell(Enqueue(tuple(items)))
 
         self.writer = StoreWriter(
@@ -93,11 +109,26 @@ class Engine:
             policy=config.retry,
             clock=clock,
             seed=seed,
+            admit=None if self.leases is None else self.leases.admit,
         )
         self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
         self.supervisor: Supervisor | None = None
 
+    @property
+    def recovered(self) -> int:
+        """Messages put back into the Scheduler at start (of the shards leased at start)."""
+        return self.leases.recovered if self.leases is not None else self._recovered
+
     def children(self) -> list[ChildSpec]:
+        # Among several nodes, recovery is the leases' work: at start and on every takeover.
+        if self.leases is not None:
+            recovery = ChildSpec(
+                "shard_leases", self.leases.run, restart=Restart.PERMANENT, stats=self.leases.stats
+            )
+        else:
+            recovery = ChildSpec(
+                "recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats
+            )
         return [
             ChildSpec(
                 "store_writer", self.writer.run, inbox=self.writer.inbox, stats=self.writer.stats
@@ -112,9 +143,7 @@ class Engine:
                 inbox=self.scheduler.inbox,
                 stats=self.scheduler.stats,
             ),
-            ChildSpec(
-                "recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats
-            ),
+            recovery,
         ]
 
     def _recovery_stats(self) -> dict[str, Any]:
@@ -131,7 +160,7 @@ class Engine:
             pending = await self.store.pending()
             for start in range(0, len(pending), 1_000):
                 await self.scheduler.ref.tell(Enqueue(tuple(pending[start : start + 1_000])))
-            self.recovered = len(pending)
+            self._recovered = len(pending)
             self.ready.set()
         task_status.started()
 

@@ -85,6 +85,7 @@ class ProviderPool:
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        admit: Callable[[OutboundSms], bool] | None = None,
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
@@ -99,6 +100,9 @@ class ProviderPool:
         self._policy = policy
         self._clock = clock
         self._rng = random.Random(seed)
+        # The last check before a send (ShardLeases.admit): a message of a shard this node no
+        # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
+        self._admit = admit
         self.inflight: dict[str, OutboundSms] = {}
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
         self.batches = 0
@@ -153,16 +157,29 @@ class ProviderPool:
 
     async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
         try:
+            sending = batch if self._admit is None else self._admitted(batch)
+            if not sending:
+                return
             provider = self._choose()
             self.batches += 1
-            results = await self._send(provider, batch)
-            for sms, result in zip(batch, results, strict=True):
+            results = await self._send(provider, sending)
+            for sms, result in zip(sending, results, strict=True):
                 await self._settle(provider, sms, result)
                 # Handed on: only now is it no longer ours. Cancelled before this point, it
                 # stays in `inflight` and the next run of the pool hands it back.
                 del self.inflight[sms.id]
         finally:
             self.window.release(len(batch))
+
+    def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
+        assert self._admit is not None
+        admitted = [self._admit(sms) for sms in batch]
+        if all(admitted):
+            return batch
+        for sms, ok in zip(batch, admitted, strict=True):
+            if not ok:
+                del self.inflight[sms.id]
+        return tuple(sms for sms, ok in zip(batch, admitted, strict=True) if ok)
 
     async def _send(self, provider: Provider, batch: Sequence[OutboundSms]) -> list[SendResult]:
         """One attempt per message; a timeout, an exception or a wrong number of results is a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -164,4 +164,55 @@ class FrontDoorStore(Reads, Protocol):
 
     async def rotate_key(self, account_id: int, old_hash: bytes, new_hash: bytes) -> bool:
         """Replace the account's key digest if it is still `old_hash`; False otherwise."""
+        ...
+
+
+class ClusterStore(Protocol):
+    """The shared state of the nodes on one database: heartbeats, shard leases (owner, expiry,
+    fencing token) and the hand-offs of messages accepted by a node that does not lease their
+    shard. Every lease change is ordered against the accept transactions of its shards, so
+    `load` after a change sees every message whose accept did not hand it off."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def join(self, ttl: float) -> None:
+        """Register this node; release the leases a previous run of this node id held."""
+        ...
+
+    async def heartbeat(
+        self, held: Sequence[int], ttl: float, *, bump: bool
+    ) -> tuple[int, dict[int, int]]:
+        """Record that this node lives and extend its leases on `held` by `ttl` (under new
+        tokens if `bump`). Returns the live nodes and the leases renewed (shard -> token):
+        a shard missing from them was taken by another node."""
+        ...
+
+    async def acquire(self, count: int, ttl: float) -> dict[int, int]:
+        """Lease up to `count` free or expired shards; returns shard -> new token."""
+        ...
+
+    async def release(self, shards: Sequence[int]) -> None: ...
+
+    async def leave(self, shards: Sequence[int]) -> None:
+        """Release `shards` and mark this node gone (a clean stop)."""
+        ...
+
+    async def load(self, shards: Sequence[int]) -> list[OutboundSms]:
+        """Every message not final in `shards` (their hand-offs are dropped: this covers them)."""
+        ...
+
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+        """Take the hand-offs waiting for shards this node leases: (message, lease token) for
+        each whose id is not `known` (dispatched from its notification already)."""
+        ...
+
+    async def listen(self, notified: Callable[[str], None]) -> None:
+        """Call `notified(messages)` for each notification of hand-offs to this node, once
+        committed: a JSON list of OutboundSms, empty for "claim now"; returns when the
+        connection is lost."""
+        ...
+
+    async def cluster(self, ttl: float) -> dict[str, Any]:
+        """Every node with its heartbeat and shard count, and the shards nobody leases."""
         ...

@@ -34,6 +34,7 @@ from smsgw.http.schemas import (
     AccountOut,
     BalanceOut,
     ClientRef,
+    ClusterOut,
     CreateAccountIn,
     KeyRotatedOut,
     Recipient,
@@ -399,6 +400,20 @@ ROUTES: list[Route] = [
         auth="admin",
         responses={200: SupervisorStatus},
         problems=(503,),
+    ),
+    Route(
+        "GET",
+        "/v1/ops/cluster",
+        "The nodes sharing this database: heartbeats and leased shards",
+        "ops",
+        auth="admin",
+        responses={200: ClusterOut},
+        problems=(503,),
+        description=(
+            "Accounts hash into 256 shards; each is dispatched by the one live node holding its"
+            " lease. This node's own leases (with their fencing tokens) are in"
+            " /v1/ops/supervisor, child `shard_leases`."
+        ),
     ),
     Route(
         "GET",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -78,3 +79,27 @@ class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
 
 class BatchOut(msgspec.Struct):
     results: list[AcceptedOut | dict[str, object]]
+
+
+class ClusterNodeOut(msgspec.Struct):
+    """One node that shares the database: `alive` while its heartbeat is younger than the
+    lease ttl; `shards` it leases now, `expired_shards` it held when it stopped renewing."""
+
+    id: str
+    host: str
+    pid: int
+    url: str | None
+    alive: bool
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_s: float
+    shards: int
+    expired_shards: int
+
+
+class ClusterOut(msgspec.Struct):
+    node_id: str  # the node that answered
+    shards: int
+    unowned_shards: int  # free, or expired and not yet taken over
+    handoffs_waiting: int  # messages accepted elsewhere, not yet claimed by their shard's owner
+    nodes: list[ClusterNodeOut]

@@ -138,7 +138,10 @@ async def _message_counts(db: Database, account_ids: list[int]) -> dict[str, int
 async def simulate(options: SimulateOptions) -> SimulationReport:
     started = time.perf_counter()
     admin_key = "adm_" + secrets.token_urlsafe(24)
-    node_options = NodeOptions(database_url=database_url(), admin_key=admin_key, port=0)
+    # Its own node id: a `serve` of this host on the same database keeps the host name.
+    node_options = NodeOptions(
+        database_url=database_url(), admin_key=admin_key, port=0, node_id="simulate"
+    )
     credit = options.credit or math.ceil(
         options.messages / options.accounts * NORMAL_PRICE * (1 + options.express_share) * 0.8
     )

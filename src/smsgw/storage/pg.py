@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 import asyncpg
 import msgspec
@@ -30,6 +30,7 @@ from smsgw.engine.ports import (
     SummaryRow,
     WriteGroup,
 )
+from smsgw.engine.shards import shard_of
 
 log = logging.getLogger("smsgw.storage")
 
@@ -87,7 +88,13 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 reset=_keep_session,
-                server_settings={"search_path": schema, "application_name": "smsgw"},
+                server_settings={
+                    "search_path": schema,
+                    "application_name": "smsgw",
+                    # A node paused mid-transaction (SIGSTOP, a stalled VM) must not hold its
+                    # row and lease locks, and so the other nodes, for longer than this.
+                    "idle_in_transaction_session_timeout": "5s",
+                },
             )
 
         return cls(await _bridge(_open)(), schema)
@@ -155,7 +162,8 @@ async def migrate(db: Database) -> list[str]:
 # `unnest` parameters spent about 15 µs a message in isinstance checks.
 
 # Only a message that is not final yet takes an outcome: exactly one outcome per message,
-# whatever retries or recoveries deliver twice. The accounts come back locked in id order (so
+# whatever retries or recoveries deliver twice, and only under the shard lease it was
+# dispatched under (fencing, engine/shards.py). The accounts come back locked in id order (so
 # concurrent groups cannot deadlock on them), with what the outcomes captured and released,
 # summed per account.
 _LOCK_AND_FINISH = """
@@ -166,8 +174,10 @@ WITH finished AS (
         updated_at = to_timestamp(x.at)
     FROM json_to_recordset($2::json)
          AS x(id uuid, status text, reason text, operator text, operator_message_id text,
-              attempts int, at float8)
+              attempts int, at float8, shard int, fence bigint)
     WHERE m.id = x.id AND m.status IN ('queued', 'sending')
+      AND (x.fence IS NULL
+           OR x.fence = (SELECT l.token FROM shard_leases l WHERE l.shard = x.shard))
     RETURNING m.account_id, m.price, x.status = 'sent' AS sent
 ), per_account AS (
     SELECT account_id,
@@ -196,6 +206,8 @@ class _FinishRow(msgspec.Struct):
     operator_message_id: str | None
     attempts: int
     at: float
+    shard: int
+    fence: int | None
 
 
 _json = msgspec.json.Encoder()
@@ -237,19 +249,50 @@ SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id) FROM ledger) AS ledger
 """
 
-_PENDING = """
-SELECT id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
-       extract(epoch FROM created_at)::float8 AS created_at,
-       extract(epoch FROM deadline)::float8 AS deadline, attempts
+# What dispatch needs of a stored message (pending_sms makes it an OutboundSms).
+PENDING_COLUMNS = """
+messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
+extract(epoch FROM created_at)::float8 AS created_at,
+extract(epoch FROM deadline)::float8 AS deadline, attempts"""
+
+_PENDING = f"""
+SELECT {PENDING_COLUMNS}
 FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
 """
+
+
+def pending_sms(r: asyncpg.Record) -> OutboundSms:
+    return OutboundSms(
+        id=r["id"],
+        account_id=r["account_id"],
+        to=r["recipient"],
+        sender=r["sender"],
+        text=r["body"],
+        segments=r["segments"],
+        price=r["price"],
+        express=r["express"],
+        client_ref=r["client_ref"],
+        created_at=r["created_at"],
+        deadline=r["deadline"],
+        attempts=r["attempts"],
+    )
+
+
+class Handoff(NamedTuple):
+    """Set on a PgStore of a node among several: messages stored for shards this node does
+    not lease are handed to their owner in the same transaction (migration 004)."""
+
+    node_id: str
+    lock_class: int
+    channel: str
 
 
 class PgStore:
     """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, handoff: Handoff | None = None) -> None:
         self.db = db
+        self.handoff = handoff
 
     async def commit_group(self, group: WriteGroup) -> GroupResult:
         for attempt in range(5):
@@ -261,6 +304,7 @@ class PgStore:
         return await self.db.run(lambda conn: self._commit(conn, group))
 
     async def _commit(self, conn: asyncpg.Connection, group: WriteGroup) -> GroupResult:
+        wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
 
@@ -280,6 +324,8 @@ class PgStore:
                         o.operator_message_id,
                         o.attempts,
                         o.at,
+                        shard_of(o.sms.account_id),
+                        o.sms.fence,
                     )
                     for o in group.outcomes
                 ]
@@ -330,6 +376,23 @@ class PgStore:
                         "DELETE FROM credit_ledger WHERE id = ANY($1::bigint[])", row["ledger"]
                     )
                     await conn.fetchval(_WRITE_CREDIT, *_credit_args(book, messages, written))
+                    stored = _still_accepted(group, accepts)
+                if self.handoff is not None and stored:
+                    wake = await _hand_off(conn, self.handoff, stored)
+        if wake and self.handoff is not None:
+            # After the commit, in a transaction of its own that writes nothing: a NOTIFY in
+            # the group's transaction would hold PostgreSQL's database-wide notify lock
+            # through the group's commit (and its WAL flush), serialising every node's
+            # group commits. Lost (a crash, a failure), the hand-off waits for the poll; the
+            # group is committed whatever happens here, so nothing may raise.
+            try:
+                await conn.execute(
+                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                    self.handoff.channel,
+                    wake,
+                )
+            except Exception as exc:
+                log.warning("could not notify hand-offs (the poll takes them): %s", exc)
         return GroupResult(accepts, topups, creates)
 
     async def _create(
@@ -352,23 +415,7 @@ class PgStore:
 
     async def pending(self) -> list[OutboundSms]:
         rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
-        return [
-            OutboundSms(
-                id=r["id"],
-                account_id=r["account_id"],
-                to=r["recipient"],
-                sender=r["sender"],
-                text=r["body"],
-                segments=r["segments"],
-                price=r["price"],
-                express=r["express"],
-                client_ref=r["client_ref"],
-                created_at=r["created_at"],
-                deadline=r["deadline"],
-                attempts=r["attempts"],
-            )
-            for r in rows
-        ]
+        return [pending_sms(r) for r in rows]
 
     # --- reads (one query each; not on the accept path) ------------------------------------
 
@@ -684,6 +731,72 @@ RETURNING true
 _READ_KEY = """
 SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AND key = $2
 """
+
+
+def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> list[OutboundSms]:
+    """The messages stored after duplicates were taken back."""
+    return [
+        sms
+        for (items, _), results in zip(group.accepts, accepts, strict=True)
+        for sms, result in zip(items, results, strict=True)
+        if result.accepted
+    ]
+
+
+async def _hand_off(
+    conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]
+) -> list[str]:
+    """Hand the stored messages of shards another node leases to it; returns the NOTIFY
+    payloads that carry them to their owners."""
+    rows = await conn.fetch(
+        "SELECT owner, message_id::text AS id FROM smsgw_handoff($1, $2, $3::int[], $4::uuid[])",
+        handoff.node_id,
+        handoff.lock_class,
+        [shard_of(s.account_id) for s in stored],
+        [s.id for s in stored],
+    )
+    if not rows:
+        return []
+    by_id = {s.id: s for s in stored}
+    handed: dict[str, list[OutboundSms]] = {}
+    for r in rows:
+        handed.setdefault(r["owner"], []).append(by_id[r["id"]])
+    return handoff_payloads(handed)
+
+
+# NOTIFY payloads must stay under 8,000 bytes.
+_PAYLOAD_LIMIT = 7_900
+_sms_encoder = msgspec.json.Encoder()
+
+
+def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
+    """`owner` + newline + a JSON list of the messages handed to it, cut to fit a NOTIFY (in
+    bytes). The owner dispatches them from the payload without a query; a message too large
+    for a payload goes as an empty list ("claim now"), and the owner reads it with its claim.
+    No owner ('') means a shard in transit: whoever takes it recovers the message."""
+    payloads: list[str] = []
+    for owner, items in handed.items():
+        if not owner:
+            continue
+        head = owner.encode() + b"\n"
+        parts: list[bytes] = []
+        size = len(head) + 2
+        too_large = False
+        for sms in items:
+            part = _sms_encoder.encode(sms)
+            if len(head) + len(part) + 2 > _PAYLOAD_LIMIT:
+                too_large = True
+                continue
+            if size + len(part) + 1 > _PAYLOAD_LIMIT:
+                payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
+                parts, size = [], len(head) + 2
+            parts.append(part)
+            size += len(part) + 1
+        if parts:
+            payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
+        if too_large:
+            payloads.append((head + b"[]").decode())
+    return payloads
 
 
 async def _undo_duplicates(

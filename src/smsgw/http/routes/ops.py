@@ -1,11 +1,13 @@
-"""Operations: liveness, readiness, the supervision tree."""
+"""Operations: liveness, readiness, the supervision tree, the nodes sharing the database."""
 
 from __future__ import annotations
 
+import msgspec
 from quart import Blueprint, Response
 
 from smsgw.http.context import gateway, json_response
 from smsgw.http.problems import ProblemError
+from smsgw.http.schemas import ClusterOut
 
 bp = Blueprint("ops", __name__)
 
@@ -34,3 +36,18 @@ async def supervisor_status() -> Response:
     if gw.engine.supervisor is None:
         raise ProblemError(503, "starting", "the supervisor is starting")
     return json_response(gw.engine.supervisor.status())
+
+
+@bp.get("/v1/ops/cluster")
+async def cluster_status() -> Response:
+    """Every node on this database, its heartbeat and its shard count (one query)."""
+    gw = gateway()
+    gw.require_admin()
+    leases = gw.engine.leases
+    if leases is None:
+        raise ProblemError(503, "not_clustered", "this node runs alone, without shard leases")
+    try:
+        view = await leases.store.cluster(leases.config.ttl)
+    except Exception as exc:
+        raise ProblemError(503, "database_unreachable", f"PostgreSQL: {exc}") from None
+    return json_response(msgspec.convert({**view, "node_id": leases.store.node_id}, ClusterOut))

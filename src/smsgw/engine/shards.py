@@ -1,0 +1,395 @@
+"""ShardLeases: which accounts' queues this node dispatches, leased from the shared database.
+
+Accounts hash into `SHARDS` shards. Each shard is dispatched by the one node that holds its
+lease (owner, expiry, fencing token); the lease is renewed on every tick and expires when its
+node stops renewing it (killed, paused, cut off), after which live nodes take the shard over
+and recover its queued messages. Every message this node dispatches is stamped with the token
+of its shard's lease (`OutboundSms.fence`); the pool sends only messages whose stamp is still
+the current token, and the store writes a status only under the token the message carries,
+so a node that lost a shard can neither dispatch its messages nor write their status.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from smsgw.engine.actor import ActorRef, InboxFull
+from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.ports import ClusterStore
+
+log = logging.getLogger("smsgw.shards")
+
+SHARDS = 256
+# A hand-off's notification and its claim (the poll) come within this of each other.
+_RECENT_S = 10.0
+_handoff_decoder = msgspec.json.Decoder(list[OutboundSms])
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi
+_MASK = (1 << 64) - 1
+
+
+def shard_of(account_id: int) -> int:
+    """The account's shard: the top 8 bits of `account_id * 2^64/phi mod 2^64` (Fibonacci
+    hashing), so consecutive ids spread evenly. PostgreSQL's `shard_of()` is the same."""
+    return ((account_id * _GOLDEN) & _MASK) >> 56
+
+
+def fair_share(live_nodes: int) -> int:
+    """How many shards each of `live_nodes` nodes should lease: all of them, split evenly."""
+    return math.ceil(SHARDS / max(1, live_nodes))
+
+
+class LeaseConfig(msgspec.Struct, frozen=True):
+    # A lease lives `ttl` seconds past its last renewal; a killed node's shards are taken over
+    # within about ttl + tick of its last renewal.
+    ttl: float = 3.0
+    tick: float = 0.5  # heartbeat, renewal and rebalancing
+    # How often the node looks for hand-offs without being notified (a lost connection, a
+    # notification that raced a lease change).
+    poll: float = 0.5
+    # A shard being given away is released once none of its messages is in flight here (and
+    # one more tick has passed, for their outcomes to commit), or after this long.
+    drain: float = 2.0
+    # The node trusts its leases for this share of the ttl after the renewal started: its own
+    # clock runs from before PostgreSQL's, so it stops before anyone may take over.
+    trust: float = 0.8
+
+
+class ShardLeases:
+    """Holds this node's leases and routes work to the Scheduler by them.
+
+    `route` (accepted here), `load` (recovery of newly leased shards) and `claim` (hand-offs
+    from other nodes) are the three ways a message reaches this node's Scheduler; `admit` is
+    the ProviderPool's last check before a send. State survives a restart of the run loop.
+    """
+
+    def __init__(
+        self,
+        store: ClusterStore,
+        scheduler: ActorRef[SchedulerMessage],
+        inflight: Callable[[], Iterable[OutboundSms]],
+        config: LeaseConfig = LeaseConfig(),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._scheduler = scheduler
+        self._inflight = inflight
+        self._clock = clock
+        self.owned: dict[int, int] = {}  # shard -> fencing token
+        self.valid_until = 0.0  # on `clock`: dispatch stops after this without a renewal
+        # shard -> (token, draining since, no message in flight since)
+        self.draining: dict[int, tuple[int, float, float | None]] = {}
+        # Shards being recovered: ids routed meanwhile, so the recovery does not add them twice.
+        self._reloading: dict[int, set[str]] = {}
+        self._db = trio.Lock()  # claims and recoveries one at a time
+        # Hand-offs dispatched lately, by id: a message arrives by notification and by claim.
+        self._recent: dict[str, float] = {}
+        self._recent_order: deque[tuple[float, str]] = deque()
+        self._wake = trio.Event()
+        self.ready = trio.Event()
+        self.live_nodes = 0
+        self.recovered = 0  # messages loaded by the first tick (start-up recovery)
+        self.counts: dict[str, int] = {
+            "acquired": 0,
+            "released": 0,
+            "lost": 0,
+            "lapses": 0,
+            "loaded": 0,
+            "claimed": 0,
+            "delivered": 0,
+            "routed": 0,
+            "not_owned": 0,
+            "fenced_at_send": 0,
+            "notifications": 0,
+            "ticks": 0,
+            "failed_ticks": 0,
+        }
+        self.last_tick_ms = 0.0
+        self.last_error: str | None = None
+
+    # --- the hot path: called by the writer's dispatch and by the pool ---------------------
+
+    def route(self, sms: OutboundSms) -> OutboundSms | None:
+        """`sms` stamped with its shard's token if this node leases the shard, else None (its
+        owner learns of it from the hand-off, or from recovery when it takes the shard)."""
+        shard = shard_of(sms.account_id)
+        token = self.owned.get(shard)
+        if token is None:
+            self.counts["not_owned"] += 1
+            return None
+        reloading = self._reloading.get(shard)
+        if reloading is not None:
+            reloading.add(sms.id)
+        self.counts["routed"] += 1
+        return msgspec.structs.replace(sms, fence=token)
+
+    def admit(self, sms: OutboundSms) -> bool:
+        """May this node send `sms` now: it still leases the shard under the token the message
+        was stamped with, and the lease was renewed recently enough to be trusted."""
+        if sms.fence is None:
+            return True
+        if self.owned.get(shard_of(sms.account_id)) == sms.fence and (
+            self._clock() < self.valid_until
+        ):
+            return True
+        self.counts["fenced_at_send"] += 1
+        return False
+
+    def wake(self) -> None:
+        """Claim hand-offs now rather than at the next poll."""
+        self._wake.set()
+
+    def deliver(self, body: str) -> None:
+        """A notification of hand-offs to this node: dispatch the messages it carries at once
+        (no query); an empty list means "claim now". Synchronous: called from the LISTEN
+        connection's callback. What cannot be dispatched here is left to the claim."""
+        self.counts["notifications"] += 1
+        try:
+            items = _handoff_decoder.decode(body)
+        except msgspec.DecodeError:
+            items = []
+        if not items:
+            self.wake()
+            return
+        now = self._clock()
+        batch = []
+        for sms in items:
+            shard = shard_of(sms.account_id)
+            token = self.owned.get(shard)
+            # Not leased here (any more, or yet): recovery of the shard covers it.
+            if token is None or self._seen(sms.id, now):
+                continue
+            reloading = self._reloading.get(shard)
+            if reloading is not None:
+                reloading.add(sms.id)
+            batch.append(msgspec.structs.replace(sms, fence=token))
+        if not batch:
+            return
+        try:
+            self._scheduler.tell_nowait(Enqueue(tuple(batch)))
+        except InboxFull:
+            for sms in batch:
+                self._recent.pop(sms.id, None)  # the claim will take them
+            self.wake()
+            return
+        self.counts["delivered"] += len(batch)
+
+    def _seen(self, message_id: str, now: float) -> bool:
+        """Whether a hand-off of `message_id` was dispatched here lately (from its
+        notification or its claim, whichever came first); marks it as dispatched if not."""
+        horizon = now - _RECENT_S
+        recent = self._recent
+        order = self._recent_order
+        while order and order[0][0] < horizon:
+            _, old = order.popleft()
+            if recent.get(old, now) < horizon:
+                del recent[old]
+        if message_id in recent:
+            return True
+        recent[message_id] = now
+        order.append((now, message_id))
+        return False
+
+    # --- the actor -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node_id": self.store.node_id,
+            "live_nodes": self.live_nodes,
+            "fair_share": fair_share(self.live_nodes),
+            "owned": len(self.owned),
+            "draining": sorted(self.draining),
+            "lease_valid_for_s": round(max(0.0, self.valid_until - self._clock()), 3),
+            "leases": [{"shard": s, "token": t} for s, t in sorted(self.owned.items())],
+            "last_tick_ms": round(self.last_tick_ms, 3),
+            "last_error": self.last_error,
+            **self.counts,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join, take a fair share of the shards and recover their queued messages, then
+        report started (HTTP opens after this); then tick, listen and claim until cancelled.
+        When it ends the leases are released, so a clean stop hands shards over at once."""
+        try:
+            if not self.ready.is_set():
+                await self.store.join(self.config.ttl)
+                loaded = await self._tick()
+                self.recovered = loaded
+                self.ready.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen)
+                nursery.start_soon(self._claim_loop)
+                task_status.started()
+                while True:
+                    await trio.sleep(self.config.tick)
+                    try:
+                        await self._tick()
+                    except Exception as exc:
+                        # The database is away: leases run out by themselves and dispatch
+                        # stops at `valid_until`; keep trying.
+                        self.counts["failed_ticks"] += 1
+                        self.last_error = f"{type(exc).__name__}: {exc}"
+                        log.warning("lease tick failed: %s", self.last_error)
+        finally:
+            # Stopped (or crashed: a restart takes shards afresh and recovers them).
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await self._leave()
+
+    async def _leave(self) -> None:
+        held = [*self.owned, *self.draining]
+        self.owned.clear()
+        self.draining.clear()
+        self.valid_until = 0.0
+        try:
+            await self.store.leave(held)
+        except Exception as exc:
+            log.warning("could not release leases on stop (they expire by themselves): %s", exc)
+
+    async def _tick(self) -> int:
+        """Heartbeat, renew, give away or take shards by the fair share. Returns how many
+        messages were recovered for newly leased shards."""
+        started = self._clock()
+        self.counts["ticks"] += 1
+        held = [*self.owned, *self.draining]
+        lapsed = bool(held) and started >= self.valid_until
+        live, renewed = await self.store.heartbeat(held, self.config.ttl, bump=lapsed)
+        self.live_nodes = live
+        self.valid_until = started + self.config.ttl * self.config.trust
+        self.last_error = None
+        lost = [s for s in held if s not in renewed]
+        if lost:
+            self.counts["lost"] += len(lost)
+            log.warning("lost the leases of %d shard(s) to other nodes", len(lost))
+        for shard in lost:
+            self.owned.pop(shard, None)
+            self.draining.pop(shard, None)
+        loaded = 0
+        if lapsed:
+            # Paused or cut off past the lease: nobody took these shards, but what this node
+            # holds of them may be stale. New tokens fence off the old stamps (and any status
+            # write still in flight); recovery reloads them.
+            self.counts["lapses"] += 1
+            log.warning("leases lapsed; renewed %d under new tokens", len(renewed))
+            regained = {s: t for s, t in renewed.items() if s in self.owned}
+            for shard, token in renewed.items():
+                if shard in self.draining:
+                    _, since, empty = self.draining[shard]
+                    self.draining[shard] = (token, since, empty)
+            loaded += await self._recover(regained)
+        self._mark_drained(started)
+        ready = [
+            shard
+            for shard, (_, since, empty) in self.draining.items()
+            if (empty is not None and started - empty >= self.config.tick * 0.9)
+            or started - since >= self.config.drain
+        ]
+        if ready:
+            await self.store.release(ready)
+            self.counts["released"] += len(ready)
+            for shard in ready:
+                del self.draining[shard]
+        target = fair_share(live)
+        if len(self.owned) > target:
+            # Give away the highest shards: stop dispatching them now, release when drained.
+            for shard in sorted(self.owned)[target:]:
+                self.draining[shard] = (self.owned.pop(shard), started, None)
+        elif len(self.owned) + len(self.draining) < target:
+            want = target - len(self.owned) - len(self.draining)
+            gained = await self.store.acquire(want, self.config.ttl)
+            if gained:
+                self.counts["acquired"] += len(gained)
+                loaded += await self._recover(gained)
+        self.last_tick_ms = (self._clock() - started) * 1000
+        return loaded
+
+    def _mark_drained(self, now: float) -> None:
+        """Mark draining shards with nothing in flight here (the drain's first condition)."""
+        if not self.draining:
+            return
+        busy = {shard_of(sms.account_id) for sms in self._inflight()}
+        for shard, (token, since, empty) in list(self.draining.items()):
+            if shard in busy:
+                self.draining[shard] = (token, since, None)
+            elif empty is None:
+                self.draining[shard] = (token, since, now)
+
+    async def _recover(self, gained: dict[int, int]) -> int:
+        """Own `gained` (shard -> token) and put their queued messages into the Scheduler,
+        each once: ids routed here while the recovery read are left out."""
+        if not gained:
+            return 0
+        for shard in gained:
+            self._reloading[shard] = set()
+        self.owned.update(gained)
+        try:
+            async with self._db:
+                pending = await self.store.load(sorted(gained))
+            batch: list[OutboundSms] = []
+            for sms in pending:
+                shard = shard_of(sms.account_id)
+                token = self.owned.get(shard)
+                if token != gained[shard] or sms.id in self._reloading[shard]:
+                    continue
+                batch.append(msgspec.structs.replace(sms, fence=token))
+            await self._enqueue(batch)
+            self.counts["loaded"] += len(batch)
+            return len(batch)
+        finally:
+            for shard in gained:
+                self._reloading.pop(shard, None)
+
+    async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
+        for start in range(0, len(items), 1_000):
+            await self._scheduler.tell(Enqueue(tuple(items[start : start + 1_000])))
+
+    async def _claim_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.poll):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if not self.owned:
+                continue
+            try:
+                async with self._db:
+                    claimed = await self.store.claim(self._recent.__contains__)
+            except Exception as exc:
+                self.last_error = f"claim: {type(exc).__name__}: {exc}"
+                continue
+            batch = []
+            now = self._clock()
+            for sms, token in claimed:
+                shard = shard_of(sms.account_id)
+                # Claimed under a lease this node no longer (or not yet) trusts: recovery of
+                # the shard covers it, wherever it goes.
+                if self.owned.get(shard) != token or self._seen(sms.id, now):
+                    continue
+                reloading = self._reloading.get(shard)
+                if reloading is not None:
+                    reloading.add(sms.id)  # a recovery about to read the shard skips it
+                batch.append(msgspec.structs.replace(sms, fence=token))
+            self.counts["claimed"] += len(batch)
+            await self._enqueue(batch)
+
+    async def _listen(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def notified(body: str) -> None:
+            token.run_sync_soon(self.deliver, body)
+
+        while True:
+            try:
+                await self.store.listen(notified)
+            except Exception as exc:
+                self.last_error = f"listen: {type(exc).__name__}: {exc}"
+            # The connection ended: the poll covers the gap; reconnect shortly.
+            self._wake.set()
+            await trio.sleep(1.0)

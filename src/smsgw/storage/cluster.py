@@ -1,0 +1,314 @@
+"""PgCluster: node heartbeats, shard leases and hand-offs in PostgreSQL (migration 004).
+
+The engine's `ClusterStore`. Lease changes (acquire, release) take each shard's advisory lock
+exclusively; the accept transaction's `smsgw_handoff()` takes it shared before it reads the
+owner. So a shard never changes hands between an accept deciding "the owner is me, no hand-off"
+and that accept's commit, and the new owner's `load`, which runs after its change committed,
+sees every message that was not handed off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+import trio
+
+from smsgw.engine.messages import OutboundSms
+from smsgw.storage.pg import PENDING_COLUMNS, Database, _bridge, pending_sms
+
+log = logging.getLogger("smsgw.cluster")
+
+
+def channel_and_lock_class(schema: str) -> tuple[str, int]:
+    """The NOTIFY channel and the advisory lock class of a schema's nodes: nodes in other
+    schemas of the same database (tests) neither wake nor wait for each other."""
+    digest = hashlib.sha256(schema.encode()).digest()
+    return f"smsgw_handoff_{digest[:8].hex()}", int.from_bytes(digest[8:12], "big", signed=True)
+
+
+_LOCK_EXCLUSIVE = """
+SELECT count(pg_advisory_xact_lock($1, s)) FROM (SELECT unnest($2::int[]) AS s ORDER BY 1) q
+"""
+
+_LOAD = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE status IN ('queued', 'sending') AND shard_of(account_id) = ANY($1::int[])
+ORDER BY created_at
+"""
+
+_CLAIM = """
+DELETE FROM shard_inbox i USING shard_leases l
+WHERE l.shard = i.shard AND l.owner = $1
+RETURNING i.message_id::text AS id, l.token
+"""
+
+_READ_CLAIMED = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'sending')
+ORDER BY created_at
+"""
+
+
+class PgCluster:
+    """This node's view of the shared cluster tables, for `ShardLeases`."""
+
+    def __init__(
+        self,
+        db: Database,
+        url: str,
+        node_id: str,
+        *,
+        advertised_url: Callable[[], str] = lambda: "",
+    ) -> None:
+        self.db = db
+        self._url = url
+        self._node_id = node_id
+        self._advertised_url = advertised_url
+        self.channel, self.lock_class = channel_and_lock_class(db.schema)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def join(self, ttl: float) -> None:
+        """Register. A row of this id that is alive elsewhere (another process on this host,
+        or one heartbeating from another host) is an error: two nodes must never share an id.
+        A row left by a dead process of this host, or gone stale, is taken over."""
+        for _ in range(int(ttl * 4) + 8):
+            row = await self.db.run(
+                lambda c: c.fetchrow(
+                    "SELECT host, pid, heartbeat_at > now() - make_interval(secs => $2) AS fresh"
+                    " FROM nodes WHERE id = $1",
+                    self._node_id,
+                    ttl,
+                )
+            )
+            if row is None or not row["fresh"] or self._is_dead(row["host"], row["pid"]):
+                break
+            if row["host"] == self.host:
+                raise RuntimeError(
+                    f"node id {self._node_id!r} is in use by pid {row['pid']} on this host;"
+                    " give each node its own --node-id"
+                )
+            await trio.sleep(0.5)
+        else:
+            raise RuntimeError(f"node id {self._node_id!r} is heartbeating on another host")
+
+        async def register(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                mine = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT shard FROM shard_leases WHERE owner = $1 ORDER BY shard FOR UPDATE",
+                        self._node_id,
+                    )
+                ]
+                if mine:
+                    # A previous run's leases: what it held in memory died with it.
+                    await conn.execute(_LOCK_EXCLUSIVE, self.lock_class, mine)
+                    await conn.execute(
+                        "UPDATE shard_leases SET owner = NULL, expires_at = '-infinity'"
+                        " WHERE shard = ANY($1::int[])",
+                        mine,
+                    )
+                # Nodes gone for a day leave the cluster view (their leases expired long ago).
+                await conn.execute(
+                    "DELETE FROM nodes WHERE heartbeat_at < now() - interval '1 day'"
+                )
+                await conn.execute(
+                    "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (id) DO UPDATE SET host = $2, pid = $3, url = $4,"
+                    " started_at = now(), heartbeat_at = now()",
+                    self._node_id,
+                    self.host,
+                    self.pid,
+                    self._advertised_url(),
+                )
+
+        await self.db.run(register)
+
+    def _is_dead(self, host: str, pid: int) -> bool:
+        if host != self.host:
+            return False
+        if pid == self.pid:
+            return True  # this very process (a restart of the node inside it)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    async def heartbeat(
+        self, held: Sequence[int], ttl: float, *, bump: bool
+    ) -> tuple[int, dict[int, int]]:
+        async def beat(conn: asyncpg.Connection) -> tuple[int, dict[int, int]]:
+            await conn.execute(
+                "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4",
+                self._node_id,
+                self.host,
+                self.pid,
+                self._advertised_url(),
+            )
+            renewed: dict[int, int] = {}
+            if held:
+                rows = await conn.fetch(
+                    "UPDATE shard_leases SET expires_at = now() + make_interval(secs => $2),"
+                    " token = CASE WHEN $3 THEN nextval('lease_tokens') ELSE token END"
+                    " WHERE owner = $1 AND shard = ANY($4::int[]) RETURNING shard, token",
+                    self._node_id,
+                    ttl,
+                    bump,
+                    list(held),
+                )
+                renewed = {r["shard"]: r["token"] for r in rows}
+            live = await conn.fetchval(
+                "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)",
+                ttl,
+            )
+            return int(live), renewed
+
+        return await self.db.run(beat)
+
+    async def acquire(self, count: int, ttl: float) -> dict[int, int]:
+        async def take(conn: asyncpg.Connection) -> dict[int, int]:
+            async with conn.transaction():
+                # SKIP LOCKED: nodes taking shards at the same moment take different ones.
+                free = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT shard FROM shard_leases WHERE owner IS NULL OR expires_at < now()"
+                        " ORDER BY shard LIMIT $1 FOR UPDATE SKIP LOCKED",
+                        count,
+                    )
+                ]
+                if not free:
+                    return {}
+                await conn.execute(_LOCK_EXCLUSIVE, self.lock_class, free)
+                rows = await conn.fetch(
+                    "UPDATE shard_leases SET owner = $1, token = nextval('lease_tokens'),"
+                    " expires_at = now() + make_interval(secs => $2), acquired_at = now()"
+                    " WHERE shard = ANY($3::int[]) RETURNING shard, token",
+                    self._node_id,
+                    ttl,
+                    free,
+                )
+                return {r["shard"]: r["token"] for r in rows}
+
+        if count <= 0:
+            return {}
+        return await self.db.run(take)
+
+    async def release(self, shards: Sequence[int]) -> None:
+        async def give(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(_LOCK_EXCLUSIVE, self.lock_class, sorted(shards))
+                await conn.execute(
+                    "UPDATE shard_leases SET owner = NULL, expires_at = '-infinity'"
+                    " WHERE owner = $1 AND shard = ANY($2::int[])",
+                    self._node_id,
+                    list(shards),
+                )
+
+        if shards:
+            await self.db.run(give)
+
+    async def leave(self, shards: Sequence[int]) -> None:
+        await self.release(shards)
+        await self.db.run(lambda c: c.execute("DELETE FROM nodes WHERE id = $1", self._node_id))
+
+    async def load(self, shards: Sequence[int]) -> list[OutboundSms]:
+        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            # One snapshot for both: a hand-off dropped here is a message read here.
+            async with conn.transaction(isolation="repeatable_read"):
+                await conn.execute("DELETE FROM shard_inbox WHERE shard = ANY($1::int[])", shards)
+                rows: list[asyncpg.Record] = await conn.fetch(_LOAD, shards)
+                return rows
+
+        rows = await self.db.run(read)
+        return [pending_sms(r) for r in rows]
+
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+        async def take(conn: asyncpg.Connection) -> list[tuple[OutboundSms, int]]:
+            claimed = await conn.fetch(_CLAIM, self._node_id)
+            # Most were dispatched from their notification already: read only the others.
+            tokens = {r["id"]: r["token"] for r in claimed if not known(r["id"])}
+            if not tokens:
+                return []
+            rows = await conn.fetch(_READ_CLAIMED, list(tokens))
+            return [(pending_sms(r), tokens[r["id"]]) for r in rows]
+
+        return await self.db.run(take)
+
+    async def listen(self, notified: Callable[[str], None]) -> None:
+        me = self._node_id
+
+        def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
+            owner, _, body = payload.partition("\n")
+            if owner == me:
+                notified(body)
+
+        async def hold() -> None:
+            conn = await asyncpg.connect(
+                self._url, server_settings={"application_name": "smsgw-listen"}
+            )
+            closed = asyncio.Event()
+            try:
+                conn.add_termination_listener(lambda _: closed.set())
+                await conn.add_listener(self.channel, on_notify)
+                await closed.wait()
+            finally:
+                if not conn.is_closed():
+                    await conn.close(timeout=2)
+
+        await _bridge(hold)()
+
+    async def cluster(self, ttl: float) -> dict[str, Any]:
+        async def read(conn: asyncpg.Connection) -> dict[str, Any]:
+            nodes = await conn.fetch(
+                "SELECT n.id, n.host, n.pid, n.url, n.started_at, n.heartbeat_at,"
+                " extract(epoch FROM now() - n.heartbeat_at)::float8 AS heartbeat_age_s,"
+                " n.heartbeat_at > now() - make_interval(secs => $1) AS alive,"
+                " count(l.shard) FILTER (WHERE l.expires_at > now()) AS shards,"
+                " count(l.shard) FILTER (WHERE l.expires_at <= now()) AS expired_shards"
+                " FROM nodes n LEFT JOIN shard_leases l ON l.owner = n.id"
+                " GROUP BY n.id ORDER BY n.id",
+                ttl,
+            )
+            unowned = await conn.fetchval(
+                "SELECT count(*) FROM shard_leases WHERE owner IS NULL OR expires_at <= now()"
+            )
+            waiting = await conn.fetchval("SELECT count(*) FROM shard_inbox")
+            return {
+                "nodes": [
+                    {
+                        "id": r["id"],
+                        "host": r["host"],
+                        "pid": r["pid"],
+                        "url": r["url"],
+                        "alive": r["alive"],
+                        "started_at": r["started_at"],
+                        "heartbeat_at": r["heartbeat_at"],
+                        "heartbeat_age_s": round(r["heartbeat_age_s"], 3),
+                        "shards": r["shards"],
+                        "expired_shards": r["expired_shards"],
+                    }
+                    for r in nodes
+                ],
+                "shards": 256,
+                "unowned_shards": int(unowned),
+                "handoffs_waiting": int(waiting),
+            }
+
+        return await self.db.run(read)

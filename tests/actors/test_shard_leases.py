@@ -1,0 +1,310 @@
+"""ShardLeases in virtual time against an in-memory cluster store: fair shares, takeover of a
+dead node's shards, routing and fencing by token, lapsed leases renewed under new tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import trio
+import trio.testing
+
+from smsgw.engine.actor import Inbox
+from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.shards import SHARDS, LeaseConfig, ShardLeases, shard_of
+
+CONFIG = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5)
+
+
+class Cluster:
+    """The shared tables, in memory: leases (owner, token, expiry), heartbeats, messages."""
+
+    def __init__(self) -> None:
+        self.leases: dict[int, tuple[str | None, int, float]] = {
+            s: (None, 0, -1.0) for s in range(SHARDS)
+        }
+        self.heartbeats: dict[str, float] = {}
+        self.pending: dict[str, OutboundSms] = {}
+        self.tokens = 0
+
+    def next_token(self) -> int:
+        self.tokens += 1
+        return self.tokens
+
+    def owned_by(self, node: str) -> set[int]:
+        now = trio.current_time()
+        return {s for s, (o, _, e) in self.leases.items() if o == node and e > now}
+
+
+class FakeStore:
+    """One node's ClusterStore over `Cluster`; `dead` makes it hang like a killed process."""
+
+    def __init__(self, cluster: Cluster, node_id: str) -> None:
+        self.cluster = cluster
+        self._node_id = node_id
+        self.dead = False
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def _alive(self) -> None:
+        if self.dead:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+
+    async def join(self, ttl: float) -> None:
+        await self._alive()
+        self.cluster.heartbeats[self._node_id] = trio.current_time()
+
+    async def heartbeat(
+        self, held: Sequence[int], ttl: float, *, bump: bool
+    ) -> tuple[int, dict[int, int]]:
+        await self._alive()
+        now = trio.current_time()
+        self.cluster.heartbeats[self._node_id] = now
+        renewed = {}
+        for shard in held:
+            owner, token, _ = self.cluster.leases[shard]
+            if owner == self._node_id:
+                token = self.cluster.next_token() if bump else token
+                self.cluster.leases[shard] = (owner, token, now + ttl)
+                renewed[shard] = token
+        live = sum(1 for t in self.cluster.heartbeats.values() if t > now - ttl)
+        return live, renewed
+
+    async def acquire(self, count: int, ttl: float) -> dict[int, int]:
+        await self._alive()
+        now = trio.current_time()
+        gained = {}
+        for shard, (owner, _, expires) in sorted(self.cluster.leases.items()):
+            if len(gained) == count:
+                break
+            if owner is None or expires < now:
+                token = self.cluster.next_token()
+                self.cluster.leases[shard] = (self._node_id, token, now + ttl)
+                gained[shard] = token
+        return gained
+
+    async def release(self, shards: Sequence[int]) -> None:
+        await self._alive()
+        for shard in shards:
+            owner, token, _ = self.cluster.leases[shard]
+            if owner == self._node_id:
+                self.cluster.leases[shard] = (None, token, -1.0)
+
+    async def leave(self, shards: Sequence[int]) -> None:
+        await self.release(shards)
+        self.cluster.heartbeats.pop(self._node_id, None)
+
+    async def load(self, shards: Sequence[int]) -> list[OutboundSms]:
+        await self._alive()
+        wanted = set(shards)
+        return [s for s in self.cluster.pending.values() if shard_of(s.account_id) in wanted]
+
+    async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+        await self._alive()
+        return []
+
+    async def listen(self, notified: Callable[[str], None]) -> None:
+        await trio.sleep_forever()
+
+    async def cluster(self, ttl: float) -> dict[str, Any]:
+        return {}
+
+
+def sms(account_id: int, n: int = 0) -> OutboundSms:
+    return OutboundSms(
+        id=f"m{account_id}-{n}",
+        account_id=account_id,
+        to="+4915123456789",
+        sender="smsgw",
+        text="hi",
+        segments=1,
+        price=5,
+        express=False,
+        created_at=0.0,
+    )
+
+
+def node(cluster: Cluster, name: str) -> tuple[ShardLeases, FakeStore, Inbox[SchedulerMessage]]:
+    store = FakeStore(cluster, name)
+    inbox: Inbox[SchedulerMessage] = Inbox(f"scheduler-{name}", 100_000)
+    leases = ShardLeases(store, inbox.handle(), lambda: (), CONFIG, clock=trio.current_time)
+    return leases, store, inbox
+
+
+def drained(inbox: Inbox[SchedulerMessage]) -> list[OutboundSms]:
+    items: list[OutboundSms] = []
+    while (message := inbox.get_nowait()) is not None:
+        assert isinstance(message, Enqueue)
+        items.extend(message.items)
+    return items
+
+
+async def test_a_lone_node_leases_every_shard_and_recovers_them_at_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = Cluster()
+    cluster.pending = {s.id: s for s in (sms(a) for a in range(1, 301))}
+    a, _, inbox = node(cluster, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        assert a.ready.is_set() and len(a.owned) == SHARDS
+        recovered = drained(inbox)
+        assert {s.id for s in recovered} == set(cluster.pending)
+        # Stamped with their shard's token: the pool sends them, the store records them.
+        assert all(s.fence == a.owned[shard_of(s.account_id)] for s in recovered)
+        assert all(a.admit(s) for s in recovered)
+        assert a.recovered == 300
+        nursery.cancel_scope.cancel()
+    # A clean stop hands every shard back at once.
+    assert cluster.owned_by("a") == set()
+
+
+async def test_nodes_split_the_shards_and_route_only_their_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = Cluster()
+    a, _, _ = node(cluster, "a")
+    b, _, _ = node(cluster, "b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await trio.sleep(10)
+        assert len(a.owned) == len(b.owned) == SHARDS // 2
+        assert set(a.owned).isdisjoint(b.owned)
+        assert cluster.owned_by("a") == set(a.owned)
+        for account in range(1, 200):
+            routed_a, routed_b = a.route(sms(account)), b.route(sms(account))
+            # Exactly one node takes each message, stamped with its lease's token.
+            assert (routed_a is None) != (routed_b is None)
+            mine = routed_a or routed_b
+            assert mine is not None and mine.fence == cluster.leases[shard_of(account)][1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_nodes_shards_are_taken_over_and_its_stamps_fenced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = Cluster()
+    a, _, inbox_a = node(cluster, "a")
+    b, store_b, _ = node(cluster, "b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await trio.sleep(10)
+        on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
+        stamped_by_b = b.route(sms(on_b))
+        assert stamped_by_b is not None and b.admit(stamped_by_b)
+        cluster.pending = {stamped_by_b.id: sms(on_b)}  # queued in the database
+        drained(inbox_a)
+
+        store_b.dead = True  # killed: no more renewals, no clean release
+        died = trio.current_time()
+        while len(a.owned) < SHARDS:  # noqa: ASYNC110 (virtual time: polling costs nothing)
+            await trio.sleep(0.1)
+        # Taken over after the lease ran out: about ttl + tick after B's last renewal.
+        assert trio.current_time() - died <= CONFIG.ttl + 2 * CONFIG.tick
+        # A recovered B's queued message under its own token ...
+        [recovered] = drained(inbox_a)
+        assert recovered.id == stamped_by_b.id and a.admit(recovered)
+        # ... and B, if it ever ran again, could not send its own copy: its lease is not
+        # trusted past 0.8 of the ttl, and the token is no longer the shard's.
+        assert not b.admit(stamped_by_b)
+        assert cluster.leases[shard_of(on_b)][1] != stamped_by_b.fence
+        nursery.cancel_scope.cancel()
+
+
+async def test_lapsed_leases_are_renewed_under_new_tokens_and_recovered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A node paused past its lease that nobody took over: what it held is fenced off and
+    its shards' queued work is read again."""
+    cluster = Cluster()
+    a, _, inbox = node(cluster, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        old = a.route(sms(7))
+        assert old is not None and a.admit(old)
+        cluster.pending = {old.id: sms(7)}
+        a.valid_until = trio.current_time() - 1  # as if the last renewal were long ago
+        assert not a.admit(old)
+        drained(inbox)
+        await trio.sleep(CONFIG.tick * 2)
+        assert a.counts["lapses"] == 1
+        assert not a.admit(old)  # the old stamp stays fenced off
+        [again] = drained(inbox)
+        assert again.id == old.id and again.fence != old.fence and a.admit(again)
+        nursery.cancel_scope.cancel()
+
+
+async def test_recovery_leaves_out_what_was_routed_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = Cluster()
+    a, store, inbox = node(cluster, "a")
+    message = sms(3)
+    cluster.pending = {message.id: message}
+    routed: list[OutboundSms | None] = []
+    original_load = store.load
+
+    async def load_while_accepting(shards: Sequence[int]) -> list[OutboundSms]:
+        # The accept of `message` commits and is routed here while recovery reads.
+        routed.append(a.route(message))
+        return await original_load(shards)
+
+    store.load = load_while_accepting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        assert routed and routed[0] is not None
+        assert drained(inbox) == []  # recovery did not add it a second time
+        assert msgspec.structs.replace(routed[0], fence=None) == message
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_notified_hand_off_is_dispatched_once_whatever_else_brings_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A hand-off arrives in its notification and again in the owner's claim (the poll): the
+    Scheduler gets it once, stamped; a shard not leased here is left to its recovery."""
+    cluster = Cluster()
+    a, store, inbox = node(cluster, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        mine = sms(5)
+        body = msgspec.json.encode([mine]).decode()
+        a.deliver(body)
+        a.deliver(body)
+        [got] = drained(inbox)
+        assert got.id == mine.id and a.admit(got)
+        claimed: list[tuple[OutboundSms, int]] = [(mine, a.owned[shard_of(5)])]
+
+        async def claim(known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
+            assert known(mine.id)
+            return claimed
+
+        store.claim = claim  # type: ignore[method-assign]
+        a.wake()
+        await trio.sleep(CONFIG.poll)
+        assert drained(inbox) == []
+        # An empty list asks for a claim; a shard leased elsewhere is not dispatched here.
+        del a.owned[shard_of(6)]
+        a.deliver(msgspec.json.encode([sms(6)]).decode())
+        assert drained(inbox) == []
+        nursery.cancel_scope.cancel()
+
+
+def test_hand_off_payloads_fit_a_notify() -> None:
+    from smsgw.storage.pg import handoff_payloads
+
+    small = [sms(i, n) for i in range(1, 4) for n in range(40)]
+    huge = msgspec.structs.replace(sms(9), text="\u0001" * 1_600)  # escaped: over 8,000 bytes
+    wide = [msgspec.structs.replace(sms(7, n), text="ж" * 600) for n in range(20)]  # 2 bytes each
+    payloads = handoff_payloads({"b": [*small, huge, *wide], "": [sms(2)]})
+    assert all(len(p.encode()) < 8_000 for p in payloads)
+    assert all(p.startswith("b\n") for p in payloads)  # nobody's shard: no notification
+    carried = [m.id for p in payloads for m in msgspec.json.decode(p[2:], type=list[OutboundSms])]
+    assert carried == [m.id for m in small + wide]
+    assert payloads[-1] == "b\n[]"  # the one too large for a payload: "claim now"

@@ -1,0 +1,403 @@
+"""Several nodes on one PostgreSQL: shard leases, hand-offs, takeover after SIGKILL, fencing
+after SIGSTOP. Nodes are `smsgw serve` processes on 127.0.0.1, so they can be killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import trio
+
+from smsgw.engine.shards import SHARDS, fair_share, shard_of
+from tests.conftest import ADMIN_KEY, admin, bearer
+from tests.integration.helpers import (
+    FINAL,
+    TO,
+    assert_ledger_consistent,
+    db_fetch,
+    http_client,
+    ledger,
+    until,
+)
+
+pytestmark = pytest.mark.slow
+
+TTL = 3.0  # the lease ttl the nodes run with (the default)
+SLOW = ("--operator-latency-ms", "2500,3000")
+
+
+@dataclass
+class NodeProcess:
+    node_id: str
+    process: trio.Process
+    url: str
+
+
+@asynccontextmanager
+async def serve_node(
+    database_url: str, schema: str, node_id: str, log: Path, *extra: str
+) -> AsyncIterator[NodeProcess]:
+    """One `smsgw serve --workers 1` node on a free port; killed on the way out."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SMSGW_SCHEMA": schema,
+        "SMSGW_ADMIN_KEY": ADMIN_KEY,
+    }
+    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", "1"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--node-id", node_id]
+    command += ["--operator-name", f"op-{node_id}", "--lease-ttl", str(TTL), *extra]
+    with log.open("ab") as err:
+        process = await trio.lowlevel.open_process(
+            command, stdout=subprocess.PIPE, stderr=err, env=env
+        )
+    try:
+        assert process.stdout is not None
+        url = await _listening_url(process.stdout, log)
+        yield NodeProcess(node_id, process, url)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+async def _listening_url(stdout: trio.abc.ReceiveStream, log: Path) -> str:
+    buffer = b""
+    with trio.fail_after(60):
+        while True:
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    event = msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "listening":
+                    return str(event["url"])
+            chunk = await stdout.receive_some(4096)
+            if not chunk:
+                text = await trio.Path(log).read_text()
+                raise AssertionError(f"smsgw serve exited early:\n{text[-4000:]}")
+            buffer += chunk
+
+
+async def cluster(client: httpx.AsyncClient) -> dict:
+    r = await client.get("/v1/ops/cluster", headers=admin())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def leases_of(client: httpx.AsyncClient) -> dict:
+    """The `shard_leases` child's figures on the node `client` talks to."""
+    r = await client.get("/v1/ops/supervisor", headers=admin())
+    assert r.status_code == 200, r.text
+    [child] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
+    return child["stats"]
+
+
+async def pool_of(client: httpx.AsyncClient) -> dict:
+    r = await client.get("/v1/ops/supervisor", headers=admin())
+    [child] = [c for c in r.json()["children"] if c["name"] == "provider_pool"]
+    return child["stats"]
+
+
+async def balanced(client: httpx.AsyncClient, alive: Sequence[str]) -> bool:
+    """Every shard leased, by the live nodes `alive` only, each holding its fair share: at
+    most ceil(256 / n) (what a node takes), so at least what the others leave."""
+    view = await cluster(client)
+    shards = {n["id"]: n["shards"] for n in view["nodes"] if n["alive"]}
+    if view["unowned_shards"] or set(shards) != set(alive) or sum(shards.values()) != SHARDS:
+        return False
+    share = fair_share(len(alive))
+    return all(SHARDS - (len(alive) - 1) * share <= n <= share for n in shards.values())
+
+
+async def create_accounts(client: httpx.AsyncClient, count: int, credit: int) -> list[dict]:
+    accounts = []
+    for i in range(count):
+        r = await client.post(
+            "/v1/accounts", json={"name": f"a{i}", "credit": credit}, headers=admin()
+        )
+        assert r.status_code == 201, r.text
+        accounts.append(r.json())
+    return accounts
+
+
+async def pending_count(database_url: str, schema: str) -> int:
+    rows = await db_fetch(
+        database_url,
+        schema,
+        "SELECT count(*) AS n FROM messages WHERE status IN ('queued', 'sending')",
+    )
+    return int(rows[0]["n"])
+
+
+async def test_shard_of_is_the_same_in_python_and_postgres(database_url: str, schema: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with serve_node(database_url, schema, "solo", Path(tmp) / "log"):
+            ids = [*range(1, 2_000), 2**31 - 1, 2**31, 2**40 + 7, 2**63 - 1]
+            rows = await db_fetch(
+                database_url,
+                schema,
+                "SELECT i AS id, shard_of(i) AS shard FROM unnest($1::bigint[]) AS i",
+                ids,
+            )
+    assert {r["id"]: r["shard"] for r in rows} == {i: shard_of(i) for i in ids}
+    # Consecutive ids (a sequence) spread evenly.
+    counts = [0] * SHARDS
+    for i in range(1, 25_601):
+        counts[shard_of(i)] += 1
+    assert min(counts) >= 90 and max(counts) <= 110, (min(counts), max(counts))
+
+
+async def test_two_nodes_share_the_shards_and_hand_off(database_url: str, schema: str) -> None:
+    """Accept on either node, dispatch by the shard's owner: every message ends once, by the
+    owner of its account's shard."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log) as a,
+            serve_node(database_url, schema, "b", log) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+            owner = {
+                lease["shard"]: name
+                for name, client in (("a", ca), ("b", cb))
+                for lease in (await leases_of(client))["leases"]
+            }
+            assert len(owner) == SHARDS
+            accounts = await create_accounts(ca, 12, 10_000)
+            sent: list[tuple[dict, str]] = []
+            for i in range(120):
+                account = accounts[i % len(accounts)]
+                client = ca if i % 2 else cb
+                r = await client.post(
+                    "/v1/messages",
+                    json={"to": TO, "text": f"m{i}"},
+                    headers=bearer(account["api_key"]),
+                )
+                assert r.status_code == 202, r.text
+                sent.append((account, r.json()["id"]))
+
+            async def all_final() -> bool:
+                return await pending_count(database_url, schema) == 0
+
+            with trio.fail_after(30):
+                await until(all_final, interval=0.1)
+            rows = await db_fetch(
+                database_url,
+                schema,
+                "SELECT id::text AS id, account_id, status, operator FROM messages",
+            )
+            assert len(rows) == len(sent)
+            for row in rows:
+                assert row["status"] in FINAL
+                assert row["operator"] == f"op-{owner[shard_of(row['account_id'])]}", row
+            handed = 0
+            for client in (ca, cb):
+                stats = await leases_of(client)
+                handed += stats["delivered"] + stats["claimed"]
+            assert handed > 0  # some messages were accepted by the node that does not own them
+            assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def _flood(
+    url: str,
+    keys: list[str],
+    accepted: list[tuple[str, str, float]],
+    stop: trio.Event,
+    sender: int,
+) -> None:
+    """Send until `stop` or until the node goes away; record (node url, id, time) of 202s."""
+    async with http_client(url, connections=1) as client:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                r = await client.post(
+                    "/v1/messages",
+                    json={"to": TO, "text": f"s{sender} m{i}"},
+                    headers=bearer(keys[(sender + i) % len(keys)]),
+                )
+            except httpx.TransportError:
+                return
+            if r.status_code == 202:
+                accepted.append((url, r.json()["id"], time.time()))
+            else:
+                assert r.status_code in (429, 503), r.text
+            await trio.sleep(0.01)  # steady, not flat out: three nodes share two cores
+
+
+async def test_sigkill_a_node_under_load_its_shards_are_taken_over(
+    database_url: str, schema: str
+) -> None:
+    """Three nodes under steady load; one is SIGKILLed. Its leases expire and the other two
+    take its shards over and recover their queued messages: every accepted message ends once,
+    is charged at most once, and the ledger holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with AsyncExitStack() as stack:
+            nodes = [
+                await stack.enter_async_context(serve_node(database_url, schema, f"n{i}", log))
+                for i in range(3)
+            ]
+            c0 = await stack.enter_async_context(http_client(nodes[0].url))
+            with trio.fail_after(30):
+                await until(lambda: balanced(c0, ["n0", "n1", "n2"]), interval=0.2)
+            victim = nodes[2]
+            victim_shards = {
+                lease["shard"]
+                for lease in (
+                    await leases_of(await stack.enter_async_context(http_client(victim.url)))
+                )["leases"]
+            }
+            accounts = await create_accounts(c0, 32, 10**6)
+            keys = [a["api_key"] for a in accounts]
+            accepted: list[tuple[str, str, float]] = []
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for sender in range(12):
+                    nursery.start_soon(_flood, nodes[sender % 3].url, keys, accepted, stop, sender)
+                await trio.sleep(2.0)
+                killed_at = time.monotonic()
+                victim.process.kill()
+                # Taken over: every shard leased again, by the two survivors only.
+                with trio.fail_after(30):
+                    await until(lambda: balanced(c0, ["n0", "n1"]), interval=0.05)
+                takeover_s = time.monotonic() - killed_at
+                await trio.sleep(1.0)  # load goes on after the takeover
+                stop.set()
+            assert await victim.process.wait() == -signal.SIGKILL
+
+            async def all_final() -> bool:
+                return await pending_count(database_url, schema) == 0
+
+            with trio.fail_after(60):
+                await until(all_final, interval=0.1)
+
+        ids = [message_id for _, message_id, _ in accepted]
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT id::text AS id, account_id, status, operator,"
+            " extract(epoch FROM updated_at - created_at)::float8 AS took_s"
+            " FROM messages WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+        assert len(rows) == len(set(ids)) == len(ids), "an accepted message is missing"
+        assert {r["status"] for r in rows} <= FINAL
+        accounts_after = await ledger(database_url, schema)
+        assert_ledger_consistent(accounts_after)
+        assert all(a["held"] == 0 for a in accounts_after.values())
+        # The victim's shards were finished by the survivors once it was gone.
+        orphans = [r for r in rows if shard_of(r["account_id"]) in victim_shards]
+        assert orphans and any(r["operator"] != "op-n2" for r in orphans)
+        delayed = [r for r in orphans if r["took_s"] > 1.0]
+        print(
+            f"takeover after {takeover_s:.2f} s (lease ttl {TTL:g} s); {len(accepted)} accepted,"
+            f" {len(orphans)} on the victim's shards, {len(delayed)} of them delayed > 1 s"
+            f" (longest {max((r['took_s'] for r in orphans), default=0):.2f} s)"
+        )
+
+
+async def test_a_paused_node_cannot_write_status_for_shards_it_lost(
+    database_url: str, schema: str
+) -> None:
+    """B holds messages in flight (operators take 2.5 s) when it is SIGSTOPped past its
+    lease. A takes B's shards over and sends those messages again. B, resumed while A's sends
+    are still in flight, gets its operator's answers first and tries to record them: the
+    messages are not final yet, so only the fencing token stands between B and a status
+    write, and it refuses every one. A's answers are the ones recorded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log, *SLOW) as a,
+            serve_node(database_url, schema, "b", log, *SLOW) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+            b_shards = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
+            accounts = await create_accounts(ca, 24, 10_000)
+            on_b = [acc for acc in accounts if shard_of(acc["id"]) in b_shards]
+            assert on_b
+            ids = []
+            for i in range(30):  # accepted by A, handed off to B
+                account = on_b[i % len(on_b)]
+                r = await ca.post(
+                    "/v1/messages",
+                    json={"to": TO, "text": f"m{i}"},
+                    headers=bearer(account["api_key"]),
+                )
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+
+            async def b_has_them_in_flight() -> bool:
+                return (await pool_of(cb))["inflight"] == len(ids)
+
+            with trio.fail_after(10):
+                await until(b_has_them_in_flight)
+            sent_before = (await pool_of(cb))["sent"]
+            b.process.send_signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(30):
+                    await until(lambda: balanced(ca, ["a"]), interval=0.1)
+
+                async def a_sends_them() -> bool:
+                    return (await pool_of(ca))["inflight"] == len(ids)
+
+                with trio.fail_after(10):
+                    await until(a_sends_them, interval=0.05)
+            finally:
+                b.process.send_signal(signal.SIGCONT)
+
+            # B's operator answers the batch it had in flight; B tries to record it.
+            async def b_got_answers() -> bool:
+                return (await pool_of(cb))["sent"] >= sent_before + len(ids)
+
+            with trio.fail_after(30):
+                await until(b_got_answers, interval=0.1)
+
+            # And B learns, at its first tick since it resumed, that its leases are gone.
+            async def b_saw_the_loss() -> bool:
+                return (await leases_of(cb))["lost"] >= len(b_shards)
+
+            with trio.fail_after(30):
+                await until(b_saw_the_loss, interval=0.1)
+            assert await pending_count(database_url, schema) == len(ids)  # A's are in flight
+
+            async def all_final() -> bool:
+                return await pending_count(database_url, schema) == 0
+
+            with trio.fail_after(30):
+                await until(all_final, interval=0.1)
+
+            rows = await db_fetch(
+                database_url,
+                schema,
+                "SELECT id::text AS id, status, operator FROM messages WHERE id = ANY($1::uuid[])",
+                ids,
+            )
+            assert len(rows) == len(ids)
+            # Each ended once, by A: none of B's late writes landed.
+            assert {r["status"] for r in rows} == {"sent"}
+            assert {r["operator"] for r in rows} == {"op-a"}, rows
+            assert_ledger_consistent(await ledger(database_url, schema))
