@@ -23,6 +23,7 @@ def _schema() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from smsgw.engine.node import EngineConfig
     from smsgw.server import NodeOptions, run_node
 
     admin_key = os.environ.get("SMSGW_ADMIN_KEY")
@@ -38,6 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
         operators=(_operator_profile(args.operator_latency_ms),),
         operator_urls=tuple(args.operator_url),
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
+        dlr_keys=_dlr_keys(args.dlr_key, os.environ.get("SMSGW_DLR_KEYS", "")),
+        engine=EngineConfig(production=args.production),
     )
 
     async def main() -> None:
@@ -48,6 +51,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def _dlr_keys(given: list[str], env: str) -> tuple[tuple[str, str], ...]:
+    """NAME=KEY pairs from --dlr-key (repeatable) and SMSGW_DLR_KEYS (comma-separated)."""
+    pairs = [*given, *(p.strip() for p in env.split(",") if p.strip())]
+    return tuple(_dlr_key(p) for p in pairs)
+
+
+def _dlr_key(value: str) -> tuple[str, str]:
+    name, sep, key = value.partition("=")
+    if not sep or not name or not key:
+        raise SystemExit(f"a DLR key must be NAME=KEY, not {value.split('=')[0]!r}=...")
+    return name, key
 
 
 def _operator_profile(latency: str | None) -> OperatorProfile:
@@ -147,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_latency_ms,
         metavar="MEDIAN,P99",
         help="latency of the in-process simulated operator (default 20,80)",
+    )
+    serve.add_argument(
+        "--dlr-key",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="operator NAME may POST delivery reports to /v1/dlr/NAME with this bearer key"
+        " (repeatable; also SMSGW_DLR_KEYS=NAME=KEY,...; keep keys out of shell history)",
+    )
+    serve.add_argument(
+        "--production",
+        action="store_true",
+        help="production mode: status callback URLs may name any host (default: loopback"
+        " hosts only)",
     )
     serve.add_argument(
         "--log-json",

@@ -18,6 +18,7 @@ from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+from smsgw.webhooks import HttpCallbackPoster
 
 log = logging.getLogger("smsgw.server")
 
@@ -36,6 +37,9 @@ class NodeOptions(msgspec.Struct, frozen=True):
     # GET /metrics without the admin key (SMSGW_METRICS_PUBLIC=1): for a scraper on a private
     # network only.
     metrics_public: bool = False
+    # (operator name, key): who may POST delivery reports to /v1/dlr/{operator}. The keys are
+    # kept only as SHA-256 digests once the app is built.
+    dlr_keys: tuple[tuple[str, str], ...] = ()
 
 
 class Node:
@@ -68,6 +72,7 @@ async def run_node(
     HTTP stops taking requests and finishes the ones in flight, then the engine is cancelled.
     Everything accepted is already committed, so nothing is lost by stopping."""
     owned: Sequence[tuple[Provider, int]] = ()
+    poster: HttpCallbackPoster | None = None
     async with asyncio_loop():
         db = await Database.open(options.database_url, schema=options.schema)
         try:
@@ -78,10 +83,21 @@ async def run_node(
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.
                 providers = owned = default_providers(options.operators, options.operator_urls)
-            engine = Engine(store, providers, options.engine)
+            poster = HttpCallbackPoster(timeout=options.engine.callbacks.attempt_timeout_s)
+            engine = Engine(
+                store,
+                providers,
+                options.engine,
+                callback_store=store,
+                callback_poster=poster,
+            )
             node = Node(engine, store)
             app = create_app(
-                engine, store, admin_key=options.admin_key, metrics_public=options.metrics_public
+                engine,
+                store,
+                admin_key=options.admin_key,
+                metrics_public=options.metrics_public,
+                dlr_keys=options.dlr_keys,
             )
 
             async def http(
@@ -127,6 +143,8 @@ async def run_node(
                 for provider, _ in owned:
                     if isinstance(provider, HttpOperator):
                         await provider.aclose()
+                if poster is not None:
+                    await poster.aclose()
                 await db.close()
 
 

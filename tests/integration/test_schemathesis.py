@@ -34,7 +34,7 @@ from schemathesis.checks import (
 from schemathesis.core.failures import FailureGroup
 
 from smsgw.server import Node
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, DLR_KEY
 from tests.integration.helpers import create_account
 
 pytestmark = pytest.mark.api_fuzz
@@ -62,6 +62,9 @@ class Keys:
             return {"Authorization": f"Bearer {ADMIN_KEY}"}
         if "accountKey" in schemes:
             return {"Authorization": f"Bearer {self.account}"}
+        if "operatorKey" in schemes:
+            # The `sim` operator's key: requests for another operator get 401, as documented.
+            return {"Authorization": f"Bearer {DLR_KEY}"}
         return {}
 
 

@@ -10,18 +10,22 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import Inbox
+from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
     Account,
     CreateAccount,
+    DeliveryReport,
+    DeliveryResult,
     Enqueue,
     OutboundSms,
+    RecordDeliveries,
     SchedulerMessage,
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
-from smsgw.engine.ports import MessageStore, Provider
+from smsgw.engine.ports import CallbackStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.scheduler import Scheduler
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
@@ -49,6 +53,11 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # generous ceiling against runaway clients, not a price plan. Batches count once.
     api_rate_per_second: float = 1_000.0
     api_burst: int = 2_000
+    # Callback URLs may name any host only in production; otherwise loopback only (a node in
+    # development or a test must not call out to the world).
+    production: bool = False
+    callbacks: CallbackPolicy = CallbackPolicy()
+    max_delivery_reports: int = 10_000  # per POST /v1/dlr/{operator}
 
 
 class Engine:
@@ -63,6 +72,8 @@ class Engine:
         *,
         clock: Any = time.time,
         seed: int | None = None,
+        callback_store: CallbackStore | None = None,
+        callback_poster: CallbackPoster | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -95,6 +106,15 @@ class Engine:
             seed=seed,
         )
         self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
+        # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
+        # node runs without them.
+        self.callbacks: CallbackSender | None = None
+        self.reconciler: DlrReconciler | None = None
+        if callback_store is not None and callback_poster is not None:
+            self.callbacks = CallbackSender(
+                callback_store, callback_poster, config.callbacks, clock=clock, seed=seed
+            )
+            self.reconciler = DlrReconciler(callback_store)
         self.supervisor: Supervisor | None = None
 
     def children(self) -> list[ChildSpec]:
@@ -115,6 +135,15 @@ class Engine:
             ChildSpec(
                 "recovery", self._recover, restart=Restart.TRANSIENT, stats=self._recovery_stats
             ),
+            *self._delivery_children(),
+        ]
+
+    def _delivery_children(self) -> list[ChildSpec]:
+        if self.callbacks is None or self.reconciler is None:
+            return []
+        return [
+            ChildSpec("callback_sender", self.callbacks.run, stats=self.callbacks.stats),
+            ChildSpec("dlr_reconciler", self.reconciler.run, stats=self.reconciler.stats),
         ]
 
     def _recovery_stats(self) -> dict[str, Any]:
@@ -168,4 +197,14 @@ class Engine:
     async def create_account(self, name: str, credit: int, key_hash: bytes) -> Account:
         return await self.writer.ref.ask(
             lambda reply: CreateAccount(name, credit, key_hash, reply), self.config.accept_timeout
+        )
+
+    async def record_deliveries(
+        self, operator: str, reports: Sequence[DeliveryReport]
+    ) -> list[DeliveryResult]:
+        """Apply one operator's delivery reports in a group commit; one result per report, in
+        order. Raises like `accept`."""
+        return await self.writer.ref.ask(
+            lambda reply: RecordDeliveries(operator, tuple(reports), reply),
+            self.config.accept_timeout,
         )

@@ -29,6 +29,7 @@ from smsgw.engine.ports import (
     SummaryRow,
     WriteGroup,
 )
+from smsgw.storage.delivery import CallbackOutbox, apply_deliveries, callbacks_of
 
 log = logging.getLogger("smsgw.storage")
 
@@ -147,20 +148,20 @@ async def migrate(db: Database) -> list[str]:
 # --- the store ----------------------------------------------------------------------------
 
 _LOCK_ACCOUNTS = """
-SELECT id, balance, held, captured, topped_up FROM accounts
+SELECT id, balance, held, captured, topped_up, callback_url FROM accounts
 WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
 
 _INSERT_MESSAGES = """
 INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
-                      client_ref, status, deadline, created_at, updated_at)
+                      client_ref, status, deadline, created_at, updated_at, callback_url)
 SELECT x.id, x.account_id, x.recipient, x.sender, x.body, x.segments, x.price, x.express,
        x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-       to_timestamp(x.created_at)
+       to_timestamp(x.created_at), x.callback_url
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[], $7::int[],
-            $8::bool[], $9::text[], $10::float8[], $11::float8[])
+            $8::bool[], $9::text[], $10::float8[], $11::float8[], $12::text[])
      AS x(id, account_id, recipient, sender, body, segments, price, express, client_ref,
-          deadline, created_at)
+          deadline, created_at, callback_url)
 ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
 RETURNING id::text
 """
@@ -191,16 +192,33 @@ INSERT INTO credit_ledger (account_id, kind, amount, messages)
 SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
 """
 
+# The same, and a callback outbox row for each finished message that has a callback URL ($8,
+# $9: its id and URL), in the same statement: only for rows the update really changed.
+_FINISH_WITH_CALLBACKS = (
+    "WITH done AS ("
+    + _FINISH_MESSAGES.replace(
+        "RETURNING m.account_id, m.price, x.status",
+        "RETURNING m.id, m.account_id, m.price, x.status, x.reason, m.client_ref, x.at",
+    )
+    + """), outbox AS (
+    INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
+    SELECT d.id, d.account_id, u.url, d.status, d.reason, d.client_ref, to_timestamp(d.at)
+    FROM done d JOIN unnest($8::uuid[], $9::text[]) AS u(id, url) ON u.id = d.id
+)
+SELECT account_id, price, status FROM done"""
+)
+
 _PENDING = """
 SELECT id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
        extract(epoch FROM created_at)::float8 AS created_at,
-       extract(epoch FROM deadline)::float8 AS deadline, attempts
+       extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url
 FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
 """
 
 
-class PgStore:
-    """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs."""
+class PgStore(CallbackOutbox):
+    """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs, and
+    the callback outbox (`CallbackOutbox`, below)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -224,17 +242,19 @@ class PgStore:
                 ids.update(sms.account_id for sms in items)
             book = CreditBook()
             messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
+            account_urls: dict[int, str] = {}  # accounts with a callback_url
             if ids:
                 for r in await conn.fetch(_LOCK_ACCOUNTS, sorted(ids)):
                     book.load(
                         r["id"],
                         AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
                     )
+                    if r["callback_url"] is not None:
+                        account_urls[r["id"]] = r["callback_url"]
 
             if group.outcomes:
                 outs = group.outcomes
-                rows = await conn.fetch(
-                    _FINISH_MESSAGES,
+                args = (
                     [o.sms.id for o in outs],
                     [o.status for o in outs],
                     [o.reason for o in outs],
@@ -243,6 +263,11 @@ class PgStore:
                     [o.attempts for o in outs],
                     [o.at for o in outs],
                 )
+                callbacks = callbacks_of(outs, account_urls)
+                if callbacks:
+                    rows = await conn.fetch(_FINISH_WITH_CALLBACKS, *args, *callbacks)
+                else:
+                    rows = await conn.fetch(_FINISH_MESSAGES, *args)
                 for r in rows:
                     counts = messages.setdefault(r["account_id"], [0, 0, 0])
                     if r["status"] == "sent":
@@ -279,19 +304,22 @@ class PgStore:
                     [s.client_ref for s in stored],
                     [s.deadline for s in stored],
                     [s.created_at for s in stored],
+                    [s.callback_url for s in stored],
                 )
                 if len(rows) < len(stored):
                     inserted = {r[0] for r in rows}
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
             await _write_credit(conn, book, messages)
-        return GroupResult(accepts, topups, creates)
+            # After the outcomes: a `sent` and its DLR in the same group apply in that order.
+            deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
+        return GroupResult(accepts, topups, creates, deliveries)
 
     async def _create(
         self, conn: asyncpg.Connection, name: str, credit: int, key_hash: bytes
     ) -> Account:
         row = await conn.fetchrow(
             "INSERT INTO accounts (name, key_hash, balance, topped_up) VALUES ($1, $2, $3, $3)"
-            " RETURNING id",
+            " RETURNING id, signing_secret",
             name,
             key_hash,
             credit,
@@ -302,7 +330,13 @@ class PgStore:
                 row["id"],
                 credit,
             )
-        return Account(id=row["id"], name=name, balance=credit, held=0)
+        return Account(
+            id=row["id"],
+            name=name,
+            balance=credit,
+            held=0,
+            signing_secret=row["signing_secret"],
+        )
 
     async def pending(self) -> list[OutboundSms]:
         rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
@@ -320,6 +354,7 @@ class PgStore:
                 created_at=r["created_at"],
                 deadline=r["deadline"],
                 attempts=r["attempts"],
+                callback_url=r["callback_url"],
             )
             for r in rows
         ]
@@ -329,7 +364,8 @@ class PgStore:
     async def account_by_key_hash(self, key_hash: bytes) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id, name, balance, held FROM accounts WHERE key_hash = $1", key_hash
+                "SELECT id, name, balance, held, callback_url FROM accounts WHERE key_hash = $1",
+                key_hash,
             )
         )
         return None if row is None else Account(**dict(row))
@@ -337,7 +373,8 @@ class PgStore:
     async def account(self, account_id: int) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id, name, balance, held FROM accounts WHERE id = $1", account_id
+                "SELECT id, name, balance, held, callback_url FROM accounts WHERE id = $1",
+                account_id,
             )
         )
         return None if row is None else Account(**dict(row))
@@ -414,6 +451,8 @@ class PgStore:
                 segments=r["segments"],
                 cost=r["cost"],
                 held=r["held"],
+                delivered=r["delivered"],
+                undelivered=r["undelivered"],
             )
             for r in rows
         ]
@@ -499,7 +538,8 @@ class PgStore:
 # The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
 MESSAGE_COLUMNS = (
     "id::text, recipient AS to, sender, body AS text, status, reason, segments, price,"
-    " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at"
+    " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at,"
+    " callback_url"
 )
 
 
@@ -614,11 +654,14 @@ def summary_sql(
     sql = f"""
 SELECT {key} AS key,
        count(*) AS messages,
-       count(*) FILTER (WHERE status = 'sent') AS sent,
+       count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status IN ('queued', 'sending')) AS pending,
+       count(*) FILTER (WHERE status = 'delivered') AS delivered,
+       count(*) FILTER (WHERE status = 'undelivered') AS undelivered,
        coalesce(sum(segments), 0)::bigint AS segments,
-       coalesce(sum(price) FILTER (WHERE status = 'sent'), 0)::bigint AS cost,
+       coalesce(sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), 0)
+           ::bigint AS cost,
        coalesce(sum(price) FILTER (WHERE status IN ('queued', 'sending')), 0)::bigint AS held
 FROM messages WHERE {" AND ".join(where)}
 GROUP BY 1 ORDER BY 1"""
