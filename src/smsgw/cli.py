@@ -13,6 +13,7 @@ import msgspec
 import trio
 
 from smsgw.logs import configure as configure_logging
+from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
 
@@ -41,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
         dlr_keys=_dlr_keys(args.dlr_key, os.environ.get("SMSGW_DLR_KEYS", "")),
         engine=EngineConfig(production=args.production),
+        operator_dlr=_sim_dlr(args.sim_dlr),
     )
 
     async def main() -> None:
@@ -64,6 +66,24 @@ def _dlr_key(value: str) -> tuple[str, str]:
     if not sep or not name or not key:
         raise SystemExit(f"a DLR key must be NAME=KEY, not {value.split('=')[0]!r}=...")
     return name, key
+
+
+def _sim_dlr(value: str | None) -> DlrProfile | None:
+    """RATIO,MEDIAN_MS,P99_MS: the in-process simulated operators' delivery reports."""
+    if value is None:
+        return None
+    ratio, median, p99 = (float(part) for part in value.split(","))
+    return DlrProfile(delivered_ratio=ratio, delay_ms_median=median, delay_ms_p99=p99)
+
+
+def _sim_dlr_arg(value: str) -> str:
+    try:
+        _sim_dlr(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want DELIVERED_RATIO,MEDIAN_MS,P99_MS ({error})"
+        ) from None
+    return value
 
 
 def _operator_profile(latency: str | None) -> OperatorProfile:
@@ -171,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=KEY",
         help="operator NAME may POST delivery reports to /v1/dlr/NAME with this bearer key"
         " (repeatable; also SMSGW_DLR_KEYS=NAME=KEY,...; keep keys out of shell history)",
+    )
+    serve.add_argument(
+        "--sim-dlr",
+        type=_sim_dlr_arg,
+        metavar="DELIVERED_RATIO,MEDIAN_MS,P99_MS",
+        help="the in-process simulated operator sends delayed delivery reports to this node"
+        " (e.g. 0.95,500,3000)",
     )
     serve.add_argument(
         "--production",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ from smsgw.engine.ports import Provider
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
+from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
 from smsgw.webhooks import HttpCallbackPoster
@@ -40,6 +42,9 @@ class NodeOptions(msgspec.Struct, frozen=True):
     # (operator name, key): who may POST delivery reports to /v1/dlr/{operator}. The keys are
     # kept only as SHA-256 digests once the app is built.
     dlr_keys: tuple[tuple[str, str], ...] = ()
+    # In-process simulated operators send delayed delivery reports to this node's DLR
+    # endpoint (over loopback, with a key made for them unless dlr_keys names one).
+    operator_dlr: DlrProfile | None = None
 
 
 class Node:
@@ -83,6 +88,14 @@ async def run_node(
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.
                 providers = owned = default_providers(options.operators, options.operator_urls)
+            dlr_keys = dict(options.dlr_keys)
+            emitters: list[tuple[DlrEmitter, str]] = []
+            if options.operator_dlr is not None:
+                for provider, _ in providers:
+                    if isinstance(provider, SimulatedOperator) and provider.dlr is None:
+                        provider.dlr = DlrEmitter(provider.name, options.operator_dlr)
+                        key = dlr_keys.setdefault(provider.name, secrets.token_urlsafe(32))
+                        emitters.append((provider.dlr, key))
             poster = HttpCallbackPoster(timeout=options.engine.callbacks.attempt_timeout_s)
             engine = Engine(
                 store,
@@ -97,7 +110,7 @@ async def run_node(
                 store,
                 admin_key=options.admin_key,
                 metrics_public=options.metrics_public,
-                dlr_keys=options.dlr_keys,
+                dlr_keys=tuple(dlr_keys.items()),
             )
 
             async def http(
@@ -129,6 +142,9 @@ async def run_node(
                     engine.run, [ChildSpec("http", http, restart=Restart.TRANSIENT)]
                 )
                 nursery.start_soon(_stop_on_signal, node)
+                for emitter, key in emitters:
+                    emitter.set_target(node.url, key)
+                    nursery.start_soon(emitter.run)
                 with trio.move_on_after(30):
                     await engine.ready.wait()
                 task_status.started(node)
