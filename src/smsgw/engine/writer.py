@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, assert_never
 
@@ -38,10 +39,11 @@ def _account_of(message: WriterMessage) -> int:
             return account_id
         case CreateAccount():
             return 0
-        case RecordDeliveries():
-            # All DLRs through one committer: two groups updating the same messages in
-            # different orders could deadlock each other. They take no account locks.
-            return 0
+        case RecordDeliveries(reports=reports):
+            # DLRs take no account locks, so they are spread over the committers (one busy
+            # operator's feed then uses every committer). Groups that share messages lock
+            # them in one order (storage sorts the reports by key).
+            return zlib.crc32(reports[0].operator_message_id.encode()) if reports else 0
         case _:
             assert_never(message)
 

@@ -39,9 +39,16 @@ WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
         AS x(operator, omid, status, error, ord)
 ), found AS (
-    SELECT DISTINCT ON (x.ord) x.ord, m.id, m.status AS before
-    FROM x JOIN messages m ON m.operator = x.operator AND m.operator_message_id = x.omid
-    ORDER BY x.ord, (m.status = 'sent') DESC, m.created_at DESC
+    -- A lookup per report on messages_operator_message_id, whatever the planner guesses
+    -- about the join (a hash join would read the whole table). Were an operator to reuse an
+    -- id, the `sent` message, then the newest, is the one meant.
+    SELECT x.ord, m.id, m.status AS before
+    FROM x CROSS JOIN LATERAL (
+        SELECT m.id, m.status FROM messages m
+        WHERE m.operator = x.operator AND m.operator_message_id = x.omid
+        ORDER BY m.status = 'sent' DESC, m.created_at DESC
+        LIMIT 1
+    ) m
 ), applied AS (
     UPDATE messages m
     SET status = x.status,
@@ -81,17 +88,27 @@ async def apply_deliveries(
     for position, (operator, report) in enumerate(flat):
         if first.setdefault((operator, report.operator_message_id), position) == position:
             unique.append(position)
+    # In key order: groups on two committers then lock the rows they share in the same order
+    # (the statement updates in `ord` order), so they wait for each other instead of
+    # deadlocking; a deadlock all the same is retried with the whole group.
+    unique.sort(key=lambda i: (flat[i][0], flat[i][1].operator_message_id))
+    # Each report is a key lookup; on a table of modest size the planner prefers one pass
+    # over all of `messages` for the update's join (a hash join), which grows with the table.
+    # Lookups stay fast at any size. The DLR statement is the group's last, so this setting
+    # (undone at commit) changes no other statement's plan.
+    await conn.execute("SET LOCAL enable_seqscan = off")
     rows = await conn.fetch(
         _APPLY_DELIVERIES,
         [flat[i][0] for i in unique],
         [flat[i][1].operator_message_id for i in unique],
         [flat[i][1].status for i in unique],
         [flat[i][1].error for i in unique],
-        unique,
+        list(range(len(unique))),
     )
     answered: dict[int, DeliveryResult] = {}
     for r in rows:
-        report = flat[r["ord"]][1]
+        position = unique[r["ord"]]
+        report = flat[position][1]
         omid = report.operator_message_id
         if r["applied"]:
             answer = DeliveryResult(omid, "applied", r["message_id"], report.status)
@@ -101,7 +118,7 @@ async def apply_deliveries(
             answer = DeliveryResult(omid, "duplicate", r["message_id"], r["before"])
         else:
             answer = DeliveryResult(omid, "conflict", r["message_id"], r["before"])
-        answered[r["ord"]] = answer
+        answered[position] = answer
     results: list[list[DeliveryResult]] = []
     position = 0
     for _, reports in deliveries:
