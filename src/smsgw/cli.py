@@ -140,7 +140,8 @@ def _accounts_create(args: argparse.Namespace) -> int:
             finally:
                 await db.close()
         out = {"id": account.id, "name": account.name, "api_key": api_key}
-        print(msgspec.json.encode({**out, "balance": account.balance}).decode())
+        out |= {"balance": account.balance, "signing_secret": account.signing_secret}
+        print(msgspec.json.encode(out).decode())
 
     trio.run(main)
     return 0

@@ -90,6 +90,9 @@ class MemoryOutbox:
     async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
         return 0
 
+    async def purge_delivery_records(self, older_than_s: float, limit: int) -> int:
+        return 0
+
 
 class Poster:
     """Refuses `fail[url]` attempts at each URL (None: every attempt), records them all."""

@@ -262,3 +262,36 @@ async def test_a_report_that_overtakes_its_sent_is_kept_and_applied_later(
         assert node.engine.reconciler is not None and node.engine.reconciler.applied == 1
         assert_ledger_consistent(await ledger(database_url, schema))
         assert msgspec.json.decode(r.content)["counts"]["unknown"] == 1
+
+
+async def test_old_kept_reports_and_given_up_callbacks_are_purged(
+    database_url: str, schema: str
+) -> None:
+    from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+
+    async with asyncio_loop():
+        db = await Database.open(database_url, schema=schema)
+        try:
+            await migrate(db)
+            store = PgStore(db)
+            await db.run(
+                lambda c: c.execute(
+                    "INSERT INTO dlr_unmatched (operator, operator_message_id, status, received_at)"
+                    " VALUES ('sim', 'old', 'delivered', now() - interval '40 days'),"
+                    " ('sim', 'new', 'delivered', now());"
+                    " INSERT INTO callback_outbox (message_id, account_id, url, status, at,"
+                    " failed_at) VALUES"
+                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(),"
+                    "  now() - interval '40 days'),"
+                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), now()),"
+                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), NULL)"
+                )
+            )
+            assert await store.purge_delivery_records(30 * 86_400.0, 100) == 2
+            assert await store.purge_delivery_records(30 * 86_400.0, 100) == 0
+        finally:
+            await db.close()
+    left = await db_fetch(database_url, schema, "SELECT operator_message_id FROM dlr_unmatched")
+    assert left == [{"operator_message_id": "new"}]
+    outbox = await db_fetch(database_url, schema, "SELECT count(*) AS n FROM callback_outbox")
+    assert outbox[0]["n"] == 2

@@ -298,17 +298,31 @@ class DlrReconciler:
     `sent` since (an operator's DLR can overtake its own answer to the submit)."""
 
     def __init__(
-        self, store: CallbackStore, *, every_s: float = 2.0, max_age_s: float = 24 * 3600.0
+        self,
+        store: CallbackStore,
+        *,
+        every_s: float = 2.0,
+        max_age_s: float = 24 * 3600.0,
+        keep_s: float = 30 * 24 * 3600.0,
     ) -> None:
         self._store = store
         self._every = every_s
         self._max_age = max_age_s
+        # Kept `unknown` reports and given-up callbacks are there to be looked at; after
+        # `keep_s` they are deleted (a batch every minute), so the tables do not grow forever.
+        self._keep = keep_s
         self.applied = 0
+        self.purged = 0
         self.runs = 0
         self.last_error: str | None = None
 
     def stats(self) -> dict[str, Any]:
-        return {"applied": self.applied, "runs": self.runs, "last_error": self.last_error}
+        return {
+            "applied": self.applied,
+            "purged": self.purged,
+            "runs": self.runs,
+            "last_error": self.last_error,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -317,6 +331,8 @@ class DlrReconciler:
             try:
                 while (n := await self._store.reconcile_deliveries(self._max_age, 10_000)) > 0:
                     self.applied += n
+                if self.runs % max(1, round(60 / self._every)) == 0:
+                    self.purged += await self._store.purge_delivery_records(self._keep, 10_000)
             except Exception as exc:  # a conflict with a DLR group, or PostgreSQL away
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("reconciling delivery reports failed: %s", self.last_error)

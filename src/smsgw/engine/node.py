@@ -57,7 +57,6 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # development or a test must not call out to the world).
     production: bool = False
     callbacks: CallbackPolicy = CallbackPolicy()
-    max_delivery_reports: int = 10_000  # per POST /v1/dlr/{operator}
 
 
 class Engine:

@@ -112,6 +112,10 @@ class CallbackStore(Protocol):
         returns how many were applied."""
         ...
 
+    async def purge_delivery_records(self, older_than_s: float, limit: int) -> int:
+        """Delete up to `limit` kept DLRs and given-up callbacks older than `older_than_s`."""
+        ...
+
 
 class MessageQuery(msgspec.Struct, frozen=True, kw_only=True):
     """One page of an account's messages, in (created_at, id) order: newest first, or oldest

@@ -266,6 +266,24 @@ class CallbackOutbox:
         applied = await self.db.run(lambda c: c.fetchval(_RECONCILE_DELIVERIES, max_age_s, limit))
         return int(applied)
 
+    async def purge_delivery_records(self, older_than_s: float, limit: int) -> int:
+        deleted = await self.db.run(
+            lambda c: c.fetchval(
+                "WITH reports AS (DELETE FROM dlr_unmatched WHERE id IN ("
+                " SELECT id FROM dlr_unmatched"
+                " WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)"
+                " RETURNING 1),"
+                " callbacks AS (DELETE FROM callback_outbox WHERE id IN ("
+                " SELECT id FROM callback_outbox"
+                " WHERE failed_at < now() - make_interval(secs => $1) LIMIT $2)"
+                " RETURNING 1)"
+                " SELECT (SELECT count(*) FROM reports) + (SELECT count(*) FROM callbacks)",
+                older_than_s,
+                limit,
+            )
+        )
+        return int(deleted)
+
     async def set_callback_url(self, account_id: int, url: str | None) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
