@@ -193,11 +193,14 @@ SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
 """
 
 # The same, and a callback outbox row for each finished message that has a callback URL ($8,
-# $9: its id and URL), in the same statement: only for rows the update really changed.
+# $9: its id and URL), in the same statement: only for rows the update really changed. Built
+# from _FINISH_MESSAGES, so the two cannot drift; a change to its RETURNING must change this.
+_FINISHED_RETURNING = "RETURNING m.account_id, m.price, x.status"
+assert _FINISHED_RETURNING in _FINISH_MESSAGES
 _FINISH_WITH_CALLBACKS = (
     "WITH done AS ("
     + _FINISH_MESSAGES.replace(
-        "RETURNING m.account_id, m.price, x.status",
+        _FINISHED_RETURNING,
         "RETURNING m.id, m.account_id, m.price, x.status, x.reason, m.client_ref, x.at",
     )
     + """), outbox AS (
