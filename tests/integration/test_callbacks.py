@@ -19,6 +19,7 @@ from hypercorn.trio import serve
 
 from smsgw.engine.callbacks import CallbackPolicy
 from smsgw.server import Node, run_node
+from smsgw.sim.operator import OperatorProfile
 from tests.conftest import DLR_KEY, bearer, node_options
 from tests.integration.helpers import (
     RELIABLE,
@@ -84,7 +85,7 @@ class Receiver:
 
 @asynccontextmanager
 async def receiver_and_node(
-    database_url: str, schema: str, fail_first: int = 2
+    database_url: str, schema: str, fail_first: int = 2, operator: OperatorProfile = RELIABLE
 ) -> AsyncIterator[tuple[Receiver, Node, httpx.AsyncClient]]:
     receiver = Receiver(fail_first=fail_first)
     config = HyperConfig()
@@ -92,7 +93,7 @@ async def receiver_and_node(
     config.accesslog = None
     config.errorlog = None
     options = msgspec.structs.replace(
-        node_options(database_url, schema, callbacks=FAST), operators=(RELIABLE,)
+        node_options(database_url, schema, callbacks=FAST), operators=(operator,)
     )
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
@@ -279,3 +280,24 @@ async def test_callback_urls_are_checked(node: Node, client: httpx.AsyncClient) 
     assert r.status_code == 200 and r.json()["callback_url"] is None
     r = await client.get("/v1/account", headers=bearer(key))
     assert r.json()["callback_url"] is None
+
+
+async def test_a_failed_message_calls_back_too(database_url: str, schema: str) -> None:
+    refusing = msgspec.structs.replace(RELIABLE, p_permanent=1.0)
+    async with receiver_and_node(database_url, schema, 1, refusing) as (receiver, _, client):
+        account = await create_account(client, 1_000)
+        key = account["api_key"]
+        message_id = (await send(client, key, callback_url=receiver.url + "/cb")).json()["id"]
+        final = await wait_final(client, key, message_id)
+        assert final["status"] == "failed"
+
+        async def one() -> bool:
+            return len(receiver.accepted()) == 1
+
+        with trio.fail_after(30):
+            await until(one)
+        (got,) = receiver.accepted()
+        body = json.loads(got.body)
+        assert (body["status"], body["message_id"]) == ("failed", message_id)
+        assert body["reason"] == final["reason"] and body["reason"]
+        assert signed_by(account["signing_secret"], got)

@@ -10,6 +10,7 @@ from tests.conftest import admin
 from tests.integration.helpers import create_account, send, wait_final
 
 ACTORS = ("store_writer", "retry_timer", "provider_pool", "scheduler")
+DELIVERY = ("callback_sender", "dlr_reconciler")
 
 
 async def test_health(client: httpx.AsyncClient) -> None:
@@ -36,7 +37,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         config.restart_window,
     )
     children = {c["name"]: c for c in tree["children"]}
-    assert list(children) == [*ACTORS, "recovery", "http"]
+    assert list(children) == [*ACTORS, "recovery", *DELIVERY, "http"]
 
     for name in ACTORS:
         child = children[name]
@@ -53,6 +54,17 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
     assert (recovery["state"], recovery["restart"]) == ("stopped", "transient")
     assert recovery["stats"] == {"recovered": 0, "done": True}
     assert recovery["inbox_depth"] is None and recovery["inbox_capacity"] is None
+
+    # The callback sender and the DLR reconciler: no inbox (their work is in PostgreSQL).
+    for name in DELIVERY:
+        child = children[name]
+        assert (child["state"], child["restart"], child["restarts"]) == (
+            "running",
+            "permanent",
+            0,
+        )
+        assert child["inbox_capacity"] is None and isinstance(child["stats"], dict)
+    assert children["callback_sender"]["stats"]["in_flight"] == 0
 
     http = children["http"]
     assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)
