@@ -1,6 +1,6 @@
 """Delivery report ingest: reports per second through POST /v1/dlr/{operator}, in batches.
 
-    python benchmarks/dlr.py [--reports 200000] [--batch 2000] [--connections 4]
+    python benchmarks/dlr.py [--reports 200000] [--batch 5000] [--connections 6]
                              [--out benchmarks/reports/latest]
 
 `smsgw serve` (one node, its own process) on a fresh schema, with a DLR key for operator
@@ -330,8 +330,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=2_000)
-    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--connections", type=int, default=6)
     parser.add_argument("--unknown", type=float, default=0.01, help="share of unknown ids")
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/reports/latest")
