@@ -301,3 +301,58 @@ async def test_a_failed_message_calls_back_too(database_url: str, schema: str) -
         assert (body["status"], body["message_id"]) == ("failed", message_id)
         assert body["reason"] == final["reason"] and body["reason"]
         assert signed_by(account["signing_secret"], got)
+
+
+async def test_callbacks_survive_a_node_restart(database_url: str, schema: str) -> None:
+    """The outbox is PostgreSQL's: callbacks a stopped node could not deliver are delivered
+    by the next one (here after a graceful stop with the receiver down; a crash leaves rows
+    leased, and the next node takes them when the lease runs out)."""
+    receiver = Receiver(fail_first=10**9)
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    policy = msgspec.structs.replace(FAST, lease_s=3.0, attempt_timeout_s=1.0)
+    options = msgspec.structs.replace(
+        node_options(database_url, schema, callbacks=policy), operators=(RELIABLE,)
+    )
+    async with trio.open_nursery() as nursery:
+        receiver.url = (await nursery.start(partial(serve, receiver, config)))[0]  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as first:
+            node: Node = await first.start(partial(run_node, options))
+            async with httpx.AsyncClient(base_url=node.url, timeout=30) as client:
+                account = await create_account(client, 1_000)
+                key = account["api_key"]
+                r = await send(client, key, callback_url=receiver.url + "/cb")
+                message_id = r.json()["id"]
+                await wait_final(client, key, message_id)
+
+                async def refused_twice() -> bool:
+                    return len(receiver.received) >= 2
+
+                with trio.fail_after(30):
+                    await until(refused_twice)
+            node.stop.set()
+        assert not receiver.accepted()
+        kept = await db_fetch(database_url, schema, "SELECT status FROM callback_outbox")
+        assert kept == [{"status": "sent"}]
+
+        receiver.fail_first = 0
+        async with trio.open_nursery() as second:
+            node = await second.start(partial(run_node, options))
+
+            async def delivered() -> bool:
+                return len(receiver.accepted()) == 1
+
+            async def settled() -> bool:
+                return not await db_fetch(database_url, schema, "SELECT id FROM callback_outbox")
+
+            with trio.fail_after(30):
+                await until(delivered)
+                await until(settled)
+            node.stop.set()
+        nursery.cancel_scope.cancel()
+    body = json.loads(receiver.accepted()[0].body)
+    assert (body["message_id"], body["status"]) == (message_id, "sent")
+    assert signed_by(account["signing_secret"], receiver.accepted()[0])

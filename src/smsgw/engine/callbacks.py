@@ -267,30 +267,46 @@ class CallbackSender:
             self._retry.append((job.id, delay, error))
 
     async def _settler(self) -> None:
+        try:
+            await self._settle_loop()
+        finally:
+            # Stopping: settle what was already answered, briefly, so a graceful stop does
+            # not send those callbacks again once their leases run out.
+            if self._delivered or self._retry or self._failed:
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    await self._settle_once()
+
+    async def _settle_loop(self) -> None:
         while True:
             await self._settle_wanted.wait()
             self._settle_wanted = trio.Event()
             # A moment for more results to arrive: one write for many callbacks.
             await trio.sleep(0.01)
-            delivered, retry, failed = self._delivered, self._retry, self._failed
-            self._delivered, self._retry, self._failed = [], [], []
-            try:
-                await self._store.settle_callbacks(delivered, retry, failed)
-            except Exception as exc:
-                # The rows stay leased; when the lease runs out they are claimed and sent
-                # again (at least once). Keep them to settle with the next batch.
-                self.counts["settle_failures"] += 1
-                self.last_error = f"settle: {type(exc).__name__}: {exc}"
-                log.warning("settling callbacks failed: %s", self.last_error)
-                self._delivered[:0], self._retry[:0], self._failed[:0] = delivered, retry, failed
+            if not await self._settle_once():
                 await trio.sleep(1.0)
                 self._settle_wanted.set()
-                continue
-            self.counts["delivered"] += len(delivered)
-            self.counts["retried"] += len(retry)
-            self.counts["given_up"] += len(failed)
-            self._outstanding -= len(delivered) + len(retry) + len(failed)
-            self._room.set()
+
+    async def _settle_once(self) -> bool:
+        """Write the results gathered so far in one transaction; False if that failed (they
+        are kept for the next try)."""
+        delivered, retry, failed = self._delivered, self._retry, self._failed
+        self._delivered, self._retry, self._failed = [], [], []
+        try:
+            await self._store.settle_callbacks(delivered, retry, failed)
+        except Exception as exc:
+            # The rows stay leased; when the lease runs out they are claimed and sent again
+            # (at least once). Keep them to settle with the next batch.
+            self.counts["settle_failures"] += 1
+            self.last_error = f"settle: {type(exc).__name__}: {exc}"
+            log.warning("settling callbacks failed: %s", self.last_error)
+            self._delivered[:0], self._retry[:0], self._failed[:0] = delivered, retry, failed
+            return False
+        self.counts["delivered"] += len(delivered)
+        self.counts["retried"] += len(retry)
+        self.counts["given_up"] += len(failed)
+        self._outstanding -= len(delivered) + len(retry) + len(failed)
+        self._room.set()
+        return True
 
 
 class DlrReconciler:
