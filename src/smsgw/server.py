@@ -119,6 +119,9 @@ async def run_node(
                 config = HyperConfig()
                 config.bind = [f"{options.host}:{options.port}"]
                 config.accesslog = None
+                # Hypercorn's own messages through our logging (text or JSON), once: its
+                # default adds a second stderr handler of its own.
+                config.errorlog = logging.getLogger("hypercorn.error")
                 config.graceful_timeout = options.shutdown_grace
                 config.keep_alive_timeout = 75
                 try:

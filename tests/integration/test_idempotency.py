@@ -363,3 +363,23 @@ async def test_group_commit_stores_and_holds_one_message_per_client_ref(
     accounts = await ledger(database_url, schema)
     assert accounts[account.id]["held"] == 10 and accounts[account.id]["balance"] == 90
     assert_ledger_consistent(accounts)
+
+
+async def test_a_retried_batch_with_one_key_stores_its_messages_once(
+    client: httpx.AsyncClient, database_url: str, schema: str
+) -> None:
+    """A batch without client_refs is only safe to retry under an Idempotency-Key."""
+    account = await create_account(client, 100)
+    headers = {**bearer(account["api_key"]), "Idempotency-Key": "batch-1"}
+    body = {"messages": [BODY, {**BODY, "text": "second"}]}
+    first = await client.post("/v1/messages/batch", json=body, headers=headers)
+    assert first.status_code == 202, first.text
+    again = await client.post("/v1/messages/batch", json=body, headers=headers)
+    assert again.status_code == 202
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert await message_count(database_url, schema) == 2
+    assert (await ledger(database_url, schema))[account["id"]]["l_hold"] == 10
+    other = await client.post("/v1/messages/batch", json={"messages": [BODY]}, headers=headers)
+    assert_problem(other, 422)
+    assert await message_count(database_url, schema) == 2

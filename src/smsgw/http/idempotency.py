@@ -39,7 +39,7 @@ from quart import Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.ports import FrontDoorStore
-from smsgw.http.context import gateway
+from smsgw.http.context import gateway, optional_header
 from smsgw.http.problems import ProblemError
 
 log = logging.getLogger("smsgw.http")
@@ -138,7 +138,7 @@ def idempotent(handler: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitab
 
     @functools.wraps(handler)
     async def run(*args: P.args, **kwargs: P.kwargs) -> Response:
-        key = request.headers.get(HEADER)
+        key = optional_header(HEADER)
         if key is None:
             return await handler(*args, **kwargs)
         account_id = await gateway().require_account()

@@ -16,6 +16,7 @@ from typing import cast
 from quart import Quart, Response, current_app, request
 
 from smsgw.engine.histogram import LATENCY_BUCKETS, Histogram
+from smsgw.http.context import optional_header
 from smsgw.http.problems import problem_code_var
 from smsgw.logs import request_id_var
 
@@ -62,7 +63,7 @@ def install(app: Quart) -> HttpStats:
 
     @app.before_request
     async def begin() -> None:
-        incoming = request.headers.get(REQUEST_ID_HEADER)
+        incoming = optional_header(REQUEST_ID_HEADER)
         if incoming is None or not _CLIENT_REQUEST_ID.fullmatch(incoming):
             incoming = new_request_id()
         request_id_var.set(incoming)

@@ -15,19 +15,14 @@ if TYPE_CHECKING:
     from smsgw.storage.pg import Database
 
 
-def callbacks_of(
-    outcomes: Sequence[Outcome], account_urls: dict[int, str]
-) -> tuple[list[str], list[str]] | None:
-    """The ids and callback URLs of the outcomes that have one (the message's own, else its
-    account's); None when none has, so the common case keeps the plain statement."""
-    ids: list[str] = []
-    urls: list[str] = []
-    for o in outcomes:
-        url = o.sms.callback_url or account_urls.get(o.sms.account_id)
-        if url is not None:
-            ids.append(o.sms.id)
-            urls.append(url)
-    return (ids, urls) if ids else None
+def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> list[str]:
+    """The ids of the outcomes that have a callback URL (the message's own, else its
+    account's); empty when none has, so the common case runs no statement for them."""
+    return [
+        o.sms.id
+        for o in outcomes
+        if o.sms.callback_url is not None or o.sms.account_id in account_urls
+    ]
 
 
 # One set-based statement per group for every DLR in it: find each report's message by

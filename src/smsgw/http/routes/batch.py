@@ -8,6 +8,7 @@ from quart import Blueprint, Response
 
 from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, decode, gateway, json_response
+from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
 from smsgw.http.routes.messages import build_sms
 from smsgw.http.schemas import MAX_BATCH, AcceptedOut, BatchIn, BatchOut, SendIn
@@ -27,6 +28,7 @@ def item_problem(index: int, exc: ProblemError) -> dict[str, Any]:
 
 
 @bp.post("/v1/messages/batch")
+@idempotent
 async def send_batch() -> Response:
     """202 with one result per item, in order: `{id, status, segments, price}` for an accepted
     item, a problem object (no id) for a refused one. Credit is held item by item; once it runs
