@@ -36,12 +36,12 @@ WITH x AS (
 ), found AS (
     -- A lookup per report on messages_operator_message_id, whatever the planner guesses
     -- about the join (a hash join would read the whole table). Were an operator to reuse an
-    -- id, the `sent` message, then the newest, is the one meant.
+    -- id, its newest message is the one meant (the index's order: no sort).
     SELECT x.ord, m.id, m.status AS before
     FROM x CROSS JOIN LATERAL (
         SELECT m.id, m.status FROM messages m
         WHERE m.operator = x.operator AND m.operator_message_id = x.omid
-        ORDER BY m.status = 'sent' DESC, m.created_at DESC
+        ORDER BY m.created_at DESC
         LIMIT 1
     ) m
 ), applied AS (

@@ -5,7 +5,10 @@
 -- HOT), which is the price of a set-based DLR update (one `unnest` join per group commit)
 -- instead of a scan. Not unique: an operator's ids are its own business, and a repeat must not
 -- fail the group commit it rides in; the DLR update applies to `sent` rows only.
-CREATE INDEX messages_operator_message_id ON messages (operator, operator_message_id)
+-- created_at: were an operator to reuse an id, its newest message is the one meant, found
+-- without a sort.
+CREATE INDEX messages_operator_message_id
+    ON messages (operator, operator_message_id, created_at DESC)
     WHERE operator_message_id IS NOT NULL;
 
 -- With DLRs, `delivered` is the status most messages end in; like `sent` in 002, it stays out
