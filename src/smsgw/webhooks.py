@@ -25,8 +25,12 @@ class HttpCallbackPoster:
         )
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
-        response = await self._client.post(url, content=body, headers=dict(headers))
-        return response.status_code
+        # Streamed and closed unread: only the status matters, and a receiver's body (however
+        # large) is never read into memory.
+        async with self._client.stream(
+            "POST", url, content=body, headers=dict(headers)
+        ) as response:
+            return response.status_code
 
     async def aclose(self) -> None:
         await self._client.aclose()
