@@ -20,6 +20,7 @@ from smsgw.server import Node, NodeOptions, run_node
 from smsgw.sim.operator import OperatorProfile
 
 ADMIN_KEY = "test-admin-key"
+DLR_KEY = "test-dlr-key-sim"  # the `sim` operator's delivery report key
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,7 @@ def node_options(database_url: str, schema: str, **engine: object) -> NodeOption
         engine=EngineConfig(**engine),  # type: ignore[arg-type]
         operators=(OperatorProfile(name="sim", latency_ms_median=2.0, latency_ms_p99=10.0),),
         shutdown_grace=2.0,
+        dlr_keys=(("sim", DLR_KEY),),
     )
 
 

@@ -14,6 +14,7 @@ import msgspec
 import trio
 
 from smsgw.logs import configure as configure_logging
+from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
 
@@ -24,6 +25,7 @@ def _schema() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from smsgw.engine.node import EngineConfig
     from smsgw.engine.shards import LeaseConfig
     from smsgw.server import NodeOptions, run_node
 
@@ -51,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
         leases=LeaseConfig(ttl=args.lease_ttl, tick=min(0.5, args.lease_ttl / 6)),
         reuse_port=args.reuse_port,
         cluster=not args.no_leases,
+        dlr_keys=_dlr_keys(args.dlr_key, os.environ.get("SMSGW_DLR_KEYS", "")),
+        engine=EngineConfig(production=args.production),
+        operator_dlr=_sim_dlr(args.sim_dlr),
     )
 
     async def main() -> None:
@@ -77,11 +82,56 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
         worker_args += ["--operator-latency-ms", args.operator_latency_ms]
     if args.log_json:
         worker_args.append("--log-json")
+    for pair in args.dlr_key:
+        worker_args += ["--dlr-key", pair]
+    if args.sim_dlr:
+        worker_args += ["--sim-dlr", args.sim_dlr]
+        if not any(p.partition("=")[0] == args.operator_name for p in args.dlr_key):
+            # One key for the simulated operator on every worker: its reports reach whichever
+            # worker the shared port hands them to.
+            pairs = [
+                env.get("SMSGW_DLR_KEYS", ""),
+                f"{args.operator_name}={secrets.token_urlsafe(32)}",
+            ]
+            env["SMSGW_DLR_KEYS"] = ",".join(p for p in pairs if p)
+    if args.production:
+        worker_args.append("--production")
     top_args = ["-v"] if args.verbose else []
     trio.run(
         partial(serve_workers, workers, args.host, args.port, node_id, worker_args, env, top_args)
     )
     return 0
+
+
+def _dlr_keys(given: list[str], env: str) -> tuple[tuple[str, str], ...]:
+    """NAME=KEY pairs from --dlr-key (repeatable) and SMSGW_DLR_KEYS (comma-separated)."""
+    pairs = [*given, *(p.strip() for p in env.split(",") if p.strip())]
+    return tuple(_dlr_key(p) for p in pairs)
+
+
+def _dlr_key(value: str) -> tuple[str, str]:
+    name, sep, key = value.partition("=")
+    if not sep or not name or not key:
+        raise SystemExit(f"a DLR key must be NAME=KEY, not {value.split('=')[0]!r}=...")
+    return name, key
+
+
+def _sim_dlr(value: str | None) -> DlrProfile | None:
+    """RATIO,MEDIAN_MS,P99_MS: the in-process simulated operators' delivery reports."""
+    if value is None:
+        return None
+    ratio, median, p99 = (float(part) for part in value.split(","))
+    return DlrProfile(delivered_ratio=ratio, delay_ms_median=median, delay_ms_p99=p99)
+
+
+def _sim_dlr_arg(value: str) -> str:
+    try:
+        _sim_dlr(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want DELIVERED_RATIO,MEDIAN_MS,P99_MS ({error})"
+        ) from None
+    return value
 
 
 def _operator_profile(latency: str | None, name: str = "sim") -> OperatorProfile:
@@ -152,7 +202,8 @@ def _accounts_create(args: argparse.Namespace) -> int:
             finally:
                 await db.close()
         out = {"id": account.id, "name": account.name, "api_key": api_key}
-        print(msgspec.json.encode({**out, "balance": account.balance}).decode())
+        out |= {"balance": account.balance, "signing_secret": account.signing_secret}
+        print(msgspec.json.encode(out).decode())
 
     trio.run(main)
     return 0
@@ -234,6 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="shard lease time to live: a dead node's shards are taken over this long after"
         " its last renewal (default 3)",
+    )
+    serve.add_argument(
+        "--dlr-key",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="operator NAME may POST delivery reports to /v1/dlr/NAME with this bearer key"
+        " (repeatable; also SMSGW_DLR_KEYS=NAME=KEY,...; keep keys out of shell history)",
+    )
+    serve.add_argument(
+        "--sim-dlr",
+        type=_sim_dlr_arg,
+        metavar="DELIVERED_RATIO,MEDIAN_MS,P99_MS",
+        help="the in-process simulated operator sends delayed delivery reports to this node"
+        " (e.g. 0.95,500,3000)",
+    )
+    serve.add_argument(
+        "--production",
+        action="store_true",
+        help="production mode: status callback URLs may name any host (default: loopback"
+        " hosts only)",
     )
     serve.add_argument(
         "--log-json",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import socket
 from collections.abc import Sequence
@@ -18,9 +19,11 @@ from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
+from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
+from smsgw.webhooks import HttpCallbackPoster
 
 log = logging.getLogger("smsgw.server")
 
@@ -48,6 +51,12 @@ class NodeOptions(msgspec.Struct, frozen=True):
     leases: LeaseConfig = LeaseConfig()
     # Bind with SO_REUSEPORT: several nodes of one machine serve one port (`serve --workers`).
     reuse_port: bool = False
+    # (operator name, key): who may POST delivery reports to /v1/dlr/{operator}. The keys are
+    # kept only as SHA-256 digests once the app is built.
+    dlr_keys: tuple[tuple[str, str], ...] = ()
+    # In-process simulated operators send delayed delivery reports to this node's DLR
+    # endpoint (over loopback, with a key made for them unless dlr_keys names one).
+    operator_dlr: DlrProfile | None = None
 
 
 class Node:
@@ -81,6 +90,7 @@ async def run_node(
     HTTP stops taking requests and finishes the ones in flight, then the engine is cancelled.
     Everything accepted is already committed, so nothing is lost by stopping."""
     owned: Sequence[tuple[Provider, int]] = ()
+    poster: HttpCallbackPoster | None = None
     async with asyncio_loop():
         db = await Database.open(options.database_url, schema=options.schema)
         try:
@@ -99,13 +109,32 @@ async def run_node(
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.
                 providers = owned = default_providers(options.operators, options.operator_urls)
+            dlr_keys = dict(options.dlr_keys)
+            emitters: list[tuple[DlrEmitter, str]] = []
+            if options.operator_dlr is not None:
+                for provider, _ in providers:
+                    if isinstance(provider, SimulatedOperator) and provider.dlr is None:
+                        provider.dlr = DlrEmitter(provider.name, options.operator_dlr)
+                        key = dlr_keys.setdefault(provider.name, secrets.token_urlsafe(32))
+                        emitters.append((provider.dlr, key))
+            poster = HttpCallbackPoster(timeout=options.engine.callbacks.attempt_timeout_s)
             engine = Engine(
-                store, providers, options.engine, cluster=cluster, leases=options.leases
+                store,
+                providers,
+                options.engine,
+                callback_store=store,
+                callback_poster=poster,
+                cluster=cluster,
+                leases=options.leases,
             )
             node = Node(engine, store)
             node.node_id = node_id
             app = create_app(
-                engine, store, admin_key=options.admin_key, metrics_public=options.metrics_public
+                engine,
+                store,
+                admin_key=options.admin_key,
+                metrics_public=options.metrics_public,
+                dlr_keys=tuple(dlr_keys.items()),
             )
 
             async def http(
@@ -142,6 +171,9 @@ async def run_node(
                     engine.run, [ChildSpec("http", http, restart=Restart.TRANSIENT)]
                 )
                 nursery.start_soon(_stop_on_signal, node)
+                for emitter, key in emitters:
+                    emitter.set_target(node.url, key)
+                    nursery.start_soon(emitter.run)
                 with trio.move_on_after(30):
                     await engine.ready.wait()
                 task_status.started(node)
@@ -156,6 +188,8 @@ async def run_node(
                 for provider, _ in owned:
                     if isinstance(provider, HttpOperator):
                         await provider.aclose()
+                if poster is not None:
+                    await poster.aclose()
                 await db.close()
 
 

@@ -11,6 +11,7 @@ from tests.conftest import admin
 from tests.integration.helpers import create_account, send, wait_final
 
 ACTORS = ("store_writer", "retry_timer", "provider_pool", "scheduler")
+DELIVERY = ("callback_sender", "dlr_reconciler")
 
 
 async def test_health(client: httpx.AsyncClient) -> None:
@@ -37,7 +38,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         config.restart_window,
     )
     children = {c["name"]: c for c in tree["children"]}
-    assert list(children) == [*ACTORS, "shard_leases", "http"]
+    assert list(children) == [*ACTORS, "shard_leases", *DELIVERY, "http"]
 
     for name in ACTORS:
         child = children[name]
@@ -58,6 +59,17 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
     assert sorted(lease["shard"] for lease in stats["leases"]) == list(range(256))
     assert all(lease["token"] > 0 for lease in stats["leases"])
     assert leases["inbox_depth"] is None and leases["inbox_capacity"] is None
+
+    # The callback sender and the DLR reconciler: no inbox (their work is in PostgreSQL).
+    for name in DELIVERY:
+        child = children[name]
+        assert (child["state"], child["restart"], child["restarts"]) == (
+            "running",
+            "permanent",
+            0,
+        )
+        assert child["inbox_capacity"] is None and isinstance(child["stats"], dict)
+    assert children["callback_sender"]["stats"]["in_flight"] == 0
 
     http = children["http"]
     assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)

@@ -382,4 +382,6 @@ async def test_reports_work_with_a_reliable_operator_too(database_url: str, sche
             "segments": 4,
             "cost": 20,
             "held": 0,
+            "delivered": 0,
+            "undelivered": 0,
         }

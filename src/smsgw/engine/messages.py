@@ -15,9 +15,13 @@ class Status(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    # From a delivery report (DLR), after `sent`: the handset got it, or the operator gave up.
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
 
 
-FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED})
+# Final for dispatch and credit: a DLR may still move `sent` on, but never charges or refunds.
+FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.DELIVERED, Status.UNDELIVERED})
 
 
 class OutboundSms(msgspec.Struct, frozen=True):
@@ -42,6 +46,8 @@ class OutboundSms(msgspec.Struct, frozen=True):
     # The fencing token of the shard lease this node dispatches it under (engine/shards.py):
     # stamped when it enters the Scheduler; its status is written only while that lease holds.
     fence: int | None = None
+    # Where its status changes are POSTed (else its account's callback_url, if any).
+    callback_url: str | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):
@@ -82,6 +88,31 @@ class Account(msgspec.Struct, frozen=True):
     name: str
     balance: int
     held: int
+    callback_url: str | None = None
+    # Only when it was just made (account creation): it is shown to the account once.
+    signing_secret: str | None = None
+
+
+class DeliveryReport(msgspec.Struct, frozen=True):
+    """One operator's delivery report (DLR) about a message it answered `sent`."""
+
+    operator_message_id: str
+    status: Literal["delivered", "undelivered"]
+    error: str | None = None
+
+
+# What became of one report: `applied` (sent -> delivered/undelivered), `duplicate` (the
+# message already has this status), `conflict` (it is final otherwise: the other DLR status,
+# or failed), `unknown` (no sent message of this operator has that id, yet: kept, and applied
+# if its `sent` arrives later).
+DeliveryResultKind = Literal["applied", "duplicate", "conflict", "unknown"]
+
+
+class DeliveryResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    operator_message_id: str
+    result: DeliveryResultKind
+    message_id: str | None = None
+    status: str | None = None  # the message's status after this report
 
 
 # --- StoreWriter inbox -------------------------------------------------------------------
@@ -112,7 +143,15 @@ class CreateAccount(msgspec.Struct, frozen=True):
     reply: Reply[Account]
 
 
-WriterMessage = Accept | RecordOutcome | TopUp | CreateAccount
+class RecordDeliveries(msgspec.Struct, frozen=True):
+    """Apply one operator's delivery reports, in one group commit with whatever else waits."""
+
+    operator: str
+    reports: tuple[DeliveryReport, ...]
+    reply: Reply[list[DeliveryResult]]
+
+
+WriterMessage = Accept | RecordOutcome | TopUp | CreateAccount | RecordDeliveries
 
 
 # --- Scheduler inbox ---------------------------------------------------------------------

@@ -10,18 +10,22 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import Inbox
+from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
     Account,
     CreateAccount,
+    DeliveryReport,
+    DeliveryResult,
     Enqueue,
     OutboundSms,
+    RecordDeliveries,
     SchedulerMessage,
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
-from smsgw.engine.ports import ClusterStore, MessageStore, Provider
+from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.scheduler import Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases
@@ -50,6 +54,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # generous ceiling against runaway clients, not a price plan. Batches count once.
     api_rate_per_second: float = 1_000.0
     api_burst: int = 2_000
+    # Callback URLs may name any host only in production; otherwise loopback only (a node in
+    # development or a test must not call out to the world).
+    production: bool = False
+    callbacks: CallbackPolicy = CallbackPolicy()
 
 
 class Engine:
@@ -66,6 +74,8 @@ class Engine:
         seed: int | None = None,
         cluster: ClusterStore | None = None,
         leases: LeaseConfig = LeaseConfig(),
+        callback_store: CallbackStore | None = None,
+        callback_poster: CallbackPoster | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -112,6 +122,15 @@ class Engine:
             admit=None if self.leases is None else self.leases.admit,
         )
         self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
+        # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
+        # node runs without them.
+        self.callbacks: CallbackSender | None = None
+        self.reconciler: DlrReconciler | None = None
+        if callback_store is not None and callback_poster is not None:
+            self.callbacks = CallbackSender(
+                callback_store, callback_poster, config.callbacks, clock=clock, seed=seed
+            )
+            self.reconciler = DlrReconciler(callback_store)
         self.supervisor: Supervisor | None = None
 
     @property
@@ -144,6 +163,15 @@ class Engine:
                 stats=self.scheduler.stats,
             ),
             recovery,
+            *self._delivery_children(),
+        ]
+
+    def _delivery_children(self) -> list[ChildSpec]:
+        if self.callbacks is None or self.reconciler is None:
+            return []
+        return [
+            ChildSpec("callback_sender", self.callbacks.run, stats=self.callbacks.stats),
+            ChildSpec("dlr_reconciler", self.reconciler.run, stats=self.reconciler.stats),
         ]
 
     def _recovery_stats(self) -> dict[str, Any]:
@@ -197,4 +225,14 @@ class Engine:
     async def create_account(self, name: str, credit: int, key_hash: bytes) -> Account:
         return await self.writer.ref.ask(
             lambda reply: CreateAccount(name, credit, key_hash, reply), self.config.accept_timeout
+        )
+
+    async def record_deliveries(
+        self, operator: str, reports: Sequence[DeliveryReport]
+    ) -> list[DeliveryResult]:
+        """Apply one operator's delivery reports in a group commit; one result per report, in
+        order. Raises like `accept`."""
+        return await self.writer.ref.ask(
+            lambda reply: RecordDeliveries(operator, tuple(reports), reply),
+            self.config.accept_timeout,
         )

@@ -8,7 +8,15 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome, SendResult
+from smsgw.engine.messages import (
+    AcceptResult,
+    Account,
+    DeliveryReport,
+    DeliveryResult,
+    OutboundSms,
+    Outcome,
+    SendResult,
+)
 
 
 class Provider(Protocol):
@@ -29,27 +37,31 @@ class Provider(Protocol):
 class WriteGroup:
     """One group commit's work, in arrival order; the store does it in one transaction."""
 
-    __slots__ = ("accepts", "creates", "outcomes", "topups")
+    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "topups")
 
     def __init__(self) -> None:
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
         self.topups: list[tuple[int, int]] = []
         self.creates: list[tuple[str, int, bytes]] = []
+        # (operator, its reports): delivery reports, applied after the outcomes.
+        self.deliveries: list[tuple[str, Sequence[DeliveryReport]]] = []
 
 
 class GroupResult:
-    __slots__ = ("accepts", "creates", "topups")
+    __slots__ = ("accepts", "creates", "deliveries", "topups")
 
     def __init__(
         self,
         accepts: list[list[AcceptResult]],
         topups: list[int | None],
         creates: list[Account],
+        deliveries: list[list[DeliveryResult]] | None = None,
     ) -> None:
         self.accepts = accepts
         self.topups = topups
         self.creates = creates
+        self.deliveries = deliveries if deliveries is not None else []
 
 
 class MessageStore(Protocol):
@@ -59,6 +71,49 @@ class MessageStore(Protocol):
 
     async def pending(self) -> list[OutboundSms]:
         """Every message not yet final, for Recovery."""
+        ...
+
+
+class CallbackJob(msgspec.Struct, frozen=True):
+    """One status change to POST to a callback URL (a row of the outbox)."""
+
+    id: int
+    message_id: str
+    account_id: int
+    url: str
+    status: str
+    reason: str | None
+    client_ref: str | None
+    at: float  # when the status changed, seconds since the epoch
+    created_at: float  # when the row was written: retries stop a lifetime after it
+    attempts: int
+    secret: str  # the account's signing secret now (a rotation applies to retries too)
+
+
+class CallbackStore(Protocol):
+    """The callback outbox (rows are written by the group commit with their status change)."""
+
+    async def claim_callbacks(self, limit: int, lease_s: float) -> list[CallbackJob]:
+        """Up to `limit` due rows, each the oldest undelivered row of its message, hidden from
+        other claims for `lease_s` seconds (another node's, or this one's after a crash)."""
+        ...
+
+    async def settle_callbacks(
+        self,
+        delivered: Sequence[int],
+        retry: Sequence[tuple[int, float, str]],
+        failed: Sequence[tuple[int, str]],
+    ) -> None:
+        """Delete delivered rows; reschedule `(id, delay_s, error)`; give up `(id, error)`."""
+        ...
+
+    async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
+        """Apply kept `unknown` DLRs (younger than `max_age_s`) whose message is now `sent`;
+        returns how many were applied."""
+        ...
+
+    async def purge_delivery_records(self, older_than_s: float, limit: int) -> int:
+        """Delete up to `limit` kept DLRs and given-up callbacks older than `older_than_s`."""
         ...
 
 
@@ -83,12 +138,14 @@ class SummaryRow(msgspec.Struct, frozen=True):
 
     key: str
     messages: int
-    sent: int
+    sent: int  # reached the operator: sent, delivered or undelivered
     failed: int
     pending: int  # not final yet: queued or sending
     segments: int
     cost: int  # captured: the prices of sent messages
     held: int  # the prices of messages not final yet
+    delivered: int = 0  # of `sent`: a DLR said delivered
+    undelivered: int = 0  # of `sent`: a DLR said undelivered (still charged)
 
 
 class IdempotencyClaim(msgspec.Struct, frozen=True):
@@ -164,6 +221,14 @@ class FrontDoorStore(Reads, Protocol):
 
     async def rotate_key(self, account_id: int, old_hash: bytes, new_hash: bytes) -> bool:
         """Replace the account's key digest if it is still `old_hash`; False otherwise."""
+        ...
+
+    async def set_callback_url(self, account_id: int, url: str | None) -> Account | None:
+        """Set (or clear, with None) the account's callback URL; the account, None if gone."""
+        ...
+
+    async def rotate_signing_secret(self, account_id: int, secret: str) -> bool:
+        """Replace the account's callback signing secret; False for an unknown account."""
         ...
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, assert_never
 
@@ -16,7 +17,9 @@ from smsgw.engine.messages import (
     AcceptResult,
     Account,
     CreateAccount,
+    DeliveryResult,
     OutboundSms,
+    RecordDeliveries,
     RecordOutcome,
     TopUp,
     WriterMessage,
@@ -36,13 +39,22 @@ def _account_of(message: WriterMessage) -> int:
             return account_id
         case CreateAccount():
             return 0
+        case RecordDeliveries(reports=reports):
+            # DLRs take no account locks, so they are spread over the committers (one busy
+            # operator's feed then uses every committer). Groups that share messages lock
+            # them in one order (storage sorts the reports by key).
+            return zlib.crc32(reports[0].operator_message_id.encode()) if reports else 0
         case _:
             assert_never(message)
 
 
 def _rows(message: WriterMessage) -> int:
     """How many rows a message writes: groups are bounded by rows, not requests."""
-    return len(message.items) if isinstance(message, Accept) else 1
+    if isinstance(message, Accept):
+        return len(message.items)
+    if isinstance(message, RecordDeliveries):
+        return len(message.reports)
+    return 1
 
 
 class StoreUnavailable(Exception):
@@ -109,6 +121,10 @@ class StoreWriter:
             "topup_amount": 0,
         }
         self.refused: dict[str, int] = {}  # reason -> messages refused a hold
+        # Delivery reports committed, by (operator, result: applied/duplicate/conflict/unknown),
+        # and messages moved by them, by status (delivered/undelivered).
+        self.deliveries: dict[tuple[str, str], int] = {}
+        self.delivered: dict[str, int] = {}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -124,6 +140,7 @@ class StoreWriter:
             "consecutive_failures": self.failures,
             "last_failure": self.last_failure,
             "credit": {**self.credit, "refused": dict(self.refused)},
+            "delivery_reports": {f"{o}/{r}": n for (o, r), n in sorted(self.deliveries.items())},
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,6 +163,7 @@ class StoreWriter:
         accept_replies: list[Reply[list[AcceptResult]]] = []
         topup_replies: list[Reply[int | None]] = []
         create_replies: list[Reply[Account]] = []
+        delivery_replies: list[Reply[list[DeliveryResult]]] = []
         outcomes: list[RecordOutcome] = []
         for message in batch:
             match message:
@@ -161,6 +179,9 @@ class StoreWriter:
                 case CreateAccount(name=name, credit=credit, key_hash=key_hash, reply=reply):
                     group.creates.append((name, credit, key_hash))
                     create_replies.append(reply)
+                case RecordDeliveries(operator=operator, reports=reports, reply=reply):
+                    group.deliveries.append((operator, reports))
+                    delivery_replies.append(reply)
                 case _:
                     assert_never(message)
         started = time.perf_counter()
@@ -179,7 +200,12 @@ class StoreWriter:
             self.last_failure = f"{type(exc).__name__}: {exc}"
             log.warning("group commit failed: %s", self.last_failure)
             error = StoreUnavailable(f"could not commit: {self.last_failure}")
-            replies: list[Reply[Any]] = [*accept_replies, *topup_replies, *create_replies]
+            replies: list[Reply[Any]] = [
+                *accept_replies,
+                *topup_replies,
+                *create_replies,
+                *delivery_replies,
+            ]
             for reply in replies:
                 reply.fail(error)
             carry.extend(outcomes)
@@ -204,15 +230,31 @@ class StoreWriter:
             accept_reply.set(results)
         self._count_credit(group, result.accepts, result.topups, offered, committed)
         self.group_rows.observe(
-            offered + len(group.outcomes) + len(group.topups) + len(group.creates)
+            offered
+            + len(group.outcomes)
+            + len(group.topups)
+            + len(group.creates)
+            + sum(len(reports) for _, reports in group.deliveries)
         )
         for topup_reply, balance in zip(topup_replies, result.topups, strict=True):
             topup_reply.set(balance)
         for create_reply, account in zip(create_replies, result.creates, strict=True):
             create_reply.set(account)
+        if delivery_replies:
+            self._count_deliveries(group, result.deliveries)
+            for delivery_reply, answers in zip(delivery_replies, result.deliveries, strict=True):
+                delivery_reply.set(answers)
         if committed:
             # After the replies: the callers' 202s do not wait for dispatch to take the work.
             await self._on_committed(committed)
+
+    def _count_deliveries(self, group: WriteGroup, results: list[list[DeliveryResult]]) -> None:
+        for (operator, _), answers in zip(group.deliveries, results, strict=True):
+            for answer in answers:
+                key = (operator, answer.result)
+                self.deliveries[key] = self.deliveries.get(key, 0) + 1
+                if answer.result == "applied" and answer.status is not None:
+                    self.delivered[answer.status] = self.delivered.get(answer.status, 0) + 1
 
     def _count_credit(
         self,

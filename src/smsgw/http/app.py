@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -14,19 +15,25 @@ from smsgw.http import observe
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway
 from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.problems import ProblemError, problem_response
-from smsgw.http.routes import accounts, batch, docs, messages, metrics, ops, reports
+from smsgw.http.routes import accounts, batch, delivery, docs, messages, metrics, ops, reports
 
 log = logging.getLogger("smsgw.http")
 
 
 def create_app(
-    engine: Engine, reads: FrontDoorStore, *, admin_key: str, metrics_public: bool = False
+    engine: Engine,
+    reads: FrontDoorStore,
+    *,
+    admin_key: str,
+    metrics_public: bool = False,
+    dlr_keys: Sequence[tuple[str, str]] = (),
 ) -> QuartTrio:
     app = QuartTrio("smsgw")
     # The largest body any route takes; each route enforces its own (Gateway.body).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
-    for module in (accounts, messages, batch, ops, reports, docs, metrics):
+    app.extensions["smsgw.dlr_keys"] = delivery.OperatorKeys(dlr_keys)
+    for module in (accounts, messages, batch, delivery, ops, reports, docs, metrics):
         app.register_blueprint(module.bp)
     # Request ids, access log, request counts and durations; GET /metrics reads them.
     app.config["SMSGW_METRICS_PUBLIC"] = metrics_public

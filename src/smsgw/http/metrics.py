@@ -52,6 +52,7 @@ class NodeCollector(Collector):
         yield from self._dispatch(engine)
         yield from self._operators(engine)
         yield from self._writer(engine)
+        yield from self._delivery(engine)
         yield from self._actors(engine)
 
     def _http_metrics(self) -> Iterator[Metric]:
@@ -195,6 +196,47 @@ class NodeCollector(Collector):
         )
         seconds.add_metric([], _buckets(writer.commit_seconds), writer.commit_seconds.sum)
         yield seconds
+
+    def _delivery(self, engine: Engine) -> Iterator[Metric]:
+        writer = engine.writer
+        reports = CounterMetricFamily(
+            "smsgw_delivery_reports",
+            "Delivery reports (DLRs) committed, by operator and result (applied, duplicate,"
+            " conflict, unknown)",
+            labels=["operator", "result"],
+        )
+        for (operator, result), n in list(writer.deliveries.items()):
+            reports.add_metric([operator, result], n)
+        yield reports
+        moved = CounterMetricFamily(
+            "smsgw_messages_delivery_status",
+            "Messages moved from sent by a DLR, by new status (delivered, undelivered)",
+            labels=["status"],
+        )
+        for status in ("delivered", "undelivered"):
+            moved.add_metric([status], writer.delivered.get(status, 0))
+        yield moved
+        if engine.reconciler is not None:
+            late = CounterMetricFamily(
+                "smsgw_delivery_reports_late_applied",
+                "Kept `unknown` DLRs applied once their message reached `sent`",
+            )
+            late.add_metric([], engine.reconciler.applied)
+            yield late
+        sender = engine.callbacks
+        if sender is None:
+            return
+        callbacks = CounterMetricFamily(
+            "smsgw_callbacks",
+            "Status callback attempts settled, by result (delivered, retried, given_up)",
+            labels=["result"],
+        )
+        for result in ("delivered", "retried", "given_up"):
+            callbacks.add_metric([result], sender.counts[result])
+        yield callbacks
+        in_flight = GaugeMetricFamily("smsgw_callbacks_in_flight", "Callbacks being POSTed now")
+        in_flight.add_metric([], sender.stats()["in_flight"])
+        yield in_flight
 
     def _actors(self, engine: Engine) -> Iterator[Metric]:
         supervisor = engine.supervisor

@@ -32,17 +32,21 @@ from smsgw.http.schemas import (
     AcceptedOut,
     AccountCreatedOut,
     AccountOut,
+    AccountPatchIn,
     BalanceOut,
     ClientRef,
     ClusterOut,
     CreateAccountIn,
+    DeliveryReportsIn,
+    DeliveryReportsOut,
     KeyRotatedOut,
     Recipient,
     SendIn,
+    SigningSecretOut,
     TopUpIn,
 )
 
-Auth = Literal["none", "account", "admin"]
+Auth = Literal["none", "account", "admin", "operator"]
 REF = "#/components/schemas/{name}"
 API_VERSION = "1.0.0"
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
@@ -156,7 +160,7 @@ class MessageOut(msgspec.Struct):
     to: str
     sender: str
     text: str
-    status: Literal["queued", "sending", "sent", "failed"]
+    status: Literal["queued", "sending", "sent", "failed", "delivered", "undelivered"]
     reason: str | None
     segments: int
     price: int
@@ -167,6 +171,7 @@ class MessageOut(msgspec.Struct):
     client_ref: str | None
     created_at: Timestamp
     updated_at: Timestamp
+    callback_url: str | None = None
 
 
 class HealthOut(msgspec.Struct):
@@ -231,12 +236,14 @@ class SummaryGroup(msgspec.Struct):
     """One day (YYYY-MM-DD, UTC) or one status of a summary; `cost` is captured credit."""
 
     messages: int
-    sent: int
+    sent: int  # reached the operator: sent, delivered or undelivered
     failed: int
     pending: int
     segments: int
     cost: int
     held: int
+    delivered: int  # of `sent`
+    undelivered: int  # of `sent`: still charged
     day: str | None = None  # group_by=day
     status: str | None = None  # group_by=status
 
@@ -249,6 +256,8 @@ class SummaryTotals(msgspec.Struct):
     segments: int
     cost: int
     held: int
+    delivered: int
+    undelivered: int
 
 
 class SummaryOut(msgspec.Struct):
@@ -262,8 +271,22 @@ class SummaryOut(msgspec.Struct):
 
 
 AccountId = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+OperatorName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]
 DateTime = {"type": "string", "format": "date-time"}
 MessageId = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+
+# How status callbacks are sent and signed: the same words on every route that sets a URL.
+CALLBACKS = (
+    'Callbacks: a POST with a JSON body {event: "message.status", delivery_id, message_id,'
+    " status, reason, client_ref, at} and the headers `X-Smsgw-Timestamp` (unix seconds),"
+    " `X-Smsgw-Delivery` (the delivery_id, the same on every retry) and `X-Smsgw-Signature:"
+    " sha256=<hex>`, the HMAC-SHA256 with the account's signing secret (UTF-8) as key over"
+    " the bytes `<timestamp>.<body>`. Verify it in constant time and refuse old timestamps."
+    " Any 2xx answer is success; anything else, or no answer within 10 s, is retried with"
+    " exponential backoff and full jitter for up to 24 hours. A message's callbacks arrive in"
+    " the order of its status changes, at least once each. The URL must be http(s); a node"
+    " not in production mode takes loopback hosts only."
+)
 
 # --- the route table ---------------------------------------------------------------------------
 
@@ -278,6 +301,10 @@ ROUTES: list[Route] = [
         request=CreateAccountIn,
         responses={201: AccountCreatedOut},
         problems=(503,),
+        description=(
+            "The answer holds the account's API key and its callback `signing_secret`, each"
+            " shown only here."
+        ),
     ),
     Route(
         "POST",
@@ -291,6 +318,30 @@ ROUTES: list[Route] = [
         problems=(503,),
     ),
     Route("GET", "/v1/account", "The calling account", "accounts", responses={200: AccountOut}),
+    Route(
+        "PATCH",
+        "/v1/account",
+        "Set the calling account's fields (`callback_url`)",
+        "accounts",
+        request=AccountPatchIn,
+        responses={200: AccountOut},
+        description=(
+            "A field left out stays as it is; null clears it. `callback_url` receives the"
+            " status changes of every message that has no `callback_url` of its own. " + CALLBACKS
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/account/signing-secret/rotate",
+        "Replace the calling account's callback signing secret",
+        "accounts",
+        responses={200: SigningSecretOut},
+        idempotent=False,
+        description=(
+            "The new secret is shown only in this answer; every callback sent from now on,"
+            " retries of earlier ones included, is signed with it."
+        ),
+    ),
     Route(
         "POST",
         "/v1/account/keys/rotate",
@@ -313,6 +364,8 @@ ROUTES: list[Route] = [
             "202 once the message and its credit hold are committed. 200 with the existing"
             " message when `client_ref` was used before by this account (nothing new is"
             " stored). 402 when the balance does not cover the price (nothing stored or held)."
+            " With `callback_url`, each status change (sent, failed, delivered, undelivered)"
+            " is POSTed there. " + CALLBACKS
         ),
     ),
     # reports (routes/reports.py)
@@ -325,7 +378,11 @@ ROUTES: list[Route] = [
         params=(
             Param("limit", "query", Annotated[int, msgspec.Meta(ge=1, le=1_000)]),
             Param("cursor", "query", str, description="`next_cursor` of the previous page"),
-            Param("status", "query", Literal["queued", "sent", "failed"]),
+            Param(
+                "status",
+                "query",
+                Literal["queued", "sent", "failed", "delivered", "undelivered"],
+            ),
             Param("to", "query", Recipient),
             Param("client_ref", "query", ClientRef),
             Param("express", "query", bool),
@@ -379,6 +436,28 @@ ROUTES: list[Route] = [
             " gets a 409 problem result. With `atomic`, all or none: 422 when any item is"
             " invalid, 402 when the balance cannot cover them all, 409 when a `client_ref` is"
             " taken."
+        ),
+    ),
+    # delivery reports (routes/delivery.py)
+    Route(
+        "POST",
+        "/v1/dlr/{operator}",
+        "Delivery reports from an operator, up to 10,000 a request",
+        "delivery",
+        auth="operator",
+        request=DeliveryReportsIn,
+        responses={200: DeliveryReportsOut},
+        params=(Param("operator", "path", OperatorName, required=True),),
+        problems=(503,),
+        description=(
+            "Authenticated with the operator's own key. One result per report, in order:"
+            " `applied` (the message moved from `sent` to `delivered` or `undelivered`),"
+            " `duplicate` (it already has that status), `conflict` (it is final otherwise:"
+            " the other report status, or `failed`; unchanged), `unknown` (no message sent"
+            " through this operator has that id yet: the report is kept and applied if the"
+            " message's `sent` is recorded within 24 hours). Credit was captured when the"
+            " message was `sent`; an `undelivered` report does not refund it. A body that"
+            " is not valid changes nothing (4xx)."
         ),
     ),
     # operations (routes/ops.py, routes/metrics.py, routes/docs.py)
@@ -453,6 +532,7 @@ _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
     "none": [],
     "account": [{"accountKey": []}],
     "admin": [{"adminKey": []}],
+    "operator": [{"operatorKey": []}],
 }
 _STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content"}
 _REQUEST_ID = "X-Request-Id"
@@ -491,6 +571,14 @@ def document(routes: Sequence[Route] = ROUTES, *, title: str = "smsgw") -> dict[
                     "type": "http",
                     "scheme": "bearer",
                     "description": "The node's admin key (SMSGW_ADMIN_KEY)",
+                },
+                "operatorKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "An operator's delivery report key, set when the node starts"
+                        " (`smsgw serve --dlr-key NAME=KEY` or SMSGW_DLR_KEYS)"
+                    ),
                 },
             },
             "parameters": {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -30,6 +30,8 @@ class AccountCreatedOut(msgspec.Struct):
     name: str
     api_key: str
     balance: int
+    # The HMAC key of this account's status callbacks; shown only here and at rotation.
+    signing_secret: str = ""
 
 
 class KeyRotatedOut(msgspec.Struct):
@@ -50,6 +52,64 @@ class AccountOut(msgspec.Struct):
     name: str
     balance: int
     held: int
+    callback_url: str | None = None
+
+
+class AccountPatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Settable account fields; a field left out is left as it is, null clears it."""
+
+    callback_url: CallbackUrl | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class SigningSecretOut(msgspec.Struct):
+    account_id: int
+    signing_secret: str
+
+
+OperatorMessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+MAX_DELIVERY_REPORTS = 10_000
+
+
+class DeliveryReportIn(msgspec.Struct, forbid_unknown_fields=True):
+    operator_message_id: OperatorMessageId
+    status: Literal["delivered", "undelivered"]
+    error: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
+class DeliveryReportsIn(msgspec.Struct, forbid_unknown_fields=True):
+    reports: Annotated[
+        list[DeliveryReportIn], msgspec.Meta(min_length=1, max_length=MAX_DELIVERY_REPORTS)
+    ]
+
+
+class DeliveryResultOut(msgspec.Struct, omit_defaults=True):
+    operator_message_id: str
+    result: Literal["applied", "duplicate", "conflict", "unknown"]
+    message_id: str | None = None
+    status: str | None = None
+
+
+class DeliveryCounts(msgspec.Struct):
+    applied: int
+    duplicate: int
+    conflict: int
+    unknown: int
+
+
+class DeliveryReportsOut(msgspec.Struct):
+    results: list[DeliveryResultOut]
+    counts: DeliveryCounts
+
+
+# Checked by the handler (engine/callbacks.py: http(s), and loopback only outside production).
+CallbackUrl = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=2_000,
+        description="Where status changes are POSTed, signed (see the callbacks section)",
+        extra_json_schema={"format": "uri"},
+    ),
+]
 
 
 class SendIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,6 +118,7 @@ class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     sender: Sender | None = None
     express: bool = False
     client_ref: ClientRef | None = None
+    callback_url: CallbackUrl | None = None
 
 
 class AcceptedOut(msgspec.Struct):

@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.sim.dlr import DlrEmitter
 
 TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
 PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_destination")
@@ -58,11 +59,17 @@ class SimulatedOperator:
     """
 
     def __init__(
-        self, profile: OperatorProfile | None = None, *, remember: int = 1_000_000
+        self,
+        profile: OperatorProfile | None = None,
+        *,
+        remember: int = 1_000_000,
+        dlr: DlrEmitter | None = None,
     ) -> None:
         if remember < 1:
             raise ValueError("remember must be at least 1")
         self.profile = profile if profile is not None else OperatorProfile()
+        # Delayed delivery reports for every new `sent`, when given (see sim/dlr.py).
+        self.dlr = dlr
         self._remember = remember
         self._outcomes = random.Random(self.profile.seed)
         # A separate generator: changing the latency profile leaves the outcome sequence alone.
@@ -124,6 +131,8 @@ class SimulatedOperator:
             case "sent":
                 self._sent += 1
                 self._delivered[idempotency_key] = drawn
+                if self.dlr is not None and drawn.operator_message_id is not None:
+                    self.dlr.schedule(drawn.operator_message_id)
                 if len(self._delivered) > self._remember:
                     self._delivered.popitem(last=False)
             case "temporary":

@@ -9,6 +9,12 @@ simulated round trip: the outcome model, the latency and the dedupe by id are
 `SimulatedOperator.send_batch`'s. GET /stats gives its counters. It listens on loopback only,
 prints one line {"event": "listening", "url": ...} on stdout when ready (like `smsgw serve`),
 and stops on SIGTERM or SIGINT.
+
+Delivery reports: with `--dlr-url GATEWAY --dlr-key KEY` (or `--dlr` and later POST /dlr-target
+with {"url", "key"}, for a gateway whose port is known only after this server started), each new
+`sent` gets a delayed report (`--dlr-delivered-ratio`, `--dlr-delay-ms-median`,
+`--dlr-delay-ms-p99`) POSTed in batches to GATEWAY/v1/dlr/NAME, where NAME is `--dlr-operator`
+(default: the name the gateway's HttpOperator gives this server, "http:HOST:PORT").
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from hypercorn.trio import serve
 
 from smsgw.engine.messages import OutboundSms
 from smsgw.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse, SubmitResult
+from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 
 MAX_BODY_BYTES = 32 << 20
@@ -38,6 +45,14 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
 _decode_items = msgspec.json.Decoder(list[SubmitItem]).decode
+
+
+class DlrTarget(msgspec.Struct, frozen=True):
+    url: str
+    key: str
+
+
+_decode_target = msgspec.json.Decoder(DlrTarget).decode
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -51,7 +66,25 @@ class OperatorApp:
         self.refused = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "refused": self.refused, **self.operator.stats()}
+        stats: dict[str, Any] = {
+            "requests": self.requests,
+            "refused": self.refused,
+            **self.operator.stats(),
+        }
+        if self.operator.dlr is not None:
+            stats["dlr"] = self.operator.dlr.stats()
+        return stats
+
+    async def _dlr_target(self, receive: Receive) -> tuple[int, bytes]:
+        if self.operator.dlr is None:
+            return 409, _encode({"error": "this operator sends no delivery reports"})
+        message = await receive()
+        try:
+            target = _decode_target(message.get("body", b""))
+            self.operator.dlr.set_target(target.url, target.key)
+        except (msgspec.DecodeError, ValueError) as exc:
+            return 400, _encode({"error": str(exc)})
+        return 200, _encode({"status": "ok"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -66,6 +99,8 @@ class OperatorApp:
             status, body = await self._submit(receive)
         elif path == "/stats" and method == "GET":
             status, body = 200, _encode(self.stats())
+        elif path == "/dlr-target" and method == "POST":
+            status, body = await self._dlr_target(receive)
         elif path == "/health" and method == "GET":
             status, body = 200, b'{"status":"ok"}'
         else:
@@ -176,6 +211,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--p-permanent", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=1_000, help="messages per POST")
+    parser.add_argument("--dlr", action="store_true", help="send delayed delivery reports")
+    parser.add_argument("--dlr-url", help="the gateway's base URL (loopback)")
+    parser.add_argument("--dlr-key", help="this operator's DLR key at the gateway")
+    parser.add_argument("--dlr-operator", help="this operator's name at the gateway")
+    parser.add_argument("--dlr-delivered-ratio", type=float, default=0.95)
+    parser.add_argument("--dlr-delay-ms-median", type=float, default=500.0)
+    parser.add_argument("--dlr-delay-ms-p99", type=float, default=3_000.0)
+    parser.add_argument("--dlr-batch", type=int, default=1_000, help="reports per POST")
     return parser
 
 
@@ -194,22 +237,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             p_permanent=args.p_permanent,
             seed=args.seed,
         )
+        dlr_profile = None
+        if args.dlr or args.dlr_url:
+            dlr_profile = DlrProfile(
+                delivered_ratio=args.dlr_delivered_ratio,
+                delay_ms_median=args.dlr_delay_ms_median,
+                delay_ms_p99=args.dlr_delay_ms_p99,
+                batch=args.dlr_batch,
+                seed=args.seed,
+            )
+        if args.dlr_url and not args.dlr_key:
+            raise ValueError("--dlr-url needs --dlr-key")
     except ValueError as error:
         parser.error(str(error))
-    app = OperatorApp(SimulatedOperator(profile), max_batch=args.max_batch)
+    operator = SimulatedOperator(profile)
+    app = OperatorApp(operator, max_batch=args.max_batch)
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(
-                partial(
-                    serve_operator,
-                    app,
-                    host=args.host,
-                    port=args.port,
-                    shutdown_trigger=_wait_for_signal,
-                )
+        async with trio.open_nursery() as reports:
+            async with trio.open_nursery() as nursery:
+                await serve_and_report(nursery, reports)
+            # Serving stopped (a signal): so do the delivery reports.
+            reports.cancel_scope.cancel()
+
+    async def serve_and_report(nursery: trio.Nursery, reports: trio.Nursery) -> None:
+        url = await nursery.start(
+            partial(
+                serve_operator,
+                app,
+                host=args.host,
+                port=args.port,
+                shutdown_trigger=_wait_for_signal,
             )
-            print(msgspec.json.encode({"event": "listening", "url": url}).decode(), flush=True)
+        )
+        if dlr_profile is not None:
+            name = args.dlr_operator or "http:" + url.split("://", 1)[1]
+            operator.dlr = DlrEmitter(name, dlr_profile)
+            if args.dlr_url:
+                operator.dlr.set_target(args.dlr_url, args.dlr_key)
+            reports.start_soon(operator.dlr.run)
+        print(msgspec.json.encode({"event": "listening", "url": url}).decode(), flush=True)
 
     trio.run(run)
     print(msgspec.json.encode({"event": "stopped", **app.stats()}).decode(), file=sys.stderr)

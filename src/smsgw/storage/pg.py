@@ -31,6 +31,7 @@ from smsgw.engine.ports import (
     WriteGroup,
 )
 from smsgw.engine.shards import shard_of
+from smsgw.storage.delivery import CallbackOutbox, apply_deliveries, callbacks_of
 
 log = logging.getLogger("smsgw.storage")
 
@@ -187,7 +188,7 @@ WITH finished AS (
            count(*) FILTER (WHERE NOT sent) AS released_n
     FROM finished GROUP BY account_id
 )
-SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
+SELECT a.id, a.balance, a.held, a.captured, a.topped_up, a.callback_url,
        f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n
 FROM accounts a LEFT JOIN per_account f ON f.account_id = a.id
 WHERE a.id = ANY($1::bigint[])
@@ -234,13 +235,14 @@ _WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 _WRITE_GROUP = f"""
 WITH inserted AS (
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
-                          client_ref, status, deadline, created_at, updated_at)
+                          client_ref, status, deadline, created_at, updated_at, callback_url)
     SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
            x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-           to_timestamp(x.created_at)
+           to_timestamp(x.created_at), x.callback_url
     FROM json_to_recordset($10::json)
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
-              price int, express bool, client_ref text, deadline float8, created_at float8)
+              price int, express bool, client_ref text, deadline float8, created_at float8,
+              callback_url text)
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
     RETURNING id
 ), {_UPDATE_ACCOUNTS}
@@ -249,11 +251,24 @@ SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id) FROM ledger) AS ledger
 """
 
+# A callback outbox row for each outcome of this group that has a callback URL (the message's,
+# else its account's) and that this transaction applied: `xmin` is the current transaction's
+# id exactly for the rows it wrote, so an outcome delivered twice after a crash (already
+# final, not updated) writes none. Only run when some outcome of the group has a URL.
+_OUTCOME_CALLBACKS = """
+INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
+SELECT m.id, m.account_id, coalesce(m.callback_url, a.callback_url), m.status, m.reason,
+       m.client_ref, m.updated_at
+FROM messages m JOIN accounts a ON a.id = m.account_id
+WHERE m.id = ANY($1::uuid[]) AND m.xmin = pg_current_xact_id()::xid
+  AND coalesce(m.callback_url, a.callback_url) IS NOT NULL
+"""
+
 # What dispatch needs of a stored message (pending_sms makes it an OutboundSms).
 PENDING_COLUMNS = """
 messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
 extract(epoch FROM created_at)::float8 AS created_at,
-extract(epoch FROM deadline)::float8 AS deadline, attempts"""
+extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url"""
 
 _PENDING = f"""
 SELECT {PENDING_COLUMNS}
@@ -275,6 +290,7 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         created_at=r["created_at"],
         deadline=r["deadline"],
         attempts=r["attempts"],
+        callback_url=r["callback_url"],
     )
 
 
@@ -287,8 +303,9 @@ class Handoff(NamedTuple):
     channel: str
 
 
-class PgStore:
-    """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs."""
+class PgStore(CallbackOutbox):
+    """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs, and
+    the callback outbox (`CallbackOutbox`, storage/delivery.py)."""
 
     def __init__(self, db: Database, *, handoff: Handoff | None = None) -> None:
         self.db = db
@@ -314,6 +331,7 @@ class PgStore:
                 ids.update(sms.account_id for sms in items)
             book = CreditBook()
             messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
+            account_urls: dict[int, str] = {}  # the group's accounts that have a callback_url
             if ids:
                 finished = [
                     _FinishRow(
@@ -338,6 +356,8 @@ class PgStore:
                         account_id,
                         AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
                     )
+                    if r["callback_url"] is not None:
+                        account_urls[account_id] = r["callback_url"]
                     if r["out_captured"] is None:
                         continue
                     if r["captured_n"]:
@@ -345,6 +365,9 @@ class PgStore:
                     if r["released_n"]:
                         book.release(account_id, r["out_released"])
                     messages[account_id] = [0, r["captured_n"], r["released_n"]]
+                wanted = callbacks_of(group.outcomes, account_urls)
+                if wanted:
+                    await conn.execute(_OUTCOME_CALLBACKS, wanted)
 
             topups: list[int | None] = []
             for account_id, amount in group.topups:
@@ -379,6 +402,8 @@ class PgStore:
                     stored = _still_accepted(group, accepts)
                 if self.handoff is not None and stored:
                     wake = await _hand_off(conn, self.handoff, stored)
+            # After the outcomes: a `sent` and its DLR in the same group apply in that order.
+            deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
         if wake and self.handoff is not None:
             # After the commit, in a transaction of its own that writes nothing: a NOTIFY in
             # the group's transaction would hold PostgreSQL's database-wide notify lock
@@ -393,14 +418,14 @@ class PgStore:
                 )
             except Exception as exc:
                 log.warning("could not notify hand-offs (the poll takes them): %s", exc)
-        return GroupResult(accepts, topups, creates)
+        return GroupResult(accepts, topups, creates, deliveries)
 
     async def _create(
         self, conn: asyncpg.Connection, name: str, credit: int, key_hash: bytes
     ) -> Account:
         row = await conn.fetchrow(
             "INSERT INTO accounts (name, key_hash, balance, topped_up) VALUES ($1, $2, $3, $3)"
-            " RETURNING id",
+            " RETURNING id, signing_secret",
             name,
             key_hash,
             credit,
@@ -411,7 +436,13 @@ class PgStore:
                 row["id"],
                 credit,
             )
-        return Account(id=row["id"], name=name, balance=credit, held=0)
+        return Account(
+            id=row["id"],
+            name=name,
+            balance=credit,
+            held=0,
+            signing_secret=row["signing_secret"],
+        )
 
     async def pending(self) -> list[OutboundSms]:
         rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
@@ -422,7 +453,8 @@ class PgStore:
     async def account_by_key_hash(self, key_hash: bytes) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id, name, balance, held FROM accounts WHERE key_hash = $1", key_hash
+                "SELECT id, name, balance, held, callback_url FROM accounts WHERE key_hash = $1",
+                key_hash,
             )
         )
         return None if row is None else Account(**dict(row))
@@ -430,7 +462,8 @@ class PgStore:
     async def account(self, account_id: int) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id, name, balance, held FROM accounts WHERE id = $1", account_id
+                "SELECT id, name, balance, held, callback_url FROM accounts WHERE id = $1",
+                account_id,
             )
         )
         return None if row is None else Account(**dict(row))
@@ -507,6 +540,8 @@ class PgStore:
                 segments=r["segments"],
                 cost=r["cost"],
                 held=r["held"],
+                delivered=r["delivered"],
+                undelivered=r["undelivered"],
             )
             for r in rows
         ]
@@ -592,7 +627,8 @@ class PgStore:
 # The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
 MESSAGE_COLUMNS = (
     "id::text, recipient AS to, sender, body AS text, status, reason, segments, price,"
-    " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at"
+    " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at,"
+    " callback_url"
 )
 
 
@@ -707,11 +743,14 @@ def summary_sql(
     sql = f"""
 SELECT {key} AS key,
        count(*) AS messages,
-       count(*) FILTER (WHERE status = 'sent') AS sent,
+       count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status IN ('queued', 'sending')) AS pending,
+       count(*) FILTER (WHERE status = 'delivered') AS delivered,
+       count(*) FILTER (WHERE status = 'undelivered') AS undelivered,
        coalesce(sum(segments), 0)::bigint AS segments,
-       coalesce(sum(price) FILTER (WHERE status = 'sent'), 0)::bigint AS cost,
+       coalesce(sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), 0)
+           ::bigint AS cost,
        coalesce(sum(price) FILTER (WHERE status IN ('queued', 'sending')), 0)::bigint AS held
 FROM messages WHERE {" AND ".join(where)}
 GROUP BY 1 ORDER BY 1"""

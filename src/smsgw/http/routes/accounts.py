@@ -27,7 +27,12 @@ async def create_account() -> Response:
     account = await gw.call(
         lambda: gw.engine.create_account(data.name, data.credit, hash_key(api_key))
     )
-    return json_response(AccountCreatedOut(account.id, account.name, api_key, account.balance), 201)
+    return json_response(
+        AccountCreatedOut(
+            account.id, account.name, api_key, account.balance, account.signing_secret or ""
+        ),
+        201,
+    )
 
 
 # Account ids are PostgreSQL bigints: a larger one is no account (404), not a query error
@@ -49,7 +54,9 @@ async def get_account() -> Response:
     account = await gw.reads.account(await gw.require_account())
     if account is None:
         raise ProblemError(401, "unauthenticated", "unknown API key")
-    return json_response(AccountOut(account.id, account.name, account.balance, account.held))
+    return json_response(
+        AccountOut(account.id, account.name, account.balance, account.held, account.callback_url)
+    )
 
 
 @bp.post("/v1/account/keys/rotate")

@@ -8,6 +8,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from smsgw.engine import sms as rules
+from smsgw.engine.callbacks import callback_url_problem
 from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
@@ -31,6 +32,12 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
     problem = rules.sender_problem(sender)
     if problem:
         raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
+    if data.callback_url is not None:
+        problem = callback_url_problem(data.callback_url, production=config.production)
+        if problem:
+            raise ProblemError(
+                422, "invalid_field", f"`callback_url` {problem}", field="callback_url"
+            )
     segments = rules.segments(data.text)
     if segments > config.max_segments:
         raise ProblemError(
@@ -59,6 +66,7 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
         deadline=now + config.express_deadline_ms / 1000 if data.express else None,
         client_ref=data.client_ref,
         request_id=request_id_var.get(),
+        callback_url=data.callback_url,
     )
 
 

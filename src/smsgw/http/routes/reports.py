@@ -29,7 +29,8 @@ bp = Blueprint("reports", __name__)
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1_000
 EXPORT_PAGE = 5_000
-STATUSES = ("queued", "sent", "failed")  # as stored; `sending` is never written
+# As stored (`sending` is never written); `delivered` and `undelivered` come from DLRs.
+STATUSES = ("queued", "sent", "failed", "delivered", "undelivered")
 EXPORT_COLUMNS = (
     "id",
     "to",
@@ -207,7 +208,10 @@ async def list_messages() -> Response:
 @bp.get("/v1/reports/summary")
 async def summary() -> Response:
     """Per UTC day or per status, for messages created in [from, to): counts, segments, cost
-    (captured: the prices of sent messages) and held (the prices of messages not final)."""
+    (captured: the prices of sent messages) and held (the prices of messages not final).
+    `sent` counts every message that reached the operator; `delivered` and `undelivered`
+    (from DLRs) are part of it, and `cost` includes both: an undelivered message stays
+    charged."""
     gw = gateway()
     account_id = await gw.require_account()
     params = _params(("from", "to", "group_by"))

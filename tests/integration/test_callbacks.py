@@ -1,0 +1,358 @@
+"""Status callbacks to a real HTTP receiver on 127.0.0.1 that refuses the first attempts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+
+from smsgw.engine.callbacks import CallbackPolicy
+from smsgw.server import Node, run_node
+from smsgw.sim.operator import OperatorProfile
+from tests.conftest import DLR_KEY, bearer, node_options
+from tests.integration.helpers import (
+    RELIABLE,
+    assert_problem,
+    create_account,
+    db_fetch,
+    send,
+    until,
+    wait_final,
+)
+
+# Quick retries, so a test waits fractions of a second for each.
+FAST = CallbackPolicy(backoff_base_s=0.05, backoff_cap_s=0.3, poll_s=0.05, attempt_timeout_s=5.0)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    answered: int
+
+
+@dataclass
+class Receiver:
+    """An ASGI app that records every POST and answers 500 to the first `fail_first` attempts
+    of each message's each status (so every callback needs retries)."""
+
+    fail_first: int = 2
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+    _tries: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        payload = json.loads(body)
+        key = (payload["message_id"], payload["status"])
+        tries = self._tries[key] = self._tries.get(key, 0) + 1
+        status = 500 if tries <= self.fail_first else 204
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.received.append(Received(scope["path"], headers, body, status))
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def accepted(self) -> list[Received]:
+        return [r for r in self.received if r.answered == 204]
+
+
+@asynccontextmanager
+async def receiver_and_node(
+    database_url: str, schema: str, fail_first: int = 2, operator: OperatorProfile = RELIABLE
+) -> AsyncIterator[tuple[Receiver, Node, httpx.AsyncClient]]:
+    receiver = Receiver(fail_first=fail_first)
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    options = msgspec.structs.replace(
+        node_options(database_url, schema, callbacks=FAST), operators=(operator,)
+    )
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(serve, receiver, config)  # type: ignore[arg-type]
+        )
+        receiver.url = binds[0]
+        node: Node = await nursery.start(partial(run_node, options))
+        async with httpx.AsyncClient(base_url=node.url, timeout=30) as client:
+            yield receiver, node, client
+        node.stop.set()
+        await node.http_done.wait()
+        nursery.cancel_scope.cancel()
+
+
+def signed_by(secret: str, r: Received) -> bool:
+    """The receiver's check, written from the documented scheme (not the gateway's code)."""
+    timestamp = r.headers["x-smsgw-timestamp"]
+    expected = hmac.new(
+        secret.encode(), timestamp.encode() + b"." + r.body, hashlib.sha256
+    ).hexdigest()
+    return hmac.compare_digest(r.headers["x-smsgw-signature"], "sha256=" + expected)
+
+
+async def test_each_status_change_is_posted_signed_in_order_after_failed_attempts(
+    database_url: str, schema: str
+) -> None:
+    async with receiver_and_node(database_url, schema) as (receiver, node, client):
+        account = await create_account(client, 1_000)
+        key, secret = account["api_key"], account["signing_secret"]
+        assert secret.startswith("whsec_")
+        # One message names its own URL; the other uses the account's.
+        r = await client.patch(
+            "/v1/account", json={"callback_url": receiver.url + "/account"}, headers=bearer(key)
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["callback_url"] == receiver.url + "/account"
+        own = (await send(client, key, "own", callback_url=receiver.url + "/own")).json()["id"]
+        shared = (await send(client, key, "shared")).json()["id"]
+        finals = [await wait_final(client, key, m) for m in (own, shared)]
+        assert [f["status"] for f in finals] == ["sent", "sent"]
+        assert finals[0]["callback_url"] == receiver.url + "/own"
+
+        r = await client.post(
+            "/v1/dlr/sim",
+            json={
+                "reports": [
+                    {
+                        "operator_message_id": finals[0]["operator_message_id"],
+                        "status": "delivered",
+                    },
+                    {
+                        "operator_message_id": finals[1]["operator_message_id"],
+                        "status": "undelivered",
+                        "error": "expired",
+                    },
+                ]
+            },
+            headers={"Authorization": f"Bearer {DLR_KEY}"},
+        )
+        assert [x["result"] for x in r.json()["results"]] == ["applied", "applied"]
+
+        async def all_accepted() -> bool:
+            return len(receiver.accepted()) == 4
+
+        with trio.fail_after(30):
+            await until(all_accepted)
+
+        # Every attempt, failed or not, was signed with the account's secret.
+        assert receiver.received and all(signed_by(secret, r) for r in receiver.received)
+        # Each callback was refused twice first, then taken: 3 attempts each, the same
+        # delivery id on each.
+        by_delivery: dict[str, list[Received]] = {}
+        for r in receiver.received:
+            by_delivery.setdefault(r.headers["x-smsgw-delivery"], []).append(r)
+        assert sorted(len(v) for v in by_delivery.values()) == [3, 3, 3, 3]
+        for attempts in by_delivery.values():
+            assert [a.answered for a in attempts] == [500, 500, 204]
+            assert len({a.body for a in attempts}) == 1
+
+        # In order per message: no status is POSTed before the one before it was taken.
+        for message_id, path, second in (
+            (own, "/own", "delivered"),
+            (shared, "/account", "undelivered"),
+        ):
+            seen = [
+                (json.loads(r.body)["status"], r.answered)
+                for r in receiver.received
+                if json.loads(r.body)["message_id"] == message_id
+            ]
+            assert seen == [
+                ("sent", 500),
+                ("sent", 500),
+                ("sent", 204),
+                (second, 500),
+                (second, 500),
+                (second, 204),
+            ]
+            assert {r.path for r in receiver.received if message_id in r.body.decode()} == {path}
+        last = json.loads(receiver.accepted()[-1].body)
+        assert set(last) == {
+            "event",
+            "delivery_id",
+            "message_id",
+            "status",
+            "reason",
+            "client_ref",
+            "at",
+        }
+        assert (
+            json.loads(next(r.body for r in receiver.accepted() if b"undelivered" in r.body))[
+                "reason"
+            ]
+            == "expired"
+        )
+
+        # Delivered callbacks leave the outbox.
+        async def outbox_empty() -> bool:
+            return not await db_fetch(database_url, schema, "SELECT id FROM callback_outbox")
+
+        with trio.fail_after(10):
+            await until(outbox_empty)
+        assert node.engine.callbacks is not None
+        assert node.engine.callbacks.counts["delivered"] == 4
+        assert node.engine.callbacks.counts["retried"] == 8
+
+
+async def test_a_rotated_secret_signs_the_callbacks_after_it(
+    database_url: str, schema: str
+) -> None:
+    async with receiver_and_node(database_url, schema, fail_first=0) as (receiver, _, client):
+        account = await create_account(client, 1_000)
+        key = account["api_key"]
+        r = await client.post("/v1/account/signing-secret/rotate", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        secret = r.json()["signing_secret"]
+        assert secret != account["signing_secret"]
+        message_id = (await send(client, key, callback_url=receiver.url + "/cb")).json()["id"]
+        await wait_final(client, key, message_id)
+
+        async def one() -> bool:
+            return len(receiver.accepted()) == 1
+
+        with trio.fail_after(30):
+            await until(one)
+        (got,) = receiver.accepted()
+        assert signed_by(secret, got) and not signed_by(account["signing_secret"], got)
+
+
+async def test_callback_urls_are_checked(node: Node, client: httpx.AsyncClient) -> None:
+    account = await create_account(client, 1_000)
+    key = account["api_key"]
+    for url in (
+        "ftp://127.0.0.1/x",
+        "http://example.com/hook",  # not loopback, and this node is not in production mode
+        "http://10.0.0.1/hook",
+        "http:///nohost",
+        "http://user:pw@127.0.0.1/x",
+        "http://127.0.0.1:99999/x",
+        "not a url",
+        "http://127.0.0.1/" + "x" * 2_000,
+    ):
+        r = await send(client, key, callback_url=url)
+        problem = assert_problem(r, 422)
+        assert "callback_url" in problem["detail"], problem
+        r = await client.patch("/v1/account", json={"callback_url": url}, headers=bearer(key))
+        assert_problem(r, 422)
+    batch = await client.post(
+        "/v1/messages/batch",
+        json={
+            "messages": [
+                {"to": "+4915123456789", "text": "a", "callback_url": "http://example.com/"},
+                {"to": "+4915123456789", "text": "b", "callback_url": "http://[::1]:8/cb"},
+            ]
+        },
+        headers=bearer(key),
+    )
+    results = batch.json()["results"]
+    assert results[0]["status"] == 422 and results[1]["status"] == "queued"
+    for url in ("http://127.0.0.1:8/cb", "https://localhost/cb"):
+        assert (await send(client, key, callback_url=url)).status_code == 202
+    r = await client.patch("/v1/account", json={"callback_url": None}, headers=bearer(key))
+    assert r.json()["callback_url"] is None
+    r = await client.patch("/v1/account", json={}, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["callback_url"] is None
+    r = await client.get("/v1/account", headers=bearer(key))
+    assert r.json()["callback_url"] is None
+
+
+async def test_a_failed_message_calls_back_too(database_url: str, schema: str) -> None:
+    refusing = msgspec.structs.replace(RELIABLE, p_permanent=1.0)
+    async with receiver_and_node(database_url, schema, 1, refusing) as (receiver, _, client):
+        account = await create_account(client, 1_000)
+        key = account["api_key"]
+        message_id = (await send(client, key, callback_url=receiver.url + "/cb")).json()["id"]
+        final = await wait_final(client, key, message_id)
+        assert final["status"] == "failed"
+
+        async def one() -> bool:
+            return len(receiver.accepted()) == 1
+
+        with trio.fail_after(30):
+            await until(one)
+        (got,) = receiver.accepted()
+        body = json.loads(got.body)
+        assert (body["status"], body["message_id"]) == ("failed", message_id)
+        assert body["reason"] == final["reason"] and body["reason"]
+        assert signed_by(account["signing_secret"], got)
+
+
+async def test_callbacks_survive_a_node_restart(database_url: str, schema: str) -> None:
+    """The outbox is PostgreSQL's: callbacks a stopped node could not deliver are delivered
+    by the next one (here after a graceful stop with the receiver down; a crash leaves rows
+    leased, and the next node takes them when the lease runs out)."""
+    receiver = Receiver(fail_first=10**9)
+    config = HyperConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    policy = msgspec.structs.replace(FAST, lease_s=3.0, attempt_timeout_s=1.0)
+    options = msgspec.structs.replace(
+        node_options(database_url, schema, callbacks=policy), operators=(RELIABLE,)
+    )
+    async with trio.open_nursery() as nursery:
+        receiver.url = (await nursery.start(partial(serve, receiver, config)))[0]  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as first:
+            node: Node = await first.start(partial(run_node, options))
+            async with httpx.AsyncClient(base_url=node.url, timeout=30) as client:
+                account = await create_account(client, 1_000)
+                key = account["api_key"]
+                r = await send(client, key, callback_url=receiver.url + "/cb")
+                message_id = r.json()["id"]
+                await wait_final(client, key, message_id)
+
+                async def refused_twice() -> bool:
+                    return len(receiver.received) >= 2
+
+                with trio.fail_after(30):
+                    await until(refused_twice)
+            node.stop.set()
+        assert not receiver.accepted()
+        kept = await db_fetch(database_url, schema, "SELECT status FROM callback_outbox")
+        assert kept == [{"status": "sent"}]
+
+        receiver.fail_first = 0
+        async with trio.open_nursery() as second:
+            node = await second.start(partial(run_node, options))
+
+            async def delivered() -> bool:
+                return len(receiver.accepted()) == 1
+
+            async def settled() -> bool:
+                return not await db_fetch(database_url, schema, "SELECT id FROM callback_outbox")
+
+            with trio.fail_after(30):
+                await until(delivered)
+                await until(settled)
+            node.stop.set()
+        nursery.cancel_scope.cancel()
+    body = json.loads(receiver.accepted()[0].body)
+    assert (body["message_id"], body["status"]) == (message_id, "sent")
+    assert signed_by(account["signing_secret"], receiver.accepted()[0])
