@@ -251,6 +251,23 @@ SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id) FROM ledger) AS ledger
 """
 
+# The same on a node among several: the messages of shards another node leases are handed
+# to it in the same statement (smsgw_handoff, migration 004: it takes its shared advisory
+# locks and reads the owners with statements of its own, so after the locks). A message the
+# insert skipped (its client_ref taken) is handed off too; its hand-off finds no message when
+# claimed, and the caller leaves it out of the NOTIFY.
+_WRITE_GROUP_HANDOFF = (
+    _WRITE_GROUP.rstrip().removesuffix("AS ledger")
+    + """AS ledger,
+       h.owners, h.ids
+FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
+      FROM smsgw_handoff($11, $12,
+                         ARRAY(SELECT value::int FROM json_array_elements_text($13::json)),
+                         ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($10::json))))
+     AS h
+"""
+)
+
 # A callback outbox row for each outcome of this group that has a callback URL (the message's,
 # else its account's) and that this transaction applied: `xmin` is the current transaction's
 # id exactly for the rows it wrote, so an outcome delivered twice after a crash (already
@@ -386,9 +403,18 @@ class PgStore(CallbackOutbox):
                 await _write_credit(conn, book, messages)
             else:
                 written = [a for a, d in book.deltas.items() if d]
-                row = await conn.fetchrow(
-                    _WRITE_GROUP, *_credit_args(book, messages), _json.encode(stored).decode()
-                )
+                args = [*_credit_args(book, messages), _json.encode(stored).decode()]
+                if self.handoff is None:
+                    row = await conn.fetchrow(_WRITE_GROUP, *args)
+                else:
+                    shards = _json.encode([shard_of(s.account_id) for s in stored]).decode()
+                    row = await conn.fetchrow(
+                        _WRITE_GROUP_HANDOFF,
+                        *args,
+                        self.handoff.node_id,
+                        self.handoff.lock_class,
+                        shards,
+                    )
                 if row["stored"] < len(stored):
                     inserted = set(row["inserted"] or ())
                     await _undo_duplicates(conn, book, group, accepts, inserted, messages)
@@ -400,8 +426,8 @@ class PgStore(CallbackOutbox):
                     )
                     await conn.fetchval(_WRITE_CREDIT, *_credit_args(book, messages, written))
                     stored = _still_accepted(group, accepts)
-                if self.handoff is not None and stored:
-                    wake = await _hand_off(conn, self.handoff, stored)
+                if self.handoff is not None and row["ids"]:
+                    wake = _handed_payloads(row["owners"], row["ids"], stored)
             # After the outcomes: a `sent` and its DLR in the same group apply in that order.
             deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
         if wake and self.handoff is not None:
@@ -782,25 +808,18 @@ def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> lis
     ]
 
 
-async def _hand_off(
-    conn: asyncpg.Connection, handoff: Handoff, stored: list[OutboundSms]
+def _handed_payloads(
+    owners: Sequence[str], ids: Sequence[str], stored: list[OutboundSms]
 ) -> list[str]:
-    """Hand the stored messages of shards another node leases to it; returns the NOTIFY
-    payloads that carry them to their owners."""
-    rows = await conn.fetch(
-        "SELECT owner, message_id::text AS id FROM smsgw_handoff($1, $2, $3::int[], $4::uuid[])",
-        handoff.node_id,
-        handoff.lock_class,
-        [shard_of(s.account_id) for s in stored],
-        [s.id for s in stored],
-    )
-    if not rows:
-        return []
+    """The NOTIFY payloads that carry the handed-off messages to their owners: only messages
+    still stored (not a duplicate's, nor an atomic sibling's taken back)."""
     by_id = {s.id: s for s in stored}
     handed: dict[str, list[OutboundSms]] = {}
-    for r in rows:
-        handed.setdefault(r["owner"], []).append(by_id[r["id"]])
-    return handoff_payloads(handed)
+    for owner, message_id in zip(owners, ids, strict=True):
+        sms = by_id.get(message_id)
+        if sms is not None:
+            handed.setdefault(owner, []).append(sms)
+    return handoff_payloads(handed) if handed else []
 
 
 # NOTIFY payloads must stay under 8,000 bytes.
