@@ -20,6 +20,9 @@ PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_desti
 _Z_99 = NormalDist().inv_cdf(0.99)
 
 
+_UNAVAILABLE = SendResult("temporary", reason="operator_unavailable")
+
+
 class OperatorProfile(msgspec.Struct, frozen=True):
     """How a simulated operator behaves. Latency is lognormal, fitted to its median and p99."""
 
@@ -29,6 +32,12 @@ class OperatorProfile(msgspec.Struct, frozen=True):
     p_temporary: float = 0.03
     p_permanent: float = 0.02
     seed: int = 0
+    # Messages (segments) a second the operator's link takes; 0: no cap. Batches queue behind
+    # each other on the link, so an operator past its cap answers later, then times out.
+    max_per_second: float = 0.0
+    # Windows [start, end) in seconds from the operator's origin (see SimulatedOperator) in
+    # which every attempt fails for now ("operator_unavailable"): a simulated outage.
+    outages: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.latency_ms_median <= self.latency_ms_p99:
@@ -41,6 +50,10 @@ class OperatorProfile(msgspec.Struct, frozen=True):
             and self.p_temporary + self.p_permanent <= 1.0
         ):
             raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
+        if self.max_per_second < 0.0:
+            raise ValueError("max_per_second must be >= 0")
+        if any(not 0.0 <= start < end for start, end in self.outages):
+            raise ValueError("outages must be windows (start, end) with 0 <= start < end")
 
 
 class SimulatedOperator:
@@ -58,7 +71,11 @@ class SimulatedOperator:
     """
 
     def __init__(
-        self, profile: OperatorProfile | None = None, *, remember: int = 1_000_000
+        self,
+        profile: OperatorProfile | None = None,
+        *,
+        remember: int = 1_000_000,
+        origin: float | None = None,
     ) -> None:
         if remember < 1:
             raise ValueError("remember must be at least 1")
@@ -76,6 +93,10 @@ class SimulatedOperator:
             else 0.0
         )
         self._delivered: OrderedDict[str, SendResult] = OrderedDict()
+        # trio time of the profile's second 0 (outage windows count from it); None: the first
+        # send's time.
+        self.origin = origin
+        self._link_free_at = -math.inf  # when the capped link has sent everything queued
         self._calls = 0
         self._cancelled = 0
         self._sends = 0
@@ -102,13 +123,23 @@ class SimulatedOperator:
     async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
         """Answer a window of messages after one simulated round trip, as a windowed protocol
         (SMPP submit_sm pipelining, an HTTP batch endpoint) would; each message's outcome is
-        drawn on its own, and its id is its idempotency key."""
+        drawn on its own, and its id is its idempotency key. With `max_per_second`, the batch
+        first waits for its turn on the link (its segments at that rate)."""
+        now = trio.current_time()
+        down = self._in_outage(now)
         drawn = []
         for _ in batch:
             self._calls += 1
-            drawn.append(self._draw_outcome(self._calls))
+            outcome = self._draw_outcome(self._calls)
+            drawn.append(_UNAVAILABLE if down else outcome)
+        queued = 0.0
+        if self.profile.max_per_second > 0.0 and not down:
+            segments = sum(sms.segments for sms in batch)
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + segments / self.profile.max_per_second
+            queued = self._link_free_at - now
         try:
-            await trio.sleep(self._draw_latency())
+            await trio.sleep(queued + self._draw_latency())
         except trio.Cancelled:
             self._cancelled += len(batch)
             raise
@@ -131,6 +162,14 @@ class SimulatedOperator:
             case "permanent":
                 self._permanent += 1
         return drawn
+
+    def _in_outage(self, now: float) -> bool:
+        if not self.profile.outages:
+            return False
+        if self.origin is None:
+            self.origin = now
+        offset = now - self.origin
+        return any(start <= offset < end for start, end in self.profile.outages)
 
     def stats(self) -> dict[str, int]:
         """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
