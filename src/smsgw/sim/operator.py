@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
 
 import msgspec
 import trio
 
 from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.ports import Provider
 
 TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
 PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_destination")
@@ -196,3 +197,27 @@ class SimulatedOperator:
         if self._mu == -math.inf:
             return 0.0
         return self._latencies.lognormvariate(self._mu, self._sigma)
+
+
+class CountingProvider:
+    """A `Provider` that reports each attempt's result to `count(operator, kind, messages)`
+    (kind: sent, temporary, permanent, or timeout when the pool cancelled the batch): the
+    simulator's operator health over time. A message weighs its segments."""
+
+    def __init__(self, inner: Provider, count: Callable[[str, str, int], None]) -> None:
+        self._inner = inner
+        self._count = count
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        try:
+            results = await self._inner.send_batch(batch)
+        except trio.Cancelled:
+            self._count(self.name, "timeout", sum(s.segments for s in batch))
+            raise
+        for sms, result in zip(batch, results, strict=False):
+            self._count(self.name, result.kind, sms.segments)
+        return results

@@ -158,6 +158,14 @@ class TargetResult(msgspec.Struct, frozen=True):
     passed: bool
 
 
+class Check(msgspec.Struct, frozen=True):
+    """One step of an acceptance run's opening (health, a single send, ...)."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
 class RunInfo(msgspec.Struct):
     """How the run went on this machine: not part of what a seed determines."""
 
@@ -189,6 +197,7 @@ class SimReport(msgspec.Struct):
     targets: list[TargetResult]
     passed: bool
     run: RunInfo
+    checks: list[Check] = []
 
     def deterministic(self) -> dict[str, Any]:
         """Everything a seed decides: the report without `run`."""
@@ -272,6 +281,11 @@ def markdown(report: SimReport, images: Iterable[str] = ()) -> str:
         lines.append(
             f"| {t.label} | {_fmt_value(t.value)} | {'PASS' if t.passed else '**FAIL**'} |"
         )
+    if r.checks:
+        lines += ["", "## Checks", "", "| step | result | detail |", "| --- | --- | --- |"]
+        lines += [
+            f"| {c.name} | {'ok' if c.passed else '**FAILED**'} | {c.detail} |" for c in r.checks
+        ]
     lines += ["", "## Totals", "", "| status | messages |", "| --- | --- |"]
     lines += [f"| {k} | {v:,} |" for k, v in r.totals.items()]
     lines += [
@@ -334,9 +348,10 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
 
     written: list[Path] = []
     title = f"smsgw simulate {report.scenario} (scale {report.scale:g}, seed {report.seed})"
-    minutes = report.duration_s > 2 * 3600
-    unit = 3600.0 if minutes else 60.0
-    xlabel = "hours" if minutes else "minutes"
+    span = max(report.duration_s, len(report.timeline) * report.bucket_s)
+    unit, xlabel = (3600.0, "hours") if span > 2 * 3600 else (60.0, "minutes")
+    if span <= 300:
+        unit, xlabel = 1.0, "seconds"
     per_s = 1.0 / report.bucket_s if report.bucket_s > 0 else 1.0
 
     if report.timeline:
@@ -345,6 +360,11 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
         ax.plot(xs, [b.accepted * per_s for b in report.timeline], label="accepted/s", lw=1.4)
         ax.plot(xs, [b.sent * per_s for b in report.timeline], label="sent/s", lw=1.4)
         ax.plot(xs, [b.failed * per_s for b in report.timeline], label="failed/s", lw=1.0)
+        if any(b.refused for b in report.timeline):
+            ax.plot(
+                xs, [b.refused * per_s for b in report.timeline], label="refused/s", lw=1.0,
+                ls="--",
+            )  # fmt: skip
         ax.set_xlabel(xlabel)
         ax.set_ylabel("messages per second")
         ax.grid(alpha=0.3)
@@ -353,6 +373,7 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
             xs, [b.backlog for b in report.timeline], color="grey", alpha=0.2, label="backlog"
         )
         ax2.set_ylabel("backlog (messages)")
+        ax2.set_ylim(0, max(1, *(b.backlog for b in report.timeline)) * 1.1)
         handles = ax.get_legend_handles_labels()
         handles2 = ax2.get_legend_handles_labels()
         ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left")

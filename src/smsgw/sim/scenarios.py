@@ -61,6 +61,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     # Credit per account as a multiple of what its expected share of the load costs; below 1
     # some sends are refused with 402 (the smoke run shows that); it never changes `messages`.
     credit_factor: float = 2.0
+    credit_per_account: int = 0  # when set, every account gets this much instead
     seed: int = 1
     tick_s: float = 1.0
     max_cohort: int = 1
@@ -206,6 +207,7 @@ DAY = Scenario(
     weights=(5, 3, 2),
     tick_s=900.0,
     max_cohort=100,
+    arrival_step_s=10.0,
     targets=(
         *_CORRECT,
         Target("express_within_deadline", ">=", 0.99, "express within deadline >= 99%"),
@@ -251,14 +253,21 @@ OUTAGE = Scenario(
     zipf=0.8,
     operators=(
         OperatorProfile(
-            name="op-main", latency_ms_median=30, latency_ms_p99=150, seed=31,
-            max_per_second=300, outages=((1_200.0, 2_100.0),),
+            name="op-main",
+            latency_ms_median=30,
+            latency_ms_p99=150,
+            seed=31,
+            max_per_second=300,
+            outages=((1_200.0, 2_100.0),),
         ),
         OperatorProfile(
-            name="op-backup", latency_ms_median=60, latency_ms_p99=300, seed=32,
+            name="op-backup",
+            latency_ms_median=60,
+            latency_ms_p99=300,
+            seed=32,
             max_per_second=200,
         ),
-    ),  # fmt: skip
+    ),
     weights=(3, 1),
     tick_s=10.0,
     max_cohort=1,
@@ -268,9 +277,7 @@ OUTAGE = Scenario(
     ),
 )
 
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (SMOKE, PRODUCTION_TEST, DAY, WHALE, OUTAGE)
-}
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (SMOKE, PRODUCTION_TEST, DAY, WHALE, OUTAGE)}
 
 
 def scenario(name: str, *, scale: float = 1.0, seed: int | None = None) -> Scenario:

@@ -35,11 +35,11 @@ import trio
 import trio.testing
 
 from smsgw.engine.actor import InboxFull, Reply
-from smsgw.engine.messages import Accept, AcceptResult, OutboundSms, Outcome, SendResult
+from smsgw.engine.messages import Accept, AcceptResult, OutboundSms, Outcome
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
 from smsgw.sim.memstore import MemStore, weight
-from smsgw.sim.operator import SimulatedOperator
+from smsgw.sim.operator import CountingProvider, SimulatedOperator
 from smsgw.sim.report import (
     Bucket,
     CreditCheck,
@@ -87,35 +87,12 @@ class _AcceptReply(Reply[list[AcceptResult]]):
     def set(self, value: list[AcceptResult]) -> None:
         if not self.done:
             super().set(value)
-            self._run.answered(self._sms, self._sent_at, value[0])
+            self._run.on_answer(self._sms, self._sent_at, value[0])
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
             super().fail(error)
             self._run.refused(self._sms, "store_unavailable")
-
-
-class _CountingProvider:
-    """A provider that counts its operator's attempts by result per timeline bucket, in
-    messages (an item weighs its segments)."""
-
-    def __init__(self, inner: SimulatedOperator, run: VirtualRun) -> None:
-        self._inner = inner
-        self._run = run
-
-    @property
-    def name(self) -> str:
-        return self._inner.name
-
-    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
-        try:
-            results = await self._inner.send_batch(batch)
-        except trio.Cancelled:
-            self._run.count_attempts(self.name, "timeout", sum(weight(s) for s in batch))
-            raise
-        for sms, result in zip(batch, results, strict=True):
-            self._run.count_attempts(self.name, result.kind, weight(sms))
-        return results
 
 
 class VirtualRun:
@@ -134,6 +111,7 @@ class VirtualRun:
         self.offered = 0
         self.items = 0
         self.accepted = 0
+        self.answered = 0  # accepted or refused
         self.finished = 0
         self.refusals: dict[str, int] = {}
         self.sent = 0
@@ -152,6 +130,17 @@ class VirtualRun:
         self.group_accounts = [len(ranks) for _, ranks in groups]
         self.flood_light_waits = WaitHistogram()  # whale: light accounts, during the flood
         self.engine: Engine | None = None
+        self.load_done = False
+        self.drained: trio.Event | None = None
+
+    def _check_drained(self) -> None:
+        if (
+            self.load_done
+            and self.answered >= self.offered
+            and self.finished >= self.accepted
+            and self.drained is not None
+        ):
+            self.drained.set()
 
     # --- clock ------------------------------------------------------------------------
 
@@ -170,9 +159,10 @@ class VirtualRun:
 
     # --- callbacks from the engine's side ------------------------------------------------
 
-    def answered(self, sms: OutboundSms, sent_at: float, result: AcceptResult) -> None:
+    def on_answer(self, sms: OutboundSms, sent_at: float, result: AcceptResult) -> None:
         n = weight(sms)
         if result.accepted:
+            self.answered += n
             self.accepted += n
             if sms.express:
                 self.express_accepted += n
@@ -180,11 +170,14 @@ class VirtualRun:
             self.accept_wait.add(self.now() - sent_at, n)
         else:
             self.refused(sms, result.reason or "refused")
+        self._check_drained()
 
     def refused(self, sms: OutboundSms, reason: str) -> None:
         n = weight(sms)
+        self.answered += n
         self.refusals[reason] = self.refusals.get(reason, 0) + n
         self.bucket().refused += n
+        self._check_drained()
 
     def observe(self, stored: Sequence[OutboundSms], finished: Sequence[Outcome]) -> None:
         bucket = self.bucket()
@@ -216,6 +209,7 @@ class VirtualRun:
                 bucket.failed += n
                 if sms.express and reason == "deadline_exceeded":
                     self.express_late += n
+        self._check_drained()
 
     def count_attempts(self, operator: str, kind: str, n: int) -> None:
         per_bucket = self.bucket().operators.setdefault(operator, {})
@@ -233,7 +227,9 @@ class VirtualRun:
             expected = s.messages_without_whale * w
             if rank == 0 and s.whale is not None:
                 expected += s.whale.messages
-            credit = max(100, math.ceil(expected * average_price * s.credit_factor))
+            credit = s.credit_per_account or max(
+                100, math.ceil(expected * average_price * s.credit_factor)
+            )
             self.store.add_account(f"sim-{rank}", credit)
 
     async def _load(self) -> None:
@@ -329,7 +325,7 @@ class VirtualRun:
         providers: list[tuple[Provider, int]] = []
         for profile, w in zip(s.operators, s.weights, strict=True):
             operator = SimulatedOperator(profile, remember=100_000, origin=self.t0)
-            providers.append((_CountingProvider(operator, self), w))
+            providers.append((CountingProvider(operator, self.count_attempts), w))
         config = EngineConfig(
             window=max(32, 2_000 // s.max_cohort),
             express_deadline_ms=int(EXPRESS_DEADLINE_S * 1000),
@@ -337,6 +333,7 @@ class VirtualRun:
             writer_capacity=1_000_000,
         )
         self.engine = Engine(self.store, providers, config, clock=self.now, seed=s.seed)
+        self.drained = trio.Event()
         live = Live(f"simulate {s.name}", s.messages) if self.live_enabled else None
         done = trio.Event()
         try:
@@ -346,8 +343,11 @@ class VirtualRun:
                 nursery.start_soon(self._monitor, live, done)
                 await self._load()
                 with trio.move_on_after(DRAIN_LIMIT_S):
-                    while self.store.pending_count() or self.engine.writer.inbox.depth:
-                        await trio.sleep(1.0)
+                    # By the run's own tallies: every item answered, every accepted message
+                    # final (an actor may hold a message it took from its inbox).
+                    self.load_done = True
+                    self._check_drained()
+                    await self.drained.wait()
                 self.bucket()  # the timeline reaches the end of the drain
                 self.timeline[-1].backlog = self.accepted - self.finished
                 done.set()
