@@ -55,7 +55,7 @@ def test_every_message_accounted_for_and_credit_exact(day_report: SimReport) -> 
 def test_the_outage_shows_in_operator_health(day_report: SimReport) -> None:
     """op-b fails every attempt from 12:00 to 12:30: its buckets there have no `sent`."""
     noon = [
-        b for b in day_report.timeline if 12 * 3600 <= b.t_s and b.t_s + day_report.bucket_s
+        b for b in day_report.timeline if b.t_s >= 12 * 3600 and b.t_s + day_report.bucket_s
         <= 12.5 * 3600
     ]  # fmt: skip
     attempts = [b.operators.get("op-b", {}) for b in noon]
