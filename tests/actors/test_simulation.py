@@ -18,9 +18,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_day(seed: int | None = None) -> Scenario:
-    """`day` at 1/10,000 (10,000 messages, 10 accounts), arrivals every two minutes: the
+    """`day` at 1/10,000 (10,000 messages, 10 accounts), arrivals once per tick: the
     whole shape (diurnal curve, Zipf, express, three operators, the midday outage) in seconds."""
-    return msgspec.structs.replace(scenario("day", scale=0.0001, seed=seed), arrival_step_s=120.0)
+    return scenario("day", scale=0.0001, seed=seed)
 
 
 @pytest.fixture(scope="module")

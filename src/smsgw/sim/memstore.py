@@ -106,8 +106,9 @@ class MemStore:
         ids.update(o.sms.account_id for o in group.outcomes)
         for items, _ in group.accepts:
             ids.update(sms.account_id for sms in items)
+        credits = self.credit
         for account_id in ids:
-            credit = self.credit.get(account_id)
+            credit = credits.get(account_id)
             if credit is not None:
                 book.load(account_id, credit)
 
@@ -141,19 +142,19 @@ class MemStore:
         stored: list[OutboundSms] = []
         for items, atomic in group.accepts:
             results = hold_items(book, items, atomic)
-            duplicate = [
-                r.accepted
-                and s.client_ref is not None
-                and (s.account_id, s.client_ref) in self.client_refs
-                for s, r in zip(items, results, strict=True)
-            ]
-            if any(duplicate):
-                results = self._undo_duplicates(book, items, results, duplicate, atomic)
-            for sms, r in zip(items, results, strict=True):
-                if r.accepted:
-                    stored.append(sms)
-                    if sms.client_ref is not None:
+            if any(s.client_ref is not None for s in items):
+                duplicate = [
+                    r.accepted
+                    and s.client_ref is not None
+                    and (s.account_id, s.client_ref) in self.client_refs
+                    for s, r in zip(items, results, strict=True)
+                ]
+                if any(duplicate):
+                    results = self._undo_duplicates(book, items, results, duplicate, atomic)
+                for sms, r in zip(items, results, strict=True):
+                    if r.accepted and sms.client_ref is not None:
                         self.client_refs.add((sms.account_id, sms.client_ref))
+            stored.extend(sms for sms, r in zip(items, results, strict=True) if r.accepted)
             accepts.append(results)
         for sms in stored:
             self.pending_messages[sms.id] = sms

@@ -495,7 +495,10 @@ class Live:
                 flush=True,
             )
 
-    def close(self) -> None:
+    def close(self, done: int | None = None, summary: str = "") -> None:
+        """Stop the display, first showing `done` (the final count) when given."""
         if self._progress is not None:
+            if done is not None:
+                self._progress.update(self._task, completed=min(done, self.total), summary=summary)
             self._progress.stop()
             self._progress = None

@@ -42,7 +42,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
 
     Virtual time batches messages into cohorts (see smsgw.sim.virtual): per `tick_s` of load,
     each account's messages in that tick go in at most `max_cohort` messages a cohort, and
-    cohorts arrive at instants on a grid of `arrival_step_s`.
+    cohorts arrive at instants on a grid of `arrival_step_s` / `scale`.
     """
 
     name: str
@@ -65,7 +65,9 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 1
     tick_s: float = 1.0
     max_cohort: int = 1
-    arrival_step_s: float = 1.0  # virtual time: arrivals are on this grid
+    # Virtual time: arrivals are on a grid of arrival_step_s / scale (at most tick_s), so a
+    # step carries as many messages at every scale: the same bursts, fewer steps when small.
+    arrival_step_s: float = 1.0
     connections: int = 32  # wall clock: concurrent clients of the load generator
     checks: bool = False  # wall clock: health, single, express and OTP sends before the load
     targets: tuple[Target, ...] = ()
@@ -130,6 +132,11 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
             return t - self.diurnal_amplitude * math.sin(w * (t - phase)) / w
 
         return average * (integral(t1) - integral(t0))
+
+    @property
+    def arrival_step(self) -> float:
+        """Virtual seconds between arrival instants at this scale."""
+        return min(self.tick_s, self.arrival_step_s / self.scale)
 
     @property
     def messages_without_whale(self) -> int:
@@ -205,9 +212,9 @@ DAY = Scenario(
     diurnal=True,
     operators=_DAY_OPERATORS,
     weights=(5, 3, 2),
-    tick_s=900.0,
-    max_cohort=100,
-    arrival_step_s=10.0,
+    tick_s=1_800.0,
+    max_cohort=50,
+    arrival_step_s=0.5,
     targets=(
         *_CORRECT,
         Target("express_within_deadline", ">=", 0.99, "express within deadline >= 99%"),

@@ -265,7 +265,7 @@ async def simulate_wall(
                 nursery.cancel_scope.deadline = trio.current_time() + 30
     finally:
         if live_bar is not None:
-            live_bar.close()
+            live_bar.close(s.messages)
     return report
 
 

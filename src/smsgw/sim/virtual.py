@@ -270,7 +270,7 @@ class VirtualRun:
             # Arrivals land on a grid of `arrival_step_s`: the engine then handles each
             # step's items together (one group commit, full operator batches), as it does
             # under real load, instead of one scheduling pass per item.
-            step = s.arrival_step_s
+            step = s.arrival_step
             slots = np.floor(self.rng.random(ranks.size) * ((end - start) / step))
             times = start + slots * step
             order = np.argsort(times, kind="stable")
@@ -354,7 +354,9 @@ class VirtualRun:
                 nursery.cancel_scope.cancel()
         finally:
             if live is not None:
-                live.close()
+                live.close(
+                    self.finished, f"sent {self.sent:,}  failed {self.finished - self.sent:,}"
+                )
 
     def run(self) -> SimReport:
         started = time.perf_counter()
