@@ -231,3 +231,25 @@ def test_profiles_refuse_bad_caps_and_windows() -> None:
         OperatorProfile(max_per_second=-1.0)
     with pytest.raises(ValueError):
         OperatorProfile(outages=((5.0, 5.0),))
+
+
+async def test_a_backed_up_link_throttles_at_once(autojump_clock: trio.abc.Clock) -> None:
+    """Past `max_queue_s` behind, a batch is refused for now without waiting or queueing."""
+    operator = SimulatedOperator(
+        OperatorProfile(latency_ms_median=0.0, latency_ms_p99=0.0, p_temporary=0.0,
+                        p_permanent=0.0, max_per_second=10.0, max_queue_s=1.0)
+    )  # fmt: skip
+    results: dict[str, list[SendResult]] = {}
+    started = trio.current_time()
+
+    async def send(name: str, first: int, n: int) -> None:
+        results[name] = await operator.send_batch([sms(first + i) for i in range(n)])
+        results[name + " at"] = [SendResult("sent", str(trio.current_time() - started))]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, "long", 0, 20)  # two seconds of link
+        await trio.sleep(0.5)
+        nursery.start_soon(send, "refused", 100, 5)
+    assert [r.kind for r in results["long"]] == ["sent"] * 20
+    assert [(r.kind, r.reason) for r in results["refused"]] == [("temporary", "throttled")] * 5
+    assert float(results["refused at"][0].operator_message_id or "nan") == pytest.approx(0.5)

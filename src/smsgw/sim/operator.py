@@ -22,6 +22,7 @@ _Z_99 = NormalDist().inv_cdf(0.99)
 
 
 _UNAVAILABLE = SendResult("temporary", reason="operator_unavailable")
+_THROTTLED = SendResult("temporary", reason="throttled")
 
 
 class OperatorProfile(msgspec.Struct, frozen=True):
@@ -36,6 +37,10 @@ class OperatorProfile(msgspec.Struct, frozen=True):
     # Messages (segments) a second the operator's link takes; 0: no cap. Batches queue behind
     # each other on the link, so an operator past its cap answers later, then times out.
     max_per_second: float = 0.0
+    # With a cap: when the link is already this many seconds behind, the operator refuses a
+    # batch at once ("throttled", temporary) instead of queueing it, as an SMPP operator
+    # answers ESME_RTHROTTLED; 0: it queues without bound (and the pool times out).
+    max_queue_s: float = 0.0
     # Windows [start, end) in seconds from the operator's origin (see SimulatedOperator) in
     # which every attempt fails for now ("operator_unavailable"): a simulated outage.
     outages: tuple[tuple[float, float], ...] = ()
@@ -51,8 +56,8 @@ class OperatorProfile(msgspec.Struct, frozen=True):
             and self.p_temporary + self.p_permanent <= 1.0
         ):
             raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
-        if self.max_per_second < 0.0:
-            raise ValueError("max_per_second must be >= 0")
+        if self.max_per_second < 0.0 or self.max_queue_s < 0.0:
+            raise ValueError("max_per_second and max_queue_s must be >= 0")
         if any(not 0.0 <= start < end for start, end in self.outages):
             raise ValueError("outages must be windows (start, end) with 0 <= start < end")
 
@@ -135,10 +140,13 @@ class SimulatedOperator:
             drawn.append(_UNAVAILABLE if down else outcome)
         queued = 0.0
         if self.profile.max_per_second > 0.0 and not down:
-            segments = sum(sms.segments for sms in batch)
-            start = max(now, self._link_free_at)
-            self._link_free_at = start + segments / self.profile.max_per_second
-            queued = self._link_free_at - now
+            if 0.0 < self.profile.max_queue_s < self._link_free_at - now:
+                drawn = [_THROTTLED] * len(batch)  # refused at once: no time on the link
+            else:
+                segments = sum(sms.segments for sms in batch)
+                start = max(now, self._link_free_at)
+                self._link_free_at = start + segments / self.profile.max_per_second
+                queued = self._link_free_at - now
         try:
             await trio.sleep(queued + self._draw_latency())
         except trio.Cancelled:

@@ -186,16 +186,16 @@ PRODUCTION_TEST = Scenario(
 _DAY_OPERATORS = (
     OperatorProfile(
         name="op-a", latency_ms_median=30, latency_ms_p99=150, p_temporary=0.02,
-        p_permanent=0.01, seed=11, max_per_second=1_500,
+        p_permanent=0.01, seed=11, max_per_second=1_500, max_queue_s=2.0,
     ),
     OperatorProfile(
         name="op-b", latency_ms_median=50, latency_ms_p99=250, p_temporary=0.03,
-        p_permanent=0.01, seed=12, max_per_second=1_000,
+        p_permanent=0.01, seed=12, max_per_second=1_000, max_queue_s=2.0,
         outages=((12 * 3600.0, 12.5 * 3600.0),),
     ),
     OperatorProfile(
         name="op-c", latency_ms_median=80, latency_ms_p99=400, p_temporary=0.03,
-        p_permanent=0.02, seed=13, max_per_second=800,
+        p_permanent=0.02, seed=13, max_per_second=800, max_queue_s=2.0,
     ),
 )  # fmt: skip
 

@@ -232,6 +232,20 @@ class VirtualRun:
             )
             self.store.add_account(f"sim-{rank}", credit)
 
+    def _window_items(self) -> int:
+        """The pool's window in items, so that about 2,000 messages are in flight, as in a
+        real node: 2,000 over the mean cohort size of an average tick (drawn from a generator
+        of its own, so the load's draws stay the same)."""
+        s = self.s
+        if s.max_cohort == 1:
+            return 2_000
+        rng = np.random.default_rng(s.seed + 1)
+        n = max(1, round(s.expected_load(0.0, s.duration_s) * s.tick_s / s.duration_s))
+        counts = rng.multinomial(n, np.asarray(s.zipf_weights(), dtype=np.float64))
+        express = rng.binomial(counts, s.express_share)
+        items = _cohorts(counts - express, express, s.max_cohort)[0].size
+        return max(32, min(2_000, round(2_000 * items / n)))
+
     async def _load(self) -> None:
         s = self.s
         engine = self.engine
@@ -302,12 +316,16 @@ class VirtualRun:
                     self.refused(sms, "overloaded")
 
     async def _monitor(self, live: Live | None, done: trio.Event) -> None:
-        """Close a timeline bucket every `bucket_s`: the backlog, and the live summary."""
+        """Close a timeline bucket every `bucket_s`: the backlog, and the live summary. It
+        counts buckets itself: deriving the next one from the clock could, by float rounding,
+        sleep until a time already past and spin."""
+        k = 1
         while not done.is_set():
-            await trio.sleep_until(self.t0 + (len(self.timeline) or 1) * self.bucket_s)
-            bucket = self.bucket()
-            if len(self.timeline) >= 2:
-                self.timeline[-2].backlog = self.accepted - self.finished
+            await trio.sleep_until(self.t0 + k * self.bucket_s)
+            while len(self.timeline) <= k:
+                self.timeline.append(Bucket(t_s=len(self.timeline) * self.bucket_s, operators={}))
+            self.timeline[k - 1].backlog = self.accepted - self.finished
+            k += 1
             if live is not None:
                 t = self.elapsed()
                 live.update(
@@ -316,7 +334,6 @@ class VirtualRun:
                     f"  backlog {self.accepted - self.finished:,}"
                     f"  sent {self.sent:,}",
                 )
-            del bucket
 
     async def _main(self) -> None:
         s = self.s
@@ -327,7 +344,7 @@ class VirtualRun:
             operator = SimulatedOperator(profile, remember=100_000, origin=self.t0)
             providers.append((CountingProvider(operator, self.count_attempts), w))
         config = EngineConfig(
-            window=max(32, 2_000 // s.max_cohort),
+            window=self._window_items(),
             express_deadline_ms=int(EXPRESS_DEADLINE_S * 1000),
             scheduler_capacity=1_000_000,
             writer_capacity=1_000_000,
