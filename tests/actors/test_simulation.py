@@ -18,9 +18,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_day(seed: int | None = None) -> Scenario:
-    """`day` at 1/10,000 (10,000 messages, 10 accounts), arrivals once per tick: the
+    """`day` at 1/1,000 (100,000 messages, 50 accounts), arrivals every 500 s: the
     whole shape (diurnal curve, Zipf, express, three operators, the midday outage) in seconds."""
-    return scenario("day", scale=0.0001, seed=seed)
+    return scenario("day", scale=0.001, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_another_seed_another_report(day_report: SimReport) -> None:
 
 def test_every_message_accounted_for_and_credit_exact(day_report: SimReport) -> None:
     totals = day_report.totals
-    assert day_report.offered == 10_000 == totals["offered"]
+    assert day_report.offered == 100_000 == totals["offered"]
     refused = sum(v for k, v in totals.items() if k.startswith("refused"))
     assert totals["accepted"] + refused == totals["offered"]
     assert totals["sent"] + totals["failed"] == totals["accepted"]
