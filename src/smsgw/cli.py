@@ -1,4 +1,4 @@
-"""The `smsgw` command: serve, migrate, accounts, simulate."""
+"""The `smsgw` command: serve, migrate, accounts, simulate, bench."""
 
 from __future__ import annotations
 
@@ -210,19 +210,36 @@ def _accounts_create(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from smsgw.sim.simulate import SimulateOptions, simulate
+    from pathlib import Path
 
-    options = SimulateOptions(
+    from smsgw.sim.simulate import Overrides, run
+
+    overrides = Overrides(
         accounts=args.accounts,
         messages=args.messages,
         connections=args.connections,
         credit=args.credit,
         express_share=args.express_share,
-        seed=args.seed,
-        timeout=args.timeout,
+        final_timeout=args.timeout,
     )
-    report = trio.run(simulate, options)
-    return 0 if report.ok else 1
+    report, _ = run(
+        args.scenario,
+        mode=args.mode,
+        scale=args.scale,
+        seed=args.seed,
+        out=Path(args.out) if args.out else None,
+        live=not args.no_progress,
+        overrides=overrides,
+    )
+    return 0 if report.passed else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smsgw.bench import DEFAULT_OUT, run
+
+    return run(args.set, Path(args.out) if args.out else DEFAULT_OUT, only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,18 +342,36 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_accounts_create)
 
     simulate = sub.add_parser(
-        "simulate", help="run a gateway, drive it with the load simulator, print a report"
+        "simulate",
+        help="run a load scenario (virtual time, or a real node on the wall clock) and report",
     )
-    simulate.add_argument("--accounts", type=int, default=20)
-    simulate.add_argument("--messages", type=int, default=5_000)
-    simulate.add_argument("--connections", type=int, default=32)
     simulate.add_argument(
-        "--credit", type=int, default=0, help="credit per account (default: about 80%% of need)"
+        "scenario",
+        nargs="?",
+        default="smoke",
+        choices=["smoke", "production-test", "day", "whale", "outage"],
+        help="default smoke",
     )
-    simulate.add_argument("--express-share", type=float, default=0.05)
-    simulate.add_argument("--seed", type=int, default=1)
-    simulate.add_argument("--timeout", type=float, default=300.0)
+    simulate.add_argument("--mode", choices=["virtual", "wall"], help="default: the scenario's")
+    simulate.add_argument("--scale", type=float, default=1.0, help="messages and accounts x")
+    simulate.add_argument("--seed", type=int, help="default: the scenario's")
+    simulate.add_argument("--out", help="report folder (default var/reports/SCENARIO-TIME)")
+    simulate.add_argument("--no-progress", action="store_true", help="no progress display")
+    simulate.add_argument("--accounts", type=int, help="override the scenario's accounts")
+    simulate.add_argument("--messages", type=int, help="override the scenario's messages")
+    simulate.add_argument("--connections", type=int, help="wall clock: concurrent clients")
+    simulate.add_argument("--credit", type=int, help="credit per account (default: from need)")
+    simulate.add_argument("--express-share", type=float, help="override the express share")
+    simulate.add_argument(
+        "--timeout", type=float, help="wall clock: seconds to wait for final states (300)"
+    )
     simulate.set_defaults(func=_simulate)
+
+    bench = sub.add_parser("bench", help="run benchmarks/ and the simulator; one report")
+    bench.add_argument("set", nargs="?", default="quick", choices=["quick", "full"])
+    bench.add_argument("--out", help="report folder (default benchmarks/reports/latest)")
+    bench.add_argument("--only", nargs="*", help="run only jobs whose name contains a word")
+    bench.set_defaults(func=_bench)
     return parser
 
 

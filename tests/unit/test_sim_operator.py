@@ -189,3 +189,67 @@ async def test_latency_percentiles_in_virtual_time(autojump_clock: trio.abc.Cloc
 def test_impossible_profiles_are_refused(fields: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         OperatorProfile(**fields)  # type: ignore[arg-type]
+
+
+async def test_an_outage_window_fails_every_attempt_for_now(autojump_clock: trio.abc.Clock) -> None:
+    operator = SimulatedOperator(
+        OperatorProfile(latency_ms_median=0.0, latency_ms_p99=0.0, p_temporary=0.0,
+                        p_permanent=0.0, outages=((10.0, 20.0),)),
+        origin=trio.current_time(),
+    )  # fmt: skip
+    before = await operator.send_batch([sms(1), sms(2)])
+    await trio.sleep(10.0)
+    during = await operator.send_batch([sms(3), sms(4)])
+    await trio.sleep(10.0)
+    after = await operator.send_batch([sms(5)])
+    assert [r.kind for r in before] == ["sent", "sent"]
+    assert [(r.kind, r.reason) for r in during] == [("temporary", "operator_unavailable")] * 2
+    assert [r.kind for r in after] == ["sent"]
+
+
+async def test_a_throughput_cap_queues_batches_on_the_link(autojump_clock: trio.abc.Clock) -> None:
+    """At 100 segments a second, two batches of 50 one-segment messages sent at once are
+    answered after 0.5 s and 1 s."""
+    operator = SimulatedOperator(
+        OperatorProfile(latency_ms_median=0.0, latency_ms_p99=0.0, max_per_second=100.0)
+    )
+    started = trio.current_time()
+    done: list[float] = []
+
+    async def send(first: int) -> None:
+        await operator.send_batch([sms(first + i) for i in range(50)])
+        done.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, 0)
+        nursery.start_soon(send, 100)
+    assert sorted(done) == pytest.approx([0.5, 1.0])
+
+
+def test_profiles_refuse_bad_caps_and_windows() -> None:
+    with pytest.raises(ValueError):
+        OperatorProfile(max_per_second=-1.0)
+    with pytest.raises(ValueError):
+        OperatorProfile(outages=((5.0, 5.0),))
+
+
+async def test_a_backed_up_link_throttles_at_once(autojump_clock: trio.abc.Clock) -> None:
+    """Past `max_queue_s` behind, a batch is refused for now without waiting or queueing."""
+    operator = SimulatedOperator(
+        OperatorProfile(latency_ms_median=0.0, latency_ms_p99=0.0, p_temporary=0.0,
+                        p_permanent=0.0, max_per_second=10.0, max_queue_s=1.0)
+    )  # fmt: skip
+    results: dict[str, list[SendResult]] = {}
+    started = trio.current_time()
+
+    async def send(name: str, first: int, n: int) -> None:
+        results[name] = await operator.send_batch([sms(first + i) for i in range(n)])
+        results[name + " at"] = [SendResult("sent", str(trio.current_time() - started))]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, "long", 0, 20)  # two seconds of link
+        await trio.sleep(0.5)
+        nursery.start_soon(send, "refused", 100, 5)
+    assert [r.kind for r in results["long"]] == ["sent"] * 20
+    assert [(r.kind, r.reason) for r in results["refused"]] == [("temporary", "throttled")] * 5
+    assert float(results["refused at"][0].operator_message_id or "nan") == pytest.approx(0.5)

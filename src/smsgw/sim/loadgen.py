@@ -168,6 +168,8 @@ class LoadReport(msgspec.Struct, frozen=True):
     offered_items: int = 0
     offered_rate_per_s: float = 0.0
     target_rate_per_s: float | None = None
+    # (milliseconds, fraction of 2xx answers at or below) at up to 60 bucket edges: for CDFs.
+    latency_cdf_ms: list[tuple[float, float]] = []
 
 
 # --- Validation helpers --------------------------------------------------------------------
@@ -241,6 +243,21 @@ class LatencyHistogram:
             if seen >= rank:
                 return min(self._FLOOR_S * math.exp((index + 1) * self._GROWTH), self.max_s)
         return self.max_s
+
+    def cdf_ms(self, points: int = 60) -> list[tuple[float, float]]:
+        """(milliseconds, fraction at or below) at up to `points` bucket edges."""
+        if self.count == 0:
+            return []
+        indexes = sorted(self._buckets)
+        step = max(1, len(indexes) // points)
+        out: list[tuple[float, float]] = []
+        seen = 0
+        for k, index in enumerate(indexes):
+            seen += self._buckets[index]
+            if k % step == 0 or k == len(indexes) - 1:
+                edge = min(self._FLOOR_S * math.exp((index + 1) * self._GROWTH), self.max_s)
+                out.append((round(edge * 1000.0, 3), round(seen / self.count, 6)))
+        return out
 
     def summary_ms(self) -> LatencySummary | None:
         if self.count == 0:
@@ -594,6 +611,7 @@ async def run_load(
             round(run.offered_items / issue_window, 1) if issue_window > 0.0 else 0.0
         ),
         target_rate_per_s=config.rate,
+        latency_cdf_ms=run.latency.cdf_ms(),
     )
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
 
 import msgspec
 import trio
 
 from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.ports import Provider
 from smsgw.sim.dlr import DlrEmitter
 
 TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
@@ -19,6 +20,10 @@ PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_desti
 
 # The standard normal quantile at 0.99: ln(p99) = ln(median) + sigma * _Z_99 for a lognormal.
 _Z_99 = NormalDist().inv_cdf(0.99)
+
+
+_UNAVAILABLE = SendResult("temporary", reason="operator_unavailable")
+_THROTTLED = SendResult("temporary", reason="throttled")
 
 
 class OperatorProfile(msgspec.Struct, frozen=True):
@@ -30,6 +35,16 @@ class OperatorProfile(msgspec.Struct, frozen=True):
     p_temporary: float = 0.03
     p_permanent: float = 0.02
     seed: int = 0
+    # Messages (segments) a second the operator's link takes; 0: no cap. Batches queue behind
+    # each other on the link, so an operator past its cap answers later, then times out.
+    max_per_second: float = 0.0
+    # With a cap: when the link is already this many seconds behind, the operator refuses a
+    # batch at once ("throttled", temporary) instead of queueing it, as an SMPP operator
+    # answers ESME_RTHROTTLED; 0: it queues without bound (and the pool times out).
+    max_queue_s: float = 0.0
+    # Windows [start, end) in seconds from the operator's origin (see SimulatedOperator) in
+    # which every attempt fails for now ("operator_unavailable"): a simulated outage.
+    outages: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.latency_ms_median <= self.latency_ms_p99:
@@ -42,6 +57,10 @@ class OperatorProfile(msgspec.Struct, frozen=True):
             and self.p_temporary + self.p_permanent <= 1.0
         ):
             raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
+        if self.max_per_second < 0.0 or self.max_queue_s < 0.0:
+            raise ValueError("max_per_second and max_queue_s must be >= 0")
+        if any(not 0.0 <= start < end for start, end in self.outages):
+            raise ValueError("outages must be windows (start, end) with 0 <= start < end")
 
 
 class SimulatedOperator:
@@ -64,6 +83,7 @@ class SimulatedOperator:
         *,
         remember: int = 1_000_000,
         dlr: DlrEmitter | None = None,
+        origin: float | None = None,
     ) -> None:
         if remember < 1:
             raise ValueError("remember must be at least 1")
@@ -83,6 +103,10 @@ class SimulatedOperator:
             else 0.0
         )
         self._delivered: OrderedDict[str, SendResult] = OrderedDict()
+        # trio time of the profile's second 0 (outage windows count from it); None: the first
+        # send's time.
+        self.origin = origin
+        self._link_free_at = -math.inf  # when the capped link has sent everything queued
         self._calls = 0
         self._cancelled = 0
         self._sends = 0
@@ -109,13 +133,26 @@ class SimulatedOperator:
     async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
         """Answer a window of messages after one simulated round trip, as a windowed protocol
         (SMPP submit_sm pipelining, an HTTP batch endpoint) would; each message's outcome is
-        drawn on its own, and its id is its idempotency key."""
+        drawn on its own, and its id is its idempotency key. With `max_per_second`, the batch
+        first waits for its turn on the link (its segments at that rate)."""
+        now = trio.current_time()
+        down = self._in_outage(now)
         drawn = []
         for _ in batch:
             self._calls += 1
-            drawn.append(self._draw_outcome(self._calls))
+            outcome = self._draw_outcome(self._calls)
+            drawn.append(_UNAVAILABLE if down else outcome)
+        queued = 0.0
+        if self.profile.max_per_second > 0.0 and not down:
+            if 0.0 < self.profile.max_queue_s < self._link_free_at - now:
+                drawn = [_THROTTLED] * len(batch)  # refused at once: no time on the link
+            else:
+                segments = sum(sms.segments for sms in batch)
+                start = max(now, self._link_free_at)
+                self._link_free_at = start + segments / self.profile.max_per_second
+                queued = self._link_free_at - now
         try:
-            await trio.sleep(self._draw_latency())
+            await trio.sleep(queued + self._draw_latency())
         except trio.Cancelled:
             self._cancelled += len(batch)
             raise
@@ -140,6 +177,14 @@ class SimulatedOperator:
             case "permanent":
                 self._permanent += 1
         return drawn
+
+    def _in_outage(self, now: float) -> bool:
+        if not self.profile.outages:
+            return False
+        if self.origin is None:
+            self.origin = now
+        offset = now - self.origin
+        return any(start <= offset < end for start, end in self.profile.outages)
 
     def stats(self) -> dict[str, int]:
         """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
@@ -166,3 +211,27 @@ class SimulatedOperator:
         if self._mu == -math.inf:
             return 0.0
         return self._latencies.lognormvariate(self._mu, self._sigma)
+
+
+class CountingProvider:
+    """A `Provider` that reports each attempt's result to `count(operator, kind, messages)`
+    (kind: sent, temporary, permanent, or timeout when the pool cancelled the batch): the
+    simulator's operator health over time. A message weighs its segments."""
+
+    def __init__(self, inner: Provider, count: Callable[[str, str, int], None]) -> None:
+        self._inner = inner
+        self._count = count
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        try:
+            results = await self._inner.send_batch(batch)
+        except trio.Cancelled:
+            self._count(self.name, "timeout", sum(s.segments for s in batch))
+            raise
+        for sms, result in zip(batch, results, strict=False):
+            self._count(self.name, result.kind, sms.segments)
+        return results
