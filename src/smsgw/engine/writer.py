@@ -17,6 +17,7 @@ from smsgw.engine.messages import (
     Account,
     CreateAccount,
     OutboundSms,
+    Outcome,
     RecordOutcome,
     TopUp,
     WriterMessage,
@@ -109,6 +110,8 @@ class StoreWriter:
             "topup_amount": 0,
         }
         self.refused: dict[str, int] = {}  # reason -> messages refused a hold
+        # Told of every committed outcome (the `"wait": true` requests wait on it).
+        self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -210,6 +213,8 @@ class StoreWriter:
             topup_reply.set(balance)
         for create_reply, account in zip(create_replies, result.creates, strict=True):
             create_reply.set(account)
+        if group.outcomes and self.on_outcomes is not None:
+            self.on_outcomes(group.outcomes)
         if committed:
             # After the replies: the callers' 202s do not wait for dispatch to take the work.
             await self._on_committed(committed)
