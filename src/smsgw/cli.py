@@ -12,6 +12,7 @@ from functools import partial
 import msgspec
 import trio
 
+from smsgw.engine.node import EngineConfig
 from smsgw.logs import configure as configure_logging
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
@@ -38,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         operators=(_operator_profile(args.operator_latency_ms),),
         operator_urls=tuple(args.operator_url),
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
+        engine=_engine_config(args),
     )
 
     async def main() -> None:
@@ -48,6 +50,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings `serve` takes flags for; the rest keep EngineConfig's defaults."""
+    changes: dict[str, object] = {"recipient_limit_per_hour": args.recipient_limit_per_hour}
+    if args.window is not None:
+        changes["window"] = args.window
+    if args.express_reserve_share is not None:
+        changes["express_reserve_share"] = args.express_reserve_share
+    return msgspec.structs.replace(EngineConfig(), **changes)
 
 
 def _operator_profile(latency: str | None) -> OperatorProfile:
@@ -147,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=_latency_ms,
         metavar="MEDIAN,P99",
         help="latency of the in-process simulated operator (default 20,80)",
+    )
+    serve.add_argument(
+        "--recipient-limit-per-hour",
+        type=int,
+        default=EngineConfig().recipient_limit_per_hour,
+        metavar="N",
+        help="messages an account may send to one number in an hour (default %(default)s;"
+        " an account's own setting overrides it)",
+    )
+    serve.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help=f"messages in flight to operators at once (default {EngineConfig().window})",
+    )
+    serve.add_argument(
+        "--express-reserve-share",
+        type=float,
+        metavar="SHARE",
+        help="share of the window only express messages may use (default"
+        f" {EngineConfig().express_reserve_share})",
     )
     serve.add_argument(
         "--log-json",

@@ -156,7 +156,9 @@ def test_backlogged_accounts_get_segments_within_one_quantum_of_each_other(
     """All accounts backlogged from the start: at the end of every round in which all are
     still backlogged, the segments served to any two differ by at most one quantum."""
     pushed = [
-        make_sms(100 * a + i, a, segments=s) for a, seg in enumerate(sizes) for i, s in enumerate(seg)
+        make_sms(100 * a + i, a, segments=s)
+        for a, seg in enumerate(sizes)
+        for i, s in enumerate(seg)
     ]
     pushed.sort(key=lambda s: s.created_at)
     accounts = {s.id: s.account_id for s in pushed}
@@ -379,9 +381,7 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
             message_id = sorted(dispatched)[len(dispatched) // 2]
             if retried[message_id] < dispatched[message_id]:
                 retried[message_id] += 1
-                state.push(
-                    msgspec_replace(committed[message_id], attempts=1 + retried[message_id])
-                )
+                state.push(msgspec_replace(committed[message_id], attempts=1 + retried[message_id]))
         assert state.in_memory <= max(memory_bound, 0) + len(state.mailboxes) + sum(
             retried.values()
         )
