@@ -90,7 +90,9 @@ class RateLimiter(Generic[K]):
                 self._prune_at = max(self.max_keys, 2 * len(self._buckets))
             fresh = TokenBucket(rate, burst, now)
             if bucket is not None:
-                fresh.tokens = min(burst, bucket.tokens)
+                # What was spent stays spent: a larger burst adds its difference.
+                bucket.refill(now)
+                fresh.tokens = max(0.0, min(burst, bucket.tokens + burst - bucket.burst))
             bucket = self._buckets[key] = fresh
         wait = bucket.take(now)
         if wait:
@@ -143,7 +145,9 @@ class RecipientLimiter:
                 self._shrink(now)
             fresh = TokenBucket(limit / 3600.0, limit, now)
             if bucket is not None:
-                fresh.tokens = min(float(limit), bucket.tokens)
+                # What was spent stays spent: a higher limit adds its difference.
+                bucket.refill(now)
+                fresh.tokens = max(0.0, min(limit, bucket.tokens + limit - bucket.burst))
             bucket = self._buckets[key] = fresh
         wait = bucket.take(now)
         if wait:
