@@ -59,6 +59,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         changes["window"] = args.window
     if args.express_reserve_share is not None:
         changes["express_reserve_share"] = args.express_reserve_share
+    if args.scheduler_fifo:
+        changes["scheduler_fifo"] = True
     return msgspec.structs.replace(EngineConfig(), **changes)
 
 
@@ -180,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHARE",
         help="share of the window only express messages may use (default"
         f" {EngineConfig().express_reserve_share})",
+    )
+    serve.add_argument(
+        "--scheduler-fifo",
+        action="store_true",
+        help="benchmarks only: one first-come-first-served queue instead of fair scheduling",
     )
     serve.add_argument(
         "--log-json",

@@ -75,6 +75,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # remembered for at most this many (account, number) pairs.
     recipient_limit_per_hour: int = 20
     recipient_limit_keys: int = 200_000
+    # Benchmarks only (benchmarks/fairness.py's baseline): one first-come-first-served queue
+    # for all accounts instead of deficit round robin, all in memory.
+    scheduler_fifo: bool = False
 
 
 class Engine:
@@ -123,12 +126,14 @@ class Engine:
             clock=clock,
             seed=seed,
         )
+        fifo = config.scheduler_fifo
         state = SchedulerState(
             quantum=config.drr_quantum,
-            account_bound=config.mailbox_bound,
-            memory_bound=config.scheduler_memory_bound,
-            body_budget=config.body_cache,
+            account_bound=None if fifo else config.mailbox_bound,
+            memory_bound=None if fifo else config.scheduler_memory_bound,
+            body_budget=None if fifo else config.body_cache,
             page_size=config.page_size,
+            fifo=fifo,
         )
         self.scheduler = Scheduler(
             scheduler_inbox,

@@ -97,7 +97,10 @@ class SchedulerState:
         memory_bound: int | None = None,
         body_budget: int | None = None,
         page_size: int = 500,
+        fifo: bool = False,
     ) -> None:
+        if fifo and not (account_bound is memory_bound is body_budget is None):
+            raise ValueError("the FIFO baseline keeps everything in memory: no bounds")
         if quantum < 1:
             raise ValueError("quantum must be at least 1 segment")
         self.quantum = quantum
@@ -105,6 +108,9 @@ class SchedulerState:
         self.memory_bound = memory_bound if memory_bound is not None else math.inf
         self.body_budget = body_budget if body_budget is not None else math.inf
         self.page_size = page_size
+        # The baseline benchmarks/fairness.py compares against: one queue for every account,
+        # first come first served (every message goes to the mailbox of account 0).
+        self.fifo = fifo
         self.mailboxes: dict[int, Mailbox] = {}
         self.ring: deque[int] = deque()  # accounts with bulk work, in serving order
         self.cursors: dict[int, Position] = {}
@@ -157,7 +163,7 @@ class SchedulerState:
             heapq.heappush(self.express, (deadline, self._seq, sms))
             return
         entry = entry_of(sms)
-        if self._place(sms.account_id, entry) and (
+        if self._place(0 if self.fifo else sms.account_id, entry) and (
             sms.attempts or len(self.bodies) < self.body_budget
         ):
             # A retry keeps its body whatever the budget: its attempts are only here.
@@ -216,6 +222,8 @@ class SchedulerState:
         all of its pending messages, from the start)."""
         if count <= 0:
             return
+        if self.fifo:
+            raise ValueError("the FIFO baseline cannot page: it is for benchmarks only")
         mailbox = self._mailbox(account_id)
         mailbox.spilled += count
         self.spilled += count
