@@ -213,6 +213,8 @@ def main() -> None:
                 f"{args.operator_ms},{args.operator_ms}",
                 "--recipient-limit-per-hour",
                 "1000000",
+                "--operator-errors",
+                "0,0",
             ]
             env = common.gateway_env(url, schema, admin_key)
             log_path = Path(work) / "gateway.log"

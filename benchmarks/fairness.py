@@ -235,6 +235,8 @@ def wall_phase(args: argparse.Namespace, url: str, name: str, flood_count: int) 
         f"{args.wall_operator_ms},{args.wall_operator_ms}",
         "--recipient-limit-per-hour",
         "1000000",
+        "--operator-errors",
+        "0,0",
     ]
     if name == "fifo":
         command.append("--scheduler-fifo")

@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         schema=_schema(),
-        operators=(_operator_profile(args.operator_latency_ms),),
+        operators=(_operator_profile(args.operator_latency_ms, args.operator_errors),),
         operator_urls=tuple(args.operator_url),
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
         engine=_engine_config(args),
@@ -64,12 +64,28 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return msgspec.structs.replace(EngineConfig(), **changes)
 
 
-def _operator_profile(latency: str | None) -> OperatorProfile:
-    """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms."""
-    if latency is None:
-        return OperatorProfile(name="sim")
-    median, p99 = (float(part) for part in latency.split(","))
-    return OperatorProfile(name="sim", latency_ms_median=median, latency_ms_p99=p99)
+def _operator_profile(latency: str | None, errors: str | None = None) -> OperatorProfile:
+    """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms, `errors`
+    "TEMPORARY,PERMANENT" probabilities."""
+    profile = OperatorProfile(name="sim")
+    if latency is not None:
+        median, p99 = (float(part) for part in latency.split(","))
+        profile = msgspec.structs.replace(profile, latency_ms_median=median, latency_ms_p99=p99)
+    if errors is not None:
+        temporary, permanent = (float(part) for part in errors.split(","))
+        profile = msgspec.structs.replace(profile, p_temporary=temporary, p_permanent=permanent)
+    return profile
+
+
+def _error_rates(value: str) -> str:
+    """argparse type for TEMPORARY,PERMANENT probabilities."""
+    try:
+        _operator_profile(None, value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want TEMPORARY,PERMANENT probabilities ({error})"
+        ) from None
+    return value
 
 
 def _latency_ms(value: str) -> str:
@@ -161,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_latency_ms,
         metavar="MEDIAN,P99",
         help="latency of the in-process simulated operator (default 20,80)",
+    )
+    serve.add_argument(
+        "--operator-errors",
+        type=_error_rates,
+        metavar="TEMPORARY,PERMANENT",
+        help="error probabilities of the in-process simulated operator (default 0.03,0.02)",
     )
     serve.add_argument(
         "--recipient-limit-per-hour",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -142,6 +143,7 @@ class ProviderPool:
         # check (`express_problem`) reads.
         self.failing: dict[str, int] = {p.name: 0 for p in self._providers}
         self.latency: dict[str, float] = {}
+        self.observed_at: dict[str, float] = {}  # trio time of the last batch's answer
 
     def stats(self) -> dict[str, Any]:
         outcomes: dict[str, dict[str, dict[str, int]]] = {}
@@ -171,15 +173,28 @@ class ProviderPool:
 
     # An operator whose last batches all failed this many times in a row is not healthy.
     UNHEALTHY_AFTER = 3
+    # What is known of an operator is trusted this long: with no batch since, it may have
+    # recovered, and refusing every express message would never let one find out.
+    KNOWN_FOR = 10.0
 
     def express_problem(self, deadline_s: float, express_ahead: int) -> str | None:
         """Why an express message accepted now could not reach an operator within
         `deadline_s` seconds, or None when it can: a healthy operator, answering in time,
         with room in the window for it and the `express_ahead` messages before it."""
-        healthy = [p.name for p in self._providers if self.failing[p.name] < self.UNHEALTHY_AFTER]
+        now = trio.current_time()
+        known = {
+            p.name
+            for p in self._providers
+            if now - self.observed_at.get(p.name, -math.inf) < self.KNOWN_FOR
+        }
+        healthy = [
+            p.name
+            for p in self._providers
+            if p.name not in known or self.failing[p.name] < self.UNHEALTHY_AFTER
+        ]
         if not healthy:
             return "no operator is healthy: every operator's recent batches failed"
-        latency = min(self.latency.get(name, 0.0) for name in healthy)
+        latency = min(self.latency.get(name, 0.0) if name in known else 0.0 for name in healthy)
         if latency >= deadline_s:
             return (
                 f"operators answer in {latency * 1000:.0f} ms, past the express deadline of"
@@ -262,6 +277,7 @@ class ProviderPool:
         return [SendResult("temporary", reason=failure)] * len(batch)
 
     def _observe(self, name: str, seconds: float, *, ok: bool) -> None:
+        self.observed_at[name] = trio.current_time()
         self.failing[name] = 0 if ok else self.failing.get(name, 0) + 1
         previous = self.latency.get(name)
         self.latency[name] = seconds if previous is None else previous + 0.2 * (seconds - previous)

@@ -324,7 +324,7 @@ class SchedulerState:
     def expired_express(self, now: float) -> list[OutboundSms]:
         """Take the express messages whose deadline has passed (the earliest are on top)."""
         expired = []
-        while self.express and self.express[0][0] < now:
+        while self.express and self.express[0][0] <= now:
             expired.append(heapq.heappop(self.express)[2])
         return expired
 
@@ -334,6 +334,11 @@ class SchedulerState:
     def pop_bulk(self, now: float) -> Entry | None:
         """The next bulk entry by deficit round robin, or None when no account with work is
         ready (its entries are still in the store, or its send rate holds it back)."""
+        popped = self.pop_bulk_of(now)
+        return None if popped is None else popped[1]
+
+    def pop_bulk_of(self, now: float) -> tuple[int, Entry] | None:
+        """`pop_bulk`, with the account the entry is of."""
         ring = self.ring
         unready = 0
         while unready < len(ring):
@@ -375,8 +380,13 @@ class SchedulerState:
                         self.page_wanted[account_id] = None
             elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
                 self.page_wanted[account_id] = None
-            return entry
+            return account_id, entry
         return None
+
+    def put_back(self, account_id: int, entry: Entry) -> None:
+        """An entry popped but not dispatched after all (its dispatch was cancelled): it goes
+        back in memory (it is at or before its account's cursor, so no page would return it)."""
+        self._remember(account_id, self._mailbox(account_id), entry)
 
     def next_ready(self, now: float) -> float:
         """When a paced account will have a token again (inf if none is waiting on one)."""
@@ -490,9 +500,31 @@ class Scheduler:
             if self._store is not None:
                 nursery.start_soon(self._pager, self._store)
             task_status.started()
-            await self._dispatch()
+            await self._dispatch(nursery)
 
-    async def _dispatch(self) -> None:
+    def _dispatch_bulk(self, nursery: trio.Nursery, entries: list[tuple[int, Entry]]) -> None:
+        """Hand a bulk batch to the pool: at once when every body is cached, else in a task
+        that reads the missing ones, so the dispatch loop (and express) never waits on it."""
+        bodies = self.state.bodies
+        if all(entry[1] in bodies for _, entry in entries):
+            self._submit([bodies.pop(entry[1]) for _, entry in entries])
+        else:
+            nursery.start_soon(self._read_and_submit, entries)
+
+    async def _read_and_submit(self, entries: list[tuple[int, Entry]]) -> None:
+        window = self._pool.window
+        try:
+            batch = await self._bodies([entry for _, entry in entries])
+        except BaseException:
+            # Cancelled (the run loop is restarting): the entries go back, slots too.
+            for account_id, entry in entries:
+                self.state.put_back(account_id, entry)
+            window.release(len(entries), express=False)
+            raise
+        window.release(len(entries) - len(batch), express=False)
+        self._submit(batch)
+
+    async def _dispatch(self, nursery: trio.Nursery) -> None:
         state = self.state
         window = self._pool.window
         max_batch = self._pool.max_batch
@@ -516,14 +548,12 @@ class Scheduler:
             if state.bulk_ready():
                 wanted = window.take(min(state.in_memory, max_batch), express=False)
                 if wanted:
-                    entries: list[Entry] = []
-                    while len(entries) < wanted and (entry := state.pop_bulk(now)) is not None:
-                        entries.append(entry)
+                    entries: list[tuple[int, Entry]] = []
+                    while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
+                        entries.append(popped)
                     window.release(wanted - len(entries), express=False)
                     if entries:
-                        bulk = await self._bodies(entries)
-                        window.release(len(entries) - len(bulk), express=False)
-                        self._submit(bulk)
+                        self._dispatch_bulk(nursery, entries)
                         progressed = True
             if progressed:
                 continue
