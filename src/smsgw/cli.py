@@ -13,6 +13,7 @@ from functools import partial
 import msgspec
 import trio
 
+from smsgw.engine.node import EngineConfig
 from smsgw.logs import configure as configure_logging
 from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
@@ -25,7 +26,6 @@ def _schema() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from smsgw.engine.node import EngineConfig
     from smsgw.engine.shards import LeaseConfig
     from smsgw.server import NodeOptions, run_node
 
@@ -46,7 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         schema=_schema(),
-        operators=(_operator_profile(args.operator_latency_ms, args.operator_name),),
+        operators=(
+            _operator_profile(args.operator_latency_ms, args.operator_name, args.operator_errors),
+        ),
         operator_urls=tuple(args.operator_url),
         metrics_public=os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1",
         node_id=node_id,
@@ -54,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
         reuse_port=args.reuse_port,
         cluster=not args.no_leases,
         dlr_keys=_dlr_keys(args.dlr_key, os.environ.get("SMSGW_DLR_KEYS", "")),
-        engine=EngineConfig(production=args.production),
+        engine=_engine_config(args),
         operator_dlr=_sim_dlr(args.sim_dlr),
     )
 
@@ -96,6 +98,16 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
             env["SMSGW_DLR_KEYS"] = ",".join(p for p in pairs if p)
     if args.production:
         worker_args.append("--production")
+    worker_args += ["--recipient-limit-per-hour", str(args.recipient_limit_per_hour)]
+    for flag, value in (
+        ("--operator-errors", args.operator_errors),
+        ("--window", args.window),
+        ("--express-reserve-share", args.express_reserve_share),
+    ):
+        if value is not None:
+            worker_args += [flag, str(value)]
+    if args.scheduler_fifo:
+        worker_args.append("--scheduler-fifo")
     top_args = ["-v"] if args.verbose else []
     trio.run(
         partial(serve_workers, workers, args.host, args.port, node_id, worker_args, env, top_args)
@@ -134,12 +146,45 @@ def _sim_dlr_arg(value: str) -> str:
     return value
 
 
-def _operator_profile(latency: str | None, name: str = "sim") -> OperatorProfile:
-    """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms."""
-    if latency is None:
-        return OperatorProfile(name=name)
-    median, p99 = (float(part) for part in latency.split(","))
-    return OperatorProfile(name=name, latency_ms_median=median, latency_ms_p99=p99)
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings `serve` takes flags for; the rest keep EngineConfig's defaults."""
+    changes: dict[str, object] = {
+        "recipient_limit_per_hour": args.recipient_limit_per_hour,
+        "production": args.production,
+    }
+    if args.window is not None:
+        changes["window"] = args.window
+    if args.express_reserve_share is not None:
+        changes["express_reserve_share"] = args.express_reserve_share
+    if args.scheduler_fifo:
+        changes["scheduler_fifo"] = True
+    return msgspec.structs.replace(EngineConfig(), **changes)
+
+
+def _operator_profile(
+    latency: str | None, name: str = "sim", errors: str | None = None
+) -> OperatorProfile:
+    """The in-process simulated operator's profile; `latency` is "MEDIAN,P99" in ms, `errors`
+    "TEMPORARY,PERMANENT" probabilities."""
+    profile = OperatorProfile(name=name)
+    if latency is not None:
+        median, p99 = (float(part) for part in latency.split(","))
+        profile = msgspec.structs.replace(profile, latency_ms_median=median, latency_ms_p99=p99)
+    if errors is not None:
+        temporary, permanent = (float(part) for part in errors.split(","))
+        profile = msgspec.structs.replace(profile, p_temporary=temporary, p_permanent=permanent)
+    return profile
+
+
+def _error_rates(value: str) -> str:
+    """argparse type for TEMPORARY,PERMANENT probabilities."""
+    try:
+        _operator_profile(None, "sim", value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want TEMPORARY,PERMANENT probabilities ({error})"
+        ) from None
+    return value
 
 
 def _latency_ms(value: str) -> str:
@@ -323,6 +368,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="production mode: status callback URLs may name any host (default: loopback"
         " hosts only)",
+    )
+    serve.add_argument(
+        "--operator-errors",
+        type=_error_rates,
+        metavar="TEMPORARY,PERMANENT",
+        help="error probabilities of the in-process simulated operator (default 0.03,0.02)",
+    )
+    serve.add_argument(
+        "--recipient-limit-per-hour",
+        type=int,
+        default=EngineConfig().recipient_limit_per_hour,
+        metavar="N",
+        help="messages an account may send to one number in an hour (default %(default)s;"
+        " an account's own setting overrides it)",
+    )
+    serve.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help=f"messages in flight to operators at once (default {EngineConfig().window})",
+    )
+    serve.add_argument(
+        "--express-reserve-share",
+        type=float,
+        metavar="SHARE",
+        help="share of the window only express messages may use (default"
+        f" {EngineConfig().express_reserve_share})",
+    )
+    serve.add_argument(
+        "--scheduler-fifo",
+        action="store_true",
+        help="benchmarks only: one first-come-first-served queue instead of fair scheduling",
     )
     serve.add_argument(
         "--log-json",

@@ -50,7 +50,9 @@ class ScriptedOperator:
         return results
 
 
-def sms(i: int, *, account: int = 1, express: bool = False) -> OutboundSms:
+def sms(
+    i: int, *, account: int = 1, express: bool = False, deadline: float | None = None
+) -> OutboundSms:
     return OutboundSms(
         id=f"m{i}",
         account_id=account,
@@ -61,11 +63,19 @@ def sms(i: int, *, account: int = 1, express: bool = False) -> OutboundSms:
         price=5,
         express=express,
         created_at=0.0,
+        deadline=deadline,
     )
 
 
 class Harness:
-    def __init__(self, operator: ScriptedOperator, *, window: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        operator: ScriptedOperator,
+        *,
+        window: int,
+        max_batch: int,
+        express_reserve: int = 0,
+    ) -> None:
         self.writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
         scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
         self.retry = RetryTimer(scheduler_inbox.handle())
@@ -75,8 +85,10 @@ class Harness:
             self.retry.ref,
             scheduler_inbox.handle(),
             window=window,
+            express_reserve=express_reserve,
             max_batch=max_batch,
             policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_cap=1.0),
+            clock=trio.current_time,
             seed=1,
         )
         self.scheduler = Scheduler(
@@ -157,3 +169,68 @@ def test_window_takes_at_most_what_is_free() -> None:
     assert window.take(3) == 3 and window.take(3) == 2 and window.take(1) == 0
     window.release(5)
     assert window.free == 5
+
+
+def test_bulk_never_takes_the_express_reserve() -> None:
+    window = Window(10, express_reserve=3)
+    assert window.take(10) == 7  # bulk: the shared part only
+    assert window.take(5, express=True) == 3
+    window.release(3, express=True)
+    assert window.take(1) == 0 and window.take(2, express=True) == 2
+    window.release(7)
+    assert window.bulk_inflight == 0 and window.express_inflight == 2
+
+
+async def test_express_goes_at_once_behind_a_window_full_of_bulk(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Bulk fills every slot it may; an express message arriving then is sent at once, in
+    the reserve, not after the bulk in flight comes back."""
+    operator = ScriptedOperator({}, latency=1.0)
+    harness = Harness(operator, window=10, max_batch=4, express_reserve=2)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(40))))
+        await trio.sleep(0.1)
+        assert harness.pool.window.bulk_inflight == 8
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(99, express=True, deadline=5.0),)))
+        await trio.sleep(0.01)
+        assert ["m99"] in operator.batches
+        outcomes = await harness.outcomes(41)
+        nursery.cancel_scope.cancel()
+    assert outcomes["m99"].outcome.status == "sent"
+    assert operator.max_in_flight == 9
+
+
+async def test_an_express_message_is_failed_at_its_deadline_not_sent_late(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """No reserve and a window held by a slow operator: the express message waits, and at its
+    deadline it is failed (`deadline_exceeded`, to be refunded) without ever being sent."""
+    operator = ScriptedOperator({}, latency=5.0)
+    harness = Harness(operator, window=2, max_batch=2)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(0), sms(1))))
+        await trio.sleep(0.1)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(9, express=True, deadline=2.0),)))
+        outcomes = await harness.outcomes(3)
+        nursery.cancel_scope.cancel()
+    expired = outcomes["m9"].outcome
+    assert (expired.status, expired.reason) == ("failed", "deadline_exceeded")
+    assert all("m9" not in batch for batch in operator.batches)
+    assert harness.scheduler.deadline_misses == 1
+
+
+async def test_an_express_batch_is_cut_at_its_deadline(autojump_clock: trio.abc.Clock) -> None:
+    operator = ScriptedOperator({}, latency=5.0)
+    harness = Harness(operator, window=4, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(0, express=True, deadline=1.0),)))
+        outcome = (await harness.outcomes(1))["m0"].outcome
+        elapsed = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert (outcome.status, outcome.reason) == ("failed", "deadline_exceeded")
+    assert elapsed < 5.0  # the operator's answer was not waited for
+    assert harness.pool.deadline_misses == 1

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smsgw.engine.ratelimit import RateLimiter, TokenBucket
+from smsgw.engine.ratelimit import RateLimiter, RecipientLimiter, TokenBucket
 
 
 def test_a_full_bucket_allows_a_burst_then_refuses() -> None:
@@ -95,3 +95,39 @@ def test_limiter_keeps_busy_keys_and_does_not_rescan_each_time() -> None:
     assert len(limiter) == 5
     # The empty buckets still refuse: their limit survived the growth.
     assert limiter.take(0, 0.0) > 0
+
+
+def test_recipient_limit_allows_the_limit_an_hour_per_account_and_number() -> None:
+    limiter = RecipientLimiter(3)
+    assert [limiter.take(1, "+1", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take(1, "+1", 0.0) == pytest.approx(1200.0)  # a token every 20 minutes
+    assert limiter.take(1, "+2", 0.0) == 0.0  # another number
+    assert limiter.take(2, "+1", 0.0) == 0.0  # another account
+    assert limiter.take(1, "+1", 1200.0) == 0.0
+    # A higher limit for the account adds its difference; what was spent stays spent.
+    assert limiter.take(1, "+1", 1200.0, limit=5) == 0.0
+    assert limiter.take(1, "+1", 1200.0, limit=5) == 0.0
+    assert limiter.take(1, "+1", 1200.0, limit=5) > 0
+
+
+def test_recipient_limit_memory_is_bounded_and_forgets_the_least_spent_first() -> None:
+    limiter = RecipientLimiter(20, max_keys=100)
+    for n in range(99):
+        limiter.take(1, f"+{n}", 0.0)  # one message each
+    for _ in range(10):
+        limiter.take(1, "+busy", 0.0)
+    for n in range(1_000):
+        limiter.take(2, f"+{n}", 0.0)
+        assert len(limiter) <= 100
+    # The busy number kept its count: its bucket spent the most.
+    for _ in range(10):
+        assert limiter.take(1, "+busy", 0.0) == 0.0
+    assert limiter.take(1, "+busy", 0.0) > 0
+
+
+def test_a_bucket_says_when_it_has_a_token_without_spending_one() -> None:
+    bucket = TokenBucket(rate=2, burst=1, now=0.0)
+    assert bucket.wait(0.0) == 0.0
+    assert bucket.take(0.0) == 0.0
+    assert bucket.wait(0.0) == pytest.approx(0.5)
+    assert bucket.wait(0.5) == 0.0 and bucket.take(0.5) == 0.0

@@ -1,4 +1,5 @@
-"""SchedulerState: nothing lost or served twice, express first by deadline, bulk round robin."""
+"""SchedulerState: nothing lost or served twice (paging included), deficit round robin by
+segments, express first by deadline, send rates that pace without dropping."""
 
 from __future__ import annotations
 
@@ -10,83 +11,102 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.scheduler import SchedulerState
+from smsgw.engine.scheduler import Entry, SchedulerState, micros
 
 SETTINGS = settings(max_examples=150, deadline=None)
+T0 = 1_700_000_000.0
+MAX_SEGMENTS = 10
 
 
-def make_sms(n: int, account_id: int, express: bool, deadline: float | None) -> OutboundSms:
+def make_sms(
+    n: int,
+    account_id: int,
+    express: bool = False,
+    deadline: float | None = None,
+    *,
+    segments: int = 1,
+    created_at: float | None = None,
+    attempts: int = 0,
+) -> OutboundSms:
     return OutboundSms(
-        id=f"m{n}",
+        id=f"{n:08d}-0000-7000-8000-000000000000",
         account_id=account_id,
         to="+4915123456789",
         sender="ACME",
         text=f"message {n}",
-        segments=1,
-        price=5,
+        segments=segments,
+        price=5 * segments,
         express=express,
-        created_at=1_700_000_000.0,
+        created_at=T0 + n / 1000 if created_at is None else created_at,
         deadline=deadline,
+        attempts=attempts,
     )
 
 
-# (account, express, deadline): deadlines from a small set so that ties happen.
-spec = st.tuples(
-    st.integers(min_value=1, max_value=6),
-    st.booleans(),
-    st.one_of(st.none(), st.sampled_from([10.0, 20.0, 30.0, 40.0])),
-)
-specs = st.lists(spec, max_size=80)
-bulk_specs = st.lists(st.integers(min_value=1, max_value=8), max_size=80)
-
-
-def build(items: list[tuple[int, bool, float | None]]) -> list[OutboundSms]:
-    return [make_sms(n, a, e, d) for n, (a, e, d) in enumerate(items)]
-
-
-def drain(state: SchedulerState) -> list[OutboundSms]:
+def drain(state: SchedulerState, now: float = 0.0) -> list[OutboundSms | Entry]:
     popped = []
-    while (sms := state.pop()) is not None:
-        popped.append(sms)
+    while (item := state.pop(now)) is not None:
+        popped.append(item)
     return popped
 
 
-def push_all(messages: list[OutboundSms]) -> SchedulerState:
-    state = SchedulerState()
+def ident(item: OutboundSms | Entry) -> str:
+    return item.id if isinstance(item, OutboundSms) else item[1]
+
+
+def account_of(item: OutboundSms | Entry, accounts: dict[str, int]) -> int:
+    return accounts[ident(item)]
+
+
+def push_all(messages: list[OutboundSms], **kwargs: int) -> SchedulerState:
+    state = SchedulerState(**kwargs)  # type: ignore[arg-type]
     for sms in messages:
         state.push(sms)
     return state
 
 
+# (account, express, deadline, segments): deadlines from a small set so that ties happen.
+spec = st.tuples(
+    st.integers(min_value=1, max_value=6),
+    st.booleans(),
+    st.one_of(st.none(), st.sampled_from([10.0, 20.0, 30.0, 40.0])),
+    st.integers(min_value=1, max_value=MAX_SEGMENTS),
+)
+specs = st.lists(spec, max_size=80)
+
+
+def build(items: list[tuple[int, bool, float | None, int]]) -> list[OutboundSms]:
+    return [make_sms(n, a, e, d, segments=s) for n, (a, e, d, s) in enumerate(items)]
+
+
 @SETTINGS
 @given(specs)
-def test_no_message_is_lost_or_served_twice(items: list[tuple[int, bool, float | None]]) -> None:
+def test_no_message_is_lost_or_served_twice(
+    items: list[tuple[int, bool, float | None, int]],
+) -> None:
     pushed = build(items)
     state = push_all(pushed)
     assert len(state) == len(pushed)
     popped = drain(state)
-    assert Counter(s.id for s in popped) == Counter(s.id for s in pushed)
-    assert len(state) == 0
-    assert state.bulk_size == 0
-    assert not state.mailboxes
-    assert not state.ring
-    assert state.pop() is None
+    assert Counter(ident(s) for s in popped) == Counter(s.id for s in pushed)
+    assert len(state) == 0 and state.bulk_size == 0 and state.in_memory == 0
+    assert not state.mailboxes and not state.ring
+    assert state.pop(0.0) is None
 
 
 @SETTINGS
 @given(specs)
 def test_express_goes_before_bulk_in_earliest_deadline_order(
-    items: list[tuple[int, bool, float | None]],
+    items: list[tuple[int, bool, float | None, int]],
 ) -> None:
     pushed = build(items)
     popped = drain(push_all(pushed))
-    lanes = [s.express for s in popped]
+    lanes = [isinstance(s, OutboundSms) for s in popped]
     # Every express message comes out before any bulk message.
     assert lanes == sorted(lanes, reverse=True)
-    express = [s for s in popped if s.express]
+    express = [s for s in popped if isinstance(s, OutboundSms)]
     keys = [math.inf if s.deadline is None else s.deadline for s in express]
     assert keys == sorted(keys)
-    # Equal deadlines keep their arrival order.
     arrival = {s.id: n for n, s in enumerate(pushed)}
     for a, b in itertools.pairwise(express):
         if a.deadline == b.deadline:
@@ -94,94 +114,313 @@ def test_express_goes_before_bulk_in_earliest_deadline_order(
 
 
 @SETTINGS
-@given(specs)
+@given(specs, st.integers(min_value=0, max_value=20))
 def test_an_express_message_arriving_later_still_jumps_the_bulk_queue(
-    items: list[tuple[int, bool, float | None]],
+    items: list[tuple[int, bool, float | None, int]], pops: int
 ) -> None:
-    state = push_all([make_sms(n, a, False, None) for n, (a, _, _) in enumerate(items)])
-    first = state.pop()
-    late = make_sms(10_000, 99, True, None)
+    state = push_all([make_sms(n, a, segments=s) for n, (a, _, _, s) in enumerate(items)])
+    for _ in range(pops):
+        state.pop(0.0)
+    late = make_sms(10_000, 99, True, 5.0)
     state.push(late)
-    assert first is None or not first.express
-    assert state.pop() == late
+    assert state.pop(0.0) == late
+
+
+def test_expired_express_messages_are_taken_out_earliest_first() -> None:
+    state = push_all([make_sms(n, 1, True, d) for n, d in enumerate([30.0, 10.0, 20.0, None])])
+    assert [s.deadline for s in state.expired_express(25.0)] == [10.0, 20.0]
+    assert state.next_deadline() == 30.0
+    assert [s.deadline for s in drain(state)] == [30.0, None]  # type: ignore[union-attr]
+
+
+# --- deficit round robin ---------------------------------------------------------------------
+
+# Each account's backlog: a list of message sizes in segments.
+backlogs = st.lists(
+    st.lists(st.integers(min_value=1, max_value=MAX_SEGMENTS), min_size=1, max_size=40),
+    min_size=1,
+    max_size=8,
+)
+
+
+def turns(served: list[int]) -> list[tuple[int, int]]:
+    """(account, messages) for each run of consecutive pops of one account."""
+    return [(a, len(list(run))) for a, run in itertools.groupby(served)]
 
 
 @SETTINGS
-@given(bulk_specs)
-def test_bulk_is_round_robin_over_backlogged_accounts(accounts: list[int]) -> None:
-    state = push_all([make_sms(n, a, False, None) for n, a in enumerate(accounts)])
-    remaining = Counter(accounts)
-    popped: list[int] = []
-    backlogged_before: list[int] = []
-    while (sms := state.pop()) is not None:
-        backlogged_before.append(sum(1 for n in remaining.values() if n > 0))
-        popped.append(sms.account_id)
-        remaining[sms.account_id] -= 1
-    assert len(popped) == len(accounts)
-    # While k accounts are backlogged, the next k pops serve k distinct accounts.
-    for i, k in enumerate(backlogged_before):
-        window = popped[i : i + k]
-        assert len(window) == k
-        assert len(set(window)) == k, (i, k, window)
+@given(backlogs, st.integers(min_value=MAX_SEGMENTS, max_value=3 * MAX_SEGMENTS))
+def test_backlogged_accounts_get_segments_within_one_quantum_of_each_other(
+    sizes: list[list[int]], quantum: int
+) -> None:
+    """All accounts backlogged from the start: at the end of every round in which all are
+    still backlogged, the segments served to any two differ by at most one quantum."""
+    pushed = [
+        make_sms(100 * a + i, a, segments=s)
+        for a, seg in enumerate(sizes)
+        for i, s in enumerate(seg)
+    ]
+    pushed.sort(key=lambda s: s.created_at)
+    accounts = {s.id: s.account_id for s in pushed}
+    segments = {s.id: s.segments for s in pushed}
+    state = push_all(pushed, quantum=quantum)
+    remaining = Counter(s.account_id for s in pushed)
+    served: Counter[int] = Counter()
+    order: list[int] = []
+    while (entry := state.pop(0.0)) is not None:
+        a = account_of(entry, accounts)
+        order.append(a)
+        served[a] += segments[ident(entry)]
+        remaining[a] -= 1
+        round_done = len(set(order)) == len(sizes) and len(turns(order)) % len(sizes) == 0
+        if round_done and all(remaining[x] > 0 for x in range(len(sizes))):
+            values = [served[x] for x in range(len(sizes))]
+            assert max(values) - min(values) <= quantum, values
+    assert sum(served.values()) == sum(map(sum, sizes))
 
 
-@SETTINGS
-@given(bulk_specs)
-def test_bulk_is_fifo_within_one_account(accounts: list[int]) -> None:
-    pushed = [make_sms(n, a, False, None) for n, a in enumerate(accounts)]
-    popped = drain(push_all(pushed))
-    per_account: dict[int, list[str]] = defaultdict(list)
-    for sms in popped:
-        per_account[sms.account_id].append(sms.id)
-    for account_id, ids in per_account.items():
-        assert ids == [s.id for s in pushed if s.account_id == account_id]
-
-
-# A mix of pushes (account) and pops (None), to check fairness while work keeps arriving.
-operations = st.lists(st.one_of(st.integers(min_value=1, max_value=5), st.none()), max_size=120)
+# A mix of pushes (account, segments) and pops (None), to check rounds while work arrives.
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.integers(min_value=1, max_value=5), st.integers(min_value=1, max_value=MAX_SEGMENTS)
+        ),
+        st.none(),
+    ),
+    max_size=150,
+)
 
 
 @SETTINGS
 @given(operations)
-def test_between_two_turns_of_an_account_no_other_is_served_twice(
-    ops: list[int | None],
+def test_every_account_with_work_is_served_within_one_round(
+    ops: list[tuple[int, int] | None],
 ) -> None:
-    state = SchedulerState()
+    """From the moment an account has work, no other account gets two turns before it is
+    served: a flooding account cannot make anyone wait longer than one round."""
+    state = SchedulerState(quantum=MAX_SEGMENTS)
     pending: Counter[int] = Counter()
+    accounts: dict[str, int] = {}
     served: list[int] = []
-    still_backlogged: list[bool] = []  # did the account have more waiting after this turn?
+    waiting_since: dict[int, int] = {}  # account -> index into `served` when its work came
     for n, op in enumerate(ops):
         if op is None:
-            sms = state.pop()
-            if sms is None:
+            entry = state.pop(0.0)
+            if entry is None:
                 assert sum(pending.values()) == 0
                 continue
-            assert pending[sms.account_id] > 0
-            pending[sms.account_id] -= 1
-            served.append(sms.account_id)
-            still_backlogged.append(pending[sms.account_id] > 0)
+            a = account_of(entry, accounts)
+            assert pending[a] > 0
+            pending[a] -= 1
+            served.append(a)
+            if a in waiting_since:
+                others = turns(served[waiting_since.pop(a) : -1])
+                counts = Counter(x for x, _ in others)
+                # The turn in progress when it arrived may finish, plus one more each.
+                assert all(c <= 2 for c in counts.values()), (a, others)
+                assert all(c <= 1 for x, c in counts.items() if x != others[0][0]), (a, others)
         else:
-            sms = make_sms(n, op, False, None)
+            a, segments = op
+            sms = make_sms(n, a, segments=segments)
+            accounts[sms.id] = a
+            if pending[a] == 0:
+                waiting_since[a] = len(served)
             state.push(sms)
-            pending[op] += 1
+            pending[a] += 1
         assert len(state) == sum(pending.values())
-    # A flooding account gets one turn per round: between its consecutive turns while it stays
-    # backlogged, every other account is served at most once.
-    last_turn: dict[int, int] = {}
-    for i, account_id in enumerate(served):
-        if account_id in last_turn and still_backlogged[last_turn[account_id]]:
-            between = served[last_turn[account_id] + 1 : i]
-            assert all(n == 1 for n in Counter(between).values()), (account_id, between)
-        last_turn[account_id] = i
     assert len(drain(state)) == sum(pending.values())
 
 
 @SETTINGS
-@given(bulk_specs, st.integers(min_value=1, max_value=5))
+@given(st.lists(st.integers(min_value=1, max_value=8), max_size=80))
+def test_bulk_is_fifo_within_one_account(accounts: list[int]) -> None:
+    pushed = [make_sms(n, a) for n, a in enumerate(accounts)]
+    popped = drain(push_all(pushed))
+    per_account: dict[int, list[str]] = defaultdict(list)
+    owner = {s.id: s.account_id for s in pushed}
+    for item in popped:
+        per_account[owner[ident(item)]].append(ident(item))
+    for account_id, ids in per_account.items():
+        assert ids == [s.id for s in pushed if s.account_id == account_id]
+
+
+def test_a_three_segment_message_costs_three_times_a_one_segment_message() -> None:
+    heavy = [make_sms(n, 1, segments=3) for n in range(0, 60, 2)]
+    light = [make_sms(n, 2, segments=1) for n in range(1, 61, 2)]
+    state = push_all(sorted(heavy + light, key=lambda s: s.created_at), quantum=MAX_SEGMENTS)
+    popped = [state.pop(0.0) for _ in range(26)]  # two rounds: 3 x 3 + 1 x 10 segments each
+    owner = {s.id: s.account_id for s in heavy + light}
+    counts = Counter(owner[ident(p)] for p in popped if p is not None)
+    assert counts == {1: 6, 2: 20}
+
+
+@SETTINGS
+@given(st.lists(st.integers(min_value=1, max_value=8), max_size=80), st.integers(1, 5))
 def test_largest_backlogs_reports_the_longest_mailboxes(accounts: list[int], n: int) -> None:
-    state = push_all([make_sms(i, a, False, None) for i, a in enumerate(accounts)])
+    state = push_all([make_sms(i, a) for i, a in enumerate(accounts)])
     top = state.largest_backlogs(n)
     counts = Counter(accounts)
     assert len(top) == min(n, len(counts))
     assert all(counts[a] == size for size, a in top)
     assert [size for size, _ in top] == sorted(counts.values(), reverse=True)[:n]
+
+
+# --- send rates --------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    st.integers(min_value=1, max_value=60),
+    st.sampled_from([0.5, 1.0, 2.0, 5.0]),
+    st.lists(st.sampled_from([0.0, 0.01, 0.1, 0.3, 0.7, 1.0, 2.0]), min_size=1, max_size=80),
+)
+def test_a_send_rate_paces_an_account_without_dropping_its_work(
+    count: int, rate: float, steps: list[float]
+) -> None:
+    """Over any stretch of time the paced account gets at most burst + rate x time messages;
+    another account is not held back; nothing is lost."""
+    state = SchedulerState()
+    state.set_send_rate(1, rate, 0.0)
+    burst = max(1.0, rate)
+    for n in range(count):
+        state.push(make_sms(n, 1))
+    state.push(make_sms(10_000, 2))
+    now = 0.0
+    got: list[tuple[float, int]] = []
+    for step in itertools.cycle(steps):
+        while (entry := state.pop_bulk(now)) is not None:
+            got.append((now, 1 if entry[1] != make_sms(10_000, 2).id else 2))
+        if sum(1 for _, a in got if a == 1) == count:
+            break
+        assert state.next_ready(now) > now
+        now += step if step > 0 else state.next_ready(now) - now
+    paced = [t for t, a in got if a == 1]
+    assert len(paced) == count
+    assert (0.0, 2) in got  # the unpaced account went at once
+    for i, start in enumerate(paced):
+        for j in range(i, len(paced)):
+            assert j - i + 1 <= burst + rate * (paced[j] - start) + 1e-6
+
+
+# --- bounded memory and paging --------------------------------------------------------------
+
+
+class FakeStore:
+    """Every committed bulk message by account, as PostgreSQL would page them: after the
+    cursor, in (created_at, id) order, whether or not the Scheduler already dispatched them
+    (their rows stay `queued` until an outcome commits)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[Entry]] = defaultdict(list)
+
+    def commit(self, account_id: int, entry: Entry) -> None:
+        self.rows[account_id].append(entry)
+
+    def page(self, account_id: int, cursor: tuple[int, str], size: int) -> list[Entry]:
+        after = sorted(e for e in self.rows[account_id] if (e[0], e[1]) > cursor)
+        return after[:size]
+
+
+paging_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(1, 4), st.integers(0, 3)),  # account, lateness
+        st.tuples(st.just("pop"), st.just(0), st.just(0)),
+        st.tuples(st.just("ask"), st.just(0), st.just(0)),  # the pager takes requests
+        st.tuples(st.just("answer"), st.just(0), st.just(0)),  # one answer comes back
+        st.tuples(st.just("retry"), st.just(0), st.just(0)),  # a dispatched one comes back
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    paging_ops,
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=1, max_value=8),
+    st.integers(min_value=1, max_value=3),
+)
+def test_paging_loses_nothing_and_serves_nothing_twice(
+    ops: list[tuple[str, int, int]], account_bound: int, memory_bound: int, page_size: int
+) -> None:
+    """With small bounds, most messages spill and are paged back in; page answers arrive late
+    (after more messages), messages commit out of order, and dispatched ones come back for a
+    retry. Every message is dispatched, and apart from retries, exactly once."""
+    store = FakeStore()
+    state = SchedulerState(
+        account_bound=account_bound,
+        memory_bound=memory_bound,
+        body_budget=2,
+        page_size=page_size,
+    )
+    committed: dict[str, OutboundSms] = {}
+    dispatched: Counter[str] = Counter()
+    retried: Counter[str] = Counter()
+    answers: list[tuple[int, list[Entry], int]] = []
+    n = 0
+    for op, account, lateness in ops:
+        if op == "push":
+            n += 1
+            # A late commit: created a little before messages already committed.
+            sms = make_sms(n, account, created_at=T0 + (n - lateness) / 1000)
+            committed[sms.id] = sms
+            store.commit(account, (micros(sms.created_at), sms.id, sms.segments))
+            state.push(sms)
+        elif op == "pop":
+            entry = state.pop_bulk(0.0)
+            if entry is not None:
+                dispatched[entry[1]] += 1
+        elif op == "ask":
+            for account_id, cursor, size in state.take_page_requests(2):
+                # The snapshot is taken now; the answer comes back later.
+                answers.append((account_id, store.page(account_id, cursor, size), size))
+        elif op == "answer" and answers:
+            account_id, rows, size = answers.pop(0)
+            state.paged(account_id, rows, size)
+        elif op == "retry" and dispatched:
+            message_id = sorted(dispatched)[len(dispatched) // 2]
+            if retried[message_id] < dispatched[message_id]:
+                retried[message_id] += 1
+                state.push(msgspec_replace(committed[message_id], attempts=1 + retried[message_id]))
+        assert state.in_memory <= max(memory_bound, 0) + len(state.mailboxes) + sum(
+            retried.values()
+        )
+    # Let everything drain: answer, ask again, pop, until nothing is left.
+    for _ in range(10_000):
+        while answers:
+            account_id, rows, size = answers.pop(0)
+            state.paged(account_id, rows, size)
+        for account_id, cursor, size in state.take_page_requests(10):
+            answers.append((account_id, store.page(account_id, cursor, size), size))
+        while (entry := state.pop_bulk(0.0)) is not None:
+            dispatched[entry[1]] += 1
+        if not answers and not state.page_wanted and state.bulk_size == 0:
+            break
+    assert state.bulk_size == 0 and state.spilled == 0 and not state.mailboxes
+    assert set(dispatched) == set(committed)
+    for message_id, times in dispatched.items():
+        assert times == 1 + retried[message_id], message_id
+
+
+def msgspec_replace(sms: OutboundSms, **changes: object) -> OutboundSms:
+    import msgspec
+
+    return msgspec.structs.replace(sms, **changes)
+
+
+def test_recovered_backlogs_are_paged_in_from_the_start() -> None:
+    store = FakeStore()
+    messages = [make_sms(n, 7) for n in range(5)]
+    for sms in messages:
+        store.commit(7, (micros(sms.created_at), sms.id, sms.segments))
+    state = SchedulerState(account_bound=2, memory_bound=10, body_budget=0)
+    state.add_backlog(7, 5)
+    assert state.bulk_size == 5 and state.pop_bulk(0.0) is None
+    got = []
+    while state.bulk_size:
+        for account_id, cursor, size in state.take_page_requests(10):
+            state.paged(account_id, store.page(account_id, cursor, size), size)
+        while (entry := state.pop_bulk(0.0)) is not None:
+            got.append(entry[1])
+    assert got == [s.id for s in messages]
+    assert not state.bodies

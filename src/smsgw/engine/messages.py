@@ -83,6 +83,18 @@ class Outcome(msgspec.Struct, frozen=True):
     at: float
 
 
+class AccountSettings(msgspec.Struct, frozen=True):
+    """Per-account scheduling and rate settings (migration 003); None: the node's default."""
+
+    send_rate: float | None = None  # bulk messages a second dispatched to operators
+    express_deadline_ms: int | None = None  # from accept to the operator
+    recipient_limit_per_hour: int | None = None  # messages to one number
+    api_rate: float | None = None  # API requests a second
+
+
+DEFAULT_SETTINGS = AccountSettings()
+
+
 class Account(msgspec.Struct, frozen=True):
     id: int
     name: str
@@ -91,6 +103,7 @@ class Account(msgspec.Struct, frozen=True):
     callback_url: str | None = None
     # Only when it was just made (account creation): it is shown to the account once.
     signing_secret: str | None = None
+    settings: AccountSettings = DEFAULT_SETTINGS
 
 
 class DeliveryReport(msgspec.Struct, frozen=True):
@@ -163,7 +176,30 @@ class Enqueue(msgspec.Struct, frozen=True):
     items: tuple[OutboundSms, ...]
 
 
-SchedulerMessage = Enqueue
+class Backlog(msgspec.Struct, frozen=True):
+    """Recovery: these accounts have this many bulk messages waiting in the store, to be
+    paged in (from the start of each account's queue)."""
+
+    counts: tuple[tuple[int, int], ...]
+
+
+class Paged(msgspec.Struct, frozen=True):
+    """The Scheduler's pager read an account's next entries back from the store."""
+
+    account_id: int
+    rows: tuple[tuple[int, str, int], ...]  # (created_at in microseconds, id, segments)
+    size: int  # how many were asked for
+    ok: bool = True
+
+
+class SendRate(msgspec.Struct, frozen=True):
+    """Pace this account's bulk dispatch (messages a second; None: unpaced)."""
+
+    account_id: int
+    rate: float | None
+
+
+SchedulerMessage = Enqueue | Backlog | Paged | SendRate
 
 
 # --- Status snapshots (the supervisor status endpoint) -----------------------------------

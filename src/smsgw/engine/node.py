@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -9,25 +10,30 @@ from typing import Any
 import msgspec
 import trio
 
-from smsgw.engine.actor import Inbox
+from smsgw.engine.actor import Inbox, InboxFull, Reply
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
 from smsgw.engine.messages import (
+    DEFAULT_SETTINGS,
     Accept,
     AcceptResult,
     Account,
+    AccountSettings,
+    Backlog,
     CreateAccount,
     DeliveryReport,
     DeliveryResult,
     Enqueue,
     OutboundSms,
+    Outcome,
     RecordDeliveries,
     SchedulerMessage,
+    SendRate,
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
-from smsgw.engine.scheduler import Scheduler
+from smsgw.engine.scheduler import Scheduler, SchedulerState
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
@@ -58,6 +64,29 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # development or a test must not call out to the world).
     production: bool = False
     callbacks: CallbackPolicy = CallbackPolicy()
+    # --- scheduling (issue 4) ---
+    # Share of the window only express messages may use: bulk never fills it, so an express
+    # message finds a slot at once however deep the bulk backlog.
+    express_reserve_share: float = 0.1
+    # Deficit round robin: segments of credit an account gets per turn. At least the largest
+    # message (max_segments), so every account with work is served in every round.
+    drr_quantum: int = 10
+    # Bulk entries in memory: per account, and in all (each entry is an id and its place in
+    # the queue, about 200 bytes); the rest wait in PostgreSQL and are paged back in.
+    mailbox_bound: int = 1_000
+    scheduler_memory_bound: int = 200_000
+    # Bulk bodies the Scheduler keeps from accept to dispatch, so that without a backlog no
+    # message is read back; past it, bodies are read in one query per batch.
+    body_cache: int = 20_000
+    page_size: int = 500  # entries per account per page query
+    page_accounts: int = 500  # accounts per page query
+    # Messages per recipient number per account in an hour (a per-account setting overrides);
+    # remembered for at most this many (account, number) pairs.
+    recipient_limit_per_hour: int = 20
+    recipient_limit_keys: int = 200_000
+    # Benchmarks only (benchmarks/fairness.py's baseline): one first-come-first-served queue
+    # for all accounts instead of deficit round robin, all in memory.
+    scheduler_fifo: bool = False
 
 
 class Engine:
@@ -115,13 +144,33 @@ class Engine:
             self.retry.ref,
             scheduler_ref,
             window=config.window,
+            express_reserve=min(
+                config.window - 1, int(config.window * config.express_reserve_share)
+            ),
             max_batch=config.max_batch,
             policy=config.retry,
             clock=clock,
             seed=seed,
             admit=None if self.leases is None else self.leases.admit,
         )
-        self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
+        fifo = config.scheduler_fifo
+        state = SchedulerState(
+            quantum=config.drr_quantum,
+            account_bound=None if fifo else config.mailbox_bound,
+            memory_bound=None if fifo else config.scheduler_memory_bound,
+            body_budget=None if fifo else config.body_cache,
+            page_size=config.page_size,
+            fifo=fifo,
+        )
+        self.scheduler = Scheduler(
+            scheduler_inbox,
+            self.pool,
+            self.writer.ref,
+            clock=clock,
+            store=store,
+            state=state,
+            page_accounts=config.page_accounts,
+        )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.
         self.callbacks: CallbackSender | None = None
@@ -132,6 +181,12 @@ class Engine:
             )
             self.reconciler = DlrReconciler(callback_store)
         self.supervisor: Supervisor | None = None
+        # Per-account settings this node has seen (with each API key lookup, and on a change
+        # made here): read on the accept path without a query.
+        self.settings: dict[int, AccountSettings] = {}
+        # `"wait": true` requests: message id -> the slot its committed outcome goes to.
+        self.waiters: dict[str, Reply[Outcome]] = {}
+        self.writer.on_outcomes = self._outcomes_committed
 
     @property
     def recovered(self) -> int:
@@ -185,10 +240,17 @@ class Engine:
         It reports started only when done, so the HTTP door (started after it) accepts nothing
         that the recovery query could also return: no message is enqueued twice."""
         if not self.ready.is_set():
-            pending = await self.store.pending()
-            for start in range(0, len(pending), 1_000):
-                await self.scheduler.ref.tell(Enqueue(tuple(pending[start : start + 1_000])))
-            self._recovered = len(pending)
+            recovered = await self.store.recover()
+            for account_id, rate in recovered.send_rates:
+                await self.scheduler.ref.tell(SendRate(account_id, rate))
+            express = recovered.express
+            for start in range(0, len(express), 1_000):
+                await self.scheduler.ref.tell(Enqueue(tuple(express[start : start + 1_000])))
+            # Bulk as counts: the Scheduler pages the messages in as memory allows.
+            backlogs = recovered.backlogs
+            for start in range(0, len(backlogs), 10_000):
+                await self.scheduler.ref.tell(Backlog(tuple(backlogs[start : start + 10_000])))
+            self._recovered = len(express) + sum(n for _, n in backlogs)
             self.ready.set()
         task_status.started()
 
@@ -216,6 +278,54 @@ class Engine:
         return await self.writer.ref.ask(
             lambda reply: Accept(tuple(items), atomic, reply), self.config.accept_timeout
         )
+
+    # --- scheduling and settings ------------------------------------------------------------
+
+    def account_settings(self, account_id: int) -> AccountSettings:
+        return self.settings.get(account_id, DEFAULT_SETTINGS)
+
+    def learn_settings(self, account_id: int, settings: AccountSettings) -> None:
+        """Remember an account's settings (from a key lookup or a change) and give the
+        Scheduler its send rate if that changed. Never waits: if the Scheduler's inbox is full
+        the rate goes with the next lookup."""
+        if settings == DEFAULT_SETTINGS:
+            self.settings.pop(account_id, None)
+        else:
+            self.settings[account_id] = settings
+        if self.scheduler.state.send_rates.get(account_id) != settings.send_rate:
+            with contextlib.suppress(InboxFull):
+                self.scheduler.ref.tell_nowait(SendRate(account_id, settings.send_rate))
+
+    def express_deadline_s(self, account_id: int) -> float:
+        ms = self.account_settings(account_id).express_deadline_ms
+        return (self.config.express_deadline_ms if ms is None else ms) / 1000
+
+    def express_problem(self, account_id: int) -> str | None:
+        """Why an express message of this account accepted now would miss its deadline (no
+        healthy operator, or no capacity in time), or None. In memory: no query, no wait."""
+        if not self.ready.is_set():
+            return "the node is still recovering"
+        commit = self.writer.commit_ms_ewma / 1000
+        return self.pool.express_problem(
+            self.express_deadline_s(account_id) - commit, len(self.scheduler.state.express)
+        )
+
+    def wait_for(self, message_id: str) -> Reply[Outcome]:
+        """A slot that gets the message's outcome once it is committed; call before the
+        message is accepted, and `forget_wait` after."""
+        reply: Reply[Outcome] = Reply()
+        self.waiters[message_id] = reply
+        return reply
+
+    def forget_wait(self, message_id: str) -> None:
+        self.waiters.pop(message_id, None)
+
+    def _outcomes_committed(self, outcomes: Sequence[Outcome]) -> None:
+        if self.waiters:
+            for outcome in outcomes:
+                reply = self.waiters.pop(outcome.sms.id, None)
+                if reply is not None:
+                    reply.set(outcome)
 
     async def topup(self, account_id: int, amount: int) -> int | None:
         return await self.writer.ref.ask(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -36,28 +37,53 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
 
 class Window:
-    """How many messages may be in flight at once (like an SMPP window), taken in batches."""
+    """How many messages may be in flight at once (like an SMPP window), taken in batches.
 
-    def __init__(self, size: int) -> None:
+    `express_reserve` slots are for express messages only: bulk may fill at most
+    `size - express_reserve`, so express never waits behind bulk work already in flight.
+    """
+
+    def __init__(self, size: int, express_reserve: int = 0) -> None:
+        if not 0 <= express_reserve < size:
+            raise ValueError("express_reserve must leave bulk at least one slot")
         self.size = size
+        self.express_reserve = express_reserve
         self.free = size
+        self.bulk_inflight = 0
         self._freed = trio.Event()
 
-    def take(self, wanted: int) -> int:
+    @property
+    def express_inflight(self) -> int:
+        return self.size - self.free - self.bulk_inflight
+
+    def take(self, wanted: int, *, express: bool = False) -> int:
         """Take up to `wanted` slots without waiting; returns how many were taken."""
-        taken = min(wanted, self.free)
+        if express:
+            taken = min(wanted, self.free)
+        else:
+            bulk_room = self.size - self.express_reserve - self.bulk_inflight
+            taken = max(0, min(wanted, self.free, bulk_room))
+            self.bulk_inflight += taken
         self.free -= taken
         return taken
 
     async def wait_free(self) -> None:
         """Return once at least one slot is free."""
         while self.free == 0:
-            self._freed = trio.Event()
-            await self._freed.wait()
+            await self.wait_release()
 
-    def release(self, count: int) -> None:
+    async def wait_release(self) -> None:
+        """Return at the next release of any slots."""
+        self._freed = trio.Event()
+        await self._freed.wait()
+
+    def release(self, count: int, *, express: bool = False) -> None:
+        if not count:
+            return
         self.free += count
-        if self.free > self.size:
+        if not express:
+            self.bulk_inflight -= count
+        if self.free > self.size or self.bulk_inflight < 0:
             raise RuntimeError(f"window over-released: {self.free} free of {self.size}")
         self._freed.set()
 
@@ -81,6 +107,7 @@ class ProviderPool:
         requeue: ActorRef[SchedulerMessage],
         *,
         window: int = 256,
+        express_reserve: int = 0,
         max_batch: int = 64,
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.time,
@@ -90,7 +117,7 @@ class ProviderPool:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
         self.inbox: Inbox[tuple[OutboundSms, ...]] = Inbox("provider_pool", window)
-        self.window = Window(window)
+        self.window = Window(window, express_reserve)
         self.max_batch = max_batch
         self._providers = [p for p, _ in providers]
         self._weights = [w for _, w in providers]
@@ -113,6 +140,14 @@ class ProviderPool:
         self.outcomes: dict[tuple[str, str, str], int] = {}
         # Seconds from accept (`created_at`) to the operator's `sent`, retries included.
         self.accept_to_sent = Histogram(DELIVERY_BUCKETS)
+        self.express_to_sent = Histogram(DELIVERY_BUCKETS)
+        self.deadline_misses = 0  # express messages failed here because the deadline passed
+        # Per operator: batches that failed as a whole in a row (a timeout, an exception), and
+        # a moving average of a batch's round trip in seconds: what the express admission
+        # check (`express_problem`) reads.
+        self.failing: dict[str, int] = {p.name: 0 for p in self._providers}
+        self.latency: dict[str, float] = {}
+        self.observed_at: dict[str, float] = {}  # trio time of the last batch's answer
 
     def stats(self) -> dict[str, Any]:
         outcomes: dict[str, dict[str, dict[str, int]]] = {}
@@ -125,7 +160,60 @@ class ProviderPool:
             **self.counts,
             "outcomes": outcomes,
             "accept_to_sent_seconds": self.accept_to_sent.summary(),
+            "express_accept_to_sent_seconds": self.express_to_sent.summary(),
+            "express_reserve": self.window.express_reserve,
+            "express_inflight": self.window.express_inflight,
+            "express_deadline_misses": self.deadline_misses,
+            "operators": {
+                name: {
+                    "failing_batches": self.failing.get(name, 0),
+                    "latency_ms": round(1000 * self.latency[name], 3)
+                    if name in self.latency
+                    else None,
+                }
+                for name in self.failing
+            },
         }
+
+    # An operator whose last batches all failed this many times in a row is not healthy.
+    UNHEALTHY_AFTER = 3
+    # What is known of an operator is trusted this long: with no batch since, it may have
+    # recovered, and refusing every express message would never let one find out.
+    KNOWN_FOR = 10.0
+
+    def express_problem(self, deadline_s: float, express_ahead: int) -> str | None:
+        """Why an express message accepted now could not reach an operator within
+        `deadline_s` seconds, or None when it can: a healthy operator, answering in time,
+        with room in the window for it and the `express_ahead` messages before it."""
+        now = trio.current_time()
+        known = {
+            p.name
+            for p in self._providers
+            if now - self.observed_at.get(p.name, -math.inf) < self.KNOWN_FOR
+        }
+        healthy = [
+            p.name
+            for p in self._providers
+            if p.name not in known or self.failing[p.name] < self.UNHEALTHY_AFTER
+        ]
+        if not healthy:
+            return "no operator is healthy: every operator's recent batches failed"
+        latency = min(self.latency.get(name, 0.0) if name in known else 0.0 for name in healthy)
+        if latency >= deadline_s:
+            return (
+                f"operators answer in {latency * 1000:.0f} ms, past the express deadline of"
+                f" {deadline_s * 1000:.0f} ms"
+            )
+        room = self.window.size - self.window.bulk_inflight
+        # Each turn of the window (one operator latency) sends `room` express messages.
+        turns = express_ahead // max(1, room)
+        if (turns + 1) * latency >= deadline_s:
+            return (
+                f"{express_ahead} express messages are waiting ahead of this one; at"
+                f" {latency * 1000:.0f} ms per operator turn it would miss its deadline of"
+                f" {deadline_s * 1000:.0f} ms"
+            )
+        return None
 
     def submit(self, batch: tuple[OutboundSms, ...]) -> None:
         """Start sending `batch`; the caller took one window slot per message for it."""
@@ -141,7 +229,7 @@ class ProviderPool:
             # inbox: drop those (giving their slots back), or each would be sent twice, once
             # from here and once from the Scheduler's new dispatch.
             while (unstarted := self.inbox.get_nowait()) is not None:
-                self.window.release(len(unstarted))
+                self.window.release(len(unstarted), express=unstarted[0].express)
             self.inflight.clear()
             await self._requeue.tell(Enqueue(orphans))
         async with trio.open_nursery() as nursery:
@@ -169,7 +257,7 @@ class ProviderPool:
                 # stays in `inflight` and the next run of the pool hands it back.
                 del self.inflight[sms.id]
         finally:
-            self.window.release(len(batch))
+            self.window.release(len(batch), express=batch[0].express)
 
     def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
         assert self._admit is not None
@@ -185,16 +273,31 @@ class ProviderPool:
         """One attempt per message; a timeout, an exception or a wrong number of results is a
         temporary failure for the whole batch, never a crash."""
         failure = "timeout"
+        timeout = self._policy.attempt_timeout
+        deadlines = [s.deadline for s in batch if s.deadline is not None]
+        if deadlines:
+            # An express batch gets no longer than its earliest deadline: past it, the
+            # messages are failed and refunded, not left waiting on a slow operator.
+            timeout = max(0.001, min(timeout, min(deadlines) - self._clock()))
+        started = trio.current_time()
         try:
-            with trio.move_on_after(self._policy.attempt_timeout):
+            with trio.move_on_after(timeout):
                 results = await provider.send_batch(batch)
                 if len(results) == len(batch):
+                    self._observe(provider.name, trio.current_time() - started, ok=True)
                     return results
                 failure = f"operator_error: {len(results)} results for {len(batch)} messages"
         except Exception as exc:
             log.warning("operator %s raised on a batch of %d: %r", provider.name, len(batch), exc)
             failure = f"operator_error: {type(exc).__name__}"
+        self._observe(provider.name, trio.current_time() - started, ok=False)
         return [SendResult("temporary", reason=failure)] * len(batch)
+
+    def _observe(self, name: str, seconds: float, *, ok: bool) -> None:
+        self.observed_at[name] = trio.current_time()
+        self.failing[name] = 0 if ok else self.failing.get(name, 0) + 1
+        previous = self.latency.get(name)
+        self.latency[name] = seconds if previous is None else previous + 0.2 * (seconds - previous)
 
     async def _settle(self, provider: Provider, sms: OutboundSms, result: SendResult) -> None:
         attempts = sms.attempts + 1
@@ -213,6 +316,7 @@ class ProviderPool:
         if attempts >= self._policy.max_attempts:
             await self._finish(retry, provider, "failed", None, result.reason)
         elif sms.deadline is not None and self._clock() + delay > sms.deadline:
+            self.deadline_misses += 1
             await self._finish(retry, provider, "failed", None, "deadline_exceeded")
         else:
             if log.isEnabledFor(logging.DEBUG):
@@ -240,6 +344,8 @@ class ProviderPool:
         now = self._clock()
         if status == "sent":
             self.accept_to_sent.observe(max(0.0, now - sms.created_at))
+            if sms.express:
+                self.express_to_sent.observe(max(0.0, now - sms.created_at))
         key = (provider.name, status, reason or "")
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
         if log.isEnabledFor(logging.DEBUG):

@@ -11,6 +11,7 @@ import msgspec
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
+    AccountSettings,
     DeliveryReport,
     DeliveryResult,
     OutboundSms,
@@ -64,13 +65,39 @@ class GroupResult:
         self.deliveries = deliveries if deliveries is not None else []
 
 
-class MessageStore(Protocol):
+class Recovered(msgspec.Struct, frozen=True):
+    """What Recovery loads at start: express messages whole (they are few, and their deadline
+    is near or gone), bulk as a count per account (paged in by the Scheduler), and the send
+    rates of the accounts with work."""
+
+    express: list[OutboundSms]
+    backlogs: list[tuple[int, int]]  # (account, bulk messages not final)
+    send_rates: list[tuple[int, float]]
+
+
+class SchedulingStore(Protocol):
+    """What the Scheduler reads back from the store: spilled mailbox entries and bodies."""
+
+    async def page_entries(
+        self, requests: Sequence[tuple[int, tuple[int, str], int]]
+    ) -> list[list[tuple[int, str, int]]]:
+        """For each (account, cursor, n): up to n queued bulk messages of the account after
+        the cursor, in (created_at, id) order, as (created_at in microseconds, id, segments).
+        One query for all of them."""
+        ...
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        """The messages with these ids that are still queued (any order)."""
+        ...
+
+
+class MessageStore(SchedulingStore, Protocol):
     """Durable state. Every write goes through `commit_group`, one transaction per call."""
 
     async def commit_group(self, group: WriteGroup) -> GroupResult: ...
 
-    async def pending(self) -> list[OutboundSms]:
-        """Every message not yet final, for Recovery."""
+    async def recover(self) -> Recovered:
+        """Every message not yet final, for Recovery (see `Recovered`)."""
         ...
 
 
@@ -217,6 +244,12 @@ class FrontDoorStore(Reads, Protocol):
 
     async def purge_idempotency_keys(self, ttl_s: float, limit: int) -> int:
         """Delete up to `limit` records older than `ttl_s`; returns how many."""
+        ...
+
+    async def update_settings(
+        self, account_id: int, settings: AccountSettings
+    ) -> AccountSettings | None:
+        """Store the account's settings (None for an unknown account)."""
         ...
 
     async def rotate_key(self, account_id: int, old_hash: bytes, new_hash: bytes) -> bool:

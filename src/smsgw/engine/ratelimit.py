@@ -6,6 +6,9 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+# Refills are floats: a bucket that is a rounding error short of a token has one (else a
+# caller told "ready at t" could find it not ready at t).
+_SLACK = 1e-9
 
 
 class TokenBucket:
@@ -33,10 +36,19 @@ class TokenBucket:
 
     def take(self, now: float, cost: float = 1.0) -> float:
         self.refill(now)
-        if self.tokens >= cost:
+        if self.tokens >= cost - _SLACK:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate
+
+    def wait(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until `cost` tokens are there, spending nothing (0.0: they are now)."""
+        self.refill(now)
+        return 0.0 if self.tokens >= cost - _SLACK else (cost - self.tokens) / self.rate
+
+    def give_back(self, cost: float = 1.0) -> None:
+        """Return tokens taken for work that did not happen (up to `burst`)."""
+        self.tokens = min(self.burst, self.tokens + cost)
 
     def full(self, now: float) -> bool:
         self.refill(now)
@@ -62,19 +74,36 @@ class RateLimiter(Generic[K]):
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: K, now: float) -> float:
-        """0.0 when `key` may go ahead, else the seconds until it may."""
+    def take(
+        self, key: K, now: float, *, rate: float | None = None, burst: float | None = None
+    ) -> float:
+        """0.0 when `key` may go ahead, else the seconds until it may. `rate` and `burst`
+        override the limiter's for this key (a per-account setting); a bucket made with other
+        figures is replaced."""
+        rate = self.rate if rate is None else rate
+        burst = self.burst if burst is None else burst
         bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self._prune_at:
+        if bucket is None or bucket.rate != rate or bucket.burst != burst:
+            if bucket is None and len(self._buckets) >= self._prune_at:
                 self.prune(now)
                 # If most buckets are busy, do not scan them again on the next new key.
                 self._prune_at = max(self.max_keys, 2 * len(self._buckets))
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            fresh = TokenBucket(rate, burst, now)
+            if bucket is not None:
+                # What was spent stays spent: a larger burst adds its difference.
+                bucket.refill(now)
+                fresh.tokens = max(0.0, min(burst, bucket.tokens + burst - bucket.burst))
+            bucket = self._buckets[key] = fresh
         wait = bucket.take(now)
         if wait:
             self.limited += 1
         return wait
+
+    def give_back(self, key: K) -> None:
+        """Return the token `key` took for work that was then refused for another reason."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.give_back()
 
     def prune(self, now: float) -> int:
         """Drop the buckets that have refilled; returns how many were dropped."""
@@ -82,3 +111,69 @@ class RateLimiter(Generic[K]):
         for key in full:
             del self._buckets[key]
         return len(full)
+
+
+class RecipientLimiter:
+    """Messages per (account, recipient) number in an hour: a token bucket per pair, with
+    `limit` tokens refilling over an hour (20 a number an hour by default).
+
+    Buckets refill slowly, so waiting for them to be full would keep one per number messaged
+    in the last hour. Past `max_keys` pairs, the buckets that have spent least are dropped
+    first (a dropped pair forgets at most that many messages), so memory stays bounded and
+    what the limit forgets is the numbers that were messaged least.
+    """
+
+    def __init__(self, limit: int, *, max_keys: int = 200_000) -> None:
+        if limit < 1:
+            raise ValueError("a recipient limit must be at least 1 message an hour")
+        self.limit = limit
+        self.max_keys = max_keys
+        self._buckets: dict[tuple[int, str], TokenBucket] = {}
+        self.limited = 0
+        self.forgotten = 0  # buckets dropped before they were full
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, account_id: int, to: str, now: float, limit: int | None = None) -> float:
+        """0.0 when one more message to `to` is allowed, else the seconds until it is."""
+        limit = self.limit if limit is None else limit
+        key = (account_id, to)
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.burst != limit:
+            if bucket is None and len(self._buckets) >= self.max_keys:
+                self._shrink(now)
+            fresh = TokenBucket(limit / 3600.0, limit, now)
+            if bucket is not None:
+                # What was spent stays spent: a higher limit adds its difference.
+                bucket.refill(now)
+                fresh.tokens = max(0.0, min(limit, bucket.tokens + limit - bucket.burst))
+            bucket = self._buckets[key] = fresh
+        wait = bucket.take(now)
+        if wait:
+            self.limited += 1
+        return wait
+
+    def give_back(self, account_id: int, to: str) -> None:
+        bucket = self._buckets.get((account_id, to))
+        if bucket is not None:
+            bucket.give_back()
+
+    def _shrink(self, now: float) -> None:
+        """Drop buckets until at most three quarters of `max_keys` are left: full ones first,
+        then those that spent one token, two, and so on."""
+        target = self.max_keys * 3 // 4
+        spent = 0.0
+        while len(self._buckets) > target:
+            drop = []
+            for key, bucket in self._buckets.items():
+                bucket.refill(now)
+                if bucket.burst - bucket.tokens <= spent:
+                    drop.append(key)
+                    if len(self._buckets) - len(drop) <= target:
+                        break
+            for key in drop:
+                if self._buckets[key].tokens < self._buckets[key].burst:
+                    self.forgotten += 1
+                del self._buckets[key]
+            spent += 1.0

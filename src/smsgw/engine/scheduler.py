@@ -1,80 +1,414 @@
-"""Scheduler: per-account mailboxes served round robin, with an express lane served first."""
+"""Scheduler: per-account mailboxes in deficit round robin, an express lane served first."""
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, assert_never
 
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
 from smsgw.engine.messages import (
+    Backlog,
     Enqueue,
     OutboundSms,
     Outcome,
+    Paged,
     RecordOutcome,
     SchedulerMessage,
+    SendRate,
     WriterMessage,
 )
 from smsgw.engine.pool import ProviderPool
+from smsgw.engine.ports import SchedulingStore
+from smsgw.engine.ratelimit import TokenBucket
+
+# A bulk message as a mailbox holds it: (created_at in whole microseconds, id, segments).
+# The first two are its position in the account's queue, the same order as PostgreSQL's
+# (created_at, id), so a page query can continue after any entry. No body: bodies live in
+# PostgreSQL (and, while there is room, in the Scheduler's body cache).
+Entry = tuple[int, str, int]
+Position = tuple[int, str]
+START: Position = (-1, "")  # before every message
+
+
+def micros(created_at: float) -> int:
+    """The microsecond PostgreSQL stores for `to_timestamp(created_at)`: it rounds
+    `created_at * 1e6` half to even, as Python's round does."""
+    return round(created_at * 1_000_000)
+
+
+def entry_of(sms: OutboundSms) -> Entry:
+    return (micros(sms.created_at), sms.id, sms.segments)
+
+
+class Mailbox:
+    """One account's bulk work: entries in memory, and how many more wait in the store."""
+
+    __slots__ = ("deficit", "during", "paging", "queue", "spilled", "turn")
+
+    def __init__(self) -> None:
+        self.queue: deque[Entry] = deque()
+        self.deficit = 0
+        self.turn = False  # has it had its quantum for the current visit?
+        self.spilled = 0  # messages in the store after the account's cursor, not in memory
+        self.paging = False  # a page query for it is out
+        self.during: list[Entry] = []  # spilled while that query was out
+
+    def idle(self) -> bool:
+        return not self.queue and not self.spilled and not self.paging
 
 
 class SchedulerState:
-    """Which message goes next. Pure: no I/O, no clock.
+    """Which message goes next. Pure: no I/O; the caller passes the time.
 
-    Bulk: one FIFO mailbox per account with work, accounts served round robin one message at a
-    time, so a flooding account gets one turn per round like everyone else. Express: one lane
-    for all accounts, earliest deadline first, always served before bulk.
+    Express: one lane for all accounts, earliest deadline first, always before bulk. Express
+    messages carry their bodies (they are few, and a store read would cost their deadline).
+
+    Bulk: deficit round robin over the accounts with work. Each visit gives an account
+    `quantum` segments of credit; it is served while its next message fits in its credit, then
+    the next account's turn begins. With `quantum` at least the largest message, every account
+    with work is served in every round, and over any stretch of rounds the segments served to
+    two backlogged accounts differ by at most one quantum: a flood of a million messages costs
+    a light account one turn of waiting, not a million.
+
+    Memory is bounded: an account keeps at most `account_bound` entries in memory and all
+    accounts together `memory_bound` (each new mailbox may take its first entry past it). A
+    message past the bound is only counted (`spilled`); it is in PostgreSQL already (it was
+    committed before it got here), and `page_wanted` names the accounts whose next entries
+    should be read back, after the account's cursor: the newest position that ever entered
+    memory for it. Every message at or before the cursor entered memory once (and is queued,
+    in flight, waiting for a retry, or done); every message after it is in the store and not
+    anywhere else. That is what makes paging exact: nothing is read back twice, or missed.
+
+    Send rates: an account with a rate (messages a second) is skipped while its token bucket
+    is empty, keeping its deficit; its work waits, it is never refused.
     """
 
-    def __init__(self) -> None:
-        self.mailboxes: dict[int, deque[OutboundSms]] = {}
+    def __init__(
+        self,
+        *,
+        quantum: int = 10,
+        account_bound: int | None = None,
+        memory_bound: int | None = None,
+        body_budget: int | None = None,
+        page_size: int = 500,
+        fifo: bool = False,
+    ) -> None:
+        if fifo and not (account_bound is memory_bound is body_budget is None):
+            raise ValueError("the FIFO baseline keeps everything in memory: no bounds")
+        if quantum < 1:
+            raise ValueError("quantum must be at least 1 segment")
+        self.quantum = quantum
+        self.account_bound = account_bound if account_bound is not None else math.inf
+        self.memory_bound = memory_bound if memory_bound is not None else math.inf
+        self.body_budget = body_budget if body_budget is not None else math.inf
+        self.page_size = page_size
+        # The baseline benchmarks/fairness.py compares against: one queue for every account,
+        # first come first served (every message goes to the mailbox of account 0).
+        self.fifo = fifo
+        self.mailboxes: dict[int, Mailbox] = {}
         self.ring: deque[int] = deque()  # accounts with bulk work, in serving order
+        self.cursors: dict[int, Position] = {}
+        self.page_wanted: dict[int, None] = {}  # an ordered set
         self.express: list[tuple[float, int, OutboundSms]] = []
+        self.bodies: dict[str, OutboundSms] = {}  # bulk bodies kept while there is room
+        self.send_rates: dict[int, float] = {}
+        self.buckets: dict[int, TokenBucket] = {}
         self._seq = 0
-        self.bulk_size = 0
+        self.in_memory = 0  # bulk entries in mailboxes
+        self.spilled = 0  # bulk messages counted but only in the store
+
+    # --- sizes ---------------------------------------------------------------------------
+
+    @property
+    def bulk_size(self) -> int:
+        return self.in_memory + self.spilled
 
     def __len__(self) -> int:
         return self.bulk_size + len(self.express)
 
-    def push(self, sms: OutboundSms) -> None:
-        if sms.express:
-            self._seq += 1
-            deadline = sms.deadline if sms.deadline is not None else float("inf")
-            heapq.heappush(self.express, (deadline, self._seq, sms))
-            return
-        mailbox = self.mailboxes.get(sms.account_id)
-        if mailbox is None:
-            mailbox = self.mailboxes[sms.account_id] = deque()
-            self.ring.append(sms.account_id)
-        mailbox.append(sms)
-        self.bulk_size += 1
-
-    def pop(self) -> OutboundSms | None:
-        if self.express:
-            return heapq.heappop(self.express)[2]
-        if not self.ring:
-            return None
-        account_id = self.ring[0]
-        mailbox = self.mailboxes[account_id]
-        sms = mailbox.popleft()
-        self.bulk_size -= 1
-        if mailbox:
-            self.ring.rotate(-1)
-        else:
-            self.ring.popleft()
-            del self.mailboxes[account_id]
-        return sms
+    def backlog(self, account_id: int) -> int:
+        mailbox = self.mailboxes.get(account_id)
+        return 0 if mailbox is None else len(mailbox.queue) + mailbox.spilled
 
     def largest_backlogs(self, n: int) -> list[tuple[int, int]]:
-        return heapq.nlargest(n, ((len(q), a) for a, q in self.mailboxes.items()))
+        return heapq.nlargest(n, ((len(m.queue) + m.spilled, a) for a, m in self.mailboxes.items()))
+
+    # --- settings ------------------------------------------------------------------------
+
+    def set_send_rate(self, account_id: int, rate: float | None, now: float) -> None:
+        """Pace `account_id`'s bulk dispatch at `rate` messages a second (None: no limit)."""
+        if rate is None:
+            self.send_rates.pop(account_id, None)
+            self.buckets.pop(account_id, None)
+            return
+        if self.send_rates.get(account_id) == rate:
+            return
+        self.send_rates[account_id] = rate
+        # Bursts of up to one second's worth (at least one message).
+        self.buckets[account_id] = TokenBucket(rate, max(1.0, rate), now)
+
+    # --- arrivals ------------------------------------------------------------------------
+
+    def push(self, sms: OutboundSms) -> None:
+        """A committed message (new, recovered or back for a retry) to dispatch."""
+        if sms.express:
+            self._seq += 1
+            deadline = sms.deadline if sms.deadline is not None else math.inf
+            heapq.heappush(self.express, (deadline, self._seq, sms))
+            return
+        entry = entry_of(sms)
+        if self._place(0 if self.fifo else sms.account_id, entry) and (
+            sms.attempts or len(self.bodies) < self.body_budget
+        ):
+            # A retry keeps its body whatever the budget: its attempts are only here.
+            self.bodies[sms.id] = sms
+
+    def _mailbox(self, account_id: int) -> Mailbox:
+        mailbox = self.mailboxes.get(account_id)
+        if mailbox is None:
+            mailbox = self.mailboxes[account_id] = Mailbox()
+            self.ring.append(account_id)
+        return mailbox
+
+    def _place(self, account_id: int, entry: Entry) -> bool:
+        """Put `entry` in memory (True) or count it as spilled (False)."""
+        mailbox = self._mailbox(account_id)
+        position = (entry[0], entry[1])
+        cursor = self.cursors.get(account_id, START)
+        if position <= cursor:
+            # It entered memory before (a retry, an orphan of the pool) or committed late,
+            # behind the cursor: no page query would ever return it.
+            self._remember(account_id, mailbox, entry)
+            return True
+        if mailbox.spilled or mailbox.paging:
+            # Older messages of this account are in the store only: this one waits its turn
+            # there too, or it would overtake them.
+            self._spill(account_id, mailbox, entry)
+            return False
+        if mailbox.queue and (
+            len(mailbox.queue) >= self.account_bound or self.in_memory >= self.memory_bound
+        ):
+            self._spill(account_id, mailbox, entry)
+            return False
+        self._remember(account_id, mailbox, entry)
+        return True
+
+    def _remember(self, account_id: int, mailbox: Mailbox, entry: Entry) -> None:
+        mailbox.queue.append(entry)
+        self.in_memory += 1
+        position = (entry[0], entry[1])
+        if position > self.cursors.get(account_id, START):
+            self.cursors[account_id] = position
+
+    def _spill(self, account_id: int, mailbox: Mailbox, entry: Entry) -> None:
+        mailbox.spilled += 1
+        self.spilled += 1
+        if mailbox.paging:
+            mailbox.during.append(entry)
+        elif len(mailbox.queue) <= self._low_water():
+            self.page_wanted[account_id] = None
+
+    def _low_water(self) -> float:
+        return self.account_bound / 2 if self.account_bound != math.inf else 0
+
+    def add_backlog(self, account_id: int, count: int) -> None:
+        """`count` bulk messages of this account wait in the store after its cursor (recovery:
+        all of its pending messages, from the start)."""
+        if count <= 0:
+            return
+        if self.fifo:
+            raise ValueError("the FIFO baseline cannot page: it is for benchmarks only")
+        mailbox = self._mailbox(account_id)
+        mailbox.spilled += count
+        self.spilled += count
+        if not mailbox.paging:
+            self.page_wanted[account_id] = None
+
+    # --- paging --------------------------------------------------------------------------
+
+    def take_page_requests(self, limit: int) -> list[tuple[int, Position, int]]:
+        """Up to `limit` (account, cursor, how many) page queries to run now, within the
+        memory bound; each account is marked as paging until `paged` is called for it."""
+        requests: list[tuple[int, Position, int]] = []
+        room = self.memory_bound - self.in_memory
+        for account_id in list(self.page_wanted):
+            if len(requests) >= limit or room <= 0:
+                break
+            del self.page_wanted[account_id]
+            mailbox = self.mailboxes.get(account_id)
+            if mailbox is None or not mailbox.spilled or mailbox.paging:
+                continue
+            free = self.account_bound - len(mailbox.queue)
+            size = int(min(self.page_size, free, room, mailbox.spilled))
+            if size <= 0:
+                continue
+            mailbox.paging = True
+            room -= size
+            requests.append((account_id, self.cursors.get(account_id, START), size))
+        return requests
+
+    def paged(self, account_id: int, rows: Sequence[Entry], size: int) -> None:
+        """The answer to a page query: up to `size` entries after the cursor, in order."""
+        mailbox = self.mailboxes.get(account_id)
+        if mailbox is None or not mailbox.paging:
+            return  # cannot happen: a paging mailbox is never dropped
+        mailbox.paging = False
+        during, mailbox.during = mailbox.during, []
+        got = {row[1] for row in rows}
+        for row in rows:
+            self._remember(account_id, mailbox, row)
+        cursor = self.cursors.get(account_id, START)
+        beyond = 0
+        for entry in during:
+            if entry[1] in got:
+                continue
+            if (entry[0], entry[1]) <= cursor:
+                # Committed after the query's snapshot but before its last row.
+                self._remember(account_id, mailbox, entry)
+                self._unspill(mailbox, 1)
+            else:
+                beyond += 1
+        self._unspill(mailbox, len(rows))
+        if len(rows) < size:
+            # The store had nothing more after the last row when it was read: what is left is
+            # what arrived meanwhile beyond it.
+            self._unspill(mailbox, mailbox.spilled - beyond)
+        if mailbox.spilled and len(mailbox.queue) <= self._low_water():
+            self.page_wanted[account_id] = None
+        if mailbox.idle():
+            self._drop(account_id)
+
+    def page_failed(self, account_id: int) -> None:
+        """A page query failed: nothing was read; the entries spilled meanwhile stay counted."""
+        mailbox = self.mailboxes.get(account_id)
+        if mailbox is None:
+            return
+        mailbox.paging = False
+        mailbox.during = []
+        if mailbox.spilled:
+            self.page_wanted[account_id] = None
+
+    def reset_paging(self) -> None:
+        """Forget queries that were out when the run loop died; they are asked again."""
+        for account_id, mailbox in self.mailboxes.items():
+            if mailbox.paging:
+                self.page_failed(account_id)
+
+    def _unspill(self, mailbox: Mailbox, n: int) -> None:
+        n = max(0, min(n, mailbox.spilled))
+        mailbox.spilled -= n
+        self.spilled -= n
+
+    def _drop(self, account_id: int) -> None:
+        del self.mailboxes[account_id]
+        self.ring.remove(account_id)
+        self.page_wanted.pop(account_id, None)
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def pop(self, now: float) -> OutboundSms | Entry | None:
+        """The next message: the earliest express deadline, else the next bulk entry."""
+        if self.express:
+            return self.pop_express()
+        return self.pop_bulk(now)
+
+    def pop_express(self) -> OutboundSms | None:
+        return heapq.heappop(self.express)[2] if self.express else None
+
+    def expired_express(self, now: float) -> list[OutboundSms]:
+        """Take the express messages whose deadline has passed (the earliest are on top)."""
+        expired = []
+        while self.express and self.express[0][0] <= now:
+            expired.append(heapq.heappop(self.express)[2])
+        return expired
+
+    def next_deadline(self) -> float:
+        return self.express[0][0] if self.express else math.inf
+
+    def pop_bulk(self, now: float) -> Entry | None:
+        """The next bulk entry by deficit round robin, or None when no account with work is
+        ready (its entries are still in the store, or its send rate holds it back)."""
+        popped = self.pop_bulk_of(now)
+        return None if popped is None else popped[1]
+
+    def pop_bulk_of(self, now: float) -> tuple[int, Entry] | None:
+        """`pop_bulk`, with the account the entry is of."""
+        ring = self.ring
+        unready = 0
+        while unready < len(ring):
+            account_id = ring[0]
+            mailbox = self.mailboxes[account_id]
+            bucket = self.buckets.get(account_id)
+            if not mailbox.queue or (bucket is not None and bucket.wait(now) > 0):
+                # Not ready: its turn passes without credit, keeping what it had.
+                mailbox.turn = False
+                ring.rotate(-1)
+                unready += 1
+                continue
+            if not mailbox.turn:
+                mailbox.turn = True
+                mailbox.deficit += self.quantum
+            entry = mailbox.queue[0]
+            if entry[2] > mailbox.deficit:
+                # Its credit for this visit is spent: the next account's turn.
+                mailbox.turn = False
+                ring.rotate(-1)
+                unready = 0
+                continue
+            mailbox.queue.popleft()
+            mailbox.deficit -= entry[2]
+            self.in_memory -= 1
+            if bucket is not None:
+                bucket.take(now)
+            if not mailbox.queue:
+                # Nothing left in memory: the turn ends, and DRR's credit does not carry over
+                # a gap in the account's backlog.
+                mailbox.turn = False
+                mailbox.deficit = 0
+                if mailbox.idle():
+                    ring.popleft()
+                    del self.mailboxes[account_id]
+                else:
+                    ring.rotate(-1)
+                    if mailbox.spilled and not mailbox.paging:
+                        self.page_wanted[account_id] = None
+            elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
+                self.page_wanted[account_id] = None
+            return account_id, entry
+        return None
+
+    def put_back(self, account_id: int, entry: Entry) -> None:
+        """An entry popped but not dispatched after all (its dispatch was cancelled): it goes
+        back in memory (it is at or before its account's cursor, so no page would return it)."""
+        self._remember(account_id, self._mailbox(account_id), entry)
+
+    def next_ready(self, now: float) -> float:
+        """When a paced account will have a token again (inf if none is waiting on one)."""
+        soonest = math.inf
+        for account_id, bucket in self.buckets.items():
+            mailbox = self.mailboxes.get(account_id)
+            if mailbox is not None and mailbox.queue:
+                soonest = min(soonest, now + bucket.wait(now))
+        return soonest
+
+    def bulk_ready(self) -> bool:
+        return self.in_memory > 0
 
 
 class Scheduler:
     """Takes committed messages in, hands them to the ProviderPool as its window frees up.
+
+    Express first, in their own batches, into the window's reserve as well as its shared part;
+    then bulk, by deficit round robin, into the shared part only. An express message whose
+    deadline passes while it waits is failed (`deadline_exceeded`, refunded), never sent late.
+    Bulk entries paged back from PostgreSQL (and any whose body did not fit in the cache) get
+    their bodies in one read per batch.
 
     The state survives a restart of the run loop: it is accepted work, not a cache.
     """
@@ -86,26 +420,51 @@ class Scheduler:
         writer: ActorRef[WriterMessage],
         *,
         clock: Callable[[], float] = time.time,
+        store: SchedulingStore | None = None,
+        state: SchedulerState | None = None,
+        page_accounts: int = 500,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
-        self.state = SchedulerState()
+        self.state = state if state is not None else SchedulerState()
+        if store is None and (
+            self.state.memory_bound != math.inf
+            or self.state.account_bound != math.inf
+            or self.state.body_budget != math.inf
+        ):
+            raise ValueError("bounded mailboxes need a store to page from")
         self._pool = pool
         self._writer = writer
         self._clock = clock
+        self._store = store
+        self._page_accounts = page_accounts
+        self._page_requests = trio.Event()
         self.dispatched = 0
-        self.deadline_misses = 0
+        self.deadline_misses = 0  # express messages that expired waiting here
+        self.pages = 0
+        self.paged_entries = 0
+        self.body_reads = 0
+        self.page_failures = 0
 
     def stats(self) -> dict[str, Any]:
+        state = self.state
         return {
-            "active_accounts": len(self.state.mailboxes),
-            "bulk_backlog": self.state.bulk_size,
-            "express_backlog": len(self.state.express),
+            "active_accounts": len(state.mailboxes),
+            "bulk_backlog": state.bulk_size,
+            "bulk_in_memory": state.in_memory,
+            "bulk_in_store": state.spilled,
+            "express_backlog": len(state.express),
             "largest_backlogs": [
-                {"account_id": a, "backlog": n} for n, a in self.state.largest_backlogs(10)
+                {"account_id": a, "backlog": n} for n, a in state.largest_backlogs(10)
             ],
             "dispatched": self.dispatched,
-            "express_deadline_misses": self.deadline_misses,
+            "express_deadline_misses": self.deadline_misses + self._pool.deadline_misses,
+            "paced_accounts": len(state.buckets),
+            "pages": self.pages,
+            "paged_entries": self.paged_entries,
+            "page_failures": self.page_failures,
+            "body_reads": self.body_reads,
+            "bodies_cached": len(state.bodies),
         }
 
     def _absorb(self, message: SchedulerMessage) -> None:
@@ -113,42 +472,166 @@ class Scheduler:
             case Enqueue(items=items):
                 for sms in items:
                     self.state.push(sms)
+            case Backlog(counts=counts):
+                for account_id, count in counts:
+                    self.state.add_backlog(account_id, count)
+            case Paged(account_id=account_id, rows=rows, size=size, ok=ok):
+                if ok:
+                    self.pages += 1
+                    self.paged_entries += len(rows)
+                    self.state.paged(account_id, rows, size)
+                else:
+                    self.page_failures += 1
+                    self.state.page_failed(account_id)
+            case SendRate(account_id=account_id, rate=rate):
+                self.state.set_send_rate(account_id, rate, self._clock())
             case _:
                 assert_never(message)
 
     def _drain(self) -> None:
         while (message := self.inbox.get_nowait()) is not None:
             self._absorb(message)
+        if self.state.page_wanted:
+            self._page_requests.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        self.state.reset_paging()
+        async with trio.open_nursery() as nursery:
+            if self._store is not None:
+                nursery.start_soon(self._pager, self._store)
+            task_status.started()
+            await self._dispatch(nursery)
+
+    def _dispatch_bulk(self, nursery: trio.Nursery, entries: list[tuple[int, Entry]]) -> None:
+        """Hand a bulk batch to the pool: at once when every body is cached, else in a task
+        that reads the missing ones, so the dispatch loop (and express) never waits on it."""
+        bodies = self.state.bodies
+        if all(entry[1] in bodies for _, entry in entries):
+            self._submit([bodies.pop(entry[1]) for _, entry in entries])
+        else:
+            nursery.start_soon(self._read_and_submit, entries)
+
+    async def _read_and_submit(self, entries: list[tuple[int, Entry]]) -> None:
         window = self._pool.window
+        try:
+            batch = await self._bodies([entry for _, entry in entries])
+        except BaseException:
+            # Cancelled (the run loop is restarting): the entries go back, slots too.
+            for account_id, entry in entries:
+                self.state.put_back(account_id, entry)
+            window.release(len(entries), express=False)
+            raise
+        window.release(len(entries) - len(batch), express=False)
+        self._submit(batch)
+
+    async def _dispatch(self, nursery: trio.Nursery) -> None:
+        state = self.state
+        window = self._pool.window
+        max_batch = self._pool.max_batch
         while True:
             # Dispatch avoids a task switch per message; this yields once per batch so that
             # HTTP and the other actors get the loop back.
             await trio.lowlevel.checkpoint()
-            if not self.state:
-                self._absorb(await self.inbox.get())
             self._drain()
-            if window.free == 0:
-                await window.wait_free()
-                # An express message that arrived while we waited still goes first.
-                self._drain()
-            batch: list[OutboundSms] = []
-            wanted = window.take(min(len(self.state), self._pool.max_batch))
             now = self._clock()
-            while len(batch) < wanted:
-                sms = self.state.pop()
-                assert sms is not None
-                if sms.deadline is not None and now > sms.deadline:
-                    self.deadline_misses += 1
-                    await self._writer.tell(RecordOutcome(self._expired(sms)))
-                else:
-                    batch.append(sms)
-            window.release(wanted - len(batch))
-            if batch:
-                self._pool.submit(tuple(batch))
-                self.dispatched += len(batch)
+            await self._expire(now)
+            progressed = False
+            if state.express:
+                wanted = window.take(min(len(state.express), max_batch), express=True)
+                if wanted:
+                    batch: list[OutboundSms] = []
+                    while len(batch) < wanted and (sms := state.pop_express()) is not None:
+                        batch.append(sms)
+                    window.release(wanted - len(batch), express=True)
+                    self._submit(batch)
+                    progressed = True
+            if state.bulk_ready():
+                wanted = window.take(min(state.in_memory, max_batch), express=False)
+                if wanted:
+                    entries: list[tuple[int, Entry]] = []
+                    while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
+                        entries.append(popped)
+                    window.release(wanted - len(entries), express=False)
+                    if entries:
+                        self._dispatch_bulk(nursery, entries)
+                        progressed = True
+            if progressed:
+                continue
+            timeout = min(state.next_deadline(), state.next_ready(now)) - now
+            await self._wait(max(0.0, timeout), window_bound=bool(state))
+
+    def _submit(self, batch: list[OutboundSms]) -> None:
+        if batch:
+            self._pool.submit(tuple(batch))
+            self.dispatched += len(batch)
+
+    async def _wait(self, seconds: float, *, window_bound: bool) -> None:
+        """Until a message arrives, or (if work waits for room) the window frees a slot, or
+        `seconds` pass (the next express deadline or send-rate token)."""
+        with trio.move_on_after(seconds):
+            if not window_bound:
+                self._absorb(await self.inbox.get())
+                return
+            async with trio.open_nursery() as nursery:
+
+                async def on_message() -> None:
+                    self._absorb(await self.inbox.get())
+                    nursery.cancel_scope.cancel()
+
+                async def on_release() -> None:
+                    await self._pool.window.wait_release()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_message)
+                nursery.start_soon(on_release)
+
+    async def _expire(self, now: float) -> None:
+        for sms in self.state.expired_express(now):
+            self.deadline_misses += 1
+            await self._writer.tell(RecordOutcome(self._expired(sms)))
+
+    async def _bodies(self, entries: list[Entry]) -> list[OutboundSms]:
+        """The messages of `entries`, in order: from the body cache, the rest in one read.
+        An entry whose row is no longer queued (it cannot be, but a row deleted by hand is
+        not sent) is dropped."""
+        bodies = self.state.bodies
+        found: dict[str, OutboundSms] = {}
+        missing: list[str] = []
+        for _, message_id, _ in entries:
+            sms = bodies.pop(message_id, None)
+            if sms is None:
+                missing.append(message_id)
+            else:
+                found[message_id] = sms
+        if missing:
+            assert self._store is not None
+            self.body_reads += 1
+            while True:
+                try:
+                    for sms in await self._store.queued_messages(missing):
+                        found[sms.id] = sms
+                    break
+                except Exception:
+                    # The store is away: these are committed and only need reading; wait.
+                    self.page_failures += 1
+                    await trio.sleep(0.5)
+        return [found[e[1]] for e in entries if e[1] in found]
+
+    async def _pager(self, store: SchedulingStore) -> None:
+        """Reads spilled entries back, many accounts per query, as room allows."""
+        while True:
+            await self._page_requests.wait()
+            self._page_requests = trio.Event()
+            while requests := self.state.take_page_requests(self._page_accounts):
+                try:
+                    pages = await store.page_entries(requests)
+                except Exception:
+                    for account_id, _, size in requests:
+                        await self.ref.tell(Paged(account_id, (), size, ok=False))
+                    await trio.sleep(0.5)
+                    continue
+                for (account_id, _, size), rows in zip(requests, pages, strict=True):
+                    await self.ref.tell(Paged(account_id, tuple(rows), size))
 
     def _expired(self, sms: OutboundSms) -> Outcome:
         return Outcome(

@@ -19,6 +19,7 @@ from smsgw.engine.messages import (
     CreateAccount,
     DeliveryResult,
     OutboundSms,
+    Outcome,
     RecordDeliveries,
     RecordOutcome,
     TopUp,
@@ -125,6 +126,8 @@ class StoreWriter:
         # and messages moved by them, by status (delivered/undelivered).
         self.deliveries: dict[tuple[str, str], int] = {}
         self.delivered: dict[str, int] = {}
+        # Told of every committed outcome (the `"wait": true` requests wait on it).
+        self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -244,6 +247,8 @@ class StoreWriter:
             self._count_deliveries(group, result.deliveries)
             for delivery_reply, answers in zip(delivery_replies, result.deliveries, strict=True):
                 delivery_reply.set(answers)
+        if group.outcomes and self.on_outcomes is not None:
+            self.on_outcomes(group.outcomes)
         if committed:
             # After the replies: the callers' 202s do not wait for dispatch to take the work.
             await self._on_committed(committed)

@@ -16,9 +16,10 @@ import msgspec
 from quart import Response, current_app, g, request
 
 from smsgw.engine.actor import AskTimeout, InboxFull
+from smsgw.engine.messages import AccountSettings
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore, Reads
-from smsgw.engine.ratelimit import RateLimiter
+from smsgw.engine.ratelimit import RateLimiter, RecipientLimiter
 from smsgw.engine.writer import StoreUnavailable
 from smsgw.http.problems import ProblemError
 
@@ -127,8 +128,18 @@ class KeyCache:
     request into a query.
     """
 
-    def __init__(self, reads: Reads, *, ttl: float = 60.0, negative_ttl: float = 5.0) -> None:
+    def __init__(
+        self,
+        reads: Reads,
+        *,
+        ttl: float = 60.0,
+        negative_ttl: float = 5.0,
+        on_account: Callable[[int, AccountSettings], None] | None = None,
+    ) -> None:
         self._reads = reads
+        # Told each account's settings when its key is read, so they reach the engine with the
+        # lookup the accept path makes anyway, not with a query of their own.
+        self._on_account = on_account
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._entries: dict[bytes, tuple[int | None, float]] = {}
@@ -142,6 +153,8 @@ class KeyCache:
         forgotten = self._forgotten
         account = await self._reads.account_by_key_hash(key_hash)
         account_id = None if account is None else account.id
+        if account is not None and self._on_account is not None:
+            self._on_account(account.id, account.settings)
         if forgotten != self._forgotten:
             return account_id  # may predate a key rotation: answer it, but do not keep it
         ttl = self._ttl if account_id is not None else self._negative_ttl
@@ -162,11 +175,15 @@ class Gateway:
     def __init__(self, engine: Engine, reads: FrontDoorStore, *, admin_key: str) -> None:
         self.engine = engine
         self.reads = reads
-        self.keys = KeyCache(reads)
+        self.keys = KeyCache(reads, on_account=engine.learn_settings)
         self._admin_hash = hash_key(admin_key)
         # Requests per account (token bucket): a runaway client gets 429s, not the node.
         self.limiter: RateLimiter[int] = RateLimiter(
             engine.config.api_rate_per_second, engine.config.api_burst
+        )
+        # Messages per recipient number per account and hour: in memory on this node.
+        self.recipients = RecipientLimiter(
+            engine.config.recipient_limit_per_hour, max_keys=engine.config.recipient_limit_keys
         )
 
     def bearer(self) -> bytes:
@@ -196,14 +213,16 @@ class Gateway:
         account_id = await self.keys.account_id(digest)
         if account_id is None:
             raise ProblemError(401, "unauthenticated", "unknown API key")
-        wait = self.limiter.take(account_id, time.monotonic())
+        rate = self.engine.account_settings(account_id).api_rate
+        burst = None if rate is None else max(1.0, 2 * rate)
+        wait = self.limiter.take(account_id, time.monotonic(), rate=rate, burst=burst)
         if wait:
             retry_after = max(1, math.ceil(wait))
             raise ProblemError(
                 429,
                 "rate_limited",
-                f"this account may make {self.limiter.rate:g} requests a second (bursts of"
-                f" {self.limiter.burst:g}); retry in {retry_after} s",
+                f"this account may make {rate or self.limiter.rate:g} requests a second"
+                f" (bursts of {burst or self.limiter.burst:g}); retry in {retry_after} s",
                 retry_after=retry_after,
             )
         g.smsgw_account_id = account_id

@@ -131,9 +131,10 @@ class NodeCollector(Collector):
         yield dispatched
         misses = CounterMetricFamily(
             "smsgw_express_deadline_misses",
-            "Express messages failed (and refunded) because their deadline passed in the queue",
+            "Express messages failed (and refunded) because their deadline passed, waiting or"
+            " at an operator",
         )
-        misses.add_metric([], scheduler.deadline_misses)
+        misses.add_metric([], scheduler.deadline_misses + engine.pool.deadline_misses)
         yield misses
         retry = engine.retry.stats()
         waiting = GaugeMetricFamily(

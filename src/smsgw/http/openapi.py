@@ -33,6 +33,8 @@ from smsgw.http.schemas import (
     AccountCreatedOut,
     AccountOut,
     AccountPatchIn,
+    AccountSettingsIn,
+    AccountSettingsOut,
     BalanceOut,
     ClientRef,
     ClusterOut,
@@ -148,6 +150,11 @@ class Problem(msgspec.Struct):
     retry_after: int | None = None  # 429: seconds until the next request is allowed
     max_items: int | None = None  # 413 for a batch: the most items a batch may hold
     errors: list[dict[str, Any]] | None = None  # 422 for an atomic batch: each item's problem
+    # `"wait": true` answers that are not 200: the message, its status and whether its hold
+    # was released.
+    message_id: str | None = None
+    message_status: str | None = None
+    refunded: bool | None = None
 
 
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
@@ -317,6 +324,23 @@ ROUTES: list[Route] = [
         params=(Param("account_id", "path", AccountId, required=True),),
         problems=(503,),
     ),
+    Route(
+        "PUT",
+        "/v1/accounts/{account_id}/settings",
+        "Replace an account's scheduling and rate settings",
+        "accounts",
+        auth="admin",
+        request=AccountSettingsIn,
+        responses={200: AccountSettingsOut},
+        params=(Param("account_id", "path", AccountId, required=True),),
+        problems=(503,),
+        description=(
+            "`send_rate`: bulk messages a second dispatched to operators (paced, never"
+            " refused); `express_deadline_ms`: accept to operator for express messages;"
+            " `recipient_limit_per_hour`: messages to one number; `api_rate`: API requests a"
+            " second. A missing or null field is the node's default."
+        ),
+    ),
     Route("GET", "/v1/account", "The calling account", "accounts", responses={200: AccountOut}),
     Route(
         "PATCH",
@@ -359,11 +383,16 @@ ROUTES: list[Route] = [
         "messages",
         request=SendIn,
         responses={202: AcceptedOut, 200: MessageOut},
-        problems=(402, 503),
+        problems=(402, 502, 503, 504),
         description=(
             "202 once the message and its credit hold are committed. 200 with the existing"
             " message when `client_ref` was used before by this account (nothing new is"
             " stored). 402 when the balance does not cover the price (nothing stored or held)."
+            " 429 `recipient_rate_limited` past the hourly limit for one number. Express: 503"
+            " `express_unavailable` when it could not make its deadline (nothing held). With"
+            ' `"wait": true` (express only): 200 with the sent message once the operator took'
+            " it, 504 `deadline_exceeded` (failed, refunded) when the deadline passed, 502"
+            " `operator_refused` (failed, refunded) when the operator refused it."
             " With `callback_url`, each status change (sent, failed, delivered, undelivered)"
             " is POSTed there. " + CALLBACKS
         ),

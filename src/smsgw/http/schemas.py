@@ -119,6 +119,9 @@ class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     express: bool = False
     client_ref: ClientRef | None = None
     callback_url: CallbackUrl | None = None
+    # Express only: answer once the operator took it (200, status sent) or the deadline passed
+    # (504, failed and refunded), instead of 202 at accept.
+    wait: bool = False
 
 
 class AcceptedOut(msgspec.Struct):
@@ -126,6 +129,23 @@ class AcceptedOut(msgspec.Struct):
     status: str
     segments: int
     price: int
+
+
+class AccountSettingsIn(msgspec.Struct, forbid_unknown_fields=True):
+    """An account's scheduling and rate settings; a missing or null field is the default."""
+
+    send_rate: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+    express_deadline_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] | None = None
+    recipient_limit_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    api_rate: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+
+
+class AccountSettingsOut(msgspec.Struct):
+    account_id: int
+    send_rate: float | None
+    express_deadline_ms: int | None
+    recipient_limit_per_hour: int | None
+    api_rate: float | None
 
 
 MAX_BATCH = 1_000

@@ -27,7 +27,8 @@ import trio
 
 from smsgw.engine.credit import AccountCredit, CreditBook
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
-from smsgw.engine.ports import GroupResult, WriteGroup
+from smsgw.engine.ports import GroupResult, Recovered, WriteGroup
+from smsgw.engine.scheduler import entry_of
 
 # The same hold rules as the PostgreSQL store: one implementation, so both stores refuse alike.
 from smsgw.storage.pg import _hold as hold_items
@@ -200,6 +201,33 @@ class MemStore:
 
     async def pending(self) -> list[OutboundSms]:
         return list(self.pending_messages.values())
+
+    async def recover(self) -> Recovered:
+        express = [s for s in self.pending_messages.values() if s.express]
+        backlogs: dict[int, int] = {}
+        for sms in self.pending_messages.values():
+            if not sms.express:
+                backlogs[sms.account_id] = backlogs.get(sms.account_id, 0) + 1
+        return Recovered(express, sorted(backlogs.items()), [])
+
+    async def page_entries(
+        self, requests: Sequence[tuple[int, tuple[int, str], int]]
+    ) -> list[list[tuple[int, str, int]]]:
+        """As PgStore's: each account's next queued bulk entries after its cursor. A scan of
+        the pending messages per call: virtual runs page rarely, and only under a backlog."""
+        wanted = {account_id for account_id, _, _ in requests}
+        by_account: dict[int, list[tuple[int, str, int]]] = {}
+        for sms in self.pending_messages.values():
+            if not sms.express and sms.account_id in wanted:
+                by_account.setdefault(sms.account_id, []).append(entry_of(sms))
+        pages = []
+        for account_id, cursor, n in requests:
+            entries = sorted(e for e in by_account.get(account_id, ()) if e[:2] > cursor)
+            pages.append(entries[:n])
+        return pages
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        return [sms for i in ids if (sms := self.pending_messages.get(i)) is not None]
 
     def pending_count(self) -> int:
         return len(self.pending_messages)

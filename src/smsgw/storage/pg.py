@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
@@ -22,11 +22,12 @@ import trio
 import trio_asyncio
 
 from smsgw.engine.credit import AccountCredit, CreditBook
-from smsgw.engine.messages import AcceptResult, Account, OutboundSms
+from smsgw.engine.messages import AcceptResult, Account, AccountSettings, OutboundSms
 from smsgw.engine.ports import (
     GroupResult,
     IdempotencyClaim,
     MessageQuery,
+    Recovered,
     SummaryRow,
     WriteGroup,
 )
@@ -292,6 +293,53 @@ SELECT {PENDING_COLUMNS}
 FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
 """
 
+_MESSAGE_FIELDS = PENDING_COLUMNS
+
+_PENDING_EXPRESS = f"""
+SELECT {_MESSAGE_FIELDS} FROM messages
+WHERE status IN ('queued', 'sending') AND express ORDER BY created_at
+"""
+
+_PENDING_BULK = """
+SELECT account_id, count(*) AS n FROM messages
+WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
+"""
+
+# Each account's next queued bulk messages after its cursor: a backward range scan of
+# messages_account_status per account, all accounts in one statement.
+_PAGE_ENTRIES = """
+SELECT x.i, m.created_at, m.id::text, m.segments
+FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[])
+     AS x(account_id, after_at, after_id, n, i)
+CROSS JOIN LATERAL (
+    SELECT created_at, id, segments FROM messages
+    WHERE account_id = x.account_id AND status = 'queued' AND NOT express
+      AND (created_at, id) > (x.after_at, x.after_id)
+    ORDER BY created_at, id LIMIT x.n
+) m
+ORDER BY x.i, m.created_at, m.id
+"""
+
+_QUEUED_MESSAGES = f"""
+SELECT {_MESSAGE_FIELDS} FROM messages WHERE id = ANY($1::uuid[]) AND status = 'queued'
+"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_BEFORE_ALL = datetime(1, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+def _settings(r: asyncpg.Record) -> AccountSettings:
+    return AccountSettings(
+        send_rate=r["send_rate"],
+        express_deadline_ms=r["express_deadline_ms"],
+        recipient_limit_per_hour=r["recipient_limit_per_hour"],
+        api_rate=r["api_rate"],
+    )
+
+
+_SETTINGS_COLUMNS = "send_rate, express_deadline_ms, recipient_limit_per_hour, api_rate"
+
 
 def pending_sms(r: asyncpg.Record) -> OutboundSms:
     return OutboundSms(
@@ -309,6 +357,9 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         attempts=r["attempts"],
         callback_url=r["callback_url"],
     )
+
+
+_sms = pending_sms
 
 
 class Handoff(NamedTuple):
@@ -474,16 +525,83 @@ class PgStore(CallbackOutbox):
         rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
         return [pending_sms(r) for r in rows]
 
+    async def recover(self) -> Recovered:
+        async def _recover(conn: asyncpg.Connection) -> Recovered:
+            express = [_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
+            backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
+            rates = await conn.fetch(
+                "SELECT id, send_rate FROM accounts WHERE send_rate IS NOT NULL"
+            )
+            return Recovered(express, backlogs, [(r["id"], r["send_rate"]) for r in rates])
+
+        return await self.db.run(_recover)
+
+    async def page_entries(
+        self, requests: Sequence[tuple[int, tuple[int, str], int]]
+    ) -> list[list[tuple[int, str, int]]]:
+        accounts, after_at, after_id, sizes = [], [], [], []
+        for account_id, (micros, message_id), n in requests:
+            accounts.append(account_id)
+            if micros < 0:
+                after_at.append(_BEFORE_ALL)
+                after_id.append(_MIN_UUID)
+            else:
+                # Exact: asyncpg sends whole microseconds, as PostgreSQL stores them.
+                after_at.append(_EPOCH + micros * _ONE_MICROSECOND)
+                after_id.append(uuid.UUID(message_id))
+            sizes.append(n)
+        rows = await self.db.run(
+            lambda c: c.fetch(
+                _PAGE_ENTRIES, accounts, after_at, after_id, sizes, list(range(len(requests)))
+            )
+        )
+        pages: list[list[tuple[int, str, int]]] = [[] for _ in requests]
+        for r in rows:
+            micros = (r["created_at"] - _EPOCH) // _ONE_MICROSECOND
+            pages[r["i"]].append((micros, r["id"], r["segments"]))
+        return pages
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        rows = await self.db.run(lambda c: c.fetch(_QUEUED_MESSAGES, list(ids)))
+        return [_sms(r) for r in rows]
+
+    async def update_settings(
+        self, account_id: int, settings: AccountSettings
+    ) -> AccountSettings | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "UPDATE accounts SET send_rate = $2, express_deadline_ms = $3,"
+                f" recipient_limit_per_hour = $4, api_rate = $5 WHERE id = $1"
+                f" RETURNING {_SETTINGS_COLUMNS}",
+                account_id,
+                settings.send_rate,
+                settings.express_deadline_ms,
+                settings.recipient_limit_per_hour,
+                settings.api_rate,
+            )
+        )
+        return None if row is None else _settings(row)
+
     # --- reads (one query each; not on the accept path) ------------------------------------
 
     async def account_by_key_hash(self, key_hash: bytes) -> Account | None:
         row = await self.db.run(
             lambda c: c.fetchrow(
-                "SELECT id, name, balance, held, callback_url FROM accounts WHERE key_hash = $1",
+                f"SELECT id, name, balance, held, callback_url, {_SETTINGS_COLUMNS}"
+                " FROM accounts WHERE key_hash = $1",
                 key_hash,
             )
         )
-        return None if row is None else Account(**dict(row))
+        if row is None:
+            return None
+        return Account(
+            row["id"],
+            row["name"],
+            row["balance"],
+            row["held"],
+            callback_url=row["callback_url"],
+            settings=_settings(row),
+        )
 
     async def account(self, account_id: int) -> Account | None:
         row = await self.db.run(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
+from smsgw.engine.messages import AccountSettings
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import (
     AccountCreatedOut,
     AccountOut,
+    AccountSettingsIn,
+    AccountSettingsOut,
     BalanceOut,
     CreateAccountIn,
     KeyRotatedOut,
@@ -46,6 +49,38 @@ async def topup(account_id: int) -> Response:
     if balance is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     return json_response(BalanceOut(balance))
+
+
+@bp.put("/v1/accounts/<int(max=9223372036854775807):account_id>/settings")
+async def put_settings(account_id: int) -> Response:
+    """Replace an account's scheduling and rate settings (a missing field: the default). They
+    apply on this node at once and on other nodes with their next key lookup (within the
+    KeyCache ttl, 60 s)."""
+    gw = gateway()
+    gw.require_admin()
+    data = await gw.body(AccountSettingsIn)
+    settings = AccountSettings(
+        send_rate=data.send_rate,
+        express_deadline_ms=data.express_deadline_ms,
+        recipient_limit_per_hour=data.recipient_limit_per_hour,
+        api_rate=data.api_rate,
+    )
+    try:
+        stored = await gw.reads.update_settings(account_id, settings)
+    except Exception as exc:
+        raise ProblemError(503, "unavailable", f"could not store the settings: {exc}") from None
+    if stored is None:
+        raise ProblemError(404, "account_not_found", f"no account {account_id}")
+    gw.engine.learn_settings(account_id, stored)
+    return json_response(
+        AccountSettingsOut(
+            account_id,
+            stored.send_rate,
+            stored.express_deadline_ms,
+            stored.recipient_limit_per_hour,
+            stored.api_rate,
+        )
+    )
 
 
 @bp.get("/v1/account")

@@ -10,7 +10,7 @@ from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, decode, gateway, json_response
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
-from smsgw.http.routes.messages import build_sms
+from smsgw.http.routes.messages import admit, build_sms
 from smsgw.http.schemas import MAX_BATCH, AcceptedOut, BatchIn, BatchOut, SendIn
 
 bp = Blueprint("batch", __name__)
@@ -51,11 +51,29 @@ async def send_batch() -> Response:
     valid: list[tuple[int, OutboundSms]] = []
     for index, raw in enumerate(data.messages):
         try:
-            valid.append((index, build_sms(gw, account_id, decode(raw, SendIn))))
+            item = decode(raw, SendIn)
+            if item.wait:
+                raise ProblemError(
+                    422, "invalid_field", "`wait` is for POST /v1/messages only", field="wait"
+                )
+            sms = build_sms(gw, account_id, item)
+            admit(gw, sms)  # express deadline and recipient limit: 503 or 429 for this item
+            valid.append((index, sms))
         except ProblemError as exc:
             results[index] = item_problem(index, exc)
     if data.atomic and len(valid) < count:
-        errors = [r for r in results if r is not None]
+        for _, sms in valid:
+            gw.recipients.give_back(account_id, sms.to)
+        errors = [r for r in results if isinstance(r, dict)]
+        busy = [e for e in errors if e["status"] in (429, 503)]
+        if len(busy) == len(errors):
+            first = busy[0]
+            raise ProblemError(
+                first["status"],
+                first["code"],
+                f"item {first['index']}: {first['detail']}; nothing was stored (atomic batch)",
+                retry_after=first.get("retry_after", 1),
+            )
         raise ProblemError(
             422,
             "invalid_batch",
@@ -64,7 +82,15 @@ async def send_batch() -> Response:
         )
     if valid:
         items = [sms for _, sms in valid]
-        accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
+        try:
+            accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
+        except ProblemError:
+            for sms in items:
+                gw.recipients.give_back(account_id, sms.to)
+            raise
+        for sms, result in zip(items, accepted, strict=True):
+            if not result.accepted:
+                gw.recipients.give_back(account_id, sms.to)
         if data.atomic and any(r.reason == "duplicate_client_ref" for r in accepted):
             taken = [i for (i, _), r in zip(valid, accepted, strict=True) if r.reason]
             raise ProblemError(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
+import trio
 from quart import Blueprint, Response
 
 from smsgw.engine import sms as rules
+from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
-from smsgw.engine.messages import OutboundSms
+from smsgw.engine.messages import OutboundSms, Outcome
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import ProblemError
@@ -52,6 +57,10 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
         normal_price=config.normal_price,
         express_price=config.express_price,
     )
+    if data.wait and not data.express:
+        raise ProblemError(
+            422, "invalid_field", "`wait` is for express messages only", field="wait"
+        )
     now = gw.engine.clock()
     return OutboundSms(
         id=uuid7(),
@@ -63,7 +72,7 @@ def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
         price=price,
         express=data.express,
         created_at=now,
-        deadline=now + config.express_deadline_ms / 1000 if data.express else None,
+        deadline=now + gw.engine.express_deadline_s(account_id) if data.express else None,
         client_ref=data.client_ref,
         request_id=request_id_var.get(),
         callback_url=data.callback_url,
@@ -97,18 +106,123 @@ async def send_message() -> Response:
     account_id = await gw.require_account()
     data = await gw.body(SendIn)
     sms = build_sms(gw, account_id, data)
-    results = await gw.call(lambda: gw.engine.accept([sms], atomic=True))
-    if results[0].reason == "duplicate_client_ref" and sms.client_ref is not None:
-        return await existing_by_client_ref(gw, account_id, sms.client_ref)
-    if not results[0].accepted:
+    admit(gw, sms)
+    waiting = gw.engine.wait_for(sms.id) if data.wait else None
+    try:
+        try:
+            results = await gw.call(lambda: gw.engine.accept([sms], atomic=True))
+        except ProblemError:
+            gw.recipients.give_back(account_id, sms.to)
+            raise
+        if not results[0].accepted:
+            gw.recipients.give_back(account_id, sms.to)
+        if results[0].reason == "duplicate_client_ref" and sms.client_ref is not None:
+            return await existing_by_client_ref(gw, account_id, sms.client_ref)
+        if not results[0].accepted:
+            raise ProblemError(
+                402,
+                "insufficient_credit",
+                f"the balance does not cover this message's price of {sms.price}",
+                price=sms.price,
+                balance=results[0].balance,
+            )
+        if waiting is not None:
+            return await answer_when_sent(gw, sms, waiting)
+        return json_response(AcceptedOut(sms.id, "queued", sms.segments, sms.price), 202)
+    finally:
+        if waiting is not None:
+            gw.engine.forget_wait(sms.id)
+
+
+def admit(gw: Gateway, sms: OutboundSms) -> None:
+    """The checks made in memory before a message is accepted: an express message must be
+    able to make its deadline (else 503, nothing held), and the recipient's hourly limit must
+    have room (else 429). Raises a ProblemError; takes a recipient token when it passes."""
+    if sms.express:
+        problem = gw.engine.express_problem(sms.account_id)
+        if problem is not None:
+            raise ProblemError(
+                503,
+                "express_unavailable",
+                f"this express message could not reach an operator within its deadline:"
+                f" {problem}; nothing was held",
+                retry_after=1,
+            )
+    limit = gw.engine.account_settings(sms.account_id).recipient_limit_per_hour
+    wait = gw.recipients.take(sms.account_id, sms.to, time.monotonic(), limit)
+    if wait:
+        retry_after = max(1, math.ceil(wait))
         raise ProblemError(
-            402,
-            "insufficient_credit",
-            f"the balance does not cover this message's price of {sms.price}",
-            price=sms.price,
-            balance=results[0].balance,
+            429,
+            "recipient_rate_limited",
+            f"this account may send {limit or gw.recipients.limit} messages an hour to {sms.to};"
+            f" retry in {retry_after} s",
+            retry_after=retry_after,
         )
-    return json_response(AcceptedOut(sms.id, "queued", sms.segments, sms.price), 202)
+
+
+# After the deadline, how long a waiting request gives the outcome to be committed.
+WAIT_GRACE = 2.0
+
+
+async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Outcome]) -> Response:
+    """`"wait": true`: 200 once the operator took the message, 504 when its deadline passed
+    (the message is failed and its hold released), 502 when the operator refused it."""
+    assert sms.deadline is not None
+    outcome: Outcome | None = None
+    with trio.move_on_after(max(0.0, sms.deadline - gw.engine.clock()) + WAIT_GRACE):
+        outcome = await waiting.wait()
+    if outcome is None:
+        # Not final yet (the store is slow to commit): say so; GET tells the end.
+        raise ProblemError(
+            504,
+            "deadline_exceeded",
+            "the deadline passed before the message's outcome was recorded; GET it to see"
+            " how it ended",
+            message_id=sms.id,
+        )
+    if outcome.status == "sent":
+        return json_response(sent_view(sms, outcome), 200)
+    if outcome.reason == "deadline_exceeded":
+        raise ProblemError(
+            504,
+            "deadline_exceeded",
+            "the message did not reach an operator within its deadline; it is failed and its"
+            " price was refunded",
+            message_id=sms.id,
+            message_status="failed",
+            refunded=True,
+        )
+    raise ProblemError(
+        502,
+        "operator_refused",
+        f"the operator refused the message ({outcome.reason}); it is failed and its price was"
+        " refunded",
+        message_id=sms.id,
+        message_status="failed",
+        refunded=True,
+    )
+
+
+def sent_view(sms: OutboundSms, outcome: Outcome) -> dict[str, Any]:
+    """The message as GET shows it, from what this node already knows: no read."""
+    return {
+        "id": sms.id,
+        "to": sms.to,
+        "sender": sms.sender,
+        "text": sms.text,
+        "status": "sent",
+        "reason": None,
+        "segments": sms.segments,
+        "price": sms.price,
+        "express": sms.express,
+        "attempts": outcome.attempts,
+        "operator": outcome.operator,
+        "operator_message_id": outcome.operator_message_id,
+        "client_ref": sms.client_ref,
+        "created_at": datetime.fromtimestamp(sms.created_at, UTC),
+        "updated_at": datetime.fromtimestamp(outcome.at, UTC),
+    }
 
 
 @bp.get("/v1/messages/<message_id>")

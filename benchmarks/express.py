@@ -1,0 +1,307 @@
+"""Express behind a deep bulk backlog, and the gateway's memory with that backlog queued.
+
+1. A fresh schema gets `--accounts` accounts and `--backlog` queued bulk messages spread
+   evenly over them (written by PostgreSQL itself, with their credit held, as if accepted).
+2. `smsgw serve` starts on 127.0.0.1: Recovery counts the backlog per account and the
+   Scheduler pages it in within its memory bound. The simulated operator answers each batch in
+   `--operator-ms`, with a window of `--window`: operators are saturated for the whole run
+   (the backlog outlasts it).
+3. A separate process sends express messages with `"wait": true` at `--rate` a second for
+   `--seconds`. Accept-to-operator per message is read from PostgreSQL (`updated_at -
+   created_at`: from accept to the operator's answer, so it includes `--operator-ms`).
+4. The gateway's RSS (VmRSS, and VmHWM: the peak) is sampled every second throughout.
+
+Targets (issue 4): express p99 <= 100 ms + the operator's latency, 0 deadline misses, and
+RSS under 500 MB with 1,000,000 queued across 50,000 accounts.
+
+Prints one JSON object; writes benchmarks/reports/latest/express.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+SEED_ACCOUNTS = """
+INSERT INTO accounts (name, key_hash, balance, held, topped_up)
+SELECT 'bulk-' || g, sha256(('bulk-key-' || g)::bytea), 1000000000 - $2::bigint, $2::bigint,
+       1000000000
+FROM generate_series(1, $1::int) AS g
+"""
+
+# Evenly spread: message g goes to the (g mod accounts)-th account, 5 a segment, queued.
+SEED_MESSAGES = """
+INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
+                      status, created_at, updated_at)
+SELECT gen_random_uuid(), a.first + (g % $2::int), '+4479' || lpad((g % 100000000)::text, 8, '0'),
+       'bulk', 'backlog message ' || g, 1, 5, false, 'queued',
+       now() - interval '1 hour' + g * interval '1 microsecond',
+       now() - interval '1 hour' + g * interval '1 microsecond'
+FROM generate_series(0, $1::int - 1) AS g, (SELECT min(id) AS first FROM accounts) AS a
+"""
+
+EXPRESS_CLIENT = r"""
+import json, sys, time, httpx, trio
+url, key, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+results = []
+
+async def one(client, n):
+    body = {"to": f"+4915{n:09d}", "text": f"code {n:06d}", "express": True, "wait": True}
+    started = time.monotonic()
+    r = await client.post("/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"})
+    results.append({"status": r.status_code, "seconds": time.monotonic() - started,
+                    "code": r.json().get("code") if r.status_code != 200 else None})
+
+async def main():
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            for n in range(int(rate * seconds)):
+                await trio.sleep_until(start + n / rate)
+                nursery.start_soon(one, client, n)
+    print(json.dumps(results))
+
+trio.run(main)
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def seed(url: str, schema: str, accounts: int, backlog: int) -> float:
+    started = time.monotonic()
+    per_account = backlog // accounts
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"SET search_path TO {schema}")
+            await conn.execute(SEED_ACCOUNTS, accounts, per_account * 5)
+            await conn.execute(SEED_MESSAGES, per_account * accounts, accounts)
+            await conn.execute("ANALYZE messages")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return time.monotonic() - started
+
+
+def migrate(url: str, schema: str, admin_key: str) -> None:
+    env = common.gateway_env(url, schema, admin_key)
+    subprocess.run(
+        [sys.executable, "-m", "smsgw.cli", "migrate"], env=env, check=True, capture_output=True
+    )
+
+
+class RssSampler:
+    """VmRSS of a process every second, in a thread; `peak_mb` also reads VmHWM at the end."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _field(self, name: str) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            value = self._field("VmRSS")
+            if value is not None:
+                self.samples.append(value)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, float | None]:
+        hwm = self._field("VmHWM")
+        self._stop.set()
+        self._thread.join()
+        return {
+            "rss_max_mb": round(max(self.samples), 1) if self.samples else None,
+            "rss_last_mb": round(self.samples[-1], 1) if self.samples else None,
+            "rss_peak_vmhwm_mb": round(hwm, 1) if hwm is not None else None,
+        }
+
+
+def scheduler_view(client: httpx.Client) -> dict[str, Any]:
+    children = {c["name"]: c for c in client.get("/v1/ops/supervisor").json()["children"]}
+    return {
+        "scheduler": children["scheduler"]["stats"],
+        "pool": {
+            k: children["provider_pool"]["stats"][k]
+            for k in ("inflight", "window", "express_reserve", "sent")
+        },
+    }
+
+
+def express_rows(url: str, schema: str, account_id: int) -> list[dict[str, Any]]:
+    async def fetch() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"SET search_path TO {schema}")
+            rows = await conn.fetch(
+                "SELECT status, reason,"
+                " extract(epoch FROM updated_at - created_at)::float8 AS seconds"
+                " FROM messages WHERE account_id = $1",
+                account_id,
+            )
+            return [dict(r) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def main() -> None:
+    common.exit_on_sigterm()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--accounts", type=int, default=50_000)
+    parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--window", type=int, default=200)
+    parser.add_argument("--operator-ms", type=float, default=50.0)
+    parser.add_argument("--rate", type=float, default=20.0, help="express messages a second")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--settle-s", type=float, default=10.0, help="after start, before load")
+    parser.add_argument("--out", type=Path, default=common.BENCHMARKS_DIR / "reports" / "latest")
+    args = parser.parse_args()
+
+    with (
+        tempfile.TemporaryDirectory(prefix="smsgw-express-") as work,
+        common.database(Path(work)) as (url, source),
+    ):
+        schema = common.fresh_schema("express")
+        admin_key = common.new_admin_key()
+        try:
+            migrate(url, schema, admin_key)
+            common.log(f"seeding {args.backlog} messages over {args.accounts} accounts")
+            seed_s = seed(url, schema, args.accounts, args.backlog)
+            common.log(f"seeded in {seed_s:.1f} s; starting the gateway")
+            command = [
+                *common.gateway_command(),
+                "--window",
+                str(args.window),
+                "--operator-latency-ms",
+                f"{args.operator_ms},{args.operator_ms}",
+                "--recipient-limit-per-hour",
+                "1000000",
+                "--operator-errors",
+                "0,0",
+            ]
+            env = common.gateway_env(url, schema, admin_key)
+            log_path = Path(work) / "gateway.log"
+            started = time.monotonic()
+            with common.run_server(command, log_path=log_path, env=env, ready_timeout=300) as srv:
+                ready_s = time.monotonic() - started
+                rss = RssSampler(srv.process.pid)
+                rss.start()
+                headers = {"Authorization": f"Bearer {admin_key}"}
+                with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as admin:
+                    account = admin.post(
+                        "/v1/accounts", json={"name": "otp", "credit": 10**9}
+                    ).json()
+                    time.sleep(args.settle_s)
+                    before = scheduler_view(admin)
+                    common.log(f"before load: {json.dumps(before)[:400]}")
+                    client = subprocess.run(
+                        [
+                            sys.executable,
+                            "-c",
+                            EXPRESS_CLIENT,
+                            srv.url,
+                            account["api_key"],
+                            str(args.rate),
+                            str(args.seconds),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=args.seconds + 120,
+                    )
+                    if client.returncode:
+                        raise RuntimeError(client.stderr[-2000:])
+                    after = scheduler_view(admin)
+                memory = rss.stop()
+            answers = json.loads(client.stdout)
+            rows = express_rows(url, schema, account["id"])
+        finally:
+            common.drop_schema(url, schema)
+
+    sent = [r["seconds"] for r in rows if r["status"] == "sent"]
+    misses = sum(1 for r in rows if r["reason"] == "deadline_exceeded")
+    statuses: dict[str, int] = {}
+    for a in answers:
+        statuses[str(a["status"])] = statuses.get(str(a["status"]), 0) + 1
+    ok_latency = [a["seconds"] for a in answers if a["status"] == 200]
+    result: dict[str, Any] = {
+        "benchmark": "express",
+        "commit": common.git_commit(),
+        "dirty": common.git_dirty(),
+        "at": common.utc_timestamp(),
+        "cores": os.cpu_count(),
+        "database": source,
+        "accounts": args.accounts,
+        "backlog": args.backlog,
+        "seed_seconds": round(seed_s, 1),
+        "start_to_listening_seconds": round(ready_s, 1),
+        "window": args.window,
+        "operator_ms": args.operator_ms,
+        "express_sent": len(sent),
+        "express_accept_to_operator_p50_ms": round(1000 * percentile(sent, 0.5), 1),
+        "express_accept_to_operator_p99_ms": round(1000 * percentile(sent, 0.99), 1),
+        "express_accept_to_operator_max_ms": round(1000 * max(sent), 1) if sent else None,
+        "express_target_p99_ms": 100 + args.operator_ms,
+        "deadline_misses": misses,
+        "answers_by_status": statuses,
+        "wait_answer_p99_ms": round(1000 * percentile(ok_latency, 0.99), 1),
+        "memory": memory,
+        "before": before,
+        "after": after,
+    }
+    print(json.dumps(result, indent=2))
+    markdown = "# Express behind a bulk backlog\n\n" + common.markdown_table(
+        ["figure", "value"],
+        [
+            ["backlog / accounts", f"{args.backlog} / {args.accounts}"],
+            [
+                "express accept→operator p50 / p99 ms",
+                f"{result['express_accept_to_operator_p50_ms']}"
+                f" / {result['express_accept_to_operator_p99_ms']}",
+            ],
+            ["target p99 ms", result["express_target_p99_ms"]],
+            ["deadline misses", misses],
+            ["RSS max / peak MB", f"{memory['rss_max_mb']} / {memory['rss_peak_vmhwm_mb']}"],
+        ],
+    )
+    common.write_report(args.out, "express", result, markdown)
+
+
+if __name__ == "__main__":
+    main()
