@@ -78,6 +78,8 @@ class Harness:
             max_batch=max_batch,
             policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_cap=1.0),
             seed=1,
+            # The messages' created_at is virtual time: their validity counts from it.
+            clock=trio.current_time,
         )
         self.scheduler = Scheduler(
             scheduler_inbox, self.pool, self.writer.handle(), clock=trio.current_time

@@ -27,6 +27,7 @@ from smsgw.engine.messages import (
 from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
+from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
@@ -58,6 +59,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # development or a test must not call out to the world).
     production: bool = False
     callbacks: CallbackPolicy = CallbackPolicy()
+    # Operator weights, windows, throughput caps, route overrides, the breakers' policy.
+    routing: RoutingConfig = RoutingConfig()
 
 
 class Engine:
@@ -120,6 +123,7 @@ class Engine:
             clock=clock,
             seed=seed,
             admit=None if self.leases is None else self.leases.admit,
+            routing=config.routing,
         )
         self.scheduler = Scheduler(scheduler_inbox, self.pool, self.writer.ref, clock=clock)
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the

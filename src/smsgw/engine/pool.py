@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
+from smsgw.engine.breaker import Call
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     Enqueue,
@@ -23,7 +24,8 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.ports import Provider
-from smsgw.engine.retry import RetryLater, backoff
+from smsgw.engine.retry import RetryLater, next_attempt
+from smsgw.engine.routing import OperatorRoute, Router, Routing, RoutingConfig
 
 log = logging.getLogger("smsgw.pool")
 
@@ -33,6 +35,11 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     attempt_timeout: float = 10.0
     backoff_base: float = 0.5
     backoff_cap: float = 60.0
+    # Retries end this long after the accept (an express message's end is its deadline).
+    validity_s: float = 86_400.0
+    # An express batch's attempt gets this share of the time left to its earliest deadline,
+    # so that a timeout leaves time for a retry on another operator.
+    express_attempt_share: float = 0.4
 
 
 class Window:
@@ -86,6 +93,7 @@ class ProviderPool:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         admit: Callable[[OutboundSms], bool] | None = None,
+        routing: RoutingConfig = RoutingConfig(),
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
@@ -93,13 +101,13 @@ class ProviderPool:
         self.window = Window(window)
         self.max_batch = max_batch
         self._providers = [p for p, _ in providers]
-        self._weights = [w for _, w in providers]
         self._writer = writer
         self._retry = retry
         self._requeue = requeue
         self._policy = policy
         self._clock = clock
         self._rng = random.Random(seed)
+        self.routing = Routing(Router(providers, routing, rng=self._rng), clock=clock)
         # The last check before a send (ShardLeases.admit): a message of a shard this node no
         # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
         self._admit = admit
@@ -125,6 +133,7 @@ class ProviderPool:
             **self.counts,
             "outcomes": outcomes,
             "accept_to_sent_seconds": self.accept_to_sent.summary(),
+            **self.routing.stats(),
         }
 
     def submit(self, batch: tuple[OutboundSms, ...]) -> None:
@@ -150,26 +159,55 @@ class ProviderPool:
                 batch = await self.inbox.get()
                 nursery.start_soon(self._attempt, batch)
 
-    def _choose(self) -> Provider:
-        if len(self._providers) == 1:
-            return self._providers[0]
-        return self._rng.choices(self._providers, self._weights)[0]
-
     async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
         try:
             sending = batch if self._admit is None else self._admitted(batch)
             if not sending:
                 return
-            provider = self._choose()
-            self.batches += 1
-            results = await self._send(provider, sending)
-            for sms, result in zip(sending, results, strict=True):
-                await self._settle(provider, sms, result)
-                # Handed on: only now is it no longer ours. Cancelled before this point, it
-                # stays in `inflight` and the next run of the pool hands it back.
-                del self.inflight[sms.id]
+            await self.routing.dispatch(
+                sending, self._send_part, self._expire, self._expires_at, self.max_batch
+            )
         finally:
             self.window.release(len(batch))
+
+    async def _send_part(self, route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
+        """One call to the operator `routing` chose for `part` of a batch."""
+        provider = route.provider
+        try:
+            self.batches += 1
+            results = await self._send(route, call, part)
+        finally:
+            self.routing.abandon(route, call)  # cancelled: its slots come back unrecorded
+        for sms, result in zip(part, results, strict=True):
+            await self._settle(provider, sms, result)
+            # Handed on: only now is it no longer ours. Cancelled before this point, it
+            # stays in `inflight` and the next run of the pool hands it back.
+            del self.inflight[sms.id]
+
+    def _expires_at(self, sms: OutboundSms) -> float:
+        """When a message's attempts must end: its deadline, else the end of its validity."""
+        if sms.deadline is not None:
+            return sms.deadline
+        return sms.created_at + self._policy.validity_s
+
+    async def _expire(self, sms: OutboundSms) -> None:
+        """`sms` waited for an operator past its deadline or validity: failed, refunded."""
+        reason = "deadline_exceeded" if sms.deadline is not None else None
+        reason = reason or sms.last_reason or "no_operator_available"
+        self.counts["failed"] += 1
+        key = ("-", "failed", reason)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        outcome = Outcome(
+            sms=sms,
+            status="failed",
+            operator=None,
+            operator_message_id=None,
+            reason=reason,
+            attempts=sms.attempts,
+            at=self._clock(),
+        )
+        await self._writer.tell(RecordOutcome(outcome))
+        del self.inflight[sms.id]
 
     def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
         assert self._admit is not None
@@ -181,20 +219,32 @@ class ProviderPool:
                 del self.inflight[sms.id]
         return tuple(sms for sms, ok in zip(batch, admitted, strict=True) if ok)
 
-    async def _send(self, provider: Provider, batch: Sequence[OutboundSms]) -> list[SendResult]:
+    async def _send(
+        self, route: OperatorRoute, call: Call, batch: Sequence[OutboundSms]
+    ) -> list[SendResult]:
         """One attempt per message; a timeout, an exception or a wrong number of results is a
-        temporary failure for the whole batch, never a crash."""
+        temporary failure for the whole batch, never a crash. The result goes to the
+        operator's breaker."""
+        provider = route.provider
         failure = "timeout"
+        timeout = self._policy.attempt_timeout
+        deadlines = [s.deadline for s in batch if s.deadline is not None]
+        if deadlines:
+            left = min(deadlines) - self._clock()
+            timeout = min(timeout, max(0.05, left * self._policy.express_attempt_share))
         try:
-            with trio.move_on_after(self._policy.attempt_timeout):
+            with trio.move_on_after(timeout):
                 results = await provider.send_batch(batch)
                 if len(results) == len(batch):
+                    self.routing.finish(route, call, results)
                     return results
                 failure = f"operator_error: {len(results)} results for {len(batch)} messages"
         except Exception as exc:
             log.warning("operator %s raised on a batch of %d: %r", provider.name, len(batch), exc)
             failure = f"operator_error: {type(exc).__name__}"
-        return [SendResult("temporary", reason=failure)] * len(batch)
+        failed = [SendResult("temporary", reason=failure)] * len(batch)
+        self.routing.finish(route, call, None if failure == "timeout" else failed)
+        return failed
 
     async def _settle(self, provider: Provider, sms: OutboundSms, result: SendResult) -> None:
         attempts = sms.attempts + 1
@@ -206,14 +256,25 @@ class ProviderPool:
             status = "sent" if result.kind == "sent" else "failed"
             await self._finish(done, provider, status, result.operator_message_id, result.reason)
             return
-        retry = msgspec.structs.replace(sms, attempts=attempts, last_reason=result.reason)
-        delay = backoff(
-            attempts, base=self._policy.backoff_base, cap=self._policy.backoff_cap, rng=self._rng
+        retry = msgspec.structs.replace(
+            sms, attempts=attempts, last_reason=result.reason, last_operator=provider.name
+        )
+        delay = next_attempt(
+            attempts,
+            now=self._clock(),
+            expires=self._expires_at(sms),
+            express=sms.deadline is not None,
+            max_attempts=self._policy.max_attempts,
+            base=self._policy.backoff_base,
+            cap=self._policy.backoff_cap,
+            rng=self._rng,
         )
         if attempts >= self._policy.max_attempts:
             await self._finish(retry, provider, "failed", None, result.reason)
-        elif sms.deadline is not None and self._clock() + delay > sms.deadline:
+        elif delay is None and sms.deadline is not None:
             await self._finish(retry, provider, "failed", None, "deadline_exceeded")
+        elif delay is None:  # its validity ends before the next attempt could
+            await self._finish(retry, provider, "failed", None, result.reason)
         else:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
