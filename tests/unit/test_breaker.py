@@ -184,11 +184,10 @@ class BreakerMachine(RuleBasedStateMachine):
             assert self.b.state is BreakerState.OPEN and self.b.opens == opens + 1
         elif c.probe:
             assert self.b.state in (BreakerState.HALF_OPEN, BreakerState.CLOSED)
-        elif not bad:
-            # A good call in the closed state can still open it by the window's ratio only.
-            if self.b.state is BreakerState.OPEN:
-                calls, ok, bad_n, _, _ = self.b.recent.totals(self.now)
-                assert bad_n >= POLICY.failure_ratio * (ok + bad_n)
+        elif not bad and self.b.state is BreakerState.OPEN:
+            # A good call in the closed state can open it by the window's ratio only.
+            _, ok, bad_n, _, _ = self.b.recent.totals(self.now)
+            assert bad_n >= POLICY.failure_ratio * (ok + bad_n)
 
     @invariant()
     def probes_are_bounded(self) -> None:

@@ -66,7 +66,7 @@ def test_weights_share_the_batches() -> None:
     for i in range(2_000):
         calls, waiting = r.assign([sms(i)], 0.0, 100)
         assert not waiting
-        route, part, call = calls[0]
+        route, _, call = calls[0]
         chosen[route.name] += 1
         r.finish(route, call, 0.0, [SendResult("sent")])
     assert 0.55 < chosen["a"] / 2_000 < 0.65 and 0.05 < chosen["c"] / 2_000 < 0.15
