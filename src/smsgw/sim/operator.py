@@ -17,6 +17,8 @@ from smsgw.sim.dlr import DlrEmitter
 TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
 PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_destination")
 
+_UNAVAILABLE = SendResult("temporary", reason="operator_unavailable")
+
 # The standard normal quantile at 0.99: ln(p99) = ln(median) + sigma * _Z_99 for a lognormal.
 _Z_99 = NormalDist().inv_cdf(0.99)
 
@@ -30,6 +32,11 @@ class OperatorProfile(msgspec.Struct, frozen=True):
     p_temporary: float = 0.03
     p_permanent: float = 0.02
     seed: int = 0
+    # Windows [start, end) in seconds from the operator's origin (see SimulatedOperator) in
+    # which every attempt fails for now ("operator_unavailable"): a simulated outage.
+    outages: tuple[tuple[float, float], ...] = ()
+    # Windows in which the operator takes batches and never answers: every attempt times out.
+    stalls: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.latency_ms_median <= self.latency_ms_p99:
@@ -42,6 +49,8 @@ class OperatorProfile(msgspec.Struct, frozen=True):
             and self.p_temporary + self.p_permanent <= 1.0
         ):
             raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
+        if any(not 0.0 <= start < end for start, end in (*self.outages, *self.stalls)):
+            raise ValueError("outages and stalls must be windows (start, end), 0 <= start < end")
 
 
 class SimulatedOperator:
@@ -64,6 +73,7 @@ class SimulatedOperator:
         *,
         remember: int = 1_000_000,
         dlr: DlrEmitter | None = None,
+        origin: float | None = None,
     ) -> None:
         if remember < 1:
             raise ValueError("remember must be at least 1")
@@ -83,6 +93,13 @@ class SimulatedOperator:
             else 0.0
         )
         self._delivered: OrderedDict[str, SendResult] = OrderedDict()
+        # trio time of the profile's second 0 (outage windows count from it); None: the first
+        # send's time.
+        self.origin = origin
+        # Set at run time (the operator server's POST /outage): "errors" or "timeouts" until
+        # set back to None, whatever the windows say.
+        self.outage: str | None = None
+        self._stalled = 0
         self._calls = 0
         self._cancelled = 0
         self._sends = 0
@@ -110,10 +127,19 @@ class SimulatedOperator:
         """Answer a window of messages after one simulated round trip, as a windowed protocol
         (SMPP submit_sm pipelining, an HTTP batch endpoint) would; each message's outcome is
         drawn on its own, and its id is its idempotency key."""
+        down = self._down(trio.current_time())
         drawn = []
         for _ in batch:
             self._calls += 1
-            drawn.append(self._draw_outcome(self._calls))
+            outcome = self._draw_outcome(self._calls)
+            drawn.append(_UNAVAILABLE if down == "errors" else outcome)
+        if down == "timeouts":
+            self._stalled += len(batch)
+            try:
+                await trio.sleep_forever()  # until the caller's timeout cancels it
+            except trio.Cancelled:
+                self._cancelled += len(batch)
+                raise
         try:
             await trio.sleep(self._draw_latency())
         except trio.Cancelled:
@@ -141,6 +167,21 @@ class SimulatedOperator:
                 self._permanent += 1
         return drawn
 
+    def _down(self, now: float) -> str | None:
+        """ "errors", "timeouts" or None: what outage, if any, the operator is in at `now`."""
+        if self.outage is not None:
+            return self.outage
+        if not self.profile.outages and not self.profile.stalls:
+            return None
+        if self.origin is None:
+            self.origin = now
+        offset = now - self.origin
+        if any(start <= offset < end for start, end in self.profile.outages):
+            return "errors"
+        if any(start <= offset < end for start, end in self.profile.stalls):
+            return "timeouts"
+        return None
+
     def stats(self) -> dict[str, int]:
         """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
         every call is one of those, a suppressed duplicate, cancelled, or still in flight."""
@@ -152,6 +193,7 @@ class SimulatedOperator:
             "permanent": self._permanent,
             "duplicates_suppressed": self._duplicates_suppressed,
             "cancelled": self._cancelled,
+            "stalled": self._stalled,
         }
 
     def _draw_outcome(self, call: int) -> SendResult:
