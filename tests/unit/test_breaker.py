@@ -15,6 +15,7 @@ POLICY = BreakerPolicy(
     buckets=10,
     min_calls=4,
     failure_ratio=0.5,
+    consecutive_failures=10,
     consecutive_timeouts=3,
     cool_down_s=2.0,
     max_cool_down_s=8.0,
@@ -62,8 +63,24 @@ def test_old_failures_slide_out_of_the_window() -> None:
     assert b.state is BreakerState.CLOSED
 
 
+def test_failed_calls_in_a_row_open_it_before_the_ratio_would() -> None:
+    b = OperatorBreaker(BreakerPolicy(consecutive_failures=5, min_calls=5), 0.0)
+    for i in range(100):
+        call(b, i * 0.01, ok=10)
+    for _ in range(4):
+        call(b, 1.0, failed=10)
+    call(b, 1.0, ok=1)  # an answered call ends the run
+    for _ in range(4):
+        call(b, 1.0, failed=10)
+    assert b.state is BreakerState.CLOSED  # 80 of 1,081 messages: far below the ratio
+    call(b, 1.0, failed=10)
+    assert b.state is BreakerState.OPEN and "in a row" in (b.last_reason or "")
+
+
 def test_consecutive_timeouts_open_it_and_an_answer_resets_the_count() -> None:
-    b = OperatorBreaker(BreakerPolicy(min_calls=100, consecutive_timeouts=3), 0.0)
+    b = OperatorBreaker(
+        BreakerPolicy(min_calls=100, consecutive_failures=100, consecutive_timeouts=3), 0.0
+    )
     call(b, 0.0, timeout=True)
     call(b, 0.0, timeout=True)
     call(b, 0.0, ok=1)
@@ -184,7 +201,7 @@ class BreakerMachine(RuleBasedStateMachine):
             assert self.b.state is BreakerState.OPEN and self.b.opens == opens + 1
         elif c.probe:
             assert self.b.state in (BreakerState.HALF_OPEN, BreakerState.CLOSED)
-        elif not bad and self.b.state is BreakerState.OPEN:
+        elif not bad and self.b.state is BreakerState.OPEN and c.generation == generation:
             # A good call in the closed state can open it by the window's ratio only.
             _, ok, bad_n, _, _ = self.b.recent.totals(self.now)
             assert bad_n >= POLICY.failure_ratio * (ok + bad_n)

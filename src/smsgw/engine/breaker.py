@@ -2,7 +2,10 @@
 
 closed -> open: over the last `window_s` seconds, at least `min_calls` calls were made and at
     least `failure_ratio` of their messages failed for now (a timeout fails every message of
-    its call); or `consecutive_timeouts` calls in a row timed out.
+    its call); or `consecutive_failures` calls in a row failed (a call fails when it times
+    out or `failure_ratio` of its messages failed: an operator that is plainly down opens its
+    breaker in a few calls, not once its failures outweigh the window's earlier successes);
+    or `consecutive_timeouts` calls in a row timed out (fewer: each costs an attempt timeout).
 open -> half-open: after the cool-down (`cool_down_s`, doubled after each failed probe, at
     most `max_cool_down_s`).
 half-open: at most `probe_batches` calls of at most `probe_size` messages in flight; when
@@ -35,6 +38,7 @@ class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buckets: int = 10  # the window slides by window_s / buckets
     min_calls: int = 5
     failure_ratio: float = 0.5
+    consecutive_failures: int = 5
     consecutive_timeouts: int = 3
     cool_down_s: float = 2.0
     max_cool_down_s: float = 30.0
@@ -48,6 +52,7 @@ class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             and self.min_calls >= 1
             and 0.0 < self.failure_ratio <= 1.0
             and self.consecutive_timeouts >= 1
+            and self.consecutive_failures >= 1
             and 0 < self.cool_down_s <= self.max_cool_down_s
             and self.probe_batches >= 1
             and self.probe_size >= 1
@@ -121,6 +126,7 @@ class OperatorBreaker:
         self.generation = 0
         self.recent = RecentWindow(policy.window_s, policy.buckets)
         self.timeouts_in_a_row = 0
+        self.failures_in_a_row = 0
         self.probes_in_flight = 0
         self.probes_passed = 0
         self.cool_down = policy.cool_down_s
@@ -135,6 +141,7 @@ class OperatorBreaker:
         self.since = now
         self.generation += 1
         self.timeouts_in_a_row = 0
+        self.failures_in_a_row = 0
         self.probes_in_flight = 0
         self.probes_passed = 0
 
@@ -216,8 +223,12 @@ class OperatorBreaker:
         if self.state is not BreakerState.CLOSED:
             return
         self.timeouts_in_a_row = self.timeouts_in_a_row + 1 if timed_out else 0
+        self.failures_in_a_row = self.failures_in_a_row + 1 if bad else 0
         if self.timeouts_in_a_row >= self.policy.consecutive_timeouts:
             self._open(now, f"{self.timeouts_in_a_row} timeouts in a row", after_probe=False)
+            return
+        if self.failures_in_a_row >= self.policy.consecutive_failures:
+            self._open(now, f"{self.failures_in_a_row} failed calls in a row", after_probe=False)
             return
         calls, good, bad_messages, _, _ = self.recent.totals(now)
         answered = good + bad_messages
@@ -252,5 +263,6 @@ class OperatorBreaker:
             "recent_timeouts": timeouts,
             "recent_latency_ms": round(1000 * latency / calls, 3) if calls else None,
             "timeouts_in_a_row": self.timeouts_in_a_row,
+            "failures_in_a_row": self.failures_in_a_row,
             "probes_in_flight": self.probes_in_flight,
         }
