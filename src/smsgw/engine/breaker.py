@@ -41,7 +41,7 @@ class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     consecutive_failures: int = 5
     consecutive_timeouts: int = 3
     cool_down_s: float = 2.0
-    max_cool_down_s: float = 30.0
+    max_cool_down_s: float = 10.0
     probe_batches: int = 2
     probe_size: int = 10
 
