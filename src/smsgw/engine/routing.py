@@ -270,6 +270,7 @@ class Routing:
         self.waited = 0  # batches that had to wait for an operator
         self.waiting = 0  # messages waiting now
         self.expired = 0  # messages whose time ran out while waiting
+        self._express_waiting = 0  # batches with express messages waiting now
 
     def _notify(self) -> None:
         self._changed.set()
@@ -325,12 +326,19 @@ class Routing:
                 if change is not None:
                     wake = min(wake, change)
                 changed = self._changed
+                express = any(s.express for s in waiting)
                 self.waiting += len(waiting)
+                self._express_waiting += express
                 try:
                     with trio.move_on_at(wake):
                         await changed.wait()
                 finally:
                     self.waiting -= len(waiting)
+                    self._express_waiting -= express
+                if not express and self._express_waiting:
+                    # Woken together with express batches: let them take the room first
+                    # (one scheduling round later, so bulk cannot starve).
+                    await trio.lowlevel.checkpoint()
 
     def stats(self) -> dict[str, Any]:
         now = trio.current_time()
