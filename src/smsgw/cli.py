@@ -9,6 +9,7 @@ import secrets
 import socket
 import sys
 from functools import partial
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -18,6 +19,10 @@ from smsgw.logs import configure as configure_logging
 from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.embedded import database_url
+
+if TYPE_CHECKING:
+    from smsgw.engine.node import EngineConfig
+    from smsgw.engine.routing import RoutingConfig
 
 
 def _schema() -> str:
@@ -80,6 +85,10 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
     worker_args = ["--lease-ttl", str(args.lease_ttl), "--operator-name", args.operator_name]
     for url in args.operator_url:
         worker_args += ["--operator-url", url]
+    if args.routing is not None:
+        worker_args += ["--routing", args.routing[0]]
+    if args.attempt_timeout is not None:
+        worker_args += ["--attempt-timeout", str(args.attempt_timeout)]
     if args.operator_latency_ms:
         worker_args += ["--operator-latency-ms", args.operator_latency_ms]
     if args.log_json:
@@ -113,6 +122,28 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
         partial(serve_workers, workers, args.host, args.port, node_id, worker_args, env, top_args)
     )
     return 0
+
+
+def _operator_url(value: str) -> str:
+    """argparse type for [NAME=]URL: checked here, kept as given (server.default_providers
+    splits it)."""
+    from smsgw.server import split_operator_url
+
+    name, url = split_operator_url(value)
+    if name == "" or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{value!r}: want [NAME=]http(s)://HOST:PORT")
+    return value
+
+
+def _routing_file(path: str) -> tuple[str, RoutingConfig]:
+    """argparse type for --routing: the file read and checked now, a usage error if bad."""
+    from smsgw.engine.routing import RoutingConfig
+
+    try:
+        with open(path, "rb") as file:
+            return path, msgspec.json.decode(file.read(), type=RoutingConfig)
+    except (OSError, msgspec.DecodeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{path}: {error}") from None
 
 
 def _dlr_keys(given: list[str], env: str) -> tuple[tuple[str, str], ...]:
@@ -158,7 +189,13 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         changes["express_reserve_share"] = args.express_reserve_share
     if args.scheduler_fifo:
         changes["scheduler_fifo"] = True
-    return msgspec.structs.replace(EngineConfig(), **changes)
+    if args.routing is not None:
+        changes["routing"] = args.routing[1]
+    config = msgspec.structs.replace(EngineConfig(), **changes)
+    if args.attempt_timeout is not None:
+        retry = msgspec.structs.replace(config.retry, attempt_timeout=args.attempt_timeout)
+        config = msgspec.structs.replace(config, retry=retry)
+    return config
 
 
 def _operator_profile(
@@ -299,9 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--operator-url",
         action="append",
         default=[],
-        metavar="URL",
-        help="an operator speaking the HTTP batch protocol (repeatable); default: in-process"
-        " simulated operators",
+        type=_operator_url,
+        metavar="[NAME=]URL",
+        help="an operator speaking the HTTP batch protocol (repeatable), named NAME (default"
+        " http:HOST:PORT); default: in-process simulated operators",
+    )
+    serve.add_argument(
+        "--routing",
+        type=_routing_file,
+        metavar="FILE",
+        help="JSON: operator weights, windows and throughput caps, route overrides by account"
+        " or prefix, the circuit breakers' policy (see docs/architecture.md, Operators)",
+    )
+    serve.add_argument(
+        "--attempt-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="how long one attempt (a batch) may wait for an operator's answer (default 10)",
     )
     serve.add_argument(
         "--operator-latency-ms",

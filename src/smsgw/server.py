@@ -74,10 +74,20 @@ class Node:
 def default_providers(
     profiles: Sequence[OperatorProfile], operator_urls: Sequence[str] = ()
 ) -> list[tuple[Provider, int]]:
-    """HTTP operators at `operator_urls` when there are any, else in-process simulated ones."""
+    """HTTP operators at `operator_urls` ("URL" or "NAME=URL") when there are any, else
+    in-process simulated ones."""
     if operator_urls:
-        return [(HttpOperator(url), 1) for url in operator_urls]
+        named = [split_operator_url(value) for value in operator_urls]
+        return [(HttpOperator(url, name=name), 1) for name, url in named]
     return [(SimulatedOperator(p), 1) for p in profiles]
+
+
+def split_operator_url(value: str) -> tuple[str | None, str]:
+    """ "NAME=URL" -> (NAME, URL); a bare URL -> (None, URL)."""
+    name, sep, rest = value.partition("=")
+    if sep and "://" not in name:
+        return name, rest
+    return None, value
 
 
 async def run_node(

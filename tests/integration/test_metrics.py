@@ -82,6 +82,8 @@ async def _follow_the_traffic(client: httpx.AsyncClient) -> None:
         value(found, "smsgw_messages_finished_total", operator="sim", status="sent", reason="") == 1
     )
     assert value(found, "smsgw_operator_attempts_total", operator="sim", result="sent") == 1
+    assert value(found, "smsgw_operator_breaker_state", operator="sim", state="closed") == 1
+    assert value(found, "smsgw_operator_breaker_opens_total", operator="sim") == 0
     assert value(found, "smsgw_accept_to_sent_seconds_count") == 1
     assert value(found, "smsgw_accept_to_sent_seconds_bucket", le="+Inf") == 1
     assert value(found, "smsgw_queue_depth", lane="express") == 0

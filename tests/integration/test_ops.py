@@ -104,3 +104,7 @@ async def test_supervisor_stats_follow_the_traffic(client: httpx.AsyncClient) ->
     assert children["scheduler"]["stats"]["dispatched"] >= 1
     pool = children["provider_pool"]["stats"]
     assert pool["sent"] + pool["temporary"] + pool["permanent"] >= 1
+    # Each operator's breaker, in-flight count, window, recent error ratio and latency.
+    sim = pool["operators"]["sim"]
+    assert sim["state"] == "closed" and sim["inflight"] == 0 and sim["batches"] >= 1
+    assert {"window", "recent_error_ratio", "recent_latency_ms", "opens"} <= set(sim)

@@ -48,6 +48,9 @@ class OutboundSms(msgspec.Struct, frozen=True):
     fence: int | None = None
     # Where its status changes are POSTed (else its account's callback_url, if any).
     callback_url: str | None = None
+    # The operator of the last attempt, which failed for now: a retry goes to another operator
+    # while one may take calls (engine/routing.py).
+    last_operator: str | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):

@@ -33,6 +33,7 @@ from smsgw.engine.messages import (
 from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider
 from smsgw.engine.retry import RetryTimer
+from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Scheduler, SchedulerState
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
@@ -87,6 +88,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # Benchmarks only (benchmarks/fairness.py's baseline): one first-come-first-served queue
     # for all accounts instead of deficit round robin, all in memory.
     scheduler_fifo: bool = False
+    # Operator weights, windows, throughput caps, route overrides, the breakers' policy.
+    routing: RoutingConfig = RoutingConfig()
 
 
 class Engine:
@@ -152,6 +155,7 @@ class Engine:
             clock=clock,
             seed=seed,
             admit=None if self.leases is None else self.leases.admit,
+            routing=config.routing,
         )
         fifo = config.scheduler_fifo
         state = SchedulerState(

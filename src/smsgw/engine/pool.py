@@ -13,6 +13,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
+from smsgw.engine.breaker import Call
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     Enqueue,
@@ -24,7 +25,8 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.ports import Provider
-from smsgw.engine.retry import RetryLater, backoff
+from smsgw.engine.retry import RetryLater, next_attempt
+from smsgw.engine.routing import OperatorRoute, Router, Routing, RoutingConfig
 
 log = logging.getLogger("smsgw.pool")
 
@@ -34,6 +36,11 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     attempt_timeout: float = 10.0
     backoff_base: float = 0.5
     backoff_cap: float = 60.0
+    # Retries end this long after the accept (an express message's end is its deadline).
+    validity_s: float = 86_400.0
+    # An express batch's attempt gets this share of the time left to its earliest deadline,
+    # so that a timeout leaves time for a retry on another operator.
+    express_attempt_share: float = 0.4
 
 
 class Window:
@@ -113,6 +120,7 @@ class ProviderPool:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         admit: Callable[[OutboundSms], bool] | None = None,
+        routing: RoutingConfig = RoutingConfig(),
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
@@ -120,13 +128,13 @@ class ProviderPool:
         self.window = Window(window, express_reserve)
         self.max_batch = max_batch
         self._providers = [p for p, _ in providers]
-        self._weights = [w for _, w in providers]
         self._writer = writer
         self._retry = retry
         self._requeue = requeue
         self._policy = policy
         self._clock = clock
         self._rng = random.Random(seed)
+        self.routing = Routing(Router(providers, routing, rng=self._rng), clock=clock)
         # The last check before a send (ShardLeases.admit): a message of a shard this node no
         # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
         self._admit = admit
@@ -149,6 +157,16 @@ class ProviderPool:
         self.latency: dict[str, float] = {}
         self.observed_at: dict[str, float] = {}  # trio time of the last batch's answer
 
+    def _routing_stats(self) -> dict[str, Any]:
+        """The router's figures, with each operator's consecutive failed batches and latency
+        (what the express admission check reads) next to its breaker's."""
+        stats = self.routing.stats()
+        for name, figures in stats["operators"].items():
+            figures["failing_batches"] = self.failing.get(name, 0)
+            latency = self.latency.get(name)
+            figures["latency_ms"] = None if latency is None else round(1000 * latency, 3)
+        return stats
+
     def stats(self) -> dict[str, Any]:
         outcomes: dict[str, dict[str, dict[str, int]]] = {}
         for (operator, status, reason), n in sorted(self.outcomes.items()):
@@ -164,15 +182,7 @@ class ProviderPool:
             "express_reserve": self.window.express_reserve,
             "express_inflight": self.window.express_inflight,
             "express_deadline_misses": self.deadline_misses,
-            "operators": {
-                name: {
-                    "failing_batches": self.failing.get(name, 0),
-                    "latency_ms": round(1000 * self.latency[name], 3)
-                    if name in self.latency
-                    else None,
-                }
-                for name in self.failing
-            },
+            **self._routing_stats(),
         }
 
     # An operator whose last batches all failed this many times in a row is not healthy.
@@ -238,26 +248,57 @@ class ProviderPool:
                 batch = await self.inbox.get()
                 nursery.start_soon(self._attempt, batch)
 
-    def _choose(self) -> Provider:
-        if len(self._providers) == 1:
-            return self._providers[0]
-        return self._rng.choices(self._providers, self._weights)[0]
-
     async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
         try:
             sending = batch if self._admit is None else self._admitted(batch)
             if not sending:
                 return
-            provider = self._choose()
-            self.batches += 1
-            results = await self._send(provider, sending)
-            for sms, result in zip(sending, results, strict=True):
-                await self._settle(provider, sms, result)
-                # Handed on: only now is it no longer ours. Cancelled before this point, it
-                # stays in `inflight` and the next run of the pool hands it back.
-                del self.inflight[sms.id]
+            await self.routing.dispatch(
+                sending, self._send_part, self._expire, self._expires_at, self.max_batch
+            )
         finally:
             self.window.release(len(batch), express=batch[0].express)
+
+    async def _send_part(self, route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
+        """One call to the operator `routing` chose for `part` of a batch."""
+        provider = route.provider
+        try:
+            self.batches += 1
+            results = await self._send(route, call, part)
+        finally:
+            self.routing.abandon(route, call)  # cancelled: its slots come back unrecorded
+        for sms, result in zip(part, results, strict=True):
+            await self._settle(provider, sms, result)
+            # Handed on: only now is it no longer ours. Cancelled before this point, it
+            # stays in `inflight` and the next run of the pool hands it back.
+            del self.inflight[sms.id]
+
+    def _expires_at(self, sms: OutboundSms) -> float:
+        """When a message's attempts must end: its deadline, else the end of its validity."""
+        if sms.deadline is not None:
+            return sms.deadline
+        return sms.created_at + self._policy.validity_s
+
+    async def _expire(self, sms: OutboundSms) -> None:
+        """`sms` waited for an operator past its deadline or validity: failed, refunded."""
+        reason = "deadline_exceeded" if sms.deadline is not None else None
+        reason = reason or sms.last_reason or "no_operator_available"
+        if sms.deadline is not None:
+            self.deadline_misses += 1
+        self.counts["failed"] += 1
+        key = ("-", "failed", reason)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        outcome = Outcome(
+            sms=sms,
+            status="failed",
+            operator=None,
+            operator_message_id=None,
+            reason=reason,
+            attempts=sms.attempts,
+            at=self._clock(),
+        )
+        await self._writer.tell(RecordOutcome(outcome))
+        del self.inflight[sms.id]
 
     def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
         assert self._admit is not None
@@ -269,29 +310,35 @@ class ProviderPool:
                 del self.inflight[sms.id]
         return tuple(sms for sms, ok in zip(batch, admitted, strict=True) if ok)
 
-    async def _send(self, provider: Provider, batch: Sequence[OutboundSms]) -> list[SendResult]:
+    async def _send(
+        self, route: OperatorRoute, call: Call, batch: Sequence[OutboundSms]
+    ) -> list[SendResult]:
         """One attempt per message; a timeout, an exception or a wrong number of results is a
-        temporary failure for the whole batch, never a crash."""
+        temporary failure for the whole batch, never a crash. The result goes to the
+        operator's breaker."""
+        provider = route.provider
         failure = "timeout"
         timeout = self._policy.attempt_timeout
         deadlines = [s.deadline for s in batch if s.deadline is not None]
         if deadlines:
-            # An express batch gets no longer than its earliest deadline: past it, the
-            # messages are failed and refunded, not left waiting on a slow operator.
-            timeout = max(0.001, min(timeout, min(deadlines) - self._clock()))
+            left = min(deadlines) - self._clock()
+            timeout = min(timeout, max(0.05, left * self._policy.express_attempt_share))
         started = trio.current_time()
         try:
             with trio.move_on_after(timeout):
                 results = await provider.send_batch(batch)
                 if len(results) == len(batch):
                     self._observe(provider.name, trio.current_time() - started, ok=True)
+                    self.routing.finish(route, call, results)
                     return results
                 failure = f"operator_error: {len(results)} results for {len(batch)} messages"
         except Exception as exc:
             log.warning("operator %s raised on a batch of %d: %r", provider.name, len(batch), exc)
             failure = f"operator_error: {type(exc).__name__}"
         self._observe(provider.name, trio.current_time() - started, ok=False)
-        return [SendResult("temporary", reason=failure)] * len(batch)
+        failed = [SendResult("temporary", reason=failure)] * len(batch)
+        self.routing.finish(route, call, None if failure == "timeout" else failed)
+        return failed
 
     def _observe(self, name: str, seconds: float, *, ok: bool) -> None:
         self.observed_at[name] = trio.current_time()
@@ -309,15 +356,26 @@ class ProviderPool:
             status = "sent" if result.kind == "sent" else "failed"
             await self._finish(done, provider, status, result.operator_message_id, result.reason)
             return
-        retry = msgspec.structs.replace(sms, attempts=attempts, last_reason=result.reason)
-        delay = backoff(
-            attempts, base=self._policy.backoff_base, cap=self._policy.backoff_cap, rng=self._rng
+        retry = msgspec.structs.replace(
+            sms, attempts=attempts, last_reason=result.reason, last_operator=provider.name
+        )
+        delay = next_attempt(
+            attempts,
+            now=self._clock(),
+            expires=self._expires_at(sms),
+            express=sms.deadline is not None,
+            max_attempts=self._policy.max_attempts,
+            base=self._policy.backoff_base,
+            cap=self._policy.backoff_cap,
+            rng=self._rng,
         )
         if attempts >= self._policy.max_attempts:
             await self._finish(retry, provider, "failed", None, result.reason)
-        elif sms.deadline is not None and self._clock() + delay > sms.deadline:
+        elif delay is None and sms.deadline is not None:
             self.deadline_misses += 1
             await self._finish(retry, provider, "failed", None, "deadline_exceeded")
+        elif delay is None:  # its validity ends before the next attempt could
+            await self._finish(retry, provider, "failed", None, result.reason)
         else:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(

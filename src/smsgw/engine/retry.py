@@ -24,6 +24,31 @@ def backoff(attempts: int, *, base: float, cap: float, rng: random.Random) -> fl
     return rng.uniform(0.0, min(cap, base * 2.0**exponent))
 
 
+def next_attempt(
+    attempts: int,
+    *,
+    now: float,
+    expires: float,
+    express: bool,
+    max_attempts: int,
+    base: float,
+    cap: float,
+    rng: random.Random,
+) -> float | None:
+    """Seconds until the next attempt of a message that failed for now after `attempts`
+    attempts, or None when there is none: `max_attempts` are made, or the next would begin at
+    or past `expires` (its validity; for express, its deadline). An express message waits at
+    most a quarter of the time it has left, so a retry on another operator can still make it."""
+    if attempts >= max_attempts:
+        return None
+    delay = backoff(attempts, base=base, cap=cap, rng=rng)
+    if express:
+        delay = min(delay, max(0.0, expires - now) / 4)
+    if now + delay >= expires:
+        return None
+    return delay
+
+
 class RetryTimer:
     """One timer for all waiting retries: a heap of due times, one sleeping loop.
 

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from smsgw.engine.breaker import BreakerState
 from smsgw.engine.histogram import Histogram
 from smsgw.engine.node import Engine
 from smsgw.http.context import Gateway
@@ -178,6 +179,32 @@ class NodeCollector(Collector):
         )
         latency.add_metric([], _buckets(pool.accept_to_sent), pool.accept_to_sent.sum)
         yield latency
+        yield from self._breakers(engine)
+
+    def _breakers(self, engine: Engine) -> Iterator[Metric]:
+        routes = engine.pool.routing.router.routes
+        state = GaugeMetricFamily(
+            "smsgw_operator_breaker_state",
+            "Each operator's circuit breaker: 1 for its current state (closed, open, half_open)",
+            labels=["operator", "state"],
+        )
+        opens = CounterMetricFamily(
+            "smsgw_operator_breaker_opens",
+            "Times each operator's breaker opened",
+            labels=["operator"],
+        )
+        inflight = GaugeMetricFamily(
+            "smsgw_operator_inflight_messages", "Messages at each operator now", labels=["operator"]
+        )
+        for route in routes:
+            current = route.breaker.state
+            for each in BreakerState:
+                state.add_metric([route.name, str(each)], float(each is current))
+            opens.add_metric([route.name], route.breaker.opens)
+            inflight.add_metric([route.name], route.inflight)
+        yield state
+        yield opens
+        yield inflight
 
     def _writer(self, engine: Engine) -> Iterator[Metric]:
         writer = engine.writer

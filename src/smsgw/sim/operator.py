@@ -18,6 +18,8 @@ from smsgw.sim.dlr import DlrEmitter
 TEMPORARY_REASONS = ("operator_busy", "timeout", "throttled")
 PERMANENT_REASONS = ("invalid_destination", "unknown_subscriber", "blocked_destination")
 
+_UNAVAILABLE = SendResult("temporary", reason="operator_unavailable")
+
 # The standard normal quantile at 0.99: ln(p99) = ln(median) + sigma * _Z_99 for a lognormal.
 _Z_99 = NormalDist().inv_cdf(0.99)
 
@@ -45,6 +47,8 @@ class OperatorProfile(msgspec.Struct, frozen=True):
     # Windows [start, end) in seconds from the operator's origin (see SimulatedOperator) in
     # which every attempt fails for now ("operator_unavailable"): a simulated outage.
     outages: tuple[tuple[float, float], ...] = ()
+    # Windows in which the operator takes batches and never answers: every attempt times out.
+    stalls: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.latency_ms_median <= self.latency_ms_p99:
@@ -59,8 +63,8 @@ class OperatorProfile(msgspec.Struct, frozen=True):
             raise ValueError("p_temporary and p_permanent must be probabilities summing to <= 1")
         if self.max_per_second < 0.0 or self.max_queue_s < 0.0:
             raise ValueError("max_per_second and max_queue_s must be >= 0")
-        if any(not 0.0 <= start < end for start, end in self.outages):
-            raise ValueError("outages must be windows (start, end) with 0 <= start < end")
+        if any(not 0.0 <= start < end for start, end in (*self.outages, *self.stalls)):
+            raise ValueError("outages and stalls must be windows (start, end), 0 <= start < end")
 
 
 class SimulatedOperator:
@@ -107,6 +111,10 @@ class SimulatedOperator:
         # send's time.
         self.origin = origin
         self._link_free_at = -math.inf  # when the capped link has sent everything queued
+        # Set at run time (the operator server's POST /outage): "errors" or "timeouts" until
+        # set back to None, whatever the windows say.
+        self.outage: str | None = None
+        self._stalled = 0
         self._calls = 0
         self._cancelled = 0
         self._sends = 0
@@ -136,12 +144,19 @@ class SimulatedOperator:
         drawn on its own, and its id is its idempotency key. With `max_per_second`, the batch
         first waits for its turn on the link (its segments at that rate)."""
         now = trio.current_time()
-        down = self._in_outage(now)
+        down = self._down(now)
         drawn = []
         for _ in batch:
             self._calls += 1
             outcome = self._draw_outcome(self._calls)
-            drawn.append(_UNAVAILABLE if down else outcome)
+            drawn.append(_UNAVAILABLE if down == "errors" else outcome)
+        if down == "timeouts":
+            self._stalled += len(batch)
+            try:
+                await trio.sleep_forever()  # until the caller's timeout cancels it
+            except trio.Cancelled:
+                self._cancelled += len(batch)
+                raise
         queued = 0.0
         if self.profile.max_per_second > 0.0 and not down:
             if 0.0 < self.profile.max_queue_s < self._link_free_at - now:
@@ -178,13 +193,20 @@ class SimulatedOperator:
                 self._permanent += 1
         return drawn
 
-    def _in_outage(self, now: float) -> bool:
-        if not self.profile.outages:
-            return False
+    def _down(self, now: float) -> str | None:
+        """ "errors", "timeouts" or None: what outage, if any, the operator is in at `now`."""
+        if self.outage is not None:
+            return self.outage
+        if not self.profile.outages and not self.profile.stalls:
+            return None
         if self.origin is None:
             self.origin = now
         offset = now - self.origin
-        return any(start <= offset < end for start, end in self.profile.outages)
+        if any(start <= offset < end for start, end in self.profile.outages):
+            return "errors"
+        if any(start <= offset < end for start, end in self.profile.stalls):
+            return "timeouts"
+        return None
 
     def stats(self) -> dict[str, int]:
         """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
@@ -197,6 +219,7 @@ class SimulatedOperator:
             "permanent": self._permanent,
             "duplicates_suppressed": self._duplicates_suppressed,
             "cancelled": self._cancelled,
+            "stalled": self._stalled,
         }
 
     def _draw_outcome(self, call: int) -> SendResult:

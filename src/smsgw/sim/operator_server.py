@@ -15,6 +15,9 @@ with {"url", "key"}, for a gateway whose port is known only after this server st
 `sent` gets a delayed report (`--dlr-delivered-ratio`, `--dlr-delay-ms-median`,
 `--dlr-delay-ms-p99`) POSTed in batches to GATEWAY/v1/dlr/NAME, where NAME is `--dlr-operator`
 (default: the name the gateway's HttpOperator gives this server, "http:HOST:PORT").
+
+Outages: POST /outage with {"mode": "errors"} (every attempt fails for now), {"mode":
+"timeouts"} (batches are taken and never answered) or {"mode": null} (back to normal).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -53,6 +56,13 @@ class DlrTarget(msgspec.Struct, frozen=True):
 
 
 _decode_target = msgspec.json.Decoder(DlrTarget).decode
+
+
+class OutageMode(msgspec.Struct, frozen=True):
+    mode: Literal["errors", "timeouts"] | None
+
+
+_decode_outage = msgspec.json.Decoder(OutageMode).decode
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -101,12 +111,23 @@ class OperatorApp:
             status, body = 200, _encode(self.stats())
         elif path == "/dlr-target" and method == "POST":
             status, body = await self._dlr_target(receive)
+        elif path == "/outage" and method == "POST":
+            status, body = await self._outage(receive)
         elif path == "/health" and method == "GET":
             status, body = 200, b'{"status":"ok"}'
         else:
             status, body = 404, b'{"error":"not found"}'
         await send({"type": "http.response.start", "status": status, "headers": _JSON})
         await send({"type": "http.response.body", "body": body})
+
+    async def _outage(self, receive: Receive) -> tuple[int, bytes]:
+        message = await receive()
+        try:
+            mode = _decode_outage(message.get("body", b"")).mode
+        except msgspec.DecodeError as exc:
+            return 400, _encode({"error": str(exc)})
+        self.operator.outage = mode
+        return 200, _encode({"mode": mode})
 
     async def _submit(self, receive: Receive) -> tuple[int, bytes]:
         self.requests += 1

@@ -264,10 +264,17 @@ async def simulate_wall(
                 report = await _report(
                     s, db, account_ids, load, lost, counts, checks, sampler, started, started_at
                 )
-                await db.run(lambda conn: conn.execute(f"DROP SCHEMA {schema} CASCADE"))
             finally:
                 node.stop.set()
                 nursery.cancel_scope.deadline = trio.current_time() + 30
+        # Once the node has stopped: its background actors (leases, callbacks, the DLR
+        # reconciler, the pager) query the schema until then, and would deadlock the DROP.
+        async with asyncio_loop():
+            admin_db = await Database.open(node_options.database_url)
+            try:
+                await admin_db.run(lambda conn: conn.execute(f"DROP SCHEMA {schema} CASCADE"))
+            finally:
+                await admin_db.close()
     finally:
         if live_bar is not None:
             live_bar.close(s.messages)

@@ -1,0 +1,351 @@
+"""Routing: which operator takes which messages — weights, route overrides, breakers, limits.
+
+`Router` is pure (the caller passes the time): per operator an `OperatorRoute` with its weight,
+circuit breaker, in-flight window and throughput cap (a token bucket), and the rules that pick
+among them. `Routing` adds the one async part: a batch waits while no operator may take it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from smsgw.engine.breaker import BreakerPolicy, BreakerState, Call, OperatorBreaker
+from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.ports import Provider
+from smsgw.engine.ratelimit import TokenBucket
+
+_UNLIMITED = 1 << 30
+
+
+class OperatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Limits of one operator, by its name."""
+
+    name: str
+    weight: int | None = None  # None: the weight the operator was configured with
+    window: int = 0  # messages in flight at this operator at once; 0: only the pool's window
+    max_per_second: float = 0.0  # messages a second sent to it; 0: no cap
+    burst: float = 0.0  # tokens of the cap's bucket; 0: a tenth of a second's worth (>= 1)
+
+
+class RouteOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Messages of `account_id`, or to numbers starting with `prefix` (E.164 with its "+"),
+    go only to `operators` (weighted among them); with `fallback`, to the others while none of
+    them may take calls (breakers open). An account's route beats a prefix's; the longest
+    prefix wins."""
+
+    operators: tuple[str, ...]
+    account_id: int | None = None
+    prefix: str | None = None
+    fallback: bool = False
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    operators: tuple[OperatorSettings, ...] = ()
+    routes: tuple[RouteOverride, ...] = ()
+    breaker: BreakerPolicy = BreakerPolicy()
+
+
+class OperatorRoute:
+    """One operator's state in the pool: the circuit breaker, in-flight count and token bucket."""
+
+    def __init__(
+        self, provider: Provider, weight: int, settings: OperatorSettings, policy: BreakerPolicy
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.weight = weight
+        self.window = settings.window
+        self.inflight = 0
+        self.bucket: TokenBucket | None = None
+        if settings.max_per_second > 0:
+            burst = settings.burst or max(1.0, settings.max_per_second / 10)
+            self.bucket = TokenBucket(settings.max_per_second, burst, 0.0)
+        self.breaker = OperatorBreaker(policy, 0.0)
+        self.batches = 0
+        self.messages = 0
+
+    def capacity(self, now: float) -> int:
+        """Messages one call to this operator may carry now."""
+        room = self.breaker.allowance(now)
+        if self.window:
+            room = min(room, self.window - self.inflight)
+        if self.bucket is not None:
+            self.bucket.refill(now)
+            room = min(room, int(self.bucket.tokens))
+        return max(0, room)
+
+    def ready_at(self, now: float) -> float | None:
+        """When time alone may give this operator room (a cool-down ends, tokens refill)."""
+        times = []
+        reopens = self.breaker.reopens_at()
+        if reopens is not None:
+            times.append(reopens)
+        if self.bucket is not None:
+            self.bucket.refill(now)
+            if self.bucket.tokens < 1:
+                times.append(now + (1 - self.bucket.tokens) / self.bucket.rate)
+        return min(times) if times else None
+
+    def take(self, size: int, now: float) -> Call:
+        call = self.breaker.begin(now, size)
+        self.inflight += size
+        if self.bucket is not None:
+            self.bucket.take(now, size)
+        self.batches += 1
+        self.messages += size
+        return call
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {
+            "weight": self.weight,
+            "inflight": self.inflight,
+            "window": self.window or None,
+            "max_per_second": self.bucket.rate if self.bucket is not None else None,
+            "batches": self.batches,
+            "messages": self.messages,
+            **self.breaker.stats(now),
+        }
+
+
+Assignment = tuple[OperatorRoute, list[OutboundSms], Call]
+
+
+class Router:
+    """Picks operators for messages. Pure: the caller passes the time (a monotonic clock).
+
+    For each message: its candidates (a route override's operators, else all); of those, the
+    ones whose breaker lets a call begin; for a retry, not the operator that failed it last
+    unless no other may take calls; then a weighted choice among those with room now (window,
+    tokens, probe slots). A batch is split only where one operator lacks room for all of it.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[tuple[Provider, int]],
+        config: RoutingConfig = RoutingConfig(),
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        settings = {s.name: s for s in config.operators}
+        names = [p.name for p, _ in providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"operator names must be unique: {names}")
+        unknown = set(settings) - set(names)
+        for route in config.routes:
+            unknown |= set(route.operators) - set(names)
+            if (route.account_id is None) == (route.prefix is None):
+                raise ValueError("a route names exactly one of account_id and prefix")
+            if not route.operators:
+                raise ValueError("a route names at least one operator")
+            if route.prefix is not None and not (
+                route.prefix.startswith("+") and route.prefix[1:].isdigit()
+            ):
+                raise ValueError(f"a route prefix is '+' and digits, not {route.prefix!r}")
+        if unknown:
+            raise ValueError(f"routing names operators that are not configured: {sorted(unknown)}")
+        self.routes: list[OperatorRoute] = []
+        for provider, weight in providers:
+            own = settings.get(provider.name, OperatorSettings(provider.name))
+            chosen = own.weight if own.weight is not None else weight
+            if chosen < 0:
+                raise ValueError(f"operator {provider.name}: weight must be >= 0")
+            self.routes.append(OperatorRoute(provider, chosen, own, config.breaker))
+        self.by_name = {r.name: r for r in self.routes}
+        self._accounts = {r.account_id: r for r in config.routes if r.account_id is not None}
+        self._prefixes = sorted(
+            (r for r in config.routes if r.prefix is not None),
+            key=lambda r: len(r.prefix or ""),
+            reverse=True,
+        )
+        self._rng = rng if rng is not None else random.Random()
+
+    def override(self, sms: OutboundSms) -> RouteOverride | None:
+        route = self._accounts.get(sms.account_id)
+        if route is not None:
+            return route
+        for route in self._prefixes:
+            assert route.prefix is not None
+            if sms.to.startswith(route.prefix):
+                return route
+        return None
+
+    def eligible(
+        self, override: RouteOverride | None, avoid: str | None, now: float
+    ) -> list[OperatorRoute]:
+        """The operators that may take a message of this route now or once they have room."""
+        if override is None:
+            candidates = self.routes
+        else:
+            candidates = [self.by_name[name] for name in override.operators]
+        allowed = [r for r in candidates if r.breaker.allowance(now) > 0]
+        if not allowed and override is not None and override.fallback:
+            allowed = [r for r in self.routes if r.breaker.allowance(now) > 0]
+        if avoid is not None and any(r.name != avoid for r in allowed):
+            allowed = [r for r in allowed if r.name != avoid]
+        return allowed
+
+    def _pick(self, ready: list[tuple[OperatorRoute, int]]) -> tuple[OperatorRoute, int]:
+        if len(ready) == 1:
+            return ready[0]
+        weights = [r.weight for r, _ in ready]
+        if not any(weights):
+            return self._rng.choice(ready)
+        return self._rng.choices(ready, weights)[0]
+
+    def assign(
+        self, pending: Sequence[OutboundSms], now: float, max_batch: int
+    ) -> tuple[list[Assignment], list[OutboundSms]]:
+        """Calls to begin now (operator, its messages, the breaker's call), and the messages
+        that must wait: no eligible operator has room. Each call's slots and tokens are taken."""
+        groups: dict[tuple[int, str | None], tuple[RouteOverride | None, list[OutboundSms]]] = {}
+        for sms in pending:
+            override = self.override(sms)
+            key = (id(override), sms.last_operator)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = (override, [sms])
+            else:
+                group[1].append(sms)
+        calls: list[Assignment] = []
+        waiting: list[OutboundSms] = []
+        for (_, avoid), (override, messages) in groups.items():
+            allowed = self.eligible(override, avoid, now)
+            while messages:
+                ready = [(r, room) for r in allowed if (room := r.capacity(now)) > 0]
+                if not ready:
+                    break
+                route, room = self._pick(ready)
+                size = min(room, len(messages), max_batch)
+                part, messages = messages[:size], messages[size:]
+                calls.append((route, part, route.take(size, now)))
+            waiting.extend(messages)
+        return calls, waiting
+
+    def finish(
+        self, route: OperatorRoute, call: Call, now: float, results: Sequence[SendResult] | None
+    ) -> None:
+        """A call ended: `results` one per message, or None for a timeout."""
+        if call.done:
+            return
+        route.inflight -= call.size
+        if results is None:
+            route.breaker.end(call, now, ok=0, failed=call.size, timed_out=True)
+            return
+        failed = sum(1 for r in results if r.kind == "temporary")
+        route.breaker.end(call, now, ok=len(results) - failed, failed=failed, timed_out=False)
+
+    def abandon(self, route: OperatorRoute, call: Call) -> None:
+        """A call was cancelled before its end: its slots come back, nothing is recorded."""
+        if call.done:
+            return
+        route.inflight -= call.size
+        route.breaker.abandon(call)
+
+    def next_change(self, now: float) -> float | None:
+        times = [t for r in self.routes if (t := r.ready_at(now)) is not None]
+        return min(times) if times else None
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {r.name: r.stats(now) for r in self.routes}
+
+    def healthy(self, now: float) -> list[str]:
+        return [r.name for r in self.routes if r.breaker.poll(now) is BreakerState.CLOSED]
+
+
+Send = Callable[[OperatorRoute, Call, list[OutboundSms]], Awaitable[None]]
+
+
+class Routing:
+    """The Router with waiting: `dispatch` sends a batch's messages as operators have room."""
+
+    def __init__(self, router: Router, *, clock: Callable[[], float]) -> None:
+        self.router = router
+        self._clock = clock  # wall clock: deadlines and validity are wall-clock times
+        self._changed = trio.Event()
+        self.waited = 0  # batches that had to wait for an operator
+        self.waiting = 0  # messages waiting now
+        self.expired = 0  # messages whose time ran out while waiting
+        self._express_waiting = 0  # batches with express messages waiting now
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def finish(
+        self, route: OperatorRoute, call: Call, results: Sequence[SendResult] | None
+    ) -> None:
+        self.router.finish(route, call, trio.current_time(), results)
+        # Wakes the batches waiting: for the slots freed, or (the breaker having opened) to
+        # go to another operator.
+        self._notify()
+
+    def abandon(self, route: OperatorRoute, call: Call) -> None:
+        self.router.abandon(route, call)
+        self._notify()
+
+    async def dispatch(
+        self,
+        batch: Sequence[OutboundSms],
+        send: Send,
+        expire: Callable[[OutboundSms], Awaitable[None]],
+        expires_at: Callable[[OutboundSms], float],
+        max_batch: int,
+    ) -> None:
+        """Run `send(operator, call, messages)` for every message of `batch` (the calls run
+        concurrently; this returns when all have), waiting while no eligible operator has
+        room. A message whose `expires_at` (wall clock) passes while it waits goes to
+        `expire` instead. Cancelled, the calls begun are cancelled too."""
+        async with trio.open_nursery() as calls:
+            waiting = list(batch)
+            counted = False
+            while waiting:
+                now = trio.current_time()
+                begun, left = self.router.assign(waiting, now, max_batch)
+                for route, part, call in begun:
+                    calls.start_soon(send, route, call, part)
+                waiting = left
+                if not waiting:
+                    break
+                wall = self._clock()
+                for sms in [s for s in waiting if expires_at(s) <= wall]:
+                    self.expired += 1
+                    await expire(sms)
+                waiting = [s for s in waiting if expires_at(s) > wall]
+                if not waiting:
+                    break
+                if not counted:
+                    self.waited += 1
+                    counted = True
+                wake = min(expires_at(s) for s in waiting) - wall + now
+                change = self.router.next_change(now)
+                if change is not None:
+                    wake = min(wake, change)
+                changed = self._changed
+                express = any(s.express for s in waiting)
+                self.waiting += len(waiting)
+                self._express_waiting += express
+                try:
+                    with trio.move_on_at(wake):
+                        await changed.wait()
+                finally:
+                    self.waiting -= len(waiting)
+                    self._express_waiting -= express
+                if not express and self._express_waiting:
+                    # Woken together with express batches: let them take the room first
+                    # (one scheduling round later, so bulk cannot starve).
+                    await trio.lowlevel.checkpoint()
+
+    def stats(self) -> dict[str, Any]:
+        now = trio.current_time()
+        return {
+            "batches_waited": self.waited,
+            "messages_waiting": self.waiting,
+            "expired_waiting": self.expired,
+            "healthy": self.router.healthy(now),
+            "operators": self.router.stats(now),
+        }

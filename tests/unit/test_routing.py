@@ -1,0 +1,227 @@
+"""Router: weights, overrides, breakers, windows, throughput caps, retries on another operator;
+and next_attempt, the retry policy, in virtual time."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smsgw.engine.breaker import BreakerPolicy, BreakerState
+from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.retry import next_attempt
+from smsgw.engine.routing import OperatorSettings, RouteOverride, Router, RoutingConfig
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        raise AssertionError("not called")
+
+
+def sms(i: int, *, account: int = 1, to: str = "+4915123456789", last: str | None = None):
+    return OutboundSms(
+        id=f"m{i}",
+        account_id=account,
+        to=to,
+        sender="t",
+        text="x",
+        segments=1,
+        price=5,
+        express=False,
+        created_at=0.0,
+        last_operator=last,
+    )
+
+
+def router(config: RoutingConfig = RoutingConfig(), weights=(1, 1, 1)) -> Router:
+    providers = [(Named(n), w) for n, w in zip("abc", weights, strict=False)]
+    return Router(providers, config, rng=random.Random(5))
+
+
+def break_open(r: Router, name: str, now: float = 0.0) -> None:
+    route = r.by_name[name]
+    for _ in range(1_000):
+        if route.breaker.state is BreakerState.OPEN:
+            return
+        call = route.take(1, now)
+        r.finish(route, call, now, [SendResult("temporary", reason="x")])
+    raise AssertionError(f"{name} did not open")
+
+
+def test_weights_share_the_batches() -> None:
+    r = router(weights=(6, 3, 1))
+    chosen: Counter[str] = Counter()
+    for i in range(2_000):
+        calls, waiting = r.assign([sms(i)], 0.0, 100)
+        assert not waiting
+        route, _, call = calls[0]
+        chosen[route.name] += 1
+        r.finish(route, call, 0.0, [SendResult("sent")])
+    assert 0.55 < chosen["a"] / 2_000 < 0.65 and 0.05 < chosen["c"] / 2_000 < 0.15
+
+
+def test_an_open_breaker_takes_nothing_and_work_goes_elsewhere() -> None:
+    r = router()
+    break_open(r, "a")
+    for i in range(200):
+        calls, _ = r.assign([sms(i)], 0.5, 100)
+        assert calls[0][0].name != "a"
+        r.finish(calls[0][0], calls[0][2], 0.5, [SendResult("sent")])
+
+
+def test_a_retry_prefers_another_operator_but_takes_the_last_if_alone() -> None:
+    r = router()
+    for i in range(100):
+        calls, _ = r.assign([sms(i, last="b")], 0.0, 100)
+        assert calls[0][0].name != "b"
+        r.finish(calls[0][0], calls[0][2], 0.0, [SendResult("sent")])
+    break_open(r, "a")
+    break_open(r, "c")
+    calls, waiting = r.assign([sms(0, last="b")], 0.5, 100)
+    assert [c[0].name for c in calls] == ["b"] and not waiting
+
+
+def test_windows_and_caps_split_a_batch_and_the_rest_waits() -> None:
+    config = RoutingConfig(
+        operators=(
+            OperatorSettings("a", window=3),
+            OperatorSettings("b", window=2),
+            OperatorSettings("c", max_per_second=10, burst=4),
+        )
+    )
+    r = router(config)
+    calls, waiting = r.assign([sms(i) for i in range(20)], 0.0, 100)
+    assert sorted((c[0].name, len(c[1])) for c in calls) == [("a", 3), ("b", 2), ("c", 4)]
+    assert len(waiting) == 11
+    # Tokens come back with time; the window when a call ends.
+    assert r.next_change(0.0) == pytest.approx(0.1)
+    calls, waiting = r.assign(waiting, 0.2, 100)
+    assert [(c[0].name, len(c[1])) for c in calls] == [("c", 2)] and len(waiting) == 9
+
+
+def test_overrides_by_account_beat_prefixes_and_the_longest_prefix_wins() -> None:
+    config = RoutingConfig(
+        routes=(
+            RouteOverride(("a",), prefix="+44"),
+            RouteOverride(("b",), prefix="+447"),
+            RouteOverride(("c",), account_id=9),
+        )
+    )
+    r = router(config)
+    for message, expected in [
+        (sms(1, to="+441234"), "a"),
+        (sms(2, to="+447700"), "b"),
+        (sms(3, to="+447700", account=9), "c"),
+    ]:
+        for _ in range(20):
+            calls, _ = r.assign([message], 0.0, 100)
+            assert calls[0][0].name == expected
+            r.finish(calls[0][0], calls[0][2], 0.0, [SendResult("sent")])
+
+
+def test_an_override_waits_for_its_operators_unless_it_falls_back() -> None:
+    strict = router(RoutingConfig(routes=(RouteOverride(("a",), account_id=1),)))
+    break_open(strict, "a")
+    calls, waiting = strict.assign([sms(1)], 0.5, 100)
+    assert not calls and len(waiting) == 1
+    loose = router(RoutingConfig(routes=(RouteOverride(("a",), account_id=1, fallback=True),)))
+    break_open(loose, "a")
+    calls, waiting = loose.assign([sms(1)], 0.5, 100)
+    assert calls[0][0].name in ("b", "c") and not waiting
+
+
+def test_half_open_sends_small_probes_and_closes_on_success() -> None:
+    policy = BreakerPolicy(cool_down_s=1.0, probe_batches=1, probe_size=2)
+    r = router(RoutingConfig(breaker=policy), weights=(1, 0, 0))
+    break_open(r, "a")
+    for name in "bc":
+        break_open(r, name, now=0.9)  # still open at 1.0
+    calls, waiting = r.assign([sms(i) for i in range(10)], 1.0, 100)
+    assert [(c[0].name, len(c[1])) for c in calls] == [("a", 2)] and len(waiting) == 8
+    r.finish(calls[0][0], calls[0][2], 1.1, [SendResult("sent")] * 2)
+    assert r.by_name["a"].breaker.state is BreakerState.CLOSED
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="not configured"):
+        router(RoutingConfig(routes=(RouteOverride(("zz",), account_id=1),)))
+    with pytest.raises(ValueError, match="exactly one"):
+        router(RoutingConfig(routes=(RouteOverride(("a",)),)))
+    with pytest.raises(ValueError, match="prefix"):
+        router(RoutingConfig(routes=(RouteOverride(("a",), prefix="44"),)))
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"operators": [{"name": "a", "wieght": 2}]}, RoutingConfig)
+
+
+# --- the retry policy ------------------------------------------------------------------------
+
+SETTINGS = settings(max_examples=300, deadline=None)
+
+
+@SETTINGS
+@given(
+    attempts=st.integers(min_value=1, max_value=10),
+    now=st.floats(min_value=0, max_value=1e5),
+    left=st.floats(min_value=-10, max_value=1e5),
+    express=st.booleans(),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_a_retry_begins_before_the_message_expires_and_within_max_attempts(
+    attempts: int, now: float, left: float, express: bool, seed: int
+) -> None:
+    expires = now + left
+    delay = next_attempt(
+        attempts,
+        now=now,
+        expires=expires,
+        express=express,
+        max_attempts=5,
+        base=0.5,
+        cap=60.0,
+        rng=random.Random(seed),
+    )
+    if attempts >= 5 or left <= 0:
+        assert delay is None
+    if delay is not None:
+        assert 0.0 <= delay <= min(60.0, 0.5 * 2 ** (attempts - 1))
+        assert now + delay < expires
+        if express:
+            assert delay <= (expires - now) / 4
+
+
+def test_a_message_is_retried_until_its_validity_in_virtual_time() -> None:
+    """Walk one message through its retries: every attempt begins before it expires, and the
+    walk ends by max attempts or by its validity, whichever comes first."""
+    rng = random.Random(3)
+    for validity in (1.0, 5.0, 3_600.0):
+        now, attempts = 0.0, 1
+        while (
+            delay := next_attempt(
+                attempts,
+                now=now,
+                expires=validity,
+                express=False,
+                max_attempts=8,
+                base=0.5,
+                cap=60.0,
+                rng=rng,
+            )
+        ) is not None:
+            now += delay
+            attempts += 1
+            assert now < validity
+        assert attempts <= 8
+        if validity > 64:  # more than every backoff together can take (0.5 + 1 + ... + 32)
+            assert attempts == 8
