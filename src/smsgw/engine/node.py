@@ -155,6 +155,7 @@ class Engine:
             clock=clock,
             seed=seed,
             admit=None if self.leases is None else self.leases.admit,
+            still_held=None if self.leases is None else self.leases.still_held,
             routing=config.routing,
         )
         fifo = config.scheduler_fifo

@@ -120,6 +120,7 @@ class ProviderPool:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         admit: Callable[[OutboundSms], bool] | None = None,
+        still_held: Callable[[OutboundSms], bool] | None = None,
         routing: RoutingConfig = RoutingConfig(),
     ) -> None:
         if not providers:
@@ -138,6 +139,7 @@ class ProviderPool:
         # The last check before a send (ShardLeases.admit): a message of a shard this node no
         # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
         self._admit = admit
+        self._still_held = still_held
         self.inflight: dict[str, OutboundSms] = {}
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
         self.batches = 0
@@ -250,7 +252,7 @@ class ProviderPool:
 
     async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
         try:
-            sending = batch if self._admit is None else self._admitted(batch)
+            sending = batch if self._admit is None else await self._admitted(batch)
             if not sending:
                 return
             await self.routing.dispatch(
@@ -300,7 +302,11 @@ class ProviderPool:
         await self._writer.tell(RecordOutcome(outcome))
         del self.inflight[sms.id]
 
-    def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
+    async def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
+        """The messages this node may send now. One whose shard went to another node is
+        dropped (the new owner recovers it); one whose shard is still this node's under the
+        same token, only not renewed lately enough to be trusted (a slow heartbeat under
+        load), comes back after a short wait: dropped, it would wait for a restart."""
         assert self._admit is not None
         admitted = [self._admit(sms) for sms in batch]
         if all(admitted):
@@ -308,6 +314,8 @@ class ProviderPool:
         for sms, ok in zip(batch, admitted, strict=True):
             if not ok:
                 del self.inflight[sms.id]
+                if self._still_held is not None and self._still_held(sms):
+                    await self._retry.tell(RetryLater(sms, 0.5))
         return tuple(sms for sms, ok in zip(batch, admitted, strict=True) if ok)
 
     async def _send(

@@ -144,6 +144,11 @@ class ShardLeases:
         self.counts["fenced_at_send"] += 1
         return False
 
+    def still_held(self, sms: OutboundSms) -> bool:
+        """This node still leases the shard under the token `sms` was stamped with (whether
+        or not the lease was renewed lately enough for `admit`)."""
+        return sms.fence is not None and self.owned.get(shard_of(sms.account_id)) == sms.fence
+
     def wake(self) -> None:
         """Claim hand-offs now rather than at the next poll."""
         self._wake.set()
