@@ -109,7 +109,10 @@ async def _worker(
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
         try:
             assert process.stdout is not None
-            url = await _listening(process.stdout)
+            with trio.fail_after(120):
+                url = await listening_url(process.stdout)
+            if url is None:
+                raise WorkerFailed("a worker exited before listening")
             if not started:
                 started = True
                 task_status.started(url)
@@ -134,22 +137,23 @@ async def _worker(
         await trio.sleep(min(5.0, 0.2 * 2 ** len(restarts)))
 
 
-async def _listening(stdout: trio.abc.ReceiveStream) -> str:
+async def listening_url(stdout: trio.abc.ReceiveStream) -> str | None:
+    """The url of the `{"event": "listening", "url": ...}` line that `smsgw serve` prints when
+    it is ready (other lines are skipped); None if its stdout closes first."""
     buffer = b""
-    with trio.fail_after(120):
-        while True:
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    event = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(event, dict) and event.get("event") == "listening":
-                    return str(event["url"])
-            chunk = await stdout.receive_some(4096)
-            if not chunk:
-                raise WorkerFailed("a worker exited before listening")
-            buffer += chunk
+    while True:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            try:
+                event = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "listening":
+                return str(event["url"])
+        chunk = await stdout.receive_some(4096)
+        if not chunk:
+            return None
+        buffer += chunk
 
 
 async def _drain(stdout: trio.abc.ReceiveStream) -> None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 import trio
 
+from smsgw.workers import listening_url
 from tests.conftest import ADMIN_KEY, bearer
 from tests.integration.helpers import (
     FINAL,
@@ -74,22 +74,12 @@ async def serve_cli(database_url: str, schema: str, stderr: Path) -> AsyncIterat
 
 
 async def _listening_url(stdout: trio.abc.ReceiveStream, stderr: Path) -> str:
-    buffer = b""
     with trio.fail_after(60):
-        while True:
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    event = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(event, dict) and event.get("event") == "listening":
-                    return str(event["url"])
-            chunk = await stdout.receive_some(4096)
-            if not chunk:
-                log = await trio.Path(stderr).read_text()
-                raise AssertionError(f"smsgw serve exited early:\n{log}")
-            buffer += chunk
+        url = await listening_url(stdout)
+    if url is None:
+        log = await trio.Path(stderr).read_text()
+        raise AssertionError(f"smsgw serve exited early:\n{log}")
+    return url
 
 
 async def smsgw_backends(database_url: str, schema: str) -> set[int]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 import trio
 
 from smsgw.engine.shards import SHARDS, fair_share, shard_of
+from smsgw.workers import listening_url
 from tests.conftest import ADMIN_KEY, admin, bearer
 from tests.integration.helpers import (
     FINAL,
@@ -77,22 +77,12 @@ async def serve_node(
 
 
 async def _listening_url(stdout: trio.abc.ReceiveStream, log: Path) -> str:
-    buffer = b""
     with trio.fail_after(60):
-        while True:
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    event = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(event, dict) and event.get("event") == "listening":
-                    return str(event["url"])
-            chunk = await stdout.receive_some(4096)
-            if not chunk:
-                text = await trio.Path(log).read_text()
-                raise AssertionError(f"smsgw serve exited early:\n{text[-4000:]}")
-            buffer += chunk
+        url = await listening_url(stdout)
+    if url is None:
+        text = await trio.Path(log).read_text()
+        raise AssertionError(f"smsgw serve exited early:\n{text[-4000:]}")
+    return url
 
 
 async def cluster(client: httpx.AsyncClient) -> dict:
