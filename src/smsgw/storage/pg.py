@@ -288,15 +288,8 @@ messages.id::text, account_id, recipient, sender, body, segments, price, express
 extract(epoch FROM created_at)::float8 AS created_at,
 extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url"""
 
-_PENDING = f"""
-SELECT {PENDING_COLUMNS}
-FROM messages WHERE status IN ('queued', 'sending') ORDER BY created_at
-"""
-
-_MESSAGE_FIELDS = PENDING_COLUMNS
-
 _PENDING_EXPRESS = f"""
-SELECT {_MESSAGE_FIELDS} FROM messages
+SELECT {PENDING_COLUMNS} FROM messages
 WHERE status IN ('queued', 'sending') AND express ORDER BY created_at
 """
 
@@ -321,7 +314,7 @@ ORDER BY x.i, m.created_at, m.id
 """
 
 _QUEUED_MESSAGES = f"""
-SELECT {_MESSAGE_FIELDS} FROM messages WHERE id = ANY($1::uuid[]) AND status = 'queued'
+SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = 'queued'
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -357,9 +350,6 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         attempts=r["attempts"],
         callback_url=r["callback_url"],
     )
-
-
-_sms = pending_sms
 
 
 class Handoff(NamedTuple):
@@ -521,13 +511,9 @@ class PgStore(CallbackOutbox):
             signing_secret=row["signing_secret"],
         )
 
-    async def pending(self) -> list[OutboundSms]:
-        rows = await self.db.run(lambda conn: conn.fetch(_PENDING))
-        return [pending_sms(r) for r in rows]
-
     async def recover(self) -> Recovered:
         async def _recover(conn: asyncpg.Connection) -> Recovered:
-            express = [_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
+            express = [pending_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
             backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
             rates = await conn.fetch(
                 "SELECT id, send_rate FROM accounts WHERE send_rate IS NOT NULL"
@@ -563,7 +549,7 @@ class PgStore(CallbackOutbox):
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
         rows = await self.db.run(lambda c: c.fetch(_QUEUED_MESSAGES, list(ids)))
-        return [_sms(r) for r in rows]
+        return [pending_sms(r) for r in rows]
 
     async def update_settings(
         self, account_id: int, settings: AccountSettings
