@@ -337,3 +337,44 @@ async def test_a_retry_goes_to_another_operator(autojump_clock: trio.abc.Clock) 
     assert isinstance(message, RecordOutcome)
     # A takes nearly every first attempt by weight; the retry avoided it.
     assert a.got == ["m0"] and b.sent == ["m0"] and message.outcome.attempts == 2
+
+
+async def test_a_message_refused_for_a_late_lease_renewal_is_sent_once_renewed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The shard is still this node's under the same token, but the lease was not renewed
+    lately enough: the message comes back through the RetryTimer and is sent once trusted
+    again; a message whose shard went elsewhere is dropped, never sent."""
+    operator = OutageOperator("a")
+    trusted = False
+    writer: Inbox[WriterMessage] = Inbox("writer", 100)
+    scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 100)
+    retry = RetryTimer(scheduler_inbox.handle())
+    pool = ProviderPool(
+        [(operator, 1)],
+        writer.handle(),
+        retry.ref,
+        scheduler_inbox.handle(),
+        window=10,
+        max_batch=10,
+        clock=trio.current_time,
+        seed=1,
+        admit=lambda s: trusted,
+        still_held=lambda s: s.id == "m0",
+    )
+    scheduler = Scheduler(scheduler_inbox, pool, writer.handle(), clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        for run in (retry.run, pool.run, scheduler.run):
+            await nursery.start(run)
+        scheduler.ref.tell_nowait(Enqueue((sms(0), sms(1))))
+        await trio.sleep(2.0)
+        assert operator.got == []  # not trusted: nothing sent
+        trusted = True
+        with trio.fail_after(10):
+            message = await writer.get()
+        await trio.sleep(5.0)
+        nursery.cancel_scope.cancel()
+    assert isinstance(message, RecordOutcome) and message.outcome.sms.id == "m0"
+    assert message.outcome.status == "sent" and message.outcome.attempts == 1
+    assert operator.got == ["m0"]  # m1's shard went elsewhere: its new owner sends it
+    assert writer.get_nowait() is None and not pool.inflight
