@@ -328,6 +328,9 @@ paging_ops = st.lists(
         st.tuples(st.just("ask"), st.just(0), st.just(0)),  # the pager takes requests
         st.tuples(st.just("answer"), st.just(0), st.just(0)),  # one answer comes back
         st.tuples(st.just("retry"), st.just(0), st.just(0)),  # a dispatched one comes back
+        # Committed now, told later: another node's hand-off, which a page may see first.
+        st.tuples(st.just("handoff"), st.integers(1, 4), st.just(0)),
+        st.tuples(st.just("arrive"), st.just(0), st.just(0)),  # the oldest hand-off arrives
     ),
     max_size=200,
 )
@@ -345,7 +348,9 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
 ) -> None:
     """With small bounds, most messages spill and are paged back in; page answers arrive late
     (after more messages), messages commit out of order, and dispatched ones come back for a
-    retry. Every message is dispatched, and apart from retries, exactly once."""
+    retry. Every message is dispatched, and apart from retries, exactly once, except that a
+    hand-off a page read back before it arrived may be dispatched once more (the pool keeps
+    the two from being in flight together; the operator's idempotency key does the rest)."""
     store = FakeStore()
     state = SchedulerState(
         account_bound=account_bound,
@@ -357,14 +362,25 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
     dispatched: Counter[str] = Counter()
     retried: Counter[str] = Counter()
     answers: list[tuple[int, list[Entry], int]] = []
+    handoffs: list[OutboundSms] = []
+    read_before_told: set[str] = set()
+    paged_ids: set[str] = set()  # every id a page query returned
     n = 0
     for op, account, lateness in ops:
-        if op == "push":
+        if op in ("push", "handoff"):
             n += 1
             # A late commit: created a little before messages already committed.
             sms = make_sms(n, account, created_at=T0 + (n - lateness) / 1000)
             committed[sms.id] = sms
             store.commit(account, (micros(sms.created_at), sms.id, sms.segments))
+            if op == "push":
+                state.push(sms)
+            else:
+                handoffs.append(sms)
+        elif op == "arrive" and handoffs:
+            sms = handoffs.pop(0)
+            if sms.id in paged_ids:
+                read_before_told.add(sms.id)
             state.push(sms)
         elif op == "pop":
             entry = state.pop_bulk(0.0)
@@ -373,7 +389,9 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
         elif op == "ask":
             for account_id, cursor, size in state.take_page_requests(2):
                 # The snapshot is taken now; the answer comes back later.
-                answers.append((account_id, store.page(account_id, cursor, size), size))
+                rows = store.page(account_id, cursor, size)
+                paged_ids.update(r[1] for r in rows)
+                answers.append((account_id, rows, size))
         elif op == "answer" and answers:
             account_id, rows, size = answers.pop(0)
             state.paged(account_id, rows, size)
@@ -386,12 +404,18 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
             retried.values()
         )
     # Let everything drain: answer, ask again, pop, until nothing is left.
+    for sms in handoffs:
+        if sms.id in paged_ids:
+            read_before_told.add(sms.id)
+        state.push(sms)
     for _ in range(10_000):
         while answers:
             account_id, rows, size = answers.pop(0)
             state.paged(account_id, rows, size)
         for account_id, cursor, size in state.take_page_requests(10):
-            answers.append((account_id, store.page(account_id, cursor, size), size))
+            rows = store.page(account_id, cursor, size)
+            paged_ids.update(r[1] for r in rows)
+            answers.append((account_id, rows, size))
         while (entry := state.pop_bulk(0.0)) is not None:
             dispatched[entry[1]] += 1
         if not answers and not state.page_wanted and state.bulk_size == 0:
@@ -399,7 +423,8 @@ def test_paging_loses_nothing_and_serves_nothing_twice(
     assert state.bulk_size == 0 and state.spilled == 0 and not state.mailboxes
     assert set(dispatched) == set(committed)
     for message_id, times in dispatched.items():
-        assert times == 1 + retried[message_id], message_id
+        extra = 1 if message_id in read_before_told else 0
+        assert 1 + retried[message_id] <= times <= 1 + retried[message_id] + extra, message_id
 
 
 def msgspec_replace(sms: OutboundSms, **changes: object) -> OutboundSms:
@@ -424,3 +449,27 @@ def test_recovered_backlogs_are_paged_in_from_the_start() -> None:
             got.append(entry[1])
     assert got == [s.id for s in messages]
     assert not state.bodies
+
+
+def test_a_page_that_reads_a_message_before_its_hand_off_arrives_leaves_nothing_behind() -> None:
+    """A page can see a committed message the Scheduler has not been told of yet (another
+    node's hand-off on its way). Counted by what it was told, the Scheduler then thinks the
+    backlog empty with a message still in the store: that message must still be paged in."""
+    store = FakeStore()
+    state = SchedulerState(account_bound=1, memory_bound=10, body_budget=0)
+    first, untold, counted = (make_sms(n, 7, created_at=T0 + n) for n in range(3))
+    for sms in (first, untold, counted):
+        store.commit(7, (micros(sms.created_at), sms.id, sms.segments))
+    state.push(first)  # in memory: the account's bound is 1
+    state.push(counted)  # spilled, counted
+    got = [state.pop_bulk(0.0)]
+    for _ in range(10):
+        for account_id, cursor, size in state.take_page_requests(10):
+            state.paged(account_id, store.page(account_id, cursor, size), size)
+        while (entry := state.pop_bulk(0.0)) is not None:
+            got.append(entry)
+    state.push(untold)  # the hand-off arrives after a page read it back
+    while (entry := state.pop_bulk(0.0)) is not None:
+        got.append(entry)
+    assert {e[1] for e in got if e is not None} == {first.id, untold.id, counted.id}
+    assert state.bulk_size == 0

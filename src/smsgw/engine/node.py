@@ -175,6 +175,7 @@ class Engine:
             store=store,
             state=state,
             page_accounts=config.page_accounts,
+            commits=self.writer.commits,
         )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.

@@ -143,6 +143,7 @@ class ProviderPool:
         self.inflight: dict[str, OutboundSms] = {}
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
         self.batches = 0
+        self.duplicates = 0  # messages handed in again while already in flight
         # Plain counters for /metrics and the status page, read when asked for.
         # (operator, result of one attempt: sent / temporary / permanent) -> attempts
         self.attempts: dict[tuple[str, str], int] = {}
@@ -177,6 +178,7 @@ class ProviderPool:
             "inflight": len(self.inflight),
             "window": self.window.size,
             "batches": self.batches,
+            "duplicates": self.duplicates,
             **self.counts,
             "outcomes": outcomes,
             "accept_to_sent_seconds": self.accept_to_sent.summary(),
@@ -228,9 +230,21 @@ class ProviderPool:
         return None
 
     def submit(self, batch: tuple[OutboundSms, ...]) -> None:
-        """Start sending `batch`; the caller took one window slot per message for it."""
-        for sms in batch:
-            self.inflight[sms.id] = sms
+        """Start sending `batch`; the caller took one window slot per message for it.
+
+        A message already in flight here is not sent again alongside itself (its slot comes
+        back): the Scheduler can be handed one message twice, as when another node's hand-off
+        arrives after paging already read the message back, and two attempts of one id in
+        flight would settle it twice."""
+        inflight = self.inflight
+        fresh = {sms.id: sms for sms in batch if sms.id not in inflight}
+        if len(fresh) < len(batch):
+            self.duplicates += len(batch) - len(fresh)
+            self.window.release(len(batch) - len(fresh), express=batch[0].express)
+            if not fresh:
+                return
+            batch = tuple(fresh.values())
+        inflight.update(fresh)
         self.inbox.put_nowait(batch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

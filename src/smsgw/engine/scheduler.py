@@ -26,6 +26,7 @@ from smsgw.engine.messages import (
 from smsgw.engine.pool import ProviderPool
 from smsgw.engine.ports import SchedulingStore
 from smsgw.engine.ratelimit import TokenBucket
+from smsgw.engine.writer import CommitFence
 
 # A bulk message as a mailbox holds it: (created_at in whole microseconds, id, segments).
 # The first two are its position in the account's queue, the same order as PostgreSQL's
@@ -245,7 +246,9 @@ class SchedulerState:
             if mailbox is None or not mailbox.spilled or mailbox.paging:
                 continue
             free = self.account_bound - len(mailbox.queue)
-            size = int(min(self.page_size, free, room, mailbox.spilled))
+            # One more than counted: a page that comes back that full says the count was low
+            # (see `paged`), at no extra query when it is right.
+            size = int(min(self.page_size, free, room, mailbox.spilled + 1))
             if size <= 0:
                 continue
             mailbox.paging = True
@@ -279,6 +282,14 @@ class SchedulerState:
             # The store had nothing more after the last row when it was read: what is left is
             # what arrived meanwhile beyond it.
             self._unspill(mailbox, mailbox.spilled - beyond)
+        elif not mailbox.spilled:
+            # A full page, and the count says nothing is left: the count is low. That happens
+            # when a page sees a committed message before the Scheduler was told of it (a
+            # hand-off from another node still on its way), which the count never included.
+            # Keep one in the count so the next page looks; only a short page ends the backlog,
+            # so no committed message is left in the store uncounted.
+            mailbox.spilled = 1
+            self.spilled += 1
         if mailbox.spilled and len(mailbox.queue) <= self._low_water():
             self.page_wanted[account_id] = None
         if mailbox.idle():
@@ -423,6 +434,7 @@ class Scheduler:
         store: SchedulingStore | None = None,
         state: SchedulerState | None = None,
         page_accounts: int = 500,
+        commits: CommitFence | None = None,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
@@ -438,6 +450,7 @@ class Scheduler:
         self._clock = clock
         self._store = store
         self._page_accounts = page_accounts
+        self._commits = commits
         self._page_requests = trio.Event()
         self.dispatched = 0
         self.deadline_misses = 0  # express messages that expired waiting here
@@ -630,6 +643,10 @@ class Scheduler:
                         await self.ref.tell(Paged(account_id, (), size, ok=False))
                     await trio.sleep(0.5)
                     continue
+                if self._commits is not None:
+                    # Groups that committed before the query but have not told us yet go
+                    # first: their Enqueue then reaches the inbox ahead of this page.
+                    await self._commits.wait()
                 for (account_id, _, size), rows in zip(requests, pages, strict=True):
                     await self.ref.tell(Paged(account_id, tuple(rows), size))
 

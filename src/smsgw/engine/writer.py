@@ -62,6 +62,35 @@ class StoreUnavailable(Exception):
     """The group this request was in could not be committed; nothing of it was stored."""
 
 
+class CommitFence:
+    """The group commits under way, so that a reader of the store can wait for every group its
+    query may have seen to have told the Scheduler of its messages.
+
+    The Scheduler's pager needs it: a page query can see a group's rows once PostgreSQL has
+    committed them, before the writer has handed them on. Processed first, such a page would
+    read back messages that the Scheduler has not counted yet, and their hand-off would then
+    queue them a second time.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[int, trio.Event] = {}
+        self._seq = 0
+
+    def open(self) -> int:
+        self._seq += 1
+        self._open[self._seq] = trio.Event()
+        return self._seq
+
+    def close(self, seq: int) -> None:
+        self._open.pop(seq).set()
+
+    async def wait(self) -> None:
+        """Until every group under way now has been handed on or has failed; groups that start
+        later are not waited for. Cancellable at any point, with nothing to undo."""
+        for done in list(self._open.values()):
+            await done.wait()
+
+
 class StoreWriter:
     """Collects whatever requests are waiting, commits them in one transaction, then replies.
 
@@ -90,6 +119,7 @@ class StoreWriter:
             "store_writer", committers, capacity, _account_of
         )
         self.ref = self.inbox.handle()
+        self.commits = CommitFence()
         self._store = store
         self._on_committed = on_committed
         self._max_group = max_group
@@ -159,7 +189,11 @@ class StoreWriter:
             if carry:
                 batch = [*carry, *batch]
                 carry.clear()
-            await self._commit(batch, carry)
+            seq = self.commits.open()
+            try:
+                await self._commit(batch, carry)
+            finally:
+                self.commits.close(seq)
 
     async def _commit(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
         group = WriteGroup()
