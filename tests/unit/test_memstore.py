@@ -68,3 +68,25 @@ async def test_unknown_accounts_and_duplicate_client_refs_are_refused() -> None:
     assert await commit(store, [([first], False)]) == [[True]]
     assert await commit(store, [([again], False), ([sms(9, 999)], False)]) == [[False], [False]]
     assert store.credit[a].balance == 95 and store.broken_accounts() == {}
+
+
+async def test_pages_follow_each_accounts_queue_after_the_cursor() -> None:
+    """page_entries as PgStore's: per account, queued bulk after the cursor, in (created_at,
+    id) order, finished and express messages left out."""
+    import msgspec
+
+    from smsgw.engine.scheduler import entry_of
+
+    store = MemStore(cost=None)
+    a = store.add_account("a", 1_000).id
+    b = store.add_account("b", 1_000).id
+    # Committed out of order; m4 is express.
+    mine = [msgspec.structs.replace(sms(n, a), created_at=float(10 - n)) for n in range(1, 6)]
+    mine[3] = msgspec.structs.replace(mine[3], express=True)
+    theirs = [sms(n, b) for n in range(6, 8)]
+    await commit(store, [(mine, False), (theirs, False)])
+    await commit(store, outcomes=[outcome(mine[1], "sent")])  # m2 is final
+    queue = sorted(entry_of(m) for m in (mine[0], mine[2], mine[4]))
+    assert queue[0][1] == "m5"
+    pages = await store.page_entries([(a, (-1, ""), 10), (a, queue[0][:2], 1), (b, (-1, ""), 1)])
+    assert pages == [queue, queue[1:2], [entry_of(theirs[0])]]

@@ -12,7 +12,10 @@ class makes the invariants testable in isolation (tests/unit/test_credit.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from smsgw.engine.messages import AcceptResult, OutboundSms
 
 
 class CreditError(Exception):
@@ -118,3 +121,47 @@ class CreditBook:
         credit.topped_up += amount
         self._delta(account_id).topped_up += amount
         return credit.balance
+
+
+def hold_items(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:
+    """Hold credit for each item in order; atomic: all items or none."""
+    if len(items) == 1:  # POST /v1/messages: most requests, so the short way
+        sms = items[0]
+        if sms.account_id not in book:
+            return [AcceptResult(accepted=False, reason="unknown_account")]
+        held = book.hold(sms.account_id, sms.price)
+        balance = book.accounts[sms.account_id].balance
+        if held:
+            return [AcceptResult(accepted=True, balance=balance)]
+        return [AcceptResult(accepted=False, reason="insufficient_credit", balance=balance)]
+    if any(sms.account_id not in book for sms in items):
+        unknown = AcceptResult(accepted=False, reason="unknown_account")
+        return [unknown] * len(items)
+    if atomic:
+        need: dict[int, int] = {}
+        for sms in items:
+            need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
+        if not all(book.can_hold(a, amount) for a, amount in need.items()):
+            return [
+                AcceptResult(
+                    accepted=False,
+                    reason="insufficient_credit",
+                    balance=book.accounts[s.account_id].balance,
+                )
+                for s in items
+            ]
+    # In order; once one hold fails the rest of the request fails too, even an item cheap
+    # enough to fit: "the balance ran out at item k" is what a batch client can act on.
+    results = []
+    spent = False
+    for sms in items:
+        if not spent and book.hold(sms.account_id, sms.price):
+            results.append(AcceptResult(accepted=True))
+        else:
+            spent = True
+            results.append(AcceptResult(accepted=False, reason="insufficient_credit"))
+    balances = {sms.account_id: book.accounts[sms.account_id].balance for sms in items}
+    return [
+        AcceptResult(accepted=r.accepted, reason=r.reason, balance=balances[s.account_id])
+        for r, s in zip(results, items, strict=True)
+    ]

@@ -5,7 +5,7 @@ Why in memory: a virtual-time run must be deterministic and fast, and PostgreSQL
 write here). STYLE.md says never to mix virtual time with real sockets or PostgreSQL.
 
 What it keeps: every account's credit (balance, held, captured, topped_up) changed only through
-the engine's own `CreditBook`, with the same hold rules as `PgStore` (its `_hold`: in order,
+the engine's own `CreditBook`, with the same hold rules as `PgStore` (`hold_items`: in order,
 atomic all-or-none, a request stops at the first refusal); the messages that are not final
 (for outcomes and `pending`); per account, the ledger sums and counts that PostgreSQL's
 `credit_ledger` would hold; and how many messages ended in each status. It keeps no history of
@@ -19,19 +19,20 @@ time shows the group commit's queueing, not PostgreSQL's real speed.
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from smsgw.engine.credit import AccountCredit, CreditBook
+from smsgw.engine.credit import AccountCredit, CreditBook, hold_items
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, Recovered, WriteGroup
-from smsgw.engine.scheduler import entry_of
+from smsgw.engine.scheduler import Entry, entry_of
 
 # The same hold rules as the PostgreSQL store: one implementation, so both stores refuse alike.
-from smsgw.storage.pg import _hold as hold_items
 
 
 @dataclass(slots=True)
@@ -81,6 +82,10 @@ class MemStore:
         self.names: dict[int, str] = {}
         self.ledger: dict[int, LedgerSums] = {}
         self.pending_messages: dict[str, OutboundSms] = {}
+        # Each account's pending bulk entries in queue order: what `page_entries` reads, so a
+        # page costs a bisect, not a scan of every pending message (a full-scale `day` run
+        # pages under a backlog of millions).
+        self._queues: dict[int, list[Entry]] = {}
         self.client_refs: set[tuple[int, str]] = set()
         self.final: dict[tuple[str, str], int] = {}  # (status, reason or "") -> messages
         self.commits = 0
@@ -118,6 +123,8 @@ class MemStore:
             sms = self.pending_messages.pop(outcome.sms.id, None)
             if sms is None:
                 continue  # final already: a message ends once and is charged at most once
+            if not sms.express:
+                self._unqueue(sms)
             sums = self.ledger[sms.account_id]
             if outcome.status == "sent":
                 book.capture(sms.account_id, sms.price)
@@ -159,6 +166,8 @@ class MemStore:
             accepts.append(results)
         for sms in stored:
             self.pending_messages[sms.id] = sms
+            if not sms.express:
+                bisect.insort(self._queues.setdefault(sms.account_id, []), entry_of(sms))
             sums = self.ledger[sms.account_id]
             sums.hold += sms.price
             sums.hold_n += weight(sms)
@@ -213,18 +222,21 @@ class MemStore:
     async def page_entries(
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
     ) -> list[list[tuple[int, str, int]]]:
-        """As PgStore's: each account's next queued bulk entries after its cursor. A scan of
-        the pending messages per call: virtual runs page rarely, and only under a backlog."""
-        wanted = {account_id for account_id, _, _ in requests}
-        by_account: dict[int, list[tuple[int, str, int]]] = {}
-        for sms in self.pending_messages.values():
-            if not sms.express and sms.account_id in wanted:
-                by_account.setdefault(sms.account_id, []).append(entry_of(sms))
+        """As PgStore's: each account's next queued bulk entries after its cursor."""
         pages = []
         for account_id, cursor, n in requests:
-            entries = sorted(e for e in by_account.get(account_id, ()) if e[:2] > cursor)
-            pages.append(entries[:n])
+            queue = self._queues.get(account_id, [])
+            # Past every entry at the cursor's position, whatever its segments.
+            start = bisect.bisect_right(queue, (cursor[0], cursor[1], math.inf))
+            pages.append(queue[start : start + n])
         return pages
+
+    def _unqueue(self, sms: OutboundSms) -> None:
+        queue = self._queues[sms.account_id]
+        entry = entry_of(sms)
+        del queue[bisect.bisect_left(queue, entry)]
+        if not queue:
+            del self._queues[sms.account_id]
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
         return [sms for i in ids if (sms := self.pending_messages.get(i)) is not None]

@@ -21,7 +21,7 @@ import msgspec
 import trio
 import trio_asyncio
 
-from smsgw.engine.credit import AccountCredit, CreditBook
+from smsgw.engine.credit import AccountCredit, CreditBook, hold_items
 from smsgw.engine.messages import AcceptResult, Account, AccountSettings, OutboundSms
 from smsgw.engine.ports import (
     GroupResult,
@@ -434,7 +434,7 @@ class PgStore(CallbackOutbox):
             accepts: list[list[AcceptResult]] = []
             stored: list[OutboundSms] = []
             for items, atomic in group.accepts:
-                results = _hold(book, items, atomic)
+                results = hold_items(book, items, atomic)
                 accepts.append(results)
                 for sms, res in zip(items, results, strict=True):
                     if res.accepted:
@@ -997,50 +997,6 @@ async def _undo_duplicates(
             )
     if remove:
         await conn.execute("DELETE FROM messages WHERE id = ANY($1::uuid[])", remove)
-
-
-def _hold(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:
-    """Hold credit for each item in order; atomic: all items or none."""
-    if len(items) == 1:  # POST /v1/messages: most requests, so the short way
-        sms = items[0]
-        if sms.account_id not in book:
-            return [AcceptResult(accepted=False, reason="unknown_account")]
-        held = book.hold(sms.account_id, sms.price)
-        balance = book.accounts[sms.account_id].balance
-        if held:
-            return [AcceptResult(accepted=True, balance=balance)]
-        return [AcceptResult(accepted=False, reason="insufficient_credit", balance=balance)]
-    if any(sms.account_id not in book for sms in items):
-        unknown = AcceptResult(accepted=False, reason="unknown_account")
-        return [unknown] * len(items)
-    if atomic:
-        need: dict[int, int] = {}
-        for sms in items:
-            need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
-        if not all(book.can_hold(a, amount) for a, amount in need.items()):
-            return [
-                AcceptResult(
-                    accepted=False,
-                    reason="insufficient_credit",
-                    balance=book.accounts[s.account_id].balance,
-                )
-                for s in items
-            ]
-    # In order; once one hold fails the rest of the request fails too, even an item cheap
-    # enough to fit: "the balance ran out at item k" is what a batch client can act on.
-    results = []
-    spent = False
-    for sms in items:
-        if not spent and book.hold(sms.account_id, sms.price):
-            results.append(AcceptResult(accepted=True))
-        else:
-            spent = True
-            results.append(AcceptResult(accepted=False, reason="insufficient_credit"))
-    balances = {sms.account_id: book.accounts[sms.account_id].balance for sms in items}
-    return [
-        AcceptResult(accepted=r.accepted, reason=r.reason, balance=balances[s.account_id])
-        for r, s in zip(results, items, strict=True)
-    ]
 
 
 def _credit_args(
