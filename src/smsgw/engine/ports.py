@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -278,12 +278,11 @@ class ClusterStore(Protocol):
         """Register this node; release the leases a previous run of this node id held."""
         ...
 
-    async def heartbeat(
-        self, held: Sequence[int], ttl: float, *, bump: bool
-    ) -> tuple[int, dict[int, int]]:
-        """Record that this node lives and extend its leases on `held` by `ttl` (under new
-        tokens if `bump`). Returns the live nodes and the leases renewed (shard -> token):
-        a shard missing from them was taken by another node."""
+    async def heartbeat(self, held: Mapping[int, int], ttl: float) -> tuple[int, dict[int, int]]:
+        """Record that this node lives and extend by `ttl` each lease of `held` (shard ->
+        token) that is still this node's under that token, even one that expired meanwhile:
+        nobody took it, so nobody else dispatched the shard. Returns the live nodes and the
+        leases renewed (shard -> token); a shard missing from them changed hands."""
         ...
 
     async def acquire(self, count: int, ttl: float) -> dict[int, int]:

@@ -264,9 +264,11 @@ class ShardLeases:
         messages were recovered for newly leased shards."""
         started = self._clock()
         self.counts["ticks"] += 1
-        held = [*self.owned, *self.draining]
-        lapsed = bool(held) and started >= self.valid_until
-        live, renewed = await self.store.heartbeat(held, self.config.ttl, bump=lapsed)
+        held = {**self.owned, **{s: token for s, (token, _, _) in self.draining.items()}}
+        late = bool(held) and started >= self.valid_until
+        trusted_s = self.config.ttl * self.config.trust
+        since_renewal = started - (self.valid_until - trusted_s)
+        live, renewed = await self.store.heartbeat(held, self.config.ttl)
         self.live_nodes = live
         self.valid_until = started + self.config.ttl * self.config.trust
         self.last_error = None
@@ -278,18 +280,23 @@ class ShardLeases:
             self.owned.pop(shard, None)
             self.draining.pop(shard, None)
         loaded = 0
-        if lapsed:
-            # Paused or cut off past the lease: nobody took these shards, but what this node
-            # holds of them may be stale. New tokens fence off the old stamps (and any status
-            # write still in flight); recovery reloads them.
+        if late:
+            # Renewed later than this node trusts its leases for (a loop busy for seconds, a
+            # pause): sends waited meanwhile (`admit`). A lease renewed under its own token
+            # was not taken by anyone, so nobody else dispatched the shard and what this node
+            # holds of it is still exact: nothing is fenced off or read again. (New tokens and
+            # a reload here once turned a busy loop into a spiral: every outcome in flight
+            # fenced off, every queued message loaded a second time.) A lease another node
+            # took is among `lost` above.
             self.counts["lapses"] += 1
-            log.warning("leases lapsed; renewed %d under new tokens", len(renewed))
-            regained = {s: t for s, t in renewed.items() if s in self.owned}
-            for shard, token in renewed.items():
-                if shard in self.draining:
-                    _, since, empty = self.draining[shard]
-                    self.draining[shard] = (token, since, empty)
-            loaded += await self._recover(regained)
+            log.warning(
+                "leases renewed %.1f s after the last renewal (trusted for %.1f s);"
+                " %d of %d under the same tokens",
+                since_renewal,
+                trusted_s,
+                len(renewed),
+                len(held),
+            )
         self._mark_drained(started)
         ready = [
             shard

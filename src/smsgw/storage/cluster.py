@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -149,9 +149,7 @@ class PgCluster:
             return False
         return False
 
-    async def heartbeat(
-        self, held: Sequence[int], ttl: float, *, bump: bool
-    ) -> tuple[int, dict[int, int]]:
+    async def heartbeat(self, held: Mapping[int, int], ttl: float) -> tuple[int, dict[int, int]]:
         async def beat(conn: asyncpg.Connection) -> tuple[int, dict[int, int]]:
             await conn.execute(
                 "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
@@ -164,13 +162,14 @@ class PgCluster:
             renewed: dict[int, int] = {}
             if held:
                 rows = await conn.fetch(
-                    "UPDATE shard_leases SET expires_at = now() + make_interval(secs => $2),"
-                    " token = CASE WHEN $3 THEN nextval('lease_tokens') ELSE token END"
-                    " WHERE owner = $1 AND shard = ANY($4::int[]) RETURNING shard, token",
+                    "UPDATE shard_leases AS l SET expires_at = now() + make_interval(secs => $2)"
+                    " FROM unnest($3::int[], $4::bigint[]) AS h(shard, token)"
+                    " WHERE l.owner = $1 AND l.shard = h.shard AND l.token = h.token"
+                    " RETURNING l.shard, l.token",
                     self._node_id,
                     ttl,
-                    bump,
                     list(held),
+                    list(held.values()),
                 )
                 renewed = {r["shard"]: r["token"] for r in rows}
             live = await conn.fetchval(
