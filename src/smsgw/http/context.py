@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 from quart import Response, current_app, g, request
+from quart.globals import request_ctx
 
 from smsgw.engine.actor import AskTimeout, InboxFull
 from smsgw.engine.messages import AccountSettings
@@ -231,16 +232,16 @@ class Gateway:
     async def body(self, kind: type[T], *, limit: int = MAX_BODY_BYTES) -> T:
         """Decode the JSON body as `kind`: 415 for another content type, 413 past `limit`
         bytes, 400 for malformed JSON, 422 naming the field for a wrong shape."""
-        if request.mimetype != "application/json":
+        req = request_ctx.request  # one context lookup, not one per attribute
+        if req.mimetype != "application/json":
             raise ProblemError(
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
-        too_large = ProblemError(413, "body_too_large", f"the body must be at most {limit} bytes")
-        if (request.content_length or 0) > limit:
-            raise too_large
-        data = cast(bytes, await request.get_data(as_text=False))
+        if (req.content_length or 0) > limit:
+            raise _too_large(limit)
+        data = cast(bytes, await req.get_data(as_text=False))
         if len(data) > limit:
-            raise too_large
+            raise _too_large(limit)
         return decode(data, kind)
 
     async def call(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -262,6 +263,10 @@ class Gateway:
             raise ProblemError(
                 503, "timeout", "the gateway did not answer in time; retry shortly"
             ) from None
+
+
+def _too_large(limit: int) -> ProblemError:
+    return ProblemError(413, "body_too_large", f"the body must be at most {limit} bytes")
 
 
 def gateway() -> Gateway:

@@ -7,13 +7,15 @@ out one dict increment, one histogram bisect, one header, and a log call only wh
 from __future__ import annotations
 
 import logging
+import random
 import re
 import secrets
 import time
 from contextvars import ContextVar
 from typing import cast
 
-from quart import Quart, Response, current_app, request
+from quart import Quart, Response, current_app
+from quart.globals import request_ctx
 
 from smsgw.engine.histogram import LATENCY_BUCKETS, Histogram
 from smsgw.http.context import optional_header
@@ -32,8 +34,13 @@ access_log = logging.getLogger("smsgw.http.access")
 _started: ContextVar[float | None] = ContextVar("smsgw_request_started", default=None)
 
 
+# Request ids need to be unique, not secret: a PRNG seeded from the OS, like message ids
+# (secrets.token_hex is a getrandom syscall per request).
+_id_random = random.Random(secrets.randbits(128))
+
+
 def new_request_id() -> str:
-    return secrets.token_hex(8)
+    return f"{_id_random.getrandbits(64):016x}"
 
 
 class HttpStats:
@@ -76,8 +83,9 @@ def install(app: Quart) -> HttpStats:
         elapsed = 0.0 if started is None else time.perf_counter() - started
         request_id = request_id_var.get() or new_request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        method = request.method if request.method in _METHODS else "OTHER"
+        req = request_ctx.request  # one context lookup, not one per attribute
+        rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
+        method = req.method if req.method in _METHODS else "OTHER"
         status = response.status_code
         code = (problem_code_var.get() or "") if status >= 400 else ""
         stats.record(rule, method, status, code, elapsed)
@@ -86,14 +94,14 @@ def install(app: Quart) -> HttpStats:
             access_log.info(
                 "%s %s %d %.1fms%s",
                 method,
-                request.path,
+                req.path,
                 status,
                 elapsed * 1000,
                 f" {code}" if code else "",
                 extra={
                     "request_id": request_id,
                     "method": method,
-                    "path": request.path,
+                    "path": req.path,
                     "status": status,
                     "code": code or None,
                     "duration_ms": round(elapsed * 1000, 3),
