@@ -3,6 +3,7 @@ dead node's shards, routing and fencing by token, late renewals keep their token
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 
 from smsgw.engine.actor import Inbox
-from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
 from smsgw.engine.shards import SHARDS, LeaseConfig, ShardLeases, shard_of
 
 CONFIG = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5)
@@ -100,6 +101,13 @@ class FakeStore:
         wanted = set(shards)
         return [s for s in self.cluster.pending.values() if shard_of(s.account_id) in wanted]
 
+    async def load_backlog(
+        self, shards: Sequence[int]
+    ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
+        pending = await self.load(shards)
+        counts = Counter(s.account_id for s in pending if not s.express)
+        return [s for s in pending if s.express], sorted(counts.items())
+
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
         await self._alive()
         return []
@@ -125,10 +133,21 @@ def sms(account_id: int, n: int = 0) -> OutboundSms:
     )
 
 
-def node(cluster: Cluster, name: str) -> tuple[ShardLeases, FakeStore, Inbox[SchedulerMessage]]:
+def node(
+    cluster: Cluster, name: str, *, page_backlog: bool = False
+) -> tuple[ShardLeases, FakeStore, Inbox[SchedulerMessage]]:
+    """A node whose recoveries load whole messages (as a takeover does), unless it pages its
+    start-up backlog."""
     store = FakeStore(cluster, name)
     inbox: Inbox[SchedulerMessage] = Inbox(f"scheduler-{name}", 100_000)
-    leases = ShardLeases(store, inbox.handle(), lambda: (), CONFIG, clock=trio.current_time)
+    leases = ShardLeases(
+        store,
+        inbox.handle(),
+        lambda: (),
+        CONFIG,
+        clock=trio.current_time,
+        page_backlog=page_backlog,
+    )
     return leases, store, inbox
 
 
@@ -138,6 +157,30 @@ def drained(inbox: Inbox[SchedulerMessage]) -> list[OutboundSms]:
         assert isinstance(message, Enqueue)
         items.extend(message.items)
     return items
+
+
+async def test_start_up_recovery_counts_bulk_for_paging_and_loads_express_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A backlog of millions must not be loaded whole at start: bulk is counted per account
+    (the Scheduler pages it in), express comes whole and stamped (its deadline cannot wait
+    for a page)."""
+    cluster = Cluster()
+    bulk = [sms(a, n) for a in (1, 2) for n in range(3)]
+    express = msgspec.structs.replace(sms(3), express=True)
+    cluster.pending = {s.id: s for s in (*bulk, express)}
+    a, _, inbox = node(cluster, "a", page_backlog=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        told = []
+        while (message := inbox.get_nowait()) is not None:
+            told.append(message)
+        assert a.recovered == 7
+        [enqueue] = [m for m in told if isinstance(m, Enqueue)]
+        assert [s.id for s in enqueue.items] == [express.id] and a.admit(enqueue.items[0])
+        [backlog] = [m for m in told if isinstance(m, Backlog)]
+        assert backlog.counts == ((1, 3), (2, 3))
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_lone_node_leases_every_shard_and_recovers_them_at_start(

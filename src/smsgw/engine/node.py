@@ -121,7 +121,11 @@ class Engine:
         self.leases: ShardLeases | None = None
         if cluster is not None:
             self.leases = ShardLeases(
-                cluster, scheduler_ref, lambda: self.pool.inflight.values(), leases
+                cluster,
+                scheduler_ref,
+                lambda: self.pool.inflight.values(),
+                leases,
+                page_backlog=not config.scheduler_fifo,
             )
             self.ready = self.leases.ready
 

@@ -299,6 +299,13 @@ class ClusterStore(Protocol):
         """Every message not final in `shards` (their hand-offs are dropped: this covers them)."""
         ...
 
+    async def load_backlog(
+        self, shards: Sequence[int]
+    ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
+        """As `load`, but bulk only counted per account (the Scheduler pages it in): the
+        express messages not final in `shards`, and (account, bulk messages not final)."""
+        ...
+
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
         """Take the hand-offs waiting for shards this node leases: (message, lease token) for
         each whose id is not `known` (dispatched from its notification already)."""

@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, InboxFull
-from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
 from smsgw.engine.ports import ClusterStore
 
 log = logging.getLogger("smsgw.shards")
@@ -78,8 +78,12 @@ class ShardLeases:
         config: LeaseConfig = LeaseConfig(),
         *,
         clock: Callable[[], float] = time.monotonic,
+        page_backlog: bool = True,
     ) -> None:
         self.store = store
+        # Start-up recovery counts bulk per account for the Scheduler to page in, rather than
+        # loading a backlog of millions whole (the FIFO baseline cannot page: it loads).
+        self._page_backlog = page_backlog
         self.config = config
         self._scheduler = scheduler
         self._inflight = inflight
@@ -227,7 +231,7 @@ class ShardLeases:
         try:
             if not self.ready.is_set():
                 await self.store.join(self.config.ttl)
-                loaded = await self._tick()
+                loaded = await self._tick(starting=True)
                 self.recovered = loaded
                 self.ready.set()
             async with trio.open_nursery() as nursery:
@@ -259,7 +263,7 @@ class ShardLeases:
         except Exception as exc:
             log.warning("could not release leases on stop (they expire by themselves): %s", exc)
 
-    async def _tick(self) -> int:
+    async def _tick(self, *, starting: bool = False) -> int:
         """Heartbeat, renew, give away or take shards by the fair share. Returns how many
         messages were recovered for newly leased shards."""
         started = self._clock()
@@ -319,7 +323,10 @@ class ShardLeases:
             gained = await self.store.acquire(want, self.config.ttl)
             if gained:
                 self.counts["acquired"] += len(gained)
-                loaded += await self._recover(gained)
+                if starting and self._page_backlog:
+                    loaded += await self._recover_counted(gained)
+                else:
+                    loaded += await self._recover(gained)
         self.last_tick_ms = (self._clock() - started) * 1000
         return loaded
 
@@ -358,6 +365,23 @@ class ShardLeases:
         finally:
             for shard in gained:
                 self._reloading.pop(shard, None)
+
+    async def _recover_counted(self, gained: dict[int, int]) -> int:
+        """Start-up recovery: own `gained`, load its express messages whole and tell the
+        Scheduler how much bulk each account has waiting, to page in from the start of its
+        queue. Only before HTTP opens: nothing is routed here yet, so no message can enter
+        the Scheduler ahead of its account's older backlog (paging follows a cursor)."""
+        self.owned.update(gained)
+        async with self._db:
+            express, counts = await self.store.load_backlog(sorted(gained))
+        await self._enqueue(
+            [msgspec.structs.replace(s, fence=gained[shard_of(s.account_id)]) for s in express]
+        )
+        for start in range(0, len(counts), 1_000):
+            await self._scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
+        loaded = len(express) + sum(n for _, n in counts)
+        self.counts["loaded"] += loaded
+        return loaded
 
     async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
         for start in range(0, len(items), 1_000):

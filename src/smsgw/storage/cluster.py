@@ -43,6 +43,18 @@ WHERE status IN ('queued', 'sending') AND shard_of(account_id) = ANY($1::int[])
 ORDER BY created_at
 """
 
+_LOAD_EXPRESS = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE status IN ('queued', 'sending') AND express AND shard_of(account_id) = ANY($1::int[])
+ORDER BY created_at
+"""
+
+_COUNT_BULK = """
+SELECT account_id, count(*) AS n FROM messages
+WHERE status IN ('queued', 'sending') AND NOT express AND shard_of(account_id) = ANY($1::int[])
+GROUP BY account_id
+"""
+
 _CLAIM = """
 DELETE FROM shard_inbox i USING shard_leases l
 WHERE l.shard = i.shard AND l.owner = $1
@@ -237,6 +249,19 @@ class PgCluster:
 
         rows = await self.db.run(read)
         return [pending_sms(r) for r in rows]
+
+    async def load_backlog(
+        self, shards: Sequence[int]
+    ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
+        async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[Any]]:
+            async with conn.transaction(isolation="repeatable_read"):
+                await conn.execute("DELETE FROM shard_inbox WHERE shard = ANY($1::int[])", shards)
+                express = await conn.fetch(_LOAD_EXPRESS, shards)
+                counts = await conn.fetch(_COUNT_BULK, shards)
+                return express, [(r["account_id"], r["n"]) for r in counts]
+
+        express, counts = await self.db.run(read)
+        return [pending_sms(r) for r in express], counts
 
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
         async def take(conn: asyncpg.Connection) -> list[tuple[OutboundSms, int]]:
