@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,8 +155,18 @@ class RssSampler:
 
 def scheduler_view(client: httpx.Client) -> dict[str, Any]:
     children = {c["name"]: c for c in client.get("/v1/ops/supervisor").json()["children"]}
+    writer = children["store_writer"]["stats"]
+    leases = children.get("shard_leases", {}).get("stats", {})
     return {
         "scheduler": children["scheduler"]["stats"],
+        "writer": {
+            k: writer.get(k)
+            for k in ("groups", "items", "commit_ms_ewma", "commit_ms_max", "committers")
+        },
+        "leases": {
+            k: leases.get(k)
+            for k in ("owned", "lapses", "lost", "loaded", "fenced_at_send", "last_tick_ms")
+        },
         "pool": {
             k: children["provider_pool"]["stats"][k]
             for k in ("inflight", "window", "express_reserve", "sent")
@@ -191,6 +202,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="express messages a second")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--settle-s", type=float, default=10.0, help="after start, before load")
+    parser.add_argument(
+        "--no-leases",
+        action="store_true",
+        help="serve --no-leases: recovery counts the bulk backlog instead of loading it whole",
+    )
     parser.add_argument("--out", type=Path, default=common.BENCHMARKS_DIR / "reports" / "latest")
     args = parser.parse_args()
 
@@ -215,6 +231,7 @@ def main() -> None:
                 "1000000",
                 "--operator-errors",
                 "0,0",
+                *(["--no-leases"] if args.no_leases else []),
             ]
             env = common.gateway_env(url, schema, admin_key)
             log_path = Path(work) / "gateway.log"
@@ -249,6 +266,8 @@ def main() -> None:
                         raise RuntimeError(client.stderr[-2000:])
                     after = scheduler_view(admin)
                 memory = rss.stop()
+            args.out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_path, args.out / "express-gateway.log")
             answers = json.loads(client.stdout)
             rows = express_rows(url, schema, account["id"])
         finally:
@@ -271,6 +290,7 @@ def main() -> None:
         "backlog": args.backlog,
         "seed_seconds": round(seed_s, 1),
         "start_to_listening_seconds": round(ready_s, 1),
+        "leases": not args.no_leases,
         "window": args.window,
         "operator_ms": args.operator_ms,
         "express_sent": len(sent),
