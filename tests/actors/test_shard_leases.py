@@ -373,3 +373,21 @@ def test_hand_off_payloads_fit_a_notify() -> None:
     carried = [m.id for p in payloads for m in msgspec.json.decode(p[2:], type=list[OutboundSms])]
     assert carried == [m.id for m in small + wide]
     assert payloads[-1] == "b\n[]"  # the one too large for a payload: "claim now"
+
+
+async def test_a_body_read_back_is_stamped_with_its_shards_token_or_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Bodies the Scheduler reads from the store (paged entries) come without a token: they
+    get the shard's current one, so a paged message is fenced like any other; a shard this
+    node does not lease gives None (its owner recovers the message)."""
+    cluster = Cluster()
+    a, _, _ = node(cluster, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        mine = sms(7)
+        stamped = a.stamp(mine)
+        assert stamped is not None and stamped.fence == a.owned[shard_of(7)] and a.admit(stamped)
+        del a.owned[shard_of(7)]
+        assert a.stamp(mine) is None
+        nursery.cancel_scope.cancel()

@@ -180,6 +180,7 @@ class Engine:
             state=state,
             page_accounts=config.page_accounts,
             commits=self.writer.commits,
+            stamp=None if self.leases is None else self.leases.stamp,
         )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.

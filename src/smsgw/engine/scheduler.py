@@ -435,6 +435,7 @@ class Scheduler:
         state: SchedulerState | None = None,
         page_accounts: int = 500,
         commits: CommitFence | None = None,
+        stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
@@ -451,6 +452,9 @@ class Scheduler:
         self._store = store
         self._page_accounts = page_accounts
         self._commits = commits
+        # Among several nodes: a body read from the store gets its shard's fencing token, or
+        # is dropped (None) when this node no longer leases the shard; its owner recovers it.
+        self._stamp = stamp
         self._page_requests = trio.Event()
         self.dispatched = 0
         self.deadline_misses = 0  # express messages that expired waiting here
@@ -606,7 +610,7 @@ class Scheduler:
     async def _bodies(self, entries: list[Entry]) -> list[OutboundSms]:
         """The messages of `entries`, in order: from the body cache, the rest in one read.
         An entry whose row is no longer queued (it cannot be, but a row deleted by hand is
-        not sent) is dropped."""
+        not sent), or whose shard this node no longer leases, is dropped."""
         bodies = self.state.bodies
         found: dict[str, OutboundSms] = {}
         missing: list[str] = []
@@ -619,10 +623,13 @@ class Scheduler:
         if missing:
             assert self._store is not None
             self.body_reads += 1
+            stamp = self._stamp
             while True:
                 try:
                     for sms in await self._store.queued_messages(missing):
-                        found[sms.id] = sms
+                        stamped = sms if stamp is None else stamp(sms)
+                        if stamped is not None:
+                            found[sms.id] = stamped
                     break
                 except Exception:
                     # The store is away: these are committed and only need reading; wait.

@@ -136,6 +136,13 @@ class ShardLeases:
         self.counts["routed"] += 1
         return msgspec.structs.replace(sms, fence=token)
 
+    def stamp(self, sms: OutboundSms) -> OutboundSms | None:
+        """`sms` (read back from the store) with its shard's current token, or None when this
+        node does not lease the shard now. No counting, no recovery bookkeeping: the message
+        entered this node's Scheduler before, as a count or an entry."""
+        token = self.owned.get(shard_of(sms.account_id))
+        return None if token is None else msgspec.structs.replace(sms, fence=token)
+
     def admit(self, sms: OutboundSms) -> bool:
         """May this node send `sms` now: it still leases the shard under the token the message
         was stamped with, and the lease was renewed recently enough to be trusted."""
