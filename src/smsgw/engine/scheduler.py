@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, assert_never
 
@@ -115,7 +115,9 @@ class SchedulerState:
         self.mailboxes: dict[int, Mailbox] = {}
         self.ring: deque[int] = deque()  # accounts with bulk work, in serving order
         self.cursors: dict[int, Position] = {}
-        self.page_wanted: dict[int, None] = {}  # an ordered set
+        # An ordered set, taken from the front: popitem(last=False) is O(1), where copying a
+        # plain dict's keys on every take costs O(accounts waiting) while memory is full.
+        self.page_wanted: OrderedDict[int, None] = OrderedDict()
         self.express: list[tuple[float, int, OutboundSms]] = []
         self.bodies: dict[str, OutboundSms] = {}  # bulk bodies kept while there is room
         self.send_rates: dict[int, float] = {}
@@ -238,10 +240,8 @@ class SchedulerState:
         memory bound; each account is marked as paging until `paged` is called for it."""
         requests: list[tuple[int, Position, int]] = []
         room = self.memory_bound - self.in_memory
-        for account_id in list(self.page_wanted):
-            if len(requests) >= limit or room <= 0:
-                break
-            del self.page_wanted[account_id]
+        while self.page_wanted and len(requests) < limit and room > 0:
+            account_id, _ = self.page_wanted.popitem(last=False)
             mailbox = self.mailboxes.get(account_id)
             if mailbox is None or not mailbox.spilled or mailbox.paging:
                 continue
