@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument(
         "--no-leases",
         action="store_true",
-        help="serve --no-leases: recovery counts the bulk backlog instead of loading it whole",
+        help="serve --no-leases: a node without shard leases (start-up recovery counts the"
+        " bulk backlog either way)",
     )
     parser.add_argument("--out", type=Path, default=common.BENCHMARKS_DIR / "reports" / "latest")
     args = parser.parse_args()
