@@ -473,3 +473,26 @@ def test_a_page_that_reads_a_message_before_its_hand_off_arrives_leaves_nothing_
         got.append(entry)
     assert {e[1] for e in got if e is not None} == {first.id, untold.id, counted.id}
     assert state.bulk_size == 0
+
+
+def test_upcoming_names_the_front_of_each_mailbox_in_serving_order_without_cached_bodies() -> None:
+    """What a body read takes along: the next entries of each account in ring order, those
+    whose bodies are not cached, up to the limit."""
+    state = SchedulerState(account_bound=100, memory_bound=100, body_budget=2)
+    pushed = [
+        make_sms(10 * n + account, account, created_at=T0 + n)
+        for n in range(6)
+        for account in (1, 2)
+    ]
+    for sms in pushed:
+        state.push(sms)
+    cached = set(state.bodies)
+    assert len(cached) == 2
+    ahead = state.upcoming(limit=5, per_account=2)
+    by_account = {1: [s.id for s in pushed if s.account_id == 1], 2: [
+        s.id for s in pushed if s.account_id == 2]}  # fmt: skip
+    expected = [i for i in [*by_account[1][:2], *by_account[2][:2]] if i not in cached]
+    assert ahead == expected[:5]
+    assert (
+        state.upcoming(limit=1, per_account=6) == [i for i in by_account[1] if i not in cached][:1]
+    )

@@ -411,6 +411,23 @@ class SchedulerState:
     def bulk_ready(self) -> bool:
         return self.in_memory > 0
 
+    def upcoming(self, limit: int, per_account: int) -> list[str]:
+        """Ids of entries likely to be served soon whose bodies are not cached: the first
+        `per_account` of each mailbox in serving order, up to `limit`. What a body read takes
+        along, so that the next batches find their bodies cached instead of each costing a
+        read of its own."""
+        ids: list[str] = []
+        bodies = self.bodies
+        for account_id in self.ring:
+            queue = self.mailboxes[account_id].queue
+            for i in range(min(per_account, len(queue))):
+                message_id = queue[i][1]
+                if message_id not in bodies:
+                    ids.append(message_id)
+                    if len(ids) >= limit:
+                        return ids
+        return ids
+
 
 class Scheduler:
     """Takes committed messages in, hands them to the ProviderPool as its window frees up.
@@ -434,6 +451,7 @@ class Scheduler:
         store: SchedulingStore | None = None,
         state: SchedulerState | None = None,
         page_accounts: int = 500,
+        prefetch: int = 1_000,
         commits: CommitFence | None = None,
         stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
     ) -> None:
@@ -451,6 +469,7 @@ class Scheduler:
         self._clock = clock
         self._store = store
         self._page_accounts = page_accounts
+        self._prefetch = prefetch
         self._commits = commits
         # Among several nodes: a body read from the store gets its shard's fencing token, or
         # is dropped (None) when this node no longer leases the shard; its owner recovers it.
@@ -461,6 +480,8 @@ class Scheduler:
         self.pages = 0
         self.paged_entries = 0
         self.body_reads = 0
+        self.prefetched = 0  # bodies read ahead of their batch
+        self._ahead: OrderedDict[str, OutboundSms] = OrderedDict()
         self.page_failures = 0
 
     def stats(self) -> dict[str, Any]:
@@ -481,6 +502,7 @@ class Scheduler:
             "paged_entries": self.paged_entries,
             "page_failures": self.page_failures,
             "body_reads": self.body_reads,
+            "bodies_prefetched": self.prefetched,
             "bodies_cached": len(state.bodies),
         }
 
@@ -624,18 +646,39 @@ class Scheduler:
             assert self._store is not None
             self.body_reads += 1
             stamp = self._stamp
+            # The bodies of the next batches come along in the same read (into the cache).
+            wanted = set(missing)
+            ahead = [i for i in self.state.upcoming(self._prefetch, 10) if i not in wanted]
             while True:
                 try:
-                    for sms in await self._store.queued_messages(missing):
+                    for sms in await self._store.queued_messages([*missing, *ahead]):
                         stamped = sms if stamp is None else stamp(sms)
-                        if stamped is not None:
+                        if stamped is None:
+                            continue
+                        if sms.id in wanted:
                             found[sms.id] = stamped
+                        elif sms.id not in bodies:
+                            self._cache_ahead(stamped)
                     break
                 except Exception:
                     # The store is away: these are committed and only need reading; wait.
                     self.page_failures += 1
                     await trio.sleep(0.5)
         return [found[e[1]] for e in entries if e[1] in found]
+
+    def _cache_ahead(self, sms: OutboundSms) -> None:
+        """Cache a body read ahead of its batch. Its entry may have been popped meanwhile and
+        its body read by its own batch, so nothing would ever take it out of the cache: the
+        oldest read-ahead bodies are dropped past a bound (one still wanted is read again)."""
+        bodies = self.state.bodies
+        bodies[sms.id] = sms
+        self.prefetched += 1
+        ahead = self._ahead
+        ahead[sms.id] = sms
+        while len(ahead) > 4 * self._prefetch:
+            old_id, old = ahead.popitem(last=False)
+            if bodies.get(old_id) is old:  # not a retry's body since, which holds attempts
+                del bodies[old_id]
 
     async def _pager(self, store: SchedulingStore) -> None:
         """Reads spilled entries back, many accounts per query, as room allows."""
