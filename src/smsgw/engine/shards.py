@@ -281,7 +281,7 @@ class ShardLeases:
         since_renewal = started - (self.valid_until - trusted_s)
         live, renewed = await self.store.heartbeat(held, self.config.ttl)
         self.live_nodes = live
-        self.valid_until = started + self.config.ttl * self.config.trust
+        self.valid_until = started + trusted_s
         self.last_error = None
         lost = [s for s in held if s not in renewed]
         if lost:
