@@ -648,7 +648,11 @@ class Scheduler:
             stamp = self._stamp
             # The bodies of the next batches come along in the same read (into the cache).
             wanted = set(missing)
-            ahead = [i for i in self.state.upcoming(self._prefetch, 10) if i not in wanted]
+            ahead = [
+                i
+                for i in self.state.upcoming(self._prefetch, self.state.quantum)
+                if i not in wanted
+            ]
             while True:
                 try:
                     for sms in await self._store.queued_messages([*missing, *ahead]):

@@ -238,7 +238,7 @@ class ShardLeases:
         try:
             if not self.ready.is_set():
                 await self.store.join(self.config.ttl)
-                loaded = await self._tick(starting=True)
+                loaded = await self._tick()
                 self.recovered = loaded
                 self.ready.set()
             async with trio.open_nursery() as nursery:
@@ -270,7 +270,7 @@ class ShardLeases:
         except Exception as exc:
             log.warning("could not release leases on stop (they expire by themselves): %s", exc)
 
-    async def _tick(self, *, starting: bool = False) -> int:
+    async def _tick(self) -> int:
         """Heartbeat, renew, give away or take shards by the fair share. Returns how many
         messages were recovered for newly leased shards."""
         started = self._clock()
@@ -330,7 +330,8 @@ class ShardLeases:
             gained = await self.store.acquire(want, self.config.ttl)
             if gained:
                 self.counts["acquired"] += len(gained)
-                if starting and self._page_backlog:
+                # Before `ready` is the start-up tick: HTTP is not open, nothing is routed.
+                if not self.ready.is_set() and self._page_backlog:
                     loaded += await self._recover_counted(gained)
                 else:
                     loaded += await self._recover(gained)
