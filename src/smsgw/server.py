@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import signal
@@ -186,6 +187,7 @@ async def run_node(
                     nursery.start_soon(emitter.run)
                 with trio.move_on_after(30):
                     await engine.ready.wait()
+                freeze_startup_objects()
                 task_status.started(node)
                 await node.stop.wait()
                 # HTTP drains within its grace period; then the engine is stopped.
@@ -201,6 +203,15 @@ async def run_node(
                 if poster is not None:
                     await poster.aclose()
                 await db.close()
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (modules, classes, functions, the app: about 80,000 objects)
+    out of the garbage collector's sight. They live as long as the process, and a full
+    collection walked them all each time: 40-100 ms in which the event loop stood still.
+    Frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
 
 
 def reuse_port_socket(host: str, port: int) -> int:

@@ -5,29 +5,38 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
+import msgspec
+
 K = TypeVar("K", bound=Hashable)
 # Refills are floats: a bucket that is a rounding error short of a token has one (else a
 # caller told "ready at t" could find it not ready at t).
 _SLACK = 1e-9
 
 
-class TokenBucket:
-    """`rate` tokens a second up to `burst`; starts full. Pure: the caller passes the time.
+class TokenBucket(msgspec.Struct, gc=False):
+    """`rate` tokens a second up to `burst`. Pure: the caller passes the time.
 
     `take(now)` spends one token and returns 0.0, or spends nothing and returns how many
     seconds until a token is there (what a 429's Retry-After says). `now` must not go
     backwards (a monotonic clock); if it does, the bucket just does not refill.
+
+    The garbage collector does not track buckets (`gc=False`: they hold floats only, so they
+    cannot be part of a cycle). A node keeps one per recipient number messaged in the last
+    hour, up to 200,000, and a full collection that walked them all stalled the event loop for
+    over 100 ms, which every message in flight waited out.
     """
 
-    __slots__ = ("burst", "rate", "tokens", "updated")
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    @classmethod
+    def start(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        """A full bucket."""
         if rate <= 0 or burst < 1:
             raise ValueError(f"a token bucket needs rate > 0 and burst >= 1, not {rate}, {burst}")
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.updated = now
+        return cls(rate, burst, burst, now)
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -63,7 +72,7 @@ class RateLimiter(Generic[K]):
     """
 
     def __init__(self, rate: float, burst: float, *, max_keys: int = 100_000) -> None:
-        TokenBucket(rate, burst, 0.0)  # validates the figures now, not on the first request
+        TokenBucket.start(rate, burst, 0.0)  # validates the figures now, not on the first request
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
@@ -88,7 +97,7 @@ class RateLimiter(Generic[K]):
                 self.prune(now)
                 # If most buckets are busy, do not scan them again on the next new key.
                 self._prune_at = max(self.max_keys, 2 * len(self._buckets))
-            fresh = TokenBucket(rate, burst, now)
+            fresh = TokenBucket.start(rate, burst, now)
             if bucket is not None:
                 # What was spent stays spent: a larger burst adds its difference.
                 bucket.refill(now)
@@ -143,7 +152,7 @@ class RecipientLimiter:
         if bucket is None or bucket.burst != limit:
             if bucket is None and len(self._buckets) >= self.max_keys:
                 self._shrink(now)
-            fresh = TokenBucket(limit / 3600.0, limit, now)
+            fresh = TokenBucket.start(limit / 3600.0, limit, now)
             if bucket is not None:
                 # What was spent stays spent: a higher limit adds its difference.
                 bucket.refill(now)

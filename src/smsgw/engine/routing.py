@@ -64,7 +64,7 @@ class OperatorRoute:
         self.bucket: TokenBucket | None = None
         if settings.max_per_second > 0:
             burst = settings.burst or max(1.0, settings.max_per_second / 10)
-            self.bucket = TokenBucket(settings.max_per_second, burst, 0.0)
+            self.bucket = TokenBucket.start(settings.max_per_second, burst, 0.0)
         self.breaker = OperatorBreaker(policy, 0.0)
         self.batches = 0
         self.messages = 0

@@ -154,7 +154,7 @@ class SchedulerState:
             return
         self.send_rates[account_id] = rate
         # Bursts of up to one second's worth (at least one message).
-        self.buckets[account_id] = TokenBucket(rate, max(1.0, rate), now)
+        self.buckets[account_id] = TokenBucket.start(rate, max(1.0, rate), now)
 
     # --- arrivals ------------------------------------------------------------------------
 
