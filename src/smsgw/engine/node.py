@@ -48,7 +48,11 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # In flight at once: at 12,000 msg/s and operators answering in 50-200 ms, about 1,200
     # messages are in flight, so a smaller window would cap throughput by latency alone.
     window: int = 2_000
-    max_batch: int = 100  # messages in one operator call
+    # Messages in one operator call, and at most an eighth of the window: a batch's slots
+    # free together when it returns, so a window of one or two batches would take newly
+    # arrived work only when a whole batch returns (a light account's message waited a whole
+    # operator round trip for a slot behind a flood, at a window of 100).
+    max_batch: int = 100
     retry: RetryPolicy = RetryPolicy()
     writer_capacity: int = 20_000
     writer_max_group: int = 5_000  # rows (messages, outcomes, ...) per group commit
@@ -154,7 +158,7 @@ class Engine:
             express_reserve=min(
                 config.window - 1, int(config.window * config.express_reserve_share)
             ),
-            max_batch=config.max_batch,
+            max_batch=max(1, min(config.max_batch, config.window // 8)),
             policy=config.retry,
             clock=clock,
             seed=seed,
