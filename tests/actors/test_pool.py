@@ -19,7 +19,7 @@ from smsgw.engine.messages import (
 from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
-from smsgw.engine.scheduler import Scheduler
+from smsgw.engine.scheduler import Scheduler, SchedulerState
 
 
 class ScriptedOperator:
@@ -378,3 +378,56 @@ async def test_a_message_refused_for_a_late_lease_renewal_is_sent_once_renewed(
     assert message.outcome.status == "sent" and message.outcome.attempts == 1
     assert operator.got == ["m0"]  # m1's shard went elsewhere: its new owner sends it
     assert writer.get_nowait() is None and not pool.inflight
+
+
+class SlowBodies:
+    """A SchedulingStore whose body reads take ten seconds."""
+
+    def __init__(self, messages: Sequence[OutboundSms]) -> None:
+        self.messages = {m.id: m for m in messages}
+
+    async def page_entries(self, requests):  # type: ignore[no-untyped-def]
+        return [[] for _ in requests]
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        await trio.sleep(10.0)
+        return [self.messages[i] for i in ids if i in self.messages]
+
+
+async def test_a_cached_body_does_not_wait_for_its_batchs_body_read(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A light account's message shares a batch with a backlog whose bodies must be read:
+    it goes at once; only the others wait for the read."""
+    operator = ScriptedOperator({}, latency=0.0)
+    sent_at: dict[str, float] = {}
+    send = operator.send_batch
+
+    async def send_batch(batch: Sequence[OutboundSms]) -> list[SendResult]:
+        for message in batch:
+            sent_at[message.id] = trio.current_time()
+        return await send(batch)
+
+    operator.send_batch = send_batch  # type: ignore[method-assign]
+    harness = Harness(operator, window=100, max_batch=100)
+    light = sms(0, account=2)
+    flood = [sms(i) for i in range(1, 6)]
+    state = SchedulerState(body_budget=1)
+    for message in (light, *flood):  # the budget keeps the first body only
+        state.push(message)
+    assert set(state.bodies) == {light.id}
+    harness.scheduler = Scheduler(
+        harness.scheduler.inbox,
+        harness.pool,
+        harness.writer.handle(),
+        clock=trio.current_time,
+        store=SlowBodies(flood),
+        state=state,
+    )
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        await harness.start(nursery)
+        await harness.outcomes(6)
+        nursery.cancel_scope.cancel()
+    assert sent_at[light.id] - start < 0.01
+    assert all(sent_at[m.id] - start >= 10.0 for m in flood)

@@ -542,13 +542,21 @@ class Scheduler:
             await self._dispatch(nursery)
 
     def _dispatch_bulk(self, nursery: trio.Nursery, entries: list[tuple[int, Entry]]) -> None:
-        """Hand a bulk batch to the pool: at once when every body is cached, else in a task
-        that reads the missing ones, so the dispatch loop (and express) never waits on it."""
+        """Hand a bulk batch to the pool: the messages whose bodies are cached at once, the
+        rest in a task that reads them, so that neither the dispatch loop (and express) nor a
+        light account's message that shares the batch with a paged-back backlog waits on it."""
         bodies = self.state.bodies
-        if all(entry[1] in bodies for _, entry in entries):
-            self._submit([bodies.pop(entry[1]) for _, entry in entries])
-        else:
-            nursery.start_soon(self._read_and_submit, entries)
+        cached: list[OutboundSms] = []
+        uncached: list[tuple[int, Entry]] = []
+        for item in entries:
+            sms = bodies.pop(item[1][1], None)
+            if sms is None:
+                uncached.append(item)
+            else:
+                cached.append(sms)
+        self._submit(cached)
+        if uncached:
+            nursery.start_soon(self._read_and_submit, uncached)
 
     async def _read_and_submit(self, entries: list[tuple[int, Entry]]) -> None:
         window = self._pool.window
