@@ -17,6 +17,7 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
+from smsgw.engine.ports import SchedulingStore
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
 from smsgw.engine.scheduler import Scheduler, SchedulerState
@@ -29,6 +30,7 @@ class ScriptedOperator:
         self.script = script
         self.latency = latency
         self.batches: list[list[str]] = []
+        self.sent_at: dict[str, float] = {}  # each message's (last) send, in trio time
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -38,6 +40,8 @@ class ScriptedOperator:
 
     async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
         self.batches.append([sms.id for sms in batch])
+        for sms in batch:
+            self.sent_at[sms.id] = trio.current_time()
         self.in_flight += len(batch)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -77,6 +81,8 @@ class Harness:
         window: int,
         max_batch: int,
         express_reserve: int = 0,
+        state: SchedulerState | None = None,
+        store: SchedulingStore | None = None,
     ) -> None:
         self.writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
         scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
@@ -95,7 +101,12 @@ class Harness:
             seed=1,
         )
         self.scheduler = Scheduler(
-            scheduler_inbox, self.pool, self.writer.handle(), clock=trio.current_time
+            scheduler_inbox,
+            self.pool,
+            self.writer.handle(),
+            clock=trio.current_time,
+            state=state,
+            store=store,
         )
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -400,34 +411,17 @@ async def test_a_cached_body_does_not_wait_for_its_batchs_body_read(
     """A light account's message shares a batch with a backlog whose bodies must be read:
     it goes at once; only the others wait for the read."""
     operator = ScriptedOperator({}, latency=0.0)
-    sent_at: dict[str, float] = {}
-    send = operator.send_batch
-
-    async def send_batch(batch: Sequence[OutboundSms]) -> list[SendResult]:
-        for message in batch:
-            sent_at[message.id] = trio.current_time()
-        return await send(batch)
-
-    operator.send_batch = send_batch  # type: ignore[method-assign]
-    harness = Harness(operator, window=100, max_batch=100)
     light = sms(0, account=2)
     flood = [sms(i) for i in range(1, 6)]
     state = SchedulerState(body_budget=1)
     for message in (light, *flood):  # the budget keeps the first body only
         state.push(message)
     assert set(state.bodies) == {light.id}
-    harness.scheduler = Scheduler(
-        harness.scheduler.inbox,
-        harness.pool,
-        harness.writer.handle(),
-        clock=trio.current_time,
-        store=SlowBodies(flood),
-        state=state,
-    )
+    harness = Harness(operator, window=100, max_batch=100, state=state, store=SlowBodies(flood))
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
         await harness.start(nursery)
         await harness.outcomes(6)
         nursery.cancel_scope.cancel()
-    assert sent_at[light.id] - start < 0.01
-    assert all(sent_at[m.id] - start >= 10.0 for m in flood)
+    assert operator.sent_at[light.id] - start < 0.01
+    assert all(operator.sent_at[m.id] - start >= 10.0 for m in flood)

@@ -548,10 +548,10 @@ class Scheduler:
         bodies = self.state.bodies
         cached: list[OutboundSms] = []
         uncached: list[tuple[int, Entry]] = []
-        for item in entries:
-            sms = bodies.pop(item[1][1], None)
+        for account_id, entry in entries:
+            sms = bodies.pop(entry[1], None)
             if sms is None:
-                uncached.append(item)
+                uncached.append((account_id, entry))
             else:
                 cached.append(sms)
         self._submit(cached)
