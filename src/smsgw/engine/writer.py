@@ -49,6 +49,12 @@ def _account_of(message: WriterMessage) -> int:
             assert_never(message)
 
 
+def _is_bulk_outcome(message: WriterMessage) -> bool:
+    """An outcome nobody waits for: a bulk message's (an express one may have a `"wait":
+    true` request on it)."""
+    return isinstance(message, RecordOutcome) and not message.outcome.sms.express
+
+
 def _rows(message: WriterMessage) -> int:
     """How many rows a message writes: groups are bounded by rows, not requests."""
     if isinstance(message, Accept):
@@ -111,6 +117,8 @@ class StoreWriter:
         max_group: int = 2_000,
         committers: int = 2,
         commit_timeout: float = 30.0,
+        outcome_linger: float = 0.02,
+        outcome_group: int = 500,
     ) -> None:
         # One inbox and one commit loop per committer, partitioned by account: an account's
         # writes always go through the same committer, so committers never queue on each
@@ -124,6 +132,8 @@ class StoreWriter:
         self._on_committed = on_committed
         self._max_group = max_group
         self._commit_timeout = commit_timeout
+        self._outcome_linger = outcome_linger
+        self._outcome_group = outcome_group
         self.failures = 0  # consecutive failed commits
         self.last_failure: str | None = None
         # Outcomes of a group that failed to commit: carried into the shard's next group,
@@ -186,6 +196,8 @@ class StoreWriter:
         carry = self._carry[inbox.name]
         while True:
             batch: list[WriterMessage] = await inbox.get_batch(self._max_group, _rows)
+            if self._outcome_linger > 0 and all(_is_bulk_outcome(m) for m in batch):
+                await self._gather_outcomes(inbox, batch, carry)
             if carry:
                 batch = [*carry, *batch]
                 carry.clear()
@@ -194,6 +206,29 @@ class StoreWriter:
                 await self._commit(batch, carry)
             finally:
                 self.commits.close(seq)
+
+    async def _gather_outcomes(
+        self, inbox: Inbox[WriterMessage], batch: list[WriterMessage], carry: list[RecordOutcome]
+    ) -> None:
+        """Let a group of bulk outcomes wait up to `outcome_linger` for more (into `batch`),
+        until it has `outcome_group` rows or anything else arrives, which then commits with it
+        at once. Nobody waits for a bulk outcome, and a flood's outcomes would otherwise keep
+        the committer busy with groups of a few rows each, which every accept of the other
+        accounts on this committer then queued behind."""
+        rows = len(batch)
+        try:
+            with trio.move_on_after(self._outcome_linger):
+                while rows < self._outcome_group:
+                    message = await inbox.get()
+                    batch.append(message)
+                    rows += _rows(message)
+                    if not _is_bulk_outcome(message):
+                        break
+        except trio.Cancelled:
+            # Only while waiting, so every message taken is a bulk outcome: kept for the next
+            # group, as a failed group's are (a restarted loop commits them).
+            carry.extend(m for m in batch if isinstance(m, RecordOutcome))
+            raise
 
     async def _commit(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
         group = WriteGroup()

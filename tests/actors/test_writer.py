@@ -1,0 +1,104 @@
+"""StoreWriter in virtual time: which requests share a group commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from smsgw.engine.actor import Reply
+from smsgw.engine.messages import (
+    Accept,
+    AcceptResult,
+    OutboundSms,
+    Outcome,
+    RecordOutcome,
+)
+from smsgw.engine.ports import GroupResult, WriteGroup
+from smsgw.engine.writer import StoreWriter
+
+COMMIT_S = 0.005
+
+
+class RecordingStore:
+    """Commits take COMMIT_S; records each group as (time, outcomes, accepted messages)."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[float, int, int]] = []
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        await trio.sleep(COMMIT_S)
+        accepted = sum(len(items) for items, _ in group.accepts)
+        self.groups.append((trio.current_time(), len(group.outcomes), accepted))
+        results = [[AcceptResult(True) for _ in items] for items, _ in group.accepts]
+        return GroupResult(results, [], [])
+
+
+def sms(i: int, *, account: int = 1, express: bool = False) -> OutboundSms:
+    return OutboundSms(
+        id=f"m{i}",
+        account_id=account,
+        to="+4915123456789",
+        sender="t",
+        text="x",
+        segments=1,
+        price=5,
+        express=express,
+        created_at=0.0,
+    )
+
+
+def outcome(i: int, *, express: bool = False) -> RecordOutcome:
+    return RecordOutcome(Outcome(sms(i, express=express), "sent", "op", f"op-{i}", None, 1, 0.0))
+
+
+async def committed(messages: Sequence[OutboundSms]) -> None:
+    pass
+
+
+async def start(store: RecordingStore, nursery: trio.Nursery) -> StoreWriter:
+    # One committer, so that every message below shares it.
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0.02, outcome_group=50)
+    await nursery.start(writer.run)
+    return writer
+
+
+async def test_bulk_outcomes_wait_for_each_other_up_to_the_linger(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = RecordingStore()
+    async with trio.open_nursery() as nursery:
+        writer = await start(store, nursery)
+        t0 = trio.current_time()
+        for i in range(10):  # one every 1 ms: all within one linger
+            writer.ref.tell_nowait(outcome(i))
+            await trio.sleep(0.001)
+        await trio.sleep(0.1)
+        # One group, committed a linger after the first outcome, not ten.
+        assert [(round(t - t0, 3), n) for t, n, _ in store.groups] == [(0.025, 10)]
+        t1 = trio.current_time()
+        for i in range(120):  # a group of outcome_group rows or more commits at once
+            writer.ref.tell_nowait(outcome(100 + i))
+        await trio.sleep(0.1)
+        assert [(round(t - t1, 3), n) for t, n, _ in store.groups[1:]] == [(0.005, 120)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_accept_or_an_express_outcome_ends_the_linger_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = RecordingStore()
+    async with trio.open_nursery() as nursery:
+        writer = await start(store, nursery)
+        t0 = trio.current_time()
+        writer.ref.tell_nowait(outcome(1))
+        await trio.sleep(0.002)
+        reply: Reply[list[AcceptResult]] = Reply()
+        writer.ref.tell_nowait(Accept((sms(2, account=2),), True, reply))
+        assert (await reply.wait())[0].accepted
+        # The accept did not wait out the outcome's linger: it went with it, at once.
+        assert [(round(t - t0, 3), n, a) for t, n, a in store.groups] == [(0.007, 1, 1)]
+        writer.ref.tell_nowait(outcome(3, express=True))
+        await trio.sleep(0.1)
+        assert store.groups[1][1] == 1 and round(store.groups[1][0] - t0, 3) == 0.012
+        nursery.cancel_scope.cancel()
