@@ -105,10 +105,34 @@ def test_windows_and_caps_split_a_batch_and_the_rest_waits() -> None:
     calls, waiting = r.assign([sms(i) for i in range(20)], 0.0, 100)
     assert sorted((c[0].name, len(c[1])) for c in calls) == [("a", 3), ("b", 2), ("c", 4)]
     assert len(waiting) == 11
-    # Tokens come back with time; the window when a call ends.
-    assert r.next_change(0.0) == pytest.approx(0.1)
+    # Tokens come back with time, a batch's worth at once (here the bucket's 4); the window
+    # when a call ends.
+    assert r.next_change(0.0, 11) == pytest.approx(0.4)
     calls, waiting = r.assign(waiting, 0.2, 100)
-    assert [(c[0].name, len(c[1])) for c in calls] == [("c", 2)] and len(waiting) == 9
+    assert not calls and len(waiting) == 11
+    calls, waiting = r.assign(waiting, 0.4, 100)
+    assert [(c[0].name, len(c[1])) for c in calls] == [("c", 4)] and len(waiting) == 7
+    # A batch smaller than the bucket waits only for its own size.
+    assert r.next_change(0.4, 2) == pytest.approx(0.6)
+
+
+def test_a_capped_operator_takes_a_backlog_in_whole_batches_not_a_message_a_call() -> None:
+    r = router(RoutingConfig(operators=(OperatorSettings("a", max_per_second=1_000),)), (1,))
+    waiting = [sms(i) for i in range(1_000)]
+    now, sizes = 0.0, []
+    while waiting:
+        calls, waiting = r.assign(waiting, now, 50)
+        for route, part, call in calls:
+            sizes.append(len(part))
+            r.finish(route, call, now, [SendResult("sent")] * len(part))
+        change = r.next_change(now, min(len(waiting), 50))
+        if waiting:
+            assert change is not None and change > now
+            now = change
+    # 1,000 messages in calls of 50, the batch size: the full bucket's 100 at once, the other
+    # 900 at 1,000 a second.
+    assert set(sizes) == {50} and sum(sizes) == 1_000
+    assert now == pytest.approx(0.9)
 
 
 def test_overrides_by_account_beat_prefixes_and_the_longest_prefix_wins() -> None:

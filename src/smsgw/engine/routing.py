@@ -20,6 +20,8 @@ from smsgw.engine.ports import Provider
 from smsgw.engine.ratelimit import TokenBucket
 
 _UNLIMITED = 1 << 30
+# Tokens are floats: a bucket a rounding error short of a whole token has it.
+_TOKEN_SLACK = 1e-9
 
 
 class OperatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,26 +71,42 @@ class OperatorRoute:
         self.batches = 0
         self.messages = 0
 
-    def capacity(self, now: float) -> int:
-        """Messages one call to this operator may carry now."""
+    def capacity(self, now: float, want: int) -> int:
+        """Messages one call to this operator may carry now, for a batch of `want`.
+
+        A throughput cap gives a batch its tokens all at once: the call waits until there are
+        as many as the batch has messages (or the bucket holds, if fewer). Taken as they
+        trickle in, a backlog would go out one message a call, each call waking every batch
+        that waits."""
         room = self.breaker.allowance(now)
         if self.window:
             room = min(room, self.window - self.inflight)
         if self.bucket is not None:
             self.bucket.refill(now)
-            room = min(room, int(self.bucket.tokens))
+            tokens = int(self.bucket.tokens + _TOKEN_SLACK)
+            if tokens < self._tokens_needed(want):
+                return 0
+            room = min(room, tokens)
         return max(0, room)
 
-    def ready_at(self, now: float) -> float | None:
-        """When time alone may give this operator room (a cool-down ends, tokens refill)."""
+    def _tokens_needed(self, want: int) -> int:
+        assert self.bucket is not None
+        return max(1, min(want, int(self.bucket.burst)))
+
+    def ready_at(self, now: float, want: int) -> float | None:
+        """When time alone may give this operator room for a batch of `want` (a cool-down
+        ends, tokens refill)."""
         times = []
         reopens = self.breaker.reopens_at()
         if reopens is not None:
             times.append(reopens)
         if self.bucket is not None:
             self.bucket.refill(now)
-            if self.bucket.tokens < 1:
-                times.append(now + (1 - self.bucket.tokens) / self.bucket.rate)
+            short = self._tokens_needed(want) - self.bucket.tokens
+            if short > _TOKEN_SLACK:
+                # At least a microsecond: a wake-up closer than the clock can tell apart
+                # from now would find the tokens still short, and spin.
+                times.append(now + max(1e-6, short / self.bucket.rate))
         return min(times) if times else None
 
     def take(self, size: int, now: float) -> Call:
@@ -216,7 +234,8 @@ class Router:
         for (_, avoid), (override, messages) in groups.items():
             allowed = self.eligible(override, avoid, now)
             while messages:
-                ready = [(r, room) for r in allowed if (room := r.capacity(now)) > 0]
+                want = min(len(messages), max_batch)
+                ready = [(r, room) for r in allowed if (room := r.capacity(now, want)) > 0]
                 if not ready:
                     break
                 route, room = self._pick(ready)
@@ -246,8 +265,9 @@ class Router:
         route.inflight -= call.size
         route.breaker.abandon(call)
 
-    def next_change(self, now: float) -> float | None:
-        times = [t for r in self.routes if (t := r.ready_at(now)) is not None]
+    def next_change(self, now: float, want: int) -> float | None:
+        """When time alone may let some operator take a batch of `want` messages."""
+        times = [t for r in self.routes if (t := r.ready_at(now, want)) is not None]
         return min(times) if times else None
 
     def stats(self, now: float) -> dict[str, Any]:
@@ -322,7 +342,7 @@ class Routing:
                     self.waited += 1
                     counted = True
                 wake = min(expires_at(s) for s in waiting) - wall + now
-                change = self.router.next_change(now)
+                change = self.router.next_change(now, min(len(waiting), max_batch))
                 if change is not None:
                     wake = min(wake, change)
                 changed = self._changed
