@@ -138,3 +138,22 @@ def test_buckets_are_not_tracked_by_the_garbage_collector() -> None:
     import gc
 
     assert not gc.is_tracked(TokenBucket.start(rate=1, burst=1, now=0.0))
+
+
+def test_a_recipient_token_given_back_can_be_taken_again() -> None:
+    limiter = RecipientLimiter(2)
+    assert limiter.take(1, "+1", 0.0) == limiter.take(1, "+1", 0.0) == 0.0
+    assert limiter.take(1, "+1", 0.0) > 0
+    limiter.give_back(1, "+1")  # the message was refused for another reason
+    assert limiter.take(1, "+1", 0.0) == 0.0
+    assert limiter.take(1, "+1", 0.0) > 0
+
+
+def test_recipient_pairs_are_not_tracked_by_the_garbage_collector() -> None:
+    # Up to 200,000 pairs; a full collection must not walk them.
+    import gc
+
+    limiter = RecipientLimiter(20)
+    for n in range(100):
+        limiter.take(n % 3, f"+{n}", 0.0, limit=20 + n % 2)
+    assert not any(gc.is_tracked(pairs) for pairs in limiter._full_at.values())

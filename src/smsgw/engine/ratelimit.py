@@ -122,9 +122,21 @@ class RateLimiter(Generic[K]):
         return len(full)
 
 
+HOUR = 3600.0
+
+
 class RecipientLimiter:
-    """Messages per (account, recipient) number in an hour: a token bucket per pair, with
+    """Messages per (account, recipient number) in an hour: a token bucket per pair, with
     `limit` tokens refilling over an hour (20 a number an hour by default).
+
+    A pair's bucket is one float, the time it is full again (the "theoretical arrival time" of
+    the generic cell rate algorithm): each message adds an hour / `limit` to it, and a message
+    is refused while that would put it more than an hour ahead. This is the hot path of every
+    accept, and most messages go to a number not seen within the hour, so a new pair costs a
+    string and a dict entry, nothing more; and with strings and floats only, the dicts are not
+    tracked by the garbage collector (a full collection walked 200,000 bucket objects for over
+    100 ms). Pairs are kept by limit (the default, and each account's own), so a changed
+    limit finds what the pair spent under the old one: what was spent stays spent.
 
     Buckets refill slowly, so waiting for them to be full would keep one per number messaged
     in the last hour. Past `max_keys` pairs, the buckets that have spent least are dropped
@@ -137,52 +149,74 @@ class RecipientLimiter:
             raise ValueError("a recipient limit must be at least 1 message an hour")
         self.limit = limit
         self.max_keys = max_keys
-        self._buckets: dict[tuple[int, str], TokenBucket] = {}
+        self._full_at: dict[int, dict[str, float]] = {limit: {}}  # limit -> pair -> time
+        self._size = 0
         self.limited = 0
         self.forgotten = 0  # buckets dropped before they were full
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return self._size
 
     def take(self, account_id: int, to: str, now: float, limit: int | None = None) -> float:
         """0.0 when one more message to `to` is allowed, else the seconds until it is."""
         limit = self.limit if limit is None else limit
-        key = (account_id, to)
-        bucket = self._buckets.get(key)
-        if bucket is None or bucket.burst != limit:
-            if bucket is None and len(self._buckets) >= self.max_keys:
-                self._shrink(now)
-            fresh = TokenBucket.start(limit / 3600.0, limit, now)
-            if bucket is not None:
-                # What was spent stays spent: a higher limit adds its difference.
-                bucket.refill(now)
-                fresh.tokens = max(0.0, min(limit, bucket.tokens + limit - bucket.burst))
-            bucket = self._buckets[key] = fresh
-        wait = bucket.take(now)
-        if wait:
+        key = f"{account_id} {to}"
+        pairs = self._full_at.get(limit)
+        if pairs is None:
+            pairs = self._full_at[limit] = {}
+        full_at = pairs.get(key)
+        if full_at is None:
+            full_at = self._moved(key, limit, now) if len(self._full_at) > 1 else None
+            if full_at is None:
+                if self._size >= self.max_keys:
+                    self._shrink(now)
+                self._size += 1
+                full_at = now
+        cost = HOUR / limit
+        ahead = (full_at - now if full_at > now else 0.0) + cost
+        if ahead > HOUR + _SLACK:
+            pairs[key] = full_at
             self.limited += 1
-        return wait
+            return ahead - HOUR
+        pairs[key] = now + ahead
+        return 0.0
+
+    def _moved(self, key: str, limit: int, now: float) -> float | None:
+        """The pair's time under another limit, converted to `limit` (None if it has none):
+        the tokens it has spent stay spent."""
+        for other, pairs in self._full_at.items():
+            if other != limit and key in pairs:
+                spent = max(0.0, pairs.pop(key) - now) * other / HOUR
+                return now + spent * HOUR / limit
+        return None
 
     def give_back(self, account_id: int, to: str) -> None:
-        bucket = self._buckets.get((account_id, to))
-        if bucket is not None:
-            bucket.give_back()
+        key = f"{account_id} {to}"
+        for limit, pairs in self._full_at.items():
+            full_at = pairs.get(key)
+            if full_at is not None:
+                pairs[key] = full_at - HOUR / limit
+                return
 
     def _shrink(self, now: float) -> None:
         """Drop buckets until at most three quarters of `max_keys` are left: full ones first,
         then those that spent one token, two, and so on."""
         target = self.max_keys * 3 // 4
-        spent = 0.0
-        while len(self._buckets) > target:
-            drop = []
-            for key, bucket in self._buckets.items():
-                bucket.refill(now)
-                if bucket.burst - bucket.tokens <= spent:
-                    drop.append(key)
-                    if len(self._buckets) - len(drop) <= target:
-                        break
-            for key in drop:
-                if self._buckets[key].tokens < self._buckets[key].burst:
-                    self.forgotten += 1
-                del self._buckets[key]
-            spent += 1.0
+        spent = 0
+        while self._size > target:
+            for limit, pairs in self._full_at.items():
+                # Spent at most `spent` tokens: full again at most that many costs from now.
+                keep_after = now + spent * HOUR / limit
+                drop = []
+                for key, full_at in pairs.items():
+                    if full_at <= keep_after + _SLACK:
+                        drop.append(key)
+                        if self._size - len(drop) <= target:
+                            break
+                for key in drop:
+                    if pairs.pop(key) > now:
+                        self.forgotten += 1
+                self._size -= len(drop)
+                if self._size <= target:
+                    return
+            spent += 1
