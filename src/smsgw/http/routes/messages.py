@@ -25,58 +25,122 @@ bp = Blueprint("messages", __name__)
 DEFAULT_SENDER = "smsgw"
 
 
-def build_sms(gw: Gateway, account_id: int, data: SendIn) -> OutboundSms:
-    """Validate one message and price it; raises a 422 problem naming the field."""
-    config = gw.engine.config
-    problem = rules.recipient_problem(data.to)
-    if problem:
-        raise ProblemError(422, "invalid_field", f"`to` {problem}", field="to")
-    if not data.text:
-        raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
-    sender = DEFAULT_SENDER if data.sender is None else data.sender
-    problem = rules.sender_problem(sender)
-    if problem:
-        raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
-    if data.callback_url is not None:
-        problem = callback_url_problem(data.callback_url, production=config.production)
+class Intake:
+    """Validating, pricing and admitting the messages of one request (one account): what every
+    message needs (the configuration, the time, the account's settings) is looked up once per
+    request, not once per message of a batch of a thousand."""
+
+    __slots__ = (
+        "_deadline",
+        "_express_problem",
+        "account_id",
+        "config",
+        "gw",
+        "monotonic",
+        "now",
+        "recipient_limit",
+        "request_id",
+    )
+
+    def __init__(self, gw: Gateway, account_id: int) -> None:
+        engine = gw.engine
+        self.gw = gw
+        self.account_id = account_id
+        self.config = engine.config
+        self.now = engine.clock()
+        self.monotonic = time.monotonic()
+        self.request_id = request_id_var.get()
+        self.recipient_limit = engine.account_settings(account_id).recipient_limit_per_hour
+        self._deadline: float | None = None
+        self._express_problem: str | bool | None = False  # False: not asked yet
+
+    def build(self, data: SendIn) -> OutboundSms:
+        """Validate one message and price it; raises a 422 problem naming the field."""
+        config = self.config
+        problem = rules.recipient_problem(data.to)
         if problem:
+            raise ProblemError(422, "invalid_field", f"`to` {problem}", field="to")
+        if not data.text:
+            raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
+        sender = DEFAULT_SENDER if data.sender is None else data.sender
+        if sender is not DEFAULT_SENDER:
+            problem = rules.sender_problem(sender)
+            if problem:
+                raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
+        if data.callback_url is not None:
+            problem = callback_url_problem(data.callback_url, production=config.production)
+            if problem:
+                raise ProblemError(
+                    422, "invalid_field", f"`callback_url` {problem}", field="callback_url"
+                )
+        segments = rules.segments(data.text)
+        if segments > config.max_segments:
             raise ProblemError(
-                422, "invalid_field", f"`callback_url` {problem}", field="callback_url"
+                422,
+                "invalid_field",
+                f"`text` needs {segments} segments; the limit is {config.max_segments}",
+                field="text",
             )
-    segments = rules.segments(data.text)
-    if segments > config.max_segments:
-        raise ProblemError(
-            422,
-            "invalid_field",
-            f"`text` needs {segments} segments; the limit is {config.max_segments}",
-            field="text",
+        express = data.express
+        if data.wait and not express:
+            raise ProblemError(
+                422, "invalid_field", "`wait` is for express messages only", field="wait"
+            )
+        return OutboundSms(
+            id=uuid7(),
+            account_id=self.account_id,
+            to=data.to,
+            sender=sender,
+            text=data.text,
+            segments=segments,
+            price=rules.price(
+                segments,
+                express=express,
+                normal_price=config.normal_price,
+                express_price=config.express_price,
+            ),
+            express=express,
+            created_at=self.now,
+            deadline=self._express_deadline() if express else None,
+            client_ref=data.client_ref,
+            request_id=self.request_id,
+            callback_url=data.callback_url,
         )
-    price = rules.price(
-        segments,
-        express=data.express,
-        normal_price=config.normal_price,
-        express_price=config.express_price,
-    )
-    if data.wait and not data.express:
-        raise ProblemError(
-            422, "invalid_field", "`wait` is for express messages only", field="wait"
-        )
-    now = gw.engine.clock()
-    return OutboundSms(
-        id=uuid7(),
-        account_id=account_id,
-        to=data.to,
-        sender=sender,
-        text=data.text,
-        segments=segments,
-        price=price,
-        express=data.express,
-        created_at=now,
-        deadline=now + gw.engine.express_deadline_s(account_id) if data.express else None,
-        client_ref=data.client_ref,
-        request_id=request_id_var.get(),
-        callback_url=data.callback_url,
-    )
+
+    def _express_deadline(self) -> float:
+        if self._deadline is None:
+            self._deadline = self.now + self.gw.engine.express_deadline_s(self.account_id)
+        return self._deadline
+
+    def admit(self, sms: OutboundSms) -> None:
+        """The checks made in memory before a message is accepted: an express message must be
+        able to make its deadline (else 503, nothing held), and the recipient's hourly limit
+        must have room (else 429). Raises a ProblemError; takes a recipient token when it
+        passes."""
+        gw = self.gw
+        if sms.express:
+            if self._express_problem is False:
+                # Asked once a request: nothing it depends on changes while the handler runs.
+                self._express_problem = gw.engine.express_problem(self.account_id)
+            if self._express_problem:
+                raise ProblemError(
+                    503,
+                    "express_unavailable",
+                    f"this express message could not reach an operator within its deadline:"
+                    f" {self._express_problem}; nothing was held",
+                    retry_after=1,
+                )
+        limit = self.recipient_limit
+        wait = gw.recipients.take(sms.account_id, sms.to, self.monotonic, limit)
+        if wait:
+            retry_after = max(1, math.ceil(wait))
+            raise ProblemError(
+                429,
+                "recipient_rate_limited",
+                f"this account may send {limit or gw.recipients.limit} messages an hour to"
+                f" {sms.to}; retry in {retry_after} s",
+                retry_after=retry_after,
+            )
 
 
 def message_view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +169,9 @@ async def send_message() -> Response:
     gw = gateway()
     account_id = await gw.require_account()
     data = await gw.body(SendIn)
-    sms = build_sms(gw, account_id, data)
-    admit(gw, sms)
+    intake = Intake(gw, account_id)
+    sms = intake.build(data)
+    intake.admit(sms)
     waiting = gw.engine.wait_for(sms.id) if data.wait else None
     try:
         try:
@@ -132,33 +197,6 @@ async def send_message() -> Response:
     finally:
         if waiting is not None:
             gw.engine.forget_wait(sms.id)
-
-
-def admit(gw: Gateway, sms: OutboundSms) -> None:
-    """The checks made in memory before a message is accepted: an express message must be
-    able to make its deadline (else 503, nothing held), and the recipient's hourly limit must
-    have room (else 429). Raises a ProblemError; takes a recipient token when it passes."""
-    if sms.express:
-        problem = gw.engine.express_problem(sms.account_id)
-        if problem is not None:
-            raise ProblemError(
-                503,
-                "express_unavailable",
-                f"this express message could not reach an operator within its deadline:"
-                f" {problem}; nothing was held",
-                retry_after=1,
-            )
-    limit = gw.engine.account_settings(sms.account_id).recipient_limit_per_hour
-    wait = gw.recipients.take(sms.account_id, sms.to, time.monotonic(), limit)
-    if wait:
-        retry_after = max(1, math.ceil(wait))
-        raise ProblemError(
-            429,
-            "recipient_rate_limited",
-            f"this account may send {limit or gw.recipients.limit} messages an hour to {sms.to};"
-            f" retry in {retry_after} s",
-            retry_after=retry_after,
-        )
 
 
 # After the deadline, how long a waiting request gives the outcome to be committed.
