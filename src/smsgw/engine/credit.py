@@ -137,19 +137,28 @@ def hold_items(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> 
     if any(sms.account_id not in book for sms in items):
         unknown = AcceptResult(accepted=False, reason="unknown_account")
         return [unknown] * len(items)
-    if atomic:
-        need: dict[int, int] = {}
-        for sms in items:
-            need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
-        if not all(book.can_hold(a, amount) for a, amount in need.items()):
-            return [
-                AcceptResult(
-                    accepted=False,
-                    reason="insufficient_credit",
-                    balance=book.accounts[s.account_id].balance,
-                )
-                for s in items
-            ]
+    need: dict[int, int] = {}
+    for sms in items:
+        need[sms.account_id] = need.get(sms.account_id, 0) + sms.price
+    if all(book.can_hold(a, amount) for a, amount in need.items()):
+        # Nearly every batch fits its balance: one hold per account for all of its items is
+        # the same arithmetic as a hold per item, and the items share one answer.
+        answers = {}
+        for account_id, amount in need.items():
+            book.hold(account_id, amount)
+            answers[account_id] = AcceptResult(
+                accepted=True, balance=book.accounts[account_id].balance
+            )
+        return [answers[sms.account_id] for sms in items]
+    if atomic:  # and the balance cannot cover them all: none
+        return [
+            AcceptResult(
+                accepted=False,
+                reason="insufficient_credit",
+                balance=book.accounts[s.account_id].balance,
+            )
+            for s in items
+        ]
     # In order; once one hold fails the rest of the request fails too, even an item cheap
     # enough to fit: "the balance ran out at item k" is what a batch client can act on.
     results = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -436,10 +437,13 @@ class PgStore(CallbackOutbox):
             for items, atomic in group.accepts:
                 results = hold_items(book, items, atomic)
                 accepts.append(results)
-                for sms, res in zip(items, results, strict=True):
-                    if res.accepted:
-                        stored.append(sms)
-                        messages.setdefault(sms.account_id, [0, 0, 0])[0] += 1
+                if all(res.accepted for res in results):
+                    held = items
+                else:
+                    held = [s for s, r in zip(items, results, strict=True) if r.accepted]
+                stored.extend(held)
+                for account_id, n in Counter(s.account_id for s in held).items():
+                    messages.setdefault(account_id, [0, 0, 0])[0] += n
             if not stored:
                 await _write_credit(conn, book, messages)
             else:
