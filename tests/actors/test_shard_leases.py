@@ -119,6 +119,12 @@ class FakeStore:
         return {}
 
 
+def route_one(leases: ShardLeases, message: OutboundSms) -> OutboundSms | None:
+    """`message` as the writer's dispatch routes it: stamped, or None when not this node's."""
+    routed = leases.route([message])
+    return routed[0] if routed else None
+
+
 def sms(account_id: int, n: int = 0) -> OutboundSms:
     return OutboundSms(
         id=f"m{account_id}-{n}",
@@ -217,7 +223,7 @@ async def test_nodes_split_the_shards_and_route_only_their_own(
         assert set(a.owned).isdisjoint(b.owned)
         assert cluster.owned_by("a") == set(a.owned)
         for account in range(1, 200):
-            routed_a, routed_b = a.route(sms(account)), b.route(sms(account))
+            routed_a, routed_b = route_one(a, sms(account)), route_one(b, sms(account))
             # Exactly one node takes each message, stamped with its lease's token.
             assert (routed_a is None) != (routed_b is None)
             mine = routed_a or routed_b
@@ -236,7 +242,7 @@ async def test_a_dead_nodes_shards_are_taken_over_and_its_stamps_fenced(
         await nursery.start(b.run)
         await trio.sleep(10)
         on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
-        stamped_by_b = b.route(sms(on_b))
+        stamped_by_b = route_one(b, sms(on_b))
         assert stamped_by_b is not None and b.admit(stamped_by_b)
         cluster.pending = {stamped_by_b.id: sms(on_b)}  # queued in the database
         drained(inbox_a)
@@ -268,7 +274,7 @@ async def test_a_late_renewal_nobody_took_over_keeps_its_tokens_and_reloads_noth
     a, _, inbox = node(cluster, "a")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        old = a.route(sms(7))
+        old = route_one(a, sms(7))
         assert old is not None and a.admit(old)
         cluster.pending = {old.id: sms(7)}
         shard = shard_of(old.account_id)
@@ -294,7 +300,7 @@ async def test_a_late_renewal_loses_the_shards_another_node_took_meanwhile(
     a, _, _ = node(cluster, "a")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        old = a.route(sms(7))
+        old = route_one(a, sms(7))
         assert old is not None
         shard = shard_of(old.account_id)
         cluster.leases[shard] = ("b", cluster.next_token(), trio.current_time() + 60)
@@ -317,7 +323,7 @@ async def test_recovery_leaves_out_what_was_routed_meanwhile(
 
     async def load_while_accepting(shards: Sequence[int]) -> list[OutboundSms]:
         # The accept of `message` commits and is routed here while recovery reads.
-        routed.append(a.route(message))
+        routed.append(route_one(a, message))
         return await original_load(shards)
 
     store.load = load_while_accepting  # type: ignore[method-assign]

@@ -135,8 +135,7 @@ class Engine:
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
             if self.leases is not None:
-                route = self.leases.route
-                items = [routed for sms in items if (routed := route(sms)) is not None]
+                items = self.leases.route(items)
                 if not items:
                     return
             await scheduler_ref.tell(Enqueue(tuple(items)))

@@ -122,19 +122,30 @@ class ShardLeases:
 
     # --- the hot path: called by the writer's dispatch and by the pool ---------------------
 
-    def route(self, sms: OutboundSms) -> OutboundSms | None:
-        """`sms` stamped with its shard's token if this node leases the shard, else None (its
-        owner learns of it from the hand-off, or from recovery when it takes the shard)."""
-        shard = shard_of(sms.account_id)
-        token = self.owned.get(shard)
-        if token is None:
-            self.counts["not_owned"] += 1
-            return None
-        reloading = self._reloading.get(shard)
-        if reloading is not None:
-            reloading.add(sms.id)
-        self.counts["routed"] += 1
-        return msgspec.structs.replace(sms, fence=token)
+    def route(self, items: Sequence[OutboundSms]) -> list[OutboundSms]:
+        """The messages of `items` whose shard this node leases, stamped with its token; the
+        others are left to their owner (it learns of them from the hand-off, or from recovery
+        when it takes the shard). A group's messages are mostly of a few accounts, so each
+        account's shard is looked up once."""
+        owned = self.owned
+        reloading = self._reloading
+        replace = msgspec.structs.replace
+        routed: list[OutboundSms] = []
+        shards: dict[int, tuple[int | None, set[str] | None]] = {}  # account -> token, ids
+        for sms in items:
+            found = shards.get(sms.account_id)
+            if found is None:
+                shard = shard_of(sms.account_id)
+                found = shards[sms.account_id] = (owned.get(shard), reloading.get(shard))
+            token, reloaded = found
+            if token is None:
+                continue
+            if reloaded is not None:
+                reloaded.add(sms.id)
+            routed.append(replace(sms, fence=token))
+        self.counts["routed"] += len(routed)
+        self.counts["not_owned"] += len(items) - len(routed)
+        return routed
 
     def stamp(self, sms: OutboundSms) -> OutboundSms | None:
         """`sms` (read back from the store) with its shard's current token, or None when this
