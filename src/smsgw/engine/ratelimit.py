@@ -199,10 +199,11 @@ class RecipientLimiter:
                 return
 
     def _shrink(self, now: float) -> None:
-        """Drop buckets until at most three quarters of `max_keys` are left: full ones first,
-        then those that spent one token, two, and so on."""
+        """Drop buckets until at most three quarters of `max_keys` are left: those that spent
+        at most one token first (full ones among them: most pairs are a number messaged once,
+        so one pass from the oldest usually finds enough), then two, and so on."""
         target = self.max_keys * 3 // 4
-        spent = 0
+        spent = 1
         while self._size > target:
             for limit, pairs in self._full_at.items():
                 # Spent at most `spent` tokens: full again at most that many costs from now.
