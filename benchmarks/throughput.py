@@ -11,7 +11,12 @@ from `python -m smsgw.sim.loadgen` in its own process, everything on 127.0.0.1 o
                   messages table made by the migrations (same columns and indexes): the floor
                   PostgreSQL sets for writing messages, rows/s (median of --copy-rounds)
   batch_accepts   POST /v1/messages/batch, --batch-connections x --batch-size messages, closed
-                  loop for --batch-duration s: accepted messages/s, against copy (>= 0.70)
+                  loop for --batch-duration s: accepted messages/s, against copy (>= 0.70).
+                  The node sends at most --batch-operator-cap msg/s meanwhile (a campaign
+                  uploaded faster than operators take it: intake is what is measured); a node
+                  restarted without the cap drains the backlog (recovery) for reconciliation
+  batch_dispatching  the same with dispatch flat out: every message accepted is also sent
+                  and its status committed, on the same two cores
   sustained       open loop at --rate messages/s in batches of --sustained-batch for
                   --sustained-duration s, to the in-process simulated operator with
                   --operator-latency-ms (median,p99): accepted/s, sent/s, backlog, accept->sent
@@ -39,6 +44,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -84,11 +90,13 @@ from smsgw.storage.ledger import LEDGER_SQL, broken_identities
 from smsgw.storage.pg import migration_files
 
 CREDIT = 10**12  # per account: far more than any run can spend
+OPERATOR_NAME = "sim"  # `serve`'s in-process simulated operator (--operator-name)
 TARGETS = {"batch_vs_copy": 0.70, "dispatch_vs_accept": 0.90}
 LOADGEN_STARTUP_S = 0.5  # from spawning the load generator to its first request, about
 LOADGEN_TAIL_S = 1.0  # load keeps going this long past t1, so the window is all under load
 PROFILE_S = 10.0
-SEGMENT_TEXT = "Your code is 123456"
+SEGMENT_TEXT = "Your code is 123456"  # the load generator's default text
+COPY_SEED = 9
 
 
 # --- PostgreSQL, read directly ---------------------------------------------------------------
@@ -149,9 +157,13 @@ COPY_COLUMNS = (
 
 
 def copy_records(rows: int, accounts: int) -> list[tuple[Any, ...]]:
-    """Rows as the gateway writes them: UUIDv7 ids, a few accounts, queued, client refs."""
+    """Rows as the gateway writes them for the load generator: UUIDv7 ids, a few accounts,
+    queued, client refs, and recipients drawn at random as the load generator draws them
+    (sequential numbers would land every recipient-index entry at the end of its account's
+    range: a floor the gateway's own rows can never reach)."""
     now = time.time()
     prefix = f"cp-{os.urandom(4).hex()}"
+    rng = random.Random(COPY_SEED)
     records = []
     for n in range(rows):
         created = utc(now + n * 1e-5)
@@ -159,7 +171,7 @@ def copy_records(rows: int, accounts: int) -> list[tuple[Any, ...]]:
             (
                 uuid7(),
                 1 + n % accounts,
-                f"+4479{n % 100_000_000:08d}",
+                f"+4479{rng.randrange(100_000_000):08d}",
                 "smsgw",
                 SEGMENT_TEXT,
                 1,
@@ -233,6 +245,9 @@ class PhaseSpec(msgspec.Struct, frozen=True, kw_only=True):
     rate: float | None = None
     operator: str = "in-process"  # or "http"
     latency_ms: tuple[float, float] | None = None  # operator median, p99
+    # Messages a second the node may send to its (in-process) operator during the window;
+    # the backlog is then drained by a node restarted without the cap. None: no cap.
+    operator_cap: float | None = None
 
 
 class Backlog(msgspec.Struct):
@@ -608,11 +623,18 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
                 extra += ["--operator-url", operator.url]
             elif spec.latency_ms is not None:
                 extra += ["--operator-latency-ms", f"{spec.latency_ms[0]},{spec.latency_ms[1]}"]
+            capped: list[str] = []
+            if spec.operator_cap is not None:
+                routing = work / f"{spec.name}.routing.json"
+                cap = {"name": OPERATOR_NAME, "max_per_second": spec.operator_cap}
+                routing.write_text(json.dumps({"operators": [cap]}))
+                capped = ["--routing", str(routing)]
+            env = gateway_env(url, schema, admin_key)
             gateway = stack.enter_context(
                 run_server(
-                    [*gateway_command(), *extra],
+                    [*gateway_command(), *extra, *capped],
                     log_path=args.out / f"{spec.name}.log",
-                    env=gateway_env(url, schema, admin_key),
+                    env=env,
                 )
             )
             keys = create_accounts(gateway.url, admin_key, args.accounts, credit=CREDIT)
@@ -660,6 +682,18 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
                     stop_process(profiler, grace=2)
             window = window_figures(url, schema, t0, t1)
             durability = check_durable(url, schema, ids_file)
+            if capped:
+                # The backlog the cap built up goes out from a node without it: a restart
+                # (graceful stop, then recovery of every queued message from PostgreSQL).
+                log(f"{spec.name}: restarting the node without the operator cap to drain")
+                stop_process(gateway.process)
+                stack.enter_context(
+                    run_server(
+                        [*gateway_command(), *extra],
+                        log_path=args.out / f"{spec.name}.drain.log",
+                        env=env,
+                    )
+                )
             log(
                 f"{spec.name}: accepted {window.accepted_per_s:,.0f}/s, sent"
                 f" {window.sent_per_s:,.0f}/s, pending {start.db_pending} -> {end.db_pending};"
@@ -707,6 +741,14 @@ def specs(args: argparse.Namespace) -> list[PhaseSpec]:
     return [
         PhaseSpec(
             name="batch_accepts",
+            duration=args.batch_duration,
+            warmup=2.0,
+            connections=args.batch_connections,
+            batch=args.batch_size,
+            operator_cap=args.batch_operator_cap or None,
+        ),
+        PhaseSpec(
+            name="batch_dispatching",
             duration=args.batch_duration,
             warmup=2.0,
             connections=args.batch_connections,
@@ -760,6 +802,7 @@ def summarize(
         b = phases["batch_accepts"]
         figures["batch_accepts_per_s"] = b.load["items_per_s"]
         figures["batch_accepts_per_s_db"] = b.window.accepted_per_s
+        figures["batch_accepts_sent_per_s"] = b.window.sent_per_s
         if copy is not None:
             # PostgreSQL's count over the wall-clock window: the load generator's own window
             # also holds its last batches' round trips, after it stopped sending.
@@ -769,6 +812,13 @@ def summarize(
                 "target": TARGETS["batch_vs_copy"],
                 "pass": (value or 0.0) >= TARGETS["batch_vs_copy"],
             }
+    if "batch_dispatching" in phases:
+        b = phases["batch_dispatching"]
+        figures["batch_dispatching"] = {
+            "accepted_per_s": b.window.accepted_per_s,
+            "sent_per_s": b.window.sent_per_s,
+            "vs_copy": ratio(b.window.accepted_per_s, copy.rows_per_s) if copy else None,
+        }
     for name in ("sustained", "sustained_http"):
         if name in phases:
             p = phases[name]
@@ -939,7 +989,10 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 s phases, a smaller COPY (CI)")
-    parser.add_argument("--phases", default="copy,batch_accepts,sustained,sustained_http,saturated")
+    parser.add_argument(
+        "--phases",
+        default="copy,batch_accepts,batch_dispatching,sustained,sustained_http,saturated",
+    )
     parser.add_argument("--rate", type=float, default=12_000.0, help="sustained msg/s offered")
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--copy-rows", type=int)
@@ -947,6 +1000,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1_000)
     parser.add_argument("--batch-connections", type=int, default=8)
     parser.add_argument("--batch-duration", type=float)
+    parser.add_argument(
+        "--batch-operator-cap",
+        type=float,
+        default=1_000.0,
+        help="batch_accepts: msg/s the node may send while it takes the batches in (0: no cap)",
+    )
     parser.add_argument("--sustained-batch", type=int, default=500)
     # Enough that a slow gateway, not the client, is what makes the schedule fall behind.
     parser.add_argument("--sustained-connections", type=int, default=32)
@@ -979,7 +1038,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--operator-latency-ms wants MEDIAN,P99")
     args.operator_latency_ms = (median, p99)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    known = {"copy", "batch_accepts", "sustained", "sustained_http", "saturated"}
+    known = {"copy", "batch_accepts", "batch_dispatching", "sustained", "sustained_http"}
+    known.add("saturated")
     if not set(args.phases) <= known:
         parser.error(f"--phases: choose from {', '.join(sorted(known))}")
     numbers = (args.copy_rows, args.copy_rounds, args.accounts, args.batch_size)
