@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import httpx
 
+from smsgw.engine.scheduler import micros
 from tests.conftest import bearer
 from tests.integration.helpers import (
     RELIABLE,
@@ -13,6 +15,7 @@ from tests.integration.helpers import (
     assert_ledger_consistent,
     assert_problem,
     create_account,
+    db_fetch,
     get_account,
     http_client,
     ledger,
@@ -139,3 +142,21 @@ async def test_batch_limits(database_url: str, schema: str) -> None:
         assert r.status_code == 202, r.text[:300]
         assert len(r.json()["results"]) == 1_000
         assert await message_count(database_url, schema) == 1_000
+
+
+async def test_micros_is_the_microsecond_to_timestamp_stores(
+    database_url: str, schema: str
+) -> None:
+    # The Scheduler's paging cursors compare stored times with micros(created_at), and COPY
+    # rows carry it: it must be exactly what to_timestamp(created_at) stores.
+    rng = random.Random(3)
+    times = [1_790_000_000 + rng.random() * 1e6 for _ in range(2_000)] + [1.5e-6, 2.5e-6]
+    rows = await db_fetch(
+        database_url,
+        schema,
+        "SELECT count(*) AS n FROM unnest($1::float8[], $2::bigint[]) AS x(t, us)"
+        " WHERE to_timestamp(x.t) <> 'epoch'::timestamptz + x.us * interval '1 microsecond'",
+        times,
+        [micros(t) for t in times],
+    )
+    assert rows[0]["n"] == 0

@@ -37,10 +37,16 @@ Position = tuple[int, str]
 START: Position = (-1, "")  # before every message
 
 
+# PostgreSQL's epoch (2000-01-01) in Unix seconds.
+_PG_EPOCH_S = 946_684_800
+
+
 def micros(created_at: float) -> int:
-    """The microsecond PostgreSQL stores for `to_timestamp(created_at)`: it rounds
-    `created_at * 1e6` half to even, as Python's round does."""
-    return round(created_at * 1_000_000)
+    """The microsecond (since the Unix epoch) PostgreSQL stores for `to_timestamp(created_at)`.
+    It moves the float to its own epoch first, then rounds `* 1e6` half to even, as Python's
+    round does; rounding `created_at * 1e6` directly was a microsecond off for about one
+    value in sixteen."""
+    return round((created_at - _PG_EPOCH_S) * 1_000_000) + _PG_EPOCH_S * 1_000_000
 
 
 def entry_of(sms: OutboundSms) -> Entry:
