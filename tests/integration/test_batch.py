@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from smsgw.engine.scheduler import micros
+from smsgw.storage.pg import COPY_MIN_ROWS
 from tests.conftest import bearer
 from tests.integration.helpers import (
     RELIABLE,
@@ -142,6 +143,31 @@ async def test_batch_limits(database_url: str, schema: str) -> None:
         assert r.status_code == 202, r.text[:300]
         assert len(r.json()["results"]) == 1_000
         assert await message_count(database_url, schema) == 1_000
+
+
+async def test_a_large_batch_goes_in_by_copy_and_a_taken_client_ref_still_gets_its_answer(
+    database_url: str, schema: str
+) -> None:
+    # Batches of COPY_MIN_ROWS messages or more are written by COPY, which cannot skip a taken
+    # client_ref: such a group is done again the INSERT way, with the same answers.
+    assert COPY_MIN_ROWS <= 300
+    async with open_node(database_url, schema, RELIABLE) as node, http_client(node.url) as client:
+        account = await create_account(client, 1_000_000)
+        key = account["api_key"]
+        first = [{"to": TO, "text": f"m {i}", "client_ref": f"a-{i}"} for i in range(300)]
+        r = await post_batch(client, key, first)
+        assert r.status_code == 202, r.text[:300]
+        assert all(x["status"] == "queued" for x in r.json()["results"])
+        again = [{"to": TO, "text": f"n {i}", "client_ref": f"b-{i}"} for i in range(300)]
+        again[123]["client_ref"] = "a-7"  # taken by the first batch
+        r = await post_batch(client, key, again)
+        assert r.status_code == 202, r.text[:300]
+        results = r.json()["results"]
+        assert results[123]["code"] == "duplicate_client_ref" and "id" not in results[123]
+        assert sum(1 for x in results if x.get("status") == "queued") == 299
+        assert await message_count(database_url, schema) == 599
+        await wait_all_final(client, key, [x["id"] for x in results if "id" in x])
+        assert_ledger_consistent(await ledger(database_url, schema))
 
 
 async def test_micros_is_the_microsecond_to_timestamp_stores(

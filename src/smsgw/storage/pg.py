@@ -32,6 +32,7 @@ from smsgw.engine.ports import (
     SummaryRow,
     WriteGroup,
 )
+from smsgw.engine.scheduler import micros
 from smsgw.engine.shards import shard_of
 from smsgw.storage.delivery import CallbackOutbox, apply_deliveries, callbacks_of
 
@@ -270,6 +271,75 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 """
 )
 
+# The same without the insert, for a group whose messages went in by COPY.
+_WRITE_CREDIT_HANDOFF = f"""
+WITH {_UPDATE_ACCOUNTS}
+SELECT (SELECT array_agg(id) FROM ledger) AS ledger, h.owners, h.ids
+FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
+      FROM smsgw_handoff($10, $11, $12::int[], $13::uuid[])) AS h
+"""
+
+# A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
+# fastest way in (2,000 rows: about a quarter less time than the json_to_recordset INSERT);
+# smaller groups (single-message accepts) keep the INSERT, one round trip fewer. A COPY cannot
+# skip a taken client_ref, so a group that meets one (a client retrying a batch) fails as a
+# whole and is done again the INSERT way.
+COPY_MIN_ROWS = 200
+_COPY_COLUMNS = (
+    "id",
+    "account_id",
+    "recipient",
+    "sender",
+    "body",
+    "segments",
+    "price",
+    "express",
+    "client_ref",
+    "status",
+    "deadline",
+    "created_at",
+    "updated_at",
+    "callback_url",
+)
+
+
+class _CopyConflict(Exception):
+    """A COPY of a group's messages met a taken client_ref: nothing of the group was stored."""
+
+
+def _copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
+    """The messages as COPY rows. Times are whole microseconds exactly as `to_timestamp`
+    stores them (the Scheduler's paging cursors compare them); a group's messages mostly
+    share their accept time, so each is converted once."""
+    times: dict[float, datetime] = {}
+
+    def at(t: float) -> datetime:
+        found = times.get(t)
+        if found is None:
+            found = times[t] = _EPOCH + micros(t) * _ONE_MICROSECOND
+        return found
+
+    return [
+        (
+            s.id,
+            s.account_id,
+            s.to,
+            s.sender,
+            s.text,
+            s.segments,
+            s.price,
+            s.express,
+            s.client_ref,
+            "queued",
+            None if s.deadline is None else at(s.deadline),
+            at(s.created_at),
+            at(s.created_at),
+            s.callback_url,
+        )
+        for s in stored
+    ]
+
+
 # A callback outbox row for each outcome of this group that has a callback URL (the message's,
 # else its account's) and that this transaction applied: `xmin` is the current transaction's
 # id exactly for the rows it wrote, so an outcome delivered twice after a crash (already
@@ -371,15 +441,20 @@ class PgStore(CallbackOutbox):
         self.handoff = handoff
 
     async def commit_group(self, group: WriteGroup) -> GroupResult:
+        copy = True
         for attempt in range(5):
             try:
-                return await self.db.run(lambda conn: self._commit(conn, group))
+                return await self.db.run(lambda conn: self._commit(conn, group, copy=copy))
+            except _CopyConflict:
+                copy = False  # a taken client_ref: the INSERT skips it, and says which
             except _RETRYABLE as exc:
                 log.warning("group commit conflict, retrying (%d): %s", attempt + 1, exc)
                 await trio.sleep(0.005 * (attempt + 1))
-        return await self.db.run(lambda conn: self._commit(conn, group))
+        return await self.db.run(lambda conn: self._commit(conn, group, copy=False))
 
-    async def _commit(self, conn: asyncpg.Connection, group: WriteGroup) -> GroupResult:
+    async def _commit(
+        self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
+    ) -> GroupResult:
         wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
@@ -446,6 +521,26 @@ class PgStore(CallbackOutbox):
                     messages.setdefault(account_id, [0, 0, 0])[0] += n
             if not stored:
                 await _write_credit(conn, book, messages)
+            elif copy and len(stored) >= COPY_MIN_ROWS:
+                try:
+                    await conn.copy_records_to_table(
+                        "messages", records=_copy_records(stored), columns=_COPY_COLUMNS
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    raise _CopyConflict(str(exc)) from exc
+                if self.handoff is None:
+                    await _write_credit(conn, book, messages)
+                else:
+                    row = await conn.fetchrow(
+                        _WRITE_CREDIT_HANDOFF,
+                        *_credit_args(book, messages),
+                        self.handoff.node_id,
+                        self.handoff.lock_class,
+                        [shard_of(s.account_id) for s in stored],
+                        [s.id for s in stored],
+                    )
+                    if row["ids"]:
+                        wake = _handed_payloads(row["owners"], row["ids"], stored)
             else:
                 written = [a for a, d in book.deltas.items() if d]
                 args = [*_credit_args(book, messages), _json.encode(stored).decode()]
