@@ -7,6 +7,7 @@ crossing and one transaction, however many requests it carries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -444,7 +445,7 @@ class PgStore(CallbackOutbox):
         copy = True
         for attempt in range(5):
             try:
-                return await self.db.run(lambda conn: self._commit(conn, group, copy=copy))
+                return await self.db.run(functools.partial(self._commit, group=group, copy=copy))
             except _CopyConflict:
                 copy = False  # a taken client_ref: the INSERT skips it, and says which
             except _RETRYABLE as exc:
@@ -625,14 +626,14 @@ class PgStore(CallbackOutbox):
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
     ) -> list[list[tuple[int, str, int]]]:
         accounts, after_at, after_id, sizes = [], [], [], []
-        for account_id, (micros, message_id), n in requests:
+        for account_id, (at_us, message_id), n in requests:
             accounts.append(account_id)
-            if micros < 0:
+            if at_us < 0:
                 after_at.append(_BEFORE_ALL)
                 after_id.append(_MIN_UUID)
             else:
                 # Exact: asyncpg sends whole microseconds, as PostgreSQL stores them.
-                after_at.append(_EPOCH + micros * _ONE_MICROSECOND)
+                after_at.append(_EPOCH + at_us * _ONE_MICROSECOND)
                 after_id.append(uuid.UUID(message_id))
             sizes.append(n)
         rows = await self.db.run(
@@ -642,8 +643,8 @@ class PgStore(CallbackOutbox):
         )
         pages: list[list[tuple[int, str, int]]] = [[] for _ in requests]
         for r in rows:
-            micros = (r["created_at"] - _EPOCH) // _ONE_MICROSECOND
-            pages[r["i"]].append((micros, r["id"], r["segments"]))
+            at_us = (r["created_at"] - _EPOCH) // _ONE_MICROSECOND
+            pages[r["i"]].append((at_us, r["id"], r["segments"]))
         return pages
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
