@@ -84,10 +84,12 @@ from common import (
     utc_timestamp,
     write_report,
 )
+from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import uuid7
 from smsgw.sim.loadgen import LoadReport
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
-from smsgw.storage.pg import migration_files
+from smsgw.storage.pg import COPY_COLUMNS, migration_files
+from smsgw.storage.pg import copy_records as gateway_copy_records
 
 CREDIT = 10**12  # per account: far more than any run can spend
 OPERATOR_NAME = "sim"  # `serve`'s in-process simulated operator (--operator-name)
@@ -139,52 +141,31 @@ class CopyResult(msgspec.Struct):
     duration_s: float  # the median round's COPY
 
 
-COPY_COLUMNS = (
-    "id",
-    "account_id",
-    "recipient",
-    "sender",
-    "body",
-    "segments",
-    "price",
-    "express",
-    "client_ref",
-    "status",
-    "deadline",
-    "created_at",
-    "updated_at",
-)
-
-
 def copy_records(rows: int, accounts: int) -> list[tuple[Any, ...]]:
-    """Rows as the gateway writes them for the load generator: UUIDv7 ids, a few accounts,
-    queued, client refs, and recipients drawn at random as the load generator draws them
-    (sequential numbers would land every recipient-index entry at the end of its account's
-    range: a floor the gateway's own rows can never reach)."""
+    """Rows exactly as the gateway COPYs them (`smsgw.storage.pg.copy_records`) for the load
+    generator's messages: UUIDv7 ids, a few accounts, client refs, and recipients drawn at
+    random as the load generator draws them (sequential numbers would land every
+    recipient-index entry at the end of its account's range: a floor the gateway's own rows
+    can never reach)."""
     now = time.time()
     prefix = f"cp-{os.urandom(4).hex()}"
     rng = random.Random(COPY_SEED)
-    records = []
-    for n in range(rows):
-        created = utc(now + n * 1e-5)
-        records.append(
-            (
-                uuid7(),
-                1 + n % accounts,
-                f"+4479{rng.randrange(100_000_000):08d}",
-                "smsgw",
-                SEGMENT_TEXT,
-                1,
-                5,
-                False,
-                f"{prefix}-{n}",
-                "queued",
-                None,
-                created,
-                created,
-            )
+    messages = [
+        OutboundSms(
+            id=uuid7(),
+            account_id=1 + n % accounts,
+            to=f"+4479{rng.randrange(100_000_000):08d}",
+            sender="smsgw",
+            text=SEGMENT_TEXT,
+            segments=1,
+            price=5,
+            express=False,
+            created_at=now + n * 1e-5,
+            client_ref=f"{prefix}-{n}",
         )
-    return records
+        for n in range(rows)
+    ]
+    return gateway_copy_records(messages)
 
 
 def copy_phase(url: str, args: argparse.Namespace) -> CopyResult:
@@ -738,22 +719,17 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
 
 def specs(args: argparse.Namespace) -> list[PhaseSpec]:
     latency = args.operator_latency_ms
+    batch = PhaseSpec(
+        name="batch_accepts",
+        duration=args.batch_duration,
+        warmup=2.0,
+        connections=args.batch_connections,
+        batch=args.batch_size,
+        operator_cap=args.batch_operator_cap or None,
+    )
     return [
-        PhaseSpec(
-            name="batch_accepts",
-            duration=args.batch_duration,
-            warmup=2.0,
-            connections=args.batch_connections,
-            batch=args.batch_size,
-            operator_cap=args.batch_operator_cap or None,
-        ),
-        PhaseSpec(
-            name="batch_dispatching",
-            duration=args.batch_duration,
-            warmup=2.0,
-            connections=args.batch_connections,
-            batch=args.batch_size,
-        ),
+        batch,
+        msgspec.structs.replace(batch, name="batch_dispatching", operator_cap=None),
         PhaseSpec(
             name="sustained",
             duration=args.sustained_duration,

@@ -286,7 +286,7 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 # skip a taken client_ref, so a group that meets one (a client retrying a batch) fails as a
 # whole and is done again the INSERT way.
 COPY_MIN_ROWS = 200
-_COPY_COLUMNS = (
+COPY_COLUMNS = (
     "id",
     "account_id",
     "recipient",
@@ -308,16 +308,16 @@ class _CopyConflict(Exception):
     """A COPY of a group's messages met a taken client_ref: nothing of the group was stored."""
 
 
-def _copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
-    """The messages as COPY rows. Times are whole microseconds exactly as `to_timestamp`
-    stores them (the Scheduler's paging cursors compare them); a group's messages mostly
-    share their accept time, so each is converted once."""
+def copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
+    """The messages as COPY rows (in `COPY_COLUMNS` order), `queued`. Times are whole
+    microseconds exactly as `to_timestamp` stores them (the Scheduler's paging cursors compare
+    them); a group's messages mostly share their accept time, so each is converted once."""
     times: dict[float, datetime] = {}
 
     def at(t: float) -> datetime:
         found = times.get(t)
         if found is None:
-            found = times[t] = _EPOCH + micros(t) * _ONE_MICROSECOND
+            found = times[t] = _at_micros(micros(t))
         return found
 
     return [
@@ -394,6 +394,12 @@ _BEFORE_ALL = datetime(1, 1, 1, tzinfo=UTC)
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
 
+def _at_micros(us: int) -> datetime:
+    """The time `us` microseconds after the Unix epoch, exact (asyncpg sends whole
+    microseconds, as PostgreSQL stores them)."""
+    return _EPOCH + us * _ONE_MICROSECOND
+
+
 def _settings(r: asyncpg.Record) -> AccountSettings:
     return AccountSettings(
         send_rate=r["send_rate"],
@@ -451,7 +457,7 @@ class PgStore(CallbackOutbox):
             except _RETRYABLE as exc:
                 log.warning("group commit conflict, retrying (%d): %s", attempt + 1, exc)
                 await trio.sleep(0.005 * (attempt + 1))
-        return await self.db.run(lambda conn: self._commit(conn, group, copy=False))
+        return await self.db.run(functools.partial(self._commit, group=group, copy=False))
 
     async def _commit(
         self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
@@ -525,7 +531,7 @@ class PgStore(CallbackOutbox):
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 try:
                     await conn.copy_records_to_table(
-                        "messages", records=_copy_records(stored), columns=_COPY_COLUMNS
+                        "messages", records=copy_records(stored), columns=COPY_COLUMNS
                     )
                 except asyncpg.UniqueViolationError as exc:
                     raise _CopyConflict(str(exc)) from exc
@@ -633,7 +639,7 @@ class PgStore(CallbackOutbox):
                 after_id.append(_MIN_UUID)
             else:
                 # Exact: asyncpg sends whole microseconds, as PostgreSQL stores them.
-                after_at.append(_EPOCH + at_us * _ONE_MICROSECOND)
+                after_at.append(_at_micros(at_us))
                 after_id.append(uuid.UUID(message_id))
             sizes.append(n)
         rows = await self.db.run(
