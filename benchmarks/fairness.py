@@ -208,38 +208,34 @@ def flood(url: str, key: str, count: int) -> float:
     return time.monotonic() - started
 
 
-def light_waits(url: str, schema: str, light_ids: list[int]) -> list[float]:
-    async def fetch() -> list[float]:
+def light_rows(url: str, schema: str, sql: str, light_ids: list[int]) -> list[asyncpg.Record]:
+    """`sql` (with $1, the light accounts' ids) on the phase's schema."""
+
+    async def fetch() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(url)
         try:
             await conn.execute(f"SET search_path TO {schema}")
-            rows = await conn.fetch(
-                "SELECT extract(epoch FROM updated_at - created_at)::float8 AS w FROM messages"
-                " WHERE account_id = ANY($1::bigint[]) AND status = 'sent'",
-                light_ids,
-            )
-            return [r["w"] for r in rows]
+            return await conn.fetch(sql, light_ids)
         finally:
             await conn.close()
 
     return asyncio.run(fetch())
+
+
+def light_waits(url: str, schema: str, light_ids: list[int]) -> list[float]:
+    sql = (
+        "SELECT extract(epoch FROM updated_at - created_at)::float8 AS w FROM messages"
+        " WHERE account_id = ANY($1::bigint[]) AND status = 'sent'"
+    )
+    return [r["w"] for r in light_rows(url, schema, sql, light_ids)]
 
 
 def light_statuses(url: str, schema: str, light_ids: list[int]) -> dict[str, int]:
-    async def fetch() -> dict[str, int]:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f"SET search_path TO {schema}")
-            rows = await conn.fetch(
-                "SELECT status, count(*) AS n FROM messages"
-                " WHERE account_id = ANY($1::bigint[]) GROUP BY status",
-                light_ids,
-            )
-            return {r["status"]: r["n"] for r in rows}
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
+    sql = (
+        "SELECT status, count(*) AS n FROM messages"
+        " WHERE account_id = ANY($1::bigint[]) GROUP BY status"
+    )
+    return {r["status"]: r["n"] for r in light_rows(url, schema, sql, light_ids)}
 
 
 def wall_phase(args: argparse.Namespace, url: str, name: str, flood_count: int) -> dict[str, Any]:
