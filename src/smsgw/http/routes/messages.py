@@ -63,10 +63,9 @@ class Intake:
         if not data.text:
             raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
         sender = DEFAULT_SENDER if data.sender is None else data.sender
-        if sender is not DEFAULT_SENDER:
-            problem = rules.sender_problem(sender)
-            if problem:
-                raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
+        problem = rules.sender_problem(sender)
+        if problem:
+            raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
         if data.callback_url is not None:
             problem = callback_url_problem(data.callback_url, production=config.production)
             if problem:
