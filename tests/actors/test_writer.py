@@ -102,3 +102,23 @@ async def test_an_accept_or_an_express_outcome_ends_the_linger_at_once(
         await trio.sleep(0.1)
         assert store.groups[1][1] == 1 and round(store.groups[1][0] - t0, 3) == 0.012
         nursery.cancel_scope.cancel()
+
+
+async def test_outcomes_waiting_when_the_loop_is_cancelled_commit_after_its_restart(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = RecordingStore()
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0.02, outcome_group=50)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.ref.tell_nowait(outcome(1))
+        writer.ref.tell_nowait(outcome(2))
+        await trio.sleep(0.005)  # both taken, waiting out the linger
+        nursery.cancel_scope.cancel()
+    assert store.groups == []  # nothing committed, nothing dropped: kept for the next group
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)  # the supervisor's restart of the run loop
+        writer.ref.tell_nowait(outcome(3))
+        await trio.sleep(0.1)
+        assert sum(n for _, n, _ in store.groups) == 3
+        nursery.cancel_scope.cancel()
