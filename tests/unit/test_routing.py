@@ -9,13 +9,21 @@ from collections.abc import Sequence
 
 import msgspec
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsgw.engine.breaker import BreakerPolicy, BreakerState
+from smsgw.engine.breaker import BreakerPolicy, BreakerState, Call
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.retry import next_attempt
-from smsgw.engine.routing import OperatorSettings, RouteOverride, Router, RoutingConfig
+from smsgw.engine.routing import (
+    OperatorRoute,
+    OperatorSettings,
+    RouteOverride,
+    Router,
+    Routing,
+    RoutingConfig,
+)
 
 
 class Named:
@@ -249,3 +257,32 @@ def test_a_message_is_retried_until_its_validity_in_virtual_time() -> None:
         assert attempts <= 8
         if validity > 64:  # more than every backoff together can take (0.5 + 1 + ... + 32)
             assert attempts == 8
+
+
+async def test_dispatch_waits_for_tokens_and_expires_what_outlives_its_time(
+    autojump_clock: object,
+) -> None:
+    # One operator at 10/s with a bucket of 2: 6 messages take 0.4 s of waiting; those
+    # that may wait only 0.15 s run out of time first and go to `expire`, never to send.
+    r = router(RoutingConfig(operators=(OperatorSettings("a", max_per_second=10, burst=2),)), (1,))
+    routing = Routing(r, clock=trio.current_time)
+    batch = [sms(i) for i in range(6)]
+    deadline = {m.id: 0.15 if i in (3, 5) else 60.0 for i, m in enumerate(batch)}
+    sent: list[tuple[float, list[str]]] = []
+    expired: list[tuple[float, str]] = []
+
+    async def send(route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
+        sent.append((trio.current_time(), [m.id for m in part]))
+        routing.finish(route, call, [SendResult("sent")] * len(part))
+
+    async def expire(message: OutboundSms) -> None:
+        expired.append((trio.current_time(), message.id))
+
+    await routing.dispatch(batch, send, expire, lambda m: deadline[m.id], 50)
+    assert [ids for _, ids in sent] == [["m0", "m1"], ["m2", "m4"]]
+    assert [i for _, i in expired] == ["m3", "m5"]
+    assert all(at == pytest.approx(0.15) for at, _ in expired)
+    assert sent[1][0] == pytest.approx(0.2)
+    stats = routing.stats()
+    assert stats["expired_waiting"] == 2 and stats["batches_waited"] == 1
+    assert stats["messages_waiting"] == 0

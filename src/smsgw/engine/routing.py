@@ -7,6 +7,7 @@ among them. `Routing` adds the one async part: a batch waits while no operator m
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -131,6 +132,8 @@ class OperatorRoute:
 
 
 Assignment = tuple[OperatorRoute, list[OutboundSms], Call]
+# Messages that go the same way: their route override, the operator they avoid, themselves.
+Pending = tuple[RouteOverride | None, str | None, list[OutboundSms]]
 
 
 class Router:
@@ -215,23 +218,30 @@ class Router:
             return self._rng.choice(ready)
         return self._rng.choices(ready, weights)[0]
 
-    def assign(
-        self, pending: Sequence[OutboundSms], now: float, max_batch: int
-    ) -> tuple[list[Assignment], list[OutboundSms]]:
-        """Calls to begin now (operator, its messages, the breaker's call), and the messages
-        that must wait: no eligible operator has room. Each call's slots and tokens are taken."""
-        groups: dict[tuple[int, str | None], tuple[RouteOverride | None, list[OutboundSms]]] = {}
+    def group(self, pending: Sequence[OutboundSms]) -> list[Pending]:
+        """`pending` by route (its override) and the operator each must avoid: what
+        `assign_groups` takes. Messages keep their order within a group."""
+        groups: dict[tuple[int, str | None], Pending] = {}
         for sms in pending:
             override = self.override(sms)
             key = (id(override), sms.last_operator)
             group = groups.get(key)
             if group is None:
-                groups[key] = (override, [sms])
+                groups[key] = (override, sms.last_operator, [sms])
             else:
-                group[1].append(sms)
+                group[2].append(sms)
+        return list(groups.values())
+
+    def assign_groups(
+        self, groups: list[Pending], now: float, max_batch: int
+    ) -> tuple[list[Assignment], list[Pending]]:
+        """Calls to begin now (operator, its messages, the breaker's call), and what must
+        wait: no eligible operator has room. Each call's slots and tokens are taken. Costs a
+        few steps per group and call, not per message: a batch that waits for room asks
+        again on every change."""
         calls: list[Assignment] = []
-        waiting: list[OutboundSms] = []
-        for (_, avoid), (override, messages) in groups.items():
+        left: list[Pending] = []
+        for override, avoid, messages in groups:
             allowed = self.eligible(override, avoid, now)
             while messages:
                 want = min(len(messages), max_batch)
@@ -242,8 +252,16 @@ class Router:
                 size = min(room, len(messages), max_batch)
                 part, messages = messages[:size], messages[size:]
                 calls.append((route, part, route.take(size, now)))
-            waiting.extend(messages)
-        return calls, waiting
+            if messages:
+                left.append((override, avoid, messages))
+        return calls, left
+
+    def assign(
+        self, pending: Sequence[OutboundSms], now: float, max_batch: int
+    ) -> tuple[list[Assignment], list[OutboundSms]]:
+        """`assign_groups` for a flat list: the calls, and the messages that must wait."""
+        calls, left = self.assign_groups(self.group(pending), now, max_batch)
+        return calls, [sms for _, _, messages in left for sms in messages]
 
     def finish(
         self, route: OperatorRoute, call: Call, now: float, results: Sequence[SendResult] | None
@@ -305,6 +323,8 @@ class Routing:
         self._notify()
 
     def abandon(self, route: OperatorRoute, call: Call) -> None:
+        if call.done:  # ended already: `finish` has woken the waiting batches
+            return
         self.router.abandon(route, call)
         self._notify()
 
@@ -321,39 +341,44 @@ class Routing:
         room. A message whose `expires_at` (wall clock) passes while it waits goes to
         `expire` instead. Cancelled, the calls begun are cancelled too."""
         async with trio.open_nursery() as calls:
-            waiting = list(batch)
+            groups = self.router.group(batch)
+            # No message of the batch expires before this (a lower bound: messages leave).
+            earliest = min(expires_at(s) for s in batch) if batch else math.inf
+            express = any(s.express for s in batch)  # a pool's batches are all one kind
             counted = False
-            while waiting:
+            while groups:
                 now = trio.current_time()
-                begun, left = self.router.assign(waiting, now, max_batch)
+                begun, groups = self.router.assign_groups(groups, now, max_batch)
                 for route, part, call in begun:
                     calls.start_soon(send, route, call, part)
-                waiting = left
-                if not waiting:
-                    break
                 wall = self._clock()
-                for sms in [s for s in waiting if expires_at(s) <= wall]:
-                    self.expired += 1
-                    await expire(sms)
-                waiting = [s for s in waiting if expires_at(s) > wall]
-                if not waiting:
+                if groups and earliest <= wall:
+                    groups, expired = _split_expired(groups, expires_at, wall)
+                    for sms in expired:
+                        self.expired += 1
+                        await expire(sms)
+                    earliest = min(
+                        (expires_at(s) for _, _, messages in groups for s in messages),
+                        default=math.inf,
+                    )
+                if not groups:
                     break
                 if not counted:
                     self.waited += 1
                     counted = True
-                wake = min(expires_at(s) for s in waiting) - wall + now
-                change = self.router.next_change(now, min(len(waiting), max_batch))
+                size = sum(len(messages) for _, _, messages in groups)
+                wake = earliest - wall + now
+                change = self.router.next_change(now, min(size, max_batch))
                 if change is not None:
                     wake = min(wake, change)
                 changed = self._changed
-                express = any(s.express for s in waiting)
-                self.waiting += len(waiting)
+                self.waiting += size
                 self._express_waiting += express
                 try:
                     with trio.move_on_at(wake):
                         await changed.wait()
                 finally:
-                    self.waiting -= len(waiting)
+                    self.waiting -= size
                     self._express_waiting -= express
                 if not express and self._express_waiting:
                     # Woken together with express batches: let them take the room first
@@ -369,3 +394,18 @@ class Routing:
             "healthy": self.router.healthy(now),
             "operators": self.router.stats(now),
         }
+
+
+def _split_expired(
+    groups: list[Pending], expires_at: Callable[[OutboundSms], float], wall: float
+) -> tuple[list[Pending], list[OutboundSms]]:
+    """(the groups without the messages expired at `wall`, those messages)."""
+    kept: list[Pending] = []
+    expired: list[OutboundSms] = []
+    for override, avoid, messages in groups:
+        alive = [s for s in messages if expires_at(s) > wall]
+        if len(alive) < len(messages):
+            expired.extend(s for s in messages if expires_at(s) <= wall)
+        if alive:
+            kept.append((override, avoid, alive))
+    return kept, expired
