@@ -236,9 +236,9 @@ class Router:
         self, groups: list[Pending], now: float, max_batch: int
     ) -> tuple[list[Assignment], list[Pending]]:
         """Calls to begin now (operator, its messages, the breaker's call), and what must
-        wait: no eligible operator has room. Each call's slots and tokens are taken. Costs a
-        few steps per group and call, not per message: a batch that waits for room asks
-        again on every change."""
+        wait: no eligible operator has room. Each call's slots and tokens are taken. Where no
+        operator has room this costs a few steps per group, none per message: a batch that
+        waits for room asks again on every change."""
         calls: list[Assignment] = []
         left: list[Pending] = []
         for override, avoid, messages in groups:
@@ -276,12 +276,14 @@ class Router:
         failed = sum(1 for r in results if r.kind == "temporary")
         route.breaker.end(call, now, ok=len(results) - failed, failed=failed, timed_out=False)
 
-    def abandon(self, route: OperatorRoute, call: Call) -> None:
-        """A call was cancelled before its end: its slots come back, nothing is recorded."""
+    def abandon(self, route: OperatorRoute, call: Call) -> bool:
+        """A call was cancelled before its end: its slots come back, nothing is recorded.
+        False when it had ended already (nothing came back)."""
         if call.done:
-            return
+            return False
         route.inflight -= call.size
         route.breaker.abandon(call)
+        return True
 
     def next_change(self, now: float, want: int) -> float | None:
         """When time alone may let some operator take a batch of `want` messages."""
@@ -323,10 +325,8 @@ class Routing:
         self._notify()
 
     def abandon(self, route: OperatorRoute, call: Call) -> None:
-        if call.done:  # ended already: `finish` has woken the waiting batches
-            return
-        self.router.abandon(route, call)
-        self._notify()
+        if self.router.abandon(route, call):  # else `finish` has woken the waiting batches
+            self._notify()
 
     async def dispatch(
         self,
@@ -353,14 +353,10 @@ class Routing:
                     calls.start_soon(send, route, call, part)
                 wall = self._clock()
                 if groups and earliest <= wall:
-                    groups, expired = _split_expired(groups, expires_at, wall)
+                    groups, expired, earliest = _split_expired(groups, expires_at, wall)
                     for sms in expired:
                         self.expired += 1
                         await expire(sms)
-                    earliest = min(
-                        (expires_at(s) for _, _, messages in groups for s in messages),
-                        default=math.inf,
-                    )
                 if not groups:
                     break
                 if not counted:
@@ -398,14 +394,21 @@ class Routing:
 
 def _split_expired(
     groups: list[Pending], expires_at: Callable[[OutboundSms], float], wall: float
-) -> tuple[list[Pending], list[OutboundSms]]:
-    """(the groups without the messages expired at `wall`, those messages)."""
+) -> tuple[list[Pending], list[OutboundSms], float]:
+    """(the groups without the messages expired at `wall`, those messages, the earliest
+    expiry of the messages kept), in one pass."""
     kept: list[Pending] = []
     expired: list[OutboundSms] = []
+    earliest = math.inf
     for override, avoid, messages in groups:
-        alive = [s for s in messages if expires_at(s) > wall]
-        if len(alive) < len(messages):
-            expired.extend(s for s in messages if expires_at(s) <= wall)
+        alive: list[OutboundSms] = []
+        for sms in messages:
+            at = expires_at(sms)
+            if at > wall:
+                alive.append(sms)
+                earliest = min(earliest, at)
+            else:
+                expired.append(sms)
         if alive:
             kept.append((override, avoid, alive))
-    return kept, expired
+    return kept, expired, earliest
