@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
+import h11
 import httpx
 import pytest
 import trio
@@ -32,6 +33,9 @@ def sms(n: int) -> OutboundSms:
     )
 
 
+SENT_ONE = b'{"results": [{"kind": "sent", "operator_message_id": "x"}]}'
+
+
 def profile(**fields: float) -> OperatorProfile:
     base: dict[str, float] = {"latency_ms_median": 1.0, "latency_ms_p99": 2.0, "seed": 3}
     return OperatorProfile(name="op", **{**base, **fields})  # type: ignore[arg-type]
@@ -40,6 +44,41 @@ def profile(**fields: float) -> OperatorProfile:
 async def start(nursery: trio.Nursery, app: OperatorApp) -> str:
     url: str = await nursery.start(partial(serve_operator, app, port=0))
     return url
+
+
+async def start_canned(
+    nursery: trio.Nursery, status: int, body: bytes, seen: list[object], *, drop: bool = False
+) -> str:
+    """A loopback HTTP server that answers every request with `status` and `body`, keeping
+    each request's JSON in `seen`. With `drop` it closes each connection after its answer
+    without saying so, as a server's keep-alive timeout does to an idle connection."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        http = h11.Connection(h11.SERVER)
+        parts: list[bytes] = []
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65_536)
+                if not data:
+                    return
+                http.receive_data(data)
+            elif isinstance(event, h11.Data):
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                seen.append(json.loads(b"".join(parts)))
+                parts.clear()
+                headers = [("Content-Length", str(len(body)))]
+                out = [h11.Response(status_code=status, headers=headers), h11.Data(data=body)]
+                out.append(h11.EndOfMessage())
+                await stream.send_all(b"".join(http.send(e) or b"" for e in out))
+                if drop:
+                    await stream.aclose()
+                    return
+                http.start_next_cycle()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -138,15 +177,11 @@ async def test_an_unreachable_operator_makes_every_message_temporary() -> None:
     ],
 )
 async def test_a_broken_answer_makes_every_message_temporary(
-    status: int, body: bytes, reason: str
+    nursery: trio.Nursery, status: int, body: bytes, reason: str
 ) -> None:
     seen: list[object] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        return httpx.Response(status, content=body)
-
-    provider = HttpOperator("http://127.0.0.1:9", transport=httpx.MockTransport(handler))
+    url = await start_canned(nursery, status, body, seen)
+    provider = HttpOperator(url)
     try:
         results = await provider.send_batch([sms(1), sms(2)])
     finally:
@@ -222,3 +257,40 @@ async def test_the_command_announces_its_url_and_stops_on_sigterm() -> None:
         finally:
             process.terminate()
     assert process.returncode == 0
+
+
+async def test_connections_are_kept_alive(nursery: trio.Nursery) -> None:
+    seen: list[object] = []
+    url = await start_canned(nursery, 200, SENT_ONE, seen)
+    provider = HttpOperator(url, connections=1)
+    try:
+        for n in range(3):
+            assert (await provider.send_batch([sms(n)]))[0].kind == "sent"
+        assert provider.open_connections() == 1
+    finally:
+        await provider.aclose()
+    assert len(seen) == 3 and provider.open_connections() == 0
+
+
+async def test_a_connection_the_operator_closed_while_idle_is_replaced(
+    nursery: trio.Nursery,
+) -> None:
+    seen: list[object] = []
+    provider = HttpOperator(await start_canned(nursery, 200, SENT_ONE, seen, drop=True))
+    try:
+        for n in range(3):
+            with trio.fail_after(5):
+                assert (await provider.send_batch([sms(n)]))[0].kind == "sent"
+    finally:
+        await provider.aclose()
+
+    # Each batch after the first found its kept connection closed and went again on a new one.
+    assert provider.stats()["unreachable"] == 0
+    assert [item[0]["id"] for item in seen] == ["m0", "m1", "m2"]  # type: ignore[index]
+
+
+def test_only_http_urls_are_operators() -> None:
+    for url in ("ftp://127.0.0.1/", "127.0.0.1:80", "http://"):
+        with pytest.raises(ValueError):
+            HttpOperator(url)
+    assert HttpOperator("https://op.example:8443/v2").name == "http:op.example:8443"
