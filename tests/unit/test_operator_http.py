@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import trio
 
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.ports import Provider
-from smsgw.operators.http import HttpOperator
+from smsgw.operators.http import MAX_RESPONSE_BYTES, HttpOperator
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.sim.operator_server import OperatorApp, check_loopback, serve_operator
 
@@ -54,6 +55,10 @@ async def start_canned(
     without saying so, as a server's keep-alive timeout does to an idle connection."""
 
     async def answer(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # the client may hang up first
+            await answer_all(stream)
+
+    async def answer_all(stream: trio.SocketStream) -> None:
         http = h11.Connection(h11.SERVER)
         parts: list[bytes] = []
         while True:
@@ -287,6 +292,18 @@ async def test_a_connection_the_operator_closed_while_idle_is_replaced(
     # Each batch after the first found its kept connection closed and went again on a new one.
     assert provider.stats()["unreachable"] == 0
     assert [item[0]["id"] for item in seen] == ["m0", "m1", "m2"]  # type: ignore[index]
+
+
+async def test_an_answer_past_the_size_limit_is_not_read(nursery: trio.Nursery) -> None:
+    huge = b" " * (MAX_RESPONSE_BYTES + 1)
+    provider = HttpOperator(await start_canned(nursery, 200, huge, []))
+    try:
+        results = await provider.send_batch([sms(1)])
+    finally:
+        await provider.aclose()
+
+    assert results == [SendResult("temporary", reason="operator_bad_response")]
+    assert provider.stats()["bad_responses"] == 1 and provider.open_connections() == 0
 
 
 def test_only_http_urls_are_operators() -> None:

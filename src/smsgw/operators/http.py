@@ -25,6 +25,8 @@ _decode_response = msgspec.json.Decoder(SubmitResponse).decode
 _UNREACHABLE = SendResult("temporary", reason="operator_unreachable")
 _BAD_RESPONSE = SendResult("temporary", reason="operator_bad_response")
 _READ_SIZE = 65_536
+# An answer is about 60 bytes a message; one far larger is not an answer (and is not read).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # What a request over a broken or closed connection, or a broken answer, raises.
 _TRANSPORT_ERRORS = (
     OSError,
@@ -33,6 +35,10 @@ _TRANSPORT_ERRORS = (
     h11.ProtocolError,
     EOFError,
 )
+
+
+class _TooLarge(Exception):
+    """The operator's answer is longer than MAX_RESPONSE_BYTES."""
 
 
 class _Connection:
@@ -51,6 +57,7 @@ class _Connection:
         await self.stream.send_all(b"".join(http.send(event) or b"" for event in events))
         status = 0
         parts: list[bytes] = []
+        size = 0
         while True:
             event = http.next_event()
             if event is h11.NEED_DATA:
@@ -58,6 +65,9 @@ class _Connection:
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _TooLarge
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 break
@@ -166,7 +176,11 @@ class HttpOperator:
         self.counts["messages"] += count
         answer: tuple[int, bytes] | None = None
         with trio.move_on_after(self._timeout):
-            answer = await self._exchange(body)
+            try:
+                answer = await self._exchange(body)
+            except _TooLarge:
+                self.counts["bad_responses"] += 1
+                return [_BAD_RESPONSE] * count
         if answer is None:
             self.counts["unreachable"] += 1
             return [_UNREACHABLE] * count
@@ -205,7 +219,7 @@ class HttpOperator:
                         if connection.used:
                             continue
                     return None
-                except BaseException:  # cancelled mid-request: the connection is unusable
+                except BaseException:  # cancelled or too large: the connection is unusable
                     if connection is not None:
                         await trio.aclose_forcefully(connection.stream)
                     raise
