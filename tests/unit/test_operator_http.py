@@ -277,6 +277,24 @@ async def test_connections_are_kept_alive(nursery: trio.Nursery) -> None:
     assert len(seen) == 3 and provider.open_connections() == 0
 
 
+async def test_a_request_in_flight_at_aclose_does_not_keep_its_connection(
+    nursery: trio.Nursery,
+) -> None:
+    slow = OperatorApp(SimulatedOperator(profile(latency_ms_median=200, latency_ms_p99=200)))
+    provider = HttpOperator(await start(nursery, slow))
+    results: list[SendResult] = []
+
+    async def send() -> None:
+        results.extend(await provider.send_batch([sms(1)]))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(send)
+        await trio.sleep(0.05)
+        await provider.aclose()
+
+    assert len(results) == 1 and provider.open_connections() == 0
+
+
 async def test_a_connection_the_operator_closed_while_idle_is_replaced(
     nursery: trio.Nursery,
 ) -> None:

@@ -125,6 +125,7 @@ class HttpOperator:
         self._timeout = timeout
         self._limit = trio.CapacityLimiter(connections)
         self._idle: list[_Connection] = []
+        self._closed = False  # after `aclose`, a connection that finishes its request closes
         self._ssl = ssl.create_default_context() if self._https else None
         self.counts: dict[str, int] = {
             "requests": 0,
@@ -146,6 +147,7 @@ class HttpOperator:
         return len(self._idle)
 
     async def aclose(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             await trio.aclose_forcefully(connection.stream)
@@ -223,7 +225,7 @@ class HttpOperator:
                     if connection is not None:
                         await trio.aclose_forcefully(connection.stream)
                     raise
-                if connection.reusable():
+                if connection.reusable() and not self._closed:
                     self._idle.append(connection)
                 else:
                     await trio.aclose_forcefully(connection.stream)
