@@ -33,6 +33,7 @@ import msgspec
 from common import (
     CpuMeter,
     CpuUse,
+    DelayedProfile,
     Durability,
     check_durable,
     create_accounts,
@@ -55,6 +56,11 @@ from smsgw.sim.loadgen import LoadReport
 
 WARMUP_S = 2.0
 CREDIT = 10**9  # per account: far more than any run can spend
+# The per-account API rate limit (1,000 requests/s by default) would otherwise answer the
+# one-account phase with 429s on a host fast enough to go past it: this benchmark measures
+# what a node can accept, so its accounts get the highest rate the settings allow.
+SETTINGS = {"api_rate": 1_000_000}
+PROFILE_S = 8.0
 TARGETS = {"accepts_vs_noop": 0.8, "one_vs_many": 0.9}
 # The no-op phase sends the same requests; the key is only there to match their size.
 NOOP_KEY = "sk_" + "x" * 43
@@ -77,6 +83,7 @@ class Phase(msgspec.Struct, kw_only=True):
     # Server CPU per answered request (warmup included): unlike req/s, this barely moves when
     # other work competes for the cores, so it is the figure to compare across runs.
     server_cpu_ms_per_request: float | None
+    profile: dict[str, Any] | None = None  # with --profile, the first round's phases
 
 
 def to_phase(
@@ -86,6 +93,7 @@ def to_phase(
     load: LoadReport,
     durability: Durability | None,
     cpu: CpuUse,
+    profile: dict[str, Any] | None,
 ) -> Phase:
     return Phase(
         name=name,
@@ -102,7 +110,16 @@ def to_phase(
         durability=durability,
         cpu=cpu,
         server_cpu_ms_per_request=cpu_ms_per_request(cpu, load.requests + load.warmup_requests),
+        profile=profile,
     )
+
+
+def maybe_profile(args: argparse.Namespace, name: str, pid: int) -> DelayedProfile | None:
+    """With --profile, py-spy on the server of each first-round phase, after the warmup."""
+    if not args.profile or not name.endswith("#1"):
+        return None
+    seconds = max(1.0, min(PROFILE_S, args.duration - 1.0))
+    return DelayedProfile(pid, WARMUP_S + 1.0, seconds, args.out / f"{name}.pyspy.txt")
 
 
 def cpu_ms_per_request(cpu: CpuUse, requests: int) -> float | None:
@@ -126,9 +143,12 @@ def gateway_phase(
         with run_gateway(
             database_url, schema, admin_key=admin_key, log_path=args.out / f"{name}.log"
         ) as gateway:
-            keys = create_accounts(gateway.url, admin_key, accounts, credit=CREDIT)
+            keys = create_accounts(
+                gateway.url, admin_key, accounts, credit=CREDIT, settings=SETTINGS
+            )
             meter = CpuMeter(gateway.process.pid)
             meter.start()
+            profiler = maybe_profile(args, name, gateway.process.pid)
             load = run_loadgen(
                 gateway.url,
                 keys,
@@ -138,6 +158,7 @@ def gateway_phase(
                 ids_out=ids_file,
             )
             cpu = meter.stop()
+            profile = profiler.finish() if profiler is not None else None
             # Checked while the gateway still runs: a 202 must mean committed already.
             durability = check_durable(database_url, schema, ids_file)
     finally:
@@ -148,7 +169,7 @@ def gateway_phase(
                 log(f"could not drop schema {schema}: {exc}")
     if durability.ids != load.accepted_ids:
         log(f"{name}: {load.accepted_ids} ids read from 202s but {durability.ids} written")
-    phase = to_phase(name, "gateway", accounts, load, durability, cpu)
+    phase = to_phase(name, "gateway", accounts, load, durability, cpu, profile)
     log(f"{name}: {phase.rate_per_s}/s {phase.by_status} missing={durability.missing}")
     return phase
 
@@ -158,6 +179,7 @@ def noop_phase(args: argparse.Namespace, work_dir: Path, name: str = "noop") -> 
     with run_noop_server(args.out / f"{name}.log") as server:
         meter = CpuMeter(server.process.pid)
         meter.start()
+        profiler = maybe_profile(args, name, server.process.pid)
         load = run_loadgen(
             server.url,
             [NOOP_KEY],
@@ -168,7 +190,8 @@ def noop_phase(args: argparse.Namespace, work_dir: Path, name: str = "noop") -> 
             ids_out=work_dir / f"{name}.ids",
         )
         cpu = meter.stop()
-    phase = to_phase(name, "noop", None, load, None, cpu)
+        profile = profiler.finish() if profiler is not None else None
+    phase = to_phase(name, "noop", None, load, None, cpu, profile)
     log(f"{name}: {phase.rate_per_s}/s {phase.by_status}")
     return phase
 
@@ -288,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=3, help="interleaved rounds; figures are their medians"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/reports/latest"))
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy each server in the first round"
+    )
     parser.add_argument(
         "--keep-schemas", action="store_true", help="keep the phases' schemas afterwards"
     )

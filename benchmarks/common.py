@@ -298,9 +298,16 @@ def new_admin_key() -> str:
 
 
 def create_accounts(
-    url: str, admin_key: str, count: int, *, credit: int, name_prefix: str = "bench"
+    url: str,
+    admin_key: str,
+    count: int,
+    *,
+    credit: int,
+    name_prefix: str = "bench",
+    settings: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Create `count` accounts through the HTTP API; returns their API keys."""
+    """Create `count` accounts through the HTTP API, with `settings` (PUT
+    /v1/accounts/{id}/settings) when given; returns their API keys."""
     keys: list[str] = []
     headers = {"Authorization": f"Bearer {admin_key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
@@ -309,8 +316,121 @@ def create_accounts(
                 "/v1/accounts", json={"name": f"{name_prefix}-{i}", "credit": credit}
             )
             response.raise_for_status()
-            keys.append(str(response.json()["api_key"]))
+            created = response.json()
+            keys.append(str(created["api_key"]))
+            if settings is not None:
+                client.put(
+                    f"/v1/accounts/{created['id']}/settings", json=settings
+                ).raise_for_status()
     return keys
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+def start_profile(pid: int, seconds: float, out_file: Path) -> subprocess.Popen[bytes] | None:
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if not py_spy.exists():
+        log("py-spy is not installed next to this python: no profile")
+        return None
+    # Blocking mode (the default): py-spy pauses the process for each sample, which costs a
+    # few percent, where --nonblocking reads torn stacks that lose their callers.
+    command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw"]
+    command += ["-o", str(out_file)]
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+class DelayedProfile:
+    """py-spy on `pid` for `seconds`, starting `delay` seconds from now (from a timer thread,
+    while the caller blocks on its load); `finish()` waits for it and returns the summary, or
+    None when py-spy is missing or failed."""
+
+    def __init__(self, pid: int, delay: float, seconds: float, out_file: Path) -> None:
+        self._out_file = out_file
+        self._seconds = seconds
+        self._process: subprocess.Popen[bytes] | None = None
+        self._timer = threading.Timer(delay, self._start, args=(pid,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _start(self, pid: int) -> None:
+        self._process = start_profile(pid, self._seconds, self._out_file)
+
+    def finish(self) -> dict[str, Any] | None:
+        self._timer.cancel()
+        self._timer.join()
+        process = self._process
+        if process is None:
+            return None
+        try:
+            process.wait(self._seconds + 30)
+            return summarize_profile(self._out_file)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            log(f"no profile: {exc}")
+            return None
+        finally:
+            stop_process(process, grace=2)
+
+
+def summarize_profile(raw_file: Path, top: int = 15) -> dict[str, Any]:
+    """From py-spy's raw (collapsed stack) output, `frame;frame;... count` with frames as
+    `func (file:line)`: the top inclusive frames in smsgw code (the entry point's frames, in
+    every sample, left out), the top self frames anywhere, and self time by package."""
+    inclusive: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    total = 0
+    for line in raw_file.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame_name(f) for f in stack.split(";")]
+        for frame in set(frames):
+            if "smsgw/" in frame and "smsgw/cli.py" not in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + count
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        package = _package(frames[-1])
+        packages[package] = packages.get(package, 0) + count
+
+    def ranked(counts: dict[str, int], n: int = top) -> list[dict[str, Any]]:
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [{"frame": f, "percent": round(100.0 * c / total, 1)} for f, c in best]
+
+    return {
+        "samples": total,
+        "file": str(raw_file),
+        "inclusive_smsgw": ranked(inclusive) if total else [],
+        "self_top": ranked(leaves) if total else [],
+        "self_by_package": (
+            {p["frame"]: p["percent"] for p in ranked(packages, 12)} if total else {}
+        ),
+    }
+
+
+def _package(frame: str) -> str:
+    """`func (smsgw/engine/pool.py)` -> `smsgw.engine`; `f (trio/_core/_run.py)` -> `trio`."""
+    path = frame.rpartition(" (")[2].rstrip(")")
+    parts = path.split("/")
+    if parts[0] == "smsgw" and len(parts) > 2:
+        return f"smsgw.{parts[1]}"
+    if len(parts) > 1:
+        return parts[0]
+    return "stdlib" if path.endswith(".py") or path.startswith("<") else path
+
+
+def _frame_name(frame: str) -> str:
+    """`func (/path/to/src/smsgw/engine/pool.py:123)` -> `func (smsgw/engine/pool.py)`."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("/src/smsgw/", "/site-packages/"):
+        if marker in path:
+            path = ("smsgw/" if "smsgw" in marker else "") + path.split(marker, 1)[1]
+            break
+    return f"{name} ({path})"
 
 
 # --- CPU use --------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from common import (
     REPO_ROOT,
     CpuMeter,
     CpuUse,
+    DelayedProfile,
     Durability,
     Server,
     check_durable,
@@ -513,79 +514,6 @@ def finish_loadgen(process: subprocess.Popen[str], timeout: float) -> LoadReport
     return msgspec.json.decode(stdout.strip().splitlines()[-1], type=LoadReport)
 
 
-def start_profile(pid: int, seconds: float, out_file: Path) -> subprocess.Popen[bytes] | None:
-    py_spy = Path(sys.executable).parent / "py-spy"
-    if not py_spy.exists():
-        log("py-spy is not installed next to this python: no profile")
-        return None
-    # Blocking mode (the default): py-spy pauses the process for each sample, which costs a
-    # few percent, where --nonblocking reads torn stacks that lose their callers.
-    command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-f", "raw"]
-    command += ["-o", str(out_file)]
-    return subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def summarize_profile(raw_file: Path, top: int = 15) -> dict[str, Any]:
-    """From py-spy's raw (collapsed stack) output, `frame;frame;... count` with frames as
-    `func (file:line)`: the top inclusive frames in smsgw code (the entry point's frames, in
-    every sample, left out), the top self frames anywhere, and self time by package."""
-    inclusive: dict[str, int] = {}
-    leaves: dict[str, int] = {}
-    packages: dict[str, int] = {}
-    total = 0
-    for line in raw_file.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = [_frame_name(f) for f in stack.split(";")]
-        for frame in set(frames):
-            if "smsgw/" in frame and "smsgw/cli.py" not in frame:
-                inclusive[frame] = inclusive.get(frame, 0) + count
-        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
-        package = _package(frames[-1])
-        packages[package] = packages.get(package, 0) + count
-
-    def ranked(counts: dict[str, int], n: int = top) -> list[dict[str, Any]]:
-        best = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
-        return [{"frame": f, "percent": round(100.0 * c / total, 1)} for f, c in best]
-
-    return {
-        "samples": total,
-        "file": str(raw_file),
-        "inclusive_smsgw": ranked(inclusive) if total else [],
-        "self_top": ranked(leaves) if total else [],
-        "self_by_package": (
-            {p["frame"]: p["percent"] for p in ranked(packages, 12)} if total else {}
-        ),
-    }
-
-
-def _package(frame: str) -> str:
-    """`func (smsgw/engine/pool.py)` -> `smsgw.engine`; `f (trio/_core/_run.py)` -> `trio`."""
-    path = frame.rpartition(" (")[2].rstrip(")")
-    parts = path.split("/")
-    if parts[0] == "smsgw" and len(parts) > 2:
-        return f"smsgw.{parts[1]}"
-    if len(parts) > 1:
-        return parts[0]
-    return "stdlib" if path.endswith(".py") or path.startswith("<") else path
-
-
-def _frame_name(frame: str) -> str:
-    """`func (/path/to/src/smsgw/engine/pool.py:123)` -> `func (smsgw/engine/pool.py)`."""
-    name, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("/src/smsgw/", "/site-packages/"):
-        if marker in path:
-            path = ("smsgw/" if "smsgw" in marker else "") + path.split(marker, 1)[1]
-            break
-    return f"{name} ({path})"
-
-
 # --- one gateway phase ------------------------------------------------------------------------
 
 
@@ -638,9 +566,11 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
                 if args.profile:
                     # The middle of the window: steady state, clear of both edges.
                     seconds = min(PROFILE_S, spec.duration)
-                    time.sleep(max(0.0, (spec.duration - seconds) / 2 - (time.time() - t0)))
-                    profiler = start_profile(
-                        gateway.process.pid, seconds, args.out / f"{spec.name}.pyspy.txt"
+                    profiler = DelayedProfile(
+                        gateway.process.pid,
+                        max(0.0, (spec.duration - seconds) / 2 - (time.time() - t0)),
+                        seconds,
+                        args.out / f"{spec.name}.pyspy.txt",
                     )
                 time.sleep(max(0.0, t0 + spec.duration - time.time()))
                 t1 = time.time()
@@ -652,15 +582,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
             postgres_cpu = pg_meter.stop()
             operator_cpu = op_meter.stop() if op_meter is not None else None
             load_after = loadavg()
-            profile = None
-            if profiler is not None:
-                try:
-                    profiler.wait(PROFILE_S + 30)
-                    profile = summarize_profile(args.out / f"{spec.name}.pyspy.txt")
-                except (subprocess.TimeoutExpired, OSError) as exc:
-                    log(f"{spec.name}: no profile: {exc}")
-                finally:
-                    stop_process(profiler, grace=2)
+            profile = profiler.finish() if profiler is not None else None
             window = window_figures(url, schema, t0, t1)
             durability = check_durable(url, schema, ids_file)
             if capped:
