@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import trio
 
 from smsgw.engine.actor import Reply
@@ -15,7 +16,7 @@ from smsgw.engine.messages import (
     RecordOutcome,
 )
 from smsgw.engine.ports import GroupResult, WriteGroup
-from smsgw.engine.writer import StoreWriter
+from smsgw.engine.writer import StoreUnavailable, StoreWriter
 
 COMMIT_S = 0.005
 
@@ -121,4 +122,91 @@ async def test_outcomes_waiting_when_the_loop_is_cancelled_commit_after_its_rest
         writer.ref.tell_nowait(outcome(3))
         await trio.sleep(0.1)
         assert sum(n for _, n, _ in store.groups) == 3
+        nursery.cancel_scope.cancel()
+
+
+class OverlapStore(RecordingStore):
+    """Also records how many commits were under way at once, at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most = 0
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            return await super().commit_group(group)
+        finally:
+            self.running -= 1
+
+
+def accept(first: int, count: int, account: int) -> tuple[Accept, Reply[list[AcceptResult]]]:
+    reply: Reply[list[AcceptResult]] = Reply()
+    items = tuple(sms(first + i, account=account) for i in range(count))
+    return Accept(items, True, reply), reply
+
+
+async def test_small_groups_of_two_committers_take_turns_and_large_ones_overlap(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = OverlapStore()
+    writer = StoreWriter(store, committed, committers=2, parallel_rows=200)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        t0 = trio.current_time()
+        # Accounts 1 and 2 are on different committers.
+        first, _ = accept(0, 1, account=1)
+        writer.ref.tell_nowait(first)
+        await trio.lowlevel.checkpoint()
+        replies = []
+        for i in range(5):  # while the first commits, five more arrive for the other committer
+            message, reply = accept(10 + i, 1, account=2)
+            writer.ref.tell_nowait(message)
+            replies.append(reply)
+        for reply in replies:
+            assert (await reply.wait())[0].accepted
+        assert store.most == 1
+        # The second committer's group waited for the first's commit, then took all five.
+        assert [(round(t - t0, 3), a) for t, _, a in store.groups] == [(0.005, 1), (0.01, 5)]
+
+        store.groups.clear()
+        t1 = trio.current_time()
+        big = [accept(100 + 300 * i, 300, account=1 + i) for i in range(2)]
+        for message, _ in big:
+            writer.ref.tell_nowait(message)
+        for _, reply in big:
+            assert all(r.accepted for r in await reply.wait())
+        assert store.most == 2  # two batches of 300 rows commit side by side
+        assert [(round(t - t1, 3), a) for t, _, a in store.groups] == [(0.005, 300)] * 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_group_waiting_for_its_turn_at_shutdown_is_answered_and_keeps_its_outcomes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = OverlapStore()
+    writer = StoreWriter(store, committed, committers=2, outcome_linger=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        first, _ = accept(0, 1, account=1)
+        writer.ref.tell_nowait(first)
+        await trio.lowlevel.checkpoint()
+        waiting, reply = accept(1, 1, account=2)
+        writer.ref.tell_nowait(waiting)
+        writer.ref.tell_nowait(
+            RecordOutcome(Outcome(sms(2, account=2), "sent", "o", "x", None, 1, 0))
+        )
+        await trio.sleep(0.001)  # the second committer holds both, waiting for its turn
+        nursery.cancel_scope.cancel()
+    with pytest.raises(StoreUnavailable, match="stopped before this group was committed"):
+        await reply.wait()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)  # restarted: the outcome goes with the next group
+        writer.ref.tell_nowait(
+            RecordOutcome(Outcome(sms(3, account=2), "sent", "o", "y", None, 1, 0))
+        )
+        await trio.sleep(0.1)
+        assert sum(n for _, n, _ in store.groups) == 2
         nursery.cancel_scope.cancel()

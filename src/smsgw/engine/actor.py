@@ -111,8 +111,13 @@ class Inbox(Generic[M]):
         many messages.
         """
         first = await self._receive.receive()
-        batch = [first]
-        total = 1 if weight is None else weight(first)
+        rest = limit - (1 if weight is None else weight(first))
+        return [first, *self.get_batch_nowait(rest, weight)]
+
+    def get_batch_nowait(self, limit: int, weight: Callable[[M], int] | None = None) -> list[M]:
+        """What is waiting, while the batch weighs less than `limit`; never waits."""
+        batch: list[M] = []
+        total = 0
         while total < limit:
             try:
                 message = self._receive.receive_nowait()
