@@ -112,6 +112,7 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
         ("--operator-errors", args.operator_errors),
         ("--window", args.window),
         ("--express-reserve-share", args.express_reserve_share),
+        ("--light-reserve-share", args.light_reserve_share),
     ):
         if value is not None:
             worker_args += [flag, str(value)]
@@ -187,6 +188,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         changes["window"] = args.window
     if args.express_reserve_share is not None:
         changes["express_reserve_share"] = args.express_reserve_share
+    if args.light_reserve_share is not None:
+        changes["light_reserve_share"] = args.light_reserve_share
     if args.scheduler_fifo:
         changes["scheduler_fifo"] = True
     if args.routing is not None:
@@ -447,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHARE",
         help="share of the window only express messages may use (default"
         f" {EngineConfig().express_reserve_share})",
+    )
+    serve.add_argument(
+        "--light-reserve-share",
+        type=float,
+        metavar="SHARE",
+        help="share of the bulk window kept for accounts with little backlog while they send"
+        f" (default {EngineConfig().light_reserve_share}; 0: none)",
     )
     serve.add_argument(
         "--scheduler-fifo",

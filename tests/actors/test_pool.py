@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import trio
 
 from smsgw.engine.actor import Inbox
@@ -20,7 +21,7 @@ from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
 from smsgw.engine.ports import SchedulingStore
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
-from smsgw.engine.scheduler import Scheduler, SchedulerState
+from smsgw.engine.scheduler import LIGHT_HOLD_S, Scheduler, SchedulerState
 
 
 class ScriptedOperator:
@@ -81,6 +82,7 @@ class Harness:
         window: int,
         max_batch: int,
         express_reserve: int = 0,
+        light_reserve: int = 0,
         state: SchedulerState | None = None,
         store: SchedulingStore | None = None,
     ) -> None:
@@ -94,6 +96,7 @@ class Harness:
             scheduler_inbox.handle(),
             window=window,
             express_reserve=express_reserve,
+            light_reserve=light_reserve,
             max_batch=max_batch,
             policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_cap=1.0),
             # The messages' created_at is virtual time: their validity counts from it.
@@ -214,6 +217,40 @@ async def test_express_goes_at_once_behind_a_window_full_of_bulk(
         nursery.cancel_scope.cancel()
     assert outcomes["m99"].outcome.status == "sent"
     assert operator.max_in_flight == 9
+
+
+def test_bulk_leaves_what_it_is_told_to_keep() -> None:
+    window = Window(10, express_reserve=2, light_reserve=3)
+    assert window.take(10, keep=window.light_reserve) == 5
+    assert window.take(10) == 3  # the light reserve, taken without keeping it
+    assert window.take(10, express=True) == 2
+
+
+async def test_a_light_account_finds_a_slot_at_once_behind_a_flood(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Once light accounts are sending, a flood leaves the light reserve free, so a light
+    message goes at once instead of when one of the flood's batches comes back; a flood
+    alone (no light message for LIGHT_HOLD_S) fills the whole window again."""
+    operator = ScriptedOperator({}, latency=1.0)
+    harness = Harness(operator, window=10, max_batch=2, light_reserve=2)
+    window = harness.pool.window
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        t0 = trio.current_time()
+        harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(1_000))))
+        await trio.sleep(0.1)
+        assert window.bulk_inflight == 10  # no light account yet: the flood has it all
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(2_000, account=2),)))
+        await trio.sleep(3.3)
+        assert "m2000" in operator.sent_at
+        assert window.bulk_inflight <= 8  # the flood keeps the reserve free now
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(2_001, account=3),)))
+        await trio.sleep(0.01)
+        assert operator.sent_at["m2001"] - t0 == pytest.approx(3.4)  # not at 4.0
+        await trio.sleep(LIGHT_HOLD_S + 1.5)
+        assert window.bulk_inflight == 10  # the light accounts went quiet
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_express_message_is_failed_at_its_deadline_not_sent_late(

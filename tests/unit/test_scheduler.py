@@ -244,6 +244,39 @@ def test_bulk_is_fifo_within_one_account(accounts: list[int]) -> None:
         assert ids == [s.id for s in pushed if s.account_id == account_id]
 
 
+@SETTINGS
+@given(
+    st.lists(st.integers(min_value=1, max_value=6), max_size=80),
+    st.lists(st.booleans(), min_size=1, max_size=40),
+    st.integers(min_value=0, max_value=5),
+)
+def test_light_only_pops_serve_light_accounts_and_lose_nothing(
+    accounts: list[int], light_only: list[bool], max_backlog: int
+) -> None:
+    """Pops for the window's light reserve, mixed with ordinary ones, take only from accounts
+    with at most `max_backlog` waiting, and together still serve everything exactly once."""
+    pushed = [make_sms(n, a) for n, a in enumerate(accounts)]
+    state = push_all(pushed)
+    served: list[str] = []
+    for light in itertools.cycle(light_only):
+        if not state.bulk_size:
+            break
+        if light:
+            backlogs = {a: state.backlog(a) for a in state.mailboxes}
+            popped = state.pop_bulk_of(0.0, max_backlog)
+            if popped is None:
+                assert all(n > max_backlog for n in backlogs.values())
+                popped = state.pop_bulk_of(0.0)
+            else:
+                assert backlogs[popped[0]] <= max_backlog
+        else:
+            popped = state.pop_bulk_of(0.0)
+        assert popped is not None
+        served.append(popped[1][1])
+    assert Counter(served) == Counter(s.id for s in pushed)
+    assert not state.mailboxes and not state.ring
+
+
 def test_a_three_segment_message_costs_three_times_a_one_segment_message() -> None:
     heavy = [make_sms(n, 1, segments=3) for n in range(0, 60, 2)]
     light = [make_sms(n, 2, segments=1) for n in range(1, 61, 2)]

@@ -73,6 +73,11 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # Share of the window only express messages may use: bulk never fills it, so an express
     # message finds a slot at once however deep the bulk backlog.
     express_reserve_share: float = 0.1
+    # Share of the window kept for light accounts (at most `light_backlog` bulk messages
+    # waiting) while they are sending: a flood then fills the rest, and a light account's
+    # message finds a slot at once instead of waiting for one of the flood's batches to return.
+    light_reserve_share: float = 0.1
+    light_backlog: int = 10
     # Deficit round robin: segments of credit an account gets per turn. At least the largest
     # message (max_segments), so every account with work is served in every round.
     drr_quantum: int = 10
@@ -148,15 +153,16 @@ class Engine:
             committers=config.writer_committers,
         )
         self.retry = RetryTimer(scheduler_ref)
+        express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
+        light_room = max(0, config.window - 1 - express_reserve)  # leaves a flood one slot
         self.pool = ProviderPool(
             providers,
             self.writer.ref,
             self.retry.ref,
             scheduler_ref,
             window=config.window,
-            express_reserve=min(
-                config.window - 1, int(config.window * config.express_reserve_share)
-            ),
+            express_reserve=express_reserve,
+            light_reserve=min(light_room, max(0, int(light_room * config.light_reserve_share))),
             max_batch=max(1, min(config.max_batch, config.window // 8)),
             policy=config.retry,
             clock=clock,
@@ -184,6 +190,7 @@ class Engine:
             page_accounts=config.page_accounts,
             commits=self.writer.commits,
             stamp=None if self.leases is None else self.leases.stamp,
+            light_backlog=config.light_backlog,
         )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.

@@ -48,13 +48,18 @@ class Window:
 
     `express_reserve` slots are for express messages only: bulk may fill at most
     `size - express_reserve`, so express never waits behind bulk work already in flight.
+    `light_reserve` of the bulk slots are what the Scheduler keeps (`take(keep=...)`) for
+    accounts with little backlog while such accounts are sending, for the same reason.
     """
 
-    def __init__(self, size: int, express_reserve: int = 0) -> None:
+    def __init__(self, size: int, express_reserve: int = 0, light_reserve: int = 0) -> None:
         if not 0 <= express_reserve < size:
             raise ValueError("express_reserve must leave bulk at least one slot")
+        if not 0 <= light_reserve < size - express_reserve:
+            raise ValueError("light_reserve must leave the heaviest account at least one slot")
         self.size = size
         self.express_reserve = express_reserve
+        self.light_reserve = light_reserve
         self.free = size
         self.bulk_inflight = 0
         self._freed = trio.Event()
@@ -63,12 +68,13 @@ class Window:
     def express_inflight(self) -> int:
         return self.size - self.free - self.bulk_inflight
 
-    def take(self, wanted: int, *, express: bool = False) -> int:
-        """Take up to `wanted` slots without waiting; returns how many were taken."""
+    def take(self, wanted: int, *, express: bool = False, keep: int = 0) -> int:
+        """Take up to `wanted` slots without waiting; returns how many were taken. A bulk
+        take leaves `keep` of the bulk slots free."""
         if express:
             taken = min(wanted, self.free)
         else:
-            bulk_room = self.size - self.express_reserve - self.bulk_inflight
+            bulk_room = self.size - self.express_reserve - keep - self.bulk_inflight
             taken = max(0, min(wanted, self.free, bulk_room))
             self.bulk_inflight += taken
         self.free -= taken
@@ -115,6 +121,7 @@ class ProviderPool:
         *,
         window: int = 256,
         express_reserve: int = 0,
+        light_reserve: int = 0,
         max_batch: int = 64,
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.time,
@@ -126,7 +133,7 @@ class ProviderPool:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
         self.inbox: Inbox[tuple[OutboundSms, ...]] = Inbox("provider_pool", window)
-        self.window = Window(window, express_reserve)
+        self.window = Window(window, express_reserve, light_reserve)
         self.max_batch = max_batch
         self._providers = [p for p, _ in providers]
         self._writer = writer
@@ -184,6 +191,7 @@ class ProviderPool:
             "accept_to_sent_seconds": self.accept_to_sent.summary(),
             "express_accept_to_sent_seconds": self.express_to_sent.summary(),
             "express_reserve": self.window.express_reserve,
+            "light_reserve": self.window.light_reserve,
             "express_inflight": self.window.express_inflight,
             "express_deadline_misses": self.deadline_misses,
             **self._routing_stats(),

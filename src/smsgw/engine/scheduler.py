@@ -41,6 +41,10 @@ START: Position = (-1, "")  # before every message
 _PG_EPOCH_S = 946_684_800
 
 
+# How long after a light account's message the window's light reserve stays kept for them.
+LIGHT_HOLD_S = 5.0
+
+
 def micros(created_at: float) -> int:
     """The microsecond (since the Unix epoch) PostgreSQL stores for `to_timestamp(created_at)`.
     It moves the float to its own epoch first, then rounds `* 1e6` half to even, as Python's
@@ -354,13 +358,20 @@ class SchedulerState:
         popped = self.pop_bulk_of(now)
         return None if popped is None else popped[1]
 
-    def pop_bulk_of(self, now: float) -> tuple[int, Entry] | None:
-        """`pop_bulk`, with the account the entry is of."""
+    def pop_bulk_of(self, now: float, max_backlog: int | None = None) -> tuple[int, Entry] | None:
+        """`pop_bulk`, with the account the entry is of. With `max_backlog`, only of an
+        account with at most that many bulk messages waiting: the others are passed over,
+        their turn kept for their next visit (the window's light reserve is for such
+        accounts)."""
         ring = self.ring
         unready = 0
         while unready < len(ring):
             account_id = ring[0]
             mailbox = self.mailboxes[account_id]
+            if max_backlog is not None and len(mailbox.queue) + mailbox.spilled > max_backlog:
+                ring.rotate(-1)
+                unready += 1
+                continue
             bucket = self.buckets.get(account_id)
             if not mailbox.queue or (bucket is not None and bucket.wait(now) > 0):
                 # Not ready: its turn passes without credit, keeping what it had.
@@ -460,6 +471,7 @@ class Scheduler:
         prefetch: int = 1_000,
         commits: CommitFence | None = None,
         stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
+        light_backlog: int = 10,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
@@ -480,6 +492,10 @@ class Scheduler:
         # Among several nodes: a body read from the store gets its shard's fencing token, or
         # is dropped (None) when this node no longer leases the shard; its owner recovers it.
         self._stamp = stamp
+        # Accounts with at most this many bulk messages waiting are light: the window's light
+        # reserve is theirs while one of them has sent lately (until `_light_until`).
+        self._light_backlog = light_backlog
+        self._light_until = -math.inf
         self._page_requests = trio.Event()
         self.dispatched = 0
         self.deadline_misses = 0  # express messages that expired waiting here
@@ -599,19 +615,45 @@ class Scheduler:
                     self._submit(batch)
                     progressed = True
             if state.bulk_ready():
-                wanted = window.take(min(state.in_memory, max_batch), express=False)
-                if wanted:
-                    entries: list[tuple[int, Entry]] = []
-                    while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
-                        entries.append(popped)
-                    window.release(wanted - len(entries), express=False)
-                    if entries:
-                        self._dispatch_bulk(nursery, entries)
-                        progressed = True
+                entries = self._pop_bulk(max_batch, now)
+                if entries:
+                    self._dispatch_bulk(nursery, entries)
+                    progressed = True
             if progressed:
                 continue
             timeout = min(state.next_deadline(), state.next_ready(now)) - now
             await self._wait(max(0.0, timeout), window_bound=bool(state))
+
+    def _pop_bulk(self, max_batch: int, now: float) -> list[tuple[int, Entry]]:
+        """Up to `max_batch` bulk entries in round-robin order, as the window has room.
+
+        While light accounts (at most `light_backlog` messages waiting) have sent in the last
+        LIGHT_HOLD_S, the window's light reserve is kept out of this room and then offered to
+        them alone: a flood fills its slots again as each batch returns, and a light
+        account's message that arrives between two returns would otherwise wait for the next
+        one, behind the flood's work in flight (DESIGN.md: a flood from one must not delay
+        the others). A flood alone keeps the whole window."""
+        state = self.state
+        window = self._pool.window
+        reserve = window.light_reserve
+        keep = reserve if now < self._light_until else 0
+        entries: list[tuple[int, Entry]] = []
+        wanted = window.take(min(state.in_memory, max_batch), keep=keep)
+        while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
+            entries.append(popped)
+        window.release(wanted - len(entries))
+        if not reserve:
+            return entries
+        light = self._light_backlog
+        if len(entries) < max_batch and state.in_memory:
+            extra = window.take(min(state.in_memory, max_batch - len(entries)))
+            taken = len(entries)
+            while len(entries) - taken < extra and (popped := state.pop_bulk_of(now, light)):
+                entries.append(popped)
+            window.release(extra - (len(entries) - taken))
+        if any(state.backlog(account_id) < light for account_id, _ in entries):
+            self._light_until = now + LIGHT_HOLD_S
+        return entries
 
     def _submit(self, batch: list[OutboundSms]) -> None:
         if batch:
