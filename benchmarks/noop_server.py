@@ -1,7 +1,8 @@
 """A no-op POST /v1/messages on the gateway's HTTP stack: the ceiling for accept benchmarks.
 
 Same stack as `smsgw serve` (quart-trio on hypercorn, one trio process, access log off, same
-keep-alive), but the handler only reads the body and answers 202 with a small JSON body, so
+keep-alive, the same garbage-collector settings), but the handler only reads the body and
+answers 202 with a small JSON body, so
 its rate is what HTTP alone costs on this machine. Like `smsgw serve --port 0`, it prints one
 line {"event": "listening", "url": ...} on stdout when ready, and stops on SIGTERM or SIGINT.
 
@@ -20,6 +21,8 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
+
+from smsgw.server import freeze_startup_objects
 
 _encode = msgspec.json.Encoder().encode
 
@@ -59,6 +62,9 @@ async def run(host: str, port: int) -> None:
                 create_app(), config, shutdown_trigger=_wait_for_signal, task_status=task_status
             )
         )
+        # The gateway's runtime settings too (the collector's): the ceiling is the same stack
+        # as tuned as the gateway's.
+        freeze_startup_objects()
         print(msgspec.json.encode({"event": "listening", "url": binds[0]}).decode(), flush=True)
 
 

@@ -205,13 +205,24 @@ async def run_node(
                 await db.close()
 
 
+# The collector's thresholds once started (CPython's defaults: 700, 10, 10). A request makes
+# and drops hundreds of container objects (the request and response objects, headers, the
+# context, the message), so with the default the youngest generation was collected every
+# request or two; every 20,000 net allocations it costs about 9% less CPU per accept
+# (0.69-0.70 against 0.76 ms, 2 cores, 2026-12-03) and 6% for the no-op handler. Older
+# generations go correspondingly less often.
+GC_THRESHOLDS = (20_000, 20, 100)
+
+
 def freeze_startup_objects() -> None:
     """Move what start-up made (modules, classes, functions, the app: about 80,000 objects)
-    out of the garbage collector's sight. They live as long as the process, and every full
+    out of the garbage collector's sight, and collect young objects less often from now on
+    (GC_THRESHOLDS). Start-up's objects live as long as the process, and every full
     collection walked them: full collections took 40-100 ms (the event loop standing still)
     before, 20-40 ms after. Frozen objects are still freed by reference counting."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def reuse_port_socket(host: str, port: int) -> int:
