@@ -524,8 +524,11 @@ class PgStore(CallbackOutbox):
                 else:
                     held = [s for s, r in zip(items, results, strict=True) if r.accepted]
                 stored.extend(held)
-                for account_id, n in Counter(s.account_id for s in held).items():
-                    messages.setdefault(account_id, [0, 0, 0])[0] += n
+                if len(held) == 1:  # POST /v1/messages: most groups' accepts
+                    messages.setdefault(held[0].account_id, [0, 0, 0])[0] += 1
+                else:
+                    for account_id, n in Counter(s.account_id for s in held).items():
+                        messages.setdefault(account_id, [0, 0, 0])[0] += n
             if not stored:
                 await _write_credit(conn, book, messages)
             elif copy and len(stored) >= COPY_MIN_ROWS:
