@@ -148,6 +148,13 @@ def accept(first: int, count: int, account: int) -> tuple[Accept, Reply[list[Acc
     return Accept(items, True, reply), reply
 
 
+async def commit_one_on_the_first_committer(writer: StoreWriter) -> None:
+    """Start a one-message group on account 1's committer (account 2 is on the other)."""
+    first, _ = accept(0, 1, account=1)
+    writer.ref.tell_nowait(first)
+    await trio.lowlevel.checkpoint()
+
+
 async def test_small_groups_of_two_committers_take_turns_and_large_ones_overlap(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -156,10 +163,7 @@ async def test_small_groups_of_two_committers_take_turns_and_large_ones_overlap(
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         t0 = trio.current_time()
-        # Accounts 1 and 2 are on different committers.
-        first, _ = accept(0, 1, account=1)
-        writer.ref.tell_nowait(first)
-        await trio.lowlevel.checkpoint()
+        await commit_one_on_the_first_committer(writer)
         replies = []
         for i in range(5):  # while the first commits, five more arrive for the other committer
             message, reply = accept(10 + i, 1, account=2)
@@ -190,9 +194,7 @@ async def test_a_group_waiting_for_its_turn_at_shutdown_is_answered_and_keeps_it
     writer = StoreWriter(store, committed, committers=2, outcome_linger=0)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        first, _ = accept(0, 1, account=1)
-        writer.ref.tell_nowait(first)
-        await trio.lowlevel.checkpoint()
+        await commit_one_on_the_first_committer(writer)
         waiting, reply = accept(1, 1, account=2)
         writer.ref.tell_nowait(waiting)
         writer.ref.tell_nowait(
