@@ -73,9 +73,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # Share of the window only express messages may use: bulk never fills it, so an express
     # message finds a slot at once however deep the bulk backlog.
     express_reserve_share: float = 0.1
-    # Share of the window kept for light accounts (at most `light_backlog` bulk messages
-    # waiting) while they are sending: a flood then fills the rest, and a light account's
-    # message finds a slot at once instead of waiting for one of the flood's batches to return.
+    # Share of the window kept for light accounts (no more than `light_backlog` bulk messages
+    # waiting since they last had none) while they are sending: a flood then fills the rest,
+    # and a light account's message finds a slot at once instead of waiting for one of the
+    # flood's batches to return. Accounts that all send in bulk keep the whole window.
     light_reserve_share: float = 0.1
     light_backlog: int = 10
     # Deficit round robin: segments of credit an account gets per turn. At least the largest
@@ -155,6 +156,9 @@ class Engine:
         self.retry = RetryTimer(scheduler_ref)
         express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
         light_room = max(0, config.window - 1 - express_reserve)  # leaves a flood one slot
+        light_reserve = min(light_room, max(0, int(light_room * config.light_reserve_share)))
+        if config.scheduler_fifo:
+            light_reserve = 0  # the FIFO baseline has one queue: no light accounts
         self.pool = ProviderPool(
             providers,
             self.writer.ref,
@@ -162,7 +166,7 @@ class Engine:
             scheduler_ref,
             window=config.window,
             express_reserve=express_reserve,
-            light_reserve=min(light_room, max(0, int(light_room * config.light_reserve_share))),
+            light_reserve=light_reserve,
             max_batch=max(1, min(config.max_batch, config.window // 8)),
             policy=config.retry,
             clock=clock,
@@ -179,6 +183,7 @@ class Engine:
             body_budget=None if fifo else config.body_cache,
             page_size=config.page_size,
             fifo=fifo,
+            light_backlog=config.light_backlog,
         )
         self.scheduler = Scheduler(
             scheduler_inbox,
@@ -190,7 +195,6 @@ class Engine:
             page_accounts=config.page_accounts,
             commits=self.writer.commits,
             stamp=None if self.leases is None else self.leases.stamp,
-            light_backlog=config.light_backlog,
         )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.

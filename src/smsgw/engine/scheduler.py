@@ -60,7 +60,7 @@ def entry_of(sms: OutboundSms) -> Entry:
 class Mailbox:
     """One account's bulk work: entries in memory, and how many more wait in the store."""
 
-    __slots__ = ("deficit", "during", "paging", "queue", "spilled", "turn")
+    __slots__ = ("deficit", "during", "heavy", "paging", "queue", "spilled", "turn")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
@@ -69,6 +69,9 @@ class Mailbox:
         self.spilled = 0  # messages in the store after the account's cursor, not in memory
         self.paging = False  # a page query for it is out
         self.during: list[Entry] = []  # spilled while that query was out
+        # Has it had more than `light_backlog` waiting since it last had none? A light
+        # account's mailbox is made and dropped with each of its few messages.
+        self.heavy = False
 
     def idle(self) -> bool:
         return not self.queue and not self.spilled and not self.paging
@@ -109,6 +112,7 @@ class SchedulerState:
         body_budget: int | None = None,
         page_size: int = 500,
         fifo: bool = False,
+        light_backlog: int = 10,
     ) -> None:
         if fifo and not (account_bound is memory_bound is body_budget is None):
             raise ValueError("the FIFO baseline keeps everything in memory: no bounds")
@@ -135,6 +139,10 @@ class SchedulerState:
         self._seq = 0
         self.in_memory = 0  # bulk entries in mailboxes
         self.spilled = 0  # bulk messages counted but only in the store
+        # Light accounts: at most this many bulk messages waiting since they last had none
+        # (the window's light reserve is theirs); `light_served_at`: when one was last served.
+        self.light_backlog = light_backlog
+        self.light_served_at = -math.inf
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -192,6 +200,8 @@ class SchedulerState:
     def _place(self, account_id: int, entry: Entry) -> bool:
         """Put `entry` in memory (True) or count it as spilled (False)."""
         mailbox = self._mailbox(account_id)
+        if not mailbox.heavy and len(mailbox.queue) + mailbox.spilled >= self.light_backlog:
+            mailbox.heavy = True  # this entry takes it past the light backlog
         position = (entry[0], entry[1])
         cursor = self.cursors.get(account_id, START)
         if position <= cursor:
@@ -240,6 +250,8 @@ class SchedulerState:
         mailbox = self._mailbox(account_id)
         mailbox.spilled += count
         self.spilled += count
+        if len(mailbox.queue) + mailbox.spilled > self.light_backlog:
+            mailbox.heavy = True
         if not mailbox.paging:
             self.page_wanted[account_id] = None
 
@@ -358,17 +370,16 @@ class SchedulerState:
         popped = self.pop_bulk_of(now)
         return None if popped is None else popped[1]
 
-    def pop_bulk_of(self, now: float, max_backlog: int | None = None) -> tuple[int, Entry] | None:
-        """`pop_bulk`, with the account the entry is of. With `max_backlog`, only of an
-        account with at most that many bulk messages waiting: the others are passed over,
-        their turn kept for their next visit (the window's light reserve is for such
-        accounts)."""
+    def pop_bulk_of(self, now: float, light_only: bool = False) -> tuple[int, Entry] | None:
+        """`pop_bulk`, with the account the entry is of. With `light_only`, only of a light
+        account (see Mailbox.heavy): heavy ones are passed over, their turn kept for their
+        next visit (the window's light reserve is for light accounts)."""
         ring = self.ring
         unready = 0
         while unready < len(ring):
             account_id = ring[0]
             mailbox = self.mailboxes[account_id]
-            if max_backlog is not None and len(mailbox.queue) + mailbox.spilled > max_backlog:
+            if light_only and mailbox.heavy:
                 ring.rotate(-1)
                 unready += 1
                 continue
@@ -392,6 +403,8 @@ class SchedulerState:
             mailbox.queue.popleft()
             mailbox.deficit -= entry[2]
             self.in_memory -= 1
+            if not mailbox.heavy:
+                self.light_served_at = now
             if bucket is not None:
                 bucket.take(now)
             if not mailbox.queue:
@@ -471,7 +484,6 @@ class Scheduler:
         prefetch: int = 1_000,
         commits: CommitFence | None = None,
         stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
-        light_backlog: int = 10,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
@@ -492,10 +504,6 @@ class Scheduler:
         # Among several nodes: a body read from the store gets its shard's fencing token, or
         # is dropped (None) when this node no longer leases the shard; its owner recovers it.
         self._stamp = stamp
-        # Accounts with at most this many bulk messages waiting are light: the window's light
-        # reserve is theirs while one of them has sent lately (until `_light_until`).
-        self._light_backlog = light_backlog
-        self._light_until = -math.inf
         self._page_requests = trio.Event()
         self.dispatched = 0
         self.deadline_misses = 0  # express messages that expired waiting here
@@ -627,16 +635,17 @@ class Scheduler:
     def _pop_bulk(self, max_batch: int, now: float) -> list[tuple[int, Entry]]:
         """Up to `max_batch` bulk entries in round-robin order, as the window has room.
 
-        While light accounts (at most `light_backlog` messages waiting) have sent in the last
-        LIGHT_HOLD_S, the window's light reserve is kept out of this room and then offered to
-        them alone: a flood fills its slots again as each batch returns, and a light
-        account's message that arrives between two returns would otherwise wait for the next
-        one, behind the flood's work in flight (DESIGN.md: a flood from one must not delay
-        the others). A flood alone keeps the whole window."""
+        While a light account (no more than `light_backlog` messages waiting since it last had
+        none) has been served in the last LIGHT_HOLD_S, the window's light reserve is kept out
+        of this room and then offered to light accounts alone: a flood fills its slots again
+        as each batch returns, and a light account's message that arrives between two returns
+        would otherwise wait for the next one, behind the flood's work in flight (DESIGN.md: a
+        flood from one must not delay the others). A flood alone, or accounts that all send
+        in bulk, keep the whole window."""
         state = self.state
         window = self._pool.window
         reserve = window.light_reserve
-        keep = reserve if now < self._light_until else 0
+        keep = reserve if now < state.light_served_at + LIGHT_HOLD_S else 0
         entries: list[tuple[int, Entry]] = []
         wanted = window.take(min(state.in_memory, max_batch), keep=keep)
         while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
@@ -644,15 +653,12 @@ class Scheduler:
         window.release(wanted - len(entries))
         if not reserve:
             return entries
-        light = self._light_backlog
         if len(entries) < max_batch and state.in_memory:
             extra = window.take(min(state.in_memory, max_batch - len(entries)))
             taken = len(entries)
-            while len(entries) - taken < extra and (popped := state.pop_bulk_of(now, light)):
+            while len(entries) - taken < extra and (popped := state.pop_bulk_of(now, True)):
                 entries.append(popped)
             window.release(extra - (len(entries) - taken))
-        if any(state.backlog(account_id) < light for account_id, _ in entries):
-            self._light_until = now + LIGHT_HOLD_S
         return entries
 
     def _submit(self, batch: list[OutboundSms]) -> None:
