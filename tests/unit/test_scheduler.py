@@ -290,6 +290,8 @@ def test_a_mailbox_is_light_again_once_it_has_been_empty() -> None:
     assert state.light_served_at == 5.0  # heavy work does not count as light
     state.push(make_sms(20, 1))
     assert not state.mailboxes[1].heavy
+    state.push(make_sms(30, 3, attempts=1))  # a retry does not make an account light
+    assert state.mailboxes[3].heavy
 
 
 def test_a_three_segment_message_costs_three_times_a_one_segment_message() -> None:

@@ -184,11 +184,15 @@ class SchedulerState:
             heapq.heappush(self.express, (deadline, self._seq, sms))
             return
         entry = entry_of(sms)
-        if self._place(0 if self.fifo else sms.account_id, entry) and (
-            sms.attempts or len(self.bodies) < self.body_budget
-        ):
+        account_id = 0 if self.fifo else sms.account_id
+        if self._place(account_id, entry) and (sms.attempts or len(self.bodies) < self.body_budget):
             # A retry keeps its body whatever the budget: its attempts are only here.
             self.bodies[sms.id] = sms
+        if sms.attempts:
+            # A retry is not an account sending a little: with the operators failing a few
+            # percent of a heavy load, retries alone would keep the light reserve (and a tenth
+            # of the window) from the bulk senders.
+            self.mailboxes[account_id].heavy = True
 
     def _mailbox(self, account_id: int) -> Mailbox:
         mailbox = self.mailboxes.get(account_id)
