@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.scheduler import START, Entry, SchedulerState, micros
+from smsgw.engine.scheduler import LIGHT_SCAN, START, Entry, SchedulerState, micros
 
 SETTINGS = settings(max_examples=150, deadline=None)
 T0 = 1_700_000_000.0
@@ -292,6 +292,23 @@ def test_a_mailbox_is_light_again_once_it_has_been_empty() -> None:
     assert not state.mailboxes[1].heavy
     state.push(make_sms(30, 3, attempts=1))  # a retry does not make an account light
     assert state.mailboxes[3].heavy
+
+
+def test_a_light_pop_looks_at_the_newest_mailboxes_only_and_keeps_the_round() -> None:
+    state = SchedulerState(light_backlog=2)
+    n = 0
+    state.push(make_sms(n, 1))  # light, but older than the LIGHT_SCAN newest mailboxes
+    for account_id in range(2, 2 + LIGHT_SCAN):
+        for _ in range(3):
+            n += 1
+            state.push(make_sms(n, account_id))
+    assert state.pop_bulk_of(0.0, True) is None  # bounded work: account 1 waits its turn
+    state.push(make_sms(n + 1, 999))
+    order = list(state.ring)
+    popped = state.pop_bulk_of(0.0, True)
+    assert popped is not None and popped[0] == 999
+    assert list(state.ring) == order[:-1]  # its mailbox went; nobody else moved
+    assert state.pop_bulk_of(0.0)[0] == 1  # type: ignore[index]  # the round is unchanged
 
 
 def test_a_three_segment_message_costs_three_times_a_one_segment_message() -> None:

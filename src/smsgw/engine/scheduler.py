@@ -43,6 +43,10 @@ _PG_EPOCH_S = 946_684_800
 
 # How long after a light account's message the window's light reserve stays kept for them.
 LIGHT_HOLD_S = 5.0
+# How many of the newest mailboxes a pop for the light reserve looks at: bounded work per
+# batch however many heavy accounts wait (a light account's mailbox is new: it is made
+# with its message and goes to the end of the ring).
+LIGHT_SCAN = 64
 
 
 def micros(created_at: float) -> int:
@@ -375,18 +379,14 @@ class SchedulerState:
         return None if popped is None else popped[1]
 
     def pop_bulk_of(self, now: float, light_only: bool = False) -> tuple[int, Entry] | None:
-        """`pop_bulk`, with the account the entry is of. With `light_only`, only of a light
-        account (see Mailbox.heavy): heavy ones are passed over, their turn kept for their
-        next visit (the window's light reserve is for light accounts)."""
+        """`pop_bulk`, with the account the entry is of. With `light_only`, see `_pop_light`."""
+        if light_only:
+            return self._pop_light(now)
         ring = self.ring
         unready = 0
         while unready < len(ring):
             account_id = ring[0]
             mailbox = self.mailboxes[account_id]
-            if light_only and mailbox.heavy:
-                ring.rotate(-1)
-                unready += 1
-                continue
             bucket = self.buckets.get(account_id)
             if not mailbox.queue or (bucket is not None and bucket.wait(now) > 0):
                 # Not ready: its turn passes without credit, keeping what it had.
@@ -425,6 +425,37 @@ class SchedulerState:
                         self.page_wanted[account_id] = None
             elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
                 self.page_wanted[account_id] = None
+            return account_id, entry
+        return None
+
+    def _pop_light(self, now: float) -> tuple[int, Entry] | None:
+        """The next entry of a light account (see Mailbox.heavy) among the newest LIGHT_SCAN
+        mailboxes, oldest first, for the window's light reserve. Outside round robin: the
+        ring's order and every deficit stay as they are (a light account has little to
+        send, and this is the reserve's, not the round's, share of the window)."""
+        ring = self.ring
+        size = len(ring)
+        for i in range(max(0, size - LIGHT_SCAN), size):
+            account_id = ring[i]
+            mailbox = self.mailboxes[account_id]
+            if mailbox.heavy or not mailbox.queue:
+                continue
+            bucket = self.buckets.get(account_id)
+            if bucket is not None:
+                if bucket.wait(now) > 0:
+                    continue
+                bucket.take(now)
+            entry = mailbox.queue.popleft()
+            self.in_memory -= 1
+            self.light_served_at = now
+            if not mailbox.queue:
+                mailbox.turn = False
+                mailbox.deficit = 0
+                if mailbox.idle():
+                    del ring[i]
+                    del self.mailboxes[account_id]
+                elif mailbox.spilled and not mailbox.paging:
+                    self.page_wanted[account_id] = None
             return account_id, entry
         return None
 
