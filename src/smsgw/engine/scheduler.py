@@ -406,27 +406,36 @@ class SchedulerState:
                 continue
             mailbox.queue.popleft()
             mailbox.deficit -= entry[2]
-            self.in_memory -= 1
-            if not mailbox.heavy:
-                self.light_served_at = now
-            if bucket is not None:
-                bucket.take(now)
-            if not mailbox.queue:
-                # Nothing left in memory: the turn ends, and DRR's credit does not carry over
-                # a gap in the account's backlog.
-                mailbox.turn = False
-                mailbox.deficit = 0
-                if mailbox.idle():
-                    ring.popleft()
-                    del self.mailboxes[account_id]
-                else:
-                    ring.rotate(-1)
-                    if mailbox.spilled and not mailbox.paging:
-                        self.page_wanted[account_id] = None
-            elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
-                self.page_wanted[account_id] = None
+            if self._taken(account_id, mailbox, bucket, now):
+                ring.popleft()
+            elif not mailbox.queue:
+                ring.rotate(-1)
             return account_id, entry
         return None
+
+    def _taken(
+        self, account_id: int, mailbox: Mailbox, bucket: TokenBucket | None, now: float
+    ) -> bool:
+        """What follows an entry leaving `mailbox` for dispatch; True when the mailbox is idle
+        now and was dropped (the caller takes it out of the ring)."""
+        self.in_memory -= 1
+        if not mailbox.heavy:
+            self.light_served_at = now
+        if bucket is not None:
+            bucket.take(now)
+        if not mailbox.queue:
+            # Nothing left in memory: the turn ends, and DRR's credit does not carry over a
+            # gap in the account's backlog.
+            mailbox.turn = False
+            mailbox.deficit = 0
+            if mailbox.idle():
+                del self.mailboxes[account_id]
+                return True
+            if mailbox.spilled and not mailbox.paging:
+                self.page_wanted[account_id] = None
+        elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
+            self.page_wanted[account_id] = None
+        return False
 
     def _pop_light(self, now: float) -> tuple[int, Entry] | None:
         """The next entry of a light account (see Mailbox.heavy) among the newest LIGHT_SCAN
@@ -441,21 +450,11 @@ class SchedulerState:
             if mailbox.heavy or not mailbox.queue:
                 continue
             bucket = self.buckets.get(account_id)
-            if bucket is not None:
-                if bucket.wait(now) > 0:
-                    continue
-                bucket.take(now)
+            if bucket is not None and bucket.wait(now) > 0:
+                continue
             entry = mailbox.queue.popleft()
-            self.in_memory -= 1
-            self.light_served_at = now
-            if not mailbox.queue:
-                mailbox.turn = False
-                mailbox.deficit = 0
-                if mailbox.idle():
-                    del ring[i]
-                    del self.mailboxes[account_id]
-                elif mailbox.spilled and not mailbox.paging:
-                    self.page_wanted[account_id] = None
+            if self._taken(account_id, mailbox, bucket, now):
+                del ring[i]
             return account_id, entry
         return None
 
@@ -678,23 +677,32 @@ class Scheduler:
         flood from one must not delay the others). A flood alone, or accounts that all send
         in bulk, keep the whole window."""
         state = self.state
-        window = self._pool.window
-        reserve = window.light_reserve
+        reserve = self._pool.window.light_reserve
         keep = reserve if now < state.light_served_at + LIGHT_HOLD_S else 0
         entries: list[tuple[int, Entry]] = []
-        wanted = window.take(min(state.in_memory, max_batch), keep=keep)
-        while len(entries) < wanted and (popped := state.pop_bulk_of(now)):
-            entries.append(popped)
-        window.release(wanted - len(entries))
-        if not reserve:
-            return entries
-        if len(entries) < max_batch and state.in_memory:
-            extra = window.take(min(state.in_memory, max_batch - len(entries)))
-            taken = len(entries)
-            while len(entries) - taken < extra and (popped := state.pop_bulk_of(now, True)):
-                entries.append(popped)
-            window.release(extra - (len(entries) - taken))
+        self._pop_into(entries, max_batch, now, keep=keep)
+        if reserve and len(entries) < max_batch:
+            self._pop_into(entries, max_batch, now, light_only=True)
         return entries
+
+    def _pop_into(
+        self,
+        entries: list[tuple[int, Entry]],
+        max_batch: int,
+        now: float,
+        *,
+        keep: int = 0,
+        light_only: bool = False,
+    ) -> None:
+        """Take window slots for what `entries` lacks of `max_batch` (leaving `keep` of the
+        bulk slots), fill them with bulk entries, and give back the slots left unfilled."""
+        state = self.state
+        window = self._pool.window
+        wanted = window.take(min(state.in_memory, max_batch - len(entries)), keep=keep)
+        start = len(entries)
+        while len(entries) - start < wanted and (popped := state.pop_bulk_of(now, light_only)):
+            entries.append(popped)
+        window.release(wanted - (len(entries) - start))
 
     def _submit(self, batch: list[OutboundSms]) -> None:
         if batch:
