@@ -212,3 +212,38 @@ async def test_a_group_waiting_for_its_turn_at_shutdown_is_answered_and_keeps_it
         await trio.sleep(0.1)
         assert sum(n for _, n, _ in store.groups) == 2
         nursery.cancel_scope.cancel()
+
+
+class FailingOnceStore(RecordingStore):
+    """The first commit fails as if PostgreSQL were down; the rest commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        if not self.failed:
+            self.failed = True
+            raise OSError("connection refused")
+        return await super().commit_group(group)
+
+
+async def test_a_failed_commit_answers_its_callers_and_keeps_its_outcomes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FailingOnceStore()
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        message, reply = accept(0, 1, account=1)
+        writer.ref.tell_nowait(message)
+        writer.ref.tell_nowait(outcome(1))
+        with pytest.raises(StoreUnavailable, match="could not commit: OSError"):
+            await reply.wait()
+        assert writer.failed_groups == 1 and store.groups == []
+        again, reply = accept(2, 1, account=1)
+        writer.ref.tell_nowait(again)
+        assert (await reply.wait())[0].accepted
+        # The failed group's outcome went with the next group; its accept did not.
+        assert [(n, a) for _, n, a in store.groups] == [(1, 1)]
+        nursery.cancel_scope.cancel()

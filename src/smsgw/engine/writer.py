@@ -221,7 +221,8 @@ class StoreWriter:
             try:
                 await self._small_turn.acquire()
             except trio.Cancelled:
-                self._abandon(batch, carry)
+                stopped = StoreUnavailable("the writer stopped before this group was committed")
+                self._abandon(batch, carry, stopped)
                 raise
             try:
                 batch.extend(inbox.get_batch_nowait(self._max_group - rows, _rows))
@@ -236,10 +237,12 @@ class StoreWriter:
         finally:
             self.commits.close(seq)
 
-    def _abandon(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
-        """A group taken but not committed (the loop is cancelled): its callers are answered
-        as for a failed commit, and its outcomes kept for the next group."""
-        error = StoreUnavailable("the writer stopped before this group was committed")
+    @staticmethod
+    def _abandon(
+        batch: list[WriterMessage], carry: list[RecordOutcome], error: StoreUnavailable
+    ) -> None:
+        """A group taken but not committed (its commit failed, or the loop is cancelled): its
+        callers get `error`, and its outcomes are kept for the next group."""
         for message in batch:
             if isinstance(message, RecordOutcome):
                 carry.append(message)
@@ -275,7 +278,6 @@ class StoreWriter:
         topup_replies: list[Reply[int | None]] = []
         create_replies: list[Reply[Account]] = []
         delivery_replies: list[Reply[list[DeliveryResult]]] = []
-        outcomes: list[RecordOutcome] = []
         for message in batch:
             match message:
                 case Accept(items=items, atomic=atomic, reply=reply):
@@ -283,7 +285,6 @@ class StoreWriter:
                     accept_replies.append(reply)
                 case RecordOutcome(outcome=outcome):
                     group.outcomes.append(outcome)
-                    outcomes.append(message)
                 case TopUp(account_id=account_id, amount=amount, reply=reply):
                     group.topups.append((account_id, amount))
                     topup_replies.append(reply)
@@ -310,16 +311,7 @@ class StoreWriter:
             self.failed_groups += 1
             self.last_failure = f"{type(exc).__name__}: {exc}"
             log.warning("group commit failed: %s", self.last_failure)
-            error = StoreUnavailable(f"could not commit: {self.last_failure}")
-            replies: list[Reply[Any]] = [
-                *accept_replies,
-                *topup_replies,
-                *create_replies,
-                *delivery_replies,
-            ]
-            for reply in replies:
-                reply.fail(error)
-            carry.extend(outcomes)
+            self._abandon(batch, carry, StoreUnavailable(f"could not commit: {self.last_failure}"))
             await trio.sleep(min(2.0, 0.05 * 2 ** min(self.failures, 6)))
             return
         self.failures = 0
