@@ -49,8 +49,9 @@ def sms(i: int, *, account: int = 1, express: bool = False) -> OutboundSms:
     )
 
 
-def outcome(i: int, *, express: bool = False) -> RecordOutcome:
-    return RecordOutcome(Outcome(sms(i, express=express), "sent", "op", f"op-{i}", None, 1, 0.0))
+def outcome(i: int, *, account: int = 1, express: bool = False) -> RecordOutcome:
+    message = sms(i, account=account, express=express)
+    return RecordOutcome(Outcome(message, "sent", "op", f"op-{i}", None, 1, 0.0))
 
 
 async def committed(messages: Sequence[OutboundSms]) -> None:
@@ -197,18 +198,14 @@ async def test_a_group_waiting_for_its_turn_at_shutdown_is_answered_and_keeps_it
         await commit_one_on_the_first_committer(writer)
         waiting, reply = accept(1, 1, account=2)
         writer.ref.tell_nowait(waiting)
-        writer.ref.tell_nowait(
-            RecordOutcome(Outcome(sms(2, account=2), "sent", "o", "x", None, 1, 0))
-        )
+        writer.ref.tell_nowait(outcome(2, account=2))
         await trio.sleep(0.001)  # the second committer holds both, waiting for its turn
         nursery.cancel_scope.cancel()
     with pytest.raises(StoreUnavailable, match="stopped before this group was committed"):
         await reply.wait()
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)  # restarted: the outcome goes with the next group
-        writer.ref.tell_nowait(
-            RecordOutcome(Outcome(sms(3, account=2), "sent", "o", "y", None, 1, 0))
-        )
+        writer.ref.tell_nowait(outcome(3, account=2))
         await trio.sleep(0.1)
         assert sum(n for _, n, _ in store.groups) == 2
         nursery.cancel_scope.cancel()
