@@ -159,38 +159,49 @@ async def migrate(db: Database) -> list[str]:
 
 # --- the store ----------------------------------------------------------------------------
 
-# A group commit is four round trips however large the group: BEGIN; one statement that
-# applies the outcomes and locks the accounts; one that inserts the messages and writes the
-# accounts and their ledger rows; COMMIT. Rows travel as one JSON document per statement, read
-# back with json_to_recordset (which takes the keys it names and ignores the rest): msgspec
-# encodes the structs as they are in about 0.5 µs each, where asyncpg's array encoding of
-# `unnest` parameters spent about 15 µs a message in isinstance checks.
+# A group commit of accepts and outcomes is one statement (_ONE_STATEMENT) when every account
+# can cover its holds, however large the group. Otherwise it is four round trips: BEGIN; one
+# statement that applies the outcomes and locks the accounts; one that inserts the messages
+# and writes the accounts and their ledger rows; COMMIT. Rows travel as one JSON document per
+# statement, read back with json_to_recordset (which takes the keys it names and ignores the
+# rest): msgspec encodes the structs as they are in about 0.5 µs each, where asyncpg's array
+# encoding of `unnest` parameters spent about 15 µs a message in isinstance checks.
+
 
 # Only a message that is not final yet takes an outcome: exactly one outcome per message,
 # whatever retries or recoveries deliver twice, and only under the shard lease it was
-# dispatched under (fencing, engine/shards.py). The accounts come back locked in id order (so
-# concurrent groups cannot deadlock on them), with what the outcomes captured and released,
-# summed per account.
-_LOCK_AND_FINISH = """
-WITH finished AS (
+# dispatched under (fencing, engine/shards.py).
+def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
+    """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
+    returning each applied one's account, price and whether it was sent (+ `returning`)."""
+    return f"""
     UPDATE messages m
     SET status = x.status, reason = x.reason, operator = x.operator,
         operator_message_id = x.operator_message_id, attempts = x.attempts,
         updated_at = to_timestamp(x.at)
-    FROM json_to_recordset($2::json)
+    FROM json_to_recordset({param}::json)
          AS x(id uuid, status text, reason text, operator text, operator_message_id text,
               attempts int, at float8, shard int, fence bigint)
     WHERE m.id = x.id AND m.status IN ('queued', 'sending')
       AND (x.fence IS NULL
-           OR x.fence = (SELECT l.token FROM shard_leases l WHERE l.shard = x.shard))
-    RETURNING m.account_id, m.price, x.status = 'sent' AS sent
-), per_account AS (
+           OR x.fence = (SELECT l.token FROM shard_leases l WHERE l.shard = x.shard)){only_if}
+    RETURNING m.account_id, m.price, x.status = 'sent' AS sent{returning}"""
+
+
+# What the outcomes of `finished` captured and released, summed per account.
+_PER_ACCOUNT = """
     SELECT account_id,
            coalesce(sum(price) FILTER (WHERE sent), 0) AS captured,
            count(*) FILTER (WHERE sent) AS captured_n,
            coalesce(sum(price) FILTER (WHERE NOT sent), 0) AS released,
            count(*) FILTER (WHERE NOT sent) AS released_n
-    FROM finished GROUP BY account_id
+    FROM finished GROUP BY account_id"""
+
+# The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
+# with what the outcomes captured and released, summed per account.
+_LOCK_AND_FINISH = f"""
+WITH finished AS ({_finish_sql("$2")}
+), per_account AS ({_PER_ACCOUNT}
 )
 SELECT a.id, a.balance, a.held, a.captured, a.topped_up, a.callback_url,
        f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n
@@ -236,19 +247,28 @@ _WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 # The messages, the accounts and the ledger in one statement. A message whose client_ref is
 # taken is not inserted (the unique index decides, exact across nodes): the caller sees it
 # missing from `inserted` and corrects the credit (_undo_duplicates), which is rare.
-_WRITE_GROUP = f"""
-WITH inserted AS (
+
+
+def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> str:
+    """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
+    `queued`, returning the id of each one inserted (+ `returning`)."""
+    return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url)
     SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
            x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
            to_timestamp(x.created_at), x.callback_url
-    FROM json_to_recordset($10::json)
+    FROM json_to_recordset({param}::json)
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text)
+    WHERE {only_if}
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
-    RETURNING id
+    RETURNING id{returning}"""
+
+
+_WRITE_GROUP = f"""
+WITH inserted AS ({_insert_sql("$10")}
 ), {_UPDATE_ACCOUNTS}
 SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id::text) FROM inserted) AS inserted,
@@ -278,6 +298,78 @@ WITH {_UPDATE_ACCOUNTS}
 SELECT (SELECT array_agg(id) FROM ledger) AS ledger, h.owners, h.ids
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
       FROM smsgw_handoff($10, $11, $12::int[], $13::uuid[])) AS h
+"""
+
+# The common group, accepts and outcomes on one node, in one statement and so one round trip
+# (autocommit: its own transaction). It locks the group's accounts in id order, and goes on
+# only when every one exists and its balance covers all of the group's holds for it before
+# any of the group's releases, which the node cannot know yet; otherwise it changes nothing
+# and says `ok` false, and the group is done the exact way (_commit's transaction). The
+# accounts are updated relative to their locked rows, the holds from the messages inserted
+# (a taken client_ref holds nothing), so the figures are exact whatever other nodes did.
+# Written only when all of its parts apply: `ok` gates the outcomes and the insert, and all
+# the rest follows from what they returned.
+_OK_FINISHED = _finish_sql(
+    "$2",
+    only_if=" AND (SELECT ok FROM ok)",
+    returning=", m.id, m.status, m.reason, m.client_ref, m.updated_at, m.callback_url",
+)
+_OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
+_ONE_STATEMENT = f"""
+WITH locked AS MATERIALIZED (
+    SELECT a.id, a.balance, a.callback_url FROM accounts a
+    WHERE a.id = ANY($3::bigint[]) ORDER BY a.id FOR UPDATE
+), ok AS (
+    SELECT count(*) = cardinality($3::bigint[])
+           AND coalesce(bool_and(l.balance >= coalesce(n.amount, 0)), TRUE) AS ok
+    FROM locked l LEFT JOIN (
+        SELECT x.account_id, sum(x.price) AS amount
+        FROM json_to_recordset($1::json) AS x(account_id bigint, price int)
+        GROUP BY x.account_id
+    ) n ON n.account_id = l.id
+), finished AS ({_OK_FINISHED}
+), inserted AS ({_OK_INSERTED}
+), delta AS (
+    SELECT l.id, l.balance,
+           coalesce(h.held, 0) AS held, coalesce(h.held_n, 0) AS held_n,
+           coalesce(f.captured, 0) AS captured, coalesce(f.captured_n, 0) AS captured_n,
+           coalesce(f.released, 0) AS released, coalesce(f.released_n, 0) AS released_n
+    FROM locked l
+    LEFT JOIN (
+        SELECT account_id, sum(price) AS held, count(*) AS held_n
+        FROM inserted GROUP BY account_id
+    ) h ON h.account_id = l.id
+    LEFT JOIN ({_PER_ACCOUNT}
+    ) f ON f.account_id = l.id
+), updated AS (
+    UPDATE accounts a
+    SET balance = a.balance - d.held + d.released,
+        held = a.held + d.held - d.captured - d.released,
+        captured = a.captured + d.captured
+    FROM delta d
+    WHERE a.id = d.id AND (d.held > 0 OR d.captured > 0 OR d.released > 0)
+    RETURNING a.id, a.balance
+), ledger AS (
+    INSERT INTO credit_ledger (account_id, kind, amount, messages)
+    SELECT d.id, k.kind, k.amount, k.n
+    FROM delta d CROSS JOIN LATERAL (VALUES ('hold', d.held, d.held_n),
+                                            ('capture', d.captured, d.captured_n),
+                                            ('release', d.released, d.released_n))
+         AS k(kind, amount, n)
+    WHERE k.amount > 0
+), callbacks AS (
+    INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
+    SELECT f.id, f.account_id, coalesce(f.callback_url, l.callback_url), f.status, f.reason,
+           f.client_ref, f.updated_at
+    FROM finished f JOIN locked l ON l.id = f.account_id
+    WHERE coalesce(f.callback_url, l.callback_url) IS NOT NULL
+)
+SELECT (SELECT ok FROM ok) AS ok,
+       (SELECT count(*) FROM inserted) AS stored,
+       (SELECT array_agg(id::text) FROM inserted) AS inserted,
+       b.ids, b.balances
+FROM (SELECT array_agg(d.id) AS ids, array_agg(coalesce(u.balance, d.balance)) AS balances
+      FROM delta d LEFT JOIN updated u ON u.id = d.id) AS b
 """
 
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
@@ -462,35 +554,23 @@ class PgStore(CallbackOutbox):
     async def _commit(
         self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
     ) -> GroupResult:
+        ids: set[int] = {a for a, _ in group.topups}
+        ids.update(o.sms.account_id for o in group.outcomes)
+        for items, _ in group.accepts:
+            ids.update(sms.account_id for sms in items)
+        if ids and self._one_statement(group, copy):
+            done = await _commit_one(conn, group, sorted(ids))
+            if done is not None:
+                return done
         wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
 
-            ids: set[int] = {a for a, _ in group.topups}
-            ids.update(o.sms.account_id for o in group.outcomes)
-            for items, _ in group.accepts:
-                ids.update(sms.account_id for sms in items)
             book = CreditBook()
             messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
             account_urls: dict[int, str] = {}  # the group's accounts that have a callback_url
             if ids:
-                finished = [
-                    _FinishRow(
-                        o.sms.id,
-                        o.status,
-                        o.reason,
-                        o.operator,
-                        o.operator_message_id,
-                        o.attempts,
-                        o.at,
-                        shard_of(o.sms.account_id),
-                        o.sms.fence,
-                    )
-                    for o in group.outcomes
-                ]
-                rows = await conn.fetch(
-                    _LOCK_AND_FINISH, sorted(ids), _json.encode(finished).decode()
-                )
+                rows = await conn.fetch(_LOCK_AND_FINISH, sorted(ids), _finished_json(group))
                 for r in rows:
                     account_id = r["id"]
                     book.load(
@@ -595,6 +675,19 @@ class PgStore(CallbackOutbox):
             except Exception as exc:
                 log.warning("could not notify hand-offs (the poll takes them): %s", exc)
         return GroupResult(accepts, topups, creates, deliveries)
+
+    def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
+        """Whether _ONE_STATEMENT can do this group: only accepts and outcomes, on a node
+        alone (no hand-offs), not a batch for COPY, and no atomic batch that names a
+        client_ref (a taken one would take back its siblings: the exact way does that)."""
+        if self.handoff is not None or group.creates or group.topups or group.deliveries:
+            return False
+        n = 0
+        for items, atomic in group.accepts:
+            n += len(items)
+            if atomic and len(items) > 1 and any(s.client_ref is not None for s in items):
+                return False
+        return not copy or n < COPY_MIN_ROWS
 
     async def _create(
         self, conn: asyncpg.Connection, name: str, credit: int, key_hash: bytes
@@ -1009,6 +1102,60 @@ RETURNING true
 _READ_KEY = """
 SELECT request_hash, status, body FROM idempotency_keys WHERE account_id = $1 AND key = $2
 """
+
+
+def _finished_json(group: WriteGroup) -> str:
+    """The group's outcomes as the JSON list _finish_sql reads."""
+    finished = [
+        _FinishRow(
+            o.sms.id,
+            o.status,
+            o.reason,
+            o.operator,
+            o.operator_message_id,
+            o.attempts,
+            o.at,
+            shard_of(o.sms.account_id),
+            o.sms.fence,
+        )
+        for o in group.outcomes
+    ]
+    return _json.encode(finished).decode()
+
+
+async def _commit_one(
+    conn: asyncpg.Connection, group: WriteGroup, ids: list[int]
+) -> GroupResult | None:
+    """The group by _ONE_STATEMENT; None when it changed nothing (an account missing, or one
+    whose balance may not cover its holds), for the exact way to do."""
+    stored = [sms for items, _ in group.accepts for sms in items]
+    row = await conn.fetchrow(
+        _ONE_STATEMENT, _json.encode(stored).decode(), _finished_json(group), ids
+    )
+    if not row["ok"]:
+        return None
+    balances = dict(zip(row["ids"], row["balances"], strict=True))
+    every = row["stored"] == len(stored)
+    inserted: set[str] = set() if every else set(row["inserted"] or ())
+    answers: dict[int, AcceptResult] = {}  # the accepted items of an account share one
+    accepts: list[list[AcceptResult]] = []
+    for items, _ in group.accepts:
+        results = []
+        for sms in items:
+            if every or sms.id in inserted:
+                answer = answers.get(sms.account_id)
+                if answer is None:
+                    balance = balances[sms.account_id]
+                    answer = answers[sms.account_id] = AcceptResult(True, balance=balance)
+                results.append(answer)
+            else:
+                results.append(
+                    AcceptResult(
+                        False, reason="duplicate_client_ref", balance=balances[sms.account_id]
+                    )
+                )
+        accepts.append(results)
+    return GroupResult(accepts, [], [])
 
 
 def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> list[OutboundSms]:

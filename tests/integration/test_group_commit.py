@@ -1,0 +1,198 @@
+"""The store's group commit on PostgreSQL, called directly: the one-statement way
+(_ONE_STATEMENT) and the transaction it falls back to leave exactly the same state."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgspec
+import pytest
+
+import smsgw.storage.pg as pg
+from smsgw.engine.messages import Account, OutboundSms, Outcome
+from smsgw.engine.ports import GroupResult, WriteGroup
+from smsgw.http.context import uuid7
+from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger
+
+
+class ExactStore(PgStore):
+    """Every group the transaction way."""
+
+    def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
+        return False
+
+
+def message(account_id: int, price: int, client_ref: str | None = None) -> OutboundSms:
+    return OutboundSms(
+        id=uuid7(),
+        account_id=account_id,
+        to="+4915123456789",
+        sender="smsgw",
+        text="hi",
+        segments=price // 5,
+        price=price,
+        express=False,
+        created_at=1.7e9,
+        client_ref=client_ref,
+    )
+
+
+def outcome(sms: OutboundSms, status: str) -> Outcome:
+    return Outcome(
+        sms=sms,
+        status="sent" if status == "sent" else "failed",
+        operator="op",
+        operator_message_id=None,
+        reason=None if status == "sent" else "rejected",
+        attempts=1,
+        at=1.7e9 + 1,
+    )
+
+
+def answers(result: GroupResult) -> list[list[tuple[bool, str | None]]]:
+    """What the callers hear of their accepts (the balance of an accepted one is not told)."""
+    return [[(r.accepted, r.reason) for r in results] for results in result.accepts]
+
+
+class Twin:
+    """One side of the comparison: a store, its accounts and its messages not final yet."""
+
+    def __init__(self, store: PgStore, accounts: list[Account]) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.pending: list[OutboundSms] = []
+
+
+def random_group(
+    rng: random.Random, twins: tuple[Twin, Twin]
+) -> tuple[WriteGroup, WriteGroup, list[list[OutboundSms]]]:
+    """The same random work for both twins (each on its own accounts): single accepts and
+    batches (some atomic), client_refs that repeat, outcomes for pending messages (a few
+    twice), now and then a top-up. Returns the groups and each side's accepted candidates."""
+    groups = (WriteGroup(), WriteGroup())
+    items: list[list[OutboundSms]] = [[], []]
+    for _ in range(rng.randint(0, 12)):
+        size = 1 if rng.random() < 0.7 else rng.randint(2, 5)
+        atomic = rng.random() < 0.5
+        picks = [
+            (rng.randrange(3), rng.choice((5, 5, 10, 35)), rng.choice((None, None, "r1", "r2")))
+            for _ in range(size)
+        ]
+        picks = [(a, p, None if ref is None else f"{ref}-{rng.randrange(4)}") for a, p, ref in picks]
+        for side, twin in enumerate(twins):
+            batch = [message(twin.accounts[a].id, p, ref) for a, p, ref in picks]
+            groups[side].accepts.append((batch, atomic))
+            items[side].extend(batch)
+    pending = len(twins[0].pending)
+    for i in sorted(rng.sample(range(pending), min(pending, rng.randint(0, 6)))):
+        status = rng.choice(("sent", "sent", "failed"))
+        for side, twin in enumerate(twins):
+            groups[side].outcomes.append(outcome(twin.pending[i], status))
+            if rng.random() < 0.1:  # delivered twice (a retry after a lost answer)
+                groups[side].outcomes.append(outcome(twin.pending[i], status))
+    if rng.random() < 0.1:
+        a, amount = rng.randrange(3), rng.choice((5, 50))
+        for side, twin in enumerate(twins):
+            groups[side].topups.append((twin.accounts[a].id, amount))
+    return groups[0], groups[1], items
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_one_statement_and_the_transaction_leave_the_same_state(
+    database_url: str, schema: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used = {"one": 0, "fallback": 0}
+    commit_one = pg._commit_one
+
+    async def counted(*args: Any) -> GroupResult | None:
+        done = await commit_one(*args)
+        used["one" if done is not None else "fallback"] += 1
+        return done
+
+    monkeypatch.setattr(pg, "_commit_one", counted)
+    rng = random.Random(seed)
+    async with asyncio_loop():
+        db = await Database.open(database_url, schema=schema)
+        try:
+            await migrate(db)
+            twins: list[Twin] = []
+            for side, store in enumerate((PgStore(db), ExactStore(db))):
+                create = WriteGroup()
+                create.creates += [(f"{side}-{i}", 60, bytes([side, i]) * 16) for i in range(3)]
+                twins.append(Twin(store, (await store.commit_group(create)).creates))
+            # Callbacks for the first account of each side, so outcomes write outbox rows.
+            for twin in twins:
+                await db.run(
+                    lambda conn, t=twin: conn.execute(
+                        "UPDATE accounts SET callback_url = 'http://127.0.0.1:9/cb'"
+                        " WHERE id = $1",
+                        t.accounts[0].id,
+                    )
+                )
+            fast, exact = twins
+            for _ in range(80):
+                group_fast, group_exact, items = random_group(rng, (fast, exact))
+                got_fast = await fast.store.commit_group(group_fast)
+                got_exact = await exact.store.commit_group(group_exact)
+                assert answers(got_fast) == answers(got_exact)
+                assert got_fast.topups == got_exact.topups
+                for twin, result, group, candidates in (
+                    (fast, got_fast, group_fast, items[0]),
+                    (exact, got_exact, group_exact, items[1]),
+                ):
+                    done = {o.sms.id for o in group.outcomes}
+                    twin.pending = [s for s in twin.pending if s.id not in done]
+                    accepted = [r.accepted for results in result.accepts for r in results]
+                    twin.pending += [s for s, ok in zip(candidates, accepted, strict=True) if ok]
+        finally:
+            await db.close()
+
+    accounts = await ledger(database_url, schema)
+    assert_ledger_consistent(accounts)
+    for a, b in zip(fast.accounts, exact.accounts, strict=True):
+        assert {**accounts[a.id], "id": 0} == {**accounts[b.id], "id": 0}
+    outbox = await db_fetch(
+        database_url,
+        schema,
+        "SELECT account_id, status, count(*) AS n FROM callback_outbox"
+        " GROUP BY account_id, status",
+    )
+    by_side = [
+        {(r["status"], r["n"]) for r in outbox if r["account_id"] == twin.accounts[0].id}
+        for twin in (fast, exact)
+    ]
+    assert by_side[0] == by_side[1] and by_side[0]
+    # Both ways ran: the balances run out, and then the group falls back.
+    assert used["one"] > 0 and used["fallback"] > 0, used
+
+
+async def test_a_taken_client_ref_holds_nothing_in_one_statement(
+    database_url: str, schema: str
+) -> None:
+    async with asyncio_loop():
+        db = await Database.open(database_url, schema=schema)
+        try:
+            await migrate(db)
+            store = PgStore(db)
+            create = WriteGroup()
+            create.creates.append(("acme", 100, b"k" * 32))
+            [account] = (await store.commit_group(create)).creates
+            first = message(account.id, 5, "order-1")
+            group = WriteGroup()
+            group.accepts.append(([first], True))
+            assert answers(await store.commit_group(group)) == [[(True, None)]]
+
+            again = msgspec.structs.replace(first, id=uuid7())
+            other = message(account.id, 10, "order-2")
+            group = WriteGroup()
+            group.accepts += [([again], True), ([other], True)]
+            result = await store.commit_group(group)
+            assert answers(result) == [[(False, "duplicate_client_ref")], [(True, None)]]
+            assert result.accepts[1][0].balance == 85
+        finally:
+            await db.close()
+    figures = (await ledger(database_url, schema))[account.id]
+    assert figures["balance"] == 85 and figures["held"] == 15
+    assert_ledger_consistent({account.id: figures})
