@@ -9,11 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 
-import smsgw.storage.pg as pg
 from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, WriteGroup
 from smsgw.http.context import uuid7
-from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+from smsgw.storage.cluster import PgCluster
+from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
 from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger
 
 
@@ -80,7 +80,7 @@ def random_group(
             (rng.randrange(3), rng.choice((5, 5, 10, 35)), rng.choice((None, None, "r1", "r2")))
             for _ in range(size)
         ]
-        picks = [(a, p, None if ref is None else f"{ref}-{rng.randrange(4)}") for a, p, ref in picks]
+        picks = [(a, p, ref and f"{ref}-{rng.randrange(4)}") for a, p, ref in picks]
         for side, twin in enumerate(twins):
             batch = [message(twin.accounts[a].id, p, ref) for a, p, ref in picks]
             groups[side].accepts.append((batch, atomic))
@@ -99,26 +99,35 @@ def random_group(
     return groups[0], groups[1], items
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("seed", "cluster"), [(1, False), (2, False), (3, True), (4, True)])
 async def test_one_statement_and_the_transaction_leave_the_same_state(
-    database_url: str, schema: str, seed: int, monkeypatch: pytest.MonkeyPatch
+    database_url: str, schema: str, seed: int, cluster: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Random groups, the same on both sides; with `cluster`, on a node that leases no shard,
+    so every message is handed off (to nobody yet)."""
     used = {"one": 0, "fallback": 0}
-    commit_one = pg._commit_one
+    commit_one = PgStore._commit_one
 
     async def counted(*args: Any) -> GroupResult | None:
         done = await commit_one(*args)
         used["one" if done is not None else "fallback"] += 1
         return done
 
-    monkeypatch.setattr(pg, "_commit_one", counted)
+    monkeypatch.setattr(PgStore, "_commit_one", counted)
     rng = random.Random(seed)
+    candidates: tuple[list[str], list[str]] = ([], [])
     async with asyncio_loop():
         db = await Database.open(database_url, schema=schema)
         try:
             await migrate(db)
+            handoff = None
+            if cluster:
+                node = PgCluster(db, database_url, "a")
+                await node.join(3.0)
+                handoff = Handoff("a", node.lock_class, node.channel)
             twins: list[Twin] = []
-            for side, store in enumerate((PgStore(db), ExactStore(db))):
+            stores = (PgStore(db, handoff=handoff), ExactStore(db, handoff=handoff))
+            for side, store in enumerate(stores):
                 create = WriteGroup()
                 create.creates += [(f"{side}-{i}", 60, bytes([side, i]) * 16) for i in range(3)]
                 twins.append(Twin(store, (await store.commit_group(create)).creates))
@@ -126,8 +135,7 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
             for twin in twins:
                 await db.run(
                     lambda conn, t=twin: conn.execute(
-                        "UPDATE accounts SET callback_url = 'http://127.0.0.1:9/cb'"
-                        " WHERE id = $1",
+                        "UPDATE accounts SET callback_url = 'http://127.0.0.1:9/cb' WHERE id = $1",
                         t.accounts[0].id,
                     )
                 )
@@ -138,14 +146,14 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
                 got_exact = await exact.store.commit_group(group_exact)
                 assert answers(got_fast) == answers(got_exact)
                 assert got_fast.topups == got_exact.topups
-                for twin, result, group, candidates in (
-                    (fast, got_fast, group_fast, items[0]),
-                    (exact, got_exact, group_exact, items[1]),
+                for side, (twin, result, group) in enumerate(
+                    ((fast, got_fast, group_fast), (exact, got_exact, group_exact))
                 ):
                     done = {o.sms.id for o in group.outcomes}
                     twin.pending = [s for s in twin.pending if s.id not in done]
                     accepted = [r.accepted for results in result.accepts for r in results]
-                    twin.pending += [s for s, ok in zip(candidates, accepted, strict=True) if ok]
+                    twin.pending += [s for s, ok in zip(items[side], accepted, strict=True) if ok]
+                    candidates[side].extend(s.id for s in items[side])
         finally:
             await db.close()
 
@@ -156,14 +164,25 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
     outbox = await db_fetch(
         database_url,
         schema,
-        "SELECT account_id, status, count(*) AS n FROM callback_outbox"
-        " GROUP BY account_id, status",
+        "SELECT account_id, status, count(*) AS n FROM callback_outbox GROUP BY account_id, status",
     )
     by_side = [
         {(r["status"], r["n"]) for r in outbox if r["account_id"] == twin.accounts[0].id}
         for twin in (fast, exact)
     ]
     assert by_side[0] == by_side[1] and by_side[0]
+    handed = [
+        (
+            await db_fetch(
+                database_url,
+                schema,
+                "SELECT count(*) AS n FROM shard_inbox WHERE message_id = ANY($1::uuid[])",
+                ids,
+            )
+        )[0]["n"]
+        for ids in candidates
+    ]
+    assert handed[0] == handed[1] and (handed[0] > 0) == cluster, handed
     # Both ways ran: the balances run out, and then the group falls back.
     assert used["one"] > 0 and used["fallback"] > 0, used
 

@@ -315,7 +315,7 @@ _OK_FINISHED = _finish_sql(
     returning=", m.id, m.status, m.reason, m.client_ref, m.updated_at, m.callback_url",
 )
 _OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
-_ONE_STATEMENT = f"""
+_ONE_WRITES = f"""
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.balance, a.callback_url FROM accounts a
     WHERE a.id = ANY($3::bigint[]) ORDER BY a.id FOR UPDATE
@@ -364,13 +364,35 @@ WITH locked AS MATERIALIZED (
     FROM finished f JOIN locked l ON l.id = f.account_id
     WHERE coalesce(f.callback_url, l.callback_url) IS NOT NULL
 )
+"""
+
+# The last of _ONE_STATEMENT. On a node among several, the messages of shards another node
+# leases are handed to it, as in _WRITE_GROUP_HANDOFF: all of the group's, or none when `ok`
+# is false.
+_ONE_HANDOFF = """,
+     (SELECT array_agg(x.owner) AS owners, array_agg(x.message_id::text) AS handed
+      FROM ok, smsgw_handoff(
+          $4, $5,
+          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($6::json))
+          END,
+          CASE WHEN ok.ok THEN ARRAY(SELECT (value->>'id')::uuid
+                                     FROM json_array_elements($1::json))
+          END) AS x) AS h"""
+
+
+def _one_result(handoff: bool) -> str:
+    return f"""
 SELECT (SELECT ok FROM ok) AS ok,
        (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id::text) FROM inserted) AS inserted,
-       b.ids, b.balances
+       b.ids, b.balances{", h.owners, h.handed" if handoff else ""}
 FROM (SELECT array_agg(d.id) AS ids, array_agg(coalesce(u.balance, d.balance)) AS balances
-      FROM delta d LEFT JOIN updated u ON u.id = d.id) AS b
+      FROM delta d LEFT JOIN updated u ON u.id = d.id) AS b{_ONE_HANDOFF if handoff else ""}
 """
+
+
+_ONE_STATEMENT = _ONE_WRITES + _one_result(False)
+_ONE_STATEMENT_HANDOFF = _ONE_WRITES + _one_result(True)
 
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
 # fastest way in (2,000 rows: about a quarter less time than the json_to_recordset INSERT);
@@ -559,7 +581,7 @@ class PgStore(CallbackOutbox):
         for items, _ in group.accepts:
             ids.update(sms.account_id for sms in items)
         if ids and self._one_statement(group, copy):
-            done = await _commit_one(conn, group, sorted(ids))
+            done = await self._commit_one(conn, group, sorted(ids))
             if done is not None:
                 return done
         wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
@@ -660,27 +682,61 @@ class PgStore(CallbackOutbox):
                     wake = _handed_payloads(row["owners"], row["ids"], stored)
             # After the outcomes: a `sent` and its DLR in the same group apply in that order.
             deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
-        if wake and self.handoff is not None:
-            # After the commit, in a transaction of its own that writes nothing: a NOTIFY in
-            # the group's transaction would hold PostgreSQL's database-wide notify lock
-            # through the group's commit (and its WAL flush), serialising every node's
-            # group commits. Lost (a crash, a failure), the hand-off waits for the poll; the
-            # group is committed whatever happens here, so nothing may raise.
-            try:
-                await conn.execute(
-                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                    self.handoff.channel,
-                    wake,
-                )
-            except Exception as exc:
-                log.warning("could not notify hand-offs (the poll takes them): %s", exc)
+        if wake:
+            await self._notify(conn, wake)
         return GroupResult(accepts, topups, creates, deliveries)
 
+    async def _notify(self, conn: asyncpg.Connection, wake: list[str]) -> None:
+        """Wake the owners of handed-off messages. After the commit, in a transaction of its
+        own that writes nothing: a NOTIFY in the group's transaction would hold PostgreSQL's
+        database-wide notify lock through the group's commit (and its WAL flush), serialising
+        every node's group commits. Lost (a crash, a failure), the hand-off waits for the
+        poll; the group is committed whatever happens here, so nothing may raise."""
+        if self.handoff is None:
+            return
+        try:
+            await conn.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self.handoff.channel, wake
+            )
+        except Exception as exc:
+            log.warning("could not notify hand-offs (the poll takes them): %s", exc)
+
+    async def _commit_one(
+        self, conn: asyncpg.Connection, group: WriteGroup, ids: list[int]
+    ) -> GroupResult | None:
+        """The group by _ONE_STATEMENT; None when it changed nothing (an account missing, or
+        one whose balance may not cover its holds), for the exact way to do."""
+        stored = [sms for items, _ in group.accepts for sms in items]
+        args = [_json.encode(stored).decode(), _finished_json(group), ids]
+        if self.handoff is None:
+            row = await conn.fetchrow(_ONE_STATEMENT, *args)
+        else:
+            shards = _json.encode([shard_of(s.account_id) for s in stored]).decode()
+            row = await conn.fetchrow(
+                _ONE_STATEMENT_HANDOFF,
+                *args,
+                self.handoff.node_id,
+                self.handoff.lock_class,
+                shards,
+            )
+        if not row["ok"]:
+            return None
+        inserted = None if row["stored"] == len(stored) else set(row["inserted"] or ())
+        balances = dict(zip(row["ids"], row["balances"], strict=True))
+        accepts = _one_answers(group, balances, inserted)
+        if self.handoff is not None and row["handed"]:
+            if inserted is not None:
+                stored = [s for s in stored if s.id in inserted]
+            wake = _handed_payloads(row["owners"], row["handed"], stored)
+            if wake:
+                await self._notify(conn, wake)
+        return GroupResult(accepts, [], [])
+
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
-        """Whether _ONE_STATEMENT can do this group: only accepts and outcomes, on a node
-        alone (no hand-offs), not a batch for COPY, and no atomic batch that names a
-        client_ref (a taken one would take back its siblings: the exact way does that)."""
-        if self.handoff is not None or group.creates or group.topups or group.deliveries:
+        """Whether _ONE_STATEMENT can do this group: only accepts and outcomes, not a batch
+        for COPY, and no atomic batch that names a client_ref (a taken one would take back
+        its siblings: the exact way does that)."""
+        if group.creates or group.topups or group.deliveries:
             return False
         n = 0
         for items, atomic in group.accepts:
@@ -1123,39 +1179,27 @@ def _finished_json(group: WriteGroup) -> str:
     return _json.encode(finished).decode()
 
 
-async def _commit_one(
-    conn: asyncpg.Connection, group: WriteGroup, ids: list[int]
-) -> GroupResult | None:
-    """The group by _ONE_STATEMENT; None when it changed nothing (an account missing, or one
-    whose balance may not cover its holds), for the exact way to do."""
-    stored = [sms for items, _ in group.accepts for sms in items]
-    row = await conn.fetchrow(
-        _ONE_STATEMENT, _json.encode(stored).decode(), _finished_json(group), ids
-    )
-    if not row["ok"]:
-        return None
-    balances = dict(zip(row["ids"], row["balances"], strict=True))
-    every = row["stored"] == len(stored)
-    inserted: set[str] = set() if every else set(row["inserted"] or ())
+def _one_answers(
+    group: WriteGroup, balances: dict[int, int], inserted: set[str] | None
+) -> list[list[AcceptResult]]:
+    """The answers of a group _ONE_STATEMENT did: each item accepted, but for those not
+    `inserted` (their client_ref taken); None: every one was."""
     answers: dict[int, AcceptResult] = {}  # the accepted items of an account share one
     accepts: list[list[AcceptResult]] = []
     for items, _ in group.accepts:
         results = []
         for sms in items:
-            if every or sms.id in inserted:
+            if inserted is None or sms.id in inserted:
                 answer = answers.get(sms.account_id)
                 if answer is None:
                     balance = balances[sms.account_id]
                     answer = answers[sms.account_id] = AcceptResult(True, balance=balance)
                 results.append(answer)
             else:
-                results.append(
-                    AcceptResult(
-                        False, reason="duplicate_client_ref", balance=balances[sms.account_id]
-                    )
-                )
+                balance = balances[sms.account_id]
+                results.append(AcceptResult(False, reason="duplicate_client_ref", balance=balance))
         accepts.append(results)
-    return GroupResult(accepts, [], [])
+    return accepts
 
 
 def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> list[OutboundSms]:
