@@ -188,6 +188,54 @@ async def test_small_groups_of_two_committers_take_turns_and_large_ones_overlap(
         nursery.cancel_scope.cancel()
 
 
+class WrittenEarlyStore(RecordingStore):
+    """Says a group is written after COMMIT_S, and returns RETURN_S later (the trip back to
+    the caller); records when each commit started."""
+
+    RETURN_S = 0.003
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[float] = []
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        self.started.append(trio.current_time())
+        await trio.sleep(COMMIT_S)
+        assert group.written is not None
+        group.written()
+        group.written()  # a second call changes nothing
+        accepted = sum(len(items) for items, _ in group.accepts)
+        self.groups.append((trio.current_time(), len(group.outcomes), accepted))
+        await trio.sleep(self.RETURN_S)
+        return GroupResult(
+            [[AcceptResult(True) for _ in items] for items, _ in group.accepts], [], []
+        )
+
+
+async def test_the_next_small_group_commits_once_the_store_says_the_last_is_written(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = WrittenEarlyStore()
+    writer = StoreWriter(store, committed, committers=2, parallel_rows=200)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        t0 = trio.current_time()
+        await commit_one_on_the_first_committer(writer)
+        message, reply = accept(10, 1, account=2)
+        writer.ref.tell_nowait(message)
+        assert (await reply.wait())[0].accepted
+        # The second group started when the first was written, not when it returned.
+        assert [round(t - t0, 3) for t in store.started] == [0.0, COMMIT_S]
+        # Each turn was given back once: a third group goes in at once, alone.
+        message, reply = accept(20, 1, account=1)
+        t1 = trio.current_time()
+        writer.ref.tell_nowait(message)
+        assert (await reply.wait())[0].accepted
+        assert round(store.started[-1] - t1, 3) == 0.0
+        assert writer._small_turn.value == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_group_waiting_for_its_turn_at_shutdown_is_answered_and_keeps_its_outcomes(
     autojump_clock: trio.abc.Clock,
 ) -> None:

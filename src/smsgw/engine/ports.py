@@ -38,9 +38,11 @@ class Provider(Protocol):
 class WriteGroup:
     """One group commit's work, in arrival order; the store does it in one transaction."""
 
-    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "topups")
+    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "topups", "written")
 
     def __init__(self) -> None:
+        # Called by the store (without waiting) once the group is durable, before it returns.
+        self.written: Callable[[], None] | None = None
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
         self.topups: list[tuple[int, int]] = []

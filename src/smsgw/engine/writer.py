@@ -97,6 +97,21 @@ class CommitFence:
             await done.wait()
 
 
+class _Turn:
+    """One committer's turn at committing a small group: ended once, by whichever comes
+    first, the store saying the group is written or the commit returning."""
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self, semaphore: trio.Semaphore) -> None:
+        self._semaphore: trio.Semaphore | None = semaphore
+
+    def end(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+            self._semaphore = None
+
+
 class StoreWriter:
     """Collects whatever requests are waiting, commits them in one transaction, then replies.
 
@@ -137,7 +152,7 @@ class StoreWriter:
         self._outcome_group = outcome_group
         # Small groups take turns: see _commit_loop.
         self._parallel_rows = parallel_rows
-        self._small_turn = trio.Lock()
+        self._small_turn = trio.Semaphore(1)
         self.failures = 0  # consecutive failed commits
         self.last_failure: str | None = None
         # Outcomes of a group that failed to commit: carried into the shard's next group,
@@ -203,9 +218,12 @@ class StoreWriter:
         committers commit one at a time, and what arrives meanwhile joins the waiting group.
         Single-message load then makes half as many groups of twice the size as with every
         committer on its own, and the node's cost per group (statements, the asyncio bridge,
-        one credit row per account) is what that load pays most for apart from HTTP. Large
-        groups (batches) commit at once, side by side, so PostgreSQL works on one while the
-        other's commit is flushed."""
+        one credit row per account) is what that load pays most for apart from HTTP. A turn
+        ends when the store says the group is written (`WriteGroup.written`), not when its
+        answer is back on this side of the asyncio bridge: that trip (two turns of the trio
+        loop, about 3 ms under load) then overlaps the next group's trip in. Large groups
+        (batches) commit at once, side by side, so PostgreSQL works on one while the other's
+        commit is flushed."""
         carry = self._carry[inbox.name]
         while True:
             batch: list[WriterMessage] = await inbox.get_batch(self._max_group, _rows)
@@ -224,16 +242,22 @@ class StoreWriter:
                 stopped = StoreUnavailable("the writer stopped before this group was committed")
                 self._abandon(batch, carry, stopped)
                 raise
+            turn = _Turn(self._small_turn)
             try:
                 batch.extend(inbox.get_batch_nowait(self._max_group - rows, _rows))
-                await self._commit_fenced(batch, carry)
+                await self._commit_fenced(batch, carry, turn.end)
             finally:
-                self._small_turn.release()
+                turn.end()
 
-    async def _commit_fenced(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
+    async def _commit_fenced(
+        self,
+        batch: list[WriterMessage],
+        carry: list[RecordOutcome],
+        written: Callable[[], None] | None = None,
+    ) -> None:
         seq = self.commits.open()
         try:
-            await self._commit(batch, carry)
+            await self._commit(batch, carry, written)
         finally:
             self.commits.close(seq)
 
@@ -272,8 +296,14 @@ class StoreWriter:
             carry.extend(m for m in batch if isinstance(m, RecordOutcome))
             raise
 
-    async def _commit(self, batch: list[WriterMessage], carry: list[RecordOutcome]) -> None:
+    async def _commit(
+        self,
+        batch: list[WriterMessage],
+        carry: list[RecordOutcome],
+        written: Callable[[], None] | None = None,
+    ) -> None:
         group = WriteGroup()
+        group.written = written
         accept_replies: list[Reply[list[AcceptResult]]] = []
         topup_replies: list[Reply[int | None]] = []
         create_replies: list[Reply[Account]] = []

@@ -694,6 +694,8 @@ class PgStore(CallbackOutbox):
                     wake = _handed_payloads(row["owners"], row["ids"], stored)
             # After the outcomes: a `sent` and its DLR in the same group apply in that order.
             deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
+        if group.written is not None:
+            group.written()
         if wake:
             await self._notify(conn, wake)
         return GroupResult(accepts, topups, creates, deliveries)
@@ -733,6 +735,8 @@ class PgStore(CallbackOutbox):
             )
         if not row["ok"]:
             return None
+        if group.written is not None:
+            group.written()
         inserted = None if row["stored"] == len(stored) else set(row["inserted"] or ())
         balances = dict(zip(row["ids"], row["balances"], strict=True))
         accepts = _one_answers(group, balances, inserted)
