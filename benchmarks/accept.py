@@ -217,6 +217,11 @@ def summarize(
             cpu_ms.setdefault(phase.name.split("#")[0], []).append(phase.server_cpu_ms_per_request)
     ratio_100_vs_noop = ratio(many, noop)
     ratio_1_vs_100 = ratio(one, many)
+    # Each round's gateway against the no-op run just before it: the host's speed drifts by
+    # up to a third within a run here, and a round's two phases are a minute apart at most.
+    by_round = [
+        ratio(g, n) for g, n in zip(rates["gateway_100_accounts"], rates["noop"], strict=True)
+    ]
     gateway_phases = [p for p in phases if p.durability is not None]
     return {
         "benchmark": "accept",
@@ -241,6 +246,8 @@ def summarize(
         "noop_per_s": noop,
         "ratio_100_vs_noop": ratio_100_vs_noop,
         "ratio_1_vs_100": ratio_1_vs_100,
+        "ratio_100_vs_noop_by_round": by_round,
+        "ratio_100_vs_noop_by_round_median": statistics.median(r or 0.0 for r in by_round),
         "server_cpu_ms_per_request": {k: statistics.median(v) for k, v in cpu_ms.items()},
         "targets": TARGETS,
         "pass": {
@@ -285,6 +292,7 @@ def markdown(result: dict[str, Any]) -> str:
         ["gateway (100 accounts) / noop, medians", result["ratio_100_vs_noop"]],
         ["gateway (1 account) / gateway (100 accounts)", result["ratio_1_vs_100"]],
     ]
+    by_round = ", ".join(_cell(r) for r in result["ratio_100_vs_noop_by_round"])
     for row, (target, passed) in zip(
         checks, ((result["targets"][k], result["pass"][k]) for k in TARGETS), strict=True
     ):
@@ -300,6 +308,8 @@ def markdown(result: dict[str, Any]) -> str:
         + markdown_table(header, rows)
         + "\n"
         + markdown_table(["ratio", "value", "target", "result"], checks)
+        + f"\nGateway (100 accounts) / noop of the same round: {by_round} "
+        f"(median {result['ratio_100_vs_noop_by_round_median']}).\n"
     )
 
 
