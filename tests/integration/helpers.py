@@ -17,6 +17,7 @@ import trio
 from smsgw.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.ledger import LEDGER_SQL
+from smsgw.storage.pg import Database, asyncio_loop, migrate
 from tests.conftest import admin, bearer, node_options
 
 FINAL = frozenset({"sent", "failed"})
@@ -53,6 +54,18 @@ async def open_node(
             yield node
         finally:
             node.stop.set()
+
+
+@asynccontextmanager
+async def open_database(database_url: str, schema: str) -> AsyncIterator[Database]:
+    """A migrated Database in `schema`, for tests that call the store directly."""
+    async with asyncio_loop():
+        db = await Database.open(database_url, schema=schema)
+        try:
+            await migrate(db)
+            yield db
+        finally:
+            await db.close()
 
 
 def http_client(url: str, *, connections: int = 100) -> httpx.AsyncClient:

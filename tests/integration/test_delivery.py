@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     db_fetch,
     get_account,
     ledger,
+    open_database,
     open_node,
     send,
     until,
@@ -267,30 +268,25 @@ async def test_a_report_that_overtakes_its_sent_is_kept_and_applied_later(
 async def test_old_kept_reports_and_given_up_callbacks_are_purged(
     database_url: str, schema: str
 ) -> None:
-    from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+    from smsgw.storage.pg import PgStore
 
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            store = PgStore(db)
-            await db.run(
-                lambda c: c.execute(
-                    "INSERT INTO dlr_unmatched (operator, operator_message_id, status, received_at)"
-                    " VALUES ('sim', 'old', 'delivered', now() - interval '40 days'),"
-                    " ('sim', 'new', 'delivered', now());"
-                    " INSERT INTO callback_outbox (message_id, account_id, url, status, at,"
-                    " failed_at) VALUES"
-                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(),"
-                    "  now() - interval '40 days'),"
-                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), now()),"
-                    " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), NULL)"
-                )
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        await db.run(
+            lambda c: c.execute(
+                "INSERT INTO dlr_unmatched (operator, operator_message_id, status, received_at)"
+                " VALUES ('sim', 'old', 'delivered', now() - interval '40 days'),"
+                " ('sim', 'new', 'delivered', now());"
+                " INSERT INTO callback_outbox (message_id, account_id, url, status, at,"
+                " failed_at) VALUES"
+                " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(),"
+                "  now() - interval '40 days'),"
+                " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), now()),"
+                " (gen_random_uuid(), 1, 'http://127.0.0.1/', 'sent', now(), NULL)"
             )
-            assert await store.purge_delivery_records(30 * 86_400.0, 100) == 2
-            assert await store.purge_delivery_records(30 * 86_400.0, 100) == 0
-        finally:
-            await db.close()
+        )
+        assert await store.purge_delivery_records(30 * 86_400.0, 100) == 2
+        assert await store.purge_delivery_records(30 * 86_400.0, 100) == 0
     left = await db_fetch(database_url, schema, "SELECT operator_message_id FROM dlr_unmatched")
     assert left == [{"operator_message_id": "new"}]
     outbox = await db_fetch(database_url, schema, "SELECT count(*) AS n FROM callback_outbox")

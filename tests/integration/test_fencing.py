@@ -10,8 +10,8 @@ from smsgw.engine.ports import WriteGroup
 from smsgw.engine.shards import shard_of
 from smsgw.http.context import uuid7
 from smsgw.storage.cluster import PgCluster
-from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
-from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger
+from smsgw.storage.pg import Handoff, PgStore
+from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger, open_database
 
 
 def sms(account_id: int) -> OutboundSms:
@@ -43,90 +43,80 @@ def sent(message: OutboundSms, fence: int | None) -> Outcome:
 async def test_a_status_write_lands_only_under_the_current_token(
     database_url: str, schema: str
 ) -> None:
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            a = PgCluster(db, database_url, "a")
-            b = PgCluster(db, database_url, "b")
-            await a.join(3.0)
-            await b.join(3.0)
-            store = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel))
-            group = WriteGroup()
-            group.creates.append(("acme", 100, b"k" * 32))
-            [account] = (await store.commit_group(group)).creates
-            assert isinstance(account, Account)
-            shard = shard_of(account.id)
+    async with open_database(database_url, schema) as db:
+        a = PgCluster(db, database_url, "a")
+        b = PgCluster(db, database_url, "b")
+        await a.join(3.0)
+        await b.join(3.0)
+        store = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel))
+        group = WriteGroup()
+        group.creates.append(("acme", 100, b"k" * 32))
+        [account] = (await store.commit_group(group)).creates
+        assert isinstance(account, Account)
+        shard = shard_of(account.id)
 
-            first = await a.acquire(256, 3.0)
-            old_token = first[shard]
-            message = sms(account.id)
-            group = WriteGroup()
-            group.accepts.append(((message,), True))
-            await store.commit_group(group)
+        first = await a.acquire(256, 3.0)
+        old_token = first[shard]
+        message = sms(account.id)
+        group = WriteGroup()
+        group.accepts.append(((message,), True))
+        await store.commit_group(group)
 
-            # B takes the shard over (A's lease ran out, here: released).
-            await a.release([shard])
-            taken = await b.acquire(1, 3.0)
-            assert list(taken) == [shard] and taken[shard] > old_token
+        # B takes the shard over (A's lease ran out, here: released).
+        await a.release([shard])
+        taken = await b.acquire(1, 3.0)
+        assert list(taken) == [shard] and taken[shard] > old_token
 
-            # A, late, records a send under its old token: refused, nothing changes.
-            group = WriteGroup()
-            group.outcomes.append(sent(message, old_token))
-            await store.commit_group(group)
-            [row] = await db_fetch(
-                database_url,
-                schema,
-                "SELECT status, operator FROM messages WHERE id = $1",
-                message.id,
-            )
-            assert row == {"status": "queued", "operator": None}
-            assert (await ledger(database_url, schema))[account.id]["held"] == 5
+        # A, late, records a send under its old token: refused, nothing changes.
+        group = WriteGroup()
+        group.outcomes.append(sent(message, old_token))
+        await store.commit_group(group)
+        [row] = await db_fetch(
+            database_url,
+            schema,
+            "SELECT status, operator FROM messages WHERE id = $1",
+            message.id,
+        )
+        assert row == {"status": "queued", "operator": None}
+        assert (await ledger(database_url, schema))[account.id]["held"] == 5
 
-            # B's write, under the token it holds, lands and captures once.
-            group = WriteGroup()
-            group.outcomes.append(sent(message, taken[shard]))
-            await store.commit_group(group)
-            [row] = await db_fetch(
-                database_url, schema, "SELECT status FROM messages WHERE id = $1", message.id
-            )
-            assert row["status"] == "sent"
-            accounts = await ledger(database_url, schema)
-            assert accounts[account.id]["captured"] == 5 and accounts[account.id]["held"] == 0
-            assert_ledger_consistent(accounts)
-        finally:
-            await db.close()
+        # B's write, under the token it holds, lands and captures once.
+        group = WriteGroup()
+        group.outcomes.append(sent(message, taken[shard]))
+        await store.commit_group(group)
+        [row] = await db_fetch(
+            database_url, schema, "SELECT status FROM messages WHERE id = $1", message.id
+        )
+        assert row["status"] == "sent"
+        accounts = await ledger(database_url, schema)
+        assert accounts[account.id]["captured"] == 5 and accounts[account.id]["held"] == 0
+        assert_ledger_consistent(accounts)
 
 
 async def test_an_accept_for_another_nodes_shard_is_handed_off_once(
     database_url: str, schema: str
 ) -> None:
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            a = PgCluster(db, database_url, "a")
-            b = PgCluster(db, database_url, "b")
-            await a.join(3.0)
-            await b.join(3.0)
-            store_a = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel))
-            group = WriteGroup()
-            for i in range(40):
-                group.creates.append((f"acc{i}", 100, bytes([i]) * 32))
-            accounts = (await store_a.commit_group(group)).creates
-            b_tokens = await b.acquire(256, 3.0)  # B leases every shard
-            messages = [sms(acc.id) for acc in accounts]
-            group = WriteGroup()
-            group.accepts += [((m,), True) for m in messages]
-            await store_a.commit_group(group)
+    async with open_database(database_url, schema) as db:
+        a = PgCluster(db, database_url, "a")
+        b = PgCluster(db, database_url, "b")
+        await a.join(3.0)
+        await b.join(3.0)
+        store_a = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel))
+        group = WriteGroup()
+        for i in range(40):
+            group.creates.append((f"acc{i}", 100, bytes([i]) * 32))
+        accounts = (await store_a.commit_group(group)).creates
+        b_tokens = await b.acquire(256, 3.0)  # B leases every shard
+        messages = [sms(acc.id) for acc in accounts]
+        group = WriteGroup()
+        group.accepts += [((m,), True) for m in messages]
+        await store_a.commit_group(group)
 
-            claimed = await b.claim(lambda _: False)
-            assert sorted(m.id for m, _ in claimed) == sorted(m.id for m in messages)
-            assert all(token == b_tokens[shard_of(m.account_id)] for m, token in claimed)
-            assert await b.claim(lambda _: False) == []  # exactly once
-            assert await a.claim(lambda _: False) == []  # and only by the shard's owner
-            # Recovery of the shards sees the same messages (they are still queued).
-            loaded = await b.load(sorted(b_tokens))
-            assert {m.id for m in loaded} == {m.id for m in messages}
-        finally:
-            await db.close()
+        claimed = await b.claim(lambda _: False)
+        assert sorted(m.id for m, _ in claimed) == sorted(m.id for m in messages)
+        assert all(token == b_tokens[shard_of(m.account_id)] for m, token in claimed)
+        assert await b.claim(lambda _: False) == []  # exactly once
+        assert await a.claim(lambda _: False) == []  # and only by the shard's owner
+        # Recovery of the shards sees the same messages (they are still queued).
+        loaded = await b.load(sorted(b_tokens))
+        assert {m.id for m in loaded} == {m.id for m in messages}

@@ -13,8 +13,8 @@ from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.storage.cluster import PgCluster
-from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
-from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger
+from smsgw.storage.pg import Handoff, PgStore
+from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger, open_database
 
 
 class ExactStore(PgStore):
@@ -116,46 +116,41 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
     monkeypatch.setattr(PgStore, "_commit_one", counted)
     rng = random.Random(seed)
     candidates: tuple[list[str], list[str]] = ([], [])
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            handoff = None
-            if cluster:
-                node = PgCluster(db, database_url, "a")
-                await node.join(3.0)
-                handoff = Handoff("a", node.lock_class, node.channel)
-            twins: list[Twin] = []
-            stores = (PgStore(db, handoff=handoff), ExactStore(db, handoff=handoff))
-            for side, store in enumerate(stores):
-                create = WriteGroup()
-                create.creates += [(f"{side}-{i}", 60, bytes([side, i]) * 16) for i in range(3)]
-                twins.append(Twin(store, (await store.commit_group(create)).creates))
-            # Callbacks for the first account of each side, so outcomes write outbox rows.
-            for twin in twins:
-                await db.run(
-                    lambda conn, t=twin: conn.execute(
-                        "UPDATE accounts SET callback_url = 'http://127.0.0.1:9/cb' WHERE id = $1",
-                        t.accounts[0].id,
-                    )
+    async with open_database(database_url, schema) as db:
+        handoff = None
+        if cluster:
+            node = PgCluster(db, database_url, "a")
+            await node.join(3.0)
+            handoff = Handoff("a", node.lock_class, node.channel)
+        twins: list[Twin] = []
+        stores = (PgStore(db, handoff=handoff), ExactStore(db, handoff=handoff))
+        for side, store in enumerate(stores):
+            create = WriteGroup()
+            create.creates += [(f"{side}-{i}", 60, bytes([side, i]) * 16) for i in range(3)]
+            twins.append(Twin(store, (await store.commit_group(create)).creates))
+        # Callbacks for the first account of each side, so outcomes write outbox rows.
+        for twin in twins:
+            await db.run(
+                lambda conn, t=twin: conn.execute(
+                    "UPDATE accounts SET callback_url = 'http://127.0.0.1:9/cb' WHERE id = $1",
+                    t.accounts[0].id,
                 )
-            fast, exact = twins
-            for _ in range(80):
-                group_fast, group_exact, items = random_group(rng, (fast, exact))
-                got_fast = await fast.store.commit_group(group_fast)
-                got_exact = await exact.store.commit_group(group_exact)
-                assert answers(got_fast) == answers(got_exact)
-                assert got_fast.topups == got_exact.topups
-                for side, (twin, result, group) in enumerate(
-                    ((fast, got_fast, group_fast), (exact, got_exact, group_exact))
-                ):
-                    done = {o.sms.id for o in group.outcomes}
-                    twin.pending = [s for s in twin.pending if s.id not in done]
-                    accepted = [r.accepted for results in result.accepts for r in results]
-                    twin.pending += [s for s, ok in zip(items[side], accepted, strict=True) if ok]
-                    candidates[side].extend(s.id for s in items[side])
-        finally:
-            await db.close()
+            )
+        fast, exact = twins
+        for _ in range(80):
+            group_fast, group_exact, items = random_group(rng, (fast, exact))
+            got_fast = await fast.store.commit_group(group_fast)
+            got_exact = await exact.store.commit_group(group_exact)
+            assert answers(got_fast) == answers(got_exact)
+            assert got_fast.topups == got_exact.topups
+            for side, (twin, result, group) in enumerate(
+                ((fast, got_fast, group_fast), (exact, got_exact, group_exact))
+            ):
+                done = {o.sms.id for o in group.outcomes}
+                twin.pending = [s for s in twin.pending if s.id not in done]
+                accepted = [r.accepted for results in result.accepts for r in results]
+                twin.pending += [s for s, ok in zip(items[side], accepted, strict=True) if ok]
+                candidates[side].extend(s.id for s in items[side])
 
     accounts = await ledger(database_url, schema)
     assert_ledger_consistent(accounts)
@@ -190,28 +185,23 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
 async def test_a_taken_client_ref_holds_nothing_in_one_statement(
     database_url: str, schema: str
 ) -> None:
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            store = PgStore(db)
-            create = WriteGroup()
-            create.creates.append(("acme", 100, b"k" * 32))
-            [account] = (await store.commit_group(create)).creates
-            first = message(account.id, 5, "order-1")
-            group = WriteGroup()
-            group.accepts.append(([first], True))
-            assert answers(await store.commit_group(group)) == [[(True, None)]]
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        create = WriteGroup()
+        create.creates.append(("acme", 100, b"k" * 32))
+        [account] = (await store.commit_group(create)).creates
+        first = message(account.id, 5, "order-1")
+        group = WriteGroup()
+        group.accepts.append(([first], True))
+        assert answers(await store.commit_group(group)) == [[(True, None)]]
 
-            again = msgspec.structs.replace(first, id=uuid7())
-            other = message(account.id, 10, "order-2")
-            group = WriteGroup()
-            group.accepts += [([again], True), ([other], True)]
-            result = await store.commit_group(group)
-            assert answers(result) == [[(False, "duplicate_client_ref")], [(True, None)]]
-            assert result.accepts[1][0].balance == 85
-        finally:
-            await db.close()
+        again = msgspec.structs.replace(first, id=uuid7())
+        other = message(account.id, 10, "order-2")
+        group = WriteGroup()
+        group.accepts += [([again], True), ([other], True)]
+        result = await store.commit_group(group)
+        assert answers(result) == [[(False, "duplicate_client_ref")], [(True, None)]]
+        assert result.accepts[1][0].balance == 85
     figures = (await ledger(database_url, schema))[account.id]
     assert figures["balance"] == 85 and figures["held"] == 15
     assert_ledger_consistent({account.id: figures})

@@ -13,7 +13,7 @@ from smsgw.engine.messages import Account, OutboundSms
 from smsgw.engine.ports import WriteGroup
 from smsgw.http import idempotency
 from smsgw.http.context import uuid7
-from smsgw.storage.pg import Database, PgStore, asyncio_loop, migrate
+from smsgw.storage.pg import PgStore
 from tests.conftest import admin, bearer
 from tests.integration.helpers import (
     RELIABLE,
@@ -26,6 +26,7 @@ from tests.integration.helpers import (
     http_client,
     ledger,
     message_count,
+    open_database,
     open_node,
     send,
 )
@@ -331,33 +332,28 @@ async def test_group_commit_stores_and_holds_one_message_per_client_ref(
     """The store is the arbiter: a group with two new messages sharing a client_ref, and a
     later group repeating it, store one message and hold its price once; the others are
     answered `duplicate_client_ref`, and no group fails."""
-    async with asyncio_loop():
-        db = await Database.open(database_url, schema=schema)
-        try:
-            await migrate(db)
-            store = PgStore(db)
-            group = WriteGroup()
-            group.creates.append(("acme", 100, b"k" * 32))
-            [account] = (await store.commit_group(group)).creates
-            assert isinstance(account, Account)
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        group = WriteGroup()
+        group.creates.append(("acme", 100, b"k" * 32))
+        [account] = (await store.commit_group(group)).creates
+        assert isinstance(account, Account)
 
-            group = WriteGroup()
-            first, twin, free = (
-                sms(account.id, "ref"),
-                sms(account.id, "ref"),
-                sms(account.id, None),
-            )
-            group.accepts += [((first,), True), ((twin,), True), ((free,), True)]
-            result = await store.commit_group(group)
-            assert [r[0].accepted for r in result.accepts] == [True, False, True]
-            assert result.accepts[1][0].reason == "duplicate_client_ref"
+        group = WriteGroup()
+        first, twin, free = (
+            sms(account.id, "ref"),
+            sms(account.id, "ref"),
+            sms(account.id, None),
+        )
+        group.accepts += [((first,), True), ((twin,), True), ((free,), True)]
+        result = await store.commit_group(group)
+        assert [r[0].accepted for r in result.accepts] == [True, False, True]
+        assert result.accepts[1][0].reason == "duplicate_client_ref"
 
-            group = WriteGroup()
-            group.accepts.append(((sms(account.id, "ref"),), True))
-            result = await store.commit_group(group)
-            assert result.accepts[0][0].reason == "duplicate_client_ref"
-        finally:
-            await db.close()
+        group = WriteGroup()
+        group.accepts.append(((sms(account.id, "ref"),), True))
+        result = await store.commit_group(group)
+        assert result.accepts[0][0].reason == "duplicate_client_ref"
     rows = await db_fetch(database_url, schema, "SELECT id::text FROM messages")
     assert sorted(r["id"] for r in rows) == sorted([first.id, free.id])
     accounts = await ledger(database_url, schema)
