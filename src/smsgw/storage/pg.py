@@ -95,6 +95,11 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 reset=_keep_session,
+                # No idle-connection timer: asyncpg arms one (call_later) at every release and
+                # cancels it at the next acquire, and under trio-asyncio each is one more turn
+                # of its loop, whose heap then keeps the cancelled handle for the full lifetime.
+                # A node's pool is at most `max_size` connections; idle ones may stay.
+                max_inactive_connection_lifetime=0,
                 server_settings={
                     "search_path": schema,
                     "application_name": "smsgw",
