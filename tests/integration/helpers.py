@@ -14,6 +14,8 @@ import httpx
 import msgspec
 import trio
 
+from smsgw.engine.messages import OutboundSms
+from smsgw.http.context import uuid7
 from smsgw.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.ledger import LEDGER_SQL
@@ -54,6 +56,23 @@ async def open_node(
             yield node
         finally:
             node.stop.set()
+
+
+def outbound(account_id: int, price: int = 5, client_ref: str | None = None) -> OutboundSms:
+    """A message of `account_id` priced `price` (5 a normal segment), for tests that call the
+    store directly."""
+    return OutboundSms(
+        id=uuid7(),
+        account_id=account_id,
+        to="+4915123456789",
+        sender="smsgw",
+        text="hi",
+        segments=price // 5,
+        price=price,
+        express=False,
+        created_at=1.7e9,
+        client_ref=client_ref,
+    )
 
 
 @asynccontextmanager

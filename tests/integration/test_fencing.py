@@ -8,24 +8,15 @@ import msgspec
 from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup
 from smsgw.engine.shards import shard_of
-from smsgw.http.context import uuid7
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.pg import Handoff, PgStore
-from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger, open_database
-
-
-def sms(account_id: int) -> OutboundSms:
-    return OutboundSms(
-        id=uuid7(),
-        account_id=account_id,
-        to="+4915123456789",
-        sender="smsgw",
-        text="hi",
-        segments=1,
-        price=5,
-        express=False,
-        created_at=1.7e9,
-    )
+from tests.integration.helpers import (
+    assert_ledger_consistent,
+    db_fetch,
+    ledger,
+    open_database,
+    outbound,
+)
 
 
 def sent(message: OutboundSms, fence: int | None) -> Outcome:
@@ -57,7 +48,7 @@ async def test_a_status_write_lands_only_under_the_current_token(
 
         first = await a.acquire(256, 3.0)
         old_token = first[shard]
-        message = sms(account.id)
+        message = outbound(account.id)
         group = WriteGroup()
         group.accepts.append(((message,), True))
         await store.commit_group(group)
@@ -107,7 +98,7 @@ async def test_an_accept_for_another_nodes_shard_is_handed_off_once(
             group.creates.append((f"acc{i}", 100, bytes([i]) * 32))
         accounts = (await store_a.commit_group(group)).creates
         b_tokens = await b.acquire(256, 3.0)  # B leases every shard
-        messages = [sms(acc.id) for acc in accounts]
+        messages = [outbound(acc.id) for acc in accounts]
         group = WriteGroup()
         group.accepts += [((m,), True) for m in messages]
         await store_a.commit_group(group)

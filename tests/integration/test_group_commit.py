@@ -14,7 +14,13 @@ from smsgw.engine.ports import GroupResult, WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.pg import Handoff, PgStore
-from tests.integration.helpers import assert_ledger_consistent, db_fetch, ledger, open_database
+from tests.integration.helpers import (
+    assert_ledger_consistent,
+    db_fetch,
+    ledger,
+    open_database,
+    outbound,
+)
 
 
 class ExactStore(PgStore):
@@ -22,21 +28,6 @@ class ExactStore(PgStore):
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
         return False
-
-
-def message(account_id: int, price: int, client_ref: str | None = None) -> OutboundSms:
-    return OutboundSms(
-        id=uuid7(),
-        account_id=account_id,
-        to="+4915123456789",
-        sender="smsgw",
-        text="hi",
-        segments=price // 5,
-        price=price,
-        express=False,
-        created_at=1.7e9,
-        client_ref=client_ref,
-    )
 
 
 def outcome(sms: OutboundSms, status: str) -> Outcome:
@@ -82,7 +73,7 @@ def random_group(
         ]
         picks = [(a, p, ref and f"{ref}-{rng.randrange(4)}") for a, p, ref in picks]
         for side, twin in enumerate(twins):
-            batch = [message(twin.accounts[a].id, p, ref) for a, p, ref in picks]
+            batch = [outbound(twin.accounts[a].id, p, ref) for a, p, ref in picks]
             groups[side].accepts.append((batch, atomic))
             items[side].extend(batch)
     pending = len(twins[0].pending)
@@ -190,13 +181,13 @@ async def test_a_taken_client_ref_holds_nothing_in_one_statement(
         create = WriteGroup()
         create.creates.append(("acme", 100, b"k" * 32))
         [account] = (await store.commit_group(create)).creates
-        first = message(account.id, 5, "order-1")
+        first = outbound(account.id, 5, "order-1")
         group = WriteGroup()
         group.accepts.append(([first], True))
         assert answers(await store.commit_group(group)) == [[(True, None)]]
 
         again = msgspec.structs.replace(first, id=uuid7())
-        other = message(account.id, 10, "order-2")
+        other = outbound(account.id, 10, "order-2")
         group = WriteGroup()
         group.accepts += [([again], True), ([other], True)]
         result = await store.commit_group(group)
