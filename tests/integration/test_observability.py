@@ -44,6 +44,13 @@ async def test_a_request_id_is_made_or_taken_and_returned(client: httpx.AsyncCli
     r = await client.get("/v1/account", headers={"X-Request-Id": mine})
     assert_problem(r, 401)
     assert r.headers["x-request-id"] == mine
+    # Sent twice, the first one counts (as werkzeug's `Headers.get` would have it).
+    r = await client.get("/health", headers=[("X-Request-Id", mine), ("X-Request-Id", "other")])
+    assert r.headers["x-request-id"] == mine
+    # Header names are case-insensitive, the key's scheme too.
+    r = await client.get("/v1/account", headers={"x-REQUEST-id": mine, "authorization": "x"})
+    assert_problem(r, 401)
+    assert r.headers["x-request-id"] == mine
 
 
 async def test_the_request_id_follows_a_message_into_the_pool_logs(
