@@ -132,6 +132,51 @@ async def test_a_reply_is_set_once() -> None:
     assert await reply.wait() == 1
 
 
+async def test_a_reply_set_before_the_wait_is_answered_at_once() -> None:
+    reply: Reply[int] = Reply()
+    reply.set(7)
+    assert reply.done
+    assert await reply.wait() == 7
+
+
+async def test_a_reply_wakes_its_waiter(autojump_clock: trio.testing.MockClock) -> None:
+    reply: Reply[int] = Reply()
+    got: list[int] = []
+
+    async def waiter() -> None:
+        got.append(await reply.wait())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        assert got == []
+        reply.set(3)
+    assert got == [3]
+
+
+async def test_an_answer_after_the_waiter_gave_up_wakes_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reply: Reply[int] = Reply()
+    with trio.move_on_after(1) as scope:
+        await reply.wait()
+    assert scope.cancelled_caught
+    reply.fail(RuntimeError("late"))  # the parked task is gone: nothing to reschedule
+    assert reply.done
+    with pytest.raises(RuntimeError, match="late"):
+        await reply.wait()
+
+
+async def test_a_reply_has_one_waiter(autojump_clock: trio.testing.MockClock) -> None:
+    reply: Reply[int] = Reply()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reply.wait)
+        await trio.sleep(1)
+        with pytest.raises(RuntimeError, match="one waiter"):
+            await reply.wait()
+        reply.set(1)
+
+
 async def test_get_batch_takes_everything_waiting_up_to_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
