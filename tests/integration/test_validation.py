@@ -136,6 +136,19 @@ async def test_limits_themselves_are_accepted(
     assert (r.json()["segments"], r.json()["price"]) == (segments, 5 * segments)
 
 
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/json"]
+)
+async def test_json_is_json_whatever_the_header_s_spelling(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    account = await create_account(client, 100)
+    headers = {**bearer(account["api_key"]), "Content-Type": content_type}
+    body = json.dumps({"to": TO, "text": "hi"}).encode()
+    r = await client.post("/v1/messages", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+
+
 async def test_bad_account_creation_changes_nothing(
     client: httpx.AsyncClient, database_url: str, schema: str
 ) -> None:

@@ -280,8 +280,10 @@ class Gateway:
 
     async def raw_body(self, *, limit: int = MAX_BODY_BYTES) -> bytes:
         """The JSON body's bytes: 415 for another content type, 413 past `limit` bytes."""
-        req = request_ctx.request  # one context lookup, not one per attribute
-        if req.mimetype != "application/json":
+        req = cast(GatewayRequest, request_ctx.request)  # one context lookup, not one per use
+        # The exact header first: werkzeug's `mimetype` parses it with its options (~4 µs).
+        content_type = req.raw_header(b"content-type")
+        if content_type != "application/json" and req.mimetype != "application/json":
             raise ProblemError(
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
