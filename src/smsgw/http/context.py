@@ -13,8 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import msgspec
-from quart import Response, current_app, g
-from quart.globals import request_ctx
+from quart import Response
+
+# The ContextVars behind quart's `current_app` and `request` proxies: read directly on the
+# accept path, where a proxy lookup (about 0.8 µs) was made eight times a request.
+from quart.globals import _cv_app, _cv_request
 from quart_trio.wrappers import TrioRequest
 
 from smsgw.engine.actor import AskTimeout, InboxFull
@@ -83,6 +86,7 @@ class GatewayRequest(TrioRequest):
     exception for every miss, about 6 µs)."""
 
     _raw_headers: dict[bytes, bytes] | None = None
+    account_id: int | None = None  # the caller's account, once `require_account` knows it
 
     @property
     def blueprints(self) -> list[str]:
@@ -109,7 +113,12 @@ def optional_header(name: str) -> str | None:
     key = _header_names.get(name)
     if key is None:
         key = _header_names[name] = name.lower().encode("latin-1")
-    return cast(GatewayRequest, request_ctx.request).raw_header(key)
+    return current_request().raw_header(key)
+
+
+def current_request() -> GatewayRequest:
+    """The request being handled (quart's `request`, without the proxy)."""
+    return cast(GatewayRequest, _cv_request.get().request)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -247,9 +256,9 @@ class Gateway:
     async def require_account(self) -> int:
         """The calling account's id: 401 for no or an unknown key, 403 for the admin key, 429
         past the account's request rate. Once per request: a second call answers the same."""
-        known: int | None = g.get("smsgw_account_id")
-        if known is not None:
-            return known
+        req = current_request()
+        if req.account_id is not None:
+            return req.account_id
         digest = self.bearer()
         if hmac.compare_digest(digest, self._admin_hash):
             raise ProblemError(
@@ -270,7 +279,7 @@ class Gateway:
                 f" (bursts of {burst or self.limiter.burst:g}); retry in {retry_after} s",
                 retry_after=retry_after,
             )
-        g.smsgw_account_id = account_id
+        req.account_id = account_id
         return account_id
 
     async def body(self, kind: type[T], *, limit: int = MAX_BODY_BYTES) -> T:
@@ -280,7 +289,7 @@ class Gateway:
 
     async def raw_body(self, *, limit: int = MAX_BODY_BYTES) -> bytes:
         """The JSON body's bytes: 415 for another content type, 413 past `limit` bytes."""
-        req = cast(GatewayRequest, request_ctx.request)  # one context lookup, not one per use
+        req = current_request()
         # The exact header first: werkzeug's `mimetype` parses it with its options (~4 µs).
         content_type = req.raw_header(b"content-type")
         if content_type != "application/json" and req.mimetype != "application/json":
@@ -320,4 +329,4 @@ def _too_large(limit: int) -> ProblemError:
 
 
 def gateway() -> Gateway:
-    return cast(Gateway, current_app.extensions["smsgw"])
+    return cast(Gateway, _cv_app.get().app.extensions["smsgw"])

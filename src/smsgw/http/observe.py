@@ -15,10 +15,9 @@ from contextvars import ContextVar
 from typing import cast
 
 from quart import Quart, Response, current_app
-from quart.globals import request_ctx
 
 from smsgw.engine.histogram import LATENCY_BUCKETS, Histogram
-from smsgw.http.context import optional_header
+from smsgw.http.context import current_request, optional_header
 from smsgw.http.problems import problem_code_var
 from smsgw.logs import request_id_var
 
@@ -83,7 +82,7 @@ def install(app: Quart) -> HttpStats:
         elapsed = 0.0 if started is None else time.perf_counter() - started
         request_id = request_id_var.get() or new_request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
-        req = request_ctx.request  # one context lookup, not one per attribute
+        req = current_request()
         rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
         method = req.method if req.method in _METHODS else "OTHER"
         status = response.status_code
