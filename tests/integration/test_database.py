@@ -1,0 +1,97 @@
+"""Database.run on PostgreSQL: connections are kept between runs, and never at the cost of a
+caller waiting for the pool, a broken connection, or a transaction left open."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import trio
+import trio_asyncio
+
+from smsgw.storage.pg import Database
+from tests.integration.helpers import open_database
+
+
+async def backend_pid(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+async def test_a_connection_is_kept_for_the_next_run(database_url: str, schema: str) -> None:
+    async with open_database(database_url, schema) as db:
+        first = await db.run(backend_pid)
+        assert [await db.run(backend_pid) for _ in range(5)] == [first] * 5
+
+
+async def test_more_concurrent_runs_than_connections_all_finish(
+    database_url: str, schema: str
+) -> None:
+    # The pool has at most 6 connections: the other runs wait for one, and a finished run
+    # must hand its connection to them rather than keep it.
+    async with open_database(database_url, schema) as db:
+        done: list[int] = []
+
+        async def one(i: int) -> None:
+            await db.run(lambda conn: conn.execute("SELECT pg_sleep(0.05)"))
+            done.append(i)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(one, i)
+        assert sorted(done) == list(range(40))
+        # And connections are kept again once nobody waits.
+        first = await db.run(backend_pid)
+        assert await db.run(backend_pid) == first
+
+
+async def test_a_run_that_failed_gives_its_connection_back(database_url: str, schema: str) -> None:
+    async with open_database(database_url, schema) as db:
+        first = await db.run(backend_pid)
+
+        async def fails(conn: asyncpg.Connection) -> None:
+            await conn.execute("SELECT 1/0")
+
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await db.run(fails)  # on the kept connection
+        assert first not in idle_pids(db)
+        # The next run takes whatever the pool gives, and works.
+        assert await db.run(lambda conn: conn.fetchval("SELECT 1")) == 1
+
+
+def idle_pids(db: Database) -> list[int]:
+    return [conn.get_server_pid() for conn in db._idle]
+
+
+async def test_a_connection_left_in_a_transaction_is_not_kept(
+    database_url: str, schema: str
+) -> None:
+    async with open_database(database_url, schema) as db:
+
+        async def leaves_one_open(conn: asyncpg.Connection) -> int:
+            await conn.execute("BEGIN")
+            return await backend_pid(conn)
+
+        left = await db.run(leaves_one_open)
+        assert left not in idle_pids(db)
+        assert await db.run(lambda conn: conn.fetchval("SELECT 1")) == 1
+
+
+async def test_a_kept_connection_that_was_closed_is_replaced(
+    database_url: str, schema: str
+) -> None:
+    async with open_database(database_url, schema) as db:
+        first = await db.run(backend_pid)
+        # PostgreSQL ends that session while it is idle here (a restart, an admin).
+        other = await trio_asyncio.aio_as_trio(asyncpg.connect)(database_url)
+        try:
+            await trio_asyncio.aio_as_trio(other.execute)("SELECT pg_terminate_backend($1)", first)
+        finally:
+            await trio_asyncio.aio_as_trio(other.close)()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    pid = await db.run(backend_pid)
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                    continue  # at most the run that found it broken
+                break
+        assert pid != first
