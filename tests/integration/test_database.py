@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 import trio
-import trio_asyncio
 
 from smsgw.storage.pg import Database
-from tests.integration.helpers import open_database
+from tests.integration.helpers import db_fetch, open_database
 
 
 async def backend_pid(conn: asyncpg.Connection) -> int:
@@ -82,11 +81,7 @@ async def test_a_kept_connection_that_was_closed_is_replaced(
     async with open_database(database_url, schema) as db:
         first = await db.run(backend_pid)
         # PostgreSQL ends that session while it is idle here (a restart, an admin).
-        other = await trio_asyncio.aio_as_trio(asyncpg.connect)(database_url)
-        try:
-            await trio_asyncio.aio_as_trio(other.execute)("SELECT pg_terminate_backend($1)", first)
-        finally:
-            await trio_asyncio.aio_as_trio(other.close)()
+        await db_fetch(database_url, schema, "SELECT pg_terminate_backend($1)", first)
         # The run that takes it before asyncpg has seen the close fails (how depends on when
         # the server's goodbye is read: a connection error, or asyncpg's "another operation
         # is in progress"); the connection is given back then, and the next run works.
