@@ -115,7 +115,9 @@ async def run_node(
                 cluster = PgCluster(
                     db, options.database_url, node_id, advertised_url=lambda: node.url
                 )
-                handoff = Handoff(node_id, cluster.lock_class, cluster.channel)
+                handoff = Handoff(
+                    node_id, cluster.lock_class, cluster.channel, cluster.settled_channel
+                )
             store = PgStore(db, handoff=handoff)
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.

@@ -13,6 +13,7 @@ import trio.testing
 
 from smsgw.engine.actor import Inbox
 from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.ports import Notices
 from smsgw.engine.shards import SHARDS, LeaseConfig, ShardLeases, shard_of
 
 CONFIG = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5)
@@ -112,7 +113,7 @@ class FakeStore:
         await self._alive()
         return []
 
-    async def listen(self, notified: Callable[[str], None]) -> None:
+    async def listen(self, notices: Notices) -> None:
         await trio.sleep_forever()
 
     async def cluster(self, ttl: float) -> dict[str, Any]:

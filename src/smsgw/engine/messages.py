@@ -86,6 +86,31 @@ class Outcome(msgspec.Struct, frozen=True):
     at: float
 
 
+class Settled(msgspec.Struct, frozen=True, array_like=True):
+    """What a `"wait": true` request learns of its message's outcome: an Outcome without the
+    message, small enough that the node that recorded it can NOTIFY it to every node."""
+
+    id: str
+    status: Literal["sent", "failed"]
+    operator: str | None
+    operator_message_id: str | None
+    reason: str | None
+    attempts: int
+    at: float
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> Settled:
+        return cls(
+            outcome.sms.id,
+            outcome.status,
+            outcome.operator,
+            outcome.operator_message_id,
+            outcome.reason,
+            outcome.attempts,
+            outcome.at,
+        )
+
+
 class AccountSettings(msgspec.Struct, frozen=True):
     """Per-account scheduling and rate settings (migration 003); None: the node's default."""
 
@@ -96,6 +121,23 @@ class AccountSettings(msgspec.Struct, frozen=True):
 
 
 DEFAULT_SETTINGS = AccountSettings()
+
+
+class AccountChanged(msgspec.Struct, frozen=True):
+    """An account's key or settings changed (on any node: a trigger NOTIFYs every node, so
+    a rotated key or a new rate holds everywhere within a notification's latency)."""
+
+    id: int
+    send_rate: float | None = None
+    express_deadline_ms: int | None = None
+    recipient_limit_per_hour: int | None = None
+    api_rate: float | None = None
+
+    @property
+    def settings(self) -> AccountSettings:
+        return AccountSettings(
+            self.send_rate, self.express_deadline_ms, self.recipient_limit_per_hour, self.api_rate
+        )
 
 
 class Account(msgspec.Struct, frozen=True):

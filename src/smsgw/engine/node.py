@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -17,6 +17,7 @@ from smsgw.engine.messages import (
     Accept,
     AcceptResult,
     Account,
+    AccountChanged,
     AccountSettings,
     Backlog,
     CreateAccount,
@@ -28,6 +29,7 @@ from smsgw.engine.messages import (
     RecordDeliveries,
     SchedulerMessage,
     SendRate,
+    Settled,
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
@@ -38,6 +40,9 @@ from smsgw.engine.scheduler import Scheduler, SchedulerState
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
+
+_settled_decoder = msgspec.json.Decoder(list[Settled])
+_changed_decoder = msgspec.json.Decoder(AccountChanged)
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
@@ -136,6 +141,8 @@ class Engine:
                 lambda: self.pool.inflight.values(),
                 leases,
                 page_backlog=not config.scheduler_fifo,
+                settled=self._settled_elsewhere,
+                account_changed=self._account_changed,
             )
             self.ready = self.leases.ready
 
@@ -210,8 +217,11 @@ class Engine:
         # made here): read on the accept path without a query.
         self.settings: dict[int, AccountSettings] = {}
         # `"wait": true` requests: message id -> the slot its committed outcome goes to.
-        self.waiters: dict[str, Reply[Outcome]] = {}
+        self.waiters: dict[str, Reply[Settled]] = {}
         self.writer.on_outcomes = self._outcomes_committed
+        # Told the id of an account whose key or settings changed on any node (the HTTP
+        # door's key cache forgets its keys).
+        self.account_listeners: list[Callable[[int], None]] = []
 
     @property
     def recovered(self) -> int:
@@ -335,10 +345,10 @@ class Engine:
             self.express_deadline_s(account_id) - commit, len(self.scheduler.state.express)
         )
 
-    def wait_for(self, message_id: str) -> Reply[Outcome]:
-        """A slot that gets the message's outcome once it is committed; call before the
-        message is accepted, and `forget_wait` after."""
-        reply: Reply[Outcome] = Reply()
+    def wait_for(self, message_id: str) -> Reply[Settled]:
+        """A slot that gets the message's outcome once it is committed, by whichever node
+        dispatched it; call before the message is accepted, and `forget_wait` after."""
+        reply: Reply[Settled] = Reply()
         self.waiters[message_id] = reply
         return reply
 
@@ -350,7 +360,30 @@ class Engine:
             for outcome in outcomes:
                 reply = self.waiters.pop(outcome.sms.id, None)
                 if reply is not None:
-                    reply.set(outcome)
+                    reply.set(Settled.of(outcome))
+
+    def _settled_elsewhere(self, body: str) -> None:
+        """Express outcomes another node committed (its store NOTIFYs every node): the ones
+        this node's requests wait for. No query: the notification carries the outcome."""
+        if not self.waiters:
+            return
+        try:
+            settled = _settled_decoder.decode(body)
+        except msgspec.DecodeError:
+            return
+        for item in settled:
+            reply = self.waiters.pop(item.id, None)
+            if reply is not None:
+                reply.set(item)
+
+    def _account_changed(self, body: str) -> None:
+        try:
+            changed = _changed_decoder.decode(body)
+        except msgspec.DecodeError:
+            return
+        self.learn_settings(changed.id, changed.settings)
+        for listener in self.account_listeners:
+            listener(changed.id)
 
     async def topup(self, account_id: int, amount: int) -> int | None:
         return await self.writer.ref.ask(

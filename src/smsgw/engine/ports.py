@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 
@@ -267,6 +267,18 @@ class FrontDoorStore(Reads, Protocol):
         ...
 
 
+class Notices(NamedTuple):
+    """What the nodes of one database tell each other, each handler called with the
+    notification's text (synchronously, from the listening connection's callback)."""
+
+    # Hand-offs to this node: a JSON list of OutboundSms, empty for "claim now".
+    handoffs: Callable[[str], None]
+    # Express outcomes recorded by any node: a JSON list of `Settled`, for `"wait": true`.
+    settled: Callable[[str], None]
+    # An account's key or settings changed: one `AccountChanged` as JSON.
+    account_changed: Callable[[str], None]
+
+
 class ClusterStore(Protocol):
     """The shared state of the nodes on one database: heartbeats, shard leases (owner, expiry,
     fencing token) and the hand-offs of messages accepted by a node that does not lease their
@@ -313,10 +325,9 @@ class ClusterStore(Protocol):
         each whose id is not `known` (dispatched from its notification already)."""
         ...
 
-    async def listen(self, notified: Callable[[str], None]) -> None:
-        """Call `notified(messages)` for each notification of hand-offs to this node, once
-        committed: a JSON list of OutboundSms, empty for "claim now"; returns when the
-        connection is lost."""
+    async def listen(self, notices: Notices) -> None:
+        """Call `notices`' handlers for each notification, once committed (see `Notices`);
+        returns when the connection is lost."""
         ...
 
     async def cluster(self, ttl: float) -> dict[str, Any]:

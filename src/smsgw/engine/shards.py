@@ -23,7 +23,7 @@ import trio
 
 from smsgw.engine.actor import ActorRef, InboxFull
 from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
-from smsgw.engine.ports import ClusterStore
+from smsgw.engine.ports import ClusterStore, Notices
 
 log = logging.getLogger("smsgw.shards")
 
@@ -79,8 +79,13 @@ class ShardLeases:
         *,
         clock: Callable[[], float] = time.monotonic,
         page_backlog: bool = True,
+        settled: Callable[[str], None] = lambda _: None,
+        account_changed: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.store = store
+        # What the other nodes tell this one besides hand-offs (ports.Notices), passed on.
+        self._settled = settled
+        self._account_changed = account_changed
         # Start-up recovery counts bulk per account for the Scheduler to page in, rather than
         # loading a backlog of millions whole (the FIFO baseline cannot page: it loads).
         self._page_backlog = page_backlog
@@ -437,12 +442,13 @@ class ShardLeases:
     async def _listen(self) -> None:
         token = trio.lowlevel.current_trio_token()
 
-        def notified(body: str) -> None:
-            token.run_sync_soon(self.deliver, body)
+        def soon(handler: Callable[[str], None]) -> Callable[[str], None]:
+            return lambda body: token.run_sync_soon(handler, body)
 
+        notices = Notices(soon(self.deliver), soon(self._settled), soon(self._account_changed))
         while True:
             try:
-                await self.store.listen(notified)
+                await self.store.listen(notices)
             except Exception as exc:
                 self.last_error = f"listen: {type(exc).__name__}: {exc}"
             # The connection ended: the poll covers the gap; reconnect shortly.

@@ -218,9 +218,18 @@ class KeyCache:
         return account_id
 
     def forget(self, key_hash: bytes) -> None:
-        """Stop answering for `key_hash` on this node now (other nodes: within the ttl)."""
+        """Stop answering for `key_hash` on this node now (every node also forgets the
+        account's keys when the change's notification arrives: `forget_account`)."""
         self._forgotten += 1
         self._entries.pop(key_hash, None)
+
+    def forget_account(self, account_id: int) -> None:
+        """An account's key or settings changed (on any node): look its keys up again. A
+        scan, but of a rare event: a reverse index would cost every cached lookup."""
+        self._forgotten += 1
+        stale = [k for k, (owner, _) in self._entries.items() if owner == account_id]
+        for key_hash in stale:
+            del self._entries[key_hash]
 
 
 class Gateway:
@@ -230,6 +239,7 @@ class Gateway:
         self.engine = engine
         self.reads = reads
         self.keys = KeyCache(reads, on_account=engine.learn_settings)
+        engine.account_listeners.append(self.keys.forget_account)
         self._admin_hash = hash_key(admin_key)
         # Requests per account (token bucket): a runaway client gets 429s, not the node.
         self.limiter: RateLimiter[int] = RateLimiter(

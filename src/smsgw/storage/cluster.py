@@ -21,16 +21,28 @@ import asyncpg
 import trio
 
 from smsgw.engine.messages import OutboundSms
+from smsgw.engine.ports import Notices
 from smsgw.storage.pg import PENDING_COLUMNS, Database, _bridge, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
 
 
 def channel_and_lock_class(schema: str) -> tuple[str, int]:
-    """The NOTIFY channel and the advisory lock class of a schema's nodes: nodes in other
-    schemas of the same database (tests) neither wake nor wait for each other."""
+    """The hand-off NOTIFY channel and the advisory lock class of a schema's nodes: nodes in
+    other schemas of the same database (tests) neither wake nor wait for each other."""
     digest = hashlib.sha256(schema.encode()).digest()
     return f"smsgw_handoff_{digest[:8].hex()}", int.from_bytes(digest[8:12], "big", signed=True)
+
+
+def settled_channel(schema: str) -> str:
+    """Where a schema's nodes announce the express outcomes they commit (`Settled`)."""
+    return f"smsgw_settled_{hashlib.sha256(schema.encode()).digest()[:8].hex()}"
+
+
+def account_channel(schema: str) -> str:
+    """Where migration 006's trigger announces a schema's account changes (the same name,
+    computed in SQL from the table's schema)."""
+    return f"smsgw_account_{hashlib.sha256(schema.encode()).digest()[:8].hex()}"
 
 
 _LOCK_EXCLUSIVE = """
@@ -84,6 +96,8 @@ class PgCluster:
         self._node_id = node_id
         self._advertised_url = advertised_url
         self.channel, self.lock_class = channel_and_lock_class(db.schema)
+        self.settled_channel = settled_channel(db.schema)
+        self.account_channel = account_channel(db.schema)
         self.host = socket.gethostname()
         self.pid = os.getpid()
 
@@ -275,13 +289,19 @@ class PgCluster:
 
         return await self.db.run(take)
 
-    async def listen(self, notified: Callable[[str], None]) -> None:
+    async def listen(self, notices: Notices) -> None:
         me = self._node_id
 
-        def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
+        def on_handoff(conn: object, pid: int, channel: str, payload: str) -> None:
             owner, _, body = payload.partition("\n")
             if owner == me:
-                notified(body)
+                notices.handoffs(body)
+
+        def on_settled(conn: object, pid: int, channel: str, payload: str) -> None:
+            notices.settled(payload)
+
+        def on_account(conn: object, pid: int, channel: str, payload: str) -> None:
+            notices.account_changed(payload)
 
         async def hold() -> None:
             conn = await asyncpg.connect(
@@ -290,7 +310,9 @@ class PgCluster:
             closed = asyncio.Event()
             try:
                 conn.add_termination_listener(lambda _: closed.set())
-                await conn.add_listener(self.channel, on_notify)
+                await conn.add_listener(self.channel, on_handoff)
+                await conn.add_listener(self.settled_channel, on_settled)
+                await conn.add_listener(self.account_channel, on_account)
                 await closed.wait()
             finally:
                 if not conn.is_closed():

@@ -25,7 +25,14 @@ import trio
 import trio_asyncio
 
 from smsgw.engine.credit import AccountCredit, CreditBook, hold_items
-from smsgw.engine.messages import AcceptResult, Account, AccountSettings, OutboundSms
+from smsgw.engine.messages import (
+    AcceptResult,
+    Account,
+    AccountSettings,
+    OutboundSms,
+    Outcome,
+    Settled,
+)
 from smsgw.engine.ports import (
     GroupResult,
     IdempotencyClaim,
@@ -607,6 +614,9 @@ class Handoff(NamedTuple):
     node_id: str
     lock_class: int
     channel: str
+    # Where the express outcomes this node commits are announced to every node (for a
+    # `"wait": true` request on whichever node accepted the message); "" for nowhere.
+    settled_channel: str = ""
 
 
 class PgStore(CallbackOutbox):
@@ -742,24 +752,37 @@ class PgStore(CallbackOutbox):
             deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
         if group.written is not None:
             group.written()
-        if wake:
-            await self._notify(conn, wake)
+        await self._notify(conn, wake, group.outcomes)
         return GroupResult(accepts, topups, creates, deliveries)
 
-    async def _notify(self, conn: asyncpg.Connection, wake: list[str]) -> None:
-        """Wake the owners of handed-off messages. After the commit, in a transaction of its
-        own that writes nothing: a NOTIFY in the group's transaction would hold PostgreSQL's
-        database-wide notify lock through the group's commit (and its WAL flush), serialising
-        every node's group commits. Lost (a crash, a failure), the hand-off waits for the
-        poll; the group is committed whatever happens here, so nothing may raise."""
+    async def _notify(
+        self, conn: asyncpg.Connection, wake: list[str], outcomes: Sequence[Outcome]
+    ) -> None:
+        """Wake the owners of handed-off messages, and tell every node the express outcomes
+        just committed (a `"wait": true` request may wait for one on any node). After the
+        commit, in a transaction of its own that writes nothing: a NOTIFY in the group's
+        transaction would hold PostgreSQL's database-wide notify lock through the group's
+        commit (and its WAL flush), serialising every node's group commits. A lost hand-off
+        waits for the poll; a lost outcome lets its waiter time out at the deadline. The
+        group is committed whatever happens here, so nothing may raise."""
         if self.handoff is None:
+            return
+        channels = [self.handoff.channel] * len(wake)
+        payloads = list(wake)
+        if self.handoff.settled_channel:
+            settled = settled_payloads([o for o in outcomes if o.sms.express])
+            channels += [self.handoff.settled_channel] * len(settled)
+            payloads += settled
+        if not payloads:
             return
         try:
             await conn.execute(
-                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self.handoff.channel, wake
+                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+                channels,
+                payloads,
             )
         except Exception as exc:
-            log.warning("could not notify hand-offs (the poll takes them): %s", exc)
+            log.warning("could not notify hand-offs or outcomes (the poll takes them): %s", exc)
 
     async def _commit_one(
         self, conn: asyncpg.Connection, group: WriteGroup, ids: list[int], finished: str
@@ -787,12 +810,12 @@ class PgStore(CallbackOutbox):
         inserted = None if row["stored"] == len(stored) else set(row["inserted"] or ())
         balances = dict(zip(row["ids"], row["balances"], strict=True))
         accepts = _one_answers(group, balances, inserted)
+        wake: list[str] = []
         if self.handoff is not None and row["handed"]:
             if inserted is not None:
                 stored = [s for s in stored if s.id in inserted]
             wake = _handed_payloads(row["owners"], row["handed"], stored)
-            if wake:
-                await self._notify(conn, wake)
+        await self._notify(conn, wake, group.outcomes)
         return GroupResult(accepts, [], [])
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
@@ -1292,6 +1315,23 @@ def _handed_payloads(
 # NOTIFY payloads must stay under 8,000 bytes.
 _PAYLOAD_LIMIT = 7_900
 _sms_encoder = msgspec.json.Encoder()
+
+
+def settled_payloads(outcomes: Sequence[Outcome]) -> list[str]:
+    """JSON lists of `Settled`, each within a NOTIFY's payload limit."""
+    payloads: list[str] = []
+    parts: list[bytes] = []
+    size = 2
+    for outcome in outcomes:
+        part = _sms_encoder.encode(Settled.of(outcome))
+        if size + len(part) + 1 > _PAYLOAD_LIMIT and parts:
+            payloads.append((b"[" + b",".join(parts) + b"]").decode())
+            parts, size = [], 2
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        payloads.append((b"[" + b",".join(parts) + b"]").decode())
+    return payloads
 
 
 def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:

@@ -14,7 +14,7 @@ from quart import Blueprint, Response
 from smsgw.engine import sms as rules
 from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
-from smsgw.engine.messages import OutboundSms, Outcome
+from smsgw.engine.messages import OutboundSms, Settled
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import ProblemError
@@ -202,11 +202,11 @@ async def send_message() -> Response:
 WAIT_GRACE = 2.0
 
 
-async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Outcome]) -> Response:
+async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled]) -> Response:
     """`"wait": true`: 200 once the operator took the message, 504 when its deadline passed
     (the message is failed and its hold released), 502 when the operator refused it."""
     assert sms.deadline is not None
-    outcome: Outcome | None = None
+    outcome: Settled | None = None
     with trio.move_on_after(max(0.0, sms.deadline - gw.engine.clock()) + WAIT_GRACE):
         outcome = await waiting.wait()
     if outcome is None:
@@ -241,7 +241,7 @@ async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Outcome
     )
 
 
-def sent_view(sms: OutboundSms, outcome: Outcome) -> dict[str, Any]:
+def sent_view(sms: OutboundSms, outcome: Settled) -> dict[str, Any]:
     """The message as GET shows it, from what this node already knows: no read."""
     return {
         "id": sms.id,

@@ -1,0 +1,123 @@
+"""Node processes for the multi-node tests: `smsgw serve` on 127.0.0.1, so they can be killed
+and paused, and the cluster views they answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+
+from smsgw.engine.shards import SHARDS, fair_share
+from smsgw.workers import listening_url
+from tests.conftest import ADMIN_KEY, admin
+from tests.integration.helpers import db_fetch
+
+TTL = 3.0  # the lease ttl the nodes run with (the default)
+SLOW = ("--operator-latency-ms", "2500,3000")
+
+
+@dataclass
+class NodeProcess:
+    node_id: str
+    process: trio.Process
+    url: str
+
+
+@asynccontextmanager
+async def serve_node(
+    database_url: str, schema: str, node_id: str, log: Path, *extra: str
+) -> AsyncIterator[NodeProcess]:
+    """One `smsgw serve --workers 1` node on a free port; killed on the way out."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SMSGW_SCHEMA": schema,
+        "SMSGW_ADMIN_KEY": ADMIN_KEY,
+    }
+    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", "1"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--node-id", node_id]
+    command += ["--operator-name", f"op-{node_id}", "--lease-ttl", str(TTL), *extra]
+    with log.open("ab") as err:
+        process = await trio.lowlevel.open_process(
+            command, stdout=subprocess.PIPE, stderr=err, env=env
+        )
+    try:
+        assert process.stdout is not None
+        url = await _listening_url(process.stdout, log)
+        yield NodeProcess(node_id, process, url)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+async def _listening_url(stdout: trio.abc.ReceiveStream, log: Path) -> str:
+    with trio.fail_after(60):
+        url = await listening_url(stdout)
+    if url is None:
+        text = await trio.Path(log).read_text()
+        raise AssertionError(f"smsgw serve exited early:\n{text[-4000:]}")
+    return url
+
+
+async def cluster(client: httpx.AsyncClient) -> dict:
+    r = await client.get("/v1/ops/cluster", headers=admin())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def leases_of(client: httpx.AsyncClient) -> dict:
+    """The `shard_leases` child's figures on the node `client` talks to."""
+    r = await client.get("/v1/ops/supervisor", headers=admin())
+    assert r.status_code == 200, r.text
+    [child] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
+    return child["stats"]
+
+
+async def pool_of(client: httpx.AsyncClient) -> dict:
+    r = await client.get("/v1/ops/supervisor", headers=admin())
+    [child] = [c for c in r.json()["children"] if c["name"] == "provider_pool"]
+    return child["stats"]
+
+
+async def balanced(client: httpx.AsyncClient, alive: Sequence[str]) -> bool:
+    """Every shard leased, by the live nodes `alive` only, each holding its fair share: at
+    most ceil(256 / n) (what a node takes), so at least what the others leave."""
+    view = await cluster(client)
+    shards = {n["id"]: n["shards"] for n in view["nodes"] if n["alive"]}
+    if view["unowned_shards"] or set(shards) != set(alive) or sum(shards.values()) != SHARDS:
+        return False
+    share = fair_share(len(alive))
+    return all(SHARDS - (len(alive) - 1) * share <= n <= share for n in shards.values())
+
+
+async def create_accounts(client: httpx.AsyncClient, count: int, credit: int) -> list[dict]:
+    accounts = []
+    for i in range(count):
+        r = await client.post(
+            "/v1/accounts", json={"name": f"a{i}", "credit": credit}, headers=admin()
+        )
+        assert r.status_code == 201, r.text
+        accounts.append(r.json())
+    return accounts
+
+
+async def pending_count(database_url: str, schema: str) -> int:
+    rows = await db_fetch(
+        database_url,
+        schema,
+        "SELECT count(*) AS n FROM messages WHERE status IN ('queued', 'sending')",
+    )
+    return int(rows[0]["n"])

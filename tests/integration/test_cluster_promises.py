@@ -1,0 +1,111 @@
+"""What the cluster promises as one gateway, tried across `smsgw serve` node processes on one
+PostgreSQL: a `"wait": true` send answered on a node that does not dispatch it, and key and
+settings changes on every node within a second."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+
+from smsgw.engine.shards import SHARDS, shard_of
+from tests.conftest import admin, bearer
+from tests.integration.helpers import TO, http_client, until
+from tests.integration.nodes import balanced, create_accounts, leases_of, serve_node
+
+pytestmark = pytest.mark.slow
+
+
+async def test_wait_is_answered_on_a_node_that_does_not_own_the_shard(
+    database_url: str, schema: str
+) -> None:
+    """Each account's express `wait` send goes to the node that does not lease its shard: the
+    owner dispatches it, and its outcome reaches the waiting node by notification."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log) as a,
+            serve_node(database_url, schema, "b", log) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+            owner = {
+                lease["shard"]: name
+                for name, client in (("a", ca), ("b", cb))
+                for lease in (await leases_of(client))["leases"]
+            }
+            assert len(owner) == SHARDS
+            accounts = await create_accounts(ca, 20, 1_000)
+            answers: list[tuple[str, int, dict]] = []
+
+            async def send(account: dict) -> None:
+                elsewhere = "b" if owner[shard_of(account["id"])] == "a" else "a"
+                client = cb if elsewhere == "b" else ca
+                r = await client.post(
+                    "/v1/messages",
+                    json={"to": TO, "text": "code 123456", "express": True, "wait": True},
+                    headers=bearer(account["api_key"]),
+                )
+                answers.append((elsewhere, r.status_code, r.json()))
+
+            async with trio.open_nursery() as nursery:
+                for account in accounts:
+                    nursery.start_soon(send, account)
+            # Both nodes answered for accounts they do not dispatch.
+            assert {node for node, _, _ in answers} == {"a", "b"}
+            # The simulated operator refuses some (2% permanent): 502, failed and refunded. No
+            # answer may be the timeout's 504.
+            statuses = [status for _, status, _ in answers]
+            assert statuses.count(504) == 0, answers
+            assert all(status in (200, 502) for status in statuses), answers
+            sent = [body for _, status, body in answers if status == 200]
+            assert len(sent) >= 15, answers
+            assert all(body["status"] == "sent" and body["operator_message_id"] for body in sent)
+
+
+async def test_a_rotated_key_and_new_settings_reach_every_node_within_a_second(
+    database_url: str, schema: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log) as a,
+            serve_node(database_url, schema, "b", log) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            [account, other] = await create_accounts(ca, 2, 1_000)
+            old = bearer(account["api_key"])
+            # b knows the key (its cache holds it for a minute without the notification).
+            assert (await cb.get("/v1/account", headers=old)).status_code == 200
+            r = await ca.post("/v1/account/keys/rotate", headers=old)
+            assert r.status_code == 200, r.text
+            new = bearer(r.json()["api_key"])
+
+            async def old_key_refused() -> bool:
+                return (await cb.get("/v1/account", headers=old)).status_code == 401
+
+            with trio.fail_after(1.0):
+                await until(old_key_refused, interval=0.05)
+            assert (await cb.get("/v1/account", headers=new)).status_code == 200
+
+            # A request rate set on a holds on b within a second.
+            key = bearer(other["api_key"])
+            assert (await cb.get("/v1/account", headers=key)).status_code == 200
+            r = await ca.put(
+                f"/v1/accounts/{other['id']}/settings", json={"api_rate": 0.5}, headers=admin()
+            )
+            assert r.status_code == 200, r.text
+
+            async def limited() -> bool:
+                statuses = [
+                    (await cb.get("/v1/account", headers=key)).status_code for _ in range(3)
+                ]
+                return 429 in statuses
+
+            with trio.fail_after(1.0):
+                await until(limited, interval=0.05)
