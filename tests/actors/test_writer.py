@@ -8,15 +8,18 @@ import pytest
 import trio
 
 from smsgw.engine.actor import Reply
+from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
     OutboundSms,
     Outcome,
     RecordOutcome,
+    TopUp,
 )
 from smsgw.engine.ports import GroupResult, WriteGroup
 from smsgw.engine.writer import StoreUnavailable, StoreWriter
+from smsgw.sim.memstore import MemStore
 
 COMMIT_S = 0.005
 
@@ -292,3 +295,31 @@ async def test_a_failed_commit_answers_its_callers_and_keeps_its_outcomes(
         # The failed group's outcome went with the next group; its accept did not.
         assert [(n, a) for _, n, a in store.groups] == [(1, 1)]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_topup_too_large_is_refused_alone_and_its_group_commits(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = MemStore(cost=None)
+    sender = store.add_account("sender", 100)
+    full = store.add_account("full", 0)
+    store.credit[full.id].balance = store.credit[full.id].topped_up = CREDIT_MAX - 10
+    store.ledger[full.id].topup = CREDIT_MAX - 10
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0)
+    accepted: Reply[list[AcceptResult]] = Reply()
+    too_large: Reply[int | None] = Reply()
+    fits: Reply[int | None] = Reply()
+    # Told before the writer runs: one group.
+    writer.ref.tell_nowait(Accept((sms(1, account=sender.id),), True, accepted))
+    writer.ref.tell_nowait(TopUp(full.id, 11, too_large))
+    writer.ref.tell_nowait(TopUp(full.id, 10, fits))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with pytest.raises(TopUpTooLarge):
+            await too_large.wait()
+        assert (await accepted.wait())[0].accepted
+        assert await fits.wait() == CREDIT_MAX
+        nursery.cancel_scope.cancel()
+    assert writer.failed_groups == 0 and store.commits == 1
+    assert store.credit[sender.id].held == 5
+    assert store.credit[full.id].topped_up == CREDIT_MAX

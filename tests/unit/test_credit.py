@@ -15,7 +15,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from smsgw.engine.credit import AccountCredit, CreditBook, CreditDelta, CreditError
+from smsgw.engine.credit import (
+    CREDIT_MAX,
+    AccountCredit,
+    CreditBook,
+    CreditDelta,
+    CreditError,
+    TopUpTooLarge,
+    check_topups,
+)
 
 ACCOUNTS = (1, 2, 3)
 amounts = st.integers(min_value=1, max_value=500)
@@ -238,6 +246,26 @@ def test_topup_of_nothing_or_less_raises(amount: int) -> None:
     with pytest.raises(CreditError):
         book.topup(7, amount)
     assert book.accounts[7] == AccountCredit(balance=100, topped_up=100)
+
+
+def test_a_topup_past_what_the_columns_hold_is_refused_and_changes_nothing() -> None:
+    # topped_up is the largest figure (balance + held + captured): it sets the room.
+    book = CreditBook()
+    book.load(7, AccountCredit(balance=100, held=20, captured=30, topped_up=CREDIT_MAX - 50))
+    with pytest.raises(TopUpTooLarge) as refused:
+        book.topup(7, 51)
+    assert (refused.value.account_id, refused.value.amount, refused.value.room) == (7, 51, 50)
+    assert book.accounts[7].topped_up == CREDIT_MAX - 50 and not book.deltas
+    assert book.topup(7, 50) == 150  # exactly the room fits
+    assert book.accounts[7].topped_up == CREDIT_MAX
+
+
+def test_check_topups_counts_earlier_topups_to_the_same_account() -> None:
+    credits = {7: AccountCredit(balance=0, topped_up=CREDIT_MAX - 10), 8: AccountCredit()}
+    check_topups(credits, [(7, 5), (8, 10**15), (9, CREDIT_MAX), (7, 5)])  # 9: unknown
+    with pytest.raises(TopUpTooLarge) as refused:
+        check_topups(credits, [(7, 6), (7, 5)])
+    assert (refused.value.amount, refused.value.room) == (5, 4)
 
 
 @pytest.mark.parametrize("settle", ["capture", "release"])

@@ -7,19 +7,37 @@ class makes the invariants testable in isolation (tests/unit/test_credit.py):
 
 - a balance never goes below zero;
 - topped_up - captured - held == balance, for every account, after any sequence;
-- an account can spend exactly its whole balance.
+- an account can spend exactly its whole balance;
+- no figure passes CREDIT_MAX, what the columns hold: a top-up that would is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from smsgw.engine.messages import AcceptResult, OutboundSms
 
+# The credit columns are PostgreSQL bigints (migrations/001_initial.sql). `topped_up` is the
+# largest of them (it is balance + held + captured), so a top-up that keeps it in range keeps
+# them all in range.
+CREDIT_MAX = 2**63 - 1
+
 
 class CreditError(Exception):
     """A capture or release that does not match a hold: a bug, never a customer error."""
+
+
+class TopUpTooLarge(Exception):
+    """A top-up that would take an account's credit past CREDIT_MAX: the caller's mistake,
+    refused before anything changed. A store raises it out of its commit, which therefore
+    stored nothing of the group (the writer commits the rest of the group without it)."""
+
+    def __init__(self, account_id: int, amount: int, room: int) -> None:
+        super().__init__(f"top-up of {amount} to account {account_id}; room for {room}")
+        self.account_id = account_id
+        self.amount = amount
+        self.room = room  # the most this account can take now
 
 
 @dataclass(slots=True)
@@ -114,13 +132,30 @@ class CreditBook:
         self._delta(account_id).released += amount
 
     def topup(self, account_id: int, amount: int) -> int:
+        """Add `amount`; the new balance. TopUpTooLarge (and no change) past CREDIT_MAX."""
         if amount <= 0:
             raise CreditError(f"top-up of {amount}")
         credit = self.accounts[account_id]
+        check_topups(self.accounts, ((account_id, amount),))
         credit.balance += amount
         credit.topped_up += amount
         self._delta(account_id).topped_up += amount
         return credit.balance
+
+
+def check_topups(credits: Mapping[int, AccountCredit], topups: Iterable[tuple[int, int]]) -> None:
+    """Raise TopUpTooLarge for the first of `topups` (account, amount) that would not fit,
+    counting the earlier ones to the same account; accounts not in `credits` are skipped. For
+    a store without a transaction, to refuse before it changes anything."""
+    added: dict[int, int] = {}
+    for account_id, amount in topups:
+        credit = credits.get(account_id)
+        if credit is None:
+            continue
+        total = credit.topped_up + added.get(account_id, 0)
+        if total + amount > CREDIT_MAX:
+            raise TopUpTooLarge(account_id, amount, CREDIT_MAX - total)
+        added[account_id] = added.get(account_id, 0) + amount
 
 
 def hold_items(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> list[AcceptResult]:

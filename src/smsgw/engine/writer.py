@@ -11,6 +11,7 @@ from typing import Any, assert_never
 import trio
 
 from smsgw.engine.actor import Inbox, Reply, ShardedInbox
+from smsgw.engine.credit import TopUpTooLarge
 from smsgw.engine.histogram import GROUP_SIZE_BUCKETS, LATENCY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     Accept,
@@ -53,6 +54,20 @@ def _is_bulk_outcome(message: WriterMessage) -> bool:
     """An outcome nobody waits for: a bulk message's (an express one may have a `"wait":
     true` request on it)."""
     return isinstance(message, RecordOutcome) and not message.outcome.sms.express
+
+
+def _refuse_topup(batch: list[WriterMessage], refused: TopUpTooLarge) -> list[WriterMessage]:
+    """Answer the top-up `refused` names with it; the rest of `batch`. (Of two alike, which
+    one is refused does not matter: they came at the same time.)"""
+    for i, message in enumerate(batch):
+        if (
+            isinstance(message, TopUp)
+            and message.account_id == refused.account_id
+            and message.amount == refused.amount
+        ):
+            message.reply.fail(refused)
+            return batch[:i] + batch[i + 1 :]
+    raise AssertionError(f"the store refused a top-up the group does not hold: {refused}")
 
 
 def _rows(message: WriterMessage) -> int:
@@ -332,6 +347,14 @@ class StoreWriter:
             # its rows may be committed. It finishes (or times out) first; shutdown waits.
             with trio.CancelScope(shield=True), trio.fail_after(self._commit_timeout):
                 result = await self._store.commit_group(group)
+        except TopUpTooLarge as exc:
+            # One caller's mistake, not the store's: the group stored nothing, so that top-up
+            # is refused and the rest of the group commits at once, unharmed by it (each
+            # round refuses one top-up, so this ends).
+            rest = _refuse_topup(batch, exc)
+            if rest:
+                await self._commit(rest, carry, written)
+            return
         except Exception as exc:
             # The store is down or refused the group: nothing of it was stored. Answer the
             # callers now (HTTP 503), keep the outcomes for the next group, and back off. This

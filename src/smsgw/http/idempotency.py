@@ -3,13 +3,14 @@
 A client that sends `Idempotency-Key: <key>` may retry the request as often as it likes: the
 first request runs; the same key with the same request (method, path, and the body as JSON,
 whatever its key order or whitespace) replays the first answer, status and body, with
-`Idempotent-Replayed: true`; the same key with a different request is a 422. Keys are per
-account and kept 24 hours.
+`Idempotent-Replayed: true`; the same key with a different request is a 422. Keys are kept 24
+hours, each in a scope: an account's own requests (`@idempotent`), or the admin's requests
+about one account (`@idempotent_admin`, see `admin_on_path_account`).
 
 Exactly one request runs per key, across requests and nodes: before the handler runs, the key
 is recorded in PostgreSQL with no answer (INSERT ... ON CONFLICT DO NOTHING on the primary key
-(account_id, key)), and a second request that finds it unanswered gets 409. The answer is
-stored once the handler is done. What is stored:
+(account_id, key), account_id holding the scope), and a second request that finds it
+unanswered gets 409. The answer is stored once the handler is done. What is stored:
 
 - every answer the handler decided, 2xx and 4xx (a 402 is replayed until the key expires: use a
   new key after a top-up), except 409 and 429, which are about this moment, not the request;
@@ -30,8 +31,8 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ParamSpec, cast
 
 import msgspec
 import trio
@@ -90,7 +91,7 @@ def request_hash(method: str, path: str, body: bytes) -> bytes:
     whitespace aside (a body that is not JSON is compared byte for byte)."""
     try:
         canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-    except msgspec.DecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser
         canonical = body
     digest = hashlib.sha256()
     for part in (method.encode(), path.encode(), canonical):
@@ -120,34 +121,63 @@ async def _settle(write: Awaitable[None]) -> None:
 
 
 async def _record(
-    keys: IdempotencyKeys, account_id: int, key: str, response: Response, code: str | None
+    keys: IdempotencyKeys, namespace: int, key: str, response: Response, code: str | None
 ) -> None:
     """Store the answer, or forget the key when the request changed nothing."""
     status = response.status_code
     if status in _RETRYABLE_STATUSES or (status >= 500 and code in _NOTHING_CHANGED_CODES):
-        await _settle(keys.store.release_idempotency_key(account_id, key))
+        await _settle(keys.store.release_idempotency_key(namespace, key))
     elif status < 500:
         answer = await response.get_data(as_text=False)
-        await _settle(keys.store.finish_idempotency_key(account_id, key, status, answer))
+        await _settle(keys.store.finish_idempotency_key(namespace, key, status, answer))
     await keys.purge_if_due()
 
 
-def idempotent(handler: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
-    """Give a POST route Idempotency-Key semantics; put it under the route decorator. The
-    handler must authenticate with `require_account` (the key is scoped to the account)."""
+# A scope authenticates the request (raising its 401/403/429) and names the keys' namespace:
+# the `account_id` column of their idempotency_keys rows. It gets the route's path arguments.
+Scope = Callable[[Mapping[str, Any]], Awaitable[int]]
+Handler = Callable[P, Awaitable[Response]]
 
+
+async def calling_account(path_args: Mapping[str, Any]) -> int:
+    """The caller's account: an account's keys are its own."""
+    return await gateway().require_account()
+
+
+async def admin_on_path_account(path_args: Mapping[str, Any]) -> int:
+    """The admin, acting on the route's `account_id`: the admin's keys are per target account,
+    so one key sent for account 5 and for account 6 is two requests, not a 422 (a script that
+    tops up many accounts may well derive its keys from its own run, not from the account).
+    They are kept under the account's id negated: account ids start at 1, so they never meet
+    the account's own keys (the account cannot claim, replay or block the admin's keys, nor
+    the admin the account's)."""
+    gateway().require_admin()
+    return -int(path_args["account_id"])
+
+
+def idempotent_in(scope: Scope) -> Callable[[Handler[P]], Handler[P]]:
+    """A decorator that gives a POST route Idempotency-Key semantics with keys in `scope`;
+    put it under the route decorator."""
+
+    def decorate(handler: Handler[P]) -> Handler[P]:
+        return _idempotent(handler, scope)
+
+    return decorate
+
+
+def _idempotent(handler: Handler[P], scope: Scope) -> Handler[P]:
     @functools.wraps(handler)
     async def run(*args: P.args, **kwargs: P.kwargs) -> Response:
         key = optional_header(HEADER)
         if key is None:
             return await handler(*args, **kwargs)
-        account_id = await gateway().require_account()
+        namespace = await scope(kwargs)
         _check_key(key)
         keys = _keys()
         body = cast(bytes, await request.get_data(as_text=False))
         fingerprint = request_hash(request.method, request.path, body)
         try:
-            claim = await keys.store.claim_idempotency_key(account_id, key, fingerprint, TTL_S)
+            claim = await keys.store.claim_idempotency_key(namespace, key, fingerprint, TTL_S)
         except Exception as exc:
             log.warning("idempotency claim failed: %s", exc)
             raise ProblemError(
@@ -183,13 +213,20 @@ def idempotent(handler: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitab
             response = await handler(*args, **kwargs)
         except ProblemError as exc:
             # Re-raised for the app's error handler to answer; what is stored is its body.
-            await _record(keys, account_id, key, exc.response(), exc.code)
+            await _record(keys, namespace, key, exc.response(), exc.code)
             raise
         except HTTPException:
             # Refused by the framework before the handler did anything.
-            await _settle(keys.store.release_idempotency_key(account_id, key))
+            await _settle(keys.store.release_idempotency_key(namespace, key))
             raise
-        await _record(keys, account_id, key, response, None)
+        await _record(keys, namespace, key, response, None)
         return response
 
     return run
+
+
+# Account routes (POST /v1/messages, the batch): the handler authenticates with
+# `require_account`, which answers the same as the scope did.
+idempotent = idempotent_in(calling_account)
+# Admin routes about one account (POST /v1/accounts/{account_id}/topups).
+idempotent_admin = idempotent_in(admin_on_path_account)

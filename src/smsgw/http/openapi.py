@@ -323,6 +323,12 @@ ROUTES: list[Route] = [
         responses={200: BalanceOut},
         params=(Param("account_id", "path", AccountId, required=True),),
         problems=(503,),
+        idempotent=True,
+        description=(
+            "An `amount` the account's credit cannot hold (2^63 - 1 in all) is a 422"
+            " `amount_too_large` and changes nothing. Idempotency-Key: the admin's keys are"
+            " per target account."
+        ),
     ),
     Route(
         "PUT",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from smsgw.engine.credit import AccountCredit, CreditBook, hold_items
+from smsgw.engine.credit import AccountCredit, CreditBook, check_topups, hold_items
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, Recovered, WriteGroup
 from smsgw.engine.scheduler import Entry, entry_of
@@ -106,6 +106,8 @@ class MemStore:
         return Account(id=account_id, name=name, balance=credit, held=0)
 
     async def commit_group(self, group: WriteGroup) -> GroupResult:
+        # Refused before anything changes: this store has no transaction to roll back.
+        check_topups(self.credit, group.topups)
         creates = [self.add_account(name, credit) for name, credit, _ in group.creates]
         book = CreditBook()
         ids: set[int] = {a for a, _ in group.topups}

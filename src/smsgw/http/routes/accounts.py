@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
+from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
 from smsgw.engine.messages import AccountSettings
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
+from smsgw.http.idempotency import idempotent_admin
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import (
     AccountCreatedOut,
@@ -41,11 +43,24 @@ async def create_account() -> Response:
 # Account ids are PostgreSQL bigints: a larger one is no account (404), not a query error
 # that would fail the whole group commit it rode in.
 @bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/topups")
+@idempotent_admin
 async def topup(account_id: int) -> Response:
+    """Add credit. A retry under the same Idempotency-Key credits once. An amount the account's
+    credit cannot hold (its figures are PostgreSQL bigints) is a 422 and changes nothing: it is
+    found in the group commit's transaction, where the account's row is locked, and only that
+    top-up is refused (not its group)."""
     gw = gateway()
     gw.require_admin()
     data = await gw.body(TopUpIn)
-    balance = await gw.call(lambda: gw.engine.topup(account_id, data.amount))
+    try:
+        balance = await gw.call(lambda: gw.engine.topup(account_id, data.amount))
+    except TopUpTooLarge as exc:
+        raise ProblemError(
+            422,
+            "amount_too_large",
+            f"the account's credit would pass {CREDIT_MAX}; it can take at most {exc.room} more",
+            field="amount",
+        ) from None
     if balance is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     return json_response(BalanceOut(balance))
