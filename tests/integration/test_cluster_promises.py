@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -109,3 +110,68 @@ async def test_a_rotated_key_and_new_settings_reach_every_node_within_a_second(
 
             with trio.fail_after(1.0):
                 await until(limited, interval=0.05)
+
+
+async def test_an_accounts_api_rate_holds_across_three_nodes(
+    database_url: str, schema: str
+) -> None:
+    """An account limited to 50 requests/s, sending about 180/s spread over three nodes, gets
+    50 ± 5 a second accepted in all (after its bursts are spent), not 50 on each node."""
+    rate, offered, seconds, settle = 50, 60, 6.0, 2.0
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log) as a,
+            serve_node(database_url, schema, "b", log) as b,
+            serve_node(database_url, schema, "c", log) as c,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+            http_client(c.url) as cc,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b", "c"]), interval=0.2)
+            [account] = await create_accounts(ca, 1, 10_000_000)
+            r = await ca.put(
+                f"/v1/accounts/{account['id']}/settings", json={"api_rate": rate}, headers=admin()
+            )
+            assert r.status_code == 200, r.text
+            key = bearer(account["api_key"])
+            accepted: list[float] = []
+            refused = 0
+            start = trio.current_time()
+
+            numbers = iter(range(10**6))
+
+            async def one(client: httpx.AsyncClient) -> None:
+                nonlocal refused
+                to = f"+4915{next(numbers):09d}"  # each its own: no recipient limit
+                r = await client.post("/v1/messages", json={"to": to, "text": "hi"}, headers=key)
+                if r.status_code == 202:
+                    accepted.append(trio.current_time() - start)
+                else:
+                    assert r.status_code == 429, r.text
+                    assert r.json()["code"] == "rate_limited"
+                    assert int(r.headers["Retry-After"]) >= 1
+                    refused += 1
+
+            async def offer(client: httpx.AsyncClient) -> None:
+                async with trio.open_nursery() as requests:
+                    for i in range(int(offered * seconds)):
+                        await trio.sleep_until(start + i / offered)
+                        requests.start_soon(one, client)
+
+            with trio.fail_after(seconds + 20):
+                async with trio.open_nursery() as nursery:
+                    for client in (ca, cb, cc):
+                        nursery.start_soon(offer, client)
+            r = await ca.get("/v1/ops/supervisor", headers=admin())
+            [shares] = [c["stats"] for c in r.json()["children"] if c["name"] == "api_shares"]
+            assert refused > 0
+            steady = [t for t in accepted if settle <= t < seconds]
+            per_second = len(steady) / (seconds - settle)
+            assert rate * 0.9 <= per_second <= rate * 1.1, (
+                per_second,
+                len(accepted),
+                refused,
+                shares,
+            )

@@ -38,6 +38,7 @@ from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Scheduler, SchedulerState
 from smsgw.engine.shards import LeaseConfig, ShardLeases
+from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
 
@@ -66,10 +67,13 @@ class EngineConfig(msgspec.Struct, frozen=True):
     accept_timeout: float = 10.0
     max_restarts: int = 5
     restart_window: float = 10.0
-    # Requests per account that the HTTP door lets through (a token bucket per account): a
-    # generous ceiling against runaway clients, not a price plan. Batches count once.
-    api_rate_per_second: float = 1_000.0
-    api_burst: int = 2_000
+    # Requests per account that the HTTP door lets through (a token bucket per account, per
+    # node): a ceiling against runaway clients, above what one node serves (about 1,700
+    # requests/s here), so it never refuses a customer's ordinary burst; protecting the node
+    # is admission control's work. An account's own `api_rate` holds across the cluster
+    # (engine/shares.py). Batches count once.
+    api_rate_per_second: float = 10_000.0
+    api_burst: int = 20_000
     # Callback URLs may name any host only in production; otherwise loopback only (a node in
     # development or a test must not call out to the world).
     production: bool = False
@@ -145,6 +149,12 @@ class Engine:
                 account_changed=self._account_changed,
             )
             self.ready = self.leases.ready
+        # Among several nodes, an account's api_rate is split between them by demand.
+        self.api_shares: ApiShares | None = None
+        if cluster is not None:
+            leased = self.leases
+            assert leased is not None
+            self.api_shares = ApiShares(cluster, lambda: leased.live_nodes)
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
             if self.leases is not None:
@@ -254,7 +264,13 @@ class Engine:
             ),
             recovery,
             *self._delivery_children(),
+            *self._cluster_children(),
         ]
+
+    def _cluster_children(self) -> list[ChildSpec]:
+        if self.api_shares is None:
+            return []
+        return [ChildSpec("api_shares", self.api_shares.run, stats=self.api_shares.stats)]
 
     def _delivery_children(self) -> list[ChildSpec]:
         if self.callbacks is None or self.reconciler is None:

@@ -330,6 +330,11 @@ class ClusterStore(Protocol):
         returns when the connection is lost."""
         ...
 
+    async def api_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        """Publish this node's requests per account in the last tick (`mine`) and return the
+        other nodes' latest figures for those accounts, published within `horizon` seconds."""
+        ...
+
     async def cluster(self, ttl: float) -> dict[str, Any]:
         """Every node with its heartbeat and shard count, and the shards nobody leases."""
         ...

@@ -80,6 +80,19 @@ ORDER BY created_at
 """
 
 
+_API_DEMAND = """
+WITH mine AS (
+    INSERT INTO api_demand AS d (account_id, node_id, demand, at)
+    SELECT a, $1, n, now() FROM unnest($2::bigint[], $3::int[]) AS x(a, n)
+    ON CONFLICT (account_id, node_id) DO UPDATE SET demand = excluded.demand, at = excluded.at
+)
+SELECT account_id, sum(demand)::bigint AS total FROM api_demand
+WHERE account_id = ANY($2::bigint[]) AND node_id <> $1
+  AND at > now() - make_interval(secs => $4)
+GROUP BY account_id
+"""
+
+
 class PgCluster:
     """This node's view of the shared cluster tables, for `ShardLeases`."""
 
@@ -319,6 +332,13 @@ class PgCluster:
                     await conn.close(timeout=2)
 
         await _bridge(hold)()
+
+    async def api_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        # The CTE's upsert is not visible to the same statement's read: others' rows only.
+        rows = await self.db.run(
+            lambda c: c.fetch(_API_DEMAND, self._node_id, list(mine), list(mine.values()), horizon)
+        )
+        return {r["account_id"]: r["total"] for r in rows}
 
     async def cluster(self, ttl: float) -> dict[str, Any]:
         async def read(conn: asyncpg.Connection) -> dict[str, Any]:
