@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--production",
         action="store_true",
-        help="production mode: status callback URLs may name any host (default: loopback"
-        " hosts only)",
+        help="production mode: status callback URLs may name public hosts, never private,"
+        " loopback or metadata addresses (default: loopback hosts only)",
     )
     serve.add_argument(
         "--operator-errors",

@@ -130,7 +130,10 @@ async def run_node(
                         provider.dlr = DlrEmitter(provider.name, options.operator_dlr)
                         key = dlr_keys.setdefault(provider.name, secrets.token_urlsafe(32))
                         emitters.append((provider.dlr, key))
-            poster = HttpCallbackPoster(timeout=options.engine.callbacks.attempt_timeout_s)
+            poster = HttpCallbackPoster(
+                production=options.engine.production,
+                timeout=options.engine.callbacks.attempt_timeout_s,
+            )
             engine = Engine(
                 store,
                 providers,

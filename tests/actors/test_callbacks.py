@@ -17,6 +17,7 @@ from smsgw.engine.callbacks import (
     CallbackSender,
     verify,
 )
+from smsgw.engine.netguard import DestinationRefused
 from smsgw.engine.ports import CallbackJob
 
 SECRET = "whsec_test"
@@ -168,6 +169,39 @@ async def test_a_given_up_callback_does_not_block_the_next_change(
         nursery.cancel_scope.cancel()
     assert poster.log[-1][1:2] == ("http://127.0.0.1/fixed",) and poster.log[-1][4] == 200
     assert sender.counts["given_up"] == 1 and sender.counts["delivered"] == 1
+
+
+async def test_a_refused_destination_is_given_up_at_once_and_counted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    outbox = MemoryOutbox()
+    tries: list[str] = []
+
+    class Guarded:
+        """Refuses one host, as the HTTP poster does when a name resolves to loopback."""
+
+        async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
+            tries.append(url)
+            if "rebound" in url:
+                raise DestinationRefused("rebound.example.com: 127.0.0.1 is loopback")
+            return 204
+
+    outbox.add("m1", "sent", "http://rebound.example.com/cb")
+    outbox.add("m1", "delivered", "http://rebound.example.com/cb")
+    outbox.add("m2", "sent", "http://127.0.0.1/ok")
+    sender = CallbackSender(outbox, Guarded(), POLICY, clock=trio.current_time, seed=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        await trio.sleep(POLICY.lifetime_s * 2)
+        nursery.cancel_scope.cancel()
+    # One attempt each, no retries: a configuration problem is not a passing failure.
+    assert tries.count("http://rebound.example.com/cb") == 2
+    assert (
+        sorted(r.failed or "" for r in outbox.rows.values())
+        == ["refused: rebound.example.com: 127.0.0.1 is loopback"] * 2
+    )
+    assert sender.counts["refused"] == 2 and sender.counts["given_up"] == 2
+    assert sender.counts["retried"] == 0 and sender.counts["delivered"] == 1
 
 
 async def test_concurrency_is_bounded(autojump_clock: trio.abc.Clock) -> None:

@@ -20,12 +20,13 @@ from hypercorn.trio import serve
 from smsgw.engine.callbacks import CallbackPolicy
 from smsgw.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
-from tests.conftest import DLR_KEY, bearer, node_options
+from tests.conftest import DLR_KEY, admin, bearer, node_options
 from tests.integration.helpers import (
     RELIABLE,
     assert_problem,
     create_account,
     db_fetch,
+    open_node,
     send,
     until,
     wait_final,
@@ -85,7 +86,11 @@ class Receiver:
 
 @asynccontextmanager
 async def receiver_and_node(
-    database_url: str, schema: str, fail_first: int = 2, operator: OperatorProfile = RELIABLE
+    database_url: str,
+    schema: str,
+    fail_first: int = 2,
+    operator: OperatorProfile = RELIABLE,
+    **engine: object,
 ) -> AsyncIterator[tuple[Receiver, Node, httpx.AsyncClient]]:
     receiver = Receiver(fail_first=fail_first)
     config = HyperConfig()
@@ -93,7 +98,7 @@ async def receiver_and_node(
     config.accesslog = None
     config.errorlog = None
     options = msgspec.structs.replace(
-        node_options(database_url, schema, callbacks=FAST), operators=(operator,)
+        node_options(database_url, schema, callbacks=FAST, **engine), operators=(operator,)
     )
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
@@ -280,6 +285,105 @@ async def test_callback_urls_are_checked(node: Node, client: httpx.AsyncClient) 
     assert r.status_code == 200 and r.json()["callback_url"] is None
     r = await client.get("/v1/account", headers=bearer(key))
     assert r.json()["callback_url"] is None
+
+
+# One URL per class a production node refuses at registration (engine/netguard.py).
+FORBIDDEN_IN_PRODUCTION = (
+    "http://127.0.0.1/cb",  # loopback
+    "http://localhost:8080/cb",
+    "http://[::1]/cb",
+    "http://10.0.0.1/cb",  # RFC 1918
+    "http://172.16.5.4/cb",
+    "http://192.168.1.1/cb",
+    "http://[fd00:ec2::254]/cb",  # unique local (AWS's IPv6 metadata)
+    "http://169.254.169.254/latest/meta-data/",  # link-local: cloud metadata
+    "http://[fe80::1]/cb",
+    "http://224.0.0.1/cb",  # multicast
+    "http://240.0.0.1/cb",  # reserved
+    "http://0.0.0.0/cb",  # unspecified
+    "http://100.100.100.200/cb",  # shared address space (Alibaba Cloud's metadata)
+    "http://2130706433/cb",  # 127.0.0.1 as one decimal number
+    "http://0x7f000001/cb",  # ... in hex
+    "http://0177.0.0.1/cb",  # ... in octal
+    "http://127.1/cb",
+    "http://0xa9fea9fe/cb",  # 169.254.169.254 in hex
+    "http://[::ffff:127.0.0.1]/cb",  # IPv4-mapped
+    "http://[::ffff:a9fe:a9fe]/cb",
+    "http://[2002:a9fe:a9fe::]/cb",  # 6to4
+    "http://[64:ff9b::a9fe:a9fe]/cb",  # NAT64
+    "http://metadata.google.internal/computeMetadata/v1/",  # metadata names
+    "http://metadata/cb",
+    "http://metadata.goog/cb",
+)
+
+
+async def test_production_refuses_callback_urls_to_forbidden_addresses(
+    database_url: str, schema: str
+) -> None:
+    async with (
+        open_node(database_url, schema, RELIABLE, production=True) as node,
+        httpx.AsyncClient(base_url=node.url, timeout=30) as client,
+    ):
+        key = (await create_account(client, 1_000))["api_key"]
+        for url in FORBIDDEN_IN_PRODUCTION:
+            problem = assert_problem(await send(client, key, callback_url=url), 422)
+            assert problem["field"] == "callback_url", (url, problem)
+            assert "public" in problem["detail"], (url, problem)
+            r = await client.patch("/v1/account", json={"callback_url": url}, headers=bearer(key))
+            assert assert_problem(r, 422)["field"] == "callback_url", url
+        # A public host is taken (and cleared again before any message could use it).
+        for url in ("https://hooks.example.com/sms", "http://8.8.8.8:8080/cb"):
+            r = await client.patch("/v1/account", json={"callback_url": url}, headers=bearer(key))
+            assert r.status_code == 200 and r.json()["callback_url"] == url, r.text
+        r = await client.patch("/v1/account", json={"callback_url": None}, headers=bearer(key))
+        assert r.status_code == 200 and r.json()["callback_url"] is None
+        assert await db_fetch(database_url, schema, "SELECT id FROM messages") == []
+
+
+async def test_production_does_not_call_a_name_that_resolves_to_loopback(
+    database_url: str, schema: str
+) -> None:
+    """An account URL written before the guard (or by a node not in production) naming
+    `localhost`: a production node resolves it at connection time, refuses, and gives the
+    callback up at once with the reason, counted; the receiver hears nothing."""
+    async with receiver_and_node(database_url, schema, 0, production=True) as (
+        receiver,
+        node,
+        client,
+    ):
+        account = await create_account(client, 1_000)
+        url = receiver.url.replace("127.0.0.1", "localhost") + "/cb"
+        await db_fetch(
+            database_url,
+            schema,
+            "UPDATE accounts SET callback_url = $1 WHERE id = $2",
+            url,
+            account["id"],
+        )
+        message_id = (await send(client, account["api_key"])).json()["id"]
+        assert (await wait_final(client, account["api_key"], message_id))["status"] == "sent"
+
+        async def given_up() -> list[dict[str, Any]]:
+            return await db_fetch(
+                database_url,
+                schema,
+                "SELECT attempts, last_error FROM callback_outbox WHERE failed_at IS NOT NULL",
+            )
+
+        async def one_given_up() -> bool:
+            return len(await given_up()) == 1
+
+        with trio.fail_after(30):
+            await until(one_given_up)
+        (row,) = await given_up()
+        assert row["attempts"] == 1 and row["last_error"].startswith("refused: localhost:")
+        assert "loopback" in row["last_error"]
+        assert receiver.received == []
+        sender = node.engine.callbacks
+        assert sender is not None
+        assert sender.counts["refused"] == 1 and sender.counts["retried"] == 0
+        metrics = (await client.get("/metrics", headers=admin())).text
+        assert "smsgw_callbacks_refused_total 1.0" in metrics
 
 
 async def test_a_failed_message_calls_back_too(database_url: str, schema: str) -> None:

@@ -33,18 +33,36 @@ def test_the_signature_is_hmac_sha256_over_timestamp_dot_body() -> None:
         "http://127.10.0.3/cb",
     ],
 )
-def test_loopback_urls_are_taken_outside_production(url: str) -> None:
+def test_loopback_urls_are_taken_only_outside_production(url: str) -> None:
     assert callback_url_problem(url, production=False) is None
+    problem = callback_url_problem(url, production=True)
+    assert problem is not None and ("loopback" in problem or "local" in problem)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://hooks.example.com/sms", "http://8.8.8.8/cb", "http://[2606:4700:4700::1111]:8443/"],
+)
+def test_public_hosts_only_in_production(url: str) -> None:
+    problem = callback_url_problem(url, production=False)
+    assert problem is not None and "loopback" in problem
     assert callback_url_problem(url, production=True) is None
 
 
 @pytest.mark.parametrize(
-    "url", ["https://hooks.example.com/sms", "http://10.1.2.3/cb", "http://[2001:db8::1]/"]
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/cb",
+        "http://[fd00:ec2::254]/",
+        "http://0x7f000001/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+    ],
 )
-def test_other_hosts_only_in_production(url: str) -> None:
-    problem = callback_url_problem(url, production=False)
-    assert problem is not None and "loopback" in problem
-    assert callback_url_problem(url, production=True) is None
+def test_production_refuses_forbidden_hosts_and_says_why(url: str) -> None:
+    problem = callback_url_problem(url, production=True)
+    assert problem is not None and "public" in problem
 
 
 @pytest.mark.parametrize(

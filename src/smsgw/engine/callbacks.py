@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
+from smsgw.engine.netguard import DestinationRefused, host_problem
 from smsgw.engine.ports import CallbackJob, CallbackStore
 from smsgw.engine.retry import backoff
 
@@ -53,7 +54,10 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 def callback_url_problem(url: str, *, production: bool) -> str | None:
     """Why `url` cannot take callbacks, or None. http(s) with a host only; outside production,
-    only loopback hosts (a development or test node must not call out to the world)."""
+    only loopback hosts (a development or test node must not call out to the world); in
+    production, no IP literal of a private, loopback, link-local or other non-public class and
+    no local or metadata name (engine/netguard.py; the poster checks the resolved addresses
+    again at each connection)."""
     if len(url) > MAX_URL_LENGTH:
         return f"must be at most {MAX_URL_LENGTH} characters"
     try:
@@ -70,7 +74,9 @@ def callback_url_problem(url: str, *, production: bool) -> str | None:
         return "must not contain whitespace"
     if parts.username is not None or parts.password is not None:
         return "must not carry credentials (user:password@)"
-    if not production and not _is_loopback(host):
+    if production:
+        return host_problem(host)
+    if not _is_loopback(host):
         return (
             "must be a loopback address (127.0.0.1, ::1, localhost) unless the node runs in"
             " production mode"
@@ -118,7 +124,9 @@ def callback_body(job: CallbackJob) -> bytes:
 
 
 class CallbackPoster(Protocol):
-    """Makes one POST; returns the HTTP status. Raises on a transport error or timeout."""
+    """Makes one POST; returns the HTTP status. Raises on a transport error or timeout, and
+    DestinationRefused when the URL's host resolves to an address callbacks must not reach
+    (engine/netguard.py); never follows a redirect."""
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int: ...
 
@@ -169,6 +177,7 @@ class CallbackSender:
             "delivered": 0,
             "retried": 0,
             "given_up": 0,
+            "refused": 0,  # given up at once: the host is a forbidden address (in given_up too)
             "settle_failures": 0,
             "claim_failures": 0,
         }
@@ -221,11 +230,15 @@ class CallbackSender:
 
     async def _worker(self, receive_jobs: trio.MemoryReceiveChannel[CallbackJob]) -> None:
         async for job in receive_jobs:
-            error = await self._attempt(job)
-            if error is None:
-                self._delivered.append(job.id)
+            try:
+                error = await self._attempt(job)
+            except DestinationRefused as exc:
+                self._refuse(job, str(exc))
             else:
-                self._decide(job, error)
+                if error is None:
+                    self._delivered.append(job.id)
+                else:
+                    self._decide(job, error)
             self._settle_wanted.set()
 
     async def _attempt(self, job: CallbackJob) -> str | None:
@@ -243,9 +256,25 @@ class CallbackSender:
                 status = await self._poster.post(job.url, body, headers)
         except trio.TooSlowError:
             return "timeout"
+        except DestinationRefused:
+            raise
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"[:500]
         return None if 200 <= status < 300 else f"http_{status}"
+
+    def _refuse(self, job: CallbackJob, reason: str) -> None:
+        # The account named a host that callbacks must not reach: retrying cannot help (and
+        # would probe that address again for 24 hours), so the callback is given up now, kept
+        # in the outbox with the reason for the account's owner to see.
+        self.counts["refused"] += 1
+        self._failed.append((job.id, f"refused: {reason}"[:500]))
+        log.warning(
+            "callback %d for message %s of account %d refused: %s",
+            job.id,
+            job.message_id,
+            job.account_id,
+            reason,
+        )
 
     def _decide(self, job: CallbackJob, error: str) -> None:
         delay = backoff(

@@ -262,6 +262,13 @@ class NodeCollector(Collector):
         for result in ("delivered", "retried", "given_up"):
             callbacks.add_metric([result], sender.counts[result])
         yield callbacks
+        refused = CounterMetricFamily(
+            "smsgw_callbacks_refused",
+            "Status callbacks given up at once because their host is or resolves to an address"
+            " callbacks must not reach (counted in given_up too)",
+        )
+        refused.add_metric([], sender.counts["refused"])
+        yield refused
         in_flight = GaugeMetricFamily("smsgw_callbacks_in_flight", "Callbacks being POSTed now")
         in_flight.add_metric([], sender.stats()["in_flight"])
         yield in_flight

@@ -291,8 +291,10 @@ CALLBACKS = (
     " the bytes `<timestamp>.<body>`. Verify it in constant time and refuse old timestamps."
     " Any 2xx answer is success; anything else, or no answer within 10 s, is retried with"
     " exponential backoff and full jitter for up to 24 hours. A message's callbacks arrive in"
-    " the order of its status changes, at least once each. The URL must be http(s); a node"
-    " not in production mode takes loopback hosts only."
+    " the order of its status changes, at least once each. The URL must be http(s) and, in"
+    " production, name a public host: loopback, private, link-local, multicast, reserved and"
+    " metadata addresses and names are refused, and so is a name that resolves to one when a"
+    " callback connects. A node not in production mode takes loopback hosts only."
 )
 
 # --- the route table ---------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class DeliveryReportsOut(msgspec.Struct):
     counts: DeliveryCounts
 
 
-# Checked by the handler (engine/callbacks.py: http(s), and loopback only outside production).
+# Checked by the handler (engine/callbacks.py: http(s); public hosts only in production,
+# loopback only outside it).
 CallbackUrl = Annotated[
     str,
     msgspec.Meta(
