@@ -260,9 +260,10 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def gateway_command(*extra: str) -> list[str]:
-    """One node (`--workers 1`: `serve` runs one per core by default) on a free port."""
-    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", "1"]
+def gateway_command(*extra: str, workers: int = 1) -> list[str]:
+    """One node (`--workers 1`: `serve` runs one per core by default), or `workers` nodes on
+    one port, on a free port."""
+    command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", str(workers)]
     return [*command, "--host", LOOPBACK, "--port", "0", *extra]
 
 

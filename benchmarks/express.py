@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,32 @@ async def main():
 
 trio.run(main)
 """
+
+
+DEADLINE_S = 2.0  # the express deadline the gateway runs with (its default)
+
+OWNER = """
+SELECT n.id, n.pid FROM shard_leases l JOIN nodes n ON n.id = l.owner
+WHERE l.shard = shard_of($1::bigint) AND l.expires_at > now()
+"""
+
+
+def kill_owner(url: str, schema: str, account_id: int) -> dict[str, Any]:
+    """SIGKILL the node process that leases `account_id`'s shard (found in PostgreSQL)."""
+
+    async def find() -> asyncpg.Record:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"SET search_path TO {schema}")
+            return await conn.fetchrow(OWNER, account_id)
+        finally:
+            await conn.close()
+
+    row = asyncio.run(find())
+    if row is None:
+        raise RuntimeError("nobody leases the express account's shard")
+    os.kill(row["pid"], signal.SIGKILL)
+    return {"node": row["id"], "pid": row["pid"], "at": common.utc_timestamp()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -208,8 +235,24 @@ def main() -> None:
         help="serve --no-leases: a node without shard leases (start-up recovery counts the"
         " bulk backlog either way)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="node processes (serve --workers N) on one port"
+    )
+    parser.add_argument(
+        "--kill-owner-at",
+        type=float,
+        default=None,
+        metavar="S",
+        help="S seconds into the load, SIGKILL the node that dispatches the express account"
+        " (its shard's owner; with --workers >= 2 serve starts a new one)",
+    )
     parser.add_argument("--out", type=Path, default=common.BENCHMARKS_DIR / "reports" / "latest")
     args = parser.parse_args()
+    name = (
+        "express"
+        if args.workers == 1 and args.kill_owner_at is None
+        else (f"express-w{args.workers}" + ("-kill" if args.kill_owner_at is not None else ""))
+    )
 
     with (
         tempfile.TemporaryDirectory(prefix="smsgw-express-") as work,
@@ -223,7 +266,7 @@ def main() -> None:
             seed_s = seed(url, schema, args.accounts, args.backlog)
             common.log(f"seeded in {seed_s:.1f} s; starting the gateway")
             command = [
-                *common.gateway_command(),
+                *common.gateway_command(workers=args.workers),
                 "--window",
                 str(args.window),
                 "--operator-latency-ms",
@@ -239,8 +282,10 @@ def main() -> None:
             started = time.monotonic()
             with common.run_server(command, log_path=log_path, env=env, ready_timeout=300) as srv:
                 ready_s = time.monotonic() - started
-                rss = RssSampler(srv.process.pid)
-                rss.start()
+                # One node: its RSS. Several: the process is serve's parent, not a node.
+                rss = RssSampler(srv.process.pid) if args.workers == 1 else None
+                if rss is not None:
+                    rss.start()
                 headers = {"Authorization": f"Bearer {admin_key}"}
                 with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as admin:
                     account = admin.post(
@@ -249,7 +294,7 @@ def main() -> None:
                     time.sleep(args.settle_s)
                     before = scheduler_view(admin)
                     common.log(f"before load: {json.dumps(before)[:400]}")
-                    client = subprocess.run(
+                    client = subprocess.Popen(
                         [
                             sys.executable,
                             "-c",
@@ -259,17 +304,23 @@ def main() -> None:
                             str(args.rate),
                             str(args.seconds),
                         ],
-                        capture_output=True,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
                         text=True,
-                        timeout=args.seconds + 120,
                     )
+                    killed = None
+                    if args.kill_owner_at is not None:
+                        time.sleep(args.kill_owner_at)
+                        killed = kill_owner(url, schema, account["id"])
+                        common.log(f"SIGKILLed the owner: {killed}")
+                    out, err = client.communicate(timeout=args.seconds + 120)
                     if client.returncode:
-                        raise RuntimeError(client.stderr[-2000:])
+                        raise RuntimeError(err[-2000:])
                     after = scheduler_view(admin)
-                memory = rss.stop()
+                memory = rss.stop() if rss is not None else {}
             args.out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(log_path, args.out / "express-gateway.log")
-            answers = json.loads(client.stdout)
+            answers = json.loads(out)
             rows = express_rows(url, schema, account["id"])
         finally:
             common.drop_schema(url, schema)
@@ -280,8 +331,10 @@ def main() -> None:
     for a in answers:
         statuses[str(a["status"])] = statuses.get(str(a["status"]), 0) + 1
     ok_latency = [a["seconds"] for a in answers if a["status"] == 200]
+    # An answer after the deadline (2 s by default), whatever it says, is a late answer.
+    late = sum(1 for a in answers if a["seconds"] > DEADLINE_S)
     result: dict[str, Any] = {
-        "benchmark": "express",
+        "benchmark": name,
         "commit": common.git_commit(),
         "dirty": common.git_dirty(),
         "at": common.utc_timestamp(),
@@ -292,6 +345,8 @@ def main() -> None:
         "seed_seconds": round(seed_s, 1),
         "start_to_listening_seconds": round(ready_s, 1),
         "leases": not args.no_leases,
+        "workers": args.workers,
+        "killed_owner": killed,
         "window": args.window,
         "operator_ms": args.operator_ms,
         "express_sent": len(sent),
@@ -301,27 +356,39 @@ def main() -> None:
         "express_target_p99_ms": 100 + args.operator_ms,
         "deadline_misses": misses,
         "answers_by_status": statuses,
+        "late_answers": late,
         "wait_answer_p99_ms": round(1000 * percentile(ok_latency, 0.99), 1),
         "memory": memory,
         "before": before,
         "after": after,
     }
     print(json.dumps(result, indent=2))
-    markdown = "# Express behind a bulk backlog\n\n" + common.markdown_table(
-        ["figure", "value"],
-        [
-            ["backlog / accounts", f"{args.backlog} / {args.accounts}"],
+    title = f"# Express behind a bulk backlog ({args.workers} node(s)"
+    title += ", owner SIGKILLed mid-run)" if killed else ")"
+    markdown = (
+        title
+        + "\n\n"
+        + common.markdown_table(
+            ["figure", "value"],
             [
-                "express accept→operator p50 / p99 ms",
-                f"{result['express_accept_to_operator_p50_ms']}"
-                f" / {result['express_accept_to_operator_p99_ms']}",
+                ["backlog / accounts", f"{args.backlog} / {args.accounts}"],
+                [
+                    "express accept→operator p50 / p99 ms",
+                    f"{result['express_accept_to_operator_p50_ms']}"
+                    f" / {result['express_accept_to_operator_p99_ms']}",
+                ],
+                ["target p99 ms", result["express_target_p99_ms"]],
+                ["deadline misses", misses],
+                ["answers by status", json.dumps(statuses)],
+                ["late answers (after the deadline)", late],
+                [
+                    "RSS max / peak MB",
+                    f"{memory.get('rss_max_mb')} / {memory.get('rss_peak_vmhwm_mb')}",
+                ],
             ],
-            ["target p99 ms", result["express_target_p99_ms"]],
-            ["deadline misses", misses],
-            ["RSS max / peak MB", f"{memory['rss_max_mb']} / {memory['rss_peak_vmhwm_mb']}"],
-        ],
+        )
     )
-    common.write_report(args.out, "express", result, markdown)
+    common.write_report(args.out, name, result, markdown)
 
 
 if __name__ == "__main__":
