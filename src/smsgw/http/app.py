@@ -15,6 +15,7 @@ from smsgw.engine.ports import FrontDoorStore
 from smsgw.http import observe
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest
 from smsgw.http.metrics import registry as metrics_registry
+from smsgw.http.params import AsciiIntegerConverter
 from smsgw.http.problems import ProblemError, problem_response
 from smsgw.http.routes import accounts, batch, delivery, docs, messages, metrics, ops, reports
 
@@ -55,6 +56,7 @@ def create_app(
 ) -> QuartTrio:
     app = GatewayApp("smsgw")
     app.request_class = GatewayRequest
+    app.url_map.converters["int"] = AsciiIntegerConverter  # before any rule is added
     # The largest body any route takes; each route enforces its own (Gateway.body).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)

@@ -126,15 +126,24 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def decode(data: bytes, kind: type[T]) -> T:
+    """`data` as `kind`, or a ProblemError: 400 `malformed_json` for bytes that are not JSON
+    (malformed, not UTF-8, or nested past what the parser takes), 422 naming the field for
+    JSON of the wrong shape or a string holding U+0000. Never another exception."""
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
     try:
         value = cast(T, decoder.decode(data))
     except msgspec.ValidationError as exc:
-        raise ProblemError(422, "invalid_field", str(exc)) from None
+        # msgspec stops at the first error it meets: a body that is not JSON at all is a 400
+        # even when a field before its bad bytes was already wrong.
+        raise not_json(data) or ProblemError(422, "invalid_field", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProblemError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, RecursionError):  # not UTF-8; nested about 1,000 deep
+        raise not_json(data) or ProblemError(
+            400, "malformed_json", "the body is not valid JSON"
+        ) from None
     # PostgreSQL text cannot hold U+0000: one such string would fail the whole group commit it
     # rides in. In JSON it can only come as the escape, so most bodies skip the walk.
     if b"\\u0000" in (data if isinstance(data, bytes) else bytes(data)):
@@ -148,6 +157,34 @@ def decode(data: bytes, kind: type[T]) -> T:
                 field=field,
             )
     return value
+
+
+def not_json(data: bytes) -> ProblemError | None:
+    """The 400 for `data` when it is not JSON as a whole, else None. For error paths: it reads
+    the whole body once more. msgspec checks the UTF-8 of every string it decodes, but not of
+    what it keeps as `msgspec.Raw` (a batch's items, before each is decoded on its own)."""
+    raw = data if isinstance(data, bytes) else bytes(data)
+    try:
+        raw.decode()
+    except UnicodeDecodeError as exc:
+        return ProblemError(
+            400,
+            "malformed_json",
+            f"the body is not valid JSON: it must be UTF-8, and byte {exc.start} is not"
+            f" ({exc.reason})",
+        )
+    try:
+        msgspec.json.decode(raw, type=msgspec.Raw)  # syntax only: nothing is built
+    except msgspec.DecodeError as exc:
+        return ProblemError(400, "malformed_json", f"the body is not valid JSON: {exc}")
+    except RecursionError:
+        return ProblemError(
+            400,
+            "malformed_json",
+            "the body nests arrays and objects too deeply to be read; no request of this API"
+            " needs more than a few levels",
+        )
+    return None
 
 
 def _nul_path(value: Any, path: str) -> str | None:

@@ -10,7 +10,13 @@ import msgspec
 from quart import Blueprint, Response
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.http.context import MAX_BATCH_BODY_BYTES, decode, gateway, json_response
+from smsgw.http.context import (
+    MAX_BATCH_BODY_BYTES,
+    decode,
+    gateway,
+    json_response,
+    not_json,
+)
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
 from smsgw.http.routes.messages import Intake
@@ -18,6 +24,24 @@ from smsgw.http.schemas import MAX_BATCH, AcceptedOut, BatchIn, BatchItemsIn, Ba
 
 bp = Blueprint("batch", __name__)
 _decode_items = msgspec.json.Decoder(BatchItemsIn).decode
+
+
+def decode_batch(body: bytes) -> BatchItemsIn | BatchIn:
+    """The batch in `body`: its items decoded in the same pass when they all are well-formed
+    (nearly every batch), else as raw items for `decode` to take one by one, so that each bad
+    item gets its own problem. A body that is not JSON as a whole (not UTF-8, nested too
+    deeply, cut short) is a 400 and no item of it is taken. Raises only ProblemError."""
+    if b"\\u0000" not in body:  # else the careful path finds the item and field
+        # Any error: the careful path says what is wrong, and where. (UnicodeDecodeError is
+        # a ValueError, as msgspec's own errors are.)
+        with contextlib.suppress(ValueError, RecursionError):
+            return _decode_items(body)
+    # msgspec does not check the raw items' UTF-8: a bad byte in one refuses the body, not
+    # just that item.
+    problem = not_json(body)
+    if problem is not None:
+        raise problem
+    return decode(body, BatchIn)
 
 
 def item_problem(index: int, exc: ProblemError) -> dict[str, Any]:
@@ -40,14 +64,7 @@ async def send_batch() -> Response:
     all or none: 422 when any item is invalid, 402 when the balance cannot cover them all."""
     gw = gateway()
     account_id = await gw.require_account()
-    body = await gw.raw_body(limit=MAX_BATCH_BODY_BYTES)
-    data: BatchItemsIn | BatchIn | None = None
-    if b"\\u0000" not in body:  # else the careful path finds the item and field
-        # Any error: the careful path says what is wrong, and where.
-        with contextlib.suppress(msgspec.MsgspecError):
-            data = _decode_items(body)
-    if data is None:
-        data = decode(body, BatchIn)
+    data = decode_batch(await gw.raw_body(limit=MAX_BATCH_BODY_BYTES))
     count = len(data.messages)
     if count == 0:
         raise ProblemError(422, "empty_batch", "`messages` must hold at least one message")

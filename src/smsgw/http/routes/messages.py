@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +16,7 @@ from smsgw.engine.callbacks import callback_url_problem
 from smsgw.engine.messages import OutboundSms, Settled
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
+from smsgw.http.params import is_message_id
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import AcceptedOut, SendIn
 from smsgw.logs import request_id_var
@@ -266,10 +266,8 @@ def sent_view(sms: OutboundSms, outcome: Settled) -> dict[str, Any]:
 async def get_message(message_id: str) -> Response:
     gw = gateway()
     account_id = await gw.require_account()
-    try:
-        uuid.UUID(message_id)
-    except ValueError:
-        raise ProblemError(404, "message_not_found", f"no message {message_id}") from None
+    if not is_message_id(message_id):
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
     row = await gw.reads.message(account_id, message_id)
     if row is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
