@@ -323,3 +323,106 @@ async def test_a_topup_too_large_is_refused_alone_and_its_group_commits(
     assert writer.failed_groups == 0 and store.commits == 1
     assert store.credit[sender.id].held == 5
     assert store.credit[full.id].topped_up == CREDIT_MAX
+
+
+class CommitsThenHangsStore(MemStore):
+    """Issue 29: the first `hangs` groups are stored, then their answer never comes back in
+    time (PostgreSQL committed; the client gave up waiting for the reply)."""
+
+    def __init__(self, hangs: int = 1, *, store_first: bool = True) -> None:
+        super().__init__(cost=None)
+        self.hangs = hangs
+        self.store_first = store_first
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        if self.hangs <= 0:
+            return await super().commit_group(group)
+        self.hangs -= 1
+        if not self.store_first:
+            await trio.sleep(3600)  # cancelled before it stores anything
+        result = await super().commit_group(group)
+        await trio.sleep(3600)
+        return result
+
+
+class Dispatched:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def __call__(self, messages: Sequence[OutboundSms]) -> None:
+        self.ids.extend(s.id for s in messages)
+
+
+async def test_a_commit_that_times_out_after_storing_dispatches_its_messages_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = CommitsThenHangsStore()
+    account = store.add_account("a", 100)
+    dispatched = Dispatched()
+    writer = StoreWriter(store, dispatched, committers=1, outcome_linger=0, commit_timeout=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        reply: Reply[list[AcceptResult]] = Reply()
+        batch = tuple(sms(i, account=account.id) for i in range(3))
+        writer.ref.tell_nowait(Accept(batch, False, reply))
+        # The caller gives up first (HTTP's accept_timeout is 10 s, the commit's 30 s).
+        with trio.move_on_after(10):
+            await reply.wait()
+        assert dispatched.ids == []
+        await trio.sleep(30)  # the writer's own timeout: the group's fate is in doubt
+        assert dispatched.ids == ["m0", "m1", "m2"]
+        assert [r.accepted for r in await reply.wait()] == [True, True, True]
+        assert writer.doubtful_groups == writer.doubtful_committed == 1
+        assert writer.in_doubt == []
+        # Later groups commit and dispatch as usual; nothing is dispatched twice.
+        later: Reply[list[AcceptResult]] = Reply()
+        writer.ref.tell_nowait(Accept((sms(9, account=account.id),), False, later))
+        assert (await later.wait())[0].accepted
+        await trio.sleep(1)
+        assert dispatched.ids == ["m0", "m1", "m2", "m9"]
+        nursery.cancel_scope.cancel()
+    assert store.credit[account.id].held == 20
+
+
+async def test_a_commit_that_timed_out_before_storing_is_answered_unavailable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = CommitsThenHangsStore(store_first=False)
+    account = store.add_account("a", 100)
+    dispatched = Dispatched()
+    writer = StoreWriter(store, dispatched, committers=1, outcome_linger=0, commit_timeout=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        reply: Reply[list[AcceptResult]] = Reply()
+        writer.ref.tell_nowait(Accept((sms(1, account=account.id),), False, reply))
+        writer.ref.tell_nowait(outcome(5, account=account.id))
+        with pytest.raises(StoreUnavailable):
+            await reply.wait()
+        assert dispatched.ids == [] and writer.doubtful_committed == 0
+        # /ready's view: failing while commits fail, not once one succeeds.
+        assert writer.commits_failing(failures=1) is not None
+        again: Reply[list[AcceptResult]] = Reply()
+        writer.ref.tell_nowait(Accept((sms(2, account=account.id),), False, again))
+        assert (await again.wait())[0].accepted
+        assert writer.commits_failing(failures=1) is None
+        assert dispatched.ids == ["m2"]
+        nursery.cancel_scope.cancel()
+    assert store.credit[account.id].held == 5
+
+
+async def test_commits_failing_turns_ready_again_after_a_quiet_while(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FailingOnceStore()
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        message, reply = accept(0, 1, account=1)
+        writer.ref.tell_nowait(message)
+        with pytest.raises(StoreUnavailable):
+            await reply.wait()
+        assert writer.commits_failing(failures=1, within=10) is not None
+        assert writer.commits_failing(failures=2, within=10) is None
+        await trio.sleep(10)
+        assert writer.commits_failing(failures=1, within=10) is None
+        nursery.cancel_scope.cancel()

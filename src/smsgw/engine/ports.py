@@ -38,11 +38,14 @@ class Provider(Protocol):
 class WriteGroup:
     """One group commit's work, in arrival order; the store does it in one transaction."""
 
-    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "topups", "written")
+    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "session", "topups", "written")
 
     def __init__(self) -> None:
         # Called by the store (without waiting) once the group is durable, before it returns.
         self.written: Callable[[], None] | None = None
+        # The store's note of where the group ran (PostgreSQL: the server process of its
+        # connection), for `commit_fate` when its commit ends in doubt.
+        self.session: object = None
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
         self.topups: list[tuple[int, int]] = []
@@ -93,10 +96,26 @@ class SchedulingStore(Protocol):
         ...
 
 
+class CommitInDoubt(Exception):
+    """A group commit failed at a point where the store cannot tell whether it committed (the
+    connection was lost after the transaction's statements were sent). `commit_fate` tells."""
+
+
 class MessageStore(SchedulingStore, Protocol):
-    """Durable state. Every write goes through `commit_group`, one transaction per call."""
+    """Durable state. Every write goes through `commit_group`, one transaction per call.
+
+    `commit_group` raises `CommitInDoubt` when the group may have committed although the call
+    failed; any other exception means nothing of the group was stored."""
 
     async def commit_group(self, group: WriteGroup) -> GroupResult: ...
+
+    async def commit_fate(self, group: WriteGroup) -> set[str]:
+        """For a group whose `commit_group` was cancelled, timed out or ended in doubt: the ids
+        of its accepted messages that are stored, once nothing can store more of them (the
+        group's transaction, wherever it still runs, is ended first). Empty when the group did
+        not commit (or committed without storing any message). Raises when the store cannot
+        answer now; ask again later."""
+        ...
 
     async def recover(self) -> Recovered:
         """Every message not yet final, for Recovery (see `Recovered`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,7 @@ from smsgw.engine.messages import (
     TopUp,
     WriterMessage,
 )
-from smsgw.engine.ports import MessageStore, WriteGroup
+from smsgw.engine.ports import CommitInDoubt, MessageStore, WriteGroup
 
 log = logging.getLogger("smsgw.writer")
 
@@ -170,6 +171,12 @@ class StoreWriter:
         self._small_turn = trio.Semaphore(1)
         self.failures = 0  # consecutive failed commits
         self.last_failure: str | None = None
+        self.last_failure_at = -math.inf  # trio.current_time() of the last failed commit
+        # Groups whose commit timed out or was lost half way, until the store says which of
+        # their messages are stored; kept across restarts of the loops (see _settle_doubt).
+        self.in_doubt: list[tuple[WriteGroup, list[WriterMessage], str]] = []
+        self.doubtful_groups = 0  # in doubt at some point, in all
+        self.doubtful_committed = 0  # of those, found committed (their messages dispatched)
         # Outcomes of a group that failed to commit: carried into the shard's next group,
         # never dropped.
         self._carry: dict[str, list[RecordOutcome]] = {i.name: [] for i in self.inbox.shards}
@@ -215,16 +222,44 @@ class StoreWriter:
             "carried_outcomes": sum(len(c) for c in self._carry.values()),
             "failed_groups": self.failed_groups,
             "consecutive_failures": self.failures,
+            "in_doubt": len(self.in_doubt),
+            "doubtful_groups": self.doubtful_groups,
+            "doubtful_committed": self.doubtful_committed,
             "last_failure": self.last_failure,
             "credit": {**self.credit, "refused": dict(self.refused)},
             "delivery_reports": {f"{o}/{r}": n for (o, r), n in sorted(self.deliveries.items())},
         }
 
+    def commits_failing(self, *, failures: int = 3, within: float = 10.0) -> str | None:
+        """Why this node should not take traffic now, or None: a group's fate is in doubt, or
+        the last `failures` commits failed, the last of them less than `within` seconds ago.
+        After `within` quiet seconds it is None again, so a node that no traffic reaches any
+        more (a load balancer took it out) is tried again rather than left out for good."""
+        if self.in_doubt:
+            return f"{len(self.in_doubt)} group commit(s) in doubt: {self.last_failure}"
+        if self.failures >= failures and trio.current_time() - self.last_failure_at < within:
+            return f"the last {self.failures} group commits failed: {self.last_failure}"
+        return None
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for shard in self.inbox.shards:
-                nursery.start_soon(self._commit_loop, shard)
+            # Groups left in doubt by a loop that was cancelled: settled again, fenced as
+            # their commit was (the pager must not read their messages back meanwhile).
+            doubts, self.in_doubt = self.in_doubt, []
+            for group, batch, shard in doubts:
+                nursery.start_soon(self._settle_fenced, group, batch, shard)
+            for inbox in self.inbox.shards:
+                nursery.start_soon(self._commit_loop, inbox)
             task_status.started()
+
+    async def _settle_fenced(
+        self, group: WriteGroup, batch: list[WriterMessage], shard: str
+    ) -> None:
+        seq = self.commits.open()
+        try:
+            await self._settle_doubt(group, batch, self._carry[shard], shard)
+        finally:
+            self.commits.close(seq)
 
     async def _commit_loop(self, inbox: Inbox[WriterMessage]) -> None:
         """Take what is waiting, commit it, repeat.
@@ -249,7 +284,7 @@ class StoreWriter:
                 carry.clear()
             rows = sum(_rows(m) for m in batch)
             if rows >= self._parallel_rows or len(self.inbox.shards) == 1:
-                await self._commit_fenced(batch, carry)
+                await self._commit_fenced(batch, carry, inbox.name)
                 continue
             try:
                 await self._small_turn.acquire()
@@ -260,7 +295,7 @@ class StoreWriter:
             turn = _Turn(self._small_turn)
             try:
                 batch.extend(inbox.get_batch_nowait(self._max_group - rows, _rows))
-                await self._commit_fenced(batch, carry, turn.end)
+                await self._commit_fenced(batch, carry, inbox.name, turn.end)
             finally:
                 turn.end()
 
@@ -268,11 +303,12 @@ class StoreWriter:
         self,
         batch: list[WriterMessage],
         carry: list[RecordOutcome],
+        shard: str,
         written: Callable[[], None] | None = None,
     ) -> None:
         seq = self.commits.open()
         try:
-            await self._commit(batch, carry, written)
+            await self._commit(batch, carry, shard, written)
         finally:
             self.commits.close(seq)
 
@@ -315,6 +351,7 @@ class StoreWriter:
         self,
         batch: list[WriterMessage],
         carry: list[RecordOutcome],
+        shard: str,
         written: Callable[[], None] | None = None,
     ) -> None:
         group = WriteGroup()
@@ -353,17 +390,26 @@ class StoreWriter:
             # round refuses one top-up, so this ends).
             rest = _refuse_topup(batch, exc)
             if rest:
-                await self._commit(rest, carry, written)
+                await self._commit(rest, carry, shard, written)
+            return
+        except (trio.TooSlowError, CommitInDoubt) as exc:
+            # Timed out, or lost after its statements were sent: PostgreSQL may have committed
+            # the group (a COMMIT in flight, or a statement that got its lock after the client
+            # gave up). Answering 503 and moving on would strand what it stored: queued, its
+            # credit held, in no Scheduler, until a restart (issue 29). So the store is asked
+            # what it stored, and that is dispatched, before anyone is answered.
+            self._failed(exc)
+            self.doubtful_groups += 1
+            if written is not None:
+                written()  # the other committer's small groups need not wait for this
+            await self._settle_doubt(group, batch, carry, shard)
             return
         except Exception as exc:
             # The store is down or refused the group: nothing of it was stored. Answer the
             # callers now (HTTP 503), keep the outcomes for the next group, and back off. This
             # is an expected failure, not a bug, so the actor keeps running and says so in
             # its stats; the other committer's group is not disturbed.
-            self.failures += 1
-            self.failed_groups += 1
-            self.last_failure = f"{type(exc).__name__}: {exc}"
-            log.warning("group commit failed: %s", self.last_failure)
+            self._failed(exc)
             self._abandon(batch, carry, StoreUnavailable(f"could not commit: {self.last_failure}"))
             await trio.sleep(min(2.0, 0.05 * 2 ** min(self.failures, 6)))
             return
@@ -404,6 +450,62 @@ class StoreWriter:
             self.on_outcomes(group.outcomes)
         if committed:
             # After the replies: the callers' 202s do not wait for dispatch to take the work.
+            await self._on_committed(committed)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.failed_groups += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.last_failure_at = trio.current_time()
+        log.warning("group commit failed: %s", self.last_failure)
+
+    async def _settle_doubt(
+        self, group: WriteGroup, batch: list[WriterMessage], carry: list[RecordOutcome], shard: str
+    ) -> None:
+        """Learn a doubtful group's fate from the store, asking until it answers (its callers
+        wait meanwhile, and time out on their side), then answer them and dispatch what it
+        stored. Cancelled (the loop stops), the group stays in `in_doubt` for the restarted
+        loop; a node that stops for good leaves it to the next start's recovery."""
+        entry = (group, batch, shard)
+        self.in_doubt.append(entry)
+        delay = 0.05
+        while True:
+            try:
+                with trio.fail_after(self._commit_timeout):
+                    stored = await self._store.commit_fate(group)
+                break
+            except Exception as exc:
+                log.warning("cannot learn a doubtful group's fate yet: %s: %s", type(exc), exc)
+                await trio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        self.in_doubt.remove(entry)
+        committed: list[OutboundSms] = []
+        if stored:
+            # The group committed: each accept is answered as the store decided (an item of it
+            # not stored was refused; which refusal is not known now, so it is answered
+            # insufficient_credit: nothing was stored or held for it, as for any refusal).
+            self.doubtful_committed += 1
+            for message in batch:
+                if isinstance(message, Accept):
+                    results = []
+                    for item in message.items:
+                        if item.id in stored:
+                            committed.append(item)
+                            results.append(AcceptResult(True))
+                        else:
+                            results.append(AcceptResult(False, "insufficient_credit"))
+                    message.reply.set(results)
+            self.credit["held_messages"] += len(committed)
+            self.credit["held_amount"] += sum(s.price for s in committed)
+        # The rest is answered as a failed group's: outcomes are carried (done again, they
+        # change nothing if they were committed), other callers are told it failed (an accept
+        # of a group that stored none of its messages: truly nothing stored for it).
+        self._abandon(
+            [m for m in batch if not (stored and isinstance(m, Accept))],
+            carry,
+            StoreUnavailable(f"could not commit: {self.last_failure}"),
+        )
+        if committed:
             await self._on_committed(committed)
 
     def _count_deliveries(self, group: WriteGroup, results: list[list[DeliveryResult]]) -> None:

@@ -213,6 +213,11 @@ class MemStore:
     async def pending(self) -> list[OutboundSms]:
         return list(self.pending_messages.values())
 
+    async def commit_fate(self, group: WriteGroup) -> set[str]:
+        # A commit here happens all at once or not at all: a stored message of the group is
+        # pending until the writer hands it on, so no final one can be missed.
+        return {s.id for items, _ in group.accepts for s in items if s.id in self.pending_messages}
+
     async def recover(self) -> Recovered:
         express = [s for s in self.pending_messages.values() if s.express]
         backlogs: dict[int, int] = {}

@@ -34,6 +34,7 @@ from smsgw.engine.messages import (
     Settled,
 )
 from smsgw.engine.ports import (
+    CommitInDoubt,
     GroupResult,
     IdempotencyClaim,
     MessageQuery,
@@ -149,7 +150,12 @@ class Database:
                     self._acquiring -= 1
             try:
                 result = await fn(conn)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, asyncpg.PostgresError | _CopyConflict):
+                    # Cancelled mid-statement or lost: what its server session still does is
+                    # unknown, so it is never reused, and its server process names only that
+                    # work (PgStore.commit_fate ends it by pid).
+                    conn.terminate()
                 self._release(conn)
                 raise
             # Kept unless a caller waits for the pool (all connections busy: this one is
@@ -481,6 +487,15 @@ COPY_COLUMNS = (
 )
 
 
+# A group commit's server process, ended when its fate is in doubt (same database only; a
+# role may end its own sessions).
+_END_SESSION = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+ WHERE pid = $1 AND datname = current_database() AND pid <> pg_backend_pid()
+"""
+_SESSION_ALIVE = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
+
+
 class _CopyConflict(Exception):
     """A COPY of a group's messages met a taken client_ref: nothing of the group was stored."""
 
@@ -639,7 +654,43 @@ class PgStore(CallbackOutbox):
                 await trio.sleep(0.005 * (attempt + 1))
         return await self.db.run(functools.partial(self._commit, group=group, copy=False))
 
+    async def commit_fate(self, group: WriteGroup) -> set[str]:
+        """Ends the group's server process if it still runs (a commit blocked on a lock, or
+        one whose client went away mid-statement would otherwise commit whenever it gets the
+        lock), waits until it is gone, then reads which of the group's messages are stored."""
+        ids = [s.id for items, _ in group.accepts for s in items]
+        pid = group.session
+
+        async def _fate(conn: asyncpg.Connection) -> set[str]:
+            if isinstance(pid, int):
+                await conn.execute(_END_SESSION, pid)
+                for _ in range(500):
+                    if not await conn.fetchval(_SESSION_ALIVE, pid):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise TimeoutError(f"server process {pid} of a group in doubt still runs")
+            if not ids:
+                return set()
+            rows = await conn.fetch("SELECT id::text FROM messages WHERE id = ANY($1::uuid[])", ids)
+            return {r["id"] for r in rows}
+
+        return await self.db.run(_fate)
+
     async def _commit(
+        self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
+    ) -> GroupResult:
+        group.session = conn.get_server_pid()
+        try:
+            return await self._commit_group(conn, group, copy=copy)
+        except (asyncpg.PostgresError, _CopyConflict):
+            raise  # the server refused a statement: the transaction is rolled back
+        except Exception as exc:
+            # Lost after its statements were sent (or failed after COMMIT): it may have
+            # committed.
+            raise CommitInDoubt(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _commit_group(
         self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
     ) -> GroupResult:
         ids: set[int] = {a for a, _ in group.topups}

@@ -22,6 +22,10 @@ async def ready() -> Response:
     gw = gateway()
     if not gw.engine.ready.is_set():
         raise ProblemError(503, "recovering", "recovering pending messages")
+    failing = gw.engine.writer.commits_failing()
+    if failing is not None:
+        # Accepts would time out or fail here: a load balancer should send them elsewhere.
+        raise ProblemError(503, "commits_failing", failing)
     try:
         await gw.reads.ping()
     except Exception as exc:
