@@ -60,7 +60,9 @@ class FakeStore:
         await self._alive()
         self.cluster.heartbeats[self._node_id] = trio.current_time()
 
-    async def heartbeat(self, held: Mapping[int, int], ttl: float) -> tuple[int, dict[int, int]]:
+    async def heartbeat(
+        self, held: Mapping[int, int], ttl: float, stalled_after: float
+    ) -> tuple[int, dict[int, int], frozenset[int]]:
         await self._alive()
         now = trio.current_time()
         self.cluster.heartbeats[self._node_id] = now
@@ -71,7 +73,14 @@ class FakeStore:
                 self.cluster.leases[shard] = (owner, token, now + ttl)
                 renewed[shard] = token
         live = sum(1 for t in self.cluster.heartbeats.values() if t > now - ttl)
-        return live, renewed
+        stalled = frozenset(
+            shard
+            for shard, (owner, _, expires) in self.cluster.leases.items()
+            if owner is not None
+            and owner != self._node_id
+            and (expires < now or self.cluster.heartbeats.get(owner, -1e9) < now - stalled_after)
+        )
+        return live, renewed, stalled
 
     async def acquire(self, count: int, ttl: float) -> dict[int, int]:
         await self._alive()

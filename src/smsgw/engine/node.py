@@ -27,6 +27,7 @@ from smsgw.engine.messages import (
     OutboundSms,
     Outcome,
     RecordDeliveries,
+    RecordOutcome,
     SchedulerMessage,
     SendRate,
     Settled,
@@ -37,7 +38,7 @@ from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provid
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Scheduler, SchedulerState
-from smsgw.engine.shards import LeaseConfig, ShardLeases
+from smsgw.engine.shards import LeaseConfig, ShardLeases, shard_of
 from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
@@ -65,6 +66,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     writer_committers: int = 2
     scheduler_capacity: int = 100_000
     accept_timeout: float = 10.0
+    # A group commit not answered within this is in doubt: the writer learns from the store
+    # whether it committed (and dispatches what it stored) before it answers anyone.
+    writer_commit_timeout: float = 30.0
     max_restarts: int = 5
     restart_window: float = 10.0
     # Requests per account that the HTTP door lets through (a token bucket per account, per
@@ -169,6 +173,7 @@ class Engine:
             capacity=config.writer_capacity,
             max_group=config.writer_max_group,
             committers=config.writer_committers,
+            commit_timeout=config.writer_commit_timeout,
         )
         self.retry = RetryTimer(scheduler_ref)
         express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
@@ -356,10 +361,34 @@ class Engine:
         healthy operator, or no capacity in time), or None. In memory: no query, no wait."""
         if not self.ready.is_set():
             return "the node is still recovering"
+        if self.dispatch_stalled(account_id):
+            return "the node that dispatches this account is not answering; another takes over"
         commit = self.writer.commit_ms_ewma / 1000
         return self.pool.express_problem(
             self.express_deadline_s(account_id) - commit, len(self.scheduler.state.express)
         )
+
+    def dispatch_stalled(self, account_id: int) -> bool:
+        """The node that leases this account's shard stopped heartbeating (dead, paused): its
+        express messages will not reach an operator before another node takes the shard."""
+        return self.leases is not None and shard_of(account_id) in self.leases.stalled
+
+    async def expire(self, sms: OutboundSms) -> None:
+        """Fail `sms` as past its deadline and refund it, unless it is final already. The node
+        a `wait` request waits on does this at the deadline when the message's dispatcher has
+        stalled, so the answer is on time instead of after the takeover. Unfenced: whoever
+        recorded an outcome first wins (a stalled owner's late one finds the row final, as the
+        taker's would have). Like any outcome its waiter hears of it once committed."""
+        outcome = Outcome(
+            msgspec.structs.replace(sms, fence=None),
+            "failed",
+            None,
+            None,
+            "deadline_exceeded",
+            sms.attempts,
+            self.clock(),
+        )
+        await self.writer.ref.tell(RecordOutcome(outcome))
 
     def wait_for(self, message_id: str) -> Reply[Settled]:
         """A slot that gets the message's outcome once it is committed, by whichever node

@@ -311,11 +311,15 @@ class ClusterStore(Protocol):
         """Register this node; release the leases a previous run of this node id held."""
         ...
 
-    async def heartbeat(self, held: Mapping[int, int], ttl: float) -> tuple[int, dict[int, int]]:
+    async def heartbeat(
+        self, held: Mapping[int, int], ttl: float, stalled_after: float
+    ) -> tuple[int, dict[int, int], frozenset[int]]:
         """Record that this node lives and extend by `ttl` each lease of `held` (shard ->
         token) that is still this node's under that token, even one that expired meanwhile:
-        nobody took it, so nobody else dispatched the shard. Returns the live nodes and the
-        leases renewed (shard -> token); a shard missing from them changed hands."""
+        nobody took it, so nobody else dispatched the shard. Returns the live nodes, the
+        leases renewed (shard -> token; a shard missing from them changed hands), and the
+        stalled shards: another node's whose owner has not heartbeated for `stalled_after`
+        seconds or whose lease expired (not those nobody leases: they are in transit)."""
         ...
 
     async def acquire(self, count: int, ttl: float) -> dict[int, int]:

@@ -60,6 +60,10 @@ class LeaseConfig(msgspec.Struct, frozen=True):
     # The node trusts its leases for this share of the ttl after the renewal started: its own
     # clock runs from before PostgreSQL's, so it stops before anyone may take over.
     trust: float = 0.8
+    # Another node that has not heartbeated for this long (two ticks missed) is taken to be
+    # stalled for express purposes: its shards' express messages are failed fast at their
+    # deadline by the node waiting for them, and new ones refused, until a node takes over.
+    stalled_after: float = 1.2
 
 
 class ShardLeases:
@@ -106,6 +110,9 @@ class ShardLeases:
         self._wake = trio.Event()
         self.ready = trio.Event()
         self.live_nodes = 0
+        # Other nodes' shards whose owner stopped heartbeating (or nobody's): an express
+        # message of theirs will not be dispatched in time (engine/node.py: `dispatch_stalled`).
+        self.stalled: frozenset[int] = frozenset()
         self.recovered = 0  # messages loaded by the first tick (start-up recovery)
         self.counts: dict[str, int] = {
             "acquired": 0,
@@ -295,7 +302,9 @@ class ShardLeases:
         late = bool(held) and started >= self.valid_until
         trusted_s = self.config.ttl * self.config.trust
         since_renewal = started - (self.valid_until - trusted_s)
-        live, renewed = await self.store.heartbeat(held, self.config.ttl)
+        live, renewed, self.stalled = await self.store.heartbeat(
+            held, self.config.ttl, self.config.stalled_after
+        )
         self.live_nodes = live
         self.valid_until = started + trusted_s
         self.last_error = None

@@ -80,6 +80,15 @@ ORDER BY created_at
 """
 
 
+# Shards whose dispatch is stalled: another node's whose lease expired or whose heartbeat is
+# late. A shard nobody leases is in transit between live nodes (a rebalance): not stalled.
+_STALLED = """
+SELECT l.shard FROM shard_leases l LEFT JOIN nodes n ON n.id = l.owner
+WHERE l.owner <> $1
+  AND (l.expires_at < now() OR n.heartbeat_at IS NULL
+       OR n.heartbeat_at < now() - make_interval(secs => $2))
+"""
+
 _API_DEMAND = """
 WITH mine AS (
     INSERT INTO api_demand AS d (account_id, node_id, demand, at)
@@ -188,8 +197,10 @@ class PgCluster:
             return False
         return False
 
-    async def heartbeat(self, held: Mapping[int, int], ttl: float) -> tuple[int, dict[int, int]]:
-        async def beat(conn: asyncpg.Connection) -> tuple[int, dict[int, int]]:
+    async def heartbeat(
+        self, held: Mapping[int, int], ttl: float, stalled_after: float
+    ) -> tuple[int, dict[int, int], frozenset[int]]:
+        async def beat(conn: asyncpg.Connection) -> tuple[int, dict[int, int], frozenset[int]]:
             await conn.execute(
                 "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4",
@@ -215,7 +226,8 @@ class PgCluster:
                 "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)",
                 ttl,
             )
-            return int(live), renewed
+            stalled = await conn.fetch(_STALLED, self._node_id, stalled_after)
+            return int(live), renewed, frozenset(r[0] for r in stalled)
 
         return await self.db.run(beat)
 

@@ -206,9 +206,16 @@ async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled
     """`"wait": true`: 200 once the operator took the message, 504 when its deadline passed
     (the message is failed and its hold released), 502 when the operator refused it."""
     assert sms.deadline is not None
-    outcome: Settled | None = None
-    with trio.move_on_after(max(0.0, sms.deadline - gw.engine.clock()) + WAIT_GRACE):
-        outcome = await waiting.wait()
+    outcome = await settled_within(waiting, sms.deadline - gw.engine.clock())
+    if outcome is None and gw.engine.dispatch_stalled(sms.account_id):
+        # The node that dispatches it stopped heartbeating: it cannot reach an operator in
+        # time, so fail it now, refunded, rather than answer after a takeover. Which outcome
+        # landed (ours, or one the stalled node got in first) the row says.
+        await gw.call(lambda: gw.engine.expire(sms))
+        if await settled_within(waiting, WAIT_GRACE) is not None:
+            outcome = await recorded_outcome(gw, sms)
+    elif outcome is None:
+        outcome = await settled_within(waiting, WAIT_GRACE)
     if outcome is None:
         # Not final yet (the store is slow to commit): say so; GET tells the end.
         raise ProblemError(
@@ -238,6 +245,28 @@ async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled
         message_id=sms.id,
         message_status="failed",
         refunded=True,
+    )
+
+
+async def settled_within(waiting: Reply[Settled], seconds: float) -> Settled | None:
+    with trio.move_on_after(max(0.0, seconds)):
+        return await waiting.wait()
+    return None
+
+
+async def recorded_outcome(gw: Gateway, sms: OutboundSms) -> Settled | None:
+    """The message's outcome as stored (None while it has none)."""
+    row = await gw.reads.message(sms.account_id, sms.id)
+    if row is None or row["status"] in ("queued", "sending"):
+        return None
+    return Settled(
+        sms.id,
+        "failed" if row["status"] == "failed" else "sent",
+        row["operator"],
+        row["operator_message_id"],
+        row["reason"] if row["status"] == "failed" else None,
+        row["attempts"],
+        row["updated_at"].timestamp(),
     )
 
 

@@ -1,0 +1,144 @@
+"""Express deadlines through topology changes: a node joining (shards rebalancing), the
+dispatching node SIGKILLed, and the dispatching node paused (SIGSTOP) past its lease. Every
+`"wait": true` send is answered within its deadline (plus the time to commit an answer): sent,
+or failed fast with its price refunded, or refused before anything was held; never late."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from smsgw.engine.shards import shard_of
+from tests.conftest import bearer
+from tests.integration.helpers import (
+    assert_ledger_consistent,
+    http_client,
+    ledger,
+    until,
+)
+from tests.integration.nodes import (
+    balanced,
+    create_accounts,
+    leases_of,
+    pending_count,
+    serve_node,
+)
+
+pytestmark = pytest.mark.slow
+
+DEADLINE = 2.0  # the default express deadline
+# An answer may follow the deadline by the time to commit the outcome and send it back.
+ANSWER_SLACK = 0.5
+RATE, SECONDS, EVENT_AT = 10, 8.0, 2.0
+
+
+async def express_load(
+    client: httpx.AsyncClient, key: dict[str, str]
+) -> list[tuple[int, float, dict]]:
+    """RATE express `wait` sends a second for SECONDS: (status, seconds to answer, body)."""
+    answers: list[tuple[int, float, dict]] = []
+    start = trio.current_time()
+
+    async def one(n: int) -> None:
+        body = {"to": f"+4915{n:09d}", "text": f"code {n:06d}", "express": True, "wait": True}
+        sent = trio.current_time()
+        try:
+            r = await client.post("/v1/messages", json=body, headers=key)
+        except httpx.TransportError as exc:
+            answers.append((0, trio.current_time() - sent, {"error": repr(exc)}))
+            return
+        answers.append((r.status_code, trio.current_time() - sent, r.json()))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(int(RATE * SECONDS)):
+            await trio.sleep_until(start + n / RATE)
+            nursery.start_soon(one, n)
+    return answers
+
+
+def check(answers: list[tuple[int, float, dict]]) -> None:
+    late = [(s, round(t, 3), b) for s, t, b in answers if t > DEADLINE + ANSWER_SLACK]
+    statuses = Counter(s for s, _, _ in answers)
+    assert not late, (statuses, late[:5])
+    for status, _, body in answers:
+        if status == 200:
+            assert body["status"] == "sent"
+        elif status in (502, 504):
+            assert body["message_status"] == "failed" and body["refunded"], body
+        elif status == 503:
+            assert body["code"] == "express_unavailable", body
+        else:
+            raise AssertionError((status, body, statuses))
+    assert statuses[200] >= len(answers) // 2, statuses
+
+
+async def settled(database_url: str, schema: str) -> None:
+    async def none_pending() -> bool:
+        return await pending_count(database_url, schema) == 0
+
+    with trio.fail_after(60):
+        await until(none_pending, interval=0.2)
+    assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def test_express_keeps_its_deadline_while_a_node_joins(
+    database_url: str, schema: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with serve_node(database_url, schema, "a", log) as a, http_client(a.url) as ca:
+            [account] = await create_accounts(ca, 1, 10**9)
+            key = bearer(account["api_key"])
+            answers: list = []
+
+            async def load() -> None:
+                answers.extend(await express_load(ca, key))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await trio.sleep(EVENT_AT)
+                async with serve_node(database_url, schema, "b", log):
+                    with trio.fail_after(30):
+                        await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+                    await trio.sleep(SECONDS)
+            check(answers)
+            await settled(database_url, schema)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+async def test_express_keeps_its_deadline_when_its_dispatcher_dies_or_pauses(
+    database_url: str, schema: str, how: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log) as a,
+            serve_node(database_url, schema, "b", log) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+            owned_by_b = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
+            accounts = await create_accounts(ca, 8, 10**9)
+            [account] = [x for x in accounts if shard_of(x["id"]) in owned_by_b][:1]
+            key = bearer(account["api_key"])
+            answers: list = []
+
+            async def load() -> None:
+                answers.extend(await express_load(ca, key))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await trio.sleep(EVENT_AT)
+                b.process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+            if how == "sigstop":
+                b.process.send_signal(signal.SIGCONT)
+            check(answers)
+            await settled(database_url, schema)
