@@ -69,8 +69,8 @@ async def topup(account_id: int) -> Response:
 @bp.put("/v1/accounts/<int(max=9223372036854775807):account_id>/settings")
 async def put_settings(account_id: int) -> Response:
     """Replace an account's scheduling and rate settings (a missing field: the default). They
-    apply on this node at once and on other nodes with their next key lookup (within the
-    KeyCache ttl, 60 s)."""
+    apply on this node at once and on every other node when the change's notification arrives
+    (migration 006's trigger: well under a second)."""
     gw = gateway()
     gw.require_admin()
     data = await gw.body(AccountSettingsIn)
@@ -113,7 +113,7 @@ async def get_account() -> Response:
 async def rotate_key() -> Response:
     """A new API key for the calling account, shown only in this answer; the key that made the
     call stops working at once on this node (it is dropped from the KeyCache) and on every
-    other node within the KeyCache ttl (60 s). No body. Of two concurrent rotations with the
+    other node when the change's notification arrives (well under a second). No body. Of two concurrent rotations with the
     same key, one wins; the other gets 401, as the key it used is gone."""
     gw = gateway()
     account_id = await gw.require_account()
