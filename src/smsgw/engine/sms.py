@@ -25,7 +25,13 @@ def is_gsm7(text: str) -> bool:
 
 
 def segments(text: str) -> int:
-    """How many SMS the operator will bill for `text`.
+    """How many SMS the operator will bill for `text`: the number of `segment_texts(text)`, so
+    what is priced is what an SMPP connection sends (one PDU a part)."""
+    return len(segment_texts(text))
+
+
+def segment_texts(text: str) -> list[str]:
+    """The parts `text` is sent in, in order: [] for "", [text] when it fits one SMS.
 
     GSM-7: 160 septets in one SMS, 153 per part when concatenated; an extension character
     takes two septets and a part never splits an escape from its character. UCS-2 (anything
@@ -33,27 +39,28 @@ def segments(text: str) -> int:
     surrogate pair.
     """
     if not text:
-        return 0
+        return []
     if _GSM7_BASIC.issuperset(text):
-        # The common case, counted without a loop in Python: one septet a character.
+        # The common case, without a loop in Python: one septet a character.
         n = len(text)
-        return 1 if n <= 160 else -(-n // 153)
+        return [text] if n <= 160 else [text[i : i + 153] for i in range(0, n, 153)]
     if is_gsm7(text):
         units = [2 if c in _GSM7_EXTENSION else 1 for c in text]
         single, part = 160, 153
     else:
         units = [2 if ord(c) > 0xFFFF else 1 for c in text]
         single, part = 70, 67
-    total = sum(units)
-    if total <= single:
-        return 1
-    count, used = 1, 0
-    for u in units:
+    if sum(units) <= single:
+        return [text]
+    parts: list[str] = []
+    start, used = 0, 0
+    for i, u in enumerate(units):
         if used + u > part:
-            count += 1
-            used = 0
+            parts.append(text[start:i])
+            start, used = i, 0
         used += u
-    return count
+    parts.append(text[start:])
+    return parts
 
 
 def recipient_problem(to: str) -> str | None:
