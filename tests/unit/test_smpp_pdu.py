@@ -303,6 +303,7 @@ def test_any_submit_sm_round_trips(pdu: SubmitSm) -> None:
         SubmitSm(sequence_number=1, esm_class=256),
         SubmitSm(sequence_number=1, short_message=b"x" * 255),
         SubmitSm(sequence_number=1, tlvs=Tlvs(sar_msg_ref_num=0x10000)),
+        DeliverSm(sequence_number=1, tlvs=Tlvs(network_error_code=NetworkErrorCode(3, 0x10000))),
         SubmitSm(sequence_number=1, tlvs=Tlvs(message_payload=b"x" * 0x10000)),
         EnquireLink(sequence_number=2**32),
     ],

@@ -415,6 +415,12 @@ def _octet(name: str, value: int) -> int:
     return value
 
 
+def _u16(name: str, value: int) -> bytes:
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"{name}: {value} is not 16 bits")
+    return value.to_bytes(2, "big")
+
+
 def _encode_tlvs(tlvs: Tlvs, out: bytearray) -> None:
     for name, tag, kind in _NAMED_TLVS:
         value = getattr(tlvs, name)
@@ -423,13 +429,11 @@ def _encode_tlvs(tlvs: Tlvs, out: bytearray) -> None:
         if kind == "u8":
             raw = bytes([_octet(name, value)])
         elif kind == "u16":
-            if not 0 <= value <= 0xFFFF:
-                raise ValueError(f"{name}: {value} is not 16 bits")
-            raw = value.to_bytes(2, "big")
+            raw = _u16(name, value)
         elif kind == "cstr":
             raw = _cstring(name, value, _RECEIPTED_MESSAGE_ID_MAX)
         elif kind == "network_error":
-            raw = bytes([_octet(name, value.network_type)]) + value.error_code.to_bytes(2, "big")
+            raw = bytes([_octet(name, value.network_type)]) + _u16(name, value.error_code)
         else:
             raw = value
         _append_tlv(out, tag, raw)
