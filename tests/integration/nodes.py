@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import trio
 from smsgw.engine.shards import SHARDS, fair_share
 from smsgw.workers import listening_url
 from tests.conftest import ADMIN_KEY, admin
-from tests.integration.helpers import db_fetch
+from tests.integration.helpers import db_fetch, http_client, until
 
 TTL = 3.0  # the lease ttl the nodes run with (the default)
 SLOW = ("--operator-latency-ms", "2500,3000")
@@ -121,3 +122,36 @@ async def pending_count(database_url: str, schema: str) -> int:
         "SELECT count(*) AS n FROM messages WHERE status IN ('queued', 'sending')",
     )
     return int(rows[0]["n"])
+
+
+@dataclass
+class Member:
+    node: NodeProcess
+    client: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def balanced_nodes(database_url: str, schema: str, *ids: str) -> AsyncIterator[list[Member]]:
+    """Node processes named `ids` on one database, each with a client, once they lease their
+    fair shares of the shards; their stderr goes to one log in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with AsyncExitStack() as stack:
+            members = []
+            for node_id in ids:
+                node = await stack.enter_async_context(
+                    serve_node(database_url, schema, node_id, log)
+                )
+                members.append(Member(node, await stack.enter_async_context(http_client(node.url))))
+            with trio.fail_after(30):
+                await until(lambda: balanced(members[0].client, ids), interval=0.2)
+            yield members
+
+
+async def shard_owners(members: Sequence[Member]) -> dict[int, str]:
+    """Shard -> the id of the member node that leases it."""
+    return {
+        lease["shard"]: m.node.node_id
+        for m in members
+        for lease in (await leases_of(m.client))["leases"]
+    }

@@ -4,17 +4,14 @@ settings changes on every node within a second."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import httpx
 import pytest
 import trio
 
 from smsgw.engine.shards import SHARDS, shard_of
 from tests.conftest import admin, bearer
-from tests.integration.helpers import TO, http_client, until
-from tests.integration.nodes import balanced, create_accounts, leases_of, serve_node
+from tests.integration.helpers import TO, until
+from tests.integration.nodes import balanced_nodes, create_accounts, shard_owners
 
 pytestmark = pytest.mark.slow
 
@@ -24,92 +21,72 @@ async def test_wait_is_answered_on_a_node_that_does_not_own_the_shard(
 ) -> None:
     """Each account's express `wait` send goes to the node that does not lease its shard: the
     owner dispatches it, and its outcome reaches the waiting node by notification."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log) as a,
-            serve_node(database_url, schema, "b", log) as b,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-        ):
-            with trio.fail_after(30):
-                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
-            owner = {
-                lease["shard"]: name
-                for name, client in (("a", ca), ("b", cb))
-                for lease in (await leases_of(client))["leases"]
-            }
-            assert len(owner) == SHARDS
-            accounts = await create_accounts(ca, 20, 1_000)
-            answers: list[tuple[str, int, dict]] = []
+    async with balanced_nodes(database_url, schema, "a", "b") as members:
+        [ca, cb] = [m.client for m in members]
+        owner = await shard_owners(members)
+        assert len(owner) == SHARDS
+        accounts = await create_accounts(ca, 20, 1_000)
+        answers: list[tuple[str, int, dict]] = []
 
-            async def send(account: dict) -> None:
-                elsewhere = "b" if owner[shard_of(account["id"])] == "a" else "a"
-                client = cb if elsewhere == "b" else ca
-                r = await client.post(
-                    "/v1/messages",
-                    json={"to": TO, "text": "code 123456", "express": True, "wait": True},
-                    headers=bearer(account["api_key"]),
-                )
-                answers.append((elsewhere, r.status_code, r.json()))
+        async def send(account: dict) -> None:
+            elsewhere = "b" if owner[shard_of(account["id"])] == "a" else "a"
+            client = cb if elsewhere == "b" else ca
+            r = await client.post(
+                "/v1/messages",
+                json={"to": TO, "text": "code 123456", "express": True, "wait": True},
+                headers=bearer(account["api_key"]),
+            )
+            answers.append((elsewhere, r.status_code, r.json()))
 
-            async with trio.open_nursery() as nursery:
-                for account in accounts:
-                    nursery.start_soon(send, account)
-            # Both nodes answered for accounts they do not dispatch.
-            assert {node for node, _, _ in answers} == {"a", "b"}
-            # The simulated operator refuses some (2% permanent): 502, failed and refunded. No
-            # answer may be the timeout's 504.
-            statuses = [status for _, status, _ in answers]
-            assert statuses.count(504) == 0, answers
-            assert all(status in (200, 502) for status in statuses), answers
-            sent = [body for _, status, body in answers if status == 200]
-            assert len(sent) >= 15, answers
-            assert all(body["status"] == "sent" and body["operator_message_id"] for body in sent)
+        async with trio.open_nursery() as nursery:
+            for account in accounts:
+                nursery.start_soon(send, account)
+        # Both nodes answered for accounts they do not dispatch.
+        assert {node for node, _, _ in answers} == {"a", "b"}
+        # The simulated operator refuses some (2% permanent): 502, failed and refunded. No
+        # answer may be the timeout's 504.
+        statuses = [status for _, status, _ in answers]
+        assert statuses.count(504) == 0, answers
+        assert all(status in (200, 502) for status in statuses), answers
+        sent = [body for _, status, body in answers if status == 200]
+        assert len(sent) >= 15, answers
+        assert all(body["status"] == "sent" and body["operator_message_id"] for body in sent)
 
 
 async def test_a_rotated_key_and_new_settings_reach_every_node_within_a_second(
     database_url: str, schema: str
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log) as a,
-            serve_node(database_url, schema, "b", log) as b,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-        ):
-            [account, other] = await create_accounts(ca, 2, 1_000)
-            old = bearer(account["api_key"])
-            # b knows the key (its cache holds it for a minute without the notification).
-            assert (await cb.get("/v1/account", headers=old)).status_code == 200
-            r = await ca.post("/v1/account/keys/rotate", headers=old)
-            assert r.status_code == 200, r.text
-            new = bearer(r.json()["api_key"])
+    async with balanced_nodes(database_url, schema, "a", "b") as members:
+        [ca, cb] = [m.client for m in members]
+        [account, other] = await create_accounts(ca, 2, 1_000)
+        old = bearer(account["api_key"])
+        # b knows the key (its cache holds it for a minute without the notification).
+        assert (await cb.get("/v1/account", headers=old)).status_code == 200
+        r = await ca.post("/v1/account/keys/rotate", headers=old)
+        assert r.status_code == 200, r.text
+        new = bearer(r.json()["api_key"])
 
-            async def old_key_refused() -> bool:
-                return (await cb.get("/v1/account", headers=old)).status_code == 401
+        async def old_key_refused() -> bool:
+            return (await cb.get("/v1/account", headers=old)).status_code == 401
 
-            with trio.fail_after(1.0):
-                await until(old_key_refused, interval=0.05)
-            assert (await cb.get("/v1/account", headers=new)).status_code == 200
+        with trio.fail_after(1.0):
+            await until(old_key_refused, interval=0.05)
+        assert (await cb.get("/v1/account", headers=new)).status_code == 200
 
-            # A request rate set on a holds on b within a second.
-            key = bearer(other["api_key"])
-            assert (await cb.get("/v1/account", headers=key)).status_code == 200
-            r = await ca.put(
-                f"/v1/accounts/{other['id']}/settings", json={"api_rate": 0.5}, headers=admin()
-            )
-            assert r.status_code == 200, r.text
+        # A request rate set on a holds on b within a second.
+        key = bearer(other["api_key"])
+        assert (await cb.get("/v1/account", headers=key)).status_code == 200
+        r = await ca.put(
+            f"/v1/accounts/{other['id']}/settings", json={"api_rate": 0.5}, headers=admin()
+        )
+        assert r.status_code == 200, r.text
 
-            async def limited() -> bool:
-                statuses = [
-                    (await cb.get("/v1/account", headers=key)).status_code for _ in range(3)
-                ]
-                return 429 in statuses
+        async def limited() -> bool:
+            statuses = [(await cb.get("/v1/account", headers=key)).status_code for _ in range(3)]
+            return 429 in statuses
 
-            with trio.fail_after(1.0):
-                await until(limited, interval=0.05)
+        with trio.fail_after(1.0):
+            await until(limited, interval=0.05)
 
 
 async def test_an_accounts_api_rate_holds_across_three_nodes(
@@ -118,60 +95,50 @@ async def test_an_accounts_api_rate_holds_across_three_nodes(
     """An account limited to 50 requests/s, sending about 180/s spread over three nodes, gets
     50 ± 5 a second accepted in all (after its bursts are spent), not 50 on each node."""
     rate, offered, seconds, settle = 50, 60, 6.0, 2.0
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log) as a,
-            serve_node(database_url, schema, "b", log) as b,
-            serve_node(database_url, schema, "c", log) as c,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-            http_client(c.url) as cc,
-        ):
-            with trio.fail_after(30):
-                await until(lambda: balanced(ca, ["a", "b", "c"]), interval=0.2)
-            [account] = await create_accounts(ca, 1, 10_000_000)
-            r = await ca.put(
-                f"/v1/accounts/{account['id']}/settings", json={"api_rate": rate}, headers=admin()
-            )
-            assert r.status_code == 200, r.text
-            key = bearer(account["api_key"])
-            accepted: list[float] = []
-            refused = 0
-            start = trio.current_time()
+    async with balanced_nodes(database_url, schema, "a", "b", "c") as members:
+        [ca, cb, cc] = [m.client for m in members]
+        [account] = await create_accounts(ca, 1, 10_000_000)
+        r = await ca.put(
+            f"/v1/accounts/{account['id']}/settings", json={"api_rate": rate}, headers=admin()
+        )
+        assert r.status_code == 200, r.text
+        key = bearer(account["api_key"])
+        accepted: list[float] = []
+        refused = 0
+        start = trio.current_time()
 
-            numbers = iter(range(10**6))
+        numbers = iter(range(10**6))
 
-            async def one(client: httpx.AsyncClient) -> None:
-                nonlocal refused
-                to = f"+4915{next(numbers):09d}"  # each its own: no recipient limit
-                r = await client.post("/v1/messages", json={"to": to, "text": "hi"}, headers=key)
-                if r.status_code == 202:
-                    accepted.append(trio.current_time() - start)
-                else:
-                    assert r.status_code == 429, r.text
-                    assert r.json()["code"] == "rate_limited"
-                    assert int(r.headers["Retry-After"]) >= 1
-                    refused += 1
+        async def one(client: httpx.AsyncClient) -> None:
+            nonlocal refused
+            to = f"+4915{next(numbers):09d}"  # each its own: no recipient limit
+            r = await client.post("/v1/messages", json={"to": to, "text": "hi"}, headers=key)
+            if r.status_code == 202:
+                accepted.append(trio.current_time() - start)
+            else:
+                assert r.status_code == 429, r.text
+                assert r.json()["code"] == "rate_limited"
+                assert int(r.headers["Retry-After"]) >= 1
+                refused += 1
 
-            async def offer(client: httpx.AsyncClient) -> None:
-                async with trio.open_nursery() as requests:
-                    for i in range(int(offered * seconds)):
-                        await trio.sleep_until(start + i / offered)
-                        requests.start_soon(one, client)
+        async def offer(client: httpx.AsyncClient) -> None:
+            async with trio.open_nursery() as requests:
+                for i in range(int(offered * seconds)):
+                    await trio.sleep_until(start + i / offered)
+                    requests.start_soon(one, client)
 
-            with trio.fail_after(seconds + 20):
-                async with trio.open_nursery() as nursery:
-                    for client in (ca, cb, cc):
-                        nursery.start_soon(offer, client)
-            r = await ca.get("/v1/ops/supervisor", headers=admin())
-            [shares] = [c["stats"] for c in r.json()["children"] if c["name"] == "api_shares"]
-            assert refused > 0
-            steady = [t for t in accepted if settle <= t < seconds]
-            per_second = len(steady) / (seconds - settle)
-            assert rate * 0.9 <= per_second <= rate * 1.1, (
-                per_second,
-                len(accepted),
-                refused,
-                shares,
-            )
+        with trio.fail_after(seconds + 20):
+            async with trio.open_nursery() as nursery:
+                for client in (ca, cb, cc):
+                    nursery.start_soon(offer, client)
+        r = await ca.get("/v1/ops/supervisor", headers=admin())
+        [shares] = [c["stats"] for c in r.json()["children"] if c["name"] == "api_shares"]
+        assert refused > 0
+        steady = [t for t in accepted if settle <= t < seconds]
+        per_second = len(steady) / (seconds - settle)
+        assert rate * 0.9 <= per_second <= rate * 1.1, (
+            per_second,
+            len(accepted),
+            refused,
+            shares,
+        )

@@ -24,10 +24,11 @@ from tests.integration.helpers import (
 )
 from tests.integration.nodes import (
     balanced,
+    balanced_nodes,
     create_accounts,
-    leases_of,
     pending_count,
     serve_node,
+    shard_owners,
 )
 
 pytestmark = pytest.mark.slow
@@ -115,30 +116,22 @@ async def test_express_keeps_its_deadline_while_a_node_joins(
 async def test_express_keeps_its_deadline_when_its_dispatcher_dies_or_pauses(
     database_url: str, schema: str, how: str
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log) as a,
-            serve_node(database_url, schema, "b", log) as b,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-        ):
-            with trio.fail_after(30):
-                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
-            owned_by_b = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
-            accounts = await create_accounts(ca, 8, 10**9)
-            [account] = [x for x in accounts if shard_of(x["id"]) in owned_by_b][:1]
-            key = bearer(account["api_key"])
-            answers: list = []
+    async with balanced_nodes(database_url, schema, "a", "b") as members:
+        ca, b = members[0].client, members[1].node
+        owner = await shard_owners(members)
+        accounts = await create_accounts(ca, 8, 10**9)
+        [account] = [x for x in accounts if owner[shard_of(x["id"])] == "b"][:1]
+        key = bearer(account["api_key"])
+        answers: list = []
 
-            async def load() -> None:
-                answers.extend(await express_load(ca, key))
+        async def load() -> None:
+            answers.extend(await express_load(ca, key))
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
-                await trio.sleep(EVENT_AT)
-                b.process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
-            if how == "sigstop":
-                b.process.send_signal(signal.SIGCONT)
-            check(answers)
-            await settled(database_url, schema)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            await trio.sleep(EVENT_AT)
+            b.process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+        if how == "sigstop":
+            b.process.send_signal(signal.SIGCONT)
+        check(answers)
+        await settled(database_url, schema)
