@@ -113,8 +113,9 @@ async def get_account() -> Response:
 async def rotate_key() -> Response:
     """A new API key for the calling account, shown only in this answer; the key that made the
     call stops working at once on this node (it is dropped from the KeyCache) and on every
-    other node when the change's notification arrives (well under a second). No body. Of two concurrent rotations with the
-    same key, one wins; the other gets 401, as the key it used is gone."""
+    other node when the change's notification arrives (well under a second). No body. Of two
+    concurrent rotations with the same key, one wins; the other gets 401, as the key it used
+    is gone."""
     gw = gateway()
     account_id = await gw.require_account()
     old_hash = gw.bearer()
