@@ -152,8 +152,8 @@ def sms(account_id: int, n: int = 0) -> OutboundSms:
 def node(
     cluster: Cluster, name: str, *, page_backlog: bool = False
 ) -> tuple[ShardLeases, FakeStore, Inbox[SchedulerMessage]]:
-    """A node whose recoveries load whole messages (as a takeover does), unless it pages its
-    start-up backlog."""
+    """A node whose recoveries load whole messages (the FIFO baseline's way), unless it pages
+    its backlog (as `serve` does, at start and on every takeover)."""
     store = FakeStore(cluster, name)
     inbox: Inbox[SchedulerMessage] = Inbox(f"scheduler-{name}", 100_000)
     leases = ShardLeases(
@@ -342,6 +342,57 @@ async def test_recovery_leaves_out_what_was_routed_meanwhile(
         assert routed and routed[0] is not None
         assert drained(inbox) == []  # recovery did not add it a second time
         assert msgspec.structs.replace(routed[0], fence=None) == message
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_takeover_pages_the_backlog_and_holds_what_is_routed_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A takeover while accepts are routed here counts the taken shards' bulk for paging
+    (memory does not follow a dead node's backlog) and passes on what was routed during the
+    read only after the counts: no message enters an account's queue ahead of its older
+    backlog, and none twice."""
+    cluster = Cluster()
+    a, _, inbox_a = node(cluster, "a", page_backlog=True)
+    b, store_b, _ = node(cluster, "b", page_backlog=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await trio.sleep(10)
+        on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
+        old = [sms(on_b, n) for n in range(5)]
+        express = msgspec.structs.replace(sms(on_b, 99), express=True)
+        newer = sms(on_b, 100)
+        cluster.pending = {s.id: s for s in (*old, express)}
+        while inbox_a.get_nowait() is not None:
+            pass
+        routed: list[list[OutboundSms]] = []
+        original = a.store.load_backlog
+
+        async def load_while_accepting(
+            shards: Sequence[int],
+        ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
+            # Accepted here while the recovery reads: a newer bulk message and, racing the
+            # snapshot, the express one it also reads.
+            routed.append(a.route([newer, express]))
+            return await original(shards)
+
+        a.store.load_backlog = load_while_accepting  # type: ignore[method-assign]
+        store_b.dead = True
+        while shard_of(on_b) not in a.owned:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.1)
+        await trio.sleep(1)
+        assert routed == [[]]  # held, not passed on while the recovery read
+        told = []
+        while (message := inbox_a.get_nowait()) is not None:
+            told.append(message)
+        backlog_at = next(i for i, m in enumerate(told) if isinstance(m, Backlog))
+        assert (on_b, 5) in told[backlog_at].counts  # bulk counted, to page, not loaded
+        enqueued = [(i, s) for i, m in enumerate(told) if isinstance(m, Enqueue) for s in m.items]
+        assert sorted(s.id for _, s in enqueued) == sorted([express.id, newer.id])
+        [at_newer] = [i for i, s in enqueued if s.id == newer.id]
+        assert at_newer > backlog_at  # after its account's older backlog was counted
+        assert all(a.admit(s) for _, s in enqueued)
         nursery.cancel_scope.cancel()
 
 

@@ -101,8 +101,13 @@ class ShardLeases:
         self.valid_until = 0.0  # on `clock`: dispatch stops after this without a renewal
         # shard -> (token, draining since, no message in flight since)
         self.draining: dict[int, tuple[int, float, float | None]] = {}
-        # Shards being recovered: ids routed meanwhile, so the recovery does not add them twice.
+        # Shards being recovered whole: ids routed meanwhile, so the recovery does not add
+        # them twice.
         self._reloading: dict[int, set[str]] = {}
+        # Shards being recovered as counts (`_recover_counted`): messages routed to them
+        # meanwhile wait here until the Scheduler has their accounts' backlogs, so none can
+        # move an account's paging cursor past its older messages.
+        self._holding: dict[int, list[OutboundSms]] = {}
         self._db = trio.Lock()  # claims and recoveries one at a time
         # Hand-offs dispatched lately, by id: a message arrives by notification and by claim.
         self._recent: dict[str, float] = {}
@@ -140,24 +145,40 @@ class ShardLeases:
         when it takes the shard). A group's messages are mostly of a few accounts, so each
         account's shard is looked up once."""
         owned = self.owned
-        reloading = self._reloading
+        recovering = bool(self._reloading or self._holding)
         replace = msgspec.structs.replace
         routed: list[OutboundSms] = []
-        shards: dict[int, tuple[int | None, set[str] | None]] = {}  # account -> token, ids
+        shards: dict[int, tuple[int | None, int]] = {}  # account -> token, shard
+        taken = 0
         for sms in items:
             found = shards.get(sms.account_id)
             if found is None:
                 shard = shard_of(sms.account_id)
-                found = shards[sms.account_id] = (owned.get(shard), reloading.get(shard))
-            token, reloaded = found
+                found = shards[sms.account_id] = (owned.get(shard), shard)
+            token, shard = found
             if token is None:
                 continue
-            if reloaded is not None:
-                reloaded.add(sms.id)
-            routed.append(replace(sms, fence=token))
-        self.counts["routed"] += len(routed)
-        self.counts["not_owned"] += len(items) - len(routed)
+            taken += 1
+            stamped = replace(sms, fence=token)
+            if recovering and self._held(shard, stamped):
+                continue
+            routed.append(stamped)
+        self.counts["routed"] += taken
+        self.counts["not_owned"] += len(items) - taken
         return routed
+
+    def _held(self, shard: int, sms: OutboundSms) -> bool:
+        """Note `sms`, routed to this node while its shard is being recovered: True when it
+        waits for the recovery to pass it on (a shard recovered as counts), False when it
+        goes on now and the recovery leaves it out (a shard recovered whole)."""
+        held = self._holding.get(shard)
+        if held is not None:
+            held.append(sms)
+            return True
+        reloading = self._reloading.get(shard)
+        if reloading is not None:
+            reloading.add(sms.id)
+        return False
 
     def stamp(self, sms: OutboundSms) -> OutboundSms | None:
         """`sms` (read back from the store) with its shard's current token, or None when this
@@ -207,10 +228,9 @@ class ShardLeases:
             # Not leased here (any more, or yet): recovery of the shard covers it.
             if token is None or self._seen(sms.id, now):
                 continue
-            reloading = self._reloading.get(shard)
-            if reloading is not None:
-                reloading.add(sms.id)
-            batch.append(msgspec.structs.replace(sms, fence=token))
+            stamped = msgspec.structs.replace(sms, fence=token)
+            if not self._held(shard, stamped):
+                batch.append(stamped)
         if not batch:
             return
         try:
@@ -355,8 +375,7 @@ class ShardLeases:
             gained = await self.store.acquire(want, self.config.ttl)
             if gained:
                 self.counts["acquired"] += len(gained)
-                # Before `ready` is the start-up tick: HTTP is not open, nothing is routed.
-                if not self.ready.is_set() and self._page_backlog:
+                if self._page_backlog:
                     loaded += await self._recover_counted(gained)
                 else:
                     loaded += await self._recover(gained)
@@ -400,21 +419,42 @@ class ShardLeases:
                 self._reloading.pop(shard, None)
 
     async def _recover_counted(self, gained: dict[int, int]) -> int:
-        """Start-up recovery: own `gained`, load its express messages whole and tell the
+        """Own `gained` (shard -> token), load its express messages whole and tell the
         Scheduler how much bulk each account has waiting, to page in from the start of its
-        queue. Only before HTTP opens: nothing is routed here yet, so no message can enter
-        the Scheduler ahead of its account's older backlog (paging follows a cursor)."""
+        queue: memory does not follow a dead node's backlog. Messages routed to these shards
+        while the recovery reads (none at start, before HTTP opens) are held and passed on
+        after the backlog counts, so none enters the Scheduler ahead of its account's older
+        backlog (paging follows a cursor). A held bulk message the counts include too is
+        counted twice; paging reads it once and a short page corrects the count."""
+        for shard in gained:
+            self._holding[shard] = []
         self.owned.update(gained)
-        async with self._db:
-            express, counts = await self.store.load_backlog(sorted(gained))
-        await self._enqueue(
-            [msgspec.structs.replace(s, fence=gained[shard_of(s.account_id)]) for s in express]
-        )
-        for start in range(0, len(counts), 1_000):
-            await self._scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
-        loaded = len(express) + sum(n for _, n in counts)
-        self.counts["loaded"] += loaded
-        return loaded
+        loaded_ids: set[str] = set()
+        try:
+            async with self._db:
+                express, counts = await self.store.load_backlog(sorted(gained))
+            held_ids = {s.id for shard in gained for s in self._holding[shard]}
+            batch = []
+            for sms in express:
+                shard = shard_of(sms.account_id)
+                if self.owned.get(shard) == gained[shard] and sms.id not in held_ids:
+                    batch.append(msgspec.structs.replace(sms, fence=gained[shard]))
+                    loaded_ids.add(sms.id)
+            await self._enqueue(batch)
+            for start in range(0, len(counts), 1_000):
+                await self._scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
+            loaded = len(batch) + sum(n for _, n in counts)
+            self.counts["loaded"] += loaded
+            return loaded
+        finally:
+            held = [s for shard in gained for s in self._holding.pop(shard, ())]
+            await self._enqueue(
+                [
+                    s
+                    for s in held
+                    if s.id not in loaded_ids and self.owned.get(shard_of(s.account_id)) == s.fence
+                ]
+            )
 
     async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
         for start in range(0, len(items), 1_000):
@@ -441,10 +481,9 @@ class ShardLeases:
                 # the shard covers it, wherever it goes.
                 if self.owned.get(shard) != token or self._seen(sms.id, now):
                     continue
-                reloading = self._reloading.get(shard)
-                if reloading is not None:
-                    reloading.add(sms.id)  # a recovery about to read the shard skips it
-                batch.append(msgspec.structs.replace(sms, fence=token))
+                stamped = msgspec.structs.replace(sms, fence=token)
+                if not self._held(shard, stamped):
+                    batch.append(stamped)
             self.counts["claimed"] += len(batch)
             await self._enqueue(batch)
 
