@@ -77,7 +77,7 @@ from smsgw.storage.ledger import LEDGER_SQL, broken_identities
 WARMUP_S = 2.0
 ACCOUNTS = 100
 CREDIT = 10**9
-TARGETS = {"two_vs_one": 1.7, "two_nodes_per_s": 1_000.0}
+TARGETS = {"two_vs_one": 1.7, "two_nodes_per_s": 1_000.0, "machine_cost_two_vs_one": 1.10}
 FAST_OPERATOR = ("--operator-latency-ms", "1,2")
 
 
@@ -108,6 +108,7 @@ def accept_phase(
                 duration=args.duration,
                 warmup=WARMUP_S,
                 ids_out=ids_file,
+                extra_args=[] if args.rate is None else ["--rate", str(args.rate)],
             )
             cpu = meter.stop()
             nodes_cpu = tree_cpu_s(gateway.process.pid) - nodes_before
@@ -134,6 +135,11 @@ def accept_phase(
         "cpu_postgres_pct": round(100 * pg_cpu / cpu.wall_s, 1) if pg_cpu is not None else None,
         "node_cpu_ms_per_accept": per_accept(nodes_cpu, load),
         "postgres_cpu_ms_per_accept": per_accept(pg_cpu, load),
+        # The whole machine (nodes, PostgreSQL, the load generator, anything else running):
+        # what a second node costs shows here under the same offered load (--rate).
+        "machine_cpu_ms_per_accept": per_accept(
+            None if cpu.machine is None else cpu.machine / 100 * cpu.wall_s, load
+        ),
     }
 
 
@@ -522,6 +528,30 @@ def summarize(
     one = medians.get("one_node", 0.0)
     two = medians.get("two_nodes", 0.0)
     ratio = round(two / one, 3) if one else None
+    # What an accept costs the machine with two nodes against one (issue 23: <= 1.10 under the
+    # same offered load), and the nodes' and PostgreSQL's own CPU alone.
+    costs: dict[str, dict[str, float]] = {}
+    for field in ("machine_cpu_ms_per_accept", "node_cpu_ms_per_accept"):
+        per_phase: dict[str, list[float]] = {}
+        for phase in phases:
+            value = phase[field]
+            if field == "node_cpu_ms_per_accept" and value is not None:
+                value += phase["postgres_cpu_ms_per_accept"] or 0.0
+            if value is not None:
+                per_phase.setdefault(phase["name"].split("#")[0], []).append(value)
+        costs[field] = {name: statistics.median(v) for name, v in per_phase.items()}
+    machine = costs["machine_cpu_ms_per_accept"]
+    serving = costs["node_cpu_ms_per_accept"]
+    cost_ratio = (
+        round(machine["two_nodes"] / machine["one_node"], 3)
+        if machine.get("one_node") and "two_nodes" in machine
+        else None
+    )
+    serving_ratio = (
+        round(serving["two_nodes"] / serving["one_node"], 3)
+        if serving.get("one_node") and "two_nodes" in serving
+        else None
+    )
     return {
         "benchmark": "nodes",
         "commit": git_commit(),
@@ -540,10 +570,17 @@ def summarize(
         "rates_per_round": rates,
         "accepts_per_s": medians,
         "two_vs_one": ratio,
+        "offered_rate": args.rate,
+        "machine_cpu_ms_per_accept": machine,
+        "serving_cpu_ms_per_accept": serving,
+        "machine_cost_two_vs_one": cost_ratio,
+        "serving_cost_two_vs_one": serving_ratio,
         "targets": TARGETS,
         "pass": {
             "two_vs_one": (ratio or 0.0) >= TARGETS["two_vs_one"],
             "two_nodes_per_s": two >= TARGETS["two_nodes_per_s"],
+            "machine_cost_two_vs_one": cost_ratio is not None
+            and cost_ratio <= TARGETS["machine_cost_two_vs_one"],
         },
         "durable": all(p["durable"] for p in phases),
         "phases": {p["name"]: p for p in phases},
@@ -599,6 +636,16 @@ def markdown(result: dict[str, Any]) -> str:
                     result["accepts_per_s"].get("one_node_no_leases"),
                     "-",
                 ],
+                [
+                    f"machine CPU ms/accept, two / one (offered {result['offered_rate']}/s)",
+                    result["machine_cost_two_vs_one"],
+                    "<= 1.10",
+                ],
+                [
+                    "nodes + PostgreSQL CPU ms/accept, two / one",
+                    result["serving_cost_two_vs_one"],
+                    "-",
+                ],
             ],
         )
     )
@@ -617,6 +664,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--takeover-rate", type=float, default=300.0, help="msg/s offered")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="accept phases open loop at this many msg/s (the same offered load for one and"
+        " two nodes, to compare what an accept costs); default: closed loop",
+    )
     parser.add_argument(
         "--skip", action="append", default=[], choices=["accept", "handoff", "takeover"]
     )
