@@ -170,8 +170,9 @@ class _Sampler:
         total = self.ops.setdefault(operator, {})
         total[kind] = total.get(kind, 0) + n
 
-    def sample(self, node: Any) -> tuple[int, int]:
-        """Move the node's cumulative counters into the current bucket; (accepted, final)."""
+    def sample(self, node: Any) -> tuple[int, int, int]:
+        """Move the node's cumulative counters into the current bucket; (accepted, refused,
+        final)."""
         credit = node.engine.writer.credit
         refused = sum(node.engine.writer.refused.values())
         accepted = credit.get("held_messages", 0)
@@ -185,14 +186,22 @@ class _Sampler:
         bucket.failed += failed - f0
         bucket.backlog = accepted - sent - failed
         self._last = (accepted, refused, sent, failed)
-        return accepted, sent + failed
+        return accepted, refused, sent + failed
 
-    async def run(self, node: Any, live: Live | None, total: int) -> None:
+    async def run(self, node: Any, live: Live | None) -> None:
+        """Sample every `bucket_s` until cancelled. The bar counts requests answered
+        (accepted and refused), less those answered before the load began (the opening
+        checks), so it reaches the scenario's message count when the load generator ends."""
+        accepted, refused, _ = self.sample(node)
+        before = accepted + refused
         while True:
             await trio.sleep(self.bucket_s)
-            accepted, final = self.sample(node)
+            accepted, refused, final = self.sample(node)
             if live is not None:
-                live.update(accepted, f"accepted {accepted:,}  final {final:,}")
+                live.update(
+                    accepted + refused - before,
+                    f"accepted {accepted:,}  refused {refused:,}  final {final:,}",
+                )
 
 
 async def simulate_wall(
@@ -255,11 +264,15 @@ async def simulate_wall(
                     checks = await _checks(http, accounts[0]["api_key"]) if s.checks else []
                 account_ids = [a["id"] for a in accounts]
                 sampler.started = trio.current_time()
-                nursery.start_soon(sampler.run, node, live_bar, s.messages)
-                load, lost = await _run_load(node.url, [a["api_key"] for a in accounts], s, db)
-                counts: dict[str, int] = {}
-                with trio.move_on_after(final_timeout):
-                    counts = await _wait_final(db, account_ids)
+                # The sampler runs as long as the work, not as long as the node: the node's
+                # nursery waits for it when stopping.
+                async with trio.open_nursery() as sampling:
+                    sampling.start_soon(sampler.run, node, live_bar)
+                    load, lost = await _run_load(node.url, [a["api_key"] for a in accounts], s, db)
+                    counts: dict[str, int] = {}
+                    with trio.move_on_after(final_timeout):
+                        counts = await _wait_final(db, account_ids)
+                    sampling.cancel_scope.cancel()
                 sampler.sample(node)
                 report = await _report(
                     s, db, account_ids, load, lost, counts, checks, sampler, started, started_at
