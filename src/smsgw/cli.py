@@ -128,11 +128,20 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
 def _operator_url(value: str) -> str:
     """argparse type for [NAME=]URL: checked here, kept as given (server.default_providers
     splits it)."""
+    from smsgw.operators.smpp.client import parse_smpp_url
     from smsgw.server import split_operator_url
 
     name, url = split_operator_url(value)
+    if name != "" and url.startswith("smpp://"):
+        try:
+            parse_smpp_url(url)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+        return value
     if name == "" or not url.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"{value!r}: want [NAME=]http(s)://HOST:PORT")
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want [NAME=]http(s)://HOST:PORT or [NAME=]smpp://ID:PASSWORD@HOST:PORT"
+        )
     return value
 
 
@@ -341,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=_operator_url,
         metavar="[NAME=]URL",
-        help="an operator speaking the HTTP batch protocol (repeatable), named NAME (default"
-        " http:HOST:PORT); default: in-process simulated operators",
+        help="an operator (repeatable), named NAME: http(s)://HOST:PORT speaks the HTTP batch"
+        " protocol (default name http:HOST:PORT), smpp://SYSTEM_ID:PASSWORD@HOST:PORT?binds=2&"
+        "window=10&tps=500 SMPP 3.4 (default name smpp:SYSTEM_ID@HOST:PORT); default:"
+        " in-process simulated operators",
     )
     serve.add_argument(
         "--routing",

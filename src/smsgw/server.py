@@ -20,6 +20,7 @@ from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
+from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
@@ -75,12 +76,21 @@ class Node:
 def default_providers(
     profiles: Sequence[OperatorProfile], operator_urls: Sequence[str] = ()
 ) -> list[tuple[Provider, int]]:
-    """HTTP operators at `operator_urls` ("URL" or "NAME=URL") when there are any, else
+    """Operators at `operator_urls` ("URL" or "NAME=URL") when there are any, else
     in-process simulated ones."""
     if operator_urls:
-        named = [split_operator_url(value) for value in operator_urls]
-        return [(HttpOperator(url, name=name), 1) for name, url in named]
+        return [(operator_at(value), 1) for value in operator_urls]
     return [(SimulatedOperator(p), 1) for p in profiles]
+
+
+def operator_at(value: str) -> Provider:
+    """The operator client for "[NAME=]URL", by the URL's scheme: smpp:// an SMPP 3.4 ESME
+    (operators/smpp/client.py: run it, its binds live in a task), http(s):// the HTTP batch
+    protocol. ValueError for a URL neither takes."""
+    name, url = split_operator_url(value)
+    if url.startswith("smpp://"):
+        return SmppOperator(parse_smpp_url(url), name=name)
+    return HttpOperator(url, name=name)
 
 
 def split_operator_url(value: str) -> tuple[str | None, str]:
@@ -183,6 +193,15 @@ async def run_node(
                         node.http_done.set()
 
             async with trio.open_nursery() as nursery:
+                for provider, _ in providers:
+                    if isinstance(provider, SmppOperator):
+                        # Receipts take the DLR endpoint's path: a deliver_sm is answered
+                        # once record_deliveries returned, that is once it is committed.
+                        if provider.on_receipts is None:
+                            provider.on_receipts = engine.record_deliveries
+                        # Binds in the background; cancelled last (below), they unbind.
+                        if any(provider is p for p, _ in owned):
+                            await nursery.start(provider.run)
                 supervisor = await nursery.start(
                     engine.run, [ChildSpec("http", http, restart=Restart.TRANSIENT)]
                 )

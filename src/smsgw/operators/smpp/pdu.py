@@ -587,7 +587,7 @@ class PduReader:
         """Octets received and not yet returned as a PDU."""
         return len(self._buffer) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos and self._pos >= len(self._buffer) // 2:
             del self._buffer[: self._pos]  # compact now and then, not on every PDU
             self._pos = 0
