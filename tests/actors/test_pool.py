@@ -143,6 +143,19 @@ async def test_every_message_ends_once_within_the_window(autojump_clock: trio.ab
     assert harness.pool.window.free == 8 and not harness.pool.inflight
 
 
+async def test_breaker_state_age_is_on_the_clock_the_status_reads(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A pool built a while after the clock's origin (trio's real clock starts at an arbitrary
+    # offset): its operator's breaker has been closed since the pool was built.
+    await trio.sleep(1_000)
+    harness = Harness(ScriptedOperator({}), window=4, max_batch=4)
+    await trio.sleep(5)
+    breaker = harness.pool.routing.stats()["operators"]["scripted"]
+    assert breaker["state"] == "closed"
+    assert breaker["state_for_s"] == pytest.approx(5.0)
+
+
 async def test_retries_stop_at_max_attempts(autojump_clock: trio.abc.Clock) -> None:
     operator = ScriptedOperator({"m0": ["temporary"]})
     harness = Harness(operator, window=4, max_batch=4)

@@ -55,7 +55,7 @@ def sms(i: int, *, account: int = 1, to: str = "+4915123456789", last: str | Non
 
 def router(config: RoutingConfig = RoutingConfig(), weights=(1, 1, 1)) -> Router:
     providers = [(Named(n), w) for n, w in zip("abc", weights, strict=False)]
-    return Router(providers, config, rng=random.Random(5))
+    return Router(providers, config, now=0.0, rng=random.Random(5))
 
 
 def break_open(r: Router, name: str, now: float = 0.0) -> None:
@@ -184,6 +184,24 @@ def test_half_open_sends_small_probes_and_closes_on_success() -> None:
     assert [(c[0].name, len(c[1])) for c in calls] == [("a", 2)] and len(waiting) == 8
     r.finish(calls[0][0], calls[0][2], 1.1, [SendResult("sent")] * 2)
     assert r.by_name["a"].breaker.state is BreakerState.CLOSED
+
+
+def test_a_breaker_state_age_counts_from_the_routers_construction() -> None:
+    # trio's clock has an arbitrary origin (tens of thousands of seconds in): a router made
+    # then reads its breakers' and buckets' ages from that time, not from 0.0.
+    start = 76_000.0
+    r = Router(
+        [(Named("a"), 1)],
+        RoutingConfig(operators=(OperatorSettings("a", max_per_second=10, burst=2),)),
+        now=start,
+        rng=random.Random(5),
+    )
+    stats = r.stats(start + 60.0)["a"]
+    assert stats["state"] == "closed" and stats["state_for_s"] == pytest.approx(60.0)
+    # The bucket starts full at `start`: a batch of two goes at once, a third waits 0.1 s.
+    route = r.by_name["a"]
+    route.take(2, start)
+    assert route.ready_at(start, 1) == pytest.approx(start + 0.1)
 
 
 def test_bad_configuration_is_refused() -> None:

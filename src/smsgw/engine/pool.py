@@ -142,7 +142,10 @@ class ProviderPool:
         self._policy = policy
         self._clock = clock
         self._rng = random.Random(seed)
-        self.routing = Routing(Router(providers, routing, rng=self._rng), clock=clock)
+        # trio's clock, as the router is read with (it has an arbitrary origin: a breaker
+        # started at 0.0 showed a state age of some 76,000 s a minute after start).
+        router = Router(providers, routing, now=trio.current_time(), rng=self._rng)
+        self.routing = Routing(router, clock=clock)
         # The last check before a send (ShardLeases.admit): a message of a shard this node no
         # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
         self._admit = admit

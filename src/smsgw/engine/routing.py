@@ -57,7 +57,12 @@ class OperatorRoute:
     """One operator's state in the pool: the circuit breaker, in-flight count and token bucket."""
 
     def __init__(
-        self, provider: Provider, weight: int, settings: OperatorSettings, policy: BreakerPolicy
+        self,
+        provider: Provider,
+        weight: int,
+        settings: OperatorSettings,
+        policy: BreakerPolicy,
+        now: float,
     ) -> None:
         self.provider = provider
         self.name = provider.name
@@ -67,8 +72,8 @@ class OperatorRoute:
         self.bucket: TokenBucket | None = None
         if settings.max_per_second > 0:
             burst = settings.burst or max(1.0, settings.max_per_second / 10)
-            self.bucket = TokenBucket.start(settings.max_per_second, burst, 0.0)
-        self.breaker = OperatorBreaker(policy, 0.0)
+            self.bucket = TokenBucket.start(settings.max_per_second, burst, now)
+        self.breaker = OperatorBreaker(policy, now)
         self.batches = 0
         self.messages = 0
 
@@ -137,7 +142,9 @@ Pending = tuple[RouteOverride | None, str | None, list[OutboundSms]]
 
 
 class Router:
-    """Picks operators for messages. Pure: the caller passes the time (a monotonic clock).
+    """Picks operators for messages. Pure: the caller passes the time (a monotonic clock),
+    from construction on (`now`: the breakers' states start then, on the clock their
+    figures are later read with).
 
     For each message: its candidates (a route override's operators, else all); of those, the
     ones whose breaker lets a call begin; for a retry, not the operator that failed it last
@@ -150,6 +157,7 @@ class Router:
         providers: Sequence[tuple[Provider, int]],
         config: RoutingConfig = RoutingConfig(),
         *,
+        now: float,
         rng: random.Random | None = None,
     ) -> None:
         settings = {s.name: s for s in config.operators}
@@ -175,7 +183,7 @@ class Router:
             chosen = own.weight if own.weight is not None else weight
             if chosen < 0:
                 raise ValueError(f"operator {provider.name}: weight must be >= 0")
-            self.routes.append(OperatorRoute(provider, chosen, own, config.breaker))
+            self.routes.append(OperatorRoute(provider, chosen, own, config.breaker, now))
         self.by_name = {r.name: r for r in self.routes}
         self._accounts = {r.account_id: r for r in config.routes if r.account_id is not None}
         self._prefixes = sorted(
