@@ -11,6 +11,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import Inbox, InboxFull, Reply
+from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
 from smsgw.engine.messages import (
     DEFAULT_SETTINGS,
@@ -113,6 +114,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     scheduler_fifo: bool = False
     # Operator weights, windows, throughput caps, route overrides, the breakers' policy.
     routing: RoutingConfig = RoutingConfig()
+    # Bounds on bulk accepted and not yet dispatched, per account and per node.
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 class Engine:
@@ -227,6 +230,12 @@ class Engine:
                 callback_store, callback_poster, config.callbacks, clock=clock, seed=seed
             )
             self.reconciler = DlrReconciler(callback_store)
+        self.admission = Admission(
+            config.admission,
+            backlog=self.scheduler.state.backlog,
+            node_backlog=lambda: self.scheduler.state.bulk_size,
+            drain_rate=DrainRate(lambda: self.scheduler.dispatched, time.monotonic),
+        )
         self.supervisor: Supervisor | None = None
         # Per-account settings this node has seen (with each API key lookup, and on a change
         # made here): read on the accept path without a query.
@@ -265,7 +274,7 @@ class Engine:
                 "scheduler",
                 self.scheduler.run,
                 inbox=self.scheduler.inbox,
-                stats=self.scheduler.stats,
+                stats=lambda: {**self.scheduler.stats(), "admission": self.admission.stats()},
             ),
             recovery,
             *self._delivery_children(),

@@ -19,7 +19,7 @@ from smsgw.http.context import (
 )
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
-from smsgw.http.routes.messages import Intake
+from smsgw.http.routes.messages import Intake, admit_bulk
 from smsgw.http.schemas import MAX_BATCH, AcceptedOut, BatchIn, BatchItemsIn, BatchOut, SendIn
 
 bp = Blueprint("batch", __name__)
@@ -112,6 +112,12 @@ async def send_batch() -> Response:
         )
     if valid:
         items = [sms for _, sms in valid]
+        try:
+            admit_bulk(gw, account_id, sum(1 for sms in items if not sms.express))
+        except ProblemError:
+            for sms in items:
+                gw.recipients.give_back(account_id, sms.to)
+            raise
         try:
             accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
         except ProblemError:

@@ -142,6 +142,18 @@ class Intake:
             )
 
 
+def admit_bulk(gw: Gateway, account_id: int, count: int) -> None:
+    """429 (the account's backlog) or 503 (the node's) with a Retry-After when `count` more
+    bulk messages would take a backlog past its bound (engine/admission.py): nothing is
+    stored or held. A batch asks once for all of its bulk messages."""
+    if count:
+        refusal = gw.engine.admission.check(account_id, count)
+        if refusal is not None:
+            raise ProblemError(
+                refusal.status, refusal.code, refusal.detail, retry_after=refusal.retry_after
+            )
+
+
 def message_view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
     """A stored message as clients see it: `sending` while an attempt is in flight here."""
     if row["status"] == "queued" and row["id"] in gw.engine.pool.inflight:
@@ -170,6 +182,8 @@ async def send_message() -> Response:
     data = await gw.body(SendIn)
     intake = Intake(gw, account_id)
     sms = intake.build(data)
+    if not sms.express:
+        admit_bulk(gw, account_id, 1)
     intake.admit(sms)
     waiting = gw.engine.wait_for(sms.id) if data.wait else None
     try:
