@@ -3,6 +3,9 @@ reconnects, response timeouts, receipts, unbind."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -218,3 +221,43 @@ async def test_closing_unbinds_every_session() -> None:
         await operator.send_batch([sms(1)])
     assert smsc.counts["unbinds"] == 3
     assert await operator.send_batch([sms(2)]) == [SendResult("temporary", reason="smpp_closed")]
+
+
+async def test_the_simulated_smsc_runs_as_its_own_process() -> None:
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "smsgw.sim.smsc",
+            "--port",
+            "0",
+            "--p-temporary",
+            "0",
+            "--p-permanent",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(20):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(4096)
+        listening = json.loads(line)
+        assert listening["event"] == "listening"
+        assert listening["url"].startswith("smpp://127.0.0.1:")
+        host_port = listening["url"].removeprefix("smpp://")
+        operator = SmppOperator(parse_smpp_url(f"smpp://a:b@{host_port}"), name="op")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(operator.run)
+            with trio.fail_after(10):
+                results = await operator.send_batch([sms(1, GSM_161)])
+            await operator.aclose()
+        assert [r.kind for r in results] == ["sent"]
+    finally:
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
