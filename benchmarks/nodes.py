@@ -210,7 +210,7 @@ def cluster_view(url: str, admin_key: str) -> dict[str, Any]:
 
 
 def lease_stats(url: str, admin_key: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/ops/supervisor", headers=auth(admin_key), timeout=10)
+    r = httpx.get(f"{url}/v1/ops/supervisor?detail=leases", headers=auth(admin_key), timeout=10)
     r.raise_for_status()
     [child] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
     return dict(child["stats"])

@@ -80,8 +80,8 @@ async def cluster(client: httpx.AsyncClient) -> dict:
 
 
 async def leases_of(client: httpx.AsyncClient) -> dict:
-    """The `shard_leases` child's figures on the node `client` talks to."""
-    r = await client.get("/v1/ops/supervisor", headers=admin())
+    """The `shard_leases` child's figures on the node `client` talks to, with every lease."""
+    r = await client.get("/v1/ops/supervisor?detail=leases", headers=admin())
     assert r.status_code == 200, r.text
     [child] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
     return child["stats"]

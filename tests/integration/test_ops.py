@@ -38,7 +38,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         config.restart_window,
     )
     children = {c["name"]: c for c in tree["children"]}
-    assert list(children) == [*ACTORS, "shard_leases", *DELIVERY, "http"]
+    assert list(children) == [*ACTORS, "shard_leases", *DELIVERY, "api_shares", "http"]
 
     for name in ACTORS:
         child = children[name]
@@ -50,15 +50,25 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         assert isinstance(child["inbox_depth"], int)
         assert 0 <= child["inbox_depth"] <= child["inbox_capacity"]
         assert isinstance(child["stats"], dict) and child["stats"]
-    # The shard leases (recovery is theirs): a lone node leases every shard, and the page
-    # shows each lease with its fencing token.
+    # The shard leases (recovery is theirs): a lone node leases every shard; the page
+    # summarises them, and `?detail=leases` shows each lease with its fencing token.
     leases = children["shard_leases"]
     assert (leases["state"], leases["restart"]) == ("running", "permanent")
     stats = leases["stats"]
     assert stats["live_nodes"] == 1 and stats["owned"] == 256, stats
-    assert sorted(lease["shard"] for lease in stats["leases"]) == list(range(256))
-    assert all(lease["token"] > 0 for lease in stats["leases"])
+    assert "leases" not in stats
+    summary = stats["lease_summary"]
+    assert (summary["count"], summary["shards"]) == (256, "0-255")
+    assert 0 < summary["token_min"] <= summary["token_max"]
     assert leases["inbox_depth"] is None and leases["inbox_capacity"] is None
+    r = await client.get("/v1/ops/supervisor?detail=leases", headers=admin())
+    assert r.status_code == 200, r.text
+    [detailed] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
+    listed = detailed["stats"]["leases"]
+    assert sorted(lease["shard"] for lease in listed) == list(range(256))
+    assert all(lease["token"] > 0 for lease in listed)
+    r = await client.get("/v1/ops/supervisor?detail=everything", headers=admin())
+    assert r.status_code == 422 and r.json()["field"] == "detail", r.text
 
     # The callback sender and the DLR reconciler: no inbox (their work is in PostgreSQL).
     for name in DELIVERY:
@@ -107,4 +117,6 @@ async def test_supervisor_stats_follow_the_traffic(client: httpx.AsyncClient) ->
     # Each operator's breaker, in-flight count, window, recent error ratio and latency.
     sim = pool["operators"]["sim"]
     assert sim["state"] == "closed" and sim["inflight"] == 0 and sim["batches"] >= 1
+    # Closed since the node started, moments ago (not since trio's clock's origin).
+    assert 0 <= sim["state_for_s"] < 120
     assert {"window", "recent_error_ratio", "recent_latency_ms", "opens"} <= set(sim)

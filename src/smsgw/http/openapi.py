@@ -516,6 +516,15 @@ ROUTES: list[Route] = [
         auth="admin",
         responses={200: SupervisorStatus},
         problems=(503,),
+        params=(
+            Param(
+                "detail",
+                "query",
+                Literal["leases"],
+                description="`leases`: child `shard_leases` lists every lease with its fencing"
+                " token (default: `lease_summary`, its count, shard ranges and token span)",
+            ),
+        ),
     ),
     Route(
         "GET",
