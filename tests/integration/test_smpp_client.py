@@ -4,16 +4,30 @@ reconnects, response timeouts, receipts, unbind."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
 from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
 from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
+from smsgw.operators.smpp.pdu import (
+    BindTransceiverResp,
+    EnquireLink,
+    EnquireLinkResp,
+    GenericNack,
+    Pdu,
+    PduReader,
+    Unbind,
+    UnbindResp,
+    encode,
+)
+from smsgw.operators.smpp.status import CommandStatus
 from smsgw.sim.smsc import SimulatedSmsc, SmscProfile
 
 ALL_OK = SmscProfile(p_temporary=0, p_permanent=0, latency_ms=1, receipt_delay_ms=20)
@@ -261,3 +275,44 @@ async def test_the_simulated_smsc_runs_as_its_own_process() -> None:
             await process.wait()
         if process.returncode is None:
             process.kill()
+
+
+async def test_it_answers_the_smscs_enquire_link_unbind_and_undecodable_pdus() -> None:
+    """A scripted SMSC: after the bind it sends an unknown command, an enquire_link and an
+    unbind, and reads what the client answers."""
+    answers: list[Pdu] = []
+    done = trio.Event()
+
+    async def smsc(stream: trio.SocketStream) -> None:
+        reader = PduReader()
+
+        async def next_pdu() -> Pdu:
+            while (pdu := reader.next_pdu()) is None:
+                reader.feed(await stream.receive_some(4096))
+            return pdu
+
+        bind = await next_pdu()
+        await stream.send_all(encode(BindTransceiverResp(sequence_number=bind.sequence_number)))
+        unknown = struct.pack(">IIII", 16, 0x00000777, 0, 41)
+        await stream.send_all(unknown + encode(EnquireLink(sequence_number=42)))
+        await stream.send_all(encode(Unbind(sequence_number=43)))
+        with trio.move_on_after(5):
+            while len(answers) < 3:
+                answers.append(await next_pdu())
+        done.set()
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, smsc, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        operator = SmppOperator(parse_smpp_url(f"smpp://a:b@127.0.0.1:{port}"), name="op")
+        await nursery.start(operator.run)
+        with trio.fail_after(10):
+            await done.wait()
+        await operator.aclose()
+        nursery.cancel_scope.cancel()
+    assert answers == [
+        GenericNack(sequence_number=41, command_status=CommandStatus.ESME_RINVCMDID),
+        EnquireLinkResp(sequence_number=42),
+        UnbindResp(sequence_number=43),
+    ]

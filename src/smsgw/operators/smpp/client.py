@@ -276,6 +276,10 @@ class _BindRefused(Exception):
     pass
 
 
+# What ends one session and starts a reconnect, rather than ending the operator.
+_SESSION_ERRORS = (*_TRANSPORT_ERRORS, EOFError, _SessionEnd, _BindRefused, trio.TooSlowError)
+
+
 def _with_sequence(frame: bytes, sequence_number: int) -> bytes:
     out = bytearray(frame)
     struct.pack_into(">I", out, 12, sequence_number)
@@ -312,7 +316,8 @@ class _Session:
             binds = self.binds
             try:
                 await self._session()
-            except (*_TRANSPORT_ERRORS, _SessionEnd, _BindRefused, trio.TooSlowError) as exc:
+            except* _SESSION_ERRORS as group:  # the session's tasks raise in a group
+                exc = group.exceptions[0]
                 log.info("%s bind %d (%s): %r", self.op.name, self.index, self.role, exc)
             if self.binds > binds:
                 failures = 0
@@ -341,6 +346,9 @@ class _Session:
                 if self.role != "tx":
                     nursery.start_soon(self._deliver_receipts, conn)
                 await self._read(conn)  # returns when the SMSC closes or unbinds
+                conn.outbox.close()  # what is queued (an unbind_resp) still goes out
+                with trio.move_on_after(1.0):
+                    await conn.flushed.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.bound = False
@@ -395,12 +403,18 @@ class _Session:
         """The one task that writes: what the others queued, joined into one send."""
         receive = conn.outbox_receive
         while True:
-            frames = [await receive.receive()]
-            while True:
-                try:
+            frames = []
+            try:
+                frames.append(await receive.receive())
+                while True:
                     frames.append(receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            except trio.WouldBlock:
+                pass
+            except trio.EndOfChannel:
+                if frames:
+                    await conn.stream.send_all(b"".join(frames))
+                conn.flushed.set()
+                return
             await conn.stream.send_all(b"".join(frames))
 
     async def _submit(self, conn: _Connection) -> None:
@@ -610,6 +624,7 @@ class _Connection:
         self.outbox, self.outbox_receive = trio.open_memory_channel[bytes](float("inf"))
         self.receipts: list[tuple[Pdu, Receipt]] = []
         self.receipts_ready = trio.Event()
+        self.flushed = trio.Event()  # the outbox was closed and all of it written
         self.bound = False
         self.peer_unbound = False
         self._seq = 0
