@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import msgspec
 import trio
@@ -23,6 +26,68 @@ from smsgw.storage.embedded import database_url
 if TYPE_CHECKING:
     from smsgw.engine.node import EngineConfig
     from smsgw.engine.routing import RoutingConfig
+    from smsgw.storage.pg import Database
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """Bad input found after parsing (no such account, say): one line on stderr, exit 2."""
+
+
+# The environment each command reads, for its help.
+ENV_DATABASE = (
+    ("DATABASE_URL", "PostgreSQL to use; unset: an embedded server in var/pgdata"),
+    ("SMSGW_DATA_DIR", "the embedded server's folder when DATABASE_URL is unset"),
+    ("SMSGW_SCHEMA", "the PostgreSQL schema of the gateway's tables (default public)"),
+)
+ENV_LOG = (("SMSGW_LOG_FORMAT", "json: one JSON object a line (as --log-json)"),)
+ENV_SERVE = (
+    *ENV_DATABASE,
+    ("SMSGW_ADMIN_KEY", "the admin API key; unset: one is made and printed"),
+    ("SMSGW_NODE_ID", "this node's name (as --node-id)"),
+    ("SMSGW_METRICS_PUBLIC", "1: GET /metrics without the admin key"),
+    ("SMSGW_DLR_KEYS", "NAME=KEY,...: operators' delivery report keys (as --dlr-key)"),
+    *ENV_LOG,
+)
+
+
+def _env_epilog(variables: tuple[tuple[str, str], ...]) -> str:
+    width = max(len(name) for name, _ in variables)
+    lines = [f"  {name:<{width}}  {meaning}" for name, meaning in variables]
+    return "environment:\n" + "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless it has none worth showing or its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == []
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return version("smsgw")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _schema() -> str:
@@ -246,14 +311,48 @@ def _latency_ms(value: str) -> str:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: want a whole number >= 1")
     return number
 
 
+def _credit_amount(value: str) -> int:
+    """argparse type for credit: a whole number from 0 to 2^63 - 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"{value!r}: want a whole number from 0 to 2^63 - 1")
+    return number
+
+
+def _top_up(value: str) -> int:
+    number = _credit_amount(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: want a whole number > 0")
+    return number
+
+
+def _account_id(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 0 < number < 2**63:
+        raise argparse.ArgumentTypeError(f"{value!r}: want an account id (a whole number > 0)")
+    return number
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
     if not number > 0:
         raise argparse.ArgumentTypeError(f"{value!r}: want a number > 0")
     return number
@@ -277,29 +376,102 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _accounts_create(args: argparse.Namespace) -> int:
+def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `work` on the gateway's database (DATABASE_URL or the embedded server, schema
+    SMSGW_SCHEMA), migrated first, as `serve` would."""
     import trio_asyncio
 
-    from smsgw.engine.ports import WriteGroup
-    from smsgw.http.context import hash_key, new_api_key
-    from smsgw.storage.pg import Database, PgStore, migrate
+    from smsgw.storage.pg import Database, migrate
 
-    async def main() -> None:
-        api_key = new_api_key()
+    async def main() -> T:
         async with trio_asyncio.open_loop():
             db = await Database.open(database_url(), schema=_schema())
             try:
                 await migrate(db)
-                group = WriteGroup()
-                group.creates.append((args.name, args.credit, hash_key(api_key)))
-                account = (await PgStore(db).commit_group(group)).creates[0]
+                return await work(db)
             finally:
                 await db.close()
-        out = {"id": account.id, "name": account.name, "api_key": api_key}
-        out |= {"balance": account.balance, "signing_secret": account.signing_secret}
-        print(msgspec.json.encode(out).decode())
 
-    trio.run(main)
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        leaf = _single(group)
+        raise leaf  # noqa: B904 -- its own __cause__ kept (`from None` would clear it)
+
+
+def _single(error: BaseException) -> BaseException:
+    """The one exception inside nested one-exception groups (trio's nurseries wrap what
+    they raise); `error` itself otherwise."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.encode(value).decode())
+
+
+def _accounts_create(args: argparse.Namespace) -> int:
+    from smsgw.http.context import hash_key, new_api_key
+    from smsgw.storage.accounts import create_account
+
+    api_key = new_api_key()
+    account = _with_database(
+        lambda db: create_account(db, args.name, args.credit, hash_key(api_key))
+    )
+    _print_json({"id": account["id"], "name": account["name"], "api_key": api_key} | account)
+    return 0
+
+
+def _accounts_list(args: argparse.Namespace) -> int:
+    from smsgw.storage.accounts import list_accounts
+
+    for account in _with_database(lambda db: list_accounts(db, limit=args.limit)):
+        _print_json(account)
+    return 0
+
+
+def _accounts_show(args: argparse.Namespace) -> int:
+    from smsgw.storage.accounts import show_account
+
+    account = _with_database(lambda db: show_account(db, args.id))
+    if account is None:
+        raise UsageError(f"no account {args.id}")
+    _print_json(account)
+    return 0
+
+
+def _accounts_topup(args: argparse.Namespace) -> int:
+    from smsgw.engine.credit import TopUpTooLarge
+    from smsgw.storage.accounts import topup
+
+    try:
+        balance = _with_database(lambda db: topup(db, args.id, args.amount))
+    except Exception as error:
+        # The store raises it out of its commit (which stored nothing), as the cause.
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, TopUpTooLarge):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise UsageError(
+            f"account {args.id}'s credit cannot hold {args.amount:,} more (2^63 - 1 in all);"
+            " nothing changed"
+        ) from None
+    if balance is None:
+        raise UsageError(f"no account {args.id}")
+    _print_json({"id": args.id, "balance": balance})
+    return 0
+
+
+def _accounts_rotate_key(args: argparse.Namespace) -> int:
+    from smsgw.http.context import hash_key, new_api_key
+    from smsgw.storage.accounts import replace_key
+
+    api_key = new_api_key()
+    if not _with_database(lambda db: replace_key(db, args.id, hash_key(api_key))):
+        raise UsageError(f"no account {args.id}")
+    _print_json({"id": args.id, "api_key": api_key})
     return 0
 
 
@@ -336,14 +508,51 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args.set, Path(args.out) if args.out else DEFAULT_OUT, only=args.only)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smsgw", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_logging(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v and --log-json: on the top level (defaults False) and on every subcommand (no
+    default there, so one given before the subcommand is kept)."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log at INFO level"
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default,
+        help="log one JSON object a line, with request ids (also: SMSGW_LOG_FORMAT=json)",
+    )
 
-    serve = sub.add_parser("serve", help="run a gateway node (embedded PostgreSQL by default)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="smsgw",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+        epilog=_env_epilog((*ENV_SERVE,)) + "\n\n`smsgw COMMAND --help` shows a command's.",
+    )
+    parser.add_argument("--version", action="version", version=f"smsgw {_version()}")
+    _add_logging(parser, False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_logging(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        parent: Any, name: str, env: tuple[tuple[str, str], ...], **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = parent.add_parser(
+            name,
+            parents=[common],
+            formatter_class=_HelpFormatter,
+            epilog=_env_epilog((*env, *ENV_LOG)),
+            description=kwargs.get("help"),
+            **kwargs,
+        )
+        return made
+
+    serve = command(
+        sub, "serve", ENV_SERVE, help="run a gateway node (embedded PostgreSQL by default)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free)")
     serve.add_argument(
         "--operator-url",
         action="append",
@@ -378,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--operator-name",
         default="sim",
-        help="name of the in-process simulated operator (stored with each message it sends)",
+        help="name of the in-process simulated operator (stored with each message it sends;"
+        " default sim)",
     )
     serve.add_argument(
         "--workers",
@@ -474,25 +684,57 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="benchmarks only: one first-come-first-served queue instead of fair scheduling",
     )
-    serve.add_argument(
-        "--log-json",
-        action="store_true",
-        help="log one JSON object a line, with request ids (also: SMSGW_LOG_FORMAT=json)",
-    )
     serve.set_defaults(func=_serve)
 
-    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate = command(sub, "migrate", ENV_DATABASE, help="apply database migrations")
     migrate.set_defaults(func=_migrate)
 
-    accounts = sub.add_parser("accounts", help="manage accounts")
-    accounts_sub = accounts.add_subparsers(dest="accounts_command", required=True)
-    create = accounts_sub.add_parser("create", help="create an account and print its API key")
-    create.add_argument("name")
-    create.add_argument("--credit", type=int, default=0)
+    accounts = command(
+        sub,
+        "accounts",
+        ENV_DATABASE,
+        help="manage accounts on the database directly (no node needed); prints JSON",
+    )
+    accounts_sub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    create = command(
+        accounts_sub,
+        "create",
+        ENV_DATABASE,
+        help="create an account; prints its API key and signing secret (shown only now)",
+    )
+    create.add_argument("name", help="the account's name")
+    create.add_argument(
+        "--credit", type=_credit_amount, default=0, help="its opening credit, in price units"
+    )
     create.set_defaults(func=_accounts_create)
+    listing = command(
+        accounts_sub, "list", ENV_DATABASE, help="the accounts by id, one JSON object a line"
+    )
+    listing.add_argument(
+        "--limit", type=_positive_int, default=1000, help="at most this many accounts"
+    )
+    listing.set_defaults(func=_accounts_list)
+    show = command(accounts_sub, "show", ENV_DATABASE, help="one account: balance and settings")
+    show.add_argument("id", type=_account_id, help="the account's id")
+    show.set_defaults(func=_accounts_show)
+    topup = command(accounts_sub, "topup", ENV_DATABASE, help="add credit; prints the balance")
+    topup.add_argument("id", type=_account_id, help="the account's id")
+    topup.add_argument("amount", type=_top_up, help="credit to add, in price units (> 0)")
+    topup.set_defaults(func=_accounts_topup)
+    rotate = command(
+        accounts_sub,
+        "rotate-key",
+        ENV_DATABASE,
+        help="give the account a new API key (printed, shown only now); the old one stops"
+        " working on every node at once",
+    )
+    rotate.add_argument("id", type=_account_id, help="the account's id")
+    rotate.set_defaults(func=_accounts_rotate_key)
 
-    simulate = sub.add_parser(
+    simulate = command(
+        sub,
         "simulate",
+        ENV_DATABASE,
         help="run a load scenario (virtual time, or a real node on the wall clock) and report",
     )
     simulate.add_argument(
@@ -517,21 +759,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.set_defaults(func=_simulate)
 
-    bench = sub.add_parser("bench", help="run benchmarks/ and the simulator; one report")
-    bench.add_argument("set", nargs="?", default="quick", choices=["quick", "full"])
+    bench = command(
+        sub, "bench", ENV_DATABASE, help="run benchmarks/ and the simulator; one report"
+    )
+    bench.add_argument(
+        "set",
+        nargs="?",
+        default="quick",
+        choices=["quick", "full"],
+        help="which jobs: quick (minutes) or full (default quick)",
+    )
     bench.add_argument("--out", help="report folder (default benchmarks/reports/latest)")
-    bench.add_argument("--only", nargs="*", help="run only jobs whose name contains a word")
+    bench.add_argument(
+        "--only", nargs="*", metavar="WORD", help="run only jobs whose name contains a word"
+    )
     bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; bad input is one line on stderr and exit status 2, any other failure
+    one line and 1 (the traceback only with -v): never a page that might hold a secret."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(
-        json=True if getattr(args, "log_json", False) else None,
+        json=True if args.log_json else None,
         level=logging.INFO if args.verbose else logging.WARNING,
     )
-    return int(args.func(args))
+    name = " ".join(n for n in (args.command, getattr(args, "accounts_command", None)) if n)
+    try:
+        return int(args.func(args))
+    except UsageError as error:
+        print(f"smsgw {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as caught:
+        if args.verbose:
+            logging.getLogger("smsgw").exception("smsgw %s failed", name)
+        leaf = _single(caught)
+        first = (str(leaf).strip().splitlines() or [""])[0]
+        print(f"smsgw {name}: {type(leaf).__name__}: {first}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""`smsgw accounts create|list|show|topup|rotate-key` as a user runs them: a process of its
+own on DATABASE_URL, in a fresh schema; exit statuses, one-line errors, no secret shown twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def smsgw(database_url: str, schema: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, "SMSGW_SCHEMA": schema}
+    return subprocess.run(
+        [sys.executable, "-m", "smsgw.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_accounts_commands(database_url: str, schema: str) -> None:
+    made = smsgw(database_url, schema, "accounts", "create", "acme", "--credit", "100")
+    assert made.returncode == 0, made.stderr
+    account = json.loads(made.stdout)
+    secret, key = account["signing_secret"], account["api_key"]
+    assert account["balance"] == 100 and secret and key
+    account_id = str(account["id"])
+
+    listed = smsgw(database_url, schema, "accounts", "list")
+    assert listed.returncode == 0, listed.stderr
+    [row] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["id"], row["name"], row["balance"]) == (account["id"], "acme", 100)
+
+    topped = smsgw(database_url, schema, "accounts", "topup", account_id, "50")
+    assert topped.returncode == 0, topped.stderr
+    assert json.loads(topped.stdout) == {"id": account["id"], "balance": 150}
+
+    rotated = smsgw(database_url, schema, "accounts", "rotate-key", account_id, "-v")
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = json.loads(rotated.stdout)["api_key"]
+    assert new_key.startswith("sk_") and new_key != key
+
+    shown = smsgw(database_url, schema, "accounts", "show", account_id)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["balance"] == 150
+    # A key or a secret is shown once, when made: never by list or show.
+    for run in (listed, shown, topped):
+        for value in (secret, key, new_key):
+            assert value not in run.stdout + run.stderr
+
+
+def test_bad_input_is_one_line_without_a_traceback(database_url: str, schema: str) -> None:
+    made = smsgw(database_url, schema, "accounts", "create", "acme", "--credit", "1")
+    assert made.returncode == 0, made.stderr
+    account = json.loads(made.stdout)
+    runs = [
+        smsgw(database_url, schema, "accounts", "create", "x", "--credit", "-5"),
+        smsgw(database_url, schema, "accounts", "show", "999999"),
+        smsgw(database_url, schema, "accounts", "topup", "999999", "5"),
+        smsgw(database_url, schema, "accounts", "rotate-key", "999999"),
+        smsgw(database_url, schema, "accounts", "topup", str(account["id"]), str(2**63 - 1)),
+    ]
+    for run in runs:
+        assert run.returncode == 2, (run.args, run.stderr)
+        assert run.stdout == ""
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "Traceback" not in run.stderr and account["signing_secret"] not in run.stderr
+    balance = json.loads(smsgw(database_url, schema, "accounts", "show", str(account["id"])).stdout)
+    assert balance["balance"] == 1  # the refused top-up changed nothing
