@@ -230,7 +230,7 @@ class StoreWriter:
             "delivery_reports": {f"{o}/{r}": n for (o, r), n in sorted(self.deliveries.items())},
         }
 
-    def commits_failing(self, *, failures: int = 3, within: float = 10.0) -> str | None:
+    def commits_failing(self, *, failures: int = 1, within: float = 5.0) -> str | None:
         """Why this node should not take traffic now, or None: a group's fate is in doubt, or
         the last `failures` commits failed, the last of them less than `within` seconds ago.
         After `within` quiet seconds it is None again, so a node that no traffic reaches any

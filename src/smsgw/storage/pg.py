@@ -154,9 +154,11 @@ class Database:
                 if not isinstance(exc, asyncpg.PostgresError | _CopyConflict):
                     # Cancelled mid-statement or lost: what its server session still does is
                     # unknown, so it is never reused, and its server process names only that
-                    # work (PgStore.commit_fate ends it by pid).
+                    # work (PgStore.commit_fate ends it by pid). Terminating a pool's
+                    # connection gives it back to the pool, which opens a new one.
                     conn.terminate()
-                self._release(conn)
+                else:
+                    self._release(conn)
                 raise
             # Kept unless a caller waits for the pool (all connections busy: this one is
             # theirs), or `fn` left a transaction open.
