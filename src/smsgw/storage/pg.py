@@ -24,7 +24,7 @@ import msgspec
 import trio
 import trio_asyncio
 
-from smsgw.engine.credit import AccountCredit, CreditBook, hold_items
+from smsgw.engine.credit import AccountCredit, CreditBook, TopUpTooLarge, hold_items
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
@@ -685,8 +685,10 @@ class PgStore(CallbackOutbox):
         group.session = conn.get_server_pid()
         try:
             return await self._commit_group(conn, group, copy=copy)
-        except (asyncpg.PostgresError, _CopyConflict):
-            raise  # the server refused a statement: the transaction is rolled back
+        except (asyncpg.PostgresError, _CopyConflict, TopUpTooLarge):
+            # The server refused a statement, or the credit rules refused a top-up before the
+            # commit: the transaction is rolled back, nothing of the group is stored.
+            raise
         except Exception as exc:
             # Lost after its statements were sent (or failed after COMMIT): it may have
             # committed.
