@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import tempfile
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,22 @@ async def express_load(
     return answers
 
 
+async def express_load_around(
+    client: httpx.AsyncClient, key: dict[str, str], event: Callable[[], Awaitable[None]]
+) -> list[tuple[int, float, dict]]:
+    """`express_load` on `client`, with `event` run EVENT_AT seconds into it."""
+    answers: list[tuple[int, float, dict]] = []
+
+    async def load() -> None:
+        answers.extend(await express_load(client, key))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load)
+        await trio.sleep(EVENT_AT)
+        await event()
+    return answers
+
+
 def check(answers: list[tuple[int, float, dict]]) -> None:
     late = [(s, round(t, 3), b) for s, t, b in answers if t > DEADLINE + ANSWER_SLACK]
     statuses = Counter(s for s, _, _ in answers)
@@ -96,19 +113,14 @@ async def test_express_keeps_its_deadline_while_a_node_joins(
         async with serve_node(database_url, schema, "a", log) as a, http_client(a.url) as ca:
             [account] = await create_accounts(ca, 1, 10**9)
             key = bearer(account["api_key"])
-            answers: list = []
 
-            async def load() -> None:
-                answers.extend(await express_load(ca, key))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
-                await trio.sleep(EVENT_AT)
+            async def join() -> None:
                 async with serve_node(database_url, schema, "b", log):
                     with trio.fail_after(30):
                         await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
                     await trio.sleep(SECONDS)
-            check(answers)
+
+            check(await express_load_around(ca, key, join))
             await settled(database_url, schema)
 
 
@@ -122,15 +134,11 @@ async def test_express_keeps_its_deadline_when_its_dispatcher_dies_or_pauses(
         accounts = await create_accounts(ca, 8, 10**9)
         [account] = [x for x in accounts if owner[shard_of(x["id"])] == "b"][:1]
         key = bearer(account["api_key"])
-        answers: list = []
 
-        async def load() -> None:
-            answers.extend(await express_load(ca, key))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(load)
-            await trio.sleep(EVENT_AT)
+        async def stop_b() -> None:
             b.process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+
+        answers = await express_load_around(ca, key, stop_b)
         if how == "sigstop":
             b.process.send_signal(signal.SIGCONT)
         check(answers)
