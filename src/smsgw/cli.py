@@ -178,6 +178,8 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
         ("--window", args.window),
         ("--express-reserve-share", args.express_reserve_share),
         ("--light-reserve-share", args.light_reserve_share),
+        ("--max-account-backlog", args.max_account_backlog),
+        ("--max-node-backlog", args.max_node_backlog),
     ):
         if value is not None:
             worker_args += [flag, str(value)]
@@ -266,6 +268,13 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         changes["light_reserve_share"] = args.light_reserve_share
     if args.scheduler_fifo:
         changes["scheduler_fifo"] = True
+    bounds: dict[str, object] = {}
+    if args.max_account_backlog is not None:
+        bounds["account_backlog"] = args.max_account_backlog
+    if args.max_node_backlog is not None:
+        bounds["node_backlog"] = args.max_node_backlog
+    if bounds:
+        changes["admission"] = msgspec.structs.replace(EngineConfig().admission, **bounds)
     if args.routing is not None:
         changes["routing"] = args.routing[1]
     config = msgspec.structs.replace(EngineConfig(), **changes)
@@ -678,6 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHARE",
         help="share of the bulk window kept for accounts with little backlog while they send"
         f" (default {EngineConfig().light_reserve_share}; 0: none)",
+    )
+    serve.add_argument(
+        "--max-account-backlog",
+        type=_positive_int,
+        metavar="N",
+        help="bulk messages an account may have accepted and not yet dispatched before its"
+        f" sends get 429 (default {EngineConfig().admission.account_backlog})",
+    )
+    serve.add_argument(
+        "--max-node-backlog",
+        type=_positive_int,
+        metavar="N",
+        help="bulk messages a node may have accepted and not yet dispatched before sends get"
+        f" 503 (default {EngineConfig().admission.node_backlog})",
     )
     serve.add_argument(
         "--scheduler-fifo",

@@ -13,7 +13,7 @@ import trio.testing
 
 from smsgw.engine.actor import Inbox
 from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
-from smsgw.engine.ports import Notices
+from smsgw.engine.ports import Beat, Notices
 from smsgw.engine.shards import SHARDS, LeaseConfig, ShardLeases, shard_of
 
 CONFIG = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5)
@@ -61,8 +61,8 @@ class FakeStore:
         self.cluster.heartbeats[self._node_id] = trio.current_time()
 
     async def heartbeat(
-        self, held: Mapping[int, int], ttl: float, stalled_after: float
-    ) -> tuple[int, dict[int, int], frozenset[int]]:
+        self, held: Mapping[int, int], ttl: float, stalled_after: float, pressure: str | None
+    ) -> Beat:
         await self._alive()
         now = trio.current_time()
         self.cluster.heartbeats[self._node_id] = now
@@ -80,7 +80,7 @@ class FakeStore:
             and owner != self._node_id
             and (expires < now or self.cluster.heartbeats.get(owner, -1e9) < now - stalled_after)
         )
-        return live, renewed, stalled
+        return Beat(live, renewed, stalled, {})
 
     async def acquire(self, count: int, ttl: float) -> dict[int, int]:
         await self._alive()

@@ -4,10 +4,14 @@ and sends are admitted again once the backlog drains."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import trio
 
 from smsgw.engine.admission import AdmissionConfig
+from smsgw.engine.shards import shard_of
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import bearer
 from tests.integration.helpers import (
@@ -16,6 +20,13 @@ from tests.integration.helpers import (
     http_client,
     open_node,
     until,
+)
+from tests.integration.nodes import (
+    Member,
+    balanced,
+    create_accounts,
+    serve_node,
+    shard_owners,
 )
 
 # Slow enough that a burst of sends waits for it: a window of 2 at ~150 ms a batch of 1.
@@ -80,3 +91,43 @@ async def test_an_accounts_backlog_past_its_bound_is_refused_until_it_drains(
 
         with trio.fail_after(60):
             await until(admitted, interval=0.5)
+
+
+@pytest.mark.slow
+async def test_a_node_refuses_what_the_accounts_dispatcher_refuses(
+    database_url: str, schema: str
+) -> None:
+    """An account floods node a while node b dispatches it: b publishes its refusal with its
+    heartbeat, and a refuses the account's bulk too, instead of handing b more and more."""
+    slow = ("--operator-latency-ms", "400,500", "--window", "2", "--operator-errors", "0,0")
+    bounds = ("--max-account-backlog", str(BOUND))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        async with (
+            serve_node(database_url, schema, "a", log, *slow, *bounds) as a,
+            serve_node(database_url, schema, "b", log, *slow, *bounds) as b,
+            http_client(a.url) as ca,
+            http_client(b.url) as cb,
+        ):
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
+            owner = await shard_owners([Member(a, ca), Member(b, cb)])
+            accounts = await create_accounts(ca, 8, 10**9)
+            [account] = [x for x in accounts if owner[shard_of(x["id"])] == "b"][:1]
+            key = bearer(account["api_key"])
+            statuses: list[int] = []
+            with trio.move_on_after(20):
+                for n in range(400):
+                    r = await ca.post(
+                        "/v1/messages", json={"to": f"+4915{n:09d}", "text": "hi"}, headers=key
+                    )
+                    statuses.append(r.status_code)
+                    if r.status_code == 429:
+                        assert r.json()["code"] == "backlog_full"
+                        assert int(r.headers["Retry-After"]) >= 1
+                        break
+                    await trio.sleep(0.02)
+            assert statuses[-1] == 429, statuses
+            # b refused from its published backlog: a let through little past the bound (what
+            # arrived within a heartbeat of b crossing it).
+            assert statuses.count(202) <= BOUND + 40, statuses.count(202)

@@ -143,10 +143,9 @@ class Admission:
         largest ones), those this node refuses, with when to come back."""
         config = self.config
         node_retry = 0
-        if self._node_refusing:
-            node_retry = self._retry_after(
-                self._node_backlog() - config.node_backlog * config.resume_share
-            )
+        node = self._node_backlog()
+        if self._node_refusing or node > config.node_backlog:
+            node_retry = self._retry_after(node - config.node_backlog * config.resume_share)
         refused = {
             account_id: self._retry_after(n - config.account_backlog * config.resume_share)
             for account_id, n in accounts.items()

@@ -11,7 +11,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import Inbox, InboxFull, Reply
-from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate
+from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
 from smsgw.engine.messages import (
     DEFAULT_SETTINGS,
@@ -45,6 +45,9 @@ from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
 
 _settled_decoder = msgspec.json.Decoder(list[Settled])
+_pressure_encoder = msgspec.json.Encoder()
+_pressure_decoder = msgspec.json.Decoder(Pressure)
+_NO_PRESSURE = Pressure()
 _changed_decoder = msgspec.json.Decoder(AccountChanged)
 
 
@@ -154,6 +157,7 @@ class Engine:
                 page_backlog=not config.scheduler_fifo,
                 settled=self._settled_elsewhere,
                 account_changed=self._account_changed,
+                publish=self._pressure,
             )
             self.ready = self.leases.ready
         # Among several nodes, an account's api_rate is split between them by demand.
@@ -235,6 +239,7 @@ class Engine:
             backlog=self.scheduler.state.backlog,
             node_backlog=lambda: self.scheduler.state.bulk_size,
             drain_rate=DrainRate(lambda: self.scheduler.dispatched, time.monotonic),
+            remote=self._remote_pressure,
         )
         self.supervisor: Supervisor | None = None
         # Per-account settings this node has seen (with each API key lookup, and on a change
@@ -376,6 +381,30 @@ class Engine:
         return self.pool.express_problem(
             self.express_deadline_s(account_id) - commit, len(self.scheduler.state.express)
         )
+
+    def _pressure(self) -> str | None:
+        """What this node's admission refuses, for its heartbeat (None: nothing)."""
+        largest = {a: n for n, a in self.scheduler.state.largest_backlogs(100)}
+        pressure = self.admission.pressure(largest)
+        if not pressure.node_retry_s and not pressure.accounts:
+            return None
+        return _pressure_encoder.encode(pressure).decode()
+
+    def _remote_pressure(self, account_id: int) -> Pressure | None:
+        """The pressure published by the node that dispatches `account_id`, if another one
+        (an empty one when it refuses nothing); None when this node dispatches it."""
+        if self.leases is None:
+            return None
+        shard = shard_of(account_id)
+        if shard in self.leases.owned:
+            return None
+        found = self.leases.pressure.get(shard)
+        if found is None:
+            return _NO_PRESSURE
+        try:
+            return _pressure_decoder.decode(found)
+        except msgspec.DecodeError:
+            return _NO_PRESSURE
 
     def dispatch_stalled(self, account_id: int) -> bool:
         """The node that leases this account's shard stopped heartbeating (dead, paused): its

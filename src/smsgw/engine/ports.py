@@ -298,6 +298,18 @@ class Notices(NamedTuple):
     account_changed: Callable[[str], None]
 
 
+class Beat(NamedTuple):
+    """What a heartbeat learns of the cluster."""
+
+    live: int  # nodes heartbeating within the ttl
+    renewed: dict[int, int]  # leases renewed (shard -> token); one missing changed hands
+    # Other nodes' shards whose owner has not heartbeated for `stalled_after` seconds or whose
+    # lease expired (not those nobody leases: they are in transit).
+    stalled: frozenset[int]
+    # Other nodes' shards whose owner publishes a pressure (shard -> its JSON).
+    pressure: dict[int, str]
+
+
 class ClusterStore(Protocol):
     """The shared state of the nodes on one database: heartbeats, shard leases (owner, expiry,
     fencing token) and the hand-offs of messages accepted by a node that does not lease their
@@ -312,14 +324,12 @@ class ClusterStore(Protocol):
         ...
 
     async def heartbeat(
-        self, held: Mapping[int, int], ttl: float, stalled_after: float
-    ) -> tuple[int, dict[int, int], frozenset[int]]:
-        """Record that this node lives and extend by `ttl` each lease of `held` (shard ->
-        token) that is still this node's under that token, even one that expired meanwhile:
-        nobody took it, so nobody else dispatched the shard. Returns the live nodes, the
-        leases renewed (shard -> token; a shard missing from them changed hands), and the
-        stalled shards: another node's whose owner has not heartbeated for `stalled_after`
-        seconds or whose lease expired (not those nobody leases: they are in transit)."""
+        self, held: Mapping[int, int], ttl: float, stalled_after: float, pressure: str | None
+    ) -> Beat:
+        """Record that this node lives, with its published `pressure` (admission's, as JSON;
+        None: it admits everything), and extend by `ttl` each lease of `held` (shard -> token)
+        that is still this node's under that token, even one that expired meanwhile: nobody
+        took it, so nobody else dispatched the shard. See `Beat` for what comes back."""
         ...
 
     async def acquire(self, count: int, ttl: float) -> dict[int, int]:

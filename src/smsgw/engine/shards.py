@@ -85,6 +85,7 @@ class ShardLeases:
         page_backlog: bool = True,
         settled: Callable[[str], None] = lambda _: None,
         account_changed: Callable[[str], None] = lambda _: None,
+        publish: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.store = store
         # What the other nodes tell this one besides hand-offs (ports.Notices), passed on.
@@ -118,6 +119,10 @@ class ShardLeases:
         # Other nodes' shards whose owner stopped heartbeating (or nobody's): an express
         # message of theirs will not be dispatched in time (engine/node.py: `dispatch_stalled`).
         self.stalled: frozenset[int] = frozenset()
+        # Other nodes' shards whose owner refuses some bulk (shard -> its `Pressure` as JSON),
+        # and what this node publishes of its own with each heartbeat.
+        self.pressure: dict[int, str] = {}
+        self._publish = publish
         self.recovered = 0  # messages loaded by the first tick (start-up recovery)
         self.counts: dict[str, int] = {
             "acquired": 0,
@@ -322,8 +327,8 @@ class ShardLeases:
         late = bool(held) and started >= self.valid_until
         trusted_s = self.config.ttl * self.config.trust
         since_renewal = started - (self.valid_until - trusted_s)
-        live, renewed, self.stalled = await self.store.heartbeat(
-            held, self.config.ttl, self.config.stalled_after
+        live, renewed, self.stalled, self.pressure = await self.store.heartbeat(
+            held, self.config.ttl, self.config.stalled_after, self._publish()
         )
         self.live_nodes = live
         self.valid_until = started + trusted_s

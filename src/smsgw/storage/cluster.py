@@ -21,7 +21,7 @@ import asyncpg
 import trio
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import Notices
+from smsgw.engine.ports import Beat, Notices
 from smsgw.storage.pg import PENDING_COLUMNS, Database, _bridge, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
@@ -80,13 +80,18 @@ ORDER BY created_at
 """
 
 
-# Shards whose dispatch is stalled: another node's whose lease expired or whose heartbeat is
-# late. A shard nobody leases is in transit between live nodes (a rebalance): not stalled.
-_STALLED = """
-SELECT l.shard FROM shard_leases l LEFT JOIN nodes n ON n.id = l.owner
-WHERE l.owner <> $1
-  AND (l.expires_at < now() OR n.heartbeat_at IS NULL
-       OR n.heartbeat_at < now() - make_interval(secs => $2))
+# Other nodes' shards whose dispatch is stalled (lease expired, or the owner's heartbeat is
+# late) or whose owner publishes a pressure. A shard nobody leases is in transit between live
+# nodes (a rebalance): not stalled. Usually no row at all.
+_OTHERS = """
+SELECT shard, stalled, pressure FROM (
+    SELECT l.shard, n.pressure,
+           l.expires_at < now() OR n.heartbeat_at IS NULL
+           OR n.heartbeat_at < now() - make_interval(secs => $2) AS stalled
+    FROM shard_leases l LEFT JOIN nodes n ON n.id = l.owner
+    WHERE l.owner <> $1
+) o
+WHERE stalled OR pressure IS NOT NULL
 """
 
 _API_DEMAND = """
@@ -198,16 +203,17 @@ class PgCluster:
         return False
 
     async def heartbeat(
-        self, held: Mapping[int, int], ttl: float, stalled_after: float
-    ) -> tuple[int, dict[int, int], frozenset[int]]:
-        async def beat(conn: asyncpg.Connection) -> tuple[int, dict[int, int], frozenset[int]]:
+        self, held: Mapping[int, int], ttl: float, stalled_after: float, pressure: str | None
+    ) -> Beat:
+        async def beat(conn: asyncpg.Connection) -> Beat:
             await conn.execute(
-                "INSERT INTO nodes (id, host, pid, url) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4",
+                "INSERT INTO nodes (id, host, pid, url, pressure) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4, pressure = $5",
                 self._node_id,
                 self.host,
                 self.pid,
                 self._advertised_url(),
+                pressure,
             )
             renewed: dict[int, int] = {}
             if held:
@@ -226,8 +232,13 @@ class PgCluster:
                 "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)",
                 ttl,
             )
-            stalled = await conn.fetch(_STALLED, self._node_id, stalled_after)
-            return int(live), renewed, frozenset(r[0] for r in stalled)
+            others = await conn.fetch(_OTHERS, self._node_id, stalled_after)
+            return Beat(
+                int(live),
+                renewed,
+                frozenset(r["shard"] for r in others if r["stalled"]),
+                {r["shard"]: r["pressure"] for r in others if r["pressure"] is not None},
+            )
 
         return await self.db.run(beat)
 
