@@ -31,18 +31,23 @@ def channel_and_lock_class(schema: str) -> tuple[str, int]:
     """The hand-off NOTIFY channel and the advisory lock class of a schema's nodes: nodes in
     other schemas of the same database (tests) neither wake nor wait for each other."""
     digest = hashlib.sha256(schema.encode()).digest()
-    return f"smsgw_handoff_{digest[:8].hex()}", int.from_bytes(digest[8:12], "big", signed=True)
+    return f"smsgw_handoff_{_schema_tag(schema)}", int.from_bytes(digest[8:12], "big", signed=True)
 
 
 def settled_channel(schema: str) -> str:
     """Where a schema's nodes announce the express outcomes they commit (`Settled`)."""
-    return f"smsgw_settled_{hashlib.sha256(schema.encode()).digest()[:8].hex()}"
+    return f"smsgw_settled_{_schema_tag(schema)}"
 
 
 def account_channel(schema: str) -> str:
     """Where migration 006's trigger announces a schema's account changes (the same name,
     computed in SQL from the table's schema)."""
-    return f"smsgw_account_{hashlib.sha256(schema.encode()).digest()[:8].hex()}"
+    return f"smsgw_account_{_schema_tag(schema)}"
+
+
+def _schema_tag(schema: str) -> str:
+    """The 16 hex digits that set a schema's channels apart (migration 006 computes the same)."""
+    return hashlib.sha256(schema.encode()).digest()[:8].hex()
 
 
 _LOCK_EXCLUSIVE = """

@@ -1372,21 +1372,26 @@ _PAYLOAD_LIMIT = 7_900
 _sms_encoder = msgspec.json.Encoder()
 
 
+def _packed(head: bytes, parts: Sequence[bytes]) -> list[str]:
+    """`head` + a JSON list of `parts`, as many payloads as it takes to keep each within a
+    NOTIFY's limit (each part fits one on its own)."""
+    payloads: list[str] = []
+    chunk: list[bytes] = []
+    size = len(head) + 2
+    for part in parts:
+        if size + len(part) + 1 > _PAYLOAD_LIMIT and chunk:
+            payloads.append((head + b"[" + b",".join(chunk) + b"]").decode())
+            chunk, size = [], len(head) + 2
+        chunk.append(part)
+        size += len(part) + 1
+    if chunk:
+        payloads.append((head + b"[" + b",".join(chunk) + b"]").decode())
+    return payloads
+
+
 def settled_payloads(outcomes: Sequence[Outcome]) -> list[str]:
     """JSON lists of `Settled`, each within a NOTIFY's payload limit."""
-    payloads: list[str] = []
-    parts: list[bytes] = []
-    size = 2
-    for outcome in outcomes:
-        part = _sms_encoder.encode(Settled.of(outcome))
-        if size + len(part) + 1 > _PAYLOAD_LIMIT and parts:
-            payloads.append((b"[" + b",".join(parts) + b"]").decode())
-            parts, size = [], 2
-        parts.append(part)
-        size += len(part) + 1
-    if parts:
-        payloads.append((b"[" + b",".join(parts) + b"]").decode())
-    return payloads
+    return _packed(b"", [_sms_encoder.encode(Settled.of(o)) for o in outcomes])
 
 
 def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
@@ -1399,22 +1404,10 @@ def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
         if not owner:
             continue
         head = owner.encode() + b"\n"
-        parts: list[bytes] = []
-        size = len(head) + 2
-        too_large = False
-        for sms in items:
-            part = _sms_encoder.encode(sms)
-            if len(head) + len(part) + 2 > _PAYLOAD_LIMIT:
-                too_large = True
-                continue
-            if size + len(part) + 1 > _PAYLOAD_LIMIT:
-                payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
-                parts, size = [], len(head) + 2
-            parts.append(part)
-            size += len(part) + 1
-        if parts:
-            payloads.append((head + b"[" + b",".join(parts) + b"]").decode())
-        if too_large:
+        encoded = [_sms_encoder.encode(sms) for sms in items]
+        fitting = [part for part in encoded if len(head) + len(part) + 2 <= _PAYLOAD_LIMIT]
+        payloads += _packed(head, fitting)
+        if len(fitting) < len(encoded):
             payloads.append((head + b"[]").decode())
     return payloads
 
