@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +49,18 @@ _settled_decoder = msgspec.json.Decoder(list[Settled])
 _pressure_encoder = msgspec.json.Encoder()
 _pressure_decoder = msgspec.json.Decoder(Pressure)
 _NO_PRESSURE = Pressure()
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded_pressure(published: str) -> Pressure:
+    """A node's published pressure, decoded once however many of its shards' sends ask (the
+    same text stands for every shard of the node)."""
+    try:
+        return _pressure_decoder.decode(published)
+    except msgspec.DecodeError:
+        return _NO_PRESSURE
+
+
 _changed_decoder = msgspec.json.Decoder(AccountChanged)
 
 
@@ -162,9 +175,8 @@ class Engine:
             self.ready = self.leases.ready
         # Among several nodes, an account's api_rate is split between them by demand.
         self.api_shares: ApiShares | None = None
-        if cluster is not None:
+        if self.leases is not None and cluster is not None:
             leased = self.leases
-            assert leased is not None
             self.api_shares = ApiShares(cluster, lambda: leased.live_nodes)
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
@@ -399,12 +411,7 @@ class Engine:
         if shard in self.leases.owned:
             return None
         found = self.leases.pressure.get(shard)
-        if found is None:
-            return _NO_PRESSURE
-        try:
-            return _pressure_decoder.decode(found)
-        except msgspec.DecodeError:
-            return _NO_PRESSURE
+        return _NO_PRESSURE if found is None else _decoded_pressure(found)
 
     def dispatch_stalled(self, account_id: int) -> bool:
         """The node that leases this account's shard stopped heartbeating (dead, paused): its

@@ -116,8 +116,8 @@ class ShardLeases:
         self._wake = trio.Event()
         self.ready = trio.Event()
         self.live_nodes = 0
-        # Other nodes' shards whose owner stopped heartbeating (or nobody's): an express
-        # message of theirs will not be dispatched in time (engine/node.py: `dispatch_stalled`).
+        # Other nodes' shards whose owner stopped heartbeating or whose lease expired: an
+        # express message of theirs will not be dispatched in time (`Engine.dispatch_stalled`).
         self.stalled: frozenset[int] = frozenset()
         # Other nodes' shards whose owner refuses some bulk (shard -> its `Pressure` as JSON),
         # and what this node publishes of its own with each heartbeat.

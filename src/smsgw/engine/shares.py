@@ -15,15 +15,12 @@ enough never to meet a customer's ordinary load (overload is admission control's
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
 from smsgw.engine.ports import ClusterStore
-
-log = logging.getLogger("smsgw.shares")
 
 
 class ApiShares:

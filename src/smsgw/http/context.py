@@ -315,15 +315,13 @@ class Gateway:
         if account_id is None:
             raise ProblemError(401, "unauthenticated", "unknown API key")
         rate = self.engine.account_settings(account_id).api_rate
-        burst = None
+        here, burst = rate, None
         if rate is not None:
             # The account's own rate holds across the cluster: this node's share of it.
             shares = self.engine.api_shares
             here = rate if shares is None else rate * shares.share(account_id)
             burst = max(1.0, 2 * here)
-        wait = self.limiter.take(
-            account_id, time.monotonic(), rate=None if rate is None else here, burst=burst
-        )
+        wait = self.limiter.take(account_id, time.monotonic(), rate=here, burst=burst)
         if wait:
             retry_after = max(1, math.ceil(wait))
             raise ProblemError(
