@@ -52,7 +52,7 @@ async def serve_node(
         )
     try:
         assert process.stdout is not None
-        url = await _listening_url(process.stdout, log)
+        url = await url_or_log(process.stdout, log)
         yield NodeProcess(node_id, process, url)
     finally:
         with trio.CancelScope(shield=True):
@@ -64,7 +64,9 @@ async def serve_node(
                 await process.stdout.aclose()
 
 
-async def _listening_url(stdout: trio.abc.ReceiveStream, log: Path) -> str:
+async def url_or_log(stdout: trio.abc.ReceiveStream, log: Path) -> str:
+    """The URL a starting `smsgw serve` says it listens on, or an AssertionError with the end
+    of its log when it exits first."""
     with trio.fail_after(60):
         url = await listening_url(stdout)
     if url is None:

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import trio
 
-from smsgw.workers import listening_url
 from tests.conftest import ADMIN_KEY, bearer
 from tests.integration.helpers import (
     FINAL,
@@ -27,6 +26,7 @@ from tests.integration.helpers import (
     ledger,
     until,
 )
+from tests.integration.nodes import url_or_log
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ async def serve_cli(database_url: str, schema: str, stderr: Path) -> AsyncIterat
         )
     try:
         assert process.stdout is not None
-        url = await _listening_url(process.stdout, stderr)
+        url = await url_or_log(process.stdout, stderr)
         yield Served(process, url, stderr)
     finally:
         with trio.CancelScope(shield=True):
@@ -71,15 +71,6 @@ async def serve_cli(database_url: str, schema: str, stderr: Path) -> AsyncIterat
             await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
-
-
-async def _listening_url(stdout: trio.abc.ReceiveStream, stderr: Path) -> str:
-    with trio.fail_after(60):
-        url = await listening_url(stdout)
-    if url is None:
-        log = await trio.Path(stderr).read_text()
-        raise AssertionError(f"smsgw serve exited early:\n{log}")
-    return url
 
 
 async def smsgw_backends(database_url: str, schema: str) -> set[int]:
