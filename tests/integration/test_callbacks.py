@@ -1,4 +1,6 @@
-"""Status callbacks to a real HTTP receiver on 127.0.0.1 that refuses the first attempts."""
+"""Status callbacks to a real HTTP receiver on 127.0.0.1 that refuses the first attempts;
+their signatures checked with the published `standardwebhooks` library (the README's
+snippet, run as written) and against the deprecated scheme's description."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
+import pytest
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from smsgw.engine.callbacks import CallbackPolicy
 from smsgw.server import Node, run_node
@@ -113,8 +118,27 @@ async def receiver_and_node(
         nursery.cancel_scope.cancel()
 
 
+def verified(secret: str, r: Received) -> bool:
+    """Standard Webhooks' check, by the published library (not the gateway's code)."""
+    try:
+        Webhook(secret).verify(r.body, r.headers)
+    except WebhookVerificationError:
+        return False
+    return True
+
+
+def readme_verifier(secret: str) -> Callable[[bytes, dict[str, str]], Any]:
+    """The README's verification snippet as written, given the account's secret."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Status callbacks") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    namespace: dict[str, Any] = {"SIGNING_SECRET": secret}
+    exec(code[: code.index("```")], namespace)
+    return namespace["on_callback"]  # type: ignore[no-any-return]
+
+
 def signed_by(secret: str, r: Received) -> bool:
-    """The receiver's check, written from the documented scheme (not the gateway's code)."""
+    """The deprecated scheme's check, written from its description (not the gateway's code)."""
     timestamp = r.headers["x-smsgw-timestamp"]
     expected = hmac.new(
         secret.encode(), timestamp.encode() + b"." + r.body, hashlib.sha256
@@ -166,17 +190,20 @@ async def test_each_status_change_is_posted_signed_in_order_after_failed_attempt
         with trio.fail_after(30):
             await until(all_accepted)
 
-        # Every attempt, failed or not, was signed with the account's secret.
-        assert receiver.received and all(signed_by(secret, r) for r in receiver.received)
+        # Every attempt, failed or not, was signed with the account's secret, both ways.
+        assert receiver.received
+        assert all(verified(secret, r) and signed_by(secret, r) for r in receiver.received)
         # Each callback was refused twice first, then taken: 3 attempts each, the same
-        # delivery id on each.
+        # webhook-id (the body's delivery_id) on each.
         by_delivery: dict[str, list[Received]] = {}
         for r in receiver.received:
-            by_delivery.setdefault(r.headers["x-smsgw-delivery"], []).append(r)
+            by_delivery.setdefault(r.headers["webhook-id"], []).append(r)
         assert sorted(len(v) for v in by_delivery.values()) == [3, 3, 3, 3]
-        for attempts in by_delivery.values():
+        for webhook_id, attempts in by_delivery.items():
             assert [a.answered for a in attempts] == [500, 500, 204]
             assert len({a.body for a in attempts}) == 1
+            assert json.loads(attempts[0].body)["delivery_id"] == int(webhook_id)
+            assert {a.headers["x-smsgw-delivery"] for a in attempts} == {webhook_id}
 
         # In order per message: no status is POSTed before the one before it was taken.
         for message_id, path, second in (
@@ -245,6 +272,46 @@ async def test_a_rotated_secret_signs_the_callbacks_after_it(
             await until(one)
         (got,) = receiver.accepted()
         assert signed_by(secret, got) and not signed_by(account["signing_secret"], got)
+        assert verified(secret, got) and not verified(account["signing_secret"], got)
+
+
+async def test_the_readme_verifies_a_real_callback_with_the_standard_webhooks_library(
+    database_url: str, schema: str
+) -> None:
+    """A real node POSTs a callback (refused once, then taken) to a real receiver; the
+    README's snippet, with the secret the account was given, verifies both attempts and
+    refuses any change to the body, the id, the timestamp or the secret."""
+    async with receiver_and_node(database_url, schema, fail_first=1) as (receiver, _, client):
+        account = await create_account(client, 1_000)
+        key, secret = account["api_key"], account["signing_secret"]
+        message_id = (await send(client, key, callback_url=receiver.url + "/cb")).json()["id"]
+        await wait_final(client, key, message_id)
+
+        async def one() -> bool:
+            return len(receiver.accepted()) == 1
+
+        with trio.fail_after(30):
+            await until(one)
+    on_callback = readme_verifier(secret)
+    first, second = receiver.received
+    assert (first.answered, second.answered) == (500, 204)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]  # receivers dedupe
+    for attempt in (first, second):
+        payload = on_callback(attempt.body, attempt.headers)
+        assert (payload["message_id"], payload["status"]) == (message_id, "sent")
+        assert attempt.headers["webhook-signature"].startswith("v1,")
+    got = second
+    stamp = int(got.headers["webhook-timestamp"])
+    for body, headers in (
+        (got.body.replace(b'"sent"', b'"failed"'), got.headers),
+        (got.body, {**got.headers, "webhook-id": got.headers["webhook-id"] + "0"}),
+        (got.body, {**got.headers, "webhook-timestamp": str(stamp + 1)}),
+        (got.body, {k: v for k, v in got.headers.items() if k != "webhook-signature"}),
+    ):
+        with pytest.raises(WebhookVerificationError):
+            on_callback(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        readme_verifier("whsec_" + "0" * 64)(got.body, got.headers)
 
 
 async def test_callback_urls_are_checked(node: Node, client: httpx.AsyncClient) -> None:
@@ -404,7 +471,9 @@ async def test_a_failed_message_calls_back_too(database_url: str, schema: str) -
         body = json.loads(got.body)
         assert (body["status"], body["message_id"]) == ("failed", message_id)
         assert body["reason"] == final["reason"] and body["reason"]
-        assert signed_by(account["signing_secret"], got)
+        assert signed_by(account["signing_secret"], got) and verified(
+            account["signing_secret"], got
+        )
 
 
 async def test_callbacks_survive_a_node_restart(database_url: str, schema: str) -> None:
@@ -460,3 +529,4 @@ async def test_callbacks_survive_a_node_restart(database_url: str, schema: str) 
     body = json.loads(receiver.accepted()[0].body)
     assert (body["message_id"], body["status"]) == (message_id, "sent")
     assert signed_by(account["signing_secret"], receiver.accepted()[0])
+    assert verified(account["signing_secret"], receiver.accepted()[0])

@@ -3,6 +3,7 @@ own on DATABASE_URL, in a fresh schema; exit statuses, one-line errors, no secre
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -25,7 +26,9 @@ def test_accounts_commands(database_url: str, schema: str) -> None:
     assert made.returncode == 0, made.stderr
     account = json.loads(made.stdout)
     secret, key = account["signing_secret"], account["api_key"]
-    assert account["balance"] == 100 and secret and key
+    assert account["balance"] == 100 and key
+    # The form Standard Webhooks libraries take: `whsec_` and base64 (of 48 bytes).
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 48
     account_id = str(account["id"])
 
     listed = smsgw(database_url, schema, "accounts", "list")

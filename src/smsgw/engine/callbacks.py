@@ -1,18 +1,32 @@
-"""Status callbacks: the signature scheme, URL rules, and the CallbackSender that drains the
+"""Status callbacks: the signature schemes, URL rules, and the CallbackSender that drains the
 outbox (plus the DlrReconciler that applies delivery reports which overtook their `sent`).
 
-The signature, as documented for receivers (docs/architecture.md, the OpenAPI description):
+Each callback is signed as Standard Webhooks (https://www.standardwebhooks.com) prescribe, so
+receivers verify it with the published libraries:
 
-    X-Smsgw-Timestamp: <unix seconds>
-    X-Smsgw-Signature: sha256=<hex of HMAC-SHA256(key=secret, msg=timestamp + "." + body)>
+    webhook-id: <delivery_id>            the same on every retry of this callback: dedupe on it
+    webhook-timestamp: <unix seconds>    of this attempt
+    webhook-signature: v1,<base64 of HMAC-SHA256(key, id + "." + timestamp + "." + body)>
 
-where `secret` is the account's signing secret (UTF-8) and `body` the exact request bytes. A
+where `key` is the account's signing secret `whsec_<base64>` with the prefix taken off and
+the rest base64-decoded (as the libraries do), and `body` the exact request bytes. A
 receiver recomputes it, compares in constant time, and refuses timestamps far from its clock
 (a replayed old request carries an old timestamp, and changing it breaks the signature).
+
+The gateway's own earlier scheme is sent alongside, for receivers written against it; it is
+deprecated and goes in a later version:
+
+    X-Smsgw-Timestamp: <unix seconds>
+    X-Smsgw-Delivery: <delivery_id>
+    X-Smsgw-Signature: sha256=<hex of HMAC-SHA256(key=secret, msg=timestamp + "." + body)>
+
+with the whole secret's UTF-8 bytes (prefix included) as the key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -33,20 +47,62 @@ from smsgw.engine.retry import backoff
 
 log = logging.getLogger("smsgw.callbacks")
 
+# Standard Webhooks (lower case, as the specification writes them).
+WEBHOOK_ID_HEADER = "webhook-id"  # the outbox row's id: the same on every retry
+WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
+WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
+# The earlier scheme of our own: deprecated, sent alongside for one more version.
 SIGNATURE_HEADER = "X-Smsgw-Signature"
 TIMESTAMP_HEADER = "X-Smsgw-Timestamp"
 DELIVERY_HEADER = "X-Smsgw-Delivery"  # the outbox row's id: the same on every retry
 MAX_URL_LENGTH = 2_000
+SECRET_PREFIX = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of the Standard Webhooks signature for a `whsec_<base64>` secret: the
+    base64 after the prefix, decoded the way the published libraries decode it (padding
+    added, characters outside the alphabet skipped), so both sides derive the same bytes. The
+    gateway's secrets (`whsec_` and 64 hex digits: 48 bytes decoded) always decode; one that
+    does not (never made by the gateway) is used as its UTF-8 bytes, rather than leave its
+    callbacks unsigned."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "==")
+    except (binascii.Error, ValueError):
+        key = b""
+    return key or secret.encode()
+
+
+def sign_webhook(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature value (Standard Webhooks v1) for `body` sent as `webhook_id` at
+    `timestamp` (unix seconds), with `key` from `signing_key`."""
+    mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def signature_headers(secret: str, delivery_id: int, timestamp: int, body: bytes) -> dict[str, str]:
+    """Every signature header of one attempt: Standard Webhooks' and the deprecated ones."""
+    webhook_id = str(delivery_id)
+    return {
+        WEBHOOK_ID_HEADER: webhook_id,
+        WEBHOOK_TIMESTAMP_HEADER: str(timestamp),
+        WEBHOOK_SIGNATURE_HEADER: sign_webhook(signing_key(secret), webhook_id, timestamp, body),
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(secret, timestamp, body),
+        DELIVERY_HEADER: webhook_id,
+    }
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The X-Smsgw-Signature value for `body` sent at `timestamp` (unix seconds)."""
+    """The deprecated X-Smsgw-Signature value for `body` sent at `timestamp` (unix seconds)."""
     mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
 
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
-    """What a receiver does (without the clock check): recompute and compare in constant time."""
+    """What a receiver of the deprecated scheme does (without the clock check): recompute and
+    compare in constant time."""
     if not timestamp.isdigit():
         return False
     return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
@@ -247,9 +303,7 @@ class CallbackSender:
         timestamp = int(self._clock())
         headers = {
             "Content-Type": "application/json",
-            TIMESTAMP_HEADER: str(timestamp),
-            SIGNATURE_HEADER: sign(job.secret, timestamp, body),
-            DELIVERY_HEADER: str(job.id),
+            **signature_headers(job.secret, job.id, timestamp, body),
         }
         try:
             with trio.fail_after(self.policy.attempt_timeout_s):
