@@ -128,7 +128,9 @@ async def run_node(
                 handoff = Handoff(
                     node_id, cluster.lock_class, cluster.channel, cluster.settled_channel
                 )
-            store = PgStore(db, handoff=handoff)
+            store = PgStore(
+                db, handoff=handoff, recipient_limit=options.engine.recipient_limit_per_hour
+            )
             if not providers:
                 # Made here, so closed here (their connections) when the node stops.
                 providers = owned = default_providers(options.operators, options.operator_urls)

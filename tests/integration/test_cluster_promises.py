@@ -1,8 +1,12 @@
 """What the cluster promises as one gateway, tried across `smsgw serve` node processes on one
-PostgreSQL: a `"wait": true` send answered on a node that does not dispatch it, and key and
-settings changes on every node within a second."""
+PostgreSQL: a `"wait": true` send answered on a node that does not dispatch it, key and
+settings changes on every node within a second, an account's request rate and its hourly limit
+to one number across the nodes."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -10,8 +14,8 @@ import trio
 
 from smsgw.engine.shards import SHARDS, shard_of
 from tests.conftest import admin, bearer
-from tests.integration.helpers import TO, until
-from tests.integration.nodes import balanced_nodes, create_accounts, shard_owners
+from tests.integration.helpers import TO, http_client, until
+from tests.integration.nodes import balanced_nodes, create_accounts, serve_node, shard_owners
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +146,36 @@ async def test_an_accounts_api_rate_holds_across_three_nodes(
             refused,
             shares,
         )
+
+
+async def test_the_hourly_limit_to_a_number_holds_across_nodes_and_a_restart(
+    database_url: str, schema: str
+) -> None:
+    """30 messages to one number, alternating between two nodes: 20 accepted (the default
+    limit an hour), not 20 on each; then a node started afresh (nothing in its memory, as
+    after a restart) still refuses the number."""
+    async with balanced_nodes(database_url, schema, "a", "b") as members:
+        [ca, cb] = [m.client for m in members]
+        [account] = await create_accounts(ca, 1, 10_000)
+        key = bearer(account["api_key"])
+        statuses = []
+        for i in range(30):
+            client = ca if i % 2 else cb
+            r = await client.post("/v1/messages", json={"to": TO, "text": f"n{i}"}, headers=key)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["code"] == "recipient_rate_limited", r.text
+                assert 1 <= int(r.headers["Retry-After"]) <= 3600
+        assert statuses == [202] * 20 + [429] * 10, statuses
+        with tempfile.TemporaryDirectory() as tmp:
+            async with (
+                serve_node(database_url, schema, "c", Path(tmp) / "log") as node,
+                http_client(node.url) as cc,
+            ):
+                r = await cc.post("/v1/messages", json={"to": TO, "text": "x"}, headers=key)
+                assert r.status_code == 429, r.text
+                other = {"to": TO[:-1] + "0", "text": "x"}
+                r = await cc.post("/v1/messages", json=other, headers=key)
+                assert r.status_code == 202, r.text
+        r = await ca.get("/v1/account", headers=key)
+        assert r.json()["balance"] == 10_000 - 21 * 5, r.text

@@ -209,3 +209,52 @@ def hold_items(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> 
         AcceptResult(accepted=r.accepted, reason=r.reason, balance=balances[s.account_id])
         for r, s in zip(results, items, strict=True)
     ]
+
+
+# (account, number) -> [messages it may still take this hour, seconds until one more fits]
+Room = dict[tuple[int, str], list[float]]
+
+
+def hold_within_limits(
+    book: CreditBook, items: Sequence[OutboundSms], atomic: bool, room: Room | None
+) -> list[AcceptResult]:
+    """hold_items after the hourly limit per recipient number: an item whose number has no
+    `room` left is refused `recipient_rate_limited` with nothing held, and with it, when
+    `atomic`, the whole request (`batch_rejected`). Numbers not in `room` are within their
+    limit. Takes the room of the items it accepts."""
+    if room is None:
+        return hold_items(book, items, atomic)
+    limited: dict[int, float] = {}  # item index -> seconds until its number has room
+    taken: dict[tuple[int, str], int] = {}
+    for i, sms in enumerate(items):
+        key = (sms.account_id, sms.to)
+        left = room.get(key)
+        if left is None:
+            continue
+        if left[0] - taken.get(key, 0) >= 1:
+            taken[key] = taken.get(key, 0) + 1
+        else:
+            limited[i] = max(left[1], 1.0)
+    if not limited:
+        results = hold_items(book, items, atomic)
+    else:
+
+        def refused(i: int, sms: OutboundSms) -> AcceptResult:
+            credit = book.accounts.get(sms.account_id)
+            balance = None if credit is None else credit.balance
+            if i in limited:
+                return AcceptResult(
+                    False, "recipient_rate_limited", balance=balance, retry_after=limited[i]
+                )
+            return AcceptResult(False, "batch_rejected", balance=balance)
+
+        if atomic:
+            return [refused(i, sms) for i, sms in enumerate(items)]
+        rest = [(i, sms) for i, sms in enumerate(items) if i not in limited]
+        held = iter(hold_items(book, [sms for _, sms in rest], False) if rest else ())
+        results = [refused(i, sms) if i in limited else next(held) for i, sms in enumerate(items)]
+    for sms, result in zip(items, results, strict=True):
+        left = room.get((sms.account_id, sms.to))
+        if left is not None and result.accepted:
+            left[0] -= 1
+    return results

@@ -67,11 +67,20 @@ class AcceptResult(msgspec.Struct, frozen=True):
     accepted: bool
     # duplicate_client_ref: the account already has a message with this client_ref (the
     # unique index said so at insert); nothing was stored or held for this item.
+    # recipient_rate_limited: the account's messages to this number in the last hour, on
+    # every node, already reach its hourly limit; `retry_after` says when one more fits.
     reason: (
-        Literal["insufficient_credit", "unknown_account", "batch_rejected", "duplicate_client_ref"]
+        Literal[
+            "insufficient_credit",
+            "unknown_account",
+            "batch_rejected",
+            "duplicate_client_ref",
+            "recipient_rate_limited",
+        ]
         | None
     ) = None
     balance: int | None = None  # the account's balance after this group
+    retry_after: float | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True):

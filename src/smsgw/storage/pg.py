@@ -24,7 +24,7 @@ import msgspec
 import trio
 import trio_asyncio
 
-from smsgw.engine.credit import AccountCredit, CreditBook, TopUpTooLarge, hold_items
+from smsgw.engine.credit import AccountCredit, CreditBook, TopUpTooLarge, hold_within_limits
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
@@ -380,6 +380,53 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 # rows, the holds from the messages inserted (a taken client_ref holds nothing), so the figures are
 # exact whatever other nodes did. Written only when all of its parts apply: `ok` gates the outcomes
 # and the insert, and all the rest follows from what they returned.
+# The hourly limit per recipient number (an account's `recipient_limit_per_hour`, else the
+# node's default in $4; NULL: not checked here) counts the account's messages to the number
+# stored in the last hour, on every node, so it holds across nodes and restarts. Each node's
+# RecipientLimiter refuses a flood in memory first; the store has the last word.
+#
+# The counts come from the statement's snapshot, taken before it waited for the account
+# locks, so a group another node committed meanwhile is not counted. Whether one did shows in
+# the locked row: its version (xmin) differs from the snapshot's. A recipient is `crowded`
+# when the group would take it past its limit by the snapshot's count, or past half of it
+# while the account changed since the snapshot; then the statement changes nothing and the
+# group is done the exact way, whose counts are read after the locks. A group that missed
+# another node's messages to a number can so add at most half the limit on top of them, and
+# only while the number is below half of it: in practice a number's messages never reach the
+# limit that way, as the groups that follow count them all.
+_RECIPIENT_KEYS = """
+    SELECT x.account_id, x."to" AS recipient, count(*) AS n, min(x.created_at) AS at
+    FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text, created_at float8)
+    GROUP BY 1, 2"""
+_SEEN_IN_HOUR = """
+    SELECT count(*) AS seen, min(w.created_at) AS oldest FROM (
+        SELECT m.created_at FROM messages m
+        WHERE m.account_id = k.account_id AND m.recipient = k.recipient
+          AND m.created_at > to_timestamp(k.at) - interval '1 hour'
+        LIMIT {per_hour}) w"""
+_CROWDED = f"""
+    SELECT FROM ({_RECIPIENT_KEYS}) k
+    JOIN locked l ON l.id = k.account_id
+    CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour")}) r
+    WHERE $4::int IS NOT NULL
+      AND (r.seen + k.n > l.per_hour
+           OR (2 * (r.seen + k.n) > l.per_hour
+               AND l.version <> (SELECT a.xmin FROM accounts a WHERE a.id = l.id)))
+    LIMIT 1"""
+
+# The group's recipients past their limit, read after the group's accounts are locked (the
+# exact way): how many more each may take (`room`) and when the oldest of its hour's messages
+# leaves the hour (seconds after the group's first message to it).
+_RECIPIENT_ROOM = f"""
+SELECT k.account_id, k.recipient, greatest(l.per_hour - r.seen, 0) AS room,
+       extract(epoch FROM r.oldest) + 3600 - k.at AS retry_after
+FROM ({_RECIPIENT_KEYS}) k
+CROSS JOIN LATERAL (SELECT coalesce(a.recipient_limit_per_hour, $2::int) AS per_hour
+                    FROM accounts a WHERE a.id = k.account_id) l
+CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1")}) r
+WHERE r.seen + k.n > l.per_hour
+"""
+
 _OK_FINISHED = _finish_sql(
     "$2",
     only_if=" AND (SELECT ok FROM ok)",
@@ -388,11 +435,15 @@ _OK_FINISHED = _finish_sql(
 _OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
 _ONE_WRITES = f"""
 WITH locked AS MATERIALIZED (
-    SELECT a.id, a.balance, a.callback_url FROM accounts a
+    SELECT a.id, a.balance, a.callback_url, a.xmin AS version,
+           coalesce(a.recipient_limit_per_hour, $4::int) AS per_hour
+    FROM accounts a
     WHERE a.id = ANY($3::bigint[]) ORDER BY a.id FOR UPDATE
+), crowded AS ({_CROWDED}
 ), ok AS (
     SELECT count(*) = cardinality($3::bigint[])
-           AND coalesce(bool_and(l.balance >= coalesce(n.amount, 0)), TRUE) AS ok
+           AND coalesce(bool_and(l.balance >= coalesce(n.amount, 0)), TRUE)
+           AND NOT EXISTS (SELECT FROM crowded) AS ok
     FROM locked l LEFT JOIN (
         SELECT x.account_id, sum(x.price) AS amount
         FROM json_to_recordset($1::json) AS x(account_id bigint, price int)
@@ -443,8 +494,8 @@ WITH locked AS MATERIALIZED (
 _ONE_HANDOFF = """,
      (SELECT array_agg(x.owner) AS owners, array_agg(x.message_id::text) AS handed
       FROM ok, smsgw_handoff(
-          $4, $5,
-          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($6::json))
+          $5, $6,
+          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($7::json))
           END,
           CASE WHEN ok.ok THEN ARRAY(SELECT (value->>'id')::uuid
                                      FROM json_array_elements($1::json))
@@ -640,9 +691,18 @@ class PgStore(CallbackOutbox):
     """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs, and
     the callback outbox (`CallbackOutbox`, storage/delivery.py)."""
 
-    def __init__(self, db: Database, *, handoff: Handoff | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        handoff: Handoff | None = None,
+        recipient_limit: int | None = None,
+    ) -> None:
         self.db = db
         self.handoff = handoff
+        # Messages an hour to one number for an account without a limit of its own; None:
+        # the store does not check the hourly limit (tests of the store alone).
+        self.recipient_limit = recipient_limit
 
     async def commit_group(self, group: WriteGroup) -> GroupResult:
         copy = True
@@ -741,8 +801,9 @@ class PgStore(CallbackOutbox):
 
             accepts: list[list[AcceptResult]] = []
             stored: list[OutboundSms] = []
+            room = await self._recipient_room(conn, group) if group.accepts else None
             for items, atomic in group.accepts:
-                results = hold_items(book, items, atomic)
+                results = hold_within_limits(book, items, atomic, room)
                 accepts.append(results)
                 if all(res.accepted for res in results):
                     held = items
@@ -846,7 +907,7 @@ class PgStore(CallbackOutbox):
         nothing (an account missing, or one whose balance may not cover its holds), for the
         exact way to do."""
         stored = [sms for items, _ in group.accepts for sms in items]
-        args = [_json.encode(stored).decode(), finished, ids]
+        args = [_json.encode(stored).decode(), finished, ids, self.recipient_limit]
         if self.handoff is None:
             row = await conn.fetchrow(_ONE_STATEMENT, *args)
         else:
@@ -872,6 +933,23 @@ class PgStore(CallbackOutbox):
             wake = _handed_payloads(row["owners"], row["handed"], stored)
         await self._notify(conn, wake, group.outcomes)
         return GroupResult(accepts, [], [])
+
+    async def _recipient_room(
+        self, conn: asyncpg.Connection, group: WriteGroup
+    ) -> dict[tuple[int, str], list[float]] | None:
+        """The group's recipients past their hourly limit, read after the accounts are locked
+        (no other group can store messages of theirs until this one commits): (account,
+        number) -> [messages it may still take, seconds until one more fits]. None: none."""
+        if self.recipient_limit is None:
+            return None
+        items = [sms for items, _ in group.accepts for sms in items]
+        rows = await conn.fetch(_RECIPIENT_ROOM, _json.encode(items).decode(), self.recipient_limit)
+        if not rows:
+            return None
+        return {
+            (r["account_id"], r["recipient"]): [r["room"], float(r["retry_after"] or 1.0)]
+            for r in rows
+        }
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
         """Whether _ONE_STATEMENT can do this group: only accepts and outcomes, not a batch

@@ -129,17 +129,20 @@ class Intake:
                     f" {self._express_problem}; nothing was held",
                     retry_after=1,
                 )
-        limit = self.recipient_limit
-        wait = gw.recipients.take(sms.account_id, sms.to, self.monotonic, limit)
+        wait = gw.recipients.take(sms.account_id, sms.to, self.monotonic, self.recipient_limit)
         if wait:
-            retry_after = max(1, math.ceil(wait))
-            raise ProblemError(
-                429,
-                "recipient_rate_limited",
-                f"this account may send {limit or gw.recipients.limit} messages an hour to"
-                f" {sms.to}; retry in {retry_after} s",
-                retry_after=retry_after,
-            )
+            raise self.recipient_limited(sms, wait)
+
+    def recipient_limited(self, sms: OutboundSms, wait: float) -> ProblemError:
+        """The 429 for a message past its number's hourly limit, `wait` s before one fits."""
+        retry_after = max(1, math.ceil(wait))
+        return ProblemError(
+            429,
+            "recipient_rate_limited",
+            f"this account may send {self.recipient_limit or self.gw.recipients.limit} messages"
+            f" an hour to {sms.to}; retry in {retry_after} s",
+            retry_after=retry_after,
+        )
 
 
 def admit_bulk(gw: Gateway, account_id: int, count: int) -> None:
@@ -192,9 +195,14 @@ async def send_message() -> Response:
         except ProblemError:
             gw.recipients.give_back(account_id, sms.to)
             raise
-        if not results[0].accepted:
+        result = results[0]
+        if result.reason == "recipient_rate_limited":
+            # Other nodes' messages (or those before a restart) filled the hour: the store
+            # counts them all. The token taken here stays spent.
+            raise intake.recipient_limited(sms, result.retry_after or 1.0)
+        if not result.accepted:
             gw.recipients.give_back(account_id, sms.to)
-        if results[0].reason == "duplicate_client_ref" and sms.client_ref is not None:
+        if result.reason == "duplicate_client_ref" and sms.client_ref is not None:
             return await existing_by_client_ref(gw, account_id, sms.client_ref)
         if not results[0].accepted:
             raise ProblemError(
