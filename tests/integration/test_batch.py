@@ -1,4 +1,4 @@
-"""POST /v1/messages/batch: per-item results, partial credit, atomic mode, limits."""
+"""POST /v1/messages/batch: per-item results, partial credit, duplicates, atomic mode, limits."""
 
 from __future__ import annotations
 
@@ -43,9 +43,12 @@ async def test_a_batch_is_accepted_item_by_item_in_order(database_url: str, sche
         account = await create_account(client, 1_000)
         r = await post_batch(client, account["api_key"], items(50))
         assert r.status_code == 202, r.text
-        results = r.json()["results"]
-        assert len(results) == 50
+        body = r.json()
+        results = body["results"]
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (50, 0, 0)
+        assert [x["index"] for x in results] == list(range(50))
         assert all(x["status"] == "queued" and x["price"] == 5 for x in results)
+        assert all(x["segments"] == 1 and "error" not in x for x in results)
         assert len({x["id"] for x in results}) == 50
         await wait_all_final(client, account["api_key"], [x["id"] for x in results])
         assert (await get_account(client, account["api_key"]))["balance"] == 1_000 - 250
@@ -61,12 +64,20 @@ async def test_credit_running_out_mid_batch_refuses_the_rest(
         messages[8]["text"] = "x"  # cheap enough to fit the rest, but the balance ran out first
         r = await post_batch(client, account["api_key"], messages)
         assert r.status_code == 202, r.text
-        results = r.json()["results"]
-        assert [x.get("status") for x in results[:7]] == ["queued"] * 7
+        body = r.json()
+        results = body["results"]
+        assert (body["accepted"], body["rejected"]) == (7, 3)
+        assert [x["status"] for x in results[:7]] == ["queued"] * 7
         for index, refused in enumerate(results[7:], start=7):
             assert "id" not in refused
-            assert refused["code"] == "insufficient_credit" and refused["index"] == index
-            assert refused["status"] == 402
+            assert (refused["index"], refused["status"]) == (index, "rejected")
+            error = refused["error"]
+            assert (error["code"], error["status"], error["field"]) == (
+                "insufficient_credit",
+                402,
+                None,
+            )
+            assert error["price"] == 5
         assert await message_count(database_url, schema) == 7
         me = await get_account(client, account["api_key"])
         assert me["balance"] == 3  # held or captured: the 7 took exactly 35
@@ -83,12 +94,20 @@ async def test_invalid_items_get_their_own_problem_and_the_rest_go_through(
         messages.append("not an object")
         r = await post_batch(client, account["api_key"], messages)
         assert r.status_code == 202, r.text
-        results = r.json()["results"]
-        assert len(results) == 6
+        body = r.json()
+        results = body["results"]
+        assert len(results) == 6 and (body["accepted"], body["rejected"]) == (3, 3)
+        assert [x["index"] for x in results] == list(range(6))
         assert [("id" in x) for x in results] == [True, False, True, False, True, False]
-        assert results[1]["status"] == 422 and results[1]["field"] == "to"
-        assert results[3]["status"] == 422 and "colour" in results[3]["detail"]
-        assert results[5]["index"] == 5
+        assert [x["status"] for x in results] == ["queued", "rejected"] * 3
+        assert results[1]["error"] == {
+            "code": "invalid_field",
+            "field": "to",
+            "detail": results[1]["error"]["detail"],
+            "status": 422,
+        }
+        assert results[3]["error"]["status"] == 422 and "colour" in results[3]["error"]["detail"]
+        assert results[5]["error"]["code"]
         assert await message_count(database_url, schema) == 3
         me = await get_account(client, account["api_key"])
         assert me["balance"] == 1_000 - 15  # the three valid items, held or captured
@@ -104,6 +123,10 @@ async def test_atomic_batch_with_an_invalid_item_stores_and_holds_nothing(
         r = await post_batch(client, account["api_key"], messages, atomic=True)
         body = assert_problem(r, 422)
         assert body["code"] == "invalid_batch" and body["errors"][0]["index"] == 2
+        assert (body["accepted"], body["rejected"]) == (0, 4)
+        codes = [x["error"]["code"] for x in body["results"]]
+        assert codes == ["batch_rejected", "batch_rejected", "invalid_field", "batch_rejected"]
+        assert body["results"][2]["error"]["field"] == "text"
         assert await message_count(database_url, schema) == 0
         me = await get_account(client, account["api_key"])
         assert (me["balance"], me["held"]) == (1_000, 0)
@@ -158,16 +181,67 @@ async def test_a_large_batch_goes_in_by_copy_and_a_taken_client_ref_still_gets_i
         r = await post_batch(client, key, first)
         assert r.status_code == 202, r.text[:300]
         assert all(x["status"] == "queued" for x in r.json()["results"])
+        first_ids = [x["id"] for x in r.json()["results"]]
         again = [{"to": TO, "text": f"n {i}", "client_ref": f"b-{i}"} for i in range(300)]
         again[123]["client_ref"] = "a-7"  # taken by the first batch
         r = await post_batch(client, key, again)
         assert r.status_code == 202, r.text[:300]
-        results = r.json()["results"]
-        assert results[123]["code"] == "duplicate_client_ref" and "id" not in results[123]
-        assert sum(1 for x in results if x.get("status") == "queued") == 299
+        body = r.json()
+        results = body["results"]
+        # Reported as a single send answers it: the message that has that client_ref.
+        assert results[123] == {"index": 123, "status": "duplicate", "id": first_ids[7]}
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (299, 1, 0)
         assert await message_count(database_url, schema) == 599
         await wait_all_final(client, key, [x["id"] for x in results if "id" in x])
         assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def test_a_retried_batch_names_its_messages_and_stores_nothing_twice(
+    database_url: str, schema: str
+) -> None:
+    async with open_node(database_url, schema, RELIABLE) as node, http_client(node.url) as client:
+        account = await create_account(client, 1_000)
+        key = account["api_key"]
+        messages = [{"to": TO, "text": f"m {i}", "client_ref": f"order-{i}"} for i in range(3)]
+        first = await post_batch(client, key, messages)
+        assert first.status_code == 202, first.text
+        ids = [x["id"] for x in first.json()["results"]]
+        # The same batch again (its answer was lost, say): 200, nothing new, the same ids,
+        # as a single send with a used client_ref answers 200 with that message.
+        again = await post_batch(client, key, messages)
+        assert again.status_code == 200, again.text
+        body = again.json()
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (0, 3, 0)
+        assert [(x["index"], x["status"], x["id"]) for x in body["results"]] == [
+            (i, "duplicate", ids[i]) for i in range(3)
+        ]
+        single = await client.post("/v1/messages", json=messages[1], headers=bearer(key))
+        assert single.status_code == 200 and single.json()["id"] == ids[1]
+        # Atomic: every client_ref taken is the same retry, 200; some taken is a 409.
+        r = await post_batch(client, key, messages, atomic=True)
+        assert r.status_code == 200 and [x["id"] for x in r.json()["results"]] == ids
+        mixed = [*messages, {"to": TO, "text": "new", "client_ref": "order-9"}]
+        body = assert_problem(await post_batch(client, key, mixed, atomic=True), 409)
+        assert body["code"] == "duplicate_client_ref"
+        assert await message_count(database_url, schema) == 3
+        assert (await get_account(client, key))["balance"] == 1_000 - 15  # held or captured
+
+
+async def test_a_batch_none_of_whose_items_is_accepted_is_a_422_with_every_result(
+    database_url: str, schema: str
+) -> None:
+    async with open_node(database_url, schema, RELIABLE) as node, http_client(node.url) as client:
+        account = await create_account(client, 7)  # one message, then the credit is gone
+        key = account["api_key"]
+        r = await post_batch(client, key, [{"to": "123", "text": "x"}, {"to": TO, "text": ""}])
+        body = assert_problem(r, 422)
+        assert body["code"] == "nothing_accepted"
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (0, 0, 2)
+        assert [x["error"]["field"] for x in body["results"]] == ["to", "text"]
+        assert (await post_batch(client, key, items(1))).status_code == 202
+        body = assert_problem(await post_batch(client, key, items(2)), 422)
+        assert [x["error"]["code"] for x in body["results"]] == ["insufficient_credit"] * 2
+        assert await message_count(database_url, schema) == 1
 
 
 async def test_micros_is_the_microsecond_to_timestamp_stores(

@@ -183,8 +183,8 @@ async def test_a_limit_with_leading_zeros_is_still_a_number(client: httpx.AsyncC
 
 ROUTE_RANGES = (
     ("/v1/messages", "created_from", "created_to"),
-    ("/v1/reports/summary", "from", "to"),
-    ("/v1/messages/export", "from", "to"),
+    ("/v1/reports/summary", "created_from", "created_to"),
+    ("/v1/messages/export", "created_from", "created_to"),
 )
 
 

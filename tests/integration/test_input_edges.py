@@ -42,7 +42,12 @@ async def test_a_nul_in_one_batch_item_refuses_that_item_only(client: httpx.Asyn
     assert r.status_code == 202, r.text
     first, second = r.json()["results"]
     assert first["status"] == "queued"
-    assert (second["status"], second["code"], second["field"]) == (422, "invalid_field", "text")
+    error = second["error"]
+    assert (second["status"], error["code"], error["field"]) == (
+        "rejected",
+        "invalid_field",
+        "text",
+    )
 
 
 async def test_an_account_id_past_bigint_is_no_account(client: httpx.AsyncClient) -> None:

@@ -219,7 +219,8 @@ async def test_summary_counts_segments_cost_and_held(database_url: str, schema: 
         )
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["group_by"] == "status" and body["from"] is None and body["to"] is None
+        assert body["group_by"] == "status"
+        assert body["created_from"] is body["created_to"] is body["from"] is body["to"] is None
         expected: dict[str, dict[str, int]] = {}
         for m in finals:
             g = expected.setdefault(
@@ -253,11 +254,19 @@ async def test_summary_counts_segments_cost_and_held(database_url: str, schema: 
         # A range with nothing in it.
         r = await client.get(
             "/v1/reports/summary",
-            params={"from": "2000-01-01T00:00:00Z", "to": "2000-02-01T00:00:00Z"},
+            params={"created_from": "2000-01-01T00:00:00Z", "created_to": "2000-02-01T00:00:00Z"},
             headers=bearer(key),
         )
         assert r.json()["groups"] == [] and r.json()["totals"]["messages"] == 0
-        assert r.json()["from"] == "2000-01-01T00:00:00Z"
+        assert r.json()["created_from"] == r.json()["from"] == "2000-01-01T00:00:00Z"
+        # The names before API 2.0.0 still work, deprecated; one name for each end.
+        r = await client.get(
+            "/v1/reports/summary",
+            params={"from": "2000-01-01T00:00:00Z", "created_to": "2000-02-01T00:00:00Z"},
+            headers=bearer(key),
+        )
+        assert r.json()["created_to"] == "2000-02-01T00:00:00Z", r.text
+        assert r.json()["created_from"] == "2000-01-01T00:00:00Z"
 
 
 async def test_summary_reports_held_credit_of_messages_not_final(
@@ -282,8 +291,11 @@ async def test_summary_reports_held_credit_of_messages_not_final(
     "params",
     [
         {"group_by": "month"},
+        {"created_from": "soon"},
         {"from": "soon"},
-        {"from": "2025-02-01T00:00:00Z", "to": "2025-01-01T00:00:00Z"},
+        {"created_from": "2025-02-01T00:00:00Z", "created_to": "2025-01-01T00:00:00Z"},
+        {"from": "2025-02-01T00:00:00Z", "created_to": "2025-01-01T00:00:00Z"},
+        {"from": "2025-01-01T00:00:00Z", "created_from": "2025-01-01T00:00:00Z"},
         {"status": "sent"},
     ],
 )
@@ -332,6 +344,13 @@ async def test_export_streams_every_message_as_csv(
     ordered = sorted(finals, key=order_key)
     r = await client.get(
         "/v1/messages/export",
+        params={"created_from": ordered[3]["created_at"], "created_to": ordered[9]["created_at"]},
+        headers=bearer(key),
+    )
+    assert [row["id"] for row in parse_csv(r.text)] == [m["id"] for m in ordered[3:9]]
+    # And by the deprecated names of before API 2.0.0.
+    r = await client.get(
+        "/v1/messages/export",
         params={"from": ordered[3]["created_at"], "to": ordered[9]["created_at"]},
         headers=bearer(key),
     )
@@ -344,7 +363,7 @@ async def test_export_of_nothing_is_a_header(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     assert r.text == ",".join(reports.EXPORT_COLUMNS) + "\n"
     r = await client.get(
-        "/v1/messages/export", params={"from": "later"}, headers=bearer(account["api_key"])
+        "/v1/messages/export", params={"created_from": "later"}, headers=bearer(account["api_key"])
     )
     assert_problem(r, 422)
     r = await client.get(

@@ -130,7 +130,8 @@ async def test_wait_is_for_express_messages_only(database_url: str, schema: str)
             json={"messages": [{"to": TO, "text": "x", "express": True, "wait": True}]},
             headers=bearer(account["api_key"]),
         )
-        assert r.status_code == 202 and r.json()["results"][0]["status"] == 422
+        problem = assert_problem(r, 422)  # no item accepted
+        assert problem["results"][0]["error"]["field"] == "wait"
         assert await message_count(database_url, schema) == 0
 
 
@@ -167,7 +168,9 @@ async def test_a_recipient_past_its_hourly_limit_gets_429_and_others_do_not(
         )
         results = r.json()["results"]
         assert results[0]["status"] == "queued"
-        assert results[1]["status"] == 429 and results[1]["code"] == "recipient_rate_limited"
+        error = results[1]["error"]
+        assert (error["status"], error["code"]) == (429, "recipient_rate_limited")
+        assert error["retry_after"] >= 1
 
 
 async def test_an_account_api_rate_setting_limits_its_requests(

@@ -36,6 +36,8 @@ from smsgw.http.schemas import (
     AccountSettingsIn,
     AccountSettingsOut,
     BalanceOut,
+    BatchOut,
+    BatchResultOut,
     ClientRef,
     ClusterOut,
     CreateAccountIn,
@@ -50,7 +52,30 @@ from smsgw.http.schemas import (
 
 Auth = Literal["none", "account", "admin", "operator"]
 REF = "#/components/schemas/{name}"
-API_VERSION = "1.0.0"
+API_VERSION = "2.0.0"
+# What changed in each version of the HTTP contract, newest first (info.description).
+CHANGES = (
+    (
+        "2.0.0",
+        "POST /v1/messages/batch answers one result shape, `{index, status: queued | duplicate"
+        " | rejected, id?, segments?, price?, error?: {code, field, detail, status,"
+        " retry_after?, price?}}`, with the counts `accepted`, `duplicates` and `rejected`"
+        " (before: an accepted item without `index`, a refused one as a problem with an"
+        " integer `status`). 202 when any item was stored, 200 when none was but some"
+        " `client_ref`s were already used (those items are `duplicate`, with the existing"
+        " message's `id`, as a single send answers 200 with it; before: a 409 problem item),"
+        " 422 problem `nothing_accepted` carrying the same members when every item was refused"
+        " (before: 202). An atomic batch whose every `client_ref` is taken answers 200 with"
+        " each item `duplicate` (before: 409); its 422 `invalid_batch` carries `results` too."
+        " GET /v1/reports/summary and GET /v1/messages/export take `created_from` and"
+        " `created_to`, as GET /v1/messages does; their old names `from` and `to` are"
+        " deprecated aliases (one name per end), and the summary answers `created_from` and"
+        " `created_to` beside the deprecated `from` and `to`. Status callbacks are signed as"
+        " Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`); the"
+        " `X-Smsgw-*` signature headers are deprecated.",
+    ),
+    ("1.0.0", "The first published contract."),
+)
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
 
 
@@ -77,6 +102,7 @@ class Param:
     schema: Any = str
     required: bool = False
     description: str = ""
+    deprecated: bool = False
 
 
 def query_params(kind: type[msgspec.Struct]) -> tuple[Param, ...]:
@@ -149,7 +175,14 @@ class Problem(msgspec.Struct):
     balance: int | None = None  # 402: the balance at the time
     retry_after: int | None = None  # 429: seconds until the next request is allowed
     max_items: int | None = None  # 413 for a batch: the most items a batch may hold
-    errors: list[dict[str, Any]] | None = None  # 422 for an atomic batch: each item's problem
+    # 422 for an atomic batch: each invalid item's problem (deprecated: `results`).
+    errors: list[dict[str, Any]] | None = None
+    # A batch's 422 (`nothing_accepted`, and an atomic batch's `invalid_batch`): every item's
+    # result and the counts, as a 202 answer has them.
+    results: list[BatchResultOut] | None = None
+    accepted: int | None = None
+    duplicates: int | None = None
+    rejected: int | None = None
     # `"wait": true` answers that are not 200: the message, its status and whether its hold
     # was released.
     message_id: str | None = None
@@ -190,46 +223,11 @@ class ReadyOut(msgspec.Struct):
     recovered: int  # messages recovered at start
 
 
-class BatchItemProblem(msgspec.Struct):
-    """A refused item of a batch: a problem without `type`, with the item's `index`."""
-
-    index: int
-    status: int
-    title: str
-    code: str
-    detail: str
-    field: str | None = None
-    price: int | None = None
-
-
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /v1/messages/batch. The handler decodes each item on its own as a `SendIn`."""
 
     messages: Annotated[list[SendIn], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
     atomic: bool = False
-
-
-_BATCH_OUT = Content(
-    "application/json",
-    {
-        "type": "object",
-        "title": "BatchOut",
-        "description": "One result per item, in order: accepted, or a problem.",
-        "properties": {
-            "results": {
-                "type": "array",
-                "items": {
-                    "anyOf": [
-                        {"$ref": REF.format(name="AcceptedOut")},
-                        {"$ref": REF.format(name="BatchItemProblem")},
-                    ]
-                },
-            }
-        },
-        "required": ["results"],
-    },
-    refs=(AcceptedOut, BatchItemProblem),
-)
 
 
 class MessagePage(msgspec.Struct):
@@ -268,8 +266,11 @@ class SummaryTotals(msgspec.Struct):
 
 
 class SummaryOut(msgspec.Struct):
-    """GET /v1/reports/summary."""
+    """GET /v1/reports/summary. `from` and `to` repeat `created_from` and `created_to`
+    (deprecated: the names before 2.0.0)."""
 
+    created_from: Timestamp | None
+    created_to: Timestamp | None
     from_: Timestamp | None = msgspec.field(name="from")
     to: Timestamp | None
     group_by: Literal["day", "status"]
@@ -282,13 +283,27 @@ OperatorName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]
 DateTime = {"type": "string", "format": "date-time"}
 MessageId = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
 
+# summary and export before 2.0.0 named their range `from` and `to`; still taken.
+_OLD_RANGE = (
+    "`from` and `to` are the deprecated names of `created_from` and `created_to` (before API"
+    " 2.0.0); give one name for each end."
+)
+_OLD_RANGE_NAMES = (
+    Param("from", "query", DateTime, description="deprecated: `created_from`", deprecated=True),
+    Param("to", "query", DateTime, description="deprecated: `created_to`", deprecated=True),
+)
+
 # How status callbacks are sent and signed: the same words on every route that sets a URL.
 CALLBACKS = (
     'Callbacks: a POST with a JSON body {event: "message.status", delivery_id, message_id,'
-    " status, reason, client_ref, at} and the headers `X-Smsgw-Timestamp` (unix seconds),"
-    " `X-Smsgw-Delivery` (the delivery_id, the same on every retry) and `X-Smsgw-Signature:"
-    " sha256=<hex>`, the HMAC-SHA256 with the account's signing secret (UTF-8) as key over"
-    " the bytes `<timestamp>.<body>`. Verify it in constant time and refuse old timestamps."
+    " status, reason, client_ref, at}, signed as Standard Webhooks prescribe: `webhook-id`"
+    " (the delivery_id, the same on every retry), `webhook-timestamp` (unix seconds) and"
+    " `webhook-signature: v1,<base64>`, the HMAC-SHA256 over `<id>.<timestamp>.<body>` with"
+    " the account's signing secret `whsec_<base64>` decoded as key (the published Standard"
+    " Webhooks libraries verify it). The earlier headers `X-Smsgw-Timestamp`,"
+    " `X-Smsgw-Delivery` and `X-Smsgw-Signature: sha256=<hex>` (HMAC-SHA256 over"
+    " `<timestamp>.<body>`, the whole secret as UTF-8 key) are sent too, deprecated. Verify"
+    " in constant time and refuse old timestamps."
     " Any 2xx answer is success; anything else, or no answer within 10 s, is retried with"
     " exponential backoff and full jitter for up to 24 hours. A message's callbacks arrive in"
     " the order of its status changes, at least once each. The URL must be http(s) and, in"
@@ -434,10 +449,12 @@ ROUTES: list[Route] = [
         "reports",
         responses={200: SummaryOut},
         params=(
-            Param("from", "query", DateTime, description="inclusive"),
-            Param("to", "query", DateTime, description="exclusive"),
+            Param("created_from", "query", DateTime, description="inclusive"),
+            Param("created_to", "query", DateTime, description="exclusive"),
             Param("group_by", "query", Literal["day", "status"]),
+            *_OLD_RANGE_NAMES,
         ),
+        description="Messages created in [created_from, created_to). " + _OLD_RANGE,
     ),
     Route(
         "GET",
@@ -446,9 +463,11 @@ ROUTES: list[Route] = [
         "reports",
         responses={200: Content("text/csv", {"type": "string"})},
         params=(
-            Param("from", "query", DateTime, description="inclusive"),
-            Param("to", "query", DateTime, description="exclusive; default: now"),
+            Param("created_from", "query", DateTime, description="inclusive"),
+            Param("created_to", "query", DateTime, description="exclusive; default: now"),
+            *_OLD_RANGE_NAMES,
         ),
+        description="Messages created in [created_from, created_to). " + _OLD_RANGE,
     ),
     Route(
         "GET",
@@ -464,15 +483,24 @@ ROUTES: list[Route] = [
         "Send up to 1,000 messages",
         "messages",
         request=BatchRequest,
-        responses={202: _BATCH_OUT},
+        responses={202: BatchOut, 200: BatchOut},
         problems=(402, 409, 503),
         idempotent=False,
         description=(
-            "202 with one result per item, in order. Credit is held item by item; once it runs"
-            " out, the rest are refused. An item whose `client_ref` the account already used"
-            " gets a 409 problem result. With `atomic`, all or none: 422 when any item is"
-            " invalid, 402 when the balance cannot cover them all, 409 when a `client_ref` is"
-            " taken."
+            "One result per item, in order, each with its `index`: `queued` (stored now: `id`,"
+            " `segments`, `price`), `duplicate` (the account already has a message with this"
+            " `client_ref`: nothing new is stored, `id` is that message's, as a single send"
+            " answers 200 with it) or `rejected` (`error`: the `code`, `field`, `detail` and"
+            " HTTP `status` a single send of the item would have answered, `retry_after` for"
+            " a 429 or 503). `accepted` + `duplicates` + `rejected` is the number of items."
+            " 202 when any item was stored; 200 when none was but some were duplicates; 422"
+            " problem `nothing_accepted`, with the same `results` and counts, when every item"
+            " was rejected. Credit is held item by item; once it runs out, the rest are"
+            " rejected with `insufficient_credit`. With `atomic`, all or none: 422"
+            " `invalid_batch` (with `results`) when any item is invalid, 402 when the balance"
+            " cannot cover them all, 409 when some but not all `client_ref`s are taken (all"
+            " taken: 200, every item a duplicate). The batch's bulk is admitted or refused"
+            " whole (429 `backlog_full`, 503 `overloaded`)."
         ),
     ),
     # delivery reports (routes/delivery.py)
@@ -600,7 +628,8 @@ def document(routes: Sequence[Route] = ROUTES, *, title: str = "smsgw") -> dict[
             "version": API_VERSION,
             "description": (
                 "An SMS gateway: prepaid credit, fair dispatch, an express lane. Errors are"
-                " application/problem+json (RFC 9457) with a stable `code`."
+                " application/problem+json (RFC 9457) with a stable `code`.\n\nChanges:\n"
+                + "\n".join(f"- {version}: {change}" for version, change in CHANGES)
             ),
         },
         "tags": [{"name": t} for t in dict.fromkeys(r.tag for r in routes)],
@@ -752,6 +781,8 @@ def _parameter(param: Param, schema_of: Mapping[Any, dict[str, Any]]) -> dict[st
     }
     if param.description:
         out["description"] = param.description
+    if param.deprecated:
+        out["deprecated"] = True
     return out
 
 

@@ -159,6 +159,21 @@ def time_range(
     return lo, hi
 
 
+def aliased(params: dict[str, str], name: str, old: str) -> str:
+    """Which of `name` and its deprecated alias `old` the query uses (`name` when neither);
+    422 when it gives both."""
+    if old not in params:
+        return name
+    if name in params:
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`{old}` is the deprecated name of `{name}`: give one of them",
+            field=old,
+        )
+    return old
+
+
 def is_message_id(value: str) -> bool:
     """Whether `value` is a message id: a UUID as the API writes it, or without hyphens."""
     return _MESSAGE_ID.fullmatch(value) is not None

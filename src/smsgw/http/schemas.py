@@ -168,8 +168,41 @@ class BatchItemsIn(msgspec.Struct, forbid_unknown_fields=True):
     atomic: bool = False
 
 
+class BatchItemError(msgspec.Struct, omit_defaults=True):
+    """Why a batch item was not stored: `code` is what a single send of it would have answered
+    (`invalid_field`, `insufficient_credit`, `recipient_rate_limited`, ...), `status` that
+    answer's HTTP status, `field` the item's field at fault (null when none)."""
+
+    code: str
+    field: str | None
+    detail: str
+    status: int
+    retry_after: int | None = None  # 429 and 503: seconds until the item may be sent again
+    price: int | None = None  # insufficient_credit: the item's price
+
+
+class BatchResultOut(msgspec.Struct, omit_defaults=True):
+    """One item of a batch, at its `index` in the request. `queued`: stored now, with its new
+    `id`, `segments` and `price`. `duplicate`: the account already has a message with this
+    item's `client_ref`; nothing new is stored and `id` is that message's (a single send
+    answers 200 with it). `rejected`: not stored, `error` says why."""
+
+    index: int
+    status: Literal["queued", "duplicate", "rejected"]
+    id: str | None = None
+    segments: int | None = None
+    price: int | None = None
+    error: BatchItemError | None = None
+
+
 class BatchOut(msgspec.Struct):
-    results: list[AcceptedOut | dict[str, object]]
+    """POST /v1/messages/batch: one result per item, in order, and how many of each kind
+    (`accepted` + `duplicates` + `rejected` is the number of items)."""
+
+    results: list[BatchResultOut]
+    accepted: int
+    duplicates: int
+    rejected: int
 
 
 class ClusterNodeOut(msgspec.Struct):

@@ -23,7 +23,7 @@ from quart import Blueprint, Response, request
 from smsgw.engine import sms as rules
 from smsgw.engine.ports import MessageQuery, SummaryRow
 from smsgw.http.context import Gateway, gateway, json_response
-from smsgw.http.params import query_params, text, time_range, whole_number
+from smsgw.http.params import aliased, query_params, text, time_range, whole_number
 from smsgw.http.problems import ProblemError
 from smsgw.http.routes.messages import message_view
 
@@ -124,6 +124,19 @@ def message_query(params: dict[str, str]) -> MessageQuery:
     )
 
 
+# The creation-time range, named as on GET /v1/messages; `from` and `to` are the names summary
+# and export used before API 2.0.0, still taken (not both names of one end).
+RANGE_PARAMS = ("created_from", "created_to", "from", "to")
+
+
+def created_range(params: dict[str, str]) -> tuple[datetime | None, datetime | None]:
+    """[created_from, created_to) of a summary or an export; a problem names the parameter
+    as the query gave it."""
+    start = aliased(params, "created_from", "from")
+    end = aliased(params, "created_to", "to")
+    return time_range(params, start, end)
+
+
 # --- routes -------------------------------------------------------------------------------
 
 
@@ -153,15 +166,15 @@ async def list_messages() -> Response:
 
 @bp.get("/v1/reports/summary")
 async def summary() -> Response:
-    """Per UTC day or per status, for messages created in [from, to): counts, segments, cost
-    (captured: the prices of sent messages) and held (the prices of messages not final).
-    `sent` counts every message that reached the operator; `delivered` and `undelivered`
-    (from DLRs) are part of it, and `cost` includes both: an undelivered message stays
-    charged."""
+    """Per UTC day or per status, for messages created in [created_from, created_to):
+    counts, segments, cost (captured: the prices of sent messages) and held (the prices of
+    messages not final). `sent` counts every message that reached the operator; `delivered`
+    and `undelivered` (from DLRs) are part of it, and `cost` includes both: an undelivered
+    message stays charged."""
     gw = gateway()
     account_id = await gw.require_account()
-    params = query_params(request.args, ("from", "to", "group_by"))
-    created_from, created_to = time_range(params, "from", "to")
+    params = query_params(request.args, (*RANGE_PARAMS, "group_by"))
+    created_from, created_to = created_range(params)
     group_by = params.get("group_by", "day")
     if group_by not in ("day", "status"):
         raise ProblemError(
@@ -176,8 +189,10 @@ async def summary() -> Response:
     }
     return json_response(
         {
-            "from": created_from,
-            "to": created_to,
+            "created_from": created_from,
+            "created_to": created_to,
+            "from": created_from,  # deprecated: `created_from`
+            "to": created_to,  # deprecated: `created_to`
             "group_by": grouping,
             "groups": [{grouping: r.key, **_summary_fields(r)} for r in rows],
             "totals": totals,
@@ -191,16 +206,17 @@ def _summary_fields(row: SummaryRow) -> dict[str, int]:
 
 @bp.get("/v1/messages/export")
 async def export() -> Response:
-    """CSV of the account's messages created in [from, to), oldest first, streamed: the
-    gateway reads PostgreSQL in keyset pages of EXPORT_PAGE rows while it writes, so memory
-    stays flat whatever the range. Without `to`, the export ends at the moment it started.
+    """CSV of the account's messages created in [created_from, created_to), oldest first,
+    streamed: the gateway reads PostgreSQL in keyset pages of EXPORT_PAGE rows while it
+    writes, so memory stays flat whatever the range. Without `created_to`, the export ends at
+    the moment it started.
 
     Everything that can be refused is checked before the answer starts, and the first page is
     read before it too: until then a failure is a problem answer like on any route."""
     gw = gateway()
     account_id = await gw.require_account()
-    params = query_params(request.args, ("from", "to"))
-    created_from, created_to = time_range(params, "from", "to")
+    params = query_params(request.args, RANGE_PARAMS)
+    created_from, created_to = created_range(params)
     if created_to is None:
         created_to = datetime.now(UTC)
     query = MessageQuery(
