@@ -1,0 +1,181 @@
+"""What the API sends and takes, as msgspec Structs checked against the OpenAPI document.
+
+Each answer Struct mirrors one schema of `GET /openapi.json` (named in its docstring):
+tests/integration/test_client_contract.py fails when a field, its type or whether it is
+required differs. Decoding ignores fields the client does not know, so a newer gateway that
+adds some does not break an older client.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+# RFC 3339 with an offset; the format is stated so the Structs' schema matches the document's.
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+MessageStatus = Literal["queued", "sending", "sent", "failed", "delivered", "undelivered"]
+
+
+class OutgoingMessage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """One message to send (schema `SendIn`, without `wait`): an item of `batch`."""
+
+    to: str  # E.164: "+4915123456789"
+    text: str
+    sender: str | None = None
+    express: bool = False
+    client_ref: str | None = None  # the account's own id for it: a second send is a duplicate
+    callback_url: str | None = None
+
+
+class Accepted(msgspec.Struct):
+    """A message just stored (schema `AcceptedOut`)."""
+
+    id: str
+    status: str
+    segments: int
+    price: int
+
+
+class Message(msgspec.Struct):
+    """One message as its account sees it (schema `MessageOut`)."""
+
+    id: str
+    to: str
+    sender: str
+    text: str
+    status: MessageStatus
+    reason: str | None
+    segments: int
+    price: int
+    express: bool
+    attempts: int
+    operator: str | None
+    operator_message_id: str | None
+    client_ref: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    callback_url: str | None = None
+
+
+class MessagePage(msgspec.Struct):
+    """A page of messages, newest first (schema `MessagePage`); `next_cursor` is None on the
+    last page."""
+
+    items: list[Message]
+    next_cursor: str | None
+
+
+class BatchItemError(msgspec.Struct):
+    """Why a batch item was not stored (schema `BatchItemError`): `code` and `status` are what
+    a single send of it would have answered."""
+
+    code: str
+    field: str | None
+    detail: str
+    status: int
+    retry_after: int | None = None
+    price: int | None = None
+
+
+class BatchResult(msgspec.Struct):
+    """One item of a batch (schema `BatchResultOut`): `queued` (stored now), `duplicate` (its
+    client_ref was used already; `id` is that message's) or `rejected` (`error` says why)."""
+
+    index: int
+    status: Literal["queued", "duplicate", "rejected"]
+    id: str | None = None
+    segments: int | None = None
+    price: int | None = None
+    error: BatchItemError | None = None
+
+
+class BatchResponse(msgspec.Struct):
+    """A batch's answer (schema `BatchOut`): one result per item, in order, and the counts."""
+
+    results: list[BatchResult]
+    accepted: int
+    duplicates: int
+    rejected: int
+
+
+class SummaryGroup(msgspec.Struct):
+    """One UTC day or one status of a summary (schema `SummaryGroup`)."""
+
+    messages: int
+    sent: int
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+    delivered: int
+    undelivered: int
+    day: str | None = None
+    status: str | None = None
+
+
+class SummaryTotals(msgspec.Struct):
+    """A summary's totals (schema `SummaryTotals`)."""
+
+    messages: int
+    sent: int
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+    delivered: int
+    undelivered: int
+
+
+class Summary(msgspec.Struct):
+    """Counts and credit per day or status (schema `SummaryOut`, without its deprecated
+    `from` and `to`)."""
+
+    created_from: Timestamp | None
+    created_to: Timestamp | None
+    group_by: Literal["day", "status"]
+    groups: list[SummaryGroup]
+    totals: SummaryTotals
+
+
+class Account(msgspec.Struct):
+    """The calling account (schema `AccountOut`)."""
+
+    id: int
+    name: str
+    balance: int
+    held: int
+    callback_url: str | None = None
+
+
+class AccountCreated(msgspec.Struct):
+    """A new account, its API key and signing secret shown only here (schema
+    `AccountCreatedOut`)."""
+
+    id: int
+    name: str
+    api_key: str
+    balance: int
+    signing_secret: str = ""
+
+
+class Balance(msgspec.Struct):
+    """An account's balance after a top-up (schema `BalanceOut`)."""
+
+    balance: int
+
+
+class StatusCallback(msgspec.Struct):
+    """The body of a status callback (not in the OpenAPI document: the gateway POSTs it to
+    the account's URL). `delivery_id` is the same on every retry: dedupe on it."""
+
+    event: str
+    delivery_id: int
+    message_id: str
+    status: str
+    reason: str | None
+    client_ref: str | None
+    at: Timestamp
