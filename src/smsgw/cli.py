@@ -19,9 +19,10 @@ import trio
 
 from smsgw.engine.node import EngineConfig
 from smsgw.logs import configure as configure_logging
+from smsgw.logs import redact_url
 from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
-from smsgw.storage.embedded import database_url
+from smsgw.storage.embedded import ChosenDatabase, choose_database, database_url, embedded_log_paths
 
 if TYPE_CHECKING:
     from smsgw.engine.node import EngineConfig
@@ -95,23 +96,31 @@ def _schema() -> str:
     return os.environ.get("SMSGW_SCHEMA", "public")
 
 
+serve_log = logging.getLogger("smsgw.serve")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from smsgw.engine.shards import LeaseConfig
     from smsgw.server import NodeOptions, run_node
 
+    if args.production and not os.environ.get("DATABASE_URL"):
+        raise UsageError(
+            "--production needs DATABASE_URL: it does not run on an embedded PostgreSQL"
+            " (one process's disk, no backups, no replicas)"
+        )
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers > 1 and args.no_leases:
+        raise UsageError("--no-leases runs one node: use it with --workers 1")
     admin_key = os.environ.get("SMSGW_ADMIN_KEY")
     if not admin_key:
         admin_key = "adm_" + secrets.token_urlsafe(32)
         print(f"SMSGW_ADMIN_KEY is not set; this run's admin key: {admin_key}", file=sys.stderr)
     node_id = args.node_id or socket.gethostname()
-    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    database = choose_database()
     if workers > 1:
-        if args.no_leases:
-            print("--no-leases runs one node: use it with --workers 1", file=sys.stderr)
-            return 2
-        return _serve_workers(args, workers, node_id, admin_key)
+        return _serve_workers(args, workers, node_id, admin_key, database)
     options = NodeOptions(
-        database_url=database_url(),
+        database_url=database.url,
         admin_key=admin_key,
         host=args.host,
         port=args.port,
@@ -133,6 +142,10 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             node = await nursery.start(partial(run_node, options))
+            if args.worker:
+                serve_log.info("worker %s listening (pid %d)", node_id, os.getpid())
+            else:
+                _log_startup(args, node.url, 1, node_id, database, options.engine)
             # One machine-readable line, for scripts that start a node and need its address.
             print(msgspec.json.encode({"event": "listening", "url": node.url}).decode(), flush=True)
 
@@ -140,14 +153,131 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_key: str) -> int:
+def _log_startup(
+    args: argparse.Namespace,
+    url: str,
+    workers: int,
+    node_id: str,
+    database: ChosenDatabase,
+    config: EngineConfig,
+) -> None:
+    """What `serve` runs, at INFO, once (by the process the user started): version, address,
+    node id and workers, the database, the operators and the limits; and the warnings that
+    matter (an embedded database, /metrics open)."""
+    nodes = node_id if workers == 1 else f"{node_id}-0 .. {node_id}-{workers - 1}"
+    serve_log.info(
+        "smsgw %s serving %s: node %s (%d worker%s), production mode %s, access log %s",
+        _version(),
+        url,
+        nodes,
+        workers,
+        "" if workers == 1 else "s",
+        "on" if args.production else "off (callbacks to loopback hosts only)",
+        "off" if args.no_access_log else "on",
+        extra={
+            "event": "startup",
+            "version": _version(),
+            "url": url,
+            "node_id": node_id,
+            "workers": workers,
+            "production": args.production,
+            "access_log": not args.no_access_log,
+        },
+    )
+    schema = _schema()
+    if database.embedded_dir is not None:
+        server_log, setup_log = embedded_log_paths(database.embedded_dir)
+        serve_log.info(
+            "database: embedded PostgreSQL in %s, schema %s (its log: %s; start-up: %s)",
+            database.embedded_dir,
+            schema,
+            server_log,
+            setup_log,
+            extra={"embedded": True, "data_dir": str(database.embedded_dir), "schema": schema},
+        )
+        serve_log.warning(
+            "the embedded PostgreSQL is for trying smsgw out (one process's disk, no backups):"
+            " set DATABASE_URL for production (serve --production refuses to start without it)"
+        )
+    else:
+        shown = redact_url(database.url)
+        serve_log.info(
+            "database: %s, schema %s",
+            shown,
+            schema,
+            extra={"embedded": False, "database": shown, "schema": schema},
+        )
+    operators = _operators_summary(args)
+    serve_log.info("operators: %s", "; ".join(operators), extra={"operators": operators})
+    limits = {
+        "window": config.window,
+        "express_reserve_share": config.express_reserve_share,
+        "light_reserve_share": config.light_reserve_share,
+        "attempt_timeout_s": config.retry.attempt_timeout,
+        "recipient_limit_per_hour": config.recipient_limit_per_hour,
+        "account_backlog": config.admission.account_backlog,
+        "node_backlog": config.admission.node_backlog,
+        "api_rate_per_second": config.api_rate_per_second,
+        "api_burst": config.api_burst,
+        "lease_ttl_s": args.lease_ttl,
+    }
+    serve_log.info(
+        "limits: %s in flight (express reserve %s, light reserve %s), attempt timeout %s s,"
+        " %s messages to one number an hour, bulk backlog %s per account and %s per node,"
+        " API ceiling %s requests a second per account on a node (bursts %s), lease ttl %s s",
+        f"{config.window:,}",
+        f"{config.express_reserve_share:.0%}",
+        f"{config.light_reserve_share:.0%}",
+        f"{config.retry.attempt_timeout:g}",
+        f"{config.recipient_limit_per_hour:,}",
+        f"{config.admission.account_backlog:,}",
+        f"{config.admission.node_backlog:,}",
+        f"{config.api_rate_per_second:,.0f}",
+        f"{config.api_burst:,}",
+        f"{args.lease_ttl:g}",
+        extra={"limits": limits},
+    )
+    if os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1":
+        serve_log.warning("GET /metrics answers without the admin key (SMSGW_METRICS_PUBLIC=1)")
+
+
+def _operators_summary(args: argparse.Namespace) -> list[str]:
+    """Each operator as the log may show it: URLs without passwords or query strings."""
+    from smsgw.server import split_operator_url
+
+    routing = f", routing from {args.routing[0]}" if args.routing is not None else ""
+    if args.operator_url:
+        shown = []
+        for value in args.operator_url:
+            name, url = split_operator_url(value)
+            shown.append(f"{name} {redact_url(url)}" if name else redact_url(url))
+        return [s + routing for s in shown]
+    p = _operator_profile(args.operator_latency_ms, args.operator_name, args.operator_errors)
+    reports = f", delivery reports {args.sim_dlr}" if args.sim_dlr else ""
+    return [
+        f"{p.name} (simulated in-process: latency {p.latency_ms_median:g} ms median,"
+        f" {p.latency_ms_p99:g} ms p99; failures {p.p_temporary:.0%} temporary,"
+        f" {p.p_permanent:.0%} permanent{reports}){routing}"
+    ]
+
+
+def _serve_workers(
+    args: argparse.Namespace,
+    workers: int,
+    node_id: str,
+    admin_key: str,
+    database: ChosenDatabase,
+) -> int:
     """`--workers N`: N nodes on one port, each its own process (smsgw/workers.py)."""
     from smsgw.workers import serve_workers
 
     # One database and one admin key for all: resolved here (an embedded PostgreSQL starts
     # once, in this process) and handed down.
-    env = {**os.environ, "DATABASE_URL": database_url(), "SMSGW_ADMIN_KEY": admin_key}
-    worker_args = ["--lease-ttl", str(args.lease_ttl), "--operator-name", args.operator_name]
+    env = {**os.environ, "DATABASE_URL": database.url, "SMSGW_ADMIN_KEY": admin_key}
+    worker_args = ["--worker", "--lease-ttl", str(args.lease_ttl)]
+    worker_args += ["--operator-name", args.operator_name]
+    if args.no_access_log:
+        worker_args.append("--no-access-log")
     for url in args.operator_url:
         worker_args += ["--operator-url", url]
     if args.routing is not None:
@@ -186,8 +316,19 @@ def _serve_workers(args: argparse.Namespace, workers: int, node_id: str, admin_k
     if args.scheduler_fifo:
         worker_args.append("--scheduler-fifo")
     top_args = ["-v"] if args.verbose else []
+    config = _engine_config(args)
     trio.run(
-        partial(serve_workers, workers, args.host, args.port, node_id, worker_args, env, top_args)
+        partial(
+            serve_workers,
+            workers,
+            args.host,
+            args.port,
+            node_id,
+            worker_args,
+            env,
+            top_args,
+            on_listening=lambda url: _log_startup(args, url, workers, node_id, database, config),
+        )
     )
     return 0
 
@@ -521,7 +662,11 @@ def _add_logging(parser: argparse.ArgumentParser, default: Any) -> None:
     """-v and --log-json: on the top level (defaults False) and on every subcommand (no
     default there, so one given before the subcommand is kept)."""
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=default, help="log at INFO level"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log at INFO level (serve logs at INFO anyway; -v adds its DEBUG lines)",
     )
     parser.add_argument(
         "--log-json",
@@ -707,6 +852,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="benchmarks only: one first-come-first-served queue instead of fair scheduling",
     )
+    serve.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="no log line per HTTP request (method, path without the query, status, time,"
+        " request id); the start-up summary and warnings stay",
+    )
+    # A worker of `serve --workers N`: its parent logs the start-up summary, once.
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     migrate = command(sub, "migrate", ENV_DATABASE, help="apply database migrations")
@@ -805,10 +958,20 @@ def main(argv: list[str] | None = None) -> int:
     one line and 1 (the traceback only with -v): never a page that might hold a secret."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(
-        json=True if args.log_json else None,
-        level=logging.INFO if args.verbose else logging.WARNING,
-    )
+    if args.command == "serve":
+        # A server says what it is doing: INFO by default (the start-up summary, the access
+        # log, what it changes); -v adds the gateway's DEBUG lines, not the libraries'.
+        configure_logging(
+            json=True if args.log_json else None,
+            level=logging.INFO,
+            smsgw_level=logging.DEBUG if args.verbose else None,
+            access_log=not args.no_access_log,
+        )
+    else:
+        configure_logging(
+            json=True if args.log_json else None,
+            level=logging.INFO if args.verbose else logging.WARNING,
+        )
     name = " ".join(n for n in (args.command, getattr(args, "accounts_command", None)) if n)
     try:
         return int(args.func(args))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import trio
@@ -43,8 +43,11 @@ async def serve_workers(
     worker_args: Sequence[str],
     env: dict[str, str],
     top_args: Sequence[str] = (),
+    *,
+    on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Run `workers` nodes named `{node_id}-{i}` on host:port until SIGTERM or SIGINT."""
+    """Run `workers` nodes named `{node_id}-{i}` on host:port until SIGTERM or SIGINT;
+    `on_listening(url)` once every worker listens (before the `listening` line)."""
     holder: socket.socket | None = None
     if port == 0:
         # Pick the port once for all workers; the bound (never listening) socket keeps it ours
@@ -79,6 +82,8 @@ async def serve_workers(
             if holder is not None:
                 holder.close()
                 holder = None
+            if on_listening is not None:
+                on_listening(urls[0])
             print(
                 msgspec.json.encode(
                     {"event": "listening", "url": urls[0], "workers": workers}

@@ -44,6 +44,7 @@ import trio
 from smsgw.engine.netguard import DestinationRefused, host_problem
 from smsgw.engine.ports import CallbackJob, CallbackStore
 from smsgw.engine.retry import backoff
+from smsgw.logs import redact_url
 
 log = logging.getLogger("smsgw.callbacks")
 
@@ -313,7 +314,10 @@ class CallbackSender:
         except DestinationRefused:
             raise
         except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"[:500]
+            # Kept in the outbox and logged: never with the URL's query string (it may hold
+            # the receiver's token), should the error quote the URL.
+            error = f"{type(exc).__name__}: {exc}".replace(job.url, redact_url(job.url))
+            return error[:500]
         return None if 200 <= status < 300 else f"http_{status}"
 
     def _refuse(self, job: CallbackJob, reason: str) -> None:
@@ -323,10 +327,11 @@ class CallbackSender:
         self.counts["refused"] += 1
         self._failed.append((job.id, f"refused: {reason}"[:500]))
         log.warning(
-            "callback %d for message %s of account %d refused: %s",
+            "callback %d for message %s of account %d to %s refused: %s",
             job.id,
             job.message_id,
             job.account_id,
+            redact_url(job.url),
             reason,
         )
 
@@ -340,9 +345,10 @@ class CallbackSender:
         if self._clock() + delay > job.created_at + self.policy.lifetime_s:
             self._failed.append((job.id, error))
             log.warning(
-                "callback %d for message %s given up after %d attempts: %s",
+                "callback %d for message %s to %s given up after %d attempts: %s",
                 job.id,
                 job.message_id,
+                redact_url(job.url),
                 job.attempts,
                 error,
             )
