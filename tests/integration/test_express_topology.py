@@ -19,6 +19,7 @@ from smsgw.engine.shards import shard_of
 from tests.conftest import bearer
 from tests.integration.helpers import (
     assert_ledger_consistent,
+    db_fetch,
     http_client,
     ledger,
     until,
@@ -142,4 +143,15 @@ async def test_express_keeps_its_deadline_when_its_dispatcher_dies_or_pauses(
         if how == "sigstop":
             b.process.send_signal(signal.SIGCONT)
         check(answers)
+        # a dispatches the express messages it accepts under a shard of its own: b's death
+        # or pause costs them nothing (502: the simulated operator's permanent refusals).
+        statuses = Counter(s for s, _, _ in answers)
+        assert set(statuses) <= {200, 502}, statuses
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT DISTINCT dispatch_shard FROM messages WHERE account_id = $1",
+            account["id"],
+        )
+        assert {r["dispatch_shard"] for r in rows} <= {s for s, o in owner.items() if o == "a"}
         await settled(database_url, schema)

@@ -51,6 +51,10 @@ class OutboundSms(msgspec.Struct, frozen=True):
     # The operator of the last attempt, which failed for now: a retry goes to another operator
     # while one may take calls (engine/routing.py).
     last_operator: str | None = None
+    # The shard whose lease dispatches it, when not its account's: an express message is
+    # dispatched by the node that accepted it, under a shard that node leases, so its deadline
+    # does not depend on another node (engine/shards.py, `dispatch_shard`). Stored.
+    shard: int | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):

@@ -382,12 +382,19 @@ class Engine:
         ms = self.account_settings(account_id).express_deadline_ms
         return (self.config.express_deadline_ms if ms is None else ms) / 1000
 
-    def express_problem(self, account_id: int) -> str | None:
-        """Why an express message of this account accepted now would miss its deadline (no
-        healthy operator, or no capacity in time), or None. In memory: no query, no wait."""
+    def express_shard(self) -> int | None:
+        """The shard an express message accepted now is dispatched under, one this node
+        leases (`ShardLeases.express_shard`); None: its account's shard (a lone node, or one
+        that leases nothing now)."""
+        return None if self.leases is None else self.leases.express_shard()
+
+    def express_problem(self, account_id: int, shard: int | None = None) -> str | None:
+        """Why an express message of this account accepted now, to be dispatched under
+        `shard` (None: its account's), would miss its deadline (no healthy operator, no
+        capacity in time, or its dispatcher stalled), or None. In memory: no query, no wait."""
         if not self.ready.is_set():
             return "the node is still recovering"
-        if self.dispatch_stalled(account_id):
+        if self.dispatch_stalled(shard_of(account_id) if shard is None else shard):
             return "the node that dispatches this account is not answering; another takes over"
         commit = self.writer.commit_ms_ewma / 1000
         return self.pool.express_problem(
@@ -413,10 +420,10 @@ class Engine:
         found = self.leases.pressure.get(shard)
         return _NO_PRESSURE if found is None else _decoded_pressure(found)
 
-    def dispatch_stalled(self, account_id: int) -> bool:
-        """The node that leases this account's shard stopped heartbeating (dead, paused): its
-        express messages will not reach an operator before another node takes the shard."""
-        return self.leases is not None and shard_of(account_id) in self.leases.stalled
+    def dispatch_stalled(self, shard: int) -> bool:
+        """The node that leases `shard` stopped heartbeating (dead, paused): its express
+        messages will not reach an operator before another node takes the shard."""
+        return self.leases is not None and shard in self.leases.stalled
 
     async def expire(self, sms: OutboundSms) -> None:
         """Fail `sms` as past its deadline and refund it, unless it is final already. The node

@@ -35,6 +35,12 @@ _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi
 _MASK = (1 << 64) - 1
 
 
+def dispatch_shard(sms: OutboundSms) -> int:
+    """The shard whose lease dispatches `sms`: its account's, or the one its accepting node
+    chose for an express message (`ShardLeases.express_shard`)."""
+    return shard_of(sms.account_id) if sms.shard is None else sms.shard
+
+
 def shard_of(account_id: int) -> int:
     """The account's shard: the top 8 bits of `account_id * 2^64/phi mod 2^64` (Fibonacci
     hashing), so consecutive ids spread evenly. PostgreSQL's `shard_of()` is the same."""
@@ -156,11 +162,15 @@ class ShardLeases:
         shards: dict[int, tuple[int | None, int]] = {}  # account -> token, shard
         taken = 0
         for sms in items:
-            found = shards.get(sms.account_id)
-            if found is None:
-                shard = shard_of(sms.account_id)
-                found = shards[sms.account_id] = (owned.get(shard), shard)
-            token, shard = found
+            if sms.shard is None:
+                found = shards.get(sms.account_id)
+                if found is None:
+                    shard = shard_of(sms.account_id)
+                    found = shards[sms.account_id] = (owned.get(shard), shard)
+                token, shard = found
+            else:
+                shard = sms.shard
+                token = owned.get(shard)
             if token is None:
                 continue
             taken += 1
@@ -185,11 +195,24 @@ class ShardLeases:
             reloading.add(sms.id)
         return False
 
+    def express_shard(self) -> int | None:
+        """A shard this node leases and keeps (not draining), under whose lease it dispatches
+        the express messages it accepts, whatever their accounts' shards: an express
+        message's deadline then depends on no other node, and a node that dies takes only its
+        own requests' messages with it (the taker of its shards recovers them). None when it
+        leases none, or its leases are not trusted now: the account's shard it is."""
+        if self._clock() >= self.valid_until:
+            return None
+        for shard in self.owned:
+            if shard not in self.draining:
+                return shard
+        return None
+
     def stamp(self, sms: OutboundSms) -> OutboundSms | None:
         """`sms` (read back from the store) with its shard's current token, or None when this
         node does not lease the shard now. No counting, no recovery bookkeeping: the message
         entered this node's Scheduler before, as a count or an entry."""
-        token = self.owned.get(shard_of(sms.account_id))
+        token = self.owned.get(dispatch_shard(sms))
         return None if token is None else msgspec.structs.replace(sms, fence=token)
 
     def admit(self, sms: OutboundSms) -> bool:
@@ -197,9 +220,7 @@ class ShardLeases:
         was stamped with, and the lease was renewed recently enough to be trusted."""
         if sms.fence is None:
             return True
-        if self.owned.get(shard_of(sms.account_id)) == sms.fence and (
-            self._clock() < self.valid_until
-        ):
+        if self.owned.get(dispatch_shard(sms)) == sms.fence and (self._clock() < self.valid_until):
             return True
         self.counts["fenced_at_send"] += 1
         return False
@@ -207,7 +228,7 @@ class ShardLeases:
     def still_held(self, sms: OutboundSms) -> bool:
         """This node still leases the shard under the token `sms` was stamped with (whether
         or not the lease was renewed lately enough for `admit`)."""
-        return sms.fence is not None and self.owned.get(shard_of(sms.account_id)) == sms.fence
+        return sms.fence is not None and self.owned.get(dispatch_shard(sms)) == sms.fence
 
     def wake(self) -> None:
         """Claim hand-offs now rather than at the next poll."""
@@ -228,7 +249,7 @@ class ShardLeases:
         now = self._clock()
         batch = []
         for sms in items:
-            shard = shard_of(sms.account_id)
+            shard = dispatch_shard(sms)
             token = self.owned.get(shard)
             # Not leased here (any more, or yet): recovery of the shard covers it.
             if token is None or self._seen(sms.id, now):
@@ -391,7 +412,7 @@ class ShardLeases:
         """Mark draining shards with nothing in flight here (the drain's first condition)."""
         if not self.draining:
             return
-        busy = {shard_of(sms.account_id) for sms in self._inflight()}
+        busy = {dispatch_shard(sms) for sms in self._inflight()}
         for shard, (token, since, empty) in list(self.draining.items()):
             if shard in busy:
                 self.draining[shard] = (token, since, None)
@@ -411,7 +432,7 @@ class ShardLeases:
                 pending = await self.store.load(sorted(gained))
             batch: list[OutboundSms] = []
             for sms in pending:
-                shard = shard_of(sms.account_id)
+                shard = dispatch_shard(sms)
                 token = self.owned.get(shard)
                 if token != gained[shard] or sms.id in self._reloading[shard]:
                     continue
@@ -441,7 +462,7 @@ class ShardLeases:
             held_ids = {s.id for shard in gained for s in self._holding[shard]}
             batch = []
             for sms in express:
-                shard = shard_of(sms.account_id)
+                shard = dispatch_shard(sms)
                 if self.owned.get(shard) == gained[shard] and sms.id not in held_ids:
                     batch.append(msgspec.structs.replace(sms, fence=gained[shard]))
                     loaded_ids.add(sms.id)
@@ -457,7 +478,7 @@ class ShardLeases:
                 [
                     s
                     for s in held
-                    if s.id not in loaded_ids and self.owned.get(shard_of(s.account_id)) == s.fence
+                    if s.id not in loaded_ids and self.owned.get(dispatch_shard(s)) == s.fence
                 ]
             )
 
@@ -481,7 +502,7 @@ class ShardLeases:
             batch = []
             now = self._clock()
             for sms, token in claimed:
-                shard = shard_of(sms.account_id)
+                shard = dispatch_shard(sms)
                 # Claimed under a lease this node no longer (or not yet) trusts: recovery of
                 # the shard covers it, wherever it goes.
                 if self.owned.get(shard) != token or self._seen(sms.id, now):

@@ -56,13 +56,15 @@ SELECT count(pg_advisory_xact_lock($1, s)) FROM (SELECT unnest($2::int[]) AS s O
 
 _LOAD = f"""
 SELECT {PENDING_COLUMNS} FROM messages
-WHERE status IN ('queued', 'sending') AND shard_of(account_id) = ANY($1::int[])
+WHERE status IN ('queued', 'sending')
+  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
 ORDER BY created_at
 """
 
 _LOAD_EXPRESS = f"""
 SELECT {PENDING_COLUMNS} FROM messages
-WHERE status IN ('queued', 'sending') AND express AND shard_of(account_id) = ANY($1::int[])
+WHERE status IN ('queued', 'sending') AND express
+  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
 ORDER BY created_at
 """
 

@@ -43,7 +43,7 @@ from smsgw.engine.ports import (
     WriteGroup,
 )
 from smsgw.engine.scheduler import micros
-from smsgw.engine.shards import shard_of
+from smsgw.engine.shards import dispatch_shard
 from smsgw.storage.delivery import CallbackOutbox, apply_deliveries, callbacks_of
 
 log = logging.getLogger("smsgw.storage")
@@ -323,14 +323,15 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
     `queued`, returning the id of each one inserted (+ `returning`)."""
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
-                          client_ref, status, deadline, created_at, updated_at, callback_url)
+                          client_ref, status, deadline, created_at, updated_at, callback_url,
+                          dispatch_shard)
     SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
            x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-           to_timestamp(x.created_at), x.callback_url
+           to_timestamp(x.created_at), x.callback_url, x.shard
     FROM json_to_recordset({param}::json)
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
-              callback_url text)
+              callback_url text, shard smallint)
     WHERE {only_if}
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
     RETURNING id{returning}"""
@@ -537,6 +538,7 @@ COPY_COLUMNS = (
     "created_at",
     "updated_at",
     "callback_url",
+    "dispatch_shard",
 )
 
 
@@ -581,6 +583,7 @@ def copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
             at(s.created_at),
             at(s.created_at),
             s.callback_url,
+            s.shard,
         )
         for s in stored
     ]
@@ -603,7 +606,7 @@ WHERE m.id = ANY($1::uuid[]) AND m.xmin = pg_current_xact_id()::xid
 PENDING_COLUMNS = """
 messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
 extract(epoch FROM created_at)::float8 AS created_at,
-extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url"""
+extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url, dispatch_shard"""
 
 _PENDING_EXPRESS = f"""
 SELECT {PENDING_COLUMNS} FROM messages
@@ -672,6 +675,7 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         deadline=r["deadline"],
         attempts=r["attempts"],
         callback_url=r["callback_url"],
+        shard=r["dispatch_shard"],
     )
 
 
@@ -832,7 +836,7 @@ class PgStore(CallbackOutbox):
                         *_credit_args(book, messages),
                         self.handoff.node_id,
                         self.handoff.lock_class,
-                        [shard_of(s.account_id) for s in stored],
+                        [dispatch_shard(s) for s in stored],
                         [s.id for s in stored],
                     )
                     if row["ids"]:
@@ -843,7 +847,7 @@ class PgStore(CallbackOutbox):
                 if self.handoff is None:
                     row = await conn.fetchrow(_WRITE_GROUP, *args)
                 else:
-                    shards = _json.encode([shard_of(s.account_id) for s in stored]).decode()
+                    shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
                     row = await conn.fetchrow(
                         _WRITE_GROUP_HANDOFF,
                         *args,
@@ -911,7 +915,7 @@ class PgStore(CallbackOutbox):
         if self.handoff is None:
             row = await conn.fetchrow(_ONE_STATEMENT, *args)
         else:
-            shards = _json.encode([shard_of(s.account_id) for s in stored]).decode()
+            shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
             row = await conn.fetchrow(
                 _ONE_STATEMENT_HANDOFF,
                 *args,
@@ -1390,7 +1394,7 @@ def _finished_json(group: WriteGroup) -> str:
             o.operator_message_id,
             o.attempts,
             o.at,
-            shard_of(o.sms.account_id),
+            dispatch_shard(o.sms),
             o.sms.fence,
         )
         for o in group.outcomes

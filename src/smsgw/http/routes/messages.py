@@ -14,6 +14,7 @@ from smsgw.engine import sms as rules
 from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
 from smsgw.engine.messages import OutboundSms, Settled
+from smsgw.engine.shards import dispatch_shard
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
@@ -33,6 +34,7 @@ class Intake:
     __slots__ = (
         "_deadline",
         "_express_problem",
+        "_shard",
         "account_id",
         "config",
         "gw",
@@ -53,6 +55,7 @@ class Intake:
         self.recipient_limit = engine.account_settings(account_id).recipient_limit_per_hour
         self._deadline: float | None = None
         self._express_problem: str | bool | None = False  # False: not asked yet
+        self._shard: int | bool | None = False  # False: not asked yet
 
     def build(self, data: SendIn) -> OutboundSms:
         """Validate one message and price it; raises a 422 problem naming the field."""
@@ -101,10 +104,16 @@ class Intake:
             express=express,
             created_at=self.now,
             deadline=self._express_deadline() if express else None,
+            shard=self._express_shard() if express else None,
             client_ref=data.client_ref,
             request_id=self.request_id,
             callback_url=data.callback_url,
         )
+
+    def _express_shard(self) -> int | None:
+        if self._shard is False:
+            self._shard = self.gw.engine.express_shard()
+        return self._shard
 
     def _express_deadline(self) -> float:
         if self._deadline is None:
@@ -120,7 +129,7 @@ class Intake:
         if sms.express:
             if self._express_problem is False:
                 # Asked once a request: nothing it depends on changes while the handler runs.
-                self._express_problem = gw.engine.express_problem(self.account_id)
+                self._express_problem = gw.engine.express_problem(self.account_id, sms.shard)
             if self._express_problem:
                 raise ProblemError(
                     503,
@@ -229,7 +238,7 @@ async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled
     (the message is failed and its hold released), 502 when the operator refused it."""
     assert sms.deadline is not None
     outcome = await settled_within(waiting, sms.deadline - gw.engine.clock())
-    if outcome is None and gw.engine.dispatch_stalled(sms.account_id):
+    if outcome is None and gw.engine.dispatch_stalled(dispatch_shard(sms)):
         # The node that dispatches it stopped heartbeating: it cannot reach an operator in
         # time, so fail it now, refunded, rather than answer after a takeover. Which outcome
         # landed (ours, or one the stalled node got in first) the row says.
