@@ -264,7 +264,8 @@ def gateway_command(*extra: str, workers: int = 1) -> list[str]:
     """One node (`--workers 1`: `serve` runs one per core by default), or `workers` nodes on
     one port, on a free port."""
     command = [sys.executable, "-m", "smsgw.cli", "serve", "--workers", str(workers)]
-    return [*command, "--host", LOOPBACK, "--port", "0", *extra]
+    # No access log: a line a request is the operator's choice, not the engine's cost.
+    return [*command, "--host", LOOPBACK, "--port", "0", "--no-access-log", *extra]
 
 
 def gateway_env(database_url: str, schema: str, admin_key: str) -> dict[str, str]:

@@ -438,12 +438,24 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
         "list_one_day": {"created_from": iso(day[0]), "created_to": iso(day[1])},
     }
     summary_cases = {
-        "summary_day_by_day": {"from": iso(day[0]), "to": iso(day[1]), "group_by": "day"},
-        "summary_day_by_status": {"from": iso(day[0]), "to": iso(day[1]), "group_by": "status"},
-        "summary_30_days_by_day": {"from": iso(month[0]), "to": iso(month[1]), "group_by": "day"},
+        "summary_day_by_day": {
+            "created_from": iso(day[0]),
+            "created_to": iso(day[1]),
+            "group_by": "day",
+        },
+        "summary_day_by_status": {
+            "created_from": iso(day[0]),
+            "created_to": iso(day[1]),
+            "group_by": "status",
+        },
+        "summary_30_days_by_day": {
+            "created_from": iso(month[0]),
+            "created_to": iso(month[1]),
+            "group_by": "day",
+        },
         "summary_30_days_by_status": {
-            "from": iso(month[0]),
-            "to": iso(month[1]),
+            "created_from": iso(month[0]),
+            "created_to": iso(month[1]),
             "group_by": "status",
         },
     }
@@ -466,7 +478,7 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
                 reps = args.reps if "day_by" in name else max(3, args.reps // 4)
                 result["latency_ms"][name] = timed_get(client, "/v1/reports/summary", params, reps)
                 log(f"  {name}: {result['latency_ms'][name]}")
-            day_params = {"from": iso(day[0]), "to": iso(day[1])}
+            day_params = {"created_from": iso(day[0]), "created_to": iso(day[1])}
             runs = [export(client, day_params) for _ in range(args.export_reps)]
             result["export"]["one_day"] = {
                 "rows": runs[0]["rows"],
@@ -476,7 +488,7 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
             }
             log(f"  export one day: {result['export']['one_day']}")
             with rss_sampler(pid) as rss:
-                big = export(client, {"from": iso(month[0]), "to": iso(month[1])})
+                big = export(client, {"created_from": iso(month[0]), "created_to": iso(month[1])})
             big.update(
                 {
                     "gateway_rss_baseline_mb": round(rss["baseline_kb"] / 1024, 1),
