@@ -100,6 +100,8 @@ def accept_phase(
             meter = CpuMeter(None)
             pg = postmaster_pid(database_url)
             nodes_before, pg_before = tree_cpu_s(gateway.process.pid), tree_cpu_s(pg)
+            switches_before = context_switches()
+            xacts_before = transactions(database_url)
             meter.start()
             load = run_loadgen(
                 gateway.url,
@@ -111,6 +113,8 @@ def accept_phase(
                 extra_args=[] if args.rate is None else ["--rate", str(args.rate)],
             )
             cpu = meter.stop()
+            switches = context_switches() - switches_before
+            xacts = transactions(database_url) - xacts_before
             nodes_cpu = tree_cpu_s(gateway.process.pid) - nodes_before
             pg_cpu = tree_cpu_s(pg) - pg_before if pg else None
             durability = check_durable(database_url, schema, ids_file)
@@ -140,7 +144,40 @@ def accept_phase(
         "machine_cpu_ms_per_accept": per_accept(
             None if cpu.machine is None else cpu.machine / 100 * cpu.wall_s, load
         ),
+        # The machine's context switches per accept (/proc/stat): each process a message
+        # crosses (node, its PostgreSQL backend, another node) wakes and sleeps on these cores.
+        "context_switches_per_accept": (
+            round(switches / load.accepted_ids, 1) if load.accepted_ids else None
+        ),
+        # PostgreSQL transactions per accept (pg_stat_database, which backends flush about
+        # once a second, so the run's last second may be missing): each group commit, hand-off
+        # notification, heartbeat and claim is one.
+        "transactions_per_accept": (
+            round(xacts / load.accepted_ids, 2) if load.accepted_ids else None
+        ),
     }
+
+
+def transactions(database_url: str) -> int:
+    rows = query(
+        database_url,
+        "public",
+        "SELECT xact_commit + xact_rollback AS n FROM pg_stat_database"
+        " WHERE datname = current_database()",
+    )
+    return int(rows[0]["n"])
+
+
+def context_switches() -> int:
+    """The machine's context switches since boot (0 where /proc/stat has none)."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("ctxt "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def per_accept(cpu_s: float | None, load: Any) -> float | None:
@@ -602,6 +639,8 @@ def markdown(result: dict[str, Any]) -> str:
             p["cpu_postgres_pct"],
             p["node_cpu_ms_per_accept"],
             p["postgres_cpu_ms_per_accept"],
+            p.get("context_switches_per_accept", "-"),
+            p.get("transactions_per_accept", "-"),
         ]
         for name, p in result["phases"].items()
     ]
@@ -622,6 +661,8 @@ def markdown(result: dict[str, Any]) -> str:
                 "PostgreSQL CPU %",
                 "node CPU ms/accept",
                 "PostgreSQL CPU ms/accept",
+                "context switches/accept",
+                "PostgreSQL transactions/accept",
             ],
             rows,
         )
