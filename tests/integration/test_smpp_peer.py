@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -73,12 +73,14 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> No
 
 @asynccontextmanager
 async def peer_and_client(
-    *peer_args: str, query: str = "", on_receipts: Any = None
+    *peer_args: str,
+    query: str = "",
+    on_receipts: Any = None,
+    command: Sequence[str] = ("node", str(PEER / "smsc.js")),
 ) -> AsyncIterator[tuple[Peer, SmppOperator]]:
+    """A peer SMSC process (`command`, the npm one unless given) and a client bound to it."""
     peer = Peer()
-    process = await trio.lowlevel.open_process(
-        ["node", str(PEER / "smsc.js"), *peer_args], stdout=subprocess.PIPE
-    )
+    process = await trio.lowlevel.open_process([*command, *peer_args], stdout=subprocess.PIPE)
     assert process.stdout is not None
     stdout = process.stdout
     started = trio.Event()
