@@ -16,6 +16,10 @@ Every method takes `now` (a monotonic clock, seconds), so tests drive it in virt
 call's result counts for the state only if the call began in the breaker's current state: a
 call that began while closed and ends after the breaker opened is counted in the figures, but
 cannot open it again or close it.
+
+held open: `hold_open` (an operator drained by hand, from the ops console) opens the breaker
+    and keeps it open whatever time passes or calls report, until `release`, which lets it
+    probe its way back (half-open) as after a cool-down.
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class OperatorBreaker:
         self.opens = 0
         self.last_opened: float | None = None
         self.last_reason: str | None = None
+        self.held: str | None = None  # why it is held open (`hold_open`), until `release`
 
     # --- transitions --------------------------------------------------------------------
 
@@ -155,15 +160,38 @@ class OperatorBreaker:
         self.last_reason = reason
         self._move(BreakerState.OPEN, now)
 
+    def hold_open(self, now: float, reason: str) -> None:
+        """Open now and stay open until `release`, whatever the time or the calls' results.
+        Calls in flight end as calls that began in an earlier state: figures only."""
+        self.held = reason
+        self._move(BreakerState.OPEN, now)
+
+    def release(self, now: float) -> bool:
+        """End a `hold_open`: half-open at once, so probes show whether the operator answers
+        before it takes a full share again. False (and nothing changes) when not held."""
+        if self.held is None:
+            return False
+        self.held = None
+        self.cool_down = self.policy.cool_down_s
+        self._move(BreakerState.HALF_OPEN, now)
+        return True
+
     def poll(self, now: float) -> BreakerState:
-        """The state at `now`: an open breaker whose cool-down is over becomes half-open."""
-        if self.state is BreakerState.OPEN and now >= self.since + self.cool_down:
+        """The state at `now`: an open breaker whose cool-down is over becomes half-open
+        (unless it is held open)."""
+        if (
+            self.state is BreakerState.OPEN
+            and self.held is None
+            and now >= self.since + self.cool_down
+        ):
             self._move(BreakerState.HALF_OPEN, now)
         return self.state
 
     def reopens_at(self) -> float | None:
-        """When an open breaker becomes half-open; None in the other states."""
-        return self.since + self.cool_down if self.state is BreakerState.OPEN else None
+        """When an open breaker becomes half-open; None in the other states and while held."""
+        if self.state is not BreakerState.OPEN or self.held is not None:
+            return None
+        return self.since + self.cool_down
 
     # --- calls --------------------------------------------------------------------------
 
@@ -252,6 +280,7 @@ class OperatorBreaker:
         return {
             "state": str(state),
             "state_for_s": round(now - self.since, 3),
+            "held_open": self.held,
             "opens": self.opens,
             "last_opened_ago_s": None
             if self.last_opened is None

@@ -125,11 +125,15 @@ class OperatorRoute:
         return call
 
     def stats(self, now: float) -> dict[str, Any]:
+        if self.bucket is not None:
+            self.bucket.refill(now)
         return {
             "weight": self.weight,
             "inflight": self.inflight,
             "window": self.window or None,
             "max_per_second": self.bucket.rate if self.bucket is not None else None,
+            # Below one token: the throughput cap holds this operator's calls back now.
+            "capped": self.bucket is not None and self.bucket.tokens < 1 - _TOKEN_SLACK,
             "batches": self.batches,
             "messages": self.messages,
             **self.breaker.stats(now),
@@ -304,6 +308,20 @@ class Router:
     def healthy(self, now: float) -> list[str]:
         return [r.name for r in self.routes if r.breaker.poll(now) is BreakerState.CLOSED]
 
+    def drain(self, name: str, now: float, reason: str) -> OperatorRoute:
+        """Hold `name`'s breaker open until `release`: no call begins there, so its messages
+        go to the other eligible operators (a route override's with `fallback` too). Calls in
+        flight finish. KeyError for an unknown operator."""
+        route = self.by_name[name]
+        route.breaker.hold_open(now, reason)
+        return route
+
+    def release(self, name: str, now: float) -> OperatorRoute:
+        """End `drain`: the breaker goes half-open and probes. KeyError for an unknown name."""
+        route = self.by_name[name]
+        route.breaker.release(now)
+        return route
+
 
 Send = Callable[[OperatorRoute, Call, list[OutboundSms]], Awaitable[None]]
 
@@ -388,6 +406,18 @@ class Routing:
                     # Woken together with express batches: let them take the room first
                     # (one scheduling round later, so bulk cannot starve).
                     await trio.lowlevel.checkpoint()
+
+    def drain(self, name: str, reason: str) -> OperatorRoute:
+        """`Router.drain`, and the batches waiting for an operator look again at once."""
+        route = self.router.drain(name, trio.current_time(), reason)
+        self._notify()
+        return route
+
+    def release(self, name: str) -> OperatorRoute:
+        """`Router.release`, and the batches waiting for an operator look again at once."""
+        route = self.router.release(name, trio.current_time())
+        self._notify()
+        return route
 
     def stats(self) -> dict[str, Any]:
         now = trio.current_time()
