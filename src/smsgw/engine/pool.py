@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -169,6 +170,13 @@ class ProviderPool:
         self.failing: dict[str, int] = {p.name: 0 for p in self._providers}
         self.latency: dict[str, float] = {}
         self.observed_at: dict[str, float] = {}  # trio time of the last batch's answer
+        # Per operator, for the ops console: the round trips of its last RECENT_CALLS calls
+        # (p50/p99 now, where a histogram since start would hide a change), and attempts it
+        # refused as throttled (temporary, reason "throttled...": the operator's own cap).
+        self.recent_latency: dict[str, deque[float]] = {
+            p.name: deque(maxlen=self.RECENT_CALLS) for p in self._providers
+        }
+        self.throttled: dict[str, int] = {p.name: 0 for p in self._providers}
 
     def _routing_stats(self) -> dict[str, Any]:
         """The router's figures, with each operator's consecutive failed batches and latency
@@ -178,6 +186,10 @@ class ProviderPool:
             figures["failing_batches"] = self.failing.get(name, 0)
             latency = self.latency.get(name)
             figures["latency_ms"] = None if latency is None else round(1000 * latency, 3)
+            recent = sorted(self.recent_latency.get(name, ()))
+            figures["latency_p50_ms"] = _percentile_ms(recent, 0.5)
+            figures["latency_p99_ms"] = _percentile_ms(recent, 0.99)
+            figures["throttled_attempts"] = self.throttled.get(name, 0)
         return stats
 
     def stats(self) -> dict[str, Any]:
@@ -200,6 +212,8 @@ class ProviderPool:
             **self._routing_stats(),
         }
 
+    # Calls per operator whose round trips give the console's latency percentiles.
+    RECENT_CALLS = 256
     # An operator whose last batches all failed this many times in a row is not healthy.
     UNHEALTHY_AFTER = 3
     # What is known of an operator is trusted this long: with no batch since, it may have
@@ -375,6 +389,9 @@ class ProviderPool:
 
     def _observe(self, name: str, seconds: float, *, ok: bool) -> None:
         self.observed_at[name] = trio.current_time()
+        recent = self.recent_latency.get(name)
+        if recent is not None:
+            recent.append(seconds)
         self.failing[name] = 0 if ok else self.failing.get(name, 0) + 1
         previous = self.latency.get(name)
         self.latency[name] = seconds if previous is None else previous + 0.2 * (seconds - previous)
@@ -384,6 +401,8 @@ class ProviderPool:
         self.counts[result.kind] += 1
         key = (provider.name, result.kind)
         self.attempts[key] = self.attempts.get(key, 0) + 1
+        if result.kind == "temporary" and (result.reason or "").startswith("throttled"):
+            self.throttled[provider.name] = self.throttled.get(provider.name, 0) + 1
         if result.kind != "temporary":
             done = msgspec.structs.replace(sms, attempts=attempts)
             status = "sent" if result.kind == "sent" else "failed"
@@ -459,3 +478,11 @@ class ProviderPool:
             at=now,
         )
         await self._writer.tell(RecordOutcome(outcome))
+
+
+def _percentile_ms(ordered: Sequence[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `ordered` seconds, in milliseconds; None when empty."""
+    if not ordered:
+        return None
+    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return round(1000 * ordered[rank], 3)
