@@ -17,7 +17,17 @@ from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest
 from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.params import AsciiIntegerConverter
 from smsgw.http.problems import ProblemError, problem_response
-from smsgw.http.routes import accounts, batch, delivery, docs, messages, metrics, ops, reports
+from smsgw.http.routes import (
+    accounts,
+    batch,
+    console,
+    delivery,
+    docs,
+    messages,
+    metrics,
+    ops,
+    reports,
+)
 
 log = logging.getLogger("smsgw.http")
 P = ParamSpec("P")
@@ -61,7 +71,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
     app.extensions["smsgw.dlr_keys"] = delivery.OperatorKeys(dlr_keys)
-    for module in (accounts, messages, batch, delivery, ops, reports, docs, metrics):
+    for module in (accounts, messages, batch, delivery, ops, console, reports, docs, metrics):
         app.register_blueprint(module.bp)
     # Request ids, access log, request counts and durations; GET /metrics reads them.
     app.config["SMSGW_METRICS_PUBLIC"] = metrics_public

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from smsgw.engine.messages import SupervisorStatus
+from smsgw.http.console import ConsoleOut, DrainOut
 from smsgw.http.problems import TITLES
 from smsgw.http.schemas import (
     MAX_BATCH,
@@ -525,7 +526,7 @@ ROUTES: list[Route] = [
             " is not valid changes nothing (4xx)."
         ),
     ),
-    # operations (routes/ops.py, routes/metrics.py, routes/docs.py)
+    # operations (routes/ops.py, routes/console.py, routes/metrics.py, routes/docs.py)
     Route("GET", "/health", "Liveness", "ops", auth="none", responses={200: HealthOut}),
     Route(
         "GET",
@@ -570,6 +571,44 @@ ROUTES: list[Route] = [
     ),
     Route(
         "GET",
+        "/v1/ops/console",
+        "Everything the ops console (GET /ops) draws, in one answer",
+        "ops",
+        auth="admin",
+        responses={200: ConsoleOut},
+        description=(
+            "The supervision tree, the scheduler's lanes, each operator's breaker and figures,"
+            " cumulative counters (a poller turns them into rates) and the nodes with the"
+            " shard map, from the node that answered (`node_id`). The nodes' view is read from"
+            " PostgreSQL at most once a second; `cluster.error` says why it is missing."
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/ops/operators/{name}/drain",
+        "Drain an operator: hold its breaker open on this node until released",
+        "ops",
+        auth="admin",
+        responses={200: DrainOut},
+        params=(Param("name", "path", str, True, "the operator's name"),),
+        description=(
+            "No call to the operator begins on the node that answers (`node_id`); its"
+            " messages go to the other operators (a route override's only with `fallback`),"
+            " calls in flight finish. Logged. Idempotent."
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/ops/operators/{name}/release",
+        "Release a drained operator: its breaker probes (half-open), then closes",
+        "ops",
+        auth="admin",
+        responses={200: DrainOut},
+        params=(Param("name", "path", str, True, "the operator's name"),),
+        description="Logged. An operator that is not drained is left as it is.",
+    ),
+    Route(
+        "GET",
         "/metrics",
         "Prometheus metrics (text format)",
         "ops",
@@ -595,6 +634,19 @@ ROUTES: list[Route] = [
         "ops",
         auth="none",
         responses={200: Content("text/html", {"type": "string"})},
+    ),
+    Route(
+        "GET",
+        "/ops",
+        "The ops console: a live page of the supervision tree, queues, operators and nodes",
+        "ops",
+        auth="none",
+        responses={200: Content("text/html", {"type": "string"})},
+        description=(
+            "Self-contained (no CDN). It asks for the admin key once, keeps it in the tab's"
+            " sessionStorage and sends it as a Bearer header to GET /v1/ops/console every"
+            " second; the drain and release buttons call the routes above after a confirm."
+        ),
     ),
 ]
 
