@@ -184,6 +184,13 @@ class Router:
         self.routes: list[OperatorRoute] = []
         for provider, weight in providers:
             own = settings.get(provider.name, OperatorSettings(provider.name))
+            # An operator that can only have so many messages outstanding (an SMPP operator's
+            # binds x window) gets no more in flight than that unless the routing file says
+            # otherwise: what waits inside its client waits with its batch's outcome, and a
+            # crash sends again every message it had taken whose outcome was not recorded.
+            limit = getattr(provider, "in_flight_limit", 0)
+            if not own.window and limit:
+                own = msgspec.structs.replace(own, window=limit)
             chosen = own.weight if own.weight is not None else weight
             if chosen < 0:
                 raise ValueError(f"operator {provider.name}: weight must be >= 0")

@@ -206,8 +206,15 @@ class SimulatedSmsc:
             written.set()
 
     def _send(self, bind: _Bind, pdu: Pdu) -> None:
+        self._put(bind, encode(pdu))
+
+    @staticmethod
+    def _put(bind: _Bind, frame: bytes) -> None:
+        """Queue a frame for the writer, unless the connection is going away (its reader
+        ended: the outbox is closed before the bind is marked closed)."""
         if not bind.closed:
-            bind.outbox.send_nowait(encode(pdu))
+            with contextlib.suppress(trio.ClosedResourceError):
+                bind.outbox.send_nowait(frame)
 
     async def _respond_later(self, bind: _Bind) -> None:
         while not bind.closed:
@@ -224,8 +231,7 @@ class SimulatedSmsc:
             while bind.later and bind.later[0][0] <= now:
                 _, _, frame = heapq.heappop(bind.later)
                 bind.unanswered -= 1
-                if not bind.closed:
-                    bind.outbox.send_nowait(frame)
+                self._put(bind, frame)
 
     async def _read(self, bind: _Bind) -> None:
         reader = PduReader()
@@ -403,7 +409,7 @@ class SimulatedSmsc:
                 bind.receipts_out[bind.seq] = (system_id, body)
                 frame = bytearray(body)
                 frame[12:16] = bind.seq.to_bytes(4, "big")
-                bind.outbox.send_nowait(bytes(frame))
+                self._put(bind, bytes(frame))
                 self.counts["receipts_sent"] += 1
 
 

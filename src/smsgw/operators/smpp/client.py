@@ -716,6 +716,12 @@ class SmppOperator:
         """Transmitting sessions bound now."""
         return sum(1 for s in self.sessions if s.bound and s.transmits)
 
+    @property
+    def in_flight_limit(self) -> int:
+        """Messages the pool may have out at this operator at once: the submit_sm its binds'
+        windows hold (a long message's parts count one each, so this is an upper bound)."""
+        return self.config.binds * self.config.window
+
     def capacity(self) -> float:
         """PDUs per second the bound transmitters may send now (their AIMD rates summed)."""
         return sum(s.rate.rate for s in self.sessions if s.bound and s.transmits)
