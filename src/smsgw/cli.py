@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import msgspec
 import trio
 
+from smsgw.engine import numbers
 from smsgw.engine.node import EngineConfig
 from smsgw.logs import configure as configure_logging
 from smsgw.logs import redact_url
@@ -116,6 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
         admin_key = "adm_" + secrets.token_urlsafe(32)
         print(f"SMSGW_ADMIN_KEY is not set; this run's admin key: {admin_key}", file=sys.stderr)
     node_id = args.node_id or socket.gethostname()
+    try:
+        numbers.set_node_country(args.default_country)
+    except ValueError as exc:
+        raise UsageError(f"--default-country: {exc}") from None
     database = choose_database()
     if workers > 1:
         return _serve_workers(args, workers, node_id, admin_key, database)
@@ -303,6 +308,7 @@ def _serve_workers(
     if args.production:
         worker_args.append("--production")
     worker_args += ["--recipient-limit-per-hour", str(args.recipient_limit_per_hour)]
+    worker_args += ["--default-country", args.default_country]
     for flag, value in (
         ("--operator-errors", args.operator_errors),
         ("--window", args.window),
@@ -804,6 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_error_rates,
         metavar="TEMPORARY,PERMANENT",
         help="error probabilities of the in-process simulated operator (default 0.03,0.02)",
+    )
+    serve.add_argument(
+        "--default-country",
+        default=os.environ.get("SMSGW_DEFAULT_COUNTRY", numbers.DEFAULT_COUNTRY),
+        metavar="CC",
+        help="ISO 3166 alpha-2 country whose national number forms `to` takes for accounts"
+        " without a default_country of their own (default %(default)s;"
+        " env SMSGW_DEFAULT_COUNTRY)",
     )
     serve.add_argument(
         "--recipient-limit-per-hour",

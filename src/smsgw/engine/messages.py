@@ -131,6 +131,12 @@ class AccountSettings(msgspec.Struct, frozen=True):
     express_deadline_ms: int | None = None  # from accept to the operator
     recipient_limit_per_hour: int | None = None  # messages to one number
     api_rate: float | None = None  # API requests a second
+    # ISO 3166 alpha-2: whose national forms `to` takes (engine/numbers.py; None: the node's).
+    default_country: str | None = None
+    # The senders the admin allowed this account (empty: any valid sender), and the one a
+    # send without `sender` uses (None: "smsgw"). Migration 010.
+    senders: tuple[str, ...] = ()
+    default_sender: str | None = None
 
 
 DEFAULT_SETTINGS = AccountSettings()
@@ -145,11 +151,20 @@ class AccountChanged(msgspec.Struct, frozen=True):
     express_deadline_ms: int | None = None
     recipient_limit_per_hour: int | None = None
     api_rate: float | None = None
+    default_country: str | None = None
+    senders: tuple[str, ...] | None = None  # a NULL column: none
+    default_sender: str | None = None
 
     @property
     def settings(self) -> AccountSettings:
         return AccountSettings(
-            self.send_rate, self.express_deadline_ms, self.recipient_limit_per_hour, self.api_rate
+            self.send_rate,
+            self.express_deadline_ms,
+            self.recipient_limit_per_hour,
+            self.api_rate,
+            self.default_country,
+            self.senders or (),
+            self.default_sender,
         )
 
 

@@ -11,10 +11,25 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Credit = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
 ClientRef = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+Country = Annotated[str, msgspec.Meta(pattern="^[A-Z]{2}$", description="ISO 3166 alpha-2")]
 # `to` and `sender` are checked by the handler against engine/sms.py's rules, with messages a
 # person can act on; these patterns only say the same in the OpenAPI document
 # (extra_json_schema is not validated by msgspec). tests/unit/test_openapi.py keeps them equal.
 Recipient = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": r"^\+[1-9][0-9]{6,14}$"})]
+# What `to` takes on a send: E.164, or a national form of the account's country, with
+# separators and Persian or Arabic-Indic digits (engine/numbers.py); stored as E.164.
+PhoneNumber = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        description=(
+            "E.164 (+989121234567), or a national form of the account's `default_country`"
+            " (09121234567, 0098 912 123 4567, ۰۹۱۲۱۲۳۴۵۶۷): stored and answered as E.164"
+        ),
+        examples=["+4915123456789", "09121234567", "+98-912-1234567"],
+    ),
+]
 Sender = Annotated[
     str, msgspec.Meta(extra_json_schema={"pattern": r"^([A-Za-z0-9 ._-]{1,11}|\+?[0-9]{1,15})$"})
 ]
@@ -114,7 +129,7 @@ CallbackUrl = Annotated[
 
 
 class SendIn(msgspec.Struct, forbid_unknown_fields=True):
-    to: Recipient
+    to: PhoneNumber
     text: Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
     sender: Sender | None = None
     express: bool = False
@@ -139,6 +154,9 @@ class AccountSettingsIn(msgspec.Struct, forbid_unknown_fields=True):
     express_deadline_ms: Annotated[int, msgspec.Meta(ge=100, le=600_000)] | None = None
     recipient_limit_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
     api_rate: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+    # Whose national number forms `to` takes (ISO 3166 alpha-2); null: the node's
+    # (`serve --default-country`, IR unless set).
+    default_country: Country | None = None
 
 
 class AccountSettingsOut(msgspec.Struct):
@@ -147,6 +165,7 @@ class AccountSettingsOut(msgspec.Struct):
     express_deadline_ms: int | None
     recipient_limit_per_hour: int | None
     api_rate: float | None
+    default_country: str | None = None
 
 
 MAX_BATCH = 1_000

@@ -654,10 +654,16 @@ def _settings(r: asyncpg.Record) -> AccountSettings:
         express_deadline_ms=r["express_deadline_ms"],
         recipient_limit_per_hour=r["recipient_limit_per_hour"],
         api_rate=r["api_rate"],
+        default_country=r["default_country"],
+        senders=tuple(r["senders"] or ()),
+        default_sender=r["default_sender"],
     )
 
 
-_SETTINGS_COLUMNS = "send_rate, express_deadline_ms, recipient_limit_per_hour, api_rate"
+_SETTINGS_COLUMNS = (
+    "send_rate, express_deadline_ms, recipient_limit_per_hour, api_rate, default_country,"
+    " senders, default_sender"
+)
 
 
 def pending_sms(r: asyncpg.Record) -> OutboundSms:
@@ -1038,13 +1044,14 @@ class PgStore(CallbackOutbox):
         row = await self.db.run(
             lambda c: c.fetchrow(
                 "UPDATE accounts SET send_rate = $2, express_deadline_ms = $3,"
-                f" recipient_limit_per_hour = $4, api_rate = $5 WHERE id = $1"
-                f" RETURNING {_SETTINGS_COLUMNS}",
+                " recipient_limit_per_hour = $4, api_rate = $5, default_country = $6"
+                f" WHERE id = $1 RETURNING {_SETTINGS_COLUMNS}",
                 account_id,
                 settings.send_rate,
                 settings.express_deadline_ms,
                 settings.recipient_limit_per_hour,
                 settings.api_rate,
+                settings.default_country,
             )
         )
         return None if row is None else _settings(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
+from smsgw.engine import numbers
 from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
 from smsgw.engine.messages import AccountSettings
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
@@ -74,11 +75,19 @@ async def put_settings(account_id: int) -> Response:
     gw = gateway()
     gw.require_admin()
     data = await gw.body(AccountSettingsIn)
+    if data.default_country is not None and not numbers.is_country(data.default_country):
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`default_country` {data.default_country!r} is no country with a numbering plan",
+            field="default_country",
+        )
     settings = AccountSettings(
         send_rate=data.send_rate,
         express_deadline_ms=data.express_deadline_ms,
         recipient_limit_per_hour=data.recipient_limit_per_hour,
         api_rate=data.api_rate,
+        default_country=data.default_country,
     )
     try:
         stored = await gw.reads.update_settings(account_id, settings)
@@ -94,6 +103,7 @@ async def put_settings(account_id: int) -> Response:
             stored.express_deadline_ms,
             stored.recipient_limit_per_hour,
             stored.api_rate,
+            stored.default_country,
         )
     )
 

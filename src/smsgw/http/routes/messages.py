@@ -10,6 +10,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response
 
+from smsgw.engine import numbers
 from smsgw.engine import sms as rules
 from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
@@ -37,6 +38,7 @@ class Intake:
         "_shard",
         "account_id",
         "config",
+        "country",
         "gw",
         "monotonic",
         "now",
@@ -52,7 +54,10 @@ class Intake:
         self.now = engine.clock()
         self.monotonic = time.monotonic()
         self.request_id = request_id_var.get()
-        self.recipient_limit = engine.account_settings(account_id).recipient_limit_per_hour
+        # The account's settings, cached on every node (a change arrives by NOTIFY): no query.
+        settings = engine.account_settings(account_id)
+        self.recipient_limit = settings.recipient_limit_per_hour
+        self.country = settings.default_country or numbers.node_country()
         self._deadline: float | None = None
         self._express_problem: str | bool | None = False  # False: not asked yet
         self._shard: int | bool | None = False  # False: not asked yet
@@ -60,9 +65,12 @@ class Intake:
     def build(self, data: SendIn) -> OutboundSms:
         """Validate one message and price it; raises a 422 problem naming the field."""
         config = self.config
-        problem = rules.recipient_problem(data.to)
-        if problem:
-            raise ProblemError(422, "invalid_field", f"`to` {problem}", field="to")
+        # First: the hourly limit, the opt-outs and the reports all see the stored E.164 form.
+        to = numbers.normalize(data.to, self.country)
+        if to is None:
+            raise ProblemError(
+                422, "invalid_field", f"`to` {numbers.number_problem(self.country)}", field="to"
+            )
         if not data.text:
             raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
         sender = DEFAULT_SENDER if data.sender is None else data.sender
@@ -91,7 +99,7 @@ class Intake:
         return OutboundSms(
             id=uuid7(),
             account_id=self.account_id,
-            to=data.to,
+            to=to,
             sender=sender,
             text=data.text,
             segments=segments,
