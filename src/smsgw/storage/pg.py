@@ -14,7 +14,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
@@ -69,6 +69,17 @@ async def asyncio_loop() -> AsyncIterator[None]:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query on release (a round trip per group commit): this code leaves
     no session state behind (no SET, LISTEN or cursors; advisory locks are per transaction)."""
+
+
+def _session_ended(exc: asyncpg.PostgresError) -> bool:
+    """The session ended under a statement, rather than the server refusing it: the connection
+    was lost (asyncpg's PostgresConnectionError, class 08, is a PostgresError too) or the
+    server sent FATAL or PANIC (a shutdown, a crash, a terminated backend), at a moment the
+    client cannot know."""
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return True
+    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
+    return severity in ("FATAL", "PANIC")
 
 
 def _bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -151,14 +162,18 @@ class Database:
             try:
                 result = await fn(conn)
             except BaseException as exc:
-                if not isinstance(exc, asyncpg.PostgresError | _CopyConflict):
-                    # Cancelled mid-statement or lost: what its server session still does is
-                    # unknown, so it is never reused, and its server process names only that
-                    # work (PgStore.commit_fate ends it by pid). Terminating a pool's
-                    # connection gives it back to the pool, which opens a new one.
-                    conn.terminate()
-                else:
-                    self._release(conn)
+                # A connection the server closed (PostgreSQL stopping) is back in the pool
+                # already, its proxy detached: it raises InterfaceError on any call, which
+                # must not hide `exc` (a CommitInDoubt would then read as "nothing stored").
+                with suppress(asyncpg.InterfaceError):
+                    if not isinstance(exc, asyncpg.PostgresError | _CopyConflict):
+                        # Cancelled mid-statement or lost: what its server session still does
+                        # is unknown, so it is never reused, and its server process names only
+                        # that work (PgStore.commit_fate ends it by pid). Terminating a pool's
+                        # connection gives it back to the pool, which opens a new one.
+                        conn.terminate()
+                    else:
+                        self._release(conn)
                 raise
             # Kept unless a caller waits for the pool (all connections busy: this one is
             # theirs), or `fn` left a transaction open.
@@ -175,7 +190,13 @@ class Database:
         closed ones: PostgreSQL went away while they were idle)."""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.is_closed():
+            try:
+                closed = conn.is_closed()
+            except asyncpg.InterfaceError:
+                # Closed by the server while idle here (PostgreSQL restarted): asyncpg has
+                # taken it back already and detached this proxy, which is all it can answer.
+                continue
+            if not closed:
                 return conn
             self._release(conn)
         return None
@@ -755,7 +776,13 @@ class PgStore(CallbackOutbox):
         group.session = conn.get_server_pid()
         try:
             return await self._commit_group(conn, group, copy=copy)
-        except (asyncpg.PostgresError, _CopyConflict, TopUpTooLarge):
+        except asyncpg.PostgresError as exc:
+            if _session_ended(exc):
+                # Lost, or ended by the server (shutdown, crash): that can come after the
+                # COMMIT was flushed and before its answer arrived, so it may have committed.
+                raise CommitInDoubt(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        except (_CopyConflict, TopUpTooLarge):
             # The server refused a statement, or the credit rules refused a top-up before the
             # commit: the transaction is rolled back, nothing of the group is stored.
             raise
