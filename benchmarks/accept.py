@@ -11,6 +11,12 @@ and then `--duration` measured seconds:
   gateway_1_account     the same on another fresh schema, all load on one account
   noop                  benchmarks/noop_server.py: quart-trio on hypercorn, reads the body, 202
 
+With `--console-clients N` (5: the issue's "five open browsers"), each round also runs
+`gateway_100_accounts+console`: the same gateway phase while a separate process (this script
+with `--poll-console`) polls GET /v1/ops/console once a second on N keep-alive connections, as
+N open ops consoles do (the page itself is fetched once per tab and is static). The report
+adds the ratio of its accepts/s to the phase without it (target >= 0.95).
+
 After each gateway phase every id that got a 202 (warmup included) is looked up in the
 messages table: "durable" is true when none is missing. PostgreSQL is DATABASE_URL when set,
 else an embedded server started once in a temporary folder. Prints one JSON object on stdout
@@ -21,10 +27,16 @@ durable or answered no 2xx at all; the throughput targets are reported, not enfo
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +74,9 @@ CREDIT = 10**9  # per account: far more than any run can spend
 SETTINGS = {"api_rate": 1_000_000}
 PROFILE_S = 8.0
 TARGETS = {"accepts_vs_noop": 0.8, "one_vs_many": 0.9}
+# With --console-clients: accepts/s with the consoles polling against the same phase without.
+CONSOLE_TARGET = 0.95
+CONSOLE_PATH = "/v1/ops/console"
 # The no-op phase sends the same requests; the key is only there to match their size.
 NOOP_KEY = "sk_" + "x" * 43
 
@@ -134,6 +149,7 @@ def gateway_phase(
     database_url: str,
     args: argparse.Namespace,
     work_dir: Path,
+    console_clients: int = 0,
 ) -> Phase:
     schema = fresh_schema("bench_accept")
     admin_key = new_admin_key()
@@ -149,14 +165,15 @@ def gateway_phase(
             meter = CpuMeter(gateway.process.pid)
             meter.start()
             profiler = maybe_profile(args, name, gateway.process.pid)
-            load = run_loadgen(
-                gateway.url,
-                keys,
-                connections=args.connections,
-                duration=args.duration,
-                warmup=WARMUP_S,
-                ids_out=ids_file,
-            )
+            with console_pollers(gateway.url, admin_key, console_clients, args.out / name):
+                load = run_loadgen(
+                    gateway.url,
+                    keys,
+                    connections=args.connections,
+                    duration=args.duration,
+                    warmup=WARMUP_S,
+                    ids_out=ids_file,
+                )
             cpu = meter.stop()
             profile = profiler.finish() if profiler is not None else None
             # Checked while the gateway still runs: a 202 must mean committed already.
@@ -172,6 +189,75 @@ def gateway_phase(
     phase = to_phase(name, "gateway", accounts, load, durability, cpu, profile)
     log(f"{name}: {phase.rate_per_s}/s {phase.by_status} missing={durability.missing}")
     return phase
+
+
+@contextmanager
+def console_pollers(url: str, admin_key: str, clients: int, stem: Path) -> Iterator[None]:
+    """With `clients` > 0, a process of its own that polls the console's JSON as `clients`
+    open ops consoles do while the block runs; what it saw goes to `<stem>.console.json`."""
+    if clients <= 0:
+        yield
+        return
+    env = {**os.environ, "SMSGW_ADMIN_KEY": admin_key}
+    command = [sys.executable, __file__, "--poll-console", url, "--console-clients", str(clients)]
+    with open(f"{stem}.console.json", "wb") as out:
+        poller = subprocess.Popen(command, env=env, stdout=out)
+        try:
+            yield
+        finally:
+            poller.send_signal(signal.SIGTERM)
+            poller.wait(timeout=30)
+    log(f"console pollers: {Path(f'{stem}.console.json').read_text().strip()}")
+
+
+def poll_console(url: str, clients: int) -> int:
+    """`--poll-console`: `clients` loops, each on its own keep-alive connection, GET the
+    console's JSON with the admin key (SMSGW_ADMIN_KEY) once a second, as the page does, until
+    SIGTERM; then print what they saw as JSON."""
+    import httpx
+    import trio
+
+    key = os.environ["SMSGW_ADMIN_KEY"]
+    seen = {"clients": clients, "requests": 0, "ok": 0, "failed": 0, "latency_ms_max": 0.0}
+
+    async def client_loop() -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10.0) as http:
+            while True:
+                started = trio.current_time()
+                try:
+                    response = await http.get(CONSOLE_PATH)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed_ms = (trio.current_time() - started) * 1000
+                seen["requests"] += 1
+                seen["ok" if ok else "failed"] += 1
+                seen["latency_ms_max"] = round(max(seen["latency_ms_max"], elapsed_ms), 1)
+                await trio.sleep_until(started + 1.0)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                for i in range(clients):
+                    # Tabs opened a moment apart, not in lockstep.
+                    nursery.start_soon(_after, i / clients, client_loop)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    began = time.monotonic()
+    trio.run(run)
+    seen["seconds"] = round(time.monotonic() - began, 1)
+    print(json.dumps(seen), flush=True)
+    return 0 if seen["failed"] == 0 else 1
+
+
+async def _after(delay: float, fn: Any) -> None:
+    import trio
+
+    await trio.sleep(delay)
+    await fn()
 
 
 def noop_phase(args: argparse.Namespace, work_dir: Path, name: str = "noop") -> Phase:
@@ -223,6 +309,22 @@ def summarize(
         ratio(g, n) for g, n in zip(rates["gateway_100_accounts"], rates["noop"], strict=True)
     ]
     gateway_phases = [p for p in phases if p.durability is not None]
+    console: dict[str, Any] = {}
+    if "gateway_100_accounts+console" in rates:
+        by_round_console = [
+            ratio(c, g)
+            for c, g in zip(
+                rates["gateway_100_accounts+console"], rates["gateway_100_accounts"], strict=True
+            )
+        ]
+        median_console = statistics.median(r or 0.0 for r in by_round_console)
+        console = {
+            "console_clients": args.console_clients,
+            "ratio_console_vs_none_by_round": by_round_console,
+            "ratio_console_vs_none_by_round_median": median_console,
+            "console_target": CONSOLE_TARGET,
+            "console_pass": median_console >= CONSOLE_TARGET,
+        }
     return {
         "benchmark": "accept",
         "commit": git_commit(),
@@ -256,6 +358,7 @@ def summarize(
         },
         "durable": all(p.durability.durable for p in gateway_phases if p.durability),
         "missing": sum(p.durability.missing for p in gateway_phases if p.durability),
+        **console,
     }
 
 
@@ -309,7 +412,19 @@ def markdown(result: dict[str, Any]) -> str:
         + "\n"
         + markdown_table(["ratio", "value", "target", "result"], checks)
         + f"\nGateway (100 accounts) / noop of the same round: {by_round} "
-        f"(median {result['ratio_100_vs_noop_by_round_median']}).\n"
+        f"(median {result['ratio_100_vs_noop_by_round_median']}).\n" + _console_line(result)
+    )
+
+
+def _console_line(result: dict[str, Any]) -> str:
+    if "console_clients" not in result:
+        return ""
+    by_round = ", ".join(_cell(r) for r in result["ratio_console_vs_none_by_round"])
+    verdict = "pass" if result["console_pass"] else "FAIL"
+    return (
+        f"\nWith {result['console_clients']} ops consoles polling / without, 100 accounts,"
+        f" by round: {by_round} (median {result['ratio_console_vs_none_by_round_median']},"
+        f" target >= {result['console_target']}: {verdict}).\n"
     )
 
 
@@ -327,8 +442,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-schemas", action="store_true", help="keep the phases' schemas afterwards"
     )
+    parser.add_argument(
+        "--console-clients",
+        type=int,
+        default=0,
+        help="also run gateway_100_accounts with N ops consoles polling (the issue: 5)",
+    )
+    parser.add_argument("--poll-console", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
+    if args.duration <= 0 or args.connections < 1 or args.rounds < 1 or args.console_clients < 0:
         parser.error("--duration must be > 0, --connections and --rounds >= 1")
     args.out = args.out.resolve()
     return args
@@ -336,6 +458,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.poll_console:
+        return poll_console(args.poll_console, max(1, args.console_clients))
     exit_on_sigterm()
     with (
         tempfile.TemporaryDirectory(prefix="smsgw-bench-accept-") as tmp,
@@ -348,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(
                 gateway_phase(f"gateway_100_accounts#{r}", 100, database_url, args, work_dir)
             )
+            if args.console_clients:
+                name = f"gateway_100_accounts+console#{r}"
+                phases.append(
+                    gateway_phase(name, 100, database_url, args, work_dir, args.console_clients)
+                )
             phases.append(gateway_phase(f"gateway_1_account#{r}", 1, database_url, args, work_dir))
     result = summarize(phases, args, source)
     path = write_report(args.out, "accept", result, markdown(result))
