@@ -27,6 +27,7 @@ from smsgw.http.routes import (
     metrics,
     ops,
     reports,
+    senders,
 )
 
 log = logging.getLogger("smsgw.http")
@@ -71,7 +72,18 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
     app.extensions["smsgw.dlr_keys"] = delivery.OperatorKeys(dlr_keys)
-    for module in (accounts, messages, batch, delivery, ops, console, reports, docs, metrics):
+    for module in (
+        accounts,
+        senders,
+        messages,
+        batch,
+        delivery,
+        ops,
+        console,
+        reports,
+        docs,
+        metrics,
+    ):
         app.register_blueprint(module.bp)
     # Request ids, access log, request counts and durations; GET /metrics reads them.
     app.config["SMSGW_METRICS_PUBLIC"] = metrics_public

@@ -131,7 +131,11 @@ CallbackUrl = Annotated[
 class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     to: PhoneNumber
     text: Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
+    # None: the account's default sender (else "smsgw"); one the admin allowed it, when it
+    # has a list (PUT /v1/accounts/{id}/senders).
     sender: Sender | None = None
+    # `sender` by the name the seed gateway's clients use; give one of the two.
+    from_: Sender | None = msgspec.field(default=None, name="from")
     express: bool = False
     client_ref: ClientRef | None = None
     callback_url: CallbackUrl | None = None
@@ -166,6 +170,26 @@ class AccountSettingsOut(msgspec.Struct):
     recipient_limit_per_hour: int | None
     api_rate: float | None
     default_country: str | None = None
+
+
+MAX_SENDERS = 100
+
+
+class SendersIn(msgspec.Struct, forbid_unknown_fields=True):
+    """The senders an account may use (empty: any valid sender, as without a list), and the
+    one a send without `sender` uses (null: the first of `senders`, else "smsgw")."""
+
+    senders: Annotated[list[Sender], msgspec.Meta(max_length=MAX_SENDERS)]
+    default: Sender | None = None
+
+
+class SendersOut(msgspec.Struct):
+    """The account's senders (empty: any valid sender) and `default`, the sender a send
+    without one uses."""
+
+    account_id: int
+    senders: list[str]
+    default: str
 
 
 MAX_BATCH = 1_000

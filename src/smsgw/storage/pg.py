@@ -1083,6 +1083,23 @@ class PgStore(CallbackOutbox):
         )
         return None if row is None else _settings(row)
 
+    async def update_senders(
+        self, account_id: int, senders: Sequence[str], default: str | None
+    ) -> AccountSettings | None:
+        """Replace the senders the account may use (none: any) and its default sender; the
+        account's settings after it, None for no such account. Every node learns them from
+        the accounts trigger's notification (migration 010)."""
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "UPDATE accounts SET senders = $2, default_sender = $3"
+                f" WHERE id = $1 RETURNING {_SETTINGS_COLUMNS}",
+                account_id,
+                list(senders) or None,
+                default,
+            )
+        )
+        return None if row is None else _settings(row)
+
     # --- reads (one query each; not on the accept path) ------------------------------------
 
     async def account_by_key_hash(self, key_hash: bytes) -> Account | None:

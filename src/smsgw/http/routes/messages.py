@@ -39,11 +39,13 @@ class Intake:
         "account_id",
         "config",
         "country",
+        "default_sender",
         "gw",
         "monotonic",
         "now",
         "recipient_limit",
         "request_id",
+        "senders",
     )
 
     def __init__(self, gw: Gateway, account_id: int) -> None:
@@ -58,6 +60,10 @@ class Intake:
         settings = engine.account_settings(account_id)
         self.recipient_limit = settings.recipient_limit_per_hour
         self.country = settings.default_country or numbers.node_country()
+        self.senders = frozenset(settings.senders)
+        self.default_sender = settings.default_sender or (
+            settings.senders[0] if settings.senders else DEFAULT_SENDER
+        )
         self._deadline: float | None = None
         self._express_problem: str | bool | None = False  # False: not asked yet
         self._shard: int | bool | None = False  # False: not asked yet
@@ -73,10 +79,7 @@ class Intake:
             )
         if not data.text:
             raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
-        sender = DEFAULT_SENDER if data.sender is None else data.sender
-        problem = rules.sender_problem(sender)
-        if problem:
-            raise ProblemError(422, "invalid_field", f"`sender` {problem}", field="sender")
+        sender = self.sender(data)
         if data.callback_url is not None:
             problem = callback_url_problem(data.callback_url, production=config.production)
             if problem:
@@ -117,6 +120,36 @@ class Intake:
             request_id=self.request_id,
             callback_url=data.callback_url,
         )
+
+    def sender(self, data: SendIn) -> str:
+        """The item's sender (`sender`, or its alias `from`; neither: the account's default),
+        valid and, when the admin gave the account a list, on it: else a 422 naming the
+        field."""
+        field, sender = "sender", data.sender
+        if data.from_ is not None:
+            if sender is not None and sender != data.from_:
+                raise ProblemError(
+                    422,
+                    "invalid_field",
+                    "`from` is another name for `sender`: give one of them",
+                    field="from",
+                )
+            field, sender = "from", data.from_
+        if sender is None:
+            return self.default_sender
+        problem = rules.sender_problem(sender)
+        if problem:
+            raise ProblemError(422, "invalid_field", f"`{field}` {problem}", field=field)
+        if self.senders and sender not in self.senders:
+            raise ProblemError(
+                422,
+                "sender_not_allowed",
+                f"`{field}` {sender!r} is not one of this account's senders"
+                f" ({', '.join(sorted(self.senders))}); leave it out to send from"
+                f" {self.default_sender!r}",
+                field=field,
+            )
+        return sender
 
     def _express_shard(self) -> int | None:
         if self._shard is False:

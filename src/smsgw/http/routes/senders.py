@@ -1,0 +1,74 @@
+"""The senders an account may use (admin): PUT /v1/accounts/{id}/senders.
+
+Kept with the account's other settings (migration 010): every node caches them and learns a
+change from the accounts trigger's notification, so a send checks its sender with no query
+(routes/messages.py, `Intake.sender`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from quart import Blueprint, Response
+
+from smsgw.engine import sms as rules
+from smsgw.engine.messages import AccountSettings
+from smsgw.http.context import gateway, json_response
+from smsgw.http.problems import ProblemError
+from smsgw.http.routes.messages import DEFAULT_SENDER
+from smsgw.http.schemas import SendersIn, SendersOut
+
+bp = Blueprint("senders", __name__)
+
+
+@runtime_checkable
+class SendersStore(Protocol):
+    """What this route needs of the store beyond FrontDoorStore (PgStore has it)."""
+
+    async def update_senders(
+        self, account_id: int, senders: Sequence[str], default: str | None
+    ) -> AccountSettings | None: ...
+
+
+@bp.put("/v1/accounts/<int(max=9223372036854775807):account_id>/senders")
+async def put_senders(account_id: int) -> Response:
+    """Replace the account's senders and default sender. An empty list lets it send from any
+    valid sender again, as an account without a list does."""
+    gw = gateway()
+    gw.require_admin()
+    data = await gw.body(SendersIn)
+    for i, sender in enumerate(data.senders):
+        problem = rules.sender_problem(sender)
+        if problem:
+            raise ProblemError(
+                422, "invalid_field", f"`senders[{i}]` {problem}", field=f"senders[{i}]"
+            )
+    senders = list(dict.fromkeys(data.senders))  # in order, each once
+    default = data.default
+    if default is not None:
+        problem = rules.sender_problem(default)
+        if problem:
+            raise ProblemError(422, "invalid_field", f"`default` {problem}", field="default")
+        if senders and default not in senders:
+            raise ProblemError(
+                422,
+                "invalid_field",
+                f"`default` {default!r} must be one of `senders`",
+                field="default",
+            )
+    store = gw.reads
+    if not isinstance(store, SendersStore):  # a store without senders: only in tests
+        raise ProblemError(503, "unavailable", "this node's store keeps no senders")
+    try:
+        stored = await store.update_senders(account_id, senders, default)
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise ProblemError(503, "unavailable", f"could not store the senders: {exc}") from None
+    if stored is None:
+        raise ProblemError(404, "account_not_found", f"no account {account_id}")
+    gw.engine.learn_settings(account_id, stored)
+    # The sender a send without one uses now.
+    default = stored.default_sender or (stored.senders[0] if stored.senders else DEFAULT_SENDER)
+    return json_response(SendersOut(account_id, list(stored.senders), default))
