@@ -159,6 +159,8 @@ class DrainOut(msgspec.Struct):
 
 # How long one PostgreSQL read of the nodes' view serves every console polling this node.
 CLUSTER_TTL_S = 1.0
+# How long a console's answer waits for that read before it goes without (`cluster.error`).
+CLUSTER_TIMEOUT_S = 2.0
 
 
 class ClusterCache:
@@ -176,9 +178,13 @@ class ClusterCache:
         assert leases is not None
         async with self._lock:
             if trio.current_time() - self._at >= CLUSTER_TTL_S:
+                self._error = f"PostgreSQL: no answer within {CLUSTER_TIMEOUT_S:g} s"
                 try:
-                    self._view = await leases.store.cluster(leases.config.ttl)
-                    self._error = None
+                    # A console is most needed when the database is in trouble: the rest of
+                    # the page must not wait on it.
+                    with trio.move_on_after(CLUSTER_TIMEOUT_S):
+                        self._view = await leases.store.cluster(leases.config.ttl)
+                        self._error = None
                 except Exception as exc:
                     self._error = f"PostgreSQL: {type(exc).__name__}: {exc}"
                 self._at = trio.current_time()
