@@ -56,44 +56,55 @@ async def serve_workers(
         port = holder.getsockname()[1]
     restarts: deque[float] = deque()
     stopping = trio.Event()
+    # Signals are taken from the start: a SIGTERM while the workers start (a script that gives
+    # up waiting) stops the ones running and the one starting, instead of killing this parent
+    # by default and leaving its workers behind.
+    starting = trio.CancelScope()
     try:
-        async with trio.open_nursery() as nursery:
-            urls = []
-            for i in range(workers):
-                command = [
-                    sys.executable,
-                    "-m",
-                    "smsgw.cli",
-                    *top_args,
-                    "serve",
-                    "--workers",
-                    "1",
-                    "--reuse-port",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--node-id",
-                    f"{node_id}-{i}",
-                    *worker_args,
-                ]
-                url = await nursery.start(_worker, command, env, stopping, restarts)
-                urls.append(url)
-            if holder is not None:
-                holder.close()
-                holder = None
-            if on_listening is not None:
-                on_listening(urls[0])
-            print(
-                msgspec.json.encode(
-                    {"event": "listening", "url": urls[0], "workers": workers}
-                ).decode(),
-                flush=True,
-            )
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def start() -> None:
+                    nonlocal holder
+                    with starting:
+                        urls = []
+                        for i in range(workers):
+                            command = [
+                                sys.executable,
+                                "-m",
+                                "smsgw.cli",
+                                *top_args,
+                                "serve",
+                                "--workers",
+                                "1",
+                                "--reuse-port",
+                                "--host",
+                                host,
+                                "--port",
+                                str(port),
+                                "--node-id",
+                                f"{node_id}-{i}",
+                                *worker_args,
+                            ]
+                            url = await nursery.start(_worker, command, env, stopping, restarts)
+                            urls.append(url)
+                        if holder is not None:
+                            holder.close()
+                            holder = None
+                        if on_listening is not None:
+                            on_listening(urls[0])
+                        print(
+                            msgspec.json.encode(
+                                {"event": "listening", "url": urls[0], "workers": workers}
+                            ).decode(),
+                            flush=True,
+                        )
+
+                nursery.start_soon(start)
                 async for _ in signals:
                     log.info("stopping %d workers on signal", workers)
                     stopping.set()
+                    starting.cancel()
                     break
     finally:
         if holder is not None:
