@@ -213,22 +213,41 @@ def hold_items(book: CreditBook, items: Sequence[OutboundSms], atomic: bool) -> 
 
 # (account, number) -> [messages it may still take this hour, seconds until one more fits]
 Room = dict[tuple[int, str], list[float]]
+# (account, number) -> True when the number is on the gateway's blocklist (no message of any
+# kind), False when it opted out of the account's messages (its bulk; express still goes).
+Stops = dict[tuple[int, str], bool]
+
+
+def stopped(stops: Stops | None, sms: OutboundSms) -> bool:
+    """Whether `sms` may not be sent to its number: blocked, or opted out and bulk."""
+    if not stops:
+        return False
+    blocked = stops.get((sms.account_id, sms.to))
+    return blocked is not None and (blocked or not sms.express)
 
 
 def hold_within_limits(
-    book: CreditBook, items: Sequence[OutboundSms], atomic: bool, room: Room | None
+    book: CreditBook,
+    items: Sequence[OutboundSms],
+    atomic: bool,
+    room: Room | None,
+    stops: Stops | None = None,
 ) -> list[AcceptResult]:
-    """hold_items after the hourly limit per recipient number: an item whose number has no
-    `room` left is refused `recipient_rate_limited` with nothing held, and with it, when
-    `atomic`, the whole request (`batch_rejected`). Numbers not in `room` are within their
-    limit. Takes the room of the items it accepts."""
-    if room is None:
+    """hold_items after the opt-outs and the hourly limit per recipient number: an item whose
+    number is `stopped` is refused `opted_out`, one whose number has no `room` left
+    `recipient_rate_limited`, each with nothing held, and with it, when `atomic`, the whole
+    request (`batch_rejected`). Numbers not in `room` are within their limit. Takes the room
+    of the items it accepts."""
+    if room is None and not stops:
         return hold_items(book, items, atomic)
-    limited: dict[int, float] = {}  # item index -> seconds until its number has room
+    limited: dict[int, float | None] = {}  # item index -> seconds until it fits (None: never)
     taken: dict[tuple[int, str], int] = {}
     for i, sms in enumerate(items):
+        if stopped(stops, sms):
+            limited[i] = None
+            continue
         key = (sms.account_id, sms.to)
-        left = room.get(key)
+        left = None if room is None else room.get(key)
         if left is None:
             continue
         if left[0] - taken.get(key, 0) >= 1:
@@ -243,8 +262,11 @@ def hold_within_limits(
             credit = book.accounts.get(sms.account_id)
             balance = None if credit is None else credit.balance
             if i in limited:
+                wait = limited[i]
+                if wait is None:
+                    return AcceptResult(False, "opted_out", balance=balance)
                 return AcceptResult(
-                    False, "recipient_rate_limited", balance=balance, retry_after=limited[i]
+                    False, "recipient_rate_limited", balance=balance, retry_after=wait
                 )
             return AcceptResult(False, "batch_rejected", balance=balance)
 
@@ -253,8 +275,9 @@ def hold_within_limits(
         rest = [(i, sms) for i, sms in enumerate(items) if i not in limited]
         held = iter(hold_items(book, [sms for _, sms in rest], False) if rest else ())
         results = [refused(i, sms) if i in limited else next(held) for i, sms in enumerate(items)]
-    for sms, result in zip(items, results, strict=True):
-        left = room.get((sms.account_id, sms.to))
-        if left is not None and result.accepted:
-            left[0] -= 1
+    if room is not None:
+        for sms, result in zip(items, results, strict=True):
+            left = room.get((sms.account_id, sms.to))
+            if left is not None and result.accepted:
+                left[0] -= 1
     return results

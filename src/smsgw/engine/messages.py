@@ -73,6 +73,8 @@ class AcceptResult(msgspec.Struct, frozen=True):
     # unique index said so at insert); nothing was stored or held for this item.
     # recipient_rate_limited: the account's messages to this number in the last hour, on
     # every node, already reach its hourly limit; `retry_after` says when one more fits.
+    # opted_out: the number is on the gateway's blocklist, or (bulk only) on the account's
+    # opt-out list; nothing was stored or held.
     reason: (
         Literal[
             "insufficient_credit",
@@ -80,6 +82,7 @@ class AcceptResult(msgspec.Struct, frozen=True):
             "batch_rejected",
             "duplicate_client_ref",
             "recipient_rate_limited",
+            "opted_out",
         ]
         | None
     ) = None

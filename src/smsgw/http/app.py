@@ -26,6 +26,7 @@ from smsgw.http.routes import (
     messages,
     metrics,
     ops,
+    optouts,
     reports,
     senders,
 )
@@ -77,6 +78,7 @@ def create_app(
         senders,
         messages,
         batch,
+        optouts,
         delivery,
         ops,
         console,

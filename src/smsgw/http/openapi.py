@@ -45,6 +45,9 @@ from smsgw.http.schemas import (
     DeliveryReportsIn,
     DeliveryReportsOut,
     KeyRotatedOut,
+    NumbersAddedOut,
+    NumbersIn,
+    NumbersPage,
     Recipient,
     SendersIn,
     SendersOut,
@@ -64,7 +67,9 @@ CHANGES = (
         " unless set) with separators and Persian or Arabic-Indic digits, stored and answered"
         " as E.164; an E.164 `to` must have a length its country's plan allows. `from` is an"
         " alias of `sender`. PUT /v1/accounts/{account_id}/senders limits an account to the"
-        " senders the admin allows (422 `sender_not_allowed`) and sets its default sender.",
+        " senders the admin allows (422 `sender_not_allowed`) and sets its default sender."
+        " Opt-outs (/v1/account/opt-outs) and the gateway's blocklist (/v1/blocklist): a send"
+        " to such a number is a 422 `opted_out` (a batch item `rejected` with that code).",
     ),
     (
         "2.0.0",
@@ -327,6 +332,57 @@ CALLBACKS = (
     " callback connects. A node not in production mode takes loopback hosts only."
 )
 
+_STOPS = (
+    "An account's opt-outs stop its bulk messages, not its express ones (an opted-out person"
+    " still gets login codes); the gateway's blocklist stops every message. A send to such a"
+    " number is a 422 `opted_out`, nothing held. Numbers are taken as `to` is (the account's"
+    " `default_country`; the blocklist: the node's) and kept as E.164."
+)
+
+
+def _number_list_routes(prefix: str, auth: Auth, who: str) -> tuple[Route, ...]:
+    """POST, GET and DELETE of one number list (opt-outs or the blocklist)."""
+    return (
+        Route(
+            "POST",
+            prefix,
+            f"Add numbers to {who}",
+            "opt-outs",
+            auth=auth,
+            request=NumbersIn,
+            responses={200: NumbersAddedOut},
+            problems=(503,),
+            idempotent=False,
+            description="All or none: a number that is none is a 422 naming it. " + _STOPS,
+            example={"numbers": ["0935 123 4567", "+4917612345678"]},
+        ),
+        Route(
+            "GET",
+            prefix,
+            f"A page of {who}, in number order",
+            "opt-outs",
+            auth=auth,
+            responses={200: NumbersPage},
+            problems=(503,),
+            params=(
+                Param("limit", "query", Annotated[int, msgspec.Meta(ge=1, le=1_000)]),
+                Param("cursor", "query", str, description="`next_cursor` of the previous page"),
+            ),
+        ),
+        Route(
+            "DELETE",
+            prefix + "/{number}",
+            f"Take a number off {who}",
+            "opt-outs",
+            auth=auth,
+            responses={204: None},
+            problems=(503,),
+            params=(Param("number", "path", str, required=True),),
+            description="404 `number_not_listed` when it is not on it.",
+        ),
+    )
+
+
 # --- the route table ---------------------------------------------------------------------------
 
 ROUTES: list[Route] = [
@@ -431,6 +487,15 @@ ROUTES: list[Route] = [
         idempotent=False,
         problems=(503,),
     ),
+    # opt-outs and the blocklist (routes/optouts.py)
+    *(
+        route
+        for prefix, auth, who in (
+            ("/v1/account/opt-outs", "account", "the calling account's opt-out list"),
+            ("/v1/blocklist", "admin", "the gateway's blocklist"),
+        )
+        for route in _number_list_routes(prefix, auth, who)  # type: ignore[arg-type]
+    ),
     # messages (routes/messages.py, routes/batch.py)
     Route(
         "POST",
@@ -446,7 +511,8 @@ ROUTES: list[Route] = [
             " message when `client_ref` was used before by this account (nothing new is"
             " stored). 402 when the balance does not cover the price (nothing stored or held)."
             " 422 `sender_not_allowed` for a sender the admin did not allow the account"
-            " (PUT /v1/accounts/{account_id}/senders)."
+            " (PUT /v1/accounts/{account_id}/senders); 422 `opted_out` for a number on the"
+            " account's opt-outs (bulk only) or the gateway's blocklist."
             " 429 `recipient_rate_limited` past the hourly limit for one number. Express: 503"
             " `express_unavailable` when it could not make its deadline (nothing held). With"
             ' `"wait": true` (express only): 200 with the sent message once the operator took'

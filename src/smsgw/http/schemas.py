@@ -192,6 +192,35 @@ class SendersOut(msgspec.Struct):
     default: str
 
 
+MAX_NUMBERS = 1_000
+
+
+class NumbersIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Numbers for an opt-out list or the blocklist, each as `to` takes it."""
+
+    numbers: Annotated[list[PhoneNumber], msgspec.Meta(min_length=1, max_length=MAX_NUMBERS)]
+
+
+class NumbersAddedOut(msgspec.Struct):
+    """`numbers`: the request's numbers as stored (E.164), in order; `added`: how many of
+    them were not on the list yet."""
+
+    added: int
+    numbers: list[str]
+
+
+class ListedNumberOut(msgspec.Struct):
+    number: str
+    created_at: datetime
+
+
+class NumbersPage(msgspec.Struct):
+    """One page of a list, in number order; `next_cursor` is null on the last page."""
+
+    items: list[ListedNumberOut]
+    next_cursor: str | None
+
+
 MAX_BATCH = 1_000
 
 

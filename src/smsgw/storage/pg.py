@@ -24,7 +24,14 @@ import msgspec
 import trio
 import trio_asyncio
 
-from smsgw.engine.credit import AccountCredit, CreditBook, TopUpTooLarge, hold_within_limits
+from smsgw.engine.credit import (
+    AccountCredit,
+    CreditBook,
+    Room,
+    Stops,
+    TopUpTooLarge,
+    hold_within_limits,
+)
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
@@ -449,6 +456,36 @@ CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1")}) r
 WHERE r.seen + k.n > l.per_hour
 """
 
+# Opt-outs and the blocklist (migration 010) are checked here too, in the statement that
+# stores the messages, so they hold on every node from the moment a number is added, with no
+# query of their own: an index probe per message, that for most numbers finds nothing. The
+# gateway's blocklist stops every message; an account's opt-outs stop its bulk, not its
+# express (an opted-out person still needs login codes). A group with a stopped message changes
+# nothing here and is done the exact way, which refuses that message alone (`opted_out`).
+_STOPPED_ANY = """
+    SELECT FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text, express bool)
+    WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = x."to")
+       OR (NOT x.express
+           AND EXISTS (SELECT FROM opt_outs o
+                       WHERE o.account_id = x.account_id AND o.number = x."to"))
+    LIMIT 1"""
+
+# The exact way's refusals, in one round trip: the recipients past their hourly limit
+# (_RECIPIENT_ROOM, when $2 is not NULL), and the numbers opted out of their account or
+# blocked (`blocked`: for every message, not just bulk).
+_REFUSALS = f"""
+SELECT 'room' AS kind, r.account_id, r.recipient, r.room, r.retry_after::float8, FALSE AS blocked
+FROM ({_RECIPIENT_ROOM}) r
+WHERE $2::int IS NOT NULL
+UNION ALL
+SELECT 'stop', k.account_id, k.recipient, NULL, NULL,
+       EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
+FROM (SELECT DISTINCT x.account_id, x."to" AS recipient
+      FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text)) k
+WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
+   OR EXISTS (SELECT FROM opt_outs o WHERE o.account_id = k.account_id AND o.number = k.recipient)
+"""
+
 _OK_FINISHED = _finish_sql(
     "$2",
     only_if=" AND (SELECT ok FROM ok)",
@@ -462,10 +499,12 @@ WITH locked AS MATERIALIZED (
     FROM accounts a
     WHERE a.id = ANY($3::bigint[]) ORDER BY a.id FOR UPDATE
 ), crowded AS ({_CROWDED}
+), stopped AS ({_STOPPED_ANY}
 ), ok AS (
     SELECT count(*) = cardinality($3::bigint[])
            AND coalesce(bool_and(l.balance >= coalesce(n.amount, 0)), TRUE)
-           AND NOT EXISTS (SELECT FROM crowded) AS ok
+           AND NOT EXISTS (SELECT FROM crowded)
+           AND NOT EXISTS (SELECT FROM stopped) AS ok
     FROM locked l LEFT JOIN (
         SELECT x.account_id, sum(x.price) AS amount
         FROM json_to_recordset($1::json) AS x(account_id bigint, price int)
@@ -838,9 +877,9 @@ class PgStore(CallbackOutbox):
 
             accepts: list[list[AcceptResult]] = []
             stored: list[OutboundSms] = []
-            room = await self._recipient_room(conn, group) if group.accepts else None
+            room, stops = await self._refusals(conn, group) if group.accepts else (None, None)
             for items, atomic in group.accepts:
-                results = hold_within_limits(book, items, atomic, room)
+                results = hold_within_limits(book, items, atomic, room, stops)
                 accepts.append(results)
                 if all(res.accepted for res in results):
                     held = items
@@ -971,22 +1010,25 @@ class PgStore(CallbackOutbox):
         await self._notify(conn, wake, group.outcomes)
         return GroupResult(accepts, [], [])
 
-    async def _recipient_room(
+    async def _refusals(
         self, conn: asyncpg.Connection, group: WriteGroup
-    ) -> dict[tuple[int, str], list[float]] | None:
-        """The group's recipients past their hourly limit, read after the accounts are locked
-        (no other group can store messages of theirs until this one commits): (account,
-        number) -> [messages it may still take, seconds until one more fits]. None: none."""
-        if self.recipient_limit is None:
-            return None
+    ) -> tuple[Room | None, Stops | None]:
+        """Read after the accounts are locked (no other group can store messages of theirs
+        until this one commits): the group's recipients past their hourly limit, (account,
+        number) -> [messages it may still take, seconds until one more fits], unless the
+        store checks no limit; and its numbers opted out or blocked, (account, number) ->
+        blocked (True: on the gateway's blocklist, stops express too). None: none."""
         items = [sms for items, _ in group.accepts for sms in items]
-        rows = await conn.fetch(_RECIPIENT_ROOM, _json.encode(items).decode(), self.recipient_limit)
-        if not rows:
-            return None
-        return {
-            (r["account_id"], r["recipient"]): [r["room"], float(r["retry_after"] or 1.0)]
-            for r in rows
-        }
+        rows = await conn.fetch(_REFUSALS, _json.encode(items).decode(), self.recipient_limit)
+        room: Room = {}
+        stops: Stops = {}
+        for r in rows:
+            key = (r["account_id"], r["recipient"])
+            if r["kind"] == "room":
+                room[key] = [r["room"], float(r["retry_after"] or 1.0)]
+            else:
+                stops[key] = r["blocked"]
+        return room or None, stops or None
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
         """Whether _ONE_STATEMENT can do this group: only accepts and outcomes, not a batch
@@ -1099,6 +1141,59 @@ class PgStore(CallbackOutbox):
             )
         )
         return None if row is None else _settings(row)
+
+    # --- opt-outs and the blocklist (migration 010) -----------------------------------------
+    # account_id None: the gateway's blocklist; else that account's opt-outs. The group
+    # commit reads them (_STOPPED), so a number added here is refused by every node's next
+    # group.
+
+    async def add_stops(self, account_id: int | None, numbers: Sequence[str]) -> int:
+        """Add E.164 `numbers`; how many were not on the list yet."""
+        if account_id is None:
+            sql = "INSERT INTO blocklist (number) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
+            status = await self.db.run(lambda c: c.execute(sql, list(numbers)))
+        else:
+            sql = (
+                "INSERT INTO opt_outs (account_id, number) SELECT $2, unnest($1::text[])"
+                " ON CONFLICT DO NOTHING"
+            )
+            status = await self.db.run(lambda c: c.execute(sql, list(numbers), account_id))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def remove_stop(self, account_id: int | None, number: str) -> bool:
+        """Take `number` off the list; False when it was not on it."""
+        if account_id is None:
+            status = await self.db.run(
+                lambda c: c.execute("DELETE FROM blocklist WHERE number = $1", number)
+            )
+        else:
+            status = await self.db.run(
+                lambda c: c.execute(
+                    "DELETE FROM opt_outs WHERE account_id = $1 AND number = $2",
+                    account_id,
+                    number,
+                )
+            )
+        return bool(status == "DELETE 1")
+
+    async def stops(
+        self, account_id: int | None, after: str | None, limit: int
+    ) -> list[tuple[str, datetime]]:
+        """A page of the list in number order, after the number `after` (None: from the
+        start): (number, created_at)."""
+        if account_id is None:
+            sql = (
+                "SELECT number, created_at FROM blocklist WHERE number > coalesce($1, '')"
+                " ORDER BY number LIMIT $2"
+            )
+            rows = await self.db.run(lambda c: c.fetch(sql, after, limit))
+        else:
+            sql = (
+                "SELECT number, created_at FROM opt_outs"
+                " WHERE account_id = $3 AND number > coalesce($1, '') ORDER BY number LIMIT $2"
+            )
+            rows = await self.db.run(lambda c: c.fetch(sql, after, limit, account_id))
+        return [(r["number"], r["created_at"]) for r in rows]
 
     # --- reads (one query each; not on the accept path) ------------------------------------
 

@@ -24,7 +24,7 @@ from smsgw.http.context import (
 )
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
-from smsgw.http.routes.messages import Intake, admit_bulk
+from smsgw.http.routes.messages import Intake, admit_bulk, opted_out_detail
 from smsgw.http.schemas import (
     MAX_BATCH,
     BatchIn,
@@ -91,6 +91,7 @@ REASON_STATUS = {
     "recipient_rate_limited": 429,
     "batch_rejected": 409,
     "unknown_account": 404,
+    "opted_out": 422,
 }
 
 
@@ -109,6 +110,8 @@ def refusal(sms: OutboundSms, result: AcceptResult) -> BatchItemError:
                 f"; retry in {retry_after} s" if retry_after else ""
             )
             return BatchItemError(reason, "to", detail, status, retry_after=retry_after or 1)
+        case "opted_out":
+            return BatchItemError(reason, "to", opted_out_detail(sms), status)
         case "batch_rejected":
             detail = "not stored: another item of this atomic batch was refused"
         case _:

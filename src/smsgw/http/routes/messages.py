@@ -195,6 +195,17 @@ class Intake:
         )
 
 
+def opted_out_detail(sms: OutboundSms) -> str:
+    """Why a message to an opted-out or blocked number was refused (the store says which of
+    the two only by whether an express message was refused too)."""
+    if sms.express:
+        return f"{sms.to} is on the gateway's blocklist; nothing was stored or held"
+    return (
+        f"{sms.to} opted out of this account's messages, or is on the gateway's blocklist;"
+        " nothing was stored or held"
+    )
+
+
 def admit_bulk(gw: Gateway, account_id: int, count: int) -> None:
     """429 (the account's backlog) or 503 (the node's) with a Retry-After when `count` more
     bulk messages would take a backlog past its bound (engine/admission.py): nothing is
@@ -254,6 +265,8 @@ async def send_message() -> Response:
             gw.recipients.give_back(account_id, sms.to)
         if result.reason == "duplicate_client_ref" and sms.client_ref is not None:
             return await existing_by_client_ref(gw, account_id, sms.client_ref)
+        if result.reason == "opted_out":
+            raise ProblemError(422, "opted_out", opted_out_detail(sms), field="to")
         if not results[0].accepted:
             raise ProblemError(
                 402,

@@ -1,0 +1,178 @@
+"""Opt-outs and the blocklist: numbers a send may not go to.
+
+An account keeps its own opt-out list (`/v1/account/opt-outs`: numbers that asked it to stop;
+they stop its bulk messages, not its express ones, since a person who opted out of campaigns
+still needs login codes), and the gateway's admin keeps the blocklist (`/v1/blocklist`: no
+message of any account, express included). Both are read by the group commit that stores the
+messages (storage/pg.py, `_STOPPED_ANY`), so a number added here is refused by every node's
+next group, with no query of its own on the accept path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from quart import Blueprint, Response, request
+
+from smsgw.engine import numbers
+from smsgw.http.context import Gateway, gateway, json_response
+from smsgw.http.params import query_params, whole_number
+from smsgw.http.problems import ProblemError
+from smsgw.http.schemas import (
+    ListedNumberOut,
+    NumbersAddedOut,
+    NumbersIn,
+    NumbersPage,
+)
+
+bp = Blueprint("optouts", __name__)
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1_000
+
+
+@runtime_checkable
+class ListStore(Protocol):
+    """What these routes need of the store beyond FrontDoorStore (PgStore has it).
+    `account_id` None: the gateway's blocklist."""
+
+    async def add_stops(self, account_id: int | None, numbers: Sequence[str]) -> int: ...
+
+    async def remove_stop(self, account_id: int | None, number: str) -> bool: ...
+
+    async def stops(
+        self, account_id: int | None, after: str | None, limit: int
+    ) -> list[tuple[str, datetime]]: ...
+
+
+def list_store(gw: Gateway) -> ListStore:
+    store = gw.reads
+    if not isinstance(store, ListStore):  # a store without lists: only in tests
+        raise ProblemError(503, "unavailable", "this node's store keeps no number lists")
+    return store
+
+
+def unavailable(exc: Exception) -> ProblemError:
+    return ProblemError(503, "unavailable", f"could not read or change the list: {exc}; retry")
+
+
+def encode_cursor(number: str) -> str:
+    return base64.urlsafe_b64encode(number.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        number = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        number = ""
+    if not numbers.E164.fullmatch(number):
+        raise ProblemError(
+            422,
+            "invalid_cursor",
+            "`cursor` is not a cursor this API returned; pass `next_cursor` as it is",
+            field="cursor",
+        )
+    return number
+
+
+def country(gw: Gateway, account_id: int | None) -> str:
+    """Whose national forms the numbers of this list are read in."""
+    if account_id is None:
+        return numbers.node_country()
+    return gw.engine.account_settings(account_id).default_country or numbers.node_country()
+
+
+async def add(gw: Gateway, account_id: int | None) -> Response:
+    data = await gw.body(NumbersIn)
+    where = country(gw, account_id)
+    normal: list[str] = []
+    for i, number in enumerate(data.numbers):
+        e164 = numbers.normalize(number, where)
+        if e164 is None:
+            raise ProblemError(
+                422,
+                "invalid_field",
+                f"`numbers[{i}]` {numbers.number_problem(where)}; nothing was added",
+                field=f"numbers[{i}]",
+            )
+        normal.append(e164)
+    try:
+        added = await list_store(gw).add_stops(account_id, sorted(set(normal)))
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise unavailable(exc) from None
+    return json_response(NumbersAddedOut(added, normal))
+
+
+async def page(gw: Gateway, account_id: int | None) -> Response:
+    params = query_params(request.args, ("limit", "cursor"))
+    limit = whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT)
+    cursor = params.get("cursor")
+    after = None if cursor is None else decode_cursor(cursor)
+    try:
+        rows = await list_store(gw).stops(account_id, after, limit + 1)
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise unavailable(exc) from None
+    items = [ListedNumberOut(number, at) for number, at in rows[:limit]]
+    next_cursor = encode_cursor(items[-1].number) if len(rows) > limit else None
+    return json_response(NumbersPage(items, next_cursor))
+
+
+async def remove(gw: Gateway, account_id: int | None, number: str) -> Response:
+    e164 = numbers.normalize(number, country(gw, account_id))
+    removed = False
+    if e164 is not None:
+        try:
+            removed = await list_store(gw).remove_stop(account_id, e164)
+        except ProblemError:
+            raise
+        except Exception as exc:
+            raise unavailable(exc) from None
+    if not removed:
+        raise ProblemError(404, "number_not_listed", f"{number} is not on the list")
+    return Response(b"", status=204)
+
+
+@bp.post("/v1/account/opt-outs")
+async def add_opt_outs() -> Response:
+    gw = gateway()
+    return await add(gw, await gw.require_account())
+
+
+@bp.get("/v1/account/opt-outs")
+async def list_opt_outs() -> Response:
+    gw = gateway()
+    return await page(gw, await gw.require_account())
+
+
+@bp.delete("/v1/account/opt-outs/<number>")
+async def remove_opt_out(number: str) -> Response:
+    gw = gateway()
+    return await remove(gw, await gw.require_account(), number)
+
+
+@bp.post("/v1/blocklist")
+async def add_blocked() -> Response:
+    gw = gateway()
+    gw.require_admin()
+    return await add(gw, None)
+
+
+@bp.get("/v1/blocklist")
+async def list_blocked() -> Response:
+    gw = gateway()
+    gw.require_admin()
+    return await page(gw, None)
+
+
+@bp.delete("/v1/blocklist/<number>")
+async def remove_blocked(number: str) -> Response:
+    gw = gateway()
+    gw.require_admin()
+    return await remove(gw, None, number)
