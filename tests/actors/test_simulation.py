@@ -61,7 +61,9 @@ def test_the_outage_shows_in_operator_health(day_report: SimReport) -> None:
     attempts = [b.operators.get("op-b", {}) for b in noon]
     assert sum(sum(a.values()) for a in attempts) > 0
     assert all(a.get("sent", 0) == 0 for a in attempts)
-    assert day_report.totals.get("failed: operator_unavailable", 0) >= 0
+    # The report says when it was, for the plots to shade it.
+    outages = [(o.operator, o.start_s, o.end_s) for o in day_report.outages]
+    assert outages == [("op-b", 12 * 3600.0, 12.5 * 3600.0)]
 
 
 def test_report_folder(day_report: SimReport, tmp_path: Path) -> None:
@@ -86,6 +88,12 @@ def test_report_folder(day_report: SimReport, tmp_path: Path) -> None:
         height, width = pixels.shape[:2]
         assert width >= 600 and height >= 300
         assert pixels.std() > 0.01  # not a blank canvas
+    # The outage is shaded light red on the plots over time.
+    for name in ("throughput.png", "operators.png"):
+        rgb = matplotlib.image.imread(tmp_path / name)[..., :3]
+        red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        shaded = (red > 0.97) & (green > 0.85) & (green < 0.95) & (abs(green - blue) < 0.02)
+        assert shaded.sum() > 1_000, name
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

@@ -177,6 +177,20 @@ class RunInfo(msgspec.Struct):
     note: str = ""
 
 
+class Outage(msgspec.Struct):
+    operator: str
+    start_s: float
+    end_s: float
+
+
+def outages_of(profiles: Sequence[Any], squeeze: float = 1.0) -> list[Outage]:
+    """The scenario's operator outages as the report shows them (`squeeze`: wall-clock runs
+    compress the scenario's time)."""
+    return [
+        Outage(p.name, start * squeeze, end * squeeze) for p in profiles for start, end in p.outages
+    ]
+
+
 class SimReport(msgspec.Struct):
     scenario: str
     description: str
@@ -198,6 +212,9 @@ class SimReport(msgspec.Struct):
     passed: bool
     run: RunInfo
     checks: list[Check] = []
+    # Each operator's outage windows in the run's time (seconds from its start): shaded on
+    # the plots over time.
+    outages: list[Outage] = []
 
     def deterministic(self) -> dict[str, Any]:
         """Everything a seed decides: the report without `run`."""
@@ -339,8 +356,31 @@ def markdown(report: SimReport, images: Iterable[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A value axis goes logarithmic when its largest positive value is this many times its
+# smallest: one account (or one lane) that dwarfs the rest would flatten the others to zero.
+LOG_SCALE_RATIO = 50.0
+
+
+def _spread(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    return len(positive) > 1 and max(positive) / min(positive) >= LOG_SCALE_RATIO
+
+
+def _shade_outages(ax: Any, report: SimReport, unit: float) -> bool:
+    """Light red bands over the operators' outages; True when there was one."""
+    for outage in report.outages:
+        ax.axvspan(outage.start_s / unit, outage.end_s / unit, color="red", alpha=0.08, lw=0)
+    return bool(report.outages)
+
+
+def _legend_outside(fig: Any, handles: list[Any], labels: list[str]) -> None:
+    """The legend to the right of the axes, never over the data."""
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+
+
 def plot(report: SimReport, folder: Path) -> list[Path]:
-    """Throughput over time, latency CDFs, wait by account size and operator health."""
+    """Throughput over time, latency CDFs, wait by account size and operator health: legends
+    beside the data, log scales where one series dwarfs the rest, outages shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,7 +396,7 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
 
     if report.timeline:
         xs = [b.t_s / unit for b in report.timeline]
-        fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(11, 4.5), dpi=100, layout="constrained")
         ax.plot(xs, [b.accepted * per_s for b in report.timeline], label="accepted/s", lw=1.4)
         ax.plot(xs, [b.sent * per_s for b in report.timeline], label="sent/s", lw=1.4)
         ax.plot(xs, [b.failed * per_s for b in report.timeline], label="failed/s", lw=1.0)
@@ -374,14 +414,22 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
         )
         ax2.set_ylabel("backlog (messages)")
         ax2.set_ylim(0, max(1, *(b.backlog for b in report.timeline)) * 1.1)
+        rates = [
+            v * per_s for b in report.timeline for v in (b.accepted, b.sent, b.failed, b.refused)
+        ]
+        if _spread(rates):
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylabel("messages per second (log scale)")
+        if _shade_outages(ax, report, unit):
+            ax.plot([], [], color="red", alpha=0.3, lw=6, label="operator outage")
         handles = ax.get_legend_handles_labels()
         handles2 = ax2.get_legend_handles_labels()
-        ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left")
+        _legend_outside(fig, handles[0] + handles2[0], handles[1] + handles2[1])
         ax.set_title(f"Throughput over time: {title}")
         written.append(_save(fig, folder / "throughput.png"))
 
     if any(report.cdf.values()):
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100, layout="constrained")
         for name, points in report.cdf.items():
             if points:
                 ax.step(
@@ -393,12 +441,12 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
         ax.set_ylabel("fraction of messages at or below")
         ax.set_ylim(0, 1.01)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="lower right")
+        _legend_outside(fig, *ax.get_legend_handles_labels())
         ax.set_title("Latency CDF")
         written.append(_save(fig, folder / "latency_cdf.png"))
 
     if report.fairness:
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100, layout="constrained")
         labels = [f.group for f in report.fairness]
         xs_i = list(range(len(labels)))
         width = 0.27
@@ -407,14 +455,20 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
             ax.bar([x + (k - 1) * width for x in xs_i], values, width, label=name)
         ax.set_xticks(xs_i, labels, rotation=10)
         ax.set_ylabel("wait, accept to sent (s)")
+        waits = [getattr(f.wait, a) for f in report.fairness for a in ("p50_s", "p95_s", "p99_s")]
+        if _spread(waits):
+            ax.set_yscale("log")
+            ax.set_ylabel("wait, accept to sent (s, log scale)")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend()
+        _legend_outside(fig, *ax.get_legend_handles_labels())
         ax.set_title("Wait by account size (heaviest first)")
         written.append(_save(fig, folder / "fairness.png"))
 
     names = sorted({n for b in report.timeline for n in b.operators})
     if names:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), dpi=100, sharex=True)
+        fig, (top, bottom) = plt.subplots(
+            2, 1, figsize=(11, 6), dpi=100, sharex=True, layout="constrained"
+        )
         xs = [b.t_s / unit for b in report.timeline]
         for name in names:
             attempts = [sum(b.operators.get(name, {}).values()) for b in report.timeline]
@@ -426,7 +480,11 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
             )  # fmt: skip
         top.set_ylabel("attempts/s")
         top.grid(alpha=0.3)
-        top.legend(loc="upper left")
+        for axis in (top, bottom):
+            _shade_outages(axis, report, unit)
+        if report.outages:
+            top.plot([], [], color="red", alpha=0.3, lw=6, label="operator outage")
+        _legend_outside(fig, *top.get_legend_handles_labels())
         top.set_title("Operator health over time")
         bottom.set_ylabel("share of attempts sent")
         bottom.set_ylim(-0.02, 1.02)
@@ -439,7 +497,6 @@ def plot(report: SimReport, folder: Path) -> list[Path]:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -46,6 +46,7 @@ from smsgw.sim.report import (
     default_folder,
     fairness_groups,
     judge,
+    outages_of,
     utc_now,
     write,
 )
@@ -85,6 +86,11 @@ class Overrides(msgspec.Struct, frozen=True, kw_only=True):
             if v is not None
         }
         return msgspec.structs.replace(s, **changes) if changes else s
+
+
+def wall_squeeze(s: Scenario) -> float:
+    """The factor a wall-clock run compresses the scenario's time by (see WALL_RATE_ESTIMATE)."""
+    return min(1.0, (s.messages / WALL_RATE_ESTIMATE) / s.duration_s)
 
 
 def run(
@@ -226,7 +232,7 @@ async def simulate_wall(
         node_id="simulate",
     )
     sampler = _Sampler(1.0)
-    squeeze = min(1.0, (s.messages / WALL_RATE_ESTIMATE) / s.duration_s)
+    squeeze = wall_squeeze(s)
     providers = []
     for profile, w in zip(s.operators, s.weights, strict=True):
         profile = msgspec.structs.replace(
@@ -527,6 +533,7 @@ async def _report(
         targets=targets,
         passed=all(t.passed for t in targets),
         checks=checks,
+        outages=outages_of(s.operators, wall_squeeze(s)),
         run=RunInfo(
             wall_s=round(time.perf_counter() - started, 2),
             cpu_count=os.cpu_count(),

@@ -50,6 +50,7 @@ from smsgw.sim.report import (
     WaitHistogram,
     fairness_groups,
     judge,
+    outages_of,
     utc_now,
 )
 from smsgw.sim.scenarios import Scenario
@@ -477,6 +478,7 @@ class VirtualRun:
             credit=credit,
             targets=targets,
             passed=all(t.passed for t in targets),
+            outages=outages_of(s.operators),
             run=RunInfo(
                 wall_s=round(wall_s, 2),
                 cpu_count=os.cpu_count(),
