@@ -6,7 +6,7 @@ import heapq
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, assert_never
 
 import trio
@@ -569,6 +569,47 @@ class Scheduler:
             "bodies_prefetched": self.prefetched,
             "bodies_cached": len(state.bodies),
         }
+
+    def unheld(
+        self, items: Sequence[OutboundSms], retrying: Iterable[OutboundSms] = ()
+    ) -> list[OutboundSms]:
+        """The messages of `items` (pending in the store) that nothing on this node will
+        dispatch or finish: not in flight at the pool, not among `retrying` (the RetryTimer's
+        heap), not in the express lane, and, for bulk, neither in its account's queue nor
+        after the account's cursor while the account has entries counted in the store (a
+        page reads those back: see SchedulerState). For ShardLeases.sweep; a message between
+        two holders (an Enqueue not yet taken from the inbox, a batch whose bodies are being
+        read) is unheld for that moment, which the sweep allows for."""
+        state = self.state
+        inflight = self._pool.inflight
+        retry_ids = {sms.id for sms in retrying}
+        express_ids: set[str] | None = None
+        queued: dict[int, set[str]] = {}  # account -> ids in its mailbox, built when needed
+        out: list[OutboundSms] = []
+        for sms in items:
+            if sms.id in inflight or sms.id in retry_ids:
+                continue
+            if sms.express:
+                if express_ids is None:
+                    express_ids = {e[2].id for e in state.express}
+                if sms.id not in express_ids:
+                    out.append(sms)
+                continue
+            account_id = 0 if state.fifo else sms.account_id
+            mailbox = state.mailboxes.get(account_id)
+            if (micros(sms.created_at), sms.id) > state.cursors.get(account_id, START):
+                # Never in memory yet: held only if a page will read it.
+                if mailbox is None or not (mailbox.spilled or mailbox.paging):
+                    out.append(sms)
+                continue
+            ids = queued.get(account_id)
+            if ids is None:
+                ids = queued[account_id] = (
+                    set() if mailbox is None else {entry[1] for entry in mailbox.queue}
+                )
+            if sms.id not in ids:
+                out.append(sms)
+        return out
 
     def _absorb(self, message: SchedulerMessage) -> None:
         match message:

@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 import trio
@@ -70,6 +70,28 @@ class LeaseConfig(msgspec.Struct, frozen=True):
     # stalled for express purposes: its shards' express messages are failed fast at their
     # deadline by the node waiting for them, and new ones refused, until a node takes over.
     stalled_after: float = 1.2
+    # The stranded-message sweep (`ShardLeases.sweep`): every `sweep` seconds (0: never), a
+    # page of at most `sweep_limit` of the leased shards' pending messages older than
+    # `sweep_age` seconds is checked against what this node holds.
+    sweep: float = 10.0
+    sweep_age: float = 30.0
+    sweep_limit: int = 1_000
+
+
+@runtime_checkable
+class SweepStore(Protocol):
+    """What the sweep reads (storage/cluster.py's PgCluster has it; a store without it, as in
+    the virtual-time runs, is not swept)."""
+
+    async def pending_page(
+        self,
+        shards: Sequence[int],
+        older_than_s: float,
+        after: tuple[float, str] | None,
+        limit: int,
+    ) -> list[OutboundSms]: ...
+
+    async def still_pending(self, ids: Sequence[str]) -> list[OutboundSms]: ...
 
 
 class ShardLeases:
@@ -92,8 +114,14 @@ class ShardLeases:
         settled: Callable[[str], None] = lambda _: None,
         account_changed: Callable[[str], None] = lambda _: None,
         publish: Callable[[], str | None] = lambda: None,
+        unheld: Callable[[Sequence[OutboundSms]], list[OutboundSms]] | None = None,
     ) -> None:
         self.store = store
+        # Of some pending messages, those this node does not hold anywhere (Scheduler, pool,
+        # retries): for the sweep; None: no sweep.
+        self._unheld = unheld
+        self._sweep_after: tuple[float, str] | None = None  # where the next page starts
+        self._suspects: dict[str, None] = {}  # unheld at the last sweep: stranded if still
         # What the other nodes tell this one besides hand-offs (ports.Notices), passed on.
         self._settled = settled
         self._account_changed = account_changed
@@ -144,6 +172,8 @@ class ShardLeases:
             "notifications": 0,
             "ticks": 0,
             "failed_ticks": 0,
+            "sweeps": 0,
+            "swept": 0,  # stranded messages the sweep put back into the Scheduler
         }
         self.last_tick_ms = 0.0
         self.last_error: str | None = None
@@ -313,6 +343,8 @@ class ShardLeases:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen)
                 nursery.start_soon(self._claim_loop)
+                if self.config.sweep > 0 and self._unheld is not None:
+                    nursery.start_soon(self._sweep_loop)
                 task_status.started()
                 while True:
                     await trio.sleep(self.config.tick)
@@ -485,6 +517,73 @@ class ShardLeases:
     async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
         for start in range(0, len(items), 1_000):
             await self._scheduler.tell(Enqueue(tuple(items[start : start + 1_000])))
+
+    # --- the stranded-message sweep ---------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.sweep)
+            try:
+                await self.sweep()
+            except Exception as exc:
+                # The database is away: the next sweep tries again.
+                self.last_error = f"sweep: {type(exc).__name__}: {exc}"
+
+    async def sweep(self) -> int:
+        """Put back into the Scheduler the messages of this node's shards that nothing here
+        holds any more; returns how many.
+
+        A committed message must never stay `queued` because an in-memory path dropped it (a
+        bug, a crash of an actor between two holders): nothing would dispatch it before the
+        shard changed hands or the node restarted, its credit held all the while. Each sweep
+        reads one page of the leased shards' pending messages older than `sweep_age` (bounded
+        by `sweep_limit`, continuing after the last page's position, from the oldest again
+        once a page comes back short) and keeps those this node does not hold (`unheld`: not
+        in the Scheduler, not counted for paging, not in flight, not waiting for a retry) as
+        suspects. A suspect still pending and still unheld at the next sweep is stranded:
+        a message moving between two holders (an Enqueue in an inbox, a batch whose bodies
+        are being read) is unheld for a moment, never for two sweeps. It goes back as at
+        recovery (stamped with its shard's token): bulk into its account's queue, express
+        to the lane, where its deadline, long past, fails it and refunds it."""
+        store = self.store
+        if self._unheld is None or not isinstance(store, SweepStore) or not self.owned:
+            return 0
+        if self._holding or self._reloading:
+            return 0  # a recovery is placing this node's messages: look at the next sweep
+        config = self.config
+        self.counts["sweeps"] += 1
+        async with self._db:
+            page = await store.pending_page(
+                sorted(self.owned), config.sweep_age, self._sweep_after, config.sweep_limit
+            )
+            again = await store.still_pending(list(self._suspects)) if self._suspects else []
+        full = len(page) >= config.sweep_limit
+        self._sweep_after = (page[-1].created_at, page[-1].id) if full else None
+        stranded = self._unheld(self._stamped(again))
+        found = {sms.id for sms in stranded}
+        self._suspects = {
+            sms.id: None for sms in self._unheld(self._stamped(page)) if sms.id not in found
+        }
+        if not stranded:
+            return 0
+        log.warning(
+            "sweep: %d committed message(s) of this node's shards were held nowhere here;"
+            " dispatching them (first: %s)",
+            len(stranded),
+            stranded[0].id,
+        )
+        self.counts["swept"] += len(stranded)
+        await self._enqueue(stranded)
+        return len(stranded)
+
+    def _stamped(self, items: Sequence[OutboundSms]) -> list[OutboundSms]:
+        """`items` of shards this node leases, with their shards' tokens."""
+        stamped = []
+        for sms in items:
+            token = self.owned.get(dispatch_shard(sms))
+            if token is not None:
+                stamped.append(msgspec.structs.replace(sms, fence=token))
+        return stamped
 
     async def _claim_loop(self) -> None:
         while True:

@@ -143,6 +143,14 @@ class NodeCollector(Collector):
         )
         waiting.add_metric([], retry.get("waiting", 0))
         yield waiting
+        if engine.leases is not None:
+            swept = CounterMetricFamily(
+                "smsgw_stranded_messages_recovered",
+                "Committed messages of this node's shards that nothing here held any more,"
+                " found by the periodic sweep and dispatched (each one a lost in-memory path)",
+            )
+            swept.add_metric([], engine.leases.counts["swept"])
+            yield swept
 
     def _operators(self, engine: Engine) -> Iterator[Metric]:
         pool = engine.pool

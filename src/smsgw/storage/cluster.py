@@ -86,6 +86,24 @@ WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'sending')
 ORDER BY created_at
 """
 
+# The stranded-message sweep (ShardLeases.sweep): a page of the leased shards' pending
+# messages older than $2 seconds, after the sweep's position ($3, $4), oldest first. It walks
+# messages_pending (created_at, partial on the pending statuses) and stops at $5 rows: the
+# cost is bounded by the LIMIT however many messages are pending, and the shard filter reads
+# only the index's rows of that page's span (pending messages of other nodes' shards are
+# skipped on the way, at most a few pages' worth with a few nodes).
+_SWEEP = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE status IN ('queued', 'sending')
+  AND created_at < now() - make_interval(secs => $2)
+  AND created_at >= to_timestamp($3)
+  AND (created_at, id) > (to_timestamp($3), $4::uuid)
+  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
+ORDER BY created_at, id
+LIMIT $5
+"""
+_NO_ID = "00000000-0000-0000-0000-000000000000"
+
 
 # Other nodes' shards whose dispatch is stalled (lease expired, or the owner's heartbeat is
 # late) or whose owner publishes a pressure. A shard nobody leases is in transit between live
@@ -319,6 +337,36 @@ class PgCluster:
 
         express, counts = await self.db.run(read)
         return [pending_sms(r) for r in express], counts
+
+    async def pending_page(
+        self,
+        shards: Sequence[int],
+        older_than_s: float,
+        after: tuple[float, str] | None,
+        limit: int,
+    ) -> list[OutboundSms]:
+        """Up to `limit` pending messages of `shards` created more than `older_than_s` ago and
+        after `after` ((created_at, id); None: from the oldest), oldest first."""
+        # The position is a created_at read back as epoch seconds: a float may round it by a
+        # microsecond, which re-reads or skips the odd message until the sweep wraps around.
+        at, after_id = after if after is not None else (float("-inf"), _NO_ID)
+
+        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                _SWEEP, list(shards), older_than_s, at, after_id, limit
+            )
+            return rows
+
+        return [pending_sms(r) for r in await self.db.run(read)]
+
+    async def still_pending(self, ids: Sequence[str]) -> list[OutboundSms]:
+        """The messages of `ids` that are still queued or sending."""
+
+        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(_READ_CLAIMED, list(ids))
+            return rows
+
+        return [pending_sms(r) for r in await self.db.run(read)]
 
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:
         async def take(conn: asyncpg.Connection) -> list[tuple[OutboundSms, int]]:
