@@ -227,6 +227,7 @@ async def test_settings_validate_and_need_the_admin_key(database_url: str, schem
             "express_deadline_ms": 1_500,
             "recipient_limit_per_hour": None,
             "api_rate": None,
+            "default_country": None,
         }
 
 

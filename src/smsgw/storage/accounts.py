@@ -10,7 +10,7 @@ from smsgw.storage.pg import Database, PgStore
 # What `accounts list` and `show` print: never a key or a secret (those are shown once only).
 _COLUMNS = (
     "id, name, balance, held, callback_url, send_rate, express_deadline_ms,"
-    " recipient_limit_per_hour, api_rate"
+    " recipient_limit_per_hour, api_rate, default_country, senders, default_sender"
 )
 
 
