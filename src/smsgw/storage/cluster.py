@@ -91,7 +91,9 @@ ORDER BY created_at
 # messages_pending (created_at, partial on the pending statuses) and stops at $5 rows: the
 # cost is bounded by the LIMIT however many messages are pending, and the shard filter reads
 # only the index's rows of that page's span (pending messages of other nodes' shards are
-# skipped on the way, at most a few pages' worth with a few nodes).
+# skipped on the way, at most a few pages' worth with a few nodes). ORDER BY names the table's
+# columns: the output's `created_at` and `id` (epoch seconds, text) would sort every pending
+# row instead of walking the index (an incremental sort on created_at then id).
 _SWEEP = f"""
 SELECT {PENDING_COLUMNS} FROM messages
 WHERE status IN ('queued', 'sending')
@@ -99,7 +101,7 @@ WHERE status IN ('queued', 'sending')
   AND created_at >= to_timestamp($3)
   AND (created_at, id) > (to_timestamp($3), $4::uuid)
   AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
-ORDER BY created_at, id
+ORDER BY messages.created_at, messages.id
 LIMIT $5
 """
 _NO_ID = "00000000-0000-0000-0000-000000000000"
@@ -352,9 +354,15 @@ class PgCluster:
         at, after_id = after if after is not None else (float("-inf"), _NO_ID)
 
         async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                _SWEEP, list(shards), older_than_s, at, after_id, limit
-            )
+            async with conn.transaction():
+                # The plan must be the bounded walk of messages_pending whatever the
+                # statistics say: a table ANALYZEd while few messages were pending makes a
+                # bitmap scan and a sort of every pending message look cheaper (measured: it
+                # read all 20,000 of a test's pending rows for a page of 1,000).
+                await conn.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    _SWEEP, list(shards), older_than_s, at, after_id, limit
+                )
             return rows
 
         return [pending_sms(r) for r in await self.db.run(read)]
