@@ -242,6 +242,17 @@ def _log_startup(
         f"{args.lease_ttl:g}",
         extra={"limits": limits},
     )
+    serve_log.info(
+        "prices: %s a segment, %s an express one (accounts may have their own)",
+        config.price_per_segment,
+        config.price_per_segment + config.express_surcharge,
+        extra={
+            "prices": {
+                "per_segment": config.price_per_segment,
+                "express_surcharge": config.express_surcharge,
+            }
+        },
+    )
     if os.environ.get("SMSGW_METRICS_PUBLIC", "") == "1":
         serve_log.warning("GET /metrics answers without the admin key (SMSGW_METRICS_PUBLIC=1)")
 
@@ -308,6 +319,8 @@ def _serve_workers(
     if args.production:
         worker_args.append("--production")
     worker_args += ["--recipient-limit-per-hour", str(args.recipient_limit_per_hour)]
+    worker_args += ["--price-per-segment", str(args.price_per_segment)]
+    worker_args += ["--express-surcharge", str(args.express_surcharge)]
     worker_args += ["--default-country", args.default_country]
     for flag, value in (
         ("--operator-errors", args.operator_errors),
@@ -401,11 +414,24 @@ def _sim_dlr_arg(value: str) -> str:
     return value
 
 
+def _price(value: str) -> int:
+    """A price flag (or its environment variable): a whole number of the smallest unit."""
+    try:
+        price = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= price <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{price} is not between 0 and 1,000,000")
+    return price
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings `serve` takes flags for; the rest keep EngineConfig's defaults."""
     changes: dict[str, object] = {
         "recipient_limit_per_hour": args.recipient_limit_per_hour,
         "production": args.production,
+        "price_per_segment": args.price_per_segment,
+        "express_surcharge": args.express_surcharge,
     }
     if args.window is not None:
         changes["window"] = args.window
@@ -620,6 +646,17 @@ def _accounts_topup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accounts_suspend(args: argparse.Namespace) -> int:
+    from smsgw.storage.accounts import set_suspended
+
+    suspend = args.accounts_command == "suspend"
+    account = _with_database(lambda db: set_suspended(db, args.id, suspend))
+    if account is None:
+        raise UsageError(f"no account {args.id}")
+    _print_json(account)
+    return 0
+
+
 def _accounts_rotate_key(args: argparse.Namespace) -> int:
     from smsgw.http.context import hash_key, new_api_key
     from smsgw.storage.accounts import replace_key
@@ -820,6 +857,22 @@ def build_parser() -> argparse.ArgumentParser:
         " env SMSGW_DEFAULT_COUNTRY)",
     )
     serve.add_argument(
+        "--price-per-segment",
+        type=_price,
+        default=os.environ.get("PRICE_PER_PART_CENTS", str(EngineConfig().price_per_segment)),
+        metavar="N",
+        help="what a segment costs, smallest currency unit, for accounts without a price of"
+        " their own (default %(default)s; env PRICE_PER_PART_CENTS)",
+    )
+    serve.add_argument(
+        "--express-surcharge",
+        type=_price,
+        default=os.environ.get("EXPRESS_SURCHARGE_CENTS", str(EngineConfig().express_surcharge)),
+        metavar="N",
+        help="added to each segment of an express message (default %(default)s;"
+        " env EXPRESS_SURCHARGE_CENTS)",
+    )
+    serve.add_argument(
         "--recipient-limit-per-hour",
         type=int,
         default=EngineConfig().recipient_limit_per_hour,
@@ -920,6 +973,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("id", type=_account_id, help="the account's id")
     rotate.set_defaults(func=_accounts_rotate_key)
+    for action, what in (
+        ("suspend", "its sends are refused and its queued messages wait, on every node at once"),
+        ("resume", "its sends are taken again and its queued messages go out"),
+    ):
+        change = command(accounts_sub, action, ENV_DATABASE, help=f"{action} the account: {what}")
+        change.add_argument("id", type=_account_id, help="the account's id")
+        change.set_defaults(func=_accounts_suspend)
 
     simulate = command(
         sub,

@@ -1,5 +1,6 @@
-"""`smsgw accounts create|list|show|topup|rotate-key` as a user runs them: a process of its
-own on DATABASE_URL, in a fresh schema; exit statuses, one-line errors, no secret shown twice."""
+"""`smsgw accounts create|list|show|topup|rotate-key|suspend|resume` as a user runs them: a
+process of its own on DATABASE_URL, in a fresh schema; exit statuses, one-line errors, no
+secret shown twice."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def test_accounts_commands(database_url: str, schema: str) -> None:
     shown = smsgw(database_url, schema, "accounts", "show", account_id)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["balance"] == 150
+    assert json.loads(shown.stdout)["suspended"] is False
+
+    for action, suspended in (("suspend", True), ("resume", False)):
+        changed = smsgw(database_url, schema, "accounts", action, account_id)
+        assert changed.returncode == 0, changed.stderr
+        assert json.loads(changed.stdout)["suspended"] is suspended
     # A key or a secret is shown once, when made: never by list or show.
     for run in (listed, shown, topped):
         for value in (secret, key, new_key):
@@ -63,6 +70,7 @@ def test_bad_input_is_one_line_without_a_traceback(database_url: str, schema: st
         smsgw(database_url, schema, "accounts", "show", "999999"),
         smsgw(database_url, schema, "accounts", "topup", "999999", "5"),
         smsgw(database_url, schema, "accounts", "rotate-key", "999999"),
+        smsgw(database_url, schema, "accounts", "suspend", "999999"),
         smsgw(database_url, schema, "accounts", "topup", str(account["id"]), str(2**63 - 1)),
     ]
     for run in runs:

@@ -228,6 +228,8 @@ async def test_settings_validate_and_need_the_admin_key(database_url: str, schem
             "recipient_limit_per_hour": None,
             "api_rate": None,
             "default_country": None,
+            "price_per_segment": None,
+            "express_surcharge": None,
         }
 
 

@@ -140,6 +140,13 @@ class AccountSettings(msgspec.Struct, frozen=True):
     # send without `sender` uses (None: "smsgw"). Migration 010.
     senders: tuple[str, ...] = ()
     default_sender: str | None = None
+    # Suspended by the admin: its sends are refused (403) and its queued messages wait, unsent
+    # and uncharged, until it resumes. Migration 011.
+    suspended: bool = False
+    # The account's own prices, smallest currency unit (None: the node's): per segment, and
+    # added per segment for express.
+    price_per_segment: int | None = None
+    express_surcharge: int | None = None
 
 
 DEFAULT_SETTINGS = AccountSettings()
@@ -157,6 +164,9 @@ class AccountChanged(msgspec.Struct, frozen=True):
     default_country: str | None = None
     senders: tuple[str, ...] | None = None  # a NULL column: none
     default_sender: str | None = None
+    suspended: bool = False
+    price_per_segment: int | None = None
+    express_surcharge: int | None = None
 
     @property
     def settings(self) -> AccountSettings:
@@ -168,6 +178,9 @@ class AccountChanged(msgspec.Struct, frozen=True):
             self.default_country,
             self.senders or (),
             self.default_sender,
+            self.suspended,
+            self.price_per_segment,
+            self.express_surcharge,
         )
 
 
@@ -180,6 +193,22 @@ class Account(msgspec.Struct, frozen=True):
     # Only when it was just made (account creation): it is shown to the account once.
     signing_secret: str | None = None
     settings: AccountSettings = DEFAULT_SETTINGS
+
+
+class AccountRecord(msgspec.Struct, frozen=True):
+    """An account as the gateway's admin sees it: its credit, when it was made, whether it is
+    suspended (since when), and its settings."""
+
+    id: int
+    name: str
+    balance: int
+    held: int
+    captured: int
+    topped_up: int
+    created_at: float  # seconds since the epoch
+    suspended_at: float | None
+    callback_url: str | None
+    settings: AccountSettings
 
 
 class DeliveryReport(msgspec.Struct, frozen=True):

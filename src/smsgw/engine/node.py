@@ -65,8 +65,10 @@ _changed_decoder = msgspec.json.Decoder(AccountChanged)
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
-    normal_price: int = 5  # per segment, smallest currency unit
-    express_price: int = 7
+    # Prices in the smallest currency unit, for accounts without their own (AccountSettings):
+    # per segment, and added per segment of an express message.
+    price_per_segment: int = 5
+    express_surcharge: int = 2
     express_deadline_ms: int = 2_000
     max_segments: int = 10
     # In flight at once: at 12,000 msg/s and operators answering in 50-200 ms, about 1,200
@@ -278,7 +280,7 @@ class Engine:
         # Among several nodes, recovery is the leases' work: at start and on every takeover.
         if self.leases is not None:
             recovery = ChildSpec(
-                "shard_leases", self.leases.run, restart=Restart.PERMANENT, stats=self.leases.stats
+                "shard_leases", self._run_leases, restart=Restart.PERMANENT, stats=self.leases.stats
             )
         else:
             recovery = ChildSpec(
@@ -318,6 +320,16 @@ class Engine:
 
     def _recovery_stats(self) -> dict[str, Any]:
         return {"recovered": self.recovered, "done": self.ready.is_set()}
+
+    async def _run_leases(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The shard leases, once the Scheduler knows which accounts it must pace or hold (a
+        node among several learns the rest of their settings from key lookups and changes)."""
+        assert self.leases is not None
+        for account_id, rate in await self.store.dispatch_rates():
+            await self.scheduler.ref.tell(SendRate(account_id, rate))
+        await self.leases.run(task_status=task_status)
 
     async def _recover(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -379,9 +391,11 @@ class Engine:
             self.settings.pop(account_id, None)
         else:
             self.settings[account_id] = settings
-        if self.scheduler.state.send_rates.get(account_id) != settings.send_rate:
+        # A suspended account dispatches nothing: its rate is 0 until it resumes.
+        rate = 0.0 if settings.suspended else settings.send_rate
+        if self.scheduler.state.send_rates.get(account_id) != rate:
             with contextlib.suppress(InboxFull):
-                self.scheduler.ref.tell_nowait(SendRate(account_id, settings.send_rate))
+                self.scheduler.ref.tell_nowait(SendRate(account_id, rate))
 
     def express_deadline_s(self, account_id: int) -> float:
         ms = self.account_settings(account_id).express_deadline_ms

@@ -11,6 +11,7 @@ import msgspec
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
+    AccountRecord,
     AccountSettings,
     DeliveryReport,
     DeliveryResult,
@@ -119,6 +120,11 @@ class MessageStore(SchedulingStore, Protocol):
 
     async def recover(self) -> Recovered:
         """Every message not yet final, for Recovery (see `Recovered`)."""
+        ...
+
+    async def dispatch_rates(self) -> list[tuple[int, float]]:
+        """The send rates of the accounts dispatch must pace at start: each account with a
+        send_rate of its own, and each suspended one at 0 (it dispatches nothing)."""
         ...
 
 
@@ -283,6 +289,21 @@ class FrontDoorStore(Reads, Protocol):
 
     async def rotate_signing_secret(self, account_id: int, secret: str) -> bool:
         """Replace the account's callback signing secret; False for an unknown account."""
+        ...
+
+    async def accounts_page(
+        self, after_id: int, limit: int, name: str | None = None
+    ) -> list[AccountRecord]:
+        """Up to `limit` accounts with ids above `after_id`, in id order; with `name`, only
+        those whose name contains it (case-insensitively)."""
+        ...
+
+    async def account_record(self, account_id: int) -> AccountRecord | None: ...
+
+    async def set_suspended(self, account_id: int, suspended: bool) -> AccountRecord | None:
+        """Suspend (keeping the first suspension's time) or resume the account; the account
+        after it, None for an unknown one. Every node learns it from the accounts trigger's
+        notification (migration 011)."""
         ...
 
 

@@ -81,6 +81,10 @@ class Mailbox:
         return not self.queue and not self.spilled and not self.paging
 
 
+# The refill rate of a paused account's bucket (a token in about 30 years).
+PAUSED_RATE = 1e-9
+
+
 class SchedulerState:
     """Which message goes next. Pure: no I/O; the caller passes the time.
 
@@ -167,7 +171,8 @@ class SchedulerState:
     # --- settings ------------------------------------------------------------------------
 
     def set_send_rate(self, account_id: int, rate: float | None, now: float) -> None:
-        """Pace `account_id`'s bulk dispatch at `rate` messages a second (None: no limit)."""
+        """Pace `account_id`'s bulk dispatch at `rate` messages a second (None: no limit; 0:
+        none at all, a suspended account: its work waits in its mailbox and in the store)."""
         if rate is None:
             self.send_rates.pop(account_id, None)
             self.buckets.pop(account_id, None)
@@ -175,6 +180,11 @@ class SchedulerState:
         if self.send_rates.get(account_id) == rate:
             return
         self.send_rates[account_id] = rate
+        if rate == 0:
+            # An empty bucket that would take decades to fill: never ready, and `next_ready`
+            # does not wake the dispatch loop for it.
+            self.buckets[account_id] = TokenBucket(PAUSED_RATE, 1.0, 0.0, now)
+            return
         # Bursts of up to one second's worth (at least one message).
         self.buckets[account_id] = TokenBucket.start(rate, max(1.0, rate), now)
 

@@ -31,11 +31,13 @@ from smsgw.http.problems import TITLES
 from smsgw.http.schemas import (
     MAX_BATCH,
     AcceptedOut,
+    AccountAdminOut,
     AccountCreatedOut,
     AccountOut,
     AccountPatchIn,
     AccountSettingsIn,
     AccountSettingsOut,
+    AccountsPage,
     BalanceOut,
     BatchOut,
     BatchResultOut,
@@ -432,8 +434,67 @@ ROUTES: list[Route] = [
             "`send_rate`: bulk messages a second dispatched to operators (paced, never"
             " refused); `express_deadline_ms`: accept to operator for express messages;"
             " `recipient_limit_per_hour`: messages to one number; `api_rate`: API requests a"
-            " second. A missing or null field is the node's default."
+            " second; `price_per_segment` and `express_surcharge`: the account's prices, in the"
+            " smallest currency unit (an express segment costs both). A missing or null field"
+            " is the node's default."
         ),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts",
+        "A page of accounts, in id order",
+        "accounts",
+        auth="admin",
+        responses={200: AccountsPage},
+        problems=(503,),
+        params=(
+            Param("limit", "query", Annotated[int, msgspec.Meta(ge=1, le=1_000)]),
+            Param("cursor", "query", str, description="`next_cursor` of the previous page"),
+            Param(
+                "name",
+                "query",
+                Annotated[str, msgspec.Meta(min_length=1, max_length=200)],
+                description="only accounts whose name contains this (any case)",
+            ),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account_id}",
+        "An account: its credit, settings, senders, when it was made, whether it is suspended",
+        "accounts",
+        auth="admin",
+        responses={200: AccountAdminOut},
+        params=(Param("account_id", "path", AccountId, required=True),),
+        problems=(503,),
+    ),
+    *(
+        Route(
+            "POST",
+            f"/v1/accounts/{{account_id}}/{action}",
+            summary,
+            "accounts",
+            auth="admin",
+            responses={200: AccountAdminOut},
+            params=(Param("account_id", "path", AccountId, required=True),),
+            problems=(503,),
+            idempotent=False,
+            description=description,
+        )
+        for action, summary, description in (
+            (
+                "suspend",
+                "Suspend an account",
+                "Its sends get 403 `account_suspended` on every node within a second; its"
+                " queued messages wait, unsent and uncharged (express ones end at their"
+                " deadline, refunded), until it resumes. Its reads and reports still work.",
+            ),
+            (
+                "resume",
+                "Resume a suspended account",
+                "Its sends are taken again and its queued messages go out.",
+            ),
+        )
     ),
     Route(
         "PUT",

@@ -151,6 +151,9 @@ class AcceptedOut(msgspec.Struct):
     price: int
 
 
+Price = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+
+
 class AccountSettingsIn(msgspec.Struct, forbid_unknown_fields=True):
     """An account's scheduling and rate settings; a missing or null field is the default."""
 
@@ -161,6 +164,10 @@ class AccountSettingsIn(msgspec.Struct, forbid_unknown_fields=True):
     # Whose national number forms `to` takes (ISO 3166 alpha-2); null: the node's
     # (`serve --default-country`, IR unless set).
     default_country: Country | None = None
+    # The account's own prices, smallest currency unit; null: the node's
+    # (`serve --price-per-segment`, `--express-surcharge`).
+    price_per_segment: Price | None = None
+    express_surcharge: Price | None = None
 
 
 class AccountSettingsOut(msgspec.Struct):
@@ -170,6 +177,31 @@ class AccountSettingsOut(msgspec.Struct):
     recipient_limit_per_hour: int | None
     api_rate: float | None
     default_country: str | None = None
+    price_per_segment: int | None = None
+    express_surcharge: int | None = None
+
+
+class AccountAdminOut(msgspec.Struct):
+    """An account as the gateway's admin sees it."""
+
+    id: int
+    name: str
+    balance: int
+    held: int
+    captured: int
+    topped_up: int
+    created_at: str  # RFC 3339, UTC
+    suspended: bool
+    suspended_at: str | None  # since when (RFC 3339, UTC); null: not suspended
+    callback_url: str | None
+    settings: AccountSettingsOut
+    senders: list[str]
+    default_sender: str | None
+
+
+class AccountsPage(msgspec.Struct):
+    items: list[AccountAdminOut]
+    next_cursor: str | None  # null: the last page
 
 
 MAX_SENDERS = 100

@@ -226,6 +226,9 @@ class MemStore:
                 backlogs[sms.account_id] = backlogs.get(sms.account_id, 0) + 1
         return Recovered(express, sorted(backlogs.items()), [])
 
+    async def dispatch_rates(self) -> list[tuple[int, float]]:
+        return []
+
     async def page_entries(
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
     ) -> list[list[tuple[int, str, int]]]:

@@ -10,7 +10,8 @@ from smsgw.storage.pg import Database, PgStore
 # What `accounts list` and `show` print: never a key or a secret (those are shown once only).
 _COLUMNS = (
     "id, name, balance, held, callback_url, send_rate, express_deadline_ms,"
-    " recipient_limit_per_hour, api_rate, default_country, senders, default_sender"
+    " recipient_limit_per_hour, api_rate, default_country, senders, default_sender,"
+    " suspended_at IS NOT NULL AS suspended, price_per_segment, express_surcharge"
 )
 
 
@@ -49,6 +50,15 @@ async def topup(db: Database, account_id: int, amount: int) -> int | None:
     group = WriteGroup()
     group.topups.append((account_id, amount))
     return (await PgStore(db).commit_group(group)).topups[0]
+
+
+async def set_suspended(db: Database, account_id: int, suspended: bool) -> dict[str, Any] | None:
+    """Suspend or resume the account, as `POST /v1/accounts/{id}/suspend` does (every node
+    learns it from the accounts trigger's notification); the account after it, None for no
+    such account."""
+    if await PgStore(db).set_suspended(account_id, suspended) is None:
+        return None
+    return await show_account(db, account_id)
 
 
 async def replace_key(db: Database, account_id: int, key_hash: bytes) -> bool:

@@ -35,6 +35,7 @@ from smsgw.engine.credit import (
 from smsgw.engine.messages import (
     AcceptResult,
     Account,
+    AccountRecord,
     AccountSettings,
     OutboundSms,
     Outcome,
@@ -173,7 +174,9 @@ class Database:
                 # already, its proxy detached: it raises InterfaceError on any call, which
                 # must not hide `exc` (a CommitInDoubt would then read as "nothing stored").
                 with suppress(asyncpg.InterfaceError):
-                    if not isinstance(exc, asyncpg.PostgresError | _CopyConflict):
+                    # A refusal the server or the credit rules made (its transaction rolled
+                    # back) leaves the connection as good as before.
+                    if not isinstance(exc, asyncpg.PostgresError | _CopyConflict | TopUpTooLarge):
                         # Cancelled mid-statement or lost: what its server session still does
                         # is unknown, so it is never reused, and its server process names only
                         # that work (PgStore.commit_fate ends it by pid). Terminating a pool's
@@ -717,13 +720,44 @@ def _settings(r: asyncpg.Record) -> AccountSettings:
         default_country=r["default_country"],
         senders=tuple(r["senders"] or ()),
         default_sender=r["default_sender"],
+        suspended=r["suspended"],
+        price_per_segment=r["price_per_segment"],
+        express_surcharge=r["express_surcharge"],
     )
 
 
 _SETTINGS_COLUMNS = (
     "send_rate, express_deadline_ms, recipient_limit_per_hour, api_rate, default_country,"
-    " senders, default_sender"
+    " senders, default_sender, suspended_at IS NOT NULL AS suspended, price_per_segment,"
+    " express_surcharge"
 )
+
+
+_DISPATCH_RATES = """
+SELECT id, CASE WHEN suspended_at IS NOT NULL THEN 0.0 ELSE send_rate END AS rate
+FROM accounts WHERE send_rate IS NOT NULL OR suspended_at IS NOT NULL
+"""
+
+_RECORD_COLUMNS = (
+    "id, name, balance, held, captured, topped_up, callback_url,"
+    " extract(epoch FROM created_at)::float8 AS created,"
+    f" extract(epoch FROM suspended_at)::float8 AS suspended_since, {_SETTINGS_COLUMNS}"
+)
+
+
+def _record(r: asyncpg.Record) -> AccountRecord:
+    return AccountRecord(
+        id=r["id"],
+        name=r["name"],
+        balance=r["balance"],
+        held=r["held"],
+        captured=r["captured"],
+        topped_up=r["topped_up"],
+        created_at=r["created"],
+        suspended_at=r["suspended_since"],
+        callback_url=r["callback_url"],
+        settings=_settings(r),
+    )
 
 
 def pending_sms(r: asyncpg.Record) -> OutboundSms:
@@ -1071,12 +1105,14 @@ class PgStore(CallbackOutbox):
         async def _recover(conn: asyncpg.Connection) -> Recovered:
             express = [pending_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
             backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
-            rates = await conn.fetch(
-                "SELECT id, send_rate FROM accounts WHERE send_rate IS NOT NULL"
-            )
-            return Recovered(express, backlogs, [(r["id"], r["send_rate"]) for r in rates])
+            rates = await conn.fetch(_DISPATCH_RATES)
+            return Recovered(express, backlogs, [(r["id"], r["rate"]) for r in rates])
 
         return await self.db.run(_recover)
+
+    async def dispatch_rates(self) -> list[tuple[int, float]]:
+        rows = await self.db.run(lambda c: c.fetch(_DISPATCH_RATES))
+        return [(r["id"], r["rate"]) for r in rows]
 
     async def page_entries(
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
@@ -1113,7 +1149,8 @@ class PgStore(CallbackOutbox):
         row = await self.db.run(
             lambda c: c.fetchrow(
                 "UPDATE accounts SET send_rate = $2, express_deadline_ms = $3,"
-                " recipient_limit_per_hour = $4, api_rate = $5, default_country = $6"
+                " recipient_limit_per_hour = $4, api_rate = $5, default_country = $6,"
+                " price_per_segment = $7, express_surcharge = $8"
                 f" WHERE id = $1 RETURNING {_SETTINGS_COLUMNS}",
                 account_id,
                 settings.send_rate,
@@ -1121,6 +1158,8 @@ class PgStore(CallbackOutbox):
                 settings.recipient_limit_per_hour,
                 settings.api_rate,
                 settings.default_country,
+                settings.price_per_segment,
+                settings.express_surcharge,
             )
         )
         return None if row is None else _settings(row)
@@ -1215,6 +1254,41 @@ class PgStore(CallbackOutbox):
             callback_url=row["callback_url"],
             settings=_settings(row),
         )
+
+    async def accounts_page(
+        self, after_id: int, limit: int, name: str | None = None
+    ) -> list[AccountRecord]:
+        rows = await self.db.run(
+            lambda c: c.fetch(
+                f"SELECT {_RECORD_COLUMNS} FROM accounts WHERE id > $1"
+                " AND ($3::text IS NULL OR strpos(lower(name), lower($3)) > 0)"
+                " ORDER BY id LIMIT $2",
+                after_id,
+                limit,
+                name,
+            )
+        )
+        return [_record(r) for r in rows]
+
+    async def account_record(self, account_id: int) -> AccountRecord | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                f"SELECT {_RECORD_COLUMNS} FROM accounts WHERE id = $1", account_id
+            )
+        )
+        return None if row is None else _record(row)
+
+    async def set_suspended(self, account_id: int, suspended: bool) -> AccountRecord | None:
+        row = await self.db.run(
+            lambda c: c.fetchrow(
+                "UPDATE accounts SET suspended_at ="
+                " CASE WHEN $2 THEN coalesce(suspended_at, now()) END"
+                f" WHERE id = $1 RETURNING {_RECORD_COLUMNS}",
+                account_id,
+                suspended,
+            )
+        )
+        return None if row is None else _record(row)
 
     async def account(self, account_id: int) -> Account | None:
         row = await self.db.run(

@@ -1,25 +1,38 @@
-"""Accounts: creation and top-ups (admin), the account's own view, key rotation."""
+"""Accounts: creation, top-ups, settings, the list, suspension (admin); the account's own
+view, key rotation."""
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from quart import Blueprint, Response, request
 
 from smsgw.engine import numbers
 from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
-from smsgw.engine.messages import AccountSettings
+from smsgw.engine.messages import AccountRecord, AccountSettings
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
 from smsgw.http.idempotency import idempotent_admin
+from smsgw.http.params import query_params, whole_number
 from smsgw.http.problems import ProblemError
 from smsgw.http.schemas import (
+    AccountAdminOut,
     AccountCreatedOut,
     AccountOut,
     AccountSettingsIn,
     AccountSettingsOut,
+    AccountsPage,
     BalanceOut,
     CreateAccountIn,
     KeyRotatedOut,
     TopUpIn,
 )
+
+T = TypeVar("T")
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1_000
+MAX_NAME_FILTER = 200
 
 bp = Blueprint("accounts", __name__)
 
@@ -88,6 +101,8 @@ async def put_settings(account_id: int) -> Response:
         recipient_limit_per_hour=data.recipient_limit_per_hour,
         api_rate=data.api_rate,
         default_country=data.default_country,
+        price_per_segment=data.price_per_segment,
+        express_surcharge=data.express_surcharge,
     )
     try:
         stored = await gw.reads.update_settings(account_id, settings)
@@ -96,16 +111,113 @@ async def put_settings(account_id: int) -> Response:
     if stored is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     gw.engine.learn_settings(account_id, stored)
-    return json_response(
-        AccountSettingsOut(
-            account_id,
-            stored.send_rate,
-            stored.express_deadline_ms,
-            stored.recipient_limit_per_hour,
-            stored.api_rate,
-            stored.default_country,
-        )
+    return json_response(settings_out(account_id, stored))
+
+
+def settings_out(account_id: int, settings: AccountSettings) -> AccountSettingsOut:
+    return AccountSettingsOut(
+        account_id,
+        settings.send_rate,
+        settings.express_deadline_ms,
+        settings.recipient_limit_per_hour,
+        settings.api_rate,
+        settings.default_country,
+        settings.price_per_segment,
+        settings.express_surcharge,
     )
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def admin_view(account: AccountRecord) -> AccountAdminOut:
+    settings = account.settings
+    return AccountAdminOut(
+        id=account.id,
+        name=account.name,
+        balance=account.balance,
+        held=account.held,
+        captured=account.captured,
+        topped_up=account.topped_up,
+        created_at=rfc3339(account.created_at),
+        suspended=account.suspended_at is not None,
+        suspended_at=None if account.suspended_at is None else rfc3339(account.suspended_at),
+        callback_url=account.callback_url,
+        settings=settings_out(account.id, settings),
+        senders=list(settings.senders),
+        default_sender=settings.default_sender,
+    )
+
+
+async def stored(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call` on the store, its failure a 503 that says what could not be done."""
+    try:
+        return await call()
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise ProblemError(503, "unavailable", f"could not {what}: {exc}", retry_after=1) from None
+
+
+@bp.get("/v1/accounts")
+async def list_accounts() -> Response:
+    """A page of accounts in id order, optionally only those whose name contains `name`."""
+    gw = gateway()
+    gw.require_admin()
+    params = query_params(request.args, ("limit", "cursor", "name"))
+    limit = whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT)
+    after = whole_number(params, "cursor", low=0, high=2**63 - 1, default=0)
+    name = params.get("name")
+    if name is not None and not 1 <= len(name) <= MAX_NAME_FILTER:
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`name` must be 1 to {MAX_NAME_FILTER} characters",
+            field="name",
+        )
+    rows = await stored(lambda: gw.reads.accounts_page(after, limit + 1, name), "list accounts")
+    items = [admin_view(a) for a in rows[:limit]]
+    next_cursor = str(items[-1].id) if len(rows) > limit else None
+    return json_response(AccountsPage(items, next_cursor))
+
+
+@bp.get("/v1/accounts/<int(max=9223372036854775807):account_id>")
+async def show_account(account_id: int) -> Response:
+    gw = gateway()
+    gw.require_admin()
+    account = await stored(lambda: gw.reads.account_record(account_id), "read the account")
+    if account is None:
+        raise ProblemError(404, "account_not_found", f"no account {account_id}")
+    return json_response(admin_view(account))
+
+
+async def set_suspended(account_id: int, suspended: bool) -> Response:
+    gw = gateway()
+    gw.require_admin()
+    account = await stored(
+        lambda: gw.reads.set_suspended(account_id, suspended),
+        "suspend the account" if suspended else "resume the account",
+    )
+    if account is None:
+        raise ProblemError(404, "account_not_found", f"no account {account_id}")
+    # Here at once; every other node when the accounts trigger's notification arrives.
+    gw.engine.learn_settings(account_id, account.settings)
+    return json_response(admin_view(account))
+
+
+@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/suspend")
+async def suspend(account_id: int) -> Response:
+    """Its sends get 403 `account_suspended` on every node within a second, and its queued
+    messages wait (unsent, uncharged) until it resumes. Suspending a suspended account keeps
+    the time of the first suspension."""
+    return await set_suspended(account_id, True)
+
+
+@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/resume")
+async def resume(account_id: int) -> Response:
+    """Its sends are taken again and its queued messages go out."""
+    return await set_suspended(account_id, False)
 
 
 @bp.get("/v1/account")

@@ -43,6 +43,7 @@ class Intake:
         "gw",
         "monotonic",
         "now",
+        "prices",
         "recipient_limit",
         "request_id",
         "senders",
@@ -58,6 +59,20 @@ class Intake:
         self.request_id = request_id_var.get()
         # The account's settings, cached on every node (a change arrives by NOTIFY): no query.
         settings = engine.account_settings(account_id)
+        if settings.suspended:
+            raise ProblemError(
+                403,
+                "account_suspended",
+                "this account is suspended: it can send nothing until the gateway's admin"
+                " resumes it; its queued messages wait, uncharged",
+            )
+        per_segment = settings.price_per_segment
+        if per_segment is None:
+            per_segment = engine.config.price_per_segment
+        surcharge = settings.express_surcharge
+        if surcharge is None:
+            surcharge = engine.config.express_surcharge
+        self.prices = (per_segment, per_segment + surcharge)  # normal, express
         self.recipient_limit = settings.recipient_limit_per_hour
         self.country = settings.default_country or numbers.node_country()
         self.senders = frozenset(settings.senders)
@@ -109,8 +124,8 @@ class Intake:
             price=rules.price(
                 segments,
                 express=express,
-                normal_price=config.normal_price,
-                express_price=config.express_price,
+                normal_price=self.prices[0],
+                express_price=self.prices[1],
             ),
             express=express,
             created_at=self.now,
