@@ -668,9 +668,23 @@ def _accounts_rotate_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_sim_extra(command: str) -> None:
+    """A one-line UsageError when the simulator's packages are not installed (a node's own
+    install leaves them out: they are the `sim` extra)."""
+    import importlib.util
+
+    missing = [m for m in ("numpy", "matplotlib", "rich") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"`smsgw {command}` needs the simulator's packages ({', '.join(missing)} missing):"
+            " pip install 'smsgw[sim]' (./dev installs them)"
+        )
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _need_sim_extra("simulate")
     from smsgw.sim.simulate import Overrides, run
 
     overrides = Overrides(
@@ -695,6 +709,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    _need_sim_extra("bench")
 
     from smsgw.bench import DEFAULT_OUT, run
 
