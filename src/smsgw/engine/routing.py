@@ -74,6 +74,8 @@ class OperatorRoute:
             burst = settings.burst or max(1.0, settings.max_per_second / 10)
             self.bucket = TokenBucket.start(settings.max_per_second, burst, now)
         self.breaker = OperatorBreaker(policy, now)
+        # Messages one call may carry, when the operator sets it (0: the pool's batch size).
+        self.max_call = 0
         self.batches = 0
         self.messages = 0
 
@@ -87,6 +89,8 @@ class OperatorRoute:
         room = self.breaker.allowance(now)
         if self.window:
             room = min(room, self.window - self.inflight)
+        if self.max_call:
+            room = min(room, self.max_call)
         if self.bucket is not None:
             self.bucket.refill(now)
             tokens = int(self.bucket.tokens + _TOKEN_SLACK)
@@ -194,7 +198,12 @@ class Router:
             chosen = own.weight if own.weight is not None else weight
             if chosen < 0:
                 raise ValueError(f"operator {provider.name}: weight must be >= 0")
-            self.routes.append(OperatorRoute(provider, chosen, own, config.breaker, now))
+            route = OperatorRoute(provider, chosen, own, config.breaker, now)
+            if limit:
+                # Its calls an eighth of what it holds: a call's outcomes wait for its last
+                # message, so small calls keep its windows full as each one comes back.
+                route.max_call = max(1, limit // 8)
+            self.routes.append(route)
         self.by_name = {r.name: r for r in self.routes}
         self._accounts = {r.account_id: r for r in config.routes if r.account_id is not None}
         self._prefixes = sorted(
