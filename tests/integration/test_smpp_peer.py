@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from smsgw.engine.messages import DeliveryReport, OutboundSms
+from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
 
 PEER = Path(__file__).resolve().parent.parent / "smsc_peer"
@@ -121,20 +121,13 @@ async def peer_and_client(
             process.kill()
 
 
-@pytest.mark.usefixtures("peer_installed")
-async def test_long_gsm_and_persian_texts_arrive_as_checked_parts() -> None:
-    reports: list[DeliveryReport] = []
-
-    async def on_receipts(name: str, got: list[DeliveryReport]) -> None:
-        reports.extend(got)
-
-    async with peer_and_client(on_receipts=on_receipts) as (peer, operator):
-        with trio.fail_after(10):
-            results = await operator.send_batch(
-                [sms(1, GSM_161), sms(2, PERSIAN_71), sms(3, "hi", sender="+15550001111")]
-            )
-        assert [r.kind for r in results] == ["sent"] * 3
-        await eventually(lambda: len(peer.of("deliver_sm_resp")) == 3)
+def check_parts_and_receipts(
+    peer: Peer, results: list[SendResult], reports: list[DeliveryReport]
+) -> None:
+    """What a peer saw of a 161-character GSM text, a 71-character Persian one and a short one
+    from a number, sent as `results`, and the receipts it sent back (`reports`): every
+    submit_sm passed its checks, the long texts went as two parts under one reference, the
+    sources had the right TON/NPI, and each receipt came back under its message's id."""
     submits = peer.of("submit_sm")
     assert all(s["problems"] == [] for s in submits), submits
     by_to: dict[str, list[dict[str, Any]]] = {}
@@ -158,6 +151,23 @@ async def test_long_gsm_and_persian_texts_arrive_as_checked_parts() -> None:
     assert {r.operator_message_id for r in reports} == {r.operator_message_id for r in results}
     assert all(r.status == "delivered" for r in reports)
     assert {e["status"] for e in peer.of("deliver_sm_resp")} == {0}
+
+
+@pytest.mark.usefixtures("peer_installed")
+async def test_long_gsm_and_persian_texts_arrive_as_checked_parts() -> None:
+    reports: list[DeliveryReport] = []
+
+    async def on_receipts(name: str, got: list[DeliveryReport]) -> None:
+        reports.extend(got)
+
+    async with peer_and_client(on_receipts=on_receipts) as (peer, operator):
+        with trio.fail_after(10):
+            results = await operator.send_batch(
+                [sms(1, GSM_161), sms(2, PERSIAN_71), sms(3, "hi", sender="+15550001111")]
+            )
+        assert [r.kind for r in results] == ["sent"] * 3
+        await eventually(lambda: len(peer.of("deliver_sm_resp")) == 3)
+    check_parts_and_receipts(peer, results, reports)
     assert {e["tlvs"] for e in peer.of("deliver_sm_resp")} == {True, False}
     assert len(peer.of("unbind")) == 1
 
@@ -172,10 +182,14 @@ async def test_a_slow_throttling_peer_slows_the_bind_and_parts_go_again() -> Non
             results = await operator.send_batch([sms(n, GSM_161) for n in range(10)])
         rate = operator.sessions[0].rate.rate
     assert [r.kind for r in results] == ["sent"] * 10
-    submits = peer.of("submit_sm")
+    check_throttled(peer.of("submit_sm"), rate)
+
+
+def check_throttled(submits: list[dict[str, Any]], rate: float) -> None:
+    """Ten 2-part messages through a peer that throttles: the bind slowed down, and only the
+    throttled parts went again (20 parts accepted, each once)."""
     throttled = [s for s in submits if s["status"] == 0x58]
     assert throttled and rate < 100
-    # Only the throttled parts went again: 20 parts accepted, each once.
     accepted = [s for s in submits if s["status"] == 0]
     assert len(accepted) == 20 and len(submits) == 20 + len(throttled)
 
