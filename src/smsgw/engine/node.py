@@ -173,11 +173,8 @@ class Engine:
                 settled=self._settled_elsewhere,
                 account_changed=self._account_changed,
                 publish=self._pressure,
-                # The stranded-message sweep asks what this node holds (RetryTimer has no
-                # public view of its heap; reading it here keeps retry.py as it is).
-                unheld=lambda items: self.scheduler.unheld(
-                    items, (sms for _, _, sms in self.retry._heap)
-                ),
+                # The stranded-message sweep asks what this node holds.
+                unheld=lambda items: self.scheduler.unheld(items, self.retry.waiting()),
             )
             self.ready = self.leases.ready
         # Among several nodes, an account's api_rate is split between them by demand.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -65,6 +66,10 @@ class RetryTimer:
 
     def stats(self) -> dict[str, Any]:
         return {"waiting": len(self._heap), "scheduled": self.scheduled}
+
+    def waiting(self) -> Iterator[OutboundSms]:
+        """The messages waiting out their backoff here (for the stranded-message sweep)."""
+        return (sms for _, _, sms in self._heap)
 
     def _push(self, message: RetryLater) -> None:
         self._seq += 1

@@ -198,12 +198,12 @@ class Router:
             chosen = own.weight if own.weight is not None else weight
             if chosen < 0:
                 raise ValueError(f"operator {provider.name}: weight must be >= 0")
-            route = OperatorRoute(provider, chosen, own, config.breaker, now)
+            operator = OperatorRoute(provider, chosen, own, config.breaker, now)
             if limit:
                 # Its calls an eighth of what it holds: a call's outcomes wait for its last
                 # message, so small calls keep its windows full as each one comes back.
-                route.max_call = max(1, limit // 8)
-            self.routes.append(route)
+                operator.max_call = max(1, limit // 8)
+            self.routes.append(operator)
         self.by_name = {r.name: r for r in self.routes}
         self._accounts = {r.account_id: r for r in config.routes if r.account_id is not None}
         self._prefixes = sorted(
