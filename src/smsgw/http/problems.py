@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from quart import Response
@@ -74,3 +75,17 @@ def problem_response(
         content_type="application/problem+json",
         headers=headers,
     )
+
+
+T = TypeVar("T")
+
+
+async def from_store(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call`'s answer; a failure of the store (not a problem it raised itself) a 503 that
+    says what could not be done, with a Retry-After."""
+    try:
+        return await call()
+    except ProblemError:
+        raise
+    except Exception as exc:
+        raise ProblemError(503, "unavailable", f"could not {what}: {exc}", retry_after=1) from None

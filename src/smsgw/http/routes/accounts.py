@@ -3,9 +3,7 @@ view, key rotation."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
 
 from quart import Blueprint, Response, request
 
@@ -15,7 +13,7 @@ from smsgw.engine.messages import AccountRecord, AccountSettings
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
 from smsgw.http.idempotency import idempotent_admin
 from smsgw.http.params import query_params, whole_number
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
     AccountAdminOut,
     AccountCreatedOut,
@@ -29,7 +27,6 @@ from smsgw.http.schemas import (
     TopUpIn,
 )
 
-T = TypeVar("T")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1_000
 MAX_NAME_FILTER = 200
@@ -104,10 +101,9 @@ async def put_settings(account_id: int) -> Response:
         price_per_segment=data.price_per_segment,
         express_surcharge=data.express_surcharge,
     )
-    try:
-        stored = await gw.reads.update_settings(account_id, settings)
-    except Exception as exc:
-        raise ProblemError(503, "unavailable", f"could not store the settings: {exc}") from None
+    stored = await from_store(
+        lambda: gw.reads.update_settings(account_id, settings), "store the settings"
+    )
     if stored is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     gw.engine.learn_settings(account_id, stored)
@@ -150,16 +146,6 @@ def admin_view(account: AccountRecord) -> AccountAdminOut:
     )
 
 
-async def stored(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """`call` on the store, its failure a 503 that says what could not be done."""
-    try:
-        return await call()
-    except ProblemError:
-        raise
-    except Exception as exc:
-        raise ProblemError(503, "unavailable", f"could not {what}: {exc}", retry_after=1) from None
-
-
 @bp.get("/v1/accounts")
 async def list_accounts() -> Response:
     """A page of accounts in id order, optionally only those whose name contains `name`."""
@@ -176,7 +162,7 @@ async def list_accounts() -> Response:
             f"`name` must be 1 to {MAX_NAME_FILTER} characters",
             field="name",
         )
-    rows = await stored(lambda: gw.reads.accounts_page(after, limit + 1, name), "list accounts")
+    rows = await from_store(lambda: gw.reads.accounts_page(after, limit + 1, name), "list accounts")
     items = [admin_view(a) for a in rows[:limit]]
     next_cursor = str(items[-1].id) if len(rows) > limit else None
     return json_response(AccountsPage(items, next_cursor))
@@ -186,7 +172,7 @@ async def list_accounts() -> Response:
 async def show_account(account_id: int) -> Response:
     gw = gateway()
     gw.require_admin()
-    account = await stored(lambda: gw.reads.account_record(account_id), "read the account")
+    account = await from_store(lambda: gw.reads.account_record(account_id), "read the account")
     if account is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     return json_response(admin_view(account))
@@ -195,7 +181,7 @@ async def show_account(account_id: int) -> Response:
 async def set_suspended(account_id: int, suspended: bool) -> Response:
     gw = gateway()
     gw.require_admin()
-    account = await stored(
+    account = await from_store(
         lambda: gw.reads.set_suspended(account_id, suspended),
         "suspend the account" if suspended else "resume the account",
     )

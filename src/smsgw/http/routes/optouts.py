@@ -21,7 +21,7 @@ from quart import Blueprint, Response, request
 from smsgw.engine import numbers
 from smsgw.http.context import Gateway, gateway, json_response
 from smsgw.http.params import query_params, whole_number
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
     ListedNumberOut,
     NumbersAddedOut,
@@ -53,10 +53,6 @@ def list_store(gw: Gateway) -> ListStore:
     if not isinstance(store, ListStore):  # a store without lists: only in tests
         raise ProblemError(503, "unavailable", "this node's store keeps no number lists")
     return store
-
-
-def unavailable(exc: Exception) -> ProblemError:
-    return ProblemError(503, "unavailable", f"could not read or change the list: {exc}; retry")
 
 
 def encode_cursor(number: str) -> str:
@@ -99,12 +95,9 @@ async def add(gw: Gateway, account_id: int | None) -> Response:
                 field=f"numbers[{i}]",
             )
         normal.append(e164)
-    try:
-        added = await list_store(gw).add_stops(account_id, sorted(set(normal)))
-    except ProblemError:
-        raise
-    except Exception as exc:
-        raise unavailable(exc) from None
+    added = await from_store(
+        lambda: list_store(gw).add_stops(account_id, sorted(set(normal))), "change the list"
+    )
     return json_response(NumbersAddedOut(added, normal))
 
 
@@ -113,12 +106,9 @@ async def page(gw: Gateway, account_id: int | None) -> Response:
     limit = whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT)
     cursor = params.get("cursor")
     after = None if cursor is None else decode_cursor(cursor)
-    try:
-        rows = await list_store(gw).stops(account_id, after, limit + 1)
-    except ProblemError:
-        raise
-    except Exception as exc:
-        raise unavailable(exc) from None
+    rows = await from_store(
+        lambda: list_store(gw).stops(account_id, after, limit + 1), "read the list"
+    )
     items = [ListedNumberOut(number, at) for number, at in rows[:limit]]
     next_cursor = encode_cursor(items[-1].number) if len(rows) > limit else None
     return json_response(NumbersPage(items, next_cursor))
@@ -128,12 +118,9 @@ async def remove(gw: Gateway, account_id: int | None, number: str) -> Response:
     e164 = numbers.normalize(number, country(gw, account_id))
     removed = False
     if e164 is not None:
-        try:
-            removed = await list_store(gw).remove_stop(account_id, e164)
-        except ProblemError:
-            raise
-        except Exception as exc:
-            raise unavailable(exc) from None
+        removed = await from_store(
+            lambda: list_store(gw).remove_stop(account_id, e164), "change the list"
+        )
     if not removed:
         raise ProblemError(404, "number_not_listed", f"{number} is not on the list")
     return Response(b"", status=204)

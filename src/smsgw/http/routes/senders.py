@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 from smsgw.engine import sms as rules
 from smsgw.engine.messages import AccountSettings
 from smsgw.http.context import gateway, json_response
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.routes.messages import DEFAULT_SENDER
 from smsgw.http.schemas import SendersIn, SendersOut
 
@@ -60,12 +60,9 @@ async def put_senders(account_id: int) -> Response:
     store = gw.reads
     if not isinstance(store, SendersStore):  # a store without senders: only in tests
         raise ProblemError(503, "unavailable", "this node's store keeps no senders")
-    try:
-        stored = await store.update_senders(account_id, senders, default)
-    except ProblemError:
-        raise
-    except Exception as exc:
-        raise ProblemError(503, "unavailable", f"could not store the senders: {exc}") from None
+    stored = await from_store(
+        lambda: store.update_senders(account_id, senders, default), "store the senders"
+    )
     if stored is None:
         raise ProblemError(404, "account_not_found", f"no account {account_id}")
     gw.engine.learn_settings(account_id, stored)
