@@ -324,9 +324,13 @@ class Engine:
         """The shard leases, once the Scheduler knows which accounts it must pace or hold (a
         node among several learns the rest of their settings from key lookups and changes)."""
         assert self.leases is not None
+        await self._learn_dispatch_rates()
+        await self.leases.run(task_status=task_status)
+
+    async def _learn_dispatch_rates(self) -> None:
+        """Tell the Scheduler, before any message, which accounts it must pace or hold."""
         for account_id, rate in await self.store.dispatch_rates():
             await self.scheduler.ref.tell(SendRate(account_id, rate))
-        await self.leases.run(task_status=task_status)
 
     async def _recover(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -336,9 +340,8 @@ class Engine:
         It reports started only when done, so the HTTP door (started after it) accepts nothing
         that the recovery query could also return: no message is enqueued twice."""
         if not self.ready.is_set():
+            await self._learn_dispatch_rates()
             recovered = await self.store.recover()
-            for account_id, rate in recovered.send_rates:
-                await self.scheduler.ref.tell(SendRate(account_id, rate))
             express = recovered.express
             for start in range(0, len(express), 1_000):
                 await self.scheduler.ref.tell(Enqueue(tuple(express[start : start + 1_000])))
@@ -404,13 +407,13 @@ class Engine:
         that leases nothing now)."""
         return None if self.leases is None else self.leases.express_shard()
 
-    def express_problem(self, account_id: int, shard: int | None = None) -> str | None:
+    def express_problem(self, account_id: int, shard: int) -> str | None:
         """Why an express message of this account accepted now, to be dispatched under
-        `shard` (None: its account's), would miss its deadline (no healthy operator, no
-        capacity in time, or its dispatcher stalled), or None. In memory: no query, no wait."""
+        `shard` (`dispatch_shard`), would miss its deadline (no healthy operator, no capacity
+        in time, or its dispatcher stalled), or None. In memory: no query, no wait."""
         if not self.ready.is_set():
             return "the node is still recovering"
-        if self.dispatch_stalled(shard_of(account_id) if shard is None else shard):
+        if self.dispatch_stalled(shard):
             return "the node that dispatches this account is not answering; another takes over"
         commit = self.writer.commit_ms_ewma / 1000
         return self.pool.express_problem(

@@ -73,12 +73,11 @@ class GroupResult:
 
 class Recovered(msgspec.Struct, frozen=True):
     """What Recovery loads at start: express messages whole (they are few, and their deadline
-    is near or gone), bulk as a count per account (paged in by the Scheduler), and the send
-    rates of the accounts with work."""
+    is near or gone), and bulk as a count per account (paged in by the Scheduler). The send
+    rates come from `dispatch_rates`, read before it."""
 
     express: list[OutboundSms]
     backlogs: list[tuple[int, int]]  # (account, bulk messages not final)
-    send_rates: list[tuple[int, float]]
 
 
 class SchedulingStore(Protocol):

@@ -224,7 +224,7 @@ class MemStore:
         for sms in self.pending_messages.values():
             if not sms.express:
                 backlogs[sms.account_id] = backlogs.get(sms.account_id, 0) + 1
-        return Recovered(express, sorted(backlogs.items()), [])
+        return Recovered(express, sorted(backlogs.items()))
 
     async def dispatch_rates(self) -> list[tuple[int, float]]:
         return []

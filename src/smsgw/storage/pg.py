@@ -1105,8 +1105,7 @@ class PgStore(CallbackOutbox):
         async def _recover(conn: asyncpg.Connection) -> Recovered:
             express = [pending_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
             backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
-            rates = await conn.fetch(_DISPATCH_RATES)
-            return Recovered(express, backlogs, [(r["id"], r["rate"]) for r in rates])
+            return Recovered(express, backlogs)
 
         return await self.db.run(_recover)
 

@@ -185,7 +185,9 @@ class Intake:
         if sms.express:
             if self._express_problem is False:
                 # Asked once a request: nothing it depends on changes while the handler runs.
-                self._express_problem = gw.engine.express_problem(self.account_id, sms.shard)
+                self._express_problem = gw.engine.express_problem(
+                    self.account_id, dispatch_shard(sms)
+                )
             if self._express_problem:
                 raise ProblemError(
                     503,
