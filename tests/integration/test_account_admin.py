@@ -52,6 +52,13 @@ async def test_the_admin_lists_and_reads_accounts(client: httpx.AsyncClient) -> 
     assert one["senders"] == [] and one["default_sender"] is None
 
     assert_problem(await client.get("/v1/accounts/999999", headers=admin()), 404)
+    for action in ("suspend", "resume"):
+        missing = await client.post(f"/v1/accounts/999999/{action}", headers=admin())
+        assert_problem(missing, 404)
+        own = await client.post(
+            f"/v1/accounts/{made[0]['id']}/{action}", headers=bearer(made[0]["api_key"])
+        )
+        assert_problem(own, 403)  # the admin's, not an account's
     assert_problem(await client.get("/v1/accounts?limit=0", headers=admin()), 422)
     assert_problem(await client.get("/v1/accounts?cursor=x", headers=admin()), 422)
     key = bearer(made[0]["api_key"])
