@@ -71,7 +71,8 @@ from common import (
     utc_timestamp,
     write_report,
 )
-from smsgw.engine.shards import SHARDS, fair_share, shard_of
+from smsgw.engine.ports import SHARDS, shard_of
+from smsgw.engine.shards import fair_share
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
 
 WARMUP_S = 2.0

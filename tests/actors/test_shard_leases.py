@@ -13,8 +13,8 @@ import trio.testing
 
 from smsgw.engine.actor import Inbox
 from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
-from smsgw.engine.ports import Beat, Notices
-from smsgw.engine.shards import SHARDS, LeaseConfig, ShardLeases, shard_of
+from smsgw.engine.ports import SHARDS, Beat, Notices, shard_of
+from smsgw.engine.shards import LeaseConfig, ShardLeases
 
 CONFIG = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5)
 

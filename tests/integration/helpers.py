@@ -18,8 +18,9 @@ from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import uuid7
 from smsgw.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
+from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.ledger import LEDGER_SQL
-from smsgw.storage.pg import Database, asyncio_loop, migrate
+from smsgw.storage.pg import migrate
 from tests.conftest import admin, bearer, node_options
 
 FINAL = frozenset({"sent", "failed"})

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from smsgw.engine.shards import SHARDS, fair_share
+from smsgw.engine.ports import SHARDS
+from smsgw.engine.shards import fair_share
 from smsgw.workers import listening_url
 from tests.conftest import ADMIN_KEY, admin
 from tests.integration.helpers import db_fetch, http_client, until

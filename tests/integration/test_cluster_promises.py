@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from smsgw.engine.shards import SHARDS, shard_of
+from smsgw.engine.ports import SHARDS, shard_of
 from tests.conftest import admin, bearer
 from tests.integration.helpers import TO, http_client, until
 from tests.integration.nodes import balanced_nodes, create_accounts, serve_node, shard_owners

@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 import trio
 
-from smsgw.storage.pg import Database
+from smsgw.storage.database import Database
 from tests.integration.helpers import db_fetch, open_database
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from smsgw.engine.shards import shard_of
+from smsgw.engine.ports import shard_of
 from tests.conftest import bearer
 from tests.integration.helpers import (
     assert_ledger_consistent,

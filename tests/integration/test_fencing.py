@@ -6,8 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from smsgw.engine.messages import Account, OutboundSms, Outcome
-from smsgw.engine.ports import WriteGroup
-from smsgw.engine.shards import shard_of
+from smsgw.engine.ports import WriteGroup, shard_of
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.pg import Handoff, PgStore
 from tests.integration.helpers import (

@@ -75,7 +75,7 @@ async def test_pages_follow_each_accounts_queue_after_the_cursor() -> None:
     id) order, finished and express messages left out."""
     import msgspec
 
-    from smsgw.engine.scheduler import entry_of
+    from smsgw.engine.ports import entry_of
 
     store = MemStore(cost=None)
     a = store.add_account("a", 1_000).id

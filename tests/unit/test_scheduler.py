@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.scheduler import LIGHT_SCAN, START, Entry, SchedulerState, micros
+from smsgw.engine.ports import Entry, micros
+from smsgw.engine.scheduler import LIGHT_SCAN, START, SchedulerState
 
 SETTINGS = settings(max_examples=150, deadline=None)
 T0 = 1_700_000_000.0

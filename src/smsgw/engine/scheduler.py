@@ -24,21 +24,11 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.pool import ProviderPool
-from smsgw.engine.ports import SchedulingStore
+from smsgw.engine.ports import Entry, Position, SchedulingStore, entry_of, micros
 from smsgw.engine.ratelimit import TokenBucket
 from smsgw.engine.writer import CommitFence
 
-# A bulk message as a mailbox holds it: (created_at in whole microseconds, id, segments).
-# The first two are its position in the account's queue, the same order as PostgreSQL's
-# (created_at, id), so a page query can continue after any entry. No body: bodies live in
-# PostgreSQL (and, while there is room, in the Scheduler's body cache).
-Entry = tuple[int, str, int]
-Position = tuple[int, str]
 START: Position = (-1, "")  # before every message
-
-
-# PostgreSQL's epoch (2000-01-01) in Unix seconds.
-_PG_EPOCH_S = 946_684_800
 
 
 # How long after a light account's message the window's light reserve stays kept for them.
@@ -47,18 +37,6 @@ LIGHT_HOLD_S = 5.0
 # batch however many heavy accounts wait (a light account's mailbox is new: it is made
 # with its message and goes to the end of the ring).
 LIGHT_SCAN = 64
-
-
-def micros(created_at: float) -> int:
-    """The microsecond (since the Unix epoch) PostgreSQL stores for `to_timestamp(created_at)`.
-    It moves the float to its own epoch first, then rounds `* 1e6` half to even, as Python's
-    round does; rounding `created_at * 1e6` directly was a microsecond off for about one
-    value in sixteen."""
-    return round((created_at - _PG_EPOCH_S) * 1_000_000) + _PG_EPOCH_S * 1_000_000
-
-
-def entry_of(sms: OutboundSms) -> Entry:
-    return (micros(sms.created_at), sms.id, sms.segments)
 
 
 class Mailbox:

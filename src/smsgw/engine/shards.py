@@ -23,28 +23,13 @@ import trio
 
 from smsgw.engine.actor import ActorRef, InboxFull
 from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
-from smsgw.engine.ports import ClusterStore, Notices
+from smsgw.engine.ports import SHARDS, ClusterStore, Notices, dispatch_shard, shard_of
 
 log = logging.getLogger("smsgw.shards")
 
-SHARDS = 256
 # A hand-off's notification and its claim (the poll) come within this of each other.
 _RECENT_S = 10.0
 _handoff_decoder = msgspec.json.Decoder(list[OutboundSms])
-_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi
-_MASK = (1 << 64) - 1
-
-
-def dispatch_shard(sms: OutboundSms) -> int:
-    """The shard whose lease dispatches `sms`: its account's, or the one its accepting node
-    chose for an express message (`ShardLeases.express_shard`)."""
-    return shard_of(sms.account_id) if sms.shard is None else sms.shard
-
-
-def shard_of(account_id: int) -> int:
-    """The account's shard: the top 8 bits of `account_id * 2^64/phi mod 2^64` (Fibonacci
-    hashing), so consecutive ids spread evenly. PostgreSQL's `shard_of()` is the same."""
-    return ((account_id * _GOLDEN) & _MASK) >> 56
 
 
 def fair_share(live_nodes: int) -> int:

@@ -17,8 +17,8 @@ import msgspec
 import trio
 
 from smsgw.engine.node import Engine
+from smsgw.engine.ports import SHARDS
 from smsgw.engine.scheduler import LIGHT_HOLD_S
-from smsgw.engine.shards import SHARDS
 
 
 class ActorOut(msgspec.Struct):

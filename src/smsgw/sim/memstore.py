@@ -29,8 +29,7 @@ import trio
 
 from smsgw.engine.credit import AccountCredit, CreditBook, check_topups, hold_items
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
-from smsgw.engine.ports import GroupResult, Recovered, WriteGroup
-from smsgw.engine.scheduler import Entry, entry_of
+from smsgw.engine.ports import Entry, GroupResult, Recovered, WriteGroup, entry_of
 
 # The same hold rules as the PostgreSQL store: one implementation, so both stores refuse alike.
 

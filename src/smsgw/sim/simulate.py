@@ -51,9 +51,9 @@ from smsgw.sim.report import (
     write,
 )
 from smsgw.sim.scenarios import Mode, Scenario, Target, scenario
+from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.embedded import database_url
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
-from smsgw.storage.pg import Database, asyncio_loop
 
 NORMAL_PRICE = 5
 EXPRESS_PRICE = 7

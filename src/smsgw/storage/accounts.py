@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from smsgw.engine.ports import WriteGroup
-from smsgw.storage.pg import Database, PgStore
+from smsgw.storage.database import Database
+from smsgw.storage.pg import PgStore
 
 # What `accounts list` and `show` print: never a key or a secret (those are shown once only).
 _COLUMNS = (

@@ -4,15 +4,12 @@ the callback outbox, and the account's callback settings. Part of `PgStore` (pg.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outcome
 from smsgw.engine.ports import CallbackJob
-
-if TYPE_CHECKING:
-    from smsgw.storage.pg import Database
+from smsgw.storage.database import Database
 
 
 def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> list[str]:

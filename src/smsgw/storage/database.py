@@ -1,0 +1,224 @@
+"""The PostgreSQL connection pool (`Database`) and the bridge from trio to asyncpg's asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+import trio_asyncio
+
+from smsgw.engine.credit import TopUpTooLarge
+from smsgw.engine.histogram import LATENCY_BUCKETS, Histogram
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+log = logging.getLogger("smsgw.storage")
+
+# A store round trip that takes longer than this is logged (a warning that names it) and
+# counted in /metrics (smsgw_store_slow_statements_total): a plan gone wrong shows there long
+# before its statements reach a group commit's timeout (issue 29). `Database.slow_after`.
+SLOW_STATEMENT_S = 1.0
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """Open a trio-asyncio loop unless this task already runs inside one."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (a round trip per group commit): this code leaves
+    no session state behind (no SET, LISTEN or cursors; advisory locks are per transaction)."""
+
+
+def bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """`fn`, an asyncio coroutine function, as one trio can await (inside `asyncio_loop`)."""
+    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+
+
+class Database:
+    """A connection pool in one schema. Create with `await Database.open(url)` inside a
+    trio-asyncio loop; close with `await db.close()`."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.schema = schema
+        self._idle: list[asyncpg.Connection] = []  # acquired from the pool, free for a run
+        self._acquiring = 0  # runs waiting for the pool
+        self._releasing: set[asyncio.Task[None]] = set()  # kept until done (asyncio holds weakly)
+        # How long each kind of work `run` ran took, by name (`statement_name`), and how often
+        # it took longer than `slow_after` seconds; /metrics reads them.
+        self.slow_after = SLOW_STATEMENT_S
+        self.durations: dict[str, Histogram] = {}
+        self.slow: dict[str, int] = {}
+
+    @classmethod
+    async def open(
+        cls, url: str, *, schema: str = "public", min_size: int = 2, max_size: int = 6
+    ) -> Database:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"bad schema name {schema!r}")
+
+        async def _open() -> asyncpg.Pool:
+            if schema != "public":
+                conn = await asyncpg.connect(url)
+                try:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                finally:
+                    await conn.close()
+            return await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                reset=_keep_session,
+                # No idle-connection timer: asyncpg arms one (call_later) at every release and
+                # cancels it at the next acquire, and under trio-asyncio each is one more turn
+                # of its loop, whose heap then keeps the cancelled handle for the full lifetime.
+                # A node's pool is at most `max_size` connections; idle ones may stay.
+                max_inactive_connection_lifetime=0,
+                server_settings={
+                    "search_path": schema,
+                    "application_name": "smsgw",
+                    # A node paused mid-transaction (SIGSTOP, a stalled VM) must not hold its
+                    # row and lease locks, and so the other nodes, for longer than this.
+                    "idle_in_transaction_session_timeout": "5s",
+                },
+            )
+
+        return cls(await bridge(_open)(), schema)
+
+    async def close(self) -> None:
+        async def _close() -> None:
+            while self._idle:
+                await self.pool.release(self._idle.pop())
+            await self.pool.close()
+
+        await bridge(_close)()
+
+    async def run(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, name: str | None = None
+    ) -> T:
+        """Run `fn(connection)` on the asyncio side: one bridge crossing for all it does.
+
+        Its time on the connection (not the wait for one) is recorded under `name` (default:
+        `statement_name(fn)`), and logged as a warning past `slow_after` seconds, whether it
+        returned, raised or was cancelled (a statement cancelled at a timeout is the slowest).
+
+        A connection that ran `fn` without an error is kept here, idle, for the next call,
+        not given back to asyncpg's pool: a release and an acquire cost about 110 µs of CPU and
+        six more steps of the asyncio side per call (a third of what a group commit's crossing
+        costs), each step waiting for a turn of the trio loop behind every runnable HTTP task.
+        So the pool only opens connections and takes back those that failed (it replaces a
+        broken one), and those are given back in a task of their own, which the caller need not
+        wait for. asyncpg's recycling after `max_queries` does not apply to kept connections."""
+
+        label = name or statement_name(fn)
+
+        async def _run() -> T:
+            conn = self._idle_connection()
+            if conn is None:
+                self._acquiring += 1
+                try:
+                    conn = await self.pool.acquire()
+                finally:
+                    self._acquiring -= 1
+            started = time.perf_counter()
+            try:
+                result = await fn(conn)
+            except BaseException as exc:
+                # A connection the server closed (PostgreSQL stopping) is back in the pool
+                # already, its proxy detached: it raises InterfaceError on any call, which
+                # must not hide `exc` (a CommitInDoubt would then read as "nothing stored").
+                with suppress(asyncpg.InterfaceError):
+                    # A refusal the server or the credit rules made (its transaction rolled
+                    # back) leaves the connection as good as before.
+                    if not isinstance(exc, asyncpg.PostgresError | Refused | TopUpTooLarge):
+                        # Cancelled mid-statement or lost: what its server session still does
+                        # is unknown, so it is never reused, and its server process names only
+                        # that work (PgStore.commit_fate ends it by pid). Terminating a pool's
+                        # connection gives it back to the pool, which opens a new one.
+                        conn.terminate()
+                    else:
+                        self._release(conn)
+                raise
+            finally:
+                self._took(label, time.perf_counter() - started)
+            # Kept unless a caller waits for the pool (all connections busy: this one is
+            # theirs), or `fn` left a transaction open.
+            if self._acquiring or conn.is_in_transaction():
+                self._release(conn)
+            else:
+                self._idle.append(conn)
+            return result
+
+        return await bridge(_run)()
+
+    def _took(self, name: str, seconds: float) -> None:
+        durations = self.durations.get(name)
+        if durations is None:
+            durations = self.durations[name] = Histogram(LATENCY_BUCKETS)
+        durations.observe(seconds)
+        if seconds > self.slow_after:
+            self.slow[name] = self.slow.get(name, 0) + 1
+            ms = round(seconds * 1000)
+            log.warning("slow statement %s: %d ms", name, ms, extra={"statement": name, "ms": ms})
+
+    def _idle_connection(self) -> asyncpg.Connection | None:
+        """The most recently used idle connection that is still open (the pool replaces the
+        closed ones: PostgreSQL went away while they were idle)."""
+        while self._idle:
+            conn = self._idle.pop()
+            try:
+                closed = conn.is_closed()
+            except asyncpg.InterfaceError:
+                # Closed by the server while idle here (PostgreSQL restarted): asyncpg has
+                # taken it back already and detached this proxy, which is all it can answer.
+                continue
+            if not closed:
+                return conn
+            self._release(conn)
+        return None
+
+    def _release(self, conn: asyncpg.Connection) -> None:
+        """Give `conn` back to the pool in the background; one left in a transaction is
+        closed first (asyncpg will not reset it), and the pool opens a new one in its place."""
+        if conn.is_in_transaction():
+            conn.terminate()
+        release = asyncio.get_running_loop().create_task(self.pool.release(conn))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
+
+
+_names: dict[object, str] = {}  # by code object: one entry per place that calls `run`
+
+
+def statement_name(fn: Callable[..., object]) -> str:
+    """What `Database.run` records `fn`'s time under: the function that called it with `fn`
+    (a lambda or a local function's qualified name up to `.<locals>`, e.g.
+    "PgStore.queued_messages"), or `fn`'s own for a method (also inside functools.partial)."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    code = getattr(target, "__code__", None)
+    name = _names.get(code) if code is not None else None
+    if name is None:
+        qualname = getattr(target, "__qualname__", type(target).__qualname__)
+        name = qualname.split(".<locals>", 1)[0]
+        if code is not None:
+            _names[code] = name
+    return name
+
+
+class Refused(Exception):
+    """Raised by the work `Database.run` runs when that work refused and rolled back its
+    transaction, as the server's own refusals do: the connection is as good as before."""
