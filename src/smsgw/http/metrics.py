@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -39,6 +40,16 @@ def _reason_label(reason: str) -> str:
     return reason.split(":", 1)[0] if reason else ""
 
 
+@runtime_checkable
+class TimedDatabase(Protocol):
+    """What /metrics reads of a store's database (storage's `Database`, the store's `db`): the
+    time of each kind of round trip by name, and how many took longer than `slow_after`."""
+
+    durations: dict[str, Histogram]
+    slow: dict[str, int]
+    slow_after: float
+
+
 class NodeCollector(Collector):
     """Everything one node knows about itself: HTTP, credit, dispatch, operators, actors."""
 
@@ -51,8 +62,10 @@ class NodeCollector(Collector):
         engine = self._gateway.engine
         yield from self._credit(engine)
         yield from self._dispatch(engine)
+        yield from self._admission(engine)
         yield from self._operators(engine)
         yield from self._writer(engine)
+        yield from self._store()
         yield from self._delivery(engine)
         yield from self._actors(engine)
 
@@ -151,6 +164,45 @@ class NodeCollector(Collector):
             )
             swept.add_metric([], engine.leases.counts["swept"])
             yield swept
+
+    def _admission(self, engine: Engine) -> Iterator[Metric]:
+        admission = engine.admission
+        bounds = GaugeMetricFamily(
+            "smsgw_admission_backlog_bound",
+            "Bulk messages accepted and not yet dispatched past which sends are refused, by"
+            " scope (account: 429, node: 503)",
+            labels=["scope"],
+        )
+        bounds.add_metric(["account"], admission.config.account_backlog)
+        bounds.add_metric(["node"], admission.config.node_backlog)
+        yield bounds
+        refused = CounterMetricFamily(
+            "smsgw_admission_refused",
+            "Sends (a batch counts once) refused because a backlog was past its bound, by"
+            " scope (account: 429, node: 503)",
+            labels=["scope"],
+        )
+        refused.add_metric(["account"], admission.refused_account)
+        refused.add_metric(["node"], admission.refused_node)
+        yield refused
+        bodies = admission.bodies
+        held = GaugeMetricFamily(
+            "smsgw_request_body_bytes", "Bytes of request bodies the node holds now"
+        )
+        held.add_metric([], bodies.held)
+        yield held
+        bound = GaugeMetricFamily(
+            "smsgw_request_body_bytes_bound",
+            "Bytes of request bodies the node holds at most; past it, requests get 503",
+        )
+        bound.add_metric([], bodies.bound)
+        yield bound
+        turned_away = CounterMetricFamily(
+            "smsgw_request_bodies_refused",
+            "Requests answered 503 unread because their body did not fit in the node's budget",
+        )
+        turned_away.add_metric([], bodies.refused)
+        yield turned_away
 
     def _operators(self, engine: Engine) -> Iterator[Metric]:
         pool = engine.pool
@@ -280,6 +332,36 @@ class NodeCollector(Collector):
         in_flight = GaugeMetricFamily("smsgw_callbacks_in_flight", "Callbacks being POSTed now")
         in_flight.add_metric([], sender.stats()["in_flight"])
         yield in_flight
+
+    def _store(self) -> Iterator[Metric]:
+        db = getattr(self._gateway.reads, "db", None)
+        if not isinstance(db, TimedDatabase):
+            return  # a store without a database (the simulation's MemStore)
+        seconds = HistogramMetricFamily(
+            "smsgw_store_statement_seconds",
+            "Time of each kind of PostgreSQL round trip on its connection, by statement (the"
+            " store method that ran it)",
+            labels=["statement"],
+        )
+        for name, histogram in list(db.durations.items()):
+            seconds.add_metric([name], _buckets(histogram), histogram.sum)
+        yield seconds
+        slow = CounterMetricFamily(
+            "smsgw_store_slow_statements",
+            "PostgreSQL round trips that took longer than"
+            " smsgw_store_slow_statement_threshold_seconds, by statement (each one is logged as"
+            " a warning)",
+            labels=["statement"],
+        )
+        for name, n in list(db.slow.items()):
+            slow.add_metric([name], n)
+        yield slow
+        threshold = GaugeMetricFamily(
+            "smsgw_store_slow_statement_threshold_seconds",
+            "A PostgreSQL round trip longer than this is counted and logged as slow",
+        )
+        threshold.add_metric([], db.slow_after)
+        yield threshold
 
     def _actors(self, engine: Engine) -> Iterator[Metric]:
         supervisor = engine.supervisor

@@ -22,7 +22,8 @@ import trio
 
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import Beat, Notices
-from smsgw.storage.pg import PENDING_COLUMNS, Database, _bridge, pending_sms
+from smsgw.storage.database import Database, bridge
+from smsgw.storage.pg import NOT_FINAL, PENDING_COLUMNS, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
 
@@ -80,9 +81,12 @@ WHERE l.shard = i.shard AND l.owner = $1
 RETURNING i.message_id::text AS id, l.token
 """
 
+# By primary key whatever the statistics say (pg.NOT_FINAL: with a literal status list and this
+# order, a walk of messages_pending filtered by id can look cheaper after an ANALYZE taken while
+# few messages were pending).
 _READ_CLAIMED = f"""
 SELECT {PENDING_COLUMNS} FROM messages
-WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'sending')
+WHERE id = ANY($1::uuid[]) AND status {NOT_FINAL}
 ORDER BY created_at
 """
 
@@ -104,7 +108,26 @@ WHERE status IN ('queued', 'sending')
 ORDER BY messages.created_at, messages.id
 LIMIT $5
 """
+# The plan must be the bounded walk of messages_pending whatever the statistics say: a table
+# ANALYZEd while few messages were pending makes a bitmap scan and a sort of every pending
+# message look cheaper (measured: it read all 20,000 of a test's pending rows for a page of
+# 1,000). Set inside the sweep's own transaction: SET LOCAL ends with it.
+_SWEEP_SETTINGS = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 _NO_ID = "00000000-0000-0000-0000-000000000000"
+
+# The heartbeat, every tick: this node's row (HOT updates, migration 012) and the renewal of
+# the leases it holds under their tokens.
+_BEAT = """
+INSERT INTO nodes (id, host, pid, url, pressure) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4, pressure = $5
+"""
+_RENEW = """
+UPDATE shard_leases AS l SET expires_at = now() + make_interval(secs => $2)
+FROM unnest($3::int[], $4::bigint[]) AS h(shard, token)
+WHERE l.owner = $1 AND l.shard = h.shard AND l.token = h.token
+RETURNING l.shard, l.token
+"""
+_LIVE = "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)"
 
 
 # Other nodes' shards whose dispatch is stalled (lease expired, or the owner's heartbeat is
@@ -234,8 +257,7 @@ class PgCluster:
     ) -> Beat:
         async def beat(conn: asyncpg.Connection) -> Beat:
             await conn.execute(
-                "INSERT INTO nodes (id, host, pid, url, pressure) VALUES ($1, $2, $3, $4, $5)"
-                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), url = $4, pressure = $5",
+                _BEAT,
                 self._node_id,
                 self.host,
                 self.pid,
@@ -245,20 +267,14 @@ class PgCluster:
             renewed: dict[int, int] = {}
             if held:
                 rows = await conn.fetch(
-                    "UPDATE shard_leases AS l SET expires_at = now() + make_interval(secs => $2)"
-                    " FROM unnest($3::int[], $4::bigint[]) AS h(shard, token)"
-                    " WHERE l.owner = $1 AND l.shard = h.shard AND l.token = h.token"
-                    " RETURNING l.shard, l.token",
+                    _RENEW,
                     self._node_id,
                     ttl,
                     list(held),
                     list(held.values()),
                 )
                 renewed = {r["shard"]: r["token"] for r in rows}
-            live = await conn.fetchval(
-                "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)",
-                ttl,
-            )
+            live = await conn.fetchval(_LIVE, ttl)
             others = await conn.fetch(_OTHERS, self._node_id, stalled_after)
             return Beat(
                 int(live),
@@ -355,11 +371,7 @@ class PgCluster:
 
         async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction():
-                # The plan must be the bounded walk of messages_pending whatever the
-                # statistics say: a table ANALYZEd while few messages were pending makes a
-                # bitmap scan and a sort of every pending message look cheaper (measured: it
-                # read all 20,000 of a test's pending rows for a page of 1,000).
-                await conn.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
+                await conn.execute(_SWEEP_SETTINGS)
                 rows: list[asyncpg.Record] = await conn.fetch(
                     _SWEEP, list(shards), older_than_s, at, after_id, limit
                 )
@@ -417,7 +429,7 @@ class PgCluster:
                 if not conn.is_closed():
                     await conn.close(timeout=2)
 
-        await _bridge(hold)()
+        await bridge(hold)()
 
     async def api_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
         # The CTE's upsert is not visible to the same statement's read: others' rows only.

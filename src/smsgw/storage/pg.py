@@ -1,4 +1,4 @@
-"""PostgreSQL through asyncpg on trio-asyncio: the pool, migrations, group commits and reads.
+"""PostgreSQL through asyncpg on trio-asyncio: migrations, group commits and reads.
 
 Every public coroutine here is a trio coroutine that crosses into asyncio once (about 0.3 ms
 of bridging), so each one does a whole unit of work on the asyncio side: a group commit is one
@@ -13,16 +13,14 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import msgspec
 import trio
-import trio_asyncio
 
 from smsgw.engine.credit import (
     AccountCredit,
@@ -49,34 +47,16 @@ from smsgw.engine.ports import (
     Recovered,
     SummaryRow,
     WriteGroup,
+    dispatch_shard,
+    micros,
 )
-from smsgw.engine.scheduler import micros
-from smsgw.engine.shards import dispatch_shard
+from smsgw.storage.database import Database, Refused
 from smsgw.storage.delivery import CallbackOutbox, apply_deliveries, callbacks_of
 
 log = logging.getLogger("smsgw.storage")
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 # Transient conflicts a group simply runs again.
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-@asynccontextmanager
-async def asyncio_loop() -> AsyncIterator[None]:
-    """Open a trio-asyncio loop unless this task already runs inside one."""
-    if trio_asyncio.current_loop.get() is not None:
-        yield
-        return
-    async with trio_asyncio.open_loop():
-        yield
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Skip asyncpg's reset query on release (a round trip per group commit): this code leaves
-    no session state behind (no SET, LISTEN or cursors; advisory locks are per transaction)."""
 
 
 def _session_ended(exc: asyncpg.PostgresError) -> bool:
@@ -88,137 +68,6 @@ def _session_ended(exc: asyncpg.PostgresError) -> bool:
         return True
     severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
     return severity in ("FATAL", "PANIC")
-
-
-def _bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
-
-
-class Database:
-    """A connection pool in one schema. Create with `await Database.open(url)` inside a
-    trio-asyncio loop; close with `await db.close()`."""
-
-    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
-        self.pool = pool
-        self.schema = schema
-        self._idle: list[asyncpg.Connection] = []  # acquired from the pool, free for a run
-        self._acquiring = 0  # runs waiting for the pool
-        self._releasing: set[asyncio.Task[None]] = set()  # kept until done (asyncio holds weakly)
-
-    @classmethod
-    async def open(
-        cls, url: str, *, schema: str = "public", min_size: int = 2, max_size: int = 6
-    ) -> Database:
-        if not _SCHEMA_NAME.match(schema):
-            raise ValueError(f"bad schema name {schema!r}")
-
-        async def _open() -> asyncpg.Pool:
-            if schema != "public":
-                conn = await asyncpg.connect(url)
-                try:
-                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-                finally:
-                    await conn.close()
-            return await asyncpg.create_pool(
-                url,
-                min_size=min_size,
-                max_size=max_size,
-                reset=_keep_session,
-                # No idle-connection timer: asyncpg arms one (call_later) at every release and
-                # cancels it at the next acquire, and under trio-asyncio each is one more turn
-                # of its loop, whose heap then keeps the cancelled handle for the full lifetime.
-                # A node's pool is at most `max_size` connections; idle ones may stay.
-                max_inactive_connection_lifetime=0,
-                server_settings={
-                    "search_path": schema,
-                    "application_name": "smsgw",
-                    # A node paused mid-transaction (SIGSTOP, a stalled VM) must not hold its
-                    # row and lease locks, and so the other nodes, for longer than this.
-                    "idle_in_transaction_session_timeout": "5s",
-                },
-            )
-
-        return cls(await _bridge(_open)(), schema)
-
-    async def close(self) -> None:
-        async def _close() -> None:
-            while self._idle:
-                await self.pool.release(self._idle.pop())
-            await self.pool.close()
-
-        await _bridge(_close)()
-
-    async def run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run `fn(connection)` on the asyncio side: one bridge crossing for all it does.
-
-        A connection that ran `fn` without an error is kept here, idle, for the next call,
-        not given back to asyncpg's pool: a release and an acquire cost about 110 µs of CPU and
-        six more steps of the asyncio side per call (a third of what a group commit's crossing
-        costs), each step waiting for a turn of the trio loop behind every runnable HTTP task.
-        So the pool only opens connections and takes back those that failed (it replaces a
-        broken one), and those are given back in a task of their own, which the caller need not
-        wait for. asyncpg's recycling after `max_queries` does not apply to kept connections."""
-
-        async def _run() -> T:
-            conn = self._idle_connection()
-            if conn is None:
-                self._acquiring += 1
-                try:
-                    conn = await self.pool.acquire()
-                finally:
-                    self._acquiring -= 1
-            try:
-                result = await fn(conn)
-            except BaseException as exc:
-                # A connection the server closed (PostgreSQL stopping) is back in the pool
-                # already, its proxy detached: it raises InterfaceError on any call, which
-                # must not hide `exc` (a CommitInDoubt would then read as "nothing stored").
-                with suppress(asyncpg.InterfaceError):
-                    # A refusal the server or the credit rules made (its transaction rolled
-                    # back) leaves the connection as good as before.
-                    if not isinstance(exc, asyncpg.PostgresError | _CopyConflict | TopUpTooLarge):
-                        # Cancelled mid-statement or lost: what its server session still does
-                        # is unknown, so it is never reused, and its server process names only
-                        # that work (PgStore.commit_fate ends it by pid). Terminating a pool's
-                        # connection gives it back to the pool, which opens a new one.
-                        conn.terminate()
-                    else:
-                        self._release(conn)
-                raise
-            # Kept unless a caller waits for the pool (all connections busy: this one is
-            # theirs), or `fn` left a transaction open.
-            if self._acquiring or conn.is_in_transaction():
-                self._release(conn)
-            else:
-                self._idle.append(conn)
-            return result
-
-        return await _bridge(_run)()
-
-    def _idle_connection(self) -> asyncpg.Connection | None:
-        """The most recently used idle connection that is still open (the pool replaces the
-        closed ones: PostgreSQL went away while they were idle)."""
-        while self._idle:
-            conn = self._idle.pop()
-            try:
-                closed = conn.is_closed()
-            except asyncpg.InterfaceError:
-                # Closed by the server while idle here (PostgreSQL restarted): asyncpg has
-                # taken it back already and detached this proxy, which is all it can answer.
-                continue
-            if not closed:
-                return conn
-            self._release(conn)
-        return None
-
-    def _release(self, conn: asyncpg.Connection) -> None:
-        """Give `conn` back to the pool in the background; one left in a transaction is
-        closed first (asyncpg will not reset it), and the pool opens a new one in its place."""
-        if conn.is_in_transaction():
-            conn.terminate()
-        release = asyncio.get_running_loop().create_task(self.pool.release(conn))
-        self._releasing.add(release)
-        release.add_done_callback(self._releasing.discard)
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -272,23 +121,45 @@ async def migrate(db: Database) -> list[str]:
 # encoding of `unnest` parameters spent about 15 µs a message in isinstance checks.
 
 
+# A message not final yet, tested on a row already found otherwise: `status IN ('queued',
+# 'sending')` with values the planner cannot read while it plans (each one an InitPlan). From
+# the literal list it would prove the predicate of the partial index messages_pending (and of
+# messages_account_status) and could choose to scan that index instead of probing the primary
+# key; it prices that scan by the last ANALYZE, and one taken while few messages were pending
+# prices a scan of every pending message as a scan of none (issue 29: an outcome UPDATE that
+# walked all pending messages once per outcome). Written so, messages are reached by their
+# primary key whatever the statistics say.
+NOT_FINAL = "IN ((SELECT 'queued'), (SELECT 'sending'))"
+
+
 # Only a message that is not final yet takes an outcome: exactly one outcome per message,
 # whatever retries or recoveries deliver twice, and only under the shard lease it was
 # dispatched under (fencing, engine/shards.py).
+#
+# The plan does not depend on statistics: the outcomes are decoded once (a MATERIALIZED CTE,
+# never re-evaluated as the inner side of a join), each message is found by its primary key
+# (NOT_FINAL), and the leases of the fenced outcomes' shards are read once per statement, at
+# most one row per shard, rather than once per outcome.
 def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
     returning each applied one's account, price and whether it was sent (+ `returning`)."""
     return f"""
+    WITH outcome AS MATERIALIZED (
+        SELECT * FROM json_to_recordset({param}::json)
+             AS x(id uuid, status text, reason text, operator text, operator_message_id text,
+                  attempts int, at float8, shard int, fence bigint)
+    ), lease AS MATERIALIZED (
+        SELECT l.shard, l.token FROM shard_leases l
+        WHERE l.shard = ANY (ARRAY(SELECT DISTINCT o.shard FROM outcome o
+                                   WHERE o.fence IS NOT NULL))
+    )
     UPDATE messages m
     SET status = x.status, reason = x.reason, operator = x.operator,
         operator_message_id = x.operator_message_id, attempts = x.attempts,
         updated_at = to_timestamp(x.at)
-    FROM json_to_recordset({param}::json)
-         AS x(id uuid, status text, reason text, operator text, operator_message_id text,
-              attempts int, at float8, shard int, fence bigint)
-    WHERE m.id = x.id AND m.status IN ('queued', 'sending')
-      AND (x.fence IS NULL
-           OR x.fence = (SELECT l.token FROM shard_leases l WHERE l.shard = x.shard)){only_if}
+    FROM outcome x LEFT JOIN lease l ON l.shard = x.shard
+    WHERE m.id = x.id AND m.status {NOT_FINAL}
+      AND (x.fence IS NULL OR x.fence = l.token){only_if}
     RETURNING m.account_id, m.price, x.status = 'sent' AS sent{returning}"""
 
 
@@ -614,7 +485,7 @@ SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 _SESSION_ALIVE = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
 
 
-class _CopyConflict(Exception):
+class _CopyConflict(Refused):
     """A COPY of a group's messages met a taken client_ref: nothing of the group was stored."""
 
 
@@ -682,22 +553,28 @@ WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
 """
 
 # Each account's next queued bulk messages after its cursor: a backward range scan of
-# messages_account_status per account, all accounts in one statement.
+# messages_account_status per account, all accounts in one statement. That index only: the
+# status index's predicate is stated as such, and 'queued' is a value the planner cannot read
+# while it plans (NOT_FINAL says why), so messages_pending, which a literal 'queued' would make
+# a candidate, is not one (after an ANALYZE taken while few messages were pending, a walk of
+# every pending message of every account looked cheaper than each account's own range).
 _PAGE_ENTRIES = """
 SELECT x.i, m.created_at, m.id::text, m.segments
 FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[])
      AS x(account_id, after_at, after_id, n, i)
 CROSS JOIN LATERAL (
     SELECT created_at, id, segments FROM messages
-    WHERE account_id = x.account_id AND status = 'queued' AND NOT express
+    WHERE account_id = x.account_id AND NOT express
+      AND status NOT IN ('sent', 'delivered') AND status = (SELECT 'queued')
       AND (created_at, id) > (x.after_at, x.after_id)
     ORDER BY created_at, id LIMIT x.n
 ) m
 ORDER BY x.i, m.created_at, m.id
 """
 
+# By primary key (a literal 'queued' would make messages_pending a candidate: NOT_FINAL).
 _QUEUED_MESSAGES = f"""
-SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = 'queued'
+SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = (SELECT 'queued')
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -791,6 +668,10 @@ class Handoff(NamedTuple):
     settled_channel: str = ""
 
 
+# What a group commit's time is recorded under (Database.run: /metrics and slow-statement logs).
+_COMMIT = "PgStore.commit_group"
+
+
 class PgStore(CallbackOutbox):
     """The engine's `MessageStore` on PostgreSQL, plus the reads the HTTP layer needs, and
     the callback outbox (`CallbackOutbox`, storage/delivery.py)."""
@@ -812,13 +693,17 @@ class PgStore(CallbackOutbox):
         copy = True
         for attempt in range(5):
             try:
-                return await self.db.run(functools.partial(self._commit, group=group, copy=copy))
+                return await self.db.run(
+                    functools.partial(self._commit, group=group, copy=copy), name=_COMMIT
+                )
             except _CopyConflict:
                 copy = False  # a taken client_ref: the INSERT skips it, and says which
             except _RETRYABLE as exc:
                 log.warning("group commit conflict, retrying (%d): %s", attempt + 1, exc)
                 await trio.sleep(0.005 * (attempt + 1))
-        return await self.db.run(functools.partial(self._commit, group=group, copy=False))
+        return await self.db.run(
+            functools.partial(self._commit, group=group, copy=False), name=_COMMIT
+        )
 
     async def commit_fate(self, group: WriteGroup) -> set[str]:
         """Ends the group's server process if it still runs (a commit blocked on a lock, or

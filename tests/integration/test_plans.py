@@ -1,0 +1,477 @@
+"""Issue 29: plans that do not depend on luck. An ANALYZE taken at the worst moment (while no
+message was pending, then a flood; or during a flood, then almost nothing) leaves every hot
+statement with its plan shape: messages found by primary key (or the one index a statement is
+built for), the outcomes' JSON decoded once, shard_leases read once. A group commit of 1,000
+outcomes reads its own rows only. The tables written every tick stay small (HOT updates), and
+a slow statement shows in /metrics and the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+
+from smsgw.engine.messages import OutboundSms, Outcome
+from smsgw.engine.ports import WriteGroup, dispatch_shard
+from smsgw.server import Node
+from smsgw.storage import cluster as cl
+from smsgw.storage import pg
+from smsgw.storage.cluster import PgCluster
+from smsgw.storage.database import Database, asyncio_loop
+from smsgw.storage.pg import PgStore, migrate
+from tests.conftest import admin
+from tests.integration.helpers import create_account, get_account
+
+PENDING = 100_000  # the flood
+HISTORY = 200_000  # final messages before it: seq scans of messages cost what they do
+OUTCOMES = 1_000  # one group commit's worth
+ACCOUNTS = 20
+NODE = "n1"
+LOCK_CLASS = 7
+SHARDS = 256
+TTL = 3.0
+LIMIT = 1_000  # messages an hour to one number
+
+
+@asynccontextmanager
+async def one_session(database_url: str, schema: str) -> AsyncIterator[Database]:
+    """A migrated Database with a single connection: every statement runs in one server
+    session, whose table statistics (pg_stat_user_tables) a test can flush and read."""
+    async with asyncio_loop():
+        db = await Database.open(database_url, schema=schema, min_size=1, max_size=1)
+        try:
+            await migrate(db)
+            yield db
+        finally:
+            await db.close()
+
+
+async def execute(db: Database, sql: str, *args: Any) -> None:
+    await db.run(lambda c: c.execute(sql, *args))
+
+
+async def fetch(db: Database, sql: str, *args: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in await db.run(lambda c: c.fetch(sql, *args))]
+
+
+# --- the worst moments ------------------------------------------------------------------------
+
+_MESSAGES = """
+INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
+                      status, created_at, updated_at)
+SELECT gen_random_uuid(), 1 + i % {accounts}, '+4915100' || lpad((i % 5000)::text, 4, '0'),
+       'smsgw', 'hello', 1, 5, false, '{status}',
+       now() - make_interval(secs => {age}), now() - make_interval(secs => {age})
+FROM generate_series(1, {n}) i
+"""
+
+
+def messages_sql(status: str, n: int, age: str) -> str:
+    return _MESSAGES.format(accounts=ACCOUNTS, status=status, n=n, age=age)
+
+
+async def worst_moment(db: Database, moment: str) -> None:
+    """Accounts, a history of sent messages and a flood of pending ones, with the ANALYZE of
+    `moment`: "empty" (taken while nothing was pending, the flood after it) or "huge" (taken
+    during the flood, which then almost all became final). Autovacuum stays away from
+    messages, so the statistics are the ones taken here. Every shard is leased to NODE."""
+    await execute(db, "ALTER TABLE messages SET (autovacuum_enabled = off)")
+    await execute(
+        db,
+        "INSERT INTO accounts (name, key_hash, balance, topped_up)"
+        " SELECT 'a' || i, sha256(('k' || i)::bytea), 1000000000, 1000000000"
+        " FROM generate_series(1, $1) i",
+        ACCOUNTS,
+    )
+    await execute(db, messages_sql("sent", HISTORY, "7200 + i * 0.01"))
+    if moment == "empty":
+        await execute(db, "ANALYZE messages")
+        await execute(db, messages_sql("queued", PENDING, "60 + i * 0.001"))
+    else:
+        await execute(db, messages_sql("queued", PENDING, "60 + i * 0.001"))
+        await execute(db, "ANALYZE messages")
+        # Almost all final: what a group commit of outcomes, the claims and pages still meet.
+        await execute(
+            db,
+            "UPDATE messages SET status = 'sent' WHERE status = 'queued' AND id NOT IN ("
+            " SELECT id FROM messages WHERE status = 'queued' ORDER BY id LIMIT $1)",
+            4 * OUTCOMES,
+        )
+    # The pending messages' holds, so outcomes can capture and release them.
+    await execute(
+        db,
+        "UPDATE accounts a SET held = p.held, topped_up = a.topped_up + p.held"
+        " FROM (SELECT account_id, sum(price) AS held FROM messages WHERE status = 'queued'"
+        "       GROUP BY account_id) p WHERE p.account_id = a.id",
+    )
+    await execute(
+        db,
+        "UPDATE shard_leases SET owner = $1, token = nextval('lease_tokens'),"
+        " expires_at = now() + interval '1 hour'",
+        NODE,
+    )
+
+
+async def pending(db: Database, n: int, offset: int = 0) -> list[OutboundSms]:
+    """`n` queued messages (by id, after `offset`), stamped with their shard's lease token as
+    dispatch stamps them."""
+    rows = await fetch(
+        db,
+        f"SELECT {pg.PENDING_COLUMNS} FROM messages WHERE status = 'queued'"
+        " ORDER BY id OFFSET $1 LIMIT $2",
+        offset,
+        n,
+    )
+    tokens = {
+        r["shard"]: r["token"] for r in await fetch(db, "SELECT shard, token FROM shard_leases")
+    }
+    out = []
+    for r in rows:
+        sms = pg.pending_sms(r)  # type: ignore[arg-type]
+        out.append(msgspec.structs.replace(sms, fence=tokens[dispatch_shard(sms)]))
+    return out
+
+
+def outcome(sms: OutboundSms, i: int) -> Outcome:
+    """The `i`th outcome of a group: three sent (captured) for each failed (released)."""
+    sent = i % 4 != 0
+    return Outcome(
+        sms=sms,
+        status="sent" if sent else "failed",
+        operator="op",
+        operator_message_id=f"op-{i}" if sent else None,
+        reason=None if sent else "rejected",
+        attempts=1,
+        at=1.7e9 + 1,
+    )
+
+
+# --- plan shapes ------------------------------------------------------------------------------
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from nodes(child)
+
+
+_SCANS = {"Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Index Scan"}
+
+
+def one_line(plan: dict[str, Any]) -> str:
+    """The plan as one line: node, relation, index, loops (when run)."""
+    parts = []
+    for node in nodes(plan):
+        bits = [node["Node Type"]]
+        for key in ("Relation Name", "Index Name", "Function Name"):
+            if key in node:
+                bits.append(node[key])
+        if "Actual Loops" in node:
+            bits.append(f"x{node['Actual Loops']}")
+        parts.append(" ".join(bits))
+    return " > ".join(parts)
+
+
+def messages_indexes(plan: dict[str, Any]) -> set[str]:
+    """How each scan of messages reaches it: its index names, or "Seq Scan"."""
+    found = set()
+    for node in nodes(plan):
+        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "messages":
+            found.add("Seq Scan")
+        elif node["Node Type"] in _SCANS - {"Seq Scan"} and node["Index Name"].startswith(
+            "messages"
+        ):
+            found.add(node["Index Name"])
+    return found
+
+
+def rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows the run plan read from `relation` (kept or filtered out), over all its loops."""
+    total = 0
+    for node in nodes(plan):
+        if node["Node Type"] in _SCANS and node.get("Relation Name") == relation:
+            per_loop = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+            total += per_loop * node["Actual Loops"]
+    return total
+
+
+def json_decodes(plan: dict[str, Any]) -> list[int]:
+    """The loops of each json_to_recordset in the run plan."""
+    return [
+        node["Actual Loops"]
+        for node in nodes(plan)
+        if node["Node Type"] == "Function Scan" and node.get("Function Name") == "json_to_recordset"
+    ]
+
+
+async def explain(
+    db: Database, sql: str, args: list[Any], *, run: bool, settings: str = ""
+) -> dict[str, Any]:
+    """The plan of `sql` with `args` (run, with its figures, when `run`); nothing it does is
+    kept. A plan that would run for minutes fails at the timeout instead."""
+
+    async def plan(conn: Any) -> dict[str, Any]:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("SET LOCAL statement_timeout = '60s'")
+            if settings:
+                await conn.execute(settings)
+            options = "ANALYZE, BUFFERS, FORMAT JSON" if run else "FORMAT JSON"
+            text = await conn.fetchval(f"EXPLAIN ({options}) {sql}", *args)
+        finally:
+            await tx.rollback()
+        found: dict[str, Any] = json.loads(text)[0]["Plan"]
+        return found
+
+    return await db.run(plan)
+
+
+def hot_statements(
+    outcomes: list[Outcome], accepts: list[OutboundSms]
+) -> list[tuple[str, str, list[Any], set[str], str]]:
+    """(name, SQL, realistic arguments, the indexes of messages it may use, SET LOCAL first)
+    of each statement run per group commit, per tick or per dispatch."""
+    group = WriteGroup()
+    group.outcomes.extend(outcomes)
+    finished = pg._finished_json(group)
+    accounts = sorted({o.sms.account_id for o in outcomes} | {s.account_id for s in accepts})
+    stored = pg._json.encode(accepts).decode()
+    shards = json.dumps([dispatch_shard(s) for s in accepts])
+    ids = [o.sms.id for o in outcomes]
+    held = sorted({dispatch_shard(o.sms) for o in outcomes})
+    tokens = {dispatch_shard(o.sms): o.sms.fence for o in outcomes}
+    pkey = {"messages_pkey"}
+    recipient = {"messages_pkey", "messages_account_recipient"}
+    start = datetime(1, 1, 1, tzinfo=UTC)
+    page_args = [
+        list(range(1, ACCOUNTS + 1)),
+        [start] * ACCOUNTS,
+        [uuid.UUID(int=0)] * ACCOUNTS,
+        [100] * ACCOUNTS,
+        list(range(ACCOUNTS)),
+    ]
+    no_credit: list[Any] = [[]] * 9
+    return [
+        ("outcomes, exact way", pg._LOCK_AND_FINISH, [accounts, finished], pkey, ""),
+        ("one statement", pg._ONE_STATEMENT, [stored, finished, accounts, LIMIT], recipient, ""),
+        (
+            "one statement with hand-off",
+            pg._ONE_STATEMENT_HANDOFF,
+            [stored, finished, accounts, LIMIT, NODE, LOCK_CLASS, shards],
+            recipient,
+            "",
+        ),
+        ("insert, exact way", pg._WRITE_GROUP, [*no_credit, stored], set(), ""),
+        ("recipient limit, exact way", pg._REFUSALS, [stored, LIMIT], recipient, ""),
+        ("outcome callbacks", pg._OUTCOME_CALLBACKS, [ids], pkey, ""),
+        ("bodies for dispatch", pg._QUEUED_MESSAGES, [ids], pkey, ""),
+        ("claimed hand-offs", cl._READ_CLAIMED, [ids], pkey, ""),
+        ("scheduler pages", pg._PAGE_ENTRIES, page_args, {"messages_account_status"}, ""),
+        ("hand-off claim", cl._CLAIM, [NODE], set(), ""),
+        ("lease renewal", cl._RENEW, [NODE, TTL, held, [tokens[s] for s in held]], set(), ""),
+        ("stalled shards", cl._OTHERS, [NODE, TTL], set(), ""),
+        (
+            "sweep",
+            cl._SWEEP,
+            [list(range(SHARDS)), 0.0, float("-inf"), cl._NO_ID, OUTCOMES],
+            {"messages_pending"},
+            cl._SWEEP_SETTINGS,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("moment", ["empty", "huge"])
+async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_moment(
+    database_url: str, schema: str, moment: str
+) -> None:
+    async with one_session(database_url, schema) as db:
+        await worst_moment(db, moment)
+        outcomes = [outcome(s, i) for i, s in enumerate(await pending(db, OUTCOMES))]
+        accepts = [
+            msgspec.structs.replace(s, id=str(uuid.uuid4()), client_ref=None, fence=None)
+            for s in (await pending(db, 10, offset=OUTCOMES))
+        ]
+        for name, sql, args, indexes, settings in hot_statements(outcomes, accepts):
+            # The shape first, unrun: a plan that walks the pending messages is named here
+            # rather than run for minutes.
+            plan = await explain(db, sql, args, run=False, settings=settings)
+            used = messages_indexes(plan)
+            assert used <= indexes, f"{name}: messages by {used}: {one_line(plan)}"
+
+            plan = await explain(db, sql, args, run=True, settings=settings)
+            assert messages_indexes(plan) <= indexes, f"{name}: {one_line(plan)}"
+            assert all(loops <= 1 for loops in json_decodes(plan)), f"{name}: {one_line(plan)}"
+            # Each lease at most once: never a probe per outcome (nor a walk per probe).
+            assert rows_read(plan, "shard_leases") <= SHARDS, f"{name}: {one_line(plan)}"
+            assert rows_read(plan, "nodes") <= 1, f"{name}: {one_line(plan)}"
+
+
+# --- a group commit after the worst moment, through the store ---------------------------------
+
+
+class ExactStore(PgStore):
+    """Every group the transaction way (_LOCK_AND_FINISH)."""
+
+    def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
+        return False
+
+
+_TABLE_STATS = """
+SELECT relname, seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) AS idx_tup_fetch, n_tup_upd
+FROM pg_stat_user_tables WHERE schemaname = current_schema()
+  AND relname IN ('messages', 'shard_leases')
+"""
+
+
+async def table_stats(db: Database) -> dict[str, dict[str, int]]:
+    """This session's table counters, flushed first (PostgreSQL 15 and later)."""
+    await execute(db, "SELECT pg_stat_force_next_flush()")
+    return {r.pop("relname"): r for r in await fetch(db, _TABLE_STATS)}
+
+
+def read_since(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> Any:
+    return {
+        table: {key: after[table][key] - before[table][key] for key in after[table]}
+        for table in after
+    }
+
+
+@pytest.mark.parametrize("moment", ["empty", "huge"])
+async def test_a_group_commit_of_1000_outcomes_reads_only_its_rows_after_the_worst_analyze(
+    database_url: str, schema: str, moment: str
+) -> None:
+    async with one_session(database_url, schema) as db:
+        if int(await db.run(lambda c: c.fetchval("SHOW server_version_num"))) < 150_000:
+            pytest.skip("pg_stat_force_next_flush needs PostgreSQL 15")
+        await worst_moment(db, moment)
+        for way, store in (("one statement", PgStore(db)), ("exact", ExactStore(db))):
+            group = WriteGroup()
+            batch = await pending(db, OUTCOMES)  # still queued: not those of the way before
+            group.outcomes.extend(outcome(s, i) for i, s in enumerate(batch))
+            before = await table_stats(db)
+            await store.commit_group(group)
+            read = read_since(before, await table_stats(db))
+
+            assert read["messages"]["n_tup_upd"] == OUTCOMES, (way, read)
+            # By primary key, one row each: no scan of the table, nor of the pending ones.
+            assert read["messages"]["seq_scan"] == 0, (way, read)
+            assert read["messages"]["idx_tup_fetch"] <= 2 * OUTCOMES, (way, read)
+            # The lease of each of the group's shards, once.
+            leases = read["shard_leases"]
+            shards = {dispatch_shard(s) for s in batch}
+            assert leases["seq_tup_read"] + leases["idx_tup_fetch"] <= len(shards), (way, read)
+        left = await fetch(db, "SELECT count(*) AS n FROM messages WHERE status = 'queued'")
+        assert left[0]["n"] == (PENDING if moment == "empty" else 4 * OUTCOMES) - 2 * OUTCOMES
+
+
+# --- the tables written every tick --------------------------------------------------------
+
+
+_HOT = """
+SELECT c.relname, s.n_tup_upd, s.n_tup_hot_upd, pg_relation_size(c.oid) AS heap,
+       pg_relation_size(c.relname || '_pkey') AS pkey
+FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE s.schemaname = current_schema() AND c.relname IN ('shard_leases', 'nodes')
+"""
+
+
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """The URL of a database of this test's own. PostgreSQL keeps an old row version while any
+    transaction in the same database might still see it: other tests' transactions in a shared
+    one would keep pruning from making room for HOT updates now and then."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    parts = urlsplit(database_url)
+
+    async def run_sql(sql: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run_sql(f"CREATE DATABASE {name}"))
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    asyncio.run(run_sql(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: str) -> None:
+    """300 ticks of one node holding all 256 leases: every renewal and heartbeat is a HOT
+    update (no new index entry, the old version pruned on its page), and neither the table nor
+    its primary key grows by a page."""
+    async with one_session(own_database, "public") as db:
+        if int(await db.run(lambda c: c.fetchval("SHOW server_version_num"))) < 150_000:
+            pytest.skip("pg_stat_force_next_flush needs PostgreSQL 15")
+        node = PgCluster(db, own_database, NODE)
+        await node.join(TTL)
+        held = await node.acquire(SHARDS, TTL)
+        assert len(held) == SHARDS
+        await execute(db, "SELECT pg_stat_force_next_flush()")
+        first = {r.pop("relname"): r for r in await fetch(db, _HOT)}
+        for _ in range(300):
+            beat = await node.heartbeat(held, TTL, 1.0, None)
+            assert beat.renewed == held
+        await execute(db, "SELECT pg_stat_force_next_flush()")
+        last = {r.pop("relname"): r for r in await fetch(db, _HOT)}
+
+        leases = read_since(first, last)["shard_leases"]
+        assert leases["n_tup_upd"] == 300 * SHARDS
+        assert leases["n_tup_hot_upd"] == leases["n_tup_upd"], leases
+        beats = read_since(first, last)["nodes"]
+        assert beats["n_tup_upd"] == 300
+        assert beats["n_tup_hot_upd"] == beats["n_tup_upd"], beats
+        for table in ("shard_leases", "nodes"):
+            assert last[table]["heap"] == first[table]["heap"], (table, first, last)
+            assert last[table]["pkey"] == first[table]["pkey"], (table, first, last)
+
+
+# --- slow statements ----------------------------------------------------------------------
+
+
+async def test_a_slow_statement_is_counted_and_logged(
+    database_url: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with one_session(database_url, schema) as db:
+        db.slow_after = 0.2
+        with caplog.at_level(logging.WARNING, logger="smsgw.storage"):
+            await db.run(lambda c: c.execute("SELECT pg_sleep(0.4)"), name="test.sleep")
+        assert db.slow == {"test.sleep": 1}
+        assert db.durations["test.sleep"].count == 1
+        assert db.durations["test.sleep"].sum >= 0.4
+        [record] = [r for r in caplog.records if "slow statement" in r.getMessage()]
+        assert record.levelno == logging.WARNING
+        assert record.statement == "test.sleep"  # type: ignore[attr-defined]
+        assert record.ms >= 400  # type: ignore[attr-defined]
+        # Without a name: the method that ran it.
+        await db.run(lambda c: c.execute("SELECT 1"))
+        assert "test_a_slow_statement_is_counted_and_logged" in db.durations
+
+
+async def test_slow_statements_show_in_metrics(
+    node: Node, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every statement is slow past a threshold of 0: each kind shows by name."""
+    node.store.db.slow_after = 0.0
+    with caplog.at_level(logging.WARNING, logger="smsgw.storage"):
+        account = await create_account(client, 1_000)
+        await get_account(client, account["api_key"])
+        text = (await client.get("/metrics", headers=admin())).text
+    assert 'smsgw_store_slow_statements_total{statement="PgStore.commit_group"}' in text
+    assert 'smsgw_store_slow_statements_total{statement="PgStore.account_by_key_hash"}' in text
+    assert 'smsgw_store_statement_seconds_count{statement="PgStore.commit_group"}' in text
+    assert "smsgw_store_slow_statement_threshold_seconds 0.0" in text
+    assert any(
+        getattr(r, "statement", None) == "PgStore.account_by_key_hash" for r in caplog.records
+    )
