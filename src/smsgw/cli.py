@@ -28,7 +28,7 @@ from smsgw.storage.embedded import ChosenDatabase, choose_database, database_url
 if TYPE_CHECKING:
     from smsgw.engine.node import EngineConfig
     from smsgw.engine.routing import RoutingConfig
-    from smsgw.storage.pg import Database
+    from smsgw.storage.database import Database
 
 T = TypeVar("T")
 
@@ -50,6 +50,9 @@ ENV_SERVE = (
     ("SMSGW_NODE_ID", "this node's name (as --node-id)"),
     ("SMSGW_METRICS_PUBLIC", "1: GET /metrics without the admin key"),
     ("SMSGW_DLR_KEYS", "NAME=KEY,...: operators' delivery report keys (as --dlr-key)"),
+    ("SMSGW_MAX_ACCOUNT_BACKLOG", "as --max-account-backlog"),
+    ("SMSGW_MAX_NODE_BACKLOG", "as --max-node-backlog"),
+    ("SMSGW_MAX_REQUEST_BODY_BYTES", "as --max-request-body-bytes"),
     *ENV_LOG,
 )
 
@@ -222,6 +225,7 @@ def _log_startup(
         "recipient_limit_per_hour": config.recipient_limit_per_hour,
         "account_backlog": config.admission.account_backlog,
         "node_backlog": config.admission.node_backlog,
+        "request_body_bytes": config.admission.request_body_bytes,
         "api_rate_per_second": config.api_rate_per_second,
         "api_burst": config.api_burst,
         "lease_ttl_s": args.lease_ttl,
@@ -229,6 +233,7 @@ def _log_startup(
     serve_log.info(
         "limits: %s in flight (express reserve %s, light reserve %s), attempt timeout %s s,"
         " %s messages to one number an hour, bulk backlog %s per account and %s per node,"
+        " request bodies %s MiB at once,"
         " API ceiling %s requests a second per account on a node (bursts %s), lease ttl %s s",
         f"{config.window:,}",
         f"{config.express_reserve_share:.0%}",
@@ -237,6 +242,7 @@ def _log_startup(
         f"{config.recipient_limit_per_hour:,}",
         f"{config.admission.account_backlog:,}",
         f"{config.admission.node_backlog:,}",
+        f"{config.admission.request_body_bytes / (1 << 20):,.4g}",
         f"{config.api_rate_per_second:,.0f}",
         f"{config.api_burst:,}",
         f"{args.lease_ttl:g}",
@@ -329,6 +335,7 @@ def _serve_workers(
         ("--light-reserve-share", args.light_reserve_share),
         ("--max-account-backlog", args.max_account_backlog),
         ("--max-node-backlog", args.max_node_backlog),
+        ("--max-request-body-bytes", args.max_request_body_bytes),
     ):
         if value is not None:
             worker_args += [flag, str(value)]
@@ -446,6 +453,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         bounds["account_backlog"] = args.max_account_backlog
     if args.max_node_backlog is not None:
         bounds["node_backlog"] = args.max_node_backlog
+    if args.max_request_body_bytes is not None:
+        bounds["request_body_bytes"] = args.max_request_body_bytes
     if bounds:
         changes["admission"] = msgspec.structs.replace(EngineConfig().admission, **bounds)
     if args.routing is not None:
@@ -502,6 +511,19 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _body_budget(value: str) -> int:
+    """argparse type for --max-request-body-bytes: at least the largest body a route takes,
+    which would otherwise never fit."""
+    from smsgw.http.context import MAX_BATCH_BODY_BYTES
+
+    number = _positive_int(value)
+    if number < MAX_BATCH_BODY_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: want at least {MAX_BATCH_BODY_BYTES} (the largest request body)"
+        )
+    return number
+
+
 def _credit_amount(value: str) -> int:
     """argparse type for credit: a whole number from 0 to 2^63 - 1."""
     try:
@@ -543,7 +565,8 @@ def _positive_float(value: str) -> float:
 def _migrate(args: argparse.Namespace) -> int:
     import trio_asyncio
 
-    from smsgw.storage.pg import Database, migrate
+    from smsgw.storage.database import Database
+    from smsgw.storage.pg import migrate
 
     async def main() -> None:
         async with trio_asyncio.open_loop():
@@ -563,7 +586,8 @@ def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
     SMSGW_SCHEMA), migrated first, as `serve` would."""
     import trio_asyncio
 
-    from smsgw.storage.pg import Database, migrate
+    from smsgw.storage.database import Database
+    from smsgw.storage.pg import migrate
 
     async def main() -> T:
         async with trio_asyncio.open_loop():
@@ -919,16 +943,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-account-backlog",
         type=_positive_int,
+        default=os.environ.get("SMSGW_MAX_ACCOUNT_BACKLOG"),
         metavar="N",
         help="bulk messages an account may have accepted and not yet dispatched before its"
-        f" sends get 429 (default {EngineConfig().admission.account_backlog})",
+        f" sends get 429 (default {EngineConfig().admission.account_backlog}; env"
+        " SMSGW_MAX_ACCOUNT_BACKLOG)",
     )
     serve.add_argument(
         "--max-node-backlog",
         type=_positive_int,
+        default=os.environ.get("SMSGW_MAX_NODE_BACKLOG"),
         metavar="N",
         help="bulk messages a node may have accepted and not yet dispatched before sends get"
-        f" 503 (default {EngineConfig().admission.node_backlog})",
+        f" 503 (default {EngineConfig().admission.node_backlog}; env SMSGW_MAX_NODE_BACKLOG)",
+    )
+    serve.add_argument(
+        "--max-request-body-bytes",
+        type=_body_budget,
+        default=os.environ.get("SMSGW_MAX_REQUEST_BODY_BYTES"),
+        metavar="BYTES",
+        help="bytes of request bodies a node holds at once; a request whose body does not fit"
+        f" gets 503 unread (default {EngineConfig().admission.request_body_bytes}, at least"
+        " the largest body a route takes, 4 MiB; env SMSGW_MAX_REQUEST_BODY_BYTES)",
     )
     serve.add_argument(
         "--scheduler-fifo",

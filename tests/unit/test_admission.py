@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure
+import pytest
+
+from smsgw.cli import _engine_config, build_parser
+from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure, RequestBodies
 
 CONFIG = AdmissionConfig(account_backlog=100, node_backlog=1_000, resume_share=0.9)
 
@@ -76,3 +79,46 @@ def test_drain_rate_is_the_counters_growth_over_the_window() -> None:
         count[0] += 200
         measured = rate()
     assert measured == 200.0
+
+
+def test_request_bodies_hold_up_to_their_bound_and_count_what_does_not_fit() -> None:
+    bodies = RequestBodies(100)
+    assert bodies.reserve(60) and bodies.reserve(40)
+    assert not bodies.reserve(1)  # full: nothing more is held
+    assert (bodies.held, bodies.refused) == (100, 1)
+    bodies.release(60)
+    assert not bodies.reserve(61) and bodies.reserve(60)
+    bodies.release(100)
+    assert bodies.stats() == {
+        "request_body_bytes": 0,
+        "request_body_bytes_peak": 100,
+        "request_body_bytes_bound": 100,
+        "request_bodies_refused": 2,
+    }
+
+
+def test_the_admission_stats_show_the_request_bodies() -> None:
+    gate = admission({})
+    gate.bodies.reserve(10)
+    stats = gate.stats()
+    assert stats["request_body_bytes"] == 10
+    assert stats["request_body_bytes_bound"] == CONFIG.request_body_bytes
+
+
+def test_serve_takes_the_bounds_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMSGW_MAX_REQUEST_BODY_BYTES", str(8 << 20))
+    monkeypatch.setenv("SMSGW_MAX_NODE_BACKLOG", "5000")
+    args = build_parser().parse_args(["serve", "--max-account-backlog", "300"])
+    admission = _engine_config(args).admission
+    assert (admission.account_backlog, admission.node_backlog) == (300, 5000)
+    assert admission.request_body_bytes == 8 << 20
+
+
+def test_a_body_budget_below_the_largest_body_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-request-body-bytes", "1000"])
+    assert "at least 4194304" in capsys.readouterr().err

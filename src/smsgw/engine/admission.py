@@ -12,6 +12,12 @@ deadline. A batch is admitted or refused whole.
 
 The backlogs are those of the shards this node dispatches; an account whose shard another
 node leases is judged by what that node publishes with its heartbeat (`Pressure`).
+
+The bounds are in messages, not in bytes of body: what a waiting bulk message costs this
+node's memory is bounded apart from them. The Scheduler keeps at most a fixed number of
+entries (an id and a queue position) and of bodies in memory, each body at most 10 segments;
+the rest of any backlog waits in PostgreSQL and is paged back in. The bytes a node holds
+for requests being read are bounded by `RequestBodies`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class AdmissionConfig(msgspec.Struct, frozen=True):
     # Retry-After bounds, seconds.
     min_retry_s: int = 1
     max_retry_s: int = 300
+    # Bytes of request bodies the node holds at once (`RequestBodies`): sixteen of the
+    # largest batches, hundreds of ordinary ones.
+    request_body_bytes: int = 64 << 20
 
 
 class Pressure(msgspec.Struct, frozen=True, array_like=True):
@@ -53,9 +62,48 @@ class Refusal:
     retry_after: int
 
 
+class RequestBodies:
+    """Bytes of request bodies a node holds at once, under `bound`.
+
+    A request reserves its body's declared length before any of it is read (a body of
+    unknown length reserves each part as it arrives) and gives it back once answered. A
+    reservation that does not fit is refused, and the HTTP door answers 503 instead of
+    reading the body: however many clients send large batches at once, their bodies cost
+    the node at most `bound` bytes (and the copies each handler makes of its own)."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.held = 0
+        self.peak = 0
+        self.refused = 0  # requests refused for want of room
+
+    def reserve(self, size: int) -> bool:
+        """Hold `size` more bytes if they fit under the bound (True); else count a refusal
+        and hold nothing (False)."""
+        if self.held + size > self.bound:
+            self.refused += 1
+            return False
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back `size` bytes reserved before."""
+        self.held -= size
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "request_body_bytes": self.held,
+            "request_body_bytes_peak": self.peak,
+            "request_body_bytes_bound": self.bound,
+            "request_bodies_refused": self.refused,
+        }
+
+
 class Admission:
     """The bounds on one node, over its Scheduler's backlogs (read through `backlog` and
-    `node_backlog`) and the dispatch rate `drain_rate` (messages a second)."""
+    `node_backlog`) and the dispatch rate `drain_rate` (messages a second), and the bytes
+    of request bodies it holds (`bodies`)."""
 
     def __init__(
         self,
@@ -76,6 +124,7 @@ class Admission:
         self._refusing: set[int] = set()  # accounts over their bound, until under resume
         self.refused_account = 0
         self.refused_node = 0
+        self.bodies = RequestBodies(config.request_body_bytes)
 
     def check(self, account_id: int, count: int) -> Refusal | None:
         """Whether `count` more bulk messages of `account_id` may be accepted now."""
@@ -162,6 +211,7 @@ class Admission:
             "refused_account": self.refused_account,
             "refused_node": self.refused_node,
             "drain_rate_per_s": round(self._drain_rate(), 1),
+            **self.bodies.stats(),
         }
 
 

@@ -13,6 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import msgspec
+import trio
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPScope,
+)
 from quart import Response
 
 # The ContextVars behind quart's `current_app` and `request` proxies: read directly on the
@@ -21,12 +29,13 @@ from quart.globals import _cv_app, _cv_request
 from quart_trio.wrappers import TrioRequest
 
 from smsgw.engine.actor import AskTimeout, InboxFull
+from smsgw.engine.admission import RequestBodies
 from smsgw.engine.messages import AccountSettings
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore, Reads
 from smsgw.engine.ratelimit import RateLimiter, RecipientLimiter
 from smsgw.engine.writer import StoreUnavailable
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import TITLES, ProblemError
 
 log = logging.getLogger("smsgw.http")
 T = TypeVar("T")
@@ -350,7 +359,9 @@ class Gateway:
             )
         if (req.content_length or 0) > limit:
             raise _too_large(limit)
-        data = cast(bytes, await req.get_data(as_text=False))
+        # Not cached: the request lets go of its buffer, and the handler's copy is the only
+        # one left while it works (the Idempotency-Key wrapper, when used, read its own).
+        data = cast(bytes, await req.get_data(cache=False, as_text=False))
         if len(data) > limit:
             raise _too_large(limit)
         return data
@@ -382,3 +393,117 @@ def _too_large(limit: int) -> ProblemError:
 
 def gateway() -> Gateway:
     return cast(Gateway, _cv_app.get().app.extensions["smsgw"])
+
+
+# --- request bodies within the node's budget -------------------------------------------------
+
+ASGIApp = Callable[[HTTPScope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+# How long a refused request's body is read (and dropped) after the answer, at most.
+REFUSED_BODY_DRAIN_S = 5.0
+_BODIES_FULL = _encoder.encode(
+    {
+        "type": "https://smsgw.dev/problems/overloaded",
+        "title": TITLES[503],
+        "status": 503,
+        "detail": "the gateway holds as many request bodies as it may at once; retry shortly",
+        "code": "overloaded",
+        "retry_after": 1,
+    }
+)
+_BODIES_FULL_HEADERS = [
+    (b"content-type", b"application/problem+json"),
+    (b"content-length", b"%d" % len(_BODIES_FULL)),
+    (b"retry-after", b"1"),
+    (b"connection", b"close"),
+]
+_DISCONNECT: ASGIReceiveEvent = {"type": "http.disconnect"}
+
+
+async def read_within(
+    bodies: RequestBodies,
+    app: ASGIApp,
+    scope: HTTPScope,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
+    """Run `app` on one HTTP request with its body's bytes held in `bodies`: its declared
+    length reserved before any of it is read (a body of unknown length reserves each part
+    as it arrives, up to the largest body a route takes), given back once it is answered or
+    its client is gone. When they do not fit: 503 `overloaded` with Retry-After 1, and the
+    app never sees the request, so nothing is stored."""
+    length = _declared_length(scope)
+    if length is None:
+        await _read_counted(bodies, app, scope, receive, send)
+        return
+    # Past the largest body a route takes, quart keeps none of it and the route answers 413.
+    size = length if length <= MAX_BATCH_BODY_BYTES else 0
+    if not bodies.reserve(size):
+        await _refuse(receive, send)
+        return
+    try:
+        await app(scope, receive, send)
+    finally:
+        bodies.release(size)
+
+
+def _declared_length(scope: HTTPScope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value)  # h11 took only digits
+    return None
+
+
+async def _read_counted(
+    bodies: RequestBodies,
+    app: ASGIApp,
+    scope: HTTPScope,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
+    """`read_within` for a body of unknown length (chunked): each part is reserved as it
+    arrives; one that does not fit ends the request for the app (it sees the client leave,
+    before it has the whole body) and the client gets the 503."""
+    held = 0
+    refused = answered = False
+
+    async def counted() -> ASGIReceiveEvent:
+        nonlocal held, refused
+        message = await receive()
+        # Past the largest body a route takes, quart keeps no more of it; once answered, the
+        # rest of the body is of no use to anyone.
+        if message["type"] == "http.request" and held <= MAX_BATCH_BODY_BYTES and not answered:
+            size = len(message.get("body", b""))
+            if not bodies.reserve(size):
+                refused = True
+                return _DISCONNECT
+            held += size
+        return message
+
+    async def watched(message: ASGISendEvent) -> None:
+        nonlocal answered
+        answered = answered or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, counted, watched)
+    finally:
+        bodies.release(held)
+    if refused and not answered:
+        await _refuse(receive, send)
+
+
+async def _refuse(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The 503 for a body that does not fit; then what the client still sends of it is read
+    and dropped (a bounded amount, for a bounded time), since a connection closed with a
+    request unread is reset, and its client might lose the answer with it."""
+    await send({"type": "http.response.start", "status": 503, "headers": _BODIES_FULL_HEADERS})
+    await send({"type": "http.response.body", "body": _BODIES_FULL, "more_body": False})
+    left = MAX_BATCH_BODY_BYTES
+    with trio.move_on_after(REFUSED_BODY_DRAIN_S):
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return

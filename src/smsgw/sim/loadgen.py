@@ -170,6 +170,9 @@ class LoadReport(msgspec.Struct, frozen=True):
     target_rate_per_s: float | None = None
     # (milliseconds, fraction of 2xx answers at or below) at up to 60 bucket edges: for CDFs.
     latency_cdf_ms: list[tuple[float, float]] = []
+    # 429 and 503 answers over the whole run by their Retry-After header's value ("none":
+    # without one).
+    retry_after: dict[str, int] = {}
 
 
 # --- Validation helpers --------------------------------------------------------------------
@@ -352,6 +355,7 @@ class _Run:
         self.items = 0
         self.items_rejected = 0
         self.offered_items = 0
+        self.retry_after: dict[str, int] = {}
         self.latency = LatencyHistogram()
 
     def due(self, n: int) -> float:
@@ -459,14 +463,22 @@ class _Run:
             self.latency.record(answered_at - sent_at)
 
 
+def _count_retry_after(counts: dict[str, int], response: h11.Response) -> None:
+    value = next((v for k, v in response.headers if k == b"retry-after"), None)
+    key = "none" if value is None else value.decode("latin-1")
+    counts[key] = counts.get(key, 0) + 1
+
+
 async def _exchange(
     conn: h11.Connection,
     sock: trio.socket.SocketType,
     request: h11.Request,
     body: bytes,
     keep_202_body: bool,
+    retry_after: dict[str, int],
 ) -> tuple[int, bytes]:
-    """Send one request and read its response: (status, body if 202 and wanted, else b"")."""
+    """Send one request and read its response: (status, body if 202 and wanted, else b"").
+    A 429 or 503 is counted in `retry_after` by its Retry-After header."""
     data = conn.send(request) or b""
     if body:
         data += conn.send(h11.Data(data=body)) or b""
@@ -486,6 +498,8 @@ async def _exchange(
         elif kind is h11.Response:
             status = cast(h11.Response, event).status_code
             keep_body = keep_202_body and status == 202
+            if status == 429 or status == 503:
+                _count_retry_after(retry_after, cast(h11.Response, event))
         elif kind is h11.Data:
             if keep_body:
                 chunks.append(cast(h11.Data, event).data)
@@ -523,7 +537,9 @@ async def _keep_alive_session(run: _Run, sock: trio.socket.SocketType) -> int:
             run.sending(sent_at)
             run.in_flight += 1
             try:
-                status, payload = await _exchange(conn, sock, request, body, keep_202_body)
+                status, payload = await _exchange(
+                    conn, sock, request, body, keep_202_body, run.retry_after
+                )
             except (OSError, h11.ProtocolError, _ConnectionLost):
                 run.in_flight -= 1
                 run.errors += 1
@@ -612,6 +628,7 @@ async def run_load(
         ),
         target_rate_per_s=config.rate,
         latency_cdf_ms=run.latency.cdf_ms(),
+        retry_after=dict(sorted(run.retry_after.items())),
     )
 
 

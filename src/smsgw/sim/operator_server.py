@@ -1,12 +1,15 @@
 """A simulated operator in its own process: SimulatedOperator behind the HTTP batch protocol.
 
     python -m smsgw.sim.operator_server --port 0 [--latency-ms-median 100 --latency-ms-p99 200
-        --p-temporary 0.03 --p-permanent 0.02 --seed 0 --max-batch 1000]
+        --p-temporary 0.03 --p-permanent 0.02 --seed 0 --max-batch 1000
+        --max-per-second 2000 --max-queue-s 1]
 
 POST /submit takes a JSON list of messages [{id, to, sender, text}] and answers
 {"results": [{kind, operator_message_id?, reason?}, ...]}, one per message in order, after one
 simulated round trip: the outcome model, the latency and the dedupe by id are
-`SimulatedOperator.send_batch`'s. GET /stats gives its counters. It listens on loopback only,
+`SimulatedOperator.send_batch`'s, and so is `--max-per-second`, the rate its link takes
+(batches queue behind each other on it; past `--max-queue-s` of queue, a batch is refused at once
+as "throttled"). GET /stats gives its counters. It listens on loopback only,
 prints one line {"event": "listening", "url": ...} on stdout when ready (like `smsgw serve`),
 and stops on SIGTERM or SIGINT.
 
@@ -232,6 +235,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--p-permanent", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=1_000, help="messages per POST")
+    parser.add_argument(
+        "--max-per-second", type=float, default=0.0, help="messages a second; 0: no cap"
+    )
+    parser.add_argument(
+        "--max-queue-s",
+        type=float,
+        default=0.0,
+        help="with a cap: seconds of queue past which a batch is throttled; 0: no limit",
+    )
     parser.add_argument("--dlr", action="store_true", help="send delayed delivery reports")
     parser.add_argument("--dlr-url", help="the gateway's base URL (loopback)")
     parser.add_argument("--dlr-key", help="this operator's DLR key at the gateway")
@@ -257,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p_temporary=args.p_temporary,
             p_permanent=args.p_permanent,
             seed=args.seed,
+            max_per_second=args.max_per_second,
+            max_queue_s=args.max_queue_s,
         )
         dlr_profile = None
         if args.dlr or args.dlr_url:

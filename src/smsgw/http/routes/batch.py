@@ -216,11 +216,15 @@ async def send_batch() -> Response:
             f"a batch holds at most {MAX_BATCH} messages; this one has {count}: split it",
             max_items=MAX_BATCH,
         )
+    messages: Sequence[SendIn | msgspec.Raw] = data.messages
+    # Admission first, before any item takes a recipient-limit token: under overload a
+    # refused batch must cost nothing. Items that fall back to item-by-item decoding count
+    # as bulk, and so do invalid ones: at worst a batch is refused a little early.
+    admit_bulk(gw, account_id, sum(not (isinstance(m, SendIn) and m.express) for m in messages))
     results: list[BatchResultOut | None] = [None] * count
     problems: dict[int, ProblemError] = {}
     valid: list[tuple[int, OutboundSms]] = []
     intake = Intake(gw, account_id)
-    messages: Sequence[SendIn | msgspec.Raw] = data.messages
     for index, raw in enumerate(messages):
         try:
             item = raw if isinstance(raw, SendIn) else decode(raw, SendIn)
@@ -261,12 +265,6 @@ async def send_batch() -> Response:
         )
     if valid:
         items = [sms for _, sms in valid]
-        try:
-            admit_bulk(gw, account_id, sum(1 for sms in items if not sms.express))
-        except ProblemError:
-            for sms in items:
-                gw.recipients.give_back(account_id, sms.to)
-            raise
         try:
             accepted = await gw.call(lambda: gw.engine.accept(items, atomic=data.atomic))
         except ProblemError:
