@@ -15,6 +15,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from smsgw.engine.node import Engine, EngineConfig
+from smsgw.engine.otp import OtpSweeper
 from smsgw.engine.ports import Provider
 from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
@@ -24,7 +25,9 @@ from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
-from smsgw.storage.pg import Database, Handoff, PgStore, asyncio_loop, migrate
+from smsgw.storage.database import Database, asyncio_loop
+from smsgw.storage.otp import PgOtpStore
+from smsgw.storage.pg import Handoff, PgStore, migrate
 from smsgw.webhooks import HttpCallbackPoster
 
 log = logging.getLogger("smsgw.server")
@@ -157,12 +160,15 @@ async def run_node(
             )
             node = Node(engine, store)
             node.node_id = node_id
+            otp_store = PgOtpStore(db)
+            otp_sweeper = OtpSweeper(otp_store)
             app = create_app(
                 engine,
                 store,
                 admin_key=options.admin_key,
                 metrics_public=options.metrics_public,
                 dlr_keys=tuple(dlr_keys.items()),
+                otp_store=otp_store,
             )
 
             async def http(
@@ -205,7 +211,11 @@ async def run_node(
                         if any(provider is p for p, _ in owned):
                             await nursery.start(provider.run)
                 supervisor = await nursery.start(
-                    engine.run, [ChildSpec("http", http, restart=Restart.TRANSIENT)]
+                    engine.run,
+                    [
+                        ChildSpec("otp_sweeper", otp_sweeper.run, stats=otp_sweeper.stats),
+                        ChildSpec("http", http, restart=Restart.TRANSIENT),
+                    ],
                 )
                 nursery.start_soon(_stop_on_signal, node)
                 for emitter, key in emitters:

@@ -38,7 +38,14 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         config.restart_window,
     )
     children = {c["name"]: c for c in tree["children"]}
-    assert list(children) == [*ACTORS, "shard_leases", *DELIVERY, "api_shares", "http"]
+    assert list(children) == [
+        *ACTORS,
+        "shard_leases",
+        *DELIVERY,
+        "api_shares",
+        "otp_sweeper",
+        "http",
+    ]
 
     for name in ACTORS:
         child = children[name]

@@ -148,4 +148,7 @@ async def test_the_api_conforms_to_its_openapi_document(
     assert (await client.get("/health")).status_code == 200
     # The generated requests got past authentication to the handlers: messages were accepted.
     assert answers["POST /v1/messages 202"] > 0, answers
+    # One-time codes: sent (the document's `otp` example) and verified.
+    assert answers["POST /v1/messages 200"] > 0, answers
+    assert answers["POST /v1/otp/verify 200"] > 0, answers
     assert answers[f"POST {DLR} 200"] > 0, answers

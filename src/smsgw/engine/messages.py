@@ -53,7 +53,7 @@ class OutboundSms(msgspec.Struct, frozen=True):
     last_operator: str | None = None
     # The shard whose lease dispatches it, when not its account's: an express message is
     # dispatched by the node that accepted it, under a shard that node leases, so its deadline
-    # does not depend on another node (engine/shards.py, `dispatch_shard`). Stored.
+    # does not depend on another node (engine/shards.py; `dispatch_shard`, engine/ports.py). Stored.
     shard: int | None = None
 
 

@@ -36,11 +36,11 @@ from smsgw.engine.messages import (
     TopUp,
 )
 from smsgw.engine.pool import ProviderPool, RetryPolicy
-from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider
+from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider, shard_of
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Scheduler, SchedulerState
-from smsgw.engine.shards import LeaseConfig, ShardLeases, shard_of
+from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
@@ -134,6 +134,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     routing: RoutingConfig = RoutingConfig()
     # Bounds on bulk accepted and not yet dispatched, per account and per node.
     admission: AdmissionConfig = AdmissionConfig()
+    # How long a one-time code (engine/otp.py) may be verified after it is sent.
+    otp_ttl_s: float = 120.0
 
 
 class Engine:
@@ -264,6 +266,10 @@ class Engine:
         # `"wait": true` requests: message id -> the slot its committed outcome goes to.
         self.waiters: dict[str, Reply[Settled]] = {}
         self.writer.on_outcomes = self._outcomes_committed
+        # What this node's operators did with the messages those requests wait for, before
+        # the commit: read at the deadline only (see `told_outcome`).
+        self.told: dict[str, Settled] = {}
+        self.writer.on_express_told = self._express_told
         # Told the id of an account whose key or settings changed on any node (the HTTP
         # door's key cache forgets its keys).
         self.account_listeners: list[Callable[[int], None]] = []
@@ -470,6 +476,19 @@ class Engine:
 
     def forget_wait(self, message_id: str) -> None:
         self.waiters.pop(message_id, None)
+        self.told.pop(message_id, None)
+
+    def told_outcome(self, message_id: str) -> Settled | None:
+        """What an operator did with a waited-for message dispatched here, told to the writer
+        and not yet committed: the answer at the deadline when the store is slow or down (the
+        commit follows; the message's status is what the operator said). Only an operator's
+        own answer counts: a failure decided here (an expiry) might still lose to another
+        node's outcome at the commit."""
+        return self.told.get(message_id)
+
+    def _express_told(self, outcome: Outcome) -> None:
+        if outcome.operator is not None and outcome.sms.id in self.waiters:
+            self.told[outcome.sms.id] = Settled.of(outcome)
 
     def _outcomes_committed(self, outcomes: Sequence[Outcome]) -> None:
         if self.waiters:

@@ -1,4 +1,4 @@
-"""The interfaces the engine needs from the outside: a store and operators (Protocols)."""
+"""The engine's outward face: the Protocols it needs from outside, and the types they share."""
 
 from __future__ import annotations
 
@@ -19,6 +19,48 @@ from smsgw.engine.messages import (
     Outcome,
     SendResult,
 )
+
+# A bulk message as a mailbox holds it: (created_at in whole microseconds, id, segments).
+# The first two are its position in the account's queue, the same order as PostgreSQL's
+# (created_at, id), so a page query can continue after any entry. No body: bodies live in
+# PostgreSQL (and, while there is room, in the Scheduler's body cache).
+Entry = tuple[int, str, int]
+Position = tuple[int, str]
+
+# PostgreSQL's epoch (2000-01-01) in Unix seconds.
+_PG_EPOCH_S = 946_684_800
+
+
+def micros(created_at: float) -> int:
+    """The microsecond (since the Unix epoch) PostgreSQL stores for `to_timestamp(created_at)`.
+    It moves the float to its own epoch first, then rounds `* 1e6` half to even, as Python's
+    round does; rounding `created_at * 1e6` directly was a microsecond off for about one
+    value in sixteen."""
+    return round((created_at - _PG_EPOCH_S) * 1_000_000) + _PG_EPOCH_S * 1_000_000
+
+
+def entry_of(sms: OutboundSms) -> Entry:
+    """`sms` as its account's mailbox holds it."""
+    return (micros(sms.created_at), sms.id, sms.segments)
+
+
+# Accounts hash into SHARDS shards, each dispatched by the node that leases it
+# (engine/shards.py); the store filters and hands off by the same mapping.
+SHARDS = 256
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi
+_MASK = (1 << 64) - 1
+
+
+def dispatch_shard(sms: OutboundSms) -> int:
+    """The shard whose lease dispatches `sms`: its account's, or the one its accepting node
+    chose for an express message (`ShardLeases.express_shard`)."""
+    return shard_of(sms.account_id) if sms.shard is None else sms.shard
+
+
+def shard_of(account_id: int) -> int:
+    """The account's shard: the top 8 bits of `account_id * 2^64/phi mod 2^64` (Fibonacci
+    hashing), so consecutive ids spread evenly. PostgreSQL's `shard_of()` is the same."""
+    return ((account_id * _GOLDEN) & _MASK) >> 56
 
 
 class Provider(Protocol):
@@ -84,8 +126,8 @@ class SchedulingStore(Protocol):
     """What the Scheduler reads back from the store: spilled mailbox entries and bodies."""
 
     async def page_entries(
-        self, requests: Sequence[tuple[int, tuple[int, str], int]]
-    ) -> list[list[tuple[int, str, int]]]:
+        self, requests: Sequence[tuple[int, Position, int]]
+    ) -> list[list[Entry]]:
         """For each (account, cursor, n): up to n queued bulk messages of the account after
         the cursor, in (created_at, id) order, as (created_at in microseconds, id, segments).
         One query for all of them."""
@@ -303,6 +345,54 @@ class FrontDoorStore(Reads, Protocol):
         """Suspend (keeping the first suspension's time) or resume the account; the account
         after it, None for an unknown one. Every node learns it from the accounts trigger's
         notification (migration 011)."""
+        ...
+
+
+class OtpVerdict(NamedTuple):
+    """What verifying a one-time code found: `reason` says why it is not valid (None when it
+    is): `mismatch` (a wrong code; the code stays live until MAX_ATTEMPTS of them),
+    `too_many_attempts` (this wrong code was the last allowed: the code is invalidated),
+    `expired`, or `no_code` (none is live for the number: none was sent, it was used or
+    invalidated, or the last one sent failed)."""
+
+    valid: bool
+    reason: Literal["mismatch", "too_many_attempts", "expired", "no_code"] | None = None
+
+
+class OtpStore(Protocol):
+    """One-time codes (engine/otp.py), shared by every node. The code is never stored, nor
+    sent to the database: only a salted hash of it."""
+
+    async def issue(
+        self,
+        account_id: int,
+        number: str,
+        message_id: str,
+        code: str,
+        redacted_text: str,
+        ttl_s: float,
+    ) -> None:
+        """Record the code of the OTP message `message_id`, before the message is accepted:
+        it becomes the number's live code (replacing any earlier one) when the message is
+        stored, and never if it is not. It expires `ttl_s` seconds from now."""
+        ...
+
+    async def verify(
+        self, account_id: int, number: str, code: str, max_attempts: int
+    ) -> OtpVerdict:
+        """Check `code` against the number's live code: valid once; a wrong one counts an
+        attempt, and the `max_attempts`-th in a row invalidates the code."""
+        ...
+
+    async def settle(self, message_id: str, *, void: bool) -> bool:
+        """The OTP message's outcome is known to its request: store its redacted text if it
+        is final (True when it was redacted now), and with `void` invalidate its code (its
+        send failed, or its outcome is unknown)."""
+        ...
+
+    async def sweep(self, limit: int) -> tuple[int, int]:
+        """Redact up to `limit` final OTP messages not yet redacted, and delete up to `limit`
+        code rows long expired; returns (redacted, deleted)."""
         ...
 
 

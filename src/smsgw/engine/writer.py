@@ -11,7 +11,7 @@ from typing import Any, assert_never
 
 import trio
 
-from smsgw.engine.actor import Inbox, Reply, ShardedInbox
+from smsgw.engine.actor import ActorRef, Inbox, Reply, ShardedInbox
 from smsgw.engine.credit import TopUpTooLarge
 from smsgw.engine.histogram import GROUP_SIZE_BUCKETS, LATENCY_BUCKETS, Histogram
 from smsgw.engine.messages import (
@@ -128,6 +128,34 @@ class _Turn:
             self._semaphore = None
 
 
+class _Told:
+    """The writer's address: its sharded inbox, with express outcomes shown to
+    `on_express_told` as they go in (outcomes are told from few places: the pool, the
+    Scheduler's expiry and `Engine.expire`)."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self._writer = writer
+
+    @property
+    def name(self) -> str:
+        return self._writer.inbox.name
+
+    def _tell(self, message: WriterMessage) -> None:
+        hook = self._writer.on_express_told
+        if hook is not None and isinstance(message, RecordOutcome) and message.outcome.sms.express:
+            hook(message.outcome)
+
+    def put_nowait(self, message: WriterMessage) -> None:
+        self._writer.inbox.put_nowait(message)
+        self._tell(message)
+
+    async def put(self, message: WriterMessage) -> None:
+        await self._writer.inbox.put(message)
+        self._tell(message)
+
+
 class StoreWriter:
     """Collects whatever requests are waiting, commits them in one transaction, then replies.
 
@@ -158,7 +186,7 @@ class StoreWriter:
         self.inbox: ShardedInbox[WriterMessage] = ShardedInbox(
             "store_writer", committers, capacity, _account_of
         )
-        self.ref = self.inbox.handle()
+        self.ref: ActorRef[WriterMessage] = ActorRef(_Told(self))
         self.commits = CommitFence()
         self._store = store
         self._on_committed = on_committed
@@ -209,6 +237,9 @@ class StoreWriter:
         self.delivered: dict[str, int] = {}
         # Told of every committed outcome (the `"wait": true` requests wait on it).
         self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
+        # Told of every express outcome as it is handed in, before its commit: while the
+        # store is down a waiting request can still say on time what the operator did.
+        self.on_express_told: Callable[[Outcome], None] | None = None
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -6,14 +6,16 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from smsgw.engine.admission import RequestBodies
 from smsgw.engine.node import Engine
-from smsgw.engine.ports import FrontDoorStore
+from smsgw.engine.ports import FrontDoorStore, OtpStore
 from smsgw.http import observe
-from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest
+from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest, read_within
 from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.params import AsciiIntegerConverter
 from smsgw.http.problems import ProblemError, problem_response
@@ -27,6 +29,7 @@ from smsgw.http.routes import (
     metrics,
     ops,
     optouts,
+    otp,
     reports,
     senders,
 )
@@ -39,11 +42,22 @@ T = TypeVar("T")
 class GatewayApp(QuartTrio):
     """quart-trio's app, but `ensure_async`, which quart calls on every hook and view of every
     request, remembers its answer per function instead of asking `inspect` each time (about
-    2 µs a call, four or more calls a request)."""
+    2 µs a call, four or more calls a request); and with `bodies`, every HTTP request's body
+    is held within the node's budget of bytes (`context.read_within`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._async_of: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}
+        self.bodies: RequestBodies | None = None
+
+    async def asgi_app(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        # Outside quart: its request starts reading the body at once, before any hook runs.
+        if scope["type"] == "http" and self.bodies is not None:
+            await read_within(self.bodies, super().asgi_app, scope, receive, send)
+        else:
+            await super().asgi_app(scope, receive, send)
 
     def ensure_async(
         self, func: Callable[P, Awaitable[T]] | Callable[P, T]
@@ -65,6 +79,7 @@ def create_app(
     admin_key: str,
     metrics_public: bool = False,
     dlr_keys: Sequence[tuple[str, str]] = (),
+    otp_store: OtpStore | None = None,
 ) -> QuartTrio:
     app = GatewayApp("smsgw")
     app.request_class = GatewayRequest
@@ -72,13 +87,16 @@ def create_app(
     # The largest body any route takes; each route enforces its own (Gateway.body).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BATCH_BODY_BYTES
     app.extensions["smsgw"] = Gateway(engine, reads, admin_key=admin_key)
+    app.bodies = engine.admission.bodies
     app.extensions["smsgw.dlr_keys"] = delivery.OperatorKeys(dlr_keys)
+    app.extensions[otp.EXTENSION] = otp_store
     for module in (
         accounts,
         senders,
         messages,
         batch,
         optouts,
+        otp,
         delivery,
         ops,
         console,

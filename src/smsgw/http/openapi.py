@@ -50,6 +50,8 @@ from smsgw.http.schemas import (
     NumbersAddedOut,
     NumbersIn,
     NumbersPage,
+    OtpVerifyIn,
+    OtpVerifyOut,
     Recipient,
     SendersIn,
     SendersOut,
@@ -60,9 +62,16 @@ from smsgw.http.schemas import (
 
 Auth = Literal["none", "account", "admin", "operator"]
 REF = "#/components/schemas/{name}"
-API_VERSION = "2.1.0"
+API_VERSION = "2.2.0"
 # What changed in each version of the HTTP contract, newest first (info.description).
 CHANGES = (
+    (
+        "2.2.0",
+        'One-time codes: POST /v1/messages with `"otp": true` (and `template`, `code_length`'
+        " instead of `text`, which is now required only without `otp`) sends a code the"
+        " gateway makes, express, and answers as `wait` does with the `code`;"
+        " POST /v1/otp/verify checks one.",
+    ),
     (
         "2.1.0",
         "`to` takes national forms of the account's `default_country` (a new setting; IR"
@@ -155,6 +164,9 @@ class Route:
     # its explicit phase, so a route whose valid bodies random generation rarely hits, such
     # as a send's `to`, is still reached).
     example: Any = None
+    # More example bodies by name, for a route whose bodies take several shapes (with them,
+    # the document has the media type's `examples`, `example` among them as "default").
+    examples: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def takes_idempotency_key(self) -> bool:
@@ -234,6 +246,16 @@ class MessageOut(msgspec.Struct):
     created_at: Timestamp
     updated_at: Timestamp
     callback_url: str | None = None
+
+
+class OtpSentOut(MessageOut, kw_only=True):
+    """A sent one-time code (POST /v1/messages with `otp`): the message as GET shows it from
+    now on (`text` with the code's digits as '*'), and the code, shown only here."""
+
+    code: str
+
+
+SENT_ANSWERS = (MessageOut, OtpSentOut)
 
 
 class HealthOut(msgspec.Struct):
@@ -332,6 +354,19 @@ CALLBACKS = (
     " production, name a public host: loopback, private, link-local, multicast, reserved and"
     " metadata addresses and names are refused, and so is a name that resolves to one when a"
     " callback connects. A node not in production mode takes loopback hosts only."
+)
+
+OTP_SEND = (
+    'One-time codes: `"otp": true` instead of `text` sends a code of `code_length` digits'
+    " (4 to 8, default 6) made by a CSPRNG, in `template` (with {code} exactly once; default"
+    ' "Your code is {code}"), express and waiting as with `wait`: 200 with the sent message'
+    " and its `code` (OtpSentOut; `text` with the code's digits as '*', as it is stored from"
+    " then on), or the 504 and 502 above, after which the code is not valid. `text` with"
+    " `otp` is a 422, and so is an `Idempotency-Key` (no answer holding a code is kept); a"
+    " `client_ref` used before is a 409 `client_ref_used`. Like every express message an OTP"
+    " reaches numbers on the account's opt-outs, not those on the blocklist. Verify with"
+    " POST /v1/otp/verify; a code expires after 120 s (`EngineConfig.otp_ttl_s`), and a new"
+    " one to the number replaces it."
 )
 
 _STOPS = (
@@ -564,8 +599,17 @@ ROUTES: list[Route] = [
         "Send one message",
         "messages",
         request=SendIn,
-        responses={202: AcceptedOut, 200: MessageOut},
+        responses={
+            202: AcceptedOut,
+            # The message; an OTP send's has its code too.
+            200: Content(
+                "application/json",
+                {"anyOf": [{"$ref": REF.format(name=t.__name__)} for t in SENT_ANSWERS]},
+                refs=SENT_ANSWERS,
+            ),
+        },
         example={"to": "+989121234567", "text": "Your order has shipped"},
+        examples={"otp": {"to": "+4915123456789", "otp": True, "code_length": 6}},
         problems=(402, 502, 503, 504),
         description=(
             "202 once the message and its credit hold are committed. 200 with the existing"
@@ -580,7 +624,28 @@ ROUTES: list[Route] = [
             " it, 504 `deadline_exceeded` (failed, refunded) when the deadline passed, 502"
             " `operator_refused` (failed, refunded) when the operator refused it."
             " With `callback_url`, each status change (sent, failed, delivered, undelivered)"
-            " is POSTed there. " + CALLBACKS
+            " is POSTed there. " + CALLBACKS + " " + OTP_SEND
+        ),
+    ),
+    # one-time codes (routes/otp.py)
+    Route(
+        "POST",
+        "/v1/otp/verify",
+        "Check a one-time code sent to a number",
+        "otp",
+        request=OtpVerifyIn,
+        responses={200: OtpVerifyOut},
+        problems=(503,),
+        idempotent=False,
+        example={"to": "+4915123456789", "code": "123456"},
+        description=(
+            "`valid: true` once, for the number's live code (the last one sent to it through"
+            " any node, while it has not expired); then false. A wrong code counts an attempt:"
+            " the fifth wrong one in a row invalidates the code. `reason` when false:"
+            " `mismatch`, `too_many_attempts` (this wrong code invalidated it), `expired`, or"
+            " `no_code` (none is live: none was sent, it was used or invalidated, or the last"
+            " send failed). `to` is taken as a send takes it; `code` is its digits (Persian and"
+            " Arabic-Indic digits too). Counts against the account's request rate."
         ),
     ),
     # reports (routes/reports.py)
@@ -958,8 +1023,13 @@ def _operation(route: Route, schema_of: Mapping[Any, dict[str, Any]]) -> dict[st
             "required": True,
             "content": _content(route.request, schema_of),
         }
-        if route.example is not None:
-            for media in operation["requestBody"]["content"].values():
+        named = dict(route.examples)
+        if named and route.example is not None:
+            named = {"default": route.example, **named}
+        for media in operation["requestBody"]["content"].values():
+            if named:
+                media["examples"] = {name: {"value": value} for name, value in named.items()}
+            elif route.example is not None:
                 media["example"] = route.example
     responses: dict[str, Any] = {}
     for status, body in sorted(route.responses.items()):

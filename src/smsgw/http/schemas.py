@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from smsgw.engine.otp import MAX_CODE_LENGTH, MAX_TEMPLATE_LENGTH, MIN_CODE_LENGTH
+
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Credit = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 Amount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
@@ -32,6 +34,30 @@ PhoneNumber = Annotated[
 ]
 Sender = Annotated[
     str, msgspec.Meta(extra_json_schema={"pattern": r"^([A-Za-z0-9 ._-]{1,11}|\+?[0-9]{1,15})$"})
+]
+OtpTemplate = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_TEMPLATE_LENGTH,
+        description="the OTP's text, with {code} exactly once (default: 'Your code is {code}')",
+    ),
+]
+CodeLength = Annotated[
+    int,
+    msgspec.Meta(
+        ge=MIN_CODE_LENGTH, le=MAX_CODE_LENGTH, description="digits in the code (default 6)"
+    ),
+]
+# Checked by the handler (engine/otp.py, `ascii_code`), which also takes Persian and
+# Arabic-Indic digits; the pattern says the ASCII form in the document.
+OtpCode = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=32,
+        extra_json_schema={"pattern": f"^[0-9]{{{MIN_CODE_LENGTH},{MAX_CODE_LENGTH}}}$"},
+    ),
 ]
 
 
@@ -130,7 +156,9 @@ CallbackUrl = Annotated[
 
 class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     to: PhoneNumber
-    text: Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
+    # Required, and not empty, unless `otp` (the gateway writes an OTP's text): the handler
+    # says so, naming the field.
+    text: Annotated[str, msgspec.Meta(description="required unless `otp`")] = ""
     # None: the account's default sender (else "smsgw"); one the admin allowed it, when it
     # has a list (PUT /v1/accounts/{id}/senders).
     sender: Sender | None = None
@@ -142,6 +170,23 @@ class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     # Express only: answer once the operator took it (200, status sent) or the deadline passed
     # (504, failed and refunded), instead of 202 at accept.
     wait: bool = False
+    # A one-time code (engine/otp.py): the gateway makes the code and the text from
+    # `template`, sends it express and answers as `wait` does, with the code.
+    otp: bool = False
+    template: OtpTemplate | None = None
+    code_length: CodeLength | None = None
+
+
+class OtpVerifyIn(msgspec.Struct, forbid_unknown_fields=True):
+    to: PhoneNumber
+    code: OtpCode
+
+
+class OtpVerifyOut(msgspec.Struct, omit_defaults=True):
+    """`valid` once for the right code; `reason` says why not (engine/ports.py, OtpVerdict)."""
+
+    valid: bool
+    reason: Literal["mismatch", "too_many_attempts", "expired", "no_code"] | None = None
 
 
 class AcceptedOut(msgspec.Struct):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +15,13 @@ from smsgw.engine import numbers
 from smsgw.engine import sms as rules
 from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
-from smsgw.engine.messages import OutboundSms, Settled
-from smsgw.engine.shards import dispatch_shard
+from smsgw.engine.messages import AcceptResult, OutboundSms, Settled
+from smsgw.engine.ports import dispatch_shard
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
 from smsgw.http.problems import ProblemError
+from smsgw.http.routes.otp import OtpSend, otp_client_ref_used
 from smsgw.http.schemas import AcceptedOut, SendIn
 from smsgw.logs import request_id_var
 
@@ -92,6 +94,8 @@ class Intake:
             raise ProblemError(
                 422, "invalid_field", f"`to` {numbers.number_problem(self.country)}", field="to"
             )
+        if data.otp or data.template is not None or data.code_length is not None:
+            raise otp_misplaced(data)
         if not data.text:
             raise ProblemError(422, "invalid_field", "`text` must not be empty", field="text")
         sender = self.sender(data)
@@ -212,6 +216,20 @@ class Intake:
         )
 
 
+def otp_misplaced(data: SendIn) -> ProblemError:
+    """The 422 for OTP fields where no OTP is sent: a batch item, or `template` or
+    `code_length` without `"otp": true` (a single send's OTP reaches `build` as the text the
+    gateway wrote, without them)."""
+    if data.otp:
+        return ProblemError(
+            422, "invalid_field", "`otp` is for POST /v1/messages only", field="otp"
+        )
+    field = "template" if data.template is not None else "code_length"
+    return ProblemError(
+        422, "invalid_field", f'`{field}` is for one-time codes (`"otp": true`) only', field=field
+    )
+
+
 def opted_out_detail(sms: OutboundSms) -> str:
     """Why a message to an opted-out or blocked number was refused (the store says which of
     the two only by whether an express message was refused too)."""
@@ -262,14 +280,23 @@ async def send_message() -> Response:
     account_id = await gw.require_account()
     data = await gw.body(SendIn)
     intake = Intake(gw, account_id)
-    sms = intake.build(data)
+    # A one-time code: the gateway writes the text, and it is express and waits.
+    otp = OtpSend(data) if data.otp else None
+    sms = intake.build(data if otp is None else otp.request)
     if not sms.express:
         admit_bulk(gw, account_id, 1)
     intake.admit(sms)
-    waiting = gw.engine.wait_for(sms.id) if data.wait else None
+    if otp is not None:
+        try:
+            await otp.issue(gw, sms)
+        except ProblemError:
+            gw.recipients.give_back(account_id, sms.to)
+            raise
+    waiting = gw.engine.wait_for(sms.id) if data.wait or otp is not None else None
     try:
         try:
-            results = await gw.call(lambda: gw.engine.accept([sms], atomic=True))
+            accepting = gw.call(lambda: gw.engine.accept([sms], atomic=True))
+            results = await (accepting if waiting is None else stored_in_time(gw, sms, accepting))
         except ProblemError:
             gw.recipients.give_back(account_id, sms.to)
             raise
@@ -281,6 +308,8 @@ async def send_message() -> Response:
         if not result.accepted:
             gw.recipients.give_back(account_id, sms.to)
         if result.reason == "duplicate_client_ref" and sms.client_ref is not None:
+            if otp is not None:
+                raise otp_client_ref_used(sms)
             return await existing_by_client_ref(gw, account_id, sms.client_ref)
         if result.reason == "opted_out":
             raise ProblemError(422, "opted_out", opted_out_detail(sms), field="to")
@@ -292,23 +321,57 @@ async def send_message() -> Response:
                 price=sms.price,
                 balance=results[0].balance,
             )
+        if otp is not None and waiting is not None:
+            return await otp.sent(sms, sent_view(sms, await sent_outcome(gw, sms, waiting)))
         if waiting is not None:
             return await answer_when_sent(gw, sms, waiting)
         return json_response(AcceptedOut(sms.id, "queued", sms.segments, sms.price), 202)
     finally:
         if waiting is not None:
             gw.engine.forget_wait(sms.id)
+        if otp is not None:
+            await otp.unsent(sms)
 
 
-# After the deadline, how long a waiting request gives the outcome to be committed.
-WAIT_GRACE = 2.0
+# After the deadline, how long a waiting request gives the outcome to be committed: an
+# expiry decided at the deadline is committed within milliseconds unless the store is slow.
+WAIT_GRACE = 0.5
+
+
+async def stored_in_time(
+    gw: Gateway, sms: OutboundSms, accepting: Awaitable[list[AcceptResult]]
+) -> list[AcceptResult]:
+    """The accept of a waited-for express message, or its 504 at the deadline: a commit
+    that takes that long (the store restarting, a commit in doubt) is not waited for. The
+    message may still be stored; if it is, it fails at its deadline and is refunded, never
+    sent late."""
+    assert sms.deadline is not None
+    with trio.move_on_after(max(0.0, sms.deadline - gw.engine.clock()) + WAIT_GRACE):
+        return await accepting
+    raise ProblemError(
+        504,
+        "deadline_exceeded",
+        "the store did not confirm the message before its deadline; if it was stored it fails"
+        " at its deadline and its price is refunded: GET it to see",
+        message_id=sms.id,
+    )
 
 
 async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled]) -> Response:
     """`"wait": true`: 200 once the operator took the message, 504 when its deadline passed
     (the message is failed and its hold released), 502 when the operator refused it."""
+    return json_response(sent_view(sms, await sent_outcome(gw, sms, waiting)), 200)
+
+
+async def sent_outcome(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled]) -> Settled:
+    """The outcome of a waited-for message that the operator took; raises the 504 or 502
+    problem of one that failed or whose outcome did not come in time."""
     assert sms.deadline is not None
     outcome = await settled_within(waiting, sms.deadline - gw.engine.clock())
+    if outcome is None:
+        # The operator answered this node but the commit is late (the store is down or
+        # slow): its answer is the outcome, committed once the store is back.
+        outcome = gw.engine.told_outcome(sms.id)
     if outcome is None and gw.engine.dispatch_stalled(dispatch_shard(sms)):
         # The node that dispatches it stopped heartbeating: it cannot reach an operator in
         # time, so fail it now, refunded, rather than answer after a takeover. Which outcome
@@ -328,7 +391,7 @@ async def answer_when_sent(gw: Gateway, sms: OutboundSms, waiting: Reply[Settled
             message_id=sms.id,
         )
     if outcome.status == "sent":
-        return json_response(sent_view(sms, outcome), 200)
+        return outcome
     if outcome.reason == "deadline_exceeded":
         raise ProblemError(
             504,
