@@ -362,7 +362,7 @@ def _serve_workers(
 def _operator_url(value: str) -> str:
     """argparse type for [NAME=]URL: checked here, kept as given (server.default_providers
     splits it)."""
-    from smsgw.operators.smpp.client import parse_smpp_url
+    from smsgw.operators.smpp.config import parse_smpp_url
     from smsgw.server import split_operator_url
 
     name, url = split_operator_url(value)

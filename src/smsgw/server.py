@@ -21,7 +21,8 @@ from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
 from smsgw.operators.http import HttpOperator
-from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
+from smsgw.operators.smpp.client import SmppOperator
+from smsgw.operators.smpp.config import parse_smpp_url
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster

@@ -14,7 +14,8 @@ from functools import partial
 import trio
 
 from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
-from smsgw.operators.smpp.client import SmppOperator, parse_smpp_url
+from smsgw.operators.smpp.client import SmppOperator
+from smsgw.operators.smpp.config import parse_smpp_url
 from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
 from smsgw.operators.smpp.pdu import (
     BindTransceiverResp,

@@ -9,16 +9,10 @@ import pytest
 from smsgw.cli import _operator_url
 from smsgw.engine.messages import DeliveryReport, SendResult
 from smsgw.operators.http import HttpOperator
-from smsgw.operators.smpp.client import (
-    SmppConfig,
-    SmppOperator,
-    _Job,
-    _Round,
-    operator_name,
-    parse_smpp_url,
-    report_for,
-)
-from smsgw.operators.smpp.receipt import parse_receipt
+from smsgw.operators.smpp.client import SmppOperator
+from smsgw.operators.smpp.config import SmppConfig, operator_name, parse_smpp_url
+from smsgw.operators.smpp.receipt import parse_receipt, report_for
+from smsgw.operators.smpp.session import Job, Round
 from smsgw.server import default_providers
 
 
@@ -133,11 +127,11 @@ def test_a_receipt_takes_the_id_form_that_was_sent_and_skips_later_parts() -> No
     assert report_for(receipt("1f5", "DELIVRD"), {"1f5": False}) is None  # type: ignore[arg-type]
 
 
-def finished(*statuses: tuple[str, str, str | None]) -> list[_Job]:
+def finished(*statuses: tuple[str, str, str | None]) -> list[Job]:
     jobs = []
-    round_ = _Round(len(statuses))
+    round_ = Round(len(statuses))
     for index, (status, message_id, reason) in enumerate(statuses):
-        job = _Job(b"", first=index == 0)
+        job = Job(b"", first=index == 0)
         job.round = round_
         job.finish(status, message_id=message_id, reason=reason)  # type: ignore[arg-type]
         jobs.append(job)

@@ -1,4 +1,5 @@
-"""Delivery receipts: what an operator's deliver_sm says became of a message it accepted."""
+"""Delivery receipts: what an operator's deliver_sm says became of a message it accepted, and
+the DeliveryReport the gateway records for it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from smsgw.engine.messages import DeliveryReport
 from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI, ucs2_text
 from smsgw.operators.smpp.pdu import DataSm, DeliverSm, NetworkErrorCode, Tlvs
 
@@ -163,6 +165,32 @@ def receipt_id_candidates(receipt_id: str) -> tuple[str, ...]:
     if re.fullmatch(r"[0-9a-f]+", own):
         candidates.append(str(int(own, 16)))
     return tuple(dict.fromkeys(candidates))
+
+
+def report_for(receipt: Receipt, recent: dict[str, bool]) -> DeliveryReport | None:
+    """The DeliveryReport a receipt makes, or None when it is only acknowledged: not final
+    (ENROUTE, ACCEPTD, a stat not known), or the receipt of a part other than a message's
+    first. `recent` maps the canonical ids of parts sent lately to whether each was a first
+    part; it also picks, among the forms an id may take (hex or decimal), the one sent."""
+    if receipt.state is None:
+        return None
+    candidates = receipt_id_candidates(receipt.message_id)
+    chosen = candidates[0]
+    for candidate in candidates:
+        first = recent.get(candidate)
+        if first is not None:
+            if not first:
+                return None
+            chosen = candidate
+            break
+    if receipt.state == "delivered":
+        return DeliveryReport(chosen, "delivered")
+    error = receipt.stat or receipt.state.upper()
+    if receipt.error:
+        error += f" err:{receipt.error}"
+    if receipt.network_error is not None:
+        error += f" network:{receipt.network_error.network_type}/{receipt.network_error.error_code}"
+    return DeliveryReport(chosen, "undelivered", error)
 
 
 def _date(value: str | None) -> datetime | None:
