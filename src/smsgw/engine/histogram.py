@@ -1,7 +1,10 @@
-"""Fixed-bucket histograms: the engine's latency and size figures, read at scrape time."""
+"""Histograms: fixed buckets for the engine's latency and size figures, read at scrape time;
+log buckets 1% wide for the durations the simulator and the load generator report, which no
+fixed bounds fit."""
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
@@ -100,3 +103,71 @@ class Histogram:
             "p50_le": bound(0.5),
             "p99_le": bound(0.99),
         }
+
+
+class LogHistogram:
+    """Durations in log buckets 1% wide, with weights (a cohort of n messages adds n at
+    once): constant memory for any number of samples, deterministic, and quantiles within 1%
+    (each the upper edge of its bucket, never above the exact `max_s`). Durations at or below
+    FLOOR_S share the first bucket."""
+
+    FLOOR_S = 1e-5
+    _GROWTH = math.log(1.01)
+
+    __slots__ = ("buckets", "count", "max_s", "total_s")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        """Count `n` durations of `seconds`."""
+        index = (
+            int(math.log(seconds / self.FLOOR_S) / self._GROWTH) + 1
+            if seconds > self.FLOOR_S
+            else 0
+        )
+        self.buckets[index] = self.buckets.get(index, 0) + n
+        self.count += n
+        self.total_s += seconds * n
+        if seconds > self.max_s:
+            self.max_s = seconds
+
+    def _edge(self, index: int) -> float:
+        return min(self.FLOOR_S * math.exp(index * self._GROWTH), self.max_s)
+
+    def quantile(self, q: float) -> float:
+        """The upper edge of the bucket that holds the q-quantile (nearest rank), in seconds;
+        0.0 before any duration."""
+        if self.count == 0:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                return self._edge(index)
+        return self.max_s
+
+    def share_within(self, seconds: float) -> float:
+        """The fraction of the weight at or below `seconds` (bucket resolution); 1.0 empty."""
+        if self.count == 0:
+            return 1.0
+        inside = sum(n for i, n in self.buckets.items() if self._edge(i) <= seconds)
+        return inside / self.count
+
+    def cdf(self, points: int = 60) -> list[tuple[float, float]]:
+        """(seconds, fraction at or below) at up to `points` bucket edges, for plotting."""
+        if self.count == 0:
+            return []
+        indexes = sorted(self.buckets)
+        step = max(1, len(indexes) // points)
+        out: list[tuple[float, float]] = []
+        seen = 0
+        for k, index in enumerate(indexes):
+            seen += self.buckets[index]
+            if k % step == 0 or k == len(indexes) - 1:
+                out.append((round(self._edge(index), 6), round(seen / self.count, 6)))
+        return out
