@@ -1,30 +1,75 @@
 """`Client` (sync) and `AsyncClient` (async, on any loop httpx runs on: asyncio or trio): the
-same operations, each one request (`iter_messages` pages through several)."""
+same operations, each one request (`iter_messages` pages through several).
+
+Each operation is written once, in `_calls`: its arguments, docstring, request and how its
+answer reads. The two clients make it a method (`_sync`, `_async`) and only send differently:
+what one client offers, the other does, with the same signature."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from datetime import datetime
+import inspect
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import httpx
 
 from smsgw.client import _calls as calls
-from smsgw.client.models import (
-    Accepted,
-    Account,
-    AccountCreated,
-    Balance,
-    BatchResponse,
-    Message,
-    MessagePage,
-    OutgoingMessage,
-    Summary,
-)
+from smsgw.client._calls import Call, Time
+from smsgw.client.models import Message
 
-Time = datetime | str  # an aware datetime, or RFC 3339 text with its offset
 DEFAULT_TIMEOUT = 30.0  # seconds; `send_and_wait` waits at most the express deadline in it
+
+P = ParamSpec("P")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _sync(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    """The operation `build` as a `Client` method: its request sent, its answer read."""
+
+    def operation(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        call = build(*args, **kwargs)
+        return call.read(
+            self._http.request(
+                call.method, call.path, params=call.params, content=call.body, headers=call.headers
+            )
+        )
+
+    return _named_after(build, operation, "Client")
+
+
+def _async(
+    build: Callable[P, Call[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The operation `build` as an `AsyncClient` method: its request sent, its answer read."""
+
+    async def operation(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        call = build(*args, **kwargs)
+        return call.read(
+            await self._http.request(
+                call.method, call.path, params=call.params, content=call.body, headers=call.headers
+            )
+        )
+
+    return _named_after(build, operation, "AsyncClient")
+
+
+def _named_after(build: Callable[..., Call[Any]], method: F, owner: str) -> F:
+    """`method` with `build`'s name, docstring and parameters (after `self`), returning what
+    its Call reads: what help() and editors show (type checkers follow the ParamSpec)."""
+    method.__name__ = build.__name__
+    method.__qualname__ = f"{owner}.{build.__name__}"
+    method.__doc__ = build.__doc__
+    signature = inspect.signature(build)
+    returns = str(signature.return_annotation)  # "Call[X]": annotations are strings here
+    assert returns.startswith("Call[") and returns.endswith("]"), returns
+    self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_, *signature.parameters.values()],
+        return_annotation=returns[len("Call[") : -1],
+    )
+    return method
 
 
 class Client:
@@ -61,104 +106,15 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _do(self, call: calls.Call) -> httpx.Response:
-        return self._http.request(
-            call.method, call.path, params=call.params, content=call.body, headers=call.headers
-        )
-
-    def send(
-        self,
-        to: str,
-        text: str,
-        *,
-        sender: str | None = None,
-        express: bool = False,
-        client_ref: str | None = None,
-        callback_url: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Accepted | Message:
-        """Send one message: `Accepted` once it is stored and its price held; the existing
-        `Message` when the account already used `client_ref` (nothing new is stored)."""
-        call = calls.send(
-            to,
-            text,
-            sender=sender,
-            express=express,
-            client_ref=client_ref,
-            callback_url=callback_url,
-            wait=False,
-            idempotency_key=idempotency_key,
-        )
-        return calls.sent(self._do(call))
-
-    def send_and_wait(
-        self,
-        to: str,
-        text: str,
-        *,
-        sender: str | None = None,
-        client_ref: str | None = None,
-        callback_url: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Message:
-        """Send an express message (an OTP) and answer once the operator took it: the sent
-        `Message`. ApiError 504 `deadline_exceeded` or 502 `operator_refused` when it could
-        not be sent (failed and refunded), 503 `express_unavailable` when it could not even
-        be tried (nothing held)."""
-        call = calls.send(
-            to,
-            text,
-            sender=sender,
-            express=True,
-            client_ref=client_ref,
-            callback_url=callback_url,
-            wait=True,
-            idempotency_key=idempotency_key,
-        )
-        return calls.message(self._do(call))
-
-    def batch(
-        self,
-        messages: Sequence[OutgoingMessage | Mapping[str, Any]],
-        *,
-        atomic: bool = False,
-        idempotency_key: str | None = None,
-    ) -> BatchResponse:
-        """Send up to 1,000 messages: one result per item, in order. Returned (not raised)
-        when every item was rejected too (`accepted == 0`); with `atomic`, a refusal of the
-        whole batch is an ApiError."""
-        return calls.batch_answer(
-            self._do(calls.batch(messages, atomic=atomic, idempotency_key=idempotency_key))
-        )
-
-    def get_message(self, message_id: str) -> Message:
-        return calls.message(self._do(calls.get_message(message_id)))
-
-    def list_messages(
-        self,
-        *,
-        limit: int | None = None,
-        cursor: str | None = None,
-        status: str | None = None,
-        to: str | None = None,
-        client_ref: str | None = None,
-        express: bool | None = None,
-        created_from: Time | None = None,
-        created_to: Time | None = None,
-    ) -> MessagePage:
-        """One page of the account's messages, newest first; pass its `next_cursor` as
-        `cursor` for the next one."""
-        call = calls.list_messages(
-            limit=limit,
-            cursor=cursor,
-            status=status,
-            to=to,
-            client_ref=client_ref,
-            express=express,
-            created_from=created_from,
-            created_to=created_to,
-        )
-        return calls.message_page(self._do(call))
+    send = _sync(calls.send)
+    send_and_wait = _sync(calls.send_and_wait)
+    batch = _sync(calls.batch)
+    get_message = _sync(calls.get_message)
+    list_messages = _sync(calls.list_messages)
+    summary = _sync(calls.summary)
+    account = _sync(calls.account)
+    create_account = _sync(calls.create_account)
+    top_up = _sync(calls.top_up)
 
     def iter_messages(self, *, page_size: int = 100, **filters: Any) -> Iterator[Message]:
         """Every message that matches `filters` (as `list_messages` takes them), newest
@@ -171,16 +127,6 @@ class Client:
                 return
             cursor = page.next_cursor
 
-    def summary(
-        self,
-        *,
-        created_from: Time | None = None,
-        created_to: Time | None = None,
-        group_by: Literal["day", "status"] = "day",
-    ) -> Summary:
-        call = calls.summary(created_from=created_from, created_to=created_to, group_by=group_by)
-        return calls.summary_answer(self._do(call))
-
     def iter_export(
         self, *, created_from: Time | None = None, created_to: Time | None = None
     ) -> Iterator[bytes]:
@@ -190,27 +136,13 @@ class Client:
         call = calls.export(created_from=created_from, created_to=created_to)
         with self._http.stream(call.method, call.path, params=call.params) as response:
             if response.status_code != 200:
-                response.read()
-                raise calls.problem(response)
+                response.read()  # the problem's body, for its ApiError
+            call.read(response)
             yield from response.iter_bytes()
 
     def export(self, *, created_from: Time | None = None, created_to: Time | None = None) -> bytes:
         """The whole CSV export in memory (`iter_export` for a large range)."""
         return b"".join(self.iter_export(created_from=created_from, created_to=created_to))
-
-    def account(self) -> Account:
-        return calls.account_answer(self._do(calls.account()))
-
-    def create_account(self, name: str, *, credit: int = 0) -> AccountCreated:
-        """Admin: a new account; its API key and signing secret are shown only here."""
-        return calls.created_answer(self._do(calls.create_account(name, credit)))
-
-    def top_up(
-        self, account_id: int, amount: int, *, idempotency_key: str | None = None
-    ) -> Balance:
-        """Admin: add `amount` to an account's credit; with `idempotency_key`, a retry
-        credits once."""
-        return calls.balance_answer(self._do(calls.top_up(account_id, amount, idempotency_key)))
 
 
 class AsyncClient:
@@ -245,96 +177,15 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _do(self, call: calls.Call) -> httpx.Response:
-        return await self._http.request(
-            call.method, call.path, params=call.params, content=call.body, headers=call.headers
-        )
-
-    async def send(
-        self,
-        to: str,
-        text: str,
-        *,
-        sender: str | None = None,
-        express: bool = False,
-        client_ref: str | None = None,
-        callback_url: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Accepted | Message:
-        """As `Client.send`."""
-        call = calls.send(
-            to,
-            text,
-            sender=sender,
-            express=express,
-            client_ref=client_ref,
-            callback_url=callback_url,
-            wait=False,
-            idempotency_key=idempotency_key,
-        )
-        return calls.sent(await self._do(call))
-
-    async def send_and_wait(
-        self,
-        to: str,
-        text: str,
-        *,
-        sender: str | None = None,
-        client_ref: str | None = None,
-        callback_url: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Message:
-        """As `Client.send_and_wait`."""
-        call = calls.send(
-            to,
-            text,
-            sender=sender,
-            express=True,
-            client_ref=client_ref,
-            callback_url=callback_url,
-            wait=True,
-            idempotency_key=idempotency_key,
-        )
-        return calls.message(await self._do(call))
-
-    async def batch(
-        self,
-        messages: Sequence[OutgoingMessage | Mapping[str, Any]],
-        *,
-        atomic: bool = False,
-        idempotency_key: str | None = None,
-    ) -> BatchResponse:
-        """As `Client.batch`."""
-        call = calls.batch(messages, atomic=atomic, idempotency_key=idempotency_key)
-        return calls.batch_answer(await self._do(call))
-
-    async def get_message(self, message_id: str) -> Message:
-        return calls.message(await self._do(calls.get_message(message_id)))
-
-    async def list_messages(
-        self,
-        *,
-        limit: int | None = None,
-        cursor: str | None = None,
-        status: str | None = None,
-        to: str | None = None,
-        client_ref: str | None = None,
-        express: bool | None = None,
-        created_from: Time | None = None,
-        created_to: Time | None = None,
-    ) -> MessagePage:
-        """As `Client.list_messages`."""
-        call = calls.list_messages(
-            limit=limit,
-            cursor=cursor,
-            status=status,
-            to=to,
-            client_ref=client_ref,
-            express=express,
-            created_from=created_from,
-            created_to=created_to,
-        )
-        return calls.message_page(await self._do(call))
+    send = _async(calls.send)
+    send_and_wait = _async(calls.send_and_wait)
+    batch = _async(calls.batch)
+    get_message = _async(calls.get_message)
+    list_messages = _async(calls.list_messages)
+    summary = _async(calls.summary)
+    account = _async(calls.account)
+    create_account = _async(calls.create_account)
+    top_up = _async(calls.top_up)
 
     async def iter_messages(
         self, *, page_size: int = 100, **filters: Any
@@ -349,16 +200,6 @@ class AsyncClient:
                 return
             cursor = page.next_cursor
 
-    async def summary(
-        self,
-        *,
-        created_from: Time | None = None,
-        created_to: Time | None = None,
-        group_by: Literal["day", "status"] = "day",
-    ) -> Summary:
-        call = calls.summary(created_from=created_from, created_to=created_to, group_by=group_by)
-        return calls.summary_answer(await self._do(call))
-
     async def iter_export(
         self, *, created_from: Time | None = None, created_to: Time | None = None
     ) -> AsyncIterator[bytes]:
@@ -366,8 +207,8 @@ class AsyncClient:
         call = calls.export(created_from=created_from, created_to=created_to)
         async with self._http.stream(call.method, call.path, params=call.params) as response:
             if response.status_code != 200:
-                await response.aread()
-                raise calls.problem(response)
+                await response.aread()  # the problem's body, for its ApiError
+            call.read(response)
             async for chunk in response.aiter_bytes():
                 yield chunk
 
@@ -379,17 +220,3 @@ class AsyncClient:
             c async for c in self.iter_export(created_from=created_from, created_to=created_to)
         ]
         return b"".join(chunks)
-
-    async def account(self) -> Account:
-        return calls.account_answer(await self._do(calls.account()))
-
-    async def create_account(self, name: str, *, credit: int = 0) -> AccountCreated:
-        """As `Client.create_account` (admin)."""
-        return calls.created_answer(await self._do(calls.create_account(name, credit)))
-
-    async def top_up(
-        self, account_id: int, amount: int, *, idempotency_key: str | None = None
-    ) -> Balance:
-        """As `Client.top_up` (admin)."""
-        call = calls.top_up(account_id, amount, idempotency_key)
-        return calls.balance_answer(await self._do(call))
