@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import msgspec
+import psutil
 
 from smsgw.sim.loadgen import LoadReport
 
@@ -443,7 +444,7 @@ class CpuUse(msgspec.Struct):
 
     `machine` counts every process, including PostgreSQL and anything else running on the
     machine: when it is far above server + loadgen + the database's share, other work
-    competed with the benchmark. None where /proc is not available."""
+    competed with the benchmark. `server` is None when its process could not be read."""
 
     wall_s: float
     server: float | None
@@ -494,15 +495,14 @@ def _delta(after: float | None, before: float | None) -> float | None:
 
 
 def _process_cpu_s(pid: int | None) -> float | None:
-    """utime + stime of a live process from /proc (Linux)."""
+    """User + system CPU seconds of a live process; None when it is gone or not ours to read."""
     if pid is None:
         return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system
 
 
 def _children_cpu_s() -> float:
@@ -510,15 +510,12 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _machine_busy_s() -> float | None:
-    """CPU seconds all cores spent on anything but idle and iowait, from /proc/stat."""
-    try:
-        first = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
+def _machine_busy_s() -> float:
+    """CPU seconds all cores spent on anything but idle and iowait."""
+    times = psutil.cpu_times()
+    # Linux counts guest time in user and nice as well: once is enough.
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0) - guest
 
 
 def _loadavg_1m() -> float | None:

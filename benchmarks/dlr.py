@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import psutil
 
 from common import (
     LOOPBACK,
@@ -184,19 +185,14 @@ def seed(url: str, schema: str, count: int) -> float:
 
 
 def postgres_cpu_s() -> float:
-    """utime + stime of every postgres process of this machine's (the embedded server's
-    backends and background workers; with DATABASE_URL, of whichever server runs here)."""
+    """User + system CPU seconds of every postgres process of this machine's (the embedded
+    server's backends and background workers; with DATABASE_URL, of whichever server runs
+    here). Processes it may not read count nothing."""
     total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        comm = text[text.find("(") + 1 : text.rfind(")")]
-        if not comm.startswith("postgres"):
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        name, times = process.info["name"], process.info["cpu_times"]
+        if name is not None and name.startswith("postgres") and times is not None:
+            total += times.user + times.system
     return total
 
 

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import msgspec
+import psutil
 
 from common import (
     REPO_ROOT,
@@ -145,7 +146,7 @@ def accept_phase(
         "machine_cpu_ms_per_accept": per_accept(
             None if cpu.machine is None else cpu.machine / 100 * cpu.wall_s, load
         ),
-        # The machine's context switches per accept (/proc/stat): each process a message
+        # The machine's context switches per accept: each process a message
         # crosses (node, its PostgreSQL backend, another node) wakes and sleeps on these cores.
         "context_switches_per_accept": (
             round(switches / load.accepted_ids, 1) if load.accepted_ids else None
@@ -170,15 +171,8 @@ def transactions(database_url: str) -> int:
 
 
 def context_switches() -> int:
-    """The machine's context switches since boot (0 where /proc/stat has none)."""
-    try:
-        with open("/proc/stat") as stat:
-            for line in stat:
-                if line.startswith("ctxt "):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """The machine's context switches since boot."""
+    return int(psutil.cpu_stats().ctx_switches)
 
 
 def per_accept(cpu_s: float | None, load: Any) -> float | None:
@@ -190,20 +184,18 @@ def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) of a live process and all its live descendants."""
     if pid is None:
         return 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
     total = 0.0
-    pending = [pid]
-    tick = os.sysconf("SC_CLK_TCK")
-    while pending:
-        current = pending.pop()
+    for process in processes:
         try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(c) for c in children)
-        except OSError:
+            times = process.cpu_times()
+        except psutil.Error:  # ended since it was listed: its CPU went with it
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
+        total += times.user + times.system
     return total
 
 

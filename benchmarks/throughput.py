@@ -63,6 +63,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import msgspec
+import psutil
 
 from common import (
     LOOPBACK,
@@ -303,7 +304,7 @@ class PostgresCpu:
     """CPU of the embedded PostgreSQL (its postmaster and the processes it forked), in percent
     of one core between `start` and `stop`. Backends that exit meanwhile take their CPU with
     them, so it is a floor; the gateway's pooled connections live through a phase. None with
-    DATABASE_URL (the server may be anywhere) or without /proc."""
+    DATABASE_URL (the server may be anywhere)."""
 
     def __init__(self, data_dir: Path | None) -> None:
         self._data_dir = data_dir
@@ -314,19 +315,20 @@ class PostgresCpu:
         if self._data_dir is None:
             return None
         try:
-            postmaster = int((self._data_dir / "postmaster.pid").read_text().split()[0])
-            total = 0.0
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                try:
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                pid = int(stat.parent.name)
-                if pid == postmaster or int(fields[1]) == postmaster:  # fields[1]: ppid
-                    total += int(fields[11]) + int(fields[12])
-            return total / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
+            postmaster = psutil.Process(
+                int((self._data_dir / "postmaster.pid").read_text().split()[0])
+            )
+            processes = [postmaster, *postmaster.children()]
+        except (OSError, ValueError, IndexError, psutil.Error):
             return None
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # a backend that ended since it was listed
+                continue
+            total += times.user + times.system
+        return total
 
     def start(self) -> None:
         self._wall = time.monotonic()
