@@ -13,7 +13,7 @@ import base64
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from typing import TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import pytest
@@ -23,18 +23,10 @@ from werkzeug.datastructures import MultiDict
 
 from smsgw.engine.ports import MessageQuery
 from smsgw.http.context import decode
-from smsgw.http.params import (
-    is_message_id,
-    parse_rfc3339,
-    query_params,
-    text,
-    time_range,
-    timestamp,
-    whole_number,
-)
+from smsgw.http.params import is_message_id, parse_rfc3339, query_decoder, time_range
 from smsgw.http.problems import ProblemError
 from smsgw.http.routes.batch import decode_batch
-from smsgw.http.routes.reports import decode_cursor, encode_cursor, message_query
+from smsgw.http.routes.reports import ListQuery, decode_cursor, encode_cursor, message_query
 from smsgw.http.schemas import (
     AccountPatchIn,
     AccountSettingsIn,
@@ -217,14 +209,32 @@ def assert_422_naming(problem: object, name: str) -> None:
     assert problem.status == 422 and problem.extra["field"] == name, problem.detail
 
 
+class Query(msgspec.Struct):
+    """A query of each kind of parameter the routes take."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 100
+    from_: Annotated[datetime, msgspec.Meta(tz=True)] | None = msgspec.field(
+        default=None, name="from"
+    )
+    to: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    client_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None = None
+    express: bool | None = None
+    group_by: Literal["day", "status"] = "day"
+
+
+decode_query = query_decoder(Query)
+
+
+def query(**params: str) -> Query:
+    return decode_query(MultiDict(params))
+
+
 @given(st.text(max_size=12) | st.text(alphabet="0123456789" + ODD_DIGITS, max_size=12))
 @example("\N{SUPERSCRIPT TWO}")
 @example("1" * 5_000)
 @example("0" * 9 + "1")
 def test_a_whole_number_is_ascii_digits_in_range_or_422(value: str) -> None:
-    got = refused_with_4xx(
-        lambda: whole_number({"limit": value}, "limit", low=1, high=1_000, default=100)
-    )
+    got = refused_with_4xx(lambda: query(limit=value).limit)
     if isinstance(got, ProblemError):
         assert_422_naming(got, "limit")
         return
@@ -235,8 +245,8 @@ def test_a_whole_number_is_ascii_digits_in_range_or_422(value: str) -> None:
 @given(st.integers(1, 1_000), st.integers(0, 3))
 def test_every_whole_number_in_range_is_taken(number: int, zeros: int) -> None:
     written = "0" * zeros + str(number)
-    assert whole_number({"n": written}, "n", low=1, high=1_000, default=7) == number
-    assert whole_number({}, "n", low=1, high=1_000, default=7) == 7
+    assert query(limit=written).limit == number
+    assert query().limit == 100
 
 
 def assert_usable_time(at: datetime) -> None:
@@ -256,7 +266,7 @@ def assert_usable_time(at: datetime) -> None:
 @example("2016-12-31T23:59:60Z")
 @example("2025-01-31T00:00:00+00:60")
 def test_a_timestamp_is_usable_or_422(value: str) -> None:
-    got = refused_with_4xx(lambda: timestamp({"from": value}, "from"))
+    got = refused_with_4xx(lambda: query(**{"from": value}).from_)
     if isinstance(got, ProblemError):
         assert_422_naming(got, "from")
         return
@@ -292,16 +302,20 @@ def test_rfc3339_is_read_exactly_where_its_utc_time_fits(
     try:
         meant.astimezone(UTC)
     except OverflowError:
-        assert_422_naming(refused_with_4xx(lambda: timestamp({"to": written}, "to")), "to")
+        assert_422_naming(refused_with_4xx(lambda: query(to=written)), "to")
     else:
-        assert timestamp({"to": written}, "to") == meant
+        assert query(to=written).to == meant
 
 
 @given(st.text(alphabet=TIME_CHARS, max_size=30), st.text(alphabet=TIME_CHARS, max_size=30))
 @example("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00Z")
 @example("2025-01-02T00:00:00Z", "2025-01-01T00:00:00Z")
 def test_a_time_range_is_ordered_or_422(start: str, end: str) -> None:
-    got = refused_with_4xx(lambda: time_range({"from": start, "to": end}, "from", "to"))
+    def ordered() -> tuple[datetime | None, datetime | None]:
+        got = query(**{"from": start, "to": end})
+        return time_range("from", got.from_, "to", got.to)
+
+    got = refused_with_4xx(ordered)
     if isinstance(got, ProblemError):
         assert got.status == 422 and got.extra["field"] in ("from", "to")
         return
@@ -312,7 +326,7 @@ def test_a_time_range_is_ordered_or_422(start: str, end: str) -> None:
 @given(st.text(max_size=120))
 @example("a\x00b")
 def test_text_is_bounded_and_free_of_nul_or_422(value: str) -> None:
-    got = refused_with_4xx(lambda: text({"client_ref": value}, "client_ref", max_length=100))
+    got = refused_with_4xx(lambda: query(client_ref=value).client_ref)
     if isinstance(got, ProblemError):
         assert_422_naming(got, "client_ref")
         return
@@ -352,7 +366,7 @@ LIST_PARAMS += ("created_to",)
     )
 )
 def test_the_list_query_is_usable_or_422(params: dict[str, str]) -> None:
-    got = refused_with_4xx(lambda: message_query(params))
+    got = refused_with_4xx(lambda: message_query(query_decoder(ListQuery)(MultiDict(params))))
     if isinstance(got, ProblemError):
         assert got.status == 422 and got.extra["field"] in LIST_PARAMS
         return
@@ -363,16 +377,44 @@ def test_the_list_query_is_usable_or_422(params: dict[str, str]) -> None:
             assert_usable_time(at)
 
 
-@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=6))
-def test_query_parameters_are_known_and_single_or_422(pairs: list[tuple[str, str]]) -> None:
-    allowed = ("from", "to", "group_by")
-    got: dict[str, str] | ProblemError = refused_with_4xx(
-        lambda: query_params(MultiDict(pairs), allowed)
+class Texts(msgspec.Struct, omit_defaults=True):
+    client_ref: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+    to: str | None = None
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["client_ref", "from", "to"]) | st.text(max_size=12), st.text()),
+        max_size=6,
     )
+)
+def test_query_parameters_are_known_and_single_or_422(pairs: list[tuple[str, str]]) -> None:
+    got = refused_with_4xx(lambda: query_decoder(Texts)(MultiDict(pairs)))
     if isinstance(got, ProblemError):
         assert got.status == 422
         return
-    assert set(got) <= set(allowed) and len(got) == len(pairs)
+    given = dict(pairs)
+    assert len(given) == len(pairs) and set(given) <= {"client_ref", "from", "to"}
+    assert msgspec.to_builtins(got) == given
+
+
+@given(st.text(max_size=8))
+@example("true")
+@example("false")
+@example("status")
+def test_true_false_and_words_are_taken_as_written_or_422(value: str) -> None:
+    got = refused_with_4xx(lambda: query(express=value).express)
+    if isinstance(got, ProblemError):
+        assert_422_naming(got, "express")
+    else:
+        assert got is (value == "true") and value in ("true", "false")
+    word = refused_with_4xx(lambda: query(group_by=value).group_by)
+    if isinstance(word, ProblemError):
+        assert_422_naming(word, "group_by")
+        assert word.detail == "`group_by` must be day or status"
+    else:
+        assert word == value in ("day", "status")
 
 
 @given(st.uuids(), st.booleans(), st.booleans())

@@ -15,6 +15,7 @@ from smsgw.engine.admission import RequestBodies
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore, OtpStore
 from smsgw.http import observe
+from smsgw.http.api import Operation
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest, read_within
 from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.params import AsciiIntegerConverter
@@ -37,6 +38,23 @@ from smsgw.http.routes import (
 log = logging.getLogger("smsgw.http")
 P = ParamSpec("P")
 T = TypeVar("T")
+# Every route the app serves, by area; the OpenAPI document lists their operations in this
+# order.
+APIS = (
+    accounts.api,
+    senders.api,
+    messages.api,
+    batch.api,
+    optouts.api,
+    otp.api,
+    delivery.api,
+    reports.api,
+    ops.api,
+    console.api,
+    docs.api,
+    metrics.api,
+)
+OPERATIONS: tuple[Operation, ...] = tuple(op for api in APIS for op in api.operations)
 
 
 class GatewayApp(QuartTrio):
@@ -90,21 +108,9 @@ def create_app(
     app.bodies = engine.admission.bodies
     app.extensions["smsgw.dlr_keys"] = delivery.OperatorKeys(dlr_keys)
     app.extensions[otp.EXTENSION] = otp_store
-    for module in (
-        accounts,
-        senders,
-        messages,
-        batch,
-        optouts,
-        otp,
-        delivery,
-        ops,
-        console,
-        reports,
-        docs,
-        metrics,
-    ):
-        app.register_blueprint(module.bp)
+    for api in APIS:
+        app.register_blueprint(api.blueprint)
+    app.extensions[docs.OPERATIONS] = OPERATIONS
     # Request ids, access log, request counts and durations; GET /metrics reads them.
     app.config["SMSGW_METRICS_PUBLIC"] = metrics_public
     http_stats = observe.install(app)

@@ -35,10 +35,12 @@ from smsgw.engine.node import Engine
 from smsgw.engine.ports import FrontDoorStore, Reads
 from smsgw.engine.ratelimit import RateLimiter, RecipientLimiter
 from smsgw.engine.writer import StoreUnavailable
+from smsgw.http.params import query_decoder
 from smsgw.http.problems import TITLES, ProblemError
 
 log = logging.getLogger("smsgw.http")
 T = TypeVar("T")
+Q = TypeVar("Q", bound=msgspec.Struct)
 
 _encoder = msgspec.json.Encoder()
 MAX_BODY_BYTES = 1 << 20  # every route but the batch
@@ -347,6 +349,11 @@ class Gateway:
         """Decode the JSON body as `kind`: 415 for another content type, 413 past `limit`
         bytes, 400 for malformed JSON, 422 naming the field for a wrong shape."""
         return decode(await self.raw_body(limit=limit), kind)
+
+    def query(self, kind: type[Q]) -> Q:
+        """The query parameters as `kind` (the Struct the route declares as its `query`):
+        422 naming the parameter for an unknown, repeated or invalid one (http/params.py)."""
+        return query_decoder(kind)(current_request().args)
 
     async def raw_body(self, *, limit: int = MAX_BODY_BYTES) -> bytes:
         """The JSON body's bytes: 415 for another content type, 413 past `limit` bytes."""

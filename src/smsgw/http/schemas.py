@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -376,3 +376,141 @@ class ClusterOut(msgspec.Struct):
     unowned_shards: int  # free, or expired and not yet taken over
     handoffs_waiting: int  # messages accepted elsewhere, not yet claimed by their shard's owner
     nodes: list[ClusterNodeOut]
+
+
+# --- answers described by the OpenAPI document, which handlers write as dicts ----------------
+
+MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
+AccountId = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+OperatorName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]
+MessageId = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+# A page's size and position, as every paged route takes them (query parameters).
+PageLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
+PageCursor = Annotated[str, msgspec.Meta(description="`next_cursor` of the previous page")]
+
+
+class Problem(msgspec.Struct):
+    """An RFC 9457 problem: every 4xx and 5xx answer. `code` is stable and machine-readable;
+    `detail` says what to do. Some problems carry more members (listed, all optional)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    field: str | None = None  # the request field or parameter at fault
+    price: int | None = None  # 402: the price that could not be held
+    balance: int | None = None  # 402: the balance at the time
+    retry_after: int | None = None  # 429: seconds until the next request is allowed
+    max_items: int | None = None  # 413 for a batch: the most items a batch may hold
+    # 422 for an atomic batch: each invalid item's problem (deprecated: `results`).
+    errors: list[dict[str, Any]] | None = None
+    # A batch's 422 (`nothing_accepted`, and an atomic batch's `invalid_batch`): every item's
+    # result and the counts, as a 202 answer has them.
+    results: list[BatchResultOut] | None = None
+    accepted: int | None = None
+    duplicates: int | None = None
+    rejected: int | None = None
+    # `"wait": true` answers that are not 200: the message, its status and whether its hold
+    # was released.
+    message_id: str | None = None
+    message_status: str | None = None
+    refunded: bool | None = None
+
+
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+
+
+class MessageOut(msgspec.Struct):
+    """One message as its account sees it (GET /v1/messages/{message_id})."""
+
+    id: str
+    to: str
+    sender: str
+    text: str
+    status: Literal["queued", "sending", "sent", "failed", "delivered", "undelivered"]
+    reason: str | None
+    segments: int
+    price: int
+    express: bool
+    attempts: int
+    operator: str | None
+    operator_message_id: str | None
+    client_ref: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    callback_url: str | None = None
+
+
+class OtpSentOut(MessageOut, kw_only=True):
+    """A sent one-time code (POST /v1/messages with `otp`): the message as GET shows it from
+    now on (`text` with the code's digits as '*'), and the code, shown only here."""
+
+    code: str
+
+
+SENT_ANSWERS = (MessageOut, OtpSentOut)
+
+
+class HealthOut(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class ReadyOut(msgspec.Struct):
+    status: Literal["ready"]
+    recovered: int  # messages recovered at start
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/messages/batch. The handler decodes each item on its own as a `SendIn`."""
+
+    messages: Annotated[list[SendIn], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    atomic: bool = False
+
+
+class MessagePage(msgspec.Struct):
+    """GET /v1/messages: one page, newest first; `next_cursor` is null on the last page."""
+
+    items: list[MessageOut]
+    next_cursor: str | None
+
+
+class SummaryGroup(msgspec.Struct):
+    """One day (YYYY-MM-DD, UTC) or one status of a summary; `cost` is captured credit."""
+
+    messages: int
+    sent: int  # reached the operator: sent, delivered or undelivered
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+    delivered: int  # of `sent`
+    undelivered: int  # of `sent`: still charged
+    day: str | None = None  # group_by=day
+    status: str | None = None  # group_by=status
+
+
+class SummaryTotals(msgspec.Struct):
+    messages: int
+    sent: int
+    failed: int
+    pending: int
+    segments: int
+    cost: int
+    held: int
+    delivered: int
+    undelivered: int
+
+
+class SummaryOut(msgspec.Struct):
+    """GET /v1/reports/summary. `from` and `to` repeat `created_from` and `created_to`
+    (deprecated: the names before 2.0.0)."""
+
+    created_from: Timestamp | None
+    created_to: Timestamp | None
+    from_: Timestamp | None = msgspec.field(name="from")
+    to: Timestamp | None
+    group_by: Literal["day", "status"]
+    groups: list[SummaryGroup]
+    totals: SummaryTotals

@@ -1,1 +1,2 @@
-"""Route modules, one per area of the API; each exports a quart Blueprint named `bp`."""
+"""Route modules, one per area of the API; each declares its routes on an `Api` named `api`
+(http/api.py)."""

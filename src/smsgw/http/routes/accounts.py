@@ -4,19 +4,24 @@ view, key rotation."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from quart import Blueprint, Response, request
+import msgspec
+from quart import Response
 
 from smsgw.engine import numbers
 from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
 from smsgw.engine.messages import AccountRecord, AccountSettings
+from smsgw.http.api import Api
 from smsgw.http.context import gateway, hash_key, json_response, new_api_key
 from smsgw.http.idempotency import idempotent_admin
-from smsgw.http.params import query_params, whole_number
+from smsgw.http.params import whole_number
 from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
+    MAX_ID,
     AccountAdminOut,
     AccountCreatedOut,
+    AccountId,
     AccountOut,
     AccountSettingsIn,
     AccountSettingsOut,
@@ -24,17 +29,41 @@ from smsgw.http.schemas import (
     BalanceOut,
     CreateAccountIn,
     KeyRotatedOut,
+    Name,
+    PageCursor,
+    PageLimit,
     TopUpIn,
 )
 
 DEFAULT_LIMIT = 100
-MAX_LIMIT = 1_000
-MAX_NAME_FILTER = 200
 
-bp = Blueprint("accounts", __name__)
+api = Api("accounts", __name__, tag="accounts")
+NameFilter = Annotated[
+    Name, msgspec.Meta(description="only accounts whose name contains this (any case)")
+]
 
 
-@bp.post("/v1/accounts")
+class AccountsQuery(msgspec.Struct, frozen=True):
+    """GET /v1/accounts: a page, and a filter by name."""
+
+    limit: PageLimit = DEFAULT_LIMIT
+    cursor: PageCursor | None = None  # the last id of the previous page
+    name: NameFilter | None = None
+
+
+@api.route(
+    "POST",
+    "/v1/accounts",
+    "Create an account; its API key is shown only in this answer",
+    auth="admin",
+    body=CreateAccountIn,
+    responses={201: AccountCreatedOut},
+    problems=(503,),
+    description=(
+        "The answer holds the account's API key and its callback `signing_secret`, each"
+        " shown only here."
+    ),
+)
 async def create_account() -> Response:
     gw = gateway()
     gw.require_admin()
@@ -53,9 +82,26 @@ async def create_account() -> Response:
 
 # Account ids are PostgreSQL bigints: a larger one is no account (404), not a query error
 # that would fail the whole group commit it rode in.
-@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/topups")
+ACCOUNT = "/v1/accounts/<int(max=9223372036854775807):account_id>"
+
+
+@api.route(
+    "POST",
+    ACCOUNT + "/topups",
+    "Add credit to an account",
+    auth="admin",
+    body=TopUpIn,
+    responses={200: BalanceOut},
+    problems=(503,),
+    idempotent=True,
+    description=(
+        "An `amount` the account's credit cannot hold (2^63 - 1 in all) is a 422"
+        " `amount_too_large` and changes nothing. Idempotency-Key: the admin's keys are"
+        " per target account."
+    ),
+)
 @idempotent_admin
-async def topup(account_id: int) -> Response:
+async def topup(account_id: AccountId) -> Response:
     """Add credit. A retry under the same Idempotency-Key credits once. An amount the account's
     credit cannot hold (its figures are PostgreSQL bigints) is a 422 and changes nothing: it is
     found in the group commit's transaction, where the account's row is locked, and only that
@@ -77,8 +123,24 @@ async def topup(account_id: int) -> Response:
     return json_response(BalanceOut(balance))
 
 
-@bp.put("/v1/accounts/<int(max=9223372036854775807):account_id>/settings")
-async def put_settings(account_id: int) -> Response:
+@api.route(
+    "PUT",
+    ACCOUNT + "/settings",
+    "Replace an account's scheduling and rate settings",
+    auth="admin",
+    body=AccountSettingsIn,
+    responses={200: AccountSettingsOut},
+    problems=(503,),
+    description=(
+        "`send_rate`: bulk messages a second dispatched to operators (paced, never"
+        " refused); `express_deadline_ms`: accept to operator for express messages;"
+        " `recipient_limit_per_hour`: messages to one number; `api_rate`: API requests a"
+        " second; `price_per_segment` and `express_surcharge`: the account's prices, in the"
+        " smallest currency unit (an express segment costs both). A missing or null field"
+        " is the node's default."
+    ),
+)
+async def put_settings(account_id: AccountId) -> Response:
     """Replace an account's scheduling and rate settings (a missing field: the default). They
     apply on this node at once and on every other node when the change's notification arrives
     (migration 006's trigger: well under a second)."""
@@ -146,21 +208,28 @@ def admin_view(account: AccountRecord) -> AccountAdminOut:
     )
 
 
-@bp.get("/v1/accounts")
+@api.route(
+    "GET",
+    "/v1/accounts",
+    "A page of accounts, in id order",
+    auth="admin",
+    query=AccountsQuery,
+    responses={200: AccountsPage},
+    problems=(503,),
+)
 async def list_accounts() -> Response:
     """A page of accounts in id order, optionally only those whose name contains `name`."""
     gw = gateway()
     gw.require_admin()
-    params = query_params(request.args, ("limit", "cursor", "name"))
-    limit = whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT)
-    after = whole_number(params, "cursor", low=0, high=2**63 - 1, default=0)
-    name = params.get("name")
-    if name is not None and not 1 <= len(name) <= MAX_NAME_FILTER:
+    query = gw.query(AccountsQuery)
+    limit, name = query.limit, query.name
+    after = 0 if query.cursor is None else whole_number(query.cursor)
+    if after is None or after > MAX_ID:
         raise ProblemError(
             422,
             "invalid_field",
-            f"`name` must be 1 to {MAX_NAME_FILTER} characters",
-            field="name",
+            f"`cursor` must be a whole number from 0 to {MAX_ID}, in ASCII digits",
+            field="cursor",
         )
     rows = await from_store(lambda: gw.reads.accounts_page(after, limit + 1, name), "list accounts")
     items = [admin_view(a) for a in rows[:limit]]
@@ -168,8 +237,15 @@ async def list_accounts() -> Response:
     return json_response(AccountsPage(items, next_cursor))
 
 
-@bp.get("/v1/accounts/<int(max=9223372036854775807):account_id>")
-async def show_account(account_id: int) -> Response:
+@api.route(
+    "GET",
+    ACCOUNT,
+    "An account: its credit, settings, senders, when it was made, whether it is suspended",
+    auth="admin",
+    responses={200: AccountAdminOut},
+    problems=(503,),
+)
+async def show_account(account_id: AccountId) -> Response:
     gw = gateway()
     gw.require_admin()
     account = await from_store(lambda: gw.reads.account_record(account_id), "read the account")
@@ -192,21 +268,43 @@ async def set_suspended(account_id: int, suspended: bool) -> Response:
     return json_response(admin_view(account))
 
 
-@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/suspend")
-async def suspend(account_id: int) -> Response:
+@api.route(
+    "POST",
+    ACCOUNT + "/suspend",
+    "Suspend an account",
+    auth="admin",
+    responses={200: AccountAdminOut},
+    problems=(503,),
+    idempotent=False,
+    description=(
+        "Its sends get 403 `account_suspended` on every node within a second; its queued"
+        " messages wait, unsent and uncharged (express ones end at their deadline, refunded),"
+        " until it resumes. Its reads and reports still work."
+    ),
+)
+async def suspend(account_id: AccountId) -> Response:
     """Its sends get 403 `account_suspended` on every node within a second, and its queued
     messages wait (unsent, uncharged) until it resumes. Suspending a suspended account keeps
     the time of the first suspension."""
     return await set_suspended(account_id, True)
 
 
-@bp.post("/v1/accounts/<int(max=9223372036854775807):account_id>/resume")
-async def resume(account_id: int) -> Response:
+@api.route(
+    "POST",
+    ACCOUNT + "/resume",
+    "Resume a suspended account",
+    auth="admin",
+    responses={200: AccountAdminOut},
+    problems=(503,),
+    idempotent=False,
+    description="Its sends are taken again and its queued messages go out.",
+)
+async def resume(account_id: AccountId) -> Response:
     """Its sends are taken again and its queued messages go out."""
     return await set_suspended(account_id, False)
 
 
-@bp.get("/v1/account")
+@api.route("GET", "/v1/account", "The calling account", responses={200: AccountOut})
 async def get_account() -> Response:
     gw = gateway()
     account = await gw.reads.account(await gw.require_account())
@@ -217,7 +315,14 @@ async def get_account() -> Response:
     )
 
 
-@bp.post("/v1/account/keys/rotate")
+@api.route(
+    "POST",
+    "/v1/account/keys/rotate",
+    "Replace the calling account's API key; the old one stops working",
+    responses={200: KeyRotatedOut},
+    idempotent=False,
+    problems=(503,),
+)
 async def rotate_key() -> Response:
     """A new API key for the calling account, shown only in this answer; the key that made the
     call stops working at once on this node (it is dropped from the KeyCache) and on every

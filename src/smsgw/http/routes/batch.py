@@ -11,9 +11,10 @@ from typing import Any, NoReturn
 
 import msgspec
 import trio
-from quart import Blueprint, Response
+from quart import Response
 
 from smsgw.engine.messages import AcceptResult, OutboundSms
+from smsgw.http.api import Api
 from smsgw.http.context import (
     MAX_BATCH_BODY_BYTES,
     Gateway,
@@ -31,11 +32,12 @@ from smsgw.http.schemas import (
     BatchItemError,
     BatchItemsIn,
     BatchOut,
+    BatchRequest,
     BatchResultOut,
     SendIn,
 )
 
-bp = Blueprint("batch", __name__)
+api = Api("batch", __name__, tag="messages")
 log = logging.getLogger("smsgw.http")
 _decode_items = msgspec.json.Decoder(BatchItemsIn).decode
 
@@ -193,7 +195,37 @@ def atomic_refusal(
     )
 
 
-@bp.post("/v1/messages/batch")
+@api.route(
+    "POST",
+    "/v1/messages/batch",
+    "Send up to 1,000 messages",
+    body=BatchRequest,
+    example={
+        "messages": [
+            {"to": "+4915123456789", "text": "Our summer sale starts today"},
+            {"to": "+989121234567", "text": "Your code is 123456", "express": True},
+        ]
+    },
+    responses={202: BatchOut, 200: BatchOut},
+    problems=(402, 409, 503),
+    idempotent=False,
+    description=(
+        "One result per item, in order, each with its `index`: `queued` (stored now: `id`,"
+        " `segments`, `price`), `duplicate` (the account already has a message with this"
+        " `client_ref`: nothing new is stored, `id` is that message's, as a single send"
+        " answers 200 with it) or `rejected` (`error`: the `code`, `field`, `detail` and"
+        " HTTP `status` a single send of the item would have answered, `retry_after` for"
+        " a 429 or 503). `accepted` + `duplicates` + `rejected` is the number of items."
+        " 202 when any item was stored; 200 when none was but some were duplicates; 422"
+        " problem `nothing_accepted`, with the same `results` and counts, when every item"
+        " was rejected. Credit is held item by item; once it runs out, the rest are"
+        " rejected with `insufficient_credit`. With `atomic`, all or none: 422"
+        " `invalid_batch` (with `results`) when any item is invalid, 402 when the balance"
+        " cannot cover them all, 409 when some but not all `client_ref`s are taken (all"
+        " taken: 200, every item a duplicate). The batch's bulk is admitted or refused"
+        " whole (429 `backlog_full`, 503 `overloaded`)."
+    ),
+)
 @idempotent
 async def send_batch() -> Response:
     """202 when any item was stored, 200 when none was but some already were (duplicate

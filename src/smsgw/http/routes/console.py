@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from typing import Annotated
 
-from quart import Blueprint, Response, current_app, request
+import msgspec
+from quart import Response, current_app, request
 
-from smsgw.http.console import ClusterCache, DrainOut, operator_out, snapshot
+from smsgw.http.api import Api, Content
+from smsgw.http.console import ClusterCache, ConsoleOut, DrainOut, operator_out, snapshot
 from smsgw.http.context import gateway, json_response
 from smsgw.http.problems import ProblemError
 
-bp = Blueprint("console", __name__)
+api = Api("console", __name__, tag="ops")
+Operator = Annotated[str, msgspec.Meta(description="the operator's name")]
 log = logging.getLogger("smsgw.ops")
 
 # The page runs one inline script, draws with SVG, and talks only to its own node. No frame
@@ -23,7 +27,18 @@ _CONSOLE_CSP = (
 )
 
 
-@bp.get("/ops")
+@api.route(
+    "GET",
+    "/ops",
+    "The ops console: a live page of the supervision tree, queues, operators and nodes",
+    auth="none",
+    responses={200: Content("text/html", {"type": "string"})},
+    description=(
+        "Self-contained (no CDN). It asks for the admin key once, keeps it in the tab's"
+        " sessionStorage and sends it as a Bearer header to GET /v1/ops/console every"
+        " second; the drain and release buttons call the routes above after a confirm."
+    ),
+)
 async def console_page() -> Response:
     page = current_app.extensions.get("smsgw.console")
     if page is None:
@@ -40,7 +55,19 @@ async def console_page() -> Response:
     )
 
 
-@bp.get("/v1/ops/console")
+@api.route(
+    "GET",
+    "/v1/ops/console",
+    "Everything the ops console (GET /ops) draws, in one answer",
+    auth="admin",
+    responses={200: ConsoleOut},
+    description=(
+        "The supervision tree, the scheduler's lanes, each operator's breaker and figures,"
+        " cumulative counters (a poller turns them into rates) and the nodes with the"
+        " shard map, from the node that answered (`node_id`). The nodes' view is read from"
+        " PostgreSQL at most once a second; `cluster.error` says why it is missing."
+    ),
+)
 async def console_figures() -> Response:
     gw = gateway()
     gw.require_admin()
@@ -53,8 +80,19 @@ async def console_figures() -> Response:
     return response
 
 
-@bp.post("/v1/ops/operators/<name>/drain")
-async def drain_operator(name: str) -> Response:
+@api.route(
+    "POST",
+    "/v1/ops/operators/<name>/drain",
+    "Drain an operator: hold its breaker open on this node until released",
+    auth="admin",
+    responses={200: DrainOut},
+    description=(
+        "No call to the operator begins on the node that answers (`node_id`); its"
+        " messages go to the other operators (a route override's only with `fallback`),"
+        " calls in flight finish. Logged. Idempotent."
+    ),
+)
+async def drain_operator(name: Operator) -> Response:
     gw = gateway()
     gw.require_admin()
     routing = gw.engine.pool.routing
@@ -70,8 +108,15 @@ async def drain_operator(name: str) -> Response:
     return _operator_answer(name)
 
 
-@bp.post("/v1/ops/operators/<name>/release")
-async def release_operator(name: str) -> Response:
+@api.route(
+    "POST",
+    "/v1/ops/operators/<name>/release",
+    "Release a drained operator: its breaker probes (half-open), then closes",
+    auth="admin",
+    responses={200: DrainOut},
+    description="Logged. An operator that is not drained is left as it is.",
+)
+async def release_operator(name: Operator) -> Response:
     gw = gateway()
     gw.require_admin()
     routing = gw.engine.pool.routing

@@ -5,11 +5,14 @@ from __future__ import annotations
 from importlib import resources
 
 import msgspec
-from quart import Blueprint, Response, current_app
+from quart import Response, current_app
 
-from smsgw.http.openapi import ROUTES, document
+from smsgw.http.api import Api, Content
+from smsgw.http.openapi import document
 
-bp = Blueprint("docs", __name__)
+api = Api("docs", __name__, tag="ops")
+# The operations the document describes: every route the app serves (http/app.py).
+OPERATIONS = "smsgw.operations"
 
 # The page runs one inline script and loads nothing from elsewhere.
 _DOCS_CSP = (
@@ -18,15 +21,28 @@ _DOCS_CSP = (
 )
 
 
-@bp.get("/openapi.json")
+@api.route(
+    "GET",
+    "/openapi.json",
+    "This document",
+    auth="none",
+    responses={200: Content("application/json", {"type": "object"})},
+)
 async def openapi_json() -> Response:
     body = current_app.extensions.get("smsgw.openapi")
     if body is None:  # built once per app, on first use
-        body = current_app.extensions["smsgw.openapi"] = msgspec.json.encode(document(ROUTES))
+        operations = current_app.extensions[OPERATIONS]
+        body = current_app.extensions["smsgw.openapi"] = msgspec.json.encode(document(operations))
     return Response(body, content_type="application/json")
 
 
-@bp.get("/docs")
+@api.route(
+    "GET",
+    "/docs",
+    "A page that shows this document",
+    auth="none",
+    responses={200: Content("text/html", {"type": "string"})},
+)
 async def docs() -> Response:
     page = current_app.extensions.get("smsgw.docs")
     if page is None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from quart import Blueprint, Response
+from quart import Response
 
 from smsgw.engine import numbers
 from smsgw.engine import sms as rules
@@ -17,15 +17,17 @@ from smsgw.engine.actor import Reply
 from smsgw.engine.callbacks import callback_url_problem
 from smsgw.engine.messages import AcceptResult, OutboundSms, Settled
 from smsgw.engine.ports import dispatch_shard
+from smsgw.http.api import REF, Api, Content
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
 from smsgw.http.problems import ProblemError
-from smsgw.http.routes.otp import OtpSend, otp_client_ref_used
-from smsgw.http.schemas import AcceptedOut, SendIn
+from smsgw.http.routes.delivery import CALLBACKS
+from smsgw.http.routes.otp import OTP_SEND, OtpSend, otp_client_ref_used
+from smsgw.http.schemas import SENT_ANSWERS, AcceptedOut, MessageId, MessageOut, SendIn
 from smsgw.logs import request_id_var
 
-bp = Blueprint("messages", __name__)
+api = Api("messages", __name__, tag="messages")
 DEFAULT_SENDER = "smsgw"
 
 
@@ -270,7 +272,39 @@ async def existing_by_client_ref(gw: Gateway, account_id: int, client_ref: str) 
     return json_response(message_view(gw, row), 200)
 
 
-@bp.post("/v1/messages")
+@api.route(
+    "POST",
+    "/v1/messages",
+    "Send one message",
+    body=SendIn,
+    responses={
+        202: AcceptedOut,
+        # The message; an OTP send's has its code too.
+        200: Content(
+            "application/json",
+            {"anyOf": [{"$ref": REF.format(name=t.__name__)} for t in SENT_ANSWERS]},
+            refs=SENT_ANSWERS,
+        ),
+    },
+    example={"to": "+989121234567", "text": "Your order has shipped"},
+    examples={"otp": {"to": "+4915123456789", "otp": True, "code_length": 6}},
+    problems=(402, 502, 503, 504),
+    description=(
+        "202 once the message and its credit hold are committed. 200 with the existing"
+        " message when `client_ref` was used before by this account (nothing new is"
+        " stored). 402 when the balance does not cover the price (nothing stored or held)."
+        " 422 `sender_not_allowed` for a sender the admin did not allow the account"
+        " (PUT /v1/accounts/{account_id}/senders); 422 `opted_out` for a number on the"
+        " account's opt-outs (bulk only) or the gateway's blocklist."
+        " 429 `recipient_rate_limited` past the hourly limit for one number. Express: 503"
+        " `express_unavailable` when it could not make its deadline (nothing held). With"
+        ' `"wait": true` (express only): 200 with the sent message once the operator took'
+        " it, 504 `deadline_exceeded` (failed, refunded) when the deadline passed, 502"
+        " `operator_refused` (failed, refunded) when the operator refused it."
+        " With `callback_url`, each status change (sent, failed, delivered, undelivered)"
+        " is POSTed there. " + CALLBACKS + " " + OTP_SEND
+    ),
+)
 @idempotent
 async def send_message() -> Response:
     """202 and the new message; 200 and the existing one when `client_ref` is already used by
@@ -456,8 +490,13 @@ def sent_view(sms: OutboundSms, outcome: Settled) -> dict[str, Any]:
     }
 
 
-@bp.get("/v1/messages/<message_id>")
-async def get_message(message_id: str) -> Response:
+@api.route(
+    "GET",
+    "/v1/messages/<message_id>",
+    "One message of the calling account",
+    responses={200: MessageOut},
+)
+async def get_message(message_id: MessageId) -> Response:
     gw = gateway()
     account_id = await gw.require_account()
     if not is_message_id(message_id):

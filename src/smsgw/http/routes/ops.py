@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
-from quart import Blueprint, Response, request
+from quart import Response
 
+from smsgw.engine.messages import SupervisorStatus
+from smsgw.http.api import Api
 from smsgw.http.context import gateway, json_response
-from smsgw.http.params import query_params
 from smsgw.http.problems import ProblemError
-from smsgw.http.schemas import ClusterOut
+from smsgw.http.schemas import ClusterOut, HealthOut, ReadyOut
 
-bp = Blueprint("ops", __name__)
+api = Api("ops", __name__, tag="ops")
 
 
-@bp.get("/health")
+LeaseDetail = Annotated[
+    Literal["leases"],
+    msgspec.Meta(
+        description="`leases`: child `shard_leases` lists every lease with its fencing token"
+        " (default: `lease_summary`, its count, shard ranges and token span)"
+    ),
+]
+
+
+class SupervisorQuery(msgspec.Struct, frozen=True):
+    detail: LeaseDetail | None = None
+
+
+@api.route("GET", "/health", "Liveness", auth="none", responses={200: HealthOut})
 async def health() -> Response:
     return json_response({"status": "ok"})
 
 
-@bp.get("/ready")
+@api.route(
+    "GET",
+    "/ready",
+    "Readiness: PostgreSQL answers and recovery is done",
+    auth="none",
+    responses={200: ReadyOut},
+    problems=(503,),
+)
 async def ready() -> Response:
     gw = gateway()
     if not gw.engine.ready.is_set():
@@ -36,14 +57,19 @@ async def ready() -> Response:
     return json_response({"status": "ready", "recovered": gw.engine.recovered})
 
 
-@bp.get("/v1/ops/supervisor")
+@api.route(
+    "GET",
+    "/v1/ops/supervisor",
+    "The supervision tree: each actor's state, restarts, inbox and own figures",
+    auth="admin",
+    query=SupervisorQuery,
+    responses={200: SupervisorStatus},
+    problems=(503,),
+)
 async def supervisor_status() -> Response:
     gw = gateway()
     gw.require_admin()
-    params = query_params(request.args, ("detail",))
-    detail = params.get("detail")
-    if detail not in (None, "leases"):
-        raise ProblemError(422, "invalid_field", "`detail` is `leases` or absent", field="detail")
+    detail = gw.query(SupervisorQuery).detail
     if gw.engine.supervisor is None:
         raise ProblemError(503, "starting", "the supervisor is starting")
     tree = msgspec.to_builtins(gw.engine.supervisor.status())
@@ -83,7 +109,19 @@ def shard_ranges(shards: list[int]) -> str:
     return ",".join(parts)
 
 
-@bp.get("/v1/ops/cluster")
+@api.route(
+    "GET",
+    "/v1/ops/cluster",
+    "The nodes sharing this database: heartbeats and leased shards",
+    auth="admin",
+    responses={200: ClusterOut},
+    problems=(503,),
+    description=(
+        "Accounts hash into 256 shards; each is dispatched by the one live node holding its"
+        " lease. This node's own leases (with their fencing tokens) are in"
+        " /v1/ops/supervisor, child `shard_leases`."
+    ),
+)
 async def cluster_status() -> Response:
     """Every node on this database, its heartbeat and its shard count (one query)."""
     gw = gateway()

@@ -12,26 +12,42 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from quart import Blueprint, Response, request
+import msgspec
+from quart import Response
 
 from smsgw.engine import numbers
+from smsgw.http.api import Api, Auth
 from smsgw.http.context import Gateway, gateway, json_response
-from smsgw.http.params import query_params, whole_number
 from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
     ListedNumberOut,
     NumbersAddedOut,
     NumbersIn,
     NumbersPage,
+    PageCursor,
+    PageLimit,
 )
 
-bp = Blueprint("optouts", __name__)
+api = Api("optouts", __name__, tag="opt-outs")
+Handler = Callable[..., Awaitable[Response]]
 DEFAULT_LIMIT = 100
-MAX_LIMIT = 1_000
+_STOPS = (
+    "An account's opt-outs stop its bulk messages, not its express ones (an opted-out person"
+    " still gets login codes); the gateway's blocklist stops every message. A send to such a"
+    " number is a 422 `opted_out`, nothing held. Numbers are taken as `to` is (the account's"
+    " `default_country`; the blocklist: the node's) and kept as E.164."
+)
+
+
+class PageQuery(msgspec.Struct, frozen=True):
+    """A page of a list."""
+
+    limit: PageLimit = DEFAULT_LIMIT
+    cursor: PageCursor | None = None
 
 
 @runtime_checkable
@@ -102,9 +118,8 @@ async def add(gw: Gateway, account_id: int | None) -> Response:
 
 
 async def page(gw: Gateway, account_id: int | None) -> Response:
-    params = query_params(request.args, ("limit", "cursor"))
-    limit = whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT)
-    cursor = params.get("cursor")
+    query = gw.query(PageQuery)
+    limit, cursor = query.limit, query.cursor
     after = None if cursor is None else decode_cursor(cursor)
     rows = await from_store(
         lambda: list_store(gw).stops(account_id, after, limit + 1), "read the list"
@@ -126,39 +141,87 @@ async def remove(gw: Gateway, account_id: int | None, number: str) -> Response:
     return Response(b"", status=204)
 
 
-@bp.post("/v1/account/opt-outs")
+# The two lists' routes: the same three operations, for an account or for the admin.
+OPT_OUTS: tuple[str, Auth, str] = (
+    "/v1/account/opt-outs",
+    "account",
+    "the calling account's opt-out list",
+)
+BLOCKLIST: tuple[str, Auth, str] = ("/v1/blocklist", "admin", "the gateway's blocklist")
+
+
+def adds(prefix: str, auth: Auth, who: str) -> Callable[[Handler], Handler]:
+    return api.route(
+        "POST",
+        prefix,
+        f"Add numbers to {who}",
+        auth=auth,
+        body=NumbersIn,
+        responses={200: NumbersAddedOut},
+        problems=(503,),
+        idempotent=False,
+        description="All or none: a number that is none is a 422 naming it. " + _STOPS,
+        example={"numbers": ["0935 123 4567", "+4917612345678"]},
+    )
+
+
+def pages(prefix: str, auth: Auth, who: str) -> Callable[[Handler], Handler]:
+    return api.route(
+        "GET",
+        prefix,
+        f"A page of {who}, in number order",
+        auth=auth,
+        query=PageQuery,
+        responses={200: NumbersPage},
+        problems=(503,),
+    )
+
+
+def removes(prefix: str, auth: Auth, who: str) -> Callable[[Handler], Handler]:
+    return api.route(
+        "DELETE",
+        prefix + "/<number>",
+        f"Take a number off {who}",
+        auth=auth,
+        responses={204: None},
+        problems=(503,),
+        description="404 `number_not_listed` when it is not on it.",
+    )
+
+
+@adds(*OPT_OUTS)
 async def add_opt_outs() -> Response:
     gw = gateway()
     return await add(gw, await gw.require_account())
 
 
-@bp.get("/v1/account/opt-outs")
+@pages(*OPT_OUTS)
 async def list_opt_outs() -> Response:
     gw = gateway()
     return await page(gw, await gw.require_account())
 
 
-@bp.delete("/v1/account/opt-outs/<number>")
+@removes(*OPT_OUTS)
 async def remove_opt_out(number: str) -> Response:
     gw = gateway()
     return await remove(gw, await gw.require_account(), number)
 
 
-@bp.post("/v1/blocklist")
+@adds(*BLOCKLIST)
 async def add_blocked() -> Response:
     gw = gateway()
     gw.require_admin()
     return await add(gw, None)
 
 
-@bp.get("/v1/blocklist")
+@pages(*BLOCKLIST)
 async def list_blocked() -> Response:
     gw = gateway()
     gw.require_admin()
     return await page(gw, None)
 
 
-@bp.delete("/v1/blocklist/<number>")
+@removes(*BLOCKLIST)
 async def remove_blocked(number: str) -> Response:
     gw = gateway()
     gw.require_admin()

@@ -15,22 +15,36 @@ from typing import Any
 
 import msgspec
 import trio
-from quart import Blueprint, Response, current_app
+from quart import Response, current_app
 
 from smsgw.engine import numbers
 from smsgw.engine import otp as rules
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import OtpStore
+from smsgw.http.api import Api
 from smsgw.http.context import Gateway, gateway, json_response, optional_header
 from smsgw.http.idempotency import HEADER as IDEMPOTENCY_HEADER
 from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import OtpVerifyIn, OtpVerifyOut, SendIn
 
-bp = Blueprint("otp", __name__)
+api = Api("otp", __name__, tag="otp")
 log = logging.getLogger("smsgw.http")
 EXTENSION = "smsgw.otp"
 # How long settling an unanswered OTP send may hold its request's end.
 SETTLE_TIMEOUT_S = 5.0
+# POST /v1/messages with `otp`, in the document (routes/messages.py).
+OTP_SEND = (
+    'One-time codes: `"otp": true` instead of `text` sends a code of `code_length` digits'
+    " (4 to 8, default 6) made by a CSPRNG, in `template` (with {code} exactly once; default"
+    ' "Your code is {code}"), express and waiting as with `wait`: 200 with the sent message'
+    " and its `code` (OtpSentOut; `text` with the code's digits as '*', as it is stored from"
+    " then on), or the 504 and 502 above, after which the code is not valid. `text` with"
+    " `otp` is a 422, and so is an `Idempotency-Key` (no answer holding a code is kept); a"
+    " `client_ref` used before is a 409 `client_ref_used`. Like every express message an OTP"
+    " reaches numbers on the account's opt-outs, not those on the blocklist. Verify with"
+    " POST /v1/otp/verify; a code expires after 120 s (`EngineConfig.otp_ttl_s`), and a new"
+    " one to the number replaces it."
+)
 
 
 def otp_store() -> OtpStore:
@@ -136,7 +150,25 @@ def otp_client_ref_used(sms: OutboundSms) -> ProblemError:
     )
 
 
-@bp.post("/v1/otp/verify")
+@api.route(
+    "POST",
+    "/v1/otp/verify",
+    "Check a one-time code sent to a number",
+    body=OtpVerifyIn,
+    responses={200: OtpVerifyOut},
+    problems=(503,),
+    idempotent=False,
+    example={"to": "+4915123456789", "code": "123456"},
+    description=(
+        "`valid: true` once, for the number's live code (the last one sent to it through"
+        " any node, while it has not expired); then false. A wrong code counts an attempt:"
+        " the fifth wrong one in a row invalidates the code. `reason` when false:"
+        " `mismatch`, `too_many_attempts` (this wrong code invalidated it), `expired`, or"
+        " `no_code` (none is live: none was sent, it was used or invalidated, or the last"
+        " send failed). `to` is taken as a send takes it; `code` is its digits (Persian and"
+        " Arabic-Indic digits too). Counts against the account's request rate."
+    ),
+)
 async def verify() -> Response:
     """200 `{valid}`: true once for the number's live code; false with a `reason`."""
     gw = gateway()

@@ -15,26 +15,32 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
-from quart import Blueprint, Response, request
+from quart import Response
 
 from smsgw.engine import sms as rules
 from smsgw.engine.ports import MessageQuery, SummaryRow
+from smsgw.http.api import Api, Content
 from smsgw.http.context import Gateway, gateway, json_response
-from smsgw.http.params import aliased, query_params, text, time_range, whole_number
+from smsgw.http.params import aliased, time_range
 from smsgw.http.problems import ProblemError
 from smsgw.http.routes.messages import message_view
+from smsgw.http.schemas import (
+    ClientRef,
+    MessagePage,
+    PageCursor,
+    PageLimit,
+    Recipient,
+    SummaryOut,
+)
 
-bp = Blueprint("reports", __name__)
+api = Api("reports", __name__, tag="reports")
 log = logging.getLogger("smsgw.http")
 
 DEFAULT_LIMIT = 100
-MAX_LIMIT = 1_000
 EXPORT_PAGE = 5_000
-# As stored (`sending` is never written); `delivered` and `undelivered` come from DLRs.
-STATUSES = ("queued", "sent", "failed", "delivered", "undelivered")
 EXPORT_COLUMNS = (
     "id",
     "to",
@@ -87,18 +93,70 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # --- query parameters ---------------------------------------------------------------------
 
+# As stored (`sending` is never written); `delivered` and `undelivered` come from DLRs.
+Status = Literal["queued", "sent", "failed", "delivered", "undelivered"]
+CreatedFrom = Annotated[datetime, msgspec.Meta(tz=True, description="inclusive")]
+CreatedTo = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive")]
+CreatedToOrNow = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive; default: now")]
+# Summary and export before API 2.0.0 named their range `from` and `to`; still taken, not
+# both names of one end.
+OldFrom = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description="deprecated: `created_from`",
+        extra_json_schema={"deprecated": True},
+    ),
+]
+OldTo = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True, description="deprecated: `created_to`", extra_json_schema={"deprecated": True}
+    ),
+]
+OLD_RANGE = (
+    "`from` and `to` are the deprecated names of `created_from` and `created_to` (before API"
+    " 2.0.0); give one name for each end."
+)
 
-def message_query(params: dict[str, str]) -> MessageQuery:
-    """GET /v1/messages' filters and page from its query parameters; 422 naming the first
-    bad one."""
-    status = params.get("status")
-    if status is not None and status not in STATUSES:
-        raise ProblemError(
-            422, "invalid_field", f"`status` must be one of {', '.join(STATUSES)}", field="status"
-        )
-    to = params.get("to")
-    if to is not None:
-        problem = rules.recipient_problem(to)
+
+class ListQuery(msgspec.Struct, frozen=True):
+    """GET /v1/messages: the filters and the page."""
+
+    limit: PageLimit = DEFAULT_LIMIT
+    cursor: PageCursor | None = None
+    status: Status | None = None
+    to: Recipient | None = None
+    client_ref: ClientRef | None = None
+    express: bool | None = None
+    created_from: CreatedFrom | None = None
+    created_to: CreatedTo | None = None
+
+
+class SummaryQuery(msgspec.Struct, frozen=True):
+    """GET /v1/reports/summary: the range and the grouping."""
+
+    created_from: CreatedFrom | None = None
+    created_to: CreatedTo | None = None
+    group_by: Literal["day", "status"] = "day"
+    from_: OldFrom | None = msgspec.field(default=None, name="from")
+    to: OldTo | None = None
+
+
+class ExportQuery(msgspec.Struct, frozen=True):
+    """GET /v1/messages/export: the range; without its end, until the export starts."""
+
+    created_from: CreatedFrom | None = None
+    created_to: CreatedToOrNow | None = None
+    from_: OldFrom | None = msgspec.field(default=None, name="from")
+    to: OldTo | None = None
+
+
+def message_query(query: ListQuery) -> MessageQuery:
+    """GET /v1/messages' filters and page, checked beyond what the query's types say; 422
+    naming the first bad parameter."""
+    if query.to is not None:
+        problem = rules.recipient_problem(query.to)
         if problem:
             raise ProblemError(
                 422,
@@ -106,51 +164,47 @@ def message_query(params: dict[str, str]) -> MessageQuery:
                 f"`to` {problem} (in a query string, write + as %2B)",
                 field="to",
             )
-    client_ref = text(params, "client_ref", max_length=100)
-    express = params.get("express")
-    if express is not None and express not in ("true", "false"):
-        raise ProblemError(422, "invalid_field", "`express` must be true or false", field="express")
-    created_from, created_to = time_range(params, "created_from", "created_to")
-    cursor = params.get("cursor")
+    created_from, created_to = time_range(
+        "created_from", query.created_from, "created_to", query.created_to
+    )
     return MessageQuery(
-        limit=whole_number(params, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT),
-        status=status,
-        to=to,
-        client_ref=client_ref,
-        express=None if express is None else express == "true",
+        limit=query.limit,
+        status=query.status,
+        to=query.to,
+        client_ref=query.client_ref,
+        express=query.express,
         created_from=created_from,
         created_to=created_to,
-        after=None if cursor is None else decode_cursor(cursor),
+        after=None if query.cursor is None else decode_cursor(query.cursor),
     )
 
 
-# The creation-time range, named as on GET /v1/messages; `from` and `to` are the names summary
-# and export used before API 2.0.0, still taken (not both names of one end).
-RANGE_PARAMS = ("created_from", "created_to", "from", "to")
-
-
-def created_range(params: dict[str, str]) -> tuple[datetime | None, datetime | None]:
+def created_range(
+    query: SummaryQuery | ExportQuery,
+) -> tuple[datetime | None, datetime | None]:
     """[created_from, created_to) of a summary or an export; a problem names the parameter
     as the query gave it."""
-    start = aliased(params, "created_from", "from")
-    end = aliased(params, "created_to", "to")
-    return time_range(params, start, end)
+    start, low = aliased("created_from", query.created_from, "from", query.from_)
+    end, high = aliased("created_to", query.created_to, "to", query.to)
+    return time_range(start, low, end, high)
 
 
 # --- routes -------------------------------------------------------------------------------
 
 
-@bp.get("/v1/messages")
+@api.route(
+    "GET",
+    "/v1/messages",
+    "The calling account's messages, newest first, a page at a time",
+    query=ListQuery,
+    responses={200: MessagePage},
+)
 async def list_messages() -> Response:
     """`{items, next_cursor}`: the account's messages, newest first, each in the shape of
     GET /v1/messages/{id}; `next_cursor` is null on the last page."""
     gw = gateway()
     account_id = await gw.require_account()
-    params = query_params(
-        request.args,
-        ("limit", "cursor", "status", "to", "client_ref", "express", "created_from", "created_to"),
-    )
-    query = message_query(params)
+    query = message_query(gw.query(ListQuery))
     # One row more than asked: whether it exists says whether there is a next page.
     rows = await gw.reads.messages(
         account_id, msgspec.structs.replace(query, limit=query.limit + 1)
@@ -164,7 +218,14 @@ async def list_messages() -> Response:
     )
 
 
-@bp.get("/v1/reports/summary")
+@api.route(
+    "GET",
+    "/v1/reports/summary",
+    "Counts and credit per UTC day or per status",
+    query=SummaryQuery,
+    responses={200: SummaryOut},
+    description="Messages created in [created_from, created_to). " + OLD_RANGE,
+)
 async def summary() -> Response:
     """Per UTC day or per status, for messages created in [created_from, created_to):
     counts, segments, cost (captured: the prices of sent messages) and held (the prices of
@@ -173,14 +234,9 @@ async def summary() -> Response:
     message stays charged."""
     gw = gateway()
     account_id = await gw.require_account()
-    params = query_params(request.args, (*RANGE_PARAMS, "group_by"))
-    created_from, created_to = created_range(params)
-    group_by = params.get("group_by", "day")
-    if group_by not in ("day", "status"):
-        raise ProblemError(
-            422, "invalid_field", "`group_by` must be day or status", field="group_by"
-        )
-    grouping: Literal["day", "status"] = "day" if group_by == "day" else "status"
+    query = gw.query(SummaryQuery)
+    created_from, created_to = created_range(query)
+    grouping = query.group_by
     rows = await gw.reads.summary(account_id, created_from, created_to, grouping)
     totals = {
         name: sum(getattr(r, name) for r in rows)
@@ -204,7 +260,14 @@ def _summary_fields(row: SummaryRow) -> dict[str, int]:
     return {name: getattr(row, name) for name in row.__struct_fields__ if name != "key"}
 
 
-@bp.get("/v1/messages/export")
+@api.route(
+    "GET",
+    "/v1/messages/export",
+    "The calling account's messages as CSV, oldest first, streamed",
+    query=ExportQuery,
+    responses={200: Content("text/csv", {"type": "string"})},
+    description="Messages created in [created_from, created_to). " + OLD_RANGE,
+)
 async def export() -> Response:
     """CSV of the account's messages created in [created_from, created_to), oldest first,
     streamed: the gateway reads PostgreSQL in keyset pages of EXPORT_PAGE rows while it
@@ -215,8 +278,7 @@ async def export() -> Response:
     read before it too: until then a failure is a problem answer like on any route."""
     gw = gateway()
     account_id = await gw.require_account()
-    params = query_params(request.args, RANGE_PARAMS)
-    created_from, created_to = created_range(params)
+    created_from, created_to = created_range(gw.query(ExportQuery))
     if created_to is None:
         created_to = datetime.now(UTC)
     query = MessageQuery(

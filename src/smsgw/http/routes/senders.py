@@ -10,16 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from quart import Blueprint, Response
+from quart import Response
 
 from smsgw.engine import sms as rules
 from smsgw.engine.messages import AccountSettings
+from smsgw.http.api import Api
 from smsgw.http.context import gateway, json_response
 from smsgw.http.problems import ProblemError, from_store
+from smsgw.http.routes.accounts import ACCOUNT
 from smsgw.http.routes.messages import DEFAULT_SENDER
-from smsgw.http.schemas import SendersIn, SendersOut
+from smsgw.http.schemas import AccountId, SendersIn, SendersOut
 
-bp = Blueprint("senders", __name__)
+api = Api("senders", __name__, tag="accounts")
 
 
 @runtime_checkable
@@ -31,8 +33,23 @@ class SendersStore(Protocol):
     ) -> AccountSettings | None: ...
 
 
-@bp.put("/v1/accounts/<int(max=9223372036854775807):account_id>/senders")
-async def put_senders(account_id: int) -> Response:
+@api.route(
+    "PUT",
+    ACCOUNT + "/senders",
+    "Replace the senders an account may use, and its default sender",
+    auth="admin",
+    body=SendersIn,
+    responses={200: SendersOut},
+    problems=(503,),
+    description=(
+        "With a list, the account's sends may use only its senders (else 422"
+        " `sender_not_allowed` naming `sender` or `from`), and a send without one uses"
+        " `default` (null: the first of `senders`). An empty list lets it send from any"
+        ' valid sender, as an account without a list does (default "smsgw", or'
+        " `default`). Holds on every node within a notification's latency."
+    ),
+)
+async def put_senders(account_id: AccountId) -> Response:
     """Replace the account's senders and default sender. An empty list lets it send from any
     valid sender again, as an account without a list does."""
     gw = gateway()
