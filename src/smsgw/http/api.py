@@ -4,8 +4,9 @@ A route module makes an `Api` (a quart Blueprint and the operations registered o
 declares each handler with `@api.route(method, rule, summary, ...)`, saying who may call it,
 its request body, its query parameters, its answers. The decorator registers the handler
 exactly as quart's own `@bp.get` does (the handler is the view: it adds nothing per request)
-and records an `Operation`, from which http/openapi.py builds the document. So a route
-cannot be served without being documented, nor documented without being served.
+and records an `Operation`, from which http/openapi.py builds the document: a route is
+served and documented by one declaration (tests/integration/test_openapi.py fails on a route
+registered around it).
 
 Path parameters are the rule's (`/v1/messages/<message_id>`), their schemas the handler's own
 annotations (`message_id: MessageId`). Query parameters are a msgspec Struct (`query=`), whose
