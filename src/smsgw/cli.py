@@ -709,7 +709,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     _need_sim_extra("simulate")
-    from smsgw.sim.simulate import Overrides, run
+    from smsgw.simulate.run import Overrides, run
 
     overrides = Overrides(
         accounts=args.accounts,
@@ -736,7 +736,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     _need_sim_extra("bench")
 
-    from smsgw.bench import DEFAULT_OUT, run
+    from smsgw.simulate.bench import DEFAULT_OUT, run
 
     return run(args.set, Path(args.out) if args.out else DEFAULT_OUT, only=args.only)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from smsgw.sim import report as sim_report
-from smsgw.sim.report import SimReport
-from smsgw.sim.scenarios import SCENARIOS, Scenario, scenario
-from smsgw.sim.virtual import run_virtual
+from smsgw.simulate import report as sim_report
+from smsgw.simulate.report import SimReport
+from smsgw.simulate.scenarios import SCENARIOS, Scenario, scenario
+from smsgw.simulate.virtual import run_virtual
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ import asyncio
 import asyncpg
 import trio
 
-from smsgw.sim.scenarios import scenario
-from smsgw.sim.simulate import simulate_wall
+from smsgw.simulate.run import simulate_wall
+from smsgw.simulate.scenarios import scenario
 
 
 async def test_production_test_over_http(database_url: str) -> None:

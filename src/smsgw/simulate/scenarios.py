@@ -40,7 +40,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     1/rank**zipf (rank 0 the heaviest), `express_share` of them express, shaped by a diurnal
     curve when `diurnal` (trough at 04:00, peak at 16:00, peak/average 1 + `diurnal_amplitude`).
 
-    Virtual time batches messages into cohorts (see smsgw.sim.virtual): per `tick_s` of load,
+    Virtual time batches messages into cohorts (see smsgw.simulate.virtual): per `tick_s` of load,
     each account's messages in that tick go in at most `max_cohort` messages a cohort, and
     cohorts arrive at instants on a grid of `arrival_step_s` / `scale`.
     """

@@ -9,7 +9,7 @@ statuses, accept-to-sent latency, fairness, the credit reconciliation of storage
 and whether every id that got a 202 is stored). It replays a scenario's message count,
 accounts, skew and express share, not its time shape: the load is closed loop.
 
-Virtual time: smsgw.sim.virtual.
+Virtual time: smsgw.simulate.virtual.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import trio
 from smsgw.server import NodeOptions, run_node
 from smsgw.sim.loadgen import LoadReport
 from smsgw.sim.operator import CountingProvider, SimulatedOperator
-from smsgw.sim.report import (
+from smsgw.simulate.report import (
     Bucket,
     Check,
     CreditCheck,
@@ -50,7 +50,7 @@ from smsgw.sim.report import (
     utc_now,
     write,
 )
-from smsgw.sim.scenarios import Mode, Scenario, Target, scenario
+from smsgw.simulate.scenarios import Mode, Scenario, Target, scenario
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.embedded import database_url
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
@@ -109,7 +109,7 @@ def run(
     chosen = overrides.apply(scenario(name, scale=scale, seed=seed))
     mode = mode or chosen.mode
     if mode == "virtual":
-        from smsgw.sim.virtual import run_virtual
+        from smsgw.simulate.virtual import run_virtual
 
         report = run_virtual(chosen, live=live)
     else:

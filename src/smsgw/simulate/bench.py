@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BENCHMARKS = REPO_ROOT / "benchmarks"
 DEFAULT_OUT = BENCHMARKS / "reports" / "latest"
 

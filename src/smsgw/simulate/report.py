@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from smsgw.sim.scenarios import Scenario, Target
+from smsgw.simulate.scenarios import Scenario, Target
 
 # --- Weighted latency histogram -----------------------------------------------------------
 

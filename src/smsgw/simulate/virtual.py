@@ -40,7 +40,7 @@ from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
 from smsgw.sim.memstore import MemStore, weight
 from smsgw.sim.operator import CountingProvider, SimulatedOperator
-from smsgw.sim.report import (
+from smsgw.simulate.report import (
     Bucket,
     CreditCheck,
     FairnessRow,
@@ -53,7 +53,7 @@ from smsgw.sim.report import (
     outages_of,
     utc_now,
 )
-from smsgw.sim.scenarios import Scenario
+from smsgw.simulate.scenarios import Scenario
 
 # Virtual runs start at midnight UTC of a fixed day, so "12:00" in a scenario is noon.
 EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -447,7 +447,7 @@ class VirtualRun:
         cohort_note = (
             f"Virtual time, {self.items:,} engine items for {self.offered:,} messages"
             f" (cohorts of up to {s.max_cohort} messages of one account per {s.tick_s:g} s"
-            " tick; see smsgw/sim/virtual.py)."
+            " tick; see smsgw/simulate/virtual.py)."
             if s.max_cohort > 1
             else f"Virtual time, one engine item per message ({self.items:,})."
         )
