@@ -22,7 +22,7 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from smsgw.server import freeze_startup_objects
+from smsgw.runtime.server import freeze_startup_objects
 
 _encode = msgspec.json.Encoder().encode
 

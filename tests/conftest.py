@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from smsgw.engine.node import EngineConfig
-from smsgw.server import Node, NodeOptions, run_node
+from smsgw.runtime.server import Node, NodeOptions, run_node
 from smsgw.sim.operator import OperatorProfile
 
 ADMIN_KEY = "test-admin-key"

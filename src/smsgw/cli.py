@@ -105,7 +105,7 @@ serve_log = logging.getLogger("smsgw.serve")
 
 def _serve(args: argparse.Namespace) -> int:
     from smsgw.engine.shards import LeaseConfig
-    from smsgw.server import NodeOptions, run_node
+    from smsgw.runtime.server import NodeOptions, run_node
 
     if args.production and not os.environ.get("DATABASE_URL"):
         raise UsageError(
@@ -265,7 +265,7 @@ def _log_startup(
 
 def _operators_summary(args: argparse.Namespace) -> list[str]:
     """Each operator as the log may show it: URLs without passwords or query strings."""
-    from smsgw.server import split_operator_url
+    from smsgw.runtime.server import split_operator_url
 
     routing = f", routing from {args.routing[0]}" if args.routing is not None else ""
     if args.operator_url:
@@ -291,7 +291,7 @@ def _serve_workers(
     database: ChosenDatabase,
 ) -> int:
     """`--workers N`: N nodes on one port, each its own process (smsgw/workers.py)."""
-    from smsgw.workers import serve_workers
+    from smsgw.runtime.workers import serve_workers
 
     # One database and one admin key for all: resolved here (an embedded PostgreSQL starts
     # once, in this process) and handed down.
@@ -363,7 +363,7 @@ def _operator_url(value: str) -> str:
     """argparse type for [NAME=]URL: checked here, kept as given (server.default_providers
     splits it)."""
     from smsgw.operators.smpp.config import parse_smpp_url
-    from smsgw.server import split_operator_url
+    from smsgw.runtime.server import split_operator_url
 
     name, url = split_operator_url(value)
     if name != "" and url.startswith("smpp://"):

@@ -29,7 +29,7 @@ import trio
 
 from smsgw.engine.node import EngineConfig
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
-from smsgw.server import Node, NodeOptions, run_node
+from smsgw.runtime.server import Node, NodeOptions, run_node
 from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import node_options

@@ -16,7 +16,7 @@ import trio
 
 from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import uuid7
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.ledger import LEDGER_SQL

@@ -18,7 +18,7 @@ import trio
 
 from smsgw.engine.ports import SHARDS
 from smsgw.engine.shards import fair_share
-from smsgw.workers import listening_url
+from smsgw.runtime.workers import listening_url
 from tests.conftest import ADMIN_KEY, admin
 from tests.integration.helpers import db_fetch, http_client, until
 

@@ -23,7 +23,7 @@ from hypercorn.trio import serve
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from smsgw.engine.callbacks import CallbackPolicy
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import DLR_KEY, admin, bearer, node_options
 from tests.integration.helpers import (

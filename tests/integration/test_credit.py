@@ -6,7 +6,7 @@ import httpx
 import trio
 
 from smsgw.engine.pool import RetryPolicy
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import admin
 from tests.integration.helpers import (
     FLAKY,

@@ -12,7 +12,7 @@ import msgspec
 import trio
 
 from smsgw.engine.messages import OutboundSms, SendResult
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from tests.conftest import ADMIN_KEY, DLR_KEY, bearer, node_options
 from tests.integration.helpers import (
     RELIABLE,

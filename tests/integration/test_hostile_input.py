@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from smsgw.http.routes import reports
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import DLR_KEY, admin, bearer
 from tests.integration.helpers import (
     TO,

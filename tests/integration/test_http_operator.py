@@ -9,7 +9,7 @@ from functools import partial
 import msgspec
 import trio
 
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import SimulatedOperator
 from smsgw.sim.operator_server import OperatorApp, serve_operator
 from tests.conftest import bearer, node_options

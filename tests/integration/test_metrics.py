@@ -9,7 +9,7 @@ import msgspec
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from tests.conftest import admin, bearer, node_options
 from tests.integration.helpers import (
     RELIABLE,

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from smsgw.logs import JsonFormatter, TextFormatter
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import ADMIN_KEY, admin, bearer
 from tests.integration.helpers import (
     RELIABLE,

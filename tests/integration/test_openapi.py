@@ -10,7 +10,7 @@ import httpx
 from smsgw.http.api import rule_to_path
 from smsgw.http.app import OPERATIONS, create_app
 from smsgw.http.openapi import document
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import ADMIN_KEY, admin, bearer
 from tests.integration.helpers import assert_problem, create_account
 

@@ -6,7 +6,7 @@ import httpx
 import trio
 
 from smsgw.engine.node import EngineConfig
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import admin
 from tests.integration.helpers import create_account, send, wait_final
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import trio
 
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import admin, bearer, node_options
 from tests.integration.helpers import create_account, http_client

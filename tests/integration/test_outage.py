@@ -17,7 +17,7 @@ from smsgw.engine.breaker import BreakerPolicy
 from smsgw.engine.node import EngineConfig
 from smsgw.engine.pool import RetryPolicy
 from smsgw.engine.routing import RoutingConfig
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from tests.conftest import admin, bearer, node_options
 from tests.integration.helpers import (

@@ -24,7 +24,7 @@ import pytest
 
 from smsgw.engine.messages import OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup, dispatch_shard
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from smsgw.storage import cluster as cl
 from smsgw.storage import pg
 from smsgw.storage.cluster import PgCluster

@@ -33,7 +33,7 @@ from schemathesis.checks import (
 )
 from schemathesis.core.failures import FailureGroup
 
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import ADMIN_KEY, DLR_KEY
 from tests.integration.helpers import create_account
 

@@ -8,7 +8,7 @@ import httpx
 import msgspec
 import trio
 
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import SimulatedOperator
 from smsgw.sim.operator_server import OperatorApp, serve_operator

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.smsc import SimulatedSmsc, SmscProfile, SubmitRecord
 from tests.conftest import bearer, node_options
 from tests.integration.helpers import (

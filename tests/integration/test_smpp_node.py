@@ -8,7 +8,7 @@ from functools import partial
 import msgspec
 import trio
 
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.smsc import SimulatedSmsc, SmscProfile
 from tests.conftest import bearer, node_options
 from tests.integration.helpers import (

@@ -14,7 +14,7 @@ import trio
 
 from smsgw.engine.ports import WriteGroup
 from smsgw.engine.shards import LeaseConfig
-from smsgw.server import Node, run_node
+from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.pg import PgStore
 from tests.conftest import admin, node_options

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from smsgw.server import Node
+from smsgw.runtime.server import Node
 from tests.conftest import admin, bearer
 from tests.integration.helpers import (
     TO,

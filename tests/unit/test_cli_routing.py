@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smsgw.cli import _engine_config, build_parser
-from smsgw.server import default_providers, split_operator_url
+from smsgw.runtime.server import default_providers, split_operator_url
 
 
 def test_operator_urls_may_be_named_and_bare_ones_still_work() -> None:

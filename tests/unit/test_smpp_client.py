@@ -13,7 +13,7 @@ from smsgw.operators.smpp.client import SmppOperator
 from smsgw.operators.smpp.config import SmppConfig, operator_name, parse_smpp_url
 from smsgw.operators.smpp.receipt import parse_receipt, report_for
 from smsgw.operators.smpp.session import Job, Round
-from smsgw.server import default_providers
+from smsgw.runtime.server import default_providers
 
 
 def test_a_full_url() -> None:

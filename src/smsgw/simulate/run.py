@@ -30,7 +30,7 @@ import httpx
 import msgspec
 import trio
 
-from smsgw.server import NodeOptions, run_node
+from smsgw.runtime.server import NodeOptions, run_node
 from smsgw.sim.loadgen import LoadReport
 from smsgw.sim.operator import CountingProvider, SimulatedOperator
 from smsgw.simulate.report import (

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 import trio
 
-from smsgw.server import reuse_port_socket
+from smsgw.runtime.server import reuse_port_socket
 
 log = logging.getLogger("smsgw.workers")
 
