@@ -393,7 +393,7 @@ def summarize_profile(raw_file: Path, top: int = 15) -> dict[str, Any]:
         total += count
         frames = [_frame_name(f) for f in stack.split(";")]
         for frame in set(frames):
-            if "smsgw/" in frame and "smsgw/cli.py" not in frame:
+            if "smsgw/" in frame and "smsgw/cli/" not in frame:
                 inclusive[frame] = inclusive.get(frame, 0) + count
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
         package = _package(frames[-1])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smsgw.cli import _engine_config, build_parser
+from smsgw.cli import build_parser
+from smsgw.cli.serve_options import engine_config
 from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure, RequestBodies
 
 CONFIG = AdmissionConfig(account_backlog=100, node_backlog=1_000, resume_share=0.9)
@@ -111,7 +112,7 @@ def test_serve_takes_the_bounds_from_flags_or_the_environment(
     monkeypatch.setenv("SMSGW_MAX_REQUEST_BODY_BYTES", str(8 << 20))
     monkeypatch.setenv("SMSGW_MAX_NODE_BACKLOG", "5000")
     args = build_parser().parse_args(["serve", "--max-account-backlog", "300"])
-    admission = _engine_config(args).admission
+    admission = engine_config(args).admission
     assert (admission.account_backlog, admission.node_backlog) == (300, 5000)
     assert admission.request_body_bytes == 8 << 20
 

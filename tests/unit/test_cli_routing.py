@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from smsgw.cli import _engine_config, build_parser
+from smsgw.cli import build_parser
+from smsgw.cli.serve_options import engine_config
 from smsgw.runtime.server import default_providers, split_operator_url
 
 
@@ -39,7 +40,7 @@ def test_the_routing_file_and_attempt_timeout_reach_the_engine(tmp_path: Path) -
             "2.5",
         ]
     )
-    config = _engine_config(args)
+    config = engine_config(args)
     assert config.routing.operators[0].window == 50
     assert config.routing.breaker.cool_down_s == 1
     assert config.retry.attempt_timeout == 2.5

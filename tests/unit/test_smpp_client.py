@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from smsgw.cli import _operator_url
+from smsgw.cli.serve_options import _operator_url
 from smsgw.engine.messages import DeliveryReport, SendResult
 from smsgw.operators.http import HttpOperator
 from smsgw.operators.smpp.client import SmppOperator
