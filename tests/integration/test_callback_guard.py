@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from smsgw.connectors.webhooks import HttpCallbackPoster
 from smsgw.engine.netguard import DestinationRefused
-from smsgw.webhooks import HttpCallbackPoster
 
 BODY = b'{"event":"message.status"}'
 HEADERS = {"Content-Type": "application/json"}

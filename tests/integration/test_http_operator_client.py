@@ -13,9 +13,9 @@ import httpx
 import pytest
 import trio
 
+from smsgw.connectors.operators.http import MAX_RESPONSE_BYTES, HttpOperator
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.ports import Provider
-from smsgw.operators.http import MAX_RESPONSE_BYTES, HttpOperator
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.sim.operator_server import OperatorApp, check_loopback, serve_operator
 

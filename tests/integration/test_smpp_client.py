@@ -14,10 +14,10 @@ from functools import partial
 import trio
 
 from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
-from smsgw.operators.smpp.client import SmppOperator
-from smsgw.operators.smpp.config import parse_smpp_url
-from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
-from smsgw.operators.smpp.pdu import (
+from smsgw.connectors.operators.smpp.client import SmppOperator
+from smsgw.connectors.operators.smpp.config import parse_smpp_url
+from smsgw.connectors.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
+from smsgw.connectors.operators.smpp.pdu import (
     BindTransceiverResp,
     EnquireLink,
     EnquireLinkResp,
@@ -28,7 +28,8 @@ from smsgw.operators.smpp.pdu import (
     UnbindResp,
     encode,
 )
-from smsgw.operators.smpp.status import CommandStatus
+from smsgw.connectors.operators.smpp.status import CommandStatus
+from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 from smsgw.sim.smsc import SimulatedSmsc, SmscProfile
 
 ALL_OK = SmscProfile(p_temporary=0, p_permanent=0, latency_ms=1, receipt_delay_ms=20)

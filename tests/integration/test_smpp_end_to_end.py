@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import trio
 
-from smsgw.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
+from smsgw.connectors.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI
 from smsgw.runtime.server import Node, run_node
 from smsgw.sim.smsc import SimulatedSmsc, SmscProfile, SubmitRecord
 from tests.conftest import bearer, node_options

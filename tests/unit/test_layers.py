@@ -57,7 +57,7 @@ def test_the_source_tree_keeps_every_contract(tmp_path: Path) -> None:
         # A store using the Scheduler's internals instead of the ports.
         ("storage/ledger.py", "from smsgw.engine import scheduler", "engine-internals"),
         # An operator adapter calling an actor.
-        ("operators/wire.py", "from smsgw.engine import node", "engine-handle"),
+        ("connectors/operators/wire.py", "from smsgw.engine import node", "engine-handle"),
         # Storage and http are peers: neither imports the other.
         ("storage/ledger.py", "from smsgw.http import problems", "layers"),
         # The client library is a library of its own.

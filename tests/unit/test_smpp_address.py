@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smsgw.operators.smpp.address import Address, destination_address, source_address
+from smsgw.connectors.operators.smpp.address import Address, destination_address, source_address
 
 
 @pytest.mark.parametrize(

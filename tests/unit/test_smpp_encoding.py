@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsgw.engine.sms import is_gsm7, segment_texts, segments
-from smsgw.operators.smpp.encoding import (
+from smsgw.connectors.operators.smpp.encoding import (
     DATA_CODING_DEFAULT,
     DATA_CODING_UCS2,
     ESM_CLASS_UDHI,
@@ -24,6 +23,7 @@ from smsgw.operators.smpp.encoding import (
     ucs2_text,
     unpack_septets,
 )
+from smsgw.engine.sms import is_gsm7, segment_texts, segments
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsgw.operators.smpp.pdu import (
+from smsgw.connectors.operators.smpp.pdu import (
     MAX_PDU_LENGTH,
     MAX_SEQUENCE_NUMBER,
     BindReceiver,
@@ -37,7 +37,7 @@ from smsgw.operators.smpp.pdu import (
     encode,
     next_sequence_number,
 )
-from smsgw.operators.smpp.status import CommandStatus as S
+from smsgw.connectors.operators.smpp.status import CommandStatus as S
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

@@ -6,8 +6,8 @@ from datetime import datetime
 
 import pytest
 
-from smsgw.operators.smpp.pdu import DataSm, DeliverSm, NetworkErrorCode, Tlvs
-from smsgw.operators.smpp.receipt import (
+from smsgw.connectors.operators.smpp.pdu import DataSm, DeliverSm, NetworkErrorCode, Tlvs
+from smsgw.connectors.operators.smpp.receipt import (
     Receipt,
     ReceiptState,
     canonical_message_id,

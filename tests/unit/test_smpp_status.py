@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsgw.operators.smpp.aimd import AimdRate
-from smsgw.operators.smpp.status import CommandStatus as S
-from smsgw.operators.smpp.status import StatusClass, classify, status_name
+from smsgw.connectors.operators.smpp.aimd import AimdRate
+from smsgw.connectors.operators.smpp.status import CommandStatus as S
+from smsgw.connectors.operators.smpp.status import StatusClass, classify, status_name
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

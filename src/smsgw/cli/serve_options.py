@@ -218,7 +218,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
 def _operator_url(value: str) -> str:
     """argparse type for [NAME=]URL: checked here, kept as given (server.default_providers
     splits it)."""
-    from smsgw.operators.smpp.config import parse_smpp_url
+    from smsgw.connectors.operators.smpp.config import parse_smpp_url
     from smsgw.runtime.server import split_operator_url
 
     name, url = split_operator_url(value)

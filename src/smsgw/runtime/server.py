@@ -14,22 +14,24 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from smsgw.connectors.operators.http import HttpOperator
+from smsgw.connectors.operators.smpp.client import SmppOperator, parse_smpp_url
+from smsgw.connectors.webhooks import HttpCallbackPoster
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.otp import OtpSweeper
 from smsgw.engine.ports import Provider
 from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
-from smsgw.operators.http import HttpOperator
-from smsgw.operators.smpp.client import SmppOperator
-from smsgw.operators.smpp.config import parse_smpp_url
+from smsgw.connectors.operators.http import HttpOperator
+from smsgw.connectors.operators.smpp.client import SmppOperator
+from smsgw.connectors.operators.smpp.config import parse_smpp_url
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.otp import PgOtpStore
 from smsgw.storage.pg import Handoff, PgStore, migrate
-from smsgw.webhooks import HttpCallbackPoster
 
 log = logging.getLogger("smsgw.server")
 
@@ -42,7 +44,8 @@ class NodeOptions(msgspec.Struct, frozen=True):
     schema: str = "public"
     engine: EngineConfig = EngineConfig()
     operators: tuple[OperatorProfile, ...] = (OperatorProfile(name="sim"),)
-    # Operators reached over HTTP (smsgw.operators.http); when given, `operators` is unused.
+    # Operators reached over HTTP (smsgw.connectors.operators.http); when given, `operators`
+    # is unused.
     operator_urls: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
     # GET /metrics without the admin key (SMSGW_METRICS_PUBLIC=1): for a scraper on a private
@@ -89,8 +92,8 @@ def default_providers(
 
 def operator_at(value: str) -> Provider:
     """The operator client for "[NAME=]URL", by the URL's scheme: smpp:// an SMPP 3.4 ESME
-    (operators/smpp/client.py: run it, its binds live in a task), http(s):// the HTTP batch
-    protocol. ValueError for a URL neither takes."""
+    (connectors/operators/smpp/client.py: run it, its binds live in a task), http(s):// the
+    HTTP batch protocol. ValueError for a URL neither takes."""
     name, url = split_operator_url(value)
     if url.startswith("smpp://"):
         return SmppOperator(parse_smpp_url(url), name=name)

@@ -38,8 +38,8 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
+from smsgw.connectors.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse, SubmitResult
 from smsgw.engine.messages import OutboundSms
-from smsgw.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse, SubmitResult
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 

@@ -35,7 +35,7 @@ from typing import Literal
 import msgspec
 import trio
 
-from smsgw.operators.smpp.pdu import (
+from smsgw.connectors.operators.smpp.pdu import (
     BindReceiver,
     BindReceiverResp,
     BindTransceiver,
@@ -59,7 +59,7 @@ from smsgw.operators.smpp.pdu import (
     encode,
     next_sequence_number,
 )
-from smsgw.operators.smpp.status import CommandStatus
+from smsgw.connectors.operators.smpp.status import CommandStatus
 
 _S = CommandStatus
 

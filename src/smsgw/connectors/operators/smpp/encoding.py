@@ -6,8 +6,8 @@ from typing import Final, Literal, assert_never
 
 import msgspec
 
+from smsgw.connectors.operators.smpp.pdu import Tlvs
 from smsgw.engine.sms import is_gsm7, segment_texts
-from smsgw.operators.smpp.pdu import Tlvs
 
 # The GSM 03.38 default alphabet, by septet value; 0x1B is the escape to the extension table.
 GSM7_BASIC: Final = (

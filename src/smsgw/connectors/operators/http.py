@@ -17,8 +17,8 @@ import h11
 import msgspec
 import trio
 
+from smsgw.connectors.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse
 from smsgw.engine.messages import OutboundSms, SendResult
-from smsgw.operators.wire import SUBMIT_PATH, SubmitItem, SubmitResponse
 
 _encode = msgspec.json.Encoder().encode
 _decode_response = msgspec.json.Decoder(SubmitResponse).decode

@@ -2,11 +2,18 @@
 statuses, send-rate control, addresses and delivery receipts. The connection (trio) uses these.
 """
 
-from smsgw.operators.smpp.aimd import AimdRate
-from smsgw.operators.smpp.encoding import Part, split
-from smsgw.operators.smpp.pdu import FramingError, Pdu, PduError, PduReader, decode, encode
-from smsgw.operators.smpp.receipt import Receipt, parse_receipt, receipt_from_pdu
-from smsgw.operators.smpp.status import CommandStatus, StatusClass, classify
+from smsgw.connectors.operators.smpp.aimd import AimdRate
+from smsgw.connectors.operators.smpp.encoding import Part, split
+from smsgw.connectors.operators.smpp.pdu import (
+    FramingError,
+    Pdu,
+    PduError,
+    PduReader,
+    decode,
+    encode,
+)
+from smsgw.connectors.operators.smpp.receipt import Receipt, parse_receipt, receipt_from_pdu
+from smsgw.connectors.operators.smpp.status import CommandStatus, StatusClass, classify
 
 __all__ = [
     "AimdRate",

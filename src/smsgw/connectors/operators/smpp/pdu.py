@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple
 
 import msgspec
 
-from smsgw.operators.smpp.status import CommandStatus
+from smsgw.connectors.operators.smpp.status import CommandStatus
 
 _HEADER = struct.Struct(">IIII")
 HEADER_LENGTH: Final = 16

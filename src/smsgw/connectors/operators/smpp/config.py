@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 
-from smsgw.operators.smpp.encoding import Method
+from smsgw.connectors.operators.smpp.encoding import Method
 
 DEFAULT_PORT: Final = 2775
 

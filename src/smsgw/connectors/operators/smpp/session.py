@@ -21,9 +21,9 @@ import msgspec
 import trio
 
 from smsgw.engine.messages import DeliveryReport
-from smsgw.operators.smpp.aimd import AimdRate
-from smsgw.operators.smpp.config import SmppConfig
-from smsgw.operators.smpp.pdu import (
+from smsgw.connectors.operators.smpp.aimd import AimdRate
+from smsgw.connectors.operators.smpp.config import SmppConfig
+from smsgw.connectors.operators.smpp.pdu import (
     BindReceiver,
     BindTransceiver,
     BindTransmitter,
@@ -44,10 +44,10 @@ from smsgw.operators.smpp.pdu import (
     encode,
     next_sequence_number,
 )
-from smsgw.operators.smpp.receipt import Receipt, canonical_message_id, receipt_from_pdu, report_for
-from smsgw.operators.smpp.status import CommandStatus, classify, status_name
+from smsgw.connectors.operators.smpp.receipt import Receipt, canonical_message_id, receipt_from_pdu, report_for
+from smsgw.connectors.operators.smpp.status import CommandStatus, classify, status_name
 
-log = logging.getLogger("smsgw.operators.smpp")
+log = logging.getLogger("smsgw.connectors.operators.smpp")
 
 RECENT_IDS: Final = 200_000
 MAX_RECEIPTS_PER_CALL: Final = 1_000
