@@ -13,7 +13,6 @@ from functools import partial
 
 import trio
 
-from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 from smsgw.connectors.operators.smpp.client import SmppOperator
 from smsgw.connectors.operators.smpp.config import parse_smpp_url
 from smsgw.connectors.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI

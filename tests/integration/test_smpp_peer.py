@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 import trio
 
-from smsgw.connectors.operators.smpp.client import SmppOperator, parse_smpp_url
-from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 from smsgw.connectors.operators.smpp.client import SmppOperator
 from smsgw.connectors.operators.smpp.config import parse_smpp_url
+from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
 
 PEER = Path(__file__).resolve().parent.parent / "smsc_peer"
 GSM_161 = "".join(chr(ord("a") + i % 26) for i in range(161))

@@ -7,12 +7,12 @@ import argparse
 import pytest
 
 from smsgw.cli.serve_options import _operator_url
-from smsgw.engine.messages import DeliveryReport, SendResult
 from smsgw.connectors.operators.http import HttpOperator
 from smsgw.connectors.operators.smpp.client import SmppOperator
 from smsgw.connectors.operators.smpp.config import SmppConfig, operator_name, parse_smpp_url
 from smsgw.connectors.operators.smpp.receipt import parse_receipt, report_for
 from smsgw.connectors.operators.smpp.session import Job, Round
+from smsgw.engine.messages import DeliveryReport, SendResult
 from smsgw.runtime.server import default_providers
 
 

@@ -15,7 +15,8 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from smsgw.connectors.operators.http import HttpOperator
-from smsgw.connectors.operators.smpp.client import SmppOperator, parse_smpp_url
+from smsgw.connectors.operators.smpp.client import SmppOperator
+from smsgw.connectors.operators.smpp.config import parse_smpp_url
 from smsgw.connectors.webhooks import HttpCallbackPoster
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.otp import OtpSweeper
@@ -23,9 +24,6 @@ from smsgw.engine.ports import Provider
 from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
 from smsgw.http.app import create_app
-from smsgw.connectors.operators.http import HttpOperator
-from smsgw.connectors.operators.smpp.client import SmppOperator
-from smsgw.connectors.operators.smpp.config import parse_smpp_url
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster

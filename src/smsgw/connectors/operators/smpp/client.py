@@ -42,13 +42,13 @@ from typing import Any, Final, Literal
 
 import trio
 
-from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.connectors.operators.smpp.address import destination_address, source_address
 from smsgw.connectors.operators.smpp.config import SmppConfig, operator_name
 from smsgw.connectors.operators.smpp.encoding import Part, split
 from smsgw.connectors.operators.smpp.pdu import SubmitSm, encode
 from smsgw.connectors.operators.smpp.receipt import canonical_message_id
 from smsgw.connectors.operators.smpp.session import Job, ReceiptSink, Round, Session, Shared
+from smsgw.engine.messages import OutboundSms, SendResult
 
 THROTTLE_ROUNDS: Final = 3
 

@@ -9,9 +9,9 @@ from typing import Final, Literal
 
 import msgspec
 
-from smsgw.engine.messages import DeliveryReport
 from smsgw.connectors.operators.smpp.encoding import DATA_CODING_UCS2, ESM_CLASS_UDHI, ucs2_text
 from smsgw.connectors.operators.smpp.pdu import DataSm, DeliverSm, NetworkErrorCode, Tlvs
+from smsgw.engine.messages import DeliveryReport
 
 ReceiptState = Literal["delivered", "undelivered", "expired", "rejected"]
 

@@ -20,7 +20,6 @@ from typing import Final, Literal
 import msgspec
 import trio
 
-from smsgw.engine.messages import DeliveryReport
 from smsgw.connectors.operators.smpp.aimd import AimdRate
 from smsgw.connectors.operators.smpp.config import SmppConfig
 from smsgw.connectors.operators.smpp.pdu import (
@@ -44,8 +43,14 @@ from smsgw.connectors.operators.smpp.pdu import (
     encode,
     next_sequence_number,
 )
-from smsgw.connectors.operators.smpp.receipt import Receipt, canonical_message_id, receipt_from_pdu, report_for
+from smsgw.connectors.operators.smpp.receipt import (
+    Receipt,
+    canonical_message_id,
+    receipt_from_pdu,
+    report_for,
+)
 from smsgw.connectors.operators.smpp.status import CommandStatus, classify, status_name
+from smsgw.engine.messages import DeliveryReport
 
 log = logging.getLogger("smsgw.connectors.operators.smpp")
 
