@@ -3,7 +3,7 @@
 Each benchmark script prints one JSON object and writes NAME.json and NAME.md into the report
 folder; simulator runs write a folder of their own (report.json, report.md, PNGs). This
 collects them into summary.json and summary.md in the same folder. `quick` is CI's set (about
-five minutes on two cores); `full` runs every benchmark at its default size.
+six minutes on two cores); `full` runs every benchmark at its default size.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def jobs(kind: str, out: Path) -> list[Job]:
             Job("throughput", _script("throughput", "--quick", "--phases",
                                       "copy,batch_accepts,sustained", "--out", o),
                 "throughput.json", 240),
+            Job("chaos (3 cycles)", _script("chaos", "--cycles", "3", "--out", o),
+                "chaos.json", 300),
         ]  # fmt: skip
     if kind == "full":
         return [
@@ -72,6 +74,8 @@ def jobs(kind: str, out: Path) -> list[Job]:
             Job("accept", _script("accept", "--out", o), "accept.json", 900),
             Job("throughput", _script("throughput", "--out", o), "throughput.json", 1800),
             Job("reports", _script("reports", "--out", o), "reports.json", 3600),
+            Job("chaos", _script("chaos", "--cycles", "50", "--out", o), "chaos.json", 2400),
+            Job("overload", _script("overload", "--out", o), "overload.json", 900),
         ]  # fmt: skip
     raise ValueError(f"unknown benchmark set {kind!r}: quick or full")
 
