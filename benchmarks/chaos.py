@@ -47,13 +47,11 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +61,23 @@ import msgspec
 
 from common import (
     LOOPBACK,
-    REPO_ROOT,
     Server,
+    auth,
     create_accounts,
     exit_on_sigterm,
     gateway_command,
     gateway_env,
     git_commit,
     git_dirty,
+    load_report,
+    loadgen,
     log,
     markdown_table,
     new_admin_key,
     run_server,
-    stop_process,
     utc_timestamp,
     write_report,
 )
-from smsgw.sim.loadgen import LoadReport
 from smsgw.storage.embedded import ControlledServer
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
 
@@ -186,56 +184,7 @@ def query(url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
     return asyncio.run(run())
 
 
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 # --- load -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def loadgen(
-    url: str, keys_file: Path, ids_file: Path, rate: float, duration: float, *extra: str
-) -> Iterator[subprocess.Popen[str]]:
-    """`python -m smsgw.sim.loadgen --rate` against `url` for `duration` seconds."""
-    command = [
-        sys.executable,
-        "-m",
-        "smsgw.sim.loadgen",
-        "--url",
-        url,
-        "--keys",
-        str(keys_file),
-        "--connections",
-        "16",
-        "--duration",
-        str(duration),
-        "--rate",
-        str(rate),
-        "--timeout",
-        "10",
-        "--ids-out",
-        str(ids_file),
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        yield process
-    finally:
-        stop_process(process, grace=5)
-
-
-def load_report(process: subprocess.Popen[str], timeout: float) -> LoadReport | None:
-    try:
-        stdout, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    lines = stdout.strip().splitlines()
-    if process.returncode != 0 or not lines:
-        return None
-    return msgspec.json.decode(lines[-1], type=LoadReport)
 
 
 class ExpressProber:
@@ -435,11 +384,21 @@ def cycle(i: int, fault: str, parts: Parts, keys: list[str], work: Path) -> dict
             singles_ids,
             args.rate * 0.5,
             args.cycle_s,
+            "--connections",
+            "16",
             "--express-share",
             "0.05",
         ) as singles,
         loadgen(
-            other.url, keys_file, batch_ids, args.rate * 0.5, args.cycle_s, "--batch", "10"
+            other.url,
+            keys_file,
+            batch_ids,
+            args.rate * 0.5,
+            args.cycle_s,
+            "--connections",
+            "16",
+            "--batch",
+            "10",
         ) as batches,
         ExpressProber(parts.nodes, keys[0]) as prober,
     ):

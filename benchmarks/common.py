@@ -591,3 +591,53 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header of an API or admin key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+@contextmanager
+def loadgen(
+    url: str, keys_file: Path, ids_file: Path, rate: float, duration: float, *extra: str
+) -> Iterator[subprocess.Popen[str]]:
+    """`python -m smsgw.sim.loadgen --rate` against `url` for `duration` seconds, in a process
+    of its own (`extra`: more of its flags), every 202's id written to `ids_file`."""
+    command = [
+        sys.executable,
+        "-m",
+        "smsgw.sim.loadgen",
+        "--url",
+        url,
+        "--keys",
+        str(keys_file),
+        "--duration",
+        str(duration),
+        "--rate",
+        str(rate),
+        "--timeout",
+        "10",
+        "--ids-out",
+        str(ids_file),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield process
+    finally:
+        stop_process(process, grace=5)
+
+
+def load_report(process: subprocess.Popen[str], timeout: float) -> LoadReport | None:
+    """The load generator's report once it ends (None: it failed or outlived `timeout`)."""
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = stdout.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        return None
+    return msgspec.json.decode(lines[-1], type=LoadReport)

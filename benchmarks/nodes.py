@@ -53,6 +53,7 @@ from common import (
     REPO_ROOT,
     CpuMeter,
     Server,
+    auth,
     check_durable,
     create_accounts,
     database,
@@ -244,10 +245,6 @@ def lease_stats(url: str, admin_key: str) -> dict[str, Any]:
     r.raise_for_status()
     [child] = [c for c in r.json()["children"] if c["name"] == "shard_leases"]
     return dict(child["stats"])
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 # --- nodes on their own, for the hand-off and takeover phases ----------------------------

@@ -44,13 +44,12 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +59,8 @@ import msgspec
 
 from common import (
     LOOPBACK,
-    REPO_ROOT,
     CpuMeter,
+    auth,
     check_durable,
     create_accounts,
     database,
@@ -72,11 +71,12 @@ from common import (
     gateway_env,
     git_commit,
     git_dirty,
+    load_report,
+    loadgen,
     log,
     markdown_table,
     new_admin_key,
     run_server,
-    stop_process,
     utc_timestamp,
     write_report,
 )
@@ -142,10 +142,6 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 class Sampler:
@@ -221,57 +217,6 @@ class ExpressProber:
                 self.answers.append((kind, time.monotonic() - started, started))
                 if self._stop.wait(max(0.0, started + self._interval - time.monotonic())):
                     return
-
-
-@contextmanager
-def loadgen(
-    url: str,
-    keys_file: Path,
-    ids_file: Path,
-    rate: float,
-    duration: float,
-    warmup: float,
-    *extra: str,
-) -> Iterator[subprocess.Popen[str]]:
-    """`python -m smsgw.sim.loadgen --rate` against `url`: `warmup` + `duration` seconds."""
-    command = [
-        sys.executable,
-        "-m",
-        "smsgw.sim.loadgen",
-        "--url",
-        url,
-        "--keys",
-        str(keys_file),
-        "--duration",
-        str(warmup + duration),
-        "--warmup",
-        str(warmup),
-        "--rate",
-        str(rate),
-        "--timeout",
-        "10",
-        "--ids-out",
-        str(ids_file),
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        yield process
-    finally:
-        stop_process(process, grace=5)
-
-
-def load_report(process: subprocess.Popen[str], timeout: float) -> LoadReport | None:
-    try:
-        stdout, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    lines = stdout.strip().splitlines()
-    if process.returncode != 0 or not lines:
-        return None
-    return msgspec.json.decode(lines[-1], type=LoadReport)
 
 
 def pending(url: str, schema: str) -> int:
@@ -472,8 +417,9 @@ def phase(
                 work / "batch-keys.json",
                 ids[0],
                 offered * BATCH_SHARE,
-                duration,
-                args.warmup,
+                args.warmup + duration,
+                "--warmup",
+                str(args.warmup),
                 "--batch",
                 str(BATCH),
                 "--zipf",
@@ -486,8 +432,9 @@ def phase(
                 work / "single-keys.json",
                 ids[1],
                 offered * (1 - BATCH_SHARE),
-                duration,
-                args.warmup,
+                args.warmup + duration,
+                "--warmup",
+                str(args.warmup),
                 "--connections",
                 "32",
             ) as singles,

@@ -12,80 +12,16 @@ from typing import Any
 
 import msgspec
 
+from smsgw.engine.histogram import LogHistogram
 from smsgw.simulate.scenarios import Scenario, Target
 
 # --- Weighted latency histogram -----------------------------------------------------------
 
 
-class WaitHistogram:
-    """Log-bucketed durations (1% wide) with weights: a cohort of k messages adds k at once.
-    Constant memory, deterministic, and mergeable."""
+class WaitHistogram(LogHistogram):
+    """Waits in virtual time: engine.histogram's log buckets, summarized as Quantiles."""
 
-    _GROWTH = math.log(1.01)
-    _FLOOR_S = 1e-5
-
-    __slots__ = ("buckets", "count", "max_s", "total_s")
-
-    def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
-        self.count = 0
-        self.total_s = 0.0
-        self.max_s = 0.0
-
-    def add(self, seconds: float, n: int = 1) -> None:
-        index = (
-            int(math.log(seconds / self._FLOOR_S) / self._GROWTH) + 1
-            if seconds > self._FLOOR_S
-            else 0
-        )
-        self.buckets[index] = self.buckets.get(index, 0) + n
-        self.count += n
-        self.total_s += seconds * n
-        if seconds > self.max_s:
-            self.max_s = seconds
-
-    def merge(self, other: WaitHistogram) -> None:
-        for index, n in other.buckets.items():
-            self.buckets[index] = self.buckets.get(index, 0) + n
-        self.count += other.count
-        self.total_s += other.total_s
-        self.max_s = max(self.max_s, other.max_s)
-
-    def _edge(self, index: int) -> float:
-        return min(self._FLOOR_S * math.exp(index * self._GROWTH), self.max_s)
-
-    def quantile(self, q: float) -> float:
-        """The upper edge of the bucket that holds the q-quantile (nearest rank), seconds."""
-        if self.count == 0:
-            return 0.0
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen >= rank:
-                return self._edge(index)
-        return self.max_s
-
-    def share_within(self, seconds: float) -> float:
-        """The fraction of the weight at or below `seconds` (bucket resolution)."""
-        if self.count == 0:
-            return 1.0
-        inside = sum(n for i, n in self.buckets.items() if self._edge(i) <= seconds)
-        return inside / self.count
-
-    def cdf(self, points: int = 60) -> list[tuple[float, float]]:
-        """(seconds, fraction at or below) at up to `points` bucket edges, for plotting."""
-        if self.count == 0:
-            return []
-        indexes = sorted(self.buckets)
-        step = max(1, len(indexes) // points)
-        out: list[tuple[float, float]] = []
-        seen = 0
-        for k, index in enumerate(indexes):
-            seen += self.buckets[index]
-            if k % step == 0 or k == len(indexes) - 1:
-                out.append((round(self._edge(index), 6), round(seen / self.count, 6)))
-        return out
+    __slots__ = ()
 
     def summary(self) -> Quantiles:
         return Quantiles(

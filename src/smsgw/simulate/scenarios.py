@@ -113,12 +113,6 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
         total = math.fsum(raw)
         return [w / total for w in raw]
 
-    def rate_factor(self, t: float) -> float:
-        """Offered load at time t relative to the average (1.0 without a diurnal curve)."""
-        if not self.diurnal:
-            return 1.0
-        return 1.0 - self.diurnal_amplitude * math.cos(2 * math.pi * (t - 4 * 3600) / DAY_S)
-
     def expected_load(self, t0: float, t1: float) -> float:
         """Messages (not counting the whale) the scenario offers in [t0, t1): the integral
         of the rate, exact for the diurnal curve."""
