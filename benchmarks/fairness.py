@@ -47,8 +47,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+from smsgw.engine.mailboxes import FifoState, SchedulerState
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.scheduler import SchedulerState
 
 T0 = 1_700_000_000.0
 
@@ -81,7 +81,7 @@ def virtual_run(
     *, policy: str, flood: int, light: int, seconds: int, capacity: float, seed: int
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    state = SchedulerState(quantum=10, fifo=policy == "fifo")
+    state = FifoState() if policy == "fifo" else SchedulerState(quantum=10)
     n = 0
     for _ in range(flood):
         state.push(sms(n, 0, 0.0))

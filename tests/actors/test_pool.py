@@ -9,6 +9,7 @@ import trio
 
 from smsgw.engine.actor import Inbox
 from smsgw.engine.breaker import BreakerPolicy, BreakerState
+from smsgw.engine.mailboxes import SchedulerState
 from smsgw.engine.messages import (
     Enqueue,
     OutboundSms,
@@ -21,7 +22,7 @@ from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
 from smsgw.engine.ports import SchedulingStore
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
-from smsgw.engine.scheduler import LIGHT_HOLD_S, Scheduler, SchedulerState
+from smsgw.engine.scheduler import LIGHT_HOLD_S, Scheduler
 
 
 class ScriptedOperator:

@@ -17,6 +17,7 @@ from smsgw.engine.breaker import BreakerPolicy, BreakerState, Call
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.retry import next_attempt
 from smsgw.engine.routing import (
+    Assignment,
     OperatorRoute,
     OperatorSettings,
     RouteOverride,
@@ -58,6 +59,14 @@ def router(config: RoutingConfig = RoutingConfig(), weights=(1, 1, 1)) -> Router
     return Router(providers, config, now=0.0, rng=random.Random(5))
 
 
+def assign(
+    r: Router, pending: Sequence[OutboundSms], now: float, max_batch: int
+) -> tuple[list[Assignment], list[OutboundSms]]:
+    """The calls to begin now for `pending`, and the messages that must wait."""
+    calls, left = r.assign_groups(r.group(pending), now, max_batch)
+    return calls, [m for _, _, messages in left for m in messages]
+
+
 def break_open(r: Router, name: str, now: float = 0.0) -> None:
     route = r.by_name[name]
     for _ in range(1_000):
@@ -72,7 +81,7 @@ def test_weights_share_the_batches() -> None:
     r = router(weights=(6, 3, 1))
     chosen: Counter[str] = Counter()
     for i in range(2_000):
-        calls, waiting = r.assign([sms(i)], 0.0, 100)
+        calls, waiting = assign(r, [sms(i)], 0.0, 100)
         assert not waiting
         route, _, call = calls[0]
         chosen[route.name] += 1
@@ -84,7 +93,7 @@ def test_an_open_breaker_takes_nothing_and_work_goes_elsewhere() -> None:
     r = router()
     break_open(r, "a")
     for i in range(200):
-        calls, _ = r.assign([sms(i)], 0.5, 100)
+        calls, _ = assign(r, [sms(i)], 0.5, 100)
         assert calls[0][0].name != "a"
         r.finish(calls[0][0], calls[0][2], 0.5, [SendResult("sent")])
 
@@ -92,12 +101,12 @@ def test_an_open_breaker_takes_nothing_and_work_goes_elsewhere() -> None:
 def test_a_retry_prefers_another_operator_but_takes_the_last_if_alone() -> None:
     r = router()
     for i in range(100):
-        calls, _ = r.assign([sms(i, last="b")], 0.0, 100)
+        calls, _ = assign(r, [sms(i, last="b")], 0.0, 100)
         assert calls[0][0].name != "b"
         r.finish(calls[0][0], calls[0][2], 0.0, [SendResult("sent")])
     break_open(r, "a")
     break_open(r, "c")
-    calls, waiting = r.assign([sms(0, last="b")], 0.5, 100)
+    calls, waiting = assign(r, [sms(0, last="b")], 0.5, 100)
     assert [c[0].name for c in calls] == ["b"] and not waiting
 
 
@@ -110,15 +119,15 @@ def test_windows_and_caps_split_a_batch_and_the_rest_waits() -> None:
         )
     )
     r = router(config)
-    calls, waiting = r.assign([sms(i) for i in range(20)], 0.0, 100)
+    calls, waiting = assign(r, [sms(i) for i in range(20)], 0.0, 100)
     assert sorted((c[0].name, len(c[1])) for c in calls) == [("a", 3), ("b", 2), ("c", 4)]
     assert len(waiting) == 11
     # Tokens come back with time, a batch's worth at once (here the bucket's 4); the window
     # when a call ends.
     assert r.next_change(0.0, 11) == pytest.approx(0.4)
-    calls, waiting = r.assign(waiting, 0.2, 100)
+    calls, waiting = assign(r, waiting, 0.2, 100)
     assert not calls and len(waiting) == 11
-    calls, waiting = r.assign(waiting, 0.4, 100)
+    calls, waiting = assign(r, waiting, 0.4, 100)
     assert [(c[0].name, len(c[1])) for c in calls] == [("c", 4)] and len(waiting) == 7
     # A batch smaller than the bucket waits only for its own size.
     assert r.next_change(0.4, 2) == pytest.approx(0.6)
@@ -129,7 +138,7 @@ def test_a_capped_operator_takes_a_backlog_in_whole_batches_not_a_message_a_call
     waiting = [sms(i) for i in range(1_000)]
     now, sizes = 0.0, []
     while waiting:
-        calls, waiting = r.assign(waiting, now, 50)
+        calls, waiting = assign(r, waiting, now, 50)
         for route, part, call in calls:
             sizes.append(len(part))
             r.finish(route, call, now, [SendResult("sent")] * len(part))
@@ -158,7 +167,7 @@ def test_overrides_by_account_beat_prefixes_and_the_longest_prefix_wins() -> Non
         (sms(3, to="+447700", account=9), "c"),
     ]:
         for _ in range(20):
-            calls, _ = r.assign([message], 0.0, 100)
+            calls, _ = assign(r, [message], 0.0, 100)
             assert calls[0][0].name == expected
             r.finish(calls[0][0], calls[0][2], 0.0, [SendResult("sent")])
 
@@ -166,11 +175,11 @@ def test_overrides_by_account_beat_prefixes_and_the_longest_prefix_wins() -> Non
 def test_an_override_waits_for_its_operators_unless_it_falls_back() -> None:
     strict = router(RoutingConfig(routes=(RouteOverride(("a",), account_id=1),)))
     break_open(strict, "a")
-    calls, waiting = strict.assign([sms(1)], 0.5, 100)
+    calls, waiting = assign(strict, [sms(1)], 0.5, 100)
     assert not calls and len(waiting) == 1
     loose = router(RoutingConfig(routes=(RouteOverride(("a",), account_id=1, fallback=True),)))
     break_open(loose, "a")
-    calls, waiting = loose.assign([sms(1)], 0.5, 100)
+    calls, waiting = assign(loose, [sms(1)], 0.5, 100)
     assert calls[0][0].name in ("b", "c") and not waiting
 
 
@@ -180,7 +189,7 @@ def test_half_open_sends_small_probes_and_closes_on_success() -> None:
     break_open(r, "a")
     for name in "bc":
         break_open(r, name, now=0.9)  # still open at 1.0
-    calls, waiting = r.assign([sms(i) for i in range(10)], 1.0, 100)
+    calls, waiting = assign(r, [sms(i) for i in range(10)], 1.0, 100)
     assert [(c[0].name, len(c[1])) for c in calls] == [("a", 2)] and len(waiting) == 8
     r.finish(calls[0][0], calls[0][2], 1.1, [SendResult("sent")] * 2)
     assert r.by_name["a"].breaker.state is BreakerState.CLOSED

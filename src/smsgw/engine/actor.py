@@ -179,8 +179,9 @@ class ShardedInbox(Generic[M]):
         await self._shard(message).put(message)
 
 
-class Mailbox(Protocol[M_contra]):
-    """What an ActorRef needs of the inbox behind it."""
+class Address(Protocol[M_contra]):
+    """Where an ActorRef puts messages: an inbox, or several behind one address. (An
+    account's queue of work is a `Mailbox`, engine/mailboxes.py: another thing.)"""
 
     @property
     def name(self) -> str: ...
@@ -205,7 +206,7 @@ class ActorRef(Generic[M]):
 
     __slots__ = ("_inbox",)
 
-    def __init__(self, inbox: Mailbox[M]) -> None:
+    def __init__(self, inbox: Address[M]) -> None:
         self._inbox = inbox
 
     @property

@@ -14,6 +14,7 @@ import trio
 from smsgw.engine.actor import Inbox, InboxFull, Reply
 from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
+from smsgw.engine.mailboxes import FifoState, SchedulerState
 from smsgw.engine.messages import (
     DEFAULT_SETTINGS,
     Accept,
@@ -39,7 +40,7 @@ from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider, shard_of
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import RoutingConfig
-from smsgw.engine.scheduler import Scheduler, SchedulerState
+from smsgw.engine.scheduler import Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
@@ -127,8 +128,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # remembered for at most this many (account, number) pairs.
     recipient_limit_per_hour: int = 20
     recipient_limit_keys: int = 200_000
-    # Benchmarks only (benchmarks/fairness.py's baseline): one first-come-first-served queue
-    # for all accounts instead of deficit round robin, all in memory.
+    # Benchmarks only (benchmarks/fairness.py's baseline): bulk first come first served
+    # whatever its account (`FifoState`) instead of deficit round robin, all in memory.
     scheduler_fifo: bool = False
     # Operator weights, windows, throughput caps, route overrides, the breakers' policy.
     routing: RoutingConfig = RoutingConfig()
@@ -171,7 +172,6 @@ class Engine:
                 scheduler_ref,
                 lambda: self.pool.inflight.values(),
                 leases,
-                page_backlog=not config.scheduler_fifo,
                 settled=self._settled_elsewhere,
                 account_changed=self._account_changed,
                 publish=self._pressure,
@@ -204,8 +204,6 @@ class Engine:
         express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
         light_room = max(0, config.window - 1 - express_reserve)  # leaves a flood one slot
         light_reserve = min(light_room, max(0, int(light_room * config.light_reserve_share)))
-        if config.scheduler_fifo:
-            light_reserve = 0  # the FIFO baseline has one queue: no light accounts
         self.pool = ProviderPool(
             providers,
             self.writer.ref,
@@ -222,15 +220,18 @@ class Engine:
             still_held=None if self.leases is None else self.leases.still_held,
             routing=config.routing,
         )
-        fifo = config.scheduler_fifo
-        state = SchedulerState(
-            quantum=config.drr_quantum,
-            account_bound=None if fifo else config.mailbox_bound,
-            memory_bound=None if fifo else config.scheduler_memory_bound,
-            body_budget=None if fifo else config.body_cache,
-            page_size=config.page_size,
-            fifo=fifo,
-            light_backlog=config.light_backlog,
+        # The strategy: round robin, or the benchmarks' FIFO baseline (chosen here only).
+        state = (
+            FifoState(page_size=config.page_size)
+            if config.scheduler_fifo
+            else SchedulerState(
+                quantum=config.drr_quantum,
+                account_bound=config.mailbox_bound,
+                memory_bound=config.scheduler_memory_bound,
+                body_budget=config.body_cache,
+                page_size=config.page_size,
+                light_backlog=config.light_backlog,
+            )
         )
         self.scheduler = Scheduler(
             scheduler_inbox,

@@ -452,15 +452,12 @@ class ClusterStore(Protocol):
         """Release `shards` and mark this node gone (a clean stop)."""
         ...
 
-    async def load(self, shards: Sequence[int]) -> list[OutboundSms]:
-        """Every message not final in `shards` (their hand-offs are dropped: this covers them)."""
-        ...
-
     async def load_backlog(
         self, shards: Sequence[int]
     ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
-        """As `load`, but bulk only counted per account (the Scheduler pages it in): the
-        express messages not final in `shards`, and (account, bulk messages not final)."""
+        """What is not final in `shards`, bulk only counted per account (the Scheduler pages
+        it in; their hand-offs are dropped: this covers them): the express messages, and
+        (account, bulk messages)."""
         ...
 
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:

@@ -284,13 +284,6 @@ class Router:
                 left.append((override, avoid, messages))
         return calls, left
 
-    def assign(
-        self, pending: Sequence[OutboundSms], now: float, max_batch: int
-    ) -> tuple[list[Assignment], list[OutboundSms]]:
-        """`assign_groups` for a flat list: the calls, and the messages that must wait."""
-        calls, left = self.assign_groups(self.group(pending), now, max_batch)
-        return calls, [sms for _, _, messages in left for sms in messages]
-
     def finish(
         self, route: OperatorRoute, call: Call, now: float, results: Sequence[SendResult] | None
     ) -> None:

@@ -95,7 +95,6 @@ class ShardLeases:
         config: LeaseConfig = LeaseConfig(),
         *,
         clock: Callable[[], float] = time.monotonic,
-        page_backlog: bool = True,
         settled: Callable[[str], None] = lambda _: None,
         account_changed: Callable[[str], None] = lambda _: None,
         publish: Callable[[], str | None] = lambda: None,
@@ -110,9 +109,6 @@ class ShardLeases:
         # What the other nodes tell this one besides hand-offs (ports.Notices), passed on.
         self._settled = settled
         self._account_changed = account_changed
-        # Start-up recovery counts bulk per account for the Scheduler to page in, rather than
-        # loading a backlog of millions whole (the FIFO baseline cannot page: it loads).
-        self._page_backlog = page_backlog
         self.config = config
         self._scheduler = scheduler
         self._inflight = inflight
@@ -121,12 +117,9 @@ class ShardLeases:
         self.valid_until = 0.0  # on `clock`: dispatch stops after this without a renewal
         # shard -> (token, draining since, no message in flight since)
         self.draining: dict[int, tuple[int, float, float | None]] = {}
-        # Shards being recovered whole: ids routed meanwhile, so the recovery does not add
-        # them twice.
-        self._reloading: dict[int, set[str]] = {}
-        # Shards being recovered as counts (`_recover_counted`): messages routed to them
-        # meanwhile wait here until the Scheduler has their accounts' backlogs, so none can
-        # move an account's paging cursor past its older messages.
+        # Shards being recovered (`_recover`): messages routed to them meanwhile wait here
+        # until the Scheduler has their accounts' backlogs, so none can move an account's
+        # paging cursor past its older messages.
         self._holding: dict[int, list[OutboundSms]] = {}
         self._db = trio.Lock()  # claims and recoveries one at a time
         # Hand-offs dispatched lately, by id: a message arrives by notification and by claim.
@@ -171,7 +164,7 @@ class ShardLeases:
         when it takes the shard). A group's messages are mostly of a few accounts, so each
         account's shard is looked up once."""
         owned = self.owned
-        recovering = bool(self._reloading or self._holding)
+        recovering = bool(self._holding)
         replace = msgspec.structs.replace
         routed: list[OutboundSms] = []
         shards: dict[int, tuple[int | None, int]] = {}  # account -> token, shard
@@ -198,17 +191,13 @@ class ShardLeases:
         return routed
 
     def _held(self, shard: int, sms: OutboundSms) -> bool:
-        """Note `sms`, routed to this node while its shard is being recovered: True when it
-        waits for the recovery to pass it on (a shard recovered as counts), False when it
-        goes on now and the recovery leaves it out (a shard recovered whole)."""
+        """Keep `sms`, routed to this node while its shard is being recovered, for the
+        recovery to pass on (True); False when its shard is not being recovered."""
         held = self._holding.get(shard)
-        if held is not None:
-            held.append(sms)
-            return True
-        reloading = self._reloading.get(shard)
-        if reloading is not None:
-            reloading.add(sms.id)
-        return False
+        if held is None:
+            return False
+        held.append(sms)
+        return True
 
     def express_shard(self) -> int | None:
         """A shard this node leases and keeps (not draining), under whose lease it dispatches
@@ -418,10 +407,7 @@ class ShardLeases:
             gained = await self.store.acquire(want, self.config.ttl)
             if gained:
                 self.counts["acquired"] += len(gained)
-                if self._page_backlog:
-                    loaded += await self._recover_counted(gained)
-                else:
-                    loaded += await self._recover(gained)
+                loaded += await self._recover(gained)
         self.last_tick_ms = (self._clock() - started) * 1000
         return loaded
 
@@ -437,31 +423,6 @@ class ShardLeases:
                 self.draining[shard] = (token, since, now)
 
     async def _recover(self, gained: dict[int, int]) -> int:
-        """Own `gained` (shard -> token) and put their queued messages into the Scheduler,
-        each once: ids routed here while the recovery read are left out."""
-        if not gained:
-            return 0
-        for shard in gained:
-            self._reloading[shard] = set()
-        self.owned.update(gained)
-        try:
-            async with self._db:
-                pending = await self.store.load(sorted(gained))
-            batch: list[OutboundSms] = []
-            for sms in pending:
-                shard = dispatch_shard(sms)
-                token = self.owned.get(shard)
-                if token != gained[shard] or sms.id in self._reloading[shard]:
-                    continue
-                batch.append(msgspec.structs.replace(sms, fence=token))
-            await self._enqueue(batch)
-            self.counts["loaded"] += len(batch)
-            return len(batch)
-        finally:
-            for shard in gained:
-                self._reloading.pop(shard, None)
-
-    async def _recover_counted(self, gained: dict[int, int]) -> int:
         """Own `gained` (shard -> token), load its express messages whole and tell the
         Scheduler how much bulk each account has waiting, to page in from the start of its
         queue: memory does not follow a dead node's backlog. Messages routed to these shards
@@ -533,7 +494,7 @@ class ShardLeases:
         store = self.store
         if self._unheld is None or not isinstance(store, SweepStore) or not self.owned:
             return 0
-        if self._holding or self._reloading:
+        if self._holding:
             return 0  # a recovery is placing this node's messages: look at the next sweep
         config = self.config
         self.counts["sweeps"] += 1
