@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from smsgw.engine.actor import Inbox
 from smsgw.engine.breaker import BreakerPolicy, BreakerState
@@ -18,11 +19,11 @@ from smsgw.engine.messages import (
     SendResult,
     WriterMessage,
 )
-from smsgw.engine.pool import ProviderPool, RetryPolicy, Window
+from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import SchedulingStore
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
-from smsgw.engine.scheduler import LIGHT_HOLD_S, Scheduler
+from smsgw.engine.scheduler import LIGHT_HOLD_S, Capacity, Scheduler
 
 
 class ScriptedOperator:
@@ -96,18 +97,19 @@ class Harness:
             self.retry.ref,
             scheduler_inbox.handle(),
             window=window,
-            express_reserve=express_reserve,
-            light_reserve=light_reserve,
             max_batch=max_batch,
             policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_cap=1.0),
             # The messages' created_at is virtual time: their validity counts from it.
             clock=trio.current_time,
             seed=1,
         )
+        self.window = Capacity(window, express_reserve, light_reserve)
         self.scheduler = Scheduler(
             scheduler_inbox,
-            self.pool,
+            self.pool.ref,
             self.writer.handle(),
+            self.window,
+            max_batch=max_batch,
             clock=trio.current_time,
             state=state,
             store=store,
@@ -135,13 +137,14 @@ async def test_every_message_ends_once_within_the_window(autojump_clock: trio.ab
         await harness.start(nursery)
         harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(40))))
         outcomes = await harness.outcomes(40)
+        await trio.testing.wait_all_tasks_blocked()  # the last BatchDone is taken in
         nursery.cancel_scope.cancel()
     assert operator.max_in_flight <= 8
     assert max(len(b) for b in operator.batches) <= 4
     assert outcomes["m3"].outcome.status == "sent" and outcomes["m3"].outcome.attempts == 2
     assert outcomes["m7"].outcome.status == "failed" and outcomes["m7"].outcome.attempts == 1
     assert sum(o.outcome.status == "sent" for o in outcomes.values()) == 39
-    assert harness.pool.window.free == 8 and not harness.pool.inflight
+    assert harness.window.free == 8 and not harness.pool.inflight
 
 
 async def test_breaker_state_age_is_on_the_clock_the_status_reads(
@@ -189,25 +192,35 @@ async def test_a_hung_operator_times_out_as_a_temporary_failure(
         await harness.start(nursery)
         harness.scheduler.ref.tell_nowait(Enqueue((sms(0), sms(1))))
         outcomes = await harness.outcomes(2)
+        await trio.testing.wait_all_tasks_blocked()  # the last BatchDone is taken in
         nursery.cancel_scope.cancel()
     for o in outcomes.values():
         assert (o.outcome.status, o.outcome.reason, o.outcome.attempts) == ("failed", "timeout", 3)
-    assert harness.pool.window.free == 4
+    assert harness.window.free == 4
 
 
-def test_window_takes_at_most_what_is_free() -> None:
-    window = Window(5)
-    assert window.take(3) == 3 and window.take(3) == 2 and window.take(1) == 0
+def test_the_window_has_room_for_at_most_what_is_free() -> None:
+    window = Capacity(5)
+    assert window.room() == 5
+    window.take(3)
+    assert window.room() == 2
+    window.take(2)
+    assert window.room() == 0
     window.release(5)
     assert window.free == 5
+    with pytest.raises(RuntimeError):
+        window.release(1)
 
 
 def test_bulk_never_takes_the_express_reserve() -> None:
-    window = Window(10, express_reserve=3)
-    assert window.take(10) == 7  # bulk: the shared part only
-    assert window.take(5, express=True) == 3
+    window = Capacity(10, express_reserve=3)
+    assert window.room() == 7  # bulk: the shared part only
+    window.take(7)
+    assert window.room() == 0 and window.room(express=True) == 3
+    window.take(3, express=True)
     window.release(3, express=True)
-    assert window.take(1) == 0 and window.take(2, express=True) == 2
+    window.take(2, express=True)
+    assert window.room() == 0 and window.room(express=True) == 1
     window.release(7)
     assert window.bulk_inflight == 0 and window.express_inflight == 2
 
@@ -223,7 +236,7 @@ async def test_express_goes_at_once_behind_a_window_full_of_bulk(
         await harness.start(nursery)
         harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(40))))
         await trio.sleep(0.1)
-        assert harness.pool.window.bulk_inflight == 8
+        assert harness.window.bulk_inflight == 8
         harness.scheduler.ref.tell_nowait(Enqueue((sms(99, express=True, deadline=5.0),)))
         await trio.sleep(0.01)
         assert ["m99"] in operator.batches
@@ -234,10 +247,12 @@ async def test_express_goes_at_once_behind_a_window_full_of_bulk(
 
 
 def test_bulk_leaves_what_it_is_told_to_keep() -> None:
-    window = Window(10, express_reserve=2, light_reserve=3)
-    assert window.take(10, keep=window.light_reserve) == 5
-    assert window.take(10) == 3  # the light reserve, taken without keeping it
-    assert window.take(10, express=True) == 2
+    window = Capacity(10, express_reserve=2, light_reserve=3)
+    assert window.room(keep=window.light_reserve) == 5
+    window.take(5)
+    assert window.room() == 3  # the light reserve, taken without keeping it
+    window.take(3)
+    assert window.room(express=True) == 2
 
 
 async def test_a_light_account_finds_a_slot_at_once_behind_a_flood(
@@ -248,7 +263,7 @@ async def test_a_light_account_finds_a_slot_at_once_behind_a_flood(
     alone (no light message for LIGHT_HOLD_S) fills the whole window again."""
     operator = ScriptedOperator({}, latency=1.0)
     harness = Harness(operator, window=10, max_batch=2, light_reserve=2)
-    window = harness.pool.window
+    window = harness.window
     async with trio.open_nursery() as nursery:
         await harness.start(nursery)
         t0 = trio.current_time()
@@ -328,6 +343,7 @@ class OutageOperator:
 def routed_harness(
     operators: Sequence[OutageOperator], routing: RoutingConfig, *, window: int = 100
 ) -> tuple[Inbox[WriterMessage], ProviderPool, Scheduler, RetryTimer]:
+    """A pool over `operators` (batches of 10), its Scheduler and RetryTimer."""
     writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
     scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
     retry = RetryTimer(scheduler_inbox.handle())
@@ -343,7 +359,14 @@ def routed_harness(
         clock=trio.current_time,
         routing=routing,
     )
-    scheduler = Scheduler(scheduler_inbox, pool, writer.handle(), clock=trio.current_time)
+    scheduler = Scheduler(
+        scheduler_inbox,
+        pool.ref,
+        writer.handle(),
+        Capacity(window),
+        max_batch=10,
+        clock=trio.current_time,
+    )
     return writer, pool, scheduler, retry
 
 
@@ -370,6 +393,7 @@ async def test_work_waiting_for_a_hung_operator_fails_over_when_its_breaker_open
                 assert isinstance(message, RecordOutcome)
                 assert message.outcome.sms.id not in got
                 got[message.outcome.sms.id] = message.outcome
+        await trio.testing.wait_all_tasks_blocked()  # the last BatchDone is taken in
         nursery.cancel_scope.cancel()
     assert all(o.status == "sent" and o.operator == "b" for o in got.values())
     assert pool.routing.router.by_name["a"].breaker.state is BreakerState.OPEN
@@ -377,7 +401,7 @@ async def test_work_waiting_for_a_hung_operator_fails_over_when_its_breaker_open
     assert pool.routing.waited > 0  # and work did wait for room
     retried = [o for o in got.values() if o.attempts > 1]
     assert {o.sms.id for o in retried} == set(a.got)
-    assert pool.window.free == 100 and not pool.inflight
+    assert scheduler.capacity.free == 100 and not pool.inflight
 
 
 async def test_a_retry_goes_to_another_operator(autojump_clock: trio.abc.Clock) -> None:
@@ -424,7 +448,14 @@ async def test_a_message_refused_for_a_late_lease_renewal_is_sent_once_renewed(
         admit=lambda s: trusted,
         still_held=lambda s: s.id == "m0",
     )
-    scheduler = Scheduler(scheduler_inbox, pool, writer.handle(), clock=trio.current_time)
+    scheduler = Scheduler(
+        scheduler_inbox,
+        pool.ref,
+        writer.handle(),
+        Capacity(10),
+        max_batch=10,
+        clock=trio.current_time,
+    )
     async with trio.open_nursery() as nursery:
         for run in (retry.run, pool.run, scheduler.run):
             await nursery.start(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from smsgw.engine.messages import Enqueue
 from tests.actors.test_pool import Harness, ScriptedOperator, sms
@@ -11,9 +12,9 @@ from tests.actors.test_pool import Harness, ScriptedOperator, sms
 async def test_a_restarted_pool_sends_each_orphan_once_more_and_ends_it_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Messages at the operator and batches handed over but not started when the run loop
-    dies are all in `inflight`; on restart each goes back to the Scheduler exactly once, and
-    the batches left in the inbox are dropped, not sent a second time."""
+    """Messages at the operator when the run loop dies go back to the Scheduler on restart,
+    exactly once, with their batches' slots; batches handed over meanwhile wait in the inbox
+    and the new run sends them, once."""
     operator = ScriptedOperator({}, latency=1.0)
     harness = Harness(operator, window=8, max_batch=4)
     async with trio.open_nursery() as nursery:
@@ -32,13 +33,14 @@ async def test_a_restarted_pool_sends_each_orphan_once_more_and_ends_it_once(
         assert harness.pool.inbox.depth >= 1
         await nursery.start(harness.pool.run)  # the restart
         outcomes = await harness.outcomes(8)  # fails if any message ends twice
+        await trio.testing.wait_all_tasks_blocked()  # the last BatchDone is taken in
         nursery.cancel_scope.cancel()
     assert set(outcomes) == {f"m{i}" for i in range(8)}
     assert {o.outcome.status for o in outcomes.values()} == {"sent"}
-    assert harness.pool.window.free == 8 and not harness.pool.inflight
+    assert harness.window.free == 8 and not harness.pool.inflight
     sends = [message_id for batch in operator.batches for message_id in batch]
     # m0-m5 were at the operator when it died: sent again (the operator dedupes by id).
-    # m6 and m7 waited in the inbox: sent once, from the Scheduler's new dispatch.
+    # m6 and m7 waited in the inbox: sent once, by the new run.
     assert sorted(sends) == sorted([f"m{i}" for i in range(6)] * 2 + ["m6", "m7"])
 
 

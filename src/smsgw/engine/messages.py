@@ -304,7 +304,26 @@ class SendRate(msgspec.Struct, frozen=True):
     rate: float | None
 
 
-SchedulerMessage = Enqueue | Backlog | Paged | SendRate
+class BatchDone(msgspec.Struct, frozen=True):
+    """The ProviderPool is done with a `Dispatch`: each of its messages was handed on (an
+    outcome to the writer, a retry to the RetryTimer) or dropped (a repeat of one in flight,
+    a shard this node no longer leases), so its window slots are free again."""
+
+    slots: int
+    express: bool
+
+
+SchedulerMessage = Enqueue | Backlog | Paged | SendRate | BatchDone
+
+
+# --- ProviderPool inbox ------------------------------------------------------------------
+
+
+class Dispatch(msgspec.Struct, frozen=True):
+    """Messages to send, all express or all bulk: the Scheduler took one slot of its window
+    for each, which `BatchDone` gives back."""
+
+    batch: tuple[OutboundSms, ...]
 
 
 # --- Status snapshots (the supervisor status endpoint) -----------------------------------

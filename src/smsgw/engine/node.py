@@ -40,7 +40,7 @@ from smsgw.engine.pool import ProviderPool, RetryPolicy
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider, shard_of
 from smsgw.engine.retry import RetryTimer
 from smsgw.engine.routing import RoutingConfig
-from smsgw.engine.scheduler import Scheduler
+from smsgw.engine.scheduler import Capacity, Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
@@ -176,7 +176,7 @@ class Engine:
                 account_changed=self._account_changed,
                 publish=self._pressure,
                 # The stranded-message sweep asks what this node holds.
-                unheld=lambda items: self.scheduler.unheld(items, self.retry.waiting()),
+                unheld=self._unheld,
             )
             self.ready = self.leases.ready
         # Among several nodes, an account's api_rate is split between them by demand.
@@ -204,15 +204,14 @@ class Engine:
         express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
         light_room = max(0, config.window - 1 - express_reserve)  # leaves a flood one slot
         light_reserve = min(light_room, max(0, int(light_room * config.light_reserve_share)))
+        max_batch = max(1, min(config.max_batch, config.window // 8))
         self.pool = ProviderPool(
             providers,
             self.writer.ref,
             self.retry.ref,
             scheduler_ref,
             window=config.window,
-            express_reserve=express_reserve,
-            light_reserve=light_reserve,
-            max_batch=max(1, min(config.max_batch, config.window // 8)),
+            max_batch=max_batch,
             policy=config.retry,
             clock=clock,
             seed=seed,
@@ -235,8 +234,10 @@ class Engine:
         )
         self.scheduler = Scheduler(
             scheduler_inbox,
-            self.pool,
+            self.pool.ref,
             self.writer.ref,
+            Capacity(config.window, express_reserve, light_reserve),
+            max_batch=max_batch,
             clock=clock,
             store=store,
             state=state,
@@ -302,12 +303,19 @@ class Engine:
                 "scheduler",
                 self.scheduler.run,
                 inbox=self.scheduler.inbox,
-                stats=lambda: {**self.scheduler.stats(), "admission": self.admission.stats()},
+                stats=self._scheduler_stats,
             ),
             recovery,
             *self._delivery_children(),
             *self._cluster_children(),
         ]
+
+    def _scheduler_stats(self) -> dict[str, Any]:
+        """The Scheduler's figures, with the express deadline misses of the whole node (the
+        pool counts those that ran out at an operator) and admission's."""
+        stats = self.scheduler.stats()
+        stats["express_deadline_misses"] += self.pool.deadline_misses
+        return {**stats, "admission": self.admission.stats()}
 
     def _cluster_children(self) -> list[ChildSpec]:
         if self.api_shares is None:
@@ -423,8 +431,23 @@ class Engine:
         if self.dispatch_stalled(shard):
             return "the node that dispatches this account is not answering; another takes over"
         commit = self.writer.commit_ms_ewma / 1000
+        capacity = self.scheduler.capacity
         return self.pool.express_problem(
-            self.express_deadline_s(account_id) - commit, len(self.scheduler.state.express)
+            self.express_deadline_s(account_id) - commit,
+            len(self.scheduler.state.express),
+            capacity.size - capacity.bulk_inflight,
+        )
+
+    def _unheld(self, items: Sequence[OutboundSms]) -> list[OutboundSms]:
+        """The messages of `items` (pending in the store) that nothing on this node will
+        dispatch or finish: not in flight at the pool, not waiting for a retry, not waiting in
+        the Scheduler. For ShardLeases.sweep; a message between two holders (an Enqueue not
+        yet taken from the inbox, a batch whose bodies are being read) is unheld for that
+        moment, which the sweep allows for."""
+        inflight = self.pool.inflight
+        retrying = {sms.id for sms in self.retry.waiting()}
+        return self.scheduler.unheld(
+            sms for sms in items if sms.id not in inflight and sms.id not in retrying
         )
 
     def _pressure(self) -> str | None:

@@ -1,4 +1,5 @@
-"""ProviderPool: sends windows of messages to operators, with timeouts, retries and outcomes."""
+"""ProviderPool: sends the Scheduler's batches to operators, with timeouts, retries and
+outcomes, and tells the Scheduler when each batch is done."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from smsgw.engine.actor import ActorRef, Inbox
 from smsgw.engine.breaker import Call
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
+    BatchDone,
+    Dispatch,
     Enqueue,
     OutboundSms,
     Outcome,
@@ -44,73 +47,15 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     express_attempt_share: float = 0.4
 
 
-class Window:
-    """How many messages may be in flight at once (like an SMPP window), taken in batches.
-
-    `express_reserve` slots are for express messages only: bulk may fill at most
-    `size - express_reserve`, so express never waits behind bulk work already in flight.
-    `light_reserve` of the bulk slots are what the Scheduler keeps (`take(keep=...)`) for
-    accounts with little backlog while such accounts are sending, for the same reason.
-    """
-
-    def __init__(self, size: int, express_reserve: int = 0, light_reserve: int = 0) -> None:
-        if not 0 <= express_reserve < size:
-            raise ValueError("express_reserve must leave bulk at least one slot")
-        if not 0 <= light_reserve < size - express_reserve:
-            raise ValueError("light_reserve must leave the heaviest account at least one slot")
-        self.size = size
-        self.express_reserve = express_reserve
-        self.light_reserve = light_reserve
-        self.free = size
-        self.bulk_inflight = 0
-        self._freed = trio.Event()
-
-    @property
-    def express_inflight(self) -> int:
-        return self.size - self.free - self.bulk_inflight
-
-    def take(self, wanted: int, *, express: bool = False, keep: int = 0) -> int:
-        """Take up to `wanted` slots without waiting; returns how many were taken. A bulk
-        take leaves `keep` of the bulk slots free."""
-        if express:
-            taken = min(wanted, self.free)
-        else:
-            bulk_room = self.size - self.express_reserve - keep - self.bulk_inflight
-            taken = max(0, min(wanted, self.free, bulk_room))
-            self.bulk_inflight += taken
-        self.free -= taken
-        return taken
-
-    async def wait_free(self) -> None:
-        """Return once at least one slot is free."""
-        while self.free == 0:
-            await self.wait_release()
-
-    async def wait_release(self) -> None:
-        """Return at the next release of any slots."""
-        self._freed = trio.Event()
-        await self._freed.wait()
-
-    def release(self, count: int, *, express: bool = False) -> None:
-        if not count:
-            return
-        self.free += count
-        if not express:
-            self.bulk_inflight -= count
-        if self.free > self.size or self.bulk_inflight < 0:
-            raise RuntimeError(f"window over-released: {self.free} free of {self.size}")
-        self._freed.set()
-
-
 class ProviderPool:
-    """Owns the in-flight window and the operators.
+    """Owns the operators and the messages in flight.
 
-    The Scheduler takes slots from `window`, chooses that many messages and `submit`s them as
-    one batch; the pool sends the batch to one operator in one call (one task, one timeout, one
-    round trip for the window, where a task per message cost more than the rest of dispatch).
-    The slots are released when the batch's outcomes are handed on. Messages in flight when
-    the run loop dies go back to the Scheduler on restart: the operator dedupes on the message
-    id, so a repeat cannot charge twice.
+    The Scheduler, which owns the window, sends a `Dispatch` of as many messages as it took
+    slots for; the pool sends the batch to one operator in one call (one task, one timeout,
+    one round trip for the window, where a task per message cost more than the rest of
+    dispatch), hands each message's outcome on, and then tells the Scheduler `BatchDone`.
+    Messages in flight when the run loop dies go back to the Scheduler on restart, with their
+    batches' slots: the operator dedupes on the message id, so a repeat cannot charge twice.
     """
 
     def __init__(
@@ -118,11 +63,9 @@ class ProviderPool:
         providers: Sequence[tuple[Provider, int]],
         writer: ActorRef[WriterMessage],
         retry: ActorRef[RetryLater],
-        requeue: ActorRef[SchedulerMessage],
+        scheduler: ActorRef[SchedulerMessage],
         *,
         window: int = 256,
-        express_reserve: int = 0,
-        light_reserve: int = 0,
         max_batch: int = 64,
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.time,
@@ -133,13 +76,14 @@ class ProviderPool:
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
-        self.inbox: Inbox[tuple[OutboundSms, ...]] = Inbox("provider_pool", window)
-        self.window = Window(window, express_reserve, light_reserve)
-        self.max_batch = max_batch
+        # Every batch in it holds at least one of the `window` slots: it is never full.
+        self.inbox: Inbox[Dispatch] = Inbox("provider_pool", window)
+        self.ref = self.inbox.handle()
+        self.max_batch = max_batch  # messages in one operator call
         self._providers = [p for p, _ in providers]
         self._writer = writer
         self._retry = retry
-        self._requeue = requeue
+        self._scheduler = scheduler
         self._policy = policy
         self._clock = clock
         self._rng = random.Random(seed)
@@ -152,6 +96,10 @@ class ProviderPool:
         self._admit = admit
         self._still_held = still_held
         self.inflight: dict[str, OutboundSms] = {}
+        # Batches taken from the inbox and not yet done: number -> (slots, express). What a
+        # run loop that died left here goes back to the Scheduler when it starts again.
+        self._open: dict[int, tuple[int, bool]] = {}
+        self._batch_seq = 0
         self.counts: dict[str, int] = {"sent": 0, "temporary": 0, "permanent": 0, "failed": 0}
         self.batches = 0
         self.duplicates = 0  # messages handed in again while already in flight
@@ -198,16 +146,12 @@ class ProviderPool:
             outcomes.setdefault(operator, {}).setdefault(status, {})[reason or "-"] = n
         return {
             "inflight": len(self.inflight),
-            "window": self.window.size,
             "batches": self.batches,
             "duplicates": self.duplicates,
             **self.counts,
             "outcomes": outcomes,
             "accept_to_sent_seconds": self.accept_to_sent.summary(),
             "express_accept_to_sent_seconds": self.express_to_sent.summary(),
-            "express_reserve": self.window.express_reserve,
-            "light_reserve": self.window.light_reserve,
-            "express_inflight": self.window.express_inflight,
             "express_deadline_misses": self.deadline_misses,
             **self._routing_stats(),
         }
@@ -220,10 +164,11 @@ class ProviderPool:
     # recovered, and refusing every express message would never let one find out.
     KNOWN_FOR = 10.0
 
-    def express_problem(self, deadline_s: float, express_ahead: int) -> str | None:
+    def express_problem(self, deadline_s: float, express_ahead: int, room: int) -> str | None:
         """Why an express message accepted now could not reach an operator within
         `deadline_s` seconds, or None when it can: a healthy operator, answering in time,
-        with room in the window for it and the `express_ahead` messages before it."""
+        with room in the window for it and the `express_ahead` messages before it (`room`:
+        the window's slots that bulk does not hold)."""
         now = trio.current_time()
         known = {
             p.name
@@ -243,7 +188,6 @@ class ProviderPool:
                 f"operators answer in {latency * 1000:.0f} ms, past the express deadline of"
                 f" {deadline_s * 1000:.0f} ms"
             )
-        room = self.window.size - self.window.bulk_inflight
         # Each turn of the window (one operator latency) sends `room` express messages.
         turns = express_ahead // max(1, room)
         if (turns + 1) * latency >= deadline_s:
@@ -254,51 +198,53 @@ class ProviderPool:
             )
         return None
 
-    def submit(self, batch: tuple[OutboundSms, ...]) -> None:
-        """Start sending `batch`; the caller took one window slot per message for it.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        orphans = tuple(self.inflight.values())
+        if orphans or self._open:
+            # A previous run died with these in flight: they go back to the Scheduler, and
+            # their batches' slots with them. (Batches it had not taken from the inbox yet are
+            # still there, and this run sends them.)
+            self.inflight.clear()
+            if orphans:
+                await self._scheduler.tell(Enqueue(orphans))
+            for slots, express in self._open.values():
+                await self._scheduler.tell(BatchDone(slots, express))
+            self._open.clear()
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                batch = self._take(await self.inbox.get())
+                nursery.start_soon(self._attempt, self._batch_seq, batch)
 
-        A message already in flight here is not sent again alongside itself (its slot comes
-        back): the Scheduler can be handed one message twice, as when another node's hand-off
+    def _take(self, message: Dispatch) -> tuple[OutboundSms, ...]:
+        """Open `message`'s batch; what of it to send: not a message in flight here already.
+
+        The Scheduler can be handed one message twice, as when another node's hand-off
         arrives after paging already read the message back, and two attempts of one id in
         flight would settle it twice."""
+        batch = message.batch
+        self._batch_seq += 1
+        self._open[self._batch_seq] = (len(batch), batch[0].express)
         inflight = self.inflight
         fresh = {sms.id: sms for sms in batch if sms.id not in inflight}
         if len(fresh) < len(batch):
             self.duplicates += len(batch) - len(fresh)
-            self.window.release(len(batch) - len(fresh), express=batch[0].express)
-            if not fresh:
-                return
             batch = tuple(fresh.values())
         inflight.update(fresh)
-        self.inbox.put_nowait(batch)
+        return batch
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        orphans = tuple(self.inflight.values())
-        if orphans:
-            # A previous run died with these in flight; their slots died with their tasks.
-            # Batches it was handed but never started are in `inflight` too, and still in the
-            # inbox: drop those (giving their slots back), or each would be sent twice, once
-            # from here and once from the Scheduler's new dispatch.
-            while (unstarted := self.inbox.get_nowait()) is not None:
-                self.window.release(len(unstarted), express=unstarted[0].express)
-            self.inflight.clear()
-            await self._requeue.tell(Enqueue(orphans))
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                batch = await self.inbox.get()
-                nursery.start_soon(self._attempt, batch)
-
-    async def _attempt(self, batch: tuple[OutboundSms, ...]) -> None:
-        try:
-            sending = batch if self._admit is None else await self._admitted(batch)
-            if not sending:
-                return
+    async def _attempt(self, number: int, batch: tuple[OutboundSms, ...]) -> None:
+        """Send `batch`, then tell the Scheduler that batch `number`'s slots are free.
+        Cancelled on the way (the run loop died), it stays open for the next run to give
+        back."""
+        sending = batch if self._admit is None or not batch else await self._admitted(batch)
+        if sending:
             await self.routing.dispatch(
                 sending, self._send_part, self._expire, self._expires_at, self.max_batch
             )
-        finally:
-            self.window.release(len(batch), express=batch[0].express)
+        slots, express = self._open[number]
+        await self._scheduler.tell(BatchDone(slots, express))
+        del self._open[number]
 
     async def _send_part(self, route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
         """One call to the operator `routing` chose for `part` of a batch."""

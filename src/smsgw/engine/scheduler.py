@@ -1,12 +1,12 @@
-"""Scheduler: hands committed messages to the ProviderPool, express first, then bulk by
-deficit round robin (or whichever SchedulerState it is given), as the window frees up."""
+"""Scheduler: owns the dispatch window and hands committed messages to the ProviderPool
+into it, express first, then bulk by deficit round robin (or the strategy it is given)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, assert_never
 
 import trio
@@ -15,6 +15,8 @@ from smsgw.engine.actor import ActorRef, Inbox
 from smsgw.engine.mailboxes import SchedulerState
 from smsgw.engine.messages import (
     Backlog,
+    BatchDone,
+    Dispatch,
     Enqueue,
     OutboundSms,
     Outcome,
@@ -24,7 +26,6 @@ from smsgw.engine.messages import (
     SendRate,
     WriterMessage,
 )
-from smsgw.engine.pool import ProviderPool
 from smsgw.engine.ports import Entry, SchedulingStore
 from smsgw.engine.writer import CommitFence
 
@@ -32,11 +33,61 @@ from smsgw.engine.writer import CommitFence
 LIGHT_HOLD_S = 5.0
 
 
+class Capacity:
+    """The dispatch window: how many messages may be in flight at once (like an SMPP window).
+    The Scheduler's alone: it takes slots as it dispatches and frees them when the pool says
+    a batch is done (`BatchDone`).
+
+    `express_reserve` slots are for express messages only: bulk may fill at most
+    `size - express_reserve`, so express never waits behind bulk work already in flight.
+    `light_reserve` of the bulk slots are what the Scheduler keeps (`room(keep=...)`) for
+    accounts with little backlog while such accounts are sending, for the same reason.
+    """
+
+    __slots__ = ("bulk_inflight", "express_reserve", "free", "light_reserve", "size")
+
+    def __init__(self, size: int, express_reserve: int = 0, light_reserve: int = 0) -> None:
+        if not 0 <= express_reserve < size:
+            raise ValueError("express_reserve must leave bulk at least one slot")
+        if not 0 <= light_reserve < size - express_reserve:
+            raise ValueError("light_reserve must leave the heaviest account at least one slot")
+        self.size = size
+        self.express_reserve = express_reserve
+        self.light_reserve = light_reserve
+        self.free = size
+        self.bulk_inflight = 0
+
+    @property
+    def express_inflight(self) -> int:
+        return self.size - self.free - self.bulk_inflight
+
+    def room(self, *, express: bool = False, keep: int = 0) -> int:
+        """Slots free for an express batch, or for a bulk one that leaves `keep` of the bulk
+        slots free."""
+        if express:
+            return self.free
+        return max(0, min(self.free, self.size - self.express_reserve - keep - self.bulk_inflight))
+
+    def take(self, count: int, *, express: bool = False) -> None:
+        """Take `count` slots of `room`."""
+        self.free -= count
+        if not express:
+            self.bulk_inflight += count
+
+    def release(self, count: int, *, express: bool = False) -> None:
+        self.free += count
+        if not express:
+            self.bulk_inflight -= count
+        if self.free > self.size or self.bulk_inflight < 0:
+            raise RuntimeError(f"window over-released: {self.free} free of {self.size}")
+
+
 class Scheduler:
     """Takes committed messages in, hands them to the ProviderPool as its window frees up.
 
     Express first, in their own batches, into the window's reserve as well as its shared part;
-    then bulk, by deficit round robin, into the shared part only. An express message whose
+    then bulk, by deficit round robin, into the shared part only. Each batch is one `Dispatch`
+    to the pool, whose `BatchDone` frees its slots. An express message whose
     deadline passes while it waits is failed (`deadline_exceeded`, refunded), never sent late.
     Bulk entries paged back from PostgreSQL (and any whose body did not fit in the cache) get
     their bodies in one read per batch.
@@ -47,9 +98,11 @@ class Scheduler:
     def __init__(
         self,
         inbox: Inbox[SchedulerMessage],
-        pool: ProviderPool,
+        pool: ActorRef[Dispatch],
         writer: ActorRef[WriterMessage],
+        capacity: Capacity,
         *,
+        max_batch: int = 64,
         clock: Callable[[], float] = time.time,
         store: SchedulingStore | None = None,
         state: SchedulerState | None = None,
@@ -68,6 +121,8 @@ class Scheduler:
         ):
             raise ValueError("bounded mailboxes need a store to page from")
         self._pool = pool
+        self.capacity = capacity
+        self._max_batch = max_batch  # messages per Dispatch
         self._writer = writer
         self._clock = clock
         self._store = store
@@ -99,7 +154,12 @@ class Scheduler:
                 {"account_id": a, "backlog": n} for n, a in state.largest_backlogs(10)
             ],
             "dispatched": self.dispatched,
-            "express_deadline_misses": self.deadline_misses + self._pool.deadline_misses,
+            "window": self.capacity.size,
+            "inflight": self.capacity.size - self.capacity.free,
+            "express_inflight": self.capacity.express_inflight,
+            "express_reserve": self.capacity.express_reserve,
+            "light_reserve": self.capacity.light_reserve,
+            "express_deadline_misses": self.deadline_misses,
             "paced_accounts": len(state.buckets),
             "pages": self.pages,
             "paged_entries": self.paged_entries,
@@ -109,19 +169,9 @@ class Scheduler:
             "bodies_cached": len(state.bodies),
         }
 
-    def unheld(
-        self, items: Sequence[OutboundSms], retrying: Iterable[OutboundSms] = ()
-    ) -> list[OutboundSms]:
-        """The messages of `items` (pending in the store) that nothing on this node will
-        dispatch or finish: not in flight at the pool, not among `retrying` (the RetryTimer's
-        heap), and not waiting here (`SchedulerState.unheld`). For ShardLeases.sweep; a
-        message between two holders (an Enqueue not yet taken from the inbox, a batch whose
-        bodies are being read) is unheld for that moment, which the sweep allows for."""
-        inflight = self._pool.inflight
-        retry_ids = {sms.id for sms in retrying}
-        return self.state.unheld(
-            sms for sms in items if sms.id not in inflight and sms.id not in retry_ids
-        )
+    def unheld(self, items: Iterable[OutboundSms]) -> list[OutboundSms]:
+        """The messages of `items` that are not waiting here (`SchedulerState.unheld`)."""
+        return self.state.unheld(items)
 
     def _absorb(self, message: SchedulerMessage) -> None:
         match message:
@@ -141,6 +191,8 @@ class Scheduler:
                     self.state.page_failed(account_id)
             case SendRate(account_id=account_id, rate=rate):
                 self.state.set_send_rate(account_id, rate, self._clock())
+            case BatchDone(slots=slots, express=express):
+                self.capacity.release(slots, express=express)
             case _:
                 assert_never(message)
 
@@ -176,22 +228,22 @@ class Scheduler:
             nursery.start_soon(self._read_and_submit, uncached)
 
     async def _read_and_submit(self, entries: list[tuple[int, Entry]]) -> None:
-        window = self._pool.window
+        capacity = self.capacity
         try:
             batch = await self._bodies([entry for _, entry in entries])
         except BaseException:
             # Cancelled (the run loop is restarting): the entries go back, slots too.
             for account_id, entry in entries:
                 self.state.put_back(account_id, entry)
-            window.release(len(entries), express=False)
+            capacity.release(len(entries))
             raise
-        window.release(len(entries) - len(batch), express=False)
+        capacity.release(len(entries) - len(batch))
         self._submit(batch)
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         state = self.state
-        window = self._pool.window
-        max_batch = self._pool.max_batch
+        capacity = self.capacity
+        max_batch = self._max_batch
         while True:
             # Dispatch avoids a task switch per message; this yields once per batch so that
             # HTTP and the other actors get the loop back.
@@ -201,12 +253,12 @@ class Scheduler:
             await self._expire(now)
             progressed = False
             if state.express:
-                wanted = window.take(min(len(state.express), max_batch), express=True)
-                if wanted:
+                n = min(len(state.express), max_batch, capacity.room(express=True))
+                if n:
+                    capacity.take(n, express=True)
                     batch: list[OutboundSms] = []
-                    while len(batch) < wanted and (sms := state.pop_express()) is not None:
+                    while len(batch) < n and (sms := state.pop_express()) is not None:
                         batch.append(sms)
-                    window.release(wanted - len(batch), express=True)
                     self._submit(batch)
                     progressed = True
             if state.bulk_ready():
@@ -217,7 +269,7 @@ class Scheduler:
             if progressed:
                 continue
             timeout = min(state.next_deadline(), state.next_ready(now)) - now
-            await self._wait(max(0.0, timeout), window_bound=bool(state))
+            await self._wait(max(0.0, timeout))
 
     def _pop_bulk(self, max_batch: int, now: float) -> list[tuple[int, Entry]]:
         """Up to `max_batch` bulk entries in round-robin order, as the window has room.
@@ -230,7 +282,7 @@ class Scheduler:
         flood from one must not delay the others). A flood alone, or accounts that all send
         in bulk, keep the whole window."""
         state = self.state
-        reserve = self._pool.window.light_reserve
+        reserve = self.capacity.light_reserve
         keep = reserve if now < state.light_served_at + LIGHT_HOLD_S else 0
         entries: list[tuple[int, Entry]] = []
         self._pop_into(entries, max_batch, now, keep=keep)
@@ -247,40 +299,28 @@ class Scheduler:
         keep: int = 0,
         light_only: bool = False,
     ) -> None:
-        """Take window slots for what `entries` lacks of `max_batch` (leaving `keep` of the
-        bulk slots), fill them with bulk entries, and give back the slots left unfilled."""
+        """Fill what `entries` lacks of `max_batch` with bulk entries, as far as the window has
+        room (leaving `keep` of the bulk slots), and take a slot for each."""
         state = self.state
-        window = self._pool.window
-        wanted = window.take(min(state.in_memory, max_batch - len(entries)), keep=keep)
+        room = self.capacity.room(keep=keep)
+        wanted = min(room, state.in_memory, max_batch - len(entries))
         start = len(entries)
         while len(entries) - start < wanted and (popped := state.pop_bulk_of(now, light_only)):
             entries.append(popped)
-        window.release(wanted - (len(entries) - start))
+        self.capacity.take(len(entries) - start)
 
     def _submit(self, batch: list[OutboundSms]) -> None:
+        """Send `batch` (its slots taken) to the pool. Its inbox holds at most one batch per
+        slot of the window, so it is never full."""
         if batch:
-            self._pool.submit(tuple(batch))
+            self._pool.tell_nowait(Dispatch(tuple(batch)))
             self.dispatched += len(batch)
 
-    async def _wait(self, seconds: float, *, window_bound: bool) -> None:
-        """Until a message arrives, or (if work waits for room) the window frees a slot, or
-        `seconds` pass (the next express deadline or send-rate token)."""
+    async def _wait(self, seconds: float) -> None:
+        """Until a message arrives (new work, or a batch done: slots free) or `seconds` pass
+        (the next express deadline or send-rate token)."""
         with trio.move_on_after(seconds):
-            if not window_bound:
-                self._absorb(await self.inbox.get())
-                return
-            async with trio.open_nursery() as nursery:
-
-                async def on_message() -> None:
-                    self._absorb(await self.inbox.get())
-                    nursery.cancel_scope.cancel()
-
-                async def on_release() -> None:
-                    await self._pool.window.wait_release()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_message)
-                nursery.start_soon(on_release)
+            self._absorb(await self.inbox.get())
 
     async def _expire(self, now: float) -> None:
         for sms in self.state.expired_express(now):

@@ -199,7 +199,7 @@ async def snapshot(engine: Engine, cache: ClusterCache) -> ConsoleOut:
     ]
     scheduler = engine.scheduler
     state = scheduler.state
-    window = engine.pool.window
+    window = engine.scheduler.capacity
     sched = SchedulerOut(
         express=len(state.express),
         bulk=state.bulk_size,

@@ -210,7 +210,7 @@ class NodeCollector(Collector):
         inflight.add_metric([], len(pool.inflight))
         yield inflight
         window = GaugeMetricFamily("smsgw_window_size", "How many messages may be in flight")
-        window.add_metric([], pool.window.size)
+        window.add_metric([], engine.scheduler.capacity.size)
         yield window
         attempts = CounterMetricFamily(
             "smsgw_operator_attempts",
