@@ -19,9 +19,9 @@ from smsgw.engine.messages import (
     SendResult,
     WriterMessage,
 )
-from smsgw.engine.pool import ProviderPool, RetryPolicy
+from smsgw.engine.pool import ProviderPool
 from smsgw.engine.ports import SchedulingStore
-from smsgw.engine.retry import RetryTimer
+from smsgw.engine.retry import RetryPolicy, RetryTimer
 from smsgw.engine.routing import OperatorSettings, RoutingConfig
 from smsgw.engine.scheduler import LIGHT_HOLD_S, Capacity, Scheduler
 

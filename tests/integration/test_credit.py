@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import trio
 
-from smsgw.engine.pool import RetryPolicy
+from smsgw.engine.retry import RetryPolicy
 from smsgw.runtime.server import Node
 from tests.conftest import admin
 from tests.integration.helpers import (

@@ -15,7 +15,7 @@ import trio
 
 from smsgw.engine.breaker import BreakerPolicy
 from smsgw.engine.node import EngineConfig
-from smsgw.engine.pool import RetryPolicy
+from smsgw.engine.retry import RetryPolicy
 from smsgw.engine.routing import RoutingConfig
 from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from smsgw.engine.pool import RetryPolicy
+from smsgw.engine.retry import RetryPolicy
 from smsgw.http.routes import reports
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import bearer

@@ -36,9 +36,9 @@ from smsgw.engine.messages import (
     Settled,
     TopUp,
 )
-from smsgw.engine.pool import ProviderPool, RetryPolicy
+from smsgw.engine.pool import ProviderPool
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider, shard_of
-from smsgw.engine.retry import RetryTimer
+from smsgw.engine.retry import RetryPolicy, RetryTimer, expired
 from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Capacity, Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases
@@ -480,15 +480,7 @@ class Engine:
         stalled, so the answer is on time instead of after the takeover. Unfenced: whoever
         recorded an outcome first wins (a stalled owner's late one finds the row final, as the
         taker's would have). Like any outcome its waiter hears of it once committed."""
-        outcome = Outcome(
-            msgspec.structs.replace(sms, fence=None),
-            "failed",
-            None,
-            None,
-            "deadline_exceeded",
-            sms.attempts,
-            self.clock(),
-        )
+        outcome = expired(msgspec.structs.replace(sms, fence=None), self.clock())
         await self.writer.ref.tell(RecordOutcome(outcome))
 
     def wait_for(self, message_id: str) -> Reply[Settled]:

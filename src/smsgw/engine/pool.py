@@ -29,22 +29,10 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.ports import Provider
-from smsgw.engine.retry import RetryLater, next_attempt
+from smsgw.engine.retry import DEADLINE_EXCEEDED, RetryLater, RetryPolicy, expired
 from smsgw.engine.routing import OperatorRoute, Router, Routing, RoutingConfig
 
 log = logging.getLogger("smsgw.pool")
-
-
-class RetryPolicy(msgspec.Struct, frozen=True):
-    max_attempts: int = 5
-    attempt_timeout: float = 10.0
-    backoff_base: float = 0.5
-    backoff_cap: float = 60.0
-    # Retries end this long after the accept (an express message's end is its deadline).
-    validity_s: float = 86_400.0
-    # An express batch's attempt gets this share of the time left to its earliest deadline,
-    # so that a timeout leaves time for a retry on another operator.
-    express_attempt_share: float = 0.4
 
 
 class ProviderPool:
@@ -240,7 +228,7 @@ class ProviderPool:
         sending = batch if self._admit is None or not batch else await self._admitted(batch)
         if sending:
             await self.routing.dispatch(
-                sending, self._send_part, self._expire, self._expires_at, self.max_batch
+                sending, self._send_part, self._expire, self._policy.ends_at, self.max_batch
             )
         slots, express = self._open[number]
         await self._scheduler.tell(BatchDone(slots, express))
@@ -260,31 +248,9 @@ class ProviderPool:
             # stays in `inflight` and the next run of the pool hands it back.
             del self.inflight[sms.id]
 
-    def _expires_at(self, sms: OutboundSms) -> float:
-        """When a message's attempts must end: its deadline, else the end of its validity."""
-        if sms.deadline is not None:
-            return sms.deadline
-        return sms.created_at + self._policy.validity_s
-
     async def _expire(self, sms: OutboundSms) -> None:
-        """`sms` waited for an operator past its deadline or validity: failed, refunded."""
-        reason = "deadline_exceeded" if sms.deadline is not None else None
-        reason = reason or sms.last_reason or "no_operator_available"
-        if sms.deadline is not None:
-            self.deadline_misses += 1
-        self.counts["failed"] += 1
-        key = ("-", "failed", reason)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
-        outcome = Outcome(
-            sms=sms,
-            status="failed",
-            operator=None,
-            operator_message_id=None,
-            reason=reason,
-            attempts=sms.attempts,
-            at=self._clock(),
-        )
-        await self._writer.tell(RecordOutcome(outcome))
+        """`sms` waited for an operator past its time (`RetryPolicy.ends_at`)."""
+        await self._record(expired(sms, self._clock()))
         del self.inflight[sms.id]
 
     async def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
@@ -349,31 +315,28 @@ class ProviderPool:
         self.attempts[key] = self.attempts.get(key, 0) + 1
         if result.kind == "temporary" and (result.reason or "").startswith("throttled"):
             self.throttled[provider.name] = self.throttled.get(provider.name, 0) + 1
+        now = self._clock()
         if result.kind != "temporary":
-            done = msgspec.structs.replace(sms, attempts=attempts)
-            status = "sent" if result.kind == "sent" else "failed"
-            await self._finish(done, provider, status, result.operator_message_id, result.reason)
+            outcome = Outcome(
+                sms=msgspec.structs.replace(sms, attempts=attempts),
+                status="sent" if result.kind == "sent" else "failed",
+                operator=provider.name,
+                operator_message_id=result.operator_message_id,
+                reason=result.reason,
+                attempts=attempts,
+                at=now,
+            )
+            await self._record(outcome)
             return
         retry = msgspec.structs.replace(
             sms, attempts=attempts, last_reason=result.reason, last_operator=provider.name
         )
-        delay = next_attempt(
-            attempts,
-            now=self._clock(),
-            expires=self._expires_at(sms),
-            express=sms.deadline is not None,
-            max_attempts=self._policy.max_attempts,
-            base=self._policy.backoff_base,
-            cap=self._policy.backoff_cap,
-            rng=self._rng,
-        )
+        delay = self._policy.next_delay(retry, now, self._rng)
         if attempts >= self._policy.max_attempts:
-            await self._finish(retry, provider, "failed", None, result.reason)
-        elif delay is None and sms.deadline is not None:
-            self.deadline_misses += 1
-            await self._finish(retry, provider, "failed", None, "deadline_exceeded")
-        elif delay is None:  # its validity ends before the next attempt could
-            await self._finish(retry, provider, "failed", None, result.reason)
+            outcome = Outcome(retry, "failed", provider.name, None, result.reason, attempts, now)
+            await self._record(outcome)
+        elif delay is None:  # its time is up before the next attempt could begin
+            await self._record(expired(retry, now, operator=provider.name, reason=result.reason))
         else:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -387,42 +350,31 @@ class ProviderPool:
                 )
             await self._retry.tell(RetryLater(retry, delay))
 
-    async def _finish(
-        self,
-        sms: OutboundSms,
-        provider: Provider,
-        status: str,
-        operator_message_id: str | None,
-        reason: str | None,
-    ) -> None:
+    async def _record(self, outcome: Outcome) -> None:
+        """Count a final outcome and hand it to the writer."""
+        sms = outcome.sms
+        status, reason = outcome.status, outcome.reason
         if status == "failed":
             self.counts["failed"] += 1
-        now = self._clock()
-        if status == "sent":
-            self.accept_to_sent.observe(max(0.0, now - sms.created_at))
+            if reason == DEADLINE_EXCEEDED:
+                self.deadline_misses += 1
+        else:
+            waited = max(0.0, outcome.at - sms.created_at)
+            self.accept_to_sent.observe(waited)
             if sms.express:
-                self.express_to_sent.observe(max(0.0, now - sms.created_at))
-        key = (provider.name, status, reason or "")
+                self.express_to_sent.observe(waited)
+        key = (outcome.operator or "-", status, reason or "")
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "message %s %s via %s after %d attempts%s",
                 sms.id,
                 status,
-                provider.name,
+                outcome.operator,
                 sms.attempts,
                 f" ({reason})" if reason else "",
                 extra={"request_id": sms.request_id, "message_id": sms.id},
             )
-        outcome = Outcome(
-            sms=sms,
-            status="sent" if status == "sent" else "failed",
-            operator=provider.name,
-            operator_message_id=operator_message_id,
-            reason=reason,
-            attempts=sms.attempts,
-            at=now,
-        )
         await self._writer.tell(RecordOutcome(outcome))
 
 

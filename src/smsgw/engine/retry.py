@@ -1,4 +1,5 @@
-"""RetryTimer: holds messages that failed for now until their backoff is over."""
+"""When a message is tried again and when its time is up: the retry policy, the one rule of
+expiry, and the RetryTimer that holds messages that failed for now until their backoff ends."""
 
 from __future__ import annotations
 
@@ -11,7 +12,66 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
-from smsgw.engine.messages import Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.messages import Enqueue, OutboundSms, Outcome, SchedulerMessage
+
+# The reason of an express message failed because its deadline passed (waiting for a slot or
+# an operator, or before its next attempt could begin).
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    max_attempts: int = 5
+    attempt_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 60.0
+    # Retries end this long after the accept (an express message's end is its deadline).
+    validity_s: float = 86_400.0
+    # An express batch's attempt gets this share of the time left to its earliest deadline,
+    # so that a timeout leaves time for a retry on another operator.
+    express_attempt_share: float = 0.4
+
+    def ends_at(self, sms: OutboundSms) -> float:
+        """When `sms`'s time is up, wherever it waits (wall clock): its deadline, else the end
+        of its validity. Past it, the message is failed with `expired`, never sent."""
+        if sms.deadline is not None:
+            return sms.deadline
+        return sms.created_at + self.validity_s
+
+    def next_delay(self, sms: OutboundSms, now: float, rng: random.Random) -> float | None:
+        """Seconds until the next attempt of `sms`, which failed for now after `sms.attempts`
+        attempts; None when there is none (see `next_attempt`)."""
+        return next_attempt(
+            sms.attempts,
+            now=now,
+            expires=self.ends_at(sms),
+            express=sms.deadline is not None,
+            max_attempts=self.max_attempts,
+            base=self.backoff_base,
+            cap=self.backoff_cap,
+            rng=rng,
+        )
+
+
+def expired(
+    sms: OutboundSms, at: float, *, operator: str | None = None, reason: str | None = None
+) -> Outcome:
+    """The outcome of `sms` whose time ran out (`RetryPolicy.ends_at` passed, or would before
+    its next attempt could begin): failed, its hold released. An express message's reason is
+    `deadline_exceeded`; another's is its last failure's (`reason`, else the last attempt's),
+    or `no_operator_available` when no operator could take it."""
+    if sms.deadline is not None:
+        reason = DEADLINE_EXCEEDED
+    else:
+        reason = reason or sms.last_reason or "no_operator_available"
+    return Outcome(
+        sms=sms,
+        status="failed",
+        operator=operator,
+        operator_message_id=None,
+        reason=reason,
+        attempts=sms.attempts,
+        at=at,
+    )
 
 
 class RetryLater(msgspec.Struct, frozen=True):

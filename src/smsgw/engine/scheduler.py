@@ -19,7 +19,6 @@ from smsgw.engine.messages import (
     Dispatch,
     Enqueue,
     OutboundSms,
-    Outcome,
     Paged,
     RecordOutcome,
     SchedulerMessage,
@@ -27,6 +26,7 @@ from smsgw.engine.messages import (
     WriterMessage,
 )
 from smsgw.engine.ports import Entry, SchedulingStore
+from smsgw.engine.retry import expired
 from smsgw.engine.writer import CommitFence
 
 # How long after a light account's message the window's light reserve stays kept for them.
@@ -325,7 +325,7 @@ class Scheduler:
     async def _expire(self, now: float) -> None:
         for sms in self.state.expired_express(now):
             self.deadline_misses += 1
-            await self._writer.tell(RecordOutcome(self._expired(sms)))
+            await self._writer.tell(RecordOutcome(expired(sms, self._clock())))
 
     async def _bodies(self, entries: list[Entry]) -> list[OutboundSms]:
         """The messages of `entries`, in order: from the body cache, the rest in one read.
@@ -401,14 +401,3 @@ class Scheduler:
                     await self._commits.wait()
                 for (account_id, _, size), rows in zip(requests, pages, strict=True):
                     await self.ref.tell(Paged(account_id, tuple(rows), size))
-
-    def _expired(self, sms: OutboundSms) -> Outcome:
-        return Outcome(
-            sms=sms,
-            status="failed",
-            operator=None,
-            operator_message_id=None,
-            reason="deadline_exceeded",
-            attempts=sms.attempts,
-            at=self._clock(),
-        )
