@@ -299,7 +299,7 @@ async def test_an_express_message_is_failed_at_its_deadline_not_sent_late(
     expired = outcomes["m9"].outcome
     assert (expired.status, expired.reason) == ("failed", "deadline_exceeded")
     assert all("m9" not in batch for batch in operator.batches)
-    assert harness.scheduler.deadline_misses == 1
+    assert harness.scheduler.figures.deadline_misses == 1
 
 
 async def test_an_express_batch_is_cut_at_its_deadline(autojump_clock: trio.abc.Clock) -> None:

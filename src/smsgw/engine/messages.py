@@ -347,3 +347,42 @@ class SupervisorStatus(msgspec.Struct, frozen=True):
     max_restarts: int
     within_seconds: float
     children: list[ChildStatus]
+
+
+# --- Figures the dispatch actors publish (read by HTTP, metrics and the engine) ----------
+
+
+class DispatchFigures(msgspec.Struct, frozen=True):
+    """What the Scheduler publishes on its loop, each round: what waits, and its window."""
+
+    express_waiting: int = 0
+    bulk_waiting: int = 0  # in memory and counted in the store
+    bulk_in_store: int = 0
+    active_accounts: int = 0  # with bulk waiting
+    dispatched: int = 0  # messages handed to the pool since start
+    deadline_misses: int = 0  # express messages that expired waiting for a slot
+    window: int = 0
+    inflight: int = 0  # slots taken
+    express_inflight: int = 0
+    express_reserve: int = 0
+    light_reserve: int = 0
+    # The light reserve is kept out of a flood's reach until then (wall clock).
+    light_reserve_kept_until: float = float("-inf")
+
+
+class OperatorHealth(msgspec.Struct, frozen=True):
+    """What the pool last saw of an operator: whether it answers, and how fast."""
+
+    latency_s: float  # moving average of a call's round trip
+    failing: int  # calls in a row that failed as a whole (a timeout, an exception)
+    observed_at: float  # trio time of the last call's end
+
+
+class PoolFigures(msgspec.Struct, frozen=True):
+    """What the ProviderPool publishes as its batches open and its calls end."""
+
+    inflight: int = 0  # messages at an operator or waiting for one
+    sent: int = 0
+    failed: int = 0
+    deadline_misses: int = 0  # express messages out of time at an operator or waiting
+    operators: dict[str, OperatorHealth] = {}

@@ -14,6 +14,7 @@ import trio
 from smsgw.engine.actor import Inbox, InboxFull, Reply
 from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
+from smsgw.engine.express import express_problem
 from smsgw.engine.mailboxes import FifoState, SchedulerState
 from smsgw.engine.messages import (
     DEFAULT_SETTINGS,
@@ -256,9 +257,9 @@ class Engine:
             self.reconciler = DlrReconciler(callback_store)
         self.admission = Admission(
             config.admission,
-            backlog=self.scheduler.state.backlog,
-            node_backlog=lambda: self.scheduler.state.bulk_size,
-            drain_rate=DrainRate(lambda: self.scheduler.dispatched, time.monotonic),
+            backlog=self.scheduler.backlog,
+            node_backlog=lambda: self.scheduler.figures.bulk_waiting,
+            drain_rate=DrainRate(lambda: self.scheduler.figures.dispatched, time.monotonic),
             remote=self._remote_pressure,
         )
         self.supervisor: Supervisor | None = None
@@ -314,7 +315,7 @@ class Engine:
         """The Scheduler's figures, with the express deadline misses of the whole node (the
         pool counts those that ran out at an operator) and admission's."""
         stats = self.scheduler.stats()
-        stats["express_deadline_misses"] += self.pool.deadline_misses
+        stats["express_deadline_misses"] = self.deadline_misses()
         return {**stats, "admission": self.admission.stats()}
 
     def _cluster_children(self) -> list[ChildSpec]:
@@ -408,7 +409,7 @@ class Engine:
             self.settings[account_id] = settings
         # A suspended account dispatches nothing: its rate is 0 until it resumes.
         rate = 0.0 if settings.suspended else settings.send_rate
-        if self.scheduler.state.send_rates.get(account_id) != rate:
+        if self.scheduler.send_rate(account_id) != rate:
             with contextlib.suppress(InboxFull):
                 self.scheduler.ref.tell_nowait(SendRate(account_id, rate))
 
@@ -431,12 +432,22 @@ class Engine:
         if self.dispatch_stalled(shard):
             return "the node that dispatches this account is not answering; another takes over"
         commit = self.writer.commit_ms_ewma / 1000
-        capacity = self.scheduler.capacity
-        return self.pool.express_problem(
+        return express_problem(
             self.express_deadline_s(account_id) - commit,
-            len(self.scheduler.state.express),
-            capacity.size - capacity.bulk_inflight,
+            self.scheduler.figures,
+            self.pool.figures.operators,
+            self.pool.names,
+            trio.current_time(),
         )
+
+    def deadline_misses(self) -> int:
+        """Express messages failed because their deadline passed: waiting for a slot, for an
+        operator, or for a retry that could not make it."""
+        return self.scheduler.figures.deadline_misses + self.pool.figures.deadline_misses
+
+    def sending(self, message_id: str) -> bool:
+        """Whether an attempt of `message_id` is in flight on this node."""
+        return self.pool.sending(message_id)
 
     def _unheld(self, items: Sequence[OutboundSms]) -> list[OutboundSms]:
         """The messages of `items` (pending in the store) that nothing on this node will
@@ -452,7 +463,7 @@ class Engine:
 
     def _pressure(self) -> str | None:
         """What this node's admission refuses, for its heartbeat (None: nothing)."""
-        largest = {a: n for n, a in self.scheduler.state.largest_backlogs(100)}
+        largest = dict(self.scheduler.largest_backlogs(100))
         pressure = self.admission.pressure(largest)
         if not pressure.node_retry_s and not pressure.accounts:
             return None

@@ -15,14 +15,16 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
-from smsgw.engine.breaker import Call
+from smsgw.engine.breaker import BreakerState, Call
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     BatchDone,
     Dispatch,
     Enqueue,
+    OperatorHealth,
     OutboundSms,
     Outcome,
+    PoolFigures,
     RecordOutcome,
     SchedulerMessage,
     SendResult,
@@ -100,12 +102,12 @@ class ProviderPool:
         self.accept_to_sent = Histogram(DELIVERY_BUCKETS)
         self.express_to_sent = Histogram(DELIVERY_BUCKETS)
         self.deadline_misses = 0  # express messages failed here because the deadline passed
-        # Per operator: batches that failed as a whole in a row (a timeout, an exception), and
-        # a moving average of a batch's round trip in seconds: what the express admission
-        # check (`express_problem`) reads.
-        self.failing: dict[str, int] = {p.name: 0 for p in self._providers}
-        self.latency: dict[str, float] = {}
-        self.observed_at: dict[str, float] = {}  # trio time of the last batch's answer
+        # Per operator seen answering: calls in a row that failed whole, a moving average of
+        # a call's round trip, when it last answered (what engine/express.py judges by).
+        self._health: dict[str, OperatorHealth] = {}
+        # What others read of the pool (HTTP, metrics, express admission), refreshed as
+        # batches open and calls end.
+        self.figures = PoolFigures()
         # Per operator, for the ops console: the round trips of its last RECENT_CALLS calls
         # (p50/p99 now, where a histogram since start would hide a change), and attempts it
         # refused as throttled (temporary, reason "throttled...": the operator's own cap).
@@ -119,9 +121,9 @@ class ProviderPool:
         (what the express admission check reads) next to its breaker's."""
         stats = self.routing.stats()
         for name, figures in stats["operators"].items():
-            figures["failing_batches"] = self.failing.get(name, 0)
-            latency = self.latency.get(name)
-            figures["latency_ms"] = None if latency is None else round(1000 * latency, 3)
+            health = self._health.get(name)
+            figures["failing_batches"] = 0 if health is None else health.failing
+            figures["latency_ms"] = None if health is None else round(1000 * health.latency_s, 3)
             recent = sorted(self.recent_latency.get(name, ()))
             figures["latency_p50_ms"] = _percentile_ms(recent, 0.5)
             figures["latency_p99_ms"] = _percentile_ms(recent, 0.99)
@@ -146,45 +148,44 @@ class ProviderPool:
 
     # Calls per operator whose round trips give the console's latency percentiles.
     RECENT_CALLS = 256
-    # An operator whose last batches all failed this many times in a row is not healthy.
-    UNHEALTHY_AFTER = 3
-    # What is known of an operator is trusted this long: with no batch since, it may have
-    # recovered, and refusing every express message would never let one find out.
-    KNOWN_FOR = 10.0
 
-    def express_problem(self, deadline_s: float, express_ahead: int, room: int) -> str | None:
-        """Why an express message accepted now could not reach an operator within
-        `deadline_s` seconds, or None when it can: a healthy operator, answering in time,
-        with room in the window for it and the `express_ahead` messages before it (`room`:
-        the window's slots that bulk does not hold)."""
-        now = trio.current_time()
-        known = {
-            p.name
-            for p in self._providers
-            if now - self.observed_at.get(p.name, -math.inf) < self.KNOWN_FOR
-        }
-        healthy = [
-            p.name
-            for p in self._providers
-            if p.name not in known or self.failing[p.name] < self.UNHEALTHY_AFTER
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The operators' names, in the order they were configured."""
+        return tuple(p.name for p in self._providers)
+
+    def drain(self, name: str, reason: str) -> None:
+        """Hold operator `name`'s breaker open until `release` (`Routing.drain`); KeyError
+        for an unknown operator."""
+        self.routing.drain(name, reason)
+
+    def release(self, name: str) -> bool:
+        """End a drain of `name`: its breaker probes. False (nothing done) when it was not
+        drained; KeyError for an unknown operator."""
+        if self.routing.router.by_name[name].breaker.held is None:
+            return False
+        self.routing.release(name)
+        return True
+
+    def breakers(self) -> list[tuple[str, BreakerState, int, int]]:
+        """Each operator's (name, breaker state, times it opened, messages at it now)."""
+        return [
+            (r.name, r.breaker.state, r.breaker.opens, r.inflight)
+            for r in self.routing.router.routes
         ]
-        if not healthy:
-            return "no operator is healthy: every operator's recent batches failed"
-        latency = min(self.latency.get(name, 0.0) if name in known else 0.0 for name in healthy)
-        if latency >= deadline_s:
-            return (
-                f"operators answer in {latency * 1000:.0f} ms, past the express deadline of"
-                f" {deadline_s * 1000:.0f} ms"
-            )
-        # Each turn of the window (one operator latency) sends `room` express messages.
-        turns = express_ahead // max(1, room)
-        if (turns + 1) * latency >= deadline_s:
-            return (
-                f"{express_ahead} express messages are waiting ahead of this one; at"
-                f" {latency * 1000:.0f} ms per operator turn it would miss its deadline of"
-                f" {deadline_s * 1000:.0f} ms"
-            )
-        return None
+
+    def sending(self, message_id: str) -> bool:
+        """Whether an attempt of `message_id` is in flight here (its status shows `sending`)."""
+        return message_id in self.inflight
+
+    def _publish(self) -> None:
+        self.figures = PoolFigures(
+            inflight=len(self.inflight),
+            sent=self.counts["sent"],
+            failed=self.counts["failed"],
+            deadline_misses=self.deadline_misses,
+            operators=dict(self._health),
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         orphans = tuple(self.inflight.values())
@@ -193,6 +194,7 @@ class ProviderPool:
             # their batches' slots with them. (Batches it had not taken from the inbox yet are
             # still there, and this run sends them.)
             self.inflight.clear()
+            self._publish()
             if orphans:
                 await self._scheduler.tell(Enqueue(orphans))
             for slots, express in self._open.values():
@@ -202,6 +204,7 @@ class ProviderPool:
             task_status.started()
             while True:
                 batch = self._take(await self.inbox.get())
+                self._publish()
                 nursery.start_soon(self._attempt, self._batch_seq, batch)
 
     def _take(self, message: Dispatch) -> tuple[OutboundSms, ...]:
@@ -230,6 +233,7 @@ class ProviderPool:
             await self.routing.dispatch(
                 sending, self._send_part, self._expire, self._policy.ends_at, self.max_batch
             )
+        self._publish()
         slots, express = self._open[number]
         await self._scheduler.tell(BatchDone(slots, express))
         del self._open[number]
@@ -247,11 +251,13 @@ class ProviderPool:
             # Handed on: only now is it no longer ours. Cancelled before this point, it
             # stays in `inflight` and the next run of the pool hands it back.
             del self.inflight[sms.id]
+        self._publish()
 
     async def _expire(self, sms: OutboundSms) -> None:
         """`sms` waited for an operator past its time (`RetryPolicy.ends_at`)."""
         await self._record(expired(sms, self._clock()))
         del self.inflight[sms.id]
+        self._publish()
 
     async def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
         """The messages this node may send now. One whose shard went to another node is
@@ -300,13 +306,17 @@ class ProviderPool:
         return failed
 
     def _observe(self, name: str, seconds: float, *, ok: bool) -> None:
-        self.observed_at[name] = trio.current_time()
         recent = self.recent_latency.get(name)
         if recent is not None:
             recent.append(seconds)
-        self.failing[name] = 0 if ok else self.failing.get(name, 0) + 1
-        previous = self.latency.get(name)
-        self.latency[name] = seconds if previous is None else previous + 0.2 * (seconds - previous)
+        previous = self._health.get(name)
+        self._health[name] = OperatorHealth(
+            latency_s=seconds
+            if previous is None
+            else previous.latency_s + 0.2 * (seconds - previous.latency_s),
+            failing=0 if ok else (0 if previous is None else previous.failing) + 1,
+            observed_at=trio.current_time(),
+        )
 
     async def _settle(self, provider: Provider, sms: OutboundSms, result: SendResult) -> None:
         attempts = sms.attempts + 1

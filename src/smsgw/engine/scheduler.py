@@ -17,6 +17,7 @@ from smsgw.engine.messages import (
     Backlog,
     BatchDone,
     Dispatch,
+    DispatchFigures,
     Enqueue,
     OutboundSms,
     Paged,
@@ -141,25 +142,51 @@ class Scheduler:
         self.prefetched = 0  # bodies read ahead of their batch
         self._ahead: OrderedDict[str, OutboundSms] = OrderedDict()
         self.page_failures = 0
+        # What others read of the Scheduler (HTTP, metrics, admission), refreshed each round.
+        self.figures = DispatchFigures()
+        self._publish()
+
+    def _publish(self) -> None:
+        state = self.state
+        capacity = self.capacity
+        self.figures = DispatchFigures(
+            express_waiting=len(state.express),
+            bulk_waiting=state.bulk_size,
+            bulk_in_store=state.spilled,
+            active_accounts=len(state.mailboxes),
+            dispatched=self.dispatched,
+            deadline_misses=self.deadline_misses,
+            window=capacity.size,
+            inflight=capacity.size - capacity.free,
+            express_inflight=capacity.express_inflight,
+            express_reserve=capacity.express_reserve,
+            light_reserve=capacity.light_reserve,
+            light_reserve_kept_until=state.light_served_at + LIGHT_HOLD_S
+            if capacity.light_reserve
+            else -math.inf,
+        )
 
     def stats(self) -> dict[str, Any]:
+        """The status page's figures: the published ones, the largest backlogs and the
+        paging's counters."""
+        figures = self.figures
         state = self.state
         return {
-            "active_accounts": len(state.mailboxes),
-            "bulk_backlog": state.bulk_size,
-            "bulk_in_memory": state.in_memory,
-            "bulk_in_store": state.spilled,
-            "express_backlog": len(state.express),
+            "active_accounts": figures.active_accounts,
+            "bulk_backlog": figures.bulk_waiting,
+            "bulk_in_memory": figures.bulk_waiting - figures.bulk_in_store,
+            "bulk_in_store": figures.bulk_in_store,
+            "express_backlog": figures.express_waiting,
             "largest_backlogs": [
-                {"account_id": a, "backlog": n} for n, a in state.largest_backlogs(10)
+                {"account_id": a, "backlog": n} for a, n in self.largest_backlogs(10)
             ],
-            "dispatched": self.dispatched,
-            "window": self.capacity.size,
-            "inflight": self.capacity.size - self.capacity.free,
-            "express_inflight": self.capacity.express_inflight,
-            "express_reserve": self.capacity.express_reserve,
-            "light_reserve": self.capacity.light_reserve,
-            "express_deadline_misses": self.deadline_misses,
+            "dispatched": figures.dispatched,
+            "window": figures.window,
+            "inflight": figures.inflight,
+            "express_inflight": figures.express_inflight,
+            "express_reserve": figures.express_reserve,
+            "light_reserve": figures.light_reserve,
+            "express_deadline_misses": figures.deadline_misses,
             "paced_accounts": len(state.buckets),
             "pages": self.pages,
             "paged_entries": self.paged_entries,
@@ -168,6 +195,20 @@ class Scheduler:
             "bodies_prefetched": self.prefetched,
             "bodies_cached": len(state.bodies),
         }
+
+    # --- what the Scheduler answers when asked (synchronously: one thread, no await) ------
+
+    def backlog(self, account_id: int) -> int:
+        """Bulk messages of `account_id` waiting here (in memory or counted in the store)."""
+        return self.state.backlog(account_id)
+
+    def largest_backlogs(self, n: int) -> list[tuple[int, int]]:
+        """The `n` accounts with the most bulk waiting: (account, messages), largest first."""
+        return [(a, count) for count, a in self.state.largest_backlogs(n)]
+
+    def send_rate(self, account_id: int) -> float | None:
+        """The pace `account_id`'s bulk is dispatched at (messages a second; None: unpaced)."""
+        return self.state.send_rates.get(account_id)
 
     def unheld(self, items: Iterable[OutboundSms]) -> list[OutboundSms]:
         """The messages of `items` that are not waiting here (`SchedulerState.unheld`)."""
@@ -239,6 +280,7 @@ class Scheduler:
             raise
         capacity.release(len(entries) - len(batch))
         self._submit(batch)
+        self._publish()
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         state = self.state
@@ -266,6 +308,7 @@ class Scheduler:
                 if entries:
                     self._dispatch_bulk(nursery, entries)
                     progressed = True
+            self._publish()
             if progressed:
                 continue
             timeout = min(state.next_deadline(), state.next_ready(now)) - now

@@ -18,7 +18,6 @@ import trio
 
 from smsgw.engine.node import Engine
 from smsgw.engine.ports import SHARDS
-from smsgw.engine.scheduler import LIGHT_HOLD_S
 
 
 class ActorOut(msgspec.Struct):
@@ -197,31 +196,30 @@ async def snapshot(engine: Engine, cache: ClusterCache) -> ConsoleOut:
     operators = [
         operator_out(name, figures) for name, figures in pool_stats.get("operators", {}).items()
     ]
-    scheduler = engine.scheduler
-    state = scheduler.state
-    window = engine.scheduler.capacity
+    figures = engine.scheduler.figures
+    largest = engine.scheduler.largest_backlogs(5)
     sched = SchedulerOut(
-        express=len(state.express),
-        bulk=state.bulk_size,
-        bulk_in_store=state.spilled,
+        express=figures.express_waiting,
+        bulk=figures.bulk_waiting,
+        bulk_in_store=figures.bulk_in_store,
         retrying=int(engine.retry.stats().get("waiting", 0)),
         waiting_for_operator=int(pool_stats.get("messages_waiting", 0)),
-        active_accounts=len(state.mailboxes),
-        largest=[BacklogOut(account_id=a, backlog=n) for n, a in state.largest_backlogs(5)],
-        window=window.size,
-        inflight=window.size - window.free,
-        express_inflight=window.express_inflight,
-        express_reserve=window.express_reserve,
-        light_reserve=window.light_reserve,
-        light_reserve_kept=bool(window.light_reserve)
-        and engine.clock() < state.light_served_at + LIGHT_HOLD_S,
-        dispatched=scheduler.dispatched,
+        active_accounts=figures.active_accounts,
+        largest=[BacklogOut(account_id=a, backlog=n) for a, n in largest],
+        window=figures.window,
+        inflight=figures.inflight,
+        express_inflight=figures.express_inflight,
+        express_reserve=figures.express_reserve,
+        light_reserve=figures.light_reserve,
+        light_reserve_kept=engine.clock() < figures.light_reserve_kept_until,
+        dispatched=figures.dispatched,
     )
     callbacks = engine.callbacks.counts if engine.callbacks is not None else {}
+    pool = engine.pool.figures
     counters = CountersOut(
         accepted=engine.writer.credit["held_messages"],
-        sent=engine.pool.counts.get("sent", 0),
-        failed=engine.pool.counts.get("failed", 0),
+        sent=pool.sent,
+        failed=pool.failed,
         dlrs=sum(engine.writer.deliveries.values()),
         callbacks=callbacks.get("delivered", 0),
         callbacks_given_up=callbacks.get("given_up", 0),

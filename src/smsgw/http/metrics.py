@@ -126,29 +126,29 @@ class NodeCollector(Collector):
         yield amounts
 
     def _dispatch(self, engine: Engine) -> Iterator[Metric]:
-        scheduler = engine.scheduler
+        figures = engine.scheduler.figures
         depth = GaugeMetricFamily(
             "smsgw_queue_depth", "Messages waiting for dispatch, by lane", labels=["lane"]
         )
-        depth.add_metric(["express"], len(scheduler.state.express))
-        depth.add_metric(["bulk"], scheduler.state.bulk_size)
+        depth.add_metric(["express"], figures.express_waiting)
+        depth.add_metric(["bulk"], figures.bulk_waiting)
         yield depth
         accounts = GaugeMetricFamily(
             "smsgw_queue_accounts", "Accounts with bulk messages waiting for dispatch"
         )
-        accounts.add_metric([], len(scheduler.state.mailboxes))
+        accounts.add_metric([], figures.active_accounts)
         yield accounts
         dispatched = CounterMetricFamily(
             "smsgw_dispatched_messages", "Messages handed to the provider pool"
         )
-        dispatched.add_metric([], scheduler.dispatched)
+        dispatched.add_metric([], figures.dispatched)
         yield dispatched
         misses = CounterMetricFamily(
             "smsgw_express_deadline_misses",
             "Express messages failed (and refunded) because their deadline passed, waiting or"
             " at an operator",
         )
-        misses.add_metric([], scheduler.deadline_misses + engine.pool.deadline_misses)
+        misses.add_metric([], engine.deadline_misses())
         yield misses
         retry = engine.retry.stats()
         waiting = GaugeMetricFamily(
@@ -207,10 +207,10 @@ class NodeCollector(Collector):
     def _operators(self, engine: Engine) -> Iterator[Metric]:
         pool = engine.pool
         inflight = GaugeMetricFamily("smsgw_inflight_messages", "Messages at an operator now")
-        inflight.add_metric([], len(pool.inflight))
+        inflight.add_metric([], pool.figures.inflight)
         yield inflight
         window = GaugeMetricFamily("smsgw_window_size", "How many messages may be in flight")
-        window.add_metric([], engine.scheduler.capacity.size)
+        window.add_metric([], engine.scheduler.figures.window)
         yield window
         attempts = CounterMetricFamily(
             "smsgw_operator_attempts",
@@ -242,7 +242,6 @@ class NodeCollector(Collector):
         yield from self._breakers(engine)
 
     def _breakers(self, engine: Engine) -> Iterator[Metric]:
-        routes = engine.pool.routing.router.routes
         state = GaugeMetricFamily(
             "smsgw_operator_breaker_state",
             "Each operator's circuit breaker: 1 for its current state (closed, open, half_open)",
@@ -256,12 +255,11 @@ class NodeCollector(Collector):
         inflight = GaugeMetricFamily(
             "smsgw_operator_inflight_messages", "Messages at each operator now", labels=["operator"]
         )
-        for route in routes:
-            current = route.breaker.state
+        for name, current, opened, at_operator in engine.pool.breakers():
             for each in BreakerState:
-                state.add_metric([route.name, str(each)], float(each is current))
-            opens.add_metric([route.name], route.breaker.opens)
-            inflight.add_metric([route.name], route.inflight)
+                state.add_metric([name, str(each)], float(each is current))
+            opens.add_metric([name], opened)
+            inflight.add_metric([name], at_operator)
         yield state
         yield opens
         yield inflight

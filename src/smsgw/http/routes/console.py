@@ -95,10 +95,8 @@ async def console_figures() -> Response:
 async def drain_operator(name: Operator) -> Response:
     gw = gateway()
     gw.require_admin()
-    routing = gw.engine.pool.routing
-    if name not in routing.router.by_name:
-        raise ProblemError(404, "unknown_operator", f"no operator is named {name!r}")
-    routing.drain(name, "drained by an admin")
+    _known_operator(name)
+    gw.engine.pool.drain(name, "drained by an admin")
     log.warning(
         "operator %r drained by an admin (from %s): its breaker is held open on this node"
         " until released",
@@ -119,17 +117,19 @@ async def drain_operator(name: Operator) -> Response:
 async def release_operator(name: Operator) -> Response:
     gw = gateway()
     gw.require_admin()
-    routing = gw.engine.pool.routing
-    if name not in routing.router.by_name:
-        raise ProblemError(404, "unknown_operator", f"no operator is named {name!r}")
-    if routing.router.by_name[name].breaker.held is not None:
-        routing.release(name)
+    _known_operator(name)
+    if gw.engine.pool.release(name):
         log.warning(
             "operator %r released by an admin (from %s): its breaker probes (half-open)",
             name,
             request.remote_addr,
         )
     return _operator_answer(name)
+
+
+def _known_operator(name: str) -> None:
+    if name not in gateway().engine.pool.names:
+        raise ProblemError(404, "unknown_operator", f"no operator is named {name!r}")
 
 
 def _operator_answer(name: str) -> Response:

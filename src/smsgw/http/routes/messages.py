@@ -257,7 +257,7 @@ def admit_bulk(gw: Gateway, account_id: int, count: int) -> None:
 
 def message_view(gw: Gateway, row: dict[str, Any]) -> dict[str, Any]:
     """A stored message as clients see it: `sending` while an attempt is in flight here."""
-    if row["status"] == "queued" and row["id"] in gw.engine.pool.inflight:
+    if row["status"] == "queued" and gw.engine.sending(row["id"]):
         row["status"] = "sending"
     return row
 
