@@ -23,7 +23,6 @@ from smsgw.engine.messages import (
     Account,
     AccountChanged,
     AccountSettings,
-    Backlog,
     CreateAccount,
     DeliveryReport,
     DeliveryResult,
@@ -42,7 +41,7 @@ from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provid
 from smsgw.engine.retry import RetryPolicy, RetryTimer, expired
 from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduler import Capacity, Scheduler
-from smsgw.engine.shards import LeaseConfig, ShardLeases
+from smsgw.engine.shards import LeaseConfig, ShardLeases, recover_into
 from smsgw.engine.shares import ApiShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
@@ -154,6 +153,7 @@ class Engine:
         seed: int | None = None,
         cluster: ClusterStore | None = None,
         leases: LeaseConfig = LeaseConfig(),
+        lease_clock: Callable[[], float] = time.monotonic,
         callback_store: CallbackStore | None = None,
         callback_poster: CallbackPoster | None = None,
     ) -> None:
@@ -171,8 +171,9 @@ class Engine:
             self.leases = ShardLeases(
                 cluster,
                 scheduler_ref,
-                lambda: self.pool.inflight.values(),
+                lambda: self.pool.in_flight(),
                 leases,
+                clock=lease_clock,
                 settled=self._settled_elsewhere,
                 account_changed=self._account_changed,
                 publish=self._pressure,
@@ -184,7 +185,7 @@ class Engine:
         self.api_shares: ApiShares | None = None
         if self.leases is not None and cluster is not None:
             leased = self.leases
-            self.api_shares = ApiShares(cluster, lambda: leased.live_nodes)
+            self.api_shares = ApiShares(cluster, lambda: leased.live_nodes, tick=leases.share_tick)
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
             if self.leases is not None:
@@ -358,14 +359,9 @@ class Engine:
         if not self.ready.is_set():
             await self._learn_dispatch_rates()
             recovered = await self.store.recover()
-            express = recovered.express
-            for start in range(0, len(express), 1_000):
-                await self.scheduler.ref.tell(Enqueue(tuple(express[start : start + 1_000])))
-            # Bulk as counts: the Scheduler pages the messages in as memory allows.
-            backlogs = recovered.backlogs
-            for start in range(0, len(backlogs), 10_000):
-                await self.scheduler.ref.tell(Backlog(tuple(backlogs[start : start + 10_000])))
-            self._recovered = len(express) + sum(n for _, n in backlogs)
+            self._recovered = await recover_into(
+                self.scheduler.ref, recovered.express, recovered.backlogs
+            )
             self.ready.set()
         task_status.started()
 
@@ -455,10 +451,10 @@ class Engine:
         the Scheduler. For ShardLeases.sweep; a message between two holders (an Enqueue not
         yet taken from the inbox, a batch whose bodies are being read) is unheld for that
         moment, which the sweep allows for."""
-        inflight = self.pool.inflight
+        sending = self.pool.sending
         retrying = {sms.id for sms in self.retry.waiting()}
         return self.scheduler.unheld(
-            sms for sms in items if sms.id not in inflight and sms.id not in retrying
+            sms for sms in items if not sending(sms.id) and sms.id not in retrying
         )
 
     def _pressure(self) -> str | None:

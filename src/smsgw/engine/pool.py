@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -173,6 +173,10 @@ class ProviderPool:
             (r.name, r.breaker.state, r.breaker.opens, r.inflight)
             for r in self.routing.router.routes
         ]
+
+    def in_flight(self) -> Iterable[OutboundSms]:
+        """The messages in flight here now."""
+        return self.inflight.values()
 
     def sending(self, message_id: str) -> bool:
         """Whether an attempt of `message_id` is in flight here (its status shows `sending`)."""

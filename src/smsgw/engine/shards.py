@@ -32,6 +32,22 @@ _RECENT_S = 10.0
 _handoff_decoder = msgspec.json.Decoder(list[OutboundSms])
 
 
+async def recover_into(
+    scheduler: ActorRef[SchedulerMessage],
+    express: Sequence[OutboundSms],
+    counts: Sequence[tuple[int, int]],
+) -> int:
+    """Hand recovered work to the Scheduler: messages whole (express: its deadline cannot wait
+    for a page) and bulk as (account, messages) counts to page in from the start of each
+    account's queue, in messages of bounded size. Returns how many messages that is. How a
+    node recovers, whether it leases its shards (`ShardLeases`) or runs alone."""
+    for start in range(0, len(express), 1_000):
+        await scheduler.tell(Enqueue(tuple(express[start : start + 1_000])))
+    for start in range(0, len(counts), 1_000):
+        await scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
+    return len(express) + sum(n for _, n in counts)
+
+
 def fair_share(live_nodes: int) -> int:
     """How many shards each of `live_nodes` nodes should lease: all of them, split evenly."""
     return math.ceil(SHARDS / max(1, live_nodes))
@@ -61,6 +77,9 @@ class LeaseConfig(msgspec.Struct, frozen=True):
     sweep: float = 10.0
     sweep_age: float = 30.0
     sweep_limit: int = 1_000
+    # How often each node publishes its requests per rate-limited account, whose api_rate
+    # the nodes share by demand (engine/shares.py).
+    share_tick: float = 0.25
 
 
 @runtime_checkable
@@ -444,10 +463,7 @@ class ShardLeases:
                 if self.owned.get(shard) == gained[shard] and sms.id not in held_ids:
                     batch.append(msgspec.structs.replace(sms, fence=gained[shard]))
                     loaded_ids.add(sms.id)
-            await self._enqueue(batch)
-            for start in range(0, len(counts), 1_000):
-                await self._scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
-            loaded = len(batch) + sum(n for _, n in counts)
+            loaded = await recover_into(self._scheduler, batch, counts)
             self.counts["loaded"] += loaded
             return loaded
         finally:
@@ -461,8 +477,7 @@ class ShardLeases:
             )
 
     async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
-        for start in range(0, len(items), 1_000):
-            await self._scheduler.tell(Enqueue(tuple(items[start : start + 1_000])))
+        await recover_into(self._scheduler, items, ())
 
     # --- the stranded-message sweep ---------------------------------------------------------
 

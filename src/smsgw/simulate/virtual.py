@@ -3,7 +3,8 @@
 One process, one trio run with `MockClock(autojump_threshold=0)`: whenever every task waits,
 the clock jumps to the next deadline, so a day of traffic takes as long as its work, not its
 hours. The engine is the real one (`Engine`: StoreWriter, Scheduler, ProviderPool,
-RetryTimer, their credit and retry rules), wired to `MemStore` (the MessageStore in memory:
+RetryTimer, ShardLeases, their credit and retry rules), wired to `MemCluster` (one node's
+leases) and `MemStore` (the MessageStore in memory:
 see its docstring for why and what that does and does not prove) and to `SimulatedOperator`s.
 
 Cohorts. A Python process moves a few hundred thousand messages a second through the engine's
@@ -38,6 +39,8 @@ from smsgw.engine.actor import InboxFull, Reply
 from smsgw.engine.messages import Accept, AcceptResult, OutboundSms, Outcome
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
+from smsgw.engine.shards import LeaseConfig
+from smsgw.sim.memcluster import MemCluster
 from smsgw.sim.memstore import MemStore, weight
 from smsgw.sim.operator import CountingProvider, SimulatedOperator
 from smsgw.simulate.report import (
@@ -62,6 +65,9 @@ EXPRESS_PRICE = 7
 EXPRESS_DEADLINE_S = 2.0
 DRAIN_LIMIT_S = 6 * 3600.0  # virtual time allowed after the load for the backlog to clear
 TIMELINE_BUCKETS = 288
+# Lease timings for a node alone in virtual time (see `_main`); no sweep: MemStore's messages
+# cannot strand outside the engine's actors.
+VIRTUAL_LEASES = LeaseConfig(ttl=600.0, tick=120.0, poll=120.0, sweep=0.0, share_tick=120.0)
 
 
 def seed_trio_scheduler(seed: int) -> None:
@@ -350,7 +356,19 @@ class VirtualRun:
             scheduler_capacity=1_000_000,
             writer_capacity=1_000_000,
         )
-        self.engine = Engine(self.store, providers, config, clock=self.now, seed=s.seed)
+        # The node leases its shards as `serve`'s do (its sends are fenced and admitted, its
+        # recovery is theirs), at a pace a day of virtual time can afford: alone, it never
+        # loses a lease, so the heartbeat's rate changes nothing else.
+        self.engine = Engine(
+            self.store,
+            providers,
+            config,
+            clock=self.now,
+            seed=s.seed,
+            cluster=MemCluster(self.store),
+            leases=VIRTUAL_LEASES,
+            lease_clock=trio.current_time,
+        )
         self.drained = trio.Event()
         live = Live(f"simulate {s.name}", s.messages) if self.live_enabled else None
         done = trio.Event()
