@@ -3,6 +3,7 @@ and next_attempt, the retry policy, in virtual time."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -13,12 +14,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smsgw.engine.breaker import BreakerPolicy, BreakerState, Call
+from smsgw.engine.breaker import BreakerPolicy, BreakerState
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.retry import next_attempt
 from smsgw.engine.routing import (
     Assignment,
-    OperatorRoute,
     OperatorSettings,
     RouteOverride,
     Router,
@@ -286,11 +286,11 @@ def test_a_message_is_retried_until_its_validity_in_virtual_time() -> None:
             assert attempts == 8
 
 
-async def test_dispatch_waits_for_tokens_and_expires_what_outlives_its_time(
+async def test_assignments_wait_for_tokens_and_expire_what_outlives_its_time(
     autojump_clock: object,
 ) -> None:
     # One operator at 10/s with a bucket of 2: 6 messages take 0.4 s of waiting; those
-    # that may wait only 0.15 s run out of time first and go to `expire`, never to send.
+    # that may wait only 0.15 s run out of time first and come back expired, never sent.
     r = router(RoutingConfig(operators=(OperatorSettings("a", max_per_second=10, burst=2),)), (1,))
     routing = Routing(r, clock=trio.current_time)
     batch = [sms(i) for i in range(6)]
@@ -298,14 +298,13 @@ async def test_dispatch_waits_for_tokens_and_expires_what_outlives_its_time(
     sent: list[tuple[float, list[str]]] = []
     expired: list[tuple[float, str]] = []
 
-    async def send(route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
-        sent.append((trio.current_time(), [m.id for m in part]))
-        routing.finish(route, call, [SendResult("sent")] * len(part))
-
-    async def expire(message: OutboundSms) -> None:
-        expired.append((trio.current_time(), message.id))
-
-    await routing.dispatch(batch, send, expire, lambda m: deadline[m.id], 50)
+    looks = routing.assignments(batch, lambda m: deadline[m.id], 50)
+    async with contextlib.aclosing(looks):
+        async for begun, out_of_time in looks:
+            for route, part, call in begun:
+                sent.append((trio.current_time(), [m.id for m in part]))
+                routing.finish(route, call, [SendResult("sent")] * len(part))
+            expired += [(trio.current_time(), m.id) for m in out_of_time]
     assert [ids for _, ids in sent] == [["m0", "m1"], ["m2", "m4"]]
     assert [i for _, i in expired] == ["m3", "m5"]
     assert all(at == pytest.approx(0.15) for at, _ in expired)

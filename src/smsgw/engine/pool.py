@@ -3,6 +3,7 @@ outcomes, and tells the Scheduler when each batch is done."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -234,13 +235,23 @@ class ProviderPool:
         back."""
         sending = batch if self._admit is None or not batch else await self._admitted(batch)
         if sending:
-            await self.routing.dispatch(
-                sending, self._send_part, self._expire, self._policy.ends_at, self.max_batch
-            )
+            await self._route(sending)
         self._publish()
         slots, express = self._open[number]
         await self._scheduler.tell(BatchDone(slots, express))
         del self._open[number]
+
+    async def _route(self, batch: tuple[OutboundSms, ...]) -> None:
+        """Send `batch` in the calls routing assigns, concurrently, and fail what runs out of
+        time waiting for an operator with room. Returns when every call has ended;
+        cancelled, the calls begun are cancelled too."""
+        looks = self.routing.assignments(batch, self._policy.ends_at, self.max_batch)
+        async with trio.open_nursery() as calls, contextlib.aclosing(looks):
+            async for begun, out_of_time in looks:
+                for route, part, call in begun:
+                    calls.start_soon(self._send_part, route, call, part)
+                for sms in out_of_time:
+                    await self._expire(sms)
 
     async def _send_part(self, route: OperatorRoute, call: Call, part: list[OutboundSms]) -> None:
         """One call to the operator `routing` chose for `part` of a batch."""

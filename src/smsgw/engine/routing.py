@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -332,11 +332,9 @@ class Router:
         return route
 
 
-Send = Callable[[OperatorRoute, Call, list[OutboundSms]], Awaitable[None]]
-
-
 class Routing:
-    """The Router with waiting: `dispatch` sends a batch's messages as operators have room."""
+    """The Router with waiting: `assignments` says which calls to make for a batch's messages
+    as operators have room, and which messages ran out of time waiting."""
 
     def __init__(self, router: Router, *, clock: Callable[[], float]) -> None:
         self.router = router
@@ -363,58 +361,55 @@ class Routing:
         if self.router.abandon(route, call):  # else `finish` has woken the waiting batches
             self._notify()
 
-    async def dispatch(
+    async def assignments(
         self,
         batch: Sequence[OutboundSms],
-        send: Send,
-        expire: Callable[[OutboundSms], Awaitable[None]],
-        expires_at: Callable[[OutboundSms], float],
+        ends_at: Callable[[OutboundSms], float],
         max_batch: int,
-    ) -> None:
-        """Run `send(operator, call, messages)` for every message of `batch` (the calls run
-        concurrently; this returns when all have), waiting while no eligible operator has
-        room. A message whose `expires_at` (wall clock) passes while it waits goes to
-        `expire` instead. Cancelled, the calls begun are cancelled too."""
-        async with trio.open_nursery() as calls:
-            groups = self.router.group(batch)
-            # No message of the batch expires before this (a lower bound: messages leave).
-            earliest = min(expires_at(s) for s in batch) if batch else math.inf
-            express = any(s.express for s in batch)  # a pool's batches are all one kind
-            counted = False
-            while groups:
-                now = trio.current_time()
-                begun, groups = self.router.assign_groups(groups, now, max_batch)
-                for route, part, call in begun:
-                    calls.start_soon(send, route, call, part)
-                wall = self._clock()
-                if groups and earliest <= wall:
-                    groups, expired, earliest = _split_expired(groups, expires_at, wall)
-                    for sms in expired:
-                        self.expired += 1
-                        await expire(sms)
-                if not groups:
-                    break
-                if not counted:
-                    self.waited += 1
-                    counted = True
-                size = sum(len(messages) for _, _, messages in groups)
-                wake = earliest - wall + now
-                change = self.router.next_change(now, min(size, max_batch))
-                if change is not None:
-                    wake = min(wake, change)
-                changed = self._changed
-                self.waiting += size
-                self._express_waiting += express
-                try:
-                    with trio.move_on_at(wake):
-                        await changed.wait()
-                finally:
-                    self.waiting -= size
-                    self._express_waiting -= express
-                if not express and self._express_waiting:
-                    # Woken together with express batches: let them take the room first
-                    # (one scheduling round later, so bulk cannot starve).
-                    await trio.lowlevel.checkpoint()
+    ) -> AsyncGenerator[tuple[list[Assignment], list[OutboundSms]], None]:
+        """What to do with `batch`'s messages as operators have room: at each look, the calls
+        to begin now (their slots and tokens taken) and the messages whose time (`ends_at`,
+        wall clock) passed while they waited. Between looks it waits while no eligible
+        operator may take the rest. The caller begins the calls and fails the expired ones;
+        it closes the generator when done (`contextlib.aclosing`)."""
+        groups = self.router.group(batch)
+        # No message of the batch expires before this (a lower bound: messages leave).
+        earliest = min(ends_at(s) for s in batch) if batch else math.inf
+        express = any(s.express for s in batch)  # a pool's batches are all one kind
+        counted = False
+        while groups:
+            now = trio.current_time()
+            begun, groups = self.router.assign_groups(groups, now, max_batch)
+            wall = self._clock()
+            expired: list[OutboundSms] = []
+            if groups and earliest <= wall:
+                groups, expired, earliest = _split_expired(groups, ends_at, wall)
+                self.expired += len(expired)
+            if begun or expired:
+                yield begun, expired
+            if not groups:
+                break
+            if not counted:
+                self.waited += 1
+                counted = True
+            size = sum(len(messages) for _, _, messages in groups)
+            wake = earliest - wall + now
+            change = self.router.next_change(now, min(size, max_batch))
+            if change is not None:
+                wake = min(wake, change)
+            changed = self._changed
+            self.waiting += size
+            self._express_waiting += express
+            try:
+                with trio.move_on_at(wake):
+                    await changed.wait()
+            finally:
+                self.waiting -= size
+                self._express_waiting -= express
+            if not express and self._express_waiting:
+                # Woken together with express batches: let them take the room first
+                # (one scheduling round later, so bulk cannot starve).
+                await trio.lowlevel.checkpoint()
 
     def drain(self, name: str, reason: str) -> OperatorRoute:
         """`Router.drain`, and the batches waiting for an operator look again at once."""
