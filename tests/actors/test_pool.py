@@ -507,3 +507,37 @@ async def test_a_cached_body_does_not_wait_for_its_batchs_body_read(
         nursery.cancel_scope.cancel()
     assert operator.sent_at[light.id] - start < 0.01
     assert all(operator.sent_at[m.id] - start >= 10.0 for m in flood)
+
+
+class GoneBodies:
+    """A SchedulingStore in which the first `gone` messages are no longer queued; a read
+    takes a second."""
+
+    def __init__(self, messages: Sequence[OutboundSms], gone: int) -> None:
+        self.messages = {m.id: m for m in messages[gone:]}
+
+    async def page_entries(self, requests):  # type: ignore[no-untyped-def]
+        return [[] for _ in requests]
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        await trio.sleep(1.0)
+        return [self.messages[i] for i in ids if i in self.messages]
+
+
+async def test_slots_taken_for_messages_not_sent_after_all_come_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A whole batch whose bodies are gone from the store is not sent: its slots come back,
+    and the messages behind it go out at once, not when something else wakes the Scheduler."""
+    operator = ScriptedOperator({}, latency=0.1)
+    messages = [sms(i) for i in range(4)]
+    state = SchedulerState(body_budget=0)
+    for message in messages:
+        state.push(message)
+    harness = Harness(operator, window=2, max_batch=2, state=state, store=GoneBodies(messages, 2))
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        outcomes = await harness.outcomes(2)
+        nursery.cancel_scope.cancel()
+    assert set(outcomes) == {"m2", "m3"} and operator.batches == [["m2", "m3"]]
+    assert trio.current_time() < 2.5  # two reads and a send

@@ -307,7 +307,8 @@ class SendRate(msgspec.Struct, frozen=True):
 class BatchDone(msgspec.Struct, frozen=True):
     """The ProviderPool is done with a `Dispatch`: each of its messages was handed on (an
     outcome to the writer, a retry to the RetryTimer) or dropped (a repeat of one in flight,
-    a shard this node no longer leases), so its window slots are free again."""
+    a shard this node no longer leases), so its window slots are free again. (The Scheduler
+    tells itself the same of messages it took slots for and found it must not send.)"""
 
     slots: int
     express: bool

@@ -269,17 +269,19 @@ class Scheduler:
             nursery.start_soon(self._read_and_submit, uncached)
 
     async def _read_and_submit(self, entries: list[tuple[int, Entry]]) -> None:
-        capacity = self.capacity
         try:
             batch = await self._bodies([entry for _, entry in entries])
         except BaseException:
             # Cancelled (the run loop is restarting): the entries go back, slots too.
             for account_id, entry in entries:
                 self.state.put_back(account_id, entry)
-            capacity.release(len(entries))
+            self.capacity.release(len(entries))
             raise
-        capacity.release(len(entries) - len(batch))
         self._submit(batch)
+        if len(batch) < len(entries):
+            # The slots of messages not sent after all (no longer queued, or of a shard this
+            # node no longer leases) come back as a batch's do, waking the dispatch loop.
+            await self.ref.tell(BatchDone(len(entries) - len(batch), express=False))
         self._publish()
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
