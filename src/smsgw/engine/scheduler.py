@@ -88,8 +88,8 @@ class Scheduler:
 
     Express first, in their own batches, into the window's reserve as well as its shared part;
     then bulk, by deficit round robin, into the shared part only. Each batch is one `Dispatch`
-    to the pool, whose `BatchDone` frees its slots. An express message whose
-    deadline passes while it waits is failed (`deadline_exceeded`, refunded), never sent late.
+    to the pool, whose `BatchDone` frees its slots. An express message whose deadline passes
+    while it waits is failed (`deadline_exceeded`, refunded), never sent late.
     Bulk entries paged back from PostgreSQL (and any whose body did not fit in the cache) get
     their bodies in one read per batch.
 
