@@ -61,7 +61,8 @@ from common import (
 from smsgw.engine.ports import MessageQuery
 from smsgw.http.context import hash_key, new_api_key
 from smsgw.http.routes.reports import EXPORT_PAGE, encode_cursor
-from smsgw.storage.pg import messages_sql, migration_files, summary_sql
+from smsgw.storage.migrate import migration_files
+from smsgw.storage.reads import messages_sql, summary_sql
 
 COLUMNS = (
     "id",
@@ -177,7 +178,7 @@ async def connect(url: str, schema: str) -> asyncpg.Connection:
 
 
 async def apply_migrations(conn: asyncpg.Connection, versions: Sequence[int]) -> list[str]:
-    """The gateway's migrations, applied as `smsgw.storage.pg.migrate` does, but only these."""
+    """The gateway's migrations, applied as `smsgw.storage.migrate.migrate` does, but only these."""
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version int PRIMARY KEY, name text NOT NULL,"

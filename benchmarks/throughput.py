@@ -94,9 +94,10 @@ from common import (
 from smsgw.engine.messages import OutboundSms
 from smsgw.http.context import uuid7
 from smsgw.sim.loadgen import LoadReport
+from smsgw.storage.commit_sql import COPY_COLUMNS
+from smsgw.storage.commit_sql import copy_records as gateway_copy_records
 from smsgw.storage.ledger import LEDGER_SQL, broken_identities
-from smsgw.storage.pg import COPY_COLUMNS, migration_files
-from smsgw.storage.pg import copy_records as gateway_copy_records
+from smsgw.storage.migrate import migration_files
 
 CREDIT = 10**12  # per account: far more than any run can spend
 OPERATOR_NAME = "sim"  # `serve`'s in-process simulated operator (--operator-name)
@@ -149,7 +150,7 @@ class CopyResult(msgspec.Struct):
 
 
 def copy_records(rows: int, accounts: int) -> list[tuple[Any, ...]]:
-    """Rows exactly as the gateway COPYs them (`smsgw.storage.pg.copy_records`) for the load
+    """Rows exactly as the gateway COPYs them (`smsgw.storage.commit_sql.copy_records`) for the load
     generator's messages: UUIDv7 ids, a few accounts, client refs, and recipients drawn at
     random as the load generator draws them (sequential numbers would land every
     recipient-index entry at the end of its account's range: a floor the gateway's own rows

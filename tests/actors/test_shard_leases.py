@@ -411,7 +411,7 @@ async def test_a_notified_hand_off_is_dispatched_once_whatever_else_brings_it(
 
 
 def test_hand_off_payloads_fit_a_notify() -> None:
-    from smsgw.storage.pg import handoff_payloads
+    from smsgw.storage.payloads import handoff_payloads
 
     small = [sms(i, n) for i in range(1, 4) for n in range(40)]
     huge = msgspec.structs.replace(sms(9), text="\u0001" * 1_600)  # escaped: over 8,000 bytes

@@ -20,7 +20,7 @@ from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.ledger import LEDGER_SQL
-from smsgw.storage.pg import migrate
+from smsgw.storage.migrate import migrate
 from tests.conftest import admin, bearer, node_options
 
 FINAL = frozenset({"sent", "failed"})

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from smsgw.engine.ports import micros
-from smsgw.storage.pg import COPY_MIN_ROWS
+from smsgw.storage.commit_sql import COPY_MIN_ROWS
 from tests.conftest import bearer
 from tests.integration.helpers import (
     RELIABLE,

@@ -8,7 +8,8 @@ import msgspec
 from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup, shard_of
 from smsgw.storage.cluster import PgCluster
-from smsgw.storage.pg import Handoff, PgStore
+from smsgw.storage.commit import Handoff
+from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
     assert_ledger_consistent,
     db_fetch,

@@ -13,7 +13,8 @@ from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.storage.cluster import PgCluster
-from smsgw.storage.pg import Handoff, PgStore
+from smsgw.storage.commit import Handoff
+from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
     assert_ledger_consistent,
     db_fetch,

@@ -25,11 +25,13 @@ import pytest
 from smsgw.engine.messages import OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup, dispatch_shard
 from smsgw.runtime.server import Node
+from smsgw.storage import backlog, commit_sql
 from smsgw.storage import cluster as cl
-from smsgw.storage import pg
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
-from smsgw.storage.pg import PgStore, migrate
+from smsgw.storage.migrate import migrate
+from smsgw.storage.pg import PgStore
+from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
 from tests.conftest import admin
 from tests.integration.helpers import create_account, get_account
 
@@ -128,7 +130,7 @@ async def pending(db: Database, n: int, offset: int = 0) -> list[OutboundSms]:
     dispatch stamps them."""
     rows = await fetch(
         db,
-        f"SELECT {pg.PENDING_COLUMNS} FROM messages WHERE status = 'queued'"
+        f"SELECT {PENDING_COLUMNS} FROM messages WHERE status = 'queued'"
         " ORDER BY id OFFSET $1 LIMIT $2",
         offset,
         n,
@@ -138,7 +140,7 @@ async def pending(db: Database, n: int, offset: int = 0) -> list[OutboundSms]:
     }
     out = []
     for r in rows:
-        sms = pg.pending_sms(r)  # type: ignore[arg-type]
+        sms = pending_sms(r)  # type: ignore[arg-type]
         out.append(msgspec.structs.replace(sms, fence=tokens[dispatch_shard(sms)]))
     return out
 
@@ -245,9 +247,9 @@ def hot_statements(
     of each statement run per group commit, per tick or per dispatch."""
     group = WriteGroup()
     group.outcomes.extend(outcomes)
-    finished = pg._finished_json(group)
+    finished = commit_sql.finished_json(group)
     accounts = sorted({o.sms.account_id for o in outcomes} | {s.account_id for s in accepts})
-    stored = pg._json.encode(accepts).decode()
+    stored = msgspec.json.encode(accepts).decode()
     shards = json.dumps([dispatch_shard(s) for s in accepts])
     ids = [o.sms.id for o in outcomes]
     held = sorted({dispatch_shard(o.sms) for o in outcomes})
@@ -264,21 +266,27 @@ def hot_statements(
     ]
     no_credit: list[Any] = [[]] * 9
     return [
-        ("outcomes, exact way", pg._LOCK_AND_FINISH, [accounts, finished], pkey, ""),
-        ("one statement", pg._ONE_STATEMENT, [stored, finished, accounts, LIMIT], recipient, ""),
+        ("outcomes, exact way", commit_sql.LOCK_AND_FINISH, [accounts, finished], pkey, ""),
+        (
+            "one statement",
+            commit_sql.ONE_STATEMENT,
+            [stored, finished, accounts, LIMIT],
+            recipient,
+            "",
+        ),
         (
             "one statement with hand-off",
-            pg._ONE_STATEMENT_HANDOFF,
+            commit_sql.ONE_STATEMENT_HANDOFF,
             [stored, finished, accounts, LIMIT, NODE, LOCK_CLASS, shards],
             recipient,
             "",
         ),
-        ("insert, exact way", pg._WRITE_GROUP, [*no_credit, stored], set(), ""),
-        ("recipient limit, exact way", pg._REFUSALS, [stored, LIMIT], recipient, ""),
-        ("outcome callbacks", pg._OUTCOME_CALLBACKS, [ids], pkey, ""),
-        ("bodies for dispatch", pg._QUEUED_MESSAGES, [ids], pkey, ""),
+        ("insert, exact way", commit_sql.WRITE_GROUP, [*no_credit, stored], set(), ""),
+        ("recipient limit, exact way", commit_sql.REFUSALS, [stored, LIMIT], recipient, ""),
+        ("outcome callbacks", commit_sql.OUTCOME_CALLBACKS, [ids], pkey, ""),
+        ("bodies for dispatch", backlog._QUEUED_MESSAGES, [ids], pkey, ""),
         ("claimed hand-offs", cl._READ_CLAIMED, [ids], pkey, ""),
-        ("scheduler pages", pg._PAGE_ENTRIES, page_args, {"messages_account_status"}, ""),
+        ("scheduler pages", backlog._PAGE_ENTRIES, page_args, {"messages_account_status"}, ""),
         ("hand-off claim", cl._CLAIM, [NODE], set(), ""),
         ("lease renewal", cl._RENEW, [NODE, TTL, held, [tokens[s] for s in held]], set(), ""),
         ("stalled shards", cl._OTHERS, [NODE, TTL], set(), ""),
@@ -322,7 +330,7 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
 
 
 class ExactStore(PgStore):
-    """Every group the transaction way (_LOCK_AND_FINISH)."""
+    """Every group the transaction way (commit_sql.LOCK_AND_FINISH)."""
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
         return False
@@ -469,9 +477,9 @@ async def test_slow_statements_show_in_metrics(
         await get_account(client, account["api_key"])
         text = (await client.get("/metrics", headers=admin())).text
     assert 'smsgw_store_slow_statements_total{statement="PgStore.commit_group"}' in text
-    assert 'smsgw_store_slow_statements_total{statement="PgStore.account_by_key_hash"}' in text
+    assert 'smsgw_store_slow_statements_total{statement="AccountStore.account_by_key_hash"}' in text
     assert 'smsgw_store_statement_seconds_count{statement="PgStore.commit_group"}' in text
     assert "smsgw_store_slow_statement_threshold_seconds 0.0" in text
     assert any(
-        getattr(r, "statement", None) == "PgStore.account_by_key_hash" for r in caplog.records
+        getattr(r, "statement", None) == "AccountStore.account_by_key_hash" for r in caplog.records
     )

@@ -14,7 +14,8 @@ import trio
 
 from smsgw.engine.messages import Account, OutboundSms
 from smsgw.engine.ports import WriteGroup
-from smsgw.storage.pg import PgStore, _insert_sql
+from smsgw.storage.commit_sql import _insert_sql
+from smsgw.storage.pg import PgStore
 from tests.integration.helpers import assert_ledger_consistent, ledger, open_database, outbound
 from tests.integration.test_group_commit import ExactStore, answers
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from smsgw.engine.ports import MessageQuery
-from smsgw.storage.pg import messages_sql
+from smsgw.storage.reads import messages_sql
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 ID = "0194199d-0000-7000-8000-000000000001"

@@ -113,7 +113,7 @@ def _migrate(args: argparse.Namespace) -> int:
     import trio_asyncio
 
     from smsgw.storage.database import Database
-    from smsgw.storage.pg import migrate
+    from smsgw.storage.migrate import migrate
 
     async def main() -> None:
         async with trio_asyncio.open_loop():
@@ -134,7 +134,7 @@ def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
     import trio_asyncio
 
     from smsgw.storage.database import Database
-    from smsgw.storage.pg import migrate
+    from smsgw.storage.migrate import migrate
 
     async def main() -> T:
         async with trio_asyncio.open_loop():

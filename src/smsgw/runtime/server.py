@@ -27,9 +27,11 @@ from smsgw.http.app import create_app
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
+from smsgw.storage.commit import Handoff
 from smsgw.storage.database import Database, asyncio_loop
+from smsgw.storage.migrate import migrate
 from smsgw.storage.otp import PgOtpStore
-from smsgw.storage.pg import Handoff, PgStore, migrate
+from smsgw.storage.pg import PgStore
 
 log = logging.getLogger("smsgw.server")
 

@@ -23,7 +23,7 @@ import trio
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import Beat, Notices
 from smsgw.storage.database import Database, bridge
-from smsgw.storage.pg import NOT_FINAL, PENDING_COLUMNS, pending_sms
+from smsgw.storage.rows import NOT_FINAL, PENDING_COLUMNS, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
 
@@ -81,7 +81,7 @@ WHERE l.shard = i.shard AND l.owner = $1
 RETURNING i.message_id::text AS id, l.token
 """
 
-# By primary key whatever the statistics say (pg.NOT_FINAL: with a literal status list and this
+# By primary key whatever the statistics say (rows.NOT_FINAL: with a literal status list and this
 # order, a walk of messages_pending filtered by id can look cheaper after an ANALYZE taken while
 # few messages were pending).
 _READ_CLAIMED = f"""

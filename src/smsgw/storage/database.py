@@ -207,7 +207,7 @@ _names: dict[object, str] = {}  # by code object: one entry per place that calls
 def statement_name(fn: Callable[..., object]) -> str:
     """What `Database.run` records `fn`'s time under: the function that called it with `fn`
     (a lambda or a local function's qualified name up to `.<locals>`, e.g.
-    "PgStore.queued_messages"), or `fn`'s own for a method (also inside functools.partial)."""
+    "Backlog.queued_messages"), or `fn`'s own for a method (also inside functools.partial)."""
     target = getattr(fn, "func", fn)  # functools.partial
     code = getattr(target, "__code__", None)
     name = _names.get(code) if code is not None else None
@@ -222,3 +222,11 @@ def statement_name(fn: Callable[..., object]) -> str:
 class Refused(Exception):
     """Raised by the work `Database.run` runs when that work refused and rolled back its
     transaction, as the server's own refusals do: the connection is as good as before."""
+
+
+class StorePart:
+    """The statements of one concern on a `Database`. PgStore (storage/pg.py) is made of these
+    parts; each also works on its own (the `smsgw accounts` commands use two)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db

@@ -9,7 +9,7 @@ import asyncpg
 
 from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outcome
 from smsgw.engine.ports import CallbackJob
-from smsgw.storage.database import Database
+from smsgw.storage.database import StorePart
 
 
 def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> list[str]:
@@ -193,10 +193,8 @@ SELECT count(*) FROM applied
 """
 
 
-class CallbackOutbox:
-    """PgStore's side of `CallbackStore` and the account's callback settings (a mixin)."""
-
-    db: Database  # PgStore's
+class CallbackOutbox(StorePart):
+    """PgStore's side of `CallbackStore` and the account's callback settings."""
 
     async def claim_callbacks(self, limit: int, lease_s: float) -> list[CallbackJob]:
         rows = await self.db.run(lambda c: c.fetch(_CLAIM_CALLBACKS, limit, lease_s))

@@ -4,7 +4,7 @@ An account keeps its own opt-out list (`/v1/account/opt-outs`: numbers that aske
 they stop its bulk messages, not its express ones, since a person who opted out of campaigns
 still needs login codes), and the gateway's admin keeps the blocklist (`/v1/blocklist`: no
 message of any account, express included). Both are read by the group commit that stores the
-messages (storage/pg.py, `_STOPPED_ANY`), so a number added here is refused by every node's
+messages (storage/commit_sql.py, `_STOPPED_ANY`), so a number added here is refused by every node's
 next group, with no query of its own on the accept path.
 """
 

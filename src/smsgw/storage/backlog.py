@@ -1,0 +1,105 @@
+"""The backlog as dispatch reads it: recovery at start, the Scheduler's pages and bodies.
+
+Every message not final yet when a node starts (recovery), each account's next page of queued
+bulk for the Scheduler, the bodies of the messages it dispatches, and the accounts' send rates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+
+from smsgw.engine.messages import OutboundSms
+from smsgw.engine.ports import Recovered
+from smsgw.storage.database import StorePart
+from smsgw.storage.rows import MIN_UUID, PENDING_COLUMNS, at_micros, micros_of, pending_sms
+
+_PENDING_EXPRESS = f"""
+SELECT {PENDING_COLUMNS} FROM messages
+WHERE status IN ('queued', 'sending') AND express ORDER BY created_at
+"""
+
+_PENDING_BULK = """
+SELECT account_id, count(*) AS n FROM messages
+WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
+"""
+
+# Each account's next queued bulk messages after its cursor: a backward range scan of
+# messages_account_status per account, all accounts in one statement. That index only: the
+# status index's predicate is stated as such, and 'queued' is a value the planner cannot read
+# while it plans (rows.NOT_FINAL says why), so messages_pending, which a literal 'queued' would
+# make a candidate, is not one (after an ANALYZE taken while few messages were pending, a walk
+# of every pending message of every account looked cheaper than each account's own range).
+_PAGE_ENTRIES = """
+SELECT x.i, m.created_at, m.id::text, m.segments
+FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[])
+     AS x(account_id, after_at, after_id, n, i)
+CROSS JOIN LATERAL (
+    SELECT created_at, id, segments FROM messages
+    WHERE account_id = x.account_id AND NOT express
+      AND status NOT IN ('sent', 'delivered') AND status = (SELECT 'queued')
+      AND (created_at, id) > (x.after_at, x.after_id)
+    ORDER BY created_at, id LIMIT x.n
+) m
+ORDER BY x.i, m.created_at, m.id
+"""
+
+# By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL).
+_QUEUED_MESSAGES = f"""
+SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = (SELECT 'queued')
+"""
+
+_DISPATCH_RATES = """
+SELECT id, CASE WHEN suspended_at IS NOT NULL THEN 0.0 ELSE send_rate END AS rate
+FROM accounts WHERE send_rate IS NOT NULL OR suspended_at IS NOT NULL
+"""
+
+_BEFORE_ALL = datetime(1, 1, 1, tzinfo=UTC)
+
+
+class Backlog(StorePart):
+    """The read side of the engine's `MessageStore`: recovery, pages and bodies for dispatch."""
+
+    async def recover(self) -> Recovered:
+        async def _recover(conn: asyncpg.Connection) -> Recovered:
+            express = [pending_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
+            backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
+            return Recovered(express, backlogs)
+
+        return await self.db.run(_recover)
+
+    async def dispatch_rates(self) -> list[tuple[int, float]]:
+        rows = await self.db.run(lambda c: c.fetch(_DISPATCH_RATES))
+        return [(r["id"], r["rate"]) for r in rows]
+
+    async def page_entries(
+        self, requests: Sequence[tuple[int, tuple[int, str], int]]
+    ) -> list[list[tuple[int, str, int]]]:
+        accounts, after_at, after_id, sizes = [], [], [], []
+        for account_id, (at_us, message_id), n in requests:
+            accounts.append(account_id)
+            if at_us < 0:
+                after_at.append(_BEFORE_ALL)
+                after_id.append(MIN_UUID)
+            else:
+                # Exact: asyncpg sends whole microseconds, as PostgreSQL stores them.
+                after_at.append(at_micros(at_us))
+                after_id.append(uuid.UUID(message_id))
+            sizes.append(n)
+        rows = await self.db.run(
+            lambda c: c.fetch(
+                _PAGE_ENTRIES, accounts, after_at, after_id, sizes, list(range(len(requests)))
+            )
+        )
+        pages: list[list[tuple[int, str, int]]] = [[] for _ in requests]
+        for r in rows:
+            at_us = micros_of(r["created_at"])
+            pages[r["i"]].append((at_us, r["id"], r["segments"]))
+        return pages
+
+    async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
+        rows = await self.db.run(lambda c: c.fetch(_QUEUED_MESSAGES, list(ids)))
+        return [pending_sms(r) for r in rows]

@@ -1,0 +1,535 @@
+"""The group commit: many requests' writes in one crossing and one transaction or statement.
+
+Each group of accepts, outcomes, top-ups, new accounts and DLRs is one statement, or one
+transaction (the exact way); a commit in doubt is settled by what it stored; each request gets
+its answer. The statements are in storage/commit_sql.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import asyncpg
+import msgspec
+import trio
+
+from smsgw.engine.credit import (
+    AccountCredit,
+    CreditBook,
+    Room,
+    Stops,
+    TopUpTooLarge,
+    hold_within_limits,
+)
+from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
+from smsgw.engine.ports import CommitInDoubt, GroupResult, WriteGroup, dispatch_shard
+from smsgw.storage.commit_sql import (
+    COPY_COLUMNS,
+    COPY_MIN_ROWS,
+    LOCK_AND_FINISH,
+    ONE_STATEMENT,
+    ONE_STATEMENT_HANDOFF,
+    OUTCOME_CALLBACKS,
+    REFUSALS,
+    WRITE_CREDIT,
+    WRITE_CREDIT_HANDOFF,
+    WRITE_GROUP,
+    WRITE_GROUP_HANDOFF,
+    copy_records,
+    finished_json,
+)
+from smsgw.storage.database import Database, Refused, StorePart
+from smsgw.storage.delivery import apply_deliveries, callbacks_of
+from smsgw.storage.payloads import handoff_payloads, settled_payloads
+
+log = logging.getLogger("smsgw.storage")
+
+_json = msgspec.json.Encoder()
+
+# Transient conflicts a group simply runs again.
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+def _session_ended(exc: asyncpg.PostgresError) -> bool:
+    """The session ended under a statement, rather than the server refusing it: the connection
+    was lost (asyncpg's PostgresConnectionError, class 08, is a PostgresError too) or the
+    server sent FATAL or PANIC (a shutdown, a crash, a terminated backend), at a moment the
+    client cannot know."""
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return True
+    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
+    return severity in ("FATAL", "PANIC")
+
+
+# A group commit's server process, ended when its fate is in doubt (same database only; a
+# role may end its own sessions).
+_END_SESSION = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+ WHERE pid = $1 AND datname = current_database() AND pid <> pg_backend_pid()
+"""
+_SESSION_ALIVE = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
+
+
+class _CopyConflict(Refused):
+    """A COPY of a group's messages met a taken client_ref: nothing of the group was stored."""
+
+
+class Handoff(NamedTuple):
+    """Set on a PgStore of a node among several: messages stored for shards this node does
+    not lease are handed to their owner in the same transaction (migration 004)."""
+
+    node_id: str
+    lock_class: int
+    channel: str
+    # Where the express outcomes this node commits are announced to every node (for a
+    # `"wait": true` request on whichever node accepted the message); "" for nowhere.
+    settled_channel: str = ""
+
+
+# What a group commit's time is recorded under (Database.run: /metrics and slow-statement logs).
+_COMMIT = "PgStore.commit_group"
+
+
+class GroupCommit(StorePart):
+    """The write side of the engine's `MessageStore`: `commit_group` and `commit_fate`."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        handoff: Handoff | None = None,
+        recipient_limit: int | None = None,
+    ) -> None:
+        super().__init__(db)
+        self.handoff = handoff
+        # Messages an hour to one number for an account without a limit of its own; None:
+        # the store does not check the hourly limit (tests of the store alone).
+        self.recipient_limit = recipient_limit
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        copy = True
+        for attempt in range(5):
+            try:
+                return await self.db.run(
+                    functools.partial(self._commit, group=group, copy=copy), name=_COMMIT
+                )
+            except _CopyConflict:
+                copy = False  # a taken client_ref: the INSERT skips it, and says which
+            except _RETRYABLE as exc:
+                log.warning("group commit conflict, retrying (%d): %s", attempt + 1, exc)
+                await trio.sleep(0.005 * (attempt + 1))
+        return await self.db.run(
+            functools.partial(self._commit, group=group, copy=False), name=_COMMIT
+        )
+
+    async def commit_fate(self, group: WriteGroup) -> set[str]:
+        """Ends the group's server process if it still runs (a commit blocked on a lock, or
+        one whose client went away mid-statement would otherwise commit whenever it gets the
+        lock), waits until it is gone, then reads which of the group's messages are stored."""
+        ids = [s.id for items, _ in group.accepts for s in items]
+        pid = group.session
+
+        async def _fate(conn: asyncpg.Connection) -> set[str]:
+            if isinstance(pid, int):
+                await conn.execute(_END_SESSION, pid)
+                for _ in range(500):
+                    if not await conn.fetchval(_SESSION_ALIVE, pid):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise TimeoutError(f"server process {pid} of a group in doubt still runs")
+            if not ids:
+                return set()
+            rows = await conn.fetch("SELECT id::text FROM messages WHERE id = ANY($1::uuid[])", ids)
+            return {r["id"] for r in rows}
+
+        return await self.db.run(_fate)
+
+    async def _commit(
+        self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
+    ) -> GroupResult:
+        group.session = conn.get_server_pid()
+        try:
+            return await self._commit_group(conn, group, copy=copy)
+        except asyncpg.PostgresError as exc:
+            if _session_ended(exc):
+                # Lost, or ended by the server (shutdown, crash): that can come after the
+                # COMMIT was flushed and before its answer arrived, so it may have committed.
+                raise CommitInDoubt(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        except (_CopyConflict, TopUpTooLarge):
+            # The server refused a statement, or the credit rules refused a top-up before the
+            # commit: the transaction is rolled back, nothing of the group is stored.
+            raise
+        except Exception as exc:
+            # Lost after its statements were sent (or failed after COMMIT): it may have
+            # committed.
+            raise CommitInDoubt(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _commit_group(
+        self, conn: asyncpg.Connection, group: WriteGroup, *, copy: bool = True
+    ) -> GroupResult:
+        ids: set[int] = {a for a, _ in group.topups}
+        ids.update(o.sms.account_id for o in group.outcomes)
+        for items, _ in group.accepts:
+            ids.update(sms.account_id for sms in items)
+        account_ids = sorted(ids)
+        finished = finished_json(group) if ids else ""
+        if ids and self._one_statement(group, copy):
+            done = await self._commit_one(conn, group, account_ids, finished)
+            if done is not None:
+                return done
+        wake: list[str] = []  # NOTIFY payloads for the hand-offs, sent once committed
+        async with conn.transaction():
+            creates = [await self._create(conn, *c) for c in group.creates]
+
+            book = CreditBook()
+            messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
+            account_urls: dict[int, str] = {}  # the group's accounts that have a callback_url
+            if ids:
+                rows = await conn.fetch(LOCK_AND_FINISH, account_ids, finished)
+                for r in rows:
+                    account_id = r["id"]
+                    book.load(
+                        account_id,
+                        AccountCredit(r["balance"], r["held"], r["captured"], r["topped_up"]),
+                    )
+                    if r["callback_url"] is not None:
+                        account_urls[account_id] = r["callback_url"]
+                    if r["out_captured"] is None:
+                        continue
+                    if r["captured_n"]:
+                        book.capture(account_id, r["out_captured"])
+                    if r["released_n"]:
+                        book.release(account_id, r["out_released"])
+                    messages[account_id] = [0, r["captured_n"], r["released_n"]]
+                wanted = callbacks_of(group.outcomes, account_urls)
+                if wanted:
+                    await conn.execute(OUTCOME_CALLBACKS, wanted)
+
+            topups: list[int | None] = []
+            for account_id, amount in group.topups:
+                topups.append(book.topup(account_id, amount) if account_id in book else None)
+
+            accepts: list[list[AcceptResult]] = []
+            stored: list[OutboundSms] = []
+            room, stops = await self._refusals(conn, group) if group.accepts else (None, None)
+            for items, atomic in group.accepts:
+                results = hold_within_limits(book, items, atomic, room, stops)
+                accepts.append(results)
+                if all(res.accepted for res in results):
+                    held = items
+                else:
+                    held = [s for s, r in zip(items, results, strict=True) if r.accepted]
+                stored.extend(held)
+                if len(held) == 1:  # POST /v1/messages: most groups' accepts
+                    messages.setdefault(held[0].account_id, [0, 0, 0])[0] += 1
+                else:
+                    for account_id, n in Counter(s.account_id for s in held).items():
+                        messages.setdefault(account_id, [0, 0, 0])[0] += n
+            if not stored:
+                await _write_credit(conn, book, messages)
+            elif copy and len(stored) >= COPY_MIN_ROWS:
+                try:
+                    await conn.copy_records_to_table(
+                        "messages", records=copy_records(stored), columns=COPY_COLUMNS
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    raise _CopyConflict(str(exc)) from exc
+                if self.handoff is None:
+                    await _write_credit(conn, book, messages)
+                else:
+                    row = await conn.fetchrow(
+                        WRITE_CREDIT_HANDOFF,
+                        *_credit_args(book, messages),
+                        self.handoff.node_id,
+                        self.handoff.lock_class,
+                        [dispatch_shard(s) for s in stored],
+                        [s.id for s in stored],
+                    )
+                    if row["ids"]:
+                        wake = _handed_payloads(row["owners"], row["ids"], stored)
+            else:
+                written = [a for a, d in book.deltas.items() if d]
+                args = [*_credit_args(book, messages), _json.encode(stored).decode()]
+                if self.handoff is None:
+                    row = await conn.fetchrow(WRITE_GROUP, *args)
+                else:
+                    shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
+                    row = await conn.fetchrow(
+                        WRITE_GROUP_HANDOFF,
+                        *args,
+                        self.handoff.node_id,
+                        self.handoff.lock_class,
+                        shards,
+                    )
+                if row["stored"] < len(stored):
+                    inserted = set(row["inserted"] or ())
+                    await _undo_duplicates(conn, book, group, accepts, inserted, messages)
+                    # The credit just written counted holds that were taken back: write it
+                    # again, every account written above (its figures are absolute), and
+                    # replace the ledger rows.
+                    await conn.execute(
+                        "DELETE FROM credit_ledger WHERE id = ANY($1::bigint[])", row["ledger"]
+                    )
+                    await conn.fetchval(WRITE_CREDIT, *_credit_args(book, messages, written))
+                    stored = _still_accepted(group, accepts)
+                if self.handoff is not None and row["ids"]:
+                    wake = _handed_payloads(row["owners"], row["ids"], stored)
+            # After the outcomes: a `sent` and its DLR in the same group apply in that order.
+            deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
+        if group.written is not None:
+            group.written()
+        await self._notify(conn, wake, group.outcomes)
+        return GroupResult(accepts, topups, creates, deliveries)
+
+    async def _notify(
+        self, conn: asyncpg.Connection, wake: list[str], outcomes: Sequence[Outcome]
+    ) -> None:
+        """Wake the owners of handed-off messages, and tell every node the express outcomes
+        just committed (a `"wait": true` request may wait for one on any node). After the
+        commit, in a transaction of its own that writes nothing: a NOTIFY in the group's
+        transaction would hold PostgreSQL's database-wide notify lock through the group's
+        commit (and its WAL flush), serialising every node's group commits. A lost hand-off
+        waits for the poll; a lost outcome lets its waiter time out at the deadline. The
+        group is committed whatever happens here, so nothing may raise."""
+        if self.handoff is None:
+            return
+        channels = [self.handoff.channel] * len(wake)
+        payloads = list(wake)
+        if self.handoff.settled_channel:
+            settled = settled_payloads([o for o in outcomes if o.sms.express])
+            channels += [self.handoff.settled_channel] * len(settled)
+            payloads += settled
+        if not payloads:
+            return
+        try:
+            await conn.execute(
+                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+                channels,
+                payloads,
+            )
+        except Exception as exc:
+            log.warning("could not notify hand-offs or outcomes (the poll takes them): %s", exc)
+
+    async def _commit_one(
+        self, conn: asyncpg.Connection, group: WriteGroup, ids: list[int], finished: str
+    ) -> GroupResult | None:
+        """The group by ONE_STATEMENT (`finished`: its outcomes' JSON); None when it changed
+        nothing (an account missing, or one whose balance may not cover its holds), for the
+        exact way to do."""
+        stored = [sms for items, _ in group.accepts for sms in items]
+        args = [_json.encode(stored).decode(), finished, ids, self.recipient_limit]
+        if self.handoff is None:
+            row = await conn.fetchrow(ONE_STATEMENT, *args)
+        else:
+            shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
+            row = await conn.fetchrow(
+                ONE_STATEMENT_HANDOFF,
+                *args,
+                self.handoff.node_id,
+                self.handoff.lock_class,
+                shards,
+            )
+        if not row["ok"]:
+            return None
+        if group.written is not None:
+            group.written()
+        inserted = None if row["stored"] == len(stored) else set(row["inserted"] or ())
+        balances = dict(zip(row["ids"], row["balances"], strict=True))
+        accepts = _one_answers(group, balances, inserted)
+        wake: list[str] = []
+        if self.handoff is not None and row["handed"]:
+            if inserted is not None:
+                stored = [s for s in stored if s.id in inserted]
+            wake = _handed_payloads(row["owners"], row["handed"], stored)
+        await self._notify(conn, wake, group.outcomes)
+        return GroupResult(accepts, [], [])
+
+    async def _refusals(
+        self, conn: asyncpg.Connection, group: WriteGroup
+    ) -> tuple[Room | None, Stops | None]:
+        """Read after the accounts are locked (no other group can store messages of theirs
+        until this one commits): the group's recipients past their hourly limit, (account,
+        number) -> [messages it may still take, seconds until one more fits], unless the
+        store checks no limit; and its numbers opted out or blocked, (account, number) ->
+        blocked (True: on the gateway's blocklist, stops express too). None: none."""
+        items = [sms for items, _ in group.accepts for sms in items]
+        rows = await conn.fetch(REFUSALS, _json.encode(items).decode(), self.recipient_limit)
+        room: Room = {}
+        stops: Stops = {}
+        for r in rows:
+            key = (r["account_id"], r["recipient"])
+            if r["kind"] == "room":
+                room[key] = [r["room"], float(r["retry_after"] or 1.0)]
+            else:
+                stops[key] = r["blocked"]
+        return room or None, stops or None
+
+    def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
+        """Whether ONE_STATEMENT can do this group: only accepts and outcomes, not a batch
+        for COPY, and no atomic batch that names a client_ref (a taken one would take back
+        its siblings: the exact way does that)."""
+        if group.creates or group.topups or group.deliveries:
+            return False
+        n = 0
+        for items, atomic in group.accepts:
+            n += len(items)
+            if atomic and len(items) > 1 and any(s.client_ref is not None for s in items):
+                return False
+        return not copy or n < COPY_MIN_ROWS
+
+    async def _create(
+        self, conn: asyncpg.Connection, name: str, credit: int, key_hash: bytes
+    ) -> Account:
+        row = await conn.fetchrow(
+            "INSERT INTO accounts (name, key_hash, balance, topped_up) VALUES ($1, $2, $3, $3)"
+            " RETURNING id, signing_secret",
+            name,
+            key_hash,
+            credit,
+        )
+        if credit > 0:
+            await conn.execute(
+                "INSERT INTO credit_ledger (account_id, kind, amount) VALUES ($1, 'topup', $2)",
+                row["id"],
+                credit,
+            )
+        return Account(
+            id=row["id"],
+            name=name,
+            balance=credit,
+            held=0,
+            signing_secret=row["signing_secret"],
+        )
+
+
+def _one_answers(
+    group: WriteGroup, balances: dict[int, int], inserted: set[str] | None
+) -> list[list[AcceptResult]]:
+    """The answers of a group ONE_STATEMENT did: each item accepted, but for those not
+    `inserted` (their client_ref taken); None: every one was."""
+    answers: dict[int, AcceptResult] = {}  # the accepted items of an account share one
+    accepts: list[list[AcceptResult]] = []
+    for items, _ in group.accepts:
+        results = []
+        for sms in items:
+            if inserted is None or sms.id in inserted:
+                answer = answers.get(sms.account_id)
+                if answer is None:
+                    balance = balances[sms.account_id]
+                    answer = answers[sms.account_id] = AcceptResult(True, balance=balance)
+                results.append(answer)
+            else:
+                balance = balances[sms.account_id]
+                results.append(AcceptResult(False, reason="duplicate_client_ref", balance=balance))
+        accepts.append(results)
+    return accepts
+
+
+def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> list[OutboundSms]:
+    """The messages stored after duplicates were taken back."""
+    return [
+        sms
+        for (items, _), results in zip(group.accepts, accepts, strict=True)
+        for sms, result in zip(items, results, strict=True)
+        if result.accepted
+    ]
+
+
+def _handed_payloads(
+    owners: Sequence[str], ids: Sequence[str], stored: list[OutboundSms]
+) -> list[str]:
+    """The NOTIFY payloads that carry the handed-off messages to their owners: only messages
+    still stored (not a duplicate's, nor an atomic sibling's taken back)."""
+    by_id = {s.id: s for s in stored}
+    handed: dict[str, list[OutboundSms]] = {}
+    for owner, message_id in zip(owners, ids, strict=True):
+        sms = by_id.get(message_id)
+        if sms is not None:
+            handed.setdefault(owner, []).append(sms)
+    return handoff_payloads(handed) if handed else []
+
+
+async def _undo_duplicates(
+    conn: asyncpg.Connection,
+    book: CreditBook,
+    group: WriteGroup,
+    accepts: list[list[AcceptResult]],
+    inserted: set[str],
+    messages: dict[int, list[int]],
+) -> None:
+    """Some messages were not stored: their client_ref is taken (by an earlier message, or by
+    another in this same group). The unique index is the arbiter, exact across requests and
+    nodes. Their holds are taken back and they are answered `duplicate_client_ref`; in an atomic
+    request the siblings that were stored are removed too (`batch_rejected`): all or none."""
+    remove: list[str] = []
+    for (items, atomic), results in zip(group.accepts, accepts, strict=True):
+        duplicates = {
+            i for i, s in enumerate(items) if results[i].accepted and s.id not in inserted
+        }
+        if not duplicates:
+            continue
+        undo = range(len(items)) if atomic else sorted(duplicates)
+        for i in undo:
+            sms = items[i]
+            if not results[i].accepted:
+                continue
+            if sms.id in inserted:
+                remove.append(sms.id)
+            book.unhold(sms.account_id, sms.price)
+            messages[sms.account_id][0] -= 1
+            reason: Literal["duplicate_client_ref", "batch_rejected"] = (
+                "duplicate_client_ref" if i in duplicates else "batch_rejected"
+            )
+            results[i] = AcceptResult(
+                accepted=False, reason=reason, balance=book.accounts[sms.account_id].balance
+            )
+    if remove:
+        await conn.execute("DELETE FROM messages WHERE id = ANY($1::uuid[])", remove)
+
+
+def _credit_args(
+    book: CreditBook, messages: dict[int, list[int]], accounts: Sequence[int] | None = None
+) -> list[list[Any]]:
+    """The nine arrays of _UPDATE_ACCOUNTS: each changed account once (or each of `accounts`),
+    and one ledger row per account and kind."""
+    if accounts is None:
+        accounts = [a for a, d in book.deltas.items() if d]
+    changed = [(a, book.accounts[a]) for a in accounts]
+    for _, credit in changed:
+        credit.check()
+    ledger: list[tuple[int, str, int, int]] = []
+    for account_id, d in book.deltas.items():
+        held_n, captured_n, released_n = messages.get(account_id, [0, 0, 0])
+        for kind, amount, n in (
+            ("topup", d.topped_up, 0),
+            ("hold", d.held, held_n),
+            ("capture", d.captured, captured_n),
+            ("release", d.released, released_n),
+        ):
+            if amount:
+                ledger.append((account_id, kind, amount, n))
+    return [
+        [a for a, _ in changed],
+        [c.balance for _, c in changed],
+        [c.held for _, c in changed],
+        [c.captured for _, c in changed],
+        [c.topped_up for _, c in changed],
+        [r[0] for r in ledger],
+        [r[1] for r in ledger],
+        [r[2] for r in ledger],
+        [r[3] for r in ledger],
+    ]
+
+
+async def _write_credit(
+    conn: asyncpg.Connection, book: CreditBook, messages: dict[int, list[int]]
+) -> None:
+    if any(book.deltas.values()):
+        await conn.fetchval(WRITE_CREDIT, *_credit_args(book, messages))

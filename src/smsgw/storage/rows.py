@@ -1,0 +1,67 @@
+"""The message row as storage reads it back: "not final", dispatch's columns, exact times.
+
+Shared by the group commit, the backlog's reads, the message reads and the cluster's loads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from smsgw.engine.messages import OutboundSms
+
+# A message not final yet, tested on a row already found otherwise: `status IN ('queued',
+# 'sending')` with values the planner cannot read while it plans (each one an InitPlan). From
+# the literal list it would prove the predicate of the partial index messages_pending (and of
+# messages_account_status) and could choose to scan that index instead of probing the primary
+# key; it prices that scan by the last ANALYZE, and one taken while few messages were pending
+# prices a scan of every pending message as a scan of none (issue 29: an outcome UPDATE that
+# walked all pending messages once per outcome). Written so, messages are reached by their
+# primary key whatever the statistics say.
+NOT_FINAL = "IN ((SELECT 'queued'), (SELECT 'sending'))"
+
+# What dispatch needs of a stored message (pending_sms makes it an OutboundSms).
+PENDING_COLUMNS = """
+messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
+extract(epoch FROM created_at)::float8 AS created_at,
+extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url, dispatch_shard"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+def at_micros(us: int) -> datetime:
+    """The time `us` microseconds after the Unix epoch, exact (asyncpg sends whole
+    microseconds, as PostgreSQL stores them)."""
+    return _EPOCH + us * _ONE_MICROSECOND
+
+
+def micros_of(at: datetime) -> int:
+    """The microseconds from the Unix epoch to `at`, exact (the inverse of `at_micros`)."""
+    return (at - _EPOCH) // _ONE_MICROSECOND
+
+
+# The least uuid: a keyset cursor before every message at its time.
+MIN_UUID = uuid.UUID(int=0)
+
+
+def pending_sms(r: asyncpg.Record) -> OutboundSms:
+    """A row of PENDING_COLUMNS as the message dispatch sends."""
+    return OutboundSms(
+        id=r["id"],
+        account_id=r["account_id"],
+        to=r["recipient"],
+        sender=r["sender"],
+        text=r["body"],
+        segments=r["segments"],
+        price=r["price"],
+        express=r["express"],
+        client_ref=r["client_ref"],
+        created_at=r["created_at"],
+        deadline=r["deadline"],
+        attempts=r["attempts"],
+        callback_url=r["callback_url"],
+        shard=r["dispatch_shard"],
+    )
