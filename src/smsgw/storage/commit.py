@@ -497,8 +497,9 @@ async def _undo_duplicates(
 def _credit_args(
     book: CreditBook, messages: dict[int, list[int]], accounts: Sequence[int] | None = None
 ) -> list[list[Any]]:
-    """The nine arrays of _UPDATE_ACCOUNTS: each changed account once (or each of `accounts`),
-    and one ledger row per account and kind."""
+    """The nine arrays of the credit writes (commit_sql.WRITE_CREDIT and the other WRITE_
+    statements): each changed account once (or each of `accounts`), and one ledger row per
+    account and kind."""
     if accounts is None:
         accounts = [a for a, d in book.deltas.items() if d]
     changed = [(a, book.accounts[a]) for a in accounts]
