@@ -23,7 +23,7 @@ from smsgw.storage.ledger import LEDGER_SQL
 from smsgw.storage.migrate import migrate
 from tests.conftest import admin, bearer, node_options
 
-FINAL = frozenset({"sent", "failed"})
+FINAL = frozenset({"sent", "failed", "expired", "cancelled"})
 FINAL_WITHIN = 60.0  # seconds: retries back off for a few seconds at most
 TO = "+4915123456789"
 
@@ -119,7 +119,8 @@ async def get_account(client: httpx.AsyncClient, key: str) -> dict:
 
 
 async def wait_final(client: httpx.AsyncClient, key: str, message_id: str) -> dict:
-    """Poll one message until it is sent or failed; fails the test after FINAL_WITHIN seconds."""
+    """Poll one message until it is final (sent, failed, expired, cancelled); fails the test
+    after FINAL_WITHIN seconds."""
     with trio.fail_after(FINAL_WITHIN):
         while True:
             r = await client.get(f"/v1/messages/{message_id}", headers=bearer(key))

@@ -15,7 +15,9 @@ import msgspec
 
 # RFC 3339 with an offset; the format is stated so the Structs' schema matches the document's.
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
-MessageStatus = Literal["queued", "sending", "sent", "failed", "delivered", "undelivered"]
+MessageStatus = Literal[
+    "queued", "sending", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"
+]
 
 
 class OutgoingMessage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -112,6 +114,8 @@ class SummaryGroup(msgspec.Struct):
     held: int
     delivered: int
     undelivered: int
+    expired: int
+    cancelled: int
     day: str | None = None
     status: str | None = None
 
@@ -128,6 +132,8 @@ class SummaryTotals(msgspec.Struct):
     held: int
     delivered: int
     undelivered: int
+    expired: int
+    cancelled: int
 
 
 class Summary(msgspec.Struct):

@@ -156,7 +156,7 @@ class CallbackBody(msgspec.Struct, frozen=True):
     event: str  # "message.status"
     delivery_id: int  # the same on every retry of this callback: dedupe on it
     message_id: str
-    status: str  # sent, failed, delivered, undelivered
+    status: str  # sent, failed, expired, cancelled, delivered, undelivered
     reason: str | None
     client_ref: str | None
     at: str  # RFC 3339, UTC: when the status changed

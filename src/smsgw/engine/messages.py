@@ -18,10 +18,26 @@ class Status(enum.StrEnum):
     # From a delivery report (DLR), after `sent`: the handset got it, or the operator gave up.
     DELIVERED = "delivered"
     UNDELIVERED = "undelivered"
+    # Not sent within its validity (bulk; an express message past its deadline is `failed`),
+    # or cancelled by its account while still queued: both release the hold, as `failed` does.
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
 
 # Final for dispatch and credit: a DLR may still move `sent` on, but never charges or refunds.
-FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.DELIVERED, Status.UNDELIVERED})
+FINAL_STATUSES = frozenset(
+    {
+        Status.SENT,
+        Status.FAILED,
+        Status.DELIVERED,
+        Status.UNDELIVERED,
+        Status.EXPIRED,
+        Status.CANCELLED,
+    }
+)
+
+# How a message's attempts end: `sent` captures its hold, the others release it.
+OutcomeStatus = Literal["sent", "failed", "expired", "cancelled"]
 
 
 class OutboundSms(msgspec.Struct, frozen=True):
@@ -37,6 +53,9 @@ class OutboundSms(msgspec.Struct, frozen=True):
     express: bool
     created_at: float  # wall clock, seconds since the epoch
     deadline: float | None = None  # wall clock; express only
+    # Seconds from `created_at` it may wait to be sent (bulk only; None: the node's default,
+    # `RetryPolicy.validity_s`). Stored.
+    validity: int | None = None
     client_ref: str | None = None
     attempts: int = 0
     last_reason: str | None = None
@@ -91,10 +110,10 @@ class AcceptResult(msgspec.Struct, frozen=True):
 
 
 class Outcome(msgspec.Struct, frozen=True):
-    """A final state for one message: `sent` captures its hold, `failed` releases it."""
+    """A final state for one message: `sent` captures its hold, the others release it."""
 
     sms: OutboundSms
-    status: Literal["sent", "failed"]
+    status: OutcomeStatus
     operator: str | None
     operator_message_id: str | None
     reason: str | None
@@ -107,7 +126,7 @@ class Settled(msgspec.Struct, frozen=True, array_like=True):
     message, small enough that the node that recorded it can NOTIFY it to every node."""
 
     id: str
-    status: Literal["sent", "failed"]
+    status: OutcomeStatus
     operator: str | None
     operator_message_id: str | None
     reason: str | None

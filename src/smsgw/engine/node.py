@@ -14,6 +14,7 @@ import trio
 from smsgw.engine.actor import Inbox, InboxFull, Reply
 from smsgw.engine.admission import Admission, AdmissionConfig, DrainRate, Pressure
 from smsgw.engine.callbacks import CallbackPolicy, CallbackPoster, CallbackSender, DlrReconciler
+from smsgw.engine.cancels import Cancels
 from smsgw.engine.express import express_problem
 from smsgw.engine.mailboxes import FifoState, SchedulerState
 from smsgw.engine.messages import (
@@ -194,6 +195,8 @@ class Engine:
                     return
             await scheduler_ref.tell(Enqueue(tuple(items)))
 
+        # Cancels begun here: the pool sends nothing whose cancel is decided or under way.
+        self.cancels = Cancels()
         self.writer = StoreWriter(
             store,
             dispatch,
@@ -201,6 +204,7 @@ class Engine:
             max_group=config.writer_max_group,
             committers=config.writer_committers,
             commit_timeout=config.writer_commit_timeout,
+            outcomes_committed=self.cancels.settled,
         )
         self.retry = RetryTimer(scheduler_ref)
         express_reserve = min(config.window - 1, int(config.window * config.express_reserve_share))
@@ -220,6 +224,7 @@ class Engine:
             admit=None if self.leases is None else self.leases.admit,
             still_held=None if self.leases is None else self.leases.still_held,
             routing=config.routing,
+            cancels=self.cancels,
         )
         # The strategy: round robin, or the benchmarks' FIFO baseline (chosen here only).
         state = (
@@ -444,6 +449,15 @@ class Engine:
     def sending(self, message_id: str) -> bool:
         """Whether an attempt of `message_id` is in flight on this node."""
         return self.pool.sending(message_id)
+
+    def begin_cancel(self, message_id: str) -> bool:
+        """Hold `message_id` back from the operators while the store decides its cancel; False
+        (nothing held) when an attempt of it is in flight here already: too late. Call `end`
+        on `cancels` once the store answered, whatever it answered."""
+        if self.pool.sending(message_id) or self.cancels.too_late(message_id):
+            return False
+        self.cancels.begin(message_id)
+        return True
 
     def _unheld(self, items: Sequence[OutboundSms]) -> list[OutboundSms]:
         """The messages of `items` (pending in the store) that nothing on this node will

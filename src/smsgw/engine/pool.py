@@ -17,6 +17,7 @@ import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
 from smsgw.engine.breaker import BreakerState, Call
+from smsgw.engine.cancels import Cancels
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
     BatchDone,
@@ -64,6 +65,7 @@ class ProviderPool:
         admit: Callable[[OutboundSms], bool] | None = None,
         still_held: Callable[[OutboundSms], bool] | None = None,
         routing: RoutingConfig = RoutingConfig(),
+        cancels: Cancels | None = None,
     ) -> None:
         if not providers:
             raise ValueError("a ProviderPool needs at least one provider")
@@ -86,6 +88,7 @@ class ProviderPool:
         # longer leases is dropped here unsent; its new owner recovers it from PostgreSQL.
         self._admit = admit
         self._still_held = still_held
+        self._cancels = cancels
         self.inflight: dict[str, OutboundSms] = {}
         # Batches taken from the inbox and not yet done: number -> (slots, express). What a
         # run loop that died left here goes back to the Scheduler when it starts again.
@@ -233,6 +236,8 @@ class ProviderPool:
         """Send `batch`, then tell the Scheduler that batch `number`'s slots are free.
         Cancelled on the way (the run loop died), it stays open for the next run to give
         back."""
+        if self._cancels is not None and batch:
+            batch = await self._uncancelled(batch)
         sending = batch if self._admit is None or not batch else await self._admitted(batch)
         if sending:
             await self._route(sending)
@@ -273,6 +278,21 @@ class ProviderPool:
         await self._record(expired(sms, self._clock()))
         del self.inflight[sms.id]
         self._publish()
+
+    async def _uncancelled(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
+        """The messages of `batch` no cancel stops (engine/cancels.py): a cancelled one is
+        dropped unsent (its row is final: nothing more to record), one whose cancel is being
+        decided comes back after a short wait, when the store has decided."""
+        assert self._cancels is not None
+        states = [self._cancels.state(sms.id) for sms in batch]
+        if not any(states):
+            return batch
+        for sms, state in zip(batch, states, strict=True):
+            if state is not None:
+                del self.inflight[sms.id]
+                if state == "deciding":
+                    await self._retry.tell(RetryLater(sms, 0.5))
+        return tuple(sms for sms, state in zip(batch, states, strict=True) if state is None)
 
     async def _admitted(self, batch: tuple[OutboundSms, ...]) -> tuple[OutboundSms, ...]:
         """The messages this node may send now. One whose shard went to another node is
@@ -379,7 +399,7 @@ class ProviderPool:
         """Count a final outcome and hand it to the writer."""
         sms = outcome.sms
         status, reason = outcome.status, outcome.reason
-        if status == "failed":
+        if status != "sent":
             self.counts["failed"] += 1
             if reason == DEADLINE_EXCEEDED:
                 self.deadline_misses += 1
@@ -388,6 +408,8 @@ class ProviderPool:
             self.accept_to_sent.observe(waited)
             if sms.express:
                 self.express_to_sent.observe(waited)
+        if self._cancels is not None:
+            self._cancels.settling(sms.id)
         key = (outcome.operator or "-", status, reason or "")
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
         if log.isEnabledFor(logging.DEBUG):

@@ -234,13 +234,24 @@ class SummaryRow(msgspec.Struct, frozen=True):
     key: str
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
-    failed: int
+    failed: int  # refunded: failed, expired or cancelled
     pending: int  # not final yet: queued or sending
     segments: int
     cost: int  # captured: the prices of sent messages
     held: int  # the prices of messages not final yet
     delivered: int = 0  # of `sent`: a DLR said delivered
     undelivered: int = 0  # of `sent`: a DLR said undelivered (still charged)
+    expired: int = 0  # of `failed`: not sent within its validity
+    cancelled: int = 0  # of `failed`: cancelled by the account while queued
+
+
+class CancelResult(msgspec.Struct, frozen=True):
+    """What a cancel found: `cancelled` (and its price released), else the status that kept
+    it from being cancelled."""
+
+    cancelled: bool
+    status: str
+    price: int
 
 
 class IdempotencyClaim(msgspec.Struct, frozen=True):
@@ -345,6 +356,12 @@ class FrontDoorStore(Reads, Protocol):
         """Suspend (keeping the first suspension's time) or resume the account; the account
         after it, None for an unknown one. Every node learns it from the accounts trigger's
         notification (migration 011)."""
+        ...
+
+    async def cancel(self, account_id: int, message_id: str) -> CancelResult | None:
+        """Cancel the account's message if it is still `queued`: status `cancelled`, its hold
+        released, in one transaction, exact across nodes. None when the account has no such
+        message; else whether it was cancelled and its status and price."""
         ...
 
 

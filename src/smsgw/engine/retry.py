@@ -12,7 +12,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, Inbox
-from smsgw.engine.messages import Enqueue, OutboundSms, Outcome, SchedulerMessage
+from smsgw.engine.messages import Enqueue, OutboundSms, Outcome, OutcomeStatus, SchedulerMessage
 
 # The reason of an express message failed because its deadline passed (waiting for a slot or
 # an operator, or before its next attempt could begin).
@@ -32,10 +32,11 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
     def ends_at(self, sms: OutboundSms) -> float:
         """When `sms`'s time is up, wherever it waits (wall clock): its deadline, else the end
-        of its validity. Past it, the message is failed with `expired`, never sent."""
+        of its validity (its own, else `validity_s`). Past it, the message ends with
+        `expired`, never sent."""
         if sms.deadline is not None:
             return sms.deadline
-        return sms.created_at + self.validity_s
+        return sms.created_at + (self.validity_s if sms.validity is None else sms.validity)
 
     def next_delay(self, sms: OutboundSms, now: float, rng: random.Random) -> float | None:
         """Seconds until the next attempt of `sms`, which failed for now after `sms.attempts`
@@ -56,16 +57,19 @@ def expired(
     sms: OutboundSms, at: float, *, operator: str | None = None, reason: str | None = None
 ) -> Outcome:
     """The outcome of `sms` whose time ran out (`RetryPolicy.ends_at` passed, or would before
-    its next attempt could begin): failed, its hold released. An express message's reason is
-    `deadline_exceeded`; another's is its last failure's (`reason`, else the last attempt's),
-    or `no_operator_available` when no operator could take it."""
+    its next attempt could begin), its hold released. An express message is `failed` with
+    reason `deadline_exceeded` (what `"wait": true` answers 504 for); another ends `expired`,
+    with its last failure's reason (`reason`, else the last attempt's), or
+    `no_operator_available` when no operator could take it."""
     if sms.deadline is not None:
+        status: OutcomeStatus = "failed"
         reason = DEADLINE_EXCEEDED
     else:
+        status = "expired"
         reason = reason or sms.last_reason or "no_operator_available"
     return Outcome(
         sms=sms,
-        status="failed",
+        status=status,
         operator=operator,
         operator_message_id=None,
         reason=reason,

@@ -179,6 +179,7 @@ class StoreWriter:
         outcome_linger: float = 0.02,
         outcome_group: int = 500,
         parallel_rows: int = 200,
+        outcomes_committed: Callable[[str], None] | None = None,
     ) -> None:
         # One inbox and one commit loop per committer, partitioned by account: an account's
         # writes always go through the same committer, so committers never queue on each
@@ -190,6 +191,8 @@ class StoreWriter:
         self.commits = CommitFence()
         self._store = store
         self._on_committed = on_committed
+        # Told each outcome's message id once its group committed (engine/cancels.py).
+        self._outcomes_committed = outcomes_committed
         self._max_group = max_group
         self._commit_timeout = commit_timeout
         self._outcome_linger = outcome_linger
@@ -564,7 +567,10 @@ class StoreWriter:
                     if not r.accepted:
                         reason = r.reason or "refused"
                         self.refused[reason] = self.refused.get(reason, 0) + 1
+        settled = self._outcomes_committed
         for outcome in group.outcomes:
+            if settled is not None:
+                settled(outcome.sms.id)
             kind = "captured" if outcome.status == "sent" else "released"
             credit[f"{kind}_messages"] += 1
             credit[f"{kind}_amount"] += outcome.sms.price

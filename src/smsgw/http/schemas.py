@@ -142,6 +142,21 @@ class DeliveryReportsOut(msgspec.Struct):
     counts: DeliveryCounts
 
 
+# A bulk message's validity (issue 24): how long after its accept it may still be sent.
+MIN_VALIDITY_S = 60
+MAX_VALIDITY_S = 72 * 3600
+Validity = Annotated[
+    int,
+    msgspec.Meta(
+        ge=MIN_VALIDITY_S,
+        le=MAX_VALIDITY_S,
+        description=(
+            "seconds after the accept the message may still be sent (bulk only; default"
+            " 86400): not sent by then, it ends `expired` and its price is refunded"
+        ),
+    ),
+]
+
 # Checked by the handler (engine/callbacks.py: http(s); public hosts only in production,
 # loopback only outside it).
 CallbackUrl = Annotated[
@@ -167,6 +182,8 @@ class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     express: bool = False
     client_ref: ClientRef | None = None
     callback_url: CallbackUrl | None = None
+    # Bulk only: an express message's deadline ends it (the handler says so, naming the field).
+    validity: Validity | None = None
     # Express only: answer once the operator took it (200, status sent) or the deadline passed
     # (504, failed and refunded), instead of 202 at accept.
     wait: bool = False
@@ -419,6 +436,10 @@ class Problem(msgspec.Struct):
 
 
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+# `expired`: not sent within its validity; `cancelled`: cancelled while queued (both refunded).
+MessageStatus = Literal[
+    "queued", "sending", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"
+]
 
 
 class MessageOut(msgspec.Struct):
@@ -428,7 +449,7 @@ class MessageOut(msgspec.Struct):
     to: str
     sender: str
     text: str
-    status: Literal["queued", "sending", "sent", "failed", "delivered", "undelivered"]
+    status: MessageStatus
     reason: str | None
     segments: int
     price: int
@@ -440,6 +461,15 @@ class MessageOut(msgspec.Struct):
     created_at: Timestamp
     updated_at: Timestamp
     callback_url: str | None = None
+
+
+class CancelledOut(msgspec.Struct):
+    """A message cancelled while queued (POST /v1/messages/{message_id}/cancel): its hold,
+    `refunded`, is back in the balance."""
+
+    id: str
+    status: Literal["cancelled"]
+    refunded: int
 
 
 class OtpSentOut(MessageOut, kw_only=True):
@@ -480,13 +510,15 @@ class SummaryGroup(msgspec.Struct):
 
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
-    failed: int
+    failed: int  # refunded: failed, expired or cancelled
     pending: int
     segments: int
     cost: int
     held: int
     delivered: int  # of `sent`
     undelivered: int  # of `sent`: still charged
+    expired: int  # of `failed`: not sent within its validity
+    cancelled: int  # of `failed`: cancelled while queued
     day: str | None = None  # group_by=day
     status: str | None = None  # group_by=status
 
@@ -501,6 +533,8 @@ class SummaryTotals(msgspec.Struct):
     held: int
     delivered: int
     undelivered: int
+    expired: int
+    cancelled: int
 
 
 class SummaryOut(msgspec.Struct):

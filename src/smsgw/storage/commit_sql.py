@@ -121,14 +121,14 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url,
-                          dispatch_shard)
+                          dispatch_shard, validity_s)
     SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
            x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-           to_timestamp(x.created_at), x.callback_url, x.shard
+           to_timestamp(x.created_at), x.callback_url, x.shard, x.validity
     FROM json_to_recordset({param}::json)
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
-              callback_url text, shard smallint)
+              callback_url text, shard smallint, validity int)
     WHERE {only_if}
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
     RETURNING id{returning}"""
@@ -369,6 +369,7 @@ COPY_COLUMNS = (
     "updated_at",
     "callback_url",
     "dispatch_shard",
+    "validity_s",
 )
 
 
@@ -401,6 +402,7 @@ def copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
             at(s.created_at),
             s.callback_url,
             s.shard,
+            s.validity,
         )
         for s in stored
     ]

@@ -19,8 +19,10 @@ Migrations are in migrate.py, the connection pool and the bridge in database.py.
 
 from __future__ import annotations
 
+from smsgw.engine.ports import CancelResult
 from smsgw.storage.accounts import AccountStore
 from smsgw.storage.backlog import Backlog
+from smsgw.storage.cancel import cancel_message
 from smsgw.storage.commit import GroupCommit
 from smsgw.storage.delivery import CallbackOutbox
 from smsgw.storage.idempotency import IdempotencyKeys
@@ -34,3 +36,7 @@ class PgStore(
     """The engine's `MessageStore`, `CallbackStore` and `FrontDoorStore` on PostgreSQL. Built
     as `PgStore(db, handoff=..., recipient_limit=...)` (GroupCommit's arguments); the other
     parts need only the Database."""
+
+    async def cancel(self, account_id: int, message_id: str) -> CancelResult | None:
+        """Cancel a still queued message of the account (storage/cancel.py)."""
+        return await cancel_message(self.db, account_id, message_id)

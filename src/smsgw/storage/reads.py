@@ -137,10 +137,12 @@ def summary_sql(
 SELECT {key} AS key,
        count(*) AS messages,
        count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status IN ('failed', 'expired', 'cancelled')) AS failed,
        count(*) FILTER (WHERE status IN ('queued', 'sending')) AS pending,
        count(*) FILTER (WHERE status = 'delivered') AS delivered,
        count(*) FILTER (WHERE status = 'undelivered') AS undelivered,
+       count(*) FILTER (WHERE status = 'expired') AS expired,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
        coalesce(sum(segments), 0)::bigint AS segments,
        coalesce(sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), 0)
            ::bigint AS cost,
@@ -227,6 +229,8 @@ class MessageReads(StorePart):
                 held=r["held"],
                 delivered=r["delivered"],
                 undelivered=r["undelivered"],
+                expired=r["expired"],
+                cancelled=r["cancelled"],
             )
             for r in rows
         ]

@@ -26,7 +26,8 @@ NOT_FINAL = "IN ((SELECT 'queued'), (SELECT 'sending'))"
 PENDING_COLUMNS = """
 messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
 extract(epoch FROM created_at)::float8 AS created_at,
-extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url, dispatch_shard"""
+extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url, dispatch_shard,
+validity_s"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -64,4 +65,5 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         attempts=r["attempts"],
         callback_url=r["callback_url"],
         shard=r["dispatch_shard"],
+        validity=r["validity_s"],
     )

@@ -24,7 +24,14 @@ from smsgw.http.params import is_message_id
 from smsgw.http.problems import ProblemError
 from smsgw.http.routes.delivery import CALLBACKS
 from smsgw.http.routes.otp import OTP_SEND, OtpSend, otp_client_ref_used
-from smsgw.http.schemas import SENT_ANSWERS, AcceptedOut, MessageId, MessageOut, SendIn
+from smsgw.http.schemas import (
+    SENT_ANSWERS,
+    AcceptedOut,
+    CancelledOut,
+    MessageId,
+    MessageOut,
+    SendIn,
+)
 from smsgw.logs import request_id_var
 
 api = Api("messages", __name__, tag="messages")
@@ -120,6 +127,13 @@ class Intake:
             raise ProblemError(
                 422, "invalid_field", "`wait` is for express messages only", field="wait"
             )
+        if data.validity is not None and express:
+            raise ProblemError(
+                422,
+                "invalid_field",
+                "`validity` is for bulk messages only: an express message's deadline ends it",
+                field="validity",
+            )
         return OutboundSms(
             id=uuid7(),
             account_id=self.account_id,
@@ -138,6 +152,7 @@ class Intake:
             deadline=self._express_deadline() if express else None,
             shard=self._express_shard() if express else None,
             client_ref=data.client_ref,
+            validity=data.validity,
             request_id=self.request_id,
             callback_url=data.callback_url,
         )
@@ -301,8 +316,10 @@ async def existing_by_client_ref(gw: Gateway, account_id: int, client_ref: str) 
         ' `"wait": true` (express only): 200 with the sent message once the operator took'
         " it, 504 `deadline_exceeded` (failed, refunded) when the deadline passed, 502"
         " `operator_refused` (failed, refunded) when the operator refused it."
-        " With `callback_url`, each status change (sent, failed, delivered, undelivered)"
-        " is POSTed there. " + CALLBACKS + " " + OTP_SEND
+        " `validity` (bulk, 60 to 259200 s, default 86400): a message not sent within it"
+        " ends `expired`, refunded."
+        " With `callback_url`, each status change (sent, failed, expired, cancelled,"
+        " delivered, undelivered) is POSTed there. " + CALLBACKS + " " + OTP_SEND
     ),
 )
 @idempotent
@@ -505,3 +522,54 @@ async def get_message(message_id: MessageId) -> Response:
     if row is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
     return json_response(message_view(gw, row))
+
+
+@api.route(
+    "POST",
+    "/v1/messages/<message_id>/cancel",
+    "Cancel a queued message",
+    responses={200: CancelledOut},
+    problems=(409, 503),
+    idempotent=False,
+    description=(
+        "200 with status `cancelled` and the price `refunded` (back in the balance) when the"
+        " message was still queued: it is never sent. 409 `not_cancellable` with its"
+        " `message_status` once an attempt of it is in flight (`sending`) or it is final"
+        " (sent, failed, expired, cancelled, delivered, undelivered): a second cancel is a"
+        " 409 too. 404 for a message of another account or none."
+    ),
+)
+async def cancel_message(message_id: MessageId) -> Response:
+    """The store decides (only a `queued` row is cancelled, exact across nodes); meanwhile
+    this node's pool holds the message back, and after a cancel it drops it unsent
+    (engine/cancels.py). A message in flight here is `sending`: too late."""
+    gw = gateway()
+    account_id = await gw.require_account()
+    if not is_message_id(message_id):
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    engine = gw.engine
+    if not engine.begin_cancel(message_id):
+        row = await gw.reads.message(account_id, message_id)
+        if row is None:
+            raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise not_cancellable(message_id, "sending")
+    result = None
+    try:
+        result = await gw.call(lambda: gw.reads.cancel(account_id, message_id))
+    finally:
+        engine.cancels.end(message_id, cancelled=result is not None and result.cancelled)
+    if result is None:
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    if not result.cancelled:
+        raise not_cancellable(message_id, result.status)
+    return json_response(CancelledOut(message_id, "cancelled", result.price))
+
+
+def not_cancellable(message_id: str, status: str) -> ProblemError:
+    """The 409 for a message past `queued`."""
+    return ProblemError(
+        409,
+        "not_cancellable",
+        f"message {message_id} is {status}: only a queued message can be cancelled",
+        message_status=status,
+    )

@@ -94,7 +94,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 # --- query parameters ---------------------------------------------------------------------
 
 # As stored (`sending` is never written); `delivered` and `undelivered` come from DLRs.
-Status = Literal["queued", "sent", "failed", "delivered", "undelivered"]
+Status = Literal["queued", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"]
 CreatedFrom = Annotated[datetime, msgspec.Meta(tz=True, description="inclusive")]
 CreatedTo = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive")]
 CreatedToOrNow = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive; default: now")]
@@ -231,7 +231,8 @@ async def summary() -> Response:
     counts, segments, cost (captured: the prices of sent messages) and held (the prices of
     messages not final). `sent` counts every message that reached the operator; `delivered`
     and `undelivered` (from DLRs) are part of it, and `cost` includes both: an undelivered
-    message stays charged."""
+    message stays charged. `failed` counts every refunded message: `expired` and
+    `cancelled` are part of it."""
     gw = gateway()
     account_id = await gw.require_account()
     query = gw.query(SummaryQuery)

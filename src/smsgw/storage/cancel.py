@@ -1,0 +1,52 @@
+"""Cancelling a queued message (POST /v1/messages/{id}/cancel): one statement that decides
+it, releases its hold and writes its ledger and callback rows."""
+
+from __future__ import annotations
+
+from smsgw.engine.ports import CancelResult
+from smsgw.storage.database import Database
+
+# The account is locked first, as every group commit locks its accounts before it touches
+# their messages, so a cancel and a group commit never wait on each other in a circle. Only a
+# `queued` row is cancelled: the conditional UPDATE decides, exact across nodes (an outcome
+# committed meanwhile makes the row final, and PostgreSQL re-reads it before it updates). The
+# release is a ledger row of one message, as a `failed` outcome's is (storage/ledger.py). The
+# callback row is written in the same statement, as an outcome's is. What the statement
+# changed its own snapshot does not show, so the answer comes from `cancelled` when it
+# cancelled, else from the row as it was.
+CANCEL_SQL = """
+WITH locked AS MATERIALIZED (
+    SELECT a.id, a.callback_url FROM accounts a WHERE a.id = $1 FOR UPDATE
+), cancelled AS (
+    UPDATE messages m SET status = 'cancelled', reason = NULL, updated_at = now()
+    WHERE m.id = $2::uuid AND m.account_id = (SELECT id FROM locked)
+      AND m.status = (SELECT 'queued')
+    RETURNING m.id, m.account_id, m.price, m.status, m.reason, m.client_ref, m.callback_url,
+              m.updated_at
+), credit AS (
+    UPDATE accounts a SET balance = a.balance + c.price, held = a.held - c.price
+    FROM cancelled c WHERE a.id = c.account_id
+), ledger AS (
+    INSERT INTO credit_ledger (account_id, kind, amount, messages)
+    SELECT c.account_id, 'release', c.price, 1 FROM cancelled c WHERE c.price > 0
+), callbacks AS (
+    INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
+    SELECT c.id, c.account_id, coalesce(c.callback_url, l.callback_url), c.status, c.reason,
+           c.client_ref, c.updated_at
+    FROM cancelled c CROSS JOIN locked l
+    WHERE coalesce(c.callback_url, l.callback_url) IS NOT NULL
+)
+SELECT TRUE AS cancelled, c.status, c.price FROM cancelled c
+UNION ALL
+SELECT FALSE, m.status, m.price FROM messages m
+WHERE m.id = $2::uuid AND m.account_id = $1 AND NOT EXISTS (SELECT FROM cancelled)
+"""
+
+
+async def cancel_message(db: Database, account_id: int, message_id: str) -> CancelResult | None:
+    """Cancel `message_id` of `account_id` if it is still queued, releasing its hold; None
+    when the account has no such message."""
+    row = await db.run(lambda c: c.fetchrow(CANCEL_SQL, account_id, message_id), name="cancel")
+    if row is None:
+        return None
+    return CancelResult(cancelled=row["cancelled"], status=row["status"], price=row["price"])
