@@ -403,4 +403,6 @@ async def test_reports_work_with_a_reliable_operator_too(database_url: str, sche
             "held": 0,
             "delivered": 0,
             "undelivered": 0,
+            "expired": 0,
+            "cancelled": 0,
         }
