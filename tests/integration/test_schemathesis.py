@@ -153,5 +153,5 @@ async def test_the_api_conforms_to_its_openapi_document(
     assert answers["POST /v1/otp/verify 200"] > 0, answers
     assert answers[f"POST {DLR} 200"] > 0, answers
     # The cancel route was reached (random ids: 404; its 200 and 409 are
-    # test_validity_cancel.py's), and a send's `validity` was generated within its bounds.
+    # test_validity_cancel.py's).
     assert answers["POST /v1/messages/{message_id}/cancel 404"] > 0, answers
