@@ -20,6 +20,7 @@ from smsgw.client.models import (
     AccountCreated,
     Balance,
     BatchResponse,
+    Cancelled,
     Message,
     MessagePage,
     OutgoingMessage,
@@ -56,11 +57,15 @@ def send(
     express: bool = False,
     client_ref: str | None = None,
     callback_url: str | None = None,
+    validity: int | None = None,
     idempotency_key: str | None = None,
 ) -> Call[Accepted | Message]:
     """Send one message: `Accepted` once it is stored and its price held; the existing
-    `Message` when the account already used `client_ref` (nothing new is stored)."""
+    `Message` when the account already used `client_ref` (nothing new is stored).
+    `validity` (bulk, 60 to 259,200 s): not sent within it, the message ends `expired`."""
     body = _message(to, text, sender, express, client_ref, callback_url, wait=False)
+    if validity is not None:
+        body["validity"] = validity
     return _json("POST", "/v1/messages", body, _sent, idempotency_key)
 
 
@@ -95,6 +100,12 @@ def batch(
     if atomic:
         body["atomic"] = True
     return _json("POST", "/v1/messages/batch", body, _batch_answer, idempotency_key)
+
+
+def cancel(message_id: str) -> Call[Cancelled]:
+    """Cancel a queued message: `Cancelled` with the price refunded. ApiError 409
+    `not_cancellable` once it is sending or final."""
+    return Call("POST", f"/v1/messages/{message_id}/cancel", _answer(Cancelled, 200))
 
 
 def get_message(message_id: str) -> Call[Message]:

@@ -29,6 +29,15 @@ class OutgoingMessage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=
     express: bool = False
     client_ref: str | None = None  # the account's own id for it: a second send is a duplicate
     callback_url: str | None = None
+    validity: int | None = None  # seconds (bulk): not sent within it, it ends `expired`
+
+
+class Cancelled(msgspec.Struct):
+    """A message cancelled while queued (schema `CancelledOut`)."""
+
+    id: str
+    status: Literal["cancelled"]
+    refunded: int
 
 
 class Accepted(msgspec.Struct):
