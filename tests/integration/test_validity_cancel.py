@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import trio
 
+from smsgw.engine.ports import shard_of
 from smsgw.engine.retry import RetryPolicy
 from smsgw.sim.operator import OperatorProfile
 from tests.conftest import admin, bearer
@@ -22,6 +23,7 @@ from tests.integration.helpers import (
     send,
     wait_final,
 )
+from tests.integration.nodes import balanced_nodes, leases_of
 
 # Every attempt fails for now: a message is retried until its time is up.
 REFUSING = OperatorProfile(
@@ -173,4 +175,45 @@ async def test_cancel_races_dispatch(database_url: str, schema: str) -> None:
                 assert row["status"] == "sent", row
         assert node.engine.pool.counts["sent"] == len(ids) - cancelled
         assert (await get_account(c, key))["balance"] == 10_000 - 5 * (len(ids) - cancelled)
+    assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def test_only_the_dispatching_node_cancels(database_url: str, schema: str) -> None:
+    """Two nodes: the one that does not dispatch the account's messages answers a cancel with
+    503 `cancel_elsewhere` (and closes the connection, so a retry may land elsewhere), changing
+    nothing; the dispatching node cancels. Only the dispatcher's pool can hold a message back,
+    so a cancel decided elsewhere could race a send there."""
+    async with balanced_nodes(database_url, schema, "c0", "c1") as members:
+        first = members[0].client
+        account = await create_account(first, 1_000)
+        key, account_id = account["api_key"], account["id"]
+        # A send rate of one message a hundred seconds: the second message waits queued.
+        r = await first.put(
+            f"/v1/accounts/{account_id}/settings", json={"send_rate": 0.01}, headers=admin()
+        )
+        assert r.status_code == 200, r.text
+        for _ in range(2):
+            r = await send(first, key)
+            assert r.status_code == 202, r.text
+        message_id = r.json()["id"]
+        held = (await get_account(first, key))["balance"]
+        shard = shard_of(account_id)
+        owners = []
+        for member in members:
+            leases = (await leases_of(member.client))["leases"]
+            owners.append(any(lease["shard"] == shard for lease in leases))
+        assert sorted(owners) == [False, True], owners
+        owner = members[owners.index(True)].client
+        other = members[owners.index(False)].client
+        path = f"/v1/messages/{message_id}/cancel"
+        r = await other.post(path, headers=bearer(key))
+        problem = assert_problem(r, 503)
+        assert problem["code"] == "cancel_elsewhere", problem
+        assert r.headers["retry-after"] == "1"
+        assert r.headers.get("connection") == "close"
+        assert (await get_account(first, key))["balance"] == held  # nothing changed
+        r = await owner.post(path, headers=bearer(key))
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "cancelled"
+        assert (await get_account(first, key))["balance"] == held + r.json()["refunded"]
     assert_ledger_consistent(await ledger(database_url, schema))

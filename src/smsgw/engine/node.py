@@ -450,6 +450,11 @@ class Engine:
         """Whether an attempt of `message_id` is in flight on this node."""
         return self.pool.sending(message_id)
 
+    def dispatched_shards(self) -> list[int] | None:
+        """The shards whose messages this node dispatches (None: all, a node without
+        leases). A cancel is decided only here, where the pool can hold the message back."""
+        return None if self.leases is None else list(self.leases.owned)
+
     def begin_cancel(self, message_id: str) -> bool:
         """Hold `message_id` back from the operators while the store decides its cancel; False
         (nothing held) when an attempt of it is in flight here already: too late. Call `end`

@@ -358,10 +358,14 @@ class FrontDoorStore(Reads, Protocol):
         notification (migration 011)."""
         ...
 
-    async def cancel(self, account_id: int, message_id: str) -> CancelResult | None:
-        """Cancel the account's message if it is still `queued`: status `cancelled`, its hold
-        released, in one transaction, exact across nodes. None when the account has no such
-        message; else whether it was cancelled and its status and price."""
+    async def cancel(
+        self, account_id: int, message_id: str, shards: Sequence[int] | None
+    ) -> CancelResult | None:
+        """Cancel the account's message if it is still `queued` and of one of `shards` (the
+        ones the asking node dispatches; None: any): status `cancelled`, its hold released, in
+        one transaction, exact across nodes. None when the account has no such message; else
+        whether it was cancelled and its status and price (`queued` and not cancelled: another
+        node dispatches it)."""
         ...
 
 

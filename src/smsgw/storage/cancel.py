@@ -3,6 +3,8 @@ it, releases its hold and writes its ledger and callback rows."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from smsgw.engine.ports import CancelResult
 from smsgw.storage.database import Database
 
@@ -13,7 +15,9 @@ from smsgw.storage.database import Database
 # release is a ledger row of one message, as a `failed` outcome's is (storage/ledger.py). The
 # callback row is written in the same statement, as an outcome's is. What the statement
 # changed its own snapshot does not show, so the answer comes from `cancelled` when it
-# cancelled, else from the row as it was.
+# cancelled, else from the row as it was. Only a message of a shard in $3 (the shards the
+# asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what keeps a
+# cancelled message from an operator, so another node's cancel could race a send there.
 CANCEL_SQL = """
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.callback_url FROM accounts a WHERE a.id = $1 FOR UPDATE
@@ -21,6 +25,7 @@ WITH locked AS MATERIALIZED (
     UPDATE messages m SET status = 'cancelled', reason = NULL, updated_at = now()
     WHERE m.id = $2::uuid AND m.account_id = (SELECT id FROM locked)
       AND m.status = (SELECT 'queued')
+      AND ($3::int[] IS NULL OR coalesce(m.dispatch_shard, shard_of(m.account_id)) = ANY($3))
     RETURNING m.id, m.account_id, m.price, m.status, m.reason, m.client_ref, m.callback_url,
               m.updated_at
 ), credit AS (
@@ -43,10 +48,15 @@ WHERE m.id = $2::uuid AND m.account_id = $1 AND NOT EXISTS (SELECT FROM cancelle
 """
 
 
-async def cancel_message(db: Database, account_id: int, message_id: str) -> CancelResult | None:
-    """Cancel `message_id` of `account_id` if it is still queued, releasing its hold; None
-    when the account has no such message."""
-    row = await db.run(lambda c: c.fetchrow(CANCEL_SQL, account_id, message_id), name="cancel")
+async def cancel_message(
+    db: Database, account_id: int, message_id: str, shards: Sequence[int] | None
+) -> CancelResult | None:
+    """Cancel `message_id` of `account_id` if it is still queued and of one of `shards` (None:
+    any), releasing its hold; None when the account has no such message."""
+    listed = None if shards is None else list(shards)
+    row = await db.run(
+        lambda c: c.fetchrow(CANCEL_SQL, account_id, message_id, listed), name="cancel"
+    )
     if row is None:
         return None
     return CancelResult(cancelled=row["cancelled"], status=row["status"], price=row["price"])

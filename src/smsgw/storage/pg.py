@@ -19,6 +19,8 @@ Migrations are in migrate.py, the connection pool and the bridge in database.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from smsgw.engine.ports import CancelResult
 from smsgw.storage.accounts import AccountStore
 from smsgw.storage.backlog import Backlog
@@ -37,6 +39,8 @@ class PgStore(
     as `PgStore(db, handoff=..., recipient_limit=...)` (GroupCommit's arguments); the other
     parts need only the Database."""
 
-    async def cancel(self, account_id: int, message_id: str) -> CancelResult | None:
+    async def cancel(
+        self, account_id: int, message_id: str, shards: Sequence[int] | None
+    ) -> CancelResult | None:
         """Cancel a still queued message of the account (storage/cancel.py)."""
-        return await cancel_message(self.db, account_id, message_id)
+        return await cancel_message(self.db, account_id, message_id, shards)

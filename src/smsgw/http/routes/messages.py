@@ -21,7 +21,7 @@ from smsgw.http.api import REF, Api, Content
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, problem_response
 from smsgw.http.routes.delivery import CALLBACKS
 from smsgw.http.routes.otp import OTP_SEND, OtpSend, otp_client_ref_used
 from smsgw.http.schemas import (
@@ -555,11 +555,23 @@ async def cancel_message(message_id: MessageId) -> Response:
         raise not_cancellable(message_id, "sending")
     result = None
     try:
-        result = await gw.call(lambda: gw.reads.cancel(account_id, message_id))
+        shards = engine.dispatched_shards()
+        result = await gw.call(lambda: gw.reads.cancel(account_id, message_id, shards))
     finally:
         engine.cancels.end(message_id, cancelled=result is not None and result.cancelled)
     if result is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    if not result.cancelled and result.status == "queued":
+        # Another node dispatches it, and only that node's pool can hold it back: a new
+        # connection lands on a node the kernel picks (SO_REUSEPORT), so close this one.
+        return problem_response(
+            503,
+            "cancel_elsewhere",
+            f"message {message_id} is dispatched by another node of the gateway: retry the"
+            " cancel on a new connection",
+            headers={"Connection": "close"},
+            retry_after=1,
+        )
     if not result.cancelled:
         raise not_cancellable(message_id, result.status)
     return json_response(CancelledOut(message_id, "cancelled", result.price))
