@@ -422,6 +422,12 @@ async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: st
     async with one_session(own_database, "public") as db:
         if int(await db.run(lambda c: c.fetchval("SHOW server_version_num"))) < 150_000:
             pytest.skip("pg_stat_force_next_flush needs PostgreSQL 15")
+        # An autovacuum worker on these tiny tables while the ticks run pins their pages, and
+        # a page an update cannot lock for cleanup is not pruned: that update goes to another
+        # page, not HOT. In production that costs one index entry now and then; here it would
+        # make the count depend on autovacuum's timing, so it is kept out of the test's tables.
+        for table in ("shard_leases", "nodes"):
+            await execute(db, f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
         node = PgCluster(db, own_database, NODE)
         await node.join(TTL)
         held = await node.acquire(SHARDS, TTL)
