@@ -74,6 +74,7 @@ from common import (
     log,
     markdown_table,
     new_admin_key,
+    operator_server_command,
     run_server,
     utc_timestamp,
     write_report,
@@ -151,14 +152,7 @@ class ChaosNode:
 
 
 def operator_command() -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smsgw.sim.operator_server",
-        "--host",
-        LOOPBACK,
-        "--port",
-        "0",
+    return operator_server_command(
         "--name",
         "sim",
         "--latency-ms-median",
@@ -169,7 +163,7 @@ def operator_command() -> list[str]:
         "0.03",
         "--p-permanent",
         "0.02",
-    ]
+    )
 
 
 def query(url: str, sql: str, *params: Any) -> list[dict[str, Any]]:

@@ -528,6 +528,36 @@ def _loadavg_1m() -> float | None:
 # --- Load generator -------------------------------------------------------------------------
 
 
+def operator_server_command(*flags: str) -> list[str]:
+    """The command line of a simulated HTTP operator (`python -m smsgw.sim.operator_server`)
+    on a free loopback port, with `flags`."""
+    return [
+        sys.executable,
+        "-m",
+        "smsgw.sim.operator_server",
+        "--host",
+        LOOPBACK,
+        "--port",
+        "0",
+        *flags,
+    ]
+
+
+def loadgen_command(url: str, keys_file: Path, *flags: str) -> list[str]:
+    """The command line of `python -m smsgw.sim.loadgen` against `url` with the API keys in
+    `keys_file` (a JSON list) and `flags`."""
+    return [
+        sys.executable,
+        "-m",
+        "smsgw.sim.loadgen",
+        "--url",
+        url,
+        "--keys",
+        str(keys_file),
+        *flags,
+    ]
+
+
 def run_loadgen(
     url: str,
     keys: Sequence[str],
@@ -545,14 +575,9 @@ def run_loadgen(
     with tempfile.TemporaryDirectory(prefix="smsgw-bench-keys-") as tmp:
         keys_file = Path(tmp) / "keys.json"
         keys_file.write_text(json.dumps(list(keys)))
-        command = [
-            sys.executable,
-            "-m",
-            "smsgw.sim.loadgen",
-            "--url",
+        command = loadgen_command(
             url,
-            "--keys",
-            str(keys_file),
+            keys_file,
             "--connections",
             str(connections),
             # The generator's duration includes its warmup.
@@ -562,7 +587,7 @@ def run_loadgen(
             str(warmup),
             *(["--ids-out", str(ids_out)] if ids_out is not None else []),
             *extra_args,
-        ]
+        )
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
         )
@@ -604,14 +629,9 @@ def loadgen(
 ) -> Iterator[subprocess.Popen[str]]:
     """`python -m smsgw.sim.loadgen --rate` against `url` for `duration` seconds, in a process
     of its own (`extra`: more of its flags), every 202's id written to `ids_file`."""
-    command = [
-        sys.executable,
-        "-m",
-        "smsgw.sim.loadgen",
-        "--url",
+    command = loadgen_command(
         url,
-        "--keys",
-        str(keys_file),
+        keys_file,
         "--duration",
         str(duration),
         "--rate",
@@ -621,7 +641,7 @@ def loadgen(
         "--ids-out",
         str(ids_file),
         *extra,
-    ]
+    )
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
     )

@@ -64,6 +64,7 @@ from common import (
     gateway_env,
     git_commit,
     git_dirty,
+    loadgen_command,
     log,
     markdown_table,
     new_admin_key,
@@ -404,21 +405,16 @@ def probe(
         keys_file = work / f"handoff-{label}.keys"
         keys_file.write_text(msgspec.json.encode([a["api_key"] for a in own + other]).decode())
         background = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smsgw.sim.loadgen",
-                "--url",
+            loadgen_command(
                 url,
-                "--keys",
-                str(keys_file),
+                keys_file,
                 "--connections",
                 "16",
                 "--rate",
                 "300",
                 "--duration",
                 "12",
-            ],
+            ),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -37,7 +37,6 @@ import asyncpg
 import httpx
 
 from common import (
-    LOOPBACK,
     REPO_ROOT,
     CpuMeter,
     create_accounts,
@@ -52,6 +51,7 @@ from common import (
     log,
     markdown_table,
     new_admin_key,
+    operator_server_command,
     run_server,
     stop_process,
     utc_timestamp,
@@ -63,14 +63,7 @@ OPERATORS = ("A", "B", "C")
 
 
 def operator_command(name: str, seed: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smsgw.sim.operator_server",
-        "--host",
-        LOOPBACK,
-        "--port",
-        "0",
+    return operator_server_command(
         "--name",
         name,
         "--latency-ms-median",
@@ -83,7 +76,7 @@ def operator_command(name: str, seed: int) -> list[str]:
         "0.01",
         "--seed",
         str(seed),
-    ]
+    )
 
 
 def set_outage(url: str, mode: str | None) -> None:

@@ -58,7 +58,6 @@ import httpx
 import msgspec
 
 from common import (
-    LOOPBACK,
     CpuMeter,
     auth,
     check_durable,
@@ -76,6 +75,7 @@ from common import (
     log,
     markdown_table,
     new_admin_key,
+    operator_server_command,
     run_server,
     utc_timestamp,
     write_report,
@@ -109,14 +109,7 @@ FLAT = 8 << 20
 
 
 def operator_command(rate: float) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smsgw.sim.operator_server",
-        "--host",
-        LOOPBACK,
-        "--port",
-        "0",
+    return operator_server_command(
         "--name",
         "sim",
         "--latency-ms-median",
@@ -131,7 +124,7 @@ def operator_command(rate: float) -> list[str]:
         str(rate),
         "--max-queue-s",
         "1",
-    ]
+    )
 
 
 def rss_bytes(pid: int) -> int | None:

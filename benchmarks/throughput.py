@@ -86,6 +86,7 @@ from common import (
     log,
     markdown_table,
     new_admin_key,
+    operator_server_command,
     run_server,
     stop_process,
     utc_timestamp,
@@ -498,8 +499,9 @@ def drain(url: str, schema: str, timeout: float) -> tuple[float | None, int]:
 @contextmanager
 def operator_server(spec: PhaseSpec, out: Path) -> Iterator[Server]:
     median, p99 = spec.latency_ms or (20.0, 80.0)
-    command = [sys.executable, "-m", "smsgw.sim.operator_server", "--host", LOOPBACK]
-    command += ["--port", "0", "--latency-ms-median", str(median), "--latency-ms-p99", str(p99)]
+    command = operator_server_command(
+        "--latency-ms-median", str(median), "--latency-ms-p99", str(p99)
+    )
     with run_server(command, log_path=out / f"{spec.name}.operator.log") as server:
         yield server
 
