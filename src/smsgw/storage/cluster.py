@@ -55,13 +55,6 @@ _LOCK_EXCLUSIVE = """
 SELECT count(pg_advisory_xact_lock($1, s)) FROM (SELECT unnest($2::int[]) AS s ORDER BY 1) q
 """
 
-_LOAD = f"""
-SELECT {PENDING_COLUMNS} FROM messages
-WHERE status IN ('queued', 'sending')
-  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
-ORDER BY created_at
-"""
-
 _LOAD_EXPRESS = f"""
 SELECT {PENDING_COLUMNS} FROM messages
 WHERE status IN ('queued', 'sending') AND express
@@ -331,17 +324,6 @@ class PgCluster:
     async def leave(self, shards: Sequence[int]) -> None:
         await self.release(shards)
         await self.db.run(lambda c: c.execute("DELETE FROM nodes WHERE id = $1", self._node_id))
-
-    async def load(self, shards: Sequence[int]) -> list[OutboundSms]:
-        async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            # One snapshot for both: a hand-off dropped here is a message read here.
-            async with conn.transaction(isolation="repeatable_read"):
-                await conn.execute("DELETE FROM shard_inbox WHERE shard = ANY($1::int[])", shards)
-                rows: list[asyncpg.Record] = await conn.fetch(_LOAD, shards)
-                return rows
-
-        rows = await self.db.run(read)
-        return [pending_sms(r) for r in rows]
 
     async def load_backlog(
         self, shards: Sequence[int]
