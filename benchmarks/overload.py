@@ -163,7 +163,10 @@ class Sampler:
             for _ in range(100_000):  # bounded; stopped long before
                 sample: dict[str, Any] = {"t": time.monotonic(), "rss": rss_bytes(self._pid)}
                 try:
-                    sample["sent"] = client.get(f"{self._operator}/stats").json()["sent"]
+                    operator = client.get(f"{self._operator}/stats").json()
+                    sample["sent"] = operator["sent"]
+                    sample["throttled"] = operator["throttled"]
+                    sample["link_queue_max_s"] = operator["link_queue_max_s"]
                     r = client.get(f"{self._node}/v1/ops/supervisor", headers=auth(self._admin))
                     [scheduler] = [c for c in r.json()["children"] if c["name"] == "scheduler"]
                     stats = scheduler["stats"]
@@ -476,6 +479,12 @@ def phase(
     result["loadgen_failed"] = sum(r is None for r in reports)
     backlogs = [s["bulk_backlog"] for s in samples if "bulk_backlog" in s]
     result["bulk_backlog_max"] = max(backlogs, default=None)
+    # The operator's own view: messages it refused as "throttled" (its link more than a
+    # second behind, which the node's token bucket should never let happen) and the deepest
+    # queue a batch met on its link.
+    operator = [s for s in samples if "throttled" in s]
+    result["operator_throttled"] = operator[-1]["throttled"] if operator else None
+    result["operator_link_queue_max_s"] = operator[-1]["link_queue_max_s"] if operator else None
     admission = [s["admission"] for s in samples if "admission" in s]
     result["admission_last"] = admission[-1] if admission else None
     result["request_body_bytes_peak"] = max(
@@ -501,6 +510,7 @@ def phase(
         "t_s": [round(s["t"] - started, 1) for s in samples],
         "sent_total": [s.get("sent") for s in samples],
         "bulk_backlog": [s.get("bulk_backlog") for s in samples],
+        "operator_throttled": [s.get("throttled") for s in samples],
     }
     return result
 
@@ -632,6 +642,10 @@ def markdown(result: dict[str, Any]) -> str:
         ],
         [f"express late (> {s['express_deadline_s']:g} s)", express["late"]],
         ["bulk backlog max", overload["bulk_backlog_max"]],
+        [
+            "operator: throttled / deepest link queue (s)",
+            f"{overload['operator_throttled']} / {overload['operator_link_queue_max_s']}",
+        ],
         ["request body bytes peak", overload["request_body_bytes_peak"]],
         [
             "RSS start / max / bound (MiB)",

@@ -253,3 +253,7 @@ async def test_a_backed_up_link_throttles_at_once(autojump_clock: trio.abc.Clock
     assert [r.kind for r in results["long"]] == ["sent"] * 20
     assert [(r.kind, r.reason) for r in results["refused"]] == [("temporary", "throttled")] * 5
     assert float(results["refused at"][0].operator_message_id or "nan") == pytest.approx(0.5)
+    stats = operator.stats()
+    # The refused batch counts as throttled; the long one queued its whole two seconds.
+    assert stats["throttled"] == 5
+    assert stats["link_queue_max_s"] == pytest.approx(2.0)

@@ -117,6 +117,8 @@ class SimulatedOperator:
         self._stalled = 0
         self._calls = 0
         self._cancelled = 0
+        self._throttled = 0  # batches' messages refused at once: the link was too far behind
+        self._link_queue_max_s = 0.0  # the most any batch queued on the capped link
         self._sends = 0
         self._sent = 0
         self._temporary = 0
@@ -161,11 +163,13 @@ class SimulatedOperator:
         if self.profile.max_per_second > 0.0 and not down:
             if 0.0 < self.profile.max_queue_s < self._link_free_at - now:
                 drawn = [_THROTTLED] * len(batch)  # refused at once: no time on the link
+                self._throttled += len(batch)
             else:
                 segments = sum(sms.segments for sms in batch)
                 start = max(now, self._link_free_at)
                 self._link_free_at = start + segments / self.profile.max_per_second
                 queued = self._link_free_at - now
+                self._link_queue_max_s = max(self._link_queue_max_s, queued)
         try:
             await trio.sleep(queued + self._draw_latency())
         except trio.Cancelled:
@@ -208,7 +212,7 @@ class SimulatedOperator:
             return "timeouts"
         return None
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Counters: `sends` = sent + temporary + permanent (attempts that reached the operator);
         every call is one of those, a suppressed duplicate, cancelled, or still in flight."""
         return {
@@ -220,6 +224,8 @@ class SimulatedOperator:
             "duplicates_suppressed": self._duplicates_suppressed,
             "cancelled": self._cancelled,
             "stalled": self._stalled,
+            "throttled": self._throttled,
+            "link_queue_max_s": round(self._link_queue_max_s, 3),
         }
 
     def _draw_outcome(self, call: int) -> SendResult:
