@@ -390,6 +390,21 @@ class DispatchFigures(msgspec.Struct, frozen=True):
     light_reserve_kept_until: float = float("-inf")
 
 
+class WriterFigures(msgspec.Struct, frozen=True):
+    """What the StoreWriter publishes after each group: how long a commit takes, and the
+    credit and delivery counts decided in committed groups since start (copies: readers
+    never see a count half-updated)."""
+
+    commit_ms_ewma: float = 0.0  # a group commit's time, moving average
+    groups: int = 0  # committed
+    failed_groups: int = 0
+    # held/captured/released messages and amounts, top-ups and their amount
+    credit: dict[str, int] = {}
+    refused: dict[str, int] = {}  # messages refused a hold, by reason
+    deliveries: dict[tuple[str, str], int] = {}  # DLRs by (operator, result)
+    delivered: dict[str, int] = {}  # messages a DLR moved, by status
+
+
 class OperatorHealth(msgspec.Struct, frozen=True):
     """What the pool last saw of an operator: whether it answers, and how fast."""
 

@@ -432,7 +432,7 @@ class Engine:
             return "the node is still recovering"
         if self.dispatch_stalled(shard):
             return "the node that dispatches this account is not answering; another takes over"
-        commit = self.writer.commit_ms_ewma / 1000
+        commit = self.writer.figures.commit_ms_ewma / 1000
         return express_problem(
             self.express_deadline_s(account_id) - commit,
             self.scheduler.figures,

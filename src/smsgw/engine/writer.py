@@ -25,6 +25,7 @@ from smsgw.engine.messages import (
     RecordDeliveries,
     RecordOutcome,
     TopUp,
+    WriterFigures,
     WriterMessage,
 )
 from smsgw.engine.ports import CommitInDoubt, MessageStore, WriteGroup
@@ -238,6 +239,9 @@ class StoreWriter:
         # and messages moved by them, by status (delivered/undelivered).
         self.deliveries: dict[tuple[str, str], int] = {}
         self.delivered: dict[str, int] = {}
+        # What others read of the writer (express admission, metrics, the console), after
+        # each group.
+        self.figures = WriterFigures(credit=dict(self.credit))
         # Told of every committed outcome (the `"wait": true` requests wait on it).
         self.on_outcomes: Callable[[Sequence[Outcome]], None] | None = None
         # Told of every express outcome as it is handed in, before its commit: while the
@@ -480,6 +484,7 @@ class StoreWriter:
             self._count_deliveries(group, result.deliveries)
             for delivery_reply, answers in zip(delivery_replies, result.deliveries, strict=True):
                 delivery_reply.set(answers)
+        self._publish()
         if group.outcomes and self.on_outcomes is not None:
             self.on_outcomes(group.outcomes)
         if committed:
@@ -491,6 +496,7 @@ class StoreWriter:
         self.failed_groups += 1
         self.last_failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.last_failure_at = trio.current_time()
+        self._publish()
         log.warning("group commit failed: %s", self.last_failure)
 
     async def _settle_doubt(
@@ -531,6 +537,7 @@ class StoreWriter:
                     message.reply.set(results)
             self.credit["held_messages"] += len(committed)
             self.credit["held_amount"] += sum(s.price for s in committed)
+            self._publish()
         # The rest is answered as a failed group's: outcomes are carried (done again, they
         # change nothing if they were committed), other callers are told it failed (an accept
         # of a group that stored none of its messages: truly nothing stored for it).
@@ -541,6 +548,17 @@ class StoreWriter:
         )
         if committed:
             await self._on_committed(committed)
+
+    def _publish(self) -> None:
+        self.figures = WriterFigures(
+            commit_ms_ewma=self.commit_ms_ewma,
+            groups=self.groups,
+            failed_groups=self.failed_groups,
+            credit=dict(self.credit),
+            refused=dict(self.refused),
+            deliveries=dict(self.deliveries),
+            delivered=dict(self.delivered),
+        )
 
     def _count_deliveries(self, group: WriteGroup, results: list[list[DeliveryResult]]) -> None:
         for (operator, _), answers in zip(group.deliveries, results, strict=True):

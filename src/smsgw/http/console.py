@@ -216,11 +216,12 @@ async def snapshot(engine: Engine, cache: ClusterCache) -> ConsoleOut:
     )
     callbacks = engine.callbacks.counts if engine.callbacks is not None else {}
     pool = engine.pool.figures
+    writer = engine.writer.figures
     counters = CountersOut(
-        accepted=engine.writer.credit["held_messages"],
+        accepted=writer.credit["held_messages"],
         sent=pool.sent,
         failed=pool.failed,
-        dlrs=sum(engine.writer.deliveries.values()),
+        dlrs=sum(writer.deliveries.values()),
         callbacks=callbacks.get("delivered", 0),
         callbacks_given_up=callbacks.get("given_up", 0),
     )

@@ -95,7 +95,7 @@ class NodeCollector(Collector):
         yield limited
 
     def _credit(self, engine: Engine) -> Iterator[Metric]:
-        writer = engine.writer
+        writer = engine.writer.figures
         accepted = CounterMetricFamily(
             "smsgw_messages_accepted",
             "Messages whose credit hold and row were committed (202)",
@@ -107,7 +107,7 @@ class NodeCollector(Collector):
             "Messages refused by the store's credit check, by reason (402 and the like)",
             labels=["reason"],
         )
-        for reason, n in list(writer.refused.items()):
+        for reason, n in writer.refused.items():
             refused.add_metric([reason], n)
         yield refused
         amounts = CounterMetricFamily(
@@ -269,9 +269,10 @@ class NodeCollector(Collector):
         groups = CounterMetricFamily(
             "smsgw_group_commits", "Group commits, by result", labels=["result"]
         )
-        groups.add_metric(["ok"], writer.groups)
-        groups.add_metric(["failed"], writer.failed_groups)
+        groups.add_metric(["ok"], writer.figures.groups)
+        groups.add_metric(["failed"], writer.figures.failed_groups)
         yield groups
+        # The histograms are the writer's instruments, observed on its loop and read here.
         rows = HistogramMetricFamily(
             "smsgw_group_commit_rows", "Rows (messages, outcomes, top-ups) per committed group"
         )
@@ -284,14 +285,14 @@ class NodeCollector(Collector):
         yield seconds
 
     def _delivery(self, engine: Engine) -> Iterator[Metric]:
-        writer = engine.writer
+        writer = engine.writer.figures
         reports = CounterMetricFamily(
             "smsgw_delivery_reports",
             "Delivery reports (DLRs) committed, by operator and result (applied, duplicate,"
             " conflict, unknown)",
             labels=["operator", "result"],
         )
-        for (operator, result), n in list(writer.deliveries.items()):
+        for (operator, result), n in writer.deliveries.items():
             reports.add_metric([operator, result], n)
         yield reports
         moved = CounterMetricFamily(

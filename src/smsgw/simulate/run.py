@@ -179,8 +179,9 @@ class _Sampler:
     def sample(self, node: Any) -> tuple[int, int, int]:
         """Move the node's cumulative counters into the current bucket; (accepted, refused,
         final)."""
-        credit = node.engine.writer.credit
-        refused = sum(node.engine.writer.refused.values())
+        figures = node.engine.writer.figures
+        credit = figures.credit
+        refused = sum(figures.refused.values())
         accepted = credit.get("held_messages", 0)
         sent = credit.get("captured_messages", 0)
         failed = credit.get("released_messages", 0)
