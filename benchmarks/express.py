@@ -191,8 +191,9 @@ def scheduler_view(client: httpx.Client) -> dict[str, Any]:
     children = {c["name"]: c for c in client.get("/v1/ops/supervisor").json()["children"]}
     writer = children["store_writer"]["stats"]
     leases = children.get("shard_leases", {}).get("stats", {})
+    scheduler = children["scheduler"]["stats"]
     return {
-        "scheduler": children["scheduler"]["stats"],
+        "scheduler": scheduler,
         "writer": {
             k: writer.get(k)
             for k in ("groups", "items", "commit_ms_ewma", "commit_ms_max", "committers")
@@ -201,9 +202,10 @@ def scheduler_view(client: httpx.Client) -> dict[str, Any]:
             k: leases.get(k)
             for k in ("owned", "lapses", "lost", "loaded", "fenced_at_send", "last_tick_ms")
         },
+        # The window is the Scheduler's; the messages in flight and sent are the pool's.
         "pool": {
-            k: children["provider_pool"]["stats"][k]
-            for k in ("inflight", "window", "express_reserve", "sent")
+            **{k: scheduler[k] for k in ("window", "express_reserve")},
+            **{k: children["provider_pool"]["stats"][k] for k in ("inflight", "sent")},
         },
     }
 
