@@ -362,10 +362,17 @@ class Scheduler:
             self.dispatched += len(batch)
 
     async def _wait(self, seconds: float) -> None:
-        """Until a message arrives (new work, or a batch done: slots free) or `seconds` pass
-        (the next express deadline or send-rate token)."""
+        """Until new work arrives, or a batch is done (its slots free) while work waits for
+        room, or `seconds` pass (the next express deadline or send-rate token). A batch done
+        while nothing waits only frees its slots: a dispatch round for it would find nothing
+        to do, and with light traffic every batch would cost one."""
         with trio.move_on_after(seconds):
-            self._absorb(await self.inbox.get())
+            while True:
+                message = await self.inbox.get()
+                self._absorb(message)
+                if not isinstance(message, BatchDone) or self.state:
+                    return
+                self._publish()  # the window's figures, which express admission reads
 
     async def _expire(self, now: float) -> None:
         for sms in self.state.expired_express(now):
