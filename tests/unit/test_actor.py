@@ -161,20 +161,27 @@ async def test_an_answer_after_the_waiter_gave_up_wakes_nobody(
     with trio.move_on_after(1) as scope:
         await reply.wait()
     assert scope.cancelled_caught
-    reply.fail(RuntimeError("late"))  # the parked task is gone: nothing to reschedule
+    reply.fail(RuntimeError("late"))  # nobody waits any more: nothing to wake
     assert reply.done
     with pytest.raises(RuntimeError, match="late"):
         await reply.wait()
 
 
-async def test_a_reply_has_one_waiter(autojump_clock: trio.testing.MockClock) -> None:
+async def test_every_waiter_of_a_reply_gets_the_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     reply: Reply[int] = Reply()
+    got: list[int] = []
+
+    async def waiter() -> None:
+        got.append(await reply.wait())
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(reply.wait)
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)
         await trio.sleep(1)
-        with pytest.raises(RuntimeError, match="one waiter"):
-            await reply.wait()
-        reply.set(1)
+        reply.set(5)
+    assert got == [5, 5]
 
 
 async def test_get_batch_takes_everything_waiting_up_to_limit(
