@@ -117,12 +117,13 @@ class Database:
         returned, raised or was cancelled (a statement cancelled at a timeout is the slowest).
 
         A connection that ran `fn` without an error is kept here, idle, for the next call,
-        not given back to asyncpg's pool: a release and an acquire cost about 110 µs of CPU and
-        six more steps of the asyncio side per call (a third of what a group commit's crossing
-        costs), each step waiting for a turn of the trio loop behind every runnable HTTP task.
-        So the pool only opens connections and takes back those that failed (it replaces a
-        broken one), and those are given back in a task of their own, which the caller need not
-        wait for. asyncpg's recycling after `max_queries` does not apply to kept connections."""
+        not given back to asyncpg's pool: an acquire and a release per run cost CPU and more
+        steps of the asyncio side, each waiting for a turn of the trio loop behind every
+        runnable HTTP task (benchmarks/private_apis.py: saves 8 µs of ~690 µs a request; 98 µs
+        a run, at 0.08 runs an accept under load). So the pool only opens connections and takes
+        back those that failed (it replaces a broken one), and those are given back in a task of
+        their own, which the caller need not wait for. asyncpg's recycling after `max_queries`
+        does not apply to kept connections."""
 
         label = name or statement_name(fn)
 
