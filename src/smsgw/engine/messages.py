@@ -11,6 +11,9 @@ from smsgw.engine.actor import Reply
 
 
 class Status(enum.StrEnum):
+    # Accepted with a `send_at` ahead: held, waiting in the store until it is due
+    # (engine/scheduled.py), then `queued`.
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
@@ -74,6 +77,11 @@ class OutboundSms(msgspec.Struct, frozen=True):
     # dispatched by the node that accepted it, under a shard that node leases, so its deadline
     # does not depend on another node (engine/shards.py; `dispatch_shard`, engine/ports.py). Stored.
     shard: int | None = None
+    # When it may be sent (wall clock), for a message accepted `scheduled`: it waits in the
+    # store until then (engine/scheduled.py), and its validity and express deadline count
+    # from it. Set at accept only when ahead of the accept; None: sent as soon as accepted.
+    # Stored.
+    send_at: float | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):

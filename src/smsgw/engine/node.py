@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -41,6 +41,7 @@ from smsgw.engine.pool import ProviderPool
 from smsgw.engine.ports import CallbackStore, ClusterStore, MessageStore, Provider, shard_of
 from smsgw.engine.retry import RetryPolicy, RetryTimer, expired
 from smsgw.engine.routing import RoutingConfig
+from smsgw.engine.scheduled import ScheduledConfig, ScheduledSends
 from smsgw.engine.scheduler import Capacity, Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases, recover_into
 from smsgw.engine.shares import ApiShares
@@ -138,6 +139,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     admission: AdmissionConfig = AdmissionConfig()
     # How long a one-time code (engine/otp.py) may be verified after it is sent.
     otp_ttl_s: float = 120.0
+    # Scheduled sends: how often and how many at a time due ones are promoted.
+    scheduled: ScheduledConfig = ScheduledConfig()
 
 
 class Engine:
@@ -189,6 +192,12 @@ class Engine:
             self.api_shares = ApiShares(cluster, lambda: leased.live_nodes, tick=leases.share_tick)
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
+            if any(sms.send_at is not None for sms in items):
+                # Scheduled: stored, and left there until due (ScheduledSends).
+                self.scheduled.due(min(s.send_at for s in items if s.send_at is not None))
+                items = [sms for sms in items if sms.send_at is None]
+                if not items:
+                    return
             if self.leases is not None:
                 items = self.leases.route(items)
                 if not items:
@@ -252,6 +261,27 @@ class Engine:
             commits=self.writer.commits,
             stamp=None if self.leases is None else self.leases.stamp,
         )
+
+        async def promoted(items: Sequence[OutboundSms], tokens: Mapping[int, int] | None) -> None:
+            if self.leases is not None:
+                # Of shards this node still leases under the token they were promoted under.
+                items = self.leases.take_promoted(items, tokens or {})
+            if items:
+                await scheduler_ref.tell(Enqueue(tuple(items)))
+
+        # Scheduled messages come due from the store into the Scheduler, as room allows.
+        self.scheduled = ScheduledSends(
+            store,
+            promoted,
+            lambda: None if self.leases is None else dict(self.leases.owned),
+            lambda: self.scheduler.figures,
+            self.ready,
+            memory_bound=config.scheduler_memory_bound,
+            backlog_bound=config.admission.node_backlog // 2,
+            commits=self.writer.commits,
+            clock=clock,
+            config=config.scheduled,
+        )
         # Status callbacks and late DLRs need the outbox; without one (engine-only tests) the
         # node runs without them.
         self.callbacks: CallbackSender | None = None
@@ -313,6 +343,7 @@ class Engine:
                 stats=self._scheduler_stats,
             ),
             recovery,
+            ChildSpec("scheduled_sends", self.scheduled.run, stats=self.scheduled.stats),
             *self._delivery_children(),
             *self._cluster_children(),
         ]

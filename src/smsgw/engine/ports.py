@@ -138,12 +138,38 @@ class SchedulingStore(Protocol):
         ...
 
 
+class Promoted(NamedTuple):
+    """What one `promote_due` did: the messages it moved from `scheduled` to `queued`, and the
+    earliest `send_at` still scheduled in the shards it was given (None: none is)."""
+
+    messages: list[OutboundSms]
+    next_due: float | None
+
+
+class ScheduledStore(Protocol):
+    """Scheduled messages (engine/scheduled.py): they wait in the store, in no node's memory,
+    until they are due; then the node that leases their shard promotes them a page at a time."""
+
+    async def promote_due(
+        self, shards: Mapping[int, int] | None, now: float, limit: int, per_shard: int
+    ) -> Promoted:
+        """Move up to `limit` scheduled messages whose `send_at` is at or before `now` (wall
+        clock) from `scheduled` to `queued` in one transaction, at most `per_shard` of any one
+        shard, the earliest of each shard first; return them and the next due time. `shards`
+        maps each shard to promote to the lease token this node holds it under: a shard is
+        promoted only while it is still this node's under that token, ordered against lease
+        changes as an accept's hand-off is, so the shard's next owner recovers every message
+        promoted here. None: every shard (a node without leases). A message cancelled
+        meanwhile is not promoted."""
+        ...
+
+
 class CommitInDoubt(Exception):
     """A group commit failed at a point where the store cannot tell whether it committed (the
     connection was lost after the transaction's statements were sent). `commit_fate` tells."""
 
 
-class MessageStore(SchedulingStore, Protocol):
+class MessageStore(SchedulingStore, ScheduledStore, Protocol):
     """Durable state. Every write goes through `commit_group`, one transaction per call.
 
     `commit_group` raises `CommitInDoubt` when the group may have committed although the call
@@ -235,14 +261,15 @@ class SummaryRow(msgspec.Struct, frozen=True):
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
     failed: int  # refunded: failed, expired or cancelled
-    pending: int  # not final yet: queued or sending
+    pending: int  # not final yet: scheduled, queued or sending
     segments: int
     cost: int  # captured: the prices of sent messages
     held: int  # the prices of messages not final yet
     delivered: int = 0  # of `sent`: a DLR said delivered
     undelivered: int = 0  # of `sent`: a DLR said undelivered (still charged)
     expired: int = 0  # of `failed`: not sent within its validity
-    cancelled: int = 0  # of `failed`: cancelled by the account while queued
+    cancelled: int = 0  # of `failed`: cancelled by the account while scheduled or queued
+    scheduled: int = 0  # of `pending`: waiting for its send_at
 
 
 class CancelResult(msgspec.Struct, frozen=True):
@@ -361,11 +388,11 @@ class FrontDoorStore(Reads, Protocol):
     async def cancel(
         self, account_id: int, message_id: str, shards: Sequence[int] | None
     ) -> CancelResult | None:
-        """Cancel the account's message if it is still `queued` and of one of `shards` (the
-        ones the asking node dispatches; None: any): status `cancelled`, its hold released, in
-        one transaction, exact across nodes. None when the account has no such message; else
-        whether it was cancelled and its status and price (`queued` and not cancelled: another
-        node dispatches it)."""
+        """Cancel the account's message if it is still `scheduled`, or `queued` and of one of
+        `shards` (the ones the asking node dispatches; None: any): status `cancelled`, its
+        hold released, in one transaction, exact across nodes. None when the account has no
+        such message; else whether it was cancelled and its status and price (`queued` and
+        not cancelled: another node dispatches it)."""
         ...
 
 

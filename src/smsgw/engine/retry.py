@@ -32,11 +32,13 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
     def ends_at(self, sms: OutboundSms) -> float:
         """When `sms`'s time is up, wherever it waits (wall clock): its deadline, else the end
-        of its validity (its own, else `validity_s`). Past it, the message ends with
+        of its validity (its own, else `validity_s`), counted from when it may be sent: its
+        `send_at` if it was scheduled, else its accept. Past it, the message ends with
         `expired`, never sent."""
         if sms.deadline is not None:
             return sms.deadline
-        return sms.created_at + (self.validity_s if sms.validity is None else sms.validity)
+        start = sms.created_at if sms.send_at is None else sms.send_at
+        return start + (self.validity_s if sms.validity is None else sms.validity)
 
     def next_delay(self, sms: OutboundSms, now: float, rng: random.Random) -> float | None:
         """Seconds until the next attempt of `sms`, which failed for now after `sms.attempts`

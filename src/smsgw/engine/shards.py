@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
@@ -171,6 +171,7 @@ class ShardLeases:
             "failed_ticks": 0,
             "sweeps": 0,
             "swept": 0,  # stranded messages the sweep put back into the Scheduler
+            "promoted": 0,  # scheduled messages that came due here (engine/scheduled.py)
         }
         self.last_tick_ms = 0.0
         self.last_error: str | None = None
@@ -217,6 +218,23 @@ class ShardLeases:
             return False
         held.append(sms)
         return True
+
+    def take_promoted(
+        self, items: Sequence[OutboundSms], tokens: Mapping[int, int]
+    ) -> list[OutboundSms]:
+        """Of scheduled messages just promoted under `tokens` (shard -> the token the store
+        checked), those of shards still leased here under that token, stamped (held, as routed
+        ones are, while their shard is recovered); the others' next owner recovers them."""
+        taken: list[OutboundSms] = []
+        for sms in items:
+            shard = dispatch_shard(sms)
+            token = tokens.get(shard)
+            if token is not None and self.owned.get(shard) == token:
+                stamped = msgspec.structs.replace(sms, fence=token)
+                if not self._held(shard, stamped):
+                    taken.append(stamped)
+        self.counts["promoted"] += len(taken)
+        return taken
 
     def express_shard(self) -> int | None:
         """A shard this node leases and keeps (not draining), under whose lease it dispatches
@@ -274,8 +292,9 @@ class ShardLeases:
         for sms in items:
             shard = dispatch_shard(sms)
             token = self.owned.get(shard)
-            # Not leased here (any more, or yet): recovery of the shard covers it.
-            if token is None or self._seen(sms.id, now):
+            # Not leased here (any more, or yet): recovery of the shard covers it. Scheduled
+            # (never handed off: a notification carries none): it waits in the store.
+            if token is None or sms.send_at is not None or self._seen(sms.id, now):
                 continue
             stamped = msgspec.structs.replace(sms, fence=token)
             if not self._held(shard, stamped):

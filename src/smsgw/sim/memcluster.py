@@ -66,7 +66,7 @@ class MemCluster:
         wanted = set(shards)
         express: list[OutboundSms] = []
         counts: dict[int, int] = {}
-        for sms in self._store.pending_messages.values():
+        for sms in self._store.dispatchable():
             if dispatch_shard(sms) not in wanted:
                 continue
             if sms.express:

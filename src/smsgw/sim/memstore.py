@@ -20,16 +20,26 @@ time shows the group commit's queueing, not PostgreSQL's real speed.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from smsgw.engine.credit import AccountCredit, CreditBook, check_topups, hold_items
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
-from smsgw.engine.ports import Entry, GroupResult, Recovered, WriteGroup, entry_of
+from smsgw.engine.ports import (
+    SHARDS,
+    Entry,
+    GroupResult,
+    Promoted,
+    Recovered,
+    WriteGroup,
+    dispatch_shard,
+    entry_of,
+)
 
 # The same hold rules as the PostgreSQL store: one implementation, so both stores refuse alike.
 
@@ -85,6 +95,10 @@ class MemStore:
         # page costs a bisect, not a scan of every pending message (a full-scale `day` run
         # pages under a backlog of millions).
         self._queues: dict[int, list[Entry]] = {}
+        # Scheduled messages (pending too, their price held): each shard's (send_at, id) by
+        # send_at, as PostgreSQL's due-time index; promoted ones move to the queues.
+        self._due: dict[int, list[tuple[float, str]]] = {}
+        self.scheduled_ids: set[str] = set()
         self.client_refs: set[tuple[int, str]] = set()
         self.final: dict[tuple[str, str], int] = {}  # (status, reason or "") -> messages
         self.commits = 0
@@ -121,6 +135,8 @@ class MemStore:
 
         finished: list[Outcome] = []
         for outcome in group.outcomes:
+            if outcome.sms.id in self.scheduled_ids:
+                continue  # not dispatched yet: nothing could have sent it
             sms = self.pending_messages.pop(outcome.sms.id, None)
             if sms is None:
                 continue  # final already: a message ends once and is charged at most once
@@ -167,7 +183,10 @@ class MemStore:
             accepts.append(results)
         for sms in stored:
             self.pending_messages[sms.id] = sms
-            if not sms.express:
+            if sms.send_at is not None:
+                self.scheduled_ids.add(sms.id)
+                heapq.heappush(self._due.setdefault(dispatch_shard(sms), []), (sms.send_at, sms.id))
+            elif not sms.express:
                 bisect.insort(self._queues.setdefault(sms.account_id, []), entry_of(sms))
             sums = self.ledger[sms.account_id]
             sums.hold += sms.price
@@ -218,12 +237,44 @@ class MemStore:
         return {s.id for items, _ in group.accepts for s in items if s.id in self.pending_messages}
 
     async def recover(self) -> Recovered:
-        express = [s for s in self.pending_messages.values() if s.express]
+        express: list[OutboundSms] = []
         backlogs: dict[int, int] = {}
-        for sms in self.pending_messages.values():
-            if not sms.express:
+        for sms in self.dispatchable():
+            if sms.express:
+                express.append(sms)
+            else:
                 backlogs[sms.account_id] = backlogs.get(sms.account_id, 0) + 1
         return Recovered(express, sorted(backlogs.items()))
+
+    def dispatchable(self) -> list[OutboundSms]:
+        """The pending messages that are not scheduled (`queued` in PostgreSQL's terms)."""
+        scheduled = self.scheduled_ids
+        return [s for s in self.pending_messages.values() if s.id not in scheduled]
+
+    async def promote_due(
+        self, shards: Mapping[int, int] | None, now: float, limit: int, per_shard: int
+    ) -> Promoted:
+        """As PgStore's: the due scheduled messages of `shards` become queued (leases are
+        not checked: MemCluster's never change hands)."""
+        if not self._due:
+            return Promoted([], None)  # the common case in a virtual run: a dict test
+        order = range(SHARDS) if shards is None else sorted(shards)
+        promoted: list[OutboundSms] = []
+        for shard in order:
+            due = self._due.get(shard)
+            taken = 0
+            while due and due[0][0] <= now and taken < per_shard and len(promoted) < limit:
+                _, message_id = heapq.heappop(due)
+                self.scheduled_ids.discard(message_id)
+                sms = self.pending_messages[message_id]
+                if not sms.express:
+                    bisect.insort(self._queues.setdefault(sms.account_id, []), entry_of(sms))
+                promoted.append(sms)
+                taken += 1
+            if due is not None and not due:
+                del self._due[shard]
+        heads = [self._due[shard][0][0] for shard in order if shard in self._due]
+        return Promoted(promoted, min(heads) if heads else None)
 
     async def dispatch_rates(self) -> list[tuple[int, float]]:
         return []

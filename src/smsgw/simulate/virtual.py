@@ -39,6 +39,7 @@ from smsgw.engine.actor import InboxFull, Reply
 from smsgw.engine.messages import Accept, AcceptResult, OutboundSms, Outcome
 from smsgw.engine.node import Engine, EngineConfig
 from smsgw.engine.ports import Provider
+from smsgw.engine.scheduled import ScheduledConfig
 from smsgw.engine.shards import LeaseConfig
 from smsgw.sim.memcluster import MemCluster
 from smsgw.sim.memstore import MemStore, weight
@@ -355,6 +356,9 @@ class VirtualRun:
             express_deadline_ms=int(EXPRESS_DEADLINE_S * 1000),
             scheduler_capacity=1_000_000,
             writer_capacity=1_000_000,
+            # Scheduled sends wake at the send_at of each one the node accepts; the poll is
+            # for other nodes' accepts, and a virtual node is alone.
+            scheduled=ScheduledConfig(poll=120.0),
         )
         # The node leases its shards as `serve`'s do (its sends are fenced and admitted, its
         # recovery is theirs), at a pace a day of virtual time can afford: alone, it never

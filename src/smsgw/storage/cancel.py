@@ -1,5 +1,5 @@
-"""Cancelling a queued message (POST /v1/messages/{id}/cancel): one statement that decides
-it, releases its hold and writes its ledger and callback rows."""
+"""Cancelling a scheduled or queued message (POST /v1/messages/{id}/cancel): one statement
+that decides it, releases its hold and writes its ledger and callback rows."""
 
 from __future__ import annotations
 
@@ -10,22 +10,27 @@ from smsgw.storage.database import Database
 
 # The account is locked first, as every group commit locks its accounts before it touches
 # their messages, so a cancel and a group commit never wait on each other in a circle. Only a
-# `queued` row is cancelled: the conditional UPDATE decides, exact across nodes (an outcome
-# committed meanwhile makes the row final, and PostgreSQL re-reads it before it updates). The
+# `scheduled` or `queued` row is cancelled: the conditional UPDATE decides, exact across nodes
+# (an outcome committed meanwhile makes the row final, a promotion makes a scheduled one
+# queued, and PostgreSQL re-reads the row before it updates). The
 # release is a ledger row of one message, as a `failed` outcome's is (storage/ledger.py). The
 # callback row is written in the same statement, as an outcome's is. What the statement
 # changed its own snapshot does not show, so the answer comes from `cancelled` when it
-# cancelled, else from the row as it was. Only a message of a shard in $3 (the shards the
-# asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what keeps a
-# cancelled message from an operator, so another node's cancel could race a send there.
+# cancelled, else from the row as it was. Only a queued message of a shard in $3 (the shards
+# the asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what
+# keeps a cancelled message from an operator, so another node's cancel could race a send
+# there. A scheduled message is in no node's memory (its promotion and this statement take
+# turns on the row), so any node cancels it.
 CANCEL_SQL = """
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.callback_url FROM accounts a WHERE a.id = $1 FOR UPDATE
 ), cancelled AS (
     UPDATE messages m SET status = 'cancelled', reason = NULL, updated_at = now()
     WHERE m.id = $2::uuid AND m.account_id = (SELECT id FROM locked)
-      AND m.status = (SELECT 'queued')
-      AND ($3::int[] IS NULL OR coalesce(m.dispatch_shard, shard_of(m.account_id)) = ANY($3))
+      AND (m.status = (SELECT 'scheduled')
+           OR (m.status = (SELECT 'queued')
+               AND ($3::int[] IS NULL
+                    OR coalesce(m.dispatch_shard, shard_of(m.account_id)) = ANY($3))))
     RETURNING m.id, m.account_id, m.price, m.status, m.reason, m.client_ref, m.callback_url,
               m.updated_at
 ), credit AS (
@@ -51,8 +56,8 @@ WHERE m.id = $2::uuid AND m.account_id = $1 AND NOT EXISTS (SELECT FROM cancelle
 async def cancel_message(
     db: Database, account_id: int, message_id: str, shards: Sequence[int] | None
 ) -> CancelResult | None:
-    """Cancel `message_id` of `account_id` if it is still queued and of one of `shards` (None:
-    any), releasing its hold; None when the account has no such message."""
+    """Cancel `message_id` of `account_id` if it is still scheduled, or queued and of one of
+    `shards` (None: any), releasing its hold; None when the account has no such message."""
     listed = None if shards is None else list(shards)
     row = await db.run(
         lambda c: c.fetchrow(CANCEL_SQL, account_id, message_id, listed), name="cancel"

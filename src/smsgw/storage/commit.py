@@ -42,6 +42,7 @@ from smsgw.storage.commit_sql import (
     WRITE_GROUP_HANDOFF,
     copy_records,
     finished_json,
+    handed_off,
 )
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
@@ -249,8 +250,8 @@ class GroupCommit(StorePart):
                         *_credit_args(book, messages),
                         self.handoff.node_id,
                         self.handoff.lock_class,
-                        [dispatch_shard(s) for s in stored],
-                        [s.id for s in stored],
+                        [dispatch_shard(s) for s in handed_off(stored)],
+                        [s.id for s in handed_off(stored)],
                     )
                     if row["ids"]:
                         wake = _handed_payloads(row["owners"], row["ids"], stored)
@@ -260,13 +261,13 @@ class GroupCommit(StorePart):
                 if self.handoff is None:
                     row = await conn.fetchrow(WRITE_GROUP, *args)
                 else:
-                    shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
+                    shards = _json.encode([dispatch_shard(s) for s in handed_off(stored)])
                     row = await conn.fetchrow(
                         WRITE_GROUP_HANDOFF,
                         *args,
                         self.handoff.node_id,
                         self.handoff.lock_class,
-                        shards,
+                        shards.decode(),
                     )
                 if row["stored"] < len(stored):
                     inserted = set(row["inserted"] or ())
@@ -328,7 +329,7 @@ class GroupCommit(StorePart):
         if self.handoff is None:
             row = await conn.fetchrow(ONE_STATEMENT, *args)
         else:
-            shards = _json.encode([dispatch_shard(s) for s in stored]).decode()
+            shards = _json.encode([dispatch_shard(s) for s in handed_off(stored)]).decode()
             row = await conn.fetchrow(
                 ONE_STATEMENT_HANDOFF,
                 *args,

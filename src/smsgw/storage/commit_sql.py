@@ -117,18 +117,20 @@ WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 
 def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
-    `queued`, returning the id of each one inserted (+ `returning`)."""
+    `queued`, or `scheduled` with a `send_at`, returning the id of each one inserted
+    (+ `returning`)."""
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url,
-                          dispatch_shard, validity_s)
+                          dispatch_shard, validity_s, send_at)
     SELECT x.id, x.account_id, x."to", x.sender, x."text", x.segments, x.price, x.express,
-           x.client_ref, 'queued', to_timestamp(x.deadline), to_timestamp(x.created_at),
-           to_timestamp(x.created_at), x.callback_url, x.shard, x.validity
+           x.client_ref, CASE WHEN x.send_at IS NULL THEN 'queued' ELSE 'scheduled' END,
+           to_timestamp(x.deadline), to_timestamp(x.created_at), to_timestamp(x.created_at),
+           x.callback_url, x.shard, x.validity, to_timestamp(x.send_at)
     FROM json_to_recordset({param}::json)
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
-              callback_url text, shard smallint, validity int)
+              callback_url text, shard smallint, validity int, send_at float8)
     WHERE {only_if}
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
     RETURNING id{returning}"""
@@ -149,7 +151,9 @@ SELECT (SELECT count(*) FROM inserted) AS stored,
 # to it in the same statement (smsgw_handoff, migration 004: it takes its shared advisory
 # locks and reads the owners with statements of its own, so after the locks). A message the
 # insert skipped (its client_ref taken) is handed off too; its hand-off finds no message when
-# claimed, and the caller leaves it out of the NOTIFY.
+# claimed, and the caller leaves it out of the NOTIFY. A scheduled message is not handed off:
+# it waits in the store until the shard's owner promotes it (storage/scheduled.py), and the
+# shards the caller passes are those of the others, in the same order (`handed_off`).
 WRITE_GROUP_HANDOFF = (
     WRITE_GROUP.rstrip().removesuffix("AS ledger")
     + """AS ledger,
@@ -157,7 +161,8 @@ WRITE_GROUP_HANDOFF = (
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
       FROM smsgw_handoff($11, $12,
                          ARRAY(SELECT value::int FROM json_array_elements_text($13::json)),
-                         ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($10::json))))
+                         ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($10::json)
+                               WHERE value->>'send_at' IS NULL)))
      AS h
 """
 )
@@ -328,7 +333,8 @@ _ONE_HANDOFF = """,
           CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($7::json))
           END,
           CASE WHEN ok.ok THEN ARRAY(SELECT (value->>'id')::uuid
-                                     FROM json_array_elements($1::json))
+                                     FROM json_array_elements($1::json)
+                                     WHERE value->>'send_at' IS NULL)
           END) AS x) AS h"""
 
 
@@ -370,13 +376,15 @@ COPY_COLUMNS = (
     "callback_url",
     "dispatch_shard",
     "validity_s",
+    "send_at",
 )
 
 
 def copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
-    """The messages as COPY rows (in `COPY_COLUMNS` order), `queued`. Times are whole
-    microseconds exactly as `to_timestamp` stores them (the Scheduler's paging cursors compare
-    them); a group's messages mostly share their accept time, so each is converted once."""
+    """The messages as COPY rows (in `COPY_COLUMNS` order), `queued` (`scheduled` with a
+    `send_at`). Times are whole microseconds exactly as `to_timestamp` stores them (the
+    Scheduler's paging cursors compare them); a group's messages mostly share their accept
+    time, so each is converted once."""
     times: dict[float, datetime] = {}
 
     def at(t: float) -> datetime:
@@ -396,16 +404,24 @@ def copy_records(stored: Sequence[OutboundSms]) -> list[tuple[Any, ...]]:
             s.price,
             s.express,
             s.client_ref,
-            "queued",
+            "queued" if s.send_at is None else "scheduled",
             None if s.deadline is None else at(s.deadline),
             at(s.created_at),
             at(s.created_at),
             s.callback_url,
             s.shard,
             s.validity,
+            None if s.send_at is None else at(s.send_at),
         )
         for s in stored
     ]
+
+
+def handed_off(stored: Sequence[OutboundSms]) -> list[OutboundSms]:
+    """The messages of a group that may be handed to another node: not the scheduled ones
+    (they wait in the store until due), in their order (the statements' id lists skip the
+    same ones)."""
+    return [s for s in stored if s.send_at is None]
 
 
 # A callback outbox row for each outcome of this group that has a callback URL (the message's,

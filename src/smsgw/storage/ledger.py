@@ -3,7 +3,8 @@
 One statement, so one snapshot: the accounts, their messages and their ledger rows agree. The
 simulator, the benchmarks and the tests all reconcile with this query. "Sent" is every message
 the operator took: `sent`, and `delivered` or `undelivered` after a DLR (both stay captured);
-"failed" every message refunded: `failed`, `expired` and `cancelled`.
+"failed" every message refunded: `failed`, `expired` and `cancelled`; "pending" every message
+not final, its price held: `scheduled`, `queued` and `sending`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ LEFT JOIN (
            count(*) AS n_all,
            count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS n_sent,
            count(*) FILTER (WHERE status IN ('failed', 'expired', 'cancelled')) AS n_failed,
-           count(*) FILTER (WHERE status IN ('queued', 'sending')) AS n_pending,
+           count(*) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')) AS n_pending,
            sum(price) AS price_all,
            sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered'))
                AS price_sent,
            sum(price) FILTER (WHERE status IN ('failed', 'expired', 'cancelled'))
                AS price_failed,
-           sum(price) FILTER (WHERE status IN ('queued', 'sending')) AS price_pending
+           sum(price) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')) AS price_pending
     FROM messages GROUP BY account_id
 ) m ON m.account_id = a.id
 LEFT JOIN (

@@ -13,6 +13,7 @@ is one crossing and one transaction, however many requests it carries.
 | `OptOuts` | optouts.py | opt-outs and the blocklist |
 | `IdempotencyKeys` | idempotency.py | `Idempotency-Key` claims and answers |
 | `CallbackOutbox` | delivery.py | the callback outbox, callback settings, kept DLRs |
+| `ScheduledMessages` | scheduled.py | scheduled messages coming due (promoted to `queued`) |
 
 Migrations are in migrate.py, the connection pool and the bridge in database.py.
 """
@@ -30,10 +31,18 @@ from smsgw.storage.delivery import CallbackOutbox
 from smsgw.storage.idempotency import IdempotencyKeys
 from smsgw.storage.optouts import OptOuts
 from smsgw.storage.reads import MessageReads
+from smsgw.storage.scheduled import ScheduledMessages
 
 
 class PgStore(
-    GroupCommit, Backlog, MessageReads, AccountStore, OptOuts, IdempotencyKeys, CallbackOutbox
+    GroupCommit,
+    Backlog,
+    MessageReads,
+    AccountStore,
+    OptOuts,
+    IdempotencyKeys,
+    CallbackOutbox,
+    ScheduledMessages,
 ):
     """The engine's `MessageStore`, `CallbackStore` and `FrontDoorStore` on PostgreSQL. Built
     as `PgStore(db, handoff=..., recipient_limit=...)` (GroupCommit's arguments); the other
@@ -42,5 +51,5 @@ class PgStore(
     async def cancel(
         self, account_id: int, message_id: str, shards: Sequence[int] | None
     ) -> CancelResult | None:
-        """Cancel a still queued message of the account (storage/cancel.py)."""
+        """Cancel a still scheduled or queued message of the account (storage/cancel.py)."""
         return await cancel_message(self.db, account_id, message_id, shards)

@@ -22,7 +22,7 @@ from smsgw.storage.rows import MIN_UUID
 MESSAGE_COLUMNS = (
     "id::text, recipient AS to, sender, body AS text, status, reason, segments, price,"
     " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at,"
-    " callback_url"
+    " callback_url, send_at"
 )
 
 
@@ -112,7 +112,8 @@ CSV_COLUMNS = (
     "id::text, recipient, sender, body, status, reason, segments, price, express::text,"
     " attempts, operator, operator_message_id, client_ref,"
     f" to_char(created_at AT TIME ZONE 'UTC', {_RFC3339}),"
-    f" to_char(updated_at AT TIME ZONE 'UTC', {_RFC3339})"
+    f" to_char(updated_at AT TIME ZONE 'UTC', {_RFC3339}),"
+    f" to_char(send_at AT TIME ZONE 'UTC', {_RFC3339})"
 )
 
 
@@ -138,7 +139,8 @@ SELECT {key} AS key,
        count(*) AS messages,
        count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
        count(*) FILTER (WHERE status IN ('failed', 'expired', 'cancelled')) AS failed,
-       count(*) FILTER (WHERE status IN ('queued', 'sending')) AS pending,
+       count(*) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')) AS pending,
+       count(*) FILTER (WHERE status = 'scheduled') AS scheduled,
        count(*) FILTER (WHERE status = 'delivered') AS delivered,
        count(*) FILTER (WHERE status = 'undelivered') AS undelivered,
        count(*) FILTER (WHERE status = 'expired') AS expired,
@@ -146,7 +148,8 @@ SELECT {key} AS key,
        coalesce(sum(segments), 0)::bigint AS segments,
        coalesce(sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), 0)
            ::bigint AS cost,
-       coalesce(sum(price) FILTER (WHERE status IN ('queued', 'sending')), 0)::bigint AS held
+       coalesce(sum(price) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')), 0)
+           ::bigint AS held
 FROM messages WHERE {" AND ".join(where)}
 GROUP BY 1 ORDER BY 1"""
     return sql, args
@@ -231,6 +234,7 @@ class MessageReads(StorePart):
                 undelivered=r["undelivered"],
                 expired=r["expired"],
                 cancelled=r["cancelled"],
+                scheduled=r["scheduled"],
             )
             for r in rows
         ]

@@ -27,7 +27,7 @@ PENDING_COLUMNS = """
 messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,
 extract(epoch FROM created_at)::float8 AS created_at,
 extract(epoch FROM deadline)::float8 AS deadline, attempts, callback_url, dispatch_shard,
-validity_s"""
+validity_s, extract(epoch FROM send_at)::float8 AS send_at"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -66,4 +66,5 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         callback_url=r["callback_url"],
         shard=r["dispatch_shard"],
         validity=r["validity_s"],
+        send_at=r["send_at"],
     )

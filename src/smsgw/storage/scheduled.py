@@ -1,0 +1,124 @@
+"""Scheduled messages coming due: `promote_due`, the store side of engine/scheduled.py.
+
+A scheduled message is a `messages` row with status `scheduled` and its `send_at`, found by the
+due-time index of migration 016 (`messages_scheduled`: per dispatching shard, by send_at). A
+node promotes the due rows of the shards it leases to `queued` and hands them to its Scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import asyncpg
+
+from smsgw.engine.ports import SHARDS, Promoted
+from smsgw.storage.commit import Handoff
+from smsgw.storage.database import StorePart
+from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
+
+# The dispatching shard exactly as migration 016's index spells it, so the planner matches it.
+_SHARD = "coalesce(m.dispatch_shard, shard_of(m.account_id))"
+
+# Each given shard's due rows in send_at order, a range of messages_scheduled per shard (the
+# literal status proves the index's predicate), at most $per_shard of one shard, until the
+# page is full; the shards are visited in the order given (the caller starts from another
+# one each time). Then the update, by primary key (an array of ids, never a join the planner
+# could make a hash of every pending row), of rows still `scheduled`: a cancel that locked a
+# row first has made it `cancelled`, and PostgreSQL re-reads a row it waited for (the
+# `(SELECT ...)` keeps that test from making the partial index a candidate for the update's
+# own scan: rows.NOT_FINAL says why). The fenced form reads the shards' leases after the
+# caller took their advisory locks shared (in the same transaction, as `smsgw_handoff()` does
+# for an accept), so a lease cannot change hands between this reading "mine, under this
+# token" and the commit: the shard's next owner recovers, after its lease change, every
+# message promoted here.
+_DUE = f"""
+SELECT d.id FROM unnest($1::int[]) WITH ORDINALITY AS s(shard, i)
+{{lease}}
+CROSS JOIN LATERAL (
+    SELECT m.id FROM messages m
+    WHERE {_SHARD} = s.shard AND m.status = 'scheduled' AND m.send_at <= to_timestamp($2)
+    ORDER BY {_SHARD}, m.send_at
+    LIMIT $4
+) d
+LIMIT $3"""
+
+_LEASED = """
+JOIN shard_leases l ON l.shard = s.shard AND l.owner = $5 AND l.token = ($6::bigint[])[s.i::int]"""
+
+
+def _promote_sql(lease: str) -> str:
+    due = _DUE.format(lease=lease)
+    return f"""
+UPDATE messages SET status = 'queued', updated_at = to_timestamp($2)
+WHERE id = ANY(ARRAY({due}
+)) AND status = (SELECT 'scheduled')
+RETURNING {PENDING_COLUMNS}
+"""
+
+
+PROMOTE = _promote_sql("")
+PROMOTE_FENCED = _promote_sql(_LEASED)
+
+# The earliest send_at still scheduled in the given shards: the first entry of each shard's
+# range of messages_scheduled.
+NEXT_DUE = f"""
+SELECT extract(epoch FROM min(n.send_at))::float8 FROM unnest($1::int[]) AS s(shard)
+CROSS JOIN LATERAL (
+    SELECT m.send_at FROM messages m
+    WHERE {_SHARD} = s.shard AND m.status = 'scheduled'
+    ORDER BY {_SHARD}, m.send_at
+    LIMIT 1
+) n"""
+
+# Each shard's range walked in index order, whatever the statistics say: an ANALYZE taken
+# while few messages were scheduled prices a bitmap scan and a sort of a shard's every due
+# message as cheap, and a million due at 9:00 would then be read and sorted for a page.
+# SET LOCAL: it ends with the promotion's transaction.
+_SETTINGS = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
+
+_LOCK_SHARED = """
+SELECT count(pg_advisory_xact_lock_shared($1, s)) FROM (SELECT unnest($2::int[]) AS s ORDER BY 1) q
+"""
+
+_ALL_SHARDS = list(range(SHARDS))
+
+
+class ScheduledMessages(StorePart):
+    """The engine's `ScheduledStore` on PostgreSQL, a part of PgStore. On a node among several
+    (`handoff` set, by GroupCommit) promotions are fenced by its leases."""
+
+    handoff: Handoff | None = None
+    _turn = 0  # where the next statement starts among the shards
+
+    async def promote_due(
+        self, shards: Mapping[int, int] | None, now: float, limit: int, per_shard: int
+    ) -> Promoted:
+        order = _ALL_SHARDS if shards is None else sorted(shards)
+        if not order:
+            return Promoted([], None)
+        # A different first shard each time: when more is due than a page takes, every
+        # shard's earliest are promoted within a few statements.
+        self._turn = (self._turn + 1) % len(order)
+        order = order[self._turn :] + order[: self._turn]
+        handoff = self.handoff
+
+        async def promote(conn: asyncpg.Connection) -> Promoted:
+            async with conn.transaction():
+                await conn.execute(_SETTINGS)
+                if shards is not None and handoff is not None:
+                    await conn.execute(_LOCK_SHARED, handoff.lock_class, order)
+                    rows = await conn.fetch(
+                        PROMOTE_FENCED,
+                        order,
+                        now,
+                        limit,
+                        per_shard,
+                        handoff.node_id,
+                        [shards[s] for s in order],
+                    )
+                else:
+                    rows = await conn.fetch(PROMOTE, order, now, limit, per_shard)
+                next_due = await conn.fetchval(NEXT_DUE, order)
+            return Promoted([pending_sms(r) for r in rows], next_due)
+
+        return await self.db.run(promote, name="PgStore.promote_due")
