@@ -58,14 +58,19 @@ def send(
     client_ref: str | None = None,
     callback_url: str | None = None,
     validity: int | None = None,
+    send_at: Time | None = None,
     idempotency_key: str | None = None,
 ) -> Call[Accepted | Message]:
     """Send one message: `Accepted` once it is stored and its price held; the existing
     `Message` when the account already used `client_ref` (nothing new is stored).
-    `validity` (bulk, 60 to 259,200 s): not sent within it, the message ends `expired`."""
+    `validity` (bulk, 60 to 259,200 s): not sent within it, the message ends `expired`.
+    `send_at` (up to 30 days ahead): `Accepted` with status `scheduled`, sent then; its
+    validity counts from it."""
     body = _message(to, text, sender, express, client_ref, callback_url, wait=False)
     if validity is not None:
         body["validity"] = validity
+    if send_at is not None:
+        body["send_at"] = _time(send_at)
     return _json("POST", "/v1/messages", body, _sent, idempotency_key)
 
 
@@ -103,8 +108,8 @@ def batch(
 
 
 def cancel(message_id: str) -> Call[Cancelled]:
-    """Cancel a queued message: `Cancelled` with the price refunded. ApiError 409
-    `not_cancellable` once it is sending or final."""
+    """Cancel a scheduled or queued message: `Cancelled` with the price refunded. ApiError
+    409 `not_cancellable` once it is sending or final."""
     return Call("POST", f"/v1/messages/{message_id}/cancel", _answer(Cancelled, 200))
 
 

@@ -16,7 +16,15 @@ import msgspec
 # RFC 3339 with an offset; the format is stated so the Structs' schema matches the document's.
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 MessageStatus = Literal[
-    "queued", "sending", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"
+    "scheduled",
+    "queued",
+    "sending",
+    "sent",
+    "failed",
+    "delivered",
+    "undelivered",
+    "expired",
+    "cancelled",
 ]
 
 
@@ -30,10 +38,12 @@ class OutgoingMessage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=
     client_ref: str | None = None  # the account's own id for it: a second send is a duplicate
     callback_url: str | None = None
     validity: int | None = None  # seconds (bulk): not sent within it, it ends `expired`
+    # When to send it (aware, up to 30 days ahead): it is `scheduled` until then.
+    send_at: Timestamp | None = None
 
 
 class Cancelled(msgspec.Struct):
-    """A message cancelled while queued (schema `CancelledOut`)."""
+    """A message cancelled while scheduled or queued (schema `CancelledOut`)."""
 
     id: str
     status: Literal["cancelled"]
@@ -68,6 +78,7 @@ class Message(msgspec.Struct):
     created_at: Timestamp
     updated_at: Timestamp
     callback_url: str | None = None
+    send_at: Timestamp | None = None  # when it is to be sent, if it was scheduled
 
 
 class MessagePage(msgspec.Struct):
@@ -91,11 +102,12 @@ class BatchItemError(msgspec.Struct):
 
 
 class BatchResult(msgspec.Struct):
-    """One item of a batch (schema `BatchResultOut`): `queued` (stored now), `duplicate` (its
-    client_ref was used already; `id` is that message's) or `rejected` (`error` says why)."""
+    """One item of a batch (schema `BatchResultOut`): `queued` (stored now), `scheduled`
+    (stored, sent at its `send_at`), `duplicate` (its client_ref was used already; `id` is
+    that message's) or `rejected` (`error` says why)."""
 
     index: int
-    status: Literal["queued", "duplicate", "rejected"]
+    status: Literal["queued", "scheduled", "duplicate", "rejected"]
     id: str | None = None
     segments: int | None = None
     price: int | None = None
@@ -125,6 +137,7 @@ class SummaryGroup(msgspec.Struct):
     undelivered: int
     expired: int
     cancelled: int
+    scheduled: int
     day: str | None = None
     status: str | None = None
 
@@ -143,6 +156,7 @@ class SummaryTotals(msgspec.Struct):
     undelivered: int
     expired: int
     cancelled: int
+    scheduled: int
 
 
 class Summary(msgspec.Struct):

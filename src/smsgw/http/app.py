@@ -23,6 +23,7 @@ from smsgw.http.problems import ProblemError, problem_response
 from smsgw.http.routes import (
     accounts,
     batch,
+    cancel,
     console,
     delivery,
     docs,
@@ -44,6 +45,7 @@ APIS = (
     accounts.api,
     senders.api,
     messages.api,
+    cancel.api,
     batch.api,
     optouts.api,
     otp.api,

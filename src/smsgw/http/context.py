@@ -7,6 +7,7 @@ import hmac
 import logging
 import math
 import random
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -119,6 +120,10 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status=status, content_type="application/json")
 
 
+# The end of a msgspec validation error that names a member of the body: " - at `$.send_at`".
+_TOP_LEVEL_PATH = re.compile(r" - at `\$\.([A-Za-z_][A-Za-z0-9_]*)`$")
+
+
 def decode(data: bytes, kind: type[T]) -> T:
     """`data` as `kind`, or a ProblemError: 400 `malformed_json` for bytes that are not JSON
     (malformed, not UTF-8, or nested past what the parser takes), 422 naming the field for
@@ -130,8 +135,13 @@ def decode(data: bytes, kind: type[T]) -> T:
         value = cast(T, decoder.decode(data))
     except msgspec.ValidationError as exc:
         # msgspec stops at the first error it meets: a body that is not JSON at all is a 400
-        # even when a field before its bad bytes was already wrong.
-        raise not_json(data) or ProblemError(422, "invalid_field", str(exc)) from None
+        # even when a field before its bad bytes was already wrong. Its message ends with the
+        # path of the value at fault; a member of the body itself is the problem's `field`.
+        detail = str(exc)
+        at = _TOP_LEVEL_PATH.search(detail)
+        raise not_json(data) or ProblemError(
+            422, "invalid_field", detail, field=None if at is None else at.group(1)
+        ) from None
     except msgspec.DecodeError as exc:
         raise ProblemError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     except (UnicodeDecodeError, RecursionError):  # not UTF-8; nested about 1,000 deep

@@ -23,9 +23,19 @@ from smsgw.http.api import REF, TAGS, Auth, Content, Operation, Param
 from smsgw.http.problems import TITLES
 from smsgw.http.schemas import Problem
 
-API_VERSION = "2.2.0"
+API_VERSION = "2.3.0"
 # What changed in each version of the HTTP contract, newest first (info.description).
 CHANGES = (
+    (
+        "2.3.0",
+        "Scheduled sends: `send_at` (RFC 3339 with an offset, up to 30 days ahead) on"
+        " POST /v1/messages, on a batch item, or on the batch for its items without one:"
+        " status `scheduled` (a 202's and a batch result's), the price held at once, sent"
+        " within a second of that time. Messages show `send_at` and the status `scheduled`"
+        " (GET, lists, the CSV export's last column); summaries count `scheduled` (part of"
+        " `pending`). POST /v1/messages/{message_id}/cancel cancels a scheduled message too,"
+        " on any node. A validation problem names its body member in `field`.",
+    ),
     (
         "2.2.0",
         'One-time codes: POST /v1/messages with `"otp": true` (and `template`, `code_length`'

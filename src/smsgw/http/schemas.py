@@ -157,6 +157,26 @@ Validity = Annotated[
     ),
 ]
 
+# A scheduled send (issue 24): when the message may be sent, up to 30 days ahead. One up to
+# SEND_AT_SLACK_S in the past (clocks differ) is sent at once, as one without a send_at is;
+# further in the past, or further ahead, it is a 422 naming the field (the handler checks the
+# range; msgspec the format and the offset).
+MAX_SEND_AHEAD_S = 30 * 86_400
+SEND_AT_SLACK_S = 60
+SendAt = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description=(
+            "when to send it: RFC 3339 with an offset (2026-03-21T09:00:00+03:30), up to 30"
+            " days ahead. The message is `scheduled`, its price held at once, and sent within"
+            " a second of this time; its `validity` (and an express message's deadline)"
+            " counts from it. Up to 60 s in the past: sent now"
+        ),
+        examples=["2026-03-21T09:00:00+03:30", "2026-03-21T05:30:00Z"],
+    ),
+]
+
 # Checked by the handler (engine/callbacks.py: http(s); public hosts only in production,
 # loopback only outside it).
 CallbackUrl = Annotated[
@@ -184,6 +204,8 @@ class SendIn(msgspec.Struct, forbid_unknown_fields=True):
     callback_url: CallbackUrl | None = None
     # Bulk only: an express message's deadline ends it (the handler says so, naming the field).
     validity: Validity | None = None
+    # Scheduled: not with `wait` or `otp` (the handler says so, naming the field).
+    send_at: SendAt | None = None
     # Express only: answer once the operator took it (200, status sent) or the deadline passed
     # (504, failed and refunded), instead of 202 at accept.
     wait: bool = False
@@ -323,6 +345,8 @@ class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
     # result instead of failing the batch.
     messages: list[msgspec.Raw]
     atomic: bool = False
+    # The `send_at` of every item without its own.
+    send_at: SendAt | None = None
 
 
 class BatchItemsIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -332,6 +356,7 @@ class BatchItemsIn(msgspec.Struct, forbid_unknown_fields=True):
 
     messages: list[SendIn]
     atomic: bool = False
+    send_at: SendAt | None = None
 
 
 class BatchItemError(msgspec.Struct, omit_defaults=True):
@@ -349,12 +374,13 @@ class BatchItemError(msgspec.Struct, omit_defaults=True):
 
 class BatchResultOut(msgspec.Struct, omit_defaults=True):
     """One item of a batch, at its `index` in the request. `queued`: stored now, with its new
-    `id`, `segments` and `price`. `duplicate`: the account already has a message with this
+    `id`, `segments` and `price`; `scheduled`: the same, to be sent at its `send_at` (the
+    item's, else the batch's). `duplicate`: the account already has a message with this
     item's `client_ref`; nothing new is stored and `id` is that message's (a single send
     answers 200 with it). `rejected`: not stored, `error` says why."""
 
     index: int
-    status: Literal["queued", "duplicate", "rejected"]
+    status: Literal["queued", "scheduled", "duplicate", "rejected"]
     id: str | None = None
     segments: int | None = None
     price: int | None = None
@@ -363,7 +389,8 @@ class BatchResultOut(msgspec.Struct, omit_defaults=True):
 
 class BatchOut(msgspec.Struct):
     """POST /v1/messages/batch: one result per item, in order, and how many of each kind
-    (`accepted` + `duplicates` + `rejected` is the number of items)."""
+    (`accepted`: queued or scheduled; `accepted` + `duplicates` + `rejected` is the number of
+    items)."""
 
     results: list[BatchResultOut]
     accepted: int
@@ -436,9 +463,18 @@ class Problem(msgspec.Struct):
 
 
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
-# `expired`: not sent within its validity; `cancelled`: cancelled while queued (both refunded).
+# `scheduled`: waiting for its send_at (price held); `expired`: not sent within its validity;
+# `cancelled`: cancelled while scheduled or queued (both refunded).
 MessageStatus = Literal[
-    "queued", "sending", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"
+    "scheduled",
+    "queued",
+    "sending",
+    "sent",
+    "failed",
+    "delivered",
+    "undelivered",
+    "expired",
+    "cancelled",
 ]
 
 
@@ -461,11 +497,13 @@ class MessageOut(msgspec.Struct):
     created_at: Timestamp
     updated_at: Timestamp
     callback_url: str | None = None
+    # When it is to be sent, if it was accepted scheduled (null: at once).
+    send_at: Timestamp | None = None
 
 
 class CancelledOut(msgspec.Struct):
-    """A message cancelled while queued (POST /v1/messages/{message_id}/cancel): its hold,
-    `refunded`, is back in the balance."""
+    """A message cancelled while scheduled or queued (POST /v1/messages/{message_id}/cancel):
+    its hold, `refunded`, is back in the balance."""
 
     id: str
     status: Literal["cancelled"]
@@ -496,6 +534,8 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     messages: Annotated[list[SendIn], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
     atomic: bool = False
+    # The `send_at` of every item without its own (a bad one refuses the whole batch).
+    send_at: SendAt | None = None
 
 
 class MessagePage(msgspec.Struct):
@@ -511,14 +551,15 @@ class SummaryGroup(msgspec.Struct):
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
     failed: int  # refunded: failed, expired or cancelled
-    pending: int
+    pending: int  # not final: scheduled, queued or sending
     segments: int
     cost: int
     held: int
     delivered: int  # of `sent`
     undelivered: int  # of `sent`: still charged
     expired: int  # of `failed`: not sent within its validity
-    cancelled: int  # of `failed`: cancelled while queued
+    cancelled: int  # of `failed`: cancelled while scheduled or queued
+    scheduled: int  # of `pending`: waiting for its send_at
     day: str | None = None  # group_by=day
     status: str | None = None  # group_by=status
 
@@ -535,6 +576,7 @@ class SummaryTotals(msgspec.Struct):
     undelivered: int
     expired: int
     cancelled: int
+    scheduled: int
 
 
 class SummaryOut(msgspec.Struct):

@@ -25,7 +25,7 @@ from smsgw.http.context import (
 )
 from smsgw.http.idempotency import idempotent
 from smsgw.http.problems import TITLES, ProblemError
-from smsgw.http.routes.messages import Intake, admit_bulk, opted_out_detail
+from smsgw.http.routes.messages import Intake, admit_bulk, opted_out_detail, scheduled_time
 from smsgw.http.schemas import (
     MAX_BATCH,
     BatchIn,
@@ -123,7 +123,8 @@ def refusal(sms: OutboundSms, result: AcceptResult) -> BatchItemError:
 
 def counted(results: list[BatchResultOut]) -> BatchOut:
     kinds = Counter(r.status for r in results)
-    return BatchOut(results, kinds["queued"], kinds["duplicate"], kinds["rejected"])
+    accepted = kinds["queued"] + kinds["scheduled"]
+    return BatchOut(results, accepted, kinds["duplicate"], kinds["rejected"])
 
 
 # Reads of taken client_refs' messages in flight at once for one batch.
@@ -211,11 +212,14 @@ def atomic_refusal(
     idempotent=False,
     description=(
         "One result per item, in order, each with its `index`: `queued` (stored now: `id`,"
-        " `segments`, `price`), `duplicate` (the account already has a message with this"
+        " `segments`, `price`), `scheduled` (the same, sent at the item's `send_at`, else"
+        " the batch's `send_at`; a bad batch `send_at` is a 422 for the whole batch),"
+        " `duplicate` (the account already has a message with this"
         " `client_ref`: nothing new is stored, `id` is that message's, as a single send"
         " answers 200 with it) or `rejected` (`error`: the `code`, `field`, `detail` and"
         " HTTP `status` a single send of the item would have answered, `retry_after` for"
-        " a 429 or 503). `accepted` + `duplicates` + `rejected` is the number of items."
+        " a 429 or 503). `accepted` (queued and scheduled) + `duplicates` + `rejected` is the"
+        " number of items."
         " 202 when any item was stored; 200 when none was but some were duplicates; 422"
         " problem `nothing_accepted`, with the same `results` and counts, when every item"
         " was rejected. Credit is held item by item; once it runs out, the rest are"
@@ -249,14 +253,25 @@ async def send_batch() -> Response:
             max_items=MAX_BATCH,
         )
     messages: Sequence[SendIn | msgspec.Raw] = data.messages
+    intake = Intake(gw, account_id)
+    if data.send_at is not None:
+        scheduled_time(data.send_at, intake.now)  # a bad one refuses the batch: 422
     # Admission first, before any item takes a recipient-limit token: under overload a
     # refused batch must cost nothing. Items that fall back to item-by-item decoding count
-    # as bulk, and so do invalid ones: at worst a batch is refused a little early.
-    admit_bulk(gw, account_id, sum(not (isinstance(m, SendIn) and m.express) for m in messages))
+    # as bulk, and so do invalid ones: at worst a batch is refused a little early. Scheduled
+    # items wait in the store, not in the backlog admission bounds.
+    if data.send_at is None:
+        admit_bulk(
+            gw,
+            account_id,
+            sum(
+                not (isinstance(m, SendIn) and (m.express or m.send_at is not None))
+                for m in messages
+            ),
+        )
     results: list[BatchResultOut | None] = [None] * count
     problems: dict[int, ProblemError] = {}
     valid: list[tuple[int, OutboundSms]] = []
-    intake = Intake(gw, account_id)
     for index, raw in enumerate(messages):
         try:
             item = raw if isinstance(raw, SendIn) else decode(raw, SendIn)
@@ -264,7 +279,7 @@ async def send_batch() -> Response:
                 raise ProblemError(
                     422, "invalid_field", "`wait` is for POST /v1/messages only", field="wait"
                 )
-            sms = intake.build(item)
+            sms = intake.build(item, data.send_at)
             intake.admit(sms)  # express deadline and recipient limit: 503 or 429 for this item
             valid.append((index, sms))
         except ProblemError as exc:
@@ -319,7 +334,11 @@ async def send_batch() -> Response:
         for (index, sms), result in zip(valid, accepted, strict=True):
             if result.accepted:
                 results[index] = BatchResultOut(
-                    index, "queued", sms.id, segments=sms.segments, price=sms.price
+                    index,
+                    "queued" if sms.send_at is None else "scheduled",
+                    sms.id,
+                    segments=sms.segments,
+                    price=sms.price,
                 )
             elif index in duplicates:
                 results[index] = BatchResultOut(index, "duplicate", existing[index])

@@ -21,13 +21,14 @@ from smsgw.http.api import REF, Api, Content
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
-from smsgw.http.problems import ProblemError, problem_response
+from smsgw.http.problems import ProblemError
 from smsgw.http.routes.delivery import CALLBACKS
 from smsgw.http.routes.otp import OTP_SEND, OtpSend, otp_client_ref_used
 from smsgw.http.schemas import (
+    MAX_SEND_AHEAD_S,
+    SEND_AT_SLACK_S,
     SENT_ANSWERS,
     AcceptedOut,
-    CancelledOut,
     MessageId,
     MessageOut,
     SendIn,
@@ -94,8 +95,9 @@ class Intake:
         self._express_problem: str | bool | None = False  # False: not asked yet
         self._shard: int | bool | None = False  # False: not asked yet
 
-    def build(self, data: SendIn) -> OutboundSms:
-        """Validate one message and price it; raises a 422 problem naming the field."""
+    def build(self, data: SendIn, send_at: datetime | None = None) -> OutboundSms:
+        """Validate one message and price it; raises a 422 problem naming the field. `send_at`:
+        the batch's, for an item without its own."""
         config = self.config
         # First: the hourly limit, the opt-outs and the reports all see the stored E.164 form.
         to = numbers.normalize(data.to, self.country)
@@ -134,6 +136,11 @@ class Intake:
                 "`validity` is for bulk messages only: an express message's deadline ends it",
                 field="validity",
             )
+        due = self.send_time(data, send_at)
+        deadline = None
+        if express:
+            # A scheduled express message's deadline counts from its send_at.
+            deadline = self._express_deadline() if due is None else due + self._deadline_s()
         return OutboundSms(
             id=uuid7(),
             account_id=self.account_id,
@@ -149,13 +156,31 @@ class Intake:
             ),
             express=express,
             created_at=self.now,
-            deadline=self._express_deadline() if express else None,
+            deadline=deadline,
             shard=self._express_shard() if express else None,
             client_ref=data.client_ref,
             validity=data.validity,
             request_id=self.request_id,
             callback_url=data.callback_url,
+            send_at=due,
         )
+
+    def send_time(self, data: SendIn, default: datetime | None) -> float | None:
+        """When the item is to be sent (wall clock): its `send_at`, else `default` (the
+        batch's); None: at once (neither, or one at most SEND_AT_SLACK_S past). A 422 naming
+        the field for one with `wait`, or out of range (`scheduled_time`)."""
+        at = data.send_at if data.send_at is not None else default
+        if at is None:
+            return None
+        if data.wait:
+            raise ProblemError(
+                422,
+                "invalid_field",
+                "`send_at` is not taken with `wait`: a waiting request answers within the"
+                " express deadline, from now",
+                field="send_at",
+            )
+        return scheduled_time(at, self.now)
 
     def sender(self, data: SendIn) -> str:
         """The item's sender (`sender`, or its alias `from`; neither: the account's default),
@@ -194,8 +219,11 @@ class Intake:
 
     def _express_deadline(self) -> float:
         if self._deadline is None:
-            self._deadline = self.now + self.gw.engine.express_deadline_s(self.account_id)
+            self._deadline = self.now + self._deadline_s()
         return self._deadline
+
+    def _deadline_s(self) -> float:
+        return self.gw.engine.express_deadline_s(self.account_id)
 
     def admit(self, sms: OutboundSms) -> None:
         """The checks made in memory before a message is accepted: an express message must be
@@ -203,7 +231,9 @@ class Intake:
         must have room (else 429). Raises a ProblemError; takes a recipient token when it
         passes."""
         gw = self.gw
-        if sms.express:
+        # A scheduled express message meets the operators of its send_at, not today's: its
+        # deadline decides then (failed and refunded if it cannot make it).
+        if sms.express and sms.send_at is None:
             if self._express_problem is False:
                 # Asked once a request: nothing it depends on changes while the handler runs.
                 self._express_problem = gw.engine.express_problem(
@@ -231,6 +261,29 @@ class Intake:
             f" an hour to {sms.to}; retry in {retry_after} s",
             retry_after=retry_after,
         )
+
+
+def scheduled_time(at: datetime, now: float) -> float | None:
+    """`at` (a `send_at`, with its offset) as wall-clock seconds when it is ahead of `now`;
+    None when it is at most SEND_AT_SLACK_S behind (sent at once); a 422 naming `send_at`
+    when it is further behind or more than MAX_SEND_AHEAD_S ahead."""
+    t = at.timestamp()
+    if t > now + MAX_SEND_AHEAD_S:
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`send_at` {at.isoformat()} is more than {MAX_SEND_AHEAD_S // 86_400} days ahead",
+            field="send_at",
+        )
+    if t < now - SEND_AT_SLACK_S:
+        raise ProblemError(
+            422,
+            "invalid_field",
+            f"`send_at` {at.isoformat()} is in the past (more than {SEND_AT_SLACK_S} s ago);"
+            " leave it out to send now",
+            field="send_at",
+        )
+    return t if t > now else None
 
 
 def otp_misplaced(data: SendIn) -> ProblemError:
@@ -318,6 +371,10 @@ async def existing_by_client_ref(gw: Gateway, account_id: int, client_ref: str) 
         " `operator_refused` (failed, refunded) when the operator refused it."
         " `validity` (bulk, 60 to 259200 s, default 86400): a message not sent within it"
         " ends `expired`, refunded."
+        " `send_at` (RFC 3339 with an offset, up to 30 days ahead): 202 with status"
+        " `scheduled`, its price held now; it is sent within a second of that time (an"
+        " express message's deadline and a message's `validity` count from it), and until"
+        " then it can be cancelled on any node. Not with `wait` or `otp` (422)."
         " With `callback_url`, each status change (sent, failed, expired, cancelled,"
         " delivered, undelivered) is POSTed there. " + CALLBACKS + " " + OTP_SEND
     ),
@@ -334,7 +391,8 @@ async def send_message() -> Response:
     # A one-time code: the gateway writes the text, and it is express and waits.
     otp = OtpSend(data) if data.otp else None
     sms = intake.build(data if otp is None else otp.request)
-    if not sms.express:
+    if not sms.express and sms.send_at is None:
+        # Scheduled: it waits in the store, not in the backlog admission bounds.
         admit_bulk(gw, account_id, 1)
     intake.admit(sms)
     if otp is not None:
@@ -376,7 +434,8 @@ async def send_message() -> Response:
             return await otp.sent(sms, sent_view(sms, await sent_outcome(gw, sms, waiting)))
         if waiting is not None:
             return await answer_when_sent(gw, sms, waiting)
-        return json_response(AcceptedOut(sms.id, "queued", sms.segments, sms.price), 202)
+        status = "queued" if sms.send_at is None else "scheduled"
+        return json_response(AcceptedOut(sms.id, status, sms.segments, sms.price), 202)
     finally:
         if waiting is not None:
             gw.engine.forget_wait(sms.id)
@@ -522,66 +581,3 @@ async def get_message(message_id: MessageId) -> Response:
     if row is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
     return json_response(message_view(gw, row))
-
-
-@api.route(
-    "POST",
-    "/v1/messages/<message_id>/cancel",
-    "Cancel a queued message",
-    responses={200: CancelledOut},
-    problems=(409, 503),
-    idempotent=False,
-    description=(
-        "200 with status `cancelled` and the price `refunded` (back in the balance) when the"
-        " message was still queued: it is never sent. 409 `not_cancellable` with its"
-        " `message_status` once an attempt of it is in flight (`sending`) or it is final"
-        " (sent, failed, expired, cancelled, delivered, undelivered): a second cancel is a"
-        " 409 too. 404 for a message of another account or none."
-    ),
-)
-async def cancel_message(message_id: MessageId) -> Response:
-    """The store decides (only a `queued` row is cancelled, exact across nodes); meanwhile
-    this node's pool holds the message back, and after a cancel it drops it unsent
-    (engine/cancels.py). A message in flight here is `sending`: too late."""
-    gw = gateway()
-    account_id = await gw.require_account()
-    if not is_message_id(message_id):
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
-    engine = gw.engine
-    if not engine.begin_cancel(message_id):
-        row = await gw.reads.message(account_id, message_id)
-        if row is None:
-            raise ProblemError(404, "message_not_found", f"no message {message_id}")
-        raise not_cancellable(message_id, "sending")
-    result = None
-    try:
-        shards = engine.dispatched_shards()
-        result = await gw.call(lambda: gw.reads.cancel(account_id, message_id, shards))
-    finally:
-        engine.cancels.end(message_id, cancelled=result is not None and result.cancelled)
-    if result is None:
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
-    if not result.cancelled and result.status == "queued":
-        # Another node dispatches it, and only that node's pool can hold it back: a new
-        # connection lands on a node the kernel picks (SO_REUSEPORT), so close this one.
-        return problem_response(
-            503,
-            "cancel_elsewhere",
-            f"message {message_id} is dispatched by another node of the gateway: retry the"
-            " cancel on a new connection",
-            headers={"Connection": "close"},
-            retry_after=1,
-        )
-    if not result.cancelled:
-        raise not_cancellable(message_id, result.status)
-    return json_response(CancelledOut(message_id, "cancelled", result.price))
-
-
-def not_cancellable(message_id: str, status: str) -> ProblemError:
-    """The 409 for a message past `queued`."""
-    return ProblemError(
-        409,
-        "not_cancellable",
-        f"message {message_id} is {status}: only a queued message can be cancelled",
-        message_status=status,
-    )

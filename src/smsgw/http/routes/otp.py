@@ -71,6 +71,14 @@ class OtpSend:
                 f" (default {rules.DEFAULT_TEMPLATE!r})",
                 field="text",
             )
+        if data.send_at is not None:
+            raise ProblemError(
+                422,
+                "invalid_field",
+                "`send_at` is not taken with `otp`: a code is sent at once, and its answer"
+                " waits for it",
+                field="send_at",
+            )
         if optional_header(IDEMPOTENCY_HEADER) is not None:
             # A replay would have to keep the answer, and so the code, for 24 hours.
             raise ProblemError(

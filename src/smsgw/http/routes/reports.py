@@ -57,6 +57,7 @@ EXPORT_COLUMNS = (
     "client_ref",
     "created_at",
     "updated_at",
+    "send_at",
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 24 bytes in base64url without padding, as encode_cursor writes them (b64decode on its own
@@ -94,7 +95,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 # --- query parameters ---------------------------------------------------------------------
 
 # As stored (`sending` is never written); `delivered` and `undelivered` come from DLRs.
-Status = Literal["queued", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"]
+Status = Literal[
+    "scheduled", "queued", "sent", "failed", "delivered", "undelivered", "expired", "cancelled"
+]
 CreatedFrom = Annotated[datetime, msgspec.Meta(tz=True, description="inclusive")]
 CreatedTo = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive")]
 CreatedToOrNow = Annotated[datetime, msgspec.Meta(tz=True, description="exclusive; default: now")]
