@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ import pytest
 from smsgw.engine.messages import OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup, dispatch_shard
 from smsgw.runtime.server import Node
-from smsgw.storage import backlog, commit_sql
+from smsgw.storage import backlog, commit_sql, scheduled
 from smsgw.storage import cluster as cl
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
@@ -36,6 +37,7 @@ from tests.conftest import admin
 from tests.integration.helpers import create_account, get_account
 
 PENDING = 100_000  # the flood
+SCHEDULED = 20_000  # scheduled sends, half of them due
 HISTORY = 200_000  # final messages before it: seq scans of messages cost what they do
 OUTCOMES = 1_000  # one group commit's worth
 ACCOUNTS = 20
@@ -100,9 +102,18 @@ async def worst_moment(db: Database, moment: str) -> None:
     if moment == "empty":
         await execute(db, "ANALYZE messages")
         await execute(db, messages_sql("queued", PENDING, "60 + i * 0.001"))
+        await scheduled_sends(db)
     else:
         await execute(db, messages_sql("queued", PENDING, "60 + i * 0.001"))
+        await scheduled_sends(db)
         await execute(db, "ANALYZE messages")
+        # Almost all promoted: what a promotion meets after a crowd came due.
+        await execute(
+            db,
+            "UPDATE messages SET status = 'sent' WHERE status = 'scheduled' AND id NOT IN ("
+            " SELECT id FROM messages WHERE status = 'scheduled' ORDER BY id LIMIT $1)",
+            2 * OUTCOMES,
+        )
         # Almost all final: what a group commit of outcomes, the claims and pages still meet.
         await execute(
             db,
@@ -122,6 +133,16 @@ async def worst_moment(db: Database, moment: str) -> None:
         "UPDATE shard_leases SET owner = $1, token = nextval('lease_tokens'),"
         " expires_at = now() + interval '1 hour'",
         NODE,
+    )
+
+
+async def scheduled_sends(db: Database) -> None:
+    """SCHEDULED messages `scheduled`, due from an hour ago to an hour from now."""
+    await execute(db, messages_sql("scheduled", SCHEDULED, "90"))
+    await execute(
+        db,
+        "UPDATE messages SET send_at = now() + make_interval(secs => 3600 - random() * 7200)"
+        " WHERE status = 'scheduled'",
     )
 
 
@@ -241,7 +262,7 @@ async def explain(
 
 
 def hot_statements(
-    outcomes: list[Outcome], accepts: list[OutboundSms]
+    outcomes: list[Outcome], accepts: list[OutboundSms], leases: dict[int, int]
 ) -> list[tuple[str, str, list[Any], set[str], str]]:
     """(name, SQL, realistic arguments, the indexes of messages it may use, SET LOCAL first)
     of each statement run per group commit, per tick or per dispatch."""
@@ -265,6 +286,8 @@ def hot_statements(
         list(range(ACCOUNTS)),
     ]
     no_credit: list[Any] = [[]] * 9
+    every = sorted(leases)
+    promote_args = [every, time.time(), 2_000, 250, NODE, [leases[s] for s in every]]
     return [
         ("outcomes, exact way", commit_sql.LOCK_AND_FINISH, [accounts, finished], pkey, ""),
         (
@@ -297,6 +320,14 @@ def hot_statements(
             {"messages_pending"},
             cl._SWEEP_SETTINGS,
         ),
+        (
+            "promotion of due scheduled sends",
+            scheduled.PROMOTE_FENCED,
+            promote_args,
+            {"messages_scheduled", "messages_pkey"},
+            scheduled._SETTINGS,
+        ),
+        ("next due", scheduled.NEXT_DUE, [every], {"messages_scheduled"}, scheduled._SETTINGS),
     ]
 
 
@@ -311,7 +342,10 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
             msgspec.structs.replace(s, id=str(uuid.uuid4()), client_ref=None, fence=None)
             for s in (await pending(db, 10, offset=OUTCOMES))
         ]
-        for name, sql, args, indexes, settings in hot_statements(outcomes, accepts):
+        leases = {
+            r["shard"]: r["token"] for r in await fetch(db, "SELECT shard, token FROM shard_leases")
+        }
+        for name, sql, args, indexes, settings in hot_statements(outcomes, accepts, leases):
             # The shape first, unrun: a plan that walks the pending messages is named here
             # rather than run for minutes.
             plan = await explain(db, sql, args, run=False, settings=settings)

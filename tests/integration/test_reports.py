@@ -405,4 +405,5 @@ async def test_reports_work_with_a_reliable_operator_too(database_url: str, sche
             "undelivered": 0,
             "expired": 0,
             "cancelled": 0,
+            "scheduled": 0,
         }
