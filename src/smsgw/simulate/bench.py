@@ -76,6 +76,7 @@ def jobs(kind: str, out: Path) -> list[Job]:
             Job("reports", _script("reports", "--out", o), "reports.json", 3600),
             Job("chaos", _script("chaos", "--cycles", "50", "--out", o), "chaos.json", 2400),
             Job("overload", _script("overload", "--out", o), "overload.json", 900),
+            Job("scheduled", _script("scheduled", "--out", o), "scheduled.json", 900),
         ]  # fmt: skip
     raise ValueError(f"unknown benchmark set {kind!r}: quick or full")
 
