@@ -155,8 +155,11 @@ def test_a_crowd_due_at_once_waits_in_the_store_for_room() -> None:
             when = wall() + 60.0
             items = [message(accounts[i % 20], when) for i in range(20_000)]
             await accept(engine, items)
-            # Each account sends one message at once: its paging cursor is then past the
-            # scheduled messages' accept time, and promoted ones enter memory directly.
+            # A second later each account sends one message at once: its paging cursor is
+            # then past the scheduled messages' accept time, and promoted ones enter memory
+            # directly (accepts take no virtual time here: at the same instant, the random
+            # ids would order them).
+            await trio.sleep(1.0)
             await accept(engine, [message(a, None) for a in accounts])
             await until_sent(operator, len(accounts), 5)
             state = engine.scheduler.state
