@@ -41,6 +41,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
     assert list(children) == [
         *ACTORS,
         "shard_leases",
+        "scheduled_sends",
         *DELIVERY,
         "api_shares",
         "otp_sweeper",
@@ -87,6 +88,11 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         )
         assert child["inbox_capacity"] is None and isinstance(child["stats"], dict)
     assert children["callback_sender"]["stats"]["in_flight"] == 0
+
+    # Scheduled sends: no inbox either (they wait in PostgreSQL until due), permanent.
+    scheduled = children["scheduled_sends"]
+    assert (scheduled["state"], scheduled["restart"]) == ("running", "permanent")
+    assert scheduled["inbox_capacity"] is None and isinstance(scheduled["stats"], dict)
 
     http = children["http"]
     assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)
