@@ -208,3 +208,6 @@ def assert_ledger_consistent(accounts: dict[int, dict[str, int]]) -> None:
         assert a["l_hold_n"] == a["n_all"], where
         assert a["l_capture_n"] == a["n_sent"], where
         assert a["l_release_n"] == a["n_failed"], where
+        # The statement's rows: chained balances, the newest the balance, prices that add up.
+        assert a["l_last_balance"] == a["balance"], where
+        assert a["l_chain_breaks"] == 0 and a["l_price_breaks"] == 0, where

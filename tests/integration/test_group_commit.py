@@ -148,6 +148,28 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
     assert_ledger_consistent(accounts)
     for a, b in zip(fast.accounts, exact.accounts, strict=True):
         assert {**accounts[a.id], "id": 0} == {**accounts[b.id], "id": 0}
+    # The same ledger rows, in the same order, with the same balances and prices (a row's
+    # messages are in id order, and each side's ids are its own).
+    rows = await db_fetch(
+        database_url,
+        schema,
+        "SELECT account_id, kind, amount, messages, balance_after, prices, message_ids"
+        " FROM credit_ledger ORDER BY id",
+    )
+
+    def statement_rows(account_id: int) -> list[tuple[Any, ...]]:
+        return [
+            (r["kind"], r["amount"], r["messages"], r["balance_after"], sorted(r["prices"] or ()))
+            for r in rows
+            if r["account_id"] == account_id
+        ]
+
+    for a, b in zip(fast.accounts, exact.accounts, strict=True):
+        assert statement_rows(a.id) == statement_rows(b.id)
+        assert any(kind == "hold" for kind, *_ in statement_rows(a.id))
+    for r in rows:
+        if r["message_ids"] is not None:
+            assert r["message_ids"] == sorted(r["message_ids"]), r
     outbox = await db_fetch(
         database_url,
         schema,

@@ -119,9 +119,12 @@ async def test_a_group_committed_while_this_one_waits_is_counted(
                         account.id,
                     )
                     await conn.execute(
-                        "INSERT INTO credit_ledger (account_id, kind, amount, messages)"
-                        " VALUES ($1, 'hold', 10, 2)",
+                        "INSERT INTO credit_ledger (account_id, kind, amount, messages,"
+                        " balance_after, message_ids, prices)"
+                        " SELECT $1, 'hold', 10, 2, balance, $2::uuid[], '{5, 5}'"
+                        " FROM accounts WHERE id = $1",
                         account.id,
+                        [s.id for s in theirs],
                     )
                     trio_token.run_sync_soon(locked.set)
                     # `release` is a trio Event, so polled from asyncio.

@@ -44,9 +44,10 @@ async def fill_to(database_url: str, schema: str, account_id: int, room: int) ->
     await db_fetch(
         database_url,
         schema,
-        "WITH l AS (INSERT INTO credit_ledger (account_id, kind, amount)"
-        " VALUES ($1, 'topup', $2))"
-        " UPDATE accounts SET balance = balance + $2, topped_up = topped_up + $2 WHERE id = $1",
+        "WITH a AS (UPDATE accounts SET balance = balance + $2, topped_up = topped_up + $2"
+        "           WHERE id = $1 RETURNING balance)"
+        " INSERT INTO credit_ledger (account_id, kind, amount, balance_after)"
+        " SELECT $1, 'topup', $2, a.balance FROM a",
         account_id,
         add,
     )

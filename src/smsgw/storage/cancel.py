@@ -14,7 +14,8 @@ from smsgw.storage.database import Database
 # (an outcome committed meanwhile makes the row final, a promotion makes a scheduled one
 # queued, and PostgreSQL re-reads the row before it updates). The
 # release is a ledger row of one message, as a `failed` outcome's is (storage/ledger.py). The
-# callback row is written in the same statement, as an outcome's is. What the statement
+# callback row is written in the same statement, as an outcome's is; the ledger row carries the
+# balance after the release, as a group commit's do (storage/statement.py). What the statement
 # changed its own snapshot does not show, so the answer comes from `cancelled` when it
 # cancelled, else from the row as it was. Only a queued message of a shard in $3 (the shards
 # the asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what
@@ -36,9 +37,13 @@ WITH locked AS MATERIALIZED (
 ), credit AS (
     UPDATE accounts a SET balance = a.balance + c.price, held = a.held - c.price
     FROM cancelled c WHERE a.id = c.account_id
+    RETURNING a.balance
 ), ledger AS (
-    INSERT INTO credit_ledger (account_id, kind, amount, messages)
-    SELECT c.account_id, 'release', c.price, 1 FROM cancelled c WHERE c.price > 0
+    INSERT INTO credit_ledger (account_id, kind, amount, messages, balance_after, message_ids,
+                               prices, at)
+    SELECT c.account_id, 'release', c.price, 1, (SELECT balance FROM credit), ARRAY[c.id],
+           ARRAY[c.price], clock_timestamp()
+    FROM cancelled c WHERE c.price > 0
 ), callbacks AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT c.id, c.account_id, coalesce(c.callback_url, l.callback_url), c.status, c.reason,

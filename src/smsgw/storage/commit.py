@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -47,6 +46,7 @@ from smsgw.storage.commit_sql import (
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
 from smsgw.storage.payloads import handoff_payloads, settled_payloads
+from smsgw.storage.statement import LedgerRow, Settled, ledger_rows
 
 log = logging.getLogger("smsgw.storage")
 
@@ -190,7 +190,7 @@ class GroupCommit(StorePart):
             creates = [await self._create(conn, *c) for c in group.creates]
 
             book = CreditBook()
-            messages: dict[int, list[int]] = {}  # account -> [held, captured, released] counts
+            settled: dict[int, Settled] = {}  # what the outcomes captured and released
             account_urls: dict[int, str] = {}  # the group's accounts that have a callback_url
             if ids:
                 rows = await conn.fetch(LOCK_AND_FINISH, account_ids, finished)
@@ -208,14 +208,19 @@ class GroupCommit(StorePart):
                         book.capture(account_id, r["out_captured"])
                     if r["released_n"]:
                         book.release(account_id, r["out_released"])
-                    messages[account_id] = [0, r["captured_n"], r["released_n"]]
+                    settled[account_id] = Settled.of(r)
                 wanted = callbacks_of(group.outcomes, account_urls)
                 if wanted:
                     await conn.execute(OUTCOME_CALLBACKS, wanted)
 
             topups: list[int | None] = []
+            credited: list[tuple[int, int]] = []  # the top-ups applied, in order
             for account_id, amount in group.topups:
-                topups.append(book.topup(account_id, amount) if account_id in book else None)
+                if account_id in book:
+                    topups.append(book.topup(account_id, amount))
+                    credited.append((account_id, amount))
+                else:
+                    topups.append(None)
 
             accepts: list[list[AcceptResult]] = []
             stored: list[OutboundSms] = []
@@ -228,13 +233,9 @@ class GroupCommit(StorePart):
                 else:
                     held = [s for s, r in zip(items, results, strict=True) if r.accepted]
                 stored.extend(held)
-                if len(held) == 1:  # POST /v1/messages: most groups' accepts
-                    messages.setdefault(held[0].account_id, [0, 0, 0])[0] += 1
-                else:
-                    for account_id, n in Counter(s.account_id for s in held).items():
-                        messages.setdefault(account_id, [0, 0, 0])[0] += n
+            ledger = ledger_rows(book, settled, credited, stored)
             if not stored:
-                await _write_credit(conn, book, messages)
+                await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 try:
                     await conn.copy_records_to_table(
@@ -243,11 +244,11 @@ class GroupCommit(StorePart):
                 except asyncpg.UniqueViolationError as exc:
                     raise _CopyConflict(str(exc)) from exc
                 if self.handoff is None:
-                    await _write_credit(conn, book, messages)
+                    await _write_credit(conn, book, ledger)
                 else:
                     row = await conn.fetchrow(
                         WRITE_CREDIT_HANDOFF,
-                        *_credit_args(book, messages),
+                        *_credit_args(book, ledger),
                         self.handoff.node_id,
                         self.handoff.lock_class,
                         [dispatch_shard(s) for s in handed_off(stored)],
@@ -257,7 +258,7 @@ class GroupCommit(StorePart):
                         wake = _handed_payloads(row["owners"], row["ids"], stored)
             else:
                 written = [a for a, d in book.deltas.items() if d]
-                args = [*_credit_args(book, messages), _json.encode(stored).decode()]
+                args = [*_credit_args(book, ledger), _json.encode(stored).decode()]
                 if self.handoff is None:
                     row = await conn.fetchrow(WRITE_GROUP, *args)
                 else:
@@ -271,15 +272,16 @@ class GroupCommit(StorePart):
                     )
                 if row["stored"] < len(stored):
                     inserted = set(row["inserted"] or ())
-                    await _undo_duplicates(conn, book, group, accepts, inserted, messages)
+                    await _undo_duplicates(conn, book, group, accepts, inserted)
                     # The credit just written counted holds that were taken back: write it
                     # again, every account written above (its figures are absolute), and
                     # replace the ledger rows.
                     await conn.execute(
                         "DELETE FROM credit_ledger WHERE id = ANY($1::bigint[])", row["ledger"]
                     )
-                    await conn.fetchval(WRITE_CREDIT, *_credit_args(book, messages, written))
                     stored = _still_accepted(group, accepts)
+                    ledger = ledger_rows(book, settled, credited, stored)
+                    await conn.fetchval(WRITE_CREDIT, *_credit_args(book, ledger, written))
                 if self.handoff is not None and row["ids"]:
                     wake = _handed_payloads(row["owners"], row["ids"], stored)
             # After the outcomes: a `sent` and its DLR in the same group apply in that order.
@@ -397,7 +399,8 @@ class GroupCommit(StorePart):
         )
         if credit > 0:
             await conn.execute(
-                "INSERT INTO credit_ledger (account_id, kind, amount) VALUES ($1, 'topup', $2)",
+                "INSERT INTO credit_ledger (account_id, kind, amount, balance_after, at)"
+                " VALUES ($1, 'topup', $2, $2, clock_timestamp())",
                 row["id"],
                 credit,
             )
@@ -463,7 +466,6 @@ async def _undo_duplicates(
     group: WriteGroup,
     accepts: list[list[AcceptResult]],
     inserted: set[str],
-    messages: dict[int, list[int]],
 ) -> None:
     """Some messages were not stored: their client_ref is taken (by an earlier message, or by
     another in this same group). The unique index is the arbiter, exact across requests and
@@ -484,7 +486,6 @@ async def _undo_duplicates(
             if sms.id in inserted:
                 remove.append(sms.id)
             book.unhold(sms.account_id, sms.price)
-            messages[sms.account_id][0] -= 1
             reason: Literal["duplicate_client_ref", "batch_rejected"] = (
                 "duplicate_client_ref" if i in duplicates else "batch_rejected"
             )
@@ -496,42 +497,28 @@ async def _undo_duplicates(
 
 
 def _credit_args(
-    book: CreditBook, messages: dict[int, list[int]], accounts: Sequence[int] | None = None
-) -> list[list[Any]]:
-    """The nine arrays of the credit writes (commit_sql.WRITE_CREDIT and the other WRITE_
-    statements): each changed account once (or each of `accounts`), and one ledger row per
-    account and kind."""
+    book: CreditBook, ledger: Sequence[LedgerRow], accounts: Sequence[int] | None = None
+) -> list[Any]:
+    """The six parameters of the credit writes (commit_sql.WRITE_CREDIT and the other WRITE_
+    statements): five arrays of each changed account's figures, once (or each of
+    `accounts`'), and its `ledger` rows as JSON."""
     if accounts is None:
         accounts = [a for a, d in book.deltas.items() if d]
     changed = [(a, book.accounts[a]) for a in accounts]
     for _, credit in changed:
         credit.check()
-    ledger: list[tuple[int, str, int, int]] = []
-    for account_id, d in book.deltas.items():
-        held_n, captured_n, released_n = messages.get(account_id, [0, 0, 0])
-        for kind, amount, n in (
-            ("topup", d.topped_up, 0),
-            ("hold", d.held, held_n),
-            ("capture", d.captured, captured_n),
-            ("release", d.released, released_n),
-        ):
-            if amount:
-                ledger.append((account_id, kind, amount, n))
     return [
         [a for a, _ in changed],
         [c.balance for _, c in changed],
         [c.held for _, c in changed],
         [c.captured for _, c in changed],
         [c.topped_up for _, c in changed],
-        [r[0] for r in ledger],
-        [r[1] for r in ledger],
-        [r[2] for r in ledger],
-        [r[3] for r in ledger],
+        _json.encode(ledger).decode(),
     ]
 
 
 async def _write_credit(
-    conn: asyncpg.Connection, book: CreditBook, messages: dict[int, list[int]]
+    conn: asyncpg.Connection, book: CreditBook, ledger: Sequence[LedgerRow]
 ) -> None:
     if any(book.deltas.values()):
-        await conn.fetchval(WRITE_CREDIT, *_credit_args(book, messages))
+        await conn.fetchval(WRITE_CREDIT, *_credit_args(book, ledger))

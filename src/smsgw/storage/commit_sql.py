@@ -37,7 +37,7 @@ from smsgw.storage.rows import NOT_FINAL, at_micros
 # most one row per shard, rather than once per outcome.
 def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
-    returning each applied one's account, price and whether it was sent (+ `returning`)."""
+    returning each applied one's id, account, price and whether it was sent (+ `returning`)."""
     return f"""
     WITH outcome AS MATERIALIZED (
         SELECT * FROM json_to_recordset({param}::json)
@@ -55,16 +55,21 @@ def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     FROM outcome x LEFT JOIN lease l ON l.shard = x.shard
     WHERE m.id = x.id AND m.status {NOT_FINAL}
       AND (x.fence IS NULL OR x.fence = l.token){only_if}
-    RETURNING m.account_id, m.price, x.status = 'sent' AS sent{returning}"""
+    RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent{returning}"""
 
 
-# What the outcomes of `finished` captured and released, summed per account.
+# What the outcomes of `finished` captured and released, summed per account, and which
+# messages with which prices (in id order: the order of their ledger entries).
 _PER_ACCOUNT = """
     SELECT account_id,
            coalesce(sum(price) FILTER (WHERE sent), 0) AS captured,
            count(*) FILTER (WHERE sent) AS captured_n,
            coalesce(sum(price) FILTER (WHERE NOT sent), 0) AS released,
-           count(*) FILTER (WHERE NOT sent) AS released_n
+           count(*) FILTER (WHERE NOT sent) AS released_n,
+           array_agg(id ORDER BY id) FILTER (WHERE sent) AS captured_ids,
+           array_agg(price ORDER BY id) FILTER (WHERE sent) AS captured_prices,
+           array_agg(id ORDER BY id) FILTER (WHERE NOT sent) AS released_ids,
+           array_agg(price ORDER BY id) FILTER (WHERE NOT sent) AS released_prices
     FROM finished GROUP BY account_id"""
 
 # The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
@@ -74,7 +79,8 @@ WITH finished AS ({_finish_sql("$2")}
 ), per_account AS ({_PER_ACCOUNT}
 )
 SELECT a.id, a.balance, a.held, a.captured, a.topped_up, a.callback_url,
-       f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n
+       f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n,
+       f.captured_ids::text[], f.captured_prices, f.released_ids::text[], f.released_prices
 FROM accounts a LEFT JOIN per_account f ON f.account_id = a.id
 WHERE a.id = ANY($1::bigint[])
 ORDER BY a.id
@@ -98,6 +104,10 @@ class _FinishRow(msgspec.Struct):
 
 _json = msgspec.json.Encoder()
 
+# The accounts' figures ($1-$5) and their ledger rows ($6: a JSON list of
+# storage/statement.py's LedgerRow), inserted in the list's order: an account's rows get ids in
+# the order their balances follow one another. `at` is when the row was written, the accounts
+# locked (not when the transaction began), so times never go back along an account's rows.
 _UPDATE_ACCOUNTS = """
 updated AS (
     UPDATE accounts a
@@ -106,8 +116,16 @@ updated AS (
          AS x(id, balance, held, captured, topped_up)
     WHERE a.id = x.id
 ), ledger AS (
-    INSERT INTO credit_ledger (account_id, kind, amount, messages)
-    SELECT * FROM unnest($6::bigint[], $7::text[], $8::bigint[], $9::int[])
+    INSERT INTO credit_ledger (account_id, kind, amount, messages, balance_after, message_ids,
+                               prices, at)
+    SELECT x.account_id, x.kind, x.amount, x.messages, x.balance_after, x.message_ids, x.prices,
+           clock_timestamp()
+    FROM ROWS FROM (json_to_recordset($6::json)
+                    AS (account_id bigint, kind text, amount bigint, messages int,
+                        balance_after bigint, message_ids uuid[], prices int[]))
+         WITH ORDINALITY AS x(account_id, kind, amount, messages, balance_after, message_ids,
+                              prices, n)
+    ORDER BY x.n
     RETURNING id
 )"""
 
@@ -140,7 +158,7 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
 # taken is not inserted (the unique index decides, exact across nodes): the caller sees it
 # missing from `inserted` and corrects the credit (commit.py, _undo_duplicates), which is rare.
 WRITE_GROUP = f"""
-WITH inserted AS ({_insert_sql("$10")}
+WITH inserted AS ({_insert_sql("$7")}
 ), {_UPDATE_ACCOUNTS}
 SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id::text) FROM inserted) AS inserted,
@@ -159,9 +177,9 @@ WRITE_GROUP_HANDOFF = (
     + """AS ledger,
        h.owners, h.ids
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
-      FROM smsgw_handoff($11, $12,
-                         ARRAY(SELECT value::int FROM json_array_elements_text($13::json)),
-                         ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($10::json)
+      FROM smsgw_handoff($8, $9,
+                         ARRAY(SELECT value::int FROM json_array_elements_text($10::json)),
+                         ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($7::json)
                                WHERE value->>'send_at' IS NULL)))
      AS h
 """
@@ -172,7 +190,7 @@ WRITE_CREDIT_HANDOFF = f"""
 WITH {_UPDATE_ACCOUNTS}
 SELECT (SELECT array_agg(id) FROM ledger) AS ledger, h.owners, h.ids
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
-      FROM smsgw_handoff($10, $11, $12::int[], $13::uuid[])) AS h
+      FROM smsgw_handoff($7, $8, $9::int[], $10::uuid[])) AS h
 """
 
 # The common group, accepts and outcomes, in one statement and so one round trip (autocommit: its
@@ -263,9 +281,11 @@ WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
 _OK_FINISHED = _finish_sql(
     "$2",
     only_if=" AND (SELECT ok FROM ok)",
-    returning=", m.id, m.status, m.reason, m.client_ref, m.updated_at, m.callback_url",
+    returning=", m.status, m.reason, m.client_ref, m.updated_at, m.callback_url",
 )
 _OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
+# An account's ledger rows go in as the exact way applies a group (storage/statement.py):
+# captures, releases, then holds, each with the balance after it.
 _ONE_WRITES = f"""
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.balance, a.callback_url, a.xmin AS version,
@@ -290,10 +310,13 @@ WITH locked AS MATERIALIZED (
     SELECT l.id, l.balance,
            coalesce(h.held, 0) AS held, coalesce(h.held_n, 0) AS held_n,
            coalesce(f.captured, 0) AS captured, coalesce(f.captured_n, 0) AS captured_n,
-           coalesce(f.released, 0) AS released, coalesce(f.released_n, 0) AS released_n
+           coalesce(f.released, 0) AS released, coalesce(f.released_n, 0) AS released_n,
+           h.held_ids, h.held_prices, f.captured_ids, f.captured_prices, f.released_ids,
+           f.released_prices
     FROM locked l
     LEFT JOIN (
-        SELECT account_id, sum(price) AS held, count(*) AS held_n
+        SELECT account_id, sum(price) AS held, count(*) AS held_n,
+               array_agg(id ORDER BY id) AS held_ids, array_agg(price ORDER BY id) AS held_prices
         FROM inserted GROUP BY account_id
     ) h ON h.account_id = l.id
     LEFT JOIN ({_PER_ACCOUNT}
@@ -307,13 +330,19 @@ WITH locked AS MATERIALIZED (
     WHERE a.id = d.id AND (d.held > 0 OR d.captured > 0 OR d.released > 0)
     RETURNING a.id, a.balance
 ), ledger AS (
-    INSERT INTO credit_ledger (account_id, kind, amount, messages)
-    SELECT d.id, k.kind, k.amount, k.n
-    FROM delta d CROSS JOIN LATERAL (VALUES ('hold', d.held, d.held_n),
-                                            ('capture', d.captured, d.captured_n),
-                                            ('release', d.released, d.released_n))
-         AS k(kind, amount, n)
+    INSERT INTO credit_ledger (account_id, kind, amount, messages, balance_after, message_ids,
+                               prices, at)
+    SELECT d.id, k.kind, k.amount, k.n, k.after, k.ids, k.prices, clock_timestamp()
+    FROM delta d CROSS JOIN LATERAL (
+        VALUES (1, 'capture', d.captured, d.captured_n, d.balance, d.captured_ids,
+                d.captured_prices),
+               (2, 'release', d.released, d.released_n, d.balance + d.released, d.released_ids,
+                d.released_prices),
+               (3, 'hold', d.held, d.held_n, d.balance + d.released - d.held, d.held_ids,
+                d.held_prices)
+    ) AS k(step, kind, amount, n, after, ids, prices)
     WHERE k.amount > 0
+    ORDER BY d.id, k.step
 ), callbacks AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT f.id, f.account_id, coalesce(f.callback_url, l.callback_url), f.status, f.reason,

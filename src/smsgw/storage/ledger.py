@@ -4,7 +4,9 @@ One statement, so one snapshot: the accounts, their messages and their ledger ro
 simulator, the benchmarks and the tests all reconcile with this query. "Sent" is every message
 the operator took: `sent`, and `delivered` or `undelivered` after a DLR (both stay captured);
 "failed" every message refunded: `failed`, `expired` and `cancelled`; "pending" every message
-not final, its price held: `scheduled`, `queued` and `sending`.
+not final, its price held: `scheduled`, `queued` and `sending`. The statement's rows (migration
+015) are checked too: each row's balance less its effect is the row before's, the newest is
+the balance, and a row's prices add up to its amount.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
        coalesce(l.topup, 0) AS l_topup, coalesce(l.hold, 0) AS l_hold,
        coalesce(l.capture, 0) AS l_capture, coalesce(l.release, 0) AS l_release,
        coalesce(l.hold_n, 0) AS l_hold_n, coalesce(l.capture_n, 0) AS l_capture_n,
-       coalesce(l.release_n, 0) AS l_release_n
+       coalesce(l.release_n, 0) AS l_release_n,
+       coalesce(s.last_balance, 0) AS l_last_balance,
+       coalesce(s.chain_breaks, 0) AS l_chain_breaks,
+       coalesce(s.price_breaks, 0) AS l_price_breaks
 FROM accounts a
 LEFT JOIN (
     SELECT account_id,
@@ -48,6 +53,23 @@ LEFT JOIN (
            sum(messages) FILTER (WHERE kind = 'release') AS release_n
     FROM credit_ledger GROUP BY account_id
 ) l ON l.account_id = a.id
+LEFT JOIN (
+    SELECT account_id,
+           max(balance_after) FILTER (WHERE newest) AS last_balance,
+           count(*) FILTER (WHERE balance_after - effect <> coalesce(previous, 0))
+               AS chain_breaks,
+           count(*) FILTER (WHERE priced <> amount) AS price_breaks
+    FROM (
+        SELECT account_id, amount, balance_after,
+               CASE kind WHEN 'hold' THEN -amount WHEN 'capture' THEN 0 ELSE amount END
+                   AS effect,
+               lag(balance_after) OVER (PARTITION BY account_id ORDER BY id) AS previous,
+               row_number() OVER (PARTITION BY account_id ORDER BY id DESC) = 1 AS newest,
+               (SELECT sum(p) FROM unnest(prices) p) AS priced
+        FROM credit_ledger
+    ) x
+    GROUP BY account_id
+) s ON s.account_id = a.id
 ORDER BY a.id
 """
 
@@ -74,5 +96,8 @@ def broken_identities(a: Mapping[str, int], *, final: bool = True) -> list[str]:
         "not one release per failed": (
             a["l_release_n"] == a["n_failed"] and a["l_release"] == a["price_failed"]
         ),
+        "statement's newest balance != balance": a["l_last_balance"] == a["balance"],
+        "statement's balances do not follow each other": a["l_chain_breaks"] == 0,
+        "ledger prices do not add up to amounts": a["l_price_breaks"] == 0,
     }
     return [name for name, holds in identities.items() if not holds]
