@@ -281,6 +281,19 @@ class CancelResult(msgspec.Struct, frozen=True):
     price: int
 
 
+class StatementEntry(msgspec.Struct, frozen=True):
+    """One line of an account's statement: a top-up, or one message's hold, capture or
+    release, with the account's balance once it applied. `position` is its place in the
+    account's ledger, (ledger row, place in the row): later moves have higher positions."""
+
+    kind: Literal["topup", "hold", "capture", "release"]
+    amount: int
+    balance_after: int
+    message_id: str | None
+    at: datetime
+    position: tuple[int, int]
+
+
 class IdempotencyClaim(msgspec.Struct, frozen=True):
     """What claiming an Idempotency-Key found: `claimed` (the caller runs the request and
     then finishes or releases the key), `in_progress` (another request holds it), `mismatch`

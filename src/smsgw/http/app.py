@@ -34,6 +34,7 @@ from smsgw.http.routes import (
     otp,
     reports,
     senders,
+    statement,
 )
 
 log = logging.getLogger("smsgw.http")
@@ -43,6 +44,7 @@ T = TypeVar("T")
 # order.
 APIS = (
     accounts.api,
+    statement.api,
     senders.api,
     messages.api,
     cancel.api,

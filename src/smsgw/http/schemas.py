@@ -590,3 +590,29 @@ class SummaryOut(msgspec.Struct):
     group_by: Literal["day", "status"]
     groups: list[SummaryGroup]
     totals: SummaryTotals
+
+
+class StatementEntryOut(msgspec.Struct):
+    """One credit move of the account (GET /v1/account/statement). `kind`: `topup` (adds to
+    the balance), `hold` (a message's price, taken from the balance at its accept), `capture`
+    (an operator took the message: its hold is charged, the balance unchanged) or `release`
+    (the message failed, expired or was cancelled: its hold is back in the balance).
+    `amount`: the money moved, in the smallest currency unit (a message's price, as its 202
+    said); `balance_after`: the account's balance once this entry applied; `message_id`: the
+    message whose price it is (null for a top-up, and for a group of messages recorded before
+    statements were kept); `at`: when it was committed."""
+
+    kind: Literal["topup", "hold", "capture", "release"]
+    amount: int
+    balance_after: int
+    message_id: MessageId | None
+    at: Timestamp
+
+
+class StatementPage(msgspec.Struct):
+    """A page of the statement, newest first; `next_cursor` is null on the last page. Each
+    entry's `balance_after` less its effect (a hold lowered the balance by its `amount`, a
+    release or top-up raised it, a capture left it) is the next entry's `balance_after`."""
+
+    items: list[StatementEntryOut]
+    next_cursor: str | None

@@ -11,6 +11,7 @@ is one crossing and one transaction, however many requests it carries.
 | `MessageReads` | reads.py | one message, pages, the CSV export, the summary |
 | `AccountStore` | accounts.py | account reads, settings, senders, suspension, API key |
 | `OptOuts` | optouts.py | opt-outs and the blocklist |
+| `Statements` | statement.py | the account statement (the ledger's rows, message by message) |
 | `IdempotencyKeys` | idempotency.py | `Idempotency-Key` claims and answers |
 | `CallbackOutbox` | delivery.py | the callback outbox, callback settings, kept DLRs |
 | `ScheduledMessages` | scheduled.py | scheduled messages coming due (promoted to `queued`) |
@@ -32,6 +33,7 @@ from smsgw.storage.idempotency import IdempotencyKeys
 from smsgw.storage.optouts import OptOuts
 from smsgw.storage.reads import MessageReads
 from smsgw.storage.scheduled import ScheduledMessages
+from smsgw.storage.statement import Statements
 
 
 class PgStore(
@@ -40,6 +42,7 @@ class PgStore(
     MessageReads,
     AccountStore,
     OptOuts,
+    Statements,
     IdempotencyKeys,
     CallbackOutbox,
     ScheduledMessages,

@@ -1,5 +1,5 @@
-"""The account statement: the ledger rows a group commit writes, message by message
-(migration 015).
+"""The account statement: the ledger rows a group commit writes, message by message, and the
+pages of GET /v1/account/statement read back from them (migration 015).
 
 A ledger row is one account's credit move of one kind in one group commit (or one top-up); it
 names the messages it covers in the order it applied them, with their prices, and the
@@ -20,6 +20,8 @@ import msgspec
 
 from smsgw.engine.credit import CreditBook
 from smsgw.engine.messages import OutboundSms
+from smsgw.engine.ports import StatementEntry
+from smsgw.storage.database import StorePart
 
 Kind = Literal["topup", "hold", "capture", "release"]
 
@@ -127,3 +129,81 @@ def ledger_rows(
 
 def _by_id(sms: OutboundSms) -> str:
     return sms.id
+
+
+# One page of an account's statement, newest first, after the entry at position ($2, $3):
+# ledger row $2, place $3 in it (the first page: $2 past every row).
+#
+# `picked` walks the account's rows newest first by credit_ledger_statement and keeps those
+# that hold the page's entries, counting each row's entries without reading its arrays (a row
+# of the old form, its message_ids NULL, is one entry; the row at the position, those before
+# it): at most one row more than the page has entries, since only that one may have none left.
+# The account is written as a range, so only that index gives the walk's order: no statistics
+# can make a walk of the primary key, past other accounts' rows, look cheaper. Only the picked
+# rows' arrays are read, each row by its primary key (a join could walk the ids between them),
+# and unrolled. An entry's balance is its row's, less what the row's later entries moved
+# (`later`): a hold lowered the balance, a release or a top-up raised it, a capture left it.
+STATEMENT_PAGE = """
+WITH picked AS (
+    SELECT p.id FROM (
+        SELECT r.id, sum(n.entries) OVER (ORDER BY r.account_id DESC, r.id DESC
+                                          ROWS UNBOUNDED PRECEDING) - n.entries AS before
+        FROM credit_ledger r
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN r.id = $2 THEN $3 - 1
+                        WHEN r.message_ids IS NULL THEN 1
+                        ELSE r.messages END AS entries
+        ) n
+        WHERE (r.account_id, r.id) <= ($1, $2) AND r.account_id >= $1
+        ORDER BY r.account_id DESC, r.id DESC
+        LIMIT $4 + 1
+    ) p
+    WHERE p.before < $4
+)
+SELECT r.id, e.place, r.kind, e.amount, e.message_id::text, r.at,
+       r.balance_after + CASE r.kind WHEN 'hold' THEN e.later
+                                     WHEN 'capture' THEN 0
+                                     ELSE -e.later END AS balance_after
+FROM credit_ledger r
+CROSS JOIN LATERAL (
+    SELECT u.message_id, u.amount, u.place,
+           coalesce(sum(u.amount) OVER (ORDER BY u.place DESC
+                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                    0)::bigint AS later
+    FROM unnest(coalesce(r.message_ids, ARRAY[NULL]::uuid[]),
+                coalesce(r.prices::bigint[], ARRAY[r.amount]))
+         WITH ORDINALITY AS u(message_id, amount, place)
+) e
+WHERE r.id = ANY (ARRAY(SELECT id FROM picked)) AND (r.id < $2 OR e.place < $3)
+ORDER BY r.id DESC, e.place DESC
+LIMIT $4
+"""
+
+# Past every ledger row's id (a bigint): the first page's position.
+NEWEST = (2**63 - 1, 0)
+
+
+class Statements(StorePart):
+    """PgStore's side of GET /v1/account/statement."""
+
+    async def statement(
+        self, account_id: int, before: tuple[int, int] | None, limit: int
+    ) -> list[StatementEntry]:
+        """Up to `limit` entries of the account's statement, newest first, from just before
+        `before` (a `position` of an earlier page; None: from the newest). Only the account's
+        own entries, whatever the position."""
+        row, place = NEWEST if before is None else before
+        rows = await self.db.run(
+            lambda c: c.fetch(STATEMENT_PAGE, account_id, row, place, limit), name="statement"
+        )
+        return [
+            StatementEntry(
+                kind=r["kind"],
+                amount=r["amount"],
+                balance_after=r["balance_after"],
+                message_id=r["message_id"],
+                at=r["at"],
+                position=(r["id"], r["place"]),
+            )
+            for r in rows
+        ]
