@@ -17,6 +17,8 @@ the parameters' schemas in the OpenAPI document (http/api.py), so the two cannot
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import types
 import typing
@@ -282,3 +284,30 @@ def time_range(
 def is_message_id(value: str) -> bool:
     """Whether `value` is a message id: a UUID as the API writes it, or without hyphens."""
     return _MESSAGE_ID.fullmatch(value) is not None
+
+
+# --- page cursors: opaque to clients, base64url without padding ------------------------------
+
+
+def cursor_of(raw: bytes) -> str:
+    """A `next_cursor` carrying `raw`."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def cursor_bytes(cursor: str) -> bytes | None:
+    """What `cursor_of` put in `cursor`, or None when it is not base64url (the caller
+    still checks the bytes are a position it wrote)."""
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def invalid_cursor() -> ProblemError:
+    """The 422 for a `cursor` this API did not return."""
+    return ProblemError(
+        422,
+        "invalid_cursor",
+        "`cursor` is not a cursor this API returned; pass `next_cursor` as it is",
+        field="cursor",
+    )

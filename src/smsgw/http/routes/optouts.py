@@ -10,8 +10,6 @@ next group, with no query of its own on the accept path.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -22,6 +20,7 @@ from quart import Response
 from smsgw.engine import numbers
 from smsgw.http.api import Api, Auth
 from smsgw.http.context import Gateway, gateway, json_response
+from smsgw.http.params import cursor_bytes, cursor_of, invalid_cursor
 from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
     ListedNumberOut,
@@ -71,22 +70,16 @@ def list_store(gw: Gateway) -> ListStore:
     return store
 
 
-def encode_cursor(number: str) -> str:
-    return base64.urlsafe_b64encode(number.encode()).decode().rstrip("=")
+def number_cursor(number: str) -> str:
+    return cursor_of(number.encode())
 
 
-def decode_cursor(cursor: str) -> str:
-    try:
-        number = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
-        number = ""
+def cursor_number(cursor: str) -> str:
+    """The number a `next_cursor` names; a 422 for anything this API did not return."""
+    raw = cursor_bytes(cursor)
+    number = "" if raw is None else raw.decode("latin-1")
     if not numbers.E164.fullmatch(number):
-        raise ProblemError(
-            422,
-            "invalid_cursor",
-            "`cursor` is not a cursor this API returned; pass `next_cursor` as it is",
-            field="cursor",
-        )
+        raise invalid_cursor()
     return number
 
 
@@ -120,12 +113,12 @@ async def add(gw: Gateway, account_id: int | None) -> Response:
 async def page(gw: Gateway, account_id: int | None) -> Response:
     query = gw.query(PageQuery)
     limit, cursor = query.limit, query.cursor
-    after = None if cursor is None else decode_cursor(cursor)
+    after = None if cursor is None else cursor_number(cursor)
     rows = await from_store(
         lambda: list_store(gw).stops(account_id, after, limit + 1), "read the list"
     )
     items = [ListedNumberOut(number, at) for number, at in rows[:limit]]
-    next_cursor = encode_cursor(items[-1].number) if len(rows) > limit else None
+    next_cursor = number_cursor(items[-1].number) if len(rows) > limit else None
     return json_response(NumbersPage(items, next_cursor))
 
 

@@ -8,8 +8,6 @@ shift nor repeat items, and a deep page costs what the first one does.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import uuid
@@ -24,7 +22,7 @@ from smsgw.engine import sms as rules
 from smsgw.engine.ports import MessageQuery, SummaryRow
 from smsgw.http.api import Api, Content
 from smsgw.http.context import Gateway, gateway, json_response
-from smsgw.http.params import aliased, time_range
+from smsgw.http.params import aliased, cursor_bytes, cursor_of, invalid_cursor, time_range
 from smsgw.http.problems import ProblemError
 from smsgw.http.routes.messages import message_view
 from smsgw.http.schemas import (
@@ -72,24 +70,18 @@ def encode_cursor(created_at: datetime, message_id: str) -> str:
     """An opaque position: created_at in microseconds (PostgreSQL's own precision, so the
     position is exact) and the message id, base64url."""
     micros = (created_at - _EPOCH) // timedelta(microseconds=1)
-    raw = micros.to_bytes(8, "big", signed=True) + uuid.UUID(message_id).bytes
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return cursor_of(micros.to_bytes(8, "big", signed=True) + uuid.UUID(message_id).bytes)
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    raw = cursor_bytes(cursor) if _CURSOR.fullmatch(cursor) else None
+    if raw is None:
+        raise invalid_cursor()
     try:
-        if not _CURSOR.fullmatch(cursor):
-            raise ValueError("not a cursor")
-        raw = base64.urlsafe_b64decode(cursor)
         micros = int.from_bytes(raw[:8], "big", signed=True)
         return _EPOCH + timedelta(microseconds=micros), str(uuid.UUID(bytes=raw[8:]))
-    except (ValueError, binascii.Error, OverflowError):
-        raise ProblemError(
-            422,
-            "invalid_cursor",
-            "`cursor` is not a cursor this API returned; pass `next_cursor` as it is",
-            field="cursor",
-        ) from None
+    except (ValueError, OverflowError):
+        raise invalid_cursor() from None
 
 
 # --- query parameters ---------------------------------------------------------------------

@@ -8,8 +8,6 @@ skips one, and an entry's balance never changes once written.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from typing import Protocol, runtime_checkable
 
@@ -19,6 +17,7 @@ from quart import Response
 from smsgw.engine.ports import StatementEntry
 from smsgw.http.api import Api
 from smsgw.http.context import Gateway, gateway, json_response
+from smsgw.http.params import cursor_bytes, cursor_of, invalid_cursor
 from smsgw.http.problems import ProblemError, from_store
 from smsgw.http.schemas import (
     MAX_ID,
@@ -58,25 +57,17 @@ def statement_store(gw: Gateway) -> StatementStore:
     return store
 
 
-def encode_cursor(position: tuple[int, int]) -> str:
+def position_cursor(position: tuple[int, int]) -> str:
     row, place = position
-    return base64.urlsafe_b64encode(f"{row}.{place}".encode()).decode().rstrip("=")
+    return cursor_of(f"{row}.{place}".encode())
 
 
-def decode_cursor(cursor: str) -> tuple[int, int]:
+def cursor_position(cursor: str) -> tuple[int, int]:
     """The position a `next_cursor` names; a 422 for anything this API did not return."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
-        text = ""
-    m = _POSITION.fullmatch(text)
+    raw = cursor_bytes(cursor)
+    m = None if raw is None else _POSITION.fullmatch(raw.decode("latin-1"))
     if m is None or int(m.group(1)) > MAX_ID or int(m.group(2)) > MAX_PLACE:
-        raise ProblemError(
-            422,
-            "invalid_cursor",
-            "`cursor` is not a cursor this API returned; pass `next_cursor` as it is",
-            field="cursor",
-        )
+        raise invalid_cursor()
     return int(m.group(1)), int(m.group(2))
 
 
@@ -104,7 +95,7 @@ async def get_statement() -> Response:
     account_id = await gw.require_account()
     query = gw.query(StatementQuery)
     limit = query.limit
-    before = None if query.cursor is None else decode_cursor(query.cursor)
+    before = None if query.cursor is None else cursor_position(query.cursor)
     store = statement_store(gw)
     entries = await from_store(
         lambda: store.statement(account_id, before, limit + 1), "read the statement"
@@ -113,5 +104,5 @@ async def get_statement() -> Response:
         StatementEntryOut(e.kind, e.amount, e.balance_after, e.message_id, e.at)
         for e in entries[:limit]
     ]
-    next_cursor = encode_cursor(entries[limit - 1].position) if len(entries) > limit else None
+    next_cursor = position_cursor(entries[limit - 1].position) if len(entries) > limit else None
     return json_response(StatementPage(items, next_cursor))
