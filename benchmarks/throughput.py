@@ -247,6 +247,9 @@ class Backlog(msgspec.Struct):
     scheduler: int | None  # bulk + express backlog waiting for the window
     inflight: int | None  # at operators now
     retrying: int | None  # waiting in the retry timer
+    # The group commit so far (GET /v1/ops/supervisor's store_writer): groups, rows, and
+    # each commit's seconds (count, mean, p50/p99 bucket bounds).
+    writer: dict[str, Any] | None = None
 
 
 class Window(msgspec.Struct):
@@ -375,11 +378,14 @@ def backlog(url: str, schema: str, gateway_url: str, admin_key: str) -> Backlog:
     if "bulk_backlog" in scheduler:
         queued = int(scheduler["bulk_backlog"]) + int(scheduler.get("express_backlog", 0))
     retrying = int(retry["waiting"]) if "waiting" in retry else None
+    writer = children.get("store_writer", {})
     return Backlog(
         db_pending=pending(url, schema),
         scheduler=queued,
         inflight=int(pool["inflight"]) if "inflight" in pool else None,
         retrying=retrying,
+        writer={k: writer[k] for k in ("groups", "items", "commit_seconds") if k in writer}
+        or None,
     )
 
 
