@@ -384,8 +384,7 @@ def backlog(url: str, schema: str, gateway_url: str, admin_key: str) -> Backlog:
         scheduler=queued,
         inflight=int(pool["inflight"]) if "inflight" in pool else None,
         retrying=retrying,
-        writer={k: writer[k] for k in ("groups", "items", "commit_seconds") if k in writer}
-        or None,
+        writer={k: writer[k] for k in ("groups", "items", "commit_seconds") if k in writer} or None,
     )
 
 

@@ -42,6 +42,7 @@ from smsgw.storage.commit_sql import (
     copy_records,
     finished_json,
     handed_off,
+    refusal_keys,
 )
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
@@ -363,7 +364,7 @@ class GroupCommit(StorePart):
         store checks no limit; and its numbers opted out or blocked, (account, number) ->
         blocked (True: on the gateway's blocklist, stops express too). None: none."""
         items = [sms for items, _ in group.accepts for sms in items]
-        rows = await conn.fetch(REFUSALS, _json.encode(items).decode(), self.recipient_limit)
+        rows = await conn.fetch(REFUSALS, refusal_keys(items), self.recipient_limit)
         room: Room = {}
         stops: Stops = {}
         for r in rows:

@@ -241,7 +241,7 @@ _CROWDED = f"""
 _RECIPIENT_ROOM = f"""
 SELECT k.account_id, k.recipient, greatest(l.per_hour - r.seen, 0) AS room,
        extract(epoch FROM r.oldest) + 3600 - k.at AS retry_after
-FROM ({_RECIPIENT_KEYS}) k
+FROM keys k
 CROSS JOIN LATERAL (SELECT coalesce(a.recipient_limit_per_hour, $2::int) AS per_hour
                     FROM accounts a WHERE a.id = k.account_id) l
 CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1")}) r
@@ -264,19 +264,39 @@ _STOPPED_ANY = """
 
 # The exact way's refusals, in one round trip: the recipients past their hourly limit
 # (_RECIPIENT_ROOM, when $2 is not NULL), and the numbers opted out of their account or
-# blocked (`blocked`: for every message, not just bulk).
+# blocked (`blocked`: for every message, not just bulk). $1 is `refusal_keys`: only the three
+# fields read, decoded once (a group's whole messages as JSON cost PostgreSQL about 2.5 µs a
+# message to decode, each time a statement reads them).
 REFUSALS = f"""
+WITH keys AS MATERIALIZED (
+    SELECT x.a AS account_id, x.t AS recipient, count(*) AS n, min(x.c) AS at
+    FROM json_to_recordset($1::json) AS x(a bigint, t text, c float8)
+    GROUP BY 1, 2
+)
 SELECT 'room' AS kind, r.account_id, r.recipient, r.room, r.retry_after::float8, FALSE AS blocked
 FROM ({_RECIPIENT_ROOM}) r
 WHERE $2::int IS NOT NULL
 UNION ALL
 SELECT 'stop', k.account_id, k.recipient, NULL, NULL,
        EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
-FROM (SELECT DISTINCT x.account_id, x."to" AS recipient
-      FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text)) k
+FROM keys k
 WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
    OR EXISTS (SELECT FROM opt_outs o WHERE o.account_id = k.account_id AND o.number = k.recipient)
 """
+
+
+class _RefusalKey(msgspec.Struct):
+    """What REFUSALS reads of a message: its account, number and time."""
+
+    a: int
+    t: str
+    c: float
+
+
+def refusal_keys(items: Sequence[OutboundSms]) -> str:
+    """REFUSALS' $1: each message's account, number and time as a JSON list."""
+    return _json.encode([_RefusalKey(s.account_id, s.to, s.created_at) for s in items]).decode()
+
 
 _OK_FINISHED = _finish_sql(
     "$2",
