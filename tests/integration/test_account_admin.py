@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     ledger,
     open_database,
     until,
+    wait_all_final,
 )
 from tests.integration.nodes import balanced_nodes, create_accounts
 
@@ -87,6 +88,47 @@ async def test_prices_are_the_nodes_unless_the_account_has_its_own(
     bad = {"price_per_segment": -1}
     url = f"/v1/accounts/{account['id']}/settings"
     assert_problem(await client.put(url, json=bad, headers=admin()), 422)
+
+
+async def test_free_segments_are_sent_and_the_ledger_stays_exact(
+    client: httpx.AsyncClient, database_url: str, schema: str
+) -> None:
+    """An account whose segments cost 0 (an internal account): its messages hold nothing,
+    single or in a batch large enough for COPY (the group commit's exact way), and a paying
+    account's messages committed in the same groups are unaffected."""
+    free, paying = await create_account(client, 100, "free"), await create_account(client, 10_000)
+    r = await client.put(
+        f"/v1/accounts/{free['id']}/settings",
+        json={"price_per_segment": 0, "express_surcharge": 0},
+        headers=admin(),
+    )
+    assert r.status_code == 200, r.text
+    batch = {"messages": [{"to": f"+4915{i:09d}", "text": "hi"} for i in range(250)]}
+    express = {"messages": [{"to": TO, "text": "x", "express": True}]}
+    answers: list[httpx.Response] = []
+
+    async def post(body: dict, key: dict[str, str]) -> None:
+        answers.append(await client.post("/v1/messages/batch", json=body, headers=key))
+
+    async with trio.open_nursery() as nursery:
+        for account in (free, paying):
+            for body in (batch, express):
+                nursery.start_soon(post, body, bearer(account["api_key"]))
+    assert [r.status_code for r in answers] == [202] * 4, [r.text for r in answers]
+    key = bearer(free["api_key"])
+    r = await client.post("/v1/messages", json={"to": TO, "text": "free"}, headers=key)
+    assert r.status_code == 202 and r.json()["price"] == 0, r.text
+    ids = [r.json()["id"]] + [
+        item["id"]
+        for a in answers
+        for item in a.json()["results"]
+        if a.request.headers["authorization"] == key["Authorization"]
+    ]
+    assert len(ids) == 252
+    await wait_all_final(client, free["api_key"], ids)
+    account = (await client.get("/v1/account", headers=key)).json()
+    assert account["balance"] == 100 and account["held"] == 0, account
+    assert_ledger_consistent(await ledger(database_url, schema))
 
 
 @pytest.mark.slow

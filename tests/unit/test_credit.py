@@ -232,12 +232,22 @@ def test_a_refused_hold_changes_nothing(balance: int, excess: int) -> None:
     assert 7 not in book.deltas or not book.deltas[7]
 
 
-@pytest.mark.parametrize("amount", [0, -1, -100])
-def test_hold_of_nothing_or_less_raises(amount: int) -> None:
+@pytest.mark.parametrize("amount", [-1, -100])
+def test_hold_of_less_than_nothing_raises(amount: int) -> None:
     book = book_with(100)
     with pytest.raises(CreditError):
         book.hold(7, amount)
     assert book.accounts[7] == AccountCredit(balance=100, topped_up=100)
+
+
+def test_a_free_message_holds_nothing_even_on_an_empty_balance() -> None:
+    book = book_with(0)
+    assert book.hold(7, 0)
+    book.unhold(7, 0)
+    assert book.hold(7, 0)
+    book.capture(7, 0)
+    assert book.accounts[7] == AccountCredit(balance=0, topped_up=0)
+    assert not book.deltas[7]
 
 
 @pytest.mark.parametrize("amount", [0, -5])
@@ -322,7 +332,7 @@ def test_unhold_of_more_than_this_group_held_raises_and_changes_nothing() -> Non
     book.load(7, AccountCredit(balance=50, held=50, topped_up=100))
     assert book.hold(7, 10)
     before = snapshot(book.accounts[7])
-    for amount in (11, 0, -1):
+    for amount in (11, -1):
         with pytest.raises(CreditError):
             book.unhold(7, amount)
     assert book.accounts[7] == before

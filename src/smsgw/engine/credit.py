@@ -90,8 +90,9 @@ class CreditBook:
         return self.accounts[account_id].balance >= amount
 
     def hold(self, account_id: int, amount: int) -> bool:
-        """Reserve `amount` if the balance covers it; False (and no change) when it does not."""
-        if amount <= 0:
+        """Reserve `amount` if the balance covers it; False (and no change) when it does not.
+        A hold of 0 (an account whose segments are free) always succeeds and changes nothing."""
+        if amount < 0:
             raise CreditError(f"hold of {amount}")
         credit = self.accounts[account_id]
         if credit.balance < amount:
@@ -107,7 +108,7 @@ class CreditBook:
         records neither."""
         credit = self.accounts[account_id]
         delta = self._delta(account_id)
-        if amount <= 0 or delta.held < amount:
+        if amount < 0 or delta.held < amount:
             raise CreditError(f"unhold of {amount} with {delta.held} held in this group")
         credit.held -= amount
         credit.balance += amount

@@ -59,17 +59,18 @@ def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
 
 
 # What the outcomes of `finished` captured and released, summed per account, and which
-# messages with which prices (in id order: the order of their ledger entries).
+# messages with which prices (in id order: the order of their ledger entries). A message that
+# cost nothing (an account whose segments are free) moves no credit: it has no ledger entry.
 _PER_ACCOUNT = """
     SELECT account_id,
            coalesce(sum(price) FILTER (WHERE sent), 0) AS captured,
-           count(*) FILTER (WHERE sent) AS captured_n,
+           count(*) FILTER (WHERE sent AND price > 0) AS captured_n,
            coalesce(sum(price) FILTER (WHERE NOT sent), 0) AS released,
-           count(*) FILTER (WHERE NOT sent) AS released_n,
-           array_agg(id ORDER BY id) FILTER (WHERE sent) AS captured_ids,
-           array_agg(price ORDER BY id) FILTER (WHERE sent) AS captured_prices,
-           array_agg(id ORDER BY id) FILTER (WHERE NOT sent) AS released_ids,
-           array_agg(price ORDER BY id) FILTER (WHERE NOT sent) AS released_prices
+           count(*) FILTER (WHERE NOT sent AND price > 0) AS released_n,
+           array_agg(id ORDER BY id) FILTER (WHERE sent AND price > 0) AS captured_ids,
+           array_agg(price ORDER BY id) FILTER (WHERE sent AND price > 0) AS captured_prices,
+           array_agg(id ORDER BY id) FILTER (WHERE NOT sent AND price > 0) AS released_ids,
+           array_agg(price ORDER BY id) FILTER (WHERE NOT sent AND price > 0) AS released_prices
     FROM finished GROUP BY account_id"""
 
 # The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
@@ -337,7 +338,7 @@ WITH locked AS MATERIALIZED (
     LEFT JOIN (
         SELECT account_id, sum(price) AS held, count(*) AS held_n,
                array_agg(id ORDER BY id) AS held_ids, array_agg(price ORDER BY id) AS held_prices
-        FROM inserted GROUP BY account_id
+        FROM inserted WHERE price > 0 GROUP BY account_id
     ) h ON h.account_id = l.id
     LEFT JOIN ({_PER_ACCOUNT}
     ) f ON f.account_id = l.id

@@ -30,9 +30,12 @@ SELECT a.id, a.balance, a.held, a.captured, a.topped_up,
 FROM accounts a
 LEFT JOIN (
     SELECT account_id,
-           count(*) AS n_all,
-           count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS n_sent,
-           count(*) FILTER (WHERE status IN ('failed', 'expired', 'cancelled')) AS n_failed,
+           -- The ledger's entries are messages that cost something (a free one has none).
+           count(*) FILTER (WHERE price > 0) AS n_all,
+           count(*) FILTER (WHERE price > 0 AND status IN ('sent', 'delivered', 'undelivered'))
+               AS n_sent,
+           count(*) FILTER (WHERE price > 0 AND status IN ('failed', 'expired', 'cancelled'))
+               AS n_failed,
            count(*) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')) AS n_pending,
            sum(price) AS price_all,
            sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered'))

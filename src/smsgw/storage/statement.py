@@ -69,7 +69,8 @@ def ledger_rows(
     with the balance once it applied."""
     holds: dict[int, list[OutboundSms]] = {}
     for sms in held:
-        holds.setdefault(sms.account_id, []).append(sms)
+        if sms.price > 0:  # a free message moves no credit: no ledger entry
+            holds.setdefault(sms.account_id, []).append(sms)
     credited: dict[int, list[int]] = {}
     for account_id, amount in topups:
         credited.setdefault(account_id, []).append(amount)
