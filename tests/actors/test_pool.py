@@ -36,6 +36,8 @@ class ScriptedOperator:
         self.sent_at: dict[str, float] = {}  # each message's (last) send, in trio time
         self.in_flight = 0
         self.max_in_flight = 0
+        self.segments_in_flight = 0
+        self.max_segments_in_flight = 0
 
     @property
     def name(self) -> str:
@@ -45,12 +47,16 @@ class ScriptedOperator:
         self.batches.append([sms.id for sms in batch])
         for sms in batch:
             self.sent_at[sms.id] = trio.current_time()
+        segments = sum(sms.segments for sms in batch)
         self.in_flight += len(batch)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.segments_in_flight += segments
+        self.max_segments_in_flight = max(self.max_segments_in_flight, self.segments_in_flight)
         try:
             await trio.sleep(self.latency)
         finally:
             self.in_flight -= len(batch)
+            self.segments_in_flight -= segments
         results = []
         for sms in batch:
             plan = self.script.get(sms.id, ["sent"])
@@ -60,7 +66,12 @@ class ScriptedOperator:
 
 
 def sms(
-    i: int, *, account: int = 1, express: bool = False, deadline: float | None = None
+    i: int,
+    *,
+    account: int = 1,
+    express: bool = False,
+    deadline: float | None = None,
+    segments: int = 1,
 ) -> OutboundSms:
     return OutboundSms(
         id=f"m{i}",
@@ -68,8 +79,8 @@ def sms(
         to="+4915123456789",
         sender="t",
         text="x",
-        segments=1,
-        price=5,
+        segments=segments,
+        price=5 * segments,
         express=express,
         created_at=0.0,
         deadline=deadline,
@@ -197,6 +208,31 @@ async def test_a_hung_operator_times_out_as_a_temporary_failure(
     for o in outcomes.values():
         assert (o.outcome.status, o.outcome.reason, o.outcome.attempts) == ("failed", "timeout", 3)
     assert harness.window.free == 4
+
+
+async def test_the_window_counts_segments_as_operators_count_pdus(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A window of 10 holds three 3-segment messages, not ten; a message longer than the
+    whole window goes alone once nothing is in flight; every slot comes back."""
+    operator = ScriptedOperator({}, latency=1.0)
+    harness = Harness(operator, window=10, max_batch=8, express_reserve=2)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        bulk = tuple(sms(i, segments=3) for i in range(12))
+        harness.scheduler.ref.tell_nowait(Enqueue((*bulk, sms(50, account=2, segments=12))))
+        express = tuple(sms(60 + i, express=True, deadline=30.0, segments=2) for i in range(4))
+        harness.scheduler.ref.tell_nowait(Enqueue(express))
+        await harness.outcomes(17)
+        await trio.testing.wait_all_tasks_blocked()  # the last BatchDone is taken in
+        nursery.cancel_scope.cancel()
+    assert operator.max_segments_in_flight == 12  # the long one, alone
+    alone = next(b for b in operator.batches if "m50" in b)
+    assert alone == ["m50"]
+    for batch in operator.batches:
+        if batch != ["m50"]:
+            assert sum(3 if int(i[1:]) < 50 else 2 for i in batch) <= 10
+    assert harness.window.free == 10 and harness.window.bulk_inflight == 0
 
 
 def test_the_window_has_room_for_at_most_what_is_free() -> None:

@@ -39,15 +39,22 @@ class Named:
         raise AssertionError("not called")
 
 
-def sms(i: int, *, account: int = 1, to: str = "+4915123456789", last: str | None = None):
+def sms(
+    i: int,
+    *,
+    account: int = 1,
+    to: str = "+4915123456789",
+    last: str | None = None,
+    segments: int = 1,
+):
     return OutboundSms(
         id=f"m{i}",
         account_id=account,
         to=to,
         sender="t",
         text="x",
-        segments=1,
-        price=5,
+        segments=segments,
+        price=5 * segments,
         express=False,
         created_at=0.0,
         last_operator=last,
@@ -312,3 +319,24 @@ async def test_assignments_wait_for_tokens_and_expire_what_outlives_its_time(
     stats = routing.stats()
     assert stats["expired_waiting"] == 2 and stats["batches_waited"] == 1
     assert stats["messages_waiting"] == 0
+
+
+def test_an_operators_window_and_cap_count_segments() -> None:
+    """Operators count PDUs: a window of 10 takes three 3-segment messages, and a cap of 30
+    a second with a burst of 9 lets three go, then three more 0.3 s later; a message longer
+    than the window goes alone once nothing is in flight."""
+    settings = OperatorSettings("a", window=10, max_per_second=30, burst=9)
+    r = Router([(Named("a"), 1)], RoutingConfig(operators=(settings,)), now=0.0)
+    calls, waiting = assign(r, [sms(i, segments=3) for i in range(5)], 0.0, 100)
+    [(route, part, call)] = calls
+    assert len(part) == 3 and route.inflight == 9 and len(waiting) == 2
+    assert route.ready_at(0.0, 6) == pytest.approx(0.2)  # 6 tokens short, at 30 a second
+    r.finish(route, call, 0.3, [SendResult("sent", "x")] * 3)
+    calls, waiting = assign(r, waiting, 0.3, 100)
+    assert [len(p) for _, p, _ in calls] == [2] and not waiting
+    r.finish(route, calls[0][2], 0.3, [SendResult("sent", "x")] * 2)
+    long = sms(9, segments=12)
+    calls, waiting = assign(r, [long], 0.3, 100)
+    assert not calls and waiting == [long]  # the bucket is not full yet
+    calls, waiting = assign(r, [long], 1.0, 100)
+    assert [p for _, p, _ in calls] == [[long]] and route.inflight == 12

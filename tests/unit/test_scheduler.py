@@ -614,3 +614,23 @@ def test_the_fifo_baseline_pages_in_a_recovered_backlog() -> None:
         while (entry := state.pop_bulk(0.0)) is not None:
             got.append(entry[1])
     assert got == [s.id for s in [*messages, later]]
+
+
+def test_a_send_rate_counts_segments() -> None:
+    """At 4 segments a second (a burst of 4), 2-segment messages go two at once, then one
+    every half second; a 6-segment one goes on one token and its debt is then waited out."""
+    state = SchedulerState()
+    state.set_send_rate(1, 4.0, 0.0)
+    for n in range(4):
+        state.push(make_sms(n, 1, segments=2))
+    assert state.pop_bulk(0.0) is not None and state.pop_bulk(0.0) is not None
+    assert state.pop_bulk(0.0) is None
+    assert state.next_ready(0.0) == 0.25  # one token: the next message may start
+    assert state.pop_bulk(0.25) is not None  # and takes the next one in debt
+    assert state.pop_bulk(0.5) is None and state.next_ready(0.5) == 0.75
+    assert state.pop_bulk(0.75) is not None
+    state.push(make_sms(9, 1, segments=6))
+    assert state.pop_bulk(1.0) is None and state.next_ready(1.0) == 1.25
+    assert state.pop_bulk(1.25) is not None  # 1 token: it goes, 5 in debt
+    state.push(make_sms(10, 1))
+    assert state.next_ready(1.25) == 2.75  # the debt and one token: 6 / 4 s

@@ -158,7 +158,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         "--window",
         type=int,
         metavar="N",
-        help=f"messages in flight to operators at once (default {EngineConfig().window})",
+        help="segments in flight to operators at once (operators count PDUs, one a segment;"
+        f" default {EngineConfig().window})",
     )
     serve.add_argument(
         "--express-reserve-share",

@@ -72,6 +72,8 @@ class Call(msgspec.Struct):
     size: int
     started: float
     done: bool = False
+    # What the call holds of its operator's window, in segments (engine/routing.py's).
+    segments: int = 0
 
 
 class RecentWindow:

@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import Entry, Position, entry_of, micros
+from smsgw.engine.ports import Entry, Position, entry_of, micros, slots
 from smsgw.engine.ratelimit import TokenBucket
 
 START: Position = (-1, "")  # before every message
@@ -352,10 +352,14 @@ class SchedulerState:
         popped = self.pop_bulk_of(now)
         return None if popped is None else popped[1]
 
-    def pop_bulk_of(self, now: float, light_only: bool = False) -> tuple[int, Entry] | None:
-        """`pop_bulk`, with the account the entry is of. With `light_only`, see `_pop_light`."""
+    def pop_bulk_of(
+        self, now: float, light_only: bool = False, room: float = math.inf
+    ) -> tuple[int, Entry] | None:
+        """`pop_bulk`, with the account the entry is of. With `light_only`, see `_pop_light`.
+        None too when the entry whose turn it is needs more than `room` window slots (its
+        segments, `ports.slots`): it waits for them, first in line."""
         if light_only:
-            return self._pop_light(now)
+            return self._pop_light(now, room)
         ring = self.ring
         unready = 0
         while unready < len(ring):
@@ -372,6 +376,8 @@ class SchedulerState:
                 mailbox.turn = True
                 mailbox.deficit += self.quantum
             entry = mailbox.queue[0]
+            if slots(entry[2]) > room:
+                return None
             if entry[2] > mailbox.deficit:
                 # Its credit for this visit is spent: the next account's turn.
                 mailbox.turn = False
@@ -382,7 +388,7 @@ class SchedulerState:
             mailbox.deficit -= entry[2]
             if not mailbox.heavy:
                 self.light_served_at = now
-            if self._taken(account_id, mailbox, bucket, now):
+            if self._taken(account_id, mailbox, bucket, now, entry):
                 ring.popleft()
             elif not mailbox.queue:
                 ring.rotate(-1)
@@ -390,13 +396,20 @@ class SchedulerState:
         return None
 
     def _taken(
-        self, account_id: int, mailbox: Mailbox, bucket: TokenBucket | None, now: float
+        self,
+        account_id: int,
+        mailbox: Mailbox,
+        bucket: TokenBucket | None,
+        now: float,
+        entry: Entry,
     ) -> bool:
-        """What follows an entry leaving `mailbox` for dispatch; True when the mailbox is idle
-        now and was dropped (the caller takes it out of the ring)."""
+        """What follows `entry` leaving `mailbox` for dispatch; True when the mailbox is idle
+        now and was dropped (the caller takes it out of the ring). A send rate counts segments,
+        as operators do: a long message spends a token each (more than the bucket holds puts
+        it in debt, which the next message waits out)."""
         self.in_memory -= 1
         if bucket is not None:
-            bucket.take(now)
+            bucket.spend(now, slots(entry[2]))
         if not mailbox.queue:
             # Nothing left in memory: the turn ends, and DRR's credit does not carry over a
             # gap in the account's backlog.
@@ -411,7 +424,7 @@ class SchedulerState:
             self.page_wanted[account_id] = None
         return False
 
-    def _pop_light(self, now: float) -> tuple[int, Entry] | None:
+    def _pop_light(self, now: float, room: float) -> tuple[int, Entry] | None:
         """The next entry of a light account (see Mailbox.heavy) among the newest LIGHT_SCAN
         mailboxes, oldest first, for the window's light reserve. Outside round robin: the
         ring's order and every deficit stay as they are (a light account has little to
@@ -421,14 +434,14 @@ class SchedulerState:
         for i in range(max(0, size - LIGHT_SCAN), size):
             account_id = ring[i]
             mailbox = self.mailboxes[account_id]
-            if mailbox.heavy or not mailbox.queue:
+            if mailbox.heavy or not mailbox.queue or slots(mailbox.queue[0][2]) > room:
                 continue
             bucket = self.buckets.get(account_id)
             if bucket is not None and bucket.wait(now) > 0:
                 continue
             entry = mailbox.queue.popleft()
             self.light_served_at = now
-            if self._taken(account_id, mailbox, bucket, now):
+            if self._taken(account_id, mailbox, bucket, now, entry):
                 del ring[i]
             return account_id, entry
         return None
@@ -521,15 +534,17 @@ class FifoState(SchedulerState):
         super()._remember(account_id, mailbox, entry)
         self.order.append((account_id, entry))
 
-    def pop_bulk_of(self, now: float, light_only: bool = False) -> tuple[int, Entry] | None:
+    def pop_bulk_of(
+        self, now: float, light_only: bool = False, room: float = math.inf
+    ) -> tuple[int, Entry] | None:
         """The oldest entry in memory (an account's entries enter `order` as they enter its
         queue, so it is the front of its account's queue). No light-only pops: one queue."""
-        if light_only or not self.order:
+        if light_only or not self.order or slots(self.order[0][1][2]) > room:
             return None
         account_id, entry = self.order.popleft()
         mailbox = self.mailboxes[account_id]
         mailbox.queue.popleft()
-        self._taken(account_id, mailbox, None, now)
+        self._taken(account_id, mailbox, None, now, entry)
         return account_id, entry
 
     def next_ready(self, now: float) -> float:

@@ -334,8 +334,9 @@ class SendRate(msgspec.Struct, frozen=True):
 class BatchDone(msgspec.Struct, frozen=True):
     """The ProviderPool is done with a `Dispatch`: each of its messages was handed on (an
     outcome to the writer, a retry to the RetryTimer) or dropped (a repeat of one in flight,
-    a shard this node no longer leases), so its window slots are free again. (The Scheduler
-    tells itself the same of messages it took slots for and found it must not send.)"""
+    a shard this node no longer leases), so its window slots (a slot a segment,
+    `ports.slots_of`) are free again. (The Scheduler tells itself the same of messages it
+    took slots for and found it must not send.)"""
 
     slots: int
     express: bool
@@ -348,8 +349,8 @@ SchedulerMessage = Enqueue | Backlog | Paged | SendRate | BatchDone
 
 
 class Dispatch(msgspec.Struct, frozen=True):
-    """Messages to send, all express or all bulk: the Scheduler took one slot of its window
-    for each, which `BatchDone` gives back."""
+    """Messages to send, all express or all bulk: the Scheduler took a slot of its window for
+    each of their segments, which `BatchDone` gives back."""
 
     batch: tuple[OutboundSms, ...]
 

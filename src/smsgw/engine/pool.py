@@ -32,7 +32,7 @@ from smsgw.engine.messages import (
     SendResult,
     WriterMessage,
 )
-from smsgw.engine.ports import Provider
+from smsgw.engine.ports import Provider, slots_of
 from smsgw.engine.retry import DEADLINE_EXCEEDED, RetryLater, RetryPolicy, expired
 from smsgw.engine.routing import OperatorRoute, Router, Routing, RoutingConfig
 
@@ -223,7 +223,7 @@ class ProviderPool:
         flight would settle it twice."""
         batch = message.batch
         self._batch_seq += 1
-        self._open[self._batch_seq] = (len(batch), batch[0].express)
+        self._open[self._batch_seq] = (slots_of(batch), batch[0].express)
         inflight = self.inflight
         fresh = {sms.id: sms for sms in batch if sms.id not in inflight}
         if len(fresh) < len(batch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -42,6 +42,17 @@ def micros(created_at: float) -> int:
 def entry_of(sms: OutboundSms) -> Entry:
     """`sms` as its account's mailbox holds it."""
     return (micros(sms.created_at), sms.id, sms.segments)
+
+
+def slots(segments: int) -> int:
+    """What a message of `segments` takes of a window or a rate: operators count PDUs, one a
+    segment, so every dispatch limit counts segments; at least one, whatever a row says."""
+    return segments if segments > 1 else 1
+
+
+def slots_of(batch: Iterable[OutboundSms]) -> int:
+    """The window slots `batch` takes (`slots` of each message)."""
+    return sum(slots(sms.segments) for sms in batch)
 
 
 # Accounts hash into SHARDS shards, each dispatched by the node that leases it

@@ -50,6 +50,13 @@ class TokenBucket(msgspec.Struct, gc=False):
             return 0.0
         return (cost - self.tokens) / self.rate
 
+    def spend(self, now: float, cost: float) -> None:
+        """Spend `cost` tokens whatever the bucket holds: below zero, the debt is paid back
+        by the refill before `take` or `wait` see a token again. For work already let through
+        on one token (a message of several segments)."""
+        self.refill(now)
+        self.tokens -= cost
+
     def wait(self, now: float, cost: float = 1.0) -> float:
         """Seconds until `cost` tokens are there, spending nothing (0.0: they are now)."""
         self.refill(now)

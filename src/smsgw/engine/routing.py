@@ -17,7 +17,7 @@ import trio
 
 from smsgw.engine.breaker import BreakerPolicy, BreakerState, Call, OperatorBreaker
 from smsgw.engine.messages import OutboundSms, SendResult
-from smsgw.engine.ports import Provider
+from smsgw.engine.ports import Provider, slots, slots_of
 from smsgw.engine.ratelimit import TokenBucket
 
 _UNLIMITED = 1 << 30
@@ -30,8 +30,9 @@ class OperatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: str
     weight: int | None = None  # None: the weight the operator was configured with
-    window: int = 0  # messages in flight at this operator at once; 0: only the pool's window
-    max_per_second: float = 0.0  # messages a second sent to it; 0: no cap
+    # Operators count PDUs, a segment each, so these do too (a 3-segment message is 3):
+    window: int = 0  # segments in flight at this operator at once; 0: only the pool's window
+    max_per_second: float = 0.0  # segments a second sent to it; 0: no cap
     burst: float = 0.0  # tokens of the cap's bucket; 0: a tenth of a second's worth (>= 1)
 
 
@@ -54,7 +55,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class OperatorRoute:
-    """One operator's state in the pool: the circuit breaker, in-flight count and token bucket."""
+    """One operator's state in the pool: the circuit breaker, in-flight segments and token
+    bucket. The window and the throughput cap count segments (operators count PDUs, one a
+    segment: `ports.slots`); the breaker's probes and a call's size count messages."""
 
     def __init__(
         self,
@@ -68,7 +71,7 @@ class OperatorRoute:
         self.name = provider.name
         self.weight = weight
         self.window = settings.window
-        self.inflight = 0
+        self.inflight = 0  # segments
         self.bucket: TokenBucket | None = None
         if settings.max_per_second > 0:
             burst = settings.burst or max(1.0, settings.max_per_second / 10)
@@ -79,25 +82,47 @@ class OperatorRoute:
         self.batches = 0
         self.messages = 0
 
-    def capacity(self, now: float, want: int) -> int:
-        """Messages one call to this operator may carry now, for a batch of `want`.
+    def capacity(self, now: float, want: int) -> tuple[int, int]:
+        """What one call to this operator may carry now, for a batch of `want` segments:
+        (messages, segments).
 
         A throughput cap gives a batch its tokens all at once: the call waits until there are
-        as many as the batch has messages (or the bucket holds, if fewer). Taken as they
+        as many as the batch has segments (or the bucket holds, if fewer). Taken as they
         trickle in, a backlog would go out one message a call, each call waking every batch
         that waits."""
-        room = self.breaker.allowance(now)
-        if self.window:
-            room = min(room, self.window - self.inflight)
+        messages = self.breaker.allowance(now)
         if self.max_call:
-            room = min(room, self.max_call)
+            messages = min(messages, self.max_call)
+        room = _UNLIMITED
+        if self.window:
+            room = self.window - self.inflight
         if self.bucket is not None:
             self.bucket.refill(now)
             tokens = int(self.bucket.tokens + _TOKEN_SLACK)
             if tokens < self._tokens_needed(want):
-                return 0
+                return 0, 0
             room = min(room, tokens)
-        return max(0, room)
+        return max(0, messages), max(0, room)
+
+    def fit(self, messages: Sequence[OutboundSms], count: int, room: int) -> int:
+        """How many of `messages`, at most `count`, one call may carry in `room` segments. A
+        message larger than the window or the bucket goes alone, once nothing is in flight
+        here and the bucket is full."""
+        n = 0
+        for sms in messages[:count]:
+            room -= slots(sms.segments)
+            if room < 0:
+                break
+            n += 1
+        if n == 0 and count > 0 and room + slots(messages[0].segments) > 0 and self.idle():
+            return 1
+        return n
+
+    def idle(self) -> bool:
+        """Nothing in flight here, and the bucket (if any) full."""
+        return self.inflight == 0 and (
+            self.bucket is None or self.bucket.tokens + _TOKEN_SLACK >= self.bucket.burst
+        )
 
     def _tokens_needed(self, want: int) -> int:
         assert self.bucket is not None
@@ -119,11 +144,14 @@ class OperatorRoute:
                 times.append(now + max(1e-6, short / self.bucket.rate))
         return min(times) if times else None
 
-    def take(self, size: int, now: float) -> Call:
+    def take(self, size: int, now: float, segments: int | None = None) -> Call:
+        """A call of `size` messages, `segments` in all (default: one each), begins."""
+        segments = size if segments is None else segments
         call = self.breaker.begin(now, size)
-        self.inflight += size
+        call.segments = segments
+        self.inflight += segments
         if self.bucket is not None:
-            self.bucket.take(now, size)
+            self.bucket.spend(now, segments)
         self.batches += 1
         self.messages += size
         return call
@@ -272,14 +300,18 @@ class Router:
         for override, avoid, messages in groups:
             allowed = self.eligible(override, avoid, now)
             while messages:
-                want = min(len(messages), max_batch)
-                ready = [(r, room) for r in allowed if (room := r.capacity(now, want)) > 0]
+                want = slots_of(messages[:max_batch])
+                ready = []
+                for r in allowed:
+                    count, room = r.capacity(now, want)
+                    size = r.fit(messages, min(count, max_batch), room) if count else 0
+                    if size:
+                        ready.append((r, size))
                 if not ready:
                     break
-                route, room = self._pick(ready)
-                size = min(room, len(messages), max_batch)
+                route, size = self._pick(ready)
                 part, messages = messages[:size], messages[size:]
-                calls.append((route, part, route.take(size, now)))
+                calls.append((route, part, route.take(size, now, slots_of(part))))
             if messages:
                 left.append((override, avoid, messages))
         return calls, left
@@ -290,7 +322,7 @@ class Router:
         """A call ended: `results` one per message, or None for a timeout."""
         if call.done:
             return
-        route.inflight -= call.size
+        route.inflight -= call.segments
         if results is None:
             route.breaker.end(call, now, ok=0, failed=call.size, timed_out=True)
             return
@@ -302,12 +334,12 @@ class Router:
         False when it had ended already (nothing came back)."""
         if call.done:
             return False
-        route.inflight -= call.size
+        route.inflight -= call.segments
         route.breaker.abandon(call)
         return True
 
     def next_change(self, now: float, want: int) -> float | None:
-        """When time alone may let some operator take a batch of `want` messages."""
+        """When time alone may let some operator take a batch of `want` segments."""
         times = [t for r in self.routes if (t := r.ready_at(now, want)) is not None]
         return min(times) if times else None
 
@@ -394,7 +426,9 @@ class Routing:
                 counted = True
             size = sum(len(messages) for _, _, messages in groups)
             wake = earliest - wall + now
-            change = self.router.next_change(now, min(size, max_batch))
+            change = self.router.next_change(
+                now, min(slots_of(m[:max_batch]) for _, _, m in groups)
+            )
             if change is not None:
                 wake = min(wake, change)
             changed = self._changed

@@ -26,7 +26,7 @@ from smsgw.engine.messages import (
     SendRate,
     WriterMessage,
 )
-from smsgw.engine.ports import Entry, SchedulingStore
+from smsgw.engine.ports import Entry, SchedulingStore, slots, slots_of
 from smsgw.engine.retry import expired
 from smsgw.engine.writer import CommitFence
 
@@ -35,9 +35,10 @@ LIGHT_HOLD_S = 5.0
 
 
 class Capacity:
-    """The dispatch window: how many messages may be in flight at once (like an SMPP window).
-    The Scheduler's alone: it takes slots as it dispatches and frees them when the pool says
-    a batch is done (`BatchDone`).
+    """The dispatch window: how many segments may be in flight at once (like an SMPP window:
+    operators count PDUs, a segment each; `ports.slots`). The Scheduler's alone: it takes
+    slots as it dispatches and frees them when the pool says a batch is done (`BatchDone`).
+    A message larger than the window goes when nothing else is in flight.
 
     `express_reserve` slots are for express messages only: bulk may fill at most
     `size - express_reserve`, so express never waits behind bulk work already in flight.
@@ -61,6 +62,15 @@ class Capacity:
     @property
     def express_inflight(self) -> int:
         return self.size - self.free - self.bulk_inflight
+
+    def fits(self, need: int, room: int, *, express: bool = False, first: bool = False) -> bool:
+        """Whether a message of `need` slots may go with `room` left for it: it fits, or it
+        is larger than the window and goes alone (the `first` this round, with nothing of its
+        kind in flight)."""
+        if need <= room:
+            return True
+        idle = self.free == self.size if express else self.bulk_inflight == 0
+        return first and idle and room > 0
 
     def room(self, *, express: bool = False, keep: int = 0) -> int:
         """Slots free for an express batch, or for a bulk one that leaves `keep` of the bulk
@@ -275,13 +285,14 @@ class Scheduler:
             # Cancelled (the run loop is restarting): the entries go back, slots too.
             for account_id, entry in entries:
                 self.state.put_back(account_id, entry)
-            self.capacity.release(len(entries))
+            self.capacity.release(_entry_slots(entries))
             raise
         self._submit(batch)
         if len(batch) < len(entries):
             # The slots of messages not sent after all (no longer queued, or of a shard this
             # node no longer leases) come back as a batch's do, waking the dispatch loop.
-            await self.ref.tell(BatchDone(len(entries) - len(batch), express=False))
+            unsent = _entry_slots(entries) - slots_of(batch)
+            await self.ref.tell(BatchDone(unsent, express=False))
         self._publish()
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
@@ -297,12 +308,19 @@ class Scheduler:
             await self._expire(now)
             progressed = False
             if state.express:
-                n = min(len(state.express), max_batch, capacity.room(express=True))
-                if n:
-                    capacity.take(n, express=True)
-                    batch: list[OutboundSms] = []
-                    while len(batch) < n and (sms := state.pop_express()) is not None:
-                        batch.append(sms)
+                room = capacity.room(express=True)
+                batch: list[OutboundSms] = []
+                taken = 0
+                while state.express and len(batch) < max_batch:
+                    need = slots(state.express[0][2].segments)
+                    if not capacity.fits(need, room - taken, express=True, first=not batch):
+                        break
+                    sms = state.pop_express()
+                    assert sms is not None
+                    batch.append(sms)
+                    taken += need
+                if batch:
+                    capacity.take(taken, express=True)
                     self._submit(batch)
                     progressed = True
             if state.bulk_ready():
@@ -345,14 +363,22 @@ class Scheduler:
         light_only: bool = False,
     ) -> None:
         """Fill what `entries` lacks of `max_batch` with bulk entries, as far as the window has
-        room (leaving `keep` of the bulk slots), and take a slot for each."""
+        room (leaving `keep` of the bulk slots), and take their slots."""
         state = self.state
-        room = self.capacity.room(keep=keep)
-        wanted = min(room, state.in_memory, max_batch - len(entries))
-        start = len(entries)
-        while len(entries) - start < wanted and (popped := state.pop_bulk_of(now, light_only)):
+        capacity = self.capacity
+        room = capacity.room(keep=keep)
+        wanted = min(state.in_memory, max_batch - len(entries))
+        taken = 0
+        for _ in range(wanted):
+            left = room - taken
+            # A message larger than the window goes alone (`Capacity.fits`): offered it all.
+            offer = math.inf if capacity.fits(1 << 30, left, first=not taken) else left
+            popped = state.pop_bulk_of(now, light_only, offer)
+            if popped is None:
+                break
             entries.append(popped)
-        self.capacity.take(len(entries) - start)
+            taken += slots(popped[1][2])
+        capacity.take(taken)
 
     def _submit(self, batch: list[OutboundSms]) -> None:
         """Send `batch` (its slots taken) to the pool. Its inbox holds at most one batch per
@@ -453,3 +479,8 @@ class Scheduler:
                     await self._commits.wait()
                 for (account_id, _, size), rows in zip(requests, pages, strict=True):
                     await self.ref.tell(Paged(account_id, tuple(rows), size))
+
+
+def _entry_slots(entries: Iterable[tuple[int, Entry]]) -> int:
+    """The window slots of bulk `entries` (their segments, `ports.slots`)."""
+    return sum(slots(entry[2]) for _, entry in entries)

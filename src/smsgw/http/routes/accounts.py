@@ -132,8 +132,8 @@ async def topup(account_id: AccountId) -> Response:
     responses={200: AccountSettingsOut},
     problems=(503,),
     description=(
-        "`send_rate`: bulk messages a second dispatched to operators (paced, never"
-        " refused); `express_deadline_ms`: accept to operator for express messages;"
+        "`send_rate`: bulk segments a second dispatched to operators (as operators count;"
+        " paced, never refused); `express_deadline_ms`: accept to operator for express messages;"
         " `recipient_limit_per_hour`: messages to one number; `api_rate`: API requests a"
         " second; `price_per_segment` and `express_surcharge`: the account's prices, in the"
         " smallest currency unit (an express segment costs both). A missing or null field"
