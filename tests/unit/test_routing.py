@@ -340,3 +340,35 @@ def test_an_operators_window_and_cap_count_segments() -> None:
     assert not calls and waiting == [long]  # the bucket is not full yet
     calls, waiting = assign(r, [long], 1.0, 100)
     assert [p for _, p, _ in calls] == [[long]] and route.inflight == 12
+
+
+class Rated(Named):
+    """An operator that says how many PDUs a second it can take now (an SMPP operator)."""
+
+    def __init__(self, name: str, rate: float) -> None:
+        super().__init__(name)
+        self.rate = rate
+
+    def capacity(self) -> float:
+        return self.rate
+
+
+def test_an_operator_gets_no_more_than_it_clears_at_its_rate_now() -> None:
+    """At 40 PDUs a second an operator is handed CLEAR_S (0.25 s) of work: 10 segments; its
+    rate falling (throttled) shrinks that; one that can take nothing now (no bind up) is not
+    held back here: its calls fail and the breaker moves the work."""
+    op = Rated("a", 40.0)
+    r = Router([(op, 1)], now=0.0)
+    route = r.by_name["a"]
+    calls, waiting = assign(r, [sms(i) for i in range(25)], 0.0, 100)
+    assert [len(p) for _, p, _ in calls] == [10] and len(waiting) == 15
+    assert r.next_change(0.0, 1) == pytest.approx(0.0625)  # the rate may change: look again
+    r.finish(route, calls[0][2], 0.1, [SendResult("sent", "x")] * 10)
+    op.rate = 8.0  # throttled: 2 segments in 0.25 s
+    calls, waiting = assign(r, waiting, 0.1, 100)
+    assert [len(p) for _, p, _ in calls] == [2] and len(waiting) == 13
+    r.finish(route, calls[0][2], 0.2, [SendResult("sent", "x")] * 2)
+    op.rate = 0.0
+    calls, waiting = assign(r, waiting, 0.2, 100)
+    assert [len(p) for _, p, _ in calls] == [13] and not waiting
+    assert r.stats(0.2)["a"]["clears"] is None

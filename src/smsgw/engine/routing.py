@@ -21,6 +21,11 @@ from smsgw.engine.ports import Provider, slots, slots_of
 from smsgw.engine.ratelimit import TokenBucket
 
 _UNLIMITED = 1 << 30
+# An operator that says how many PDUs a second it can take now (`capacity()`: an SMPP
+# operator's bound binds' rates, lowered while it throttles) gets no more in flight than it
+# clears in this long: what it is handed beyond that only queues inside its client, and an
+# express message then waits behind it, where no priority can reach it.
+CLEAR_S = 0.25
 # Tokens are floats: a bucket a rounding error short of a whole token has it.
 _TOKEN_SLACK = 1e-9
 
@@ -69,6 +74,8 @@ class OperatorRoute:
     ) -> None:
         self.provider = provider
         self.name = provider.name
+        rate = getattr(provider, "capacity", None)
+        self._rate: Callable[[], float] | None = rate if callable(rate) else None
         self.weight = weight
         self.window = settings.window
         self.inflight = 0  # segments
@@ -96,6 +103,9 @@ class OperatorRoute:
         room = _UNLIMITED
         if self.window:
             room = self.window - self.inflight
+        clears = self.clears()
+        if clears:
+            room = min(room, clears - self.inflight)
         if self.bucket is not None:
             self.bucket.refill(now)
             tokens = int(self.bucket.tokens + _TOKEN_SLACK)
@@ -118,6 +128,17 @@ class OperatorRoute:
             return 1
         return n
 
+    def clears(self) -> int:
+        """Segments the operator clears in CLEAR_S at the rate it says it can take now (at
+        least one call's worth); 0: it says nothing, or it can take nothing now (no bind up:
+        its calls then fail, and the breaker moves work elsewhere)."""
+        if self._rate is None:
+            return 0
+        rate = self._rate()
+        if rate <= 0:
+            return 0
+        return max(self.max_call or 1, int(rate * CLEAR_S))
+
     def idle(self) -> bool:
         """Nothing in flight here, and the bucket (if any) full."""
         return self.inflight == 0 and (
@@ -135,6 +156,9 @@ class OperatorRoute:
         reopens = self.breaker.reopens_at()
         if reopens is not None:
             times.append(reopens)
+        if self._rate is not None and self.inflight and self.inflight >= self.clears():
+            # Its rate may change without a call ending (a throttled bind recovering).
+            times.append(now + CLEAR_S / 4)
         if self.bucket is not None:
             self.bucket.refill(now)
             short = self._tokens_needed(want) - self.bucket.tokens
@@ -163,6 +187,7 @@ class OperatorRoute:
             "weight": self.weight,
             "inflight": self.inflight,
             "window": self.window or None,
+            "clears": self.clears() or None,
             "max_per_second": self.bucket.rate if self.bucket is not None else None,
             # Below one token: the throughput cap holds this operator's calls back now.
             "capped": self.bucket is not None and self.bucket.tokens < 1 - _TOKEN_SLACK,
