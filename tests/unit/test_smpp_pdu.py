@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,6 +35,8 @@ from smsgw.connectors.operators.smpp.pdu import (
     Tlvs,
     Unbind,
     UnbindResp,
+    _decode_by_layout,
+    _encode_by_layout,
     decode,
     encode,
     next_sequence_number,
@@ -442,3 +446,87 @@ def test_sequence_numbers_wrap_within_the_spec_range() -> None:
     assert next_sequence_number(1) == 2
     assert next_sequence_number(MAX_SEQUENCE_NUMBER - 1) == MAX_SEQUENCE_NUMBER
     assert next_sequence_number(MAX_SEQUENCE_NUMBER) == 1
+
+
+# --- the fast paths read and write what the layouts do -----------------------------------------
+
+_any_short_message = st.one_of(
+    *(
+        st.builds(
+            cls,
+            sequence_number=st.integers(0, 0xFFFFFFFF),
+            command_status=st.sampled_from([0, 0, 0x58, 0xFFFFFFFF]),
+            service_type=_cstr.filter(lambda s: len(s) <= 6),
+            source_addr_ton=st.integers(0, 256),
+            source_addr_npi=_octet,
+            source_addr=_cstr.filter(lambda s: len(s) <= 21) | st.just("Ü€\0"),
+            dest_addr_npi=_octet,
+            destination_addr=_cstr.filter(lambda s: len(s) <= 21),
+            esm_class=_octet,
+            priority_flag=_octet,
+            schedule_delivery_time=_cstr.filter(lambda s: len(s) <= 17),
+            validity_period=_cstr.filter(lambda s: len(s) <= 17),
+            registered_delivery=_octet,
+            data_coding=_octet,
+            sm_default_msg_id=_octet,
+            short_message=st.binary(max_size=256),
+            tlvs=st.just(Tlvs()) | _tlvs,
+        )
+        for cls in (SubmitSm, DeliverSm)
+    )
+)
+_any_message_id_resp = st.one_of(
+    *(
+        st.builds(
+            cls,
+            sequence_number=st.integers(0, 0xFFFFFFFF),
+            command_status=st.sampled_from([0, 0, 0x58]),
+            message_id=_cstr.filter(lambda s: len(s) <= 65) | st.just("€"),
+            tlvs=st.just(Tlvs()) | _tlvs,
+        )
+        for cls in (SubmitSmResp, DeliverSmResp, DataSmResp)
+    )
+)
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """What a call returns, or the error it raises, in a form to compare."""
+    try:
+        return call()
+    except PduError as exc:
+        return (type(exc), exc.status, exc.sequence_number, exc.command_id, str(exc))
+    except ValueError as exc:
+        return (ValueError, str(exc))
+
+
+@SETTINGS
+@given(_any_short_message | _any_message_id_resp)
+def test_fast_encoding_writes_what_the_layout_writes(pdu: Pdu) -> None:
+    assert _outcome(lambda: encode(pdu)) == _outcome(lambda: _encode_by_layout(pdu))
+
+
+@SETTINGS
+@given(
+    _any_short_message | _any_message_id_resp,
+    st.lists(st.tuples(st.integers(16, 400), st.integers(0, 255)), max_size=3),
+    st.integers(0, 30),
+)
+def test_fast_decoding_reads_what_the_layout_reads(
+    pdu: Pdu, damage: list[tuple[int, int]], cut: int
+) -> None:
+    """Whole, damaged or cut short, a frame decodes as the layout reads it, or fails alike."""
+    try:
+        frame = bytearray(_encode_by_layout(pdu))
+    except ValueError:
+        return
+    for at, octet in damage:
+        if at < len(frame):
+            frame[at] = octet
+    del frame[max(16, len(frame) - cut) :]
+    frame[:4] = len(frame).to_bytes(4, "big")
+    whole = bytes(frame)
+    cls = type(pdu)
+    by_layout = _outcome(
+        lambda: _decode_by_layout(cls, whole, pdu.command_status, pdu.sequence_number)
+    )
+    assert _outcome(lambda: decode(whole)) == by_layout

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 from typing import Any, ClassVar, Final, Literal, NamedTuple
 
@@ -123,6 +123,7 @@ _NAMED_TLVS: tuple[tuple[str, Tag, _TlvKind], ...] = (
 _NAMED_BY_TAG = {tag: (name, kind) for name, tag, kind in _NAMED_TLVS}
 _FIXED_TLV_LENGTH = {"u8": 1, "u16": 2, "network_error": 3}
 _RECEIPTED_MESSAGE_ID_MAX = 65
+_NO_TLVS: Final = Tlvs()
 
 
 # --- PDUs -----------------------------------------------------------------------------------
@@ -369,6 +370,23 @@ def encode(pdu: Pdu) -> bytes:
     too long for its C-octet field or not Latin-1, an integer not an octet, a short_message
     over 254 octets): values inside the gateway are valid, so this is a programming error."""
     cls = type(pdu)
+    fast = _FAST_ENCODERS.get(cls)
+    if (
+        fast is not None
+        and 0 <= pdu.sequence_number <= 0xFFFFFFFF
+        and 0 <= pdu.command_status <= 0xFFFFFFFF
+    ):
+        fast_body = fast(pdu)
+        if fast_body is not None:
+            length = HEADER_LENGTH + len(fast_body)
+            header = _HEADER.pack(length, cls.command_id, pdu.command_status, pdu.sequence_number)
+            return header + fast_body
+    return _encode_by_layout(pdu)
+
+
+def _encode_by_layout(pdu: Pdu) -> bytes:
+    """`encode`, any PDU, field by field as its layout lists them."""
+    cls = type(pdu)
     body = bytearray()
     if not (pdu.command_status and cls in _NO_BODY_ON_ERROR):
         for spec in _LAYOUTS[cls]:
@@ -395,6 +413,85 @@ def encode(pdu: Pdu) -> bytes:
         HEADER_LENGTH + len(body), cls.command_id, pdu.command_status, pdu.sequence_number
     )
     return header + bytes(body)
+
+
+def _short_message_body(pdu: Pdu) -> bytes | None:
+    """The body of a valid submit_sm or deliver_sm, written out field by field; None when a
+    field is out of range or the PDU is an error response (`encode` then says which)."""
+    assert isinstance(pdu, _ShortMessage)
+    try:
+        service_type = pdu.service_type.encode("latin-1")
+        source = pdu.source_addr.encode("latin-1")
+        destination = pdu.destination_addr.encode("latin-1")
+        schedule = pdu.schedule_delivery_time.encode("latin-1")
+        validity = pdu.validity_period.encode("latin-1")
+        short_message = pdu.short_message
+        parts = [
+            service_type,
+            bytes((0, pdu.source_addr_ton, pdu.source_addr_npi)),
+            source,
+            bytes((0, pdu.dest_addr_ton, pdu.dest_addr_npi)),
+            destination,
+            bytes((0, pdu.esm_class, pdu.protocol_id, pdu.priority_flag)),
+            schedule,
+            b"\0",
+            validity,
+            bytes(
+                (
+                    0,
+                    pdu.registered_delivery,
+                    pdu.replace_if_present_flag,
+                    pdu.data_coding,
+                    pdu.sm_default_msg_id,
+                    len(short_message),
+                )
+            ),
+            short_message,
+        ]
+    except (ValueError, TypeError):  # not Latin-1 (UnicodeEncodeError), or not an octet
+        return None
+    if (
+        len(short_message) > 254
+        or len(service_type) >= 6
+        or len(source) >= 21
+        or len(destination) >= 21
+        or len(schedule) >= 17
+        or len(validity) >= 17
+        or b"\0" in service_type + source + destination + schedule + validity
+    ):
+        return None
+    if pdu.tlvs != _NO_TLVS:
+        tlvs = bytearray()
+        _encode_tlvs(pdu.tlvs, tlvs)
+        parts.append(bytes(tlvs))
+    return b"".join(parts)
+
+
+def _message_id_body(pdu: Pdu) -> bytes | None:
+    """The body of a response with only a message_id (and no TLVs); None for any other."""
+    assert isinstance(pdu, SubmitSmResp | DeliverSmResp | DataSmResp)
+    if pdu.tlvs != _NO_TLVS:
+        return None
+    if pdu.command_status and type(pdu) in _NO_BODY_ON_ERROR:
+        return b""
+    if not pdu.message_id:
+        return b"\0"
+    try:
+        raw = pdu.message_id.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    if len(raw) >= 65 or b"\0" in raw:
+        return None
+    return raw + b"\0"
+
+
+_FAST_ENCODERS: Final[dict[type[Pdu], Callable[[Pdu], bytes | None]]] = {
+    SubmitSm: _short_message_body,
+    DeliverSm: _short_message_body,
+    SubmitSmResp: _message_id_body,
+    DeliverSmResp: _message_id_body,
+    DataSmResp: _message_id_body,
+}
 
 
 def _cstring(name: str, value: str, max_octets: int) -> bytes:
@@ -471,6 +568,17 @@ def decode(frame: bytes) -> Pdu:
             sequence_number=sequence_number,
             command_id=command_id,
         )
+    fast = _FAST_DECODERS.get(cls)
+    if fast is not None:
+        pdu = fast(cls, frame, status, sequence_number)
+        if pdu is not None:
+            return pdu
+    return _decode_by_layout(cls, frame, status, sequence_number)
+
+
+def _decode_by_layout(cls: type[Pdu], frame: bytes, status: int, sequence_number: int) -> Pdu:
+    """`decode` once the header is checked, any PDU, field by field as its layout lists them."""
+    command_id = cls.command_id
     body = _Body(frame, sequence_number, command_id)
     fields: dict[str, Any] = {}
     # Responses carrying an error often (and by the spec, for some) come without a body.
@@ -488,6 +596,84 @@ def decode(frame: bytes) -> Pdu:
     if body.pos != len(frame):
         raise body.error(f"{len(frame) - body.pos} octets after the body", _S.ESME_RINVCMDLEN)
     return cls(sequence_number=sequence_number, command_status=status, **fields)
+
+
+def _decode_message_id(
+    cls: type[SubmitSmResp], frame: bytes, status: int, sequence_number: int
+) -> Pdu | None:
+    """A submit_sm_resp that is a message_id and nothing else, or has no body; None for any
+    other (`decode` reads it, or says what is wrong with it)."""
+    if len(frame) == HEADER_LENGTH:
+        return cls(sequence_number=sequence_number, command_status=status)
+    end = frame.find(b"\0", HEADER_LENGTH, HEADER_LENGTH + 65)
+    if end != len(frame) - 1:
+        return None
+    message_id = frame[HEADER_LENGTH:end].decode("latin-1")
+    return cls(sequence_number=sequence_number, command_status=status, message_id=message_id)
+
+
+def _decode_short_message(
+    cls: type[_ShortMessage], frame: bytes, status: int, sequence_number: int
+) -> Pdu | None:
+    """A valid deliver_sm or submit_sm, read field by field (the C-octet strings found first,
+    the octets between them read after); None for anything `decode` has to look at."""
+    find = frame.find
+    service_end = find(b"\0", HEADER_LENGTH, HEADER_LENGTH + 6)
+    if service_end < 0:
+        return None
+    source_end = find(b"\0", service_end + 3, service_end + 3 + 21)
+    if source_end < 0:
+        return None
+    destination_end = find(b"\0", source_end + 3, source_end + 3 + 21)
+    if destination_end < 0:
+        return None
+    schedule_end = find(b"\0", destination_end + 4, destination_end + 4 + 17)
+    if schedule_end < 0:
+        return None
+    validity_end = find(b"\0", schedule_end + 1, schedule_end + 1 + 17)
+    if validity_end < 0:
+        return None
+    sm_length_at = validity_end + 5
+    if sm_length_at >= len(frame):
+        return None
+    sm_end = sm_length_at + 1 + frame[sm_length_at]
+    if sm_end > len(frame):
+        return None
+    if sm_end == len(frame):
+        tlvs = _NO_TLVS
+    else:
+        body = _Body(frame, sequence_number, cls.command_id)
+        body.pos = sm_end
+        tlvs = body.tlvs()
+    return cls(
+        sequence_number=sequence_number,
+        command_status=status,
+        service_type=frame[HEADER_LENGTH:service_end].decode("latin-1"),
+        source_addr_ton=frame[service_end + 1],
+        source_addr_npi=frame[service_end + 2],
+        source_addr=frame[service_end + 3 : source_end].decode("latin-1"),
+        dest_addr_ton=frame[source_end + 1],
+        dest_addr_npi=frame[source_end + 2],
+        destination_addr=frame[source_end + 3 : destination_end].decode("latin-1"),
+        esm_class=frame[destination_end + 1],
+        protocol_id=frame[destination_end + 2],
+        priority_flag=frame[destination_end + 3],
+        schedule_delivery_time=frame[destination_end + 4 : schedule_end].decode("latin-1"),
+        validity_period=frame[schedule_end + 1 : validity_end].decode("latin-1"),
+        registered_delivery=frame[validity_end + 1],
+        replace_if_present_flag=frame[validity_end + 2],
+        data_coding=frame[validity_end + 3],
+        sm_default_msg_id=frame[validity_end + 4],
+        short_message=frame[sm_length_at + 1 : sm_end],
+        tlvs=tlvs,
+    )
+
+
+_FAST_DECODERS: Final[dict[type[Pdu], Callable[[Any, bytes, int, int], Pdu | None]]] = {
+    SubmitSmResp: _decode_message_id,
+    SubmitSm: _decode_short_message,
+    DeliverSm: _decode_short_message,
+}
 
 
 class _Body:
