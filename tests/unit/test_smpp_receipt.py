@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smsgw.connectors.operators.smpp.pdu import DataSm, DeliverSm, NetworkErrorCode, Tlvs
 from smsgw.connectors.operators.smpp.receipt import (
     Receipt,
     ReceiptState,
+    _matched_fields,
+    _standard_fields,
     canonical_message_id,
     parse_receipt,
     receipt_fields,
@@ -221,3 +225,75 @@ def test_message_ids_match_across_hex_and_decimal() -> None:
     assert canonical_message_id("000") == "0"
     assert receipt_id_candidates("0ABC")[0] == "abc"
     assert receipt_id_candidates("abc-1") == ("abc-1",)
+
+
+# --- the spec's layout, read without the regular expression -----------------------------------
+
+STANDARD = (
+    "id:7220304c sub:001 dlvrd:001 submit date:2401121551 done date:2401121552"
+    " stat:DELIVRD err:000 text:Hello wor"
+)
+
+
+def test_the_standard_layout_is_cut_not_matched() -> None:
+    fields = _standard_fields(STANDARD)
+    assert fields == _matched_fields(STANDARD) == receipt_fields(STANDARD)
+    assert fields is not None and fields["submitdate"] == "2401121551"
+    assert _standard_fields(STANDARD.removesuffix(" text:Hello wor")) is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        STANDARD.replace("text:", "Text:"),
+        STANDARD.replace("id:", "ID:"),
+        STANDARD.replace("submit date", "submit_date"),
+        STANDARD.replace(" sub:", "  sub:"),
+        STANDARD.replace("err:000", "err: 000"),
+        STANDARD.replace("err:000", "err:"),
+        STANDARD.replace("stat:DELIVRD", "stat:DELIV:RD"),
+        STANDARD.replace("dlvrd:001", "dlvrd:0\t01"),
+        STANDARD.replace("dlvrd:001 ", ""),
+        STANDARD + " stat:x",  # in the text: the text field runs to the end
+        "id:1 stat:DELIVRD err:000",
+        "",
+    ],
+)
+def test_other_layouts_go_to_the_regular_expression(text: str) -> None:
+    assert receipt_fields(text) == _matched_fields(text)
+    if text != STANDARD + " stat:x":
+        assert _standard_fields(text) is None
+
+
+_value = st.text(alphabet=st.sampled_from(list("0aZ-_:  \t\xa0é")), max_size=4) | st.sampled_from(
+    ["1", "DELIVRD", "sub", "text", "err:1", "date", " id", "2401121551"]
+)
+_separator = st.sampled_from([" ", " ", " ", " ", "  ", "\t", "_", ""])
+_NAMES = ("id", "sub", "dlvrd", "submit date", "done date", "stat", "err", "text")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(_value, min_size=8, max_size=8),
+    st.lists(_separator, min_size=8, max_size=8),
+    st.integers(6, 8),
+)
+def test_cutting_reads_what_matching_reads(
+    values: list[str], separators: list[str], count: int
+) -> None:
+    """However a receipt's text is laid out, the fast path reads it as the regular expression
+    does, or leaves it to it."""
+    text = "".join(
+        f"{sep}{name}:{value}"
+        for name, sep, value in zip(_NAMES[:count], separators, values, strict=False)
+    )
+    for candidate in (text, text.lstrip(), "id:x " + text.lstrip()):
+        assert receipt_fields(candidate) == _matched_fields(candidate)
+
+
+def test_dates_are_read_once_per_value() -> None:
+    first = parse_receipt(STANDARD)
+    second = parse_receipt(STANDARD.replace("7220304c", "7220304d"))
+    assert first is not None and second is not None
+    assert first.submitted == second.submitted == datetime(2024, 1, 12, 15, 51)
+    assert first.submitted is second.submitted

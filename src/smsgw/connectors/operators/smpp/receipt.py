@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from functools import lru_cache
 from typing import Final, Literal
 
 import msgspec
@@ -59,6 +60,19 @@ _FIELD = re.compile(
     r"\b(id|sub|dlvrd|submit[ _]?date|done[ _]?date|stat|err|text)\s*:\s*", re.IGNORECASE
 )
 _DATE_FORMATS: Final = {10: "%y%m%d%H%M", 12: "%y%m%d%H%M%S", 14: "%Y%m%d%H%M%S"}
+# The spec's layout, "id:V sub:V dlvrd:V submit date:V done date:V stat:V err:V[ text:...]",
+# cut on spaces: each token and the field it names ("" for the first word of a date's name).
+_STANDARD_TOKENS: Final = (
+    ("id:", "id"),
+    ("sub:", "sub"),
+    ("dlvrd:", "dlvrd"),
+    ("submit", ""),
+    ("date:", "submitdate"),
+    ("done", ""),
+    ("date:", "donedate"),
+    ("stat:", "stat"),
+    ("err:", "err"),
+)
 
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +100,12 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True):
 def receipt_fields(text: str) -> dict[str, str]:
     """The `name:value` fields of a receipt's text, names lower case without space or '_'
     ("submitdate"). The text field is last and runs to the end, whatever it holds."""
+    standard = _standard_fields(text)
+    return standard if standard is not None else _matched_fields(text)
+
+
+def _matched_fields(text: str) -> dict[str, str]:
+    """`receipt_fields` of any text, by finding the field names in it."""
     fields: dict[str, str] = {}
     matches = list(_FIELD.finditer(text))
     for i, m in enumerate(matches):
@@ -95,6 +115,29 @@ def receipt_fields(text: str) -> dict[str, str]:
             break
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         fields.setdefault(name, text[m.end() : end].strip())
+    return fields
+
+
+def _standard_fields(text: str) -> dict[str, str] | None:
+    """`receipt_fields` of a text in the spec's layout, with one space between fields and
+    values without spaces or colons (what the regular expression would read the same way),
+    read by cutting rather than matching; None for any other text."""
+    head, marker, rest = text.partition(" text:")
+    tokens = head.split(" ")
+    if len(tokens) != len(_STANDARD_TOKENS):
+        return None
+    fields: dict[str, str] = {}
+    for token, (prefix, name) in zip(tokens, _STANDARD_TOKENS, strict=True):
+        if not name:
+            if token != prefix:
+                return None
+            continue
+        value = token[len(prefix) :]
+        if not token.startswith(prefix) or not value or ":" in value or not value.isprintable():
+            return None
+        fields[name] = value
+    if marker:
+        fields["text"] = rest.strip()
     return fields
 
 
@@ -194,8 +237,11 @@ def report_for(receipt: Receipt, recent: dict[str, bool]) -> DeliveryReport | No
 
 
 def _date(value: str | None) -> datetime | None:
-    if not value:
-        return None
+    return _parse_date(value) if value else None
+
+
+@lru_cache(maxsize=1024)  # a receipt's dates repeat those of the receipts just before it
+def _parse_date(value: str) -> datetime | None:
     digits = re.sub(r"\D", "", value)
     fmt = _DATE_FORMATS.get(len(digits))
     if fmt is None:
