@@ -4,8 +4,8 @@ One operator is `binds` TCP sessions (or, with `bind=tx+rx`, that many transmitt
 receivers). Each session has its own window of outstanding submit_sm and its own send rate in
 PDUs per second (a token bucket whose rate is an `AimdRate`, halved when the SMSC throttles and
 never above `tps`). `send_batch` cuts every message into the parts `encoding.split` gives
-(exactly the segments the gateway priced) and puts them on one rendezvous channel that every
-bound transmitter takes from when it has a window slot: parts go to whichever bind has room,
+(exactly the segments the gateway priced) and puts them on one queue that every bound
+transmitter takes from when it has window slots: parts go to whichever bind has room,
 pipelined up to the windows, and a broken bind simply stops taking.
 
 Results, one per message:
@@ -213,12 +213,13 @@ class SmppOperator:
             round_ = Round(len(todo))
             for job in todo:
                 job.round = round_
+            self._shared.put(todo)
             try:
-                for job in todo:
-                    await self._shared.jobs_send.send(job)
                 await round_.done.wait()
             finally:
                 round_.abandoned = True
+                if not round_.done.is_set():  # cancelled: what is still queued is not sent
+                    self._shared.withdraw(round_)
             todo = [job for job in todo if job.status == "temporary" and job.retry]
             if not todo:
                 break

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import struct
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Literal
 
 import msgspec
@@ -79,7 +79,7 @@ class Round:
 
 
 class Job:
-    """One part to submit: its encoded submit_sm (sequence number 0, patched when sent)."""
+    """One part to submit: its encoded submit_sm (sequence number 0, replaced when sent)."""
 
     __slots__ = ("first", "frame", "message_id", "reason", "retry", "round", "status")
 
@@ -133,9 +133,7 @@ _SESSION_ERRORS = (*_TRANSPORT_ERRORS, EOFError, _SessionEnd, _BindRefused, trio
 
 
 def _with_sequence(frame: bytes, sequence_number: int) -> bytes:
-    out = bytearray(frame)
-    struct.pack_into(">I", out, 12, sequence_number)
-    return bytes(out)
+    return frame[:12] + sequence_number.to_bytes(4, "big") + frame[16:]
 
 
 # --- what one operator's binds share ---------------------------------------------------------
@@ -143,8 +141,8 @@ def _with_sequence(frame: bytes, sequence_number: int) -> bytes:
 
 class Shared:
     """What the sessions of one SmppOperator work from, owned by it: the parts to send (a
-    rendezvous channel every bound transmitter takes from when it has room), the ids of the
-    parts sent lately, the counters, where receipts go, and the reconnect backoff."""
+    queue every bound transmitter takes from when it has room), the ids of the parts sent
+    lately, the counters, where receipts go, and the reconnect backoff."""
 
     def __init__(
         self,
@@ -162,7 +160,8 @@ class Shared:
         self.receipt_linger = receipt_linger
         self.reconnect_base = reconnect_base
         self.reconnect_cap = reconnect_cap
-        self.jobs_send, self.jobs_receive = trio.open_memory_channel[Job](0)
+        self.queue: deque[Job] = deque()  # parts not yet taken by a transmitter, in order
+        self.jobs_queued = trio.lowlevel.ParkingLot()  # transmitters with room, waiting for parts
         # Canonical ids of the parts sent lately -> whether each was its message's first.
         self.recent: dict[str, bool] = {}
         self.counts: dict[str, int] = {
@@ -185,6 +184,18 @@ class Shared:
         recent[message_id] = first
         if len(recent) > RECENT_IDS:
             del recent[next(iter(recent))]
+
+    def put(self, jobs: Iterable[Job]) -> None:
+        """Queue parts for the bound transmitters, waking those that wait for some."""
+        self.queue.extend(jobs)
+        if self.jobs_queued:
+            self.jobs_queued.unpark_all()
+
+    def withdraw(self, round_: Round) -> None:
+        """Take a round's parts that no transmitter took yet off the queue."""
+        kept = [job for job in self.queue if job.round is not round_]
+        self.queue.clear()
+        self.queue.extend(kept)
 
     def bound_changed(self) -> None:
         """A session bound or lost its bind: wake whoever waits in `wait_bound_changed`."""
@@ -328,38 +339,46 @@ class Session:
             await conn.stream.send_all(b"".join(frames))
 
     async def _submit(self, conn: Connection) -> None:
-        """Take a part whenever the window has a slot and the rate a token; send it."""
-        jobs = self.shared.jobs_receive
+        """Whenever the window has slots, the rate tokens and the queue parts, take as many
+        parts as all three allow and send them in one write."""
+        shared = self.shared
+        queue = shared.queue
+        pending = conn.pending
         while True:
-            await conn.window.acquire()
-            job = await jobs.receive()
-            try:
+            if not conn.free:
+                await conn.slot_freed.park()
+                continue
+            if not queue:
+                await shared.jobs_queued.park()
+                continue
+            tokens = self._refill_tokens()
+            if tokens < 1.0:
+                await trio.sleep((1.0 - tokens) / self.rate.rate)
+                continue
+            deadline = trio.current_time() + self.config.timeout
+            frames = []
+            while queue and conn.free and tokens >= 1.0:
+                job = queue.popleft()
                 if job.round.abandoned:
-                    conn.window.release()
                     job.finish("temporary", reason="smpp_abandoned")
                     continue
-                await self._take_token()
-            except BaseException:
-                job.finish("temporary", reason="smpp_not_sent", retry=True)
-                raise
-            seq = conn.next_seq()
-            conn.pending[seq] = InFlight(job, trio.current_time() + self.config.timeout)
-            conn.outbox.send_nowait(_with_sequence(job.frame, seq))
-            self.shared.counts["submit_sm"] += 1
+                tokens -= 1.0
+                conn.free -= 1
+                seq = conn.next_seq()
+                pending[seq] = InFlight(job, deadline)
+                frames.append(_with_sequence(job.frame, seq))
+            self._tokens = tokens
+            if frames:
+                conn.outbox.send_nowait(b"".join(frames))
+                shared.counts["submit_sm"] += len(frames)
 
-    async def _take_token(self) -> None:
-        """A token bucket at the AIMD rate, holding at most 50 ms of it (at least one)."""
+    def _refill_tokens(self) -> float:
+        """The token bucket at the AIMD rate, holding at most 50 ms of it (at least one)."""
         rate = self.rate.rate
-        burst = max(1.0, rate / 20)
         now = trio.current_time()
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens = min(max(1.0, rate / 20), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
-        if self._tokens < 1.0:
-            await trio.sleep((1.0 - self._tokens) / rate)
-            now = trio.current_time()
-            self._tokens += (now - self._tokens_at) * rate
-            self._tokens_at = now
-        self._tokens -= 1.0
+        return self._tokens
 
     async def _expire(self, conn: Connection) -> None:
         """Fail parts whose response is late; end the session on a late enquire_link_resp.
@@ -378,7 +397,7 @@ class Session:
                 del pending[seq]
                 if entry.job is None:
                     raise _SessionEnd("enquire_link unanswered")
-                conn.window.release()
+                conn.release_slot()
                 self.shared.counts["timeouts"] += 1
                 entry.job.finish("temporary", reason="smpp_response_timeout")
 
@@ -390,9 +409,12 @@ class Session:
             conn.outbox.send_nowait(encode(EnquireLink(sequence_number=seq)))
 
     async def _read(self, conn: Connection) -> None:
+        """Answer every PDU the SMSC sends, those of one read in one go, until it closes the
+        connection or unbinds."""
+        reader = conn.reader
         while True:
             try:
-                pdu = await conn.next_pdu()
+                pdu = reader.next_pdu()
             except FramingError as exc:
                 conn.outbox.send_nowait(
                     encode(GenericNack(sequence_number=0, command_status=exc.status))
@@ -401,9 +423,12 @@ class Session:
             except PduError as exc:
                 self._on_bad_pdu(conn, exc)
                 continue
-            except EOFError:
-                return
-            if self._on_pdu(conn, pdu):
+            if pdu is None:
+                data = await conn.stream.receive_some(_READ_SIZE)
+                if not data:
+                    return
+                reader.feed(data)
+            elif self._on_pdu(conn, pdu):
                 return
 
     def _on_bad_pdu(self, conn: Connection, exc: PduError) -> None:
@@ -413,7 +438,7 @@ class Session:
         if command_id & 0x80000000:
             entry = conn.pending.pop(seq, None)
             if entry is not None and entry.job is not None:
-                conn.window.release()
+                conn.release_slot()
                 entry.job.finish("temporary", reason="smpp_bad_response")
             return
         conn.outbox.send_nowait(encode(GenericNack(sequence_number=seq, command_status=exc.status)))
@@ -426,12 +451,12 @@ class Session:
                 if entry is None or entry.job is None:
                     self.shared.counts["late_responses"] += 1
                     return False
-                conn.window.release()
+                conn.release_slot()
                 self._answer(entry.job, pdu.command_status, pdu.message_id)
             case GenericNack():
                 entry = conn.pending.pop(pdu.sequence_number, None)
                 if entry is not None and entry.job is not None:
-                    conn.window.release()
+                    conn.release_slot()
                     reason = f"smpp_generic_nack:{status_name(pdu.command_status)}"
                     entry.job.finish("temporary", reason=reason)
             case EnquireLinkResp():
@@ -517,10 +542,13 @@ class Session:
                     except Exception as exc:
                         log.warning("%s: receipts not recorded: %r", shared.name, exc)
                         status = CommandStatus.ESME_RX_T_APPN
-            for resp, _ in items:
-                if status:
-                    resp = msgspec.structs.replace(resp, command_status=status)
-                conn.outbox.send_nowait(encode(resp))
+            if status:
+                items = [
+                    (msgspec.structs.replace(resp, command_status=status), receipt)
+                    for resp, receipt in items
+                ]
+            if items:
+                conn.outbox.send_nowait(b"".join([encode(resp) for resp, _ in items]))
 
 
 class Connection:
@@ -530,7 +558,8 @@ class Connection:
         self.stream = stream
         self.reader = PduReader()
         self.pending: dict[int, InFlight] = {}
-        self.window = trio.Semaphore(window)
+        self.free = window  # window slots no submit_sm holds
+        self.slot_freed = trio.lowlevel.ParkingLot()  # the transmitter, waiting for a slot
         self.outbox, self.outbox_receive = trio.open_memory_channel[bytes](float("inf"))
         self.receipts: list[tuple[Pdu, Receipt]] = []
         self.receipts_ready = trio.Event()
@@ -538,6 +567,12 @@ class Connection:
         self.bound = False
         self.peer_unbound = False
         self._seq = 0
+
+    def release_slot(self) -> None:
+        """A submit_sm was answered (or given up on): its slot is free again."""
+        self.free += 1
+        if self.slot_freed:
+            self.slot_freed.unpark_all()
 
     def next_seq(self) -> int:
         self._seq = next_sequence_number(self._seq)
