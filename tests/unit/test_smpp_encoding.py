@@ -71,6 +71,19 @@ def test_extension_characters_take_an_escape_and_two_septets() -> None:
     assert gsm7_text(gsm7_septets("a€b[c]")) == "a€b[c]"
 
 
+def test_every_character_is_its_table_septet_alone_or_in_a_text() -> None:
+    for septet, c in enumerate(GSM7_BASIC):
+        if c != "\x1b":
+            assert gsm7_septets(c) == bytes([septet])
+    for c, code in GSM7_EXTENSION.items():
+        assert gsm7_septets(c) == bytes([0x1B, code])
+    every = GSM_CHARS + EXTENSION_CHARS
+    assert gsm7_septets(every) == b"".join(gsm7_septets(c) for c in every)
+    for outside in ("\x1b", "`", PERSIAN, "a" * 200 + "`"):
+        with pytest.raises(KeyError):
+            gsm7_septets(outside)
+
+
 def test_an_escape_before_an_unknown_code_reads_as_the_basic_character() -> None:
     assert gsm7_text(bytes([0x1B, 0x41, 0x62])) == "Ab"
     assert gsm7_text(bytes([0x61, 0x1B])) == "a"

@@ -37,9 +37,11 @@ from smsgw.connectors.operators.smpp.pdu import (
     UnbindResp,
     _decode_by_layout,
     _encode_by_layout,
+    address_field,
     decode,
     encode,
     next_sequence_number,
+    submit_sm_frame,
 )
 from smsgw.connectors.operators.smpp.status import CommandStatus as S
 
@@ -530,3 +532,78 @@ def test_fast_decoding_reads_what_the_layout_reads(
         lambda: _decode_by_layout(cls, whole, pdu.command_status, pdu.sequence_number)
     )
     assert _outcome(lambda: decode(whole)) == by_layout
+
+
+@SETTINGS
+@given(
+    st.tuples(_octet, _octet, _cstr.filter(lambda s: len(s) <= 20)),
+    st.tuples(_octet, _octet, _cstr.filter(lambda s: len(s) <= 20)),
+    _octet,
+    st.integers(0, 1),
+    _octet,
+    st.binary(max_size=254),
+    st.just(Tlvs()) | _tlvs,
+)
+def test_a_part_s_frame_is_its_submit_sm_encoded(
+    source: tuple[int, int, str],
+    destination: tuple[int, int, str],
+    esm_class: int,
+    registered_delivery: int,
+    data_coding: int,
+    short_message: bytes,
+    tlvs: Tlvs,
+) -> None:
+    frame = submit_sm_frame(
+        address_field("source_addr", *source),
+        address_field("destination_addr", *destination),
+        esm_class=esm_class,
+        registered_delivery=registered_delivery,
+        data_coding=data_coding,
+        short_message=short_message,
+        tlvs=tlvs,
+    )
+    assert frame == encode(
+        SubmitSm(
+            sequence_number=0,
+            source_addr_ton=source[0],
+            source_addr_npi=source[1],
+            source_addr=source[2],
+            dest_addr_ton=destination[0],
+            dest_addr_npi=destination[1],
+            destination_addr=destination[2],
+            esm_class=esm_class,
+            registered_delivery=registered_delivery,
+            data_coding=data_coding,
+            short_message=short_message,
+            tlvs=tlvs,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "short_message"),
+    [((5, 0, "x" * 21), b""), ((5, 0, "€"), b""), ((256, 0, "x"), b""), ((5, 0, "x"), b"x" * 255)],
+)
+def test_a_part_s_frame_is_refused_as_encode_refuses_it(
+    source: tuple[int, int, str], short_message: bytes
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        encode(
+            SubmitSm(
+                sequence_number=0,
+                source_addr_ton=source[0],
+                source_addr_npi=source[1],
+                source_addr=source[2],
+                short_message=short_message,
+            )
+        )
+    with pytest.raises(ValueError) as fast:
+        submit_sm_frame(
+            address_field("source_addr", *source),
+            address_field("destination_addr", 0, 0, ""),
+            esm_class=0,
+            registered_delivery=0,
+            data_coding=0,
+            short_message=short_message,
+        )
+    assert str(fast.value) == str(caught.value)

@@ -45,12 +45,13 @@ import trio
 from smsgw.connectors.operators.smpp.address import destination_address, source_address
 from smsgw.connectors.operators.smpp.config import SmppConfig, operator_name
 from smsgw.connectors.operators.smpp.encoding import Part, split
-from smsgw.connectors.operators.smpp.pdu import SubmitSm, encode
+from smsgw.connectors.operators.smpp.pdu import address_field, submit_sm_frame
 from smsgw.connectors.operators.smpp.receipt import canonical_message_id
 from smsgw.connectors.operators.smpp.session import Job, ReceiptSink, Round, Session, Shared
 from smsgw.engine.messages import OutboundSms, SendResult
 
 THROTTLE_ROUNDS: Final = 3
+_SOURCES_KEPT: Final = 1_000  # senders whose source address is kept encoded
 
 
 class SmppOperator:
@@ -94,6 +95,7 @@ class SmppOperator:
             Session(self._shared, index, role) for index in range(config.binds) for role in roles
         ]
         self._ref = random.randrange(0x10000)
+        self._sources: dict[str, bytes] = {}
         self._closed = False
         self._cancel: trio.CancelScope | None = None
 
@@ -168,28 +170,38 @@ class SmppOperator:
             packed=self.config.gsm7 == "packed",
         )
 
+    def _source_field(self, sender: str) -> bytes:
+        """The sender as a submit_sm's source address, worked out once per sender."""
+        field = self._sources.get(sender)
+        if field is None:
+            source = source_address(sender)
+            field = address_field("source_addr", source.ton, source.npi, source.addr)
+            if len(self._sources) >= _SOURCES_KEPT:
+                self._sources.clear()
+            self._sources[sender] = field
+        return field
+
     def _jobs_for(self, sms: OutboundSms) -> list[Job]:
         """The submit_sm of each part (ValueError when the message cannot be encoded)."""
-        source = source_address(sms.sender)
         dest = destination_address(sms.to)
-        jobs = []
-        for number, part in enumerate(self._parts(sms)):
-            pdu = SubmitSm(
-                sequence_number=0,
-                source_addr_ton=source.ton,
-                source_addr_npi=source.npi,
-                source_addr=source.addr,
-                dest_addr_ton=dest.ton,
-                dest_addr_npi=dest.npi,
-                destination_addr=dest.addr,
-                esm_class=part.esm_class,
-                registered_delivery=1 if number == 0 else 0,
-                data_coding=part.data_coding,
-                short_message=part.short_message,
-                tlvs=part.tlvs,
+        parts = self._parts(sms)
+        source = self._source_field(sms.sender)
+        destination = address_field("destination_addr", dest.ton, dest.npi, dest.addr)
+        return [
+            Job(
+                submit_sm_frame(
+                    source,
+                    destination,
+                    esm_class=part.esm_class,
+                    registered_delivery=1 if number == 0 else 0,
+                    data_coding=part.data_coding,
+                    short_message=part.short_message,
+                    tlvs=part.tlvs,
+                ),
+                first=number == 0,
             )
-            jobs.append(Job(encode(pdu), first=number == 0))
-        return jobs
+            for number, part in enumerate(parts)
+        ]
 
     async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
         """One result per message, in order (the module's docstring says what each means)."""

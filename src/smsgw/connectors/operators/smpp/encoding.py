@@ -29,6 +29,12 @@ GSM7_EXTENSION: Final = {
 }
 _BASIC_SEPTET = {c: i for i, c in enumerate(GSM7_BASIC) if i != ESCAPE}
 _EXTENSION_CHAR = {septet: c for c, septet in GSM7_EXTENSION.items()}
+# Each character of the alphabet to its septets as characters, for str.translate.
+_SEPTETS_OF = str.maketrans(
+    {c: f"\x1b{chr(septet)}" for c, septet in GSM7_EXTENSION.items()}
+    | {c: chr(septet) for c, septet in _BASIC_SEPTET.items()}
+)
+_ALPHABET = frozenset(_BASIC_SEPTET) | frozenset(GSM7_EXTENSION)
 
 DATA_CODING_DEFAULT: Final = 0x00  # the SMSC's default alphabet: GSM 03.38
 DATA_CODING_IA5: Final = 0x01
@@ -41,6 +47,8 @@ def gsm7_septets(text: str) -> bytes:
     """`text` in GSM 03.38, one septet an octet (the unpacked form most SMSCs want with
     data_coding 0); an extension character is two: ESC, then its code. KeyError for a
     character outside the alphabet (check with `is_gsm7` first)."""
+    if _ALPHABET.issuperset(text):
+        return text.translate(_SEPTETS_OF).encode("latin-1")
     out = bytearray()
     for c in text:
         septet = _BASIC_SEPTET.get(c)

@@ -60,19 +60,15 @@ _FIELD = re.compile(
     r"\b(id|sub|dlvrd|submit[ _]?date|done[ _]?date|stat|err|text)\s*:\s*", re.IGNORECASE
 )
 _DATE_FORMATS: Final = {10: "%y%m%d%H%M", 12: "%y%m%d%H%M%S", 14: "%Y%m%d%H%M%S"}
-# The spec's layout, "id:V sub:V dlvrd:V submit date:V done date:V stat:V err:V[ text:...]",
-# cut on spaces: each token and the field it names ("" for the first word of a date's name).
-_STANDARD_TOKENS: Final = (
-    ("id:", "id"),
-    ("sub:", "sub"),
-    ("dlvrd:", "dlvrd"),
-    ("submit", ""),
-    ("date:", "submitdate"),
-    ("done", ""),
-    ("date:", "donedate"),
-    ("stat:", "stat"),
-    ("err:", "err"),
+# The spec's layout, one space between fields, values without spaces or colons: what `_FIELD`
+# would read the same way, read by one match.
+_STANDARD: Final = re.compile(
+    r"id:([^\s:]+) sub:([^\s:]+) dlvrd:([^\s:]+) submit date:([^\s:]+) done date:([^\s:]+)"
+    r" stat:([^\s:]+) err:([^\s:]+)(?: text:(.*))?",
+    re.DOTALL,
 )
+_STANDARD_NAMES: Final = ("id", "sub", "dlvrd", "submitdate", "donedate", "stat", "err")
+_HEX: Final = re.compile(r"[0-9a-f]+")
 
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,24 +115,13 @@ def _matched_fields(text: str) -> dict[str, str]:
 
 
 def _standard_fields(text: str) -> dict[str, str] | None:
-    """`receipt_fields` of a text in the spec's layout, with one space between fields and
-    values without spaces or colons (what the regular expression would read the same way),
-    read by cutting rather than matching; None for any other text."""
-    head, marker, rest = text.partition(" text:")
-    tokens = head.split(" ")
-    if len(tokens) != len(_STANDARD_TOKENS):
+    """`receipt_fields` of a text in the spec's layout (`_STANDARD`); None for any other."""
+    m = _STANDARD.fullmatch(text)
+    if m is None:
         return None
-    fields: dict[str, str] = {}
-    for token, (prefix, name) in zip(tokens, _STANDARD_TOKENS, strict=True):
-        if not name:
-            if token != prefix:
-                return None
-            continue
-        value = token[len(prefix) :]
-        if not token.startswith(prefix) or not value or ":" in value or not value.isprintable():
-            return None
-        fields[name] = value
-    if marker:
+    fields = dict(zip(_STANDARD_NAMES, m.groups(), strict=False))
+    rest = m.group(8)
+    if rest is not None:
         fields["text"] = rest.strip()
     return fields
 
@@ -205,7 +190,7 @@ def receipt_id_candidates(receipt_id: str) -> tuple[str, ...]:
     candidates = [own]
     if own.isdigit() and own.isascii():
         candidates.append(f"{int(own):x}")
-    if re.fullmatch(r"[0-9a-f]+", own):
+    if _HEX.fullmatch(own):
         candidates.append(str(int(own, 16)))
     return tuple(dict.fromkeys(candidates))
 
