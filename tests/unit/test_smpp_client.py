@@ -8,10 +8,11 @@ import pytest
 
 from smsgw.cli.serve_options import _operator_url
 from smsgw.connectors.operators.http import HttpOperator
+from smsgw.connectors.operators.smpp import session
 from smsgw.connectors.operators.smpp.client import SmppOperator
 from smsgw.connectors.operators.smpp.config import SmppConfig, operator_name, parse_smpp_url
 from smsgw.connectors.operators.smpp.receipt import parse_receipt, report_for
-from smsgw.connectors.operators.smpp.session import Job, Round
+from smsgw.connectors.operators.smpp.session import Job, Round, Shared
 from smsgw.engine.messages import DeliveryReport, SendResult
 from smsgw.runtime.server import default_providers
 
@@ -153,3 +154,23 @@ def test_a_refused_part_decides_the_message() -> None:
     assert SmppOperator._result(finished(temporary, permanent)) == SendResult(
         "permanent", reason="smpp_status:ESME_RINVDSTADR"
     )
+
+
+def test_the_ids_sent_lately_drop_the_oldest_first_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session, "RECENT_IDS", 3)
+    shared = Shared(
+        parse_smpp_url("smpp://a:b@127.0.0.1"),
+        "op",
+        on_receipts=None,
+        receipt_linger=0.0,
+        reconnect_base=0.1,
+        reconnect_cap=1.0,
+    )
+    for message_id in ("a", "b", "c", "d"):
+        shared.remember(message_id, True)
+    assert shared.recent == {"b": True, "c": True, "d": True}
+    shared.remember("b", False)  # sent again: its place is still its first sending's
+    shared.remember("e", True)
+    assert shared.recent == {"c": True, "d": True, "e": True}
+    # A receipt of an id that fell out is still reported, under the id it carries.
+    assert report_for(receipt("a", "DELIVRD"), shared.recent) == DeliveryReport("a", "delivered")  # type: ignore[arg-type]
