@@ -497,9 +497,10 @@ _FAST_ENCODERS: Final[dict[type[Pdu], Callable[[Pdu], bytes | None]]] = {
 def address_field(name: str, ton: int, npi: int, addr: str) -> bytes:
     """A submit_sm's source (`name` "source_addr") or destination ("destination_addr"): its
     TON, NPI and address as `encode` writes them, and raises ValueError for them."""
-    return bytes((_octet(f"{name}_ton", ton), _octet(f"{name}_npi", npi))) + _cstring(
-        name, addr, 21
-    )
+    if not (0 <= ton <= 0xFF and 0 <= npi <= 0xFF):
+        _octet(f"{name}_ton", ton)
+        _octet(f"{name}_npi", npi)
+    return bytes((ton, npi)) + _cstring(name, addr, 21)
 
 
 def submit_sm_frame(

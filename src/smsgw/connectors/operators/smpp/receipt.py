@@ -63,11 +63,11 @@ _DATE_FORMATS: Final = {10: "%y%m%d%H%M", 12: "%y%m%d%H%M%S", 14: "%Y%m%d%H%M%S"
 # The spec's layout, one space between fields, values without spaces or colons: what `_FIELD`
 # would read the same way, read by one match.
 _STANDARD: Final = re.compile(
-    r"id:([^\s:]+) sub:([^\s:]+) dlvrd:([^\s:]+) submit date:([^\s:]+) done date:([^\s:]+)"
-    r" stat:([^\s:]+) err:([^\s:]+)(?: text:(.*))?",
+    r"id:(?P<id>[^\s:]+) sub:(?P<sub>[^\s:]+) dlvrd:(?P<dlvrd>[^\s:]+)"
+    r" submit date:(?P<submitdate>[^\s:]+) done date:(?P<donedate>[^\s:]+)"
+    r" stat:(?P<stat>[^\s:]+) err:(?P<err>[^\s:]+)(?: text:(?P<text>.*))?",
     re.DOTALL,
 )
-_STANDARD_NAMES: Final = ("id", "sub", "dlvrd", "submitdate", "donedate", "stat", "err")
 _HEX: Final = re.compile(r"[0-9a-f]+")
 
 
@@ -119,8 +119,8 @@ def _standard_fields(text: str) -> dict[str, str] | None:
     m = _STANDARD.fullmatch(text)
     if m is None:
         return None
-    fields = dict(zip(_STANDARD_NAMES, m.groups(), strict=False))
-    rest = m.group(8)
+    fields: dict[str, str] = m.groupdict()
+    rest = fields.pop("text")
     if rest is not None:
         fields["text"] = rest.strip()
     return fields
@@ -202,15 +202,16 @@ def report_for(receipt: Receipt, recent: dict[str, bool]) -> DeliveryReport | No
     part; it also picks, among the forms an id may take (hex or decimal), the one sent."""
     if receipt.state is None:
         return None
-    candidates = receipt_id_candidates(receipt.message_id)
-    chosen = candidates[0]
-    for candidate in candidates:
-        first = recent.get(candidate)
-        if first is not None:
-            if not first:
-                return None
-            chosen = candidate
-            break
+    chosen = canonical_message_id(receipt.message_id)
+    first = recent.get(chosen)
+    if first is None:  # not sent in this form: maybe in another
+        for candidate in receipt_id_candidates(receipt.message_id)[1:]:
+            first = recent.get(candidate)
+            if first is not None:
+                chosen = candidate
+                break
+    if first is False:
+        return None
     if receipt.state == "delivered":
         return DeliveryReport(chosen, "delivered")
     error = receipt.stat or receipt.state.upper()
