@@ -595,6 +595,11 @@ def decode(frame: bytes) -> Pdu:
             sequence_number=sequence_number,
             command_id=command_id,
         )
+    return _decode_frame(frame, command_id, status, sequence_number)
+
+
+def _decode_frame(frame: bytes, command_id: int, status: int, sequence_number: int) -> Pdu:
+    """`decode` of a frame whose header was read and whose length is right."""
     cls = _BY_ID.get(command_id)
     if cls is None:
         raise PduError(
@@ -818,9 +823,10 @@ class PduReader:
         """The next whole PDU, or None until more octets are fed. Raises PduError."""
         if self._broken is not None:
             raise self._broken
-        if self.buffered < HEADER_LENGTH:
+        buffer, pos = self._buffer, self._pos
+        if len(buffer) - pos < HEADER_LENGTH:
             return None
-        length, command_id, _, sequence_number = _HEADER.unpack_from(self._buffer, self._pos)
+        length, command_id, status, sequence_number = _HEADER.unpack_from(buffer, pos)
         if not HEADER_LENGTH <= length <= self.max_length:
             self._broken = FramingError(
                 f"command_length {length} is not between {HEADER_LENGTH} and {self.max_length}",
@@ -830,11 +836,11 @@ class PduReader:
                 command_id=command_id,
             )
             raise self._broken
-        if self.buffered < length:
+        if len(buffer) - pos < length:
             return None
-        frame = bytes(self._buffer[self._pos : self._pos + length])
-        self._pos += length
-        return decode(frame)
+        frame = bytes(buffer[pos : pos + length])
+        self._pos = pos + length
+        return _decode_frame(frame, command_id, status, sequence_number)
 
     def __iter__(self) -> Iterator[Pdu]:
         while (pdu := self.next_pdu()) is not None:
