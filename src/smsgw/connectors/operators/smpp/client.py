@@ -241,8 +241,9 @@ class SmppOperator:
 
     @staticmethod
     def _result(jobs: list[Job]) -> SendResult:
-        if all(job.status == "ok" for job in jobs):
-            return SendResult("sent", canonical_message_id(jobs[0].message_id))
+        first = jobs[0]
+        if first.status == "ok" and (len(jobs) == 1 or all(job.status == "ok" for job in jobs)):
+            return SendResult("sent", canonical_message_id(first.message_id))
         refused = [job for job in jobs if job.status == "permanent"]
         if refused:
             return SendResult("permanent", reason=refused[0].reason)

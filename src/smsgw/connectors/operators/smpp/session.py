@@ -78,6 +78,10 @@ class Round:
             self.done.set()
 
 
+# The round of a job not queued yet: nothing waits on it.
+_NOT_QUEUED: Final = Round(0)
+
+
 class Job:
     """One part to submit: its encoded submit_sm (sequence number 0, replaced when sent)."""
 
@@ -86,7 +90,7 @@ class Job:
     def __init__(self, frame: bytes, first: bool) -> None:
         self.frame = frame
         self.first = first
-        self.round: Round = Round(0)
+        self.round = _NOT_QUEUED  # send_batch sets it before queueing the job
         self.status: Literal["ok", "temporary", "permanent"] | None = None
         self.message_id = ""
         self.reason: str | None = None
