@@ -3,7 +3,7 @@
     python benchmarks/smpp_client.py [CALLERS=8] [SIZE=25] [--seconds 8] [--warmup 1]
                                      [--binds 4] [--window 50] [--tps 4000]
                                      [--receipt-delay-ms 50] [--sink-ms 50]
-                                     [--out benchmarks/reports/latest]
+                                     [--smsc-port PORT] [--out benchmarks/reports/latest]
 
 The simulated SMSC (`python -m smsgw.sim.smsc`, its default refusal rates, receipts on) runs
 in a process of its own on 127.0.0.1; this process runs the operator alone, without the
@@ -11,7 +11,10 @@ engine or a database: CALLERS tasks each call `send_batch` with SIZE one-part me
 and again, and a receipt sink takes `--sink-ms` per call (a stand-in for the commit that
 records the receipts). After `--warmup` seconds, `--seconds` are measured: the calls that
 ended, their latency, the receipts taken, and this process's CPU seconds (user + system)
-per message, which is what the gateway's node spends on its SMPP path.
+per message, which is what the gateway's node spends on its SMPP path, and the simulated SMSC's
+CPU seconds per message (on the gateway's machine, each is taken from the other).
+`--smsc-port` drives an SMSC already listening there instead (one started under py-spy, say);
+its CPU is read only when this user may read its process.
 
 Prints one JSON object and writes smpp_client.json and smpp_client.md into the out folder.
 Profile it with `py-spy record -r 200 -f raw -o out.raw -- python benchmarks/smpp_client.py`.
@@ -77,12 +80,22 @@ def _start_smsc(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int]:
     return smsc, int(found.group(1))
 
 
-def _process_cpu_s(pid: int) -> float:
+def _listener_pid(port: int) -> int | None:
+    """The process listening on `port` on loopback, if this user may see it."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
 
 
-async def _measure(args: argparse.Namespace, port: int, smsc_pid: int) -> dict[str, Any]:
+async def _measure(args: argparse.Namespace, port: int, smsc_pid: int | None) -> dict[str, Any]:
     url = f"smpp://bench:bench@{LOOPBACK}:{port}?binds={args.binds}&window={args.window}"
     config = parse_smpp_url(f"{url}&tps={args.tps}")
     receipts = 0
@@ -147,7 +160,10 @@ async def _measure(args: argparse.Namespace, port: int, smsc_pid: int) -> dict[s
         "cpu_us_per_message": round(1e6 * cpu / messages, 1) if messages else None,
         "cpu_percent_of_core": round(100 * cpu / wall, 1),
         # The simulated SMSC near 100 means it, not the client, sets messages_per_s.
-        "smsc_cpu_percent_of_core": round(100 * smsc_cpu / wall, 1),
+        "smsc_cpu_percent_of_core": round(100 * smsc_cpu / wall, 1) if smsc_pid else None,
+        "smsc_cpu_us_per_message": (
+            round(1e6 * smsc_cpu / messages, 1) if messages and smsc_pid else None
+        ),
         "receipts_per_s": round(receipts / wall),
         "call_p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "call_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
@@ -169,14 +185,18 @@ def main() -> int:
     parser.add_argument("--tps", type=float, default=4000)
     parser.add_argument("--receipt-delay-ms", type=float, default=50)
     parser.add_argument("--sink-ms", type=float, default=50)
+    parser.add_argument("--smsc-port", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     exit_on_sigterm()
-    smsc, port = _start_smsc(args)
-    try:
-        measured = trio.run(_measure, args, port, smsc.pid)
-    finally:
-        stop_process(smsc, grace=5)
+    if args.smsc_port is not None:
+        measured = trio.run(_measure, args, args.smsc_port, _listener_pid(args.smsc_port))
+    else:
+        smsc, port = _start_smsc(args)
+        try:
+            measured = trio.run(_measure, args, port, smsc.pid)
+        finally:
+            stop_process(smsc, grace=5)
     result = {
         "benchmark": "smpp_client",
         "commit": git_commit(),
@@ -200,6 +220,7 @@ def main() -> int:
             ["CPU µs per message", measured["cpu_us_per_message"]],
             ["CPU, % of a core", measured["cpu_percent_of_core"]],
             ["simulated SMSC's CPU, % of a core", measured["smsc_cpu_percent_of_core"]],
+            ["simulated SMSC's CPU µs per message", measured["smsc_cpu_us_per_message"]],
             ["receipts/s", measured["receipts_per_s"]],
             ["call p50 / p99 ms", f"{measured['call_p50_ms']} / {measured['call_p99_ms']}"],
         ]
