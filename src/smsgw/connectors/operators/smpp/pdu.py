@@ -639,9 +639,12 @@ def _decode_by_layout(cls: type[Pdu], frame: bytes, status: int, sequence_number
 
 
 def _decode_message_id(
-    cls: type[SubmitSmResp], frame: bytes, status: int, sequence_number: int
+    cls: type[SubmitSmResp | DeliverSmResp | DataSmResp],
+    frame: bytes,
+    status: int,
+    sequence_number: int,
 ) -> Pdu | None:
-    """A submit_sm_resp that is a message_id and nothing else, or has no body; None for any
+    """A response that is a message_id and nothing else, or has no body; None for any
     other (`decode` reads it, or says what is wrong with it)."""
     if len(frame) == HEADER_LENGTH:
         return cls(sequence_number=sequence_number, command_status=status)
@@ -711,6 +714,8 @@ def _decode_short_message(
 
 _FAST_DECODERS: Final[dict[type[Pdu], Callable[[Any, bytes, int, int], Pdu | None]]] = {
     SubmitSmResp: _decode_message_id,
+    DeliverSmResp: _decode_message_id,
+    DataSmResp: _decode_message_id,
     SubmitSm: _decode_short_message,
     DeliverSm: _decode_short_message,
 }
