@@ -26,22 +26,27 @@ import ipaddress
 import itertools
 import random
 import signal
+import struct
 import sys
+import time
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 import trio
 
 from smsgw.connectors.operators.smpp.pdu import (
+    HEADER_LENGTH,
     BindReceiver,
     BindReceiverResp,
     BindTransceiver,
     BindTransceiverResp,
     BindTransmitter,
     BindTransmitterResp,
+    CommandId,
     DeliverSm,
     DeliverSmResp,
     EnquireLink,
@@ -52,8 +57,7 @@ from smsgw.connectors.operators.smpp.pdu import (
     PduError,
     PduReader,
     SubmitSm,
-    SubmitSmResp,
-    Tlvs,
+    Tag,
     Unbind,
     UnbindResp,
     encode,
@@ -87,26 +91,79 @@ class SubmitRecord(msgspec.Struct, frozen=True):
     message_id: str
 
 
+_RESP_HEADER = struct.Struct(">IIII")
+_NEVER = float("inf")
+
+
+def submit_sm_resp_frame(sequence_number: int, status: int, message_id: bytes) -> bytes:
+    """`encode(SubmitSmResp(...))` in one step: the message_id (Latin-1, no NUL, at most 64
+    octets) when `status` is 0, else no body, as the spec has it."""
+    if status:
+        return _RESP_HEADER.pack(HEADER_LENGTH, CommandId.SUBMIT_SM_RESP, status, sequence_number)
+    length = HEADER_LENGTH + len(message_id) + 1
+    header = _RESP_HEADER.pack(length, CommandId.SUBMIT_SM_RESP, 0, sequence_number)
+    return header + message_id + b"\0"
+
+
+# A receipt's deliver_sm but for sm_length, short_message and TLVs: every field at its default
+# but esm_class (a delivery receipt), as the codec writes it.
+_RECEIPT_FIELDS = encode(DeliverSm(sequence_number=0, esm_class=0x04))[HEADER_LENGTH:-1]
+
+
+def receipt_frame(message_id: str, delivered: bool, stamp: str, *, tlvs: bool) -> bytes:
+    """The deliver_sm (sequence number 0) with the receipt of `message_id` in the standard
+    text form, submitted and done at `stamp` (YYMMDDhhmm); with the receipted_message_id and
+    message_state TLVs too when `tlvs`. `encode(DeliverSm(...))` in fewer steps."""
+    stat = b" stat:DELIVRD err:000 text:" if delivered else b" stat:UNDELIV err:001 text:"
+    dates = f" submit date:{stamp} done date:{stamp}".encode("ascii")
+    return _receipt_frame(message_id.encode("ascii"), delivered, dates + stat, tlvs)
+
+
+def _receipt_frame(message_id: bytes, delivered: bool, tail: bytes, tlvs: bool) -> bytes:
+    text = b"".join(
+        (b"id:", message_id, b" sub:001 dlvrd:001" if delivered else b" sub:001 dlvrd:000", tail)
+    )
+    parts = [_RECEIPT_FIELDS, bytes((len(text),)), text]
+    if tlvs:
+        state = 2 if delivered else 5  # DELIVERED, UNDELIVERABLE
+        parts.append(struct.pack(">HH", Tag.RECEIPTED_MESSAGE_ID, len(message_id) + 1))
+        parts.append(message_id + b"\0")
+        parts.append(struct.pack(">HHB", Tag.MESSAGE_STATE, 1, state))
+    body = b"".join(parts)
+    return _RESP_HEADER.pack(HEADER_LENGTH + len(body), CommandId.DELIVER_SM, 0, 0) + body
+
+
 class _Bind:
-    """One connection: its bind, the responses it owes, the receipts it was sent."""
+    """One connection: its bind, what is queued for its writer, the receipts it was sent."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.system_id = ""
         self.role: Literal["", "tx", "rx", "trx"] = ""
-        self.outbox, self.outbox_receive = trio.open_memory_channel[bytes](float("inf"))
-        self.later: list[tuple[float, int, bytes]] = []  # (due, order, frame): responses
-        self.wake = trio.Event()
+        self.pending: list[bytes] = []  # frames for the writer, in order
+        self.ready = trio.Event()  # set when `pending` grew or the outbox closed
+        self.outbox_closed = False
         self.unanswered = 0
         self.tokens = 0.0
         self.tokens_at = 0.0
-        self.receipts_out: dict[int, tuple[str, bytes]] = {}  # seq -> (system_id, body)
+        self.receipts_out: dict[int, _Receipt] = {}  # seq -> the receipt sent with it
         self.seq = 0
         self.closed = False
 
     @property
     def receives(self) -> bool:
         return self.role in ("rx", "trx")
+
+    def close_outbox(self) -> None:
+        """What is queued still goes out; nothing more is queued."""
+        self.outbox_closed = True
+        self.ready.set()
+
+
+class _Receipt(NamedTuple):
+    system_id: str
+    frame: bytes  # with sequence number 0
+    message_id: str
 
 
 class SimulatedSmsc:
@@ -120,8 +177,17 @@ class SimulatedSmsc:
         self._random = random.Random(profile.seed)
         self._ids = itertools.count(profile.seed * 1_000_000 + 1)
         self._order = itertools.count()
-        self._receipts: list[tuple[float, int, str, bytes]] = []  # (due, order, system, pdu)
-        self._receipts_wake = trio.Event()
+        self._turn = itertools.count()
+        # Responses owed, (due, order, bind, frame); receipts sent the first time, all
+        # `receipt_delay_ms` after their submit_sm and so in order of due time already; and
+        # receipts sent again, (due, order, receipt). One timer task releases all three.
+        self._later: list[tuple[float, int, _Bind, bytes]] = []
+        self._receipts: deque[tuple[float, _Receipt]] = deque()
+        self._receipts_again: list[tuple[float, int, _Receipt]] = []
+        self._timer = trio.CancelScope()
+        self._wake_at = _NEVER
+        self._stamp_minute = -1
+        self._stamp_tails: tuple[bytes, bytes] = (b"", b"")  # (undelivered, delivered)
         self._received = 0
         self._dropped = False
         self.counts: dict[str, int] = {
@@ -150,7 +216,7 @@ class SimulatedSmsc:
             raise ValueError(f"the simulated SMSC listens on loopback only, not {host}")
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, self._handle, port, host=host))
-            nursery.start_soon(self._send_receipts)
+            nursery.start_soon(self._release)
             task_status.started(listeners[0].socket.getsockname()[1])
 
     def drop_all(self) -> None:
@@ -161,8 +227,7 @@ class SimulatedSmsc:
     def _drop(self, bind: _Bind) -> None:
         bind.closed = True
         self.counts["drops"] += 1
-        bind.wake.set()
-        bind.outbox.close()
+        bind.close_outbox()
         # The stream is closed by the handler; shutting the socket down unblocks its reader.
         sock = getattr(bind.stream, "socket", None)
         if sock is not None:
@@ -176,34 +241,37 @@ class SimulatedSmsc:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, bind, written)
-                nursery.start_soon(self._respond_later, bind)
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
                     await self._read(bind)
-                bind.outbox.close()  # what is queued (an unbind_resp) still goes out
+                bind.close_outbox()  # what is queued (an unbind_resp) still goes out
                 with trio.move_on_after(1.0):
                     await written.wait()
                 nursery.cancel_scope.cancel()
         finally:
             bind.closed = True
             self.binds.remove(bind)
-            for system_id, body in bind.receipts_out.values():  # unanswered: send again
-                self._schedule_receipt(0.2, system_id, body)
+            for receipt in bind.receipts_out.values():  # unanswered: send again
+                self._schedule_again(0.2, receipt)
             await trio.aclose_forcefully(stream)
 
-    async def _write(self, bind: _Bind, written: trio.Event) -> None:
+    @staticmethod
+    async def _write(bind: _Bind, written: trio.Event) -> None:
+        """Write what is queued, all of it in one send, until the outbox is closed and empty."""
         try:
             while True:
-                frames = [await bind.outbox_receive.receive()]
-                while True:
-                    try:
-                        frames.append(bind.outbox_receive.receive_nowait())
-                    except trio.WouldBlock:
+                if not bind.pending:
+                    if bind.outbox_closed:
                         break
+                    await bind.ready.wait()
+                    bind.ready = trio.Event()
+                    continue
+                frames, bind.pending = bind.pending, []
                 await bind.stream.send_all(b"".join(frames))
-        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            written.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        written.set()
 
     def _send(self, bind: _Bind, pdu: Pdu) -> None:
         self._put(bind, encode(pdu))
@@ -212,34 +280,45 @@ class SimulatedSmsc:
     def _put(bind: _Bind, frame: bytes) -> None:
         """Queue a frame for the writer, unless the connection is going away (its reader
         ended: the outbox is closed before the bind is marked closed)."""
-        if not bind.closed:
-            with contextlib.suppress(trio.ClosedResourceError):
-                bind.outbox.send_nowait(frame)
+        if not (bind.closed or bind.outbox_closed):
+            bind.pending.append(frame)
+            bind.ready.set()
 
-    async def _respond_later(self, bind: _Bind) -> None:
-        while not bind.closed:
-            if not bind.later:
-                await bind.wake.wait()
-                bind.wake = trio.Event()
-                continue
-            due = bind.later[0][0]
-            with trio.move_on_at(due):
-                await bind.wake.wait()
-                bind.wake = trio.Event()
-                continue
+    def _wake_by(self, due: float) -> None:
+        if due < self._wake_at:
+            self._wake_at = due
+            self._timer.deadline = due
+
+    async def _release(self) -> None:
+        """Send each response and receipt when due: one wake-up for all that are due by then,
+        whatever their connection."""
+        later, receipts, again = self._later, self._receipts, self._receipts_again
+        while True:
             now = trio.current_time()
-            while bind.later and bind.later[0][0] <= now:
-                _, _, frame = heapq.heappop(bind.later)
+            while later and later[0][0] <= now:
+                _, _, bind, frame = heapq.heappop(later)
                 bind.unanswered -= 1
                 self._put(bind, frame)
+            if (receipts and receipts[0][0] <= now) or (again and again[0][0] <= now):
+                self._send_receipts(now)
+            due = min(
+                later[0][0] if later else _NEVER,
+                receipts[0][0] if receipts else _NEVER,
+                again[0][0] if again else _NEVER,
+            )
+            self._wake_at = due
+            with trio.CancelScope(deadline=due) as self._timer:
+                await trio.sleep_forever()
 
     async def _read(self, bind: _Bind) -> None:
         reader = PduReader()
+        profile = self.profile
         while not bind.closed:
             data = await bind.stream.receive_some(65_536)
             if not data:
                 return
             reader.feed(data)
+            now = trio.current_time()
             while not bind.closed:
                 try:
                     pdu = reader.next_pdu()
@@ -253,12 +332,14 @@ class SimulatedSmsc:
                 if pdu is None:
                     break
                 self._received += 1
-                if self._on_pdu(bind, pdu):
+                if type(pdu) is SubmitSm:
+                    self._on_submit(bind, pdu, now)
+                elif self._on_pdu(bind, pdu):
                     return
                 if (
-                    self.profile.drop_after
+                    profile.drop_after
                     and not self._dropped
-                    and self._received >= self.profile.drop_after
+                    and self._received >= profile.drop_after
                 ):
                     self._dropped = True
                     self._drop(bind)
@@ -268,6 +349,14 @@ class SimulatedSmsc:
         """True when the connection is to close (after an unbind)."""
         seq = pdu.sequence_number
         match pdu:
+            case DeliverSmResp():
+                sent = bind.receipts_out.pop(seq, None)
+                if sent is not None:
+                    if pdu.command_status == 0:
+                        self.counts["receipts_acked"] += 1
+                        self.acked_receipts.append(sent.message_id)
+                    else:
+                        self._schedule_again(1.0, sent)
             case BindTransmitter() | BindReceiver() | BindTransceiver():
                 resp_cls, role = {
                     BindTransmitter: (BindTransmitterResp, "tx"),
@@ -281,10 +370,8 @@ class SimulatedSmsc:
                 bind.tokens_at = trio.current_time()
                 self.counts["binds"] += 1
                 self._send(bind, resp_cls(sequence_number=seq, system_id="simsmsc"))
-                if bind.receives:
-                    self._receipts_wake.set()
             case SubmitSm():
-                self._on_submit(bind, pdu)
+                self._on_submit(bind, pdu, trio.current_time())
             case EnquireLink():
                 self._send(bind, EnquireLinkResp(sequence_number=seq))
             case Unbind():
@@ -292,59 +379,50 @@ class SimulatedSmsc:
                 self._send(bind, UnbindResp(sequence_number=seq))
                 bind.closed = True
                 return True
-            case DeliverSmResp():
-                sent = bind.receipts_out.pop(seq, None)
-                if sent is not None:
-                    system_id, body = sent
-                    if pdu.command_status == 0:
-                        self.counts["receipts_acked"] += 1
-                        self.acked_receipts.append(_receipt_id(body))
-                    else:
-                        self._schedule_receipt(1.0, system_id, body)
             case EnquireLinkResp() | UnbindResp() | GenericNack():
                 pass
             case _:
                 self._send(bind, GenericNack(sequence_number=seq, command_status=_S.ESME_RINVCMDID))
         return False
 
-    def _on_submit(self, bind: _Bind, pdu: SubmitSm) -> None:
+    def _on_submit(self, bind: _Bind, pdu: SubmitSm, now: float) -> None:
         profile = self.profile
-        self.counts["submit_sm"] += 1
-        now = trio.current_time()
+        counts = self.counts
+        counts["submit_sm"] += 1
         message_id = ""
         if bind.role not in ("tx", "trx"):
             status = int(_S.ESME_RINVBNDSTS)
         elif bind.unanswered >= profile.window:
             status = _S.ESME_RMSGQFUL
-            self.counts["queue_full"] += 1
+            counts["queue_full"] += 1
         elif profile.tps and not self._take_token(bind, now):
             status = _S.ESME_RTHROTTLED
-            self.counts["throttled"] += 1
+            counts["throttled"] += 1
         else:
             draw = self._random.random()
             if draw < profile.p_permanent:
                 status = _S.ESME_RINVDSTADR
-                self.counts["permanent"] += 1
+                counts["permanent"] += 1
             elif draw < profile.p_permanent + profile.p_temporary:
                 status = _S.ESME_RSYSERR
-                self.counts["temporary"] += 1
+                counts["temporary"] += 1
             else:
                 status = _S.ESME_ROK
                 message_id = f"{next(self._ids):x}"
-                self.counts["accepted"] += 1
+                counts["accepted"] += 1
                 if profile.receipts and pdu.registered_delivery & 0x03:
-                    self._schedule_receipt(
-                        profile.receipt_delay_ms / 1000, bind.system_id, self._receipt(message_id)
-                    )
+                    receipt = self._receipt(bind.system_id, message_id)
+                    due = now + profile.receipt_delay_ms / 1000
+                    self._receipts.append((due, receipt))
+                    self._wake_by(due)
         if self.record:
             self.records.append(SubmitRecord(bind.system_id, pdu, int(status), message_id))
-        resp = SubmitSmResp(
-            sequence_number=pdu.sequence_number, command_status=status, message_id=message_id
-        )
+        frame = submit_sm_resp_frame(pdu.sequence_number, status, message_id.encode("ascii"))
         delay = self._random.expovariate(1 / profile.latency_ms) / 1000 if profile.latency_ms else 0
         bind.unanswered += 1
-        heapq.heappush(bind.later, (now + delay, next(self._order), encode(resp)))
-        bind.wake.set()
+        due = now + delay
+        heapq.heappush(self._later, (due, next(self._order), bind, frame))
+        self._wake_by(due)
 
     def _take_token(self, bind: _Bind, now: float) -> bool:
         rate = self.profile.tps
@@ -355,67 +433,56 @@ class SimulatedSmsc:
         bind.tokens -= 1.0
         return True
 
-    def _receipt(self, message_id: str) -> bytes:
-        """A deliver_sm (sequence number 0) with the receipt of `message_id`."""
+    def _receipt(self, system_id: str, message_id: str) -> _Receipt:
+        """The receipt of `message_id`, delivered or not by `delivered_ratio`, dated now."""
         delivered = self._random.random() < self.profile.delivered_ratio
-        stamp = datetime.now().strftime("%y%m%d%H%M")
-        stat, err = ("DELIVRD", "000") if delivered else ("UNDELIV", "001")
-        text = (
-            f"id:{message_id} sub:001 dlvrd:{'001' if delivered else '000'} "
-            f"submit date:{stamp} done date:{stamp} stat:{stat} err:{err} text:"
-        )
-        tlvs = Tlvs()
-        if self.profile.receipt_tlvs:
-            tlvs = Tlvs(receipted_message_id=message_id, message_state=2 if delivered else 5)
-        return encode(
-            DeliverSm(
-                sequence_number=0,
-                esm_class=0x04,
-                short_message=text.encode("ascii"),
-                tlvs=tlvs,
+        minute = int(time.time() // 60)
+        if minute != self._stamp_minute:  # strftime once a minute, not once a receipt
+            stamp = datetime.now().strftime("%y%m%d%H%M")
+            dates = f" submit date:{stamp} done date:{stamp}".encode("ascii")
+            self._stamp_tails = (
+                dates + b" stat:UNDELIV err:001 text:",
+                dates + b" stat:DELIVRD err:000 text:",
             )
+            self._stamp_minute = minute
+        tail = self._stamp_tails[delivered]
+        frame = _receipt_frame(
+            message_id.encode("ascii"), delivered, tail, self.profile.receipt_tlvs
         )
+        return _Receipt(system_id, frame, message_id)
 
-    def _schedule_receipt(self, delay: float, system_id: str, body: bytes) -> None:
+    def _schedule_again(self, delay: float, receipt: _Receipt) -> None:
         due = trio.current_time() + delay
-        heapq.heappush(self._receipts, (due, next(self._order), system_id, body))
-        self._receipts_wake.set()
+        heapq.heappush(self._receipts_again, (due, next(self._order), receipt))
+        self._wake_by(due)
 
-    async def _send_receipts(self) -> None:
+    def _send_receipts(self, now: float) -> None:
         """Send each due receipt on a receiving bind of its system_id (round robin)."""
-        turn = itertools.count()
-        while True:
-            if not self._receipts:
-                await self._receipts_wake.wait()
-                self._receipts_wake = trio.Event()
-                continue
-            with trio.move_on_at(self._receipts[0][0]):
-                await self._receipts_wake.wait()
-                self._receipts_wake = trio.Event()
-                continue
-            now = trio.current_time()
-            while self._receipts and self._receipts[0][0] <= now:
-                _, _, system_id, body = heapq.heappop(self._receipts)
-                targets = [
+        receipts, again = self._receipts, self._receipts_again
+        due: list[_Receipt] = []
+        while receipts and receipts[0][0] <= now:
+            due.append(receipts.popleft()[1])
+        while again and again[0][0] <= now:
+            due.append(heapq.heappop(again)[2])
+        targets_of: dict[str, list[_Bind]] = {}
+        for receipt in due:
+            system_id = receipt.system_id
+            targets = targets_of.get(system_id)
+            if targets is None:
+                targets = targets_of[system_id] = [
                     b
                     for b in self.binds
                     if b.receives and b.system_id == system_id and not b.closed
                 ]
-                if not targets:
-                    self._schedule_receipt(1.0, system_id, body)
-                    continue
-                bind = targets[next(turn) % len(targets)]
-                bind.seq = next_sequence_number(bind.seq)
-                bind.receipts_out[bind.seq] = (system_id, body)
-                frame = bytearray(body)
-                frame[12:16] = bind.seq.to_bytes(4, "big")
-                self._put(bind, bytes(frame))
-                self.counts["receipts_sent"] += 1
-
-
-def _receipt_id(body: bytes) -> str:
-    text = body.split(b"id:", 1)[1]
-    return text.split(b" ", 1)[0].decode("ascii")
+            if not targets:
+                self._schedule_again(1.0, receipt)
+                continue
+            bind = targets[next(self._turn) % len(targets)]
+            bind.seq = seq = next_sequence_number(bind.seq)
+            bind.receipts_out[seq] = receipt
+            frame = receipt.frame
+            self._put(bind, frame[:12] + seq.to_bytes(4, "big") + frame[16:])
+            self.counts["receipts_sent"] += 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
