@@ -42,6 +42,7 @@ from smsgw.connectors.operators.smpp.pdu import (
     encode,
     next_sequence_number,
     submit_sm_frame,
+    submit_sm_registered_delivery,
 )
 from smsgw.connectors.operators.smpp.status import CommandStatus as S
 
@@ -532,6 +533,32 @@ def test_fast_decoding_reads_what_the_layout_reads(
         lambda: _decode_by_layout(cls, whole, pdu.command_status, pdu.sequence_number)
     )
     assert _outcome(lambda: decode(whole)) == by_layout
+
+
+@SETTINGS
+@given(
+    _any_short_message,
+    st.lists(st.tuples(st.integers(16, 400), st.integers(0, 255)), max_size=3),
+    st.integers(0, 30),
+)
+def test_registered_delivery_is_peeked_only_from_a_submit_sm_that_decodes_without_tlvs(
+    pdu: Pdu, damage: list[tuple[int, int]], cut: int
+) -> None:
+    try:
+        frame = bytearray(_encode_by_layout(pdu))
+    except ValueError:
+        return
+    for at, octet in damage:
+        if at < len(frame):
+            frame[at] = octet
+    del frame[max(16, len(frame) - cut) :]
+    frame[:4] = len(frame).to_bytes(4, "big")
+    peeked = submit_sm_registered_delivery(bytes(frame))
+    decoded = _outcome(lambda: decode(bytes(frame)))
+    if isinstance(decoded, SubmitSm | DeliverSm) and decoded.tlvs == Tlvs():
+        assert peeked == decoded.registered_delivery
+    else:
+        assert peeked is None
 
 
 @SETTINGS

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 import trio
@@ -60,8 +60,10 @@ from smsgw.connectors.operators.smpp.pdu import (
     Tag,
     Unbind,
     UnbindResp,
+    decode,
     encode,
     next_sequence_number,
+    submit_sm_registered_delivery,
 )
 from smsgw.connectors.operators.smpp.status import CommandStatus
 
@@ -92,6 +94,8 @@ class SubmitRecord(msgspec.Struct, frozen=True):
 
 
 _RESP_HEADER = struct.Struct(">IIII")
+_SUBMIT_SM: Final = int(CommandId.SUBMIT_SM)
+_DELIVER_SM_RESP: Final = int(CommandId.DELIVER_SM_RESP)
 _NEVER = float("inf")
 
 
@@ -311,6 +315,9 @@ class SimulatedSmsc:
                 await trio.sleep_forever()
 
     async def _read(self, bind: _Bind) -> None:
+        """Answer each PDU as it comes. A submit_sm (unless recorded) is read for its
+        registered_delivery only and a deliver_sm_resp for its status only, when `decode`
+        would read them without error; every other frame is decoded."""
         reader = PduReader()
         profile = self.profile
         while not bind.closed:
@@ -321,21 +328,33 @@ class SimulatedSmsc:
             now = trio.current_time()
             while not bind.closed:
                 try:
-                    pdu = reader.next_pdu()
+                    got = reader.next_frame()
                 except FramingError as exc:
                     self._send(bind, GenericNack(sequence_number=0, command_status=exc.status))
                     return
-                except PduError as exc:
-                    seq = exc.sequence_number or 0
-                    self._send(bind, GenericNack(sequence_number=seq, command_status=exc.status))
-                    continue
-                if pdu is None:
+                if got is None:
                     break
+                frame, command_id, status, seq = got
+                registered_delivery = None
+                if command_id == _SUBMIT_SM and not self.record:
+                    registered_delivery = submit_sm_registered_delivery(frame)
+                if registered_delivery is not None:
+                    self._on_submit(bind, seq, registered_delivery, None, now)
+                elif command_id == _DELIVER_SM_RESP and frame[HEADER_LENGTH:] in (b"", b"\0"):
+                    self._on_receipt_answer(bind, seq, status)
+                else:
+                    try:
+                        pdu = decode(frame)
+                    except PduError as exc:
+                        nack = GenericNack(
+                            sequence_number=exc.sequence_number or 0, command_status=exc.status
+                        )
+                        self._send(bind, nack)
+                        continue
+                    if self._on_pdu(bind, pdu):
+                        self._received += 1
+                        return
                 self._received += 1
-                if type(pdu) is SubmitSm:
-                    self._on_submit(bind, pdu, now)
-                elif self._on_pdu(bind, pdu):
-                    return
                 if (
                     profile.drop_after
                     and not self._dropped
@@ -350,13 +369,7 @@ class SimulatedSmsc:
         seq = pdu.sequence_number
         match pdu:
             case DeliverSmResp():
-                sent = bind.receipts_out.pop(seq, None)
-                if sent is not None:
-                    if pdu.command_status == 0:
-                        self.counts["receipts_acked"] += 1
-                        self.acked_receipts.append(sent.message_id)
-                    else:
-                        self._schedule_again(1.0, sent)
+                self._on_receipt_answer(bind, seq, pdu.command_status)
             case BindTransmitter() | BindReceiver() | BindTransceiver():
                 resp_cls, role = {
                     BindTransmitter: (BindTransmitterResp, "tx"),
@@ -371,7 +384,8 @@ class SimulatedSmsc:
                 self.counts["binds"] += 1
                 self._send(bind, resp_cls(sequence_number=seq, system_id="simsmsc"))
             case SubmitSm():
-                self._on_submit(bind, pdu, trio.current_time())
+                now = trio.current_time()
+                self._on_submit(bind, seq, pdu.registered_delivery, pdu, now)
             case EnquireLink():
                 self._send(bind, EnquireLinkResp(sequence_number=seq))
             case Unbind():
@@ -385,7 +399,19 @@ class SimulatedSmsc:
                 self._send(bind, GenericNack(sequence_number=seq, command_status=_S.ESME_RINVCMDID))
         return False
 
-    def _on_submit(self, bind: _Bind, pdu: SubmitSm, now: float) -> None:
+    def _on_receipt_answer(self, bind: _Bind, seq: int, status: int) -> None:
+        sent = bind.receipts_out.pop(seq, None)
+        if sent is not None:
+            if status == 0:
+                self.counts["receipts_acked"] += 1
+                self.acked_receipts.append(sent.message_id)
+            else:
+                self._schedule_again(1.0, sent)
+
+    def _on_submit(
+        self, bind: _Bind, seq: int, registered_delivery: int, pdu: SubmitSm | None, now: float
+    ) -> None:
+        """Answer a submit_sm (`pdu`, decoded when it is to be recorded)."""
         profile = self.profile
         counts = self.counts
         counts["submit_sm"] += 1
@@ -410,14 +436,14 @@ class SimulatedSmsc:
                 status = _S.ESME_ROK
                 message_id = f"{next(self._ids):x}"
                 counts["accepted"] += 1
-                if profile.receipts and pdu.registered_delivery & 0x03:
+                if profile.receipts and registered_delivery & 0x03:
                     receipt = self._receipt(bind.system_id, message_id)
                     due = now + profile.receipt_delay_ms / 1000
                     self._receipts.append((due, receipt))
                     self._wake_by(due)
-        if self.record:
+        if pdu is not None and self.record:
             self.records.append(SubmitRecord(bind.system_id, pdu, int(status), message_id))
-        frame = submit_sm_resp_frame(pdu.sequence_number, status, message_id.encode("ascii"))
+        frame = submit_sm_resp_frame(seq, status, message_id.encode("ascii"))
         delay = self._random.expovariate(1 / profile.latency_ms) / 1000 if profile.latency_ms else 0
         bind.unanswered += 1
         due = now + delay

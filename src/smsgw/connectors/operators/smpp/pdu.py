@@ -655,11 +655,21 @@ def _decode_message_id(
     return cls(sequence_number=sequence_number, command_status=status, message_id=message_id)
 
 
-def _decode_short_message(
-    cls: type[_ShortMessage], frame: bytes, status: int, sequence_number: int
-) -> Pdu | None:
-    """A valid deliver_sm or submit_sm, read field by field (the C-octet strings found first,
-    the octets between them read after); None for anything `decode` has to look at."""
+class _ShortMessageEnds(NamedTuple):
+    """Where a submit_sm's or deliver_sm's C-octet strings end (their NULs), and where its
+    short_message ends."""
+
+    service: int
+    source: int
+    destination: int
+    schedule: int
+    validity: int
+    short_message: int
+
+
+def _short_message_ends(frame: bytes) -> _ShortMessageEnds | None:
+    """The ends of a short message body's fields, each string found within its length; None
+    when one is not (`decode` then says what is wrong)."""
     find = frame.find
     service_end = find(b"\0", HEADER_LENGTH, HEADER_LENGTH + 6)
     if service_end < 0:
@@ -682,6 +692,31 @@ def _decode_short_message(
     sm_end = sm_length_at + 1 + frame[sm_length_at]
     if sm_end > len(frame):
         return None
+    return _ShortMessageEnds(
+        service_end, source_end, destination_end, schedule_end, validity_end, sm_end
+    )
+
+
+def submit_sm_registered_delivery(frame: bytes) -> int | None:
+    """The registered_delivery of a whole submit_sm frame that `decode` reads without error
+    and that has no TLVs, without decoding the rest; None for any other frame: decode it.
+    For a reader that needs only that field (a simulated SMSC)."""
+    ends = _short_message_ends(frame)
+    if ends is None or ends.short_message != len(frame):
+        return None
+    return frame[ends.validity + 1]
+
+
+def _decode_short_message(
+    cls: type[_ShortMessage], frame: bytes, status: int, sequence_number: int
+) -> Pdu | None:
+    """A valid deliver_sm or submit_sm, read field by field (the C-octet strings found first,
+    the octets between them read after); None for anything `decode` has to look at."""
+    ends = _short_message_ends(frame)
+    if ends is None:
+        return None
+    service_end, source_end, destination_end, schedule_end, validity_end, sm_end = ends
+    sm_length_at = validity_end + 5
     if sm_end == len(frame):
         tlvs = _NO_TLVS
     else:
@@ -826,6 +861,15 @@ class PduReader:
 
     def next_pdu(self) -> Pdu | None:
         """The next whole PDU, or None until more octets are fed. Raises PduError."""
+        got = self.next_frame()
+        if got is None:
+            return None
+        return _decode_frame(*got)
+
+    def next_frame(self) -> tuple[bytes, int, int, int] | None:
+        """The next whole frame, undecoded, with its command_id, command_status and
+        sequence_number; or None until more octets are fed. Raises FramingError; `decode`
+        says whether the frame is a valid PDU."""
         if self._broken is not None:
             raise self._broken
         buffer, pos = self._buffer, self._pos
@@ -845,7 +889,7 @@ class PduReader:
             return None
         frame = bytes(buffer[pos : pos + length])
         self._pos = pos + length
-        return _decode_frame(frame, command_id, status, sequence_number)
+        return frame, command_id, status, sequence_number
 
     def __iter__(self) -> Iterator[Pdu]:
         while (pdu := self.next_pdu()) is not None:
