@@ -26,6 +26,7 @@ import ipaddress
 import itertools
 import random
 import signal
+import socket
 import struct
 import sys
 import time
@@ -109,44 +110,68 @@ def submit_sm_resp_frame(sequence_number: int, status: int, message_id: bytes) -
     return header + message_id + b"\0"
 
 
-# A receipt's deliver_sm but for sm_length, short_message and TLVs: every field at its default
-# but esm_class (a delivery receipt), as the codec writes it.
+# A receipt's deliver_sm from its header to its sm_length: every field at its default but
+# esm_class (a delivery receipt), as the codec writes it.
 _RECEIPT_FIELDS = encode(DeliverSm(sequence_number=0, esm_class=0x04))[HEADER_LENGTH:-1]
+_RECEIPT_HEAD = struct.Struct(f">IIII{len(_RECEIPT_FIELDS)}sB")
+_RECEIPT_STATE_TLVS = (  # message_state: UNDELIVERABLE, DELIVERED
+    struct.pack(">HHB", Tag.MESSAGE_STATE, 1, 5),
+    struct.pack(">HHB", Tag.MESSAGE_STATE, 1, 2),
+)
 
 
 def receipt_frame(message_id: str, delivered: bool, stamp: str, *, tlvs: bool) -> bytes:
     """The deliver_sm (sequence number 0) with the receipt of `message_id` in the standard
     text form, submitted and done at `stamp` (YYMMDDhhmm); with the receipted_message_id and
     message_state TLVs too when `tlvs`. `encode(DeliverSm(...))` in fewer steps."""
-    stat = b" stat:DELIVRD err:000 text:" if delivered else b" stat:UNDELIV err:001 text:"
+    tail = _receipt_tails(stamp)[delivered]
+    return _receipt_frame(message_id.encode("ascii"), delivered, tail, tlvs)
+
+
+def _receipt_tails(stamp: str) -> tuple[bytes, bytes]:
+    """A receipt's text after its id, undelivered and delivered, dated `stamp`."""
     dates = f" submit date:{stamp} done date:{stamp}".encode("ascii")
-    return _receipt_frame(message_id.encode("ascii"), delivered, dates + stat, tlvs)
+    return (
+        b" sub:001 dlvrd:000" + dates + b" stat:UNDELIV err:001 text:",
+        b" sub:001 dlvrd:001" + dates + b" stat:DELIVRD err:000 text:",
+    )
 
 
 def _receipt_frame(message_id: bytes, delivered: bool, tail: bytes, tlvs: bool) -> bytes:
-    text = b"".join(
-        (b"id:", message_id, b" sub:001 dlvrd:001" if delivered else b" sub:001 dlvrd:000", tail)
+    sm_length = 3 + len(message_id) + len(tail)  # "id:" message_id tail
+    length = HEADER_LENGTH + len(_RECEIPT_FIELDS) + 1 + sm_length
+    if not tlvs:
+        head = _RECEIPT_HEAD.pack(length, CommandId.DELIVER_SM, 0, 0, _RECEIPT_FIELDS, sm_length)
+        return b"".join((head, b"id:", message_id, tail))
+    length += 4 + len(message_id) + 1 + 5
+    head = _RECEIPT_HEAD.pack(length, CommandId.DELIVER_SM, 0, 0, _RECEIPT_FIELDS, sm_length)
+    receipted_message_id = struct.pack(">HH", Tag.RECEIPTED_MESSAGE_ID, len(message_id) + 1)
+    return b"".join(
+        (
+            head,
+            b"id:",
+            message_id,
+            tail,
+            receipted_message_id,
+            message_id,
+            b"\0",
+            _RECEIPT_STATE_TLVS[delivered],
+        )
     )
-    parts = [_RECEIPT_FIELDS, bytes((len(text),)), text]
-    if tlvs:
-        state = 2 if delivered else 5  # DELIVERED, UNDELIVERABLE
-        parts.append(struct.pack(">HH", Tag.RECEIPTED_MESSAGE_ID, len(message_id) + 1))
-        parts.append(message_id + b"\0")
-        parts.append(struct.pack(">HHB", Tag.MESSAGE_STATE, 1, state))
-    body = b"".join(parts)
-    return _RESP_HEADER.pack(HEADER_LENGTH + len(body), CommandId.DELIVER_SM, 0, 0) + body
 
 
 class _Bind:
-    """One connection: its bind, what is queued for its writer, the receipts it was sent."""
+    """One connection: its bind, what is queued for it, the receipts it was sent."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # non-blocking
         self.system_id = ""
         self.role: Literal["", "tx", "rx", "trx"] = ""
-        self.pending: list[bytes] = []  # frames for the writer, in order
-        self.ready = trio.Event()  # set when `pending` grew or the outbox closed
+        self.pending: list[bytes] = []  # frames queued since the last flush, in order
+        self.unsent = bytearray()  # what the socket did not take yet: the writer's to send
+        self.blocked = trio.Event()  # set when `unsent` grew from empty or the outbox closed
         self.outbox_closed = False
+        self.broken = False  # a send failed: nothing more is sent
         self.unanswered = 0
         self.tokens = 0.0
         self.tokens_at = 0.0
@@ -158,16 +183,11 @@ class _Bind:
     def receives(self) -> bool:
         return self.role in ("rx", "trx")
 
-    def close_outbox(self) -> None:
-        """What is queued still goes out; nothing more is queued."""
-        self.outbox_closed = True
-        self.ready.set()
-
 
 class _Receipt(NamedTuple):
     system_id: str
     frame: bytes  # with sequence number 0
-    message_id: str
+    message_id: bytes
 
 
 class SimulatedSmsc:
@@ -189,9 +209,10 @@ class SimulatedSmsc:
         self._receipts: deque[tuple[float, _Receipt]] = deque()
         self._receipts_again: list[tuple[float, int, _Receipt]] = []
         self._timer = trio.CancelScope()
+        self._dirty: list[_Bind] = []  # binds with frames queued since the last flush
         self._wake_at = _NEVER
         self._stamp_minute = -1
-        self._stamp_tails: tuple[bytes, bytes] = (b"", b"")  # (undelivered, delivered)
+        self._receipt_tails: tuple[bytes, bytes] = (b"", b"")  # (undelivered, delivered)
         self._received = 0
         self._dropped = False
         self.counts: dict[str, int] = {
@@ -216,12 +237,30 @@ class SimulatedSmsc:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on loopback until cancelled; started with the port."""
-        if not ipaddress.ip_address(host).is_loopback:
+        address = ipaddress.ip_address(host)
+        if not address.is_loopback:
             raise ValueError(f"the simulated SMSC listens on loopback only, not {host}")
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, self._handle, port, host=host))
-            nursery.start_soon(self._release)
-            task_status.started(listeners[0].socket.getsockname()[1])
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(128)
+            listener.setblocking(False)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._release)
+                    task_status.started(listener.getsockname()[1])
+                    while True:
+                        await trio.lowlevel.wait_readable(listener)
+                        try:
+                            conn, _ = listener.accept()
+                        except (BlockingIOError, ConnectionAbortedError):
+                            continue
+                        conn.setblocking(False)
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        nursery.start_soon(self._handle, conn)
+            finally:
+                trio.lowlevel.notify_closing(listener)
 
     def drop_all(self) -> None:
         """Close every connection now, without an unbind (a network failure)."""
@@ -231,25 +270,24 @@ class SimulatedSmsc:
     def _drop(self, bind: _Bind) -> None:
         bind.closed = True
         self.counts["drops"] += 1
-        bind.close_outbox()
-        # The stream is closed by the handler; shutting the socket down unblocks its reader.
-        sock = getattr(bind.stream, "socket", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(2)
+        bind.outbox_closed = True
+        bind.blocked.set()
+        # The socket is closed by the handler; shutting it down unblocks its reader.
+        with contextlib.suppress(OSError):
+            bind.sock.shutdown(socket.SHUT_RDWR)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        bind = _Bind(stream)
+    async def _handle(self, sock: socket.socket) -> None:
+        bind = _Bind(sock)
         self.binds.append(bind)
         written = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, bind, written)
-                with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
-                ):
+                with contextlib.suppress(OSError):
                     await self._read(bind)
-                bind.close_outbox()  # what is queued (an unbind_resp) still goes out
+                bind.outbox_closed = True
+                self._flush(bind)  # what is queued (an unbind_resp) still goes out
+                bind.blocked.set()
                 with trio.move_on_after(1.0):
                     await written.wait()
                 nursery.cancel_scope.cancel()
@@ -258,35 +296,69 @@ class SimulatedSmsc:
             self.binds.remove(bind)
             for receipt in bind.receipts_out.values():  # unanswered: send again
                 self._schedule_again(0.2, receipt)
-            await trio.aclose_forcefully(stream)
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
     @staticmethod
     async def _write(bind: _Bind, written: trio.Event) -> None:
-        """Write what is queued, all of it in one send, until the outbox is closed and empty."""
-        try:
-            while True:
-                if not bind.pending:
-                    if bind.outbox_closed:
-                        break
-                    await bind.ready.wait()
-                    bind.ready = trio.Event()
-                    continue
-                frames, bind.pending = bind.pending, []
-                await bind.stream.send_all(b"".join(frames))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        """Send what the socket did not take at once, as it becomes writable, until the
+        outbox is closed and nothing is left (or a send failed)."""
+        sock, unsent = bind.sock, bind.unsent
+        while True:
+            if not unsent or bind.broken:
+                if bind.outbox_closed or bind.broken:
+                    break
+                await bind.blocked.wait()
+                bind.blocked = trio.Event()
+                continue
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                del unsent[: sock.send(unsent)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                bind.broken = True
         written.set()
 
     def _send(self, bind: _Bind, pdu: Pdu) -> None:
         self._put(bind, encode(pdu))
 
-    @staticmethod
-    def _put(bind: _Bind, frame: bytes) -> None:
-        """Queue a frame for the writer, unless the connection is going away (its reader
-        ended: the outbox is closed before the bind is marked closed)."""
+    def _put(self, bind: _Bind, frame: bytes) -> None:
+        """Queue a frame, unless the connection is going away (its reader ended: the outbox
+        is closed before the bind is marked closed). It is sent at the next flush."""
         if not (bind.closed or bind.outbox_closed):
+            if not bind.pending:
+                self._dirty.append(bind)
             bind.pending.append(frame)
-            bind.ready.set()
+
+    def _flush_all(self) -> None:
+        for bind in self._dirty:
+            self._flush(bind)
+        self._dirty.clear()
+
+    @staticmethod
+    def _flush(bind: _Bind) -> None:
+        """Send what is queued, in one send: at once if the socket takes it, else through the
+        connection's writer. A failed send marks the bind broken; its reader sees the rest."""
+        if not bind.pending:
+            return
+        data = b"".join(bind.pending)
+        bind.pending.clear()
+        if bind.broken:
+            return
+        if bind.unsent:
+            bind.unsent += data
+            return
+        try:
+            sent = bind.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            bind.broken = True
+            return
+        if sent < len(data):
+            bind.unsent += data[sent:]
+            bind.blocked.set()
 
     def _wake_by(self, due: float) -> None:
         if due < self._wake_at:
@@ -305,6 +377,7 @@ class SimulatedSmsc:
                 self._put(bind, frame)
             if (receipts and receipts[0][0] <= now) or (again and again[0][0] <= now):
                 self._send_receipts(now)
+            self._flush_all()
             due = min(
                 later[0][0] if later else _NEVER,
                 receipts[0][0] if receipts else _NEVER,
@@ -320,8 +393,14 @@ class SimulatedSmsc:
         would read them without error; every other frame is decoded."""
         reader = PduReader()
         profile = self.profile
+        sock = bind.sock
         while not bind.closed:
-            data = await bind.stream.receive_some(65_536)
+            self._flush_all()  # the answers to the last read
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(65_536)
+            except BlockingIOError:
+                continue
             if not data:
                 return
             reader.feed(data)
@@ -404,7 +483,7 @@ class SimulatedSmsc:
         if sent is not None:
             if status == 0:
                 self.counts["receipts_acked"] += 1
-                self.acked_receipts.append(sent.message_id)
+                self.acked_receipts.append(sent.message_id.decode("ascii"))
             else:
                 self._schedule_again(1.0, sent)
 
@@ -415,7 +494,7 @@ class SimulatedSmsc:
         profile = self.profile
         counts = self.counts
         counts["submit_sm"] += 1
-        message_id = ""
+        message_id = b""
         if bind.role not in ("tx", "trx"):
             status = int(_S.ESME_RINVBNDSTS)
         elif bind.unanswered >= profile.window:
@@ -434,21 +513,24 @@ class SimulatedSmsc:
                 counts["temporary"] += 1
             else:
                 status = _S.ESME_ROK
-                message_id = f"{next(self._ids):x}"
+                message_id = b"%x" % next(self._ids)
                 counts["accepted"] += 1
                 if profile.receipts and registered_delivery & 0x03:
                     receipt = self._receipt(bind.system_id, message_id)
                     due = now + profile.receipt_delay_ms / 1000
                     self._receipts.append((due, receipt))
-                    self._wake_by(due)
+                    if due < self._wake_at:
+                        self._wake_by(due)
         if pdu is not None and self.record:
-            self.records.append(SubmitRecord(bind.system_id, pdu, int(status), message_id))
-        frame = submit_sm_resp_frame(seq, status, message_id.encode("ascii"))
+            record = SubmitRecord(bind.system_id, pdu, int(status), message_id.decode("ascii"))
+            self.records.append(record)
+        frame = submit_sm_resp_frame(seq, status, message_id)
         delay = self._random.expovariate(1 / profile.latency_ms) / 1000 if profile.latency_ms else 0
         bind.unanswered += 1
         due = now + delay
         heapq.heappush(self._later, (due, next(self._order), bind, frame))
-        self._wake_by(due)
+        if due < self._wake_at:
+            self._wake_by(due)
 
     def _take_token(self, bind: _Bind, now: float) -> bool:
         rate = self.profile.tps
@@ -459,22 +541,15 @@ class SimulatedSmsc:
         bind.tokens -= 1.0
         return True
 
-    def _receipt(self, system_id: str, message_id: str) -> _Receipt:
+    def _receipt(self, system_id: str, message_id: bytes) -> _Receipt:
         """The receipt of `message_id`, delivered or not by `delivered_ratio`, dated now."""
         delivered = self._random.random() < self.profile.delivered_ratio
         minute = int(time.time() // 60)
         if minute != self._stamp_minute:  # strftime once a minute, not once a receipt
-            stamp = datetime.now().strftime("%y%m%d%H%M")
-            dates = f" submit date:{stamp} done date:{stamp}".encode("ascii")
-            self._stamp_tails = (
-                dates + b" stat:UNDELIV err:001 text:",
-                dates + b" stat:DELIVRD err:000 text:",
-            )
+            self._receipt_tails = _receipt_tails(datetime.now().strftime("%y%m%d%H%M"))
             self._stamp_minute = minute
-        tail = self._stamp_tails[delivered]
-        frame = _receipt_frame(
-            message_id.encode("ascii"), delivered, tail, self.profile.receipt_tlvs
-        )
+        tail = self._receipt_tails[delivered]
+        frame = _receipt_frame(message_id, delivered, tail, self.profile.receipt_tlvs)
         return _Receipt(system_id, frame, message_id)
 
     def _schedule_again(self, delay: float, receipt: _Receipt) -> None:
