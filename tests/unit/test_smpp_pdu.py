@@ -508,6 +508,21 @@ def test_fast_encoding_writes_what_the_layout_writes(pdu: Pdu) -> None:
     assert _outcome(lambda: encode(pdu)) == _outcome(lambda: _encode_by_layout(pdu))
 
 
+def _damaged(pdu: Pdu, damage: list[tuple[int, int]], cut: int) -> bytes | None:
+    """`pdu`'s frame with the octets at `damage` overwritten and `cut` octets off its end
+    (its length field made to match); None when the layout cannot encode it."""
+    try:
+        frame = bytearray(_encode_by_layout(pdu))
+    except ValueError:
+        return None
+    for at, octet in damage:
+        if at < len(frame):
+            frame[at] = octet
+    del frame[max(16, len(frame) - cut) :]
+    frame[:4] = len(frame).to_bytes(4, "big")
+    return bytes(frame)
+
+
 @SETTINGS
 @given(
     _any_short_message | _any_message_id_resp,
@@ -518,16 +533,9 @@ def test_fast_decoding_reads_what_the_layout_reads(
     pdu: Pdu, damage: list[tuple[int, int]], cut: int
 ) -> None:
     """Whole, damaged or cut short, a frame decodes as the layout reads it, or fails alike."""
-    try:
-        frame = bytearray(_encode_by_layout(pdu))
-    except ValueError:
+    whole = _damaged(pdu, damage, cut)
+    if whole is None:
         return
-    for at, octet in damage:
-        if at < len(frame):
-            frame[at] = octet
-    del frame[max(16, len(frame) - cut) :]
-    frame[:4] = len(frame).to_bytes(4, "big")
-    whole = bytes(frame)
     cls = type(pdu)
     by_layout = _outcome(
         lambda: _decode_by_layout(cls, whole, pdu.command_status, pdu.sequence_number)
@@ -544,17 +552,11 @@ def test_fast_decoding_reads_what_the_layout_reads(
 def test_registered_delivery_is_peeked_only_from_a_submit_sm_that_decodes_without_tlvs(
     pdu: Pdu, damage: list[tuple[int, int]], cut: int
 ) -> None:
-    try:
-        frame = bytearray(_encode_by_layout(pdu))
-    except ValueError:
+    frame = _damaged(pdu, damage, cut)
+    if frame is None:
         return
-    for at, octet in damage:
-        if at < len(frame):
-            frame[at] = octet
-    del frame[max(16, len(frame) - cut) :]
-    frame[:4] = len(frame).to_bytes(4, "big")
-    peeked = submit_sm_registered_delivery(bytes(frame))
-    decoded = _outcome(lambda: decode(bytes(frame)))
+    peeked = submit_sm_registered_delivery(frame)
+    decoded = _outcome(lambda: decode(frame))
     if isinstance(decoded, SubmitSm | DeliverSm) and decoded.tlvs == Tlvs():
         assert peeked == decoded.registered_delivery
     else:
