@@ -156,9 +156,6 @@ class OperatorRoute:
         reopens = self.breaker.reopens_at()
         if reopens is not None:
             times.append(reopens)
-        if self._rate is not None and self.inflight and self.inflight >= self.clears():
-            # Its rate may change without a call ending (a throttled bind recovering).
-            times.append(now + CLEAR_S / 4)
         if self.bucket is not None:
             self.bucket.refill(now)
             short = self._tokens_needed(want) - self.bucket.tokens

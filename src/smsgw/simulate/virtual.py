@@ -240,20 +240,6 @@ class VirtualRun:
             )
             self.store.add_account(f"sim-{rank}", credit)
 
-    def _window_items(self) -> int:
-        """The pool's window in items, so that about 2,000 messages are in flight, as in a
-        real node: 2,000 over the mean cohort size of an average tick (drawn from a generator
-        of its own, so the load's draws stay the same)."""
-        s = self.s
-        if s.max_cohort == 1:
-            return 2_000
-        rng = np.random.default_rng(s.seed + 1)
-        n = max(1, round(s.expected_load(0.0, s.duration_s) * s.tick_s / s.duration_s))
-        counts = rng.multinomial(n, np.asarray(s.zipf_weights(), dtype=np.float64))
-        express = rng.binomial(counts, s.express_share)
-        items = _cohorts(counts - express, express, s.max_cohort)[0].size
-        return max(32, min(2_000, round(2_000 * items / n)))
-
     async def _load(self) -> None:
         s = self.s
         engine = self.engine
@@ -352,7 +338,9 @@ class VirtualRun:
             operator = SimulatedOperator(profile, remember=100_000, origin=self.t0)
             providers.append((CountingProvider(operator, self.count_attempts), w))
         config = EngineConfig(
-            window=self._window_items(),
+            # The window counts segments, and an item weighs its cohort's messages: 2,000
+            # messages in flight, as in a real node.
+            window=2_000,
             express_deadline_ms=int(EXPRESS_DEADLINE_S * 1000),
             scheduler_capacity=1_000_000,
             writer_capacity=1_000_000,
