@@ -98,6 +98,7 @@ class Harness:
         light_reserve: int = 0,
         state: SchedulerState | None = None,
         store: SchedulingStore | None = None,
+        rated: bool = False,
     ) -> None:
         self.writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
         scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
@@ -124,6 +125,7 @@ class Harness:
             clock=trio.current_time,
             state=state,
             store=store,
+            operator_rate=(lambda: self.pool.figures.capacity) if rated else None,
         )
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -233,6 +235,39 @@ async def test_the_window_counts_segments_as_operators_count_pdus(
         if batch != ["m50"]:
             assert sum(3 if int(i[1:]) < 50 else 2 for i in batch) <= 10
     assert harness.window.free == 10 and harness.window.bulk_inflight == 0
+
+
+class RatedOperator(ScriptedOperator):
+    """One that says how many segments a second it takes (as an SMPP operator's binds do)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__({}, latency=0.5)
+        self.rate = rate
+
+    def capacity(self) -> float:
+        return self.rate
+
+
+async def test_bulk_ahead_of_operators_that_say_their_rate_is_a_second_of_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """At 24 segments a second the operator gets CLEAR_S of it in flight (6), and the pool
+    holds at most BULK_AHEAD_S of it (24) for the operator: the rest of a flood stays in the
+    Scheduler, where round robin can still put another account's message first."""
+    operator = RatedOperator(24.0)
+    harness = Harness(operator, window=100, max_batch=4, rated=True)
+    async with trio.open_nursery() as nursery:
+        await harness.start(nursery)
+        harness.scheduler.ref.tell_nowait(Enqueue(tuple(sms(i) for i in range(200))))
+        await trio.sleep(0.1)
+        assert harness.window.bulk_inflight == 24
+        assert operator.in_flight == 6
+        harness.scheduler.ref.tell_nowait(Enqueue((sms(500, account=2),)))
+        outcomes = await harness.outcomes(201)
+        nursery.cancel_scope.cancel()
+    assert len(outcomes) == 201 and operator.max_in_flight == 6
+    light = operator.sent_at["m500"]
+    assert light < 0.1 + 24 / 24 + 1.0  # behind a second of the flood, not all of it
 
 
 def test_the_window_has_room_for_at_most_what_is_free() -> None:

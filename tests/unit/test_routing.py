@@ -372,3 +372,42 @@ def test_an_operator_gets_no_more_than_it_clears_at_its_rate_now() -> None:
     calls, waiting = assign(r, waiting, 0.2, 100)
     assert [len(p) for _, p, _ in calls] == [13] and not waiting
     assert r.stats(0.2)["a"]["clears"] is None
+
+
+async def test_a_call_that_ends_wakes_only_the_waiting_batches_its_room_fits(
+    autojump_clock: object,
+) -> None:
+    """200 one-message batches wait at an operator with a window of 10: each call's end
+    wakes the batch next in line (express first), not all 200, and every batch is sent."""
+    r = router(RoutingConfig(operators=(OperatorSettings("a", window=10),)), (1,))
+    routing = Routing(r, clock=trio.current_time)
+    looked = 0
+    assign_groups = r.assign_groups
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal looked
+        looked += 1
+        return assign_groups(*args, **kwargs)  # type: ignore[arg-type]
+
+    r.assign_groups = counted  # type: ignore[method-assign]
+    sent: list[str] = []
+
+    async def send(m: OutboundSms) -> None:
+        looks = routing.assignments([m], lambda _: 1e9, 50)
+        async with contextlib.aclosing(looks):
+            async for begun, _ in looks:
+                for route, part, call in begun:
+                    await trio.sleep(0.1)
+                    sent.append(part[0].id)
+                    routing.finish(route, call, [SendResult("sent")] * len(part))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(send, sms(i))
+        await trio.testing.wait_all_tasks_blocked()
+        express = msgspec.structs.replace(sms(999), express=True)
+        nursery.start_soon(send, express)
+        await trio.testing.wait_all_tasks_blocked()
+        assert routing.stats()["messages_waiting"] == 191
+    assert len(sent) == 201 and sent.index("m999") < 20  # in the first round of room
+    assert looked <= 2 * 201  # once when it comes, once when woken: not once a call

@@ -430,3 +430,6 @@ class PoolFigures(msgspec.Struct, frozen=True):
     failed: int = 0
     deadline_misses: int = 0  # express messages out of time at an operator or waiting
     operators: dict[str, OperatorHealth] = {}
+    # Segments a second the operators say they take now, all of them together (an SMPP
+    # operator's binds' rates); 0.0 when one of them says nothing (an HTTP operator).
+    capacity: float = 0.0

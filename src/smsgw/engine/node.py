@@ -260,6 +260,7 @@ class Engine:
             page_accounts=config.page_accounts,
             commits=self.writer.commits,
             stamp=None if self.leases is None else self.leases.stamp,
+            operator_rate=lambda: self.pool.figures.capacity,
         )
 
         async def promoted(items: Sequence[OutboundSms], tokens: Mapping[int, int] | None) -> None:

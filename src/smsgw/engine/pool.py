@@ -193,6 +193,7 @@ class ProviderPool:
             failed=self.counts["failed"],
             deadline_misses=self.deadline_misses,
             operators=dict(self._health),
+            capacity=self.routing.router.capacity(),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

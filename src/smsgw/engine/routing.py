@@ -128,13 +128,15 @@ class OperatorRoute:
             return 1
         return n
 
+    def rate(self) -> float:
+        """Segments a second the operator says it takes now; 0.0: it says nothing."""
+        return self._rate() if self._rate is not None else 0.0
+
     def clears(self) -> int:
         """Segments the operator clears in CLEAR_S at the rate it says it can take now (at
         least one call's worth); 0: it says nothing, or it can take nothing now (no bind up:
         its calls then fail, and the breaker moves work elsewhere)."""
-        if self._rate is None:
-            return 0
-        rate = self._rate()
+        rate = self.rate()
         if rate <= 0:
             return 0
         return max(self.max_call or 1, int(rate * CLEAR_S))
@@ -360,6 +362,17 @@ class Router:
         route.breaker.abandon(call)
         return True
 
+    def capacity(self) -> float:
+        """Segments a second the operators say they take now, together; 0.0 when one of them
+        says nothing or nothing (then nobody knows)."""
+        total = 0.0
+        for route in self.routes:
+            rate = route.rate()
+            if rate <= 0:
+                return 0.0
+            total += rate
+        return total
+
     def next_change(self, now: float, want: int) -> float | None:
         """When time alone may let some operator take a batch of `want` segments."""
         times = [t for r in self.routes if (t := r.ready_at(now, want)) is not None]
@@ -393,15 +406,45 @@ class Routing:
     def __init__(self, router: Router, *, clock: Callable[[], float]) -> None:
         self.router = router
         self._clock = clock  # wall clock: deadlines and validity are wall-clock times
-        self._changed = trio.Event()
+        # The batches waiting for room, in the order they look again: express first, then
+        # bulk, each oldest first (insertion-ordered dicts: O(1) to leave).
+        self._waiting: tuple[dict[_Waiter, None], dict[_Waiter, None]] = ({}, {})
         self.waited = 0  # batches that had to wait for an operator
         self.waiting = 0  # messages waiting now
         self.expired = 0  # messages whose time ran out while waiting
         self._express_waiting = 0  # batches with express messages waiting now
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        """Room may have come back (a call ended, a breaker moved): wake the waiting batches
+        that can use it, in order, as far as it goes. Waking every waiting batch on every
+        call's end made a pool with thousands of small batches waiting at one operator spend
+        its time waking them; each looks at the room it was counted on, and one that finds
+        none waits for the next change."""
+        now = trio.current_time()
+        spare: dict[int, int] = {}  # id(route) -> segments not yet counted for a batch
+        routes = len(self.router.routes)
+        for queue in self._waiting:
+            for waiter in queue:
+                # One woken already and not yet looking counts on its room again, first.
+                if self._could_go(waiter, spare, now):
+                    waiter.woken.set()
+                elif len(spare) == routes and all(left <= 0 for left in spare.values()):
+                    return  # no operator has room left for anyone
+
+    def _could_go(self, waiter: _Waiter, spare: dict[int, int], now: float) -> bool:
+        """Whether some operator has room for a call of `waiter`'s messages that the batches
+        woken before it were not counted on; if so, that room is counted for it."""
+        router = self.router
+        for override, avoid, messages in waiter.groups:
+            for route in router.eligible(override, avoid, now):
+                count, room = route.capacity(now, slots_of(messages[: waiter.max_batch]))
+                key = id(route)
+                left = spare.setdefault(key, room)
+                n = route.fit(messages, min(count, waiter.max_batch), left) if count else 0
+                if n:
+                    spare[key] = left - slots_of(messages[:n])
+                    return True
+        return False
 
     def finish(
         self, route: OperatorRoute, call: Call, results: Sequence[SendResult] | None
@@ -453,13 +496,16 @@ class Routing:
             )
             if change is not None:
                 wake = min(wake, change)
-            changed = self._changed
+            waiter = _Waiter(groups, max_batch)
+            queue = self._waiting[0 if express else 1]
+            queue[waiter] = None
             self.waiting += size
             self._express_waiting += express
             try:
                 with trio.move_on_at(wake):
-                    await changed.wait()
+                    await waiter.woken.wait()
             finally:
+                del queue[waiter]
                 self.waiting -= size
                 self._express_waiting -= express
             if not express and self._express_waiting:
@@ -488,6 +534,17 @@ class Routing:
             "healthy": self.router.healthy(now),
             "operators": self.router.stats(now),
         }
+
+
+class _Waiter:
+    """A batch waiting in `Routing.assignments` for an operator with room."""
+
+    __slots__ = ("groups", "max_batch", "woken")
+
+    def __init__(self, groups: list[Pending], max_batch: int) -> None:
+        self.groups = groups
+        self.max_batch = max_batch
+        self.woken = trio.Event()
 
 
 def _split_expired(

@@ -32,6 +32,11 @@ from smsgw.engine.writer import CommitFence
 
 # How long after a light account's message the window's light reserve stays kept for them.
 LIGHT_HOLD_S = 5.0
+# When the operators say how many segments a second they take, bulk in flight (at them and
+# waiting in the pool for them) is at most this long of it: more only queues, oldest first,
+# where a light account's message arriving next would wait behind all of it, and round robin
+# can no longer put it first.
+BULK_AHEAD_S = 1.0
 
 
 class Capacity:
@@ -121,6 +126,7 @@ class Scheduler:
         prefetch: int = 1_000,
         commits: CommitFence | None = None,
         stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
+        operator_rate: Callable[[], float] | None = None,
     ) -> None:
         self.inbox = inbox
         self.ref = self.inbox.handle()
@@ -143,6 +149,8 @@ class Scheduler:
         # Among several nodes: a body read from the store gets its shard's fencing token, or
         # is dropped (None) when this node no longer leases the shard; its owner recovers it.
         self._stamp = stamp
+        # Segments a second the operators take now (the pool's published figure; 0: unknown).
+        self._operator_rate = operator_rate
         self._page_requests = trio.Event()
         self.dispatched = 0
         self.deadline_misses = 0  # express messages that expired waiting here
@@ -367,6 +375,10 @@ class Scheduler:
         state = self.state
         capacity = self.capacity
         room = capacity.room(keep=keep)
+        rate = self._operator_rate() if self._operator_rate is not None else 0.0
+        if rate > 0:
+            ahead = max(max_batch, int(rate * BULK_AHEAD_S))
+            room = min(room, ahead - capacity.bulk_inflight)
         wanted = min(state.in_memory, max_batch - len(entries))
         taken = 0
         for _ in range(wanted):

@@ -129,6 +129,11 @@ class SimulatedOperator:
     def name(self) -> str:
         return self.profile.name
 
+    def capacity(self) -> float:
+        """Segments a second it takes (its link's cap; 0: it says nothing), as an SMPP
+        operator's binds say theirs: the router hands it no more than it clears quickly."""
+        return self.profile.max_per_second
+
     async def send(self, sms: OutboundSms, idempotency_key: str) -> SendResult:
         """Answer one attempt after a simulated round trip; see the class for the guarantees."""
         self._calls += 1
@@ -254,6 +259,11 @@ class CountingProvider:
     @property
     def name(self) -> str:
         return self._inner.name
+
+    def capacity(self) -> float:
+        """The inner operator's (0.0 when it says nothing)."""
+        rate = getattr(self._inner, "capacity", None)
+        return float(rate()) if callable(rate) else 0.0
 
     async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
         try:
