@@ -362,6 +362,11 @@ class Router:
         route.breaker.abandon(call)
         return True
 
+    def next_reopening(self) -> float | None:
+        """When the first open breaker lets a probe through, if one is open."""
+        times = [t for r in self.routes if (t := r.breaker.reopens_at()) is not None]
+        return min(times) if times else None
+
     def capacity(self) -> float:
         """Segments a second the operators say they take now, together; 0.0 when one of them
         says nothing or nothing (then nobody knows)."""
@@ -421,15 +426,23 @@ class Routing:
         its time waking them; each looks at the room it was counted on, and one that finds
         none waits for the next change."""
         now = trio.current_time()
+        # A breaker that opened again has a new reopening time, which a batch that went to
+        # sleep before it does not know: it looks again, and sleeps until then.
+        reopens = self.router.next_reopening()
         spare: dict[int, int] = {}  # id(route) -> segments not yet counted for a batch
         routes = len(self.router.routes)
+        full = False  # no operator has room left for anyone
         for queue in self._waiting:
             for waiter in queue:
                 # One woken already and not yet looking counts on its room again, first.
-                if self._could_go(waiter, spare, now):
+                if (not full and self._could_go(waiter, spare, now)) or (
+                    reopens is not None and reopens < waiter.wake
+                ):
                     waiter.woken.set()
                 elif len(spare) == routes and all(left <= 0 for left in spare.values()):
-                    return  # no operator has room left for anyone
+                    full = True
+                    if reopens is None:
+                        return
 
     def _could_go(self, waiter: _Waiter, spare: dict[int, int], now: float) -> bool:
         """Whether some operator has room for a call of `waiter`'s messages that the batches
@@ -496,7 +509,7 @@ class Routing:
             )
             if change is not None:
                 wake = min(wake, change)
-            waiter = _Waiter(groups, max_batch)
+            waiter = _Waiter(groups, max_batch, wake)
             queue = self._waiting[0 if express else 1]
             queue[waiter] = None
             self.waiting += size
@@ -539,11 +552,12 @@ class Routing:
 class _Waiter:
     """A batch waiting in `Routing.assignments` for an operator with room."""
 
-    __slots__ = ("groups", "max_batch", "woken")
+    __slots__ = ("groups", "max_batch", "wake", "woken")
 
-    def __init__(self, groups: list[Pending], max_batch: int) -> None:
+    def __init__(self, groups: list[Pending], max_batch: int, wake: float) -> None:
         self.groups = groups
         self.max_batch = max_batch
+        self.wake = wake  # trio time it looks again by itself
         self.woken = trio.Event()
 
 
