@@ -60,7 +60,11 @@ async def test_in_process_operators_report_delivery(database_url: str, schema: s
             # Both outcomes occur at a 50% ratio (40 draws: each all-one-way has p = 2^-40).
             assert set(statuses) == {"delivered", "undelivered"}
             assert_ledger_consistent(await ledger(database_url, schema))
-        assert node.engine.writer.deliveries == {("sim", "applied"): 40}
+        # A receipt that beats its message's `sent` commit is kept `unknown` and applied by the
+        # reconciler once the message is sent (storage/delivery.py): every one counts once.
+        counted = node.engine.writer.deliveries
+        assert set(counted) <= {("sim", "applied"), ("sim", "unknown")}, counted
+        assert sum(counted.values()) == 40, counted
         node.stop.set()
 
 
