@@ -119,12 +119,13 @@ class OperatorRoute:
         message larger than the window or the bucket goes alone, once nothing is in flight
         here and the bucket is full."""
         n = 0
+        left = room
         for sms in messages[:count]:
-            room -= slots(sms.segments)
-            if room < 0:
+            left -= slots(sms.segments)
+            if left < 0:
                 break
             n += 1
-        if n == 0 and count > 0 and room + slots(messages[0].segments) > 0 and self.idle():
+        if n == 0 and count > 0 and room > 0 and self.idle():
             return 1
         return n
 
