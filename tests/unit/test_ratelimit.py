@@ -66,6 +66,29 @@ def test_never_more_than_burst_plus_rate_times_elapsed(
     assert allowed <= burst + rate * now + 1e-6
 
 
+@given(
+    shares=st.lists(st.floats(0.2, 0.5), min_size=8, max_size=40),
+    per_tick=st.integers(20, 60),
+)
+def test_a_share_that_moves_every_tick_admits_no_more_than_its_mean(
+    shares: list[float], per_tick: int
+) -> None:
+    """A node's share of an account's rate (engine/shares.py) changes every 0.25 s tick; under
+    a steady overload, what the bucket lets through is the share's rate over the time, plus
+    one burst, whichever way the share moves."""
+    rate, tick = 50.0, 0.25
+    limiter: RateLimiter[int] = RateLimiter(rate=1_000, burst=2_000)
+    allowed, now = 0, 0.0
+    for share in shares:
+        here = rate * share
+        for i in range(per_tick):
+            if limiter.take(1, now + tick * i / per_tick, rate=here, burst=max(1.0, 2 * here)):
+                continue
+            allowed += 1
+        now += tick
+    assert allowed <= sum(rate * s * tick for s in shares) + 2 * rate * 0.5 + 1
+
+
 def test_limiter_keeps_one_bucket_per_key() -> None:
     limiter: RateLimiter[int] = RateLimiter(rate=1, burst=2)
     assert limiter.take(1, 0.0) == 0.0

@@ -106,9 +106,12 @@ class RateLimiter(Generic[K]):
                 self._prune_at = max(self.max_keys, 2 * len(self._buckets))
             fresh = TokenBucket.start(rate, burst, now)
             if bucket is not None:
-                # What was spent stays spent: a larger burst adds its difference.
+                # What was spent stays spent, and new figures grant nothing: a node's share of
+                # an account's rate moves up and down every tick (engine/shares.py), and a
+                # bucket given a larger burst's difference on each rise (and forgiven nothing
+                # on each fall, being empty) let a busy account 10-17% past its rate.
                 bucket.refill(now)
-                fresh.tokens = max(0.0, min(burst, bucket.tokens + burst - bucket.burst))
+                fresh.tokens = min(burst, bucket.tokens)
             bucket = self._buckets[key] = fresh
         wait = bucket.take(now)
         if wait:
