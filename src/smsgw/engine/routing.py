@@ -129,6 +129,18 @@ class OperatorRoute:
             return 1
         return n
 
+    def size(
+        self, messages: Sequence[OutboundSms], now: float, max_batch: int, room: int | None = None
+    ) -> tuple[int, int]:
+        """(how many of `messages` one call here may carry now, at most `max_batch`; the
+        segments of room it counted against): `capacity`, then `fit`. `room`: count against
+        this much instead of the room the operator has (what other batches were not counted
+        on, `Routing._notify`), never more."""
+        count, free = self.capacity(now, slots_of(messages[:max_batch]))
+        if room is not None:
+            free = min(free, room)
+        return (self.fit(messages, min(count, max_batch), free) if count else 0), free
+
     def rate(self) -> float:
         """Segments a second the operator says it takes now; 0.0: it says nothing."""
         return self._rate() if self._rate is not None else 0.0
@@ -325,11 +337,9 @@ class Router:
         for override, avoid, messages in groups:
             allowed = self.eligible(override, avoid, now)
             while messages:
-                want = slots_of(messages[:max_batch])
                 ready = []
                 for r in allowed:
-                    count, room = r.capacity(now, want)
-                    size = r.fit(messages, min(count, max_batch), room) if count else 0
+                    size, _ = r.size(messages, now, max_batch)
                     if size:
                         ready.append((r, size))
                 if not ready:
@@ -448,16 +458,14 @@ class Routing:
     def _could_go(self, waiter: _Waiter, spare: dict[int, int], now: float) -> bool:
         """Whether some operator has room for a call of `waiter`'s messages that the batches
         woken before it were not counted on; if so, that room is counted for it."""
-        router = self.router
         for override, avoid, messages in waiter.groups:
-            for route in router.eligible(override, avoid, now):
-                count, room = route.capacity(now, slots_of(messages[: waiter.max_batch]))
+            for route in self.router.eligible(override, avoid, now):
                 key = id(route)
-                left = spare.setdefault(key, room)
-                n = route.fit(messages, min(count, waiter.max_batch), left) if count else 0
+                n, left = route.size(messages, now, waiter.max_batch, spare.get(key))
                 if n:
                     spare[key] = left - slots_of(messages[:n])
                     return True
+                spare.setdefault(key, left)
         return False
 
     def finish(
