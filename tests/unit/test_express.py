@@ -36,10 +36,20 @@ def test_operators_slower_than_the_deadline_refuse() -> None:
 
 def test_express_ahead_counts_by_turns_of_the_window_bulk_does_not_hold() -> None:
     fast = {n: health(0.4) for n in NAMES}
+
     # 100 slots, 90 held by bulk: 10 express a turn of 0.4 s. 40 ahead take 4 turns, and
     # this one a fifth: 2.0 s, not within a 2 s deadline; 30 ahead make it.
-    busy = DispatchFigures(window=100, inflight=95, express_inflight=5, express_waiting=40)
-    problem = express_problem(2.0, busy, fast, NAMES, now=0.0)
+    def figures(waiting: int, slots: int) -> DispatchFigures:
+        return DispatchFigures(
+            window=100,
+            inflight=95,
+            express_inflight=5,
+            express_waiting=waiting,
+            express_waiting_slots=slots,
+        )
+
+    problem = express_problem(2.0, figures(40, 40), fast, NAMES, now=0.0)
     assert problem is not None and "40 express" in problem
-    fewer = DispatchFigures(window=100, inflight=95, express_inflight=5, express_waiting=30)
-    assert express_problem(2.0, fewer, fast, NAMES, now=0.0) is None
+    assert express_problem(2.0, figures(30, 30), fast, NAMES, now=0.0) is None
+    # The window counts segments: 20 messages of two segments take the 40 slots' 4 turns.
+    assert express_problem(2.0, figures(20, 40), fast, NAMES, now=0.0) is not None

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from smsgw.engine.mailboxes import LIGHT_SCAN, START, FifoState, SchedulerState
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import Entry, micros
+from smsgw.engine.ports import Entry, micros, slots
 
 SETTINGS = settings(max_examples=150, deadline=None)
 T0 = 1_700_000_000.0
@@ -125,6 +125,22 @@ def test_an_express_message_arriving_later_still_jumps_the_bulk_queue(
     late = make_sms(10_000, 99, True, 5.0)
     state.push(late)
     assert state.pop(0.0) == late
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 6), st.floats(0.0, 50.0)), max_size=30), st.floats(0, 60))
+def test_the_express_lane_counts_its_segments_as_it_fills_and_empties(
+    lane: list[tuple[int, float]], at: float
+) -> None:
+    """What express admission reads of the lane: its messages' window slots (segments)."""
+    state = push_all([make_sms(n, 1, True, d, segments=s) for n, (s, d) in enumerate(lane)])
+    assert state.express_slots == sum(slots(s) for s, _ in lane)
+    left = [s for s, d in lane if d > at]
+    state.expired_express(at)
+    assert state.express_slots == sum(slots(s) for s in left)
+    while state.pop_express() is not None:
+        pass
+    assert state.express_slots == 0
 
 
 def test_expired_express_messages_are_taken_out_earliest_first() -> None:

@@ -37,11 +37,11 @@ def express_problem(
             f"operators answer in {latency * 1000:.0f} ms, past the express deadline of"
             f" {deadline_s * 1000:.0f} ms"
         )
-    # Each turn of the window (one operator latency) sends as many express messages as the
-    # slots bulk does not hold.
+    # Each turn of the window (one operator latency) sends as many express segments as the
+    # slots bulk does not hold (the window counts segments: a long message takes several).
     room = dispatch.window - (dispatch.inflight - dispatch.express_inflight)
     ahead = dispatch.express_waiting
-    turns = ahead // max(1, room)
+    turns = dispatch.express_waiting_slots // max(1, room)
     if (turns + 1) * latency >= deadline_s:
         return (
             f"{ahead} express messages are waiting ahead of this one; at"

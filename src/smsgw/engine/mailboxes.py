@@ -99,6 +99,7 @@ class SchedulerState:
         # plain dict's keys on every take costs O(accounts waiting) while memory is full.
         self.page_wanted: OrderedDict[int, None] = OrderedDict()
         self.express: list[tuple[float, int, OutboundSms]] = []
+        self.express_slots = 0  # the express lane's messages in window slots (segments)
         self.bodies: dict[str, OutboundSms] = {}  # bulk bodies kept while there is room
         self.send_rates: dict[int, float] = {}
         self.buckets: dict[int, TokenBucket] = {}
@@ -154,6 +155,7 @@ class SchedulerState:
             self._seq += 1
             deadline = sms.deadline if sms.deadline is not None else math.inf
             heapq.heappush(self.express, (deadline, self._seq, sms))
+            self.express_slots += slots(sms.segments)
             return
         entry = entry_of(sms)
         account_id = sms.account_id
@@ -334,13 +336,19 @@ class SchedulerState:
         return self.pop_bulk(now)
 
     def pop_express(self) -> OutboundSms | None:
-        return heapq.heappop(self.express)[2] if self.express else None
+        if not self.express:
+            return None
+        sms = heapq.heappop(self.express)[2]
+        self.express_slots -= slots(sms.segments)
+        return sms
 
     def expired_express(self, now: float) -> list[OutboundSms]:
         """Take the express messages whose deadline has passed (the earliest are on top)."""
         expired = []
         while self.express and self.express[0][0] <= now:
-            expired.append(heapq.heappop(self.express)[2])
+            sms = heapq.heappop(self.express)[2]
+            self.express_slots -= slots(sms.segments)
+            expired.append(sms)
         return expired
 
     def next_deadline(self) -> float:

@@ -385,6 +385,7 @@ class DispatchFigures(msgspec.Struct, frozen=True):
     """What the Scheduler publishes on its loop, each round: what waits, and its window."""
 
     express_waiting: int = 0
+    express_waiting_slots: int = 0  # their segments: what they take of the window
     bulk_waiting: int = 0  # in memory and counted in the store
     bulk_in_store: int = 0
     active_accounts: int = 0  # with bulk waiting

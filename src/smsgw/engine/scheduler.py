@@ -169,6 +169,7 @@ class Scheduler:
         capacity = self.capacity
         self.figures = DispatchFigures(
             express_waiting=len(state.express),
+            express_waiting_slots=state.express_slots,
             bulk_waiting=state.bulk_size,
             bulk_in_store=state.spilled,
             active_accounts=len(state.mailboxes),
