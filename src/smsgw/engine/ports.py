@@ -13,6 +13,7 @@ from smsgw.engine.messages import (
     Account,
     AccountRecord,
     AccountSettings,
+    Attempt,
     DeliveryReport,
     DeliveryResult,
     OutboundSms,
@@ -92,7 +93,16 @@ class Provider(Protocol):
 class WriteGroup:
     """One group commit's work, in arrival order; the store does it in one transaction."""
 
-    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "session", "topups", "written")
+    __slots__ = (
+        "accepts",
+        "attempts",
+        "creates",
+        "deliveries",
+        "outcomes",
+        "session",
+        "topups",
+        "written",
+    )
 
     def __init__(self) -> None:
         # Called by the store (without waiting) once the group is durable, before it returns.
@@ -102,6 +112,8 @@ class WriteGroup:
         self.session: object = None
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
+        # Attempts failed for now: recorded in the messages' history, before the outcomes.
+        self.attempts: list[Attempt] = []
         self.topups: list[tuple[int, int]] = []
         self.creates: list[tuple[str, int, bytes]] = []
         # (operator, its reports): delivery reports, applied after the outcomes.
@@ -232,11 +244,12 @@ class CallbackStore(Protocol):
 
     async def settle_callbacks(
         self,
-        delivered: Sequence[int],
+        delivered: Sequence[tuple[int, int]],
         retry: Sequence[tuple[int, float, str]],
         failed: Sequence[tuple[int, str]],
     ) -> None:
-        """Delete delivered rows; reschedule `(id, delay_s, error)`; give up `(id, error)`."""
+        """Delete delivered `(id, http_status)` rows; reschedule `(id, delay_s, error)`; give
+        up `(id, error)`; each attempt goes in its message's history."""
         ...
 
     async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
