@@ -328,6 +328,16 @@ class IdempotencyClaim(msgspec.Struct, frozen=True):
     body: bytes | None = None
 
 
+class MessageHistory(NamedTuple):
+    """What the store keeps of a message's history: when it was accepted and, if it was
+    scheduled, for when; then each event after the accept, oldest first, as a dict of the
+    event's fields (`type`, `at`, and those the event has; the others None)."""
+
+    created_at: datetime
+    send_at: datetime | None
+    events: list[dict[str, Any]]
+
+
 class Reads(Protocol):
     """What the HTTP front door reads directly (one query each; none is on the accept path)."""
 
@@ -343,6 +353,10 @@ class Reads(Protocol):
 
     async def messages(self, account_id: int, query: MessageQuery) -> list[dict[str, Any]]:
         """One page, each row in the shape of `message`."""
+        ...
+
+    async def message_events(self, account_id: int, message_id: str) -> MessageHistory | None:
+        """The history of the account's message; None when it has no such message."""
         ...
 
     async def messages_csv(
