@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,8 +20,9 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
-from smsgw.engine.messages import Account, Attempt, OutboundSms, Outcome
-from smsgw.engine.ports import WriteGroup, shard_of
+from smsgw.engine.messages import Account, Attempt, OutboundSms, Outcome, SendResult
+from smsgw.engine.ports import Provider, WriteGroup, shard_of
+from smsgw.engine.retry import RetryPolicy
 from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
 from smsgw.storage.cluster import PgCluster
@@ -43,7 +44,7 @@ from tests.integration.test_callbacks import FAST, Receiver
 
 @asynccontextmanager
 async def node_with(
-    database_url: str, schema: str, operator: SimulatedOperator, **engine: object
+    database_url: str, schema: str, operator: Provider, **engine: object
 ) -> AsyncIterator[tuple[Receiver, httpx.AsyncClient]]:
     """A node sending through `operator` (its outage can be switched at run time) with quick
     callback retries, and a callback receiver that refuses each status's first POST."""
@@ -64,12 +65,32 @@ async def node_with(
         nursery.cancel_scope.cancel()
 
 
-def simulated() -> SimulatedOperator:
+def simulated(name: str = "sim") -> SimulatedOperator:
     return SimulatedOperator(
         OperatorProfile(
-            name="sim", latency_ms_median=2.0, latency_ms_p99=10.0, p_temporary=0.0, p_permanent=0.0
+            name=name, latency_ms_median=2.0, latency_ms_p99=10.0, p_temporary=0.0, p_permanent=0.0
         )
     )
+
+
+class FailsFirstAttempt:
+    """An operator that fails each message's first attempt for now, then sends as `inner`."""
+
+    def __init__(self, inner: SimulatedOperator) -> None:
+        self.inner = inner
+        self.tried: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    async def send_batch(self, batch: Sequence[OutboundSms]) -> list[SendResult]:
+        first = [s for s in batch if s.id not in self.tried]
+        self.tried.update(s.id for s in first)
+        again = [s for s in batch if s not in first]
+        sent = iter(await self.inner.send_batch(again) if again else [])
+        unavailable = SendResult("temporary", reason="operator_unavailable")
+        return [unavailable if s in first else next(sent) for s in batch]
 
 
 async def events(client: httpx.AsyncClient, key: str, message_id: str) -> list[dict[str, Any]]:
@@ -97,26 +118,28 @@ async def stored_attempts(database_url: str, schema: str, message_id: str) -> in
 async def test_a_retry_a_send_a_receipt_and_callbacks_come_back_in_order(
     database_url: str, schema: str
 ) -> None:
-    operator = simulated()
-    async with node_with(database_url, schema, operator) as (receiver, client):
+    # The operator fails the first attempt for now; the retry is sent.
+    async with node_with(database_url, schema, FailsFirstAttempt(simulated())) as (
+        receiver,
+        client,
+    ):
         account = await create_account(client, 1_000)
         key = account["api_key"]
-        # The operator fails the first attempt for now; the retry, after it is back, is sent.
-        operator.outage = "errors"
         r = await send(client, key, "history", callback_url=receiver.url + "/cb")
         assert r.status_code == 202, r.text
         message_id = r.json()["id"]
-        with trio.fail_after(30):
-            await until(lambda: _attempted(database_url, schema, message_id))
-        operator.outage = None
         sent = await wait_final(client, key, message_id)
         assert sent["status"] == "sent" and sent["attempts"] == 2
         assert sent["sent_at"] is not None and sent["delivered_at"] is None
         assert sent["sent_at"] == sent["updated_at"]
 
-        # The `sent` callback is refused once, then taken; only then the receipt.
+        # The `sent` callback is refused once, then taken (and that recorded); only then the
+        # receipt.
         async def taken(status: str) -> bool:
-            return any(f'"status":"{status}"'.encode() in r.body for r in receiver.accepted())
+            return any(
+                e["type"] == "callback" and e["status"] == status and e.get("http_status") == 204
+                for e in await events(client, key, message_id)
+            )
 
         with trio.fail_after(30):
             await until(lambda: taken("sent"))
@@ -327,6 +350,61 @@ async def test_an_outcome_or_attempt_delivered_twice_adds_no_event(
     assert rows == [{"attempts": 4, "sent_at": 1.7e9 + 5}]
 
 
+async def test_a_callback_attempt_settled_twice_adds_one_event(
+    database_url: str, schema: str
+) -> None:
+    """A settle done again (its first commit's answer lost) writes no second row."""
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        group = WriteGroup()
+        group.creates.append(("acme", 100, b"k" * 32))
+        [account] = (await store.commit_group(group)).creates
+        assert isinstance(account, Account)
+        message = msgspec.structs.replace(
+            outbound(account.id), callback_url="https://example.com/cb"
+        )
+        group = WriteGroup()
+        group.accepts.append(((message,), False))
+        await store.commit_group(group)
+        group = WriteGroup()
+        group.outcomes.append(_sent(message, None, 1, 1.7e9 + 1))
+        await store.commit_group(group)
+
+        [job] = await store.claim_callbacks(10, 30.0)
+        for _ in range(2):
+            await store.settle_callbacks([], [(job.id, 0.0, "timeout")], [])
+        [again] = await store.claim_callbacks(10, 30.0)  # due at once: its delay was 0
+        assert again.attempts == 2
+        for _ in range(2):
+            await store.settle_callbacks([(job.id, 204)], [], [])
+
+    rows = await db_fetch(
+        database_url,
+        schema,
+        "SELECT type, delivery_id, status, attempt, http_status, error FROM message_events"
+        " WHERE message_id = $1::uuid AND type = 'callback' ORDER BY at, seq",
+        message.id,
+    )
+    assert rows == [
+        {
+            "type": "callback",
+            "delivery_id": job.id,
+            "status": "sent",
+            "attempt": 1,
+            "http_status": None,
+            "error": "timeout",
+        },
+        {
+            "type": "callback",
+            "delivery_id": job.id,
+            "status": "sent",
+            "attempt": 2,
+            "http_status": 204,
+            "error": None,
+        },
+    ]
+
+
 async def test_the_history_keeps_its_order_across_a_takeover(
     database_url: str, schema: str
 ) -> None:
@@ -381,7 +459,9 @@ async def test_the_history_keeps_its_order_across_a_node_restart(
     database recovers it, goes on counting its attempts and sends it."""
     down = simulated()
     down.outage = "errors"
-    async with node_with(database_url, schema, down) as (_, client):
+    # Tries enough that the message cannot fail on this node before it stops.
+    patient = RetryPolicy(max_attempts=100)
+    async with node_with(database_url, schema, down, retry=patient) as (_, client):
         key = (await create_account(client, 1_000))["api_key"]
         message_id = (await send(client, key, "restart")).json()["id"]
         with trio.fail_after(30):
@@ -396,3 +476,43 @@ async def test_the_history_keeps_its_order_across_a_node_restart(
     assert [e["result"] for e in tried] == ["temporary"] * before + ["sent"]
     assert [e["type"] for e in history] == ["accepted", *["attempt"] * (before + 1), "sent"]
     assert sent["attempts"] == before + 1
+
+
+async def test_the_history_keeps_its_order_when_another_node_takes_the_shard_over(
+    database_url: str, schema: str
+) -> None:
+    """Node A's operator is down: A tries the message and keeps it. Node B joins and A
+    stops; B takes A's shards over, recovers the message and sends it through its own
+    operator. The history has A's attempts, then B's, numbered on."""
+    down = simulated("down")
+    down.outage = "errors"
+    options = node_options(database_url, schema)
+    async with trio.open_nursery() as nursery:
+        # Tries enough that the message cannot fail on A before A stops.
+        patient = node_options(database_url, schema, retry=RetryPolicy(max_attempts=100))
+        a: Node = await nursery.start(
+            partial(run_node, msgspec.structs.replace(patient, node_id="a"), [(down, 1)])
+        )
+        async with httpx.AsyncClient(base_url=a.url, timeout=30) as client:
+            key = (await create_account(client, 1_000))["api_key"]
+            message_id = (await send(client, key, "takeover")).json()["id"]
+            with trio.fail_after(30):
+                await until(lambda: _attempted(database_url, schema, message_id))
+        b: Node = await nursery.start(
+            partial(run_node, msgspec.structs.replace(options, node_id="b"), [(simulated("up"), 1)])
+        )
+        a.stop.set()
+        await a.http_done.wait()
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as client:
+            sent = await wait_final(client, key, message_id)
+            history = await events(client, key, message_id)
+        b.stop.set()
+    assert sent["status"] == "sent" and sent["operator"] == "up"
+    tried = [e for e in history if e["type"] == "attempt"]
+    n = len(tried)
+    assert n >= 2 and sent["attempts"] == n
+    assert [e["attempt"] for e in tried] == list(range(1, n + 1))
+    assert [(e["operator"], e["result"]) for e in tried] == [("down", "temporary")] * (n - 1) + [
+        ("up", "sent")
+    ]
+    assert [e["type"] for e in history] == ["accepted", *["attempt"] * n, "sent"]

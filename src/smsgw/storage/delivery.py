@@ -206,7 +206,9 @@ SELECT count(*) FROM applied
 
 # Callback attempts answered: delivered rows deleted, the others rescheduled or given up, in
 # one statement, and each attempt in its message's history (migration 017), from the rows the
-# statement changed (a delivered row settled twice is deleted once). A receiver's status
+# statement changed: a settle done again (its first commit's answer lost) finds a delivered row
+# deleted, a given-up one given up and a rescheduled one's attempt settled already
+# (`settled_attempts`), and writes nothing. A receiver's status
 # other than 2xx is the error `http_<status>` (engine/callbacks.py), its `http_status` too.
 _SETTLE_CALLBACKS = """
 WITH delivered AS (
@@ -215,9 +217,10 @@ WITH delivered AS (
     RETURNING o.id, o.message_id, o.status, o.attempts, x.http_status, NULL::text AS error
 ), retried AS (
     UPDATE callback_outbox o
-    SET next_attempt_at = now() + make_interval(secs => x.delay), last_error = x.error
+    SET next_attempt_at = now() + make_interval(secs => x.delay), last_error = x.error,
+        settled_attempts = o.attempts
     FROM unnest($3::bigint[], $4::float8[], $5::text[]) AS x(id, delay, error)
-    WHERE o.id = x.id
+    WHERE o.id = x.id AND o.settled_attempts IS DISTINCT FROM o.attempts
     RETURNING o.id, o.message_id, o.status, o.attempts, x.error
 ), given_up AS (
     UPDATE callback_outbox o SET failed_at = now(), last_error = x.error

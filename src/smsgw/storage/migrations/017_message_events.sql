@@ -30,3 +30,7 @@ CREATE TABLE message_events (
     error text,                     -- callback: why it was not delivered
     PRIMARY KEY (message_id, at, seq)
 );
+
+-- The callback attempt whose retry was last written: a settle done twice (its first commit's
+-- answer lost) changes nothing the second time, and writes no second history row.
+ALTER TABLE callback_outbox ADD COLUMN settled_attempts int;
