@@ -112,7 +112,8 @@ class WriteGroup:
         self.session: object = None
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
-        # Attempts failed for now: recorded in the messages' history, before the outcomes.
+        # Attempts failed for now, for the messages' history: before the outcomes, in
+        # statements of their own (they move no credit; storage/commit.py says why).
         self.attempts: list[Attempt] = []
         self.topups: list[tuple[int, int]] = []
         self.creates: list[tuple[str, int, bytes]] = []
