@@ -20,7 +20,14 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
-from smsgw.engine.messages import Account, Attempt, OutboundSms, Outcome, SendResult
+from smsgw.engine.messages import (
+    Account,
+    Attempt,
+    DeliveryReport,
+    OutboundSms,
+    Outcome,
+    SendResult,
+)
 from smsgw.engine.ports import Provider, WriteGroup, shard_of
 from smsgw.engine.retry import RetryPolicy
 from smsgw.runtime.server import Node, run_node
@@ -403,6 +410,45 @@ async def test_a_callback_attempt_settled_twice_adds_one_event(
             "error": None,
         },
     ]
+
+
+async def test_a_receipt_before_its_send_shows_after_the_send(
+    database_url: str, schema: str
+) -> None:
+    """A DLR that overtakes its message's `sent` is kept, then applied by the reconciler: its
+    receipt event comes after the send, with delivered_at, once."""
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        group = WriteGroup()
+        group.creates.append(("acme", 100, b"k" * 32))
+        [account] = (await store.commit_group(group)).creates
+        assert isinstance(account, Account)
+        message = outbound(account.id)
+        group = WriteGroup()
+        group.accepts.append(((message,), False))
+        await store.commit_group(group)
+        early = WriteGroup()
+        early.deliveries.append(("op", (DeliveryReport("op-1", "delivered"),)))
+        [[answer]] = (await store.commit_group(early)).deliveries
+        assert answer.result == "unknown"
+        group = WriteGroup()
+        group.outcomes.append(_sent(message, None, 1, 1.7e9 + 1))
+        await store.commit_group(group)
+        assert await store.reconcile_deliveries(3_600.0, 100) == 1
+        assert await store.reconcile_deliveries(3_600.0, 100) == 0
+
+    assert await _history(database_url, schema, message.id) == [
+        ("attempt", 1, "sent", None),
+        ("sent", None, None, "op-1"),
+        ("receipt", None, None, None),
+    ]
+    [row] = await db_fetch(
+        database_url,
+        schema,
+        "SELECT status, delivered_at IS NOT NULL AS delivered FROM messages WHERE id = $1::uuid",
+        message.id,
+    )
+    assert row == {"status": "delivered", "delivered": True}
 
 
 async def test_the_history_keeps_its_order_across_a_takeover(
