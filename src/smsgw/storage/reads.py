@@ -1,4 +1,5 @@
-"""Reads and reports of messages: one message, keyset pages, the CSV export, the summary.
+"""Reads and reports of messages: one message, its history, keyset pages, the CSV export,
+the summary.
 
 The SQL builders (`messages_sql`, `summary_sql`) are public: the benchmarks and the query
 tests build the same statements.
