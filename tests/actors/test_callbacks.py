@@ -76,12 +76,12 @@ class MemoryOutbox:
 
     async def settle_callbacks(
         self,
-        delivered: Sequence[int],
+        delivered: Sequence[tuple[int, int]],
         retry: Sequence[tuple[int, float, str]],
         failed: Sequence[tuple[int, str]],
     ) -> None:
         now = trio.current_time()
-        for row_id in delivered:
+        for row_id, _ in delivered:
             del self.rows[row_id]
         for row_id, delay, _ in retry:
             self.rows[row_id].next_at = now + delay

@@ -12,8 +12,10 @@ from smsgw.engine.actor import Inbox
 from smsgw.engine.breaker import BreakerPolicy, BreakerState
 from smsgw.engine.mailboxes import SchedulerState
 from smsgw.engine.messages import (
+    Attempt,
     Enqueue,
     OutboundSms,
+    RecordAttempt,
     RecordOutcome,
     SchedulerMessage,
     SendResult,
@@ -101,6 +103,7 @@ class Harness:
         rated: bool = False,
     ) -> None:
         self.writer: Inbox[WriterMessage] = Inbox("writer", 10_000)
+        self.attempts: list[Attempt] = []
         scheduler_inbox: Inbox[SchedulerMessage] = Inbox("scheduler", 10_000)
         self.retry = RetryTimer(scheduler_inbox.handle())
         self.pool = ProviderPool(
@@ -133,10 +136,15 @@ class Harness:
             await nursery.start(run)
 
     async def outcomes(self, n: int) -> dict[str, RecordOutcome]:
+        """The first outcome of each of `n` messages; the attempts failed for now before
+        them go to `self.attempts`."""
         got: dict[str, RecordOutcome] = {}
         with trio.fail_after(60):
             while len(got) < n:
                 message = await self.writer.get()
+                if isinstance(message, RecordAttempt):
+                    self.attempts.append(message.attempt)
+                    continue
                 assert isinstance(message, RecordOutcome)
                 assert message.outcome.sms.id not in got, "a message ended twice"
                 got[message.outcome.sms.id] = message
@@ -156,6 +164,10 @@ async def test_every_message_ends_once_within_the_window(autojump_clock: trio.ab
     assert max(len(b) for b in operator.batches) <= 4
     assert outcomes["m3"].outcome.status == "sent" and outcomes["m3"].outcome.attempts == 2
     assert outcomes["m7"].outcome.status == "failed" and outcomes["m7"].outcome.attempts == 1
+    # Each attempt is recorded once: m3's first as failed for now, the others by their outcome.
+    assert [(a.sms.id, a.sms.attempts) for a in harness.attempts] == [("m3", 1)]
+    assert outcomes["m3"].outcome.attempt == "sent"
+    assert outcomes["m7"].outcome.attempt == "permanent"
     assert sum(o.outcome.status == "sent" for o in outcomes.values()) == 39
     assert harness.window.free == 8 and not harness.pool.inflight
 
@@ -183,6 +195,9 @@ async def test_retries_stop_at_max_attempts(autojump_clock: trio.abc.Clock) -> N
         nursery.cancel_scope.cancel()
     assert outcome.status == "failed" and outcome.attempts == 3 and outcome.reason == "temporary"
     assert len(operator.batches) == 3
+    # Two attempts recorded as failed for now; the last, failed for now too, by the outcome.
+    assert [a.sms.attempts for a in harness.attempts] == [1, 2]
+    assert outcome.attempt == "temporary"
 
 
 async def test_a_batch_is_what_is_waiting_not_a_full_one(autojump_clock: trio.abc.Clock) -> None:
@@ -461,6 +476,8 @@ async def test_work_waiting_for_a_hung_operator_fails_over_when_its_breaker_open
         with trio.fail_after(120):
             while len(got) < 60:
                 message = await writer.get()
+                if isinstance(message, RecordAttempt):
+                    continue
                 assert isinstance(message, RecordOutcome)
                 assert message.outcome.sms.id not in got
                 got[message.outcome.sms.id] = message.outcome
@@ -489,9 +506,18 @@ async def test_a_retry_goes_to_another_operator(autojump_clock: trio.abc.Clock) 
             await nursery.start(run)
         scheduler.ref.tell_nowait(Enqueue((sms(0),)))
         with trio.fail_after(60):
+            tried = await writer.get()
             message = await writer.get()
         nursery.cancel_scope.cancel()
+    # The failed attempt goes to the writer for the message's history, then the outcome.
+    assert isinstance(tried, RecordAttempt)
+    assert (tried.attempt.operator, tried.attempt.reason, tried.attempt.sms.attempts) == (
+        "a",
+        "busy",
+        1,
+    )
     assert isinstance(message, RecordOutcome)
+    assert message.outcome.attempt == "sent"
     # A takes nearly every first attempt by weight; the retry avoided it.
     assert a.got == ["m0"] and b.sent == ["m0"] and message.outcome.attempts == 2
 

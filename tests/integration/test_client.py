@@ -81,6 +81,15 @@ async def use_async(url: str) -> None:
         assert (got.id, got.client_ref, got.text) == (accepted.id, "order-1", "hello")
         assert got.created_at.tzinfo is not None
 
+        # The OTP's history: accepted, its one attempt, sent (as its message says).
+        history = await sms.message_events(sent.id)
+        assert history.message_id == sent.id
+        assert [e.type for e in history.events] == ["accepted", "attempt", "sent"]
+        _, attempt, sent_event = history.events
+        assert (attempt.attempt, attempt.result) == (1, "sent")
+        assert sent_event.operator_message_id == sent.operator_message_id
+        assert sent_event.at == (await sms.get_message(sent.id)).sent_at
+
         ids = [accepted.id, sent.id, queued.id]
         page = await sms.list_messages(limit=2)
         assert len(page.items) == 2 and page.next_cursor is not None

@@ -19,6 +19,8 @@ from smsgw.http.openapi import document
 ANSWERS: dict[type[msgspec.Struct], str] = {
     sms.Accepted: "AcceptedOut",
     sms.Message: "MessageOut",
+    sms.MessageEvent: "MessageEvent",
+    sms.MessageEvents: "MessageEventsOut",
     sms.MessagePage: "MessagePage",
     sms.BatchItemError: "BatchItemError",
     sms.BatchResult: "BatchResultOut",

@@ -23,7 +23,7 @@ import httpx
 import msgspec
 import pytest
 
-from smsgw.engine.messages import OutboundSms, Outcome
+from smsgw.engine.messages import Attempt, OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup, dispatch_shard
 from smsgw.runtime.server import Node
 from smsgw.storage import backlog, commit_sql, scheduled
@@ -269,6 +269,10 @@ def hot_statements(
     group = WriteGroup()
     group.outcomes.extend(outcomes)
     finished = commit_sql.finished_json(group)
+    tries = [
+        Attempt(msgspec.structs.replace(o.sms, attempts=1), "op", "busy", o.at) for o in outcomes
+    ]
+    [tried] = commit_sql.attempts_json(tries)
     accounts = sorted({o.sms.account_id for o in outcomes} | {s.account_id for s in accepts})
     stored = msgspec.json.encode(accepts).decode()
     shards = json.dumps([dispatch_shard(s) for s in accepts])
@@ -313,6 +317,7 @@ def hot_statements(
             "",
         ),
         ("outcome callbacks", commit_sql.OUTCOME_CALLBACKS, [ids], pkey, ""),
+        ("attempts failed for now", commit_sql.RECORD_ATTEMPTS, [tried], pkey, ""),
         ("bodies for dispatch", backlog._QUEUED_MESSAGES, [ids], pkey, ""),
         ("claimed hand-offs", cl._READ_CLAIMED, [ids], pkey, ""),
         ("scheduler pages", backlog._PAGE_ENTRIES, page_args, {"messages_account_status"}, ""),

@@ -168,6 +168,8 @@ async def test_the_api_conforms_to_its_openapi_document(
     # The cancel route was reached (random ids: 404; its 200 and 409 are
     # test_validity_cancel.py's).
     assert answers["POST /v1/messages/{message_id}/cancel 404"] > 0, answers
+    # And a message's history (random ids: 404; its 200 is test_message_events.py's).
+    assert answers["GET /v1/messages/{message_id}/events 404"] > 0, answers
     # The statement was read, and generated cursors refused as problems.
     assert answers["GET /v1/account/statement 200"] > 0, answers
     assert answers["GET /v1/account/statement 422"] > 0, answers

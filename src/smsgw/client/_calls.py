@@ -22,6 +22,7 @@ from smsgw.client.models import (
     BatchResponse,
     Cancelled,
     Message,
+    MessageEvents,
     MessagePage,
     OutgoingMessage,
     Summary,
@@ -116,6 +117,11 @@ def cancel(message_id: str) -> Call[Cancelled]:
 def get_message(message_id: str) -> Call[Message]:
     """One of the account's messages, by its id."""
     return Call("GET", f"/v1/messages/{message_id}", _answer(Message, 200))
+
+
+def message_events(message_id: str) -> Call[MessageEvents]:
+    """What happened to one of the account's messages, oldest first."""
+    return Call("GET", f"/v1/messages/{message_id}/events", _answer(MessageEvents, 200))
 
 
 def list_messages(

@@ -79,6 +79,43 @@ class Message(msgspec.Struct):
     updated_at: Timestamp
     callback_url: str | None = None
     send_at: Timestamp | None = None  # when it is to be sent, if it was scheduled
+    sent_at: Timestamp | None = None  # when an operator took it
+    delivered_at: Timestamp | None = None  # when a receipt said it was delivered
+
+
+class MessageEvent(msgspec.Struct):
+    """One thing that happened to a message (schema `MessageEvent`): `type` says which, and
+    which of the other fields it has (README: "A message's history")."""
+
+    type: Literal[
+        "accepted",
+        "scheduled",
+        "attempt",
+        "sent",
+        "failed",
+        "expired",
+        "cancelled",
+        "receipt",
+        "callback",
+    ]
+    at: Timestamp
+    send_at: Timestamp | None = None
+    attempt: int | None = None
+    operator: str | None = None
+    result: Literal["sent", "temporary", "permanent"] | None = None
+    operator_message_id: str | None = None
+    status: MessageStatus | None = None
+    reason: str | None = None
+    delivery_id: int | None = None
+    http_status: int | None = None
+    error: str | None = None
+
+
+class MessageEvents(msgspec.Struct):
+    """A message's history, oldest first (schema `MessageEventsOut`)."""
+
+    message_id: str
+    events: list[MessageEvent]
 
 
 class MessagePage(msgspec.Struct):

@@ -224,7 +224,7 @@ class CallbackSender:
         self._clock = clock
         self._rng = random.Random(seed)
         self._outstanding = 0
-        self._delivered: list[int] = []
+        self._delivered: list[tuple[int, int]] = []  # (row, the receiver's HTTP status)
         self._retry: list[tuple[int, float, str]] = []
         self._failed: list[tuple[int, str]] = []
         self._settle_wanted = trio.Event()
@@ -288,18 +288,18 @@ class CallbackSender:
     async def _worker(self, receive_jobs: trio.MemoryReceiveChannel[CallbackJob]) -> None:
         async for job in receive_jobs:
             try:
-                error = await self._attempt(job)
+                answer = await self._attempt(job)
             except DestinationRefused as exc:
                 self._refuse(job, str(exc))
             else:
-                if error is None:
-                    self._delivered.append(job.id)
+                if isinstance(answer, int):
+                    self._delivered.append((job.id, answer))
                 else:
-                    self._decide(job, error)
+                    self._decide(job, answer)
             self._settle_wanted.set()
 
-    async def _attempt(self, job: CallbackJob) -> str | None:
-        """POST one callback; None when the receiver took it (2xx), else why not."""
+    async def _attempt(self, job: CallbackJob) -> int | str:
+        """POST one callback; the HTTP status when the receiver took it (2xx), else why not."""
         body = callback_body(job)
         timestamp = int(self._clock())
         headers = {
@@ -318,7 +318,7 @@ class CallbackSender:
             # the receiver's token), should the error quote the URL.
             error = f"{type(exc).__name__}: {exc}".replace(job.url, redact_url(job.url))
             return error[:500]
-        return None if 200 <= status < 300 else f"http_{status}"
+        return status if 200 <= status < 300 else f"http_{status}"
 
     def _refuse(self, job: CallbackJob, reason: str) -> None:
         # The account named a host that callbacks must not reach: retrying cannot help (and

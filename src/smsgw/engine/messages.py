@@ -127,6 +127,19 @@ class Outcome(msgspec.Struct, frozen=True):
     reason: str | None
     attempts: int
     at: float
+    # What the operator said to the attempt that decided it (its history records the attempt);
+    # None when no attempt did (it expired waiting, was cancelled or swept).
+    attempt: Literal["sent", "temporary", "permanent"] | None = None
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """An attempt the operator failed for now, to be tried again: only its history records
+    it (the message's row keeps its count, so a recovered message goes on counting)."""
+
+    sms: OutboundSms  # its `attempts` counts this one
+    operator: str
+    reason: str | None
+    at: float
 
 
 class Settled(msgspec.Struct, frozen=True, array_like=True):
@@ -275,6 +288,10 @@ class RecordOutcome(msgspec.Struct, frozen=True):
     outcome: Outcome
 
 
+class RecordAttempt(msgspec.Struct, frozen=True):
+    attempt: Attempt
+
+
 class TopUp(msgspec.Struct, frozen=True):
     account_id: int
     amount: int
@@ -296,7 +313,7 @@ class RecordDeliveries(msgspec.Struct, frozen=True):
     reply: Reply[list[DeliveryResult]]
 
 
-WriterMessage = Accept | RecordOutcome | TopUp | CreateAccount | RecordDeliveries
+WriterMessage = Accept | RecordOutcome | RecordAttempt | TopUp | CreateAccount | RecordDeliveries
 
 
 # --- Scheduler inbox ---------------------------------------------------------------------

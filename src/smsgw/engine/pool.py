@@ -20,6 +20,7 @@ from smsgw.engine.breaker import BreakerState, Call
 from smsgw.engine.cancels import Cancels
 from smsgw.engine.histogram import DELIVERY_BUCKETS, Histogram
 from smsgw.engine.messages import (
+    Attempt,
     BatchDone,
     Dispatch,
     Enqueue,
@@ -27,6 +28,7 @@ from smsgw.engine.messages import (
     OutboundSms,
     Outcome,
     PoolFigures,
+    RecordAttempt,
     RecordOutcome,
     SchedulerMessage,
     SendResult,
@@ -371,6 +373,7 @@ class ProviderPool:
                 reason=result.reason,
                 attempts=attempts,
                 at=now,
+                attempt=result.kind,
             )
             await self._record(outcome)
             return
@@ -379,11 +382,17 @@ class ProviderPool:
         )
         delay = self._policy.next_delay(retry, now, self._rng)
         if attempts >= self._policy.max_attempts:
-            outcome = Outcome(retry, "failed", provider.name, None, result.reason, attempts, now)
+            outcome = Outcome(
+                retry, "failed", provider.name, None, result.reason, attempts, now, "temporary"
+            )
             await self._record(outcome)
         elif delay is None:  # its time is up before the next attempt could begin
-            await self._record(expired(retry, now, operator=provider.name, reason=result.reason))
+            ended = expired(retry, now, operator=provider.name, reason=result.reason)
+            await self._record(msgspec.structs.replace(ended, attempt="temporary"))
         else:
+            await self._writer.tell(
+                RecordAttempt(Attempt(retry, provider.name, result.reason, now))
+            )
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "message %s attempt %d via %s failed for now (%s); retry in %.2fs",

@@ -13,6 +13,7 @@ from smsgw.engine.messages import (
     Account,
     AccountRecord,
     AccountSettings,
+    Attempt,
     DeliveryReport,
     DeliveryResult,
     OutboundSms,
@@ -92,7 +93,16 @@ class Provider(Protocol):
 class WriteGroup:
     """One group commit's work, in arrival order; the store does it in one transaction."""
 
-    __slots__ = ("accepts", "creates", "deliveries", "outcomes", "session", "topups", "written")
+    __slots__ = (
+        "accepts",
+        "attempts",
+        "creates",
+        "deliveries",
+        "outcomes",
+        "session",
+        "topups",
+        "written",
+    )
 
     def __init__(self) -> None:
         # Called by the store (without waiting) once the group is durable, before it returns.
@@ -102,6 +112,9 @@ class WriteGroup:
         self.session: object = None
         self.accepts: list[tuple[Sequence[OutboundSms], bool]] = []
         self.outcomes: list[Outcome] = []
+        # Attempts failed for now, for the messages' history: before the outcomes, in
+        # statements of their own (they move no credit; storage/commit.py says why).
+        self.attempts: list[Attempt] = []
         self.topups: list[tuple[int, int]] = []
         self.creates: list[tuple[str, int, bytes]] = []
         # (operator, its reports): delivery reports, applied after the outcomes.
@@ -232,11 +245,12 @@ class CallbackStore(Protocol):
 
     async def settle_callbacks(
         self,
-        delivered: Sequence[int],
+        delivered: Sequence[tuple[int, int]],
         retry: Sequence[tuple[int, float, str]],
         failed: Sequence[tuple[int, str]],
     ) -> None:
-        """Delete delivered rows; reschedule `(id, delay_s, error)`; give up `(id, error)`."""
+        """Delete delivered `(id, http_status)` rows; reschedule `(id, delay_s, error)`; give
+        up `(id, error)`; each attempt goes in its message's history."""
         ...
 
     async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
@@ -315,6 +329,16 @@ class IdempotencyClaim(msgspec.Struct, frozen=True):
     body: bytes | None = None
 
 
+class MessageHistory(NamedTuple):
+    """What the store keeps of a message's history: when it was accepted and, if it was
+    scheduled, for when; then each event after the accept, oldest first, as a dict of the
+    event's fields (`type`, `at`, and those the event has; the others None)."""
+
+    created_at: datetime
+    send_at: datetime | None
+    events: list[dict[str, Any]]
+
+
 class Reads(Protocol):
     """What the HTTP front door reads directly (one query each; none is on the accept path)."""
 
@@ -330,6 +354,10 @@ class Reads(Protocol):
 
     async def messages(self, account_id: int, query: MessageQuery) -> list[dict[str, Any]]:
         """One page, each row in the shape of `message`."""
+        ...
+
+    async def message_events(self, account_id: int, message_id: str) -> MessageHistory | None:
+        """The history of the account's message; None when it has no such message."""
         ...
 
     async def messages_csv(

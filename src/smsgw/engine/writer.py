@@ -22,6 +22,7 @@ from smsgw.engine.messages import (
     DeliveryResult,
     OutboundSms,
     Outcome,
+    RecordAttempt,
     RecordDeliveries,
     RecordOutcome,
     TopUp,
@@ -32,6 +33,9 @@ from smsgw.engine.ports import CommitInDoubt, MessageStore, WriteGroup
 
 log = logging.getLogger("smsgw.writer")
 
+# What nobody waits for an answer to: a failed group's are carried into the next group.
+Carried = RecordOutcome | RecordAttempt
+
 
 def _account_of(message: WriterMessage) -> int:
     match message:
@@ -39,6 +43,8 @@ def _account_of(message: WriterMessage) -> int:
             return items[0].account_id if items else 0
         case RecordOutcome(outcome=outcome):
             return outcome.sms.account_id
+        case RecordAttempt(attempt=attempt):
+            return attempt.sms.account_id
         case TopUp(account_id=account_id):
             return account_id
         case CreateAccount():
@@ -54,7 +60,9 @@ def _account_of(message: WriterMessage) -> int:
 
 def _is_bulk_outcome(message: WriterMessage) -> bool:
     """An outcome nobody waits for: a bulk message's (an express one may have a `"wait":
-    true` request on it)."""
+    true` request on it), or an attempt to record."""
+    if isinstance(message, RecordAttempt):
+        return True
     return isinstance(message, RecordOutcome) and not message.outcome.sms.express
 
 
@@ -211,7 +219,7 @@ class StoreWriter:
         self.doubtful_committed = 0  # of those, found committed (their messages dispatched)
         # Outcomes of a group that failed to commit: carried into the shard's next group,
         # never dropped.
-        self._carry: dict[str, list[RecordOutcome]] = {i.name: [] for i in self.inbox.shards}
+        self._carry: dict[str, list[Carried]] = {i.name: [] for i in self.inbox.shards}
         self.groups = 0
         self.items = 0
         self.last_group_size = 0
@@ -340,7 +348,7 @@ class StoreWriter:
     async def _commit_fenced(
         self,
         batch: list[WriterMessage],
-        carry: list[RecordOutcome],
+        carry: list[Carried],
         shard: str,
         written: Callable[[], None] | None = None,
     ) -> None:
@@ -351,19 +359,17 @@ class StoreWriter:
             self.commits.close(seq)
 
     @staticmethod
-    def _abandon(
-        batch: list[WriterMessage], carry: list[RecordOutcome], error: StoreUnavailable
-    ) -> None:
+    def _abandon(batch: list[WriterMessage], carry: list[Carried], error: StoreUnavailable) -> None:
         """A group taken but not committed (its commit failed, or the loop is cancelled): its
         callers get `error`, and its outcomes are kept for the next group."""
         for message in batch:
-            if isinstance(message, RecordOutcome):
+            if isinstance(message, Carried):
                 carry.append(message)
             else:
                 message.reply.fail(error)
 
     async def _gather_outcomes(
-        self, inbox: Inbox[WriterMessage], batch: list[WriterMessage], carry: list[RecordOutcome]
+        self, inbox: Inbox[WriterMessage], batch: list[WriterMessage], carry: list[Carried]
     ) -> None:
         """Let a group of bulk outcomes wait up to `outcome_linger` for more (into `batch`),
         until it has `outcome_group` rows or anything else arrives, which then commits with it
@@ -382,13 +388,13 @@ class StoreWriter:
         except trio.Cancelled:
             # Only while waiting, so every message taken is a bulk outcome: kept for the next
             # group, as a failed group's are (a restarted loop commits them).
-            carry.extend(m for m in batch if isinstance(m, RecordOutcome))
+            carry.extend(m for m in batch if isinstance(m, Carried))
             raise
 
     async def _commit(
         self,
         batch: list[WriterMessage],
-        carry: list[RecordOutcome],
+        carry: list[Carried],
         shard: str,
         written: Callable[[], None] | None = None,
     ) -> None:
@@ -405,6 +411,8 @@ class StoreWriter:
                     accept_replies.append(reply)
                 case RecordOutcome(outcome=outcome):
                     group.outcomes.append(outcome)
+                case RecordAttempt(attempt=attempt):
+                    group.attempts.append(attempt)
                 case TopUp(account_id=account_id, amount=amount, reply=reply):
                     group.topups.append((account_id, amount))
                     topup_replies.append(reply)
@@ -472,6 +480,7 @@ class StoreWriter:
         self.group_rows.observe(
             offered
             + len(group.outcomes)
+            + len(group.attempts)
             + len(group.topups)
             + len(group.creates)
             + sum(len(reports) for _, reports in group.deliveries)
@@ -500,7 +509,7 @@ class StoreWriter:
         log.warning("group commit failed: %s", self.last_failure)
 
     async def _settle_doubt(
-        self, group: WriteGroup, batch: list[WriterMessage], carry: list[RecordOutcome], shard: str
+        self, group: WriteGroup, batch: list[WriterMessage], carry: list[Carried], shard: str
     ) -> None:
         """Learn a doubtful group's fate from the store, asking until it answers (its callers
         wait meanwhile, and time out on their side), then answer them and dispatch what it

@@ -499,6 +499,54 @@ class MessageOut(msgspec.Struct):
     callback_url: str | None = None
     # When it is to be sent, if it was accepted scheduled (null: at once).
     send_at: Timestamp | None = None
+    # When an operator took it, and when a receipt said it was delivered (null: not yet).
+    sent_at: Timestamp | None = None
+    delivered_at: Timestamp | None = None
+
+
+class MessageEvent(msgspec.Struct, omit_defaults=True):
+    """One thing that happened to a message, with the fields of its `type`:
+
+    - `accepted`: stored, its price held (`created_at`); `scheduled`: to be sent at `send_at`.
+    - `attempt`: one try at `operator`, its number `attempt`; `result` `sent`, `temporary`
+      (tried again later, unless out of tries or time) or `permanent` (refused for good),
+      with the operator's `reason` for a failure.
+    - `sent` (`operator`, `operator_message_id`), `failed`, `expired` (`reason`), `cancelled`.
+    - `receipt`: the operator's delivery report, `status` `delivered` or `undelivered` (with its
+      error as `reason`).
+    - `callback`: one delivery of the status callback `delivery_id`, announcing `status`, its
+      `attempt`; `http_status` when the receiver answered, `error` when it was not delivered.
+    """
+
+    type: Literal[
+        "accepted",
+        "scheduled",
+        "attempt",
+        "sent",
+        "failed",
+        "expired",
+        "cancelled",
+        "receipt",
+        "callback",
+    ]
+    at: Timestamp
+    send_at: Timestamp | None = None
+    attempt: int | None = None
+    operator: str | None = None
+    result: Literal["sent", "temporary", "permanent"] | None = None
+    operator_message_id: str | None = None
+    status: MessageStatus | None = None
+    reason: str | None = None
+    delivery_id: int | None = None
+    http_status: int | None = None
+    error: str | None = None
+
+
+class MessageEventsOut(msgspec.Struct):
+    """GET /v1/messages/{message_id}/events: the message's history, oldest first."""
+
+    message_id: str
+    events: list[MessageEvent]
 
 
 class CancelledOut(msgspec.Struct):

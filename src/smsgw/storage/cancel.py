@@ -9,13 +9,14 @@ from smsgw.engine.ports import CancelResult
 from smsgw.storage.database import Database
 
 # The account is locked first, as every group commit locks its accounts before it touches
-# their messages, so a cancel and a group commit never wait on each other in a circle. Only a
-# `scheduled` or `queued` row is cancelled: the conditional UPDATE decides, exact across nodes
-# (an outcome committed meanwhile makes the row final, a promotion makes a scheduled one
-# queued, and PostgreSQL re-reads the row before it updates). The
-# release is a ledger row of one message, as a `failed` outcome's is (storage/ledger.py). The
-# callback row is written in the same statement, as an outcome's is; the ledger row carries the
-# balance after the release, as a group commit's do (storage/statement.py). What the statement
+# their messages' status, so a cancel and a group commit never wait on each other in a circle
+# (a group's attempts touch message rows only, and wait for no account). Only a `scheduled` or
+# `queued` row is cancelled: the conditional UPDATE decides, exact across nodes (an outcome
+# committed meanwhile makes the row final, a promotion makes a scheduled one queued, and
+# PostgreSQL re-reads the row before it updates). The release is a ledger row of one message,
+# as a `failed` outcome's is (storage/ledger.py). The callback row and the history's row are
+# written in the same statement, as an outcome's are; the ledger row carries the balance
+# after the release, as a group commit's do (storage/statement.py). What the statement
 # changed its own snapshot does not show, so the answer comes from `cancelled` when it
 # cancelled, else from the row as it was. Only a queued message of a shard in $3 (the shards
 # the asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what
@@ -50,6 +51,9 @@ WITH locked AS MATERIALIZED (
            c.client_ref, c.updated_at
     FROM cancelled c CROSS JOIN locked l
     WHERE coalesce(c.callback_url, l.callback_url) IS NOT NULL
+), events AS (
+    INSERT INTO message_events (message_id, at, seq, type)
+    SELECT c.id, c.updated_at, 2, 'cancelled' FROM cancelled c
 )
 SELECT TRUE AS cancelled, c.status, c.price FROM cancelled c
 UNION ALL

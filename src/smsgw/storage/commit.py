@@ -34,11 +34,13 @@ from smsgw.storage.commit_sql import (
     ONE_STATEMENT,
     ONE_STATEMENT_HANDOFF,
     OUTCOME_CALLBACKS,
+    RECORD_ATTEMPTS,
     REFUSALS,
     WRITE_CREDIT,
     WRITE_CREDIT_HANDOFF,
     WRITE_GROUP,
     WRITE_GROUP_HANDOFF,
+    attempts_json,
     copy_records,
     finished_json,
     handed_off,
@@ -182,6 +184,16 @@ class GroupCommit(StorePart):
             ids.update(sms.account_id for sms in items)
         account_ids = sorted(ids)
         finished = finished_json(group) if ids else ""
+        # Before the outcomes (a message's last temporary failure and its outcome may share a
+        # group), and in statements of their own: they move no credit and lock no account, so
+        # they need not wait for the group's account locks, nor hold a message row while
+        # waiting for them (a cancel takes its account's lock, then the row).
+        for layer in attempts_json(group.attempts) if group.attempts else ():
+            await conn.execute(RECORD_ATTEMPTS, layer)
+        if not (ids or group.creates or group.deliveries):
+            if group.written is not None:
+                group.written()
+            return GroupResult([], [], [])
         if ids and self._one_statement(group, copy):
             done = await self._commit_one(conn, group, account_ids, finished)
             if done is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from smsgw.engine.messages import OutboundSms
+from smsgw.engine.messages import Attempt, OutboundSms
 from smsgw.engine.ports import WriteGroup, dispatch_shard, micros
 from smsgw.storage.rows import NOT_FINAL, at_micros
 
@@ -37,12 +37,15 @@ from smsgw.storage.rows import NOT_FINAL, at_micros
 # most one row per shard, rather than once per outcome.
 def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
-    returning each applied one's id, account, price and whether it was sent (+ `returning`)."""
+    returning each applied one's id, account, price, whether it was sent, its new status,
+    reason, time, operator, operator's id and attempts, and the attempt that decided it (what
+    _OUTCOME_EVENTS records) (+ `returning`)."""
     return f"""
     WITH outcome AS MATERIALIZED (
         SELECT * FROM json_to_recordset({param}::json)
              AS x(id uuid, status text, reason text, operator text, operator_message_id text,
-                  attempts int, at float8, shard int, fence bigint)
+                  attempts int, at float8, shard int, fence bigint, attempt text,
+                  attempt_reason text)
     ), lease AS MATERIALIZED (
         SELECT l.shard, l.token FROM shard_leases l
         WHERE l.shard = ANY (ARRAY(SELECT DISTINCT o.shard FROM outcome o
@@ -51,11 +54,30 @@ def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     UPDATE messages m
     SET status = x.status, reason = x.reason, operator = x.operator,
         operator_message_id = x.operator_message_id, attempts = x.attempts,
-        updated_at = to_timestamp(x.at)
+        updated_at = to_timestamp(x.at),
+        sent_at = CASE WHEN x.status = 'sent' THEN to_timestamp(x.at) END
     FROM outcome x LEFT JOIN lease l ON l.shard = x.shard
     WHERE m.id = x.id AND m.status {NOT_FINAL}
       AND (x.fence IS NULL OR x.fence = l.token){only_if}
-    RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent{returning}"""
+    RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent, m.status, m.reason,
+              m.updated_at, m.operator, m.operator_message_id, m.attempts, x.attempt,
+              x.attempt_reason{returning}"""
+
+
+# The history of the outcomes `finished` applied (migration 017): the attempt that decided
+# one, if any, then the outcome itself, at the outcome's time. Only what the UPDATE returned:
+# an outcome delivered twice (after a crash, or a group done again) finds its row final and
+# writes nothing. One INSERT for the whole group, in the statement that applies it.
+_OUTCOME_EVENTS = """
+    INSERT INTO message_events (message_id, at, seq, type, attempt, operator, result,
+                                operator_message_id, reason)
+    SELECT f.id, f.updated_at, e.seq, e.type, e.attempt, e.operator, e.result, e.omid, e.reason
+    FROM finished f CROSS JOIN LATERAL (
+        VALUES (1, 'attempt', f.attempts, f.operator, f.attempt, NULL, f.attempt_reason),
+               (2, f.status, NULL, CASE WHEN f.status = 'sent' THEN f.operator END, NULL,
+                f.operator_message_id, CASE WHEN f.status <> 'sent' THEN f.reason END)
+    ) AS e(seq, type, attempt, operator, result, omid, reason)
+    WHERE e.seq = 2 OR f.attempt IS NOT NULL"""
 
 
 # What the outcomes of `finished` captured and released, summed per account, and which
@@ -78,6 +100,7 @@ _PER_ACCOUNT = """
 LOCK_AND_FINISH = f"""
 WITH finished AS ({_finish_sql("$2")}
 ), per_account AS ({_PER_ACCOUNT}
+), events AS ({_OUTCOME_EVENTS}
 )
 SELECT a.id, a.balance, a.held, a.captured, a.topped_up, a.callback_url,
        f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n,
@@ -101,6 +124,8 @@ class _FinishRow(msgspec.Struct):
     at: float
     shard: int
     fence: int | None
+    attempt: str | None
+    attempt_reason: str | None
 
 
 _json = msgspec.json.Encoder()
@@ -300,9 +325,7 @@ def refusal_keys(items: Sequence[OutboundSms]) -> str:
 
 
 _OK_FINISHED = _finish_sql(
-    "$2",
-    only_if=" AND (SELECT ok FROM ok)",
-    returning=", m.status, m.reason, m.client_ref, m.updated_at, m.callback_url",
+    "$2", only_if=" AND (SELECT ok FROM ok)", returning=", m.client_ref, m.callback_url"
 )
 _OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
 # An account's ledger rows go in as the exact way applies a group (storage/statement.py):
@@ -370,6 +393,7 @@ WITH locked AS MATERIALIZED (
            f.client_ref, f.updated_at
     FROM finished f JOIN locked l ON l.id = f.account_id
     WHERE coalesce(f.callback_url, l.callback_url) IS NOT NULL
+), events AS ({_OUTCOME_EVENTS}
 )
 """
 
@@ -501,7 +525,63 @@ def finished_json(group: WriteGroup) -> str:
             o.at,
             dispatch_shard(o.sms),
             o.sms.fence,
+            o.attempt,
+            # A temporary failure's own reason (the outcome's may be the deadline's).
+            o.sms.last_reason if o.attempt == "temporary" else o.reason,
         )
         for o in group.outcomes
     ]
     return _json.encode(finished).decode()
+
+
+# Attempts failed for now (a JSON list of _AttemptRow): each message's attempt count, and its
+# history's `attempt` row, in one statement, fenced as outcomes are. Only an attempt newer
+# than the row's count is recorded, so one recorded twice (a group done again) writes one row.
+# The row keeps the count, so a message recovered after a crash goes on counting.
+RECORD_ATTEMPTS = f"""
+WITH attempt AS MATERIALIZED (
+    SELECT * FROM json_to_recordset($1::json)
+         AS x(id uuid, attempt int, operator text, reason text, at float8, shard int,
+              fence bigint)
+), lease AS MATERIALIZED (
+    SELECT l.shard, l.token FROM shard_leases l
+    WHERE l.shard = ANY (ARRAY(SELECT DISTINCT a.shard FROM attempt a WHERE a.fence IS NOT NULL))
+), tried AS (
+    UPDATE messages m SET attempts = x.attempt
+    FROM attempt x LEFT JOIN lease l ON l.shard = x.shard
+    WHERE m.id = x.id AND m.status {NOT_FINAL} AND m.attempts < x.attempt
+      AND (x.fence IS NULL OR x.fence = l.token)
+    RETURNING m.id, x.attempt, x.operator, x.reason, x.at
+)
+INSERT INTO message_events (message_id, at, seq, type, attempt, operator, result, reason)
+SELECT t.id, to_timestamp(t.at), 1, 'attempt', t.attempt, t.operator, 'temporary', t.reason
+FROM tried t
+"""
+
+
+class _AttemptRow(msgspec.Struct):
+    """One attempt as RECORD_ATTEMPTS reads it."""
+
+    id: str
+    attempt: int
+    operator: str
+    reason: str | None
+    at: float
+    shard: int
+    fence: int | None
+
+
+def attempts_json(attempts: Sequence[Attempt]) -> list[str]:
+    """RECORD_ATTEMPTS' $1 for each statement the attempts take: one while no message has two
+    (a row is updated once per statement), else one more for each later attempt of one."""
+    layers: list[list[_AttemptRow]] = []
+    seen: dict[str, int] = {}
+    for a in attempts:
+        n = seen[a.sms.id] = seen.get(a.sms.id, -1) + 1
+        if n == len(layers):
+            layers.append([])
+        row = _AttemptRow(
+            a.sms.id, a.sms.attempts, a.operator, a.reason, a.at, dispatch_shard(a.sms), a.sms.fence
+        )
+        layers[n].append(row)
+    return [_json.encode(layer).decode() for layer in layers]

@@ -22,11 +22,18 @@ def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> l
     ]
 
 
+# The receipts `applied` moved on, in the messages' history (migration 017): only reports
+# that changed a message (a repeated report finds it final and writes nothing).
+_RECEIPT_EVENTS = """
+    INSERT INTO message_events (message_id, at, seq, type, status, reason)
+    SELECT a.id, now(), 3, 'receipt', a.status, a.error FROM applied a"""
+
+
 # One set-based statement per group for every DLR in it: find each report's message by
 # (operator, operator_message_id) on messages_operator_message_id, move `sent` ones on, write
 # their callbacks, keep the reports that found no message, and say what became of each one.
 # `found` reads the snapshot before the update, so `before` is the status the report met.
-_APPLY_DELIVERIES = """
+_APPLY_DELIVERIES = f"""
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
         AS x(operator, omid, status, error, ord)
@@ -45,10 +52,12 @@ WITH x AS (
     UPDATE messages m
     SET status = x.status,
         reason = CASE WHEN x.status = 'undelivered' THEN x.error ELSE m.reason END,
-        updated_at = now()
+        updated_at = now(),
+        delivered_at = CASE WHEN x.status = 'delivered' THEN now() END
     FROM found f JOIN x ON x.ord = f.ord
     WHERE m.id = f.id AND m.status = 'sent'
     RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error
+), events AS ({_RECEIPT_EVENTS}
 ), outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
@@ -162,7 +171,7 @@ RETURNING o.id, o.message_id::text, o.account_id, o.url, o.status, o.reason, o.c
 
 # A kept `unknown` report whose message has reached `sent` since: applied as a DLR would have
 # been (one per message: the oldest), its callback written, the report marked resolved.
-_RECONCILE_DELIVERIES = """
+_RECONCILE_DELIVERIES = f"""
 WITH pick AS (
     SELECT DISTINCT ON (m.id) d.id AS report_id, m.id, d.status, d.error
     FROM dlr_unmatched d
@@ -175,10 +184,12 @@ WITH pick AS (
     UPDATE messages m
     SET status = p.status,
         reason = CASE WHEN p.status = 'undelivered' THEN p.error ELSE m.reason END,
-        updated_at = now()
+        updated_at = now(),
+        delivered_at = CASE WHEN p.status = 'delivered' THEN now() END
     FROM pick p
     WHERE m.id = p.id AND m.status = 'sent'
     RETURNING p.report_id, m.id, m.account_id, m.callback_url, m.client_ref, p.status, p.error
+), events AS ({_RECEIPT_EVENTS}
 ), outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
@@ -190,6 +201,45 @@ WITH pick AS (
     FROM applied a WHERE d.id = a.report_id
 )
 SELECT count(*) FROM applied
+"""
+
+
+# Callback attempts answered: delivered rows deleted, the others rescheduled or given up, in
+# one statement, and each attempt in its message's history (migration 017), from the rows the
+# statement changed: a settle done again (its first commit's answer lost) finds a delivered row
+# deleted, a given-up one given up and a rescheduled one's attempt settled already
+# (`settled_attempts`), and writes nothing. A receiver's status
+# other than 2xx is the error `http_<status>` (engine/callbacks.py), its `http_status` too.
+_SETTLE_CALLBACKS = """
+WITH delivered AS (
+    DELETE FROM callback_outbox o USING unnest($1::bigint[], $2::int[]) AS x(id, http_status)
+    WHERE o.id = x.id
+    RETURNING o.id, o.message_id, o.status, o.attempts, x.http_status, NULL::text AS error
+), retried AS (
+    UPDATE callback_outbox o
+    SET next_attempt_at = now() + make_interval(secs => x.delay), last_error = x.error,
+        settled_attempts = o.attempts
+    FROM unnest($3::bigint[], $4::float8[], $5::text[]) AS x(id, delay, error)
+    WHERE o.id = x.id AND o.settled_attempts IS DISTINCT FROM o.attempts
+    RETURNING o.id, o.message_id, o.status, o.attempts, x.error
+), given_up AS (
+    UPDATE callback_outbox o SET failed_at = now(), last_error = x.error
+    FROM unnest($6::bigint[], $7::text[]) AS x(id, error)
+    WHERE o.id = x.id AND o.failed_at IS NULL
+    RETURNING o.id, o.message_id, o.status, o.attempts, x.error
+), answered AS (
+    SELECT * FROM delivered
+    UNION ALL
+    SELECT r.id, r.message_id, r.status, r.attempts, NULL, r.error
+    FROM (SELECT * FROM retried UNION ALL SELECT * FROM given_up) r
+)
+INSERT INTO message_events (message_id, at, seq, type, delivery_id, status, attempt,
+                            http_status, error)
+SELECT a.message_id, clock_timestamp(), 4, 'callback', a.id, a.status, a.attempts,
+       coalesce(a.http_status,
+                CASE WHEN a.error ~ '^http_[0-9]{3}$' THEN substr(a.error, 6)::int END),
+       a.error
+FROM answered a
 """
 
 
@@ -219,38 +269,23 @@ class CallbackOutbox(StorePart):
 
     async def settle_callbacks(
         self,
-        delivered: Sequence[int],
+        delivered: Sequence[tuple[int, int]],
         retry: Sequence[tuple[int, float, str]],
         failed: Sequence[tuple[int, str]],
     ) -> None:
-        async def settle(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                if delivered:
-                    await conn.execute(
-                        "DELETE FROM callback_outbox WHERE id = ANY($1::bigint[])", list(delivered)
-                    )
-                if retry:
-                    await conn.execute(
-                        "UPDATE callback_outbox o"
-                        " SET next_attempt_at = now() + make_interval(secs => x.delay),"
-                        " last_error = x.error"
-                        " FROM unnest($1::bigint[], $2::float8[], $3::text[])"
-                        " AS x(id, delay, error)"
-                        " WHERE o.id = x.id",
-                        [r[0] for r in retry],
-                        [r[1] for r in retry],
-                        [r[2] for r in retry],
-                    )
-                if failed:
-                    await conn.execute(
-                        "UPDATE callback_outbox o SET failed_at = now(), last_error = x.error"
-                        " FROM unnest($1::bigint[], $2::text[]) AS x(id, error)"
-                        " WHERE o.id = x.id",
-                        [f[0] for f in failed],
-                        [f[1] for f in failed],
-                    )
-
-        await self.db.run(settle)
+        await self.db.run(
+            lambda c: c.execute(
+                _SETTLE_CALLBACKS,
+                [d[0] for d in delivered],
+                [d[1] for d in delivered],
+                [r[0] for r in retry],
+                [r[1] for r in retry],
+                [r[2] for r in retry],
+                [f[0] for f in failed],
+                [f[1] for f in failed],
+            ),
+            name="settle_callbacks",
+        )
 
     async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
         applied = await self.db.run(lambda c: c.fetchval(_RECONCILE_DELIVERIES, max_age_s, limit))

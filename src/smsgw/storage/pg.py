@@ -8,7 +8,7 @@ is one crossing and one transaction, however many requests it carries.
 | --- | --- | --- |
 | `GroupCommit` | commit.py (statements: commit_sql.py) | the group commit and its fate in doubt |
 | `Backlog` | backlog.py | recovery at start, the Scheduler's pages, bodies for dispatch |
-| `MessageReads` | reads.py | one message, pages, the CSV export, the summary |
+| `MessageReads` | reads.py | one message, its history, pages, the CSV export, the summary |
 | `AccountStore` | accounts.py | account reads, settings, senders, suspension, API key |
 | `OptOuts` | optouts.py | opt-outs and the blocklist |
 | `Statements` | statement.py | the account statement (the ledger's rows, message by message) |

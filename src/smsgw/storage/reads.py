@@ -1,4 +1,5 @@
-"""Reads and reports of messages: one message, keyset pages, the CSV export, the summary.
+"""Reads and reports of messages: one message, its history, keyset pages, the CSV export,
+the summary.
 
 The SQL builders (`messages_sql`, `summary_sql`) are public: the benchmarks and the query
 tests build the same statements.
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from smsgw.engine.ports import MessageQuery, SummaryRow
+from smsgw.engine.ports import MessageHistory, MessageQuery, SummaryRow
 from smsgw.storage.database import StorePart
 from smsgw.storage.rows import MIN_UUID
 
@@ -22,7 +23,7 @@ from smsgw.storage.rows import MIN_UUID
 MESSAGE_COLUMNS = (
     "id::text, recipient AS to, sender, body AS text, status, reason, segments, price,"
     " express, attempts, operator, operator_message_id, client_ref, created_at, updated_at,"
-    " callback_url, send_at"
+    " callback_url, send_at, sent_at, delivered_at"
 )
 
 
@@ -113,7 +114,9 @@ CSV_COLUMNS = (
     " attempts, operator, operator_message_id, client_ref,"
     f" to_char(created_at AT TIME ZONE 'UTC', {_RFC3339}),"
     f" to_char(updated_at AT TIME ZONE 'UTC', {_RFC3339}),"
-    f" to_char(send_at AT TIME ZONE 'UTC', {_RFC3339})"
+    f" to_char(send_at AT TIME ZONE 'UTC', {_RFC3339}),"
+    f" to_char(sent_at AT TIME ZONE 'UTC', {_RFC3339}),"
+    f" to_char(delivered_at AT TIME ZONE 'UTC', {_RFC3339})"
 )
 
 
@@ -153,6 +156,18 @@ SELECT {key} AS key,
 FROM messages WHERE {" AND ".join(where)}
 GROUP BY 1 ORDER BY 1"""
     return sql, args
+
+
+# A message's history (migration 017) in the order it happened, on the table's key. What
+# did not happen to an event is NULL, and left out of the answer.
+_MESSAGE_OF_EVENTS = (
+    "SELECT created_at, send_at FROM messages WHERE id = $1::uuid AND account_id = $2"
+)
+_EVENTS = """
+SELECT type, at, attempt, operator, result, operator_message_id, status, reason, delivery_id,
+       http_status, error
+FROM message_events WHERE message_id = $1::uuid ORDER BY at, seq
+"""
 
 
 class MessageReads(StorePart):
@@ -238,6 +253,18 @@ class MessageReads(StorePart):
             )
             for r in rows
         ]
+
+    async def message_events(self, account_id: int, message_id: str) -> MessageHistory | None:
+        async def read(conn: asyncpg.Connection) -> MessageHistory | None:
+            # One snapshot: no event of the message is newer than the row read with it.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                row = await conn.fetchrow(_MESSAGE_OF_EVENTS, message_id, account_id)
+                if row is None:
+                    return None
+                events = await conn.fetch(_EVENTS, message_id)
+            return MessageHistory(row["created_at"], row["send_at"], [dict(e) for e in events])
+
+        return await self.db.run(read, name="message_events")
 
     async def ping(self) -> bool:
         return bool(await self.db.run(lambda c: c.fetchval("SELECT 1")))

@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import trio
 from quart import Response
 
@@ -29,6 +30,8 @@ from smsgw.http.schemas import (
     SEND_AT_SLACK_S,
     SENT_ANSWERS,
     AcceptedOut,
+    MessageEvent,
+    MessageEventsOut,
     MessageId,
     MessageOut,
     SendIn,
@@ -563,6 +566,8 @@ def sent_view(sms: OutboundSms, outcome: Settled) -> dict[str, Any]:
         "client_ref": sms.client_ref,
         "created_at": datetime.fromtimestamp(sms.created_at, UTC),
         "updated_at": datetime.fromtimestamp(outcome.at, UTC),
+        "sent_at": datetime.fromtimestamp(outcome.at, UTC),
+        "delivered_at": None,
     }
 
 
@@ -581,3 +586,26 @@ async def get_message(message_id: MessageId) -> Response:
     if row is None:
         raise ProblemError(404, "message_not_found", f"no message {message_id}")
     return json_response(message_view(gw, row))
+
+
+@api.route(
+    "GET",
+    "/v1/messages/<message_id>/events",
+    "What happened to one message of the calling account, oldest first",
+    responses={200: MessageEventsOut},
+)
+async def get_message_events(message_id: MessageId) -> Response:
+    gw = gateway()
+    account_id = await gw.require_account()
+    if not is_message_id(message_id):
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    history = await gw.reads.message_events(account_id, message_id)
+    if history is None:
+        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+    # The accept is not stored as an event (intake writes only the message): it is the
+    # message's own creation, and a schedule is its send_at.
+    events = [MessageEvent("accepted", history.created_at)]
+    if history.send_at is not None:
+        events.append(MessageEvent("scheduled", history.created_at, send_at=history.send_at))
+    events.extend(msgspec.convert(e, MessageEvent) for e in history.events)
+    return json_response(MessageEventsOut(message_id, events))

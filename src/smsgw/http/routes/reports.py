@@ -56,6 +56,8 @@ EXPORT_COLUMNS = (
     "created_at",
     "updated_at",
     "send_at",
+    "sent_at",
+    "delivered_at",
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 24 bytes in base64url without padding, as encode_cursor writes them (b64decode on its own
