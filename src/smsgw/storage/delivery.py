@@ -10,6 +10,12 @@ import asyncpg
 from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outcome
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
+from smsgw.storage.rollups import moved, upsert
+
+# The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
+# again on the row it locks), and keeps its operator.
+_ROLLED = f"""rolled AS ({upsert(moved("applied", "'sent'"))}
+)"""
 
 
 def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> list[str]:
@@ -26,7 +32,7 @@ def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> l
 # (operator, operator_message_id) on messages_operator_message_id, move `sent` ones on, write
 # their callbacks, keep the reports that found no message, and say what became of each one.
 # `found` reads the snapshot before the update, so `before` is the status the report met.
-_APPLY_DELIVERIES = """
+_APPLY_DELIVERIES = f"""
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
         AS x(operator, omid, status, error, ord)
@@ -48,8 +54,9 @@ WITH x AS (
         updated_at = now()
     FROM found f JOIN x ON x.ord = f.ord
     WHERE m.id = f.id AND m.status = 'sent'
-    RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error
-), outbox AS (
+    RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error,
+              m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
+), {_ROLLED}, outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
            a.client_ref, now()
@@ -162,7 +169,7 @@ RETURNING o.id, o.message_id::text, o.account_id, o.url, o.status, o.reason, o.c
 
 # A kept `unknown` report whose message has reached `sent` since: applied as a DLR would have
 # been (one per message: the oldest), its callback written, the report marked resolved.
-_RECONCILE_DELIVERIES = """
+_RECONCILE_DELIVERIES = f"""
 WITH pick AS (
     SELECT DISTINCT ON (m.id) d.id AS report_id, m.id, d.status, d.error
     FROM dlr_unmatched d
@@ -178,8 +185,9 @@ WITH pick AS (
         updated_at = now()
     FROM pick p
     WHERE m.id = p.id AND m.status = 'sent'
-    RETURNING p.report_id, m.id, m.account_id, m.callback_url, m.client_ref, p.status, p.error
-), outbox AS (
+    RETURNING p.report_id, m.id, m.account_id, m.callback_url, m.client_ref, p.status, p.error,
+              m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
+), {_ROLLED}, outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
            a.client_ref, now()
