@@ -17,6 +17,7 @@ import httpx
 import msgspec
 import phonenumbers
 import trio
+from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from smsgw.engine.messages import DeliveryReport, OutboundSms, Outcome
 from smsgw.engine.ports import WriteGroup
@@ -214,6 +215,24 @@ async def messages_in(database_url: str, schema: str, items: list[OutboundSms]) 
         [s.id for s in items],
     )
     return int(rows[0]["n"])
+
+
+async def test_the_calling_code_of_every_country(database_url: str, schema: str) -> None:
+    """smsgw_calling_code (migration 018) gives each calling code of the numbering plans the
+    gateway validates against, from a whole number and from its first four characters (what
+    a COPY's rollups send)."""
+    codes = sorted(str(code) for code in COUNTRY_CODE_TO_REGION_CODE)
+    numbers = [f"+{code}{'4' * (11 - len(code))}" for code in codes]
+    async with open_database(database_url, schema):
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT smsgw_calling_code(n) AS whole, smsgw_calling_code(left(n, 4)) AS prefix"
+            " FROM unnest($1::text[]) WITH ORDINALITY AS x(n, i) ORDER BY i",
+            numbers,
+        )
+    assert [r["whole"] for r in rows] == codes
+    assert [r["prefix"] for r in rows] == codes
 
 
 # --- the summary against a scan ---------------------------------------------------------------
