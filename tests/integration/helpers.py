@@ -211,7 +211,8 @@ async def assert_rollups_exact(database_url: str, schema: str) -> int:
                 kept = [tuple(r.values()) for r in await conn.fetch(_ROLLUPS)]
                 await conn.execute("SELECT smsgw_rollup_rebuild(NULL)")
                 rebuilt = [tuple(r.values()) for r in await conn.fetch(_ROLLUPS)]
-            return sorted(kept), sorted(rebuilt)
+            # By repr: an operator may be None, which does not compare with a name.
+            return sorted(kept, key=repr), sorted(rebuilt, key=repr)
         finally:
             await conn.close()
 
