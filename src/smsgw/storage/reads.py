@@ -131,6 +131,7 @@ _GROUP_KEY = {
 }
 _BUCKET = timedelta(seconds=BUCKET_S)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 def _bucket_floor(at: datetime) -> datetime:
@@ -139,7 +140,11 @@ def _bucket_floor(at: datetime) -> datetime:
 
 def _bucket_ceil(at: datetime) -> datetime:
     start = _bucket_floor(at)
-    return start if start == at else start + _BUCKET
+    if start == at:
+        return start
+    if start > _LAST - _BUCKET:
+        return _LAST  # in the year 9999's last bucket: no whole bucket starts after it
+    return start + _BUCKET
 
 
 def summary_sql(
