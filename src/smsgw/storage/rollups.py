@@ -67,10 +67,10 @@ def moved(rows: str, old_status: str, old_operator: str = "operator") -> str:
         {added(rows)}"""
 
 
-# The messages a group stores by COPY, already summed per group (copy_rollup), as rows of
-# `$n`: account, bucket start (Unix seconds), status, express, sender, the number's first
-# four characters (its calling code is among them), then the sums.
 def copied(param: str) -> str:
+    """The deltas of messages a group stored by COPY, already summed per group (copy_rollup),
+    as rows of the JSON in `param`: account, bucket start (Unix seconds), status, express,
+    sender, the number's first four characters (its calling code is among them), the sums."""
     return f"""
         SELECT x.a, to_timestamp(x.b), x.s, x.e, NULL::text, x.f, x.p, x.n, x.g, x.c
         FROM json_to_recordset({param}::json)
