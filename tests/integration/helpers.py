@@ -189,6 +189,42 @@ async def ledger(database_url: str, schema: str) -> dict[int, dict[str, int]]:
     return {r["id"]: {k: int(v) for k, v in r.items()} for r in rows}
 
 
+_ROLLUPS = """
+SELECT account_id, bucket, status, express, operator, sender, country, messages, segments, price
+FROM message_rollups WHERE messages <> 0 OR segments <> 0 OR price <> 0
+"""
+
+
+async def assert_rollups_exact(database_url: str, schema: str) -> int:
+    """The rollups the writes kept (migration 018) equal those rebuilt from a scan of the
+    messages (smsgw_rollup_rebuild, the oracle), row for row; returns the messages counted.
+    Both read in one transaction under the rebuild's lock, so a node still writing cannot
+    change one and not the other."""
+    assert _SCHEMA_NAME.match(schema), schema
+
+    async def compare() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"SET search_path TO {schema}")
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE message_rollups IN EXCLUSIVE MODE")
+                kept = [tuple(r.values()) for r in await conn.fetch(_ROLLUPS)]
+                await conn.execute("SELECT smsgw_rollup_rebuild(NULL)")
+                rebuilt = [tuple(r.values()) for r in await conn.fetch(_ROLLUPS)]
+            # By repr: an operator may be None, which does not compare with a name.
+            return sorted(kept, key=repr), sorted(rebuilt, key=repr)
+        finally:
+            await conn.close()
+
+    kept, rebuilt = await trio.to_thread.run_sync(asyncio.run, compare())
+    assert kept == rebuilt, {
+        "kept, not rebuilt": set(kept) - set(rebuilt),
+        "rebuilt, not kept": set(rebuilt) - set(kept),
+    }
+    assert all(r[7] >= 0 for r in kept), kept
+    return sum(r[7] for r in kept)
+
+
 def assert_ledger_consistent(accounts: dict[int, dict[str, int]]) -> None:
     """The credit identities that must hold in every committed state, for every account."""
     assert accounts, "no accounts"

@@ -17,6 +17,7 @@ from smsgw.storage.commit import Handoff
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
     assert_ledger_consistent,
+    assert_rollups_exact,
     db_fetch,
     ledger,
     open_database,
@@ -194,6 +195,8 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
     assert handed[0] == handed[1] and (handed[0] > 0) == cluster, handed
     # Both ways ran: the balances run out, and then the group falls back.
     assert used["one"] > 0 and used["fallback"] > 0, used
+    # Both ways kept the rollups of what they stored and finished, outcomes given twice too.
+    assert await assert_rollups_exact(database_url, schema) > 0
 
 
 async def test_a_taken_client_ref_holds_nothing_in_one_statement(

@@ -1,5 +1,5 @@
-"""`smsgw migrate` and `smsgw accounts ...`: work on the gateway's database directly, no node
-needed."""
+"""`smsgw migrate`, `smsgw accounts ...` and `smsgw rebuild-rollups`: work on the gateway's
+database directly, no node needed."""
 
 from __future__ import annotations
 
@@ -27,9 +27,18 @@ T = TypeVar("T")
 
 
 def add_commands(sub: Any, command: Subcommands) -> None:
-    """`migrate` and `accounts` under `sub`."""
+    """`migrate`, `accounts` and `rebuild-rollups` under `sub`."""
     migrate = command(sub, "migrate", ENV_DATABASE, help="apply database migrations")
     migrate.set_defaults(func=_migrate)
+    rebuild = command(
+        sub,
+        "rebuild-rollups",
+        ENV_DATABASE,
+        help="compute the summary's rollups again from the messages (a repair): every"
+        " account's, or one's; group commits that count messages wait while it runs; prints JSON",
+    )
+    rebuild.add_argument("--account", type=_account_id, help="only this account's rollups")
+    rebuild.set_defaults(func=_rebuild_rollups)
 
     accounts = command(
         sub,
@@ -224,4 +233,12 @@ def _accounts_rotate_key(args: argparse.Namespace) -> int:
     if not _with_database(lambda db: replace_key(db, args.id, hash_key(api_key))):
         raise UsageError(f"no account {args.id}")
     print_json({"id": args.id, "api_key": api_key})
+    return 0
+
+
+def _rebuild_rollups(args: argparse.Namespace) -> int:
+    from smsgw.storage.rollups import Rollups
+
+    rows = _with_database(lambda db: Rollups(db).rebuild_rollups(args.account))
+    print_json({"account": args.account, "rollup_rows": rows})
     return 0

@@ -154,11 +154,13 @@ def summary(
     *,
     created_from: Time | None = None,
     created_to: Time | None = None,
-    group_by: Literal["day", "status"] = "day",
+    group_by: Literal["day", "status", "operator", "sender", "country"] = "day",
+    tz: str | None = None,
 ) -> Call[Summary]:
     """Counts and credit of the account's messages created in [created_from, created_to),
-    per UTC day or per status, with totals."""
-    params = _query(created_from=created_from, created_to=created_to, group_by=group_by)
+    per day (in the IANA zone `tz`, default UTC), status, operator, sender or country calling
+    code, with totals."""
+    params = _query(created_from=created_from, created_to=created_to, group_by=group_by, tz=tz)
     return Call("GET", "/v1/reports/summary", _answer(Summary, 200), params)
 
 

@@ -161,7 +161,7 @@ class BatchResponse(msgspec.Struct):
 
 
 class SummaryGroup(msgspec.Struct):
-    """One UTC day or one status of a summary (schema `SummaryGroup`)."""
+    """One day, status, operator, sender or country of a summary (schema `SummaryGroup`)."""
 
     messages: int
     sent: int
@@ -177,6 +177,9 @@ class SummaryGroup(msgspec.Struct):
     scheduled: int
     day: str | None = None
     status: str | None = None
+    operator: str | None = None
+    sender: str | None = None
+    country: str | None = None
 
 
 class SummaryTotals(msgspec.Struct):
@@ -197,14 +200,15 @@ class SummaryTotals(msgspec.Struct):
 
 
 class Summary(msgspec.Struct):
-    """Counts and credit per day or status (schema `SummaryOut`, without its deprecated
-    `from` and `to`)."""
+    """Counts and credit per day, status, operator, sender or country (schema `SummaryOut`,
+    without its deprecated `from` and `to`)."""
 
     created_from: Timestamp | None
     created_to: Timestamp | None
-    group_by: Literal["day", "status"]
+    group_by: Literal["day", "status", "operator", "sender", "country"]
     groups: list[SummaryGroup]
     totals: SummaryTotals
+    tz: str = "UTC"  # the time zone of the days (older servers: UTC, unnamed)
 
 
 class Account(msgspec.Struct):

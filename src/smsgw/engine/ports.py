@@ -280,9 +280,11 @@ class MessageQuery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SummaryRow(msgspec.Struct, frozen=True):
-    """Counts and money for one group of a report: a day (YYYY-MM-DD, UTC) or a status."""
+    """Counts and money for one group of a report: a day (YYYY-MM-DD, in the report's time
+    zone), a status, an operator (None: not sent to one yet), a sender or a country calling
+    code."""
 
-    key: str
+    key: str | None
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
     failed: int  # refunded: failed, expired or cancelled
@@ -372,9 +374,11 @@ class Reads(Protocol):
         account_id: int,
         created_from: datetime | None,
         created_to: datetime | None,
-        group_by: Literal["day", "status"],
+        group_by: Literal["day", "status", "operator", "sender", "country"],
+        tz: str = "UTC",
     ) -> list[SummaryRow]:
-        """One row per day or status with messages created in [created_from, created_to)."""
+        """One row per day (in the IANA zone `tz`), status, operator, sender or country
+        calling code with messages created in [created_from, created_to)."""
         ...
 
     async def ping(self) -> bool: ...

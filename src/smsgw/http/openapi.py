@@ -23,9 +23,16 @@ from smsgw.http.api import REF, TAGS, Auth, Content, Operation, Param
 from smsgw.http.problems import TITLES
 from smsgw.http.schemas import Problem
 
-API_VERSION = "2.3.0"
+API_VERSION = "2.4.0"
 # What changed in each version of the HTTP contract, newest first (info.description).
 CHANGES = (
+    (
+        "2.4.0",
+        "GET /v1/reports/summary groups by `operator`, `sender` or `country` (the recipient's"
+        " calling code, `98`) as well, and takes `tz` (an IANA zone, default UTC) for the days"
+        " of group_by=day; the answer says its `tz`. It reads rollups kept with every write:"
+        " as fast for a month as for a day, and exact for any range.",
+    ),
     (
         "2.3.0",
         "Scheduled sends: `send_at` (RFC 3339 with an offset, up to 30 days ahead) on"

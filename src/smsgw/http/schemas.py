@@ -594,7 +594,9 @@ class MessagePage(msgspec.Struct):
 
 
 class SummaryGroup(msgspec.Struct):
-    """One day (YYYY-MM-DD, UTC) or one status of a summary; `cost` is captured credit."""
+    """One group of a summary: a day (YYYY-MM-DD, in the summary's `tz`), a status, an
+    operator (null: not sent to one yet), a sender or a country calling code (`98`); `cost`
+    is captured credit."""
 
     messages: int
     sent: int  # reached the operator: sent, delivered or undelivered
@@ -610,6 +612,9 @@ class SummaryGroup(msgspec.Struct):
     scheduled: int  # of `pending`: waiting for its send_at
     day: str | None = None  # group_by=day
     status: str | None = None  # group_by=status
+    operator: str | None = None  # group_by=operator
+    sender: str | None = None  # group_by=sender
+    country: str | None = None  # group_by=country
 
 
 class SummaryTotals(msgspec.Struct):
@@ -635,9 +640,10 @@ class SummaryOut(msgspec.Struct):
     created_to: Timestamp | None
     from_: Timestamp | None = msgspec.field(name="from")
     to: Timestamp | None
-    group_by: Literal["day", "status"]
+    group_by: Literal["day", "status", "operator", "sender", "country"]
     groups: list[SummaryGroup]
     totals: SummaryTotals
+    tz: str = "UTC"  # the time zone of group_by=day's days
 
 
 class StatementEntryOut(msgspec.Struct):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from smsgw.engine.ports import CancelResult
 from smsgw.storage.database import Database
+from smsgw.storage.rollups import moved, upsert
 
 # The account is locked first, as every group commit locks its accounts before it touches
 # their messages' status, so a cancel and a group commit never wait on each other in a circle
@@ -22,19 +23,28 @@ from smsgw.storage.database import Database
 # the asking node dispatches; NULL: all) is cancelled: the dispatching node's pool is what
 # keeps a cancelled message from an operator, so another node's cancel could race a send
 # there. A scheduled message is in no node's memory (its promotion and this statement take
-# turns on the row), so any node cancels it.
-CANCEL_SQL = """
+# turns on the row), so any node cancels it. The message is locked (after its account) before
+# the update, so `before` is its status as the update finds it (a promotion committed since
+# the statement's snapshot included): what its rollup leaves.
+CANCEL_SQL = f"""
 WITH locked AS MATERIALIZED (
     SELECT a.id, a.callback_url FROM accounts a WHERE a.id = $1 FOR UPDATE
+), before AS MATERIALIZED (
+    SELECT m.id, m.status FROM messages m JOIN locked l ON l.id = m.account_id
+    WHERE m.id = $2::uuid
+    FOR UPDATE OF m
 ), cancelled AS (
     UPDATE messages m SET status = 'cancelled', reason = NULL, updated_at = now()
-    WHERE m.id = $2::uuid AND m.account_id = (SELECT id FROM locked)
-      AND (m.status = (SELECT 'scheduled')
-           OR (m.status = (SELECT 'queued')
+    FROM before b
+    WHERE m.id = b.id
+      AND (b.status = 'scheduled'
+           OR (b.status = 'queued'
                AND ($3::int[] IS NULL
                     OR coalesce(m.dispatch_shard, shard_of(m.account_id)) = ANY($3))))
     RETURNING m.id, m.account_id, m.price, m.status, m.reason, m.client_ref, m.callback_url,
-              m.updated_at
+              m.updated_at, b.status AS before, m.created_at, m.express, m.operator, m.sender,
+              m.recipient, m.segments
+), rolled AS ({upsert(moved("cancelled", "before"))}
 ), credit AS (
     UPDATE accounts a SET balance = a.balance + c.price, held = a.held - c.price
     FROM cancelled c WHERE a.id = c.account_id

@@ -36,7 +36,9 @@ from smsgw.storage.commit_sql import (
     OUTCOME_CALLBACKS,
     RECORD_ATTEMPTS,
     REFUSALS,
+    UNDO_INSERTS,
     WRITE_CREDIT,
+    WRITE_CREDIT_COPIED,
     WRITE_CREDIT_HANDOFF,
     WRITE_GROUP,
     WRITE_GROUP_HANDOFF,
@@ -49,6 +51,7 @@ from smsgw.storage.commit_sql import (
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
 from smsgw.storage.payloads import handoff_payloads, settled_payloads
+from smsgw.storage.rollups import copy_rollup
 from smsgw.storage.statement import LedgerRow, Settled, ledger_rows
 
 log = logging.getLogger("smsgw.storage")
@@ -257,7 +260,9 @@ class GroupCommit(StorePart):
                 except asyncpg.UniqueViolationError as exc:
                     raise _CopyConflict(str(exc)) from exc
                 if self.handoff is None:
-                    await _write_credit(conn, book, ledger)
+                    await conn.fetchval(
+                        WRITE_CREDIT_COPIED, *_credit_args(book, ledger), copy_rollup(stored)
+                    )
                 else:
                     row = await conn.fetchrow(
                         WRITE_CREDIT_HANDOFF,
@@ -266,6 +271,7 @@ class GroupCommit(StorePart):
                         self.handoff.lock_class,
                         [dispatch_shard(s) for s in handed_off(stored)],
                         [s.id for s in handed_off(stored)],
+                        copy_rollup(stored),
                     )
                     if row["ids"]:
                         wake = _handed_payloads(row["owners"], row["ids"], stored)
@@ -506,7 +512,7 @@ async def _undo_duplicates(
                 accepted=False, reason=reason, balance=book.accounts[sms.account_id].balance
             )
     if remove:
-        await conn.execute("DELETE FROM messages WHERE id = ANY($1::uuid[])", remove)
+        await conn.execute(UNDO_INSERTS, remove)
 
 
 def _credit_args(

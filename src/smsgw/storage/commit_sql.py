@@ -16,6 +16,7 @@ import msgspec
 
 from smsgw.engine.messages import Attempt, OutboundSms
 from smsgw.engine.ports import WriteGroup, dispatch_shard, micros
+from smsgw.storage.rollups import added, copied, moved, upsert
 from smsgw.storage.rows import NOT_FINAL, at_micros
 
 # A group commit of accepts and outcomes is one statement (ONE_STATEMENT) when every account
@@ -37,9 +38,9 @@ from smsgw.storage.rows import NOT_FINAL, at_micros
 # most one row per shard, rather than once per outcome.
 def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
-    returning each applied one's id, account, price, whether it was sent, its new status,
-    reason, time, operator, operator's id and attempts, and the attempt that decided it (what
-    _OUTCOME_EVENTS records) (+ `returning`)."""
+    returning each applied one's id, account, price, whether it was sent, its rollup group's
+    columns, its new status, reason, time, operator's id and attempts, and the attempt that
+    decided it (what _OUTCOME_EVENTS records) (+ `returning`)."""
     return f"""
     WITH outcome AS MATERIALIZED (
         SELECT * FROM json_to_recordset({param}::json)
@@ -59,9 +60,9 @@ def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
     FROM outcome x LEFT JOIN lease l ON l.shard = x.shard
     WHERE m.id = x.id AND m.status {NOT_FINAL}
       AND (x.fence IS NULL OR x.fence = l.token){only_if}
-    RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent, m.status, m.reason,
-              m.updated_at, m.operator, m.operator_message_id, m.attempts, x.attempt,
-              x.attempt_reason{returning}"""
+    RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent, m.created_at, m.status,
+              m.express, m.operator, m.sender, m.recipient, m.segments, m.reason, m.updated_at,
+              m.operator_message_id, m.attempts, x.attempt, x.attempt_reason{returning}"""
 
 
 # The history of the outcomes `finished` applied (migration 017): the attempt that decided
@@ -95,12 +96,18 @@ _PER_ACCOUNT = """
            array_agg(price ORDER BY id) FILTER (WHERE NOT sent AND price > 0) AS released_prices
     FROM finished GROUP BY account_id"""
 
+# The rollups of the messages the outcomes moved. Only a message not final takes an outcome,
+# and `sending` is never written, so each was `queued`; only an outcome (final) writes the
+# operator, so it had none.
+_FINISHED_MOVED = moved("finished", "'queued'", "NULL::text")
+
 # The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
 # with what the outcomes captured and released, summed per account.
 LOCK_AND_FINISH = f"""
 WITH finished AS ({_finish_sql("$2")}
 ), per_account AS ({_PER_ACCOUNT}
 ), events AS ({_OUTCOME_EVENTS}
+), rolled AS ({upsert(_FINISHED_MOVED)}
 )
 SELECT a.id, a.balance, a.held, a.captured, a.topped_up, a.callback_url,
        f.captured AS out_captured, f.captured_n, f.released AS out_released, f.released_n,
@@ -158,11 +165,16 @@ updated AS (
 # The accounts' new figures and their ledger rows.
 WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 
+# The same after a COPY of messages, with their rollups ($7: rollups.copy_rollup).
+WRITE_CREDIT_COPIED = (
+    f"WITH {_UPDATE_ACCOUNTS}, rolled AS ({upsert(copied('$7'))}) SELECT count(*) FROM ledger"
+)
 
-def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> str:
+
+def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
-    `queued`, or `scheduled` with a `send_at`, returning the id of each one inserted
-    (+ `returning`)."""
+    `queued`, or `scheduled` with a `send_at`, returning the id, account, price and rollup
+    group's columns of each one inserted."""
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url,
@@ -177,7 +189,8 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
               callback_url text, shard smallint, validity int, send_at float8)
     WHERE {only_if}
     ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
-    RETURNING id{returning}"""
+    RETURNING id, account_id, price, created_at, status, express, operator, sender, recipient,
+              segments"""
 
 
 # The messages, the accounts and the ledger in one statement. A message whose client_ref is
@@ -185,6 +198,7 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
 # missing from `inserted` and corrects the credit (commit.py, _undo_duplicates), which is rare.
 WRITE_GROUP = f"""
 WITH inserted AS ({_insert_sql("$7")}
+), rolled AS ({upsert(added("inserted"))}
 ), {_UPDATE_ACCOUNTS}
 SELECT (SELECT count(*) FROM inserted) AS stored,
        (SELECT array_agg(id::text) FROM inserted) AS inserted,
@@ -211,9 +225,10 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 """
 )
 
-# The same without the insert, for a group whose messages went in by COPY.
+# The same without the insert, for a group whose messages went in by COPY (their rollups in
+# $11, as in WRITE_CREDIT_COPIED).
 WRITE_CREDIT_HANDOFF = f"""
-WITH {_UPDATE_ACCOUNTS}
+WITH {_UPDATE_ACCOUNTS}, rolled AS ({upsert(copied("$11"))})
 SELECT (SELECT array_agg(id) FROM ledger) AS ledger, h.owners, h.ids
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
       FROM smsgw_handoff($7, $8, $9::int[], $10::uuid[])) AS h
@@ -327,7 +342,7 @@ def refusal_keys(items: Sequence[OutboundSms]) -> str:
 _OK_FINISHED = _finish_sql(
     "$2", only_if=" AND (SELECT ok FROM ok)", returning=", m.client_ref, m.callback_url"
 )
-_OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)", returning=", account_id, price")
+_OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)")
 # An account's ledger rows go in as the exact way applies a group (storage/statement.py):
 # captures, releases, then holds, each with the balance after it.
 _ONE_WRITES = f"""
@@ -350,6 +365,7 @@ WITH locked AS MATERIALIZED (
     ) n ON n.account_id = l.id
 ), finished AS ({_OK_FINISHED}
 ), inserted AS ({_OK_INSERTED}
+), rolled AS ({upsert(_FINISHED_MOVED + " UNION ALL " + added("inserted"))}
 ), delta AS (
     SELECT l.id, l.balance,
            coalesce(h.held, 0) AS held, coalesce(h.held_n, 0) AS held_n,
@@ -426,6 +442,16 @@ FROM (SELECT array_agg(d.id) AS ids, array_agg(coalesce(u.balance, d.balance)) A
 ONE_STATEMENT = _ONE_WRITES + _one_result(False)
 ONE_STATEMENT_HANDOFF = _ONE_WRITES + _one_result(True)
 
+
+# Messages of a group taken back (their client_ref taken, or an atomic sibling's), and their
+# rollups.
+UNDO_INSERTS = f"""
+WITH gone AS (
+    DELETE FROM messages WHERE id = ANY($1::uuid[])
+    RETURNING account_id, created_at, status, express, operator, sender, recipient, segments,
+              price
+){upsert(added("gone", -1))}
+"""
 
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
 # fastest way in (2,000 rows: about a quarter less time than the json_to_recordset INSERT);

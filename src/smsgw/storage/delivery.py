@@ -10,6 +10,12 @@ import asyncpg
 from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outcome
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
+from smsgw.storage.rollups import moved, upsert
+
+# The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
+# again on the row it locks), and keeps its operator.
+_ROLLED = f"""rolled AS ({upsert(moved("applied", "'sent'"))}
+)"""
 
 
 def callbacks_of(outcomes: Sequence[Outcome], account_urls: dict[int, str]) -> list[str]:
@@ -56,9 +62,10 @@ WITH x AS (
         delivered_at = CASE WHEN x.status = 'delivered' THEN now() END
     FROM found f JOIN x ON x.ord = f.ord
     WHERE m.id = f.id AND m.status = 'sent'
-    RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error
+    RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error,
+              m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
 ), events AS ({_RECEIPT_EVENTS}
-), outbox AS (
+), {_ROLLED}, outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
            a.client_ref, now()
@@ -188,9 +195,10 @@ WITH pick AS (
         delivered_at = CASE WHEN p.status = 'delivered' THEN now() END
     FROM pick p
     WHERE m.id = p.id AND m.status = 'sent'
-    RETURNING p.report_id, m.id, m.account_id, m.callback_url, m.client_ref, p.status, p.error
+    RETURNING p.report_id, m.id, m.account_id, m.callback_url, m.client_ref, p.status, p.error,
+              m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
 ), events AS ({_RECEIPT_EVENTS}
-), outbox AS (
+), {_ROLLED}, outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
     SELECT a.id, a.account_id, coalesce(a.callback_url, acc.callback_url), a.status, a.error,
            a.client_ref, now()

@@ -15,6 +15,7 @@ is one crossing and one transaction, however many requests it carries.
 | `IdempotencyKeys` | idempotency.py | `Idempotency-Key` claims and answers |
 | `CallbackOutbox` | delivery.py | the callback outbox, callback settings, kept DLRs |
 | `ScheduledMessages` | scheduled.py | scheduled messages coming due (promoted to `queued`) |
+| `Rollups` | rollups.py | the summary's rollups: the SQL that keeps them, their rebuild |
 
 Migrations are in migrate.py, the connection pool and the bridge in database.py.
 """
@@ -32,6 +33,7 @@ from smsgw.storage.delivery import CallbackOutbox
 from smsgw.storage.idempotency import IdempotencyKeys
 from smsgw.storage.optouts import OptOuts
 from smsgw.storage.reads import MessageReads
+from smsgw.storage.rollups import Rollups
 from smsgw.storage.scheduled import ScheduledMessages
 from smsgw.storage.statement import Statements
 
@@ -46,6 +48,7 @@ class PgStore(
     IdempotencyKeys,
     CallbackOutbox,
     ScheduledMessages,
+    Rollups,
 ):
     """The engine's `MessageStore`, `CallbackStore` and `FrontDoorStore` on PostgreSQL. Built
     as `PgStore(db, handoff=..., recipient_limit=...)` (GroupCommit's arguments); the other

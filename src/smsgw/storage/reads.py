@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
 
 from smsgw.engine.ports import MessageHistory, MessageQuery, SummaryRow
 from smsgw.storage.database import StorePart
+from smsgw.storage.rollups import BUCKET_S
 from smsgw.storage.rows import MIN_UUID
 
 # The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
@@ -120,41 +121,106 @@ CSV_COLUMNS = (
 )
 
 
+SummaryGrouping = Literal["day", "status", "operator", "sender", "country"]
+
+# The group of a summary row, over the rows `summary_sql` sums (`at`: a bucket's start or a
+# message's created_at; {tz}: the time zone of days).
+_GROUP_KEY = {
+    "day": "(s.at AT TIME ZONE {tz})::date",
+    "status": "s.status",
+    "operator": "s.operator",
+    "sender": "s.sender",
+    "country": "s.country",
+}
+_BUCKET = timedelta(seconds=BUCKET_S)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
+
+
+def _bucket_floor(at: datetime) -> datetime:
+    return _EPOCH + (at - _EPOCH) // _BUCKET * _BUCKET
+
+
+def _bucket_ceil(at: datetime) -> datetime:
+    start = _bucket_floor(at)
+    if start == at:
+        return start
+    if start > _LAST - _BUCKET:
+        return _LAST  # in the year 9999's last bucket: no whole bucket starts after it
+    return start + _BUCKET
+
+
 def summary_sql(
     account_id: int,
     created_from: datetime | None,
     created_to: datetime | None,
-    group_by: Literal["day", "status"],
+    group_by: SummaryGrouping,
+    tz: str = "UTC",
 ) -> tuple[str, list[Any]]:
-    """Counts and money per UTC day or per status: an index-only scan of the account's range
-    (messages_account_recent carries status, segments and price)."""
+    """Counts and money per day (in `tz`, an IANA zone), status, operator, sender or country,
+    exact for any range: the rollups (migration 018) of the whole 15-minute buckets in
+    [created_from, created_to), plus a scan of the account's messages in the part of a bucket
+    at each end that the range cuts (a range of messages_account_created), in one snapshot."""
     args: list[Any] = [account_id]
-    where = ["account_id = $1"]
-    if created_from is not None:
-        args.append(created_from)
-        where.append(f"created_at >= ${len(args)}")
-    if created_to is not None:
-        args.append(created_to)
-        where.append(f"created_at < ${len(args)}")
-    key = "(created_at AT TIME ZONE 'UTC')::date" if group_by == "day" else "status"
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    def scan(low: datetime | None, high: datetime | None) -> str:
+        where = ["m.account_id = $1"]
+        if low is not None:
+            where.append(f"m.created_at >= {arg(low)}")
+        if high is not None:
+            where.append(f"m.created_at < {arg(high)}")
+        return f"""
+    SELECT m.created_at, m.status, m.operator, m.sender, smsgw_calling_code(m.recipient),
+           1, m.segments, m.price
+    FROM messages m WHERE {" AND ".join(where)}"""
+
+    first = None if created_from is None else _bucket_ceil(created_from)
+    last = None if created_to is None else _bucket_floor(created_to)
+    if first is not None and last is not None and first >= last:
+        parts = [scan(created_from, created_to)]  # no whole bucket: the range is small
+    else:
+        where = ["r.account_id = $1"]
+        if first is not None:
+            where.append(f"r.bucket >= {arg(first)}")
+        if last is not None:
+            where.append(f"r.bucket < {arg(last)}")
+        parts = [
+            f"""
+    SELECT r.bucket, r.status, r.operator, r.sender, r.country, r.messages, r.segments, r.price
+    FROM message_rollups r WHERE {" AND ".join(where)}"""
+        ]
+        if created_from is not None and first is not None and created_from < first:
+            parts.append(scan(created_from, first))
+        if created_to is not None and last is not None and last < created_to:
+            parts.append(scan(last, created_to))
+    key = _GROUP_KEY[group_by].format(tz=arg(tz) if group_by == "day" else "")
     sql = f"""
 SELECT {key} AS key,
-       count(*) AS messages,
-       count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')) AS sent,
-       count(*) FILTER (WHERE status IN ('failed', 'expired', 'cancelled')) AS failed,
-       count(*) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')) AS pending,
-       count(*) FILTER (WHERE status = 'scheduled') AS scheduled,
-       count(*) FILTER (WHERE status = 'delivered') AS delivered,
-       count(*) FILTER (WHERE status = 'undelivered') AS undelivered,
-       count(*) FILTER (WHERE status = 'expired') AS expired,
-       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       coalesce(sum(segments), 0)::bigint AS segments,
-       coalesce(sum(price) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), 0)
+       sum(s.messages)::bigint AS messages,
+       coalesce(sum(s.messages) FILTER (WHERE s.status IN ('sent', 'delivered', 'undelivered')),
+                0)::bigint AS sent,
+       coalesce(sum(s.messages) FILTER (WHERE s.status IN ('failed', 'expired', 'cancelled')),
+                0)::bigint AS failed,
+       coalesce(sum(s.messages) FILTER (WHERE s.status IN ('scheduled', 'queued', 'sending')),
+                0)::bigint AS pending,
+       coalesce(sum(s.messages) FILTER (WHERE s.status = 'scheduled'), 0)::bigint AS scheduled,
+       coalesce(sum(s.messages) FILTER (WHERE s.status = 'delivered'), 0)::bigint AS delivered,
+       coalesce(sum(s.messages) FILTER (WHERE s.status = 'undelivered'), 0)::bigint
+           AS undelivered,
+       coalesce(sum(s.messages) FILTER (WHERE s.status = 'expired'), 0)::bigint AS expired,
+       coalesce(sum(s.messages) FILTER (WHERE s.status = 'cancelled'), 0)::bigint AS cancelled,
+       coalesce(sum(s.segments), 0)::bigint AS segments,
+       coalesce(sum(s.price) FILTER (WHERE s.status IN ('sent', 'delivered', 'undelivered')), 0)
            ::bigint AS cost,
-       coalesce(sum(price) FILTER (WHERE status IN ('scheduled', 'queued', 'sending')), 0)
+       coalesce(sum(s.price) FILTER (WHERE s.status IN ('scheduled', 'queued', 'sending')), 0)
            ::bigint AS held
-FROM messages WHERE {" AND ".join(where)}
-GROUP BY 1 ORDER BY 1"""
+FROM ({" UNION ALL ".join(parts)}
+) AS s (at, status, operator, sender, country, messages, segments, price)
+GROUP BY 1 HAVING sum(s.messages) > 0 ORDER BY 1"""
     return sql, args
 
 
@@ -231,9 +297,10 @@ class MessageReads(StorePart):
         account_id: int,
         created_from: datetime | None,
         created_to: datetime | None,
-        group_by: Literal["day", "status"],
+        group_by: SummaryGrouping,
+        tz: str = "UTC",
     ) -> list[SummaryRow]:
-        sql, args = summary_sql(account_id, created_from, created_to, group_by)
+        sql, args = summary_sql(account_id, created_from, created_to, group_by, tz)
         rows = await self.db.run(lambda c: c.fetch(sql, *args))
         return [
             SummaryRow(

@@ -14,6 +14,7 @@ import asyncpg
 from smsgw.engine.ports import SHARDS, Promoted
 from smsgw.storage.commit import Handoff
 from smsgw.storage.database import StorePart
+from smsgw.storage.rollups import moved, upsert
 from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
 
 # The dispatching shard exactly as migration 016's index spells it, so the planner matches it.
@@ -47,13 +48,25 @@ JOIN shard_leases l ON l.shard = s.shard AND l.owner = $5 AND l.token = ($6::big
 
 
 def _promote_sql(lease: str) -> str:
+    """The promotion, and the rollups of the messages it moved from `scheduled` (its condition,
+    checked again on each row it locks) to `queued`."""
     due = _DUE.format(lease=lease)
     return f"""
-UPDATE messages SET status = 'queued', updated_at = to_timestamp($2)
-WHERE id = ANY(ARRAY({due}
-)) AND status = (SELECT 'scheduled')
-RETURNING {PENDING_COLUMNS}
+WITH promoted AS (
+    UPDATE messages SET status = 'queued', updated_at = to_timestamp($2)
+    WHERE id = ANY(ARRAY({due}
+    )) AND status = (SELECT 'scheduled')
+    RETURNING {PENDING_COLUMNS}, status, operator, messages.created_at AS created
+), rolled AS ({upsert(moved(_PROMOTED, "'scheduled'"))}
+)
+SELECT * FROM promoted
 """
+
+
+# The promoted rows with the rollup columns under their own names (PENDING_COLUMNS has
+# created_at as Unix seconds).
+_PROMOTED = """(SELECT account_id, created AS created_at, status, express, operator, sender,
+               recipient, segments, price FROM promoted) AS p"""
 
 
 PROMOTE = _promote_sql("")
