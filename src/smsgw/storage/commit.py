@@ -34,6 +34,7 @@ from smsgw.storage.commit_sql import (
     ONE_STATEMENT,
     ONE_STATEMENT_HANDOFF,
     OUTCOME_CALLBACKS,
+    REF_TAKEN_BEFORE,
     REFUSALS,
     WRITE_CREDIT,
     WRITE_CREDIT_HANDOFF,
@@ -42,6 +43,7 @@ from smsgw.storage.commit_sql import (
     copy_records,
     finished_json,
     handed_off,
+    ref_keys,
     refusal_keys,
 )
 from smsgw.storage.database import Database, Refused, StorePart
@@ -95,6 +97,18 @@ class Handoff(NamedTuple):
 
 # What a group commit's time is recorded under (Database.run: /metrics and slow-statement logs).
 _COMMIT = "PgStore.commit_group"
+
+
+# How long after a UTC midnight a group with client_refs takes the exact way: the day before's
+# partition may still be written by a group that was accepted before midnight and is committing
+# now, which ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits
+# within seconds of its accepts; an hour leaves room for a stalled one.
+_DAY_S = 86_400
+_EARLY_S = 3_600
+
+
+def _early_in_day(created_at: float) -> bool:
+    return created_at % _DAY_S < _EARLY_S
 
 
 class GroupCommit(StorePart):
@@ -238,6 +252,9 @@ class GroupCommit(StorePart):
             if not stored:
                 await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
+                refs = ref_keys(stored)
+                if refs is not None and await conn.fetchval(REF_TAKEN_BEFORE, refs):
+                    raise _CopyConflict("a client_ref of the group was used the day before")
                 try:
                     await conn.copy_records_to_table(
                         "messages", records=copy_records(stored), columns=COPY_COLUMNS
@@ -385,6 +402,8 @@ class GroupCommit(StorePart):
         for items, atomic in group.accepts:
             n += len(items)
             if atomic and len(items) > 1 and any(s.client_ref is not None for s in items):
+                return False
+            if any(s.client_ref is not None and _early_in_day(s.created_at) for s in items):
                 return False
         return not copy or n < COPY_MIN_ROWS
 

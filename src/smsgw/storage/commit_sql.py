@@ -134,6 +134,21 @@ updated AS (
 WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 
 
+# client_ref is unique per account within a day's partition, by the partition's own unique
+# index (migration 019), which the INSERT's ON CONFLICT DO NOTHING honours (one naming the
+# index's columns would find no such index on the partitioned parent). Across the day before
+# it is this probe: a message of the account with the ref from the 24 hours before this one,
+# one index probe in each of at most two partitions (the id range prunes the rest), run only
+# for a message that has a ref. It reads what was committed when the statement began: the
+# exact way runs it after the accounts are locked, so no group of the same account can store
+# the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks, so a group with refs
+# takes the exact way while the day before may still be written (commit.py, _one_statement).
+_REF_BEFORE = """
+    SELECT FROM messages p
+    WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
+      AND p.id >= uuid7_floor(to_timestamp(x.created_at) - interval '1 day') AND p.id < x.id"""
+
+
 def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
     `queued`, or `scheduled` with a `send_at`, returning the id of each one inserted
@@ -150,8 +165,8 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    WHERE {only_if}
-    ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
+    WHERE {only_if} AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_BEFORE}))
+    ON CONFLICT DO NOTHING
     RETURNING id{returning}"""
 
 
@@ -215,7 +230,8 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 # group is done the exact way, whose counts are read after the locks. A group that missed
 # another node's messages to a number can so add at most half the limit on top of them, and
 # only while the number is below half of it: in practice a number's messages never reach the
-# limit that way, as the groups that follow count them all.
+# limit that way, as the groups that follow count them all. The id bounds keep the count to
+# the hour's day partitions (rows.ID_SLACK: an hour more on each side).
 _RECIPIENT_KEYS = """
     SELECT x.account_id, x."to" AS recipient, count(*) AS n, min(x.created_at) AS at
     FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text, created_at float8)
@@ -225,6 +241,8 @@ _SEEN_IN_HOUR = """
         SELECT m.created_at FROM messages m
         WHERE m.account_id = k.account_id AND m.recipient = k.recipient
           AND m.created_at > to_timestamp(k.at) - interval '1 hour'
+          AND m.id >= uuid7_floor(to_timestamp(k.at) - interval '2 hours')
+          AND m.id < uuid7_floor(to_timestamp(k.at) + interval '1 hour')
         LIMIT {per_hour}) w"""
 _CROWDED = f"""
     SELECT FROM ({_RECIPIENT_KEYS}) k
@@ -401,6 +419,38 @@ FROM (SELECT array_agg(d.id) AS ids, array_agg(coalesce(u.balance, d.balance)) A
 
 ONE_STATEMENT = _ONE_WRITES + _one_result(False)
 ONE_STATEMENT_HANDOFF = _ONE_WRITES + _one_result(True)
+
+
+# Whether a message of a group to be stored by COPY has a client_ref its account used in the
+# 24 hours before it (_REF_BEFORE; a COPY cannot skip a row): then the group is done the INSERT
+# way, which answers that message a duplicate. Run after the accounts are locked, and only for
+# a group with refs. $1 is `ref_keys`.
+REF_TAKEN_BEFORE = f"""
+SELECT EXISTS (
+    SELECT FROM json_to_recordset($1::json)
+         AS x(id uuid, account_id bigint, client_ref text, created_at float8)
+    WHERE EXISTS ({_REF_BEFORE}))
+"""
+
+
+class _RefKey(msgspec.Struct):
+    """What REF_TAKEN_BEFORE reads of a message."""
+
+    id: str
+    account_id: int
+    client_ref: str
+    created_at: float
+
+
+def ref_keys(items: Sequence[OutboundSms]) -> str | None:
+    """REF_TAKEN_BEFORE's $1: the messages that have a client_ref, as a JSON list; None when
+    none has one."""
+    keys = [
+        _RefKey(s.id, s.account_id, s.client_ref, s.created_at)
+        for s in items
+        if s.client_ref is not None
+    ]
+    return _json.encode(keys).decode() if keys else None
 
 
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's

@@ -16,7 +16,7 @@ import asyncpg
 
 from smsgw.engine.ports import MessageQuery, SummaryRow
 from smsgw.storage.database import StorePart
-from smsgw.storage.rows import MIN_UUID
+from smsgw.storage.rows import ID_SLACK, MIN_UUID, id_floor
 
 # The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
 MESSAGE_COLUMNS = (
@@ -88,10 +88,17 @@ def messages_sql(
             high.append((key, False, row_bound("<=", through)))
         else:
             low.append((key, False, row_bound(">=", through)))
+    # Each bound also bounds the ids (rows.ID_SLACK), so the page reads only the day
+    # partitions of its range; not being on the index's leading columns, it cannot move
+    # where the index scan starts.
     if low:
-        where.append(max(low, key=lambda b: (b[0], b[1]))[2]())
+        first = max(low, key=lambda b: (b[0], b[1]))
+        where.append(first[2]())
+        where.append(f"id >= {arg(id_floor(first[0][0] - ID_SLACK))}")
     if high:
-        where.append(min(high, key=lambda b: (b[0], not b[1]))[2]())
+        last = min(high, key=lambda b: (b[0], not b[1]))
+        where.append(last[2]())
+        where.append(f"id < {arg(id_floor(last[0][0] + ID_SLACK))}")
     direction = "ASC" if query.ascending else "DESC"
     # messages.id, not id: the bare name would be the output column (the id as text), and the
     # index could no longer give the order by itself.
@@ -128,11 +135,11 @@ def summary_sql(
     args: list[Any] = [account_id]
     where = ["account_id = $1"]
     if created_from is not None:
-        args.append(created_from)
-        where.append(f"created_at >= ${len(args)}")
+        args += [created_from, id_floor(created_from - ID_SLACK)]
+        where.append(f"created_at >= ${len(args) - 1} AND id >= ${len(args)}")
     if created_to is not None:
-        args.append(created_to)
-        where.append(f"created_at < ${len(args)}")
+        args += [created_to, id_floor(created_to + ID_SLACK)]
+        where.append(f"created_at < ${len(args) - 1} AND id < ${len(args)}")
     key = "(created_at AT TIME ZONE 'UTC')::date" if group_by == "day" else "status"
     sql = f"""
 SELECT {key} AS key,
@@ -171,9 +178,12 @@ class MessageReads(StorePart):
     async def message_by_client_ref(
         self, account_id: int, client_ref: str
     ) -> dict[str, Any] | None:
+        """The account's newest message with this client_ref (a ref is unique for a day
+        and the day before it, and may be used again after that: migration 019)."""
         row = await self.db.run(
             lambda c: c.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND client_ref = $2",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND client_ref = $2"
+                " ORDER BY messages.id DESC LIMIT 1",
                 account_id,
                 client_ref,
             )

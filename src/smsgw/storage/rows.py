@@ -68,3 +68,18 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         validity=r["validity_s"],
         send_at=r["send_at"],
     )
+
+
+# A message's id (a UUIDv7: its first 48 bits are the Unix millisecond it was made) is made
+# just after its created_at, by the same node's clock, within the request that accepts it. So
+# the messages made in a time range have ids within that range widened by ID_SLACK, a bound a
+# read states for the day partitions (migration 019) to be pruned to the range's days: it
+# allows for a request that took long to make its ids, and for rounding at the millisecond.
+ID_SLACK = timedelta(hours=1)
+_ID_MAX_MS = (1 << 48) - 1
+
+
+def id_floor(at: datetime) -> uuid.UUID:
+    """The least UUIDv7 of the millisecond `at` falls in (SQL's uuid7_floor, migration 019)."""
+    ms = min(max((at - _EPOCH) // timedelta(milliseconds=1), 0), _ID_MAX_MS)
+    return uuid.UUID(int=ms << 80)
