@@ -97,7 +97,7 @@ class Partitions(StorePart):
 
     async def drop_partitions(self, before: date) -> Dropped:
         """Drops the day partitions of every listed table whose day is before `before`, but
-        those holding a row their table calls pending (`day_partitioned.pending`)."""
+        those whose table's `day_partitioned.pending` query finds a row that must stay."""
         dropped = Dropped()
         rows = await self.db.run(lambda c: c.fetch(_PARTITIONS))
         for r in rows:
@@ -138,7 +138,7 @@ async def _drop(conn: asyncpg.Connection, *, parent: str, part: str, pending: st
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
         if pending is not None and await conn.fetchval(
-            f'SELECT EXISTS (SELECT FROM "{part}" WHERE {pending})'
+            await conn.fetchval("SELECT format($1, $2::text)", pending, part)
         ):
             log.warning("partition %s is past the retention but holds pending rows: kept", part)
             return False

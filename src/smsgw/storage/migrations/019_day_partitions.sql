@@ -28,7 +28,8 @@ $$;
 -- The tables partitioned by day on a UUIDv7 column; storage/partitions.py keeps their
 -- partitions (made ahead, dropped past the retention). `each_partition`: DDL run on each new
 -- partition before it is attached, format()ted with the partition's name, for what cannot be
--- declared on the parent; `pending`: a condition no row of a partition to be dropped may meet;
+-- declared on the parent; `pending`: a query, format()ted with a partition's name, true when
+-- the partition holds a row that keeps it from being dropped;
 -- `redacted_through`: the last id whose body the redaction reached (messages only).
 CREATE TABLE day_partitioned (
     parent           text PRIMARY KEY,
@@ -82,12 +83,15 @@ CREATE TABLE messages (
 -- day (exact across nodes, as before; the intake's ON CONFLICT DO NOTHING names no target, so
 -- a partition's own index counts), and the group commit probes the day before under the
 -- account's row lock (storage/commit_sql.py): a ref is unique for at least 24 hours.
--- A partition holding a queued, sending or scheduled message is never dropped.
+-- A partition holding a queued, sending or scheduled message is never dropped: asked of the
+-- small partial indexes messages_pending and messages_scheduled, one EXISTS each (one OR'ed
+-- condition would walk messages_account_status instead).
 INSERT INTO day_partitioned (parent, each_partition, pending) VALUES (
     'messages',
     'CREATE UNIQUE INDEX %1$s_client_ref ON %1$s (account_id, client_ref)'
     ' WHERE client_ref IS NOT NULL',
-    $$status IN ('queued', 'sending') OR status = 'scheduled'$$
+    $$SELECT EXISTS (SELECT FROM %1$I WHERE status IN ('queued', 'sending'))
+          OR EXISTS (SELECT FROM %1$I WHERE status = 'scheduled')$$
 );
 
 -- The UTC day a UUIDv7 names (its first 48 bits, Unix milliseconds).
