@@ -24,10 +24,10 @@ import msgspec
 import pytest
 
 from smsgw.engine.messages import OutboundSms, Outcome
-from smsgw.engine.ports import WriteGroup, dispatch_shard
+from smsgw.engine.ports import MessageQuery, WriteGroup, dispatch_shard
 from smsgw.http.context import uuid7
 from smsgw.runtime.server import Node
-from smsgw.storage import backlog, commit_sql, scheduled
+from smsgw.storage import backlog, commit_sql, reads, scheduled
 from smsgw.storage import cluster as cl
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
@@ -316,6 +316,11 @@ def hot_statements(
     recipient = {"messages_pkey", "messages_account_recipient"}
     start = datetime(1, 1, 1, tzinfo=UTC)
     cursor = datetime.now(UTC) - timedelta(minutes=10)  # before the queued messages
+    # GET /v1/messages and the summary over the last hours: an account's range by time.
+    day = MessageQuery(limit=100, created_from=datetime.now(UTC) - timedelta(hours=3))
+    page_of_day = reads.messages_sql(1, day)
+    by_account = {"messages_account_recent", "messages_account_recipient"}
+    summary_of_day = reads.summary_sql(1, day.created_from, None, "status")
     page_args = [
         list(range(1, ACCOUNTS + 1)),
         [start] * ACCOUNTS,
@@ -367,6 +372,10 @@ def hot_statements(
             {"messages_account_status"},
             backlog._PAGE_SETTINGS,
         ),
+        ("a day's page", *page_of_day, {"messages_account_recent"}, ""),
+        # Its index is the planner's to choose among the account's (the statistics of a
+        # test's few accounts make them alike); the partitions are what is checked.
+        ("a day's summary", *summary_of_day, by_account, ""),
         ("hand-off claim", cl._CLAIM, [NODE], set(), ""),
         ("lease renewal", cl._RENEW, [NODE, TTL, held, [tokens[s] for s in held]], set(), ""),
         ("stalled shards", cl._OTHERS, [NODE, TTL], set(), ""),
@@ -447,6 +456,12 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
             if name not in ANY_DAY:
                 read = partitions_read(plan, parts)
                 assert read <= allowed, f"{name}: {sorted(read)}: {one_line(plan)}"
+                # So with the plan a prepared statement may be cached with, made for any
+                # arguments: its partitions are pruned as it runs.
+                generic = f"{settings}; SET LOCAL plan_cache_mode = force_generic_plan"
+                plan = await explain(db, sql, args, run=True, settings=generic.lstrip("; "))
+                read = partitions_read(plan, parts)
+                assert read <= allowed, f"{name}, generic: {sorted(read)}: {one_line(plan)}"
             assert all(loops <= 1 for loops in json_decodes(plan)), f"{name}: {one_line(plan)}"
             # Each lease at most once: never a probe per outcome (nor a walk per probe).
             assert rows_read(plan, "shard_leases") <= SHARDS, f"{name}: {one_line(plan)}"

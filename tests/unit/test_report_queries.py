@@ -45,6 +45,9 @@ def test_each_bound_bounds_the_ids_too_for_the_day_partitions() -> None:
     assert [c for c in where if c.startswith("id ")] == ["id >= $3", "id < $6"]
     assert args[2] == id_floor(T0 - ID_SLACK)
     assert args[5] == id_floor(after[0] + ID_SLACK)
+    # Without an upper bound, the ids stop at now (the days ahead are not read).
+    sql, args = messages_sql(1, MessageQuery(limit=10, created_from=T0))
+    assert "id < $4" in sql and args[3] > id_floor(datetime.now(UTC))
     # The least UUIDv7 of the millisecond: its 48 bits of time, the rest zero.
     assert id_floor(T0) == uuid.UUID(f"{int(T0.timestamp() * 1000):012x}" + "0" * 20)
 
@@ -83,4 +86,4 @@ def test_a_page_end_bounds_the_other_side() -> None:
 
 def test_order_names_the_table_columns() -> None:
     sql, _ = messages_sql(1, MessageQuery(limit=10))
-    assert sql.endswith("ORDER BY messages.created_at DESC, messages.id DESC LIMIT $2")
+    assert sql.endswith("ORDER BY messages.created_at DESC, messages.id DESC LIMIT $3")

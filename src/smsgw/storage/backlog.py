@@ -55,9 +55,13 @@ CROSS JOIN LATERAL (
 ORDER BY x.i, m.created_at, m.id
 """
 
-# By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL).
+# By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL),
+# one probe per id: the join finds each in its own day's partition, as a prepared statement's
+# generic plan would not for `id = ANY($1)` (it probes every partition for every id).
 _QUEUED_MESSAGES = f"""
-SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = (SELECT 'queued')
+SELECT {PENDING_COLUMNS}
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x JOIN messages ON messages.id = x.id
+WHERE status = (SELECT 'queued')
 """
 
 _DISPATCH_RATES = """

@@ -527,13 +527,17 @@ def handed_off(stored: Sequence[OutboundSms]) -> list[OutboundSms]:
 # A callback outbox row for each outcome of this group that has a callback URL (the message's,
 # else its account's) and that this transaction applied: `xmin` is the current transaction's
 # id exactly for the rows it wrote, so an outcome delivered twice after a crash (already
-# final, not updated) writes none. Only run when some outcome of the group has a URL.
+# final, not updated) writes none. Only run when some outcome of the group has a URL. A join
+# from the ids (each once: an outcome may come twice in a group) finds each in its day's
+# partition, whatever plan the statement is cached with (`id = ANY($1)` in a generic plan
+# probes every partition: backlog._QUEUED_MESSAGES).
 OUTCOME_CALLBACKS = """
 INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
 SELECT m.id, m.account_id, coalesce(m.callback_url, a.callback_url), m.status, m.reason,
        m.client_ref, m.updated_at
-FROM messages m JOIN accounts a ON a.id = m.account_id
-WHERE m.id = ANY($1::uuid[]) AND m.xmin = pg_current_xact_id()::xid
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x
+JOIN messages m ON m.id = x.id JOIN accounts a ON a.id = m.account_id
+WHERE m.xmin = pg_current_xact_id()::xid
   AND coalesce(m.callback_url, a.callback_url) IS NOT NULL
 """
 

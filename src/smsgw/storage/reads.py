@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -99,6 +99,9 @@ def messages_sql(
         last = min(high, key=lambda b: (b[0], not b[1]))
         where.append(last[2]())
         where.append(f"id < {arg(id_floor(last[0][0] + ID_SLACK))}")
+    else:
+        # No message is made later than now: the days ahead, made empty, are not read.
+        where.append(f"id < {arg(id_floor(datetime.now(UTC) + ID_SLACK))}")
     direction = "ASC" if query.ascending else "DESC"
     # messages.id, not id: the bare name would be the output column (the id as text), and the
     # index could no longer give the order by itself.
@@ -140,6 +143,9 @@ def summary_sql(
     if created_to is not None:
         args += [created_to, id_floor(created_to + ID_SLACK)]
         where.append(f"created_at < ${len(args) - 1} AND id < ${len(args)}")
+    else:
+        args.append(id_floor(datetime.now(UTC) + ID_SLACK))
+        where.append(f"id < ${len(args)}")
     key = "(created_at AT TIME ZONE 'UTC')::date" if group_by == "day" else "status"
     sql = f"""
 SELECT {key} AS key,
