@@ -102,7 +102,8 @@ $$;
 
 -- Every id's day has a partition: the days of UUIDv7 ids from the oldest on (a run of days,
 -- today and a week ahead included), and the day any other id's first 48 bits name (the
--- gateway made none; rows written by hand or by old test data may have them).
+-- gateway made none; rows written by hand or by old test data may have them), or any id past
+-- the week ahead (a node's clock gone wrong).
 SELECT smsgw_add_day_partition('messages', day)
 FROM (
     SELECT generate_series(
@@ -112,7 +113,9 @@ FROM (
                (now() AT TIME ZONE 'UTC')::date + 7,
                interval '1 day')::date AS day
     UNION
-    SELECT DISTINCT pg_temp.id_day(id) FROM messages_unpartitioned WHERE substr(id::text, 15, 1) <> '7'
+    SELECT DISTINCT pg_temp.id_day(id) FROM messages_unpartitioned
+    WHERE substr(id::text, 15, 1) <> '7'
+       OR id >= uuid7_floor(((now() AT TIME ZONE 'UTC')::date + 8)::timestamp AT TIME ZONE 'UTC')
 ) days
 ORDER BY day;
 
