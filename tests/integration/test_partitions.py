@@ -97,9 +97,14 @@ async def test_a_client_ref_used_yesterday_is_a_duplicate_today(
         store = PgStore(db)
         account = await new_account(store)
         today = midnight()
-        # Either side of midnight: the exact way (a group with refs early in the day).
+        # Either side of midnight: the exact way (a group with refs near a midnight).
         assert await accept(store, [message(account.id, today - 0.5, "late")]) == [(True, None)]
         assert await accept(store, [message(account.id, today + 0.5, "late")]) == [
+            (False, "duplicate_client_ref")
+        ]
+        # The other way round: the later one committed first.
+        assert await accept(store, [message(account.id, today + 1.5, "first")]) == [(True, None)]
+        assert await accept(store, [message(account.id, today - 1.5, "first")]) == [
             (False, "duplicate_client_ref")
         ]
         # 23 hours apart, late in each day: the one statement.
@@ -128,7 +133,7 @@ async def test_a_client_ref_used_yesterday_is_a_duplicate_today(
             " GROUP BY 1 ORDER BY 1",
         )
         counts = {r["client_ref"]: r["n"] for r in stored}
-        assert counts["late"] == 1 and counts["noon"] == 1 and counts["old"] == 2
+        assert counts["late"] == counts["first"] == counts["noon"] == 1 and counts["old"] == 2
         [held] = await fetch(db, "SELECT held FROM accounts WHERE id = $1", account.id)
         assert held["held"] == 5 * sum(counts.values())  # the duplicates hold nothing
 

@@ -433,7 +433,7 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
         }
         assert len(parts) > len(with_rows)
         # And the day before theirs, where the group commit looks for a client_ref used
-        # the day before (commit_sql._REF_BEFORE).
+        # the day before (commit_sql._REF_USED).
         allowed = {*with_rows, parts[parts.index(min(with_rows)) - 1]}
         for name, sql, args, indexes, settings in hot_statements(outcomes, accepts, leases):
             # The shape first, unrun: a plan that walks the pending messages is named here

@@ -34,7 +34,7 @@ from smsgw.storage.commit_sql import (
     ONE_STATEMENT,
     ONE_STATEMENT_HANDOFF,
     OUTCOME_CALLBACKS,
-    REF_TAKEN_BEFORE,
+    REF_TAKEN,
     REFUSALS,
     WRITE_CREDIT,
     WRITE_CREDIT_HANDOFF,
@@ -99,16 +99,16 @@ class Handoff(NamedTuple):
 _COMMIT = "PgStore.commit_group"
 
 
-# How long after a UTC midnight a group with client_refs takes the exact way: the day before's
-# partition may still be written by a group that was accepted before midnight and is committing
-# now, which ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits
-# within seconds of its accepts; an hour leaves room for a stalled one.
+# How near a UTC midnight a group with client_refs takes the exact way: the partition of the
+# day on the other side of it may be written by a group that is committing now, which
+# ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits within
+# seconds of its accepts; an hour leaves room for a stalled one.
 _DAY_S = 86_400
-_EARLY_S = 3_600
+_NEAR_S = 3_600
 
 
-def _early_in_day(created_at: float) -> bool:
-    return created_at % _DAY_S < _EARLY_S
+def _near_midnight(created_at: float) -> bool:
+    return not _NEAR_S <= created_at % _DAY_S < _DAY_S - _NEAR_S
 
 
 class GroupCommit(StorePart):
@@ -253,7 +253,7 @@ class GroupCommit(StorePart):
                 await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 refs = ref_keys(stored)
-                if refs is not None and await conn.fetchval(REF_TAKEN_BEFORE, refs):
+                if refs is not None and await conn.fetchval(REF_TAKEN, refs):
                     raise _CopyConflict("a client_ref of the group was used the day before")
                 try:
                     await conn.copy_records_to_table(
@@ -403,7 +403,7 @@ class GroupCommit(StorePart):
             n += len(items)
             if atomic and len(items) > 1 and any(s.client_ref is not None for s in items):
                 return False
-            if any(s.client_ref is not None and _early_in_day(s.created_at) for s in items):
+            if any(s.client_ref is not None and _near_midnight(s.created_at) for s in items):
                 return False
         return not copy or n < COPY_MIN_ROWS
 

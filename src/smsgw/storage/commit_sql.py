@@ -136,17 +136,20 @@ WRITE_CREDIT = f"WITH {_UPDATE_ACCOUNTS} SELECT count(*) FROM ledger"
 
 # client_ref is unique per account within a day's partition, by the partition's own unique
 # index (migration 019), which the INSERT's ON CONFLICT DO NOTHING honours (one naming the
-# index's columns would find no such index on the partitioned parent). Across the day before
-# it is this probe: a message of the account with the ref from the 24 hours before this one,
-# one index probe in each of at most two partitions (the id range prunes the rest), run only
-# for a message that has a ref. It reads what was committed when the statement began: the
-# exact way runs it after the accounts are locked, so no group of the same account can store
-# the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks, so a group with refs
-# takes the exact way while the day before may still be written (commit.py, _one_statement).
-_REF_BEFORE = """
+# index's columns would find no such index on the partitioned parent). Across days it is this
+# probe: a message of the account with the ref from the 24 hours before this one, or from
+# after it up to an hour (a group of the next day that committed first, while this one waited
+# for the account's lock), an index probe in each of at most two partitions (the id range
+# prunes the rest), run only for a message that has a ref. It reads what was committed when
+# the statement began: the exact way runs it after the accounts are locked, so no group of the
+# same account can store the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks,
+# so a group with refs takes the exact way within an hour of a midnight, while the day either
+# side of it may be written (commit.py, _one_statement).
+_REF_USED = """
     SELECT FROM messages p
     WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
-      AND p.id >= uuid7_floor(to_timestamp(x.created_at) - interval '1 day') AND p.id < x.id"""
+      AND p.id >= uuid7_floor(to_timestamp(x.created_at) - interval '1 day')
+      AND p.id < uuid7_floor(to_timestamp(x.created_at) + interval '1 hour')"""
 
 
 def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> str:
@@ -165,7 +168,7 @@ def _insert_sql(param: str, *, only_if: str = "TRUE", returning: str = "") -> st
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    WHERE {only_if} AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_BEFORE}))
+    WHERE {only_if} AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_USED}))
     ON CONFLICT DO NOTHING
     RETURNING id{returning}"""
 
@@ -422,19 +425,19 @@ ONE_STATEMENT_HANDOFF = _ONE_WRITES + _one_result(True)
 
 
 # Whether a message of a group to be stored by COPY has a client_ref its account used in the
-# 24 hours before it (_REF_BEFORE; a COPY cannot skip a row): then the group is done the INSERT
-# way, which answers that message a duplicate. Run after the accounts are locked, and only for
-# a group with refs. $1 is `ref_keys`.
-REF_TAKEN_BEFORE = f"""
+# 24 hours before it, or just after (_REF_USED; a COPY cannot skip a row): then the group is
+# done the INSERT way, which answers that message a duplicate. Run after the accounts are
+# locked, and only for a group with refs. $1 is `ref_keys`.
+REF_TAKEN = f"""
 SELECT EXISTS (
     SELECT FROM json_to_recordset($1::json)
          AS x(id uuid, account_id bigint, client_ref text, created_at float8)
-    WHERE EXISTS ({_REF_BEFORE}))
+    WHERE EXISTS ({_REF_USED}))
 """
 
 
 class _RefKey(msgspec.Struct):
-    """What REF_TAKEN_BEFORE reads of a message."""
+    """What REF_TAKEN reads of a message."""
 
     id: str
     account_id: int
@@ -443,7 +446,7 @@ class _RefKey(msgspec.Struct):
 
 
 def ref_keys(items: Sequence[OutboundSms]) -> str | None:
-    """REF_TAKEN_BEFORE's $1: the messages that have a client_ref, as a JSON list; None when
+    """REF_TAKEN's $1: the messages that have a client_ref, as a JSON list; None when
     none has one."""
     keys = [
         _RefKey(s.id, s.account_id, s.client_ref, s.created_at)

@@ -81,8 +81,9 @@ CREATE TABLE messages (
 -- a partitioned table must contain the partition key, so (account_id, client_ref) can only be
 -- unique per partition: each day's partition has its own index, which arbitrates within the
 -- day (exact across nodes, as before; the intake's ON CONFLICT DO NOTHING names no target, so
--- a partition's own index counts), and the group commit probes the day before under the
--- account's row lock (storage/commit_sql.py): a ref is unique for at least 24 hours.
+-- a partition's own index counts), and the group commit probes the day before (and the hour
+-- after) under the account's row lock (storage/commit_sql.py): a ref is unique for at least
+-- 24 hours.
 -- A partition holding a queued, sending or scheduled message is never dropped: asked of the
 -- small partial indexes messages_pending and messages_scheduled, one EXISTS each (one OR'ed
 -- condition would walk messages_account_status instead).
