@@ -432,9 +432,11 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
             )
         }
         assert len(parts) > len(with_rows)
-        # And the day before theirs, where the group commit looks for a client_ref used
-        # the day before (commit_sql._REF_USED).
-        allowed = {*with_rows, parts[parts.index(min(with_rows)) - 1]}
+        # And the days either side: the group commit looks for a client_ref used the day
+        # before (commit_sql._REF_USED), and bounds by time reach an hour past now, into
+        # tomorrow's partition in the last hour of a day (rows.ID_SLACK).
+        first, last = parts.index(min(with_rows)), parts.index(max(with_rows))
+        allowed = {*with_rows, parts[first - 1], parts[last + 1]}
         for name, sql, args, indexes, settings in hot_statements(outcomes, accepts, leases):
             # The shape first, unrun: a plan that walks the pending messages is named here
             # rather than run for minutes.
