@@ -254,7 +254,7 @@ class GroupCommit(StorePart):
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 refs = ref_keys(stored)
                 if refs is not None and await conn.fetchval(REF_TAKEN, refs):
-                    raise _CopyConflict("a client_ref of the group was used the day before")
+                    raise _CopyConflict("a client_ref of the group was used in the day before it")
                 try:
                     await conn.copy_records_to_table(
                         "messages", records=copy_records(stored), columns=COPY_COLUMNS
