@@ -1,11 +1,13 @@
 """Issue 27: messages in day partitions (migration 019). Retention drops exactly the days past
 it, never one holding a message not final, while intake goes on; redaction empties old bodies
-and nothing else; a client_ref is unique across today's and yesterday's partitions."""
+and nothing else; a client_ref is unique across today's and yesterday's partitions; the
+migration moves an existing table's rows and indexes."""
 
 from __future__ import annotations
 
 import random
 import time
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -17,9 +19,11 @@ from smsgw.engine.ports import WriteGroup
 from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.storage.commit_sql import COPY_MIN_ROWS
 from smsgw.storage.database import Database
+from smsgw.storage.migrate import migrate
 from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import open_database
+from tests.integration.test_statement import open_database_at
 
 DAY_S = 86_400
 
@@ -269,3 +273,70 @@ async def test_redaction_empties_old_final_bodies_and_keeps_prices_statuses_and_
         # The next round starts where this one stopped.
         await upkeep.round()
         assert upkeep.redacted == 10
+
+
+# --- the conversion ---------------------------------------------------------------------------
+
+
+async def test_the_migration_moves_every_message_into_its_day_and_keeps_every_index(
+    database_url: str, schema: str
+) -> None:
+    """A database before migration 019, with messages of three days ago, yesterday and today,
+    and one whose id is not a UUIDv7: after it, every row is in the partition of its id's day,
+    the parent has every index it had (the client_ref one on each partition), and the days
+    ahead exist."""
+    async with open_database_at(database_url, schema, 18) as db:
+        now = time.time()
+        ids = [id_at(now - age * DAY_S) for age in (3, 3, 1, 0)]
+        legacy = str(uuid.UUID(int=random.getrandbits(128), version=4))
+        await db.run(
+            lambda c: c.execute(
+                "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
+                " express, client_ref, status, created_at, updated_at)"
+                " SELECT id, 1, '+4915123456789', 'smsgw', 'hi', 1, 5, false, 'r' || n, 'sent',"
+                " now(), now() FROM unnest($1::uuid[]) WITH ORDINALITY AS x(id, n)",
+                [*ids, legacy],
+            )
+        )
+        before = {
+            r["indexname"]
+            for r in await fetch(
+                db,
+                "SELECT indexname FROM pg_indexes"
+                " WHERE schemaname = current_schema() AND tablename = 'messages'",
+            )
+        }
+        await migrate(db)
+
+        rows = await fetch(db, "SELECT id::text, tableoid::regclass::text AS part FROM messages")
+        where = {r["id"]: r["part"] for r in rows}
+        assert set(where) == {*ids, legacy}
+        for message_id in ids:
+            day = datetime.fromtimestamp(int(message_id[:13].replace("-", ""), 16) / 1000, UTC)
+            assert where[message_id] == name(day.date())
+        after = {
+            r["indexname"]
+            for r in await fetch(
+                db,
+                "SELECT indexname FROM pg_indexes"
+                " WHERE schemaname = current_schema() AND tablename = 'messages'",
+            )
+        }
+        assert after == before - {"messages_account_client_ref"}
+        parts = await partitions(db)
+        today = datetime.now(UTC).date()
+        assert {name(today + timedelta(days=d)) for d in range(-3, 8)} <= parts
+        for part in parts:
+            [found] = await fetch(
+                db,
+                "SELECT count(*) AS n FROM pg_indexes"
+                " WHERE schemaname = current_schema() AND indexname = $1",
+                f"{part}_client_ref",
+            )
+            assert found["n"] == 1, part
+        stats = await fetch(
+            db,
+            "SELECT stxname FROM pg_statistic_ext"
+            " WHERE stxnamespace = current_schema()::regnamespace",
+        )
+        assert {"messages_created_day"} <= {r["stxname"] for r in stats}
