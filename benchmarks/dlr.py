@@ -168,7 +168,8 @@ def seed(url: str, schema: str, count: int) -> float:
                 "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
                 " express, status, attempts, operator, operator_message_id, created_at,"
                 " updated_at)"
-                " SELECT gen_random_uuid(), $1, '+49151' || lpad(i::text, 8, '0'), 'bench',"
+                " SELECT uuid7_at(now() - interval '1 hour' + i * interval '1 ms'), $1,"
+                " '+49151' || lpad(i::text, 8, '0'), 'bench',"
                 " 'hello', 1, 5, false, 'sent', 1, $2, 'b-' || i,"
                 " now() - interval '1 hour' + i * interval '1 ms', now()"
                 " FROM generate_series(0, $3 - 1) AS i",

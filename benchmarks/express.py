@@ -51,7 +51,8 @@ FROM generate_series(1, $1::int) AS g
 SEED_MESSAGES = """
 INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                       status, created_at, updated_at)
-SELECT gen_random_uuid(), a.first + (g % $2::int), '+4479' || lpad((g % 100000000)::text, 8, '0'),
+SELECT uuid7_at(now() - interval '1 hour' + g * interval '1 microsecond'), a.first + (g % $2::int),
+       '+4479' || lpad((g % 100000000)::text, 8, '0'),
        'bulk', 'backlog message ' || g, 1, 5, false, 'queued',
        now() - interval '1 hour' + g * interval '1 microsecond',
        now() - interval '1 hour' + g * interval '1 microsecond'

@@ -265,12 +265,23 @@ async def load(url: str, schema: str, args: argparse.Namespace) -> tuple[Plan, s
 async def sizes(url: str, schema: str) -> dict[str, Any]:
     conn = await connect(url, schema)
     try:
+        # Day partitions (migration 019) summed under their parent: the table, each index
+        # (the per-day client_ref indexes as messages_DAY_client_ref).
         rows = await conn.fetch(
-            "SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "SELECT coalesce(p.relname, regexp_replace(c.relname, '^messages_[0-9]{8}_',"
+            " 'messages_DAY_')) AS name, sum(pg_relation_size(c.oid))::int8 AS bytes"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_inherits i ON i.inhrelid = c.oid"
+            " LEFT JOIN pg_class p ON p.oid = i.inhparent"
             " WHERE n.nspname = $1 AND (c.relname LIKE 'messages%'"
-            " OR c.relname LIKE 'message_rollups%') ORDER BY 1",
+            " OR c.relname LIKE 'message_rollups%') AND c.relkind IN ('r', 'i')"
+            " GROUP BY 1 ORDER BY 1",
             schema,
+        )
+        # Heap, TOAST and every index of every partition.
+        stored = await conn.fetchval(
+            "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+            " WHERE inhparent = 'messages'::regclass"
         )
         counts = await conn.fetchrow(
             "SELECT count(*) AS total, count(*) FILTER (WHERE account_id = "
@@ -283,8 +294,13 @@ async def sizes(url: str, schema: str) -> dict[str, Any]:
         )
     finally:
         await conn.close()
+    per_message = int(stored) / max(1, counts["total"])
     return {
         "relations_mb": {r["name"]: round(r["bytes"] / 2**20, 1) for r in rows},
+        "bytes_per_message": round(per_message),
+        # At the target of 100M messages a day, kept 30 days.
+        "gb_per_day_at_100m": round(per_message * 100e6 / 1e9, 1),
+        "tb_per_30_days_at_100m": round(per_message * 100e6 * 30 / 1e12, 2),
         "rows_total": counts["total"],
         "rows_heavy": counts["heavy"],
         "postgres": {r["name"]: r["setting"] + (r["unit"] or "") for r in settings},
@@ -582,7 +598,9 @@ def markdown(result: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in result["load"].items())
         + ". Sizes (MB): "
         + ", ".join(f"{k} {v}" for k, v in result["sizes"]["relations_mb"].items())
-        + ".",
+        + f". Stored per message (heap, TOAST, indexes): {result['sizes']['bytes_per_message']}"
+        f" bytes; at 100M a day {result['sizes']['gb_per_day_at_100m']} GB a day,"
+        f" {result['sizes']['tb_per_30_days_at_100m']} TB for 30 days.",
         "",
         "## Latency over HTTP, one request at a time (ms)",
         "",

@@ -45,6 +45,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         *DELIVERY,
         "api_shares",
         "otp_sweeper",
+        "store_upkeep",
         "http",
     ]
 

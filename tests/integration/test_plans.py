@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,9 +24,10 @@ import msgspec
 import pytest
 
 from smsgw.engine.messages import Attempt, OutboundSms, Outcome
-from smsgw.engine.ports import WriteGroup, dispatch_shard
+from smsgw.engine.ports import MessageQuery, WriteGroup, dispatch_shard
+from smsgw.http.context import uuid7
 from smsgw.runtime.server import Node
-from smsgw.storage import backlog, commit_sql, scheduled
+from smsgw.storage import backlog, commit_sql, reads, scheduled
 from smsgw.storage import cluster as cl
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
@@ -74,7 +75,8 @@ async def fetch(db: Database, sql: str, *args: Any) -> list[dict[str, Any]]:
 _MESSAGES = """
 INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                       status, created_at, updated_at)
-SELECT gen_random_uuid(), 1 + i % {accounts}, '+4915100' || lpad((i % 5000)::text, 4, '0'),
+SELECT uuid7_at(now() - make_interval(secs => {age})), 1 + i % {accounts},
+       '+4915100' || lpad((i % 5000)::text, 4, '0'),
        'smsgw', 'hello', 1, 5, false, '{status}',
        now() - make_interval(secs => {age}), now() - make_interval(secs => {age})
 FROM generate_series(1, {n}) i
@@ -90,7 +92,8 @@ async def worst_moment(db: Database, moment: str) -> None:
     `moment`: "empty" (taken while nothing was pending, the flood after it) or "huge" (taken
     during the flood, which then almost all became final). Autovacuum stays away from
     messages, so the statistics are the ones taken here. Every shard is leased to NODE."""
-    await execute(db, "ALTER TABLE messages SET (autovacuum_enabled = off)")
+    for part in await partitions(db):
+        await execute(db, f"ALTER TABLE {part} SET (autovacuum_enabled = off)")
     await execute(
         db,
         "INSERT INTO accounts (name, key_hash, balance, topped_up)"
@@ -134,6 +137,27 @@ async def worst_moment(db: Database, moment: str) -> None:
         " expires_at = now() + interval '1 hour'",
         NODE,
     )
+
+
+async def partitions(db: Database) -> list[str]:
+    """The day partitions of messages (migration 019)."""
+    rows = await fetch(
+        db,
+        "SELECT inhrelid::regclass::text AS part FROM pg_inherits"
+        " WHERE inhparent = 'messages'::regclass ORDER BY 1",
+    )
+    return [r["part"] for r in rows]
+
+
+async def index_parents(db: Database) -> dict[str, str]:
+    """Each partition's index -> the index of messages it is part of."""
+    rows = await fetch(
+        db,
+        "SELECT c.relname AS part, p.relname AS parent FROM pg_inherits i"
+        " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent"
+        " WHERE p.relkind = 'I' AND c.relnamespace = current_schema()::regnamespace",
+    )
+    return {r["part"]: r["parent"] for r in rows}
 
 
 async def scheduled_sends(db: Database) -> None:
@@ -206,17 +230,30 @@ def one_line(plan: dict[str, Any]) -> str:
     return " > ".join(parts)
 
 
-def messages_indexes(plan: dict[str, Any]) -> set[str]:
-    """How each scan of messages reaches it: its index names, or "Seq Scan"."""
+def messages_indexes(
+    plan: dict[str, Any], parents: dict[str, str], with_rows: set[str]
+) -> set[str]:
+    """How each scan of messages' partitions reaches them: the names of the indexes of
+    messages (`parents`: a partition's index -> its parent's), or "Seq Scan" of a partition
+    that has rows (an empty one's costs nothing: the planner may pick it)."""
     found = set()
     for node in nodes(plan):
-        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "messages":
+        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") in with_rows:
             found.add("Seq Scan")
-        elif node["Node Type"] in _SCANS - {"Seq Scan"} and node["Index Name"].startswith(
-            "messages"
-        ):
-            found.add(node["Index Name"])
+        elif node["Node Type"] in _SCANS - {"Seq Scan"} and node["Index Name"] in parents:
+            found.add(parents[node["Index Name"]])
     return found
+
+
+def partitions_read(plan: dict[str, Any], parts: list[str]) -> set[str]:
+    """The partitions of messages the run plan read (pruned ones never run)."""
+    return {
+        node["Relation Name"]
+        for node in nodes(plan)
+        if node["Node Type"] in _SCANS
+        and node.get("Relation Name") in parts
+        and node["Actual Loops"] > 0
+    }
 
 
 def rows_read(plan: dict[str, Any], relation: str) -> int:
@@ -282,6 +319,12 @@ def hot_statements(
     pkey = {"messages_pkey"}
     recipient = {"messages_pkey", "messages_account_recipient"}
     start = datetime(1, 1, 1, tzinfo=UTC)
+    cursor = datetime.now(UTC) - timedelta(minutes=10)  # before the queued messages
+    # GET /v1/messages and the summary over the last hours: an account's range by time.
+    day = MessageQuery(limit=100, created_from=datetime.now(UTC) - timedelta(hours=3))
+    page_of_day = reads.messages_sql(1, day)
+    by_account = {"messages_account_recent", "messages_account_recipient"}
+    summary_of_day = reads.summary_sql(1, day.created_from, None, "status")
     page_args = [
         list(range(1, ACCOUNTS + 1)),
         [start] * ACCOUNTS,
@@ -320,7 +363,24 @@ def hot_statements(
         ("attempts failed for now", commit_sql.RECORD_ATTEMPTS, [tried], pkey, ""),
         ("bodies for dispatch", backlog._QUEUED_MESSAGES, [ids], pkey, ""),
         ("claimed hand-offs", cl._READ_CLAIMED, [ids], pkey, ""),
-        ("scheduler pages", backlog._PAGE_ENTRIES, page_args, {"messages_account_status"}, ""),
+        (
+            "scheduler pages from the start",
+            backlog._PAGE_ENTRIES,
+            page_args,
+            {"messages_account_status"},
+            backlog._PAGE_SETTINGS,
+        ),
+        (
+            "scheduler pages after a cursor",
+            backlog._PAGE_ENTRIES,
+            [*page_args[:1], [cursor] * ACCOUNTS, *page_args[2:]],
+            {"messages_account_status"},
+            backlog._PAGE_SETTINGS,
+        ),
+        ("a day's page", *page_of_day, {"messages_account_recent"}, ""),
+        # Its index is the planner's to choose among the account's (the statistics of a
+        # test's few accounts make them alike); the partitions are what is checked.
+        ("a day's summary", *summary_of_day, by_account, ""),
         ("hand-off claim", cl._CLAIM, [NODE], set(), ""),
         ("lease renewal", cl._RENEW, [NODE, TTL, held, [tokens[s] for s in held]], set(), ""),
         ("stalled shards", cl._OTHERS, [NODE, TTL], set(), ""),
@@ -342,6 +402,16 @@ def hot_statements(
     ]
 
 
+# The statements that look for pending messages of any day (a queue's start, a message
+# scheduled or waiting since days): each reads every partition's small partial index.
+ANY_DAY = {
+    "scheduler pages from the start",
+    "sweep",
+    "promotion of due scheduled sends",
+    "next due",
+}
+
+
 @pytest.mark.parametrize("moment", ["empty", "huge"])
 async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_moment(
     database_url: str, schema: str, moment: str
@@ -350,21 +420,55 @@ async def test_hot_statements_keep_their_plans_after_an_analyze_at_the_worst_mom
         await worst_moment(db, moment)
         outcomes = [outcome(s, i) for i, s in enumerate(await pending(db, OUTCOMES))]
         accepts = [
-            msgspec.structs.replace(s, id=str(uuid.uuid4()), client_ref=None, fence=None)
-            for s in (await pending(db, 10, offset=OUTCOMES))
+            msgspec.structs.replace(s, id=uuid7(), client_ref=f"r{i}", fence=None)
+            for i, s in enumerate(await pending(db, 10, offset=OUTCOMES))
         ]
         leases = {
             r["shard"]: r["token"] for r in await fetch(db, "SELECT shard, token FROM shard_leases")
         }
+        parents = await index_parents(db)
+        parts = await partitions(db)
+        # The days the data spans (one, or two past a midnight): a statement by id or by an
+        # account's time range reads only those, never the other days' partitions.
+        with_rows = {
+            r["part"]
+            for r in await fetch(
+                db, "SELECT DISTINCT tableoid::regclass::text AS part FROM messages"
+            )
+        }
+        assert len(parts) > len(with_rows)
+        # And the days either side: the group commit looks for a client_ref used the day
+        # before (commit_sql._REF_USED), and bounds by time reach an hour past now, into
+        # tomorrow's partition in the last hour of a day (rows.ID_SLACK).
+        first, last = parts.index(min(with_rows)), parts.index(max(with_rows))
+        allowed = {*with_rows, parts[first - 1], parts[last + 1]}
         for name, sql, args, indexes, settings in hot_statements(outcomes, accepts, leases):
             # The shape first, unrun: a plan that walks the pending messages is named here
             # rather than run for minutes.
             plan = await explain(db, sql, args, run=False, settings=settings)
-            used = messages_indexes(plan)
+            used = messages_indexes(plan, parents, with_rows)
             assert used <= indexes, f"{name}: messages by {used}: {one_line(plan)}"
 
             plan = await explain(db, sql, args, run=True, settings=settings)
-            assert messages_indexes(plan) <= indexes, f"{name}: {one_line(plan)}"
+            assert messages_indexes(plan, parents, with_rows) <= indexes, (
+                f"{name}: {one_line(plan)}"
+            )
+            # An account's range in order, never read whole to be sorted: the partitions'
+            # ranges are merged (backlog._PAGE_SETTINGS).
+            assert not any(
+                node["Node Type"] == "Sort"
+                and any(child["Node Type"] == "Append" for child in node.get("Plans", ()))
+                for node in nodes(plan)
+            ), f"{name}: {one_line(plan)}"
+            if name not in ANY_DAY:
+                read = partitions_read(plan, parts)
+                assert read <= allowed, f"{name}: {sorted(read)}: {one_line(plan)}"
+                # So with the plan a prepared statement may be cached with, made for any
+                # arguments: its partitions are pruned as it runs.
+                generic = f"{settings}; SET LOCAL plan_cache_mode = force_generic_plan"
+                plan = await explain(db, sql, args, run=True, settings=generic.lstrip("; "))
+                read = partitions_read(plan, parts)
+                assert read <= allowed, f"{name}, generic: {sorted(read)}: {one_line(plan)}"
             assert all(loops <= 1 for loops in json_decodes(plan)), f"{name}: {one_line(plan)}"
             # Each lease at most once: never a probe per outcome (nor a walk per probe).
             assert rows_read(plan, "shard_leases") <= SHARDS, f"{name}: {one_line(plan)}"
@@ -381,10 +485,14 @@ class ExactStore(PgStore):
         return False
 
 
+# messages: the sum over its partitions.
 _TABLE_STATS = """
-SELECT relname, seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) AS idx_tup_fetch, n_tup_upd
+SELECT CASE WHEN relname LIKE 'messages\\_%' THEN 'messages' ELSE relname END AS relname,
+       sum(seq_scan)::int8 AS seq_scan, sum(seq_tup_read)::int8 AS seq_tup_read,
+       sum(coalesce(idx_tup_fetch, 0))::int8 AS idx_tup_fetch, sum(n_tup_upd)::int8 AS n_tup_upd
 FROM pg_stat_user_tables WHERE schemaname = current_schema()
-  AND relname IN ('messages', 'shard_leases')
+  AND (relname LIKE 'messages\\_%' OR relname = 'shard_leases')
+GROUP BY 1
 """
 
 

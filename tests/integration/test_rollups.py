@@ -433,7 +433,6 @@ async def test_summary_equals_a_scan_in_any_zone_and_any_range(
             sent = status in SENT
             rows.append(
                 {
-                    "id": uuid7(),
                     "a": account["id"] if i % 9 else other["id"],
                     "r": NUMBERS[i % len(NUMBERS)],
                     "s": SENDERS[i % 2],
@@ -445,14 +444,22 @@ async def test_summary_equals_a_scan_in_any_zone_and_any_range(
                     "t": at.isoformat(),
                 }
             )
+        # Ids of their own time, in their days' partitions (migration 019), as the node's are.
+        await db_fetch(
+            database_url,
+            schema,
+            "SELECT smsgw_add_day_partition('messages', d::date)"
+            " FROM generate_series($1::date - 1, $1::date + 5, interval '1 day') AS d",
+            base.date(),
+        )
         await db_fetch(
             database_url,
             schema,
             "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
             " express, status, operator, created_at, updated_at, send_at)"
-            " SELECT x.id, x.a, x.r, x.s, 'hi', x.g, x.p, x.e, x.st, x.o, x.t, x.t,"
+            " SELECT uuid7_at(x.t), x.a, x.r, x.s, 'hi', x.g, x.p, x.e, x.st, x.o, x.t, x.t,"
             " CASE WHEN x.st = 'scheduled' THEN now() + interval '1 day' END"
-            " FROM json_to_recordset($1::json) AS x(id uuid, a bigint, r text, s text, g int,"
+            " FROM json_to_recordset($1::json) AS x(a bigint, r text, s text, g int,"
             " p int, e bool, st text, o text, t timestamptz)",
             msgspec.json.encode(rows).decode(),
         )

@@ -25,6 +25,7 @@ from smsgw.cli.serve_options import (
 )
 from smsgw.engine import numbers
 from smsgw.engine.node import EngineConfig
+from smsgw.engine.upkeep import UpkeepConfig
 from smsgw.logs import redact_url
 from smsgw.storage.embedded import ChosenDatabase, choose_database, embedded_log_paths
 
@@ -82,6 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
         dlr_keys=dlr_keys(args.dlr_key, os.environ.get("SMSGW_DLR_KEYS", "")),
         engine=engine_config(args),
         operator_dlr=sim_dlr(args.sim_dlr),
+        upkeep=UpkeepConfig(
+            retention_days=args.retention_days, redact_after_days=args.redact_after_days
+        ),
     )
 
     async def main() -> None:

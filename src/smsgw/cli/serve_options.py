@@ -13,6 +13,7 @@ import msgspec
 from smsgw.cli.common import positive_int
 from smsgw.engine import numbers
 from smsgw.engine.node import EngineConfig
+from smsgw.engine.upkeep import UpkeepConfig
 from smsgw.sim.dlr import DlrProfile
 from smsgw.sim.operator import OperatorProfile
 
@@ -202,6 +203,24 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         " the largest body a route takes, 4 MiB; env SMSGW_MAX_REQUEST_BODY_BYTES)",
     )
     serve.add_argument(
+        "--retention-days",
+        type=positive_int,
+        default=os.environ.get("SMSGW_RETENTION_DAYS", str(UpkeepConfig().retention_days)),
+        metavar="N",
+        help="messages are kept this many whole UTC days, then dropped a day at a time (a day"
+        " still holding a queued or scheduled message is kept); the credit ledger is kept"
+        " (default %(default)s; env SMSGW_RETENTION_DAYS)",
+    )
+    serve.add_argument(
+        "--redact-after-days",
+        type=_days,
+        default=os.environ.get("SMSGW_REDACT_AFTER_DAYS", "0"),
+        metavar="N",
+        help="the text of a final message is emptied this many days after it was accepted;"
+        " prices, statuses and segments are kept (default %(default)s: never; env"
+        " SMSGW_REDACT_AFTER_DAYS)",
+    )
+    serve.add_argument(
         "--scheduler-fifo",
         action="store_true",
         help="benchmarks only: one first-come-first-served queue instead of fair scheduling",
@@ -369,6 +388,17 @@ def _body_budget(value: str) -> int:
             f"{value!r}: want at least {MAX_BATCH_BODY_BYTES} (the largest request body)"
         )
     return number
+
+
+def _days(value: str) -> int:
+    """argparse type for a whole number of days >= 0."""
+    try:
+        days = int(value)
+    except ValueError:
+        days = -1
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: want a whole number of days >= 0")
+    return days
 
 
 def _positive_float(value: str) -> float:

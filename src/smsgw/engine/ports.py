@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
@@ -497,6 +497,33 @@ class OtpStore(Protocol):
     async def sweep(self, limit: int) -> tuple[int, int]:
         """Redact up to `limit` final OTP messages not yet redacted, and delete up to `limit`
         code rows long expired; returns (redacted, deleted)."""
+        ...
+
+
+class Dropped(msgspec.Struct):
+    """What a round of retention did: partitions dropped, and those past the retention kept
+    because they still hold a message that is not final."""
+
+    dropped: list[str] = msgspec.field(default_factory=list)
+    kept: list[str] = msgspec.field(default_factory=list)
+
+
+class UpkeepStore(Protocol):
+    """The stored days of messages (engine/upkeep.py): partitions made ahead, old days
+    dropped whole, old bodies redacted."""
+
+    async def add_partitions(self) -> list[str]:
+        """Make the day partitions of the days ahead that are missing; returns their names."""
+        ...
+
+    async def drop_partitions(self, before: date) -> Dropped:
+        """Drop the day partitions of the UTC days before `before` that hold no pending
+        message."""
+        ...
+
+    async def redact_bodies(self, before: datetime, limit: int) -> int:
+        """Empty the bodies of final messages made before `before`, in bounded batches, at
+        most about `limit`; returns how many."""
         ...
 
 

@@ -23,6 +23,7 @@ from smsgw.engine.otp import OtpSweeper
 from smsgw.engine.ports import Provider
 from smsgw.engine.shards import LeaseConfig
 from smsgw.engine.supervisor import ChildSpec, Restart
+from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.http.app import create_app
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
@@ -31,6 +32,7 @@ from smsgw.storage.commit import Handoff
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.migrate import migrate
 from smsgw.storage.otp import PgOtpStore
+from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
 
 log = logging.getLogger("smsgw.server")
@@ -66,6 +68,8 @@ class NodeOptions(msgspec.Struct, frozen=True):
     # In-process simulated operators send delayed delivery reports to this node's DLR
     # endpoint (over loopback, with a key made for them unless dlr_keys names one).
     operator_dlr: DlrProfile | None = None
+    # The stored days of messages: retention and redaction (engine/upkeep.py).
+    upkeep: UpkeepConfig = UpkeepConfig()
 
 
 class Node:
@@ -166,6 +170,13 @@ async def run_node(
             node.node_id = node_id
             otp_store = PgOtpStore(db)
             otp_sweeper = OtpSweeper(otp_store)
+            leases = engine.leases
+            upkeep = StoreUpkeep(
+                Partitions(db),
+                options.upkeep,
+                # The duty goes with shard 0's lease; a node without leases is alone.
+                lambda: leases is None or 0 in leases.owned,
+            )
             app = create_app(
                 engine,
                 store,
@@ -218,6 +229,7 @@ async def run_node(
                     engine.run,
                     [
                         ChildSpec("otp_sweeper", otp_sweeper.run, stats=otp_sweeper.stats),
+                        ChildSpec("store_upkeep", upkeep.run, stats=upkeep.stats),
                         ChildSpec("http", http, restart=Restart.TRANSIENT),
                     ],
                 )

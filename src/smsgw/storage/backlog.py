@@ -33,6 +33,12 @@ WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
 # while it plans (rows.NOT_FINAL says why), so messages_pending, which a literal 'queued' would
 # make a candidate, is not one (after an ANALYZE taken while few messages were pending, a walk
 # of every pending message of every account looked cheaper than each account's own range).
+# The id bounds let each account's range skip the day partitions before its cursor's day
+# (a message's id is made just after its created_at: rows.ID_SLACK) and the days ahead. The
+# range is in (created_at, id) order, and partitions are by id: with sorts disabled, the
+# partitions' ranges are merged (each an index scan in that order) rather than read whole and
+# sorted, which for an account with a deep queue would read all of it for every page.
+_PAGE_SETTINGS = "SET LOCAL enable_sort = off"
 _PAGE_ENTRIES = """
 SELECT x.i, m.created_at, m.id::text, m.segments
 FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[])
@@ -42,14 +48,20 @@ CROSS JOIN LATERAL (
     WHERE account_id = x.account_id AND NOT express
       AND status NOT IN ('sent', 'delivered') AND status = (SELECT 'queued')
       AND (created_at, id) > (x.after_at, x.after_id)
+      AND id >= uuid7_floor(x.after_at - interval '1 hour')
+      AND id < uuid7_floor(now() + interval '1 hour')
     ORDER BY created_at, id LIMIT x.n
 ) m
 ORDER BY x.i, m.created_at, m.id
 """
 
-# By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL).
+# By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL),
+# one probe per id: the join finds each in its own day's partition, as a prepared statement's
+# generic plan would not for `id = ANY($1)` (it probes every partition for every id).
 _QUEUED_MESSAGES = f"""
-SELECT {PENDING_COLUMNS} FROM messages WHERE id = ANY($1::uuid[]) AND status = (SELECT 'queued')
+SELECT {PENDING_COLUMNS}
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x JOIN messages ON messages.id = x.id
+WHERE status = (SELECT 'queued')
 """
 
 _DISPATCH_RATES = """
@@ -89,11 +101,16 @@ class Backlog(StorePart):
                 after_at.append(at_micros(at_us))
                 after_id.append(uuid.UUID(message_id))
             sizes.append(n)
-        rows = await self.db.run(
-            lambda c: c.fetch(
-                _PAGE_ENTRIES, accounts, after_at, after_id, sizes, list(range(len(requests)))
-            )
-        )
+
+        async def page(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            async with conn.transaction():
+                await conn.execute(_PAGE_SETTINGS)
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    _PAGE_ENTRIES, accounts, after_at, after_id, sizes, list(range(len(requests)))
+                )
+            return rows
+
+        rows = await self.db.run(page)
         pages: list[list[tuple[int, str, int]]] = [[] for _ in requests]
         for r in rows:
             at_us = micros_of(r["created_at"])

@@ -78,9 +78,10 @@ RETURNING i.message_id::text AS id, l.token
 # order, a walk of messages_pending filtered by id can look cheaper after an ANALYZE taken while
 # few messages were pending).
 _READ_CLAIMED = f"""
-SELECT {PENDING_COLUMNS} FROM messages
-WHERE id = ANY($1::uuid[]) AND status {NOT_FINAL}
-ORDER BY created_at
+SELECT {PENDING_COLUMNS}
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x JOIN messages ON messages.id = x.id
+WHERE status {NOT_FINAL}
+ORDER BY messages.created_at
 """
 
 # The stranded-message sweep (ShardLeases.sweep): a page of the leased shards' pending

@@ -35,6 +35,7 @@ from smsgw.storage.commit_sql import (
     ONE_STATEMENT_HANDOFF,
     OUTCOME_CALLBACKS,
     RECORD_ATTEMPTS,
+    REF_TAKEN,
     REFUSALS,
     UNDO_INSERTS,
     WRITE_CREDIT,
@@ -46,6 +47,7 @@ from smsgw.storage.commit_sql import (
     copy_records,
     finished_json,
     handed_off,
+    ref_keys,
     refusal_keys,
 )
 from smsgw.storage.database import Database, Refused, StorePart
@@ -100,6 +102,18 @@ class Handoff(NamedTuple):
 
 # What a group commit's time is recorded under (Database.run: /metrics and slow-statement logs).
 _COMMIT = "PgStore.commit_group"
+
+
+# How near a UTC midnight a group with client_refs takes the exact way: the partition of the
+# day on the other side of it may be written by a group that is committing now, which
+# ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits within
+# seconds of its accepts; an hour leaves room for a stalled one.
+_DAY_S = 86_400
+_NEAR_S = 3_600
+
+
+def _near_midnight(created_at: float) -> bool:
+    return not _NEAR_S <= created_at % _DAY_S < _DAY_S - _NEAR_S
 
 
 class GroupCommit(StorePart):
@@ -253,6 +267,9 @@ class GroupCommit(StorePart):
             if not stored:
                 await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
+                refs = ref_keys(stored)
+                if refs is not None and await conn.fetchval(REF_TAKEN, refs):
+                    raise _CopyConflict("a client_ref of the group was used in the day before it")
                 try:
                     await conn.copy_records_to_table(
                         "messages", records=copy_records(stored), columns=COPY_COLUMNS
@@ -403,6 +420,8 @@ class GroupCommit(StorePart):
         for items, atomic in group.accepts:
             n += len(items)
             if atomic and len(items) > 1 and any(s.client_ref is not None for s in items):
+                return False
+            if any(s.client_ref is not None and _near_midnight(s.created_at) for s in items):
                 return False
         return not copy or n < COPY_MIN_ROWS
 

@@ -170,6 +170,23 @@ WRITE_CREDIT_COPIED = (
     f"WITH {_UPDATE_ACCOUNTS}, rolled AS ({upsert(copied('$7'))}) SELECT count(*) FROM ledger"
 )
 
+# client_ref is unique per account within a day's partition, by the partition's own unique
+# index (migration 019), which the INSERT's ON CONFLICT DO NOTHING honours (one naming the
+# index's columns would find no such index on the partitioned parent). Across days it is this
+# probe: a message of the account with the ref from the 24 hours before this one, or from
+# after it up to an hour (a group of the next day that committed first, while this one waited
+# for the account's lock), an index probe in each of at most two partitions (the id range
+# prunes the rest), run only for a message that has a ref. It reads what was committed when
+# the statement began: the exact way runs it after the accounts are locked, so no group of the
+# same account can store the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks,
+# so a group with refs takes the exact way within an hour of a midnight, while the day either
+# side of it may be written (commit.py, _one_statement).
+_REF_USED = """
+    SELECT FROM messages p
+    WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
+      AND p.id >= uuid7_floor(to_timestamp(x.created_at) - interval '1 day')
+      AND p.id < uuid7_floor(to_timestamp(x.created_at) + interval '1 hour')"""
+
 
 def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
@@ -187,8 +204,8 @@ def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    WHERE {only_if}
-    ON CONFLICT (account_id, client_ref) WHERE client_ref IS NOT NULL DO NOTHING
+    WHERE {only_if} AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_USED}))
+    ON CONFLICT DO NOTHING
     RETURNING id, account_id, price, created_at, status, express, operator, sender, recipient,
               segments"""
 
@@ -255,7 +272,8 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 # group is done the exact way, whose counts are read after the locks. A group that missed
 # another node's messages to a number can so add at most half the limit on top of them, and
 # only while the number is below half of it: in practice a number's messages never reach the
-# limit that way, as the groups that follow count them all.
+# limit that way, as the groups that follow count them all. The id bounds keep the count to
+# the hour's day partitions (rows.ID_SLACK: an hour more on each side).
 _RECIPIENT_KEYS = """
     SELECT x.account_id, x."to" AS recipient, count(*) AS n, min(x.created_at) AS at
     FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text, created_at float8)
@@ -265,6 +283,8 @@ _SEEN_IN_HOUR = """
         SELECT m.created_at FROM messages m
         WHERE m.account_id = k.account_id AND m.recipient = k.recipient
           AND m.created_at > to_timestamp(k.at) - interval '1 hour'
+          AND m.id >= uuid7_floor(to_timestamp(k.at) - interval '2 hours')
+          AND m.id < uuid7_floor(to_timestamp(k.at) + interval '1 hour')
         LIMIT {per_hour}) w"""
 _CROWDED = f"""
     SELECT FROM ({_RECIPIENT_KEYS}) k
@@ -453,6 +473,38 @@ WITH gone AS (
 ){upsert(added("gone", -1))}
 """
 
+# Whether a message of a group to be stored by COPY has a client_ref its account used in the
+# 24 hours before it, or just after (_REF_USED; a COPY cannot skip a row): then the group is
+# done the INSERT way, which answers that message a duplicate. Run after the accounts are
+# locked, and only for a group with refs. $1 is `ref_keys`.
+REF_TAKEN = f"""
+SELECT EXISTS (
+    SELECT FROM json_to_recordset($1::json)
+         AS x(id uuid, account_id bigint, client_ref text, created_at float8)
+    WHERE EXISTS ({_REF_USED}))
+"""
+
+
+class _RefKey(msgspec.Struct):
+    """What REF_TAKEN reads of a message."""
+
+    id: str
+    account_id: int
+    client_ref: str
+    created_at: float
+
+
+def ref_keys(items: Sequence[OutboundSms]) -> str | None:
+    """REF_TAKEN's $1: the messages that have a client_ref, as a JSON list; None when
+    none has one."""
+    keys = [
+        _RefKey(s.id, s.account_id, s.client_ref, s.created_at)
+        for s in items
+        if s.client_ref is not None
+    ]
+    return _json.encode(keys).decode() if keys else None
+
+
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
 # fastest way in (2,000 rows: about a quarter less time than the json_to_recordset INSERT);
 # smaller groups (single-message accepts) keep the INSERT, one round trip fewer. A COPY cannot
@@ -527,13 +579,17 @@ def handed_off(stored: Sequence[OutboundSms]) -> list[OutboundSms]:
 # A callback outbox row for each outcome of this group that has a callback URL (the message's,
 # else its account's) and that this transaction applied: `xmin` is the current transaction's
 # id exactly for the rows it wrote, so an outcome delivered twice after a crash (already
-# final, not updated) writes none. Only run when some outcome of the group has a URL.
+# final, not updated) writes none. Only run when some outcome of the group has a URL. A join
+# from the ids (each once: an outcome may come twice in a group) finds each in its day's
+# partition, whatever plan the statement is cached with (`id = ANY($1)` in a generic plan
+# probes every partition: backlog._QUEUED_MESSAGES).
 OUTCOME_CALLBACKS = """
 INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
 SELECT m.id, m.account_id, coalesce(m.callback_url, a.callback_url), m.status, m.reason,
        m.client_ref, m.updated_at
-FROM messages m JOIN accounts a ON a.id = m.account_id
-WHERE m.id = ANY($1::uuid[]) AND m.xmin = pg_current_xact_id()::xid
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x
+JOIN messages m ON m.id = x.id JOIN accounts a ON a.id = m.account_id
+WHERE m.xmin = pg_current_xact_id()::xid
   AND coalesce(m.callback_url, a.callback_url) IS NOT NULL
 """
 

@@ -8,6 +8,7 @@ from importlib import resources
 import asyncpg
 
 from smsgw.storage.database import Database
+from smsgw.storage.partitions import ADD_AHEAD, DAYS_AHEAD
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -21,8 +22,9 @@ def migration_files() -> list[tuple[int, str, str]]:
 
 
 async def migrate(db: Database) -> list[str]:
-    """Apply the migrations not yet applied; returns their names. Safe when nodes race: an
-    advisory lock lets one node migrate while the others wait."""
+    """Apply the migrations not yet applied, and make the day partitions ahead; returns the
+    migrations' names. Safe when nodes race: an advisory lock lets one node migrate while the
+    others wait."""
 
     async def _migrate(conn: asyncpg.Connection) -> list[str]:
         applied: list[str] = []
@@ -42,6 +44,10 @@ async def migrate(db: Database) -> list[str]:
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
                 applied.append(name)
+            if await conn.fetchval("SELECT to_regclass('day_partitioned') IS NOT NULL"):
+                # Today's partitions and the days ahead, so that no node, however long since
+                # one held the upkeep duty (engine/upkeep.py), writes to a day without one.
+                await conn.fetch(ADD_AHEAD, DAYS_AHEAD)
         return applied
 
     return await db.run(_migrate)

@@ -18,7 +18,7 @@ import asyncpg
 from smsgw.engine.ports import MessageHistory, MessageQuery, SummaryRow
 from smsgw.storage.database import StorePart
 from smsgw.storage.rollups import BUCKET_S
-from smsgw.storage.rows import MIN_UUID
+from smsgw.storage.rows import ID_SLACK, MIN_UUID, id_floor
 
 # The shape of one message in every read: GET /v1/messages/{id}, pages, exports.
 MESSAGE_COLUMNS = (
@@ -90,10 +90,20 @@ def messages_sql(
             high.append((key, False, row_bound("<=", through)))
         else:
             low.append((key, False, row_bound(">=", through)))
+    # Each bound also bounds the ids (rows.ID_SLACK), so the page reads only the day
+    # partitions of its range; not being on the index's leading columns, it cannot move
+    # where the index scan starts.
     if low:
-        where.append(max(low, key=lambda b: (b[0], b[1]))[2]())
+        first = max(low, key=lambda b: (b[0], b[1]))
+        where.append(first[2]())
+        where.append(f"id >= {arg(id_floor(first[0][0], -ID_SLACK))}")
     if high:
-        where.append(min(high, key=lambda b: (b[0], not b[1]))[2]())
+        last = min(high, key=lambda b: (b[0], not b[1]))
+        where.append(last[2]())
+        where.append(f"id < {arg(id_floor(last[0][0], ID_SLACK))}")
+    else:
+        # No message is made later than now: the days ahead, made empty, are not read.
+        where.append(f"id < {arg(id_floor(datetime.now(UTC), ID_SLACK))}")
     direction = "ASC" if query.ascending else "DESC"
     # messages.id, not id: the bare name would be the output column (the id as text), and the
     # index could no longer give the order by itself.
@@ -168,11 +178,14 @@ def summary_sql(
         return f"${len(args)}"
 
     def scan(low: datetime | None, high: datetime | None) -> str:
+        # The id bounds keep the scan to the days of its range (day partitions, 019).
         where = ["m.account_id = $1"]
         if low is not None:
-            where.append(f"m.created_at >= {arg(low)}")
+            where.append(f"m.created_at >= {arg(low)} AND m.id >= {arg(id_floor(low, -ID_SLACK))}")
         if high is not None:
             where.append(f"m.created_at < {arg(high)}")
+        upper = datetime.now(UTC) if high is None else high
+        where.append(f"m.id < {arg(id_floor(upper, ID_SLACK))}")
         return f"""
     SELECT m.created_at, m.status, m.operator, m.sender, smsgw_calling_code(m.recipient),
            1, m.segments, m.price
@@ -252,9 +265,12 @@ class MessageReads(StorePart):
     async def message_by_client_ref(
         self, account_id: int, client_ref: str
     ) -> dict[str, Any] | None:
+        """The account's newest message with this client_ref (a ref is unique for a day
+        and the day before it, and may be used again after that: migration 019)."""
         row = await self.db.run(
             lambda c: c.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND client_ref = $2",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE account_id = $1 AND client_ref = $2"
+                " ORDER BY messages.id DESC LIMIT 1",
                 account_id,
                 client_ref,
             )

@@ -5,6 +5,7 @@ Shared by the group commit, the backlog's reads, the message reads and the clust
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -68,3 +69,21 @@ def pending_sms(r: asyncpg.Record) -> OutboundSms:
         validity=r["validity_s"],
         send_at=r["send_at"],
     )
+
+
+# A message's id (a UUIDv7: its first 48 bits are the Unix millisecond it was made) is made
+# just after its created_at, by the same node's clock, within the request that accepts it. So
+# the messages made in a time range have ids within that range widened by ID_SLACK, a bound a
+# read states for the day partitions (migration 019) to be pruned to the range's days: it
+# allows for a request that took long to make its ids, and for rounding at the millisecond.
+ID_SLACK = timedelta(hours=1)
+_ID_MAX_MS = (1 << 48) - 1
+
+
+def id_floor(at: datetime, shift: timedelta = timedelta(0)) -> uuid.UUID:
+    """The least UUIDv7 of the millisecond `at + shift` falls in (SQL's uuid7_floor, migration
+    019); a time past either end of datetime's range is taken as that end."""
+    with contextlib.suppress(OverflowError):  # past an end: the clamp below takes that end
+        at += shift
+    ms = min(max((at - _EPOCH) // timedelta(milliseconds=1), 0), _ID_MAX_MS)
+    return uuid.UUID(int=ms << 80)

@@ -1,0 +1,149 @@
+"""The day partitions (migration 019): made ahead, dropped past the retention, bodies redacted.
+
+Every table listed in `day_partitioned` is partitioned by UTC day on a UUIDv7 column; this
+module keeps their partitions. The node holding the upkeep duty (engine/upkeep.py) calls it
+about once an hour; `migrate` makes the days ahead at every start, so a node alone, or a test,
+never meets a missing partition.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+import trio
+
+from smsgw.engine.ports import Dropped
+from smsgw.storage.database import StorePart
+
+log = logging.getLogger("smsgw.storage")
+
+# Partitions from yesterday (a node's clock a little behind) to this many days ahead.
+DAYS_AHEAD = 7
+
+ADD_AHEAD = """
+SELECT p.part FROM day_partitioned t
+CROSS JOIN generate_series((now() AT TIME ZONE 'UTC')::date - 1,
+                           (now() AT TIME ZONE 'UTC')::date + $1::int, interval '1 day') AS d
+CROSS JOIN LATERAL (SELECT smsgw_add_day_partition(t.parent, d::date) AS part) p
+WHERE p.part IS NOT NULL
+"""
+
+# Each listed table's partitions, `messages`' first: a day of the tables that follow it (the
+# history, migration 020) is kept while its messages' day is.
+_PARTITIONS = """
+SELECT t.parent, c.relname AS part, t.pending FROM day_partitioned t
+JOIN pg_inherits i ON i.inhparent = to_regclass(quote_ident(t.parent))
+JOIN pg_class c ON c.oid = i.inhrelid
+ORDER BY t.parent <> 'messages', t.parent, c.relname
+"""
+
+# A partition is detached and dropped under a lock on its parent that every statement on the
+# parent conflicts with, held for the milliseconds the drop takes. Waiting for it behind a
+# long read would stop every statement queued behind the wait: past this, the drop gives up
+# (logged) and is tried again at the next round.
+_DROP_LOCK_TIMEOUT = "500ms"
+
+# Bodies are redacted this many messages a statement, with this pause between statements, so
+# the group commits writing the same table keep their pace.
+REDACT_BATCH = 5_000
+REDACT_PAUSE_S = 0.05
+
+# One batch: of the messages after the id $1 made before the time $2 (by their ids), the
+# next $3 in id order, whose bodies are emptied unless the message is not final yet (its body
+# is still to be sent) or the body is empty already. Returns the last id it looked at (NULL:
+# none was left). The primary key's order walks one partition after another.
+_REDACT = """
+WITH batch AS MATERIALIZED (
+    SELECT id FROM messages WHERE id > $1::uuid AND id < uuid7_floor($2) ORDER BY id LIMIT $3
+), done AS (
+    UPDATE messages m SET body = ''
+    FROM batch b
+    WHERE m.id = b.id AND m.id > $1::uuid AND m.id < uuid7_floor($2) AND m.body <> ''
+      AND m.status NOT IN ('queued', 'sending', 'scheduled')
+    RETURNING 1
+), moved AS (
+    UPDATE day_partitioned SET redacted_through = l.id
+    FROM (SELECT id FROM batch ORDER BY id DESC LIMIT 1) l
+    WHERE parent = 'messages'
+    RETURNING l.id
+)
+SELECT (SELECT id::text FROM moved) AS last, (SELECT count(*) FROM done) AS redacted
+"""
+
+_REDACTED_THROUGH = """
+SELECT coalesce(redacted_through, '00000000-0000-0000-0000-000000000000')::text
+FROM day_partitioned WHERE parent = 'messages'
+"""
+
+_DAY = re.compile(r"_(\d{8})$")
+
+
+def day_of(partition: str) -> date | None:
+    """The UTC day of a partition, by its name (parent_YYYYMMDD)."""
+    m = _DAY.search(partition)
+    return None if m is None else datetime.strptime(m.group(1), "%Y%m%d").date()
+
+
+class Partitions(StorePart):
+    """The engine's `UpkeepStore` on PostgreSQL."""
+
+    async def add_partitions(self) -> list[str]:
+        rows = await self.db.run(lambda c: c.fetch(ADD_AHEAD, DAYS_AHEAD))
+        return [r["part"] for r in rows]
+
+    async def drop_partitions(self, before: date) -> Dropped:
+        """Drops the day partitions of every listed table whose day is before `before`, but
+        those whose table's `day_partitioned.pending` query finds a row that must stay."""
+        dropped = Dropped()
+        rows = await self.db.run(lambda c: c.fetch(_PARTITIONS))
+        for r in rows:
+            day = day_of(r["part"])
+            if day is None or day >= before:
+                continue
+            drop = functools.partial(
+                _drop, parent=r["parent"], part=r["part"], pending=r["pending"]
+            )
+            if await self.db.run(drop):
+                dropped.dropped.append(r["part"])
+            else:
+                dropped.kept.append(r["part"])
+        return dropped
+
+    async def redact_bodies(self, before: datetime, limit: int) -> int:
+        """Empties the bodies of final messages made before `before` (by their ids),
+        REDACT_BATCH a statement, from where the last call stopped
+        (`day_partitioned.redacted_through`), until about `limit` are done."""
+        redacted = 0
+        after = await self.db.run(lambda c: c.fetchval(_REDACTED_THROUGH))
+        while redacted < limit:
+            row = await self.db.run(functools.partial(_redact_batch, after=after, before=before))
+            redacted += row["redacted"]
+            if row["last"] is None:
+                break
+            after = row["last"]
+            await trio.sleep(REDACT_PAUSE_S)
+        return redacted
+
+
+async def _redact_batch(conn: asyncpg.Connection, *, after: str, before: datetime) -> Any:
+    return await conn.fetchrow(_REDACT, after, before, REDACT_BATCH)
+
+
+async def _drop(conn: asyncpg.Connection, *, parent: str, part: str, pending: str | None) -> bool:
+    """Detach and drop `part` of `parent` unless a row of it is `pending`; False: kept."""
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
+        if pending is not None and await conn.fetchval(
+            await conn.fetchval("SELECT format($1, $2::text)", pending, part)
+        ):
+            log.warning("partition %s is past the retention but holds pending rows: kept", part)
+            return False
+        await conn.execute(f'ALTER TABLE "{parent}" DETACH PARTITION "{part}"')
+        await conn.execute(f'DROP TABLE "{part}"')
+    log.info("dropped partition %s, past the retention", part)
+    return True
