@@ -94,6 +94,11 @@ class Database:
                     # A node paused mid-transaction (SIGSTOP, a stalled VM) must not hold its
                     # row and lease locks, and so the other nodes, for longer than this.
                     "idle_in_transaction_session_timeout": "5s",
+                    # Every statement here is short; a plan priced past jit_above_cost (a
+                    # SET LOCAL enable_sort = off prices any sort left in it at 10^10) would
+                    # be compiled by LLVM first: a scheduled promotion took 1.1 s instead of
+                    # 1 ms that way.
+                    "jit": "off",
                 },
             )
 
