@@ -99,7 +99,7 @@ def test_rebuild_rollups(database_url: str, schema: str) -> None:
             await conn.execute(
                 "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
                 " express, status, created_at, updated_at)"
-                " SELECT gen_random_uuid(), $1, '+989121234567', 'Shop', 'hi', 1, 5, false,"
+                " SELECT uuid7_at(now()), $1, '+989121234567', 'Shop', 'hi', 1, 5, false,"
                 " s, now(), now() FROM unnest(ARRAY['sent', 'sent', 'failed']) AS s",
                 account_id,
             )
