@@ -48,6 +48,7 @@ from smsgw.storage.commit_sql import (
     finished_json,
     handed_off,
     ref_keys,
+    ref_ranges,
     refusal_keys,
 )
 from smsgw.storage.database import Database, Refused, StorePart
@@ -268,7 +269,7 @@ class GroupCommit(StorePart):
                 await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 refs = ref_keys(stored)
-                if refs is not None and await conn.fetchval(REF_TAKEN, refs):
+                if refs is not None and await conn.fetchval(REF_TAKEN, refs, *ref_ranges(stored)):
                     raise _CopyConflict("a client_ref of the group was used in the day before it")
                 try:
                     await conn.copy_records_to_table(

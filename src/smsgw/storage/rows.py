@@ -80,6 +80,14 @@ ID_SLACK = timedelta(hours=1)
 _ID_MAX_MS = (1 << 48) - 1
 
 
+DAY_S = 86_400
+
+
+def id_floor_s(at: float) -> uuid.UUID:
+    """The least UUIDv7 of the millisecond `at` (Unix seconds) falls in."""
+    return uuid.UUID(int=min(max(int(at * 1000), 0), _ID_MAX_MS) << 80)
+
+
 def id_floor(at: datetime, shift: timedelta = timedelta(0)) -> uuid.UUID:
     """The least UUIDv7 of the millisecond `at + shift` falls in (SQL's uuid7_floor, migration
     019); a time past either end of datetime's range is taken as that end."""
