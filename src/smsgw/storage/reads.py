@@ -293,6 +293,11 @@ class MessageReads(StorePart):
 
             # One snapshot for both statements: the page is exactly the rows up to its last.
             async with conn.transaction(isolation="repeatable_read", readonly=True):
+                # Planned for this page's bounds each time: the generic plan a cached statement
+                # gets after five pages cannot prune the day partitions by them, and found the
+                # page's last row in 1.1-1.4 s instead of 2 ms over 30 days (an export of 10M
+                # rows is 2,000 pages).
+                await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
                 sql, args = messages_sql(
                     account_id,
                     query,
