@@ -421,8 +421,9 @@ class GroupCommit(StorePart):
             # Among several nodes (their groups lock the same accounts' rows), PostgreSQL 18.6
             # (the embedded server) crashed with SIGSEGV in this statement since it gained
             # the day partitions' and rollups' parts: 7 times in a two-node express run, none
-            # on a node alone or on PostgreSQL 15. Until the cause is found, a node among
-            # others takes the exact way, whose statements each lock or read alone.
+            # on a node alone or on PostgreSQL 15. Until the cause is found, a node with
+            # leases (the default, whether others run or not: the store does not know) takes
+            # the exact way, whose statements each lock or read alone.
             return False
         n = 0
         for items, atomic in group.accepts:
