@@ -89,3 +89,9 @@ async def from_store(call: Callable[[], Awaitable[T]], what: str) -> T:
         raise
     except Exception as exc:
         raise ProblemError(503, "unavailable", f"could not {what}: {exc}", retry_after=1) from None
+
+
+def message_not_found(message_id: str) -> ProblemError:
+    """The 404 for a message id the calling account has no message under (another account's,
+    none, or no message id at all): the same answer whichever, so ids reveal nothing."""
+    return ProblemError(404, "message_not_found", f"no message {message_id}")

@@ -7,7 +7,7 @@ from quart import Response
 from smsgw.http.api import Api
 from smsgw.http.context import gateway, json_response
 from smsgw.http.params import is_message_id
-from smsgw.http.problems import ProblemError, problem_response
+from smsgw.http.problems import ProblemError, message_not_found, problem_response
 from smsgw.http.schemas import CancelledOut, MessageId
 
 api = Api("cancel", __name__, tag="messages")
@@ -37,12 +37,12 @@ async def cancel_message(message_id: MessageId) -> Response:
     gw = gateway()
     account_id = await gw.require_account()
     if not is_message_id(message_id):
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     engine = gw.engine
     if not engine.begin_cancel(message_id):
         row = await gw.reads.message(account_id, message_id)
         if row is None:
-            raise ProblemError(404, "message_not_found", f"no message {message_id}")
+            raise message_not_found(message_id)
         raise not_cancellable(message_id, "sending")
     result = None
     try:
@@ -51,7 +51,7 @@ async def cancel_message(message_id: MessageId) -> Response:
     finally:
         engine.cancels.end(message_id, cancelled=result is not None and result.cancelled)
     if result is None:
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     if not result.cancelled and result.status == "queued":
         # Another node dispatches it, and only that node's pool can hold it back: a new
         # connection lands on a node the kernel picks (SO_REUSEPORT), so close this one.

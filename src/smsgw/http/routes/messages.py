@@ -22,7 +22,7 @@ from smsgw.http.api import REF, Api, Content
 from smsgw.http.context import Gateway, gateway, json_response, uuid7
 from smsgw.http.idempotency import idempotent
 from smsgw.http.params import is_message_id
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, message_not_found
 from smsgw.http.routes.delivery import CALLBACKS
 from smsgw.http.routes.otp import OTP_SEND, OtpSend, otp_client_ref_used
 from smsgw.http.schemas import (
@@ -581,10 +581,10 @@ async def get_message(message_id: MessageId) -> Response:
     gw = gateway()
     account_id = await gw.require_account()
     if not is_message_id(message_id):
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     row = await gw.reads.message(account_id, message_id)
     if row is None:
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     return json_response(message_view(gw, row))
 
 
@@ -598,10 +598,10 @@ async def get_message_events(message_id: MessageId) -> Response:
     gw = gateway()
     account_id = await gw.require_account()
     if not is_message_id(message_id):
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     history = await gw.reads.message_events(account_id, message_id)
     if history is None:
-        raise ProblemError(404, "message_not_found", f"no message {message_id}")
+        raise message_not_found(message_id)
     # The accept is not stored as an event (intake writes only the message): it is the
     # message's own creation, and a schedule is its send_at.
     events = [MessageEvent("accepted", history.created_at)]
