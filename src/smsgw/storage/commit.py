@@ -519,6 +519,7 @@ async def _undo_duplicates(
     nodes. Their holds are taken back and they are answered `duplicate_client_ref`; in an atomic
     request the siblings that were stored are removed too (`batch_rejected`): all or none."""
     remove: list[str] = []
+    touched: set[int] = set()
     for (items, atomic), results in zip(group.accepts, accepts, strict=True):
         duplicates = {
             i for i, s in enumerate(items) if results[i].accepted and s.id not in inserted
@@ -533,12 +534,18 @@ async def _undo_duplicates(
             if sms.id in inserted:
                 remove.append(sms.id)
             book.unhold(sms.account_id, sms.price)
+            touched.add(sms.account_id)
             reason: Literal["duplicate_client_ref", "batch_rejected"] = (
                 "duplicate_client_ref" if i in duplicates else "batch_rejected"
             )
-            results[i] = AcceptResult(
-                accepted=False, reason=reason, balance=book.accounts[sms.account_id].balance
-            )
+            results[i] = AcceptResult(accepted=False, reason=reason)
+    # Every answer of an account whose holds were taken back says its balance after the
+    # group, as ONE_STATEMENT's answers do (an accepted one gave it before the undo).
+    for (items, _), results in zip(group.accepts, accepts, strict=True):
+        for i, sms in enumerate(items):
+            if sms.account_id in touched:
+                balance = book.accounts[sms.account_id].balance
+                results[i] = msgspec.structs.replace(results[i], balance=balance)
     if remove:
         await conn.execute(UNDO_INSERTS, remove)
 
