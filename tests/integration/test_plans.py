@@ -571,8 +571,8 @@ def own_database(database_url: str) -> Iterator[str]:
 
 
 async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: str) -> None:
-    """300 ticks of one node holding all 256 leases: every renewal and heartbeat is a HOT
-    update (no new index entry, the old version pruned on its page), and neither the table nor
+    """300 ticks of one node holding all 256 leases: the renewals and heartbeats are HOT
+    updates (no new index entry, the old version pruned on its page), and neither the table nor
     its primary key grows by a page."""
     async with one_session(own_database, "public") as db:
         if int(await db.run(lambda c: c.fetchval("SHOW server_version_num"))) < 150_000:
@@ -595,12 +595,17 @@ async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: st
         await execute(db, "SELECT pg_stat_force_next_flush()")
         last = {r.pop("relname"): r for r in await fetch(db, _HOT)}
 
+        # A page another backend has pinned at that moment (the checkpointer or the
+        # background writer writing it out) cannot be pruned, and an update that finds it full
+        # goes to another page: a few in 76,800 (21 in one run), by the server's timing. An
+        # index on an updated column, or rows that outgrow their page, would make most of them
+        # so.
         leases = read_since(first, last)["shard_leases"]
         assert leases["n_tup_upd"] == 300 * SHARDS
-        assert leases["n_tup_hot_upd"] == leases["n_tup_upd"], leases
+        assert leases["n_tup_hot_upd"] >= 0.995 * leases["n_tup_upd"], leases
         beats = read_since(first, last)["nodes"]
         assert beats["n_tup_upd"] == 300
-        assert beats["n_tup_hot_upd"] == beats["n_tup_upd"], beats
+        assert beats["n_tup_hot_upd"] >= 0.99 * beats["n_tup_upd"], beats
         for table in ("shard_leases", "nodes"):
             assert last[table]["heap"] == first[table]["heap"], (table, first, last)
             assert last[table]["pkey"] == first[table]["pkey"], (table, first, last)
