@@ -194,13 +194,8 @@ async def test_one_statement_and_the_transaction_leave_the_same_state(
         for ids in candidates
     ]
     assert handed[0] == handed[1] and (handed[0] > 0) == cluster, handed
-    # Both ways ran: the balances run out, and then the group falls back. A node with leases
-    # takes the exact way for every group for now (a crash of PostgreSQL 18 in the one
-    # statement under two nodes: storage/commit.py, _one_statement).
-    if cluster:
-        assert used == {"one": 0, "fallback": 0}, used
-    else:
-        assert used["one"] > 0 and used["fallback"] > 0, used
+    # Both ways ran: the balances run out, and then the group falls back.
+    assert used["one"] > 0 and used["fallback"] > 0, used
     # Both ways kept the rollups of what they stored and finished, outcomes given twice too.
     assert await assert_rollups_exact(database_url, schema) > 0
 

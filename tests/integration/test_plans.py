@@ -312,7 +312,9 @@ def hot_statements(
     [tried] = commit_sql.attempts_json(tries)
     accounts = sorted({o.sms.account_id for o in outcomes} | {s.account_id for s in accepts})
     stored = msgspec.json.encode(accepts).decode()
+    bounds = commit_sql.GroupBounds.of(accepts)
     shards = json.dumps([dispatch_shard(s) for s in accepts])
+    handoff = [NODE, LOCK_CLASS, shards]
     ids = [o.sms.id for o in outcomes]
     held = sorted({dispatch_shard(o.sms) for o in outcomes})
     tokens = {dispatch_shard(o.sms): o.sms.fence for o in outcomes}
@@ -340,22 +342,28 @@ def hot_statements(
         (
             "one statement",
             commit_sql.ONE_STATEMENT,
-            [stored, finished, accounts, LIMIT],
+            [stored, finished, accounts, LIMIT, *bounds.refs, *bounds.hour],
             recipient,
             "",
         ),
         (
             "one statement with hand-off",
             commit_sql.ONE_STATEMENT_HANDOFF,
-            [stored, finished, accounts, LIMIT, NODE, LOCK_CLASS, shards],
+            [stored, finished, accounts, LIMIT, *bounds.refs, *bounds.hour, *handoff],
             recipient,
             "",
         ),
-        ("insert, exact way", commit_sql.WRITE_GROUP, [*no_credit, stored], set(), ""),
+        (
+            "insert, exact way",
+            commit_sql.WRITE_GROUP,
+            [*no_credit, stored, *bounds.refs],
+            set(),
+            "",
+        ),
         (
             "recipient limit, exact way",
             commit_sql.REFUSALS,
-            [commit_sql.refusal_keys(accepts), LIMIT],
+            [commit_sql.refusal_keys(accepts), LIMIT, *bounds.hour],
             recipient,
             "",
         ),

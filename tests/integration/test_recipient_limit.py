@@ -14,7 +14,7 @@ import trio
 
 from smsgw.engine.messages import Account, OutboundSms
 from smsgw.engine.ports import WriteGroup
-from smsgw.storage.commit_sql import _insert_sql
+from smsgw.storage.commit_sql import GroupBounds, _insert_sql
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import assert_ledger_consistent, ledger, open_database, outbound
 from tests.integration.test_group_commit import ExactStore, answers
@@ -112,7 +112,11 @@ async def test_a_group_committed_while_this_one_waits_is_counted(
                     await conn.execute(
                         "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account.id
                     )
-                    await conn.execute(_insert_sql("$1"), msgspec.json.encode(theirs).decode())
+                    await conn.execute(
+                        _insert_sql("$1", "$2", "$3"),
+                        msgspec.json.encode(theirs).decode(),
+                        *GroupBounds.of(theirs).refs,
+                    )
                     await conn.execute(
                         "UPDATE accounts SET balance = balance - 10, held = held + 10"
                         " WHERE id = $1",

@@ -43,6 +43,7 @@ from smsgw.storage.commit_sql import (
     WRITE_CREDIT_HANDOFF,
     WRITE_GROUP,
     WRITE_GROUP_HANDOFF,
+    GroupBounds,
     attempts_json,
     copy_records,
     finished_json,
@@ -295,7 +296,8 @@ class GroupCommit(StorePart):
                         wake = _handed_payloads(row["owners"], row["ids"], stored)
             else:
                 written = [a for a, d in book.deltas.items() if d]
-                args = [*_credit_args(book, ledger), _json.encode(stored).decode()]
+                bounds = GroupBounds.of(stored)
+                args = [*_credit_args(book, ledger), _json.encode(stored).decode(), *bounds.refs]
                 if self.handoff is None:
                     row = await conn.fetchrow(WRITE_GROUP, *args)
                 else:
@@ -364,7 +366,15 @@ class GroupCommit(StorePart):
         nothing (an account missing, or one whose balance may not cover its holds), for the
         exact way to do."""
         stored = [sms for items, _ in group.accepts for sms in items]
-        args = [_json.encode(stored).decode(), finished, ids, self.recipient_limit]
+        bounds = GroupBounds.of(stored)
+        args = [
+            _json.encode(stored).decode(),
+            finished,
+            ids,
+            self.recipient_limit,
+            *bounds.refs,
+            *bounds.hour,
+        ]
         if self.handoff is None:
             row = await conn.fetchrow(ONE_STATEMENT, *args)
         else:
@@ -400,7 +410,9 @@ class GroupCommit(StorePart):
         store checks no limit; and its numbers opted out or blocked, (account, number) ->
         blocked (True: on the gateway's blocklist, stops express too). None: none."""
         items = [sms for items, _ in group.accepts for sms in items]
-        rows = await conn.fetch(REFUSALS, refusal_keys(items), self.recipient_limit)
+        rows = await conn.fetch(
+            REFUSALS, refusal_keys(items), self.recipient_limit, *GroupBounds.of(items).hour
+        )
         room: Room = {}
         stops: Stops = {}
         for r in rows:
@@ -416,14 +428,6 @@ class GroupCommit(StorePart):
         for COPY, and no atomic batch that names a client_ref (a taken one would take back
         its siblings: the exact way does that)."""
         if group.creates or group.topups or group.deliveries:
-            return False
-        if self.handoff is not None:
-            # Among several nodes (their groups lock the same accounts' rows), PostgreSQL 18.6
-            # (the embedded server) crashed with SIGSEGV in this statement since it gained
-            # the day partitions' and rollups' parts: 7 times in a two-node express run, none
-            # on a node alone or on PostgreSQL 15. Until the cause is found, a node with
-            # leases (the default, whether others run or not: the store does not know) takes
-            # the exact way, whose statements each lock or read alone.
             return False
         n = 0
         for items, atomic in group.accepts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -182,17 +182,23 @@ WRITE_CREDIT_COPIED = (
 # same account can store the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks,
 # so a group with refs takes the exact way within an hour of a midnight, while the day either
 # side of it may be written (commit.py, _one_statement).
+#
+# The id range is the whole group's (`GroupBounds`: from a day before its first message to an
+# hour after its last), given as parameters: PostgreSQL chooses its partitions once for the
+# statement. A range computed from each message's own time made it prune the partitions again
+# for every message (about 10 µs each), as it did in REF_TAKEN. A group's messages are made
+# within moments of each other: its range is theirs.
 _REF_USED = """
     SELECT FROM messages p
     WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
-      AND p.id >= uuid7_floor(to_timestamp(x.created_at) - interval '1 day')
-      AND p.id < uuid7_floor(to_timestamp(x.created_at) + interval '1 hour')"""
+      AND p.id >= {low}::uuid AND p.id < {high}::uuid"""
 
 
-def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
+def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
     `queued`, or `scheduled` with a `send_at`, returning the id, account, price and rollup
-    group's columns of each one inserted."""
+    group's columns of each one inserted. `low` and `high`: the parameters of the group's
+    client_ref id range (`GroupBounds.refs`)."""
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url,
@@ -205,7 +211,8 @@ def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    WHERE {only_if} AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_USED}))
+    WHERE {only_if}
+      AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_USED.format(low=low, high=high)}))
     ON CONFLICT DO NOTHING
     RETURNING id, account_id, price, created_at, status, express, operator, sender, recipient,
               segments"""
@@ -215,7 +222,7 @@ def _insert_sql(param: str, *, only_if: str = "TRUE") -> str:
 # taken is not inserted (the unique index decides, exact across nodes): the caller sees it
 # missing from `inserted` and corrects the credit (commit.py, _undo_duplicates), which is rare.
 WRITE_GROUP = f"""
-WITH inserted AS ({_insert_sql("$7")}
+WITH inserted AS ({_insert_sql("$7", "$8", "$9")}
 ), rolled AS ({upsert(added("inserted"))}
 ), {_UPDATE_ACCOUNTS}
 SELECT (SELECT count(*) FROM inserted) AS stored,
@@ -235,8 +242,8 @@ WRITE_GROUP_HANDOFF = (
     + """AS ledger,
        h.owners, h.ids
 FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
-      FROM smsgw_handoff($8, $9,
-                         ARRAY(SELECT value::int FROM json_array_elements_text($10::json)),
+      FROM smsgw_handoff($10, $11,
+                         ARRAY(SELECT value::int FROM json_array_elements_text($12::json)),
                          ARRAY(SELECT (value->>'id')::uuid FROM json_array_elements($7::json)
                                WHERE value->>'send_at' IS NULL)))
      AS h
@@ -253,7 +260,9 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 """
 
 # The common group, accepts and outcomes, in one statement and so one round trip (autocommit: its
-# own transaction). It locks the group's accounts in id order, and goes on only when every one
+# own transaction). It locks the group's accounts in id order (smsgw_lock_accounts, migration
+# 021: a query of its own, as a re-check of a changed row inside this statement broke its
+# partition pruning in PostgreSQL 18.6, which crashed), and goes on only when every one
 # exists and its balance covers all of the group's holds for it before any of the group's releases,
 # which the node cannot know yet; otherwise it changes nothing and says `ok` false, and the group is
 # done the exact way (the transaction of GroupCommit._commit_group). The accounts are updated
@@ -274,7 +283,9 @@ FROM (SELECT array_agg(owner) AS owners, array_agg(message_id::text) AS ids
 # another node's messages to a number can so add at most half the limit on top of them, and
 # only while the number is below half of it: in practice a number's messages never reach the
 # limit that way, as the groups that follow count them all. The id bounds keep the count to
-# the hour's day partitions (rows.ID_SLACK: an hour more on each side).
+# the hour's day partitions: the group's (`GroupBounds.hour`, parameters, so the partitions
+# are chosen once for the statement: _REF_USED says why), from two hours before its first
+# message (rows.ID_SLACK: an hour more) to an hour after its last.
 _RECIPIENT_KEYS = """
     SELECT x.account_id, x."to" AS recipient, count(*) AS n, min(x.created_at) AS at
     FROM json_to_recordset($1::json) AS x(account_id bigint, "to" text, created_at float8)
@@ -284,13 +295,12 @@ _SEEN_IN_HOUR = """
         SELECT m.created_at FROM messages m
         WHERE m.account_id = k.account_id AND m.recipient = k.recipient
           AND m.created_at > to_timestamp(k.at) - interval '1 hour'
-          AND m.id >= uuid7_floor(to_timestamp(k.at) - interval '2 hours')
-          AND m.id < uuid7_floor(to_timestamp(k.at) + interval '1 hour')
+          AND m.id >= {low}::uuid AND m.id < {high}::uuid
         LIMIT {per_hour}) w"""
 _CROWDED = f"""
     SELECT FROM ({_RECIPIENT_KEYS}) k
     JOIN locked l ON l.id = k.account_id
-    CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour")}) r
+    CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour", low="$7", high="$8")}) r
     WHERE $4::int IS NOT NULL
       AND (r.seen + k.n > l.per_hour
            OR (2 * (r.seen + k.n) > l.per_hour
@@ -306,7 +316,7 @@ SELECT k.account_id, k.recipient, greatest(l.per_hour - r.seen, 0) AS room,
 FROM keys k
 CROSS JOIN LATERAL (SELECT coalesce(a.recipient_limit_per_hour, $2::int) AS per_hour
                     FROM accounts a WHERE a.id = k.account_id) l
-CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1")}) r
+CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1", low="$3", high="$4")}) r
 WHERE r.seen + k.n > l.per_hour
 """
 
@@ -328,7 +338,7 @@ _STOPPED_ANY = """
 # (_RECIPIENT_ROOM, when $2 is not NULL), and the numbers opted out of their account or
 # blocked (`blocked`: for every message, not just bulk). $1 is `refusal_keys`: only the three
 # fields read, decoded once (a group's whole messages as JSON cost PostgreSQL about 2.5 µs a
-# message to decode, each time a statement reads them).
+# message to decode, each time a statement reads them). $3-$4: `GroupBounds.hour`.
 REFUSALS = f"""
 WITH keys AS MATERIALIZED (
     SELECT x.a AS account_id, x.t AS recipient, count(*) AS n, min(x.c) AS at
@@ -347,6 +357,26 @@ WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
 """
 
 
+class GroupBounds(NamedTuple):
+    """The id ranges a group's probes read, as parameters (so each statement chooses its
+    partitions once): `refs`, a day before the group's first message to an hour after its
+    last (_REF_USED); `hour`, two hours before its first to an hour after its last
+    (_SEEN_IN_HOUR)."""
+
+    refs: tuple[uuid.UUID, uuid.UUID]
+    hour: tuple[uuid.UUID, uuid.UUID]
+
+    @classmethod
+    def of(cls, items: Sequence[OutboundSms]) -> GroupBounds:
+        if not items:  # outcomes alone: nothing is probed
+            none = (uuid.UUID(int=0), uuid.UUID(int=0))
+            return cls(none, none)
+        first = min(s.created_at for s in items)
+        last = max(s.created_at for s in items)
+        high = id_floor_s(last + 3_600)
+        return cls((id_floor_s(first - DAY_S), high), (id_floor_s(first - 7_200), high))
+
+
 class _RefusalKey(msgspec.Struct):
     """What REFUSALS reads of a message: its account, number and time."""
 
@@ -363,15 +393,12 @@ def refusal_keys(items: Sequence[OutboundSms]) -> str:
 _OK_FINISHED = _finish_sql(
     "$2", only_if=" AND (SELECT ok FROM ok)", returning=", m.client_ref, m.callback_url"
 )
-_OK_INSERTED = _insert_sql("$1", only_if="(SELECT ok FROM ok)")
+_OK_INSERTED = _insert_sql("$1", "$5", "$6", only_if="(SELECT ok FROM ok)")
 # An account's ledger rows go in as the exact way applies a group (storage/statement.py):
 # captures, releases, then holds, each with the balance after it.
 _ONE_WRITES = f"""
 WITH locked AS MATERIALIZED (
-    SELECT a.id, a.balance, a.callback_url, a.xmin AS version,
-           coalesce(a.recipient_limit_per_hour, $4::int) AS per_hour
-    FROM accounts a
-    WHERE a.id = ANY($3::bigint[]) ORDER BY a.id FOR UPDATE
+    SELECT * FROM smsgw_lock_accounts($3::bigint[], $4::int)
 ), crowded AS ({_CROWDED}
 ), stopped AS ({_STOPPED_ANY}
 ), ok AS (
@@ -440,8 +467,8 @@ WITH locked AS MATERIALIZED (
 _ONE_HANDOFF = """,
      (SELECT array_agg(x.owner) AS owners, array_agg(x.message_id::text) AS handed
       FROM ok, smsgw_handoff(
-          $5, $6,
-          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($7::json))
+          $9, $10,
+          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($11::json))
           END,
           CASE WHEN ok.ok THEN ARRAY(SELECT (value->>'id')::uuid
                                      FROM json_array_elements($1::json)
