@@ -15,7 +15,7 @@ import msgspec
 import trio
 
 from smsgw.engine.messages import Account, OutboundSms
-from smsgw.engine.ports import WriteGroup
+from smsgw.engine.ports import MessageQuery, WriteGroup
 from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.storage.commit_sql import COPY_MIN_ROWS
 from smsgw.storage.database import Database
@@ -352,3 +352,60 @@ async def test_the_migration_moves_every_message_into_its_day_and_keeps_every_in
             " WHERE stxnamespace = current_schema()::regnamespace",
         )
         assert {"messages_created_day"} <= {r["stxname"] for r in stats}
+
+
+# --- pages newest first ------------------------------------------------------------------------
+
+
+async def test_pages_newest_first_read_each_message_once_in_order_over_many_days(
+    database_url: str, schema: str
+) -> None:
+    """A page newest first reads the day before its upper end first (reads.newest_first), and
+    the whole range only when that day holds too few: paged through with every page size, the
+    account's messages come back each once, in order, whether a page is filled by its newest
+    day, by several, or ends in an empty day; the export's pages of the same query agree."""
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        await new_account(store)
+        now = time.time()
+        today = datetime.now(UTC).date()
+        for age in range(6):
+            await add_day(db, today - timedelta(days=age))
+        # Hours before now: three in the last day, a gap of a day, then denser days.
+        hours = [0.01, 0.5, 3, 23.9, 48.5, 49, 50.5, 51, 52, 53, 100, 101, 102, 103, 119]
+        made = [(id_at(now - h * 3600), datetime.fromtimestamp(now - h * 3600, UTC)) for h in hours]
+        await db.run(
+            lambda c: c.executemany(
+                "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
+                " express, status, created_at, updated_at)"
+                " VALUES ($1::uuid, 1, '+4915123456789', 'smsgw', 'hello', 1, 5, false, 'sent',"
+                " $2, $2)",
+                made,
+            )
+        )
+        newest = [i for i, _ in sorted(made, key=lambda m: (m[1], uuid.UUID(m[0])), reverse=True)]
+        for query in (MessageQuery(limit=1), MessageQuery(limit=1, created_to=made[3][1])):
+            expected = newest if query.created_to is None else newest[4:]
+            for limit in (1, 2, 3, 4, 7, 50):
+                listed: list[str] = []
+                after = None
+                for _ in range(len(made) + 1):
+                    rows = await store.messages(
+                        1, msgspec.structs.replace(query, limit=limit, after=after)
+                    )
+                    listed += [r["id"] for r in rows]
+                    if len(rows) < limit:
+                        break
+                    after = (rows[-1]["created_at"], rows[-1]["id"])
+                assert listed == expected, (query, limit)
+
+                exported: list[str] = []
+                through = None
+                for _ in range(len(made) + 1):
+                    body, through = await store.messages_csv(
+                        1, msgspec.structs.replace(query, limit=limit, after=through)
+                    )
+                    exported += [line.split(",")[0] for line in body.decode().splitlines()]
+                    if through is None:
+                        break
+                assert exported == expected, (query, limit)
