@@ -142,6 +142,8 @@ def newest_first(query: MessageQuery, now: datetime) -> MessageQuery | None:
     top = query.after[0] if query.after is not None else query.created_to or now
     if query.created_to is not None:
         top = min(top, query.created_to)
+    if top - datetime.min.replace(tzinfo=UTC) <= NEWEST_FIRST:  # the calendar's first day
+        return None
     start = top - NEWEST_FIRST
     if query.created_from is not None and query.created_from >= start:
         return None
