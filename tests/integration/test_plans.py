@@ -581,7 +581,7 @@ def own_database(database_url: str) -> Iterator[str]:
 async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: str) -> None:
     """300 ticks of one node holding all 256 leases: the renewals and heartbeats are HOT
     updates (no new index entry, the old version pruned on its page), and neither the table nor
-    its primary key grows by a page."""
+    its primary key grows by more than a page."""
     async with one_session(own_database, "public") as db:
         if int(await db.run(lambda c: c.fetchval("SHOW server_version_num"))) < 150_000:
             pytest.skip("pg_stat_force_next_flush needs PostgreSQL 15")
@@ -614,9 +614,12 @@ async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: st
         beats = read_since(first, last)["nodes"]
         assert beats["n_tup_upd"] == 300
         assert beats["n_tup_hot_upd"] >= 0.99 * beats["n_tup_upd"], beats
+        # Those few can take the table a page further, once; a table that grew with the
+        # ticks (updates that are not HOT, rows never pruned) would be tens of pages more.
         for table in ("shard_leases", "nodes"):
-            assert last[table]["heap"] == first[table]["heap"], (table, first, last)
-            assert last[table]["pkey"] == first[table]["pkey"], (table, first, last)
+            for part in ("heap", "pkey"):
+                grown = last[table][part] - first[table][part]
+                assert 0 <= grown <= 8192, (table, part, first, last)
 
 
 # --- slow statements ----------------------------------------------------------------------
