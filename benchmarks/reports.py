@@ -19,6 +19,9 @@ and p99 latency):
             buckets are scanned)
   export    one day's CSV (a few repetitions: rows/s), then the last 30 days once, sampling
             the gateway's resident memory every 50 ms (peak RSS against the idle baseline)
+  drop      the oldest day's partition detached and dropped as retention does, while
+            single-message accepts come at 100/s for 8 s (bounded): the drop's seconds and
+            the accepts' answers and latency, those overlapping the drop apart
 
 and records EXPLAIN (ANALYZE, BUFFERS) of the main queries, built by the same functions the
 gateway uses. The caches are warm (the load just wrote the data), as they are for an account
@@ -66,6 +69,7 @@ from smsgw.engine.ports import MessageQuery
 from smsgw.http.context import hash_key, new_api_key
 from smsgw.http.routes.reports import EXPORT_PAGE, encode_cursor
 from smsgw.storage.migrate import migration_files
+from smsgw.storage.partitions import drop_partition
 from smsgw.storage.reads import messages_sql, summary_sql
 
 COLUMNS = (
@@ -426,6 +430,101 @@ def iso(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
 
+# --- dropping a day under load ------------------------------------------------------------------
+
+DROP_LOAD_RATE = 100  # single-message accepts a second while the oldest day is dropped
+DROP_LOAD_S = 8.0  # how long they are sent; the drop starts DROP_AFTER_S into it
+DROP_AFTER_S = 3.0
+
+
+async def drop_oldest_day(url: str, schema: str) -> dict[str, Any]:
+    """Detach and drop the oldest day partition of `messages`, as retention does
+    (storage/partitions.py: the same statements, under the same lock timeout)."""
+    conn = await connect(url, schema)
+    try:
+        part = await conn.fetchval(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'messages'::regclass ORDER BY c.relname LIMIT 1"
+        )
+        rows = await conn.fetchval(f'SELECT count(*) FROM "{part}"')
+        pending = await conn.fetchval(
+            "SELECT pending FROM day_partitioned WHERE parent = 'messages'"
+        )
+        started = time.perf_counter()
+        attempts, dropped = 0, False
+        while attempts < 5:  # as the next upkeep rounds would, after a lock timeout
+            attempts += 1
+            try:
+                dropped = await drop_partition(conn, parent="messages", part=part, pending=pending)
+                break
+            except asyncpg.LockNotAvailableError:
+                continue
+        return {
+            "partition": part,
+            "rows": rows,
+            "dropped": dropped,
+            "attempts": attempts,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    finally:
+        await conn.close()
+
+
+def drop_under_load(client: httpx.Client, url: str, schema: str, stop_at: float) -> dict[str, Any]:
+    """Single-message accepts at DROP_LOAD_RATE a second for DROP_LOAD_S (bounded in count and
+    time), the oldest day dropped DROP_AFTER_S into them: how long the drop took, and the
+    accepts' answers and latency before, during and after it."""
+    answers: list[tuple[float, float, int]] = []  # (sent at, seconds, status)
+    done = threading.Event()
+
+    def send() -> None:
+        began = time.monotonic()
+        for n in range(int(DROP_LOAD_RATE * DROP_LOAD_S)):
+            due = began + n / DROP_LOAD_RATE
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            if time.monotonic() > stop_at:
+                break
+            body = {"to": f"+4915{n:09d}", "text": f"during the drop {n}"}
+            at = time.monotonic()
+            try:
+                status = client.post("/v1/messages", json=body).status_code
+            except httpx.HTTPError:
+                status = 0
+            answers.append((at - began, time.monotonic() - at, status))
+        done.set()
+
+    sender = threading.Thread(target=send, name="drop-load", daemon=True)
+    sender.start()
+    time.sleep(DROP_AFTER_S)
+    began = time.monotonic() - DROP_AFTER_S
+    drop_start = time.monotonic() - began
+    drop = asyncio.run(drop_oldest_day(url, schema))
+    drop_end = time.monotonic() - began
+    done.wait(DROP_LOAD_S + 30)
+
+    def figures(selected: list[tuple[float, float, int]]) -> dict[str, Any]:
+        ms = sorted(seconds * 1000 for _, seconds, _ in selected)
+        return {
+            "n": len(ms),
+            "accepted": sum(1 for *_, status in selected if status == 202),
+            "p50_ms": round(ms[len(ms) // 2], 1) if ms else None,
+            "max_ms": round(ms[-1], 1) if ms else None,
+        }
+
+    # An accept overlaps the drop if it was sent before the drop ended and answered after it
+    # began.
+    during = [a for a in answers if a[0] < drop_end and a[0] + a[1] > drop_start]
+    return {
+        **drop,
+        "accepts_per_s": DROP_LOAD_RATE,
+        "all": figures(answers),
+        "during_drop": figures(during),
+        "refused": sum(1 for *_, status in answers if status != 202),
+    }
+
+
 def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: str) -> dict:
     heavy = plan.heavy
     deep_at, deep_id = asyncio.run(deep_position(url, schema, heavy, plan.heavy_rows // 2, None))
@@ -543,6 +642,10 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
             )
             result["export"]["30_days"] = big
             log(f"  export 30 days: {big}")
+            result["drop_under_load"] = drop_under_load(
+                client, url, schema, time.monotonic() + DROP_LOAD_S + 5
+            )
+            log(f"  the oldest day dropped under load: {result['drop_under_load']}")
     result["loadavg_1m"]["after"] = round(os.getloadavg()[0], 2)
 
     explain_cases = {
@@ -584,6 +687,7 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
 
 
 def markdown(result: dict) -> str:
+    drop = result["drop_under_load"]
     lines = [
         "# Reports benchmark",
         "",
@@ -635,6 +739,13 @@ def markdown(result: dict) -> str:
                 ],
             ],
         ),
+        "## The oldest day dropped under load",
+        "",
+        f"`{drop['partition']}` ({drop['rows']:,} rows): dropped {drop['dropped']} in"
+        f" {drop['seconds']} s ({drop['attempts']} attempt(s)), while single-message accepts came"
+        f" at {drop['accepts_per_s']}/s: all {drop['all']}; those overlapping the drop"
+        f" {drop['during_drop']}; refused {drop['refused']}.",
+        "",
         "## Query plans (EXPLAIN (ANALYZE, BUFFERS), heavy account)",
         "",
     ]

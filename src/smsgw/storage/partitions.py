@@ -106,7 +106,7 @@ class Partitions(StorePart):
             if day is None or day >= before:
                 continue
             drop = functools.partial(
-                _drop, parent=r["parent"], part=r["part"], pending=r["pending"]
+                drop_partition, parent=r["parent"], part=r["part"], pending=r["pending"]
             )
             if await self.db.run(drop):
                 dropped.dropped.append(r["part"])
@@ -134,7 +134,9 @@ async def _redact_batch(conn: asyncpg.Connection, *, after: str, before: datetim
     return await conn.fetchrow(_REDACT, after, before, REDACT_BATCH)
 
 
-async def _drop(conn: asyncpg.Connection, *, parent: str, part: str, pending: str | None) -> bool:
+async def drop_partition(
+    conn: asyncpg.Connection, *, parent: str, part: str, pending: str | None
+) -> bool:
     """Detach and drop `part` of `parent` unless a row of it is `pending`; False: kept."""
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
