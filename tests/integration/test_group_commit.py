@@ -239,9 +239,9 @@ async def test_the_one_statement_is_exact_when_its_account_changed_after_its_sna
     commits while the statement waits for the account's lock; the statement runs its cached
     (generic) plan, as a busy node's does. PostgreSQL 18.6 re-checks the changed row inside
     the statement (EvalPlanQual) if the lock is the statement's own, and the day partitions it
-    then pruned by a join came back wrong (no rows) or crashed the server: the outcomes' UPDATE
-    found none of its messages. With the lock taken by smsgw_lock_accounts (migration 021) every
-    outcome applies and every message is stored."""
+    then pruned by a join came back wrong (no rows) or crashed the server: with the statement's
+    own FOR UPDATE this test fails there. With the lock taken by smsgw_lock_accounts (migration
+    021) every outcome applies and every message is stored."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
         create = WriteGroup()
