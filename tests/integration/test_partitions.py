@@ -294,20 +294,23 @@ async def test_the_migration_moves_every_message_into_its_day_and_keeps_every_in
     database_url: str, schema: str
 ) -> None:
     """A database before migration 019, with messages of three days ago, yesterday and today,
-    and one whose id is not a UUIDv7: after it, every row is in the partition of its id's day,
-    the parent has every index it had (the client_ref one on each partition), and the days
-    ahead exist."""
+    and two whose ids are not UUIDv7s (one naming a day past the year 9999): after it, every
+    row is in the partition of its id's day, the parent has every index it had (the client_ref
+    one on each partition), and the days ahead exist."""
     async with open_database_at(database_url, schema, 18) as db:
         now = time.time()
         ids = [id_at(now - age * DAY_S) for age in (3, 3, 1, 0)]
         legacy = str(uuid.UUID(int=random.getrandbits(128), version=4))
+        # An id whose first 48 bits name a day of the year 10332: a partition name with a
+        # five-digit year, which migration 020 reads for the history's partition of that day.
+        far = str(uuid.UUID(int=0xF000_0000_0000 << 80 | random.getrandbits(80), version=4))
         await db.run(
             lambda c: c.execute(
                 "INSERT INTO messages (id, account_id, recipient, sender, body, segments, price,"
                 " express, client_ref, status, created_at, updated_at)"
                 " SELECT id, 1, '+4915123456789', 'smsgw', 'hi', 1, 5, false, 'r' || n, 'sent',"
                 " now(), now() FROM unnest($1::uuid[]) WITH ORDINALITY AS x(id, n)",
-                [*ids, legacy],
+                [*ids, legacy, far],
             )
         )
         before = {
@@ -322,7 +325,7 @@ async def test_the_migration_moves_every_message_into_its_day_and_keeps_every_in
 
         rows = await fetch(db, "SELECT id::text, tableoid::regclass::text AS part FROM messages")
         where = {r["id"]: r["part"] for r in rows}
-        assert set(where) == {*ids, legacy}
+        assert set(where) == {*ids, legacy, far}
         for message_id in ids:
             day = datetime.fromtimestamp(int(message_id[:13].replace("-", ""), 16) / 1000, UTC)
             assert where[message_id] == name(day.date())

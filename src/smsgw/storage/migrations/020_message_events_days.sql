@@ -14,13 +14,19 @@ ALTER TABLE message_events ADD PRIMARY KEY (message_id, at, seq);
 
 INSERT INTO day_partitioned (parent, pending) VALUES (
     'message_events',
-    $$SELECT to_regclass(quote_ident('messages_' || right(%1$L, 8))) IS NOT NULL$$
+    $$SELECT to_regclass(quote_ident('messages_' || substr(%1$L, length('message_events_') + 1)))
+             IS NOT NULL$$
 );
 
--- A partition for every day `messages` has one (every event's message is in one of them).
-SELECT smsgw_add_day_partition('message_events', to_date(right(c.relname, 8), 'YYYYMMDD'))
-FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = 'messages'::regclass
+-- A partition for every day `messages` has one (every event's message is in one of them),
+-- the day read from the name's YYYYMMDD, whose year may have five digits: an id that is not a
+-- UUIDv7 names whatever day its first 48 bits say, up to the year 10889 (migration 019).
+SELECT smsgw_add_day_partition(
+    'message_events',
+    make_date(left(d, length(d) - 4)::int, substr(d, length(d) - 3, 2)::int, right(d, 2)::int))
+FROM (SELECT substr(c.relname, length('messages_') + 1) AS d
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+      WHERE i.inhparent = 'messages'::regclass) AS p
 ORDER BY 1;
 
 INSERT INTO message_events SELECT * FROM message_events_unpartitioned;
