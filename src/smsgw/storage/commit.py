@@ -49,13 +49,13 @@ from smsgw.storage.commit_sql import (
     finished_json,
     handed_off,
     ref_keys,
-    ref_ranges,
     refusal_keys,
 )
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
 from smsgw.storage.payloads import handoff_payloads, settled_payloads
 from smsgw.storage.rollups import copy_rollup
+from smsgw.storage.rows import DAY_S
 from smsgw.storage.statement import LedgerRow, Settled, ledger_rows
 
 log = logging.getLogger("smsgw.storage")
@@ -110,12 +110,11 @@ _COMMIT = "PgStore.commit_group"
 # day on the other side of it may be written by a group that is committing now, which
 # ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits within
 # seconds of its accepts; an hour leaves room for a stalled one.
-_DAY_S = 86_400
 _NEAR_S = 3_600
 
 
 def _near_midnight(created_at: float) -> bool:
-    return not _NEAR_S <= created_at % _DAY_S < _DAY_S - _NEAR_S
+    return not _NEAR_S <= created_at % DAY_S < DAY_S - _NEAR_S
 
 
 class GroupCommit(StorePart):
@@ -256,7 +255,13 @@ class GroupCommit(StorePart):
 
             accepts: list[list[AcceptResult]] = []
             stored: list[OutboundSms] = []
-            room, stops = await self._refusals(conn, group) if group.accepts else (None, None)
+            # The span of the group's messages: the id ranges its probes read (the refusals',
+            # the client_ref ones), each statement's partitions chosen once.
+            candidates = [sms for items, _ in group.accepts for sms in items]
+            bounds = GroupBounds.of(candidates)
+            room, stops = (
+                await self._refusals(conn, candidates, bounds) if candidates else (None, None)
+            )
             for items, atomic in group.accepts:
                 results = hold_within_limits(book, items, atomic, room, stops)
                 accepts.append(results)
@@ -270,7 +275,7 @@ class GroupCommit(StorePart):
                 await _write_credit(conn, book, ledger)
             elif copy and len(stored) >= COPY_MIN_ROWS:
                 refs = ref_keys(stored)
-                if refs is not None and await conn.fetchval(REF_TAKEN, refs, *ref_ranges(stored)):
+                if refs is not None and await conn.fetchval(REF_TAKEN, refs, *bounds.ref_ranges()):
                     raise _CopyConflict("a client_ref of the group was used in the day before it")
                 try:
                     await conn.copy_records_to_table(
@@ -296,7 +301,6 @@ class GroupCommit(StorePart):
                         wake = _handed_payloads(row["owners"], row["ids"], stored)
             else:
                 written = [a for a, d in book.deltas.items() if d]
-                bounds = GroupBounds.of(stored)
                 args = [*_credit_args(book, ledger), _json.encode(stored).decode(), *bounds.refs]
                 if self.handoff is None:
                     row = await conn.fetchrow(WRITE_GROUP, *args)
@@ -402,17 +406,14 @@ class GroupCommit(StorePart):
         return GroupResult(accepts, [], [])
 
     async def _refusals(
-        self, conn: asyncpg.Connection, group: WriteGroup
+        self, conn: asyncpg.Connection, items: list[OutboundSms], bounds: GroupBounds
     ) -> tuple[Room | None, Stops | None]:
         """Read after the accounts are locked (no other group can store messages of theirs
         until this one commits): the group's recipients past their hourly limit, (account,
         number) -> [messages it may still take, seconds until one more fits], unless the
         store checks no limit; and its numbers opted out or blocked, (account, number) ->
         blocked (True: on the gateway's blocklist, stops express too). None: none."""
-        items = [sms for items, _ in group.accepts for sms in items]
-        rows = await conn.fetch(
-            REFUSALS, refusal_keys(items), self.recipient_limit, *GroupBounds.of(items).hour
-        )
+        rows = await conn.fetch(REFUSALS, refusal_keys(items), self.recipient_limit, *bounds.hour)
         room: Room = {}
         stops: Stops = {}
         for r in rows:

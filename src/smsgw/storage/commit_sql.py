@@ -358,23 +358,46 @@ WHERE EXISTS (SELECT FROM blocklist b WHERE b.number = k.recipient)
 
 
 class GroupBounds(NamedTuple):
-    """The id ranges a group's probes read, as parameters (so each statement chooses its
-    partitions once): `refs`, a day before the group's first message to an hour after its
-    last (_REF_USED); `hour`, two hours before its first to an hour after its last
-    (_SEEN_IN_HOUR)."""
+    """The span of a group's messages (their first and last `created_at`), and the id ranges
+    its probes read from it, as parameters (so each statement chooses its partitions once):
+    `refs`, a day before the first to an hour after the last (_REF_USED, and REF_TAKEN's
+    `ref_ranges`); `hour`, two hours before the first to an hour after the last
+    (_SEEN_IN_HOUR). No messages (outcomes alone): empty ranges, nothing is probed."""
 
-    refs: tuple[uuid.UUID, uuid.UUID]
-    hour: tuple[uuid.UUID, uuid.UUID]
+    first: float | None
+    last: float | None
 
     @classmethod
     def of(cls, items: Sequence[OutboundSms]) -> GroupBounds:
-        if not items:  # outcomes alone: nothing is probed
-            none = (uuid.UUID(int=0), uuid.UUID(int=0))
-            return cls(none, none)
-        first = min(s.created_at for s in items)
-        last = max(s.created_at for s in items)
-        high = id_floor_s(last + 3_600)
-        return cls((id_floor_s(first - DAY_S), high), (id_floor_s(first - 7_200), high))
+        if not items:
+            return cls(None, None)
+        return cls(min(s.created_at for s in items), max(s.created_at for s in items))
+
+    def _range(self, before_s: float) -> tuple[uuid.UUID, uuid.UUID]:
+        if self.first is None or self.last is None:
+            return _NO_ID, _NO_ID
+        return id_floor_s(self.first - before_s), id_floor_s(self.last + 3_600)
+
+    @property
+    def refs(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return self._range(DAY_S)
+
+    @property
+    def hour(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return self._range(7_200)
+
+    def ref_ranges(self) -> list[uuid.UUID]:
+        """REF_TAKEN's $2-$5: `refs`, but for the group's own day when it has only one."""
+        low, high = self.refs
+        if self.first is None or self.last is None:
+            return [low, high, high, high]
+        day = self.first // DAY_S * DAY_S
+        if self.last >= day + DAY_S:  # across a midnight: every day of it
+            return [low, high, high, high]
+        return [low, id_floor_s(day), id_floor_s(day + DAY_S), high]
+
+
+_NO_ID = uuid.UUID(int=0)
 
 
 class _RefusalKey(msgspec.Struct):
@@ -505,9 +528,9 @@ WITH gone AS (
 # 24 hours before it, or just after (as _REF_USED; a COPY cannot skip a row): then the group is
 # done the INSERT way, which answers that message a duplicate. Run after the accounts are
 # locked, and only for a group with refs. The group's messages were made within moments of each
-# other, so one id range serves them all (`ref_ranges`): its partitions are chosen once, where
-# a range per message made PostgreSQL prune the partitions again for each (20 ms a group of
-# 2,000, the most of what the group commit spent beside the COPY). The range leaves out the
+# other, so one id range serves them all (`GroupBounds.ref_ranges`): its partitions are chosen
+# once, where a range per message made PostgreSQL prune the partitions again for each (20 ms a
+# group of 2,000, the most of what the group commit spent beside the COPY). The range leaves out the
 # group's own day when all its messages are of one day: that day's unique index refuses the
 # COPY of a ref used in it. $1: the refs (`ref_keys`); $2-$5: two id ranges.
 REF_TAKEN = """
@@ -536,18 +559,6 @@ def ref_keys(items: Sequence[OutboundSms]) -> str | None:
     none has one."""
     keys = [_RefKey(s.account_id, s.client_ref) for s in items if s.client_ref is not None]
     return _json.encode(keys).decode() if keys else None
-
-
-def ref_ranges(items: Sequence[OutboundSms]) -> list[uuid.UUID]:
-    """REF_TAKEN's $2-$5: the ids of the day before the group's first message up to the hour
-    after its last, but for the group's own day when it has only one."""
-    first = min(s.created_at for s in items)
-    last = max(s.created_at for s in items)
-    day = first // DAY_S * DAY_S
-    low, high = id_floor_s(first - DAY_S), id_floor_s(last + 3_600)
-    if last >= day + DAY_S:  # across a midnight: every day of it
-        return [low, high, high, high]
-    return [low, id_floor_s(day), id_floor_s(day + DAY_S), high]
 
 
 # A group that stores at least this many messages writes them by binary COPY, PostgreSQL's
