@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -15,13 +16,15 @@ import httpx
 import msgspec
 import trio
 
-from smsgw.engine.messages import OutboundSms
+from smsgw.engine.messages import Account, OutboundSms
+from smsgw.engine.ports import WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.runtime.server import Node, run_node
 from smsgw.sim.operator import OperatorProfile
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.ledger import LEDGER_SQL
 from smsgw.storage.migrate import migrate
+from smsgw.storage.pg import PgStore
 from tests.conftest import admin, bearer, node_options
 
 FINAL = frozenset({"sent", "failed", "expired", "cancelled"})
@@ -77,6 +80,14 @@ def outbound(account_id: int, price: int = 5, client_ref: str | None = None) -> 
         created_at=created_at,
         client_ref=client_ref,
     )
+
+
+async def store_account(store: PgStore, credit: int = 1_000_000) -> Account:
+    """A new account with `credit`, made by the store's group commit (no HTTP)."""
+    group = WriteGroup()
+    group.creates.append(("acme", credit, os.urandom(32)))
+    [account] = (await store.commit_group(group)).creates
+    return account
 
 
 @asynccontextmanager

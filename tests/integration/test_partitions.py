@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import trio
 
-from smsgw.engine.messages import Account, OutboundSms
+from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import MessageQuery, WriteGroup
 from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.storage.commit_sql import COPY_MIN_ROWS
@@ -22,7 +22,7 @@ from smsgw.storage.database import Database
 from smsgw.storage.migrate import migrate
 from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
-from tests.integration.helpers import open_database
+from tests.integration.helpers import open_database, store_account
 from tests.integration.test_statement import open_database_at
 
 DAY_S = 86_400
@@ -53,13 +53,6 @@ def message(account_id: int, at: float, client_ref: str | None = None) -> Outbou
 
 async def fetch(db: Database, sql: str, *args: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in await db.run(lambda c: c.fetch(sql, *args))]
-
-
-async def new_account(store: PgStore, credit: int = 1_000_000) -> Account:
-    group = WriteGroup()
-    group.creates.append(("acme", credit, random.randbytes(32)))
-    [account] = (await store.commit_group(group)).creates
-    return account
 
 
 async def accept(store: PgStore, items: list[OutboundSms]) -> list[tuple[bool, str | None]]:
@@ -105,7 +98,7 @@ async def test_a_client_ref_used_yesterday_is_a_duplicate_today(
 ) -> None:
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
-        account = await new_account(store)
+        account = await store_account(store)
         today = midnight()
         # Either side of midnight: the exact way (a group with refs near a midnight).
         assert await accept(store, [message(account.id, today - 0.5, "late")]) == [(True, None)]
@@ -172,7 +165,7 @@ async def test_retention_drops_exactly_the_days_past_it_but_a_day_with_pending_m
 ) -> None:
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
-        await new_account(store)
+        await store_account(store)
         today = datetime.now(UTC).date()
         days = {age: today - timedelta(days=age) for age in (100, 95, 92, 91, 90, 89)}
         for day in days.values():
@@ -210,7 +203,7 @@ async def test_a_day_is_dropped_within_a_second_while_intake_goes_on(
     back to back: the drop takes under a second and the accepts keep committing through it."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
-        account = await new_account(store, 10**9)
+        account = await store_account(store, 10**9)
         old = datetime.now(UTC).date() - timedelta(days=120)
         await add_day(db, old)
         await fill_day(db, old, 100_000)
@@ -251,7 +244,7 @@ async def test_redaction_empties_old_final_bodies_and_keeps_prices_statuses_and_
 ) -> None:
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
-        account = await new_account(store)
+        account = await store_account(store)
         now = time.time()
         old_day = datetime.fromtimestamp(now - 10 * DAY_S, UTC).date()
         await add_day(db, old_day)
@@ -369,7 +362,7 @@ async def test_pages_newest_first_read_each_message_once_in_order_over_many_days
     day, by several, or ends in an empty day; the export's pages of the same query agree."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
-        await new_account(store)
+        await store_account(store)
         now = time.time()
         today = datetime.now(UTC).date()
         for age in range(6):
