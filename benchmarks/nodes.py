@@ -106,6 +106,7 @@ def accept_phase(
             nodes_before, pg_before = tree_cpu_s(gateway.process.pid), tree_cpu_s(pg)
             switches_before = context_switches()
             xacts_before = transactions(database_url)
+            statements_reset(database_url)
             meter.start()
             load = run_loadgen(
                 gateway.url,
@@ -119,6 +120,7 @@ def accept_phase(
             cpu = meter.stop()
             switches = context_switches() - switches_before
             xacts = transactions(database_url) - xacts_before
+            top = statements(database_url)
             nodes_cpu = tree_cpu_s(gateway.process.pid) - nodes_before
             pg_cpu = tree_cpu_s(pg) - pg_before if pg else None
             durability = check_durable(database_url, schema, ids_file)
@@ -159,7 +161,58 @@ def accept_phase(
         "transactions_per_accept": (
             round(xacts / load.accepted_ids, 2) if load.accepted_ids else None
         ),
+        # Where PostgreSQL's time went, per accept: the costliest statements of the run (only
+        # where the server loads pg_stat_statements; None elsewhere).
+        "statements_per_accept": (
+            [
+                {
+                    **row,
+                    "calls": round(row["calls"] / load.accepted_ids, 3),
+                    "ms": round(row["ms"] / load.accepted_ids, 4),
+                    "plans": round(row["plans"] / load.accepted_ids, 3),
+                    "plan_ms": round(row["plan_ms"] / load.accepted_ids, 4),
+                }
+                for row in top
+            ]
+            if top is not None and load.accepted_ids
+            else None
+        ),
     }
+
+
+_HAS_STATEMENTS = "SELECT count(*) AS n FROM pg_extension WHERE extname = 'pg_stat_statements'"
+
+
+def statements_reset(database_url: str) -> None:
+    """Zero pg_stat_statements when the server has it (see `statements`)."""
+    if query(database_url, "public", _HAS_STATEMENTS)[0]["n"]:
+        query(database_url, "public", "SELECT pg_stat_statements_reset() IS NOT NULL AS ok")
+
+
+def statements(database_url: str, limit: int = 15) -> list[dict[str, Any]] | None:
+    """The `limit` statements that took PostgreSQL the most time since the reset: calls,
+    total ms and the statement's start. None when the server does not record statements
+    (`shared_preload_libraries = 'pg_stat_statements'` and the extension in the database)."""
+    if not query(database_url, "public", _HAS_STATEMENTS)[0]["n"]:
+        return None
+    rows = query(
+        database_url,
+        "public",
+        "SELECT calls, total_exec_time AS ms, plans, total_plan_time AS plan_ms,"
+        " left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS statement"
+        " FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
+        limit,
+    )
+    return [
+        {
+            "calls": int(r["calls"]),
+            "ms": float(r["ms"]),
+            "plans": int(r["plans"]),
+            "plan_ms": float(r["plan_ms"]),
+            "statement": r["statement"],
+        }
+        for r in rows
+    ]
 
 
 def transactions(database_url: str) -> int:
