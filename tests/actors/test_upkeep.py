@@ -3,6 +3,7 @@ and the redaction's age; a failed round is tried again."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
 import trio
@@ -35,6 +36,10 @@ class FakeStore:
         self.calls.append(("redact", before))
         return 3
 
+    async def analyze_grown(self, days: Sequence[date]) -> list[str]:
+        self.calls.append(("analyze", tuple(days)))
+        return ["messages_20260310"]
+
 
 async def test_rounds_run_hourly_on_duty_only(autojump_clock: trio.abc.Clock) -> None:
     store = FakeStore()
@@ -43,7 +48,7 @@ async def test_rounds_run_hourly_on_duty_only(autojump_clock: trio.abc.Clock) ->
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upkeep.run)
         await trio.sleep(3 * 3600)
-        assert store.calls == []  # never on duty
+        assert store.calls == []  # never on duty (nor its statistics)
         duty[0] = True
         await trio.sleep(61)  # taken over: a round within the minute
         assert upkeep.rounds == 1
@@ -53,6 +58,7 @@ async def test_rounds_run_hourly_on_duty_only(autojump_clock: trio.abc.Clock) ->
     # Whole days older than 90: the cutoff is the day 90 days before today; no redaction.
     assert ("drop", date(2025, 12, 10)) in store.calls
     assert not any(kind == "redact" for kind, _ in store.calls)
+    assert ("analyze", (date(2026, 3, 9), date(2026, 3, 10))) in store.calls
     assert upkeep.stats()["partitions_dropped"] == 3
     assert upkeep.stats()["partitions_kept"] == ["messages_20251201"]
 
@@ -65,3 +71,23 @@ async def test_redaction_and_a_failed_round(autojump_clock: trio.abc.Clock) -> N
     await upkeep.round()
     assert ("redact", datetime(2026, 2, 8, 15, 30, tzinfo=UTC)) in store.calls
     assert upkeep.redacted == 3 and upkeep.rounds == 2
+
+
+async def test_the_days_being_written_get_statistics_every_few_seconds_on_duty(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FakeStore()
+    duty = [True]
+    config = UpkeepConfig(every_s=3600, statistics_every_s=2.0)
+    upkeep = StoreUpkeep(store, config, lambda: duty[0], clock=lambda: NOW)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upkeep.run)
+        await trio.sleep(10.5)
+        # Yesterday's and today's partitions, every 2 s: the moments after a midnight too.
+        asked = [days for kind, days in store.calls if kind == "analyze"]
+        assert asked == [(date(2026, 3, 9), date(2026, 3, 10))] * 5
+        assert upkeep.stats()["partitions_analyzed"] == 5
+        duty[0] = False
+        await trio.sleep(10)
+        assert len([kind for kind, _ in store.calls if kind == "analyze"]) == 5
+        nursery.cancel_scope.cancel()

@@ -32,6 +32,7 @@ from smsgw.storage import cluster as cl
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.migrate import migrate
+from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
 from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
 from tests.conftest import admin
@@ -545,6 +546,77 @@ async def test_a_group_commit_of_1000_outcomes_reads_only_its_rows_after_the_wor
             assert leases["seq_tup_read"] + leases["idx_tup_fetch"] <= SHARDS, (way, read)
         left = await fetch(db, "SELECT count(*) AS n FROM messages WHERE status = 'queued'")
         assert left[0]["n"] == (PENDING if moment == "empty" else 4 * OUTCOMES) - 2 * OUTCOMES
+
+
+# --- a day planned empty, run full -------------------------------------------------------------
+
+FILLED = 20_000  # messages of the last minutes in today's partition
+
+
+def accepts_now(n: int, start: int) -> list[OutboundSms]:
+    """`n` messages made now, each of its own recipient and client_ref."""
+    return [
+        OutboundSms(
+            id=uuid7(),
+            account_id=1 + i % ACCOUNTS,
+            to=f"+98912{i:07d}",
+            sender="smsgw",
+            text="hello",
+            segments=1,
+            price=5,
+            express=False,
+            created_at=time.time(),
+            client_ref=f"ref-{i}",
+        )
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.mark.parametrize("way", ["one statement", "exact"])
+async def test_a_group_commit_planned_on_an_empty_day_reads_only_its_rows_once_it_is_full(
+    database_url: str, schema: str, way: str
+) -> None:
+    """PostgreSQL keeps a session's generic plan until the statistics of a partition in it
+    change, and plans by the size each partition had: the group commit planned on the
+    morning's empty partition walked every message of the hour by primary key for each
+    recipient's hourly limit once the day had filled. The upkeep's statistics of the growing
+    day (Partitions.analyze_grown) make the plan again. And a group with a client_ref probes
+    that ref's index, never reads the day's messages to hash their refs (an anti join did,
+    whatever the statistics)."""
+    async with one_session(database_url, schema) as db:
+        today = datetime.now(UTC).date()
+        part = f"messages_{today:%Y%m%d}"
+        for name in await partitions(db):
+            await execute(db, f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
+        await execute(
+            db,
+            "INSERT INTO accounts (name, key_hash, balance, topped_up)"
+            " SELECT 'a' || i, sha256(('k' || i)::bytea), 1000000000, 1000000000"
+            " FROM generate_series(1, $1) i",
+            ACCOUNTS,
+        )
+        await execute(db, "SET plan_cache_mode = force_generic_plan")
+        store = (PgStore if way == "one statement" else ExactStore)(db, recipient_limit=LIMIT)
+        group = WriteGroup()
+        group.accepts.append((accepts_now(2, 0), False))
+        await store.commit_group(group)  # planned on an empty day
+        records = commit_sql.copy_records(accepts_now(FILLED, 10))
+        await db.run(
+            lambda c: c.copy_records_to_table(
+                "messages", records=records, columns=commit_sql.COPY_COLUMNS
+            )
+        )
+        assert await Partitions(db).analyze_grown([today - timedelta(days=1), today]) == [part]
+        assert await Partitions(db).analyze_grown([today]) == []  # not grown since
+
+        group = WriteGroup()
+        group.accepts.append((accepts_now(2, FILLED + 10), False))
+        before = await table_stats(db)
+        [results] = (await store.commit_group(group)).accepts
+        read = read_since(before, await table_stats(db))
+        assert all(r.accepted for r in results)
+        assert read["messages"]["seq_tup_read"] == 0, read
+        assert read["messages"]["idx_tup_fetch"] <= 10, read
 
 
 # --- the tables written every tick --------------------------------------------------------

@@ -526,6 +526,11 @@ class UpkeepStore(Protocol):
         most about `limit`; returns how many."""
         ...
 
+    async def analyze_grown(self, days: Sequence[date]) -> list[str]:
+        """Take new planner statistics of the partitions of `days` that grew several times
+        since their last; returns their names."""
+        ...
+
 
 class Notices(NamedTuple):
     """What the nodes of one database tell each other, each handler called with the

@@ -188,10 +188,16 @@ WRITE_CREDIT_COPIED = (
 # statement. A range computed from each message's own time made it prune the partitions again
 # for every message (about 10 µs each), as it did in REF_TAKEN. A group's messages are made
 # within moments of each other: its range is theirs.
+#
+# A LATERAL subquery with a LIMIT, so a probe of a day's client_ref index per message: as a NOT
+# EXISTS, PostgreSQL could (and did, on PostgreSQL 18 with a generic plan) make it an anti join
+# that reads every message of the range, a day of them, to hash their refs, for any group with
+# one ref. A message without a ref probes with a NULL, which finds nothing without a descent.
 _REF_USED = """
-    SELECT FROM messages p
+    SELECT 1 AS hit FROM messages p
     WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
-      AND p.id >= {low}::uuid AND p.id < {high}::uuid"""
+      AND p.id >= {low}::uuid AND p.id < {high}::uuid
+    LIMIT 1"""
 
 
 def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> str:
@@ -211,8 +217,8 @@ def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> st
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    WHERE {only_if}
-      AND (x.client_ref IS NULL OR NOT EXISTS ({_REF_USED.format(low=low, high=high)}))
+    LEFT JOIN LATERAL ({_REF_USED.format(low=low, high=high)}) used ON TRUE
+    WHERE {only_if} AND used.hit IS NULL
     ON CONFLICT DO NOTHING
     RETURNING id, account_id, price, created_at, status, express, operator, sender, recipient,
               segments"""
