@@ -132,7 +132,7 @@ class Partitions(StorePart):
         return dropped
 
     async def analyze_grown(
-        self, days: Sequence[date], *, min_pages: int = 8, factor: float = 4.0
+        self, days: Sequence[date], *, min_pages: int = 16, factor: float = 4.0
     ) -> list[str]:
         """ANALYZE the partitions of `messages` of `days` that grew `factor` times since
         their last statistics (and to `min_pages` at least); returns their names (_GROWN)."""
