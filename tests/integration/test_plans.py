@@ -611,10 +611,14 @@ async def test_a_group_commit_planned_on_an_empty_day_reads_only_its_rows_once_i
 
         group = WriteGroup()
         group.accepts.append((accepts_now(2, FILLED + 10), False))
+        # And two outcomes: their UPDATE finds each message by primary key in the full day.
+        filled = [msgspec.structs.replace(s, fence=None) for s in await pending(db, 2)]
+        group.outcomes.extend(outcome(s, i + 1) for i, s in enumerate(filled))
         before = await table_stats(db)
         [results] = (await store.commit_group(group)).accepts
         read = read_since(before, await table_stats(db))
         assert all(r.accepted for r in results)
+        assert read["messages"]["n_tup_upd"] == 2, read
         assert read["messages"]["seq_tup_read"] == 0, read
         assert read["messages"]["idx_tup_fetch"] <= 10, read
 
