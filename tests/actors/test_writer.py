@@ -12,8 +12,11 @@ from smsgw.engine.credit import CREDIT_MAX, TopUpTooLarge
 from smsgw.engine.messages import (
     Accept,
     AcceptResult,
+    DeliveryReport,
+    DeliveryResult,
     OutboundSms,
     Outcome,
+    RecordDeliveries,
     RecordOutcome,
     TopUp,
 )
@@ -425,4 +428,41 @@ async def test_commits_failing_turns_ready_again_after_a_quiet_while(
         assert writer.commits_failing(failures=2, within=10) is None
         await trio.sleep(10)
         assert writer.commits_failing(failures=1, within=10) is None
+        nursery.cancel_scope.cancel()
+
+
+class KindsStore(RecordingStore):
+    """Records what each group holds: outcomes, accepts, delivery reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[tuple[int, int, int]] = []
+
+    async def commit_group(self, group: WriteGroup) -> GroupResult:
+        result = await super().commit_group(group)
+        reports = [list(r) for _, r in group.deliveries]
+        self.kinds.append((len(group.outcomes), len(group.accepts), sum(map(len, reports))))
+        answers = [[DeliveryResult(d.operator_message_id, "applied") for d in r] for r in reports]
+        return GroupResult(result.accepts, [], [], answers)
+
+
+async def test_delivery_reports_commit_in_a_group_of_their_own_after_the_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A statement of receipts after a statement of outcomes in one transaction made two
+    committers deadlock (writer.py says how): the batch's receipts go in a group of their own,
+    after the rest, so a `sent` and its receipt still apply in that order."""
+    store = KindsStore()
+    writer = StoreWriter(store, committed, committers=1, outcome_linger=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.ref.tell_nowait(outcome(1))
+        message, accepted = accept(2, 1, account=1)
+        writer.ref.tell_nowait(message)
+        reports: Reply[list[DeliveryResult]] = Reply()
+        receipt = DeliveryReport("op-1", "delivered")
+        writer.ref.tell_nowait(RecordDeliveries("op", (receipt,), reports))
+        assert (await accepted.wait())[0].accepted
+        assert [r.result for r in await reports.wait()] == ["applied"]
+        assert store.kinds == [(1, 1, 0), (0, 0, 1)]
         nursery.cancel_scope.cancel()
