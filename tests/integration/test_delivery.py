@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -11,8 +13,11 @@ import httpx
 import msgspec
 import trio
 
-from smsgw.engine.messages import OutboundSms, SendResult
+from smsgw.engine.messages import DeliveryReport, OutboundSms, SendResult
+from smsgw.engine.ports import WriteGroup
 from smsgw.runtime.server import Node, run_node
+from smsgw.storage.pg import PgStore
+from smsgw.storage.rows import id_floor_s
 from tests.conftest import ADMIN_KEY, DLR_KEY, bearer, node_options
 from tests.integration.helpers import (
     RELIABLE,
@@ -25,6 +30,7 @@ from tests.integration.helpers import (
     open_database,
     open_node,
     send,
+    store_account,
     until,
     wait_all_final,
 )
@@ -291,3 +297,46 @@ async def test_old_kept_reports_and_given_up_callbacks_are_purged(
     assert left == [{"operator_message_id": "new"}]
     outbox = await db_fetch(database_url, schema, "SELECT count(*) AS n FROM callback_outbox")
     assert outbox[0]["n"] == 2
+
+
+# --- where a report's message is looked for ---------------------------------------------------
+
+_OLD_SENT = """
+INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express, status,
+                      created_at, updated_at, operator, operator_message_id)
+VALUES ($1::uuid, $2, '+4915123456789', 'smsgw', 'hi', 1, 5, false, 'sent',
+        to_timestamp($3), to_timestamp($3), 'op', $4)
+"""
+
+
+async def test_a_report_of_a_message_older_than_the_recent_days_is_applied(
+    database_url: str, schema: str
+) -> None:
+    """A report is looked for among the last days' messages first (each day partition's
+    index probed, not all of them), then everywhere: a message made ten days ago still moves
+    on, and a report that finds no message anywhere is kept once."""
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        account = await store_account(store)
+        made = time.time() - 10 * 86_400
+        day = datetime.fromtimestamp(made, UTC).date()
+        old_id = str(id_floor_s(made))  # an id of that day (its first millisecond's)
+
+        async def setup(conn: Any) -> None:
+            for table in ("messages", "message_events"):
+                await conn.execute("SELECT smsgw_add_day_partition($1, $2)", table, day)
+            await conn.execute(_OLD_SENT, old_id, account.id, made, "old-1")
+
+        await db.run(setup)
+        group = WriteGroup()
+        reports = (DeliveryReport("old-1", "delivered"), DeliveryReport("nobody", "delivered"))
+        group.deliveries.append(("op", reports))
+        [answers] = (await store.commit_group(group)).deliveries
+        assert [(a.result, a.message_id) for a in answers] == [
+            ("applied", old_id),
+            ("unknown", None),
+        ]
+        rows = await db_fetch(database_url, schema, "SELECT status FROM messages")
+        assert [r["status"] for r in rows] == ["delivered"]
+        kept = await db_fetch(database_url, schema, "SELECT operator_message_id FROM dlr_unmatched")
+        assert [r["operator_message_id"] for r in kept] == ["nobody"]

@@ -3,7 +3,10 @@ the callback outbox, and the account's callback settings. Part of `PgStore` (pg.
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -11,6 +14,7 @@ from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outco
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
 from smsgw.storage.rollups import moved, upsert
+from smsgw.storage.rows import DAY_S, ID_SLACK, id_floor_s
 
 # The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
 # again on the row it locks), and keeps its operator.
@@ -37,8 +41,12 @@ _RECEIPT_EVENTS = """
 
 # One set-based statement per group for every DLR in it: find each report's message by
 # (operator, operator_message_id) on messages_operator_message_id, move `sent` ones on, write
-# their callbacks, keep the reports that found no message, and say what became of each one.
-# `found` reads the snapshot before the update, so `before` is the status the report met.
+# their callbacks, keep the reports that found no message (when $8), and say what became of each
+# one. `found` reads the snapshot before the update, so `before` is the status the report met.
+# Only the messages whose ids are in [$6, $7) are looked at: an operator's id says nothing of
+# its message's day, and without a range each report probes every day partition's index (90
+# and more with the default retention). `apply_deliveries` looks in the last days first, then
+# everywhere for the few reports not found there.
 _APPLY_DELIVERIES = f"""
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
@@ -51,6 +59,7 @@ WITH x AS (
     FROM x CROSS JOIN LATERAL (
         SELECT m.id, m.status FROM messages m
         WHERE m.operator = x.operator AND m.operator_message_id = x.omid
+          AND m.id >= $6::uuid AND m.id < $7::uuid
         ORDER BY m.created_at DESC
         LIMIT 1
     ) m
@@ -61,7 +70,7 @@ WITH x AS (
         updated_at = now(),
         delivered_at = CASE WHEN x.status = 'delivered' THEN now() END
     FROM found f JOIN x ON x.ord = f.ord
-    WHERE m.id = f.id AND m.status = 'sent'
+    WHERE m.id = f.id AND m.status = 'sent' AND m.id >= $6::uuid AND m.id < $7::uuid
     RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error,
               m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
 ), events AS ({_RECEIPT_EVENTS}
@@ -74,11 +83,42 @@ WITH x AS (
 ), unmatched AS (
     INSERT INTO dlr_unmatched (operator, operator_message_id, status, error)
     SELECT x.operator, x.omid, x.status, x.error FROM x
-    WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.ord = x.ord)
+    WHERE $8::bool AND NOT EXISTS (SELECT 1 FROM found f WHERE f.ord = x.ord)
 )
 SELECT x.ord, f.id::text AS message_id, f.before, a.ord IS NOT NULL AS applied
 FROM x LEFT JOIN found f ON f.ord = x.ord LEFT JOIN applied a ON a.ord = x.ord
 """
+
+
+# Where a report's message is looked for first: messages made in the last RECENT_DAYS days (a
+# message may wait up to its 72 h validity to be sent, and its report comes after that).
+RECENT_DAYS = 4
+_NO_ID = uuid.UUID(int=0)
+_ALL_IDS = uuid.UUID(int=2**128 - 1)
+
+
+async def _apply(
+    conn: asyncpg.Connection,
+    flat: list[tuple[str, DeliveryReport]],
+    picked: list[int],
+    ids: tuple[uuid.UUID, uuid.UUID],
+    *,
+    keep_unmatched: bool,
+) -> list[Any]:
+    """_APPLY_DELIVERIES for the reports `flat[i]` of `picked` (their `ord`: their place in
+    `picked`), looking at the messages whose ids are in `ids`."""
+    return list(
+        await conn.fetch(
+            _APPLY_DELIVERIES,
+            [flat[i][0] for i in picked],
+            [flat[i][1].operator_message_id for i in picked],
+            [flat[i][1].status for i in picked],
+            [flat[i][1].error for i in picked],
+            list(range(len(picked))),
+            *ids,
+            keep_unmatched,
+        )
+    )
 
 
 async def apply_deliveries(
@@ -105,14 +145,17 @@ async def apply_deliveries(
     # Lookups stay fast at any size. The DLR statement is the group's last, so this setting
     # (undone at commit) changes no other statement's plan.
     await conn.execute("SET LOCAL enable_seqscan = off")
-    rows = await conn.fetch(
-        _APPLY_DELIVERIES,
-        [flat[i][0] for i in unique],
-        [flat[i][1].operator_message_id for i in unique],
-        [flat[i][1].status for i in unique],
-        [flat[i][1].error for i in unique],
-        list(range(len(unique))),
-    )
+    now = time.time()
+    recent = (id_floor_s(now - RECENT_DAYS * DAY_S), id_floor_s(now + ID_SLACK.total_seconds()))
+    rows = await _apply(conn, flat, unique, recent, keep_unmatched=False)
+    # The few reports of older messages (or of none): everywhere, and kept if still unknown.
+    missing = [unique[r["ord"]] for r in rows if r["message_id"] is None]
+    if missing:
+        missing.sort(key=lambda i: (flat[i][0], flat[i][1].operator_message_id))
+        rows = [r for r in rows if r["message_id"] is not None]
+        older = await _apply(conn, flat, missing, (_NO_ID, _ALL_IDS), keep_unmatched=True)
+        by_ord = {i: ord_ for ord_, i in enumerate(unique)}
+        rows += [{**r, "ord": by_ord[missing[r["ord"]]]} for r in older]
     answered: dict[int, DeliveryResult] = {}
     for r in rows:
         position = unique[r["ord"]]
