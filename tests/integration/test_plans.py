@@ -88,11 +88,9 @@ def messages_sql(status: str, n: int, age: str) -> str:
     return _MESSAGES.format(accounts=ACCOUNTS, status=status, n=n, age=age)
 
 
-async def worst_moment(db: Database, moment: str) -> None:
-    """Accounts, a history of sent messages and a flood of pending ones, with the ANALYZE of
-    `moment`: "empty" (taken while nothing was pending, the flood after it) or "huge" (taken
-    during the flood, which then almost all became final). Autovacuum stays away from
-    messages, so the statistics are the ones taken here. Every shard is leased to NODE."""
+async def accounts_without_autovacuum(db: Database) -> None:
+    """ACCOUNTS accounts, and autovacuum kept away from messages' partitions: the statistics
+    are the ones a test takes."""
     for part in await partitions(db):
         await execute(db, f"ALTER TABLE {part} SET (autovacuum_enabled = off)")
     await execute(
@@ -102,6 +100,14 @@ async def worst_moment(db: Database, moment: str) -> None:
         " FROM generate_series(1, $1) i",
         ACCOUNTS,
     )
+
+
+async def worst_moment(db: Database, moment: str) -> None:
+    """Accounts, a history of sent messages and a flood of pending ones, with the ANALYZE of
+    `moment`: "empty" (taken while nothing was pending, the flood after it) or "huge" (taken
+    during the flood, which then almost all became final). Autovacuum stays away from
+    messages, so the statistics are the ones taken here. Every shard is leased to NODE."""
+    await accounts_without_autovacuum(db)
     await execute(db, messages_sql("sent", HISTORY, "7200 + i * 0.01"))
     if moment == "empty":
         await execute(db, "ANALYZE messages")
@@ -605,15 +611,7 @@ async def test_a_group_commit_planned_on_an_empty_day_reads_only_its_rows_once_i
     async with one_session(database_url, schema) as db:
         today = datetime.now(UTC).date()
         part = f"messages_{today:%Y%m%d}"
-        for name in await partitions(db):
-            await execute(db, f"ALTER TABLE {name} SET (autovacuum_enabled = off)")
-        await execute(
-            db,
-            "INSERT INTO accounts (name, key_hash, balance, topped_up)"
-            " SELECT 'a' || i, sha256(('k' || i)::bytea), 1000000000, 1000000000"
-            " FROM generate_series(1, $1) i",
-            ACCOUNTS,
-        )
+        await accounts_without_autovacuum(db)
         await execute(db, "SET plan_cache_mode = force_generic_plan")
         store = (PgStore if way == "one statement" else ExactStore)(db, recipient_limit=LIMIT)
         group = WriteGroup()
