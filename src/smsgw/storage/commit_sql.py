@@ -18,7 +18,7 @@ import msgspec
 from smsgw.engine.messages import Attempt, OutboundSms
 from smsgw.engine.ports import WriteGroup, dispatch_shard, micros
 from smsgw.storage.rollups import added, copied, moved, upsert
-from smsgw.storage.rows import DAY_S, NOT_FINAL, at_micros, id_floor_s
+from smsgw.storage.rows import DAY_S, MIN_UUID, NOT_FINAL, at_micros, id_floor_s
 
 # A group commit of accepts and outcomes is one statement (ONE_STATEMENT) when every account
 # can cover its holds, however large the group. Otherwise it is four round trips: BEGIN; one
@@ -381,7 +381,7 @@ class GroupBounds(NamedTuple):
 
     def _range(self, before_s: float) -> tuple[uuid.UUID, uuid.UUID]:
         if self.first is None or self.last is None:
-            return _NO_ID, _NO_ID
+            return MIN_UUID, MIN_UUID
         return id_floor_s(self.first - before_s), id_floor_s(self.last + 3_600)
 
     @property
@@ -401,9 +401,6 @@ class GroupBounds(NamedTuple):
         if self.last >= day + DAY_S:  # across a midnight: every day of it
             return [low, high, high, high]
         return [low, id_floor_s(day), id_floor_s(day + DAY_S), high]
-
-
-_NO_ID = uuid.UUID(int=0)
 
 
 class _RefusalKey(msgspec.Struct):

@@ -14,7 +14,7 @@ from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outco
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import DAY_S, ID_SLACK, id_floor_s
+from smsgw.storage.rows import DAY_S, ID_SLACK, MAX_UUID, MIN_UUID, id_floor_s
 
 # The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
 # again on the row it locks), and keeps its operator.
@@ -93,8 +93,6 @@ FROM x LEFT JOIN found f ON f.ord = x.ord LEFT JOIN applied a ON a.ord = x.ord
 # Where a report's message is looked for first: messages made in the last RECENT_DAYS days (a
 # message may wait up to its 72 h validity to be sent, and its report comes after that).
 RECENT_DAYS = 4
-_NO_ID = uuid.UUID(int=0)
-_ALL_IDS = uuid.UUID(int=2**128 - 1)
 
 
 async def _apply(
@@ -104,21 +102,20 @@ async def _apply(
     ids: tuple[uuid.UUID, uuid.UUID],
     *,
     keep_unmatched: bool,
-) -> list[Any]:
-    """_APPLY_DELIVERIES for the reports `flat[i]` of `picked` (their `ord`: their place in
-    `picked`), looking at the messages whose ids are in `ids`."""
-    return list(
-        await conn.fetch(
-            _APPLY_DELIVERIES,
-            [flat[i][0] for i in picked],
-            [flat[i][1].operator_message_id for i in picked],
-            [flat[i][1].status for i in picked],
-            [flat[i][1].error for i in picked],
-            list(range(len(picked))),
-            *ids,
-            keep_unmatched,
-        )
+) -> dict[int, Any]:
+    """_APPLY_DELIVERIES for the reports `flat[i]` of `picked`, looking at the messages whose
+    ids are in `ids`: each report's row, by its place in `flat`."""
+    rows = await conn.fetch(
+        _APPLY_DELIVERIES,
+        [flat[i][0] for i in picked],
+        [flat[i][1].operator_message_id for i in picked],
+        [flat[i][1].status for i in picked],
+        [flat[i][1].error for i in picked],
+        list(range(len(picked))),
+        *ids,
+        keep_unmatched,
     )
+    return {picked[r["ord"]]: r for r in rows}
 
 
 async def apply_deliveries(
@@ -136,10 +133,14 @@ async def apply_deliveries(
     for position, (operator, report) in enumerate(flat):
         if first.setdefault((operator, report.operator_message_id), position) == position:
             unique.append(position)
+
+    def in_order(i: int) -> tuple[str, str]:
+        return flat[i][0], flat[i][1].operator_message_id
+
     # In key order: groups on two committers then lock the rows they share in the same order
     # (the statement updates in `ord` order), so they wait for each other instead of
     # deadlocking; a deadlock all the same is retried with the whole group.
-    unique.sort(key=lambda i: (flat[i][0], flat[i][1].operator_message_id))
+    unique.sort(key=in_order)
     # Each report is a key lookup; on a table of modest size the planner prefers one pass
     # over all of `messages` for the update's join (a hash join), which grows with the table.
     # Lookups stay fast at any size. The DLR statement is the group's last, so this setting
@@ -149,16 +150,12 @@ async def apply_deliveries(
     recent = (id_floor_s(now - RECENT_DAYS * DAY_S), id_floor_s(now + ID_SLACK.total_seconds()))
     rows = await _apply(conn, flat, unique, recent, keep_unmatched=False)
     # The few reports of older messages (or of none): everywhere, and kept if still unknown.
-    missing = [unique[r["ord"]] for r in rows if r["message_id"] is None]
+    missing = sorted((i for i, r in rows.items() if r["message_id"] is None), key=in_order)
     if missing:
-        missing.sort(key=lambda i: (flat[i][0], flat[i][1].operator_message_id))
-        rows = [r for r in rows if r["message_id"] is not None]
-        older = await _apply(conn, flat, missing, (_NO_ID, _ALL_IDS), keep_unmatched=True)
-        by_ord = {i: ord_ for ord_, i in enumerate(unique)}
-        rows += [{**r, "ord": by_ord[missing[r["ord"]]]} for r in older]
+        everywhere = (MIN_UUID, MAX_UUID)
+        rows.update(await _apply(conn, flat, missing, everywhere, keep_unmatched=True))
     answered: dict[int, DeliveryResult] = {}
-    for r in rows:
-        position = unique[r["ord"]]
+    for position, r in rows.items():
         report = flat[position][1]
         omid = report.operator_message_id
         if r["applied"]:

@@ -45,8 +45,10 @@ def micros_of(at: datetime) -> int:
     return (at - _EPOCH) // _ONE_MICROSECOND
 
 
-# The least uuid: a keyset cursor before every message at its time.
+# The least and the greatest uuid: a keyset cursor before every message at its time; an id
+# range of every day.
 MIN_UUID = uuid.UUID(int=0)
+MAX_UUID = uuid.UUID(int=2**128 - 1)
 
 
 def pending_sms(r: asyncpg.Record) -> OutboundSms:
