@@ -34,9 +34,9 @@ from smsgw.storage.database import Database, asyncio_loop
 from smsgw.storage.migrate import migrate
 from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
-from smsgw.storage.rows import PENDING_COLUMNS, id_floor_s, pending_sms
+from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
 from tests.conftest import admin
-from tests.integration.helpers import create_account, get_account
+from tests.integration.helpers import create_account, get_account, outbound
 
 PENDING = 100_000  # the flood
 SCHEDULED = 20_000  # scheduled sends, half of them due
@@ -386,8 +386,7 @@ def hot_statements(
                 ["delivered"] * len(outcomes),
                 [None] * len(outcomes),
                 list(range(len(outcomes))),
-                id_floor_s(time.time() - delivery.RECENT_DAYS * 86_400),
-                id_floor_s(time.time() + 3_600),
+                *delivery.recent_ids(time.time()),
                 False,
             ],
             {"messages_operator_message_id", "messages_pkey"},
@@ -581,17 +580,8 @@ FILLED = 20_000  # messages of the last minutes in today's partition
 def accepts_now(n: int, start: int) -> list[OutboundSms]:
     """`n` messages made now, each of its own recipient and client_ref."""
     return [
-        OutboundSms(
-            id=uuid7(),
-            account_id=1 + i % ACCOUNTS,
-            to=f"+98912{i:07d}",
-            sender="smsgw",
-            text="hello",
-            segments=1,
-            price=5,
-            express=False,
-            created_at=time.time(),
-            client_ref=f"ref-{i}",
+        msgspec.structs.replace(
+            outbound(1 + i % ACCOUNTS, client_ref=f"ref-{i}"), to=f"+98912{i:07d}"
         )
         for i in range(start, start + n)
     ]

@@ -95,6 +95,11 @@ FROM x LEFT JOIN found f ON f.ord = x.ord LEFT JOIN applied a ON a.ord = x.ord
 RECENT_DAYS = 4
 
 
+def recent_ids(now: float) -> tuple[uuid.UUID, uuid.UUID]:
+    """The id range of the messages made in the last RECENT_DAYS days (and ID_SLACK ahead)."""
+    return id_floor_s(now - RECENT_DAYS * DAY_S), id_floor_s(now + ID_SLACK.total_seconds())
+
+
 async def _apply(
     conn: asyncpg.Connection,
     flat: list[tuple[str, DeliveryReport]],
@@ -146,9 +151,7 @@ async def apply_deliveries(
     # Lookups stay fast at any size. The DLR statement is the group's last, so this setting
     # (undone at commit) changes no other statement's plan.
     await conn.execute("SET LOCAL enable_seqscan = off")
-    now = time.time()
-    recent = (id_floor_s(now - RECENT_DAYS * DAY_S), id_floor_s(now + ID_SLACK.total_seconds()))
-    rows = await _apply(conn, flat, unique, recent, keep_unmatched=False)
+    rows = await _apply(conn, flat, unique, recent_ids(time.time()), keep_unmatched=False)
     # The few reports of older messages (or of none): everywhere, and kept if still unknown.
     missing = sorted((i for i, r in rows.items() if r["message_id"] is None), key=in_order)
     if missing:
