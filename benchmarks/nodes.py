@@ -195,7 +195,7 @@ def statements(database_url: str, limit: int = 15) -> list[dict[str, Any]] | Non
     (`shared_preload_libraries = 'pg_stat_statements'` and the extension in the database)."""
     if not query(database_url, "public", _HAS_STATEMENTS)[0]["n"]:
         return None
-    rows = query(
+    return query(
         database_url,
         "public",
         "SELECT calls, total_exec_time AS ms, plans, total_plan_time AS plan_ms,"
@@ -203,16 +203,6 @@ def statements(database_url: str, limit: int = 15) -> list[dict[str, Any]] | Non
         " FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
         limit,
     )
-    return [
-        {
-            "calls": int(r["calls"]),
-            "ms": float(r["ms"]),
-            "plans": int(r["plans"]),
-            "plan_ms": float(r["plan_ms"]),
-            "statement": r["statement"],
-        }
-        for r in rows
-    ]
 
 
 def transactions(database_url: str) -> int:
