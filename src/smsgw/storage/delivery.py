@@ -55,7 +55,7 @@ WITH x AS (
     -- A lookup per report on messages_operator_message_id, whatever the planner guesses
     -- about the join (a hash join would read the whole table). Were an operator to reuse an
     -- id, its newest message is the one meant (the index's order: no sort).
-    SELECT x.ord, m.id, m.status AS before
+    SELECT x.ord, m.id, m.status AS before, x.status AS reported, x.error
     FROM x CROSS JOIN LATERAL (
         SELECT m.id, m.status FROM messages m
         WHERE m.operator = x.operator AND m.operator_message_id = x.omid
@@ -64,15 +64,19 @@ WITH x AS (
         LIMIT 1
     ) m
 ), applied AS (
+    -- The report's fields come with `found`, not from another join with x: PostgreSQL's
+    -- generic plan guesses 10 reports and joined x again as the inner side of a nested loop,
+    -- for every message (1,125 reports: 155 ms against 25 with a plan for the group).
     UPDATE messages m
-    SET status = x.status,
-        reason = CASE WHEN x.status = 'undelivered' THEN x.error ELSE m.reason END,
+    SET status = f.reported,
+        reason = CASE WHEN f.reported = 'undelivered' THEN f.error ELSE m.reason END,
         updated_at = now(),
-        delivered_at = CASE WHEN x.status = 'delivered' THEN now() END
-    FROM found f JOIN x ON x.ord = f.ord
+        delivered_at = CASE WHEN f.reported = 'delivered' THEN now() END
+    FROM found f
     WHERE m.id = f.id AND m.status = 'sent' AND m.id >= $6::uuid AND m.id < $7::uuid
-    RETURNING x.ord, m.id, m.account_id, m.callback_url, m.client_ref, x.status, x.error,
-              m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments, m.price
+    RETURNING f.ord, m.id, m.account_id, m.callback_url, m.client_ref, f.reported AS status,
+              f.error, m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments,
+              m.price
 ), events AS ({_RECEIPT_EVENTS}
 ), {_ROLLED}, outbox AS (
     INSERT INTO callback_outbox (message_id, account_id, url, status, reason, client_ref, at)
