@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import Entry, Position, entry_of, micros, slots
@@ -471,18 +471,20 @@ class SchedulerState:
     def bulk_ready(self) -> bool:
         return self.in_memory > 0
 
-    def upcoming(self, limit: int, per_account: int) -> list[str]:
-        """Ids of entries likely to be served soon whose bodies are not cached: the first
-        `per_account` of each mailbox in serving order, up to `limit`. What a body read takes
-        along, so that the next batches find their bodies cached instead of each costing a
-        read of its own."""
+    def upcoming(
+        self, limit: int, per_account: int, skip: Container[str] = frozenset()
+    ) -> list[str]:
+        """Ids of entries likely to be served soon whose bodies are not cached, nor in `skip`:
+        the first `per_account` of each mailbox in serving order, up to `limit`. What a body
+        read takes along, so that the next batches find their bodies cached instead of each
+        costing a read of its own."""
         ids: list[str] = []
         bodies = self.bodies
         for account_id in self.ring:
             queue = self.mailboxes[account_id].queue
             for i in range(min(per_account, len(queue))):
                 message_id = queue[i][1]
-                if message_id not in bodies:
+                if message_id not in bodies and message_id not in skip:
                     ids.append(message_id)
                     if len(ids) >= limit:
                         return ids
@@ -558,11 +560,13 @@ class FifoState(SchedulerState):
     def next_ready(self, now: float) -> float:
         return math.inf  # nothing is paced
 
-    def upcoming(self, limit: int, per_account: int) -> list[str]:
-        """Ids of the next `limit` entries whose bodies are not cached."""
+    def upcoming(
+        self, limit: int, per_account: int, skip: Container[str] = frozenset()
+    ) -> list[str]:
+        """Ids of the next `limit` entries whose bodies are not cached, nor in `skip`."""
         ids: list[str] = []
         for _, (_, message_id, _) in self.order:
-            if message_id not in self.bodies:
+            if message_id not in self.bodies and message_id not in skip:
                 ids.append(message_id)
                 if len(ids) >= limit:
                     break

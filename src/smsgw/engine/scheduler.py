@@ -26,7 +26,7 @@ from smsgw.engine.messages import (
     SendRate,
     WriterMessage,
 )
-from smsgw.engine.ports import Entry, SchedulingStore, slots, slots_of
+from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of
 from smsgw.engine.retry import expired
 from smsgw.engine.writer import CommitFence
 
@@ -159,6 +159,7 @@ class Scheduler:
         self.body_reads = 0
         self.prefetched = 0  # bodies read ahead of their batch
         self._ahead: OrderedDict[str, OutboundSms] = OrderedDict()
+        self._not_here: set[str] = set()  # read ahead, found not to be sent from here
         self.page_failures = 0
         # What others read of the Scheduler (HTTP, metrics, admission), refreshed each round.
         self.figures = DispatchFigures()
@@ -274,11 +275,10 @@ class Scheduler:
         """Hand a bulk batch to the pool: the messages whose bodies are cached at once, the
         rest in a task that reads them, so that neither the dispatch loop (and express) nor a
         light account's message that shares the batch with a paged-back backlog waits on it."""
-        bodies = self.state.bodies
         cached: list[OutboundSms] = []
         uncached: list[tuple[int, Entry]] = []
         for account_id, entry in entries:
-            sms = bodies.pop(entry[1], None)
+            sms = self._take_body(entry[1])
             if sms is None:
                 uncached.append((account_id, entry))
             else:
@@ -425,8 +425,10 @@ class Scheduler:
         bodies = self.state.bodies
         found: dict[str, OutboundSms] = {}
         missing: list[str] = []
+        not_here = self._not_here
         for _, message_id, _ in entries:
-            sms = bodies.pop(message_id, None)
+            not_here.discard(message_id)
+            sms = self._take_body(message_id)
             if sms is None:
                 missing.append(message_id)
             else:
@@ -435,13 +437,23 @@ class Scheduler:
             assert self._store is not None
             self.body_reads += 1
             stamp = self._stamp
-            # The bodies of the next batches come along in the same read (into the cache).
+            # The bodies of the next batches come along in the same read (into the cache), as
+            # many as the read-ahead bodies still waiting leave room for. Reading `prefetch`
+            # more each time pushed out of the cache, once more accounts waited than that,
+            # the bodies read for the very next batches: they missed in turn, and each read
+            # brought a few bodies wanted and `prefetch` to be thrown away.
             wanted = set(missing)
-            ahead = [
-                i
-                for i in self.state.upcoming(self._prefetch, self.state.quantum)
-                if i not in wanted
-            ]
+            self._drop_stale_ahead()
+            room = self._prefetch - len(self._ahead)
+            ahead = (
+                [
+                    i
+                    for i in self.state.upcoming(room, self.state.quantum, not_here)
+                    if i not in wanted
+                ]
+                if room > 0
+                else []
+            )
             while True:
                 try:
                     for sms in await self._store.queued_messages([*missing, *ahead]):
@@ -452,12 +464,40 @@ class Scheduler:
                             found[sms.id] = stamped
                         elif sms.id not in bodies:
                             self._cache_ahead(stamped)
+                    # Read ahead and not cached: of a shard this node no longer leases, or no
+                    # longer queued. Not asked for again until its own batch comes (which
+                    # drops it): a node that gave up half its shards asked for the same
+                    # thousand such bodies in every read.
+                    not_here.update(i for i in ahead if i not in bodies)
+                    if len(not_here) > 100 * self._prefetch:  # a bound, should any be missed
+                        not_here.clear()
                     break
                 except Exception:
                     # The store is away: these are committed and only need reading; wait.
                     self.page_failures += 1
                     await trio.sleep(0.5)
         return [found[e[1]] for e in entries if e[1] in found]
+
+    def _take_body(self, message_id: str) -> OutboundSms | None:
+        """The cached body of a message being dispatched, taken out of the cache."""
+        sms = self.state.bodies.pop(message_id, None)
+        if sms is not None:
+            self._ahead.pop(message_id, None)
+        return sms
+
+    def _drop_stale_ahead(self) -> None:
+        """Drop the oldest read-ahead bodies whose messages are no longer waiting here (sent
+        with a body their own batch read meanwhile, or gone with their shard), until one
+        still is: those would take the room of bodies wanted."""
+        bodies, ahead, mailboxes = self.state.bodies, self._ahead, self.state.mailboxes
+        while ahead:
+            message_id, sms = next(iter(ahead.items()))
+            mailbox = mailboxes.get(sms.account_id)
+            if mailbox is not None and mailbox.queue and mailbox.queue[0] <= entry_of(sms):
+                return
+            del ahead[message_id]
+            if bodies.get(message_id) is sms:
+                del bodies[message_id]
 
     def _cache_ahead(self, sms: OutboundSms) -> None:
         """Cache a body read ahead of its batch. Its entry may have been popped meanwhile and
