@@ -113,3 +113,24 @@ async def test_an_accept_for_another_nodes_shard_is_handed_off_once(
         express, counts = await b.load_backlog(sorted(b_tokens))
         assert express == []
         assert dict(counts) == {m.account_id: 1 for m in messages}
+
+
+async def test_a_lease_is_renewed_only_under_the_token_it_was_taken_with(
+    database_url: str, schema: str
+) -> None:
+    """A heartbeat renews the leases it names, each under its own token: one whose token is
+    old (the shard was taken over and given back meanwhile) is not renewed, nor one held by
+    another node."""
+    async with open_database(database_url, schema) as db:
+        a = PgCluster(db, database_url, "a")
+        b = PgCluster(db, database_url, "b")
+        await a.join(3.0)
+        await b.join(3.0)
+        held = await a.acquire(256, 3.0)
+        assert len(held) == 256
+        stale = dict(held)
+        stale[7] -= 1  # a token from before
+        await a.release([9])
+        assert list(await b.acquire(1, 3.0)) == [9]
+        beat = await a.heartbeat(stale, 3.0, 1.0, None)
+        assert beat.renewed == {s: t for s, t in held.items() if s not in (7, 9)}
