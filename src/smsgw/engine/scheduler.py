@@ -427,7 +427,6 @@ class Scheduler:
         missing: list[str] = []
         not_here = self._not_here
         for _, message_id, _ in entries:
-            not_here.discard(message_id)
             sms = self._take_body(message_id)
             if sms is None:
                 missing.append(message_id)
@@ -479,7 +478,9 @@ class Scheduler:
         return [found[e[1]] for e in entries if e[1] in found]
 
     def _take_body(self, message_id: str) -> OutboundSms | None:
-        """The cached body of a message being dispatched, taken out of the cache."""
+        """The cached body of a message being dispatched, taken out of the cache (None: not
+        cached). Its batch has come: whatever a read ahead found of it no longer counts."""
+        self._not_here.discard(message_id)
         sms = self.state.bodies.pop(message_id, None)
         if sms is not None:
             self._ahead.pop(message_id, None)
