@@ -416,12 +416,26 @@ def test_hand_off_payloads_fit_a_notify() -> None:
     small = [sms(i, n) for i in range(1, 4) for n in range(40)]
     huge = msgspec.structs.replace(sms(9), text="\u0001" * 1_600)  # escaped: over 8,000 bytes
     wide = [msgspec.structs.replace(sms(7, n), text="ж" * 600) for n in range(20)]  # 2 bytes each
-    payloads = handoff_payloads({"b": [*small, huge, *wide], "": [sms(2)]})
+    told = handoff_payloads({"b": [*small, huge, *wide], "": [sms(2)]})
+    assert {owner for owner, _ in told} == {"b"}  # nobody's shard: no notification
+    payloads = [p for _, p in told]
     assert all(len(p.encode()) < 8_000 for p in payloads)
-    assert all(p.startswith("b\n") for p in payloads)  # nobody's shard: no notification
+    assert all(p.startswith("b\n") for p in payloads)
     carried = [m.id for p in payloads for m in msgspec.json.decode(p[2:], type=list[OutboundSms])]
     assert carried == [m.id for m in small + wide]
     assert payloads[-1] == "b\n[]"  # the one too large for a payload: "claim now"
+
+
+def test_each_node_hears_its_hand_offs_on_a_channel_of_its_own() -> None:
+    from smsgw.storage.cluster import channel_and_lock_class
+    from smsgw.storage.payloads import owner_channel
+
+    base, _ = channel_and_lock_class("smsgw")
+    names = {owner_channel(base, node) for node in ("a", "b", "host-0", "host-1", "x" * 200)}
+    assert len(names) == 5
+    assert all(n.startswith(base) and len(n.encode()) <= 63 for n in names)  # an identifier
+    assert owner_channel(base, "a") == owner_channel(base, "a")
+    assert owner_channel(channel_and_lock_class("other")[0], "a") != owner_channel(base, "a")
 
 
 async def test_a_body_read_back_is_stamped_with_its_shards_token_or_dropped(

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
+import trio
 
 from smsgw.engine.messages import Account, OutboundSms, Outcome
-from smsgw.engine.ports import GroupResult, WriteGroup
+from smsgw.engine.ports import GroupResult, Notices, WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.storage import commit
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.commit import Handoff
+from smsgw.storage.database import bridge
+from smsgw.storage.payloads import owner_channel
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
     assert_ledger_consistent,
@@ -23,6 +28,7 @@ from tests.integration.helpers import (
     ledger,
     open_database,
     outbound,
+    store_account,
 )
 
 
@@ -227,3 +233,58 @@ async def test_a_taken_client_ref_holds_nothing(
     figures = (await ledger(database_url, schema))[account.id]
     assert figures["balance"] == 85 and figures["held"] == 15
     assert_ledger_consistent({account.id: figures})
+
+
+async def test_a_hand_off_wakes_its_owner_and_no_other_node(database_url: str, schema: str) -> None:
+    """Node "a" leases nothing and "b" every shard: what "a" stores is told to "b" alone, on
+    b's own channel; neither the schema's hand-off channel nor another node's hears it."""
+    handed: list[str] = []
+    others: list[tuple[str, str]] = []
+    told_b = trio.Event()
+
+    def to_b(body: str) -> None:
+        handed.append(body)
+        told_b.set()
+
+    def overheard(conn: object, pid: int, channel: str, body: str) -> None:
+        others.append((channel, body))
+
+    async def overhear(channels: list[str]) -> None:
+        async def hold() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                for channel in channels:
+                    await conn.add_listener(channel, overheard)
+                await asyncio.sleep(3_600)
+            finally:
+                await conn.close()
+
+        await bridge(hold)()
+
+    async with open_database(database_url, schema) as db, trio.open_nursery() as nursery:
+        a = PgCluster(db, database_url, "a")
+        await a.join(3.0)
+        b = PgCluster(db, database_url, "b")
+        await db.run(
+            lambda c: c.execute(
+                "UPDATE shard_leases SET owner = 'b', expires_at = now() + interval '1 hour'"
+            )
+        )
+        nursery.start_soon(b.listen, Notices(to_b, lambda _: None, lambda _: None))
+        nursery.start_soon(
+            overhear, [a.channel, owner_channel(a.channel, "a"), owner_channel(a.channel, "c")]
+        )
+        store = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel))
+        account = await store_account(store)
+        await trio.sleep(0.5)  # both listen
+        sent = [outbound(account.id) for _ in range(5)]
+        group = WriteGroup()
+        group.accepts += [([s], True) for s in sent]
+        await store.commit_group(group)
+        with trio.fail_after(5):
+            await told_b.wait()
+        await trio.sleep(0.3)  # anything else told by now
+        nursery.cancel_scope.cancel()
+    told = [m.id for p in handed for m in msgspec.json.decode(p, type=list[OutboundSms])]
+    assert sorted(told) == sorted(s.id for s in sent)
+    assert others == []

@@ -23,6 +23,7 @@ import trio
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import SHARDS, Beat, Notices
 from smsgw.storage.database import Database, bridge
+from smsgw.storage.payloads import owner_channel
 from smsgw.storage.rows import NOT_FINAL, PENDING_COLUMNS, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
@@ -30,7 +31,8 @@ log = logging.getLogger("smsgw.cluster")
 
 def channel_and_lock_class(schema: str) -> tuple[str, int]:
     """The hand-off NOTIFY channel and the advisory lock class of a schema's nodes: nodes in
-    other schemas of the same database (tests) neither wake nor wait for each other."""
+    other schemas of the same database (tests) neither wake nor wait for each other. Each
+    node listens on its own channel of it (payloads.owner_channel)."""
     digest = hashlib.sha256(schema.encode()).digest()
     return f"smsgw_handoff_{_schema_tag(schema)}", int.from_bytes(digest[8:12], "big", signed=True)
 
@@ -417,7 +419,7 @@ class PgCluster:
             closed = asyncio.Event()
             try:
                 conn.add_termination_listener(lambda _: closed.set())
-                await conn.add_listener(self.channel, on_handoff)
+                await conn.add_listener(owner_channel(self.channel, me), on_handoff)
                 await conn.add_listener(self.settled_channel, on_settled)
                 await conn.add_listener(self.account_channel, on_account)
                 await closed.wait()

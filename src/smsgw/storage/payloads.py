@@ -5,6 +5,7 @@ The handed-off messages go to their owners, the express outcomes (`Settled`) to 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import msgspec
@@ -38,19 +39,27 @@ def settled_payloads(outcomes: Sequence[Outcome]) -> list[str]:
     return _packed(b"", [_sms_encoder.encode(Settled.of(o)) for o in outcomes])
 
 
-def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[str]:
-    """`owner` + newline + a JSON list of the messages handed to it, cut to fit a NOTIFY (in
-    bytes). The owner dispatches them from the payload without a query; a message too large
-    for a payload goes as an empty list ("claim now"), and the owner reads it with its claim.
-    No owner ('') means a shard in transit: whoever takes it recovers the message."""
-    payloads: list[str] = []
+def owner_channel(channel: str, owner: str) -> str:
+    """The channel of the hand-offs to one node (`channel`: its schema's, from
+    cluster.channel_and_lock_class): only the owner listens there, so a hand-off wakes one
+    node whatever the cluster's size, not every node to read its name and drop it."""
+    return f"{channel}_{hashlib.sha256(owner.encode()).digest()[:8].hex()}"
+
+
+def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[tuple[str, str]]:
+    """(owner, payload): `owner` + newline + a JSON list of the messages handed to it, cut
+    to fit a NOTIFY (in bytes), for its channel (`owner_channel`). The owner dispatches them
+    from the payload without a query; a message too large for a payload goes as an empty list
+    ("claim now"), and the owner reads it with its claim. No owner ('') means a shard in
+    transit: whoever takes it recovers the message."""
+    payloads: list[tuple[str, str]] = []
     for owner, items in handed.items():
         if not owner:
             continue
         head = owner.encode() + b"\n"
         encoded = [_sms_encoder.encode(sms) for sms in items]
         fitting = [part for part in encoded if len(head) + len(part) + 2 <= _PAYLOAD_LIMIT]
-        payloads += _packed(head, fitting)
+        payloads += [(owner, p) for p in _packed(head, fitting)]
         if len(fitting) < len(encoded):
-            payloads.append((head + b"[]").decode())
+            payloads.append((owner, (head + b"[]").decode()))
     return payloads
