@@ -16,6 +16,7 @@ from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, Notices, WriteGroup
 from smsgw.http.context import uuid7
 from smsgw.storage import commit
+from smsgw.storage.announce import HandoffAnnouncer
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.commit import Handoff
 from smsgw.storage.database import bridge
@@ -288,3 +289,59 @@ async def test_a_hand_off_wakes_its_owner_and_no_other_node(database_url: str, s
     told = [m.id for p in handed for m in msgspec.json.decode(p, type=list[OutboundSms])]
     assert sorted(told) == sorted(s.id for s in sent)
     assert others == []
+
+
+async def test_bulk_hand_offs_linger_to_go_together_and_express_ones_do_not(
+    database_url: str, schema: str
+) -> None:
+    """With an announcer (storage/announce.py), the first bulk hand-off after a quiet spell is
+    told at once, those committed within the linger after it in one notification; an express
+    hand-off is told at once, with the bulk ones waiting. Each message once."""
+    told: list[list[OutboundSms]] = []
+    heard = trio.Event()
+
+    def to_b(body: str) -> None:
+        told.append(msgspec.json.decode(body, type=list[OutboundSms]))
+        heard.set()
+
+    async def next_notification() -> list[str]:
+        nonlocal heard
+        with trio.fail_after(10):
+            await heard.wait()
+        heard = trio.Event()
+        return [m.id for m in told[-1]]
+
+    async with open_database(database_url, schema) as db, trio.open_nursery() as nursery:
+        a = PgCluster(db, database_url, "a")
+        await a.join(3.0)
+        b = PgCluster(db, database_url, "b")
+        await db.run(
+            lambda c: c.execute(
+                "UPDATE shard_leases SET owner = 'b', expires_at = now() + interval '1 hour'"
+            )
+        )
+        nursery.start_soon(b.listen, Notices(to_b, lambda _: None, lambda _: None))
+        announcer = HandoffAnnouncer(db, a.channel, linger=30.0)
+        await nursery.start(announcer.run)
+        store = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel, "", announcer))
+        account = await store_account(store)
+        await trio.sleep(0.5)  # b listens
+
+        async def commit(*items: OutboundSms) -> list[str]:
+            group = WriteGroup()
+            group.accepts += [([s], True) for s in items]
+            await store.commit_group(group)
+            return [s.id for s in items]
+
+        first = await commit(outbound(account.id))
+        assert await next_notification() == first  # a quiet spell before it: at once
+        second = await commit(outbound(account.id), outbound(account.id))
+        third = await commit(outbound(account.id))
+        assert announcer.stats()["waiting"] == 3  # within the linger: they wait
+        express = msgspec.structs.replace(outbound(account.id), express=True)
+        fourth = await commit(express)
+        assert announcer.stats()["waiting"] == 0
+        assert sorted(await next_notification()) == sorted(second + third + fourth)
+        nursery.cancel_scope.cancel()
+    assert len(told) == 2
+    assert announcer.counts["notifies"] == 1 and announcer.counts["messages"] == 1

@@ -61,6 +61,9 @@ class LeaseConfig(msgspec.Struct, frozen=True):
     # How often the node looks for hand-offs without being notified (a lost connection, a
     # notification that raced a lease change).
     poll: float = 0.5
+    # A bulk hand-off's notification waits at most this long for others to go with it: the
+    # first after a quiet spell goes at once (storage/announce.py; 0: each group's at once).
+    handoff_linger: float = 0.05
     # A shard being given away is released once none of its messages is in flight here (and
     # one more tick has passed, for their outcomes to commit), or after this long.
     drain: float = 2.0

@@ -27,6 +27,7 @@ from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.http.app import create_app
 from smsgw.sim.dlr import DlrEmitter, DlrProfile
 from smsgw.sim.operator import OperatorProfile, SimulatedOperator
+from smsgw.storage.announce import HandoffAnnouncer
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.commit import Handoff
 from smsgw.storage.database import Database, asyncio_loop
@@ -132,12 +133,19 @@ async def run_node(
             node_id = options.node_id or socket.gethostname()
             cluster: PgCluster | None = None
             handoff: Handoff | None = None
+            announcer: HandoffAnnouncer | None = None
             if options.cluster:
                 cluster = PgCluster(
                     db, options.database_url, node_id, advertised_url=lambda: node.url
                 )
+                if options.leases.handoff_linger > 0:
+                    announcer = HandoffAnnouncer(db, cluster.channel, options.leases.handoff_linger)
                 handoff = Handoff(
-                    node_id, cluster.lock_class, cluster.channel, cluster.settled_channel
+                    node_id,
+                    cluster.lock_class,
+                    cluster.channel,
+                    cluster.settled_channel,
+                    announcer,
                 )
             store = PgStore(
                 db, handoff=handoff, recipient_limit=options.engine.recipient_limit_per_hour
@@ -225,12 +233,18 @@ async def run_node(
                         # Binds in the background; cancelled last (below), they unbind.
                         if any(provider is p for p, _ in owned):
                             await nursery.start(provider.run)
+                announcing = (
+                    []
+                    if announcer is None
+                    else [ChildSpec("handoff_announcer", announcer.run, stats=announcer.stats)]
+                )
                 supervisor = await nursery.start(
                     engine.run,
                     [
                         ChildSpec("otp_sweeper", otp_sweeper.run, stats=otp_sweeper.stats),
                         ChildSpec("store_upkeep", upkeep.run, stats=upkeep.stats),
                         ChildSpec("http", http, restart=Restart.TRANSIENT),
+                        *announcing,
                     ],
                 )
                 nursery.start_soon(_stop_on_signal, node)

@@ -27,6 +27,7 @@ from smsgw.engine.credit import (
 )
 from smsgw.engine.messages import AcceptResult, Account, OutboundSms, Outcome
 from smsgw.engine.ports import CommitInDoubt, GroupResult, WriteGroup, dispatch_shard
+from smsgw.storage.announce import NOTIFY, HandoffAnnouncer
 from smsgw.storage.commit_sql import (
     COPY_COLUMNS,
     COPY_MIN_ROWS,
@@ -53,7 +54,7 @@ from smsgw.storage.commit_sql import (
 )
 from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
-from smsgw.storage.payloads import handoff_payloads, owner_channel, settled_payloads
+from smsgw.storage.payloads import handoff_notices, settled_payloads
 from smsgw.storage.rollups import copy_rollup
 from smsgw.storage.rows import DAY_S
 from smsgw.storage.statement import LedgerRow, Settled, ledger_rows
@@ -100,6 +101,9 @@ class Handoff(NamedTuple):
     # Where the express outcomes this node commits are announced to every node (for a
     # `"wait": true` request on whichever node accepted the message); "" for nowhere.
     settled_channel: str = ""
+    # Tells the owners of bulk hand-offs, several groups' worth at a time (None: each
+    # group's own NOTIFY tells them).
+    announcer: HandoffAnnouncer | None = None
 
 
 # What a group commit's time is recorded under (Database.run: /metrics and slow-statement logs).
@@ -228,7 +232,7 @@ class GroupCommit(StorePart):
             done = await self._commit_one(conn, group, account_ids, finished)
             if done is not None:
                 return done
-        wake: list[tuple[str, str]] = []  # (owner, payload) of the hand-offs, once committed
+        wake: dict[str, list[OutboundSms]] = {}  # owner -> hand-offs, told once committed
         async with conn.transaction():
             creates = [await self._create(conn, *c) for c in group.creates]
 
@@ -313,7 +317,7 @@ class GroupCommit(StorePart):
                         copy_rollup(stored),
                     )
                     if row["ids"]:
-                        wake = _handed_payloads(row["owners"], row["ids"], stored)
+                        wake = _handed(row["owners"], row["ids"], stored)
             else:
                 written = [a for a, d in book.deltas.items() if d]
                 args = [*_credit_args(book, ledger), _json.encode(stored).decode(), *bounds.refs]
@@ -342,7 +346,7 @@ class GroupCommit(StorePart):
                     ledger = ledger_rows(book, settled, credited, stored)
                     await conn.fetchval(WRITE_CREDIT, *_credit_args(book, ledger, written))
                 if self.handoff is not None and row["ids"]:
-                    wake = _handed_payloads(row["owners"], row["ids"], stored)
+                    wake = _handed(row["owners"], row["ids"], stored)
             # After the outcomes: a `sent` and its DLR in the same group apply in that order.
             deliveries = await apply_deliveries(conn, group.deliveries) if group.deliveries else []
         if group.written is not None:
@@ -351,11 +355,16 @@ class GroupCommit(StorePart):
         return GroupResult(accepts, topups, creates, deliveries)
 
     async def _notify(
-        self, conn: asyncpg.Connection, wake: list[tuple[str, str]], outcomes: Sequence[Outcome]
+        self,
+        conn: asyncpg.Connection,
+        wake: dict[str, list[OutboundSms]],
+        outcomes: Sequence[Outcome],
     ) -> None:
         """Wake the owners of handed-off messages, each on its own channel, and tell every
         node the express outcomes just committed (a `"wait": true` request may wait for one on
-        any node). After the commit, in a transaction of its own: in the group's, the one
+        any node). Bulk hand-offs go to the announcer when there is one (storage/announce.py:
+        a few groups' worth a NOTIFY); express ones now, with whatever waits there. After the
+        commit, in a transaction of its own: in the group's, the one
         statement would have to find the owners and build their payloads itself (tried on
         2026-12-07: a third fewer transactions an accept, no less CPU), and it would hold
         PostgreSQL's database-wide notify lock through the group's WAL flush. A lost hand-off
@@ -363,8 +372,15 @@ class GroupCommit(StorePart):
         group is committed whatever happens here, so nothing may raise."""
         if self.handoff is None:
             return
-        channels = [owner_channel(self.handoff.channel, owner) for owner, _ in wake]
-        payloads = [payload for _, payload in wake]
+        announcer = self.handoff.announcer
+        if announcer is not None and wake:
+            if not any(sms.express for items in wake.values() for sms in items):
+                announcer.tell(wake)
+                wake = {}
+            else:
+                for owner, items in announcer.take().items():
+                    wake.setdefault(owner, []).extend(items)
+        channels, payloads = handoff_notices(self.handoff.channel, wake)
         if self.handoff.settled_channel:
             settled = settled_payloads([o for o in outcomes if o.sms.express])
             channels += [self.handoff.settled_channel] * len(settled)
@@ -372,11 +388,7 @@ class GroupCommit(StorePart):
         if not payloads:
             return
         try:
-            await conn.execute(
-                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
-                channels,
-                payloads,
-            )
+            await conn.execute(NOTIFY, channels, payloads)
         except Exception as exc:
             log.warning("could not notify hand-offs or outcomes (the poll takes them): %s", exc)
 
@@ -414,11 +426,11 @@ class GroupCommit(StorePart):
         inserted = None if row["stored"] == len(stored) else set(row["inserted"] or ())
         balances = dict(zip(row["ids"], row["balances"], strict=True))
         accepts = _one_answers(group, balances, inserted)
-        wake: list[tuple[str, str]] = []
+        wake: dict[str, list[OutboundSms]] = {}
         if self.handoff is not None and row["handed"]:
             if inserted is not None:
                 stored = [s for s in stored if s.id in inserted]
-            wake = _handed_payloads(row["owners"], row["handed"], stored)
+            wake = _handed(row["owners"], row["handed"], stored)
         await self._notify(conn, wake, group.outcomes)
         return GroupResult(accepts, [], [])
 
@@ -515,18 +527,18 @@ def _still_accepted(group: WriteGroup, accepts: list[list[AcceptResult]]) -> lis
     ]
 
 
-def _handed_payloads(
+def _handed(
     owners: Sequence[str], ids: Sequence[str], stored: list[OutboundSms]
-) -> list[tuple[str, str]]:
-    """The NOTIFY payloads that carry the handed-off messages to their owners: only messages
-    still stored (not a duplicate's, nor an atomic sibling's taken back)."""
+) -> dict[str, list[OutboundSms]]:
+    """The handed-off messages by owner: only messages still stored (not a duplicate's, nor
+    an atomic sibling's taken back)."""
     by_id = {s.id: s for s in stored}
     handed: dict[str, list[OutboundSms]] = {}
     for owner, message_id in zip(owners, ids, strict=True):
         sms = by_id.get(message_id)
         if sms is not None:
             handed.setdefault(owner, []).append(sms)
-    return handoff_payloads(handed) if handed else []
+    return handed
 
 
 async def _undo_duplicates(

@@ -63,3 +63,12 @@ def handoff_payloads(handed: dict[str, list[OutboundSms]]) -> list[tuple[str, st
         if len(fitting) < len(encoded):
             payloads.append((owner, (head + b"[]").decode()))
     return payloads
+
+
+def handoff_notices(
+    channel: str, handed: dict[str, list[OutboundSms]]
+) -> tuple[list[str], list[str]]:
+    """The channels and payloads of NOTIFYs that tell `handed` (owner -> messages) to their
+    owners (`channel`: the schema's hand-off channel)."""
+    told = handoff_payloads(handed)
+    return [owner_channel(channel, owner) for owner, _ in told], [p for _, p in told]
