@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -19,7 +20,7 @@ from smsgw.storage import commit
 from smsgw.storage.announce import HandoffAnnouncer
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.commit import Handoff
-from smsgw.storage.database import bridge
+from smsgw.storage.database import Database, bridge
 from smsgw.storage.payloads import owner_channel
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
@@ -236,6 +237,23 @@ async def test_a_taken_client_ref_holds_nothing(
     assert_ledger_consistent({account.id: figures})
 
 
+async def hand_all_to_b(
+    db: Database, database_url: str, nursery: trio.Nursery, to_b: Callable[[str], None]
+) -> PgCluster:
+    """Node "a", which leases nothing, while "b" leases every shard and listens (its
+    hand-offs' payloads to `to_b`)."""
+    a = PgCluster(db, database_url, "a")
+    await a.join(3.0)
+    b = PgCluster(db, database_url, "b")
+    await db.run(
+        lambda c: c.execute(
+            "UPDATE shard_leases SET owner = 'b', expires_at = now() + interval '1 hour'"
+        )
+    )
+    nursery.start_soon(b.listen, Notices(to_b, lambda _: None, lambda _: None))
+    return a
+
+
 async def test_a_hand_off_wakes_its_owner_and_no_other_node(database_url: str, schema: str) -> None:
     """Node "a" leases nothing and "b" every shard: what "a" stores is told to "b" alone, on
     b's own channel; neither the schema's hand-off channel nor another node's hears it."""
@@ -263,15 +281,7 @@ async def test_a_hand_off_wakes_its_owner_and_no_other_node(database_url: str, s
         await bridge(hold)()
 
     async with open_database(database_url, schema) as db, trio.open_nursery() as nursery:
-        a = PgCluster(db, database_url, "a")
-        await a.join(3.0)
-        b = PgCluster(db, database_url, "b")
-        await db.run(
-            lambda c: c.execute(
-                "UPDATE shard_leases SET owner = 'b', expires_at = now() + interval '1 hour'"
-            )
-        )
-        nursery.start_soon(b.listen, Notices(to_b, lambda _: None, lambda _: None))
+        a = await hand_all_to_b(db, database_url, nursery, to_b)
         nursery.start_soon(
             overhear, [a.channel, owner_channel(a.channel, "a"), owner_channel(a.channel, "c")]
         )
@@ -312,15 +322,7 @@ async def test_bulk_hand_offs_linger_to_go_together_and_express_ones_do_not(
         return [m.id for m in told[-1]]
 
     async with open_database(database_url, schema) as db, trio.open_nursery() as nursery:
-        a = PgCluster(db, database_url, "a")
-        await a.join(3.0)
-        b = PgCluster(db, database_url, "b")
-        await db.run(
-            lambda c: c.execute(
-                "UPDATE shard_leases SET owner = 'b', expires_at = now() + interval '1 hour'"
-            )
-        )
-        nursery.start_soon(b.listen, Notices(to_b, lambda _: None, lambda _: None))
+        a = await hand_all_to_b(db, database_url, nursery, to_b)
         announcer = HandoffAnnouncer(db, a.channel, linger=30.0)
         await nursery.start(announcer.run)
         store = PgStore(db, handoff=Handoff("a", a.lock_class, a.channel, "", announcer))
