@@ -47,6 +47,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         "otp_sweeper",
         "store_upkeep",
         "http",
+        "handoff_announcer",
     ]
 
     for name in ACTORS:
@@ -97,6 +98,11 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
 
     http = children["http"]
     assert (http["state"], http["restart"], http["restarts"]) == ("running", "transient", 0)
+
+    # Bulk hand-offs told to their owners a few groups at a time (storage/announce.py).
+    announcer = children["handoff_announcer"]
+    assert (announcer["state"], announcer["restart"]) == ("running", "permanent")
+    assert {"notifies", "messages", "failures", "waiting"} <= set(announcer["stats"])
 
 
 async def test_cluster_view_of_a_lone_node(node: Node, client: httpx.AsyncClient) -> None:
