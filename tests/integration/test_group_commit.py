@@ -12,6 +12,7 @@ import asyncpg
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from smsgw.engine.messages import Account, OutboundSms, Outcome
 from smsgw.engine.ports import GroupResult, Notices, WriteGroup
@@ -347,3 +348,25 @@ async def test_bulk_hand_offs_linger_to_go_together_and_express_ones_do_not(
         nursery.cancel_scope.cancel()
     assert len(told) == 2
     assert announcer.counts["notifies"] == 1 and announcer.counts["messages"] == 1
+
+
+async def test_an_announcer_that_cannot_notify_drops_what_waits_and_goes_on(
+    database_url: str, schema: str
+) -> None:
+    """A NOTIFY that fails (here: its database is closed) is counted and what it carried is
+    left to the owners' polls (the shard_inbox rows); the announcer neither raises nor keeps
+    the messages, and tells the next ones as before."""
+    async with open_database(database_url, schema), trio.open_nursery() as nursery:
+        closed = await Database.open(database_url, schema=schema)
+        await closed.close()
+        announcer = HandoffAnnouncer(closed, "smsgw_handoff_test", linger=0.0)
+        await nursery.start(announcer.run)
+        account_id = 1
+        for expected in (1, 2):
+            announcer.tell({"b": [outbound(account_id)]})
+            with trio.fail_after(10):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert announcer.counts["failures"] == expected
+            assert announcer.stats()["waiting"] == 0
+        assert announcer.counts["notifies"] == 0
+        nursery.cancel_scope.cancel()

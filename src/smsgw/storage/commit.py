@@ -364,12 +364,12 @@ class GroupCommit(StorePart):
         node the express outcomes just committed (a `"wait": true` request may wait for one on
         any node). Bulk hand-offs go to the announcer when there is one (storage/announce.py:
         a few groups' worth a NOTIFY); express ones now, with whatever waits there. After the
-        commit, in a transaction of its own: in the group's, the one
-        statement would have to find the owners and build their payloads itself (tried on
-        2026-12-07: a third fewer transactions an accept, no less CPU), and it would hold
-        PostgreSQL's database-wide notify lock through the group's WAL flush. A lost hand-off
-        waits for the poll; a lost outcome lets its waiter time out at the deadline. The
-        group is committed whatever happens here, so nothing may raise."""
+        commit, in a transaction of its own: in the group's, the one statement would have to
+        find the owners and build their payloads itself (tried: a third fewer transactions an
+        accept, no less CPU), and it would hold PostgreSQL's database-wide notify lock through
+        the group's WAL flush. A lost hand-off waits for the poll; a lost outcome lets its
+        waiter time out at the deadline. The group is committed whatever happens here, so
+        nothing may raise."""
         if self.handoff is None:
             return
         announcer = self.handoff.announcer
