@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from smsgw.engine.ports import SHARDS, shard_of
-from tests.conftest import bearer
+from tests.conftest import admin, bearer
 from tests.integration.helpers import (
     FINAL,
     TO,
@@ -57,8 +57,9 @@ async def test_shard_of_is_the_same_in_python_and_postgres(database_url: str, sc
 
 
 async def test_two_nodes_share_the_shards_and_hand_off(database_url: str, schema: str) -> None:
-    """Accept on either node, dispatch by the shard's owner: every message ends once, by the
-    owner of its account's shard."""
+    """Accept on either node: every message ends once. Bulk is dispatched by the node that
+    accepted it (under its home shard, no hand-off), except a paced account's, which goes to
+    the owner of the account's shard, where its send rate is kept."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log"
         async with (
@@ -76,17 +77,25 @@ async def test_two_nodes_share_the_shards_and_hand_off(database_url: str, schema
             }
             assert len(owner) == SHARDS
             accounts = await create_accounts(ca, 12, 10_000)
-            sent: list[tuple[dict, str]] = []
+            paced = {a["id"] for a in accounts[:3]}
+            for account_id in paced:
+                r = await ca.put(
+                    f"/v1/accounts/{account_id}/settings", json={"send_rate": 1000}, headers=admin()
+                )
+                assert r.status_code == 200, r.text
+            await trio.sleep(1.5)  # settings reach every node within 1 s
+            accepted_by: dict[str, str] = {}
             for i in range(120):
                 account = accounts[i % len(accounts)]
-                client = ca if i % 2 else cb
+                # Each account through both nodes, every other round.
+                name, client = ("a", ca) if i // len(accounts) % 2 else ("b", cb)
                 r = await client.post(
                     "/v1/messages",
                     json={"to": TO, "text": f"m{i}"},
                     headers=bearer(account["api_key"]),
                 )
                 assert r.status_code == 202, r.text
-                sent.append((account, r.json()["id"]))
+                accepted_by[r.json()["id"]] = name
 
             async def all_final() -> bool:
                 return await pending_count(database_url, schema) == 0
@@ -96,17 +105,32 @@ async def test_two_nodes_share_the_shards_and_hand_off(database_url: str, schema
             rows = await db_fetch(
                 database_url,
                 schema,
-                "SELECT id::text AS id, account_id, status, operator FROM messages",
+                "SELECT id::text AS id, account_id, status, operator, dispatch_shard FROM messages",
             )
-            assert len(rows) == len(sent)
+            assert len(rows) == len(accepted_by)
             for row in rows:
                 assert row["status"] in FINAL
-                assert row["operator"] == f"op-{owner[shard_of(row['account_id'])]}", row
+                account_owner = owner[shard_of(row["account_id"])]
+                by = accepted_by[row["id"]]
+                if row["account_id"] in paced:
+                    assert row["operator"] == f"op-{account_owner}", row
+                    assert row["dispatch_shard"] is None, row
+                else:
+                    assert row["operator"] == f"op-{by}", row
+                    if by != account_owner:
+                        assert owner[row["dispatch_shard"]] == by, row
             handed = 0
             for client in (ca, cb):
                 stats = await leases_of(client)
                 handed += stats["delivered"] + stats["claimed"]
-            assert handed > 0  # some messages were accepted by the node that does not own them
+            # The paced accounts' messages accepted by the node that does not own their shard.
+            assert handed == sum(
+                1
+                for row in rows
+                if row["account_id"] in paced
+                and accepted_by[row["id"]] != owner[shard_of(row["account_id"])]
+            )
+            assert handed > 0
             assert_ledger_consistent(await ledger(database_url, schema))
 
 
@@ -238,9 +262,9 @@ async def test_a_paused_node_cannot_write_status_for_shards_it_lost(
             on_b = [acc for acc in accounts if shard_of(acc["id"]) in b_shards]
             assert on_b
             ids = []
-            for i in range(30):  # accepted by A, handed off to B
+            for i in range(30):  # accepted and dispatched by B
                 account = on_b[i % len(on_b)]
-                r = await ca.post(
+                r = await cb.post(
                     "/v1/messages",
                     json={"to": TO, "text": f"m{i}"},
                     headers=bearer(account["api_key"]),

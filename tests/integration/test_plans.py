@@ -24,7 +24,7 @@ import msgspec
 import pytest
 
 from smsgw.engine.messages import Attempt, OutboundSms, Outcome
-from smsgw.engine.ports import MessageQuery, WriteGroup, dispatch_shard
+from smsgw.engine.ports import MessageQuery, WriteGroup, dispatch_shard, shard_of
 from smsgw.http.context import uuid7
 from smsgw.runtime.server import Node
 from smsgw.storage import backlog, commit_sql, delivery, reads, scheduled
@@ -379,6 +379,7 @@ def hot_statements(
         [uuid.UUID(int=0)] * ACCOUNTS,
         [100] * ACCOUNTS,
         list(range(ACCOUNTS)),
+        [shard_of(a) for a in range(1, ACCOUNTS + 1)],  # each account's own stream
     ]
     no_credit: list[Any] = [*[[]] * 5, "[]"]
     every = sorted(leases)

@@ -1,5 +1,11 @@
 """What waits for dispatch: the express lane and the account mailboxes (pure state).
 
+A mailbox holds one stream (`ports.stream_key`): an account's bulk under one dispatch shard.
+On a node that is nearly always one mailbox per account, keyed by the account id; an account
+whose shard another node leases has its bulk accepted here in a second stream, under this
+node's home shard, which is paged on its own (engine/shards.py says why). `key` below is a
+mailbox's stream key; fairness, bounds and cursors are per mailbox, send rates per account.
+
 `SchedulerState` serves bulk by deficit round robin; `FifoState`, the baseline the fairness
 benchmark compares it with, in arrival order. The Scheduler (engine/scheduler.py) is given
 one of them where the node is built.
@@ -13,7 +19,15 @@ from collections import OrderedDict, deque
 from collections.abc import Container, Iterable, Sequence
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import Entry, Position, entry_of, micros, slots
+from smsgw.engine.ports import (
+    Entry,
+    Position,
+    entry_of,
+    micros,
+    slots,
+    stream_account,
+    stream_of,
+)
 from smsgw.engine.ratelimit import TokenBucket
 
 START: Position = (-1, "")  # before every message
@@ -93,6 +107,8 @@ class SchedulerState:
         self.body_budget = body_budget if body_budget is not None else math.inf
         self.page_size = page_size
         self.mailboxes: dict[int, Mailbox] = {}
+        # account -> the keys of its mailboxes other than its own shard's (usually none)
+        self.streams: dict[int, set[int]] = {}
         self.ring: deque[int] = deque()  # accounts with bulk work, in serving order
         self.cursors: dict[int, Position] = {}
         # An ordered set, taken from the front: popitem(last=False) is O(1), where copying a
@@ -121,17 +137,29 @@ class SchedulerState:
         return self.bulk_size + len(self.express)
 
     def backlog(self, account_id: int) -> int:
-        mailbox = self.mailboxes.get(account_id)
-        return 0 if mailbox is None else len(mailbox.queue) + mailbox.spilled
+        """The account's bulk waiting here, in all its streams."""
+        mailboxes = self.mailboxes
+        total = 0
+        for key in (account_id, *self.streams.get(account_id, ())):
+            mailbox = mailboxes.get(key)
+            if mailbox is not None:
+                total += len(mailbox.queue) + mailbox.spilled
+        return total
 
     def largest_backlogs(self, n: int) -> list[tuple[int, int]]:
-        return heapq.nlargest(n, ((len(m.queue) + m.spilled, a) for a, m in self.mailboxes.items()))
+        """The `n` largest backlogs as (messages, account), each account's streams summed."""
+        by_account: dict[int, int] = {}
+        for key, m in self.mailboxes.items():
+            account_id = stream_account(key)
+            by_account[account_id] = by_account.get(account_id, 0) + len(m.queue) + m.spilled
+        return heapq.nlargest(n, ((size, a) for a, size in by_account.items()))
 
     # --- settings ------------------------------------------------------------------------
 
     def set_send_rate(self, account_id: int, rate: float | None, now: float) -> None:
-        """Pace `account_id`'s bulk dispatch at `rate` messages a second (None: no limit; 0:
-        none at all, a suspended account: its work waits in its mailbox and in the store)."""
+        """Pace `account_id`'s bulk dispatch at `rate` messages a second, all its streams
+        together (None: no limit; 0: none at all, a suspended account: its work waits in its
+        mailboxes and in the store)."""
         if rate is None:
             self.send_rates.pop(account_id, None)
             self.buckets.pop(account_id, None)
@@ -158,86 +186,99 @@ class SchedulerState:
             self.express_slots += slots(sms.segments)
             return
         entry = entry_of(sms)
-        account_id = sms.account_id
-        if self._place(account_id, entry) and (sms.attempts or len(self.bodies) < self.body_budget):
+        key = stream_of(sms)
+        if self._place(key, entry) and (sms.attempts or len(self.bodies) < self.body_budget):
             # A retry keeps its body whatever the budget: its attempts are only here.
             self.bodies[sms.id] = sms
         if sms.attempts:
             # A retry is not an account sending a little: with the operators failing a few
             # percent of a heavy load, retries alone would keep the light reserve (and a tenth
             # of the window) from the bulk senders.
-            self.mailboxes[account_id].heavy = True
+            self.mailboxes[key].heavy = True
 
-    def _mailbox(self, account_id: int) -> Mailbox:
-        mailbox = self.mailboxes.get(account_id)
+    def _mailbox(self, key: int) -> Mailbox:
+        mailbox = self.mailboxes.get(key)
         if mailbox is None:
-            mailbox = self.mailboxes[account_id] = Mailbox()
-            self._enter_ring(account_id)
+            mailbox = self.mailboxes[key] = Mailbox()
+            self._enter_ring(key)
+            account_id = stream_account(key)
+            if account_id != key:
+                self.streams.setdefault(account_id, set()).add(key)
         return mailbox
 
-    def _enter_ring(self, account_id: int) -> None:
+    def _forget(self, key: int) -> None:
+        """Drop an idle mailbox (the caller takes it out of the ring)."""
+        del self.mailboxes[key]
+        account_id = stream_account(key)
+        if account_id != key:
+            others = self.streams[account_id]
+            others.discard(key)
+            if not others:
+                del self.streams[account_id]
+
+    def _enter_ring(self, key: int) -> None:
         """A mailbox was made: it takes its turn at the end of the round."""
-        self.ring.append(account_id)
+        self.ring.append(key)
 
-    def _leave_ring(self, account_id: int) -> None:
+    def _leave_ring(self, key: int) -> None:
         """A mailbox was dropped elsewhere than at the front of the ring."""
-        self.ring.remove(account_id)
+        self.ring.remove(key)
 
-    def _place(self, account_id: int, entry: Entry) -> bool:
+    def _place(self, key: int, entry: Entry) -> bool:
         """Put `entry` in memory (True) or count it as spilled (False)."""
-        mailbox = self._mailbox(account_id)
+        mailbox = self._mailbox(key)
         if not mailbox.heavy and len(mailbox.queue) + mailbox.spilled >= self.light_backlog:
             mailbox.heavy = True  # this entry takes it past the light backlog
         position = (entry[0], entry[1])
-        cursor = self.cursors.get(account_id, START)
+        cursor = self.cursors.get(key, START)
         if position <= cursor:
             # It entered memory before (a retry, an orphan of the pool) or committed late,
             # behind the cursor: no page query would ever return it.
-            self._remember(account_id, mailbox, entry)
+            self._remember(key, mailbox, entry)
             return True
         if mailbox.spilled or mailbox.paging:
             # Older messages of this account are in the store only: this one waits its turn
             # there too, or it would overtake them.
-            self._spill(account_id, mailbox, entry)
+            self._spill(key, mailbox, entry)
             return False
         if mailbox.queue and (
             len(mailbox.queue) >= self.account_bound or self.in_memory >= self.memory_bound
         ):
-            self._spill(account_id, mailbox, entry)
+            self._spill(key, mailbox, entry)
             return False
-        self._remember(account_id, mailbox, entry)
+        self._remember(key, mailbox, entry)
         return True
 
-    def _remember(self, account_id: int, mailbox: Mailbox, entry: Entry) -> None:
+    def _remember(self, key: int, mailbox: Mailbox, entry: Entry) -> None:
         mailbox.queue.append(entry)
         self.in_memory += 1
         position = (entry[0], entry[1])
-        if position > self.cursors.get(account_id, START):
-            self.cursors[account_id] = position
+        if position > self.cursors.get(key, START):
+            self.cursors[key] = position
 
-    def _spill(self, account_id: int, mailbox: Mailbox, entry: Entry) -> None:
+    def _spill(self, key: int, mailbox: Mailbox, entry: Entry) -> None:
         mailbox.spilled += 1
         self.spilled += 1
         if mailbox.paging:
             mailbox.during.append(entry)
         elif len(mailbox.queue) <= self._low_water():
-            self.page_wanted[account_id] = None
+            self.page_wanted[key] = None
 
     def _low_water(self) -> float:
         return self.account_bound / 2 if self.account_bound != math.inf else 0
 
-    def add_backlog(self, account_id: int, count: int) -> None:
+    def add_backlog(self, key: int, count: int) -> None:
         """`count` bulk messages of this account wait in the store after its cursor (recovery:
         all of its pending messages, from the start)."""
         if count <= 0:
             return
-        mailbox = self._mailbox(account_id)
+        mailbox = self._mailbox(key)
         mailbox.spilled += count
         self.spilled += count
         if len(mailbox.queue) + mailbox.spilled > self.light_backlog:
             mailbox.heavy = True
         if not mailbox.paging:
-            self.page_wanted[account_id] = None
+            self.page_wanted[key] = None
 
     # --- paging --------------------------------------------------------------------------
 
@@ -247,8 +288,8 @@ class SchedulerState:
         requests: list[tuple[int, Position, int]] = []
         room = self.memory_bound - self.in_memory
         while self.page_wanted and len(requests) < limit and room > 0:
-            account_id, _ = self.page_wanted.popitem(last=False)
-            mailbox = self.mailboxes.get(account_id)
+            key, _ = self.page_wanted.popitem(last=False)
+            mailbox = self.mailboxes.get(key)
             if mailbox is None or not mailbox.spilled or mailbox.paging:
                 continue
             free = self.account_bound - len(mailbox.queue)
@@ -259,27 +300,27 @@ class SchedulerState:
                 continue
             mailbox.paging = True
             room -= size
-            requests.append((account_id, self.cursors.get(account_id, START), size))
+            requests.append((key, self.cursors.get(key, START), size))
         return requests
 
-    def paged(self, account_id: int, rows: Sequence[Entry], size: int) -> None:
+    def paged(self, key: int, rows: Sequence[Entry], size: int) -> None:
         """The answer to a page query: up to `size` entries after the cursor, in order."""
-        mailbox = self.mailboxes.get(account_id)
+        mailbox = self.mailboxes.get(key)
         if mailbox is None or not mailbox.paging:
             return  # cannot happen: a paging mailbox is never dropped
         mailbox.paging = False
         during, mailbox.during = mailbox.during, []
         got = {row[1] for row in rows}
         for row in rows:
-            self._remember(account_id, mailbox, row)
-        cursor = self.cursors.get(account_id, START)
+            self._remember(key, mailbox, row)
+        cursor = self.cursors.get(key, START)
         beyond = 0
         for entry in during:
             if entry[1] in got:
                 continue
             if (entry[0], entry[1]) <= cursor:
                 # Committed after the query's snapshot but before its last row.
-                self._remember(account_id, mailbox, entry)
+                self._remember(key, mailbox, entry)
                 self._unspill(mailbox, 1)
             else:
                 beyond += 1
@@ -297,35 +338,35 @@ class SchedulerState:
             mailbox.spilled = 1
             self.spilled += 1
         if mailbox.spilled and len(mailbox.queue) <= self._low_water():
-            self.page_wanted[account_id] = None
+            self.page_wanted[key] = None
         if mailbox.idle():
-            self._drop(account_id)
+            self._drop(key)
 
-    def page_failed(self, account_id: int) -> None:
+    def page_failed(self, key: int) -> None:
         """A page query failed: nothing was read; the entries spilled meanwhile stay counted."""
-        mailbox = self.mailboxes.get(account_id)
+        mailbox = self.mailboxes.get(key)
         if mailbox is None:
             return
         mailbox.paging = False
         mailbox.during = []
         if mailbox.spilled:
-            self.page_wanted[account_id] = None
+            self.page_wanted[key] = None
 
     def reset_paging(self) -> None:
         """Forget queries that were out when the run loop died; they are asked again."""
-        for account_id, mailbox in self.mailboxes.items():
+        for key, mailbox in self.mailboxes.items():
             if mailbox.paging:
-                self.page_failed(account_id)
+                self.page_failed(key)
 
     def _unspill(self, mailbox: Mailbox, n: int) -> None:
         n = max(0, min(n, mailbox.spilled))
         mailbox.spilled -= n
         self.spilled -= n
 
-    def _drop(self, account_id: int) -> None:
-        del self.mailboxes[account_id]
-        self._leave_ring(account_id)
-        self.page_wanted.pop(account_id, None)
+    def _drop(self, key: int) -> None:
+        self._forget(key)
+        self._leave_ring(key)
+        self.page_wanted.pop(key, None)
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -371,9 +412,9 @@ class SchedulerState:
         ring = self.ring
         unready = 0
         while unready < len(ring):
-            account_id = ring[0]
-            mailbox = self.mailboxes[account_id]
-            bucket = self.buckets.get(account_id)
+            key = ring[0]
+            mailbox = self.mailboxes[key]
+            bucket = self.buckets.get(stream_account(key))
             if not mailbox.queue or (bucket is not None and bucket.wait(now) > 0):
                 # Not ready: its turn passes without credit, keeping what it had.
                 mailbox.turn = False
@@ -396,16 +437,16 @@ class SchedulerState:
             mailbox.deficit -= entry[2]
             if not mailbox.heavy:
                 self.light_served_at = now
-            if self._taken(account_id, mailbox, bucket, now, entry):
+            if self._taken(key, mailbox, bucket, now, entry):
                 ring.popleft()
             elif not mailbox.queue:
                 ring.rotate(-1)
-            return account_id, entry
+            return key, entry
         return None
 
     def _taken(
         self,
-        account_id: int,
+        key: int,
         mailbox: Mailbox,
         bucket: TokenBucket | None,
         now: float,
@@ -424,12 +465,12 @@ class SchedulerState:
             mailbox.turn = False
             mailbox.deficit = 0
             if mailbox.idle():
-                del self.mailboxes[account_id]
+                self._forget(key)
                 return True
             if mailbox.spilled and not mailbox.paging:
-                self.page_wanted[account_id] = None
+                self.page_wanted[key] = None
         elif mailbox.spilled and not mailbox.paging and len(mailbox.queue) <= self._low_water():
-            self.page_wanted[account_id] = None
+            self.page_wanted[key] = None
         return False
 
     def _pop_light(self, now: float, room: float) -> tuple[int, Entry] | None:
@@ -440,32 +481,35 @@ class SchedulerState:
         ring = self.ring
         size = len(ring)
         for i in range(max(0, size - LIGHT_SCAN), size):
-            account_id = ring[i]
-            mailbox = self.mailboxes[account_id]
+            key = ring[i]
+            mailbox = self.mailboxes[key]
             if mailbox.heavy or not mailbox.queue or slots(mailbox.queue[0][2]) > room:
                 continue
-            bucket = self.buckets.get(account_id)
+            bucket = self.buckets.get(stream_account(key))
             if bucket is not None and bucket.wait(now) > 0:
                 continue
             entry = mailbox.queue.popleft()
             self.light_served_at = now
-            if self._taken(account_id, mailbox, bucket, now, entry):
+            if self._taken(key, mailbox, bucket, now, entry):
                 del ring[i]
-            return account_id, entry
+            return key, entry
         return None
 
-    def put_back(self, account_id: int, entry: Entry) -> None:
+    def put_back(self, key: int, entry: Entry) -> None:
         """An entry popped but not dispatched after all (its dispatch was cancelled): it goes
         back in memory (it is at or before its account's cursor, so no page would return it)."""
-        self._remember(account_id, self._mailbox(account_id), entry)
+        self._remember(key, self._mailbox(key), entry)
 
     def next_ready(self, now: float) -> float:
         """When a paced account will have a token again (inf if none is waiting on one)."""
         soonest = math.inf
+        mailboxes = self.mailboxes
         for account_id, bucket in self.buckets.items():
-            mailbox = self.mailboxes.get(account_id)
-            if mailbox is not None and mailbox.queue:
-                soonest = min(soonest, now + bucket.wait(now))
+            for key in (account_id, *self.streams.get(account_id, ())):
+                mailbox = mailboxes.get(key)
+                if mailbox is not None and mailbox.queue:
+                    soonest = min(soonest, now + bucket.wait(now))
+                    break
         return soonest
 
     def bulk_ready(self) -> bool:
@@ -480,8 +524,8 @@ class SchedulerState:
         costing a read of its own."""
         ids: list[str] = []
         bodies = self.bodies
-        for account_id in self.ring:
-            queue = self.mailboxes[account_id].queue
+        for key in self.ring:
+            queue = self.mailboxes[key].queue
             for i in range(min(per_account, len(queue))):
                 message_id = queue[i][1]
                 if message_id not in bodies and message_id not in skip:
@@ -505,16 +549,16 @@ class SchedulerState:
                 if sms.id not in express_ids:
                     out.append(sms)
                 continue
-            account_id = sms.account_id
-            mailbox = self.mailboxes.get(account_id)
-            if (micros(sms.created_at), sms.id) > self.cursors.get(account_id, START):
+            key = stream_of(sms)
+            mailbox = self.mailboxes.get(key)
+            if (micros(sms.created_at), sms.id) > self.cursors.get(key, START):
                 # Never in memory yet: held only if a page will read it.
                 if mailbox is None or not (mailbox.spilled or mailbox.paging):
                     out.append(sms)
                 continue
-            ids = queued.get(account_id)
+            ids = queued.get(key)
             if ids is None:
-                ids = queued[account_id] = (
+                ids = queued[key] = (
                     set() if mailbox is None else {entry[1] for entry in mailbox.queue}
                 )
             if sms.id not in ids:
@@ -534,15 +578,15 @@ class FifoState(SchedulerState):
         super().__init__(page_size=page_size)
         self.order: deque[tuple[int, Entry]] = deque()  # (account, entry) as they came
 
-    def _enter_ring(self, account_id: int) -> None:
+    def _enter_ring(self, key: int) -> None:
         pass  # served in arrival order, not in rounds
 
-    def _leave_ring(self, account_id: int) -> None:
+    def _leave_ring(self, key: int) -> None:
         pass
 
-    def _remember(self, account_id: int, mailbox: Mailbox, entry: Entry) -> None:
-        super()._remember(account_id, mailbox, entry)
-        self.order.append((account_id, entry))
+    def _remember(self, key: int, mailbox: Mailbox, entry: Entry) -> None:
+        super()._remember(key, mailbox, entry)
+        self.order.append((key, entry))
 
     def pop_bulk_of(
         self, now: float, light_only: bool = False, room: float = math.inf
@@ -551,11 +595,11 @@ class FifoState(SchedulerState):
         queue, so it is the front of its account's queue). No light-only pops: one queue."""
         if light_only or not self.order or slots(self.order[0][1][2]) > room:
             return None
-        account_id, entry = self.order.popleft()
-        mailbox = self.mailboxes[account_id]
+        key, entry = self.order.popleft()
+        mailbox = self.mailboxes[key]
         mailbox.queue.popleft()
-        self._taken(account_id, mailbox, None, now, entry)
-        return account_id, entry
+        self._taken(key, mailbox, None, now, entry)
+        return key, entry
 
     def next_ready(self, now: float) -> float:
         return math.inf  # nothing is paced

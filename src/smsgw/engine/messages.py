@@ -75,7 +75,9 @@ class OutboundSms(msgspec.Struct, frozen=True):
     last_operator: str | None = None
     # The shard whose lease dispatches it, when not its account's: an express message is
     # dispatched by the node that accepted it, under a shard that node leases, so its deadline
-    # does not depend on another node (engine/shards.py; `dispatch_shard`, engine/ports.py). Stored.
+    # does not depend on another node; so is a bulk one whose account's shard another node
+    # leases, so it costs no hand-off (engine/shards.py; `dispatch_shard`, engine/ports.py).
+    # Stored.
     shard: int | None = None
     # When it may be sent (wall clock), for a message accepted `scheduled`: it waits in the
     # store until then (engine/scheduled.py), and its validity and express deadline count
@@ -326,16 +328,17 @@ class Enqueue(msgspec.Struct, frozen=True):
 
 
 class Backlog(msgspec.Struct, frozen=True):
-    """Recovery: these accounts have this many bulk messages waiting in the store, to be
-    paged in (from the start of each account's queue)."""
+    """Recovery: these streams (`ports.stream_key`: an account's bulk under one dispatch
+    shard) have this many bulk messages waiting in the store, to be paged in (from the start
+    of each stream's queue)."""
 
     counts: tuple[tuple[int, int], ...]
 
 
 class Paged(msgspec.Struct, frozen=True):
-    """The Scheduler's pager read an account's next entries back from the store."""
+    """The Scheduler's pager read a stream's next entries back from the store."""
 
-    account_id: int
+    key: int  # the stream's (`ports.stream_key`)
     rows: tuple[tuple[int, str, int], ...]  # (created_at in microseconds, id, segments)
     size: int  # how many were asked for
     ok: bool = True

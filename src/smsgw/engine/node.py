@@ -452,9 +452,24 @@ class Engine:
 
     def express_shard(self) -> int | None:
         """The shard an express message accepted now is dispatched under, one this node
-        leases (`ShardLeases.express_shard`); None: its account's shard (a lone node, or one
+        leases (`ShardLeases.home_shard`); None: its account's shard (a lone node, or one
         that leases nothing now)."""
-        return None if self.leases is None else self.leases.express_shard()
+        return None if self.leases is None else self.leases.home_shard()
+
+    def bulk_shard(self, account_id: int) -> int | None:
+        """The shard a bulk message of `account_id` accepted now (not scheduled) is dispatched
+        under. This node's home shard when another node leases the account's shard: the
+        message is dispatched here, with no hand-off. None (the account's shard) when this
+        node leases that shard, leases nothing (or alone), or the account is paced or
+        suspended: its send rate is kept in one place, by the owner of its shard, so its bulk
+        is handed there."""
+        leases = self.leases
+        if leases is None or shard_of(account_id) in leases.owned:
+            return None
+        settings = self.settings.get(account_id)
+        if settings is not None and (settings.send_rate is not None or settings.suspended):
+            return None
+        return leases.home_shard()
 
     def express_problem(self, account_id: int, shard: int) -> str | None:
         """Why an express message of this account accepted now, to be dispatched under
@@ -522,7 +537,7 @@ class Engine:
         if self.leases is None:
             return None
         shard = shard_of(account_id)
-        if shard in self.leases.owned:
+        if shard in self.leases.owned or self.bulk_shard(account_id) is not None:
             return None
         found = self.leases.pressure.get(shard)
         return _NO_PRESSURE if found is None else _decoded_pressure(found)

@@ -65,8 +65,43 @@ _MASK = (1 << 64) - 1
 
 def dispatch_shard(sms: OutboundSms) -> int:
     """The shard whose lease dispatches `sms`: its account's, or the one its accepting node
-    chose for an express message (`ShardLeases.express_shard`)."""
+    chose for it (`ShardLeases.home_shard`: every express message, and the bulk a node
+    dispatches itself for an account whose shard another node leases)."""
     return shard_of(sms.account_id) if sms.shard is None else sms.shard
+
+
+# A stream: an account's bulk under one dispatch shard, which the Scheduler queues and pages
+# as a mailbox of its own (engine/mailboxes.py). An account's stream under its own shard is
+# keyed by the account id itself; under another shard (the home shard of the node that
+# accepted it) by the account id with the shard above STREAM_BITS. Each stream lives on
+# exactly one node at a time (the lease of its shard), so a node that takes a shard over
+# takes whole streams, never the older part of one it pages already.
+STREAM_BITS = 48
+_ACCOUNT_BITS = (1 << STREAM_BITS) - 1
+
+
+def stream_key(account_id: int, shard: int | None) -> int:
+    """The key of `account_id`'s stream under `shard` (None: its own shard)."""
+    if shard is None or shard == shard_of(account_id):
+        return account_id
+    return account_id | ((shard + 1) << STREAM_BITS)
+
+
+def stream_of(sms: OutboundSms) -> int:
+    """The key of the stream `sms` is queued in (`stream_key`)."""
+    return sms.account_id if sms.shard is None else stream_key(sms.account_id, sms.shard)
+
+
+def stream_parts(key: int) -> tuple[int, int]:
+    """(account, dispatch shard) of a stream's key."""
+    account_id = key & _ACCOUNT_BITS
+    above = key >> STREAM_BITS
+    return account_id, shard_of(account_id) if above == 0 else above - 1
+
+
+def stream_account(key: int) -> int:
+    """The account of a stream's key."""
+    return key & _ACCOUNT_BITS
 
 
 def shard_of(account_id: int) -> int:
@@ -139,11 +174,11 @@ class GroupResult:
 
 class Recovered(msgspec.Struct, frozen=True):
     """What Recovery loads at start: express messages whole (they are few, and their deadline
-    is near or gone), and bulk as a count per account (paged in by the Scheduler). The send
+    is near or gone), and bulk as a count per stream (paged in by the Scheduler). The send
     rates come from `dispatch_rates`, read before it."""
 
     express: list[OutboundSms]
-    backlogs: list[tuple[int, int]]  # (account, bulk messages not final)
+    backlogs: list[tuple[int, int]]  # (stream, bulk messages not final): `stream_key`
 
 
 class SchedulingStore(Protocol):
@@ -152,9 +187,10 @@ class SchedulingStore(Protocol):
     async def page_entries(
         self, requests: Sequence[tuple[int, Position, int]]
     ) -> list[list[Entry]]:
-        """For each (account, cursor, n): up to n queued bulk messages of the account after
-        the cursor, in (created_at, id) order, as (created_at in microseconds, id, segments).
-        One query for all of them."""
+        """For each (stream, cursor, n): up to n queued bulk messages of the stream
+        (`stream_key`: an account's, under one dispatch shard) after the cursor, in
+        (created_at, id) order, as (created_at in microseconds, id, segments). One query for
+        all of them."""
         ...
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:

@@ -26,7 +26,7 @@ from smsgw.engine.messages import (
     SendRate,
     WriterMessage,
 )
-from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of
+from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of, stream_of
 from smsgw.engine.retry import expired
 from smsgw.engine.writer import CommitFence
 
@@ -240,16 +240,16 @@ class Scheduler:
                 for sms in items:
                     self.state.push(sms)
             case Backlog(counts=counts):
-                for account_id, count in counts:
-                    self.state.add_backlog(account_id, count)
-            case Paged(account_id=account_id, rows=rows, size=size, ok=ok):
+                for key, count in counts:
+                    self.state.add_backlog(key, count)
+            case Paged(key=key, rows=rows, size=size, ok=ok):
                 if ok:
                     self.pages += 1
                     self.paged_entries += len(rows)
-                    self.state.paged(account_id, rows, size)
+                    self.state.paged(key, rows, size)
                 else:
                     self.page_failures += 1
-                    self.state.page_failed(account_id)
+                    self.state.page_failed(key)
             case SendRate(account_id=account_id, rate=rate):
                 self.state.set_send_rate(account_id, rate, self._clock())
             case BatchDone(slots=slots, express=express):
@@ -277,10 +277,10 @@ class Scheduler:
         light account's message that shares the batch with a paged-back backlog waits on it."""
         cached: list[OutboundSms] = []
         uncached: list[tuple[int, Entry]] = []
-        for account_id, entry in entries:
+        for key, entry in entries:
             sms = self._take_body(entry[1])
             if sms is None:
-                uncached.append((account_id, entry))
+                uncached.append((key, entry))
             else:
                 cached.append(sms)
         self._submit(cached)
@@ -292,8 +292,8 @@ class Scheduler:
             batch = await self._bodies([entry for _, entry in entries])
         except BaseException:
             # Cancelled (the run loop is restarting): the entries go back, slots too.
-            for account_id, entry in entries:
-                self.state.put_back(account_id, entry)
+            for key, entry in entries:
+                self.state.put_back(key, entry)
             self.capacity.release(_entry_slots(entries))
             raise
         self._submit(batch)
@@ -493,7 +493,7 @@ class Scheduler:
         bodies, ahead, mailboxes = self.state.bodies, self._ahead, self.state.mailboxes
         while ahead:
             message_id, sms = next(iter(ahead.items()))
-            mailbox = mailboxes.get(sms.account_id)
+            mailbox = mailboxes.get(stream_of(sms))
             if mailbox is not None and mailbox.queue and mailbox.queue[0] <= entry_of(sms):
                 return
             del ahead[message_id]
@@ -523,16 +523,16 @@ class Scheduler:
                 try:
                     pages = await store.page_entries(requests)
                 except Exception:
-                    for account_id, _, size in requests:
-                        await self.ref.tell(Paged(account_id, (), size, ok=False))
+                    for key, _, size in requests:
+                        await self.ref.tell(Paged(key, (), size, ok=False))
                     await trio.sleep(0.5)
                     continue
                 if self._commits is not None:
                     # Groups that committed before the query but have not told us yet go
                     # first: their Enqueue then reaches the inbox ahead of this page.
                     await self._commits.wait()
-                for (account_id, _, size), rows in zip(requests, pages, strict=True):
-                    await self.ref.tell(Paged(account_id, tuple(rows), size))
+                for (key, _, size), rows in zip(requests, pages, strict=True):
+                    await self.ref.tell(Paged(key, tuple(rows), size))
 
 
 def _entry_slots(entries: Iterable[tuple[int, Entry]]) -> int:

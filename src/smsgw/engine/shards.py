@@ -239,12 +239,14 @@ class ShardLeases:
         self.counts["promoted"] += len(taken)
         return taken
 
-    def express_shard(self) -> int | None:
+    def home_shard(self) -> int | None:
         """A shard this node leases and keeps (not draining), under whose lease it dispatches
-        the express messages it accepts, whatever their accounts' shards: an express
-        message's deadline then depends on no other node, and a node that dies takes only its
-        own requests' messages with it (the taker of its shards recovers them). None when it
-        leases none, or its leases are not trusted now: the account's shard it is."""
+        the messages it accepts whatever their accounts' shards: every express message (its
+        deadline then depends on no other node) and the bulk of accounts whose shard another
+        node leases (no hand-off: `Engine.bulk_shard`). A node that dies takes only its own
+        requests' messages with it (the taker of its shards recovers them, the bulk as streams
+        of their own: ports.stream_key). None when it leases none, or its leases are not
+        trusted now: the account's shard it is."""
         if self._clock() >= self.valid_until:
             return None
         for shard in self.owned:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import SHARDS, Beat, Notices, dispatch_shard
+from smsgw.engine.ports import SHARDS, Beat, Notices, dispatch_shard, stream_of
 from smsgw.sim.memstore import MemStore
 
 
@@ -72,7 +72,8 @@ class MemCluster:
             if sms.express:
                 express.append(sms)
             else:
-                counts[sms.account_id] = counts.get(sms.account_id, 0) + 1
+                key = stream_of(sms)
+                counts[key] = counts.get(key, 0) + 1
         return express, sorted(counts.items())
 
     async def claim(self, known: Callable[[str], bool]) -> list[tuple[OutboundSms, int]]:

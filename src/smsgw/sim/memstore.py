@@ -39,6 +39,7 @@ from smsgw.engine.ports import (
     WriteGroup,
     dispatch_shard,
     entry_of,
+    stream_of,
 )
 
 # The same hold rules as the PostgreSQL store: one implementation, so both stores refuse alike.
@@ -94,7 +95,7 @@ class MemStore:
         # Each account's pending bulk entries in queue order: what `page_entries` reads, so a
         # page costs a bisect, not a scan of every pending message (a full-scale `day` run
         # pages under a backlog of millions).
-        self._queues: dict[int, list[Entry]] = {}
+        self._queues: dict[int, list[Entry]] = {}  # by stream (ports.stream_key)
         # Scheduled messages (pending too, their price held): each shard's (send_at, id) by
         # send_at, as PostgreSQL's due-time index; promoted ones move to the queues.
         self._due: dict[int, list[tuple[float, str]]] = {}
@@ -187,7 +188,7 @@ class MemStore:
                 self.scheduled_ids.add(sms.id)
                 heapq.heappush(self._due.setdefault(dispatch_shard(sms), []), (sms.send_at, sms.id))
             elif not sms.express:
-                bisect.insort(self._queues.setdefault(sms.account_id, []), entry_of(sms))
+                bisect.insort(self._queues.setdefault(stream_of(sms), []), entry_of(sms))
             sums = self.ledger[sms.account_id]
             sums.hold += sms.price
             sums.hold_n += weight(sms)
@@ -243,7 +244,8 @@ class MemStore:
             if sms.express:
                 express.append(sms)
             else:
-                backlogs[sms.account_id] = backlogs.get(sms.account_id, 0) + 1
+                key = stream_of(sms)
+                backlogs[key] = backlogs.get(key, 0) + 1
         return Recovered(express, sorted(backlogs.items()))
 
     def dispatchable(self) -> list[OutboundSms]:
@@ -268,7 +270,7 @@ class MemStore:
                 self.scheduled_ids.discard(message_id)
                 sms = self.pending_messages[message_id]
                 if not sms.express:
-                    bisect.insort(self._queues.setdefault(sms.account_id, []), entry_of(sms))
+                    bisect.insort(self._queues.setdefault(stream_of(sms), []), entry_of(sms))
                 promoted.append(sms)
                 taken += 1
             if due is not None and not due:
@@ -282,21 +284,22 @@ class MemStore:
     async def page_entries(
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
     ) -> list[list[tuple[int, str, int]]]:
-        """As PgStore's: each account's next queued bulk entries after its cursor."""
+        """As PgStore's: each stream's next queued bulk entries after its cursor."""
         pages = []
-        for account_id, cursor, n in requests:
-            queue = self._queues.get(account_id, [])
+        for key, cursor, n in requests:
+            queue = self._queues.get(key, [])
             # Past every entry at the cursor's position, whatever its segments.
             start = bisect.bisect_right(queue, (cursor[0], cursor[1], math.inf))
             pages.append(queue[start : start + n])
         return pages
 
     def _unqueue(self, sms: OutboundSms) -> None:
-        queue = self._queues[sms.account_id]
+        key = stream_of(sms)
+        queue = self._queues[key]
         entry = entry_of(sms)
         del queue[bisect.bisect_left(queue, entry)]
         if not queue:
-            del self._queues[sms.account_id]
+            del self._queues[key]
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
         return [sms for i in ids if (sms := self.pending_messages.get(i)) is not None]

@@ -13,22 +13,31 @@ from datetime import UTC, datetime
 import asyncpg
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import Recovered
+from smsgw.engine.ports import Recovered, stream_key, stream_parts
 from smsgw.storage.database import StorePart
-from smsgw.storage.rows import MIN_UUID, PENDING_COLUMNS, at_micros, micros_of, pending_sms
+from smsgw.storage.rows import (
+    MIN_UUID,
+    PENDING_COLUMNS,
+    STREAM_SHARD,
+    at_micros,
+    micros_of,
+    pending_sms,
+)
 
 _PENDING_EXPRESS = f"""
 SELECT {PENDING_COLUMNS} FROM messages
 WHERE status IN ('queued', 'sending') AND express ORDER BY created_at
 """
 
-_PENDING_BULK = """
-SELECT account_id, count(*) AS n FROM messages
-WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
+_PENDING_BULK = f"""
+SELECT account_id, {STREAM_SHARD} AS shard, count(*) AS n FROM messages
+WHERE status IN ('queued', 'sending') AND NOT express GROUP BY 1, 2
 """
 
-# Each account's next queued bulk messages after its cursor: a backward range scan of
-# messages_account_status per account, all accounts in one statement. That index only: the
+# Each stream's next queued bulk messages after its cursor (a stream: an account's bulk under
+# one dispatch shard, ports.stream_key): a range scan of messages_account_status per account,
+# the other streams' rows of the account filtered out on the way, all streams in one
+# statement. That index only: the
 # status index's predicate is stated as such, and 'queued' is a value the planner cannot read
 # while it plans (rows.NOT_FINAL says why), so messages_pending, which a literal 'queued' would
 # make a candidate, is not one (after an ANALYZE taken while few messages were pending, a walk
@@ -39,13 +48,13 @@ WHERE status IN ('queued', 'sending') AND NOT express GROUP BY account_id
 # partitions' ranges are merged (each an index scan in that order) rather than read whole and
 # sorted, which for an account with a deep queue would read all of it for every page.
 _PAGE_SETTINGS = "SET LOCAL enable_sort = off"
-_PAGE_ENTRIES = """
+_PAGE_ENTRIES = f"""
 SELECT x.i, m.created_at, m.id::text, m.segments
-FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[])
-     AS x(account_id, after_at, after_id, n, i)
+FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::int[], $5::int[], $6::int[])
+     AS x(account_id, after_at, after_id, n, i, shard)
 CROSS JOIN LATERAL (
     SELECT created_at, id, segments FROM messages
-    WHERE account_id = x.account_id AND NOT express
+    WHERE account_id = x.account_id AND NOT express AND {STREAM_SHARD} = x.shard
       AND status NOT IN ('sent', 'delivered') AND status = (SELECT 'queued')
       AND (created_at, id) > (x.after_at, x.after_id)
       AND id >= uuid7_floor(x.after_at - interval '1 hour')
@@ -78,7 +87,10 @@ class Backlog(StorePart):
     async def recover(self) -> Recovered:
         async def _recover(conn: asyncpg.Connection) -> Recovered:
             express = [pending_sms(r) for r in await conn.fetch(_PENDING_EXPRESS)]
-            backlogs = [(r["account_id"], r["n"]) for r in await conn.fetch(_PENDING_BULK)]
+            backlogs = [
+                (stream_key(r["account_id"], r["shard"]), r["n"])
+                for r in await conn.fetch(_PENDING_BULK)
+            ]
             return Recovered(express, backlogs)
 
         return await self.db.run(_recover)
@@ -90,9 +102,11 @@ class Backlog(StorePart):
     async def page_entries(
         self, requests: Sequence[tuple[int, tuple[int, str], int]]
     ) -> list[list[tuple[int, str, int]]]:
-        accounts, after_at, after_id, sizes = [], [], [], []
-        for account_id, (at_us, message_id), n in requests:
+        accounts, after_at, after_id, sizes, shards = [], [], [], [], []
+        for key, (at_us, message_id), n in requests:
+            account_id, shard = stream_parts(key)
             accounts.append(account_id)
+            shards.append(shard)
             if at_us < 0:
                 after_at.append(_BEFORE_ALL)
                 after_id.append(MIN_UUID)
@@ -106,7 +120,13 @@ class Backlog(StorePart):
             async with conn.transaction():
                 await conn.execute(_PAGE_SETTINGS)
                 rows: list[asyncpg.Record] = await conn.fetch(
-                    _PAGE_ENTRIES, accounts, after_at, after_id, sizes, list(range(len(requests)))
+                    _PAGE_ENTRIES,
+                    accounts,
+                    after_at,
+                    after_id,
+                    sizes,
+                    list(range(len(requests))),
+                    shards,
                 )
             return rows
 

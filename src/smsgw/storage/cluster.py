@@ -21,10 +21,10 @@ import asyncpg
 import trio
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import SHARDS, Beat, Notices
+from smsgw.engine.ports import SHARDS, Beat, Notices, stream_key
 from smsgw.storage.database import Database, bridge
 from smsgw.storage.payloads import owner_channel
-from smsgw.storage.rows import NOT_FINAL, PENDING_COLUMNS, pending_sms
+from smsgw.storage.rows import NOT_FINAL, PENDING_COLUMNS, STREAM_SHARD, pending_sms
 
 log = logging.getLogger("smsgw.cluster")
 
@@ -60,14 +60,16 @@ SELECT count(pg_advisory_xact_lock($1, s)) FROM (SELECT unnest($2::int[]) AS s O
 _LOAD_EXPRESS = f"""
 SELECT {PENDING_COLUMNS} FROM messages
 WHERE status IN ('queued', 'sending') AND express
-  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
+  AND {STREAM_SHARD} = ANY($1::int[])
 ORDER BY created_at
 """
 
-_COUNT_BULK = """
-SELECT account_id, count(*) AS n FROM messages
-WHERE status IN ('queued', 'sending') AND NOT express AND shard_of(account_id) = ANY($1::int[])
-GROUP BY account_id
+# Each stream's bulk (ports.stream_key) in the shards: an account's under its own shard, and
+# the bulk other nodes accepted for it under their home shards.
+_COUNT_BULK = f"""
+SELECT account_id, {STREAM_SHARD} AS shard, count(*) AS n FROM messages
+WHERE status IN ('queued', 'sending') AND NOT express AND {STREAM_SHARD} = ANY($1::int[])
+GROUP BY 1, 2
 """
 
 _CLAIM = """
@@ -100,7 +102,7 @@ WHERE status IN ('queued', 'sending')
   AND created_at < now() - make_interval(secs => $2)
   AND created_at >= to_timestamp($3)
   AND (created_at, id) > (to_timestamp($3), $4::uuid)
-  AND coalesce(dispatch_shard, shard_of(account_id)) = ANY($1::int[])
+  AND {STREAM_SHARD} = ANY($1::int[])
 ORDER BY messages.created_at, messages.id
 LIMIT $5
 """
@@ -349,7 +351,7 @@ class PgCluster:
                 await conn.execute("DELETE FROM shard_inbox WHERE shard = ANY($1::int[])", shards)
                 express = await conn.fetch(_LOAD_EXPRESS, shards)
                 counts = await conn.fetch(_COUNT_BULK, shards)
-                return express, [(r["account_id"], r["n"]) for r in counts]
+                return express, [(stream_key(r["account_id"], r["shard"]), r["n"]) for r in counts]
 
         express, counts = await self.db.run(read)
         return [pending_sms(r) for r in express], counts

@@ -23,6 +23,10 @@ from smsgw.engine.messages import OutboundSms
 # primary key whatever the statistics say.
 NOT_FINAL = "IN ((SELECT 'queued'), (SELECT 'sending'))"
 
+# The shard a message is dispatched under (ports.dispatch_shard): the one it was stamped with,
+# else its account's. With the account, it names the message's stream (ports.stream_key).
+STREAM_SHARD = "coalesce(dispatch_shard, shard_of(account_id))"
+
 # What dispatch needs of a stored message (pending_sms makes it an OutboundSms).
 PENDING_COLUMNS = """
 messages.id::text, account_id, recipient, sender, body, segments, price, express, client_ref,

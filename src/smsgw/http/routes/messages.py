@@ -48,6 +48,7 @@ class Intake:
     request, not once per message of a batch of a thousand."""
 
     __slots__ = (
+        "_bulk",
         "_deadline",
         "_express_problem",
         "_shard",
@@ -97,6 +98,7 @@ class Intake:
         self._deadline: float | None = None
         self._express_problem: str | bool | None = False  # False: not asked yet
         self._shard: int | bool | None = False  # False: not asked yet
+        self._bulk: int | bool | None = False  # False: not asked yet
 
     def build(self, data: SendIn, send_at: datetime | None = None) -> OutboundSms:
         """Validate one message and price it; raises a 422 problem naming the field. `send_at`:
@@ -160,7 +162,7 @@ class Intake:
             express=express,
             created_at=self.now,
             deadline=deadline,
-            shard=self._express_shard() if express else None,
+            shard=self._express_shard() if express else self._bulk_shard(due),
             client_ref=data.client_ref,
             validity=data.validity,
             request_id=self.request_id,
@@ -219,6 +221,15 @@ class Intake:
         if self._shard is False:
             self._shard = self.gw.engine.express_shard()
         return self._shard
+
+    def _bulk_shard(self, due: float | None) -> int | None:
+        """Where a bulk item is dispatched (`Engine.bulk_shard`); a scheduled one waits in
+        the store for its account's shard's owner to promote it."""
+        if due is not None:
+            return None
+        if self._bulk is False:
+            self._bulk = self.gw.engine.bulk_shard(self.account_id)
+        return self._bulk
 
     def _express_deadline(self) -> float:
         if self._deadline is None:
