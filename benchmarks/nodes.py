@@ -11,9 +11,10 @@ Phases, each on a fresh schema with 100 accounts, against 127.0.0.1 only:
   one_node_no_leases  `smsgw serve --workers 1 --no-leases`: what the lease machinery costs a
                       lone node (hand-off call in the group commit, fencing in status writes)
   handoff             two nodes on their own ports; probes sent one by one (idle, then under
-                      an open-loop load) through node A for accounts whose shard A leases and
-                      accounts whose shard B leases: accept -> `sent` time of each, from the
-                      database, owner-accepted against handed-off (operator latency 1-2 ms)
+                      an open-loop load) through node A for accounts whose shard A leases,
+                      accounts whose shard B leases (A dispatches their bulk itself) and paced
+                      accounts whose shard B leases (handed off to B, which keeps their pace):
+                      accept -> `sent` time of each, from the database (operator 1-2 ms)
   takeover            three nodes on one SO_REUSEPORT port under an open-loop load; one is
                       SIGKILLed: time until every shard is leased again by the two survivors,
                       messages on the victim's shards delayed, and every accepted message
@@ -378,8 +379,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float] | None:
 
 
 def handoff_phase(database_url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Accept -> sent of messages accepted by their shard's owner and of messages accepted by
-    the other node (handed off in the accept transaction, claimed on NOTIFY)."""
+    """Accept -> sent of messages accepted by their shard's owner, of messages accepted by the
+    other node (dispatched there, under its home shard) and of a paced account's messages
+    accepted by the other node (handed off in the accept transaction, told by NOTIFY)."""
     schema = fresh_schema("bench_handoff")
     admin_key = new_admin_key()
     log(f"handoff: two nodes on schema {schema}")
@@ -398,9 +400,18 @@ def handoff_phase(database_url: str, args: argparse.Namespace, work: Path) -> di
                     r.raise_for_status()
                     created.append(r.json())
             own = [acc for acc in created if shard_of(acc["id"]) not in b_shards]
-            other = [acc for acc in created if shard_of(acc["id"]) in b_shards]
+            on_b = [acc for acc in created if shard_of(acc["id"]) in b_shards]
+            other, paced = on_b[::2], on_b[1::2]
+            with httpx.Client(base_url=a.url, headers=auth(admin_key), timeout=30) as client:
+                for acc in paced:
+                    # A pace it never reaches: what is measured is where it is kept.
+                    r = client.put(f"/v1/accounts/{acc['id']}/settings", json={"send_rate": 1e5})
+                    r.raise_for_status()
+            time.sleep(1.5)  # settings reach every node within a second
             for label, loaded in (("idle", False), ("loaded", True)):
-                probes = probe(a.url, own, other, loaded, args, work, label)
+                probes = probe(
+                    a.url, {"own": own, "other": other, "paced": paced}, loaded, work, label
+                )
                 wait_final(database_url, schema)
                 rows = query(
                     database_url,
@@ -411,16 +422,20 @@ def handoff_phase(database_url: str, args: argparse.Namespace, work: Path) -> di
                     [p[0] for p in probes],
                 )
                 took = {r["id"]: r["s"] for r in rows if r["status"] == "sent"}
-                by_owner = [took[i] for i, handed in probes if not handed and i in took]
-                handed_off = [took[i] for i, handed in probes if handed and i in took]
-                owner_p = percentiles(by_owner)
-                handed_p = percentiles(handed_off)
+                owner_p, other_p, handed_p = (
+                    percentiles([took[i] for i, k in probes if k == kind and i in took])
+                    for kind in ("own", "other", "paced")
+                )
+
+                def added(p: dict[str, float] | None, base: dict[str, float] | None) -> Any:
+                    return round(p["p50"] - base["p50"], 2) if p and base else None
+
                 result[label] = {
                     "accepted_by_owner_ms": owner_p,
+                    "other_shard_dispatched_here_ms": other_p,
                     "handed_off_ms": handed_p,
-                    "added_p50_ms": (
-                        round(handed_p["p50"] - owner_p["p50"], 2) if owner_p and handed_p else None
-                    ),
+                    "added_p50_ms": added(handed_p, owner_p),
+                    "other_shard_added_p50_ms": added(other_p, owner_p),
                 }
                 log(f"handoff ({label}): {result[label]}")
             result["claims"] = {
@@ -434,19 +449,19 @@ def handoff_phase(database_url: str, args: argparse.Namespace, work: Path) -> di
 
 def probe(
     url: str,
-    own: list[dict[str, Any]],
-    other: list[dict[str, Any]],
+    kinds: dict[str, list[dict[str, Any]]],
     loaded: bool,
-    args: argparse.Namespace,
     work: Path,
     label: str,
-) -> list[tuple[str, bool]]:
-    """200 messages one at a time through node A, alternating an account A leases and one B
-    leases; under `loaded`, an open-loop load of 300 msg/s runs through A meanwhile."""
+) -> list[tuple[str, str]]:
+    """300 messages one at a time through node A, an account of each kind in turn ((id, kind)
+    of each accepted); under `loaded`, an open-loop load of 300 msg/s runs through A
+    meanwhile."""
     background = None
     if loaded:
         keys_file = work / f"handoff-{label}.keys"
-        keys_file.write_text(msgspec.json.encode([a["api_key"] for a in own + other]).decode())
+        every = [a["api_key"] for accounts in kinds.values() for a in accounts]
+        keys_file.write_text(msgspec.json.encode(every).decode())
         background = subprocess.Popen(
             loadgen_command(
                 url,
@@ -463,20 +478,21 @@ def probe(
             stdout=subprocess.DEVNULL,
         )
         time.sleep(1.0)
-    probes: list[tuple[str, bool]] = []
+    probes: list[tuple[str, str]] = []
+    names = list(kinds)
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
-            for i in range(200):
-                handed = i % 2 == 1
-                accounts = other if handed else own
-                account = accounts[i % len(accounts)]
+            for i in range(300):
+                kind = names[i % len(names)]
+                accounts = kinds[kind]
+                account = accounts[i // len(names) % len(accounts)]
                 r = client.post(
                     "/v1/messages",
                     json={"to": "+4915123456789", "text": f"probe {i}"},
                     headers=auth(account["api_key"]),
                 )
                 if r.status_code == 202:
-                    probes.append((r.json()["id"], handed))
+                    probes.append((r.json()["id"], kind))
                 time.sleep(0.02)
     finally:
         if background is not None:

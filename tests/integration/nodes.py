@@ -127,6 +127,16 @@ async def pending_count(database_url: str, schema: str) -> int:
     return int(rows[0]["n"])
 
 
+async def all_final(database_url: str, schema: str, within: float = 30) -> None:
+    """Wait until no message is pending (queued or sending); TooSlowError after `within` s."""
+
+    async def none_pending() -> bool:
+        return await pending_count(database_url, schema) == 0
+
+    with trio.fail_after(within):
+        await until(none_pending, interval=0.1)
+
+
 @dataclass
 class Member:
     node: NodeProcess
@@ -134,16 +144,19 @@ class Member:
 
 
 @asynccontextmanager
-async def balanced_nodes(database_url: str, schema: str, *ids: str) -> AsyncIterator[list[Member]]:
-    """Node processes named `ids` on one database, each with a client, once they lease their
-    fair shares of the shards; their stderr goes to one log in a temporary folder."""
+async def balanced_nodes(
+    database_url: str, schema: str, *ids: str, extra: Sequence[str] = ()
+) -> AsyncIterator[list[Member]]:
+    """Node processes named `ids` on one database (`extra`: more `serve` arguments), each with
+    a client, once they lease their fair shares of the shards; their stderr goes to one log in
+    a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log"
         async with AsyncExitStack() as stack:
             members = []
             for node_id in ids:
                 node = await stack.enter_async_context(
-                    serve_node(database_url, schema, node_id, log)
+                    serve_node(database_url, schema, node_id, log, *extra)
                 )
                 members.append(Member(node, await stack.enter_async_context(http_client(node.url))))
             with trio.fail_after(30):

@@ -27,7 +27,9 @@ from tests.integration.helpers import (
 from tests.integration.nodes import (
     SLOW,
     TTL,
+    all_final,
     balanced,
+    balanced_nodes,
     create_accounts,
     leases_of,
     pending_count,
@@ -60,78 +62,132 @@ async def test_two_nodes_share_the_shards_and_hand_off(database_url: str, schema
     """Accept on either node: every message ends once. Bulk is dispatched by the node that
     accepted it (under its home shard, no hand-off), except a paced account's, which goes to
     the owner of the account's shard, where its send rate is kept."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log) as a,
-            serve_node(database_url, schema, "b", log) as b,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-        ):
-            with trio.fail_after(30):
-                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
-            owner = {
-                lease["shard"]: name
-                for name, client in (("a", ca), ("b", cb))
-                for lease in (await leases_of(client))["leases"]
-            }
-            assert len(owner) == SHARDS
-            accounts = await create_accounts(ca, 12, 10_000)
-            paced = {a["id"] for a in accounts[:3]}
-            for account_id in paced:
-                r = await ca.put(
-                    f"/v1/accounts/{account_id}/settings", json={"send_rate": 1000}, headers=admin()
-                )
-                assert r.status_code == 200, r.text
-            await trio.sleep(1.5)  # settings reach every node within 1 s
-            accepted_by: dict[str, str] = {}
-            for i in range(120):
-                account = accounts[i % len(accounts)]
-                # Each account through both nodes, every other round.
-                name, client = ("a", ca) if i // len(accounts) % 2 else ("b", cb)
-                r = await client.post(
-                    "/v1/messages",
-                    json={"to": TO, "text": f"m{i}"},
-                    headers=bearer(account["api_key"]),
-                )
-                assert r.status_code == 202, r.text
-                accepted_by[r.json()["id"]] = name
-
-            async def all_final() -> bool:
-                return await pending_count(database_url, schema) == 0
-
-            with trio.fail_after(30):
-                await until(all_final, interval=0.1)
-            rows = await db_fetch(
-                database_url,
-                schema,
-                "SELECT id::text AS id, account_id, status, operator, dispatch_shard FROM messages",
+    async with balanced_nodes(database_url, schema, "a", "b") as (a, b):
+        ca, cb = a.client, b.client
+        owner = {
+            lease["shard"]: name
+            for name, client in (("a", ca), ("b", cb))
+            for lease in (await leases_of(client))["leases"]
+        }
+        assert len(owner) == SHARDS
+        accounts = await create_accounts(ca, 12, 10_000)
+        paced = {acc["id"] for acc in accounts[:3]}
+        for account_id in paced:
+            r = await ca.put(
+                f"/v1/accounts/{account_id}/settings", json={"send_rate": 1000}, headers=admin()
             )
-            assert len(rows) == len(accepted_by)
-            for row in rows:
-                assert row["status"] in FINAL
-                account_owner = owner[shard_of(row["account_id"])]
-                by = accepted_by[row["id"]]
-                if row["account_id"] in paced:
-                    assert row["operator"] == f"op-{account_owner}", row
-                    assert row["dispatch_shard"] is None, row
-                else:
-                    assert row["operator"] == f"op-{by}", row
-                    if by != account_owner:
-                        assert owner[row["dispatch_shard"]] == by, row
-            handed = 0
-            for client in (ca, cb):
-                stats = await leases_of(client)
-                handed += stats["delivered"] + stats["claimed"]
-            # The paced accounts' messages accepted by the node that does not own their shard.
-            assert handed == sum(
-                1
-                for row in rows
-                if row["account_id"] in paced
-                and accepted_by[row["id"]] != owner[shard_of(row["account_id"])]
+            assert r.status_code == 200, r.text
+        await trio.sleep(1.5)  # settings reach every node within 1 s
+        accepted_by: dict[str, str] = {}
+        for i in range(120):
+            account = accounts[i % len(accounts)]
+            # Each account through both nodes, every other round.
+            name, client = ("a", ca) if i // len(accounts) % 2 else ("b", cb)
+            r = await client.post(
+                "/v1/messages",
+                json={"to": TO, "text": f"m{i}"},
+                headers=bearer(account["api_key"]),
             )
-            assert handed > 0
-            assert_ledger_consistent(await ledger(database_url, schema))
+            assert r.status_code == 202, r.text
+            accepted_by[r.json()["id"]] = name
+
+        await all_final(database_url, schema)
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT id::text AS id, account_id, status, operator, dispatch_shard FROM messages",
+        )
+        assert len(rows) == len(accepted_by)
+        for row in rows:
+            assert row["status"] in FINAL
+            account_owner = owner[shard_of(row["account_id"])]
+            by = accepted_by[row["id"]]
+            if row["account_id"] in paced:
+                assert row["operator"] == f"op-{account_owner}", row
+                assert row["dispatch_shard"] is None, row
+            else:
+                assert row["operator"] == f"op-{by}", row
+                if by != account_owner:
+                    assert owner[row["dispatch_shard"]] == by, row
+        handed = 0
+        for client in (ca, cb):
+            stats = await leases_of(client)
+            handed += stats["delivered"] + stats["claimed"]
+        # The paced accounts' messages accepted by the node that does not own their shard.
+        assert handed == sum(
+            1
+            for row in rows
+            if row["account_id"] in paced
+            and accepted_by[row["id"]] != owner[shard_of(row["account_id"])]
+        )
+        assert handed > 0
+        assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def test_a_dead_nodes_bulk_for_another_nodes_accounts_is_taken_over_as_its_own_stream(
+    database_url: str, schema: str
+) -> None:
+    """B accepts bulk for accounts whose shard A leases and queues it under its home shard
+    (operators slow, a window of 2: most waits). A accepts newer messages of the same
+    accounts itself. B is SIGKILLed: A takes B's shards over and pages B's queue of those
+    accounts as streams of their own, although A's own queue of them is ahead of it in time
+    (one queue per account would have put B's older messages behind A's cursor, where no page
+    reads them). Every message ends once and the ledger holds."""
+    slow = ("--operator-latency-ms", "400,500", "--window", "2")
+    async with balanced_nodes(database_url, schema, "a", "b", extra=slow) as (a, b):
+        ca, cb = a.client, b.client
+        a_shards = {lease["shard"] for lease in (await leases_of(ca))["leases"]}
+        b_shards = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
+        accounts = await create_accounts(ca, 16, 10_000)
+        on_a = [acc for acc in accounts if shard_of(acc["id"]) in a_shards][:4]
+        assert on_a
+
+        by_b = await send_round_robin(cb, on_a, 24, "b")
+        # Newer: A's own streams of these accounts move on.
+        by_a = await send_round_robin(ca, on_a, 8, "a")
+        stamped = await db_fetch(
+            database_url,
+            schema,
+            "SELECT dispatch_shard FROM messages WHERE id = ANY($1::uuid[])",
+            by_b,
+        )
+        assert {r["dispatch_shard"] for r in stamped} <= b_shards
+        b.node.process.kill()
+        with trio.fail_after(30):
+            await until(lambda: balanced(ca, ["a"]), interval=0.1)
+
+        await all_final(database_url, schema)
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT id::text AS id, status, operator FROM messages WHERE id = ANY($1::uuid[])",
+            by_b + by_a,
+        )
+        assert len(rows) == len(by_b) + len(by_a)
+        assert {r["status"] for r in rows} <= FINAL
+        taken_over = [r for r in rows if r["id"] in set(by_b) and r["operator"] == "op-a"]
+        assert taken_over  # B had most of its queue still waiting when it died
+        assert all(r["operator"] == "op-a" for r in rows if r["id"] in set(by_a))
+        stats = await leases_of(ca)
+        assert stats["swept"] == 0  # paged at the takeover, not found later by the sweep
+        assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def send_round_robin(
+    client: httpx.AsyncClient, accounts: list[dict], n: int, tag: str
+) -> list[str]:
+    """`n` single messages through `client`, from `accounts` in turn; their ids."""
+    ids = []
+    for i in range(n):
+        account = accounts[i % len(accounts)]
+        r = await client.post(
+            "/v1/messages",
+            json={"to": TO, "text": f"{tag}{i}"},
+            headers=bearer(account["api_key"]),
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
 
 
 def _recipient(sender: int, i: int) -> str:
@@ -208,11 +264,7 @@ async def test_sigkill_a_node_under_load_its_shards_are_taken_over(
                 stop.set()
             assert await victim.process.wait() == -signal.SIGKILL
 
-            async def all_final() -> bool:
-                return await pending_count(database_url, schema) == 0
-
-            with trio.fail_after(60):
-                await until(all_final, interval=0.1)
+            await all_final(database_url, schema, within=60)
 
         ids = [message_id for _, message_id, _ in accepted]
         rows = await db_fetch(
@@ -247,79 +299,58 @@ async def test_a_paused_node_cannot_write_status_for_shards_it_lost(
     are still in flight, gets its operator's answers first and tries to record them: the
     messages are not final yet, so only the fencing token stands between B and a status
     write, and it refuses every one. A's answers are the ones recorded."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        async with (
-            serve_node(database_url, schema, "a", log, *SLOW) as a,
-            serve_node(database_url, schema, "b", log, *SLOW) as b,
-            http_client(a.url) as ca,
-            http_client(b.url) as cb,
-        ):
-            with trio.fail_after(30):
-                await until(lambda: balanced(ca, ["a", "b"]), interval=0.2)
-            b_shards = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
-            accounts = await create_accounts(ca, 24, 10_000)
-            on_b = [acc for acc in accounts if shard_of(acc["id"]) in b_shards]
-            assert on_b
-            ids = []
-            for i in range(30):  # accepted and dispatched by B
-                account = on_b[i % len(on_b)]
-                r = await cb.post(
-                    "/v1/messages",
-                    json={"to": TO, "text": f"m{i}"},
-                    headers=bearer(account["api_key"]),
-                )
-                assert r.status_code == 202, r.text
-                ids.append(r.json()["id"])
+    async with balanced_nodes(database_url, schema, "a", "b", extra=SLOW) as (a, b):
+        ca, cb = a.client, b.client
+        b_shards = {lease["shard"] for lease in (await leases_of(cb))["leases"]}
+        accounts = await create_accounts(ca, 24, 10_000)
+        on_b = [acc for acc in accounts if shard_of(acc["id"]) in b_shards]
+        assert on_b
+        ids = await send_round_robin(cb, on_b, 30, "m")  # accepted and dispatched by B
 
-            async def b_has_them_in_flight() -> bool:
-                return (await pool_of(cb))["inflight"] == len(ids)
+        async def b_has_them_in_flight() -> bool:
+            return (await pool_of(cb))["inflight"] == len(ids)
+
+        with trio.fail_after(10):
+            await until(b_has_them_in_flight)
+        sent_before = (await pool_of(cb))["sent"]
+        b.node.process.send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(30):
+                await until(lambda: balanced(ca, ["a"]), interval=0.1)
+
+            async def a_sends_them() -> bool:
+                return (await pool_of(ca))["inflight"] == len(ids)
 
             with trio.fail_after(10):
-                await until(b_has_them_in_flight)
-            sent_before = (await pool_of(cb))["sent"]
-            b.process.send_signal(signal.SIGSTOP)
-            try:
-                with trio.fail_after(30):
-                    await until(lambda: balanced(ca, ["a"]), interval=0.1)
+                await until(a_sends_them, interval=0.05)
+        finally:
+            b.node.process.send_signal(signal.SIGCONT)
 
-                async def a_sends_them() -> bool:
-                    return (await pool_of(ca))["inflight"] == len(ids)
+        # B's operator answers the batch it had in flight; B tries to record it.
+        async def b_got_answers() -> bool:
+            return (await pool_of(cb))["sent"] >= sent_before + len(ids)
 
-                with trio.fail_after(10):
-                    await until(a_sends_them, interval=0.05)
-            finally:
-                b.process.send_signal(signal.SIGCONT)
+        with trio.fail_after(30):
+            await until(b_got_answers, interval=0.1)
 
-            # B's operator answers the batch it had in flight; B tries to record it.
-            async def b_got_answers() -> bool:
-                return (await pool_of(cb))["sent"] >= sent_before + len(ids)
+        # And B learns, at its first tick since it resumed, that its leases are gone.
+        async def b_saw_the_loss() -> bool:
+            return (await leases_of(cb))["lost"] >= len(b_shards)
 
-            with trio.fail_after(30):
-                await until(b_got_answers, interval=0.1)
+        with trio.fail_after(30):
+            await until(b_saw_the_loss, interval=0.1)
+        assert await pending_count(database_url, schema) == len(ids)  # A's are in flight
 
-            # And B learns, at its first tick since it resumed, that its leases are gone.
-            async def b_saw_the_loss() -> bool:
-                return (await leases_of(cb))["lost"] >= len(b_shards)
+        await all_final(database_url, schema)
 
-            with trio.fail_after(30):
-                await until(b_saw_the_loss, interval=0.1)
-            assert await pending_count(database_url, schema) == len(ids)  # A's are in flight
-
-            async def all_final() -> bool:
-                return await pending_count(database_url, schema) == 0
-
-            with trio.fail_after(30):
-                await until(all_final, interval=0.1)
-
-            rows = await db_fetch(
-                database_url,
-                schema,
-                "SELECT id::text AS id, status, operator FROM messages WHERE id = ANY($1::uuid[])",
-                ids,
-            )
-            assert len(rows) == len(ids)
-            # Each ended once, by A: none of B's late writes landed.
-            assert {r["status"] for r in rows} == {"sent"}
-            assert {r["operator"] for r in rows} == {"op-a"}, rows
-            assert_ledger_consistent(await ledger(database_url, schema))
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT id::text AS id, status, operator FROM messages WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+        assert len(rows) == len(ids)
+        # Each ended once, by A: none of B's late writes landed.
+        assert {r["status"] for r in rows} == {"sent"}
+        assert {r["operator"] for r in rows} == {"op-a"}, rows
+        assert_ledger_consistent(await ledger(database_url, schema))
