@@ -16,7 +16,13 @@ import trio
 from smsgw.engine.ports import SHARDS, shard_of
 from tests.conftest import admin, bearer
 from tests.integration.helpers import TO, db_fetch, http_client, until
-from tests.integration.nodes import balanced_nodes, create_accounts, serve_node, shard_owners
+from tests.integration.nodes import (
+    balanced_nodes,
+    create_accounts,
+    leases_of,
+    serve_node,
+    shard_owners,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +193,44 @@ async def test_the_hourly_limit_to_a_number_holds_across_nodes_and_a_restart(
                 assert r.status_code == 202, r.text
         r = await ca.get("/v1/account", headers=key)
         assert r.json()["balance"] == 10_000 - 21 * 5, r.text
+
+
+async def test_a_send_rate_set_while_two_nodes_hold_the_accounts_bulk_holds_for_the_account(
+    database_url: str, schema: str
+) -> None:
+    """Both nodes accept an unpaced account's bulk and queue it (slow operators, a window of
+    2): B under its home shard, A (its shard's owner) under the account's. Paced then at 3 a
+    second, the account goes out at 3 a second in all, not 3 on each node: each node paces it
+    at its backlog's share of the rate (engine/shares.py)."""
+    rate, settle, seconds = 3.0, 2.0, 10.0
+    slow = ("--operator-latency-ms", "150,200", "--window", "2")
+    async with balanced_nodes(database_url, schema, "a", "b", extra=slow) as (a, b):
+        a_shards = {lease["shard"] for lease in (await leases_of(a.client))["leases"]}
+        accounts = await create_accounts(a.client, 12, 10_000)
+        [account] = [acc for acc in accounts if shard_of(acc["id"]) in a_shards][:1]
+        key = bearer(account["api_key"])
+        for i in range(60):
+            for member in (a, b):
+                to = f"+4915{i:06d}{member.node.node_id == 'a':d}"
+                r = await member.client.post(
+                    "/v1/messages", json={"to": to, "text": "hi"}, headers=key
+                )
+                assert r.status_code == 202, r.text
+        r = await a.client.put(
+            f"/v1/accounts/{account['id']}/settings", json={"send_rate": rate}, headers=admin()
+        )
+        assert r.status_code == 200, r.text
+        paced_at = time.time()
+        await trio.sleep(settle + seconds + 0.5)
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT operator, extract(epoch FROM sent_at)::float8 AS at FROM messages"
+            " WHERE account_id = $1 AND sent_at IS NOT NULL",
+            account["id"],
+        )
+        window = [r for r in rows if settle <= r["at"] - paced_at < settle + seconds]
+        by_node = {n: sum(1 for r in window if r["operator"] == f"op-{n}") for n in "ab"}
+        assert by_node["a"] and by_node["b"], by_node  # both held some and sent some
+        per_second = len(window) / seconds
+        assert rate * 0.9 <= per_second <= rate * 1.1, (per_second, by_node)

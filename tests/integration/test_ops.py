@@ -44,6 +44,7 @@ async def test_supervisor_lists_every_child(client: httpx.AsyncClient) -> None:
         "scheduled_sends",
         *DELIVERY,
         "api_shares",
+        "send_shares",
         "otp_sweeper",
         "store_upkeep",
         "http",

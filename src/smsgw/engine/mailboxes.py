@@ -118,6 +118,7 @@ class SchedulerState:
         self.express_slots = 0  # the express lane's messages in window slots (segments)
         self.bodies: dict[str, OutboundSms] = {}  # bulk bodies kept while there is room
         self.send_rates: dict[int, float] = {}
+        self.send_shares: dict[int, float] = {}  # this node's of each paced account (1: all)
         self.buckets: dict[int, TokenBucket] = {}
         self._seq = 0
         self.in_memory = 0  # bulk entries in mailboxes
@@ -158,22 +159,43 @@ class SchedulerState:
 
     def set_send_rate(self, account_id: int, rate: float | None, now: float) -> None:
         """Pace `account_id`'s bulk dispatch at `rate` messages a second, all its streams
-        together (None: no limit; 0: none at all, a suspended account: its work waits in its
-        mailboxes and in the store)."""
+        together, times this node's share of it (`set_share`) (None: no limit; 0: none at
+        all, a suspended account: its work waits in its mailboxes and in the store)."""
         if rate is None:
             self.send_rates.pop(account_id, None)
+            self.send_shares.pop(account_id, None)
             self.buckets.pop(account_id, None)
             return
         if self.send_rates.get(account_id) == rate:
             return
         self.send_rates[account_id] = rate
-        if rate == 0:
+        self._tune(account_id, now)
+
+    def set_share(self, account_id: int, share: float, now: float) -> None:
+        """This node's share (0 to 1) of a paced account's rate: the nodes that hold some of
+        its bulk split the rate between them (engine/shares.py). Ignored for an unpaced one."""
+        if account_id not in self.send_rates or self.send_shares.get(account_id, 1.0) == share:
+            return
+        self.send_shares[account_id] = share
+        self._tune(account_id, now)
+
+    def _tune(self, account_id: int, now: float) -> None:
+        """The account's bucket at its rate times its share. What was spent stays spent, and
+        new figures grant nothing: a bucket keeps its tokens (at most the new burst); only a
+        paused (suspended) account's resumes with a full burst."""
+        rate = self.send_rates[account_id] * self.send_shares.get(account_id, 1.0)
+        old = self.buckets.get(account_id)
+        if rate <= 0:
             # An empty bucket that would take decades to fill: never ready, and `next_ready`
             # does not wake the dispatch loop for it.
             self.buckets[account_id] = TokenBucket(PAUSED_RATE, 1.0, 0.0, now)
             return
         # Bursts of up to one second's worth (at least one message).
-        self.buckets[account_id] = TokenBucket.start(rate, max(1.0, rate), now)
+        bucket = TokenBucket.start(rate, max(1.0, rate), now)
+        if old is not None and old.rate != PAUSED_RATE:
+            old.refill(now)
+            bucket.tokens = min(bucket.burst, old.tokens)
+        self.buckets[account_id] = bucket
 
     # --- arrivals ------------------------------------------------------------------------
 

@@ -351,6 +351,14 @@ class SendRate(msgspec.Struct, frozen=True):
     rate: float | None
 
 
+class SendShare(msgspec.Struct, frozen=True):
+    """This node's share of a paced account's send rate (engine/shares.py: by where the
+    account's bulk waits, among the nodes)."""
+
+    account_id: int
+    share: float
+
+
 class BatchDone(msgspec.Struct, frozen=True):
     """The ProviderPool is done with a `Dispatch`: each of its messages was handed on (an
     outcome to the writer, a retry to the RetryTimer) or dropped (a repeat of one in flight,
@@ -362,7 +370,7 @@ class BatchDone(msgspec.Struct, frozen=True):
     express: bool
 
 
-SchedulerMessage = Enqueue | Backlog | Paged | SendRate | BatchDone
+SchedulerMessage = Enqueue | Backlog | Paged | SendRate | SendShare | BatchDone
 
 
 # --- ProviderPool inbox ------------------------------------------------------------------

@@ -44,7 +44,7 @@ from smsgw.engine.routing import RoutingConfig
 from smsgw.engine.scheduled import ScheduledConfig, ScheduledSends
 from smsgw.engine.scheduler import Capacity, Scheduler
 from smsgw.engine.shards import LeaseConfig, ShardLeases, recover_into
-from smsgw.engine.shares import ApiShares
+from smsgw.engine.shares import ApiShares, SendShares
 from smsgw.engine.supervisor import ChildSpec, Restart, Supervisor
 from smsgw.engine.writer import StoreWriter
 
@@ -185,8 +185,10 @@ class Engine:
                 unheld=self._unheld,
             )
             self.ready = self.leases.ready
-        # Among several nodes, an account's api_rate is split between them by demand.
+        # Among several nodes, an account's api_rate is split between them by demand, and a
+        # paced account's send rate by where its bulk waits.
         self.api_shares: ApiShares | None = None
+        self.send_shares: SendShares | None = None
         if self.leases is not None and cluster is not None:
             leased = self.leases
             self.api_shares = ApiShares(cluster, lambda: leased.live_nodes, tick=leases.share_tick)
@@ -262,6 +264,11 @@ class Engine:
             stamp=None if self.leases is None else self.leases.stamp,
             operator_rate=lambda: self.pool.figures.capacity,
         )
+        if self.leases is not None and cluster is not None:
+            leased = self.leases
+            self.send_shares = SendShares(
+                cluster, self.scheduler, lambda: leased.live_nodes, tick=leases.share_tick
+            )
 
         async def promoted(items: Sequence[OutboundSms], tokens: Mapping[int, int] | None) -> None:
             if self.leases is not None:
@@ -357,9 +364,12 @@ class Engine:
         return {**stats, "admission": self.admission.stats()}
 
     def _cluster_children(self) -> list[ChildSpec]:
-        if self.api_shares is None:
+        if self.api_shares is None or self.send_shares is None:
             return []
-        return [ChildSpec("api_shares", self.api_shares.run, stats=self.api_shares.stats)]
+        return [
+            ChildSpec("api_shares", self.api_shares.run, stats=self.api_shares.stats),
+            ChildSpec("send_shares", self.send_shares.run, stats=self.send_shares.stats),
+        ]
 
     def _delivery_children(self) -> list[ChildSpec]:
         if self.callbacks is None or self.reconciler is None:

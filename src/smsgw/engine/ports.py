@@ -647,6 +647,10 @@ class ClusterStore(Protocol):
         other nodes' latest figures for those accounts, published within `horizon` seconds."""
         ...
 
+    async def send_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        """As `api_demand`, of this node's backlog per paced account (engine/shares.py)."""
+        ...
+
     async def cluster(self, ttl: float) -> dict[str, Any]:
         """Every node with its heartbeat and shard count, and the shards nobody leases."""
         ...

@@ -24,6 +24,7 @@ from smsgw.engine.messages import (
     RecordOutcome,
     SchedulerMessage,
     SendRate,
+    SendShare,
     WriterMessage,
 )
 from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of, stream_of
@@ -252,6 +253,8 @@ class Scheduler:
                     self.state.page_failed(key)
             case SendRate(account_id=account_id, rate=rate):
                 self.state.set_send_rate(account_id, rate, self._clock())
+            case SendShare(account_id=account_id, share=share):
+                self.state.set_share(account_id, share, self._clock())
             case BatchDone(slots=slots, express=express):
                 self.capacity.release(slots, express=express)
             case _:

@@ -85,6 +85,9 @@ class MemCluster:
     async def api_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
         return {}
 
+    async def send_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        return {}
+
     async def cluster(self, ttl: float) -> dict[str, Any]:
         return {
             "nodes": [

@@ -155,17 +155,21 @@ SELECT shard, stalled, pressure FROM (
 WHERE stalled OR pressure IS NOT NULL
 """
 
-_API_DEMAND = """
+# This node's demand per account into `{table}` (api_demand: requests, send_demand: backlog of a
+# paced account), and the other nodes' latest for the same accounts.
+_DEMAND = """
 WITH mine AS (
-    INSERT INTO api_demand AS d (account_id, node_id, demand, at)
+    INSERT INTO {table} AS d (account_id, node_id, demand, at)
     SELECT a, $1, n, now() FROM unnest($2::bigint[], $3::int[]) AS x(a, n)
     ON CONFLICT (account_id, node_id) DO UPDATE SET demand = excluded.demand, at = excluded.at
 )
-SELECT account_id, sum(demand)::bigint AS total FROM api_demand
+SELECT account_id, sum(demand)::bigint AS total FROM {table}
 WHERE account_id = ANY($2::bigint[]) AND node_id <> $1
   AND at > now() - make_interval(secs => $4)
 GROUP BY account_id
 """
+_API_DEMAND = _DEMAND.format(table="api_demand")
+_SEND_DEMAND = _DEMAND.format(table="send_demand")
 
 
 class PgCluster:
@@ -432,9 +436,15 @@ class PgCluster:
         await bridge(hold)()
 
     async def api_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        return await self._demand(_API_DEMAND, mine, horizon)
+
+    async def send_demand(self, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
+        return await self._demand(_SEND_DEMAND, mine, horizon)
+
+    async def _demand(self, sql: str, mine: Mapping[int, int], horizon: float) -> dict[int, int]:
         # The CTE's upsert is not visible to the same statement's read: others' rows only.
         rows = await self.db.run(
-            lambda c: c.fetch(_API_DEMAND, self._node_id, list(mine), list(mine.values()), horizon)
+            lambda c: c.fetch(sql, self._node_id, list(mine), list(mine.values()), horizon)
         )
         return {r["account_id"]: r["total"] for r in rows}
 
