@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from smsgw.engine.ports import SHARDS, shard_of
+from smsgw.storage.cluster import listen_name
 from tests.conftest import admin, bearer
 from tests.integration.helpers import (
     FINAL,
@@ -30,6 +31,7 @@ from tests.integration.nodes import (
     all_final,
     balanced,
     balanced_nodes,
+    cluster,
     create_accounts,
     leases_of,
     pending_count,
@@ -171,6 +173,51 @@ async def test_a_dead_nodes_bulk_for_another_nodes_accounts_is_taken_over_as_its
         stats = await leases_of(ca)
         assert stats["swept"] == 0  # paged at the takeover, not found later by the sweep
         assert_ledger_consistent(await ledger(database_url, schema))
+
+
+async def test_a_paused_nodes_listen_session_is_ended_at_takeover_and_comes_back_with_it(
+    database_url: str, schema: str
+) -> None:
+    """A SIGSTOPped node keeps its LISTEN session open and reads nothing: PostgreSQL would keep
+    every notification for it until its queue filled and every node's NOTIFY failed. The node
+    that takes its shards over ends that session; resumed, the node listens again."""
+
+    async def listeners() -> dict[str, int]:
+        rows = await db_fetch(
+            database_url,
+            schema,
+            "SELECT application_name AS name, pid FROM pg_stat_activity"
+            " WHERE application_name LIKE 'smsgw-listen %' AND datname = current_database()",
+        )
+        return {r["name"]: r["pid"] for r in rows}
+
+    async with balanced_nodes(database_url, schema, "a", "b") as (a, b):
+        view = await cluster(a.client)
+        assert 0 <= view["notify_queue_usage"] < 0.01
+        before = await listeners()
+        a_name, b_name = listen_name(schema, "a"), listen_name(schema, "b")
+        assert a_name in before and b_name in before
+        b.node.process.send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(30):
+                await until(lambda: balanced(a.client, ["a"]), interval=0.1)
+
+            async def b_not_listening() -> bool:
+                return b_name not in await listeners()
+
+            with trio.fail_after(5):
+                await until(b_not_listening, interval=0.1)
+            assert (await listeners())[a_name] == before[a_name]  # A's own kept
+        finally:
+            b.node.process.send_signal(signal.SIGCONT)
+
+        async def b_listening_again() -> bool:
+            return b_name in await listeners()
+
+        with trio.fail_after(15):
+            await until(b_listening_again, interval=0.2)
+        with trio.fail_after(30):
+            await until(lambda: balanced(a.client, ["a", "b"]), interval=0.2)
 
 
 async def send_round_robin(

@@ -420,6 +420,10 @@ class ClusterOut(msgspec.Struct):
     unowned_shards: int  # free, or expired and not yet taken over
     handoffs_waiting: int  # messages accepted elsewhere, not yet claimed by their shard's owner
     nodes: list[ClusterNodeOut]
+    # PostgreSQL's notification queue, 0 to 1 (pg_notification_queue_usage): NOTIFYs fail when
+    # it is full. It grows while a LISTEN session reads nothing (a paused node's is ended
+    # when its shards are taken over).
+    notify_queue_usage: float = 0.0
 
 
 # --- answers described by the OpenAPI document, which handlers write as dicts ----------------

@@ -48,6 +48,12 @@ def account_channel(schema: str) -> str:
     return f"smsgw_account_{_schema_tag(schema)}"
 
 
+def listen_name(schema: str, node_id: str) -> str:
+    """The application_name of a node's LISTEN session: its schema's tag and its id, within
+    PostgreSQL's 63 characters (`_END_STALLED_LISTENERS` finds it by them)."""
+    return f"smsgw-listen {_schema_tag(schema)} {node_id}"[:63]
+
+
 def _schema_tag(schema: str) -> str:
     """The 16 hex digits that set a schema's channels apart (migration 006 computes the same)."""
     return hashlib.sha256(schema.encode()).digest()[:8].hex()
@@ -139,6 +145,20 @@ def renewal_tokens(held: Mapping[int, int]) -> list[int | None]:
 
 
 _LIVE = "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)"
+
+# The LISTEN sessions ($2: their application_names, `listen_name`) of the nodes $1 that stopped
+# heartbeating $3 seconds ago, ended. A node paused (SIGSTOP, a hung
+# process) keeps its LISTEN session open and reads nothing from it: PostgreSQL keeps every
+# notification since its oldest unread one for it, and once the queue is full every NOTIFY,
+# of every node, fails. A node that comes back finds its session gone and listens again
+# (ShardLeases._listen; its poll covers the gap). A killed node's session ended with it.
+_END_STALLED_LISTENERS = """
+SELECT count(pg_terminate_backend(a.pid))
+FROM unnest($1::text[], $2::text[]) AS g(id, name)
+JOIN nodes n ON n.id = g.id
+JOIN pg_stat_activity a ON a.application_name = g.name AND a.datname = current_database()
+WHERE n.heartbeat_at < now() - make_interval(secs => $3)
+"""
 
 
 # Other nodes' shards whose dispatch is stalled (lease expired, or the owner's heartbeat is
@@ -304,16 +324,19 @@ class PgCluster:
         async def take(conn: asyncpg.Connection) -> dict[int, int]:
             async with conn.transaction():
                 # SKIP LOCKED: nodes taking shards at the same moment take different ones.
-                free = [
-                    r[0]
-                    for r in await conn.fetch(
-                        "SELECT shard FROM shard_leases WHERE owner IS NULL OR expires_at < now()"
-                        " ORDER BY shard LIMIT $1 FOR UPDATE SKIP LOCKED",
-                        count,
-                    )
-                ]
+                rows = await conn.fetch(
+                    "SELECT shard, owner FROM shard_leases"
+                    " WHERE owner IS NULL OR expires_at < now()"
+                    " ORDER BY shard LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    count,
+                )
+                free = [r["shard"] for r in rows]
                 if not free:
                     return {}
+                gone = sorted({r["owner"] for r in rows} - {None, self._node_id})
+                if gone:
+                    names = [listen_name(self.db.schema, node_id) for node_id in gone]
+                    await conn.fetchval(_END_STALLED_LISTENERS, gone, names, ttl)
                 await conn.execute(_LOCK_EXCLUSIVE, self.lock_class, free)
                 rows = await conn.fetch(
                     "UPDATE shard_leases SET owner = $1, token = nextval('lease_tokens'),"
@@ -420,7 +443,8 @@ class PgCluster:
 
         async def hold() -> None:
             conn = await asyncpg.connect(
-                self._url, server_settings={"application_name": "smsgw-listen"}
+                self._url,
+                server_settings={"application_name": listen_name(self.db.schema, me)},
             )
             closed = asyncio.Event()
             try:
@@ -464,6 +488,7 @@ class PgCluster:
                 "SELECT count(*) FROM shard_leases WHERE owner IS NULL OR expires_at <= now()"
             )
             waiting = await conn.fetchval("SELECT count(*) FROM shard_inbox")
+            queue = await conn.fetchval("SELECT pg_notification_queue_usage()")
             return {
                 "nodes": [
                     {
@@ -483,6 +508,7 @@ class PgCluster:
                 "shards": 256,
                 "unowned_shards": int(unowned),
                 "handoffs_waiting": int(waiting),
+                "notify_queue_usage": float(queue),
             }
 
         return await self.db.run(read)
