@@ -693,6 +693,7 @@ def test_an_accounts_streams_are_mailboxes_of_their_own_summed_per_account() -> 
         state.push(in_stream(n, 7, home))
     state.push(make_sms(8, 9))
     assert set(state.mailboxes) == {7, stream_key(7, home), 9}
+    assert state.accounts_waiting == 2
     assert state.backlog(7) == 8 and state.backlog(9) == 1
     assert state.largest_backlogs(1) == [(8, 7)]
     got = drain(state)

@@ -137,6 +137,14 @@ class SchedulerState:
     def __len__(self) -> int:
         return self.bulk_size + len(self.express)
 
+    @property
+    def accounts_waiting(self) -> int:
+        """Accounts with bulk waiting here (an account with several streams counts once)."""
+        extra = 0
+        for account_id, keys in self.streams.items():
+            extra += len(keys) - (account_id not in self.mailboxes)
+        return len(self.mailboxes) - extra
+
     def backlog(self, account_id: int) -> int:
         """The account's bulk waiting here, in all its streams."""
         mailboxes = self.mailboxes
@@ -149,6 +157,10 @@ class SchedulerState:
 
     def largest_backlogs(self, n: int) -> list[tuple[int, int]]:
         """The `n` largest backlogs as (messages, account), each account's streams summed."""
+        if not self.streams:  # one stream an account, as nearly always
+            return heapq.nlargest(
+                n, ((len(m.queue) + m.spilled, a) for a, m in self.mailboxes.items())
+            )
         by_account: dict[int, int] = {}
         for key, m in self.mailboxes.items():
             account_id = stream_account(key)

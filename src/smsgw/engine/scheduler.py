@@ -174,7 +174,7 @@ class Scheduler:
             express_waiting_slots=state.express_slots,
             bulk_waiting=state.bulk_size,
             bulk_in_store=state.spilled,
-            active_accounts=len(state.mailboxes),
+            active_accounts=state.accounts_waiting,
             dispatched=self.dispatched,
             deadline_misses=self.deadline_misses,
             window=capacity.size,
