@@ -1,7 +1,7 @@
 """Several nodes on one PostgreSQL: accepts/s with 1 and 2 nodes, the hand-off delay, takeover.
 
-    python benchmarks/nodes.py [--duration 10] [--rounds 2] [--connections 64]
-                               [--out benchmarks/reports/latest]
+    python benchmarks/nodes.py [--duration 10] [--rounds 2] [--connections 64] [--rate R]
+                               [--half] [--out benchmarks/reports/latest]
 
 Phases, each on a fresh schema with 100 accounts, against 127.0.0.1 only:
 
@@ -10,6 +10,8 @@ Phases, each on a fresh schema with 100 accounts, against 127.0.0.1 only:
   two_nodes           `smsgw serve --workers 2`: two node processes on one SO_REUSEPORT port
   one_node_no_leases  `smsgw serve --workers 1 --no-leases`: what the lease machinery costs a
                       lone node (hand-off call in the group commit, fencing in status writes)
+  one_node_half       with --half: one node at half of --rate; two nodes' own CPU against
+                      twice this one's is what splitting the load over two processes costs
   handoff             two nodes on their own ports; probes sent one by one (idle, then under
                       an open-loop load) through node A for accounts whose shard A leases,
                       accounts whose shard B leases (A dispatches their bulk itself) and paced
@@ -90,8 +92,15 @@ FAST_OPERATOR = ("--operator-latency-ms", "1,2")
 
 
 def accept_phase(
-    name: str, serve_args: Sequence[str], database_url: str, args: argparse.Namespace, work: Path
+    name: str,
+    serve_args: Sequence[str],
+    database_url: str,
+    args: argparse.Namespace,
+    work: Path,
+    rate: float | None = None,
 ) -> dict[str, Any]:
+    """One accept phase at `rate` msg/s offered (None: --rate, or a closed loop)."""
+    rate = args.rate if rate is None else rate
     schema = fresh_schema("bench_nodes")
     admin_key = new_admin_key()
     ids_file = work / f"{name}.ids"
@@ -116,7 +125,7 @@ def accept_phase(
                 duration=args.duration,
                 warmup=WARMUP_S,
                 ids_out=ids_file,
-                extra_args=[] if args.rate is None else ["--rate", str(args.rate)],
+                extra_args=[] if rate is None else ["--rate", str(rate)],
             )
             cpu = meter.stop()
             switches = context_switches() - switches_before
@@ -596,6 +605,18 @@ def takeover_phase(database_url: str, args: argparse.Namespace, work: Path) -> d
 # --- report ---------------------------------------------------------------------------------
 
 
+def two_halves(phases: list[dict[str, Any]]) -> float | None:
+    """The median of the two-node phases' node CPU over twice the median of the one node at
+    half the rate's (None without --half)."""
+    by_name: dict[str, list[float]] = {}
+    for phase in phases:
+        by_name.setdefault(phase["name"].split("#")[0], []).append(phase["cpu_nodes_pct"])
+    if not by_name.get("one_node_half") or not by_name.get("two_nodes"):
+        return None
+    half = statistics.median(by_name["one_node_half"])
+    return round(statistics.median(by_name["two_nodes"]) / (2 * half), 3) if half else None
+
+
 def summarize(
     phases: list[dict[str, Any]],
     handoff: dict[str, Any] | None,
@@ -658,6 +679,9 @@ def summarize(
         "machine_cost_two_vs_one": cost_ratio,
         "serving_cost_two_vs_one": serving_ratio,
         "targets": TARGETS,
+        # Two nodes' own CPU against twice one node's at half the rate (--half): what splitting
+        # the load over two processes costs by itself, whatever the nodes share.
+        "nodes_cpu_two_vs_two_halves": two_halves(phases),
         "pass": {
             "two_vs_one": (ratio or 0.0) >= TARGETS["two_vs_one"],
             "two_nodes_per_s": two >= TARGETS["two_nodes_per_s"],
@@ -760,8 +784,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip", action="append", default=[], choices=["accept", "handoff", "takeover"]
     )
+    parser.add_argument(
+        "--half",
+        action="store_true",
+        help="also one node at half --rate each round: two nodes' CPU against twice that",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/reports/latest"))
     args = parser.parse_args(argv)
+    if args.half and args.rate is None:
+        parser.error("--half needs --rate")
     if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
         parser.error("--duration must be > 0, --connections and --rounds >= 1")
     args.out = args.out.resolve()
@@ -786,6 +817,17 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     # gateway_command() already says --workers 1; the later flag wins.
                     phases.append(accept_phase(f"{name}#{r}", serve_args, database_url, args, work))
+                if args.half:
+                    phases.append(
+                        accept_phase(
+                            f"one_node_half#{r}",
+                            ["--workers", "1"],
+                            database_url,
+                            args,
+                            work,
+                            rate=args.rate / 2,
+                        )
+                    )
         handoff = None if "handoff" in args.skip else handoff_phase(database_url, args, work)
         takeover = None if "takeover" in args.skip else takeover_phase(database_url, args, work)
     result = summarize(phases, handoff, takeover, args, source)
