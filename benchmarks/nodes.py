@@ -752,6 +752,11 @@ def markdown(result: dict[str, Any]) -> str:
                     "<= 1.10",
                 ],
                 [
+                    "nodes' CPU, two nodes / twice one node at half the rate (--half)",
+                    result["nodes_cpu_two_vs_two_halves"],
+                    "-",
+                ],
+                [
                     "nodes + PostgreSQL CPU ms/accept, two / one",
                     result["serving_cost_two_vs_one"],
                     "-",
