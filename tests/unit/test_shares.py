@@ -95,11 +95,14 @@ async def test_a_paced_accounts_rate_is_split_by_where_its_bulk_waits() -> None:
     assert scheduler.told[-1] == SendShare(7, 0.5)
 
 
-async def test_no_query_while_no_paced_account_waits_here() -> None:
+async def test_no_query_while_no_paced_account_waits_here_or_the_node_is_alone() -> None:
     store = FakeDemandStore({})
     await SendShares(store, FakeScheduler({7: 5}, {}), lambda: 3).sync()  # type: ignore[arg-type]
     await SendShares(store, FakeScheduler({}, {7: 4.0}), lambda: 3).sync()  # type: ignore[arg-type]
+    alone = FakeScheduler({7: 5}, {7: 4.0})
+    await SendShares(store, alone, lambda: 1).sync()  # type: ignore[arg-type]
     assert store.published == []
+    assert alone.told == []  # the whole rate, as it was
 
 
 def test_a_share_paces_the_account_at_that_part_of_its_rate_and_grants_no_tokens() -> None:

@@ -131,12 +131,15 @@ class SendShares(DemandShares):
         # An account's backlog that went to 0 is published once more, for the others' shares.
         told = {a: n for a, n in mine.items() if n or a in self._published}
         self._shares = {a: share for a, share in self._shares.items() if a in mine}
-        if not told:
-            return
-        others = await self._store.send_demand(told, self.horizon)
-        self.syncs += 1
-        self._published = {a for a, n in told.items() if n}
-        even = 1.0 / max(1, self._live_nodes())
+        live = self._live_nodes()
+        if not told or live == 1:
+            others: Mapping[int, int] = {}  # alone: the whole rate here, and no query
+            self._published = set()
+        else:
+            others = await self._store.send_demand(told, self.horizon)
+            self.syncs += 1
+            self._published = {a for a, n in told.items() if n}
+        even = 1.0 / max(1, live)
         for account_id, n in mine.items():
             share = n / (n + others.get(account_id, 0)) if n else even
             if self._shares.get(account_id, 1.0) == share:
