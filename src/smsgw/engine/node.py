@@ -185,13 +185,6 @@ class Engine:
                 unheld=self._unheld,
             )
             self.ready = self.leases.ready
-        # Among several nodes, an account's api_rate is split between them by demand, and a
-        # paced account's send rate by where its bulk waits.
-        self.api_shares: ApiShares | None = None
-        self.send_shares: SendShares | None = None
-        if self.leases is not None and cluster is not None:
-            leased = self.leases
-            self.api_shares = ApiShares(cluster, lambda: leased.live_nodes, tick=leases.share_tick)
 
         async def dispatch(items: Sequence[OutboundSms]) -> None:
             if any(sms.send_at is not None for sms in items):
@@ -264,8 +257,13 @@ class Engine:
             stamp=None if self.leases is None else self.leases.stamp,
             operator_rate=lambda: self.pool.figures.capacity,
         )
+        # Among several nodes, an account's api_rate is split between them by demand, and a
+        # paced account's send rate by where its bulk waits.
+        self.api_shares: ApiShares | None = None
+        self.send_shares: SendShares | None = None
         if self.leases is not None and cluster is not None:
             leased = self.leases
+            self.api_shares = ApiShares(cluster, lambda: leased.live_nodes, tick=leases.share_tick)
             self.send_shares = SendShares(
                 cluster, self.scheduler, lambda: leased.live_nodes, tick=leases.share_tick
             )

@@ -37,11 +37,11 @@ WHERE status IN ('queued', 'sending') AND NOT express GROUP BY 1, 2
 # Each stream's next queued bulk messages after its cursor (a stream: an account's bulk under
 # one dispatch shard, ports.stream_key): a range scan of messages_account_status per account,
 # the other streams' rows of the account filtered out on the way, all streams in one
-# statement. That index only: the
-# status index's predicate is stated as such, and 'queued' is a value the planner cannot read
-# while it plans (rows.NOT_FINAL says why), so messages_pending, which a literal 'queued' would
-# make a candidate, is not one (after an ANALYZE taken while few messages were pending, a walk
-# of every pending message of every account looked cheaper than each account's own range).
+# statement. That index only: the status index's predicate is stated as such, and 'queued' is
+# a value the planner cannot read while it plans (rows.NOT_FINAL says why), so
+# messages_pending, which a literal 'queued' would make a candidate, is not one (after an
+# ANALYZE taken while few messages were pending, a walk of every pending message of every
+# account looked cheaper than each account's own range).
 # The id bounds let each account's range skip the day partitions before its cursor's day
 # (a message's id is made just after its created_at: rows.ID_SLACK) and the days ahead. The
 # range is in (created_at, id) order, and partitions are by id: with sorts disabled, the

@@ -147,11 +147,11 @@ def renewal_tokens(held: Mapping[int, int]) -> list[int | None]:
 _LIVE = "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => $1)"
 
 # The LISTEN sessions ($2: their application_names, `listen_name`) of the nodes $1 that stopped
-# heartbeating $3 seconds ago, ended. A node paused (SIGSTOP, a hung
-# process) keeps its LISTEN session open and reads nothing from it: PostgreSQL keeps every
-# notification since its oldest unread one for it, and once the queue is full every NOTIFY,
-# of every node, fails. A node that comes back finds its session gone and listens again
-# (ShardLeases._listen; its poll covers the gap). A killed node's session ended with it.
+# heartbeating $3 seconds ago, ended. A node paused (SIGSTOP, a hung process) keeps its LISTEN
+# session open and reads nothing from it: PostgreSQL keeps every notification since its oldest
+# unread one for it, and once the queue is full every NOTIFY, of every node, fails. A node
+# that comes back finds its session gone and listens again (ShardLeases._listen; its poll
+# covers the gap). A killed node's session ended with it.
 _END_STALLED_LISTENERS = """
 SELECT count(pg_terminate_backend(a.pid))
 FROM unnest($1::text[], $2::text[]) AS g(id, name)
@@ -324,16 +324,16 @@ class PgCluster:
         async def take(conn: asyncpg.Connection) -> dict[int, int]:
             async with conn.transaction():
                 # SKIP LOCKED: nodes taking shards at the same moment take different ones.
-                rows = await conn.fetch(
+                candidates = await conn.fetch(
                     "SELECT shard, owner FROM shard_leases"
                     " WHERE owner IS NULL OR expires_at < now()"
                     " ORDER BY shard LIMIT $1 FOR UPDATE SKIP LOCKED",
                     count,
                 )
-                free = [r["shard"] for r in rows]
+                free = [r["shard"] for r in candidates]
                 if not free:
                     return {}
-                gone = sorted({r["owner"] for r in rows} - {None, self._node_id})
+                gone = sorted({r["owner"] for r in candidates} - {None, self._node_id})
                 if gone:
                     names = [listen_name(self.db.schema, node_id) for node_id in gone]
                     await conn.fetchval(_END_STALLED_LISTENERS, gone, names, ttl)
