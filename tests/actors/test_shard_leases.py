@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import trio
@@ -156,6 +156,27 @@ def node(cluster: Cluster, name: str) -> tuple[ShardLeases, FakeStore, Inbox[Sch
     return leases, store, inbox
 
 
+class Pair(NamedTuple):
+    """Two nodes that have split the shards between them, and an account of b's."""
+
+    a: ShardLeases
+    store_a: FakeStore
+    inbox_a: Inbox[SchedulerMessage]
+    b: ShardLeases
+    store_b: FakeStore
+    on_b: int
+
+
+async def two_nodes(cluster: Cluster, nursery: trio.Nursery) -> Pair:
+    a, store_a, inbox_a = node(cluster, "a")
+    b, store_b, _ = node(cluster, "b")
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    await trio.sleep(10)
+    on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
+    return Pair(a, store_a, inbox_a, b, store_b, on_b)
+
+
 def drained(inbox: Inbox[SchedulerMessage]) -> list[OutboundSms]:
     """The messages told to the Scheduler whole (bulk recovered is only counted)."""
     items: list[OutboundSms] = []
@@ -252,13 +273,8 @@ async def test_a_dead_nodes_shards_are_taken_over_and_its_stamps_fenced(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     cluster = Cluster()
-    a, _, inbox_a = node(cluster, "a")
-    b, store_b, _ = node(cluster, "b")
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-        await trio.sleep(10)
-        on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
+        a, _, inbox_a, b, store_b, on_b = await two_nodes(cluster, nursery)
         stamped_by_b = route_one(b, sms(on_b))
         assert stamped_by_b is not None and b.admit(stamped_by_b)
         cluster.pending = {stamped_by_b.id: sms(on_b)}  # queued in the database
@@ -335,13 +351,8 @@ async def test_a_takeover_pages_the_backlog_and_holds_what_is_routed_meanwhile(
     read only after the counts: no message enters an account's queue ahead of its older
     backlog, and none twice."""
     cluster = Cluster()
-    a, _, inbox_a = node(cluster, "a")
-    b, store_b, _ = node(cluster, "b")
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
-        await nursery.start(b.run)
-        await trio.sleep(10)
-        on_b = next(acc for acc in range(1, 1000) if shard_of(acc) in b.owned)
+        a, _, inbox_a, _, store_b, on_b = await two_nodes(cluster, nursery)
         old = [sms(on_b, n) for n in range(5)]
         express = msgspec.structs.replace(sms(on_b, 99), express=True)
         newer = sms(on_b, 100)
@@ -453,4 +464,36 @@ async def test_a_body_read_back_is_stamped_with_its_shards_token_or_dropped(
         assert stamped is not None and stamped.fence == a.owned[shard_of(7)] and a.admit(stamped)
         del a.owned[shard_of(7)]
         assert a.stamp(mine) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_recovery_does_not_hold_up_the_heartbeat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A takeover whose recovery reads for 10 s (a large backlog on a busy database): the node
+    goes on renewing its leases every tick meanwhile, so none lapses and no other node can
+    take them. Recovered inside the tick, the renewal waited for the read, the leases expired
+    after 3 s and two nodes draining a backlog took shards from each other in turn."""
+    cluster = Cluster()
+    async with trio.open_nursery() as nursery:
+        a, store_a, inbox_a, _, store_b, on_b = await two_nodes(cluster, nursery)
+        cluster.pending = {s.id: s for s in (sms(on_b, n) for n in range(5))}
+        original = store_a.load_backlog
+
+        async def slow_load(
+            shards: Sequence[int],
+        ) -> tuple[list[OutboundSms], list[tuple[int, int]]]:
+            await trio.sleep(10)
+            return await original(shards)
+
+        store_a.load_backlog = slow_load  # type: ignore[method-assign]
+        drained(inbox_a)
+        store_b.dead = True
+        while shard_of(on_b) not in a.owned:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.1)
+        ticks = a.counts["ticks"]
+        await trio.sleep(12)
+        assert a.counts["ticks"] >= ticks + 20  # a tick every 0.5 s while the read went on
+        assert a.counts["lapses"] == 0 and a.counts["lost"] == 0
+        assert counted(inbox_a).get(on_b) == 5  # and the recovery told its counts after it
         nursery.cancel_scope.cancel()

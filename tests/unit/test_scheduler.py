@@ -742,3 +742,50 @@ def test_each_stream_pages_from_its_own_cursor() -> None:
             got.append(entry[1])
     assert sorted(got) == sorted(s.id for s in [*old, *new])
     assert state.bulk_size == 0
+
+
+def test_a_shard_that_leaves_and_comes_back_is_paged_from_the_start() -> None:
+    """A stream paged half way, its shard lost (the entries in memory will never be sent from
+    here) and taken back: the recovery's count pages it from the start, so the messages the
+    node held before the loss are read again, not passed over by the old cursor. A page out
+    when the shard left is dropped when it comes back."""
+    store = FakeStore()
+    messages = [make_sms(n, 7, created_at=T0 + n) for n in range(8)]
+    for sms in messages:
+        store.commit(7, (micros(sms.created_at), sms.id, sms.segments))
+    state = SchedulerState(account_bound=2, memory_bound=100, body_budget=0)
+    state.add_backlog(7, len(messages))
+    [(key, cursor, size)] = state.take_page_requests(10)
+    state.paged(key, store.page(key, cursor, size), size)  # two in memory, six in the store
+    first = state.pop_bulk_of(0.0)  # sent before the loss: its outcome ends it in the store
+    assert first is not None and first[0] == 7
+    store.rows[7].remove(first[1])
+    state.push(make_sms(20, 9))  # another shard's account: untouched
+    [(key, cursor, size)] = [r for r in state.take_page_requests(10) if r[0] == 7]
+    assert cursor > START
+    out = store.page(key, cursor, size)  # a page read while the shard leaves
+    assert state.forget_shards({shard_of(7)}) == 1
+    assert 7 not in state.cursors and state.backlog(7) == 0 and state.backlog(9) == 1
+    state.add_backlog(7, len(messages) - 1)  # taken back: recovered from the start
+    assert state.take_page_requests(10) == []  # the old page is still out
+    state.paged(key, out, size)  # and comes back: dropped
+    got = [first[1][1]]
+    for _ in range(20):
+        for key, cursor, size in state.take_page_requests(10):
+            state.paged(key, store.page(key, cursor, size), size)
+        while (entry := state.pop_bulk(0.0)) is not None:
+            got.append(entry[1])
+    assert sorted(got) == sorted([s.id for s in messages] + [make_sms(20, 9).id])
+    assert state.bulk_size == 0 and not state.cursors.keys() - {7, 9}
+
+
+def test_forgetting_a_shard_drops_its_streams_only() -> None:
+    home = (shard_of(7) + 1) % SHARDS
+    state = SchedulerState()
+    for n in range(3):
+        state.push(make_sms(n, 7))
+        state.push(in_stream(10 + n, 7, home))
+    assert state.forget_shards({home}) == 3
+    assert set(state.mailboxes) == {7} and not state.streams
+    assert stream_key(7, home) not in state.cursors and stream_key(7, home) not in state.ring
+    assert state.backlog(7) == 3 and len(drain(state)) == 3

@@ -27,6 +27,7 @@ from smsgw.engine.ports import (
     slots,
     stream_account,
     stream_of,
+    stream_parts,
 )
 from smsgw.engine.ratelimit import TokenBucket
 
@@ -42,7 +43,7 @@ LIGHT_SCAN = 64
 class Mailbox:
     """One account's bulk work: entries in memory, and how many more wait in the store."""
 
-    __slots__ = ("deficit", "during", "heavy", "paging", "queue", "spilled", "turn")
+    __slots__ = ("deficit", "during", "heavy", "paging", "queue", "spilled", "stale", "turn")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
@@ -51,6 +52,7 @@ class Mailbox:
         self.spilled = 0  # messages in the store after the account's cursor, not in memory
         self.paging = False  # a page query for it is out
         self.during: list[Entry] = []  # spilled while that query was out
+        self.stale = False  # its shard left this node while that query was out: drop its page
         # Has it had more than `light_backlog` waiting since it last had none? A light
         # account's mailbox is made and dropped with each of its few messages.
         self.heavy = False
@@ -343,6 +345,16 @@ class SchedulerState:
         if mailbox is None or not mailbox.paging:
             return  # cannot happen: a paging mailbox is never dropped
         mailbox.paging = False
+        if mailbox.stale:
+            # Read for a shard that left this node meanwhile: not this node's to send. What
+            # was counted since (the shard came back) is paged from the start.
+            mailbox.stale = False
+            mailbox.during = []
+            if mailbox.spilled:
+                self.page_wanted[key] = None
+            elif mailbox.idle():
+                self._drop(key)
+            return
         during, mailbox.during = mailbox.during, []
         got = {row[1] for row in rows}
         for row in rows:
@@ -376,6 +388,43 @@ class SchedulerState:
         if mailbox.idle():
             self._drop(key)
 
+    def forget_shards(self, shards: Container[int]) -> int:
+        """Forget the bulk streams of `shards`, which are no longer this node's: their entries
+        in memory (and cached bodies), their counts in the store, their paging cursors. Their
+        messages are the next owner's; should a shard come back, its recovery's counts page
+        each stream from the start. A page query out for one of them is dropped when it comes
+        back (`Mailbox.stale`). Returns how many entries were dropped from memory."""
+        dropped = 0
+        gone: set[int] = set()
+        for key, mailbox in list(self.mailboxes.items()):
+            if stream_parts(key)[1] not in shards:
+                continue
+            for entry in mailbox.queue:
+                self.bodies.pop(entry[1], None)
+            dropped += len(mailbox.queue)
+            self.in_memory -= len(mailbox.queue)
+            self.spilled -= mailbox.spilled
+            mailbox.queue.clear()
+            mailbox.spilled = 0
+            mailbox.during = []
+            mailbox.deficit = 0
+            mailbox.turn = False
+            self.page_wanted.pop(key, None)
+            if mailbox.paging:
+                mailbox.stale = True
+            else:
+                self._forget(key)
+                gone.add(key)
+        if gone:
+            self._leave_ring_all(gone)
+        for key in [k for k in self.cursors if stream_parts(k)[1] in shards]:
+            del self.cursors[key]
+        return dropped
+
+    def _leave_ring_all(self, keys: set[int]) -> None:
+        """Mailboxes dropped in numbers (`forget_shards`): one pass over the ring."""
+        self.ring = deque(k for k in self.ring if k not in keys)
+
     def page_failed(self, key: int) -> None:
         """A page query failed: nothing was read; the entries spilled meanwhile stay counted."""
         mailbox = self.mailboxes.get(key)
@@ -383,6 +432,11 @@ class SchedulerState:
             return
         mailbox.paging = False
         mailbox.during = []
+        if mailbox.stale:
+            mailbox.stale = False
+            if mailbox.idle():
+                self._drop(key)
+                return
         if mailbox.spilled:
             self.page_wanted[key] = None
 
@@ -621,6 +675,12 @@ class FifoState(SchedulerState):
     def _remember(self, key: int, mailbox: Mailbox, entry: Entry) -> None:
         super()._remember(key, mailbox, entry)
         self.order.append((key, entry))
+
+    def forget_shards(self, shards: Container[int]) -> int:
+        dropped = super().forget_shards(shards)
+        if dropped:
+            self.order = deque((k, e) for k, e in self.order if stream_parts(k)[1] not in shards)
+        return dropped
 
     def pop_bulk_of(
         self, now: float, light_only: bool = False, room: float = math.inf

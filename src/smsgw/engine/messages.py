@@ -335,6 +335,17 @@ class Backlog(msgspec.Struct, frozen=True):
     counts: tuple[tuple[int, int], ...]
 
 
+class ShardsLeft(msgspec.Struct, frozen=True):
+    """These shards are no longer this node's (lost to another node, or being given away):
+    the Scheduler forgets their streams, entries, counts and paging cursors. Their messages
+    are the next owner's, which reads them from the store; should a shard come back here, its
+    recovery pages its streams from the start again. A cursor kept from before would pass
+    over the messages this node held then and dropped at the send check: no page would read
+    them again."""
+
+    shards: tuple[int, ...]
+
+
 class Paged(msgspec.Struct, frozen=True):
     """The Scheduler's pager read a stream's next entries back from the store."""
 
@@ -370,7 +381,7 @@ class BatchDone(msgspec.Struct, frozen=True):
     express: bool
 
 
-SchedulerMessage = Enqueue | Backlog | Paged | SendRate | SendShare | BatchDone
+SchedulerMessage = Enqueue | Backlog | ShardsLeft | Paged | SendRate | SendShare | BatchDone
 
 
 # --- ProviderPool inbox ------------------------------------------------------------------

@@ -255,6 +255,7 @@ class Engine:
             page_accounts=config.page_accounts,
             commits=self.writer.commits,
             stamp=None if self.leases is None else self.leases.stamp,
+            held=None if self.leases is None else self.leases.still_held,
             operator_rate=lambda: self.pool.figures.capacity,
         )
         # Among several nodes, an account's api_rate is split between them by demand, and a

@@ -231,9 +231,24 @@ class ProviderPool:
         fresh = {sms.id: sms for sms in batch if sms.id not in inflight}
         if len(fresh) < len(batch):
             self.duplicates += len(batch) - len(fresh)
+            for sms in batch:
+                held = inflight.get(sms.id)
+                if held is not None and _newer_lease(sms, held):
+                    # Handed in again under a newer lease of its shard: the shard left this
+                    # node and came back while the attempt was out. The attempt goes on, and
+                    # is settled under the lease that holds now (`_current`); under the old
+                    # one its outcome would be fenced off and its retry dropped.
+                    inflight[sms.id] = msgspec.structs.replace(held, fence=sms.fence)
             batch = tuple(fresh.values())
         inflight.update(fresh)
         return batch
+
+    def _current(self, sms: OutboundSms) -> OutboundSms:
+        """`sms` under the lease its in-flight record holds now (see `_take`)."""
+        held = self.inflight.get(sms.id)
+        if held is None or held.fence == sms.fence:
+            return sms
+        return msgspec.structs.replace(sms, fence=held.fence)
 
     async def _attempt(self, number: int, batch: tuple[OutboundSms, ...]) -> None:
         """Send `batch`, then tell the Scheduler that batch `number`'s slots are free.
@@ -270,7 +285,7 @@ class ProviderPool:
         finally:
             self.routing.abandon(route, call)  # cancelled: its slots come back unrecorded
         for sms, result in zip(part, results, strict=True):
-            await self._settle(provider, sms, result)
+            await self._settle(provider, self._current(sms), result)
             # Handed on: only now is it no longer ours. Cancelled before this point, it
             # stays in `inflight` and the next run of the pool hands it back.
             del self.inflight[sms.id]
@@ -278,7 +293,7 @@ class ProviderPool:
 
     async def _expire(self, sms: OutboundSms) -> None:
         """`sms` waited for an operator past its time (`RetryPolicy.ends_at`)."""
-        await self._record(expired(sms, self._clock()))
+        await self._record(expired(self._current(sms), self._clock()))
         del self.inflight[sms.id]
         self._publish()
 
@@ -306,12 +321,19 @@ class ProviderPool:
         admitted = [self._admit(sms) for sms in batch]
         if all(admitted):
             return batch
+        sending = []
         for sms, ok in zip(batch, admitted, strict=True):
             if not ok:
+                current = self._current(sms)
+                if current is not sms and self._admit(current):
+                    sending.append(current)  # handed in again under a newer lease meanwhile
+                    continue
                 del self.inflight[sms.id]
-                if self._still_held is not None and self._still_held(sms):
-                    await self._retry.tell(RetryLater(sms, 0.5))
-        return tuple(sms for sms, ok in zip(batch, admitted, strict=True) if ok)
+                if self._still_held is not None and self._still_held(current):
+                    await self._retry.tell(RetryLater(current, 0.5))
+                continue
+            sending.append(sms)
+        return tuple(sending)
 
     async def _send(
         self, route: OperatorRoute, call: Call, batch: Sequence[OutboundSms]
@@ -441,3 +463,8 @@ def _percentile_ms(ordered: Sequence[float], q: float) -> float | None:
         return None
     rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
     return round(1000 * ordered[rank], 3)
+
+
+def _newer_lease(sms: OutboundSms, held: OutboundSms) -> bool:
+    """`sms` carries a newer fencing token than `held`, the same message (tokens grow)."""
+    return sms.fence is not None and (held.fence is None or sms.fence > held.fence)

@@ -25,6 +25,7 @@ from smsgw.engine.messages import (
     SchedulerMessage,
     SendRate,
     SendShare,
+    ShardsLeft,
     WriterMessage,
 )
 from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of, stream_of
@@ -127,6 +128,7 @@ class Scheduler:
         prefetch: int = 1_000,
         commits: CommitFence | None = None,
         stamp: Callable[[OutboundSms], OutboundSms | None] | None = None,
+        held: Callable[[OutboundSms], bool] | None = None,
         operator_rate: Callable[[], float] | None = None,
     ) -> None:
         self.inbox = inbox
@@ -150,6 +152,12 @@ class Scheduler:
         # Among several nodes: a body read from the store gets its shard's fencing token, or
         # is dropped (None) when this node no longer leases the shard; its owner recovers it.
         self._stamp = stamp
+        # Among several nodes: whether a stamped message's shard is still leased here under
+        # the token it carries (ShardLeases.still_held). One that is not (a retry whose shard
+        # left while it waited) is not queued: its shard's owner has it from the store, and
+        # queued here it would move its stream's cursor for a shard that is not this node's.
+        self._held = held
+        self.left_behind = 0  # messages not queued for that reason, and entries forgotten
         # Segments a second the operators take now (the pool's published figure; 0: unknown).
         self._operator_rate = operator_rate
         self._page_requests = trio.Event()
@@ -215,6 +223,7 @@ class Scheduler:
             "body_reads": self.body_reads,
             "bodies_prefetched": self.prefetched,
             "bodies_cached": len(state.bodies),
+            "left_behind": self.left_behind,
         }
 
     # --- what the Scheduler answers when asked (synchronously: one thread, no await) ------
@@ -238,11 +247,17 @@ class Scheduler:
     def _absorb(self, message: SchedulerMessage) -> None:
         match message:
             case Enqueue(items=items):
+                held = self._held
                 for sms in items:
-                    self.state.push(sms)
+                    if held is None or sms.fence is None or held(sms):
+                        self.state.push(sms)
+                    else:
+                        self.left_behind += 1
             case Backlog(counts=counts):
                 for key, count in counts:
                     self.state.add_backlog(key, count)
+            case ShardsLeft(shards=shards):
+                self.left_behind += self.state.forget_shards(frozenset(shards))
             case Paged(key=key, rows=rows, size=size, ok=ok):
                 if ok:
                     self.pages += 1

@@ -22,8 +22,15 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, InboxFull
-from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
-from smsgw.engine.ports import SHARDS, ClusterStore, Notices, dispatch_shard, shard_of
+from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage, ShardsLeft
+from smsgw.engine.ports import (
+    SHARDS,
+    ClusterStore,
+    Notices,
+    dispatch_shard,
+    shard_of,
+    stream_parts,
+)
 
 log = logging.getLogger("smsgw.shards")
 
@@ -36,16 +43,31 @@ async def recover_into(
     scheduler: ActorRef[SchedulerMessage],
     express: Sequence[OutboundSms],
     counts: Sequence[tuple[int, int]],
+    still: Callable[[int], bool] | None = None,
 ) -> int:
     """Hand recovered work to the Scheduler: messages whole (express: its deadline cannot wait
-    for a page) and bulk as (account, messages) counts to page in from the start of each
-    account's queue, in messages of bounded size. Returns how many messages that is. How a
-    node recovers, whether it leases its shards (`ShardLeases`) or runs alone."""
+    for a page) and bulk as (stream, messages) counts to page in from the start of each
+    stream's queue, in messages of bounded size. Returns how many messages that is. How a
+    node recovers, whether it leases its shards (`ShardLeases`) or runs alone. `still`: whether
+    a shard is still this node's, asked of each message's just before it is told (a shard
+    lost meanwhile was told to the Scheduler as `ShardsLeft` already, and counts told after
+    that would page a stream that is not this node's)."""
+    told = 0
     for start in range(0, len(express), 1_000):
-        await scheduler.tell(Enqueue(tuple(express[start : start + 1_000])))
+        items = express[start : start + 1_000]
+        if still is not None:
+            items = [sms for sms in items if still(dispatch_shard(sms))]
+        if items:
+            await scheduler.tell(Enqueue(tuple(items)))
+            told += len(items)
     for start in range(0, len(counts), 1_000):
-        await scheduler.tell(Backlog(tuple(counts[start : start + 1_000])))
-    return len(express) + sum(n for _, n in counts)
+        chunk = counts[start : start + 1_000]
+        if still is not None:
+            chunk = [(key, n) for key, n in chunk if still(stream_parts(key)[1])]
+        if chunk:
+            await scheduler.tell(Backlog(tuple(chunk)))
+            told += sum(n for _, n in chunk)
+    return told
 
 
 def fair_share(live_nodes: int) -> int:
@@ -366,7 +388,7 @@ class ShardLeases:
                 while True:
                     await trio.sleep(self.config.tick)
                     try:
-                        await self._tick()
+                        await self._tick(nursery)
                     except Exception as exc:
                         # The database is away: leases run out by themselves and dispatch
                         # stops at `valid_until`; keep trying.
@@ -382,15 +404,20 @@ class ShardLeases:
         held = [*self.owned, *self.draining]
         self.owned.clear()
         self.draining.clear()
+        self._holding.clear()  # their messages are in the store, for whoever takes the shards
         self.valid_until = 0.0
         try:
             await self.store.leave(held)
         except Exception as exc:
             log.warning("could not release leases on stop (they expire by themselves): %s", exc)
 
-    async def _tick(self) -> int:
-        """Heartbeat, renew, give away or take shards by the fair share. Returns how many
-        messages were recovered for newly leased shards."""
+    async def _tick(self, recoveries: trio.Nursery | None = None) -> int:
+        """Heartbeat, renew, give away or take shards by the fair share. Newly leased shards
+        are recovered in `recoveries` (None: here, and the count of messages recovered is
+        returned: start-up, before HTTP opens). Not in the tick: a recovery of a large
+        backlog takes seconds, and a heartbeat that waits for it lets the leases lapse, which
+        other nodes then take (two nodes draining 430,000 messages lost shards to each other
+        every few seconds that way)."""
         started = self._clock()
         self.counts["ticks"] += 1
         held = {**self.owned, **{s: token for s, (token, _, _) in self.draining.items()}}
@@ -410,6 +437,8 @@ class ShardLeases:
         for shard in lost:
             self.owned.pop(shard, None)
             self.draining.pop(shard, None)
+        if lost:
+            await self._scheduler.tell(ShardsLeft(tuple(lost)))
         loaded = 0
         if late:
             # Renewed later than this node trusts its leases for (a loop busy for seconds, a
@@ -443,14 +472,19 @@ class ShardLeases:
         target = fair_share(live)
         if len(self.owned) > target:
             # Give away the highest shards: stop dispatching them now, release when drained.
-            for shard in sorted(self.owned)[target:]:
+            leaving = sorted(self.owned)[target:]
+            for shard in leaving:
                 self.draining[shard] = (self.owned.pop(shard), started, None)
+            await self._scheduler.tell(ShardsLeft(tuple(leaving)))
         elif len(self.owned) + len(self.draining) < target:
             want = target - len(self.owned) - len(self.draining)
             gained = await self.store.acquire(want, self.config.ttl)
             if gained:
                 self.counts["acquired"] += len(gained)
-                loaded += await self._recover(gained)
+                if recoveries is None:
+                    loaded += await self._recover(gained)
+                else:
+                    recoveries.start_soon(self._recover_later, gained)
         self.last_tick_ms = (self._clock() - started) * 1000
         return loaded
 
@@ -467,38 +501,62 @@ class ShardLeases:
 
     async def _recover(self, gained: dict[int, int]) -> int:
         """Own `gained` (shard -> token), load its express messages whole and tell the
-        Scheduler how much bulk each account has waiting, to page in from the start of its
+        Scheduler how much bulk each stream has waiting, to page in from the start of its
         queue: memory does not follow a dead node's backlog. Messages routed to these shards
         while the recovery reads (none at start, before HTTP opens) are held and passed on
-        after the backlog counts, so none enters the Scheduler ahead of its account's older
+        after the backlog counts, so none enters the Scheduler ahead of its stream's older
         backlog (paging follows a cursor). A held bulk message the counts include too is
-        counted twice; paging reads it once and a short page corrects the count."""
+        counted twice; paging reads it once and a short page corrects the count. A shard lost
+        while it is read is left out (its counts would page a stream that is not this node's).
+        When the read fails, the held messages stay held for the next try (`_recover_later`)."""
         for shard in gained:
             self._holding[shard] = []
         self.owned.update(gained)
+        async with self._db:
+            express, counts = await self.store.load_backlog(sorted(gained))
+        held_ids = {s.id for shard in gained for s in self._holding.get(shard, ())}
+
+        def still(shard: int) -> bool:
+            token = gained.get(shard)
+            return token is not None and self.owned.get(shard) == token
+
+        batch = []
         loaded_ids: set[str] = set()
-        try:
-            async with self._db:
-                express, counts = await self.store.load_backlog(sorted(gained))
-            held_ids = {s.id for shard in gained for s in self._holding[shard]}
-            batch = []
-            for sms in express:
-                shard = dispatch_shard(sms)
-                if self.owned.get(shard) == gained[shard] and sms.id not in held_ids:
-                    batch.append(msgspec.structs.replace(sms, fence=gained[shard]))
-                    loaded_ids.add(sms.id)
-            loaded = await recover_into(self._scheduler, batch, counts)
-            self.counts["loaded"] += loaded
-            return loaded
-        finally:
-            held = [s for shard in gained for s in self._holding.pop(shard, ())]
-            await self._enqueue(
-                [
-                    s
-                    for s in held
-                    if s.id not in loaded_ids and self.owned.get(dispatch_shard(s)) == s.fence
-                ]
-            )
+        for sms in express:
+            shard = dispatch_shard(sms)
+            if still(shard) and sms.id not in held_ids:
+                batch.append(msgspec.structs.replace(sms, fence=gained[shard]))
+                loaded_ids.add(sms.id)
+        loaded = await recover_into(self._scheduler, batch, counts, still)
+        self.counts["loaded"] += loaded
+        held = [s for shard in gained for s in self._holding.pop(shard, ())]
+        await self._enqueue(
+            [
+                s
+                for s in held
+                if s.id not in loaded_ids and self.owned.get(dispatch_shard(s)) == s.fence
+            ]
+        )
+        return loaded
+
+    async def _recover_later(self, gained: dict[int, int]) -> None:
+        """`_recover` in the background, tried again while the read fails, for the shards
+        still this node's under the same tokens (a shard lost meanwhile is its new owner's to
+        recover: what was held for it is dropped, it is in the store)."""
+        while True:
+            try:
+                await self._recover(gained)
+                return
+            except Exception as exc:
+                self.last_error = f"recovery: {type(exc).__name__}: {exc}"
+                log.warning("recovery of %d shard(s) failed, trying again: %s", len(gained), exc)
+            await trio.sleep(self.config.tick)
+            still = {s: t for s, t in gained.items() if self.owned.get(s) == t}
+            for shard in gained.keys() - still.keys():
+                self._holding.pop(shard, None)
+            if not still:
+                return
+            gained = still
 
     async def _enqueue(self, items: Sequence[OutboundSms]) -> None:
         await recover_into(self._scheduler, items, ())
