@@ -495,14 +495,21 @@ def _delta(after: float | None, before: float | None) -> float | None:
 
 
 def _process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of a live process; None when it is gone or not ours to read."""
+    """User + system CPU seconds of a live process and its live descendants (`serve
+    --workers N` runs its nodes as children); None when it is gone or not ours to read."""
     if pid is None:
         return None
     try:
-        times = psutil.Process(pid).cpu_times()
+        process = psutil.Process(pid)
+        times = [process.cpu_times()]
+        for child in process.children(recursive=True):
+            try:
+                times.append(child.cpu_times())
+            except psutil.Error:
+                continue  # ended meanwhile
     except psutil.Error:
         return None
-    return times.user + times.system
+    return sum(t.user + t.system for t in times)
 
 
 def _children_cpu_s() -> float:

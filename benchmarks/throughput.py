@@ -30,6 +30,9 @@ from `python -m smsgw.sim.loadgen` in its own process, everything on 127.0.0.1 o
                   --saturated-duration s: messages reaching an operator per second against
                   messages accepted per second (>= 0.90)
 
+Each gateway is one node (`--workers 1`) unless --workers says more (several nodes on one port,
+as `serve` runs by default: one per core).
+
 Window figures (accepted/s, sent/s, accept->sent) come from PostgreSQL over the measured wall
 clock window [t0, t1): created_at of accepted rows, updated_at of sent rows. Backlog is the
 count of non-final rows and the scheduler's backlog (GET /v1/ops/supervisor) at t0 and t1.
@@ -577,7 +580,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
             env = gateway_env(url, schema, admin_key)
             gateway = stack.enter_context(
                 run_server(
-                    [*gateway_command(), *extra, *capped],
+                    [*gateway_command(workers=args.workers), *extra, *capped],
                     log_path=args.out / f"{spec.name}.log",
                     env=env,
                 )
@@ -628,7 +631,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
                 stop_process(gateway.process)
                 stack.enter_context(
                     run_server(
-                        [*gateway_command(), *extra],
+                        [*gateway_command(workers=args.workers), *extra],
                         log_path=args.out / f"{spec.name}.drain.log",
                         env=env,
                     )
@@ -855,9 +858,13 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _nodes(workers: int) -> str:
+    return "one node" if workers == 1 else f"{workers} nodes on one port"
+
+
 def markdown(result: dict[str, Any]) -> str:
     out = [
-        "# Throughput: messages/s through one node\n",
+        f"# Throughput: messages/s through {_nodes(result['settings'].get('workers', 1))}\n",
         f"Commit {result['commit']}{' (working tree modified)' if result['dirty'] else ''},"
         f" {result['timestamp']}, {result['cpu_count']} CPUs, PostgreSQL: {result['database']},"
         f" load average {result['loadavg_start']} at the start and {result['loadavg_end']} at"
@@ -965,6 +972,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--copy-rounds", type=int)
     parser.add_argument("--batch-size", type=int, default=1_000)
     parser.add_argument("--batch-connections", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="node processes of each gateway (`serve --workers`; its default is one per core):"
+        " the server CPU figure is theirs together",
+    )
     parser.add_argument("--batch-duration", type=float)
     parser.add_argument(
         "--batch-operator-cap",
