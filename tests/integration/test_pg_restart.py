@@ -162,6 +162,7 @@ async def test_postgresql_restart_under_load(private_pg: ControlledServer, fault
             ]
             accounts = [await create_account(client, 10**7, f"a{i}") for i in range(ACCOUNTS)]
             keys = [a["api_key"] for a in accounts]
+            spare = await create_account(client, 10**7, "spare")  # its key is never used before
             load = Load()
             ready: list[tuple[float, int]] = []
             unready: list[str] = []  # why /ready said no, each time
@@ -178,7 +179,18 @@ async def test_postgresql_restart_under_load(private_pg: ControlledServer, fault
                         else:
                             await trio.to_thread.run_sync(private_pg.kill)
                         down_at = trio.current_time() - load.started
-                        await trio.sleep(DOWN_FOR)
+                        await trio.sleep(0.5)
+                        # Reads of the store while it is away: a key not looked up before,
+                        # a message list. 503 with Retry-After, as for accepts (they were 500s).
+                        away = [
+                            await client.post(
+                                "/v1/messages",
+                                json={"to": TO, "text": "away"},
+                                headers=bearer(spare["api_key"]),
+                            ),
+                            await client.get("/v1/messages?limit=1", headers=bearer(keys[0])),
+                        ]
+                        await trio.sleep(DOWN_FOR - 0.5)
                         await trio.to_thread.run_sync(private_pg.start)
                         up_at = trio.current_time() - load.started
                         try:
@@ -204,6 +216,7 @@ async def test_postgresql_restart_under_load(private_pg: ControlledServer, fault
             statuses = {s for _, _, s, _ in load.answers}
             assert statuses <= {202, 429, 503}, statuses
             assert all(ra for _, _, s, ra in load.answers if s != 202), "no Retry-After"
+            assert [(r.status_code, "retry-after" in r.headers) for r in away] == [(503, True)] * 2
             slowest = max(took for _, took, _, _ in load.answers)
             assert slowest < ANSWER_WITHIN, slowest
             refused = [a for a in load.answers if a[2] != 202]

@@ -224,6 +224,12 @@ class ScheduledStore(Protocol):
         ...
 
 
+class StoreUnreachable(Exception):
+    """The store could not be reached: no connection could be opened, or the one in use was
+    lost or the server is shutting down. A read can simply be tried again; the HTTP API
+    answers 503 with Retry-After. (A group commit's lost connection is `CommitInDoubt`.)"""
+
+
 class CommitInDoubt(Exception):
     """A group commit failed at a point where the store cannot tell whether it committed (the
     connection was lost after the transaction's statements were sent). `commit_fate` tells."""

@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.admission import RequestBodies
 from smsgw.engine.node import Engine
-from smsgw.engine.ports import FrontDoorStore, OtpStore
+from smsgw.engine.ports import FrontDoorStore, OtpStore, StoreUnreachable
 from smsgw.http import observe
 from smsgw.http.api import Operation
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest, read_within
@@ -139,6 +139,18 @@ def create_app(
         status = exc.code or 500
         code = (exc.name or "error").lower().replace(" ", "_")
         return problem_response(status, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(StoreUnreachable)
+    async def on_store_unreachable(exc: StoreUnreachable) -> Response:
+        # A read of the store (a key lookup, a report) while PostgreSQL is away: as an
+        # engine call's StoreUnavailable (Gateway.call), not an internal error.
+        log.warning("store unreachable: %s", exc)
+        return problem_response(
+            503,
+            "unavailable",
+            "storage is unavailable; retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     @app.errorhandler(Exception)
     async def on_crash(exc: Exception) -> Response:

@@ -15,6 +15,7 @@ import trio_asyncio
 
 from smsgw.engine.credit import TopUpTooLarge
 from smsgw.engine.histogram import LATENCY_BUCKETS, Histogram
+from smsgw.engine.ports import StoreUnreachable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,6 +47,20 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 def bridge(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """`fn`, an asyncio coroutine function, as one trio can await (inside `asyncio_loop`)."""
     return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+
+
+def _unreachable(exc: Exception) -> bool:
+    """The server could not be reached, or went away: refused or reset connections, a lost
+    session, a server shutting down or starting (not a timeout: a caller's own)."""
+    if isinstance(exc, OSError):
+        return not isinstance(exc, TimeoutError)
+    return isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError,
+    )
 
 
 class Database:
@@ -138,6 +153,10 @@ class Database:
                 self._acquiring += 1
                 try:
                     conn = await self.pool.acquire()
+                except Exception as exc:
+                    if _unreachable(exc):
+                        raise StoreUnreachable(f"{type(exc).__name__}: {exc}") from exc
+                    raise
                 finally:
                     self._acquiring -= 1
             started = time.perf_counter()
@@ -158,6 +177,8 @@ class Database:
                         conn.terminate()
                     else:
                         self._release(conn)
+                if isinstance(exc, Exception) and _unreachable(exc):
+                    raise StoreUnreachable(f"{type(exc).__name__}: {exc}") from exc
                 raise
             finally:
                 self._took(label, time.perf_counter() - started)
