@@ -220,3 +220,34 @@ def test_the_embedded_postgresql_output_stays_in_its_log_files(schema: str, tmp_
     assert (data_dir / "log").exists()  # PostgreSQL's own log
     # Stopped with serve: nothing listens on the data folder's socket any more.
     assert not (data_dir / "postmaster.pid").exists()
+
+
+def test_several_workers_open_the_binds_an_smpp_url_allows_in_all(
+    database_url: str, schema: str, tmp_path: Path
+) -> None:
+    """`binds=3` on two workers: the simulated SMSC (its own process) sees three binds, not
+    six (a real one would refuse the extra sessions), and three unbinds at the stop."""
+    smsc = subprocess.Popen(
+        [sys.executable, "-m", "smsgw.sim.smsc", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert smsc.stdout is not None
+        port = urlsplit(json.loads(smsc.stdout.readline())["url"]).port
+        operator = f"A=smpp://gw:pw@127.0.0.1:{port}?binds=3&window=5"
+        env = _env(database_url, schema, tmp_path)
+        with (
+            serve(env, tmp_path, "--workers", "2", "--operator-url", operator) as s,
+            httpx.Client(base_url=s.url, timeout=30) as client,
+        ):
+            deadline = time.monotonic() + 30
+            while client.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline, s.log()[-3000:]
+                time.sleep(0.2)
+            time.sleep(1.0)  # a worker that bound too many would have done so by now
+    finally:
+        smsc.send_signal(signal.SIGTERM)
+        out, _ = smsc.communicate(timeout=30)
+    stopped = json.loads(out.splitlines()[-1])
+    assert (stopped["binds"], stopped["unbinds"]) == (3, 3), stopped

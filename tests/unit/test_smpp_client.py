@@ -6,11 +6,17 @@ import argparse
 
 import pytest
 
+from smsgw.cli.serve import _operator_shares
 from smsgw.cli.serve_options import _operator_url
 from smsgw.connectors.operators.http import HttpOperator
 from smsgw.connectors.operators.smpp import session
 from smsgw.connectors.operators.smpp.client import SmppOperator
-from smsgw.connectors.operators.smpp.config import SmppConfig, operator_name, parse_smpp_url
+from smsgw.connectors.operators.smpp.config import (
+    SmppConfig,
+    operator_name,
+    parse_smpp_url,
+    share_binds,
+)
 from smsgw.connectors.operators.smpp.receipt import parse_receipt, report_for
 from smsgw.connectors.operators.smpp.session import Job, Round, Shared
 from smsgw.engine.messages import DeliveryReport, SendResult
@@ -93,6 +99,32 @@ def test_the_command_line_checks_smpp_urls() -> None:
         _operator_url("A=smpp://acme:pw@h:1?binds=0")
     with pytest.raises(argparse.ArgumentTypeError, match="smpp://"):
         _operator_url("A=ftp://h")
+
+
+@pytest.mark.parametrize(
+    ("binds", "workers", "dealt", "tps"),
+    [(4, 2, [2, 2], 500.0), (3, 2, [2, 1], 500.0), (5, 3, [2, 2, 1], 500.0), (1, 2, [1, 1], 250.0)],
+)
+def test_serve_deals_an_operators_binds_out_among_its_workers(
+    binds: int, workers: int, dealt: list[int], tps: float
+) -> None:
+    """The URL's binds and tps are the operator's contract for the whole gateway: `serve
+    --workers N` opens `binds` sessions in all, not N x binds (a bind over the contract is
+    refused). With fewer binds than workers each binds once, at a tps that keeps the total."""
+    url = f"smpp://ac%40me:p%3Aw@127.0.0.1:2775?window=50&binds={binds}&tps=500&split=sar"
+    shares = [share_binds(url, i, workers) for i in range(workers)]
+    assert [s.binds for s in shares] == dealt
+    for share in shares:
+        config = parse_smpp_url(share.url)
+        assert (config.binds, config.tps) == (share.binds, tps)
+        assert (config.system_id, config.password) == ("ac@me", "p:w")
+        assert (config.window, config.split) == (50, "sar")
+        assert operator_name(config) == operator_name(parse_smpp_url(url))
+    assert sum(s.binds * s.tps for s in shares) == binds * 500.0
+    args = _operator_shares([f"A={url}", "B=http://127.0.0.1:9"], workers)
+    assert [a[1].partition("?")[0] for a in args] == [f"A={url.partition('?')[0]}"] * workers
+    assert [parse_smpp_url(a[1][2:]).binds for a in args] == dealt
+    assert all(a[2:] == ["--operator-url", "B=http://127.0.0.1:9"] for a in args)
 
 
 RECEIPT = "id:{} sub:001 dlvrd:000 submit date:2412011200 done date:2412011201 stat:{} err:{} text:"

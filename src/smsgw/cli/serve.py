@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -224,6 +225,41 @@ def _operators_summary(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _operator_shares(values: Sequence[str], workers: int) -> list[list[str]]:
+    """Each worker's `--operator-url` arguments: an SMPP operator's binds dealt out among the
+    workers (`share_binds`: the URL's binds and tps are the operator's for the whole gateway,
+    not for each process); other operators as given."""
+    from smsgw.connectors.operators.smpp.config import parse_smpp_url, share_binds
+    from smsgw.runtime.server import split_operator_url
+
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    for value in values:
+        name, url = split_operator_url(value)
+        if not url.startswith("smpp://"):
+            for args in shares:
+                args += ["--operator-url", value]
+            continue
+        try:
+            binds = parse_smpp_url(url).binds
+            dealt = [share_binds(url, i, workers) for i in range(workers)]
+        except ValueError as exc:
+            raise UsageError(f"--operator-url {redact_url(url)}: {exc}") from None
+        for args, share in zip(shares, dealt, strict=True):
+            args += ["--operator-url", share.url if name is None else f"{name}={share.url}"]
+        if binds < workers:
+            serve_log.warning(
+                "%s: binds=%d for %d workers: each binds once (%d sessions in all) at %g PDUs"
+                " a second: give it at least %d binds, or run fewer workers",
+                name or redact_url(url),
+                binds,
+                workers,
+                workers,
+                dealt[0].tps,
+                workers,
+            )
+    return shares
+
+
 def _serve_workers(
     args: argparse.Namespace,
     workers: int,
@@ -241,8 +277,7 @@ def _serve_workers(
     worker_args += ["--operator-name", args.operator_name]
     if args.no_access_log:
         worker_args.append("--no-access-log")
-    for url in args.operator_url:
-        worker_args += ["--operator-url", url]
+    operator_args = _operator_shares(args.operator_url, workers)
     if args.routing is not None:
         worker_args += ["--routing", args.routing[0]]
     if args.attempt_timeout is not None:
@@ -295,6 +330,7 @@ def _serve_workers(
             env,
             top_args,
             on_listening=lambda url: _log_startup(args, url, workers, node_id, database, config),
+            each=operator_args.__getitem__,
         )
     )
     return 0

@@ -45,9 +45,11 @@ async def serve_workers(
     top_args: Sequence[str] = (),
     *,
     on_listening: Callable[[str], None] | None = None,
+    each: Callable[[int], Sequence[str]] = lambda _: (),
 ) -> None:
     """Run `workers` nodes named `{node_id}-{i}` on host:port until SIGTERM or SIGINT;
-    `on_listening(url)` once every worker listens (before the `listening` line)."""
+    `on_listening(url)` once every worker listens (before the `listening` line). Worker i
+    gets `worker_args` and `each(i)`."""
     holder: socket.socket | None = None
     if port == 0:
         # Pick the port once for all workers; the bound (never listening) socket keeps it ours
@@ -85,6 +87,7 @@ async def serve_workers(
                                 "--node-id",
                                 f"{node_id}-{i}",
                                 *worker_args,
+                                *each(i),
                             ]
                             url = await nursery.start(_worker, command, env, stopping, restarts)
                             urls.append(url)

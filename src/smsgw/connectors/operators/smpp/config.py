@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, Final, Literal, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -103,3 +103,34 @@ def parse_smpp_url(url: str) -> SmppConfig:
 def operator_name(config: SmppConfig) -> str:
     """The name an SMPP operator gets when its URL names none: `smpp:SYSTEM_ID@HOST:PORT`."""
     return f"smpp:{config.system_id}@{config.host}:{config.port}"
+
+
+class BindShare(NamedTuple):
+    """What one of several node processes on one `serve` opens to an SMPP operator."""
+
+    url: str  # the operator's URL with this process's binds (and tps, when it must be split)
+    binds: int
+    tps: float  # per bind
+
+
+def share_binds(url: str, worker: int, workers: int) -> BindShare:
+    """Worker `worker`'s share of an SMPP operator whose URL gives the gateway's binds and
+    per-bind tps (the operator's contract: a bind over it is refused, PDUs over it are
+    throttled): the binds dealt out in turn, so `workers` processes open `binds` sessions in
+    all, not `workers` x `binds`. With fewer binds than workers each still binds once (a node
+    without a session could not send its messages), and the tps is lowered so that the total
+    stays tps x binds. ValueError for a URL `parse_smpp_url` refuses."""
+    config = parse_smpp_url(url)
+    if config.binds >= workers:
+        binds = config.binds // workers + (1 if worker < config.binds % workers else 0)
+        tps = config.tps
+    else:
+        binds = 1
+        tps = config.tps * config.binds / workers
+    parts = urlsplit(url)
+    given = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in given if k not in ("binds", "tps")]
+    query.append(("binds", str(binds)))
+    if tps != config.tps or any(k == "tps" for k, _ in given):
+        query.append(("tps", repr(tps)))
+    return BindShare(urlunsplit(parts._replace(query=urlencode(query))), binds, tps)
