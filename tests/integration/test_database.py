@@ -3,6 +3,8 @@ caller waiting for the pool, a broken connection, or a transaction left open."""
 
 from __future__ import annotations
 
+import gc
+
 import asyncpg
 import pytest
 import trio
@@ -96,3 +98,34 @@ async def test_a_kept_connection_that_was_closed_is_replaced(
                     continue
                 break
         assert pid != first
+
+
+async def test_a_release_the_pool_refuses_does_not_end_the_node(
+    database_url: str, schema: str
+) -> None:
+    """A connection is given back to the pool in a task of its own. When asyncpg refuses it
+    ("release() called on a free connection holder": PostgreSQL closed it and the pool took it
+    back first, seen while PostgreSQL shut down), that task must not end in the exception:
+    trio-asyncio raises a task's unretrieved exception into the loop's nursery, and a node
+    died that way in benchmarks/chaos.py's pg-restart cycle."""
+    async with open_database(database_url, schema) as db:
+        pool = db.pool
+
+        class Refusing:
+            """The pool, but for a release it refuses as asyncpg did."""
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(pool, name)
+
+            async def release(self, conn: asyncpg.Connection, **_: object) -> None:
+                raise asyncpg.InternalClientError(
+                    "PoolConnectionHolder.release() called on a free connection holder"
+                )
+
+        db.pool = Refusing()  # type: ignore[assignment]
+        await db.run(lambda conn: conn.execute("BEGIN"))  # left open: given back at once
+        for _ in range(5):
+            gc.collect()  # an unretrieved exception is reported when its task is collected
+            await trio.sleep(0.05)
+        db.pool = pool
+        assert await db.run(backend_pid) > 0

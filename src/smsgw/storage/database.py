@@ -122,7 +122,7 @@ class Database:
     async def close(self) -> None:
         async def _close() -> None:
             while self._idle:
-                await self.pool.release(self._idle.pop())
+                await self._give_back(self._idle.pop())
             await self.pool.close()
 
         await bridge(_close)()
@@ -223,9 +223,22 @@ class Database:
         closed first (asyncpg will not reset it), and the pool opens a new one in its place."""
         if conn.is_in_transaction():
             conn.terminate()
-        release = asyncio.get_running_loop().create_task(self.pool.release(conn))
+        release = asyncio.get_running_loop().create_task(self._give_back(conn))
         self._releasing.add(release)
         release.add_done_callback(self._releasing.discard)
+
+    async def _give_back(self, conn: asyncpg.Connection) -> None:
+        """`pool.release(conn)`, which must not end in an exception: nobody waits for this
+        task, and trio-asyncio raises a task's unretrieved exception into the node, which
+        ends it (a node died so while PostgreSQL shut down: asyncpg had taken the closed
+        connection back first, "release() called on a free connection holder"). A connection
+        the pool will not take back is closed; the pool opens a new one for its place."""
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:
+            log.debug("a connection was not given back to the pool (%r); closing it", exc)
+            with suppress(Exception):
+                conn.terminate()
 
 
 _names: dict[object, str] = {}  # by code object: one entry per place that calls `run`
