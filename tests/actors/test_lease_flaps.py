@@ -22,19 +22,15 @@ import trio
 import trio.testing
 
 from smsgw.engine.messages import OutboundSms, SendResult
-from smsgw.engine.node import Engine, EngineConfig
+from smsgw.engine.node import EngineConfig
 from smsgw.engine.ports import Beat, shard_of
 from smsgw.engine.shards import LeaseConfig
 from smsgw.sim.memcluster import MemCluster
 from smsgw.sim.memstore import MemStore
+from tests.actors.test_scheduled import run_node, wall
 
-T0 = 1_800_000_000.0
 # No sweep: what it would find is exactly what this test says must not happen.
 LEASES = LeaseConfig(ttl=3.0, tick=0.5, poll=0.5, sweep=0.0, share_tick=60.0)
-
-
-def wall() -> float:
-    return T0 + trio.current_time()
 
 
 class FlappingCluster(MemCluster):
@@ -132,18 +128,9 @@ def test_a_shard_lost_and_taken_back_mid_backlog_strands_nothing(aways: tuple[fl
         operator = Operator(rate=1_000)
         config = EngineConfig(mailbox_bound=500, page_size=200)
         async with trio.open_nursery() as nursery:
-            engine = Engine(
-                store,
-                [(operator, 1)],
-                config,
-                clock=wall,
-                seed=1,
-                cluster=cluster,
-                leases=LEASES,
-                lease_clock=trio.current_time,
+            engine = await run_node(
+                store, operator, config, nursery, cluster=cluster, leases=LEASES
             )
-            await nursery.start(engine.run)
-            await engine.ready.wait()
             items = [bulk(a, n) for n in range(6_000) for a in (flapping, steady)]
             for start in range(0, len(items), 1_000):
                 results = await engine.accept(items[start : start + 1_000], atomic=False)

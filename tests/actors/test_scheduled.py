@@ -13,6 +13,7 @@ import trio.testing
 
 from smsgw.engine.messages import OutboundSms, SendResult
 from smsgw.engine.node import Engine, EngineConfig
+from smsgw.engine.ports import Provider
 from smsgw.engine.scheduled import ScheduledConfig
 from smsgw.engine.shards import LeaseConfig
 from smsgw.sim.memcluster import MemCluster
@@ -69,16 +70,24 @@ def message(
 
 
 async def run_node(
-    store: MemStore, operator: Recorder, config: EngineConfig, nursery: trio.Nursery
+    store: MemStore,
+    operator: Provider,
+    config: EngineConfig,
+    nursery: trio.Nursery,
+    *,
+    cluster: MemCluster | None = None,
+    leases: LeaseConfig = LEASES,
 ) -> Engine:
+    """A whole node on `store` in virtual time, leasing its shards from `cluster` (default: a
+    MemCluster that never takes them away), ready."""
     engine = Engine(
         store,
         [(operator, 1)],
         config,
         clock=wall,
         seed=1,
-        cluster=MemCluster(store),
-        leases=LEASES,
+        cluster=MemCluster(store) if cluster is None else cluster,
+        leases=leases,
         lease_clock=trio.current_time,
     )
     await nursery.start(engine.run)
