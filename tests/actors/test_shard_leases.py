@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from smsgw.engine.actor import Inbox
-from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage
+from smsgw.engine.messages import Backlog, Enqueue, ForgetShards, OutboundSms, SchedulerMessage
 from smsgw.engine.ports import SHARDS, Beat, Notices, shard_of
 from smsgw.engine.shards import LeaseConfig, ShardLeases
 
@@ -496,4 +496,36 @@ async def test_a_slow_recovery_does_not_hold_up_the_heartbeat(
         assert a.counts["ticks"] >= ticks + 20  # a tick every 0.5 s while the read went on
         assert a.counts["lapses"] == 0 and a.counts["lost"] == 0
         assert counted(inbox_a).get(on_b) == 5  # and the recovery told its counts after it
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_lease_actor_recovers_its_shards_from_a_clean_slate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A restart of ShardLeases releases its leases without telling the Scheduler; when it
+    takes them again, its recovery first has the Scheduler forget their streams (cursors from
+    the earlier lease would pass over messages it held then), then tells the backlog."""
+    cluster = Cluster()
+    a, _, inbox = node(cluster, "a")
+    with trio.CancelScope() as first:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            first.cancel()
+    assert not a.owned
+    account = 7
+    cluster.pending = {s.id: s for s in (sms(account, n) for n in range(3))}
+    while inbox.get_nowait() is not None:
+        pass
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        while shard_of(account) not in a.owned:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.1)
+        await trio.sleep(1)
+        told = []
+        while (message := inbox.get_nowait()) is not None:
+            told.append(message)
+        forgot = next(i for i, m in enumerate(told) if isinstance(m, ForgetShards))
+        counts = next(i for i, m in enumerate(told) if isinstance(m, Backlog))
+        assert shard_of(account) in told[forgot].shards and forgot < counts
+        assert (account, 3) in told[counts].counts
         nursery.cancel_scope.cancel()

@@ -335,13 +335,12 @@ class Backlog(msgspec.Struct, frozen=True):
     counts: tuple[tuple[int, int], ...]
 
 
-class ShardsLeft(msgspec.Struct, frozen=True):
-    """These shards are no longer this node's (lost to another node, or being given away):
-    the Scheduler forgets their streams, entries, counts and paging cursors. Their messages
-    are the next owner's, which reads them from the store; should a shard come back here, its
-    recovery pages its streams from the start again. A cursor kept from before would pass
-    over the messages this node held then and dropped at the send check: no page would read
-    them again."""
+class ForgetShards(msgspec.Struct, frozen=True):
+    """Forget the bulk streams of these shards, their entries, counts and paging cursors: the
+    shards left this node (lost to another node, or being given away), whose next owner reads
+    their messages from the store; or they were just leased, and their recovery pages each
+    stream from the start. A cursor kept from an earlier lease passed over the messages this
+    node held then and dropped at the send check: no page would read them again."""
 
     shards: tuple[int, ...]
 
@@ -381,7 +380,7 @@ class BatchDone(msgspec.Struct, frozen=True):
     express: bool
 
 
-SchedulerMessage = Enqueue | Backlog | ShardsLeft | Paged | SendRate | SendShare | BatchDone
+SchedulerMessage = Enqueue | Backlog | ForgetShards | Paged | SendRate | SendShare | BatchDone
 
 
 # --- ProviderPool inbox ------------------------------------------------------------------

@@ -19,13 +19,13 @@ from smsgw.engine.messages import (
     Dispatch,
     DispatchFigures,
     Enqueue,
+    ForgetShards,
     OutboundSms,
     Paged,
     RecordOutcome,
     SchedulerMessage,
     SendRate,
     SendShare,
-    ShardsLeft,
     WriterMessage,
 )
 from smsgw.engine.ports import Entry, SchedulingStore, entry_of, slots, slots_of, stream_of
@@ -256,7 +256,7 @@ class Scheduler:
             case Backlog(counts=counts):
                 for key, count in counts:
                     self.state.add_backlog(key, count)
-            case ShardsLeft(shards=shards):
+            case ForgetShards(shards=shards):
                 self.left_behind += self.state.forget_shards(frozenset(shards))
             case Paged(key=key, rows=rows, size=size, ok=ok):
                 if ok:

@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from smsgw.engine.actor import ActorRef, InboxFull
-from smsgw.engine.messages import Backlog, Enqueue, OutboundSms, SchedulerMessage, ShardsLeft
+from smsgw.engine.messages import Backlog, Enqueue, ForgetShards, OutboundSms, SchedulerMessage
 from smsgw.engine.ports import (
     SHARDS,
     ClusterStore,
@@ -50,7 +50,7 @@ async def recover_into(
     stream's queue, in messages of bounded size. Returns how many messages that is. How a
     node recovers, whether it leases its shards (`ShardLeases`) or runs alone. `still`: whether
     a shard is still this node's, asked of each message's just before it is told (a shard
-    lost meanwhile was told to the Scheduler as `ShardsLeft` already, and counts told after
+    lost meanwhile was told to the Scheduler as `ForgetShards` already, and counts told after
     that would page a stream that is not this node's)."""
     told = 0
     for start in range(0, len(express), 1_000):
@@ -438,7 +438,7 @@ class ShardLeases:
             self.owned.pop(shard, None)
             self.draining.pop(shard, None)
         if lost:
-            await self._scheduler.tell(ShardsLeft(tuple(lost)))
+            await self._scheduler.tell(ForgetShards(tuple(lost)))
         loaded = 0
         if late:
             # Renewed later than this node trusts its leases for (a loop busy for seconds, a
@@ -475,7 +475,7 @@ class ShardLeases:
             leaving = sorted(self.owned)[target:]
             for shard in leaving:
                 self.draining[shard] = (self.owned.pop(shard), started, None)
-            await self._scheduler.tell(ShardsLeft(tuple(leaving)))
+            await self._scheduler.tell(ForgetShards(tuple(leaving)))
         elif len(self.owned) + len(self.draining) < target:
             want = target - len(self.owned) - len(self.draining)
             gained = await self.store.acquire(want, self.config.ttl)
@@ -512,6 +512,9 @@ class ShardLeases:
         for shard in gained:
             self._holding[shard] = []
         self.owned.update(gained)
+        # From a clean slate, however the shards left this node before (a restart of this
+        # actor releases its leases without telling the Scheduler).
+        await self._scheduler.tell(ForgetShards(tuple(gained)))
         async with self._db:
             express, counts = await self.store.load_backlog(sorted(gained))
         held_ids = {s.id for shard in gained for s in self._holding.get(shard, ())}
