@@ -508,7 +508,8 @@ class ShardLeases:
         backlog (paging follows a cursor). A held bulk message the counts include too is
         counted twice; paging reads it once and a short page corrects the count. A shard lost
         while it is read is left out (its counts would page a stream that is not this node's).
-        When the read fails, the held messages stay held for the next try (`_recover_later`)."""
+        When the read fails, the next try (`_recover_later`) holds afresh: what was held is
+        committed, so its snapshot counts it."""
         for shard in gained:
             self._holding[shard] = []
         self.owned.update(gained)
