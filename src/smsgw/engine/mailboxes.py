@@ -52,7 +52,7 @@ class Mailbox:
         self.spilled = 0  # messages in the store after the account's cursor, not in memory
         self.paging = False  # a page query for it is out
         self.during: list[Entry] = []  # spilled while that query was out
-        self.stale = False  # its shard left this node while that query was out: drop its page
+        self.stale = False  # forgotten while that query was out: its page is dropped
         # Has it had more than `light_backlog` waiting since it last had none? A light
         # account's mailbox is made and dropped with each of its few messages.
         self.heavy = False
@@ -389,11 +389,11 @@ class SchedulerState:
             self._drop(key)
 
     def forget_shards(self, shards: Container[int]) -> int:
-        """Forget the bulk streams of `shards`, which are no longer this node's: their entries
-        in memory (and cached bodies), their counts in the store, their paging cursors. Their
-        messages are the next owner's; should a shard come back, its recovery's counts page
-        each stream from the start. A page query out for one of them is dropped when it comes
-        back (`Mailbox.stale`). Returns how many entries were dropped from memory."""
+        """Forget the bulk streams of `shards` (they left this node, or were just leased and
+        are about to be recovered: `messages.ForgetShards`): their entries in memory (and
+        cached bodies), their counts in the store, their paging cursors. A recovery's counts
+        then page each stream from the start. A page query out for one of them is dropped when
+        it comes back (`Mailbox.stale`). Returns how many entries were dropped from memory."""
         dropped = 0
         gone: set[int] = set()
         for key, mailbox in list(self.mailboxes.items()):
