@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -757,21 +758,25 @@ async def test_leases_and_heartbeats_stay_small_over_many_ticks(own_database: st
 
         # A page another backend has pinned at that moment (the checkpointer or the
         # background writer writing it out) cannot be pruned, and an update that finds it full
-        # goes to another page: a few in 76,800 (21 in one run), by the server's timing. An
-        # index on an updated column, or rows that outgrow their page, would make most of them
-        # so.
+        # goes to another page: a few in 76,800 (21 in one run, 290 in CI while a checkpoint
+        # ran), by the server's timing. An index on an updated column, or rows that outgrow
+        # their page, would make most of them so.
         leases = read_since(first, last)["shard_leases"]
         assert leases["n_tup_upd"] == 300 * SHARDS
-        assert leases["n_tup_hot_upd"] >= 0.995 * leases["n_tup_upd"], leases
+        assert leases["n_tup_hot_upd"] >= 0.99 * leases["n_tup_upd"], leases
         beats = read_since(first, last)["nodes"]
         assert beats["n_tup_upd"] == 300
         assert beats["n_tup_hot_upd"] >= 0.99 * beats["n_tup_upd"], beats
-        # Those few can take the table a page further, once; a table that grew with the
-        # ticks (updates that are not HOT, rows never pruned) would be tens of pages more.
-        for table in ("shard_leases", "nodes"):
+        # Those few take the table further by the room their row versions need elsewhere: a
+        # page, and one more for every 20 of them (fewer than a page holds of either table's
+        # rows). CI once had 290 (0.38%) while a checkpoint ran, and 12 pages; a table that grew
+        # with the ticks (rows never pruned) would be hundreds of pages more.
+        for table, counts in (("shard_leases", leases), ("nodes", beats)):
+            not_hot = counts["n_tup_upd"] - counts["n_tup_hot_upd"]
+            room = 8192 * (1 + math.ceil(not_hot / 20))
             for part in ("heap", "pkey"):
                 grown = last[table][part] - first[table][part]
-                assert 0 <= grown <= 8192, (table, part, first, last)
+                assert 0 <= grown <= room, (table, part, not_hot, first, last)
 
 
 # --- slow statements ----------------------------------------------------------------------
