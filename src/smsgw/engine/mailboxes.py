@@ -344,17 +344,12 @@ class SchedulerState:
         mailbox = self.mailboxes.get(key)
         if mailbox is None or not mailbox.paging:
             return  # cannot happen: a paging mailbox is never dropped
-        mailbox.paging = False
         if mailbox.stale:
-            # Read for a shard that left this node meanwhile: not this node's to send. What
-            # was counted since (the shard came back) is paged from the start.
-            mailbox.stale = False
-            mailbox.during = []
-            if mailbox.spilled:
-                self.page_wanted[key] = None
-            elif mailbox.idle():
-                self._drop(key)
+            # Read for streams forgotten meanwhile (`forget_shards`): dropped as a failed page
+            # is. What was counted since (the shard came back) is paged from the start.
+            self.page_failed(key)
             return
+        mailbox.paging = False
         during, mailbox.during = mailbox.during, []
         got = {row[1] for row in rows}
         for row in rows:
@@ -426,7 +421,8 @@ class SchedulerState:
         self.ring = deque(k for k in self.ring if k not in keys)
 
     def page_failed(self, key: int) -> None:
-        """A page query failed: nothing was read; the entries spilled meanwhile stay counted."""
+        """A page query failed (or read for a forgotten stream, `Mailbox.stale`): nothing was
+        read; the entries spilled meanwhile stay counted."""
         mailbox = self.mailboxes.get(key)
         if mailbox is None:
             return
