@@ -153,10 +153,6 @@ class Database:
                 self._acquiring += 1
                 try:
                     conn = await self.pool.acquire()
-                except Exception as exc:
-                    if _unreachable(exc):
-                        raise StoreUnreachable(f"{type(exc).__name__}: {exc}") from exc
-                    raise
                 finally:
                     self._acquiring -= 1
             started = time.perf_counter()
@@ -177,8 +173,6 @@ class Database:
                         conn.terminate()
                     else:
                         self._release(conn)
-                if isinstance(exc, Exception) and _unreachable(exc):
-                    raise StoreUnreachable(f"{type(exc).__name__}: {exc}") from exc
                 raise
             finally:
                 self._took(label, time.perf_counter() - started)
@@ -190,7 +184,14 @@ class Database:
                 self._idle.append(conn)
             return result
 
-        return await bridge(_run)()
+        try:
+            return await bridge(_run)()
+        except Exception as exc:
+            # No connection to be had, or the one in use lost (a group commit's is its own
+            # CommitInDoubt by now, decided inside `fn`).
+            if _unreachable(exc):
+                raise StoreUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def _took(self, name: str, seconds: float) -> None:
         durations = self.durations.get(name)
