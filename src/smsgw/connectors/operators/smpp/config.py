@@ -108,7 +108,7 @@ def operator_name(config: SmppConfig) -> str:
 class BindShare(NamedTuple):
     """What one of several node processes on one `serve` opens to an SMPP operator."""
 
-    url: str  # the operator's URL with this process's binds (and tps, when it must be split)
+    url: str  # the operator's URL with this process's binds and tps
     binds: int
     tps: float  # per bind
 
@@ -130,7 +130,5 @@ def share_binds(url: str, worker: int, workers: int) -> BindShare:
     parts = urlsplit(url)
     given = parse_qsl(parts.query, keep_blank_values=True)
     query = [(k, v) for k, v in given if k not in ("binds", "tps")]
-    query.append(("binds", str(binds)))
-    if tps != config.tps or any(k == "tps" for k, _ in given):
-        query.append(("tps", repr(tps)))
+    query += [("binds", str(binds)), ("tps", repr(tps))]
     return BindShare(urlunsplit(parts._replace(query=urlencode(query))), binds, tps)
