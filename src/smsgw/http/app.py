@@ -19,7 +19,7 @@ from smsgw.http.api import Operation
 from smsgw.http.context import MAX_BATCH_BODY_BYTES, Gateway, GatewayRequest, read_within
 from smsgw.http.metrics import registry as metrics_registry
 from smsgw.http.params import AsciiIntegerConverter
-from smsgw.http.problems import ProblemError, problem_response
+from smsgw.http.problems import ProblemError, problem_response, storage_unavailable
 from smsgw.http.routes import (
     accounts,
     batch,
@@ -145,12 +145,7 @@ def create_app(
         # A read of the store (a key lookup, a report) while PostgreSQL is away: as an
         # engine call's StoreUnavailable (Gateway.call), not an internal error.
         log.warning("store unreachable: %s", exc)
-        return problem_response(
-            503,
-            "unavailable",
-            "storage is unavailable; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        return await on_problem(storage_unavailable())
 
     @app.errorhandler(Exception)
     async def on_crash(exc: Exception) -> Response:

@@ -33,7 +33,7 @@ from smsgw.engine.ports import FrontDoorStore, Reads
 from smsgw.engine.ratelimit import RateLimiter, RecipientLimiter
 from smsgw.engine.writer import StoreUnavailable
 from smsgw.http.params import query_decoder
-from smsgw.http.problems import TITLES, ProblemError
+from smsgw.http.problems import TITLES, ProblemError, storage_unavailable
 
 if TYPE_CHECKING:
     from werkzeug.local import LocalProxy
@@ -376,9 +376,7 @@ class Gateway:
             ) from None
         except StoreUnavailable as exc:
             log.warning("engine unavailable: %s", exc)
-            raise ProblemError(
-                503, "unavailable", "storage is unavailable; retry shortly"
-            ) from None
+            raise storage_unavailable() from None
         except AskTimeout as exc:
             # Unlike the two above, the work may still be done after this answer.
             log.warning("engine timed out: %s", exc)

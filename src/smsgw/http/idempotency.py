@@ -41,7 +41,7 @@ from werkzeug.exceptions import HTTPException
 
 from smsgw.engine.ports import FrontDoorStore
 from smsgw.http.context import gateway, optional_header
-from smsgw.http.problems import ProblemError
+from smsgw.http.problems import ProblemError, storage_unavailable
 
 log = logging.getLogger("smsgw.http")
 P = ParamSpec("P")
@@ -180,9 +180,7 @@ def _idempotent(handler: Handler[P], scope: Scope) -> Handler[P]:
             claim = await keys.store.claim_idempotency_key(namespace, key, fingerprint, TTL_S)
         except Exception as exc:
             log.warning("idempotency claim failed: %s", exc)
-            raise ProblemError(
-                503, "unavailable", "storage is unavailable; retry shortly"
-            ) from None
+            raise storage_unavailable() from None
         match claim.state:
             case "done":
                 assert claim.status is not None and claim.body is not None

@@ -95,3 +95,9 @@ def message_not_found(message_id: str) -> ProblemError:
     """The 404 for a message id the calling account has no message under (another account's,
     none, or no message id at all): the same answer whichever, so ids reveal nothing."""
     return ProblemError(404, "message_not_found", f"no message {message_id}")
+
+
+def storage_unavailable() -> ProblemError:
+    """503 (with Retry-After, as every 503): PostgreSQL could not be reached or could not
+    commit; nothing of the request was stored."""
+    return ProblemError(503, "unavailable", "storage is unavailable; retry shortly")
