@@ -353,13 +353,14 @@ async def test_the_migration_moves_every_message_into_its_day_and_keeps_every_in
 # --- pages newest first ------------------------------------------------------------------------
 
 
-async def test_pages_newest_first_read_each_message_once_in_order_over_many_days(
+async def test_pages_read_each_message_once_in_order_over_many_days(
     database_url: str, schema: str
 ) -> None:
-    """A page newest first reads the day before its upper end first (reads.newest_first), and
-    the whole range only when that day holds too few: paged through with every page size, the
-    account's messages come back each once, in order, whether a page is filled by its newest
-    day, by several, or ends in an empty day; the export's pages of the same query agree."""
+    """A page reads the day where it starts first (reads.first_day: newest first, the day
+    before its upper end; oldest first, as the export reads, the day after its lower end), and
+    the whole range only when that day holds too few: paged through with every page size, in
+    both orders, the account's messages come back each once, in order, whether a page is filled
+    by its first day, by several, or ends in an empty day; the export's pages agree."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
         await store_account(store)
@@ -380,8 +381,22 @@ async def test_pages_newest_first_read_each_message_once_in_order_over_many_days
             )
         )
         newest = [i for i, _ in sorted(made, key=lambda m: (m[1], uuid.UUID(m[0])), reverse=True)]
-        for query in (MessageQuery(limit=1), MessageQuery(limit=1, created_to=made[3][1])):
-            expected = newest if query.created_to is None else newest[4:]
+        oldest = newest[::-1]
+        cases = (
+            (MessageQuery(limit=1), newest),
+            (MessageQuery(limit=1, created_to=made[3][1]), newest[4:]),
+            (MessageQuery(limit=1, ascending=True), oldest),
+            # From the oldest message's second: the export's range, read oldest first.
+            (MessageQuery(limit=1, ascending=True, created_from=made[-1][1]), oldest),
+            (MessageQuery(limit=1, ascending=True, created_from=made[10][1]), oldest[4:]),
+            (
+                MessageQuery(
+                    limit=1, ascending=True, created_from=made[-1][1], created_to=made[3][1]
+                ),
+                oldest[:-4],
+            ),
+        )
+        for query, expected in cases:
             for limit in (1, 2, 3, 4, 7, 50):
                 listed: list[str] = []
                 after = None
