@@ -70,7 +70,7 @@ from smsgw.http.context import hash_key, new_api_key
 from smsgw.http.routes.reports import EXPORT_PAGE, encode_cursor
 from smsgw.storage.migrate import migration_files
 from smsgw.storage.partitions import drop_partition
-from smsgw.storage.reads import messages_sql, summary_sql
+from smsgw.storage.reads import EXPORT_SETTINGS, export_page, messages_sql, summary_sql
 
 COLUMNS = (
     "id",
@@ -338,6 +338,20 @@ async def explain(url: str, schema: str, sql: str, args: Sequence[Any]) -> str:
     conn = await connect(url, schema)
     try:
         rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)
+    finally:
+        await conn.close()
+    return "\n".join(r[0] for r in rows)
+
+
+async def explain_export_page(url: str, schema: str, account_id: int, query: MessageQuery) -> str:
+    """The CSV query of an export page as the export runs it (storage/reads.py's export_page,
+    under its settings)."""
+    conn = await connect(url, schema)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(EXPORT_SETTINGS)
+            sql, args, _ = await export_page(conn, account_id, query)
+            rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)
     finally:
         await conn.close()
     return "\n".join(r[0] for r in rows)
@@ -654,18 +668,19 @@ def measure(args: argparse.Namespace, url: str, schema: str, plan: Plan, key: st
         "list_status_failed_deep": MessageQuery(limit=101, status="failed", after=deep_failed),
         "list_to_one_recipient": MessageQuery(limit=101, to=recipient),
         "list_express": MessageQuery(limit=101, express=True),
-        "export_page": MessageQuery(
-            limit=EXPORT_PAGE,
-            created_from=month[0],
-            created_to=month[1],
-            after=(deep_at, deep_id),
-            ascending=True,
-        ),
     }
     plans = {}
     for name, query in explain_cases.items():
         sql, sql_args = messages_sql(heavy, query)
         plans[name] = asyncio.run(explain(url, schema, sql, sql_args))
+    export_query = MessageQuery(
+        limit=EXPORT_PAGE,
+        created_from=month[0],
+        created_to=month[1],
+        after=(deep_at, deep_id),
+        ascending=True,
+    )
+    plans["export_page"] = asyncio.run(explain_export_page(url, schema, heavy, export_query))
     for name, (lo, hi, group_by) in {
         "summary_day_by_status": (day[0], day[1], "status"),
         "summary_30_days_by_day": (month[0], month[1], "day"),
