@@ -131,8 +131,7 @@ def create_app(
 
     @app.errorhandler(ProblemError)
     async def on_problem(exc: ProblemError) -> Response:
-        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-        return problem_response(exc.status, exc.code, exc.detail, headers=headers, **exc.extra)
+        return exc.response()
 
     @app.errorhandler(HTTPException)
     async def on_http(exc: HTTPException) -> Response:
@@ -145,7 +144,7 @@ def create_app(
         # A read of the store (a key lookup, a report) while PostgreSQL is away: as an
         # engine call's StoreUnavailable (Gateway.call), not an internal error.
         log.warning("store unreachable: %s", exc)
-        return await on_problem(storage_unavailable())
+        return storage_unavailable().response()
 
     @app.errorhandler(Exception)
     async def on_crash(exc: Exception) -> Response:
