@@ -1,5 +1,5 @@
 """The store's group commit on PostgreSQL, called directly: the one-statement way
-(_ONE_STATEMENT) and the transaction it falls back to leave exactly the same state."""
+(commit_sql.one_statement) and the transaction it falls back to leave exactly the same state."""
 
 from __future__ import annotations
 

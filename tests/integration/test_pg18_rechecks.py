@@ -94,15 +94,15 @@ async def test_the_one_statement_is_exact_when_its_account_changed_after_its_sna
             for i in range(5)
         ]
         group.accepts.append((fresh, False))
-        bounds = commit_sql.GroupBounds.of(fresh)
+        days = commit_sql.GroupBounds.of(fresh).statement_days._replace(
+            outcomes=commit_sql.ids_days(o.sms.id for o in group.outcomes)
+        )
         row = await node.fetchrow(
-            commit_sql.ONE_STATEMENT,
+            commit_sql.one_statement(False, days),
             msgspec.json.encode(fresh).decode(),
             commit_sql.finished_json(group),
             [account.id],
             20,
-            *bounds.refs,
-            *bounds.hour,
         )
         assert row["ok"], row
         sent = await node.fetchval(

@@ -113,7 +113,7 @@ async def test_a_group_committed_while_this_one_waits_is_counted(
                         "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account.id
                     )
                     await conn.execute(
-                        _insert_sql("$1", "$2", "$3"),
+                        _insert_sql("$1", "p.id >= $2::uuid AND p.id < $3::uuid"),
                         msgspec.json.encode(theirs).decode(),
                         *GroupBounds.of(theirs).refs,
                     )

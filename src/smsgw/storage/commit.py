@@ -31,11 +31,7 @@ from smsgw.storage.announce import NOTIFY, HandoffAnnouncer
 from smsgw.storage.commit_sql import (
     COPY_COLUMNS,
     COPY_MIN_ROWS,
-    LOCK_AND_FINISH,
-    ONE_STATEMENT,
-    ONE_STATEMENT_HANDOFF,
     OUTCOME_CALLBACKS,
-    RECORD_ATTEMPTS,
     REF_TAKEN,
     REFUSALS,
     UNDO_INSERTS,
@@ -49,6 +45,10 @@ from smsgw.storage.commit_sql import (
     copy_records,
     finished_json,
     handed_off,
+    ids_days,
+    lock_and_finish,
+    one_statement,
+    record_attempts,
     ref_keys,
     refusal_keys,
 )
@@ -112,7 +112,7 @@ _COMMIT = "PgStore.commit_group"
 
 # How near a UTC midnight a group with client_refs takes the exact way: the partition of the
 # day on the other side of it may be written by a group that is committing now, which
-# ONE_STATEMENT's snapshot (older than its locks) might not see. A group commits within
+# one_statement's snapshot (older than its locks) might not see. A group commits within
 # seconds of its accepts; an hour leaves room for a stalled one.
 _NEAR_S = 3_600
 
@@ -222,8 +222,10 @@ class GroupCommit(StorePart):
         # group), and in statements of their own: they move no credit and lock no account, so
         # they need not wait for the group's account locks, nor hold a message row while
         # waiting for them (a cancel takes its account's lock, then the row).
-        for layer in attempts_json(group.attempts) if group.attempts else ():
-            await conn.execute(RECORD_ATTEMPTS, layer)
+        if group.attempts:
+            tried = record_attempts(ids_days(a.sms.id for a in group.attempts))
+            for layer in attempts_json(group.attempts):
+                await conn.execute(tried, layer)
         if not (ids or group.creates or group.deliveries):
             if group.written is not None:
                 group.written()
@@ -240,7 +242,8 @@ class GroupCommit(StorePart):
             settled: dict[int, Settled] = {}  # what the outcomes captured and released
             account_urls: dict[int, str] = {}  # the group's accounts that have a callback_url
             if ids:
-                rows = await conn.fetch(LOCK_AND_FINISH, account_ids, finished)
+                outcome_days = ids_days(o.sms.id for o in group.outcomes)
+                rows = await conn.fetch(lock_and_finish(outcome_days), account_ids, finished)
                 for r in rows:
                     account_id = r["id"]
                     book.load(
@@ -395,25 +398,19 @@ class GroupCommit(StorePart):
     async def _commit_one(
         self, conn: asyncpg.Connection, group: WriteGroup, ids: list[int], finished: str
     ) -> GroupResult | None:
-        """The group by ONE_STATEMENT (`finished`: its outcomes' JSON); None when it changed
+        """The group by one_statement (`finished`: its outcomes' JSON); None when it changed
         nothing (an account missing, or one whose balance may not cover its holds), for the
         exact way to do."""
         stored = [sms for items, _ in group.accepts for sms in items]
         bounds = GroupBounds.of(stored)
-        args = [
-            _json.encode(stored).decode(),
-            finished,
-            ids,
-            self.recipient_limit,
-            *bounds.refs,
-            *bounds.hour,
-        ]
+        days = bounds.statement_days._replace(outcomes=ids_days(o.sms.id for o in group.outcomes))
+        args = [_json.encode(stored).decode(), finished, ids, self.recipient_limit]
         if self.handoff is None:
-            row = await conn.fetchrow(ONE_STATEMENT, *args)
+            row = await conn.fetchrow(one_statement(False, days), *args)
         else:
             shards = _json.encode([dispatch_shard(s) for s in handed_off(stored)]).decode()
             row = await conn.fetchrow(
-                ONE_STATEMENT_HANDOFF,
+                one_statement(True, days),
                 *args,
                 self.handoff.node_id,
                 self.handoff.lock_class,
@@ -454,7 +451,7 @@ class GroupCommit(StorePart):
         return room or None, stops or None
 
     def _one_statement(self, group: WriteGroup, copy: bool) -> bool:
-        """Whether ONE_STATEMENT can do this group: only accepts and outcomes, not a batch
+        """Whether one_statement can do this group: only accepts and outcomes, not a batch
         for COPY, and no atomic batch that names a client_ref (a taken one would take back
         its siblings: the exact way does that)."""
         if group.creates or group.topups or group.deliveries:
@@ -497,7 +494,7 @@ class GroupCommit(StorePart):
 def _one_answers(
     group: WriteGroup, balances: dict[int, int], inserted: set[str] | None
 ) -> list[list[AcceptResult]]:
-    """The answers of a group ONE_STATEMENT did: each item accepted, but for those not
+    """The answers of a group one_statement did: each item accepted, but for those not
     `inserted` (their client_ref taken); None: every one was."""
     answers: dict[int, AcceptResult] = {}  # the accepted items of an account share one
     accepts: list[list[AcceptResult]] = []
@@ -574,7 +571,7 @@ async def _undo_duplicates(
             )
             results[i] = AcceptResult(accepted=False, reason=reason)
     # Every answer of an account whose holds were taken back says its balance after the
-    # group, as ONE_STATEMENT's answers do (an accepted one gave it before the undo).
+    # group, as one_statement's answers do (an accepted one gave it before the undo).
     for (items, _), results in zip(group.accepts, accepts, strict=True):
         for i, sms in enumerate(items):
             if sms.account_id in touched:

@@ -8,8 +8,9 @@ Only text and encoders here; storage/commit.py runs them.
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -18,9 +19,36 @@ import msgspec
 from smsgw.engine.messages import Attempt, OutboundSms
 from smsgw.engine.ports import WriteGroup, dispatch_shard, micros
 from smsgw.storage.rollups import added, copied, moved, upsert
-from smsgw.storage.rows import DAY_S, MIN_UUID, NOT_FINAL, at_micros, id_floor_s
+from smsgw.storage.rows import (
+    DAY_S,
+    MIN_UUID,
+    NOT_FINAL,
+    Days,
+    at_micros,
+    days_of,
+    id_floor_s,
+    made_at_s,
+    within_days,
+)
 
-# A group commit of accepts and outcomes is one statement (ONE_STATEMENT) when every account
+
+def _ids(days: Days | None) -> str:
+    """`m.id` bounded to `days` by literals (rows.within_days)."""
+    return within_days("m.id", days)
+
+
+def _id_range(column: str, low: str, high: str) -> str:
+    """`column` bounded by two uuid parameters (PostgreSQL prunes by them as it runs)."""
+    return f"{column} >= {low}::uuid AND {column} < {high}::uuid"
+
+
+def ids_days(ids: Iterable[str]) -> Days | None:
+    """The days the messages of these ids were made in (their partitions); None: no id."""
+    times = [made_at_s(i) for i in ids]
+    return days_of(min(times), max(times)) if times else None
+
+
+# A group commit of accepts and outcomes is one statement (one_statement) when every account
 # can cover its holds, however large the group. Otherwise it is four round trips: BEGIN; one
 # statement that applies the outcomes and locks the accounts; one that inserts the messages
 # and writes the accounts and their ledger rows; COMMIT. Rows travel as one JSON document per
@@ -37,11 +65,12 @@ from smsgw.storage.rows import DAY_S, MIN_UUID, NOT_FINAL, at_micros, id_floor_s
 # never re-evaluated as the inner side of a join), each message is found by its primary key
 # (NOT_FINAL), and the leases of the fenced outcomes' shards are read once per statement, at
 # most one row per shard, rather than once per outcome.
-def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
+def _finish_sql(param: str, *, within: str = "TRUE", only_if: str = "", returning: str = "") -> str:
     """The UPDATE that applies a group's outcomes (a JSON list of _FinishRow in `param`),
     returning each applied one's id, account, price, whether it was sent, its rollup group's
     columns, its new status, reason, time, operator's id and attempts, and the attempt that
-    decided it (what _OUTCOME_EVENTS records) (+ `returning`)."""
+    decided it (what _OUTCOME_EVENTS records) (+ `returning`). `within`: a bound on `m.id`,
+    the outcomes' days (`outcome_days`, rows.within_days)."""
     return f"""
     WITH outcome AS MATERIALIZED (
         SELECT * FROM json_to_recordset({param}::json)
@@ -59,7 +88,7 @@ def _finish_sql(param: str, *, only_if: str = "", returning: str = "") -> str:
         updated_at = to_timestamp(x.at),
         sent_at = CASE WHEN x.status = 'sent' THEN to_timestamp(x.at) END
     FROM outcome x LEFT JOIN lease l ON l.shard = x.shard
-    WHERE m.id = x.id AND m.status {NOT_FINAL}
+    WHERE m.id = x.id AND {within} AND m.status {NOT_FINAL}
       AND (x.fence IS NULL OR x.fence = l.token){only_if}
     RETURNING m.id, m.account_id, m.price, x.status = 'sent' AS sent, m.created_at, m.status,
               m.express, m.operator, m.sender, m.recipient, m.segments, m.reason, m.updated_at,
@@ -102,10 +131,17 @@ _PER_ACCOUNT = """
 # operator, so it had none.
 _FINISHED_MOVED = moved("finished", "'queued'", "NULL::text")
 
+
 # The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
-# with what the outcomes captured and released, summed per account.
-LOCK_AND_FINISH = f"""
-WITH finished AS ({_finish_sql("$2")}
+# with what the outcomes captured and released, summed per account. The text names the
+# outcomes' days (`outcome_days`): one text a span of days, made once.
+@functools.cache
+def lock_and_finish(outcomes: Days | None) -> str:
+    return _LOCK_AND_FINISH.replace("{finished}", _finish_sql("$2", within=_ids(outcomes)))
+
+
+_LOCK_AND_FINISH = f"""
+WITH finished AS ({{finished}}
 ), per_account AS ({_PER_ACCOUNT}
 ), events AS ({_OUTCOME_EVENTS}
 ), rolled AS ({upsert(_FINISHED_MOVED)}
@@ -121,7 +157,7 @@ FOR UPDATE OF a
 
 
 class _FinishRow(msgspec.Struct):
-    """One outcome as LOCK_AND_FINISH reads it."""
+    """One outcome as lock_and_finish reads it."""
 
     id: str
     status: str
@@ -179,7 +215,7 @@ WRITE_CREDIT_COPIED = (
 # for the account's lock), an index probe in each of at most two partitions (the id range
 # prunes the rest), run only for a message that has a ref. It reads what was committed when
 # the statement began: the exact way runs it after the accounts are locked, so no group of the
-# same account can store the ref meanwhile; ONE_STATEMENT's snapshot is older than its locks,
+# same account can store the ref meanwhile; one_statement's snapshot is older than its locks,
 # so a group with refs takes the exact way within an hour of a midnight, while the day either
 # side of it may be written (commit.py, _one_statement).
 #
@@ -195,16 +231,15 @@ WRITE_CREDIT_COPIED = (
 # one ref. A message without a ref probes with a NULL, which finds nothing without a descent.
 _REF_USED = """
     SELECT 1 AS hit FROM messages p
-    WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref
-      AND p.id >= {low}::uuid AND p.id < {high}::uuid
+    WHERE p.account_id = x.account_id AND p.client_ref = x.client_ref AND {within}
     LIMIT 1"""
 
 
-def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> str:
+def _insert_sql(param: str, refs: str, *, only_if: str = "TRUE") -> str:
     """The INSERT of a group's messages (a JSON list of OutboundSms in `param`), each
     `queued`, or `scheduled` with a `send_at`, returning the id, account, price and rollup
-    group's columns of each one inserted. `low` and `high`: the parameters of the group's
-    client_ref id range (`GroupBounds.refs`)."""
+    group's columns of each one inserted. `refs`: the bound on `p.id` of the group's
+    client_ref probe (`GroupBounds.refs` as parameters, or its days as literals)."""
     return f"""
     INSERT INTO messages (id, account_id, recipient, sender, body, segments, price, express,
                           client_ref, status, deadline, created_at, updated_at, callback_url,
@@ -217,7 +252,7 @@ def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> st
          AS x(id uuid, account_id bigint, "to" text, sender text, "text" text, segments int,
               price int, express bool, client_ref text, deadline float8, created_at float8,
               callback_url text, shard smallint, validity int, send_at float8)
-    LEFT JOIN LATERAL ({_REF_USED.format(low=low, high=high)}) used ON TRUE
+    LEFT JOIN LATERAL ({_REF_USED.format(within=refs)}) used ON TRUE
     WHERE {only_if} AND used.hit IS NULL
     ON CONFLICT DO NOTHING
     RETURNING id, account_id, price, created_at, status, express, operator, sender, recipient,
@@ -228,7 +263,7 @@ def _insert_sql(param: str, low: str, high: str, *, only_if: str = "TRUE") -> st
 # taken is not inserted (the unique index decides, exact across nodes): the caller sees it
 # missing from `inserted` and corrects the credit (commit.py, _undo_duplicates), which is rare.
 WRITE_GROUP = f"""
-WITH inserted AS ({_insert_sql("$7", "$8", "$9")}
+WITH inserted AS ({_insert_sql("$7", _id_range("p.id", "$8", "$9"))}
 ), rolled AS ({upsert(added("inserted"))}
 ), {_UPDATE_ACCOUNTS}
 SELECT (SELECT count(*) FROM inserted) AS stored,
@@ -301,17 +336,19 @@ _SEEN_IN_HOUR = """
         SELECT m.created_at FROM messages m
         WHERE m.account_id = k.account_id AND m.recipient = k.recipient
           AND m.created_at > to_timestamp(k.at) - interval '1 hour'
-          AND m.id >= {low}::uuid AND m.id < {high}::uuid
+          AND {within}
         LIMIT {per_hour}) w"""
 _CROWDED = f"""
     SELECT FROM ({_RECIPIENT_KEYS}) k
     JOIN locked l ON l.id = k.account_id
-    CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour", low="$7", high="$8")}) r
+    CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour", within="{hour}")}) r
     WHERE $4::int IS NOT NULL
       AND (r.seen + k.n > l.per_hour
            OR (2 * (r.seen + k.n) > l.per_hour
                AND l.version <> (SELECT a.xmin FROM accounts a WHERE a.id = l.id)))
     LIMIT 1"""
+
+_HOUR_PARAMS = _id_range("m.id", "$3", "$4")
 
 # The group's recipients past their limit, read after the group's accounts are locked (the
 # exact way): how many more each may take (`room`) and when the oldest of its hour's messages
@@ -322,7 +359,7 @@ SELECT k.account_id, k.recipient, greatest(l.per_hour - r.seen, 0) AS room,
 FROM keys k
 CROSS JOIN LATERAL (SELECT coalesce(a.recipient_limit_per_hour, $2::int) AS per_hour
                     FROM accounts a WHERE a.id = k.account_id) l
-CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1", low="$3", high="$4")}) r
+CROSS JOIN LATERAL ({_SEEN_IN_HOUR.format(per_hour="l.per_hour + 1", within=_HOUR_PARAMS)}) r
 WHERE r.seen + k.n > l.per_hour
 """
 
@@ -392,6 +429,16 @@ class GroupBounds(NamedTuple):
     def hour(self) -> tuple[uuid.UUID, uuid.UUID]:
         return self._range(7_200)
 
+    def _days(self, before_s: float) -> Days | None:
+        if self.first is None or self.last is None:
+            return None
+        return days_of(self.first - before_s, self.last + 3_600)
+
+    @property
+    def statement_days(self) -> StatementDays:
+        """The days of `hour` and `refs`, for `one_statement` (its outcomes' days: none)."""
+        return StatementDays(self._days(7_200), self._days(DAY_S), None)
+
     def ref_ranges(self) -> list[uuid.UUID]:
         """REF_TAKEN's $2-$5: `refs`, but for the group's own day when it has only one."""
         low, high = self.refs
@@ -401,6 +448,16 @@ class GroupBounds(NamedTuple):
         if self.last >= day + DAY_S:  # across a midnight: every day of it
             return [low, high, high, high]
         return [low, id_floor_s(day), id_floor_s(day + DAY_S), high]
+
+
+class StatementDays(NamedTuple):
+    """The day partitions `one_statement` reads, as literals in its text: the hourly limit's
+    probe (`GroupBounds.hour`'s days), the client_ref probe (`GroupBounds.refs`'s) and the
+    messages the outcomes finish (`ids_days`). None: no day."""
+
+    hour: Days | None
+    refs: Days | None
+    outcomes: Days | None
 
 
 class _RefusalKey(msgspec.Struct):
@@ -417,9 +474,12 @@ def refusal_keys(items: Sequence[OutboundSms]) -> str:
 
 
 _OK_FINISHED = _finish_sql(
-    "$2", only_if=" AND (SELECT ok FROM ok)", returning=", m.client_ref, m.callback_url"
+    "$2",
+    within="{outcomes}",
+    only_if=" AND (SELECT ok FROM ok)",
+    returning=", m.client_ref, m.callback_url",
 )
-_OK_INSERTED = _insert_sql("$1", "$5", "$6", only_if="(SELECT ok FROM ok)")
+_OK_INSERTED = _insert_sql("$1", "{refs}", only_if="(SELECT ok FROM ok)")
 # An account's ledger rows go in as the exact way applies a group (storage/statement.py):
 # captures, releases, then holds, each with the balance after it.
 _ONE_WRITES = f"""
@@ -487,14 +547,14 @@ WITH locked AS MATERIALIZED (
 )
 """
 
-# The last of ONE_STATEMENT. On a node among several, the messages of shards another node
+# The last of one_statement. On a node among several, the messages of shards another node
 # leases are handed to it, as in WRITE_GROUP_HANDOFF: all of the group's, or none when `ok`
 # is false.
 _ONE_HANDOFF = """,
      (SELECT array_agg(x.owner) AS owners, array_agg(x.message_id::text) AS handed
       FROM ok, smsgw_handoff(
-          $9, $10,
-          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($11::json))
+          $5, $6,
+          CASE WHEN ok.ok THEN ARRAY(SELECT value::int FROM json_array_elements_text($7::json))
           END,
           CASE WHEN ok.ok THEN ARRAY(SELECT (value->>'id')::uuid
                                      FROM json_array_elements($1::json)
@@ -513,8 +573,19 @@ FROM (SELECT array_agg(d.id) AS ids, array_agg(coalesce(u.balance, d.balance)) A
 """
 
 
-ONE_STATEMENT = _ONE_WRITES + _one_result(False)
-ONE_STATEMENT_HANDOFF = _ONE_WRITES + _one_result(True)
+@functools.lru_cache(maxsize=64)
+def one_statement(handoff: bool, days: StatementDays) -> str:
+    """The group's one statement (with the hand-off on a node among several), its probes and
+    its outcomes bounded to their days (`StatementDays`) by literals. $1: the messages (JSON),
+    $2: the outcomes (`finished_json`), $3: the account ids, $4: the default hourly limit per
+    recipient (NULL: none checked); with the hand-off, $5-$7: the node, its advisory lock
+    class and the shards of the messages handed off (JSON)."""
+    return (
+        (_ONE_WRITES + _one_result(handoff))
+        .replace("{hour}", within_days("m.id", days.hour))
+        .replace("{refs}", within_days("p.id", days.refs))
+        .replace("{outcomes}", within_days("m.id", days.outcomes))
+    )
 
 
 # Messages of a group taken back (their client_ref taken, or an atomic sibling's), and their
@@ -679,7 +750,13 @@ def finished_json(group: WriteGroup) -> str:
 # history's `attempt` row, in one statement, fenced as outcomes are. Only an attempt newer
 # than the row's count is recorded, so one recorded twice (a group done again) writes one row.
 # The row keeps the count, so a message recovered after a crash goes on counting.
-RECORD_ATTEMPTS = f"""
+@functools.cache
+def record_attempts(days: Days | None) -> str:
+    """The attempts' statement, for messages made in `days` (`ids_days`)."""
+    return _RECORD_ATTEMPTS.replace("{within}", _ids(days))
+
+
+_RECORD_ATTEMPTS = f"""
 WITH attempt AS MATERIALIZED (
     SELECT * FROM json_to_recordset($1::json)
          AS x(id uuid, attempt int, operator text, reason text, at float8, shard int,
@@ -690,7 +767,7 @@ WITH attempt AS MATERIALIZED (
 ), tried AS (
     UPDATE messages m SET attempts = x.attempt
     FROM attempt x LEFT JOIN lease l ON l.shard = x.shard
-    WHERE m.id = x.id AND m.status {NOT_FINAL} AND m.attempts < x.attempt
+    WHERE m.id = x.id AND {{within}} AND m.status {NOT_FINAL} AND m.attempts < x.attempt
       AND (x.fence IS NULL OR x.fence = l.token)
     RETURNING m.id, x.attempt, x.operator, x.reason, x.at
 )
@@ -701,7 +778,7 @@ FROM tried t
 
 
 class _AttemptRow(msgspec.Struct):
-    """One attempt as RECORD_ATTEMPTS reads it."""
+    """One attempt as record_attempts reads it."""
 
     id: str
     attempt: int
@@ -713,7 +790,7 @@ class _AttemptRow(msgspec.Struct):
 
 
 def attempts_json(attempts: Sequence[Attempt]) -> list[str]:
-    """RECORD_ATTEMPTS' $1 for each statement the attempts take: one while no message has two
+    """record_attempts' $1 for each statement the attempts take: one while no message has two
     (a row is updated once per statement), else one more for each later attempt of one."""
     layers: list[list[_AttemptRow]] = []
     seen: dict[str, int] = {}

@@ -3,8 +3,8 @@ the callback outbox, and the account's callback settings. Part of `PgStore` (pg.
 
 from __future__ import annotations
 
+import functools
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +14,7 @@ from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outco
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import DAY_S, ID_SLACK, MAX_UUID, MIN_UUID, id_floor_s
+from smsgw.storage.rows import DAY_S, ID_SLACK, Days, days_of, within_days
 
 # The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
 # again on the row it locks), and keeps its operator.
@@ -41,12 +41,13 @@ _RECEIPT_EVENTS = """
 
 # One set-based statement per group for every DLR in it: find each report's message by
 # (operator, operator_message_id) on messages_operator_message_id, move `sent` ones on, write
-# their callbacks, keep the reports that found no message (when $8), and say what became of each
+# their callbacks, keep the reports that found no message (when $6), and say what became of each
 # one. `found` reads the snapshot before the update, so `before` is the status the report met.
-# Only the messages whose ids are in [$6, $7) are looked at: an operator's id says nothing of
-# its message's day, and without a range each report probes every day partition's index (90
-# and more with the default retention). `apply_deliveries` looks in the last days first, then
-# everywhere for the few reports not found there.
+# Only the messages `{{within}}` bounds are looked at: an operator's id says nothing of its
+# message's day, and without a range each report probes every day partition's index (90 and
+# more with the default retention). `apply_deliveries` looks in the last days first (bounded by
+# literals, rows.within_days: the cached plan holds those days alone), then everywhere for the
+# few reports not found there.
 _APPLY_DELIVERIES = f"""
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
@@ -59,7 +60,7 @@ WITH x AS (
     FROM x CROSS JOIN LATERAL (
         SELECT m.id, m.status FROM messages m
         WHERE m.operator = x.operator AND m.operator_message_id = x.omid
-          AND m.id >= $6::uuid AND m.id < $7::uuid
+          AND {{within}}
         ORDER BY m.created_at DESC
         LIMIT 1
     ) m
@@ -73,7 +74,7 @@ WITH x AS (
         updated_at = now(),
         delivered_at = CASE WHEN f.reported = 'delivered' THEN now() END
     FROM found f
-    WHERE m.id = f.id AND m.status = 'sent' AND m.id >= $6::uuid AND m.id < $7::uuid
+    WHERE m.id = f.id AND m.status = 'sent' AND {{within}}
     RETURNING f.ord, m.id, m.account_id, m.callback_url, m.client_ref, f.reported AS status,
               f.error, m.created_at, m.express, m.operator, m.sender, m.recipient, m.segments,
               m.price
@@ -87,7 +88,7 @@ WITH x AS (
 ), unmatched AS (
     INSERT INTO dlr_unmatched (operator, operator_message_id, status, error)
     SELECT x.operator, x.omid, x.status, x.error FROM x
-    WHERE $8::bool AND NOT EXISTS (SELECT 1 FROM found f WHERE f.ord = x.ord)
+    WHERE $6::bool AND NOT EXISTS (SELECT 1 FROM found f WHERE f.ord = x.ord)
 )
 SELECT x.ord, f.id::text AS message_id, f.before, a.ord IS NOT NULL AS applied
 FROM x LEFT JOIN found f ON f.ord = x.ord LEFT JOIN applied a ON a.ord = x.ord
@@ -99,29 +100,36 @@ FROM x LEFT JOIN found f ON f.ord = x.ord LEFT JOIN applied a ON a.ord = x.ord
 RECENT_DAYS = 4
 
 
-def recent_ids(now: float) -> tuple[uuid.UUID, uuid.UUID]:
-    """The id range of the messages made in the last RECENT_DAYS days (and ID_SLACK ahead)."""
-    return id_floor_s(now - RECENT_DAYS * DAY_S), id_floor_s(now + ID_SLACK.total_seconds())
+def recent_days(now: float) -> Days:
+    """The days of the messages made in the last RECENT_DAYS days (and ID_SLACK ahead)."""
+    return days_of(now - RECENT_DAYS * DAY_S, now + ID_SLACK.total_seconds())
+
+
+@functools.lru_cache(maxsize=8)
+def apply_deliveries_sql(days: Days | None) -> str:
+    """_APPLY_DELIVERIES over the messages made in `days`; None: over every message."""
+    return _APPLY_DELIVERIES.replace(
+        "{within}", "TRUE" if days is None else within_days("m.id", days)
+    )
 
 
 async def _apply(
     conn: asyncpg.Connection,
     flat: list[tuple[str, DeliveryReport]],
     picked: list[int],
-    ids: tuple[uuid.UUID, uuid.UUID],
+    days: Days | None,
     *,
     keep_unmatched: bool,
 ) -> dict[int, Any]:
-    """_APPLY_DELIVERIES for the reports `flat[i]` of `picked`, looking at the messages whose
-    ids are in `ids`: each report's row, by its place in `flat`."""
+    """_APPLY_DELIVERIES for the reports `flat[i]` of `picked`, looking at the messages made
+    in `days` (None: at all): each report's row, by its place in `flat`."""
     rows = await conn.fetch(
-        _APPLY_DELIVERIES,
+        apply_deliveries_sql(days),
         [flat[i][0] for i in picked],
         [flat[i][1].operator_message_id for i in picked],
         [flat[i][1].status for i in picked],
         [flat[i][1].error for i in picked],
         list(range(len(picked))),
-        *ids,
         keep_unmatched,
     )
     return {picked[r["ord"]]: r for r in rows}
@@ -155,12 +163,11 @@ async def apply_deliveries(
     # Lookups stay fast at any size. The DLR statement is the group's last, so this setting
     # (undone at commit) changes no other statement's plan.
     await conn.execute("SET LOCAL enable_seqscan = off")
-    rows = await _apply(conn, flat, unique, recent_ids(time.time()), keep_unmatched=False)
+    rows = await _apply(conn, flat, unique, recent_days(time.time()), keep_unmatched=False)
     # The few reports of older messages (or of none): everywhere, and kept if still unknown.
     missing = sorted((i for i, r in rows.items() if r["message_id"] is None), key=in_order)
     if missing:
-        everywhere = (MIN_UUID, MAX_UUID)
-        rows.update(await _apply(conn, flat, missing, everywhere, keep_unmatched=True))
+        rows.update(await _apply(conn, flat, missing, None, keep_unmatched=True))
     answered: dict[int, DeliveryResult] = {}
     for position, r in rows.items():
         report = flat[position][1]

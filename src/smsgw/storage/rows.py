@@ -94,6 +94,39 @@ def id_floor_s(at: float) -> uuid.UUID:
     return uuid.UUID(int=min(max(int(at * 1000), 0), _ID_MAX_MS) << 80)
 
 
+# A span of UTC days, each the number of days since 1970-01-01: the first and the last.
+Days = tuple[int, int]
+
+
+def days_of(first_s: float, last_s: float) -> Days:
+    """The UTC days from the one of `first_s` to the one of `last_s` (Unix seconds)."""
+    return int(first_s // DAY_S), int(last_s // DAY_S)
+
+
+def made_at_s(message_id: str) -> float:
+    """When a message id (a UUIDv7 as text) was made, in Unix seconds: its first 48 bits are
+    the millisecond."""
+    return int(message_id[:8] + message_id[9:13], 16) / 1000
+
+
+def within_days(column: str, days: Days | None) -> str:
+    """`column` (a UUIDv7, a day-partitioned table's key) bounded to the day partitions of
+    `days` by literals; None: to no day, a bound nothing meets. A statement's text so names its
+    days, and PostgreSQL prunes the other partitions as it plans, cached plans too: bounds
+    given as parameters leave a cached (generic) plan holding every day partition, each one
+    planned, its scan started at every execution and its statistics' changes replanning the
+    whole statement (with the 90 days of the default retention: about 30 ms a plan of the
+    group commit's one_statement). A statement made so is one text a span of days: a few a
+    day, each prepared once per connection. No day is an empty range, not FALSE: PostgreSQL
+    prunes by a range, but plans every partition under a constant false (16 ms a plan of
+    one_statement with 98 day partitions)."""
+    if days is None:
+        low = high = MIN_UUID
+    else:
+        low, high = id_floor_s(days[0] * DAY_S), id_floor_s((days[1] + 1) * DAY_S)
+    return f"{column} >= '{low}'::uuid AND {column} < '{high}'::uuid"
+
+
 def id_floor(at: datetime, shift: timedelta = timedelta(0)) -> uuid.UUID:
     """The least UUIDv7 of the millisecond `at + shift` falls in (SQL's uuid7_floor, migration
     019); a time past either end of datetime's range is taken as that end."""

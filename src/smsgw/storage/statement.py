@@ -40,7 +40,7 @@ class LedgerRow(msgspec.Struct):
 
 class Settled(NamedTuple):
     """What a group's outcomes captured and released on one account, message by message in
-    id order (commit_sql.LOCK_AND_FINISH)."""
+    id order (commit_sql.lock_and_finish)."""
 
     captured_ids: list[str]
     captured_prices: list[int]
@@ -65,7 +65,7 @@ def ledger_rows(
 ) -> list[LedgerRow]:
     """The ledger rows of a group the exact way applied: for each account `book` changed, its
     captures and releases (`settled`), each of its `topups` (account, amount) in order, and
-    the holds of the messages stored (`held`, in id order, as ONE_STATEMENT writes them), each
+    the holds of the messages stored (`held`, in id order, as one_statement writes them), each
     with the balance once it applied."""
     holds: dict[int, list[OutboundSms]] = {}
     for sms in held:
