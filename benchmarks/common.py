@@ -129,6 +129,32 @@ def drop_schema(url: str, schema: str) -> None:
     asyncio.run(drop())
 
 
+# A node that has run for its retention (90 days by default) holds that many day partitions
+# of `messages` and of `message_events`; a fresh schema holds yesterday's to a week ahead.
+# Statements that a cached plan would keep over every partition cost more the more there are,
+# so `--past-days` makes the days before yesterday first, empty (migration 019's function).
+_PAST_PARTITIONS = """
+SELECT count(smsgw_add_day_partition(t.parent, d::date)) FROM day_partitioned t
+CROSS JOIN generate_series((now() AT TIME ZONE 'UTC')::date - $1::int,
+                           (now() AT TIME ZONE 'UTC')::date - 2, interval '1 day') AS d
+"""
+
+
+def add_past_partitions(url: str, schema: str, days: int) -> int:
+    """Make the day partitions of the `days` days up to the day before yesterday in `schema`
+    (already migrated); returns how many partitions were made."""
+    _check_schema(schema)
+
+    async def add() -> int:
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            return int(await conn.fetchval(_PAST_PARTITIONS, days))
+        finally:
+            await conn.close()
+
+    return asyncio.run(add()) if days > 0 else 0
+
+
 class Durability(msgspec.Struct):
     """Whether every id that got a 202 is in the messages table."""
 

@@ -256,6 +256,12 @@ def main() -> None:
         help="S seconds into the load, SIGKILL the node that dispatches the express account"
         " (its shard's owner; with --workers >= 2 serve starts a new one)",
     )
+    parser.add_argument(
+        "--past-days",
+        type=int,
+        default=0,
+        help="make this many days of partitions first, as a node past its retention holds",
+    )
     parser.add_argument("--out", type=Path, default=common.BENCHMARKS_DIR / "reports" / "latest")
     args = parser.parse_args()
     name = (
@@ -272,6 +278,7 @@ def main() -> None:
         admin_key = common.new_admin_key()
         try:
             migrate(url, schema, admin_key)
+            made = common.add_past_partitions(url, schema, args.past_days)
             common.log(f"seeding {args.backlog} messages over {args.accounts} accounts")
             seed_s = seed(url, schema, args.accounts, args.backlog)
             common.log(f"seeded in {seed_s:.1f} s; starting the gateway")
@@ -357,6 +364,8 @@ def main() -> None:
         "start_to_listening_seconds": round(ready_s, 1),
         "leases": not args.no_leases,
         "workers": args.workers,
+        "past_days": args.past_days,
+        "past_partitions": made,
         "killed_owner": killed,
         "window": args.window,
         "operator_ms": args.operator_ms,

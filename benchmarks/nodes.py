@@ -56,6 +56,7 @@ from common import (
     REPO_ROOT,
     CpuMeter,
     Server,
+    add_past_partitions,
     auth,
     check_durable,
     create_accounts,
@@ -109,6 +110,7 @@ def accept_phase(
     command = [*gateway_command(), *serve_args]
     try:
         with run_server(command, log_path=args.out / f"nodes-{name}.log", env=env) as gateway:
+            made = add_past_partitions(database_url, schema, args.past_days)
             keys = create_accounts(gateway.url, admin_key, ACCOUNTS, credit=CREDIT)
             wait_leased(gateway.url, admin_key, serve_args)
             meter = CpuMeter(None)
@@ -140,6 +142,7 @@ def accept_phase(
     return {
         "name": name,
         "serve_args": list(serve_args),
+        "past_partitions": made,
         "rate_per_s": load.rate_per_s,
         "requests": load.requests,
         "by_status": load.by_status,
@@ -670,6 +673,7 @@ def summarize(
         "warmup_s": WARMUP_S,
         "measure_s": args.duration,
         "rounds": args.rounds,
+        "past_days": args.past_days,
         "rates_per_round": rates,
         "accepts_per_s": medians,
         "two_vs_one": ratio,
@@ -793,6 +797,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--half",
         action="store_true",
         help="also one node at half --rate each round: two nodes' CPU against twice that",
+    )
+    parser.add_argument(
+        "--past-days",
+        type=int,
+        default=0,
+        help="make this many days of partitions before the run, as a node past its retention"
+        " holds (90 by default): the accept phases' schemas",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/reports/latest"))
     args = parser.parse_args(argv)

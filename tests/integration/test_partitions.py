@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import msgspec
+import pytest
 import trio
 
 from smsgw.engine.messages import OutboundSms
@@ -22,6 +23,8 @@ from smsgw.storage.database import Database
 from smsgw.storage.migrate import migrate
 from smsgw.storage.partitions import Partitions
 from smsgw.storage.pg import PgStore
+from smsgw.storage.rows import day_number
+from smsgw.storage.scheduled import scheduled_since
 from tests.integration.helpers import open_database, store_account
 from tests.integration.test_statement import open_database_at
 
@@ -420,3 +423,34 @@ async def test_pages_read_each_message_once_in_order_over_many_days(
                     if through is None:
                         break
                 assert exported == expected, (query, limit)
+
+
+# --- scheduled messages: from the oldest day that holds one -----------------------------------
+
+
+async def test_a_message_scheduled_days_ago_is_promoted_from_the_oldest_day_holding_one(
+    database_url: str, schema: str
+) -> None:
+    """The promotion reads the day partitions from the oldest that holds a scheduled message
+    (scheduled.scheduled_since), not all of the retention's: one made six days ago and due now
+    is found there, and a day without one is left out."""
+    async with open_database(database_url, schema) as db:
+        store = PgStore(db)
+        account = await store_account(store)
+        today = datetime.now(UTC).date()
+        for back in range(2, 10):
+            await add_day(db, today - timedelta(days=back))
+
+        async def since() -> int:
+            return await db.run(lambda c: scheduled_since(c, day_number(today)))
+
+        assert await since() == day_number(today) - 1  # none scheduled: from yesterday
+        made = midnight() - 6 * DAY_S + 3_600
+        due = msgspec.structs.replace(message(account.id, made), send_at=time.time() - 1)
+        later = msgspec.structs.replace(message(account.id, made + 60), send_at=time.time() + 600)
+        assert await accept(store, [due, later]) == [(True, None), (True, None)]
+        assert await since() == day_number(today) - 6
+
+        promoted = await store.promote_due(None, time.time(), 100, 100)
+        assert [m.id for m in promoted.messages] == [due.id]
+        assert promoted.next_due == pytest.approx(later.send_at, abs=1e-3)

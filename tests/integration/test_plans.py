@@ -496,12 +496,18 @@ def hot_statements(
         ),
         (
             "promotion of due scheduled sends",
-            scheduled.PROMOTE_FENCED,
+            scheduled.promote_sql(True, None),
             promote_args,
             {"messages_scheduled", "messages_pkey"},
             scheduled._SETTINGS,
         ),
-        ("next due", scheduled.NEXT_DUE, [every], {"messages_scheduled"}, scheduled._SETTINGS),
+        (
+            "next due",
+            scheduled.next_due_sql(None),
+            [every],
+            {"messages_scheduled"},
+            scheduled._SETTINGS,
+        ),
     ]
 
 

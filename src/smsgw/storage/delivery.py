@@ -230,6 +230,11 @@ RETURNING o.id, o.message_id::text, o.account_id, o.url, o.status, o.reason, o.c
           o.attempts, a.signing_secret
 """
 
+_ANY_UNMATCHED = """
+SELECT EXISTS (SELECT FROM dlr_unmatched d
+               WHERE d.message_id IS NULL AND d.received_at > now() - make_interval(secs => $1))
+"""
+
 # A kept `unknown` report whose message has reached `sent` since: applied as a DLR would have
 # been (one per message: the oldest), its callback written, the report marked resolved.
 _RECONCILE_DELIVERIES = f"""
@@ -350,8 +355,14 @@ class CallbackOutbox(StorePart):
         )
 
     async def reconcile_deliveries(self, max_age_s: float, limit: int) -> int:
-        applied = await self.db.run(lambda c: c.fetchval(_RECONCILE_DELIVERIES, max_age_s, limit))
-        return int(applied)
+        async def reconcile(conn: asyncpg.Connection) -> int:
+            # Planned over every day partition (an operator's id says nothing of the day):
+            # only when a kept report waits, not at every round.
+            if not await conn.fetchval(_ANY_UNMATCHED, max_age_s):
+                return 0
+            return int(await conn.fetchval(_RECONCILE_DELIVERIES, max_age_s, limit))
+
+        return await self.db.run(reconcile)
 
     async def purge_delivery_records(self, older_than_s: float, limit: int) -> int:
         deleted = await self.db.run(

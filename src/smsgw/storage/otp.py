@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 import asyncpg
 
 from smsgw.engine.ports import OtpVerdict
+from smsgw.storage.rows import Days, days_of, made_at_s, within_days
 
 if TYPE_CHECKING:
     from smsgw.storage.database import Database
@@ -62,18 +64,30 @@ WHERE c.message_id = $1::uuid
 RETURNING EXISTS (SELECT 1 FROM redacted) AS redacted_now
 """
 
+# The sweep's statements join the codes to their messages by id, which the planner cannot
+# prune by: each names the days of the codes it looks at (rows.within_days), read first from
+# otp_codes (a small table; a code's message is made with it), so neither is planned over
+# every day partition of the retention at every sweep, nor run when no code waits.
+# (PostgreSQL 15 has no min() of uuids.)
+_OLDEST = """
+SELECT message_id::text FROM otp_codes c WHERE {which} ORDER BY message_id LIMIT 1
+"""
+_UNREDACTED = "NOT c.redacted"
+_EXPIRED = "c.expires_at < now() - make_interval(secs => $1)"
+
 # The catch-up for requests that died before `_SETTLE`: final messages not yet redacted, the
 # oldest first; rows another node's sweep holds are skipped.
 _REDACT_DUE = """
 WITH due AS (
     SELECT c.message_id, c.redacted_body
     FROM otp_codes c JOIN messages m ON m.id = c.message_id
-    WHERE NOT c.redacted AND m.status NOT IN ('queued', 'sending')
+    WHERE NOT c.redacted AND {within} AND m.status NOT IN ('queued', 'sending')
     ORDER BY c.created_at
     LIMIT $1
     FOR UPDATE OF c SKIP LOCKED
 ), bodies AS (
-    UPDATE messages m SET body = due.redacted_body FROM due WHERE m.id = due.message_id
+    UPDATE messages m SET body = due.redacted_body FROM due
+    WHERE m.id = due.message_id AND {within}
 )
 UPDATE otp_codes c SET redacted = true FROM due WHERE c.message_id = due.message_id
 """
@@ -84,11 +98,21 @@ _PURGE = """
 DELETE FROM otp_codes WHERE message_id IN (
     SELECT c.message_id FROM otp_codes c
     WHERE c.expires_at < now() - make_interval(secs => $2)
-      AND (c.redacted OR NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = c.message_id))
+      AND (c.redacted
+           OR NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = c.message_id AND {within}))
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
 """
+
+
+async def _days(conn: asyncpg.Connection, which: str, *args: object) -> Days | None:
+    """The days of the messages of the codes `which` selects, from the oldest's to tomorrow
+    (a code made since is of a message made since); None: no such code."""
+    oldest = await conn.fetchval(_OLDEST.format(which=which), *args)
+    if oldest is None:
+        return None
+    return days_of(made_at_s(oldest), time.time() + 3_600)
 
 
 def code_digest(salt: bytes, account_id: int, number: str, code: str) -> bytes:
@@ -161,8 +185,15 @@ class PgOtpStore:
 
     async def sweep(self, limit: int) -> tuple[int, int]:
         async def both(conn: asyncpg.Connection) -> tuple[int, int]:
-            redacted = _count(await conn.execute(_REDACT_DUE, limit))
-            purged = _count(await conn.execute(_PURGE, limit, KEEP_EXPIRED_S))
+            redacted = purged = 0
+            days = await _days(conn, _UNREDACTED)
+            if days is not None:
+                redact = _REDACT_DUE.replace("{within}", within_days("m.id", days))
+                redacted = _count(await conn.execute(redact, limit))
+            days = await _days(conn, _EXPIRED, KEEP_EXPIRED_S)
+            if days is not None:
+                purge = _PURGE.replace("{within}", within_days("m.id", days))
+                purged = _count(await conn.execute(purge, limit, KEEP_EXPIRED_S))
             return redacted, purged
 
         return await self.db.run(both)

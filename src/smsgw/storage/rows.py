@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
@@ -101,6 +101,11 @@ Days = tuple[int, int]
 def days_of(first_s: float, last_s: float) -> Days:
     """The UTC days from the one of `first_s` to the one of `last_s` (Unix seconds)."""
     return int(first_s // DAY_S), int(last_s // DAY_S)
+
+
+def day_number(day: date) -> int:
+    """`day` as the number of days since 1970-01-01 (`Days`)."""
+    return (day - _EPOCH.date()).days
 
 
 def made_at_s(message_id: str) -> float:

@@ -7,6 +7,9 @@ node promotes the due rows of the shards it leases to `queued` and hands them to
 
 from __future__ import annotations
 
+import functools
+import math
+import time
 from collections.abc import Mapping
 
 import asyncpg
@@ -14,8 +17,9 @@ import asyncpg
 from smsgw.engine.ports import SHARDS, Promoted
 from smsgw.storage.commit import Handoff
 from smsgw.storage.database import StorePart
+from smsgw.storage.partitions import day_of
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import PENDING_COLUMNS, pending_sms
+from smsgw.storage.rows import DAY_S, PENDING_COLUMNS, Days, day_number, pending_sms, within_days
 
 # The dispatching shard exactly as migration 016's index spells it, so the planner matches it.
 _SHARD = "coalesce(m.dispatch_shard, shard_of(m.account_id))"
@@ -38,6 +42,7 @@ SELECT d.id FROM unnest($1::int[]) WITH ORDINALITY AS s(shard, i)
 CROSS JOIN LATERAL (
     SELECT m.id FROM messages m
     WHERE {_SHARD} = s.shard AND m.status = 'scheduled' AND m.send_at <= to_timestamp($2)
+      AND {{within}}
     ORDER BY {_SHARD}, m.send_at
     LIMIT $4
 ) d
@@ -47,15 +52,17 @@ _LEASED = """
 JOIN shard_leases l ON l.shard = s.shard AND l.owner = $5 AND l.token = ($6::bigint[])[s.i::int]"""
 
 
-def _promote_sql(lease: str) -> str:
-    """The promotion, and the rollups of the messages it moved from `scheduled` (its condition,
+@functools.lru_cache(maxsize=8)
+def promote_sql(fenced: bool, days: Days | None) -> str:
+    """The promotion of the messages made in `days` (None: any day), fenced by the caller's
+    leases or not, and the rollups of the messages it moved from `scheduled` (its condition,
     checked again on each row it locks) to `queued`."""
-    due = _DUE.format(lease=lease)
+    due = _DUE.format(lease=_LEASED if fenced else "", within=_within("m.id", days))
     return f"""
 WITH promoted AS (
     UPDATE messages SET status = 'queued', updated_at = to_timestamp($2)
     WHERE id = ANY(ARRAY({due}
-    )) AND status = (SELECT 'scheduled')
+    )) AND {_within("messages.id", days)} AND status = (SELECT 'scheduled')
     RETURNING {PENDING_COLUMNS}, status, operator, messages.created_at AS created
 ), rolled AS ({upsert(moved(_PROMOTED, "'scheduled'"))}
 )
@@ -69,19 +76,66 @@ _PROMOTED = """(SELECT account_id, created AS created_at, status, express, opera
                recipient, segments, price FROM promoted) AS p"""
 
 
-PROMOTE = _promote_sql("")
-PROMOTE_FENCED = _promote_sql(_LEASED)
+def _within(column: str, days: Days | None) -> str:
+    return "TRUE" if days is None else within_days(column, days)
+
 
 # The earliest send_at still scheduled in the given shards: the first entry of each shard's
-# range of messages_scheduled.
-NEXT_DUE = f"""
+# range of messages_scheduled, in the partitions of `days` (None: every day).
+@functools.lru_cache(maxsize=8)
+def next_due_sql(days: Days | None) -> str:
+    return f"""
 SELECT extract(epoch FROM min(n.send_at))::float8 FROM unnest($1::int[]) AS s(shard)
 CROSS JOIN LATERAL (
     SELECT m.send_at FROM messages m
-    WHERE {_SHARD} = s.shard AND m.status = 'scheduled'
+    WHERE {_SHARD} = s.shard AND m.status = 'scheduled' AND {_within("m.id", days)}
     ORDER BY {_SHARD}, m.send_at
     LIMIT 1
 ) n"""
+
+
+# Where scheduled messages are. A message is made (its id, its day partition) when it is
+# accepted, so a scheduled one is only ever written to today's partition (yesterday's, for a
+# node's clock a little behind): a day partition found without one never holds one again, and
+# the oldest day that holds one only moves forward. The promotion and NEXT_DUE read from that
+# day to tomorrow, named in their text (rows.within_days), not every day partition of the
+# retention: with 98 of them, the two statements were planned over every one at each poll
+# (about 30 ms a poll, whether anything was scheduled or not) and started a probe of each
+# partition for each of the node's shards. The oldest day is looked up when the store first
+# promotes and again every SCHEDULED_SINCE_EVERY_S; a day found earlier stays a right bound,
+# only a wider one.
+SCHEDULED_SINCE_EVERY_S = 600.0
+
+_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass('messages')
+"""
+
+
+def _oldest_sql(parts: list[str]) -> str:
+    """The first of `parts` (in day order) that holds a scheduled message: one probe of its
+    piece of messages_scheduled each."""
+    probes = " UNION ALL ".join(
+        f"SELECT {i} AS i WHERE EXISTS (SELECT FROM \"{p}\" m WHERE m.status = 'scheduled')"
+        for i, p in enumerate(parts)
+    )
+    return f"SELECT min(i) FROM ({probes}) o"
+
+
+async def scheduled_since(conn: asyncpg.Connection, today: int) -> int:
+    """The oldest day (days since 1970-01-01) whose partition holds a scheduled message, or
+    the day before `today` when none before it does."""
+    days = sorted(
+        (day_number(day), r["relname"])
+        for r in await conn.fetch(_PARTITIONS)
+        # Partitions' names are parent_YYYYMMDD (partitions.day_of): nothing to quote.
+        if (day := day_of(r["relname"])) is not None and day_number(day) < today - 1
+    )
+    if not days:
+        return today - 1
+    first = await conn.fetchval(_oldest_sql([p for _, p in days]))
+    return today - 1 if first is None else days[first][0]
+
 
 # Each shard's range walked in index order, whatever the statistics say: an ANALYZE taken
 # while few messages were scheduled prices a bitmap scan and a sort of a shard's every due
@@ -102,6 +156,8 @@ class ScheduledMessages(StorePart):
 
     handoff: Handoff | None = None
     _turn = 0  # where the next statement starts among the shards
+    _since: int | None = None  # scheduled_since's last answer
+    _since_at = -math.inf  # when (time.monotonic)
 
     async def promote_due(
         self, shards: Mapping[int, int] | None, now: float, limit: int, per_shard: int
@@ -115,13 +171,20 @@ class ScheduledMessages(StorePart):
         order = order[self._turn :] + order[: self._turn]
         handoff = self.handoff
 
+        today = int(now // DAY_S)
+        if time.monotonic() - self._since_at > SCHEDULED_SINCE_EVERY_S:
+            since = await self.db.run(lambda c: scheduled_since(c, today))
+            self._since, self._since_at = since, time.monotonic()
+        assert self._since is not None
+        days = (min(self._since, today - 1), today + 1)
+
         async def promote(conn: asyncpg.Connection) -> Promoted:
             async with conn.transaction():
                 await conn.execute(_SETTINGS)
                 if shards is not None and handoff is not None:
                     await conn.execute(_LOCK_SHARED, handoff.lock_class, order)
                     rows = await conn.fetch(
-                        PROMOTE_FENCED,
+                        promote_sql(True, days),
                         order,
                         now,
                         limit,
@@ -130,8 +193,8 @@ class ScheduledMessages(StorePart):
                         [shards[s] for s in order],
                     )
                 else:
-                    rows = await conn.fetch(PROMOTE, order, now, limit, per_shard)
-                next_due = await conn.fetchval(NEXT_DUE, order)
+                    rows = await conn.fetch(promote_sql(False, days), order, now, limit, per_shard)
+                next_due = await conn.fetchval(next_due_sql(days), order)
             return Promoted([pending_sms(r) for r in rows], next_due)
 
         return await self.db.run(promote, name="PgStore.promote_due")
