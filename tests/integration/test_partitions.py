@@ -16,15 +16,14 @@ import pytest
 import trio
 
 from smsgw.engine.messages import OutboundSms
-from smsgw.engine.ports import MessageQuery, WriteGroup
+from smsgw.engine.ports import MessageQuery, WriteGroup, shard_of, stream_key
 from smsgw.engine.upkeep import StoreUpkeep, UpkeepConfig
 from smsgw.storage.commit_sql import COPY_MIN_ROWS
 from smsgw.storage.database import Database
 from smsgw.storage.migrate import migrate
-from smsgw.storage.partitions import Partitions
+from smsgw.storage.partitions import PENDING, SCHEDULED, Partitions, oldest_day_holding
 from smsgw.storage.pg import PgStore
 from smsgw.storage.rows import day_number
-from smsgw.storage.scheduled import scheduled_since
 from tests.integration.helpers import open_database, store_account
 from tests.integration.test_statement import open_database_at
 
@@ -425,15 +424,16 @@ async def test_pages_read_each_message_once_in_order_over_many_days(
                 assert exported == expected, (query, limit)
 
 
-# --- scheduled messages: from the oldest day that holds one -----------------------------------
+# --- messages not final: from the oldest day that holds one ----------------------------------
 
 
-async def test_a_message_scheduled_days_ago_is_promoted_from_the_oldest_day_holding_one(
+async def test_messages_made_days_ago_not_final_are_found_from_the_oldest_day_holding_one(
     database_url: str, schema: str
 ) -> None:
-    """The promotion reads the day partitions from the oldest that holds a scheduled message
-    (scheduled.scheduled_since), not all of the retention's: one made six days ago and due now
-    is found there, and a day without one is left out."""
+    """The promotion and the Scheduler's pages read the day partitions from the oldest that
+    holds a message of their status (partitions.oldest_day_holding), not all of the
+    retention's: a message scheduled six days ago and due now is promoted, and one queued five
+    days ago is paged, each found in its day; days without one are left out."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
         account = await store_account(store)
@@ -441,16 +441,24 @@ async def test_a_message_scheduled_days_ago_is_promoted_from_the_oldest_day_hold
         for back in range(2, 10):
             await add_day(db, today - timedelta(days=back))
 
-        async def since() -> int:
-            return await db.run(lambda c: scheduled_since(c, day_number(today)))
+        async def since(status: str) -> int:
+            return await db.run(lambda c: oldest_day_holding(c, day_number(today), [status]))
 
-        assert await since() == day_number(today) - 1  # none scheduled: from yesterday
+        # None of either: from yesterday.
+        assert await since(SCHEDULED) == await since(PENDING) == day_number(today) - 1
         made = midnight() - 6 * DAY_S + 3_600
         due = msgspec.structs.replace(message(account.id, made), send_at=time.time() - 1)
         later = msgspec.structs.replace(message(account.id, made + 60), send_at=time.time() + 600)
-        assert await accept(store, [due, later]) == [(True, None), (True, None)]
-        assert await since() == day_number(today) - 6
+        queued = message(account.id, made + DAY_S)
+        assert await accept(store, [due, later, queued]) == [(True, None)] * 3
+        assert await since(SCHEDULED) == day_number(today) - 6
+        assert await since(PENDING) == day_number(today) - 5
 
+        [page] = await store.page_entries(
+            [(stream_key(account.id, shard_of(account.id)), (-1, ""), 10)]
+        )
+        assert [message_id for _, message_id, _ in page] == [queued.id]
         promoted = await store.promote_due(None, time.time(), 100, 100)
         assert [m.id for m in promoted.messages] == [due.id]
         assert promoted.next_due == pytest.approx(later.send_at, abs=1e-3)
+        assert await since(PENDING) == day_number(today) - 6  # the promoted one is queued

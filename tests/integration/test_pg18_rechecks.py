@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from smsgw.engine.ports import WriteGroup
-from smsgw.storage import commit_sql
+from smsgw.storage import commit_sql, rows
 from smsgw.storage.cancel import CANCEL_SQL
 from smsgw.storage.pg import PgStore
 from tests.integration.helpers import (
@@ -95,7 +95,7 @@ async def test_the_one_statement_is_exact_when_its_account_changed_after_its_sna
         ]
         group.accepts.append((fresh, False))
         days = commit_sql.GroupBounds.of(fresh).statement_days._replace(
-            outcomes=commit_sql.ids_days(o.sms.id for o in group.outcomes)
+            outcomes=rows.ids_days(o.sms.id for o in group.outcomes)
         )
         row = await node.fetchrow(
             commit_sql.one_statement(False, days),

@@ -28,7 +28,7 @@ from smsgw.engine.messages import Attempt, OutboundSms, Outcome
 from smsgw.engine.ports import MessageQuery, WriteGroup, dispatch_shard, shard_of
 from smsgw.http.context import uuid7
 from smsgw.runtime.server import Node
-from smsgw.storage import backlog, commit_sql, delivery, reads, scheduled
+from smsgw.storage import backlog, commit_sql, delivery, reads, rows, scheduled
 from smsgw.storage import cluster as cl
 from smsgw.storage.cluster import PgCluster
 from smsgw.storage.database import Database, asyncio_loop
@@ -374,7 +374,9 @@ def hot_statements(
     accounts = sorted({o.sms.account_id for o in outcomes} | {s.account_id for s in accepts})
     stored = msgspec.json.encode(accepts).decode()
     bounds = commit_sql.GroupBounds.of(accepts)
-    days = bounds.statement_days._replace(outcomes=commit_sql.ids_days(o.sms.id for o in outcomes))
+    today = int(time.time() // rows.DAY_S)
+    pending_days = (today - 1, today + 1)  # partitions.OldestDay, nothing pending before
+    days = bounds.statement_days._replace(outcomes=rows.ids_days(o.sms.id for o in outcomes))
     shards = json.dumps([dispatch_shard(s) for s in accepts])
     handoff = [NODE, LOCK_CLASS, shards]
     ids = [o.sms.id for o in outcomes]
@@ -458,18 +460,18 @@ def hot_statements(
             pkey,
             "",
         ),
-        ("bodies for dispatch", backlog._QUEUED_MESSAGES, [ids], pkey, ""),
-        ("claimed hand-offs", cl._READ_CLAIMED, [ids], pkey, ""),
+        ("bodies for dispatch", backlog.queued_messages_sql(rows.ids_days(ids)), [ids], pkey, ""),
+        ("claimed hand-offs", cl.read_claimed_sql(rows.ids_days(ids)), [ids], pkey, ""),
         (
             "scheduler pages from the start",
-            backlog._PAGE_ENTRIES,
+            backlog.page_entries_sql(pending_days),
             page_args,
             {"messages_account_status"},
             backlog._PAGE_SETTINGS,
         ),
         (
             "scheduler pages after a cursor",
-            backlog._PAGE_ENTRIES,
+            backlog.page_entries_sql(pending_days),
             [*page_args[:1], [cursor] * ACCOUNTS, *page_args[2:]],
             {"messages_account_status"},
             backlog._PAGE_SETTINGS,
@@ -521,6 +523,8 @@ DAYS_IN_TEXT = {
     "one statement with hand-off",
     "attempts failed for now",
     "delivery reports of the last days",
+    "bodies for dispatch",
+    "claimed hand-offs",
 }
 
 # The statements that look for pending messages of any day (a queue's start, a message

@@ -6,6 +6,8 @@ bulk for the Scheduler, the bodies of the messages it dispatches, and the accoun
 
 from __future__ import annotations
 
+import functools
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,13 +17,17 @@ import asyncpg
 from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import Recovered, stream_key, stream_parts
 from smsgw.storage.database import StorePart
+from smsgw.storage.partitions import PENDING, SCHEDULED, OldestDay
 from smsgw.storage.rows import (
     MIN_UUID,
     PENDING_COLUMNS,
     STREAM_SHARD,
+    Days,
     at_micros,
+    ids_days,
     micros_of,
     pending_sms,
+    within_days,
 )
 
 _PENDING_EXPRESS = f"""
@@ -58,7 +64,7 @@ CROSS JOIN LATERAL (
       AND status NOT IN ('sent', 'delivered') AND status = (SELECT 'queued')
       AND (created_at, id) > (x.after_at, x.after_id)
       AND id >= uuid7_floor(x.after_at - interval '1 hour')
-      AND id < uuid7_floor(now() + interval '1 hour')
+      AND id < uuid7_floor(now() + interval '1 hour') AND {{within}}
     ORDER BY created_at, id LIMIT x.n
 ) m
 ORDER BY x.i, m.created_at, m.id
@@ -66,12 +72,25 @@ ORDER BY x.i, m.created_at, m.id
 
 # By primary key (a literal 'queued' would make messages_pending a candidate: rows.NOT_FINAL),
 # one probe per id: the join finds each in its own day's partition, as a prepared statement's
-# generic plan would not for `id = ANY($1)` (it probes every partition for every id).
+# generic plan would not for `id = ANY($1)` (it probes every partition for every id). The ids'
+# days are in the text (rows.within_days): the cached plan holds only those partitions.
 _QUEUED_MESSAGES = f"""
 SELECT {PENDING_COLUMNS}
 FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x JOIN messages ON messages.id = x.id
-WHERE status = (SELECT 'queued')
+WHERE {{within}} AND status = (SELECT 'queued')
 """
+
+
+@functools.lru_cache(maxsize=16)
+def queued_messages_sql(days: Days | None) -> str:
+    return _QUEUED_MESSAGES.replace("{within}", within_days("messages.id", days))
+
+
+@functools.lru_cache(maxsize=16)
+def page_entries_sql(days: Days) -> str:
+    """_PAGE_ENTRIES over the day partitions of `days` (`Backlog._pending_days`)."""
+    return _PAGE_ENTRIES.replace("{within}", within_days("id", days))
+
 
 _DISPATCH_RATES = """
 SELECT id, CASE WHEN suspended_at IS NOT NULL THEN 0.0 ELSE send_rate END AS rate
@@ -83,6 +102,10 @@ _BEFORE_ALL = datetime(1, 1, 1, tzinfo=UTC)
 
 class Backlog(StorePart):
     """The read side of the engine's `MessageStore`: recovery, pages and bodies for dispatch."""
+
+    # The days from the oldest partition holding a pending (or scheduled: it becomes pending
+    # where it is) message, which the pages read instead of every day of the retention.
+    _pending_days: OldestDay | None = None
 
     async def recover(self) -> Recovered:
         async def _recover(conn: asyncpg.Connection) -> Recovered:
@@ -116,11 +139,15 @@ class Backlog(StorePart):
                 after_id.append(uuid.UUID(message_id))
             sizes.append(n)
 
+        if self._pending_days is None:
+            self._pending_days = OldestDay(PENDING, SCHEDULED)
+        sql = page_entries_sql(await self._pending_days.days(self.db, time.time()))
+
         async def page(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             async with conn.transaction():
                 await conn.execute(_PAGE_SETTINGS)
                 rows: list[asyncpg.Record] = await conn.fetch(
-                    _PAGE_ENTRIES,
+                    sql,
                     accounts,
                     after_at,
                     after_id,
@@ -138,5 +165,6 @@ class Backlog(StorePart):
         return pages
 
     async def queued_messages(self, ids: Sequence[str]) -> list[OutboundSms]:
-        rows = await self.db.run(lambda c: c.fetch(_QUEUED_MESSAGES, list(ids)))
+        sql = queued_messages_sql(ids_days(ids))
+        rows = await self.db.run(lambda c: c.fetch(sql, list(ids)))
         return [pending_sms(r) for r in rows]

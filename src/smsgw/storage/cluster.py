@@ -10,6 +10,7 @@ sees every message that was not handed off.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +25,15 @@ from smsgw.engine.messages import OutboundSms
 from smsgw.engine.ports import SHARDS, Beat, Notices, stream_key
 from smsgw.storage.database import Database, bridge
 from smsgw.storage.payloads import owner_channel
-from smsgw.storage.rows import NOT_FINAL, PENDING_COLUMNS, STREAM_SHARD, pending_sms
+from smsgw.storage.rows import (
+    NOT_FINAL,
+    PENDING_COLUMNS,
+    STREAM_SHARD,
+    Days,
+    ids_days,
+    pending_sms,
+    within_days,
+)
 
 log = logging.getLogger("smsgw.cluster")
 
@@ -90,9 +99,16 @@ RETURNING i.message_id::text AS id, l.token
 _READ_CLAIMED = f"""
 SELECT {PENDING_COLUMNS}
 FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) x JOIN messages ON messages.id = x.id
-WHERE status {NOT_FINAL}
+WHERE {{within}} AND status {NOT_FINAL}
 ORDER BY messages.created_at
 """
+
+
+@functools.lru_cache(maxsize=16)
+def read_claimed_sql(days: Days | None) -> str:
+    """_READ_CLAIMED for messages made in `days` (their ids' days: rows.within_days)."""
+    return _READ_CLAIMED.replace("{within}", within_days("messages.id", days))
+
 
 # The stranded-message sweep (ShardLeases.sweep): a page of the leased shards' pending
 # messages older than $2 seconds, after the sweep's position ($3, $4), oldest first. It walks
@@ -410,7 +426,9 @@ class PgCluster:
         """The messages of `ids` that are still queued or sending."""
 
         async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(_READ_CLAIMED, list(ids))
+            rows: list[asyncpg.Record] = await conn.fetch(
+                read_claimed_sql(ids_days(ids)), list(ids)
+            )
             return rows
 
         return [pending_sms(r) for r in await self.db.run(read)]
@@ -422,7 +440,7 @@ class PgCluster:
             tokens = {r["id"]: r["token"] for r in claimed if not known(r["id"])}
             if not tokens:
                 return []
-            rows = await conn.fetch(_READ_CLAIMED, list(tokens))
+            rows = await conn.fetch(read_claimed_sql(ids_days(tokens)), list(tokens))
             return [(pending_sms(r), tokens[r["id"]]) for r in rows]
 
         return await self.db.run(take)

@@ -45,7 +45,6 @@ from smsgw.storage.commit_sql import (
     copy_records,
     finished_json,
     handed_off,
-    ids_days,
     lock_and_finish,
     one_statement,
     record_attempts,
@@ -56,7 +55,7 @@ from smsgw.storage.database import Database, Refused, StorePart
 from smsgw.storage.delivery import apply_deliveries, callbacks_of
 from smsgw.storage.payloads import handoff_notices, settled_payloads
 from smsgw.storage.rollups import copy_rollup
-from smsgw.storage.rows import DAY_S
+from smsgw.storage.rows import DAY_S, ids_days
 from smsgw.storage.statement import LedgerRow, Settled, ledger_rows
 
 log = logging.getLogger("smsgw.storage")

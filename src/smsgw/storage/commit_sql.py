@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -27,7 +27,6 @@ from smsgw.storage.rows import (
     at_micros,
     days_of,
     id_floor_s,
-    made_at_s,
     within_days,
 )
 
@@ -40,12 +39,6 @@ def _ids(days: Days | None) -> str:
 def _id_range(column: str, low: str, high: str) -> str:
     """`column` bounded by two uuid parameters (PostgreSQL prunes by them as it runs)."""
     return f"{column} >= {low}::uuid AND {column} < {high}::uuid"
-
-
-def ids_days(ids: Iterable[str]) -> Days | None:
-    """The days the messages of these ids were made in (their partitions); None: no id."""
-    times = [made_at_s(i) for i in ids]
-    return days_of(min(times), max(times)) if times else None
 
 
 # A group commit of accepts and outcomes is one statement (one_statement) when every account

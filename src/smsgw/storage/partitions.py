@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
+import time
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
@@ -19,7 +21,8 @@ import asyncpg
 import trio
 
 from smsgw.engine.ports import Dropped
-from smsgw.storage.database import StorePart
+from smsgw.storage.database import Database, StorePart
+from smsgw.storage.rows import DAY_S, Days, day_number
 
 log = logging.getLogger("smsgw.storage")
 
@@ -104,6 +107,71 @@ def day_of(partition: str) -> date | None:
     """The UTC day of a partition, by its name (parent_YYYYMMDD)."""
     m = _DAY.search(partition)
     return None if m is None else datetime.strptime(m.group(1), "%Y%m%d").date()
+
+
+# Where messages not final are. A message is made (its id, so its day partition) when it is
+# accepted: a queued or scheduled one is only ever written to today's partition (yesterday's,
+# for a node's clock a little behind), and an old one only leaves those statuses (a scheduled
+# one becomes queued where it is). So a day partition found without a message of a status
+# never gets one again, the oldest day holding one only moves forward, and a day found at any
+# earlier time is a right lower bound, only a wider one. Statements that look for such
+# messages of any day (the Scheduler's pages, the scheduled promotion) name the days from it
+# to tomorrow in their text (rows.within_days) instead of reading, and planning, every day
+# partition of the retention. Each status is tested as its partial index's predicate says it
+# (messages_pending, messages_scheduled): one probe of a small index per partition.
+PENDING = "m.status IN ('queued', 'sending')"
+SCHEDULED = "m.status = 'scheduled'"
+OLDEST_DAY_EVERY_S = 600.0  # how often OldestDay looks again
+
+_MESSAGES_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass('messages')
+"""
+
+
+def _oldest_sql(parts: list[str], statuses: Sequence[str]) -> str:
+    """The first of `parts` (in day order) holding a message of one of `statuses`."""
+    probes = " UNION ALL ".join(
+        f"SELECT {i} AS i WHERE "
+        + " OR ".join(f'EXISTS (SELECT FROM "{p}" m WHERE {status})' for status in statuses)
+        for i, p in enumerate(parts)
+    )
+    return f"SELECT min(i) FROM ({probes}) o"
+
+
+async def oldest_day_holding(conn: asyncpg.Connection, today: int, statuses: Sequence[str]) -> int:
+    """The oldest day (days since 1970-01-01) whose partition of `messages` holds a message of
+    one of `statuses` (PENDING, SCHEDULED), or the day before `today` when none before it
+    does."""
+    days = sorted(
+        (day_number(day), r["relname"])
+        for r in await conn.fetch(_MESSAGES_PARTITIONS)
+        # Partitions' names are messages_YYYYMMDD (day_of): nothing to quote.
+        if (day := day_of(r["relname"])) is not None and day_number(day) < today - 1
+    )
+    if not days:
+        return today - 1
+    first = await conn.fetchval(_oldest_sql([p for _, p in days], statuses))
+    return today - 1 if first is None else days[first][0]
+
+
+class OldestDay:
+    """`oldest_day_holding` for some statuses, looked up again every OLDEST_DAY_EVERY_S."""
+
+    def __init__(self, *statuses: str) -> None:
+        self._statuses = statuses
+        self._day: int | None = None
+        self._at = -math.inf
+
+    async def days(self, db: Database, now: float) -> Days:
+        """The days from the oldest holding one of the statuses to tomorrow (`now`: Unix
+        seconds), for rows.within_days."""
+        today = int(now // DAY_S)
+        if self._day is None or time.monotonic() - self._at > OLDEST_DAY_EVERY_S:
+            statuses = self._statuses
+            self._day = await db.run(lambda c: oldest_day_holding(c, today, statuses))
+            self._at = time.monotonic()
+        return min(self._day, today - 1), today + 1
 
 
 class Partitions(StorePart):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -112,6 +113,12 @@ def made_at_s(message_id: str) -> float:
     """When a message id (a UUIDv7 as text) was made, in Unix seconds: its first 48 bits are
     the millisecond."""
     return int(message_id[:8] + message_id[9:13], 16) / 1000
+
+
+def ids_days(ids: Iterable[str]) -> Days | None:
+    """The days the messages of these ids were made in (their partitions); None: no id."""
+    times = [made_at_s(i) for i in ids]
+    return days_of(min(times), max(times)) if times else None
 
 
 def within_days(column: str, days: Days | None) -> str:

@@ -8,8 +8,6 @@ node promotes the due rows of the shards it leases to `queued` and hands them to
 from __future__ import annotations
 
 import functools
-import math
-import time
 from collections.abc import Mapping
 
 import asyncpg
@@ -17,9 +15,9 @@ import asyncpg
 from smsgw.engine.ports import SHARDS, Promoted
 from smsgw.storage.commit import Handoff
 from smsgw.storage.database import StorePart
-from smsgw.storage.partitions import day_of
+from smsgw.storage.partitions import SCHEDULED, OldestDay
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import DAY_S, PENDING_COLUMNS, Days, day_number, pending_sms, within_days
+from smsgw.storage.rows import PENDING_COLUMNS, Days, pending_sms, within_days
 
 # The dispatching shard exactly as migration 016's index spells it, so the planner matches it.
 _SHARD = "coalesce(m.dispatch_shard, shard_of(m.account_id))"
@@ -94,49 +92,6 @@ CROSS JOIN LATERAL (
 ) n"""
 
 
-# Where scheduled messages are. A message is made (its id, its day partition) when it is
-# accepted, so a scheduled one is only ever written to today's partition (yesterday's, for a
-# node's clock a little behind): a day partition found without one never holds one again, and
-# the oldest day that holds one only moves forward. The promotion and NEXT_DUE read from that
-# day to tomorrow, named in their text (rows.within_days), not every day partition of the
-# retention: with 98 of them, the two statements were planned over every one at each poll
-# (about 30 ms a poll, whether anything was scheduled or not) and started a probe of each
-# partition for each of the node's shards. The oldest day is looked up when the store first
-# promotes and again every SCHEDULED_SINCE_EVERY_S; a day found earlier stays a right bound,
-# only a wider one.
-SCHEDULED_SINCE_EVERY_S = 600.0
-
-_PARTITIONS = """
-SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = to_regclass('messages')
-"""
-
-
-def _oldest_sql(parts: list[str]) -> str:
-    """The first of `parts` (in day order) that holds a scheduled message: one probe of its
-    piece of messages_scheduled each."""
-    probes = " UNION ALL ".join(
-        f"SELECT {i} AS i WHERE EXISTS (SELECT FROM \"{p}\" m WHERE m.status = 'scheduled')"
-        for i, p in enumerate(parts)
-    )
-    return f"SELECT min(i) FROM ({probes}) o"
-
-
-async def scheduled_since(conn: asyncpg.Connection, today: int) -> int:
-    """The oldest day (days since 1970-01-01) whose partition holds a scheduled message, or
-    the day before `today` when none before it does."""
-    days = sorted(
-        (day_number(day), r["relname"])
-        for r in await conn.fetch(_PARTITIONS)
-        # Partitions' names are parent_YYYYMMDD (partitions.day_of): nothing to quote.
-        if (day := day_of(r["relname"])) is not None and day_number(day) < today - 1
-    )
-    if not days:
-        return today - 1
-    first = await conn.fetchval(_oldest_sql([p for _, p in days]))
-    return today - 1 if first is None else days[first][0]
-
-
 # Each shard's range walked in index order, whatever the statistics say: an ANALYZE taken
 # while few messages were scheduled prices a bitmap scan and a sort of a shard's every due
 # message as cheap, and a million due at 9:00 would then be read and sorted for a page.
@@ -156,8 +111,7 @@ class ScheduledMessages(StorePart):
 
     handoff: Handoff | None = None
     _turn = 0  # where the next statement starts among the shards
-    _since: int | None = None  # scheduled_since's last answer
-    _since_at = -math.inf  # when (time.monotonic)
+    _scheduled_days: OldestDay | None = None
 
     async def promote_due(
         self, shards: Mapping[int, int] | None, now: float, limit: int, per_shard: int
@@ -171,12 +125,12 @@ class ScheduledMessages(StorePart):
         order = order[self._turn :] + order[: self._turn]
         handoff = self.handoff
 
-        today = int(now // DAY_S)
-        if time.monotonic() - self._since_at > SCHEDULED_SINCE_EVERY_S:
-            since = await self.db.run(lambda c: scheduled_since(c, today))
-            self._since, self._since_at = since, time.monotonic()
-        assert self._since is not None
-        days = (min(self._since, today - 1), today + 1)
+        # From the oldest day partition holding a scheduled message (partitions.OldestDay),
+        # not every day of the retention: with 98 of them, the two statements were planned
+        # over every one at each poll, whether anything was scheduled or not.
+        if self._scheduled_days is None:
+            self._scheduled_days = OldestDay(SCHEDULED)
+        days = await self._scheduled_days.days(self.db, now)
 
         async def promote(conn: asyncpg.Connection) -> Promoted:
             async with conn.transaction():
