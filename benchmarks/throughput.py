@@ -76,6 +76,7 @@ from common import (
     DelayedProfile,
     Durability,
     Server,
+    add_past_partitions,
     check_durable,
     create_accounts,
     database,
@@ -585,6 +586,7 @@ def gateway_phase(spec: PhaseSpec, url: str, args: argparse.Namespace, work: Pat
                     env=env,
                 )
             )
+            add_past_partitions(url, schema, args.past_days)
             keys = create_accounts(gateway.url, admin_key, args.accounts, credit=CREDIT)
             keys_file.write_text(json.dumps(keys))
             load_before = loadavg()
@@ -997,6 +999,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--drain-timeout", type=float, help="seconds to wait for the backlog")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway mid-window")
+    parser.add_argument(
+        "--past-days",
+        type=int,
+        default=0,
+        help="the gateway phases' schemas get this many days of partitions first, as a node"
+        " past its retention holds (90 by default)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/reports/latest"))
     parser.add_argument("--keep-schemas", action="store_true")
     args = parser.parse_args(argv)
