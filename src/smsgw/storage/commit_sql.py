@@ -63,7 +63,7 @@ def _finish_sql(param: str, *, within: str = "TRUE", only_if: str = "", returnin
     returning each applied one's id, account, price, whether it was sent, its rollup group's
     columns, its new status, reason, time, operator's id and attempts, and the attempt that
     decided it (what _OUTCOME_EVENTS records) (+ `returning`). `within`: a bound on `m.id`,
-    the outcomes' days (`outcome_days`, rows.within_days)."""
+    the outcomes' days (rows.ids_days, rows.within_days)."""
     return f"""
     WITH outcome AS MATERIALIZED (
         SELECT * FROM json_to_recordset({param}::json)
@@ -127,8 +127,8 @@ _FINISHED_MOVED = moved("finished", "'queued'", "NULL::text")
 
 # The accounts come back locked in id order (so concurrent groups cannot deadlock on them),
 # with what the outcomes captured and released, summed per account. The text names the
-# outcomes' days (`outcome_days`): one text a span of days, made once.
-@functools.cache
+# outcomes' days (rows.ids_days): one text a span of days, made once.
+@functools.lru_cache(maxsize=64)
 def lock_and_finish(outcomes: Days | None) -> str:
     return _LOCK_AND_FINISH.replace("{finished}", _finish_sql("$2", within=_ids(outcomes)))
 
@@ -743,7 +743,7 @@ def finished_json(group: WriteGroup) -> str:
 # history's `attempt` row, in one statement, fenced as outcomes are. Only an attempt newer
 # than the row's count is recorded, so one recorded twice (a group done again) writes one row.
 # The row keeps the count, so a message recovered after a crash goes on counting.
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def record_attempts(days: Days | None) -> str:
     """The attempts' statement, for messages made in `days` (`ids_days`)."""
     return _RECORD_ATTEMPTS.replace("{within}", _ids(days))

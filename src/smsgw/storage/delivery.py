@@ -14,7 +14,7 @@ from smsgw.engine.messages import Account, DeliveryReport, DeliveryResult, Outco
 from smsgw.engine.ports import CallbackJob
 from smsgw.storage.database import StorePart
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import DAY_S, ID_SLACK, Days, days_of, within_days
+from smsgw.storage.rows import DAY_S, ID_SLACK, Days, days_of, within_days_or_all
 
 # The rollups of the messages a DLR moved on: each was `sent` (the UPDATE's condition, checked
 # again on the row it locks), and keeps its operator.
@@ -108,9 +108,7 @@ def recent_days(now: float) -> Days:
 @functools.lru_cache(maxsize=8)
 def apply_deliveries_sql(days: Days | None) -> str:
     """_APPLY_DELIVERIES over the messages made in `days`; None: over every message."""
-    return _APPLY_DELIVERIES.replace(
-        "{within}", "TRUE" if days is None else within_days("m.id", days)
-    )
+    return _APPLY_DELIVERIES.replace("{within}", within_days_or_all("m.id", days))
 
 
 async def _apply(

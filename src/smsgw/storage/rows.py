@@ -139,6 +139,12 @@ def within_days(column: str, days: Days | None) -> str:
     return f"{column} >= '{low}'::uuid AND {column} < '{high}'::uuid"
 
 
+def within_days_or_all(column: str, days: Days | None) -> str:
+    """`within_days`, but None is every day (no bound), for a statement that may also be
+    asked to read them all."""
+    return "TRUE" if days is None else within_days(column, days)
+
+
 def id_floor(at: datetime, shift: timedelta = timedelta(0)) -> uuid.UUID:
     """The least UUIDv7 of the millisecond `at + shift` falls in (SQL's uuid7_floor, migration
     019); a time past either end of datetime's range is taken as that end."""

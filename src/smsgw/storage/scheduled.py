@@ -17,7 +17,7 @@ from smsgw.storage.commit import Handoff
 from smsgw.storage.database import StorePart
 from smsgw.storage.partitions import SCHEDULED, OldestDay
 from smsgw.storage.rollups import moved, upsert
-from smsgw.storage.rows import PENDING_COLUMNS, Days, pending_sms, within_days
+from smsgw.storage.rows import PENDING_COLUMNS, Days, pending_sms, within_days_or_all
 
 # The dispatching shard exactly as migration 016's index spells it, so the planner matches it.
 _SHARD = "coalesce(m.dispatch_shard, shard_of(m.account_id))"
@@ -55,12 +55,12 @@ def promote_sql(fenced: bool, days: Days | None) -> str:
     """The promotion of the messages made in `days` (None: any day), fenced by the caller's
     leases or not, and the rollups of the messages it moved from `scheduled` (its condition,
     checked again on each row it locks) to `queued`."""
-    due = _DUE.format(lease=_LEASED if fenced else "", within=_within("m.id", days))
+    due = _DUE.format(lease=_LEASED if fenced else "", within=within_days_or_all("m.id", days))
     return f"""
 WITH promoted AS (
     UPDATE messages SET status = 'queued', updated_at = to_timestamp($2)
     WHERE id = ANY(ARRAY({due}
-    )) AND {_within("messages.id", days)} AND status = (SELECT 'scheduled')
+    )) AND {within_days_or_all("messages.id", days)} AND status = (SELECT 'scheduled')
     RETURNING {PENDING_COLUMNS}, status, operator, messages.created_at AS created
 ), rolled AS ({upsert(moved(_PROMOTED, "'scheduled'"))}
 )
@@ -74,10 +74,6 @@ _PROMOTED = """(SELECT account_id, created AS created_at, status, express, opera
                recipient, segments, price FROM promoted) AS p"""
 
 
-def _within(column: str, days: Days | None) -> str:
-    return "TRUE" if days is None else within_days(column, days)
-
-
 # The earliest send_at still scheduled in the given shards: the first entry of each shard's
 # range of messages_scheduled, in the partitions of `days` (None: every day).
 @functools.lru_cache(maxsize=8)
@@ -86,7 +82,7 @@ def next_due_sql(days: Days | None) -> str:
 SELECT extract(epoch FROM min(n.send_at))::float8 FROM unnest($1::int[]) AS s(shard)
 CROSS JOIN LATERAL (
     SELECT m.send_at FROM messages m
-    WHERE {_SHARD} = s.shard AND m.status = 'scheduled' AND {_within("m.id", days)}
+    WHERE {_SHARD} = s.shard AND m.status = 'scheduled' AND {within_days_or_all("m.id", days)}
     ORDER BY {_SHARD}, m.send_at
     LIMIT 1
 ) n"""
