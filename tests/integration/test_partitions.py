@@ -362,7 +362,9 @@ async def test_pages_read_each_message_once_in_order_over_many_days(
     before its upper end; oldest first, as the export reads, the day after its lower end), and
     the whole range only when that day holds too few: paged through with every page size, in
     both orders, the account's messages come back each once, in order, whether a page is filled
-    by its first day, by several, or ends in an empty day; the export's pages agree."""
+    by its first day, by several, or ends in an empty day; the export's pages agree. So do
+    pages by recipient and by client_ref, which read the whole range at once, and the newest
+    message with a client_ref used on several days."""
     async with open_database(database_url, schema) as db:
         store = PgStore(db)
         await store_account(store)
@@ -384,8 +386,26 @@ async def test_pages_read_each_message_once_in_order_over_many_days(
         )
         newest = [i for i, _ in sorted(made, key=lambda m: (m[1], uuid.UUID(m[0])), reverse=True)]
         oldest = newest[::-1]
+        # Every other message to another number, with a client_ref of its own but one, which
+        # three messages days apart share.
+        other = newest[1::2]
+        await db.run(
+            lambda c: c.executemany(
+                "UPDATE messages SET recipient = '+4915100000000', client_ref = $2"
+                " WHERE id = $1::uuid",
+                [(i, "again" if n % 3 == 0 else f"r{n}") for n, i in enumerate(other)],
+            )
+        )
+        again = [i for n, i in enumerate(other) if n % 3 == 0]
+        assert (await store.message_by_client_ref(1, "again") or {}).get("id") == again[0]
+        assert (await store.message_by_client_ref(1, "r1") or {}).get("id") == other[1]
+        assert await store.message_by_client_ref(1, "none") is None
         cases = (
             (MessageQuery(limit=1), newest),
+            (MessageQuery(limit=1, to="+4915100000000"), other),
+            (MessageQuery(limit=1, to="+4915123456789"), newest[0::2]),
+            (MessageQuery(limit=1, client_ref="again"), again),
+            (MessageQuery(limit=1, to="+4915100000000", ascending=True), other[::-1]),
             (MessageQuery(limit=1, created_to=made[3][1]), newest[4:]),
             (MessageQuery(limit=1, ascending=True), oldest),
             # From the oldest message's second: the export's range, read oldest first.
