@@ -28,11 +28,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     add_past_partitions,
+    auth,
     create_accounts,
     drop_schema,
     fresh_schema,
@@ -42,7 +42,7 @@ from common import (
     run_loadgen,
     run_server,
 )
-from nodes import wait_leased
+from nodes import tree_cpu_s, wait_leased
 
 _RUNS = re.compile(r'smsgw_store_statement_seconds_count\{statement="([^"]+)"\} (\S+)')
 _TOP = """
@@ -60,13 +60,8 @@ async def query(url: str, sql: str) -> list[Any]:
         await conn.close()
 
 
-def cpu_of(processes: list[psutil.Process]) -> float:
-    """User and system seconds of `processes`, together."""
-    return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
-
-
 def runs(url: str, admin_key: str) -> Counter[str]:
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text
+    text = httpx.get(f"{url}/metrics", headers=auth(admin_key)).text
     counts: Counter[str] = Counter()
     for line in text.splitlines():
         if m := _RUNS.match(line):
@@ -94,9 +89,8 @@ def main() -> None:
             wait_leased(gateway.url, admin_key, ["--workers", str(args.workers)])
             print("partitions made:", add_past_partitions(url, schema, args.past_days))
             time.sleep(args.settle)
-            root = psutil.Process(gateway.process.pid)
-            nodes = [root, *root.children(recursive=True)]
-            cpu_before, runs_before = cpu_of(nodes), runs(gateway.url, admin_key)
+            pid = gateway.process.pid
+            cpu_before, runs_before = tree_cpu_s(pid), runs(gateway.url, admin_key)
             asyncio.run(query(url, "SELECT pg_stat_statements_reset()"))
             load = run_loadgen(
                 gateway.url,
@@ -106,7 +100,7 @@ def main() -> None:
                 warmup=0.001,
                 extra_args=["--rate", str(args.rate)],
             )
-            cpu_after, runs_after = cpu_of(nodes), runs(gateway.url, admin_key)
+            cpu_after, runs_after = tree_cpu_s(pid), runs(gateway.url, admin_key)
             top = asyncio.run(query(url, _TOP))
     finally:
         drop_schema(url, schema)
